@@ -1,0 +1,432 @@
+//! The backup pipeline, in fixed order: SHA-256 and size of the plaintext → zstd → age → SHA-256
+//! and size of the stored bytes → upload parts.
+//!
+//! What must hold:
+//! - The age stream is finished (its last chunk written) only after the source reached EOF *and*
+//!   the producer's verdict (e.g. pg_dump's exit status) came back good. Any failure before that
+//!   cancels the upload, so a truncated stream never becomes an object, let alone a backup.
+//! - Memory is bounded: one read buffer, zstd's window, the part being filled, one queued part and
+//!   `parts_in_flight` uploading parts. Nothing grows with the size of the backup.
+//! - The CPU-heavy chain runs on a blocking thread (via `Handle::block_on`), never on a reactor
+//!   worker; zstd's own workers use the second core.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use async_compression::tokio::write::ZstdEncoder;
+use async_compression::zstd::CParameter;
+use async_compression::Level;
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::compat::{FuturesAsyncWriteCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::sync::{CancellationToken, PollSender};
+
+use crate::error::{Error, ErrorKind};
+use crate::store::{self, ObjectStore, StoreError};
+
+/// Bytes read from the source at a time.
+const READ_BUFFER: usize = 256 << 10;
+
+/// Pipeline settings, from the policy.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// zstd level.
+    pub level: i32,
+    /// zstd worker threads (0 = inline).
+    pub workers: u32,
+    /// Encrypt to these.
+    pub recipients: Vec<age::x25519::Recipient>,
+    /// Upload part size.
+    pub part_size: usize,
+    /// Parts uploading at once.
+    pub parts_in_flight: usize,
+}
+
+/// Sizes and SHA-256 digests of what went in and what was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digests {
+    /// Plaintext bytes.
+    pub size_plain: u64,
+    /// SHA-256 of the plaintext, hex.
+    pub sha256_plain: String,
+    /// Stored bytes.
+    pub size_stored: u64,
+    /// SHA-256 of the stored bytes, hex.
+    pub sha256_stored: String,
+}
+
+/// Sees every plaintext chunk as it passes (e.g. to fingerprint a dump without a second read).
+pub trait Observer: Send + 'static {
+    /// Called with each chunk, in order.
+    fn observe(&mut self, chunk: &[u8]);
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn observe(&mut self, _chunk: &[u8]) {}
+}
+
+/// Why the pipeline failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Reading the source failed.
+    #[error("reading from the source failed: {0}")]
+    Source(io::Error),
+    /// The source produced nothing.
+    #[error("the source produced no data")]
+    Empty,
+    /// The producer reported failure after its output ended.
+    #[error("{0}")]
+    Producer(Error),
+    /// Compression or encryption failed.
+    #[error("compressing or encrypting failed: {0}")]
+    Encode(io::Error),
+    /// Storing failed.
+    #[error("storing {key} failed: {source}")]
+    Upload {
+        /// The object key.
+        key: String,
+        /// The store's error.
+        source: StoreError,
+    },
+    /// The run was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<PipelineError> for Error {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Producer(inner) => inner,
+            PipelineError::Upload { key, source } => {
+                Error::from(source).context(format!("storing {key}"))
+            }
+            PipelineError::Cancelled => Error::new(ErrorKind::Interrupted, "cancelled"),
+            other => Error::failed(other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct StoredDigest {
+    hasher: Sha256,
+    size: u64,
+}
+
+/// The pipeline's last stage: hashes stored bytes and cuts them into parts for the uploader.
+struct PartSink {
+    buf: BytesMut,
+    part_size: usize,
+    tx: PollSender<Bytes>,
+    digest: Arc<Mutex<StoredDigest>>,
+    /// Set once the last part is handed over; until then, dropping the sink aborts the upload.
+    finished: bool,
+    abort: CancellationToken,
+}
+
+impl Drop for PartSink {
+    fn drop(&mut self) {
+        // Runs before the sender is dropped, so the uploader sees the abort, never a clean end.
+        if !self.finished {
+            self.abort.cancel();
+        }
+    }
+}
+
+impl PartSink {
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped");
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| closed())?;
+        let part = self.buf.split().freeze();
+        self.tx.send_item(part).map_err(|_| closed())?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for PartSink {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.buf.len() >= this.part_size {
+            ready!(this.poll_send(cx))?;
+            this.buf.reserve(this.part_size);
+        }
+        let n = data.len().min(this.part_size - this.buf.len());
+        this.buf.extend_from_slice(&data[..n]);
+        let mut d = this
+            .digest
+            .lock()
+            .map_err(|_| io::Error::other("digest state poisoned"))?;
+        d.hasher.update(&data[..n]);
+        d.size += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Parts are cut by size only: a flush must not send a short part mid-stream.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.buf.is_empty() {
+            ready!(this.poll_send(cx))?;
+        }
+        this.finished = true;
+        this.tx.close();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Streams `input` through the pipeline into the object `key`.
+///
+/// `verdict` resolves once the producer has finished (for a child process: its exit status); the
+/// age stream is finished and the object completed only if it is `Ok`. `observer` sees every
+/// plaintext chunk and is handed back on success.
+pub async fn run<R, V, O>(
+    input: R,
+    verdict: V,
+    observer: O,
+    store: Arc<dyn ObjectStore>,
+    key: String,
+    config: &PipelineConfig,
+    cancel: CancellationToken,
+) -> Result<(Digests, O), PipelineError>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    V: Future<Output = Result<(), Error>> + Send + 'static,
+    O: Observer,
+{
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    let upload_cancel = cancel.child_token();
+    let upload = tokio::spawn(store::upload_parts(
+        store,
+        key.clone(),
+        rx,
+        config.parts_in_flight,
+        upload_cancel.clone(),
+    ));
+    let digest = Arc::new(Mutex::new(StoredDigest::default()));
+    let sink = PartSink {
+        buf: BytesMut::with_capacity(config.part_size),
+        part_size: config.part_size,
+        tx: PollSender::new(tx),
+        digest: digest.clone(),
+        finished: false,
+        abort: upload_cancel.clone(),
+    };
+    let handle = tokio::runtime::Handle::current();
+    let cfg = config.clone();
+    let chain_cancel = cancel.clone();
+    let chain = tokio::task::spawn_blocking(move || {
+        handle.block_on(encode(input, verdict, observer, sink, cfg, chain_cancel))
+    });
+    let encoded = match chain.await {
+        Ok(r) => r,
+        Err(e) => Err(PipelineError::Encode(io::Error::other(format!(
+            "pipeline thread failed: {e}"
+        )))),
+    };
+    let uploaded = match upload.await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::permanent(
+            "upload",
+            &key,
+            format!("upload task failed: {e}"),
+        )),
+    };
+    let (plain, observer) = match (encoded, uploaded) {
+        (Ok(v), Ok(())) => v,
+        // An upload failure is the cause when the chain only saw the upload stop.
+        (Err(PipelineError::Encode(_)), Err(e)) | (Ok(_), Err(e))
+            if !matches!(e, StoreError::Cancelled) =>
+        {
+            return Err(PipelineError::Upload { key, source: e })
+        }
+        (Err(e), _) => return Err(e),
+        (Ok(_), Err(_)) => return Err(PipelineError::Cancelled),
+    };
+    let d = digest
+        .lock()
+        .map_err(|_| PipelineError::Encode(io::Error::other("digest state poisoned")))?;
+    Ok((
+        Digests {
+            size_plain: plain.0,
+            sha256_plain: plain.1,
+            size_stored: d.size,
+            sha256_stored: hex::encode(d.hasher.clone().finalize()),
+        },
+        observer,
+    ))
+}
+
+async fn encode<R, V, O>(
+    mut input: R,
+    verdict: V,
+    mut observer: O,
+    sink: PartSink,
+    config: PipelineConfig,
+    cancel: CancellationToken,
+) -> Result<((u64, String), O), PipelineError>
+where
+    R: AsyncRead + Unpin,
+    V: Future<Output = Result<(), Error>>,
+    O: Observer,
+{
+    let encryptor =
+        age::Encryptor::with_recipients(config.recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| PipelineError::Encode(io::Error::other(e.to_string())))?;
+    let age_writer = encryptor
+        .wrap_async_output(sink.compat_write())
+        .await
+        .map_err(PipelineError::Encode)?;
+    let mut params = Vec::new();
+    if config.workers > 0 {
+        params.push(CParameter::nb_workers(config.workers));
+    }
+    let mut zstd = ZstdEncoder::with_quality_and_params(
+        age_writer.compat_write(),
+        Level::Precise(config.level),
+        &params,
+    );
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    loop {
+        let n = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(PipelineError::Cancelled),
+            r = input.read(&mut buf) => r.map_err(PipelineError::Source)?,
+        };
+        if n == 0 {
+            break;
+        }
+        let chunk = &buf[..n];
+        hasher.update(chunk);
+        observer.observe(chunk);
+        size += n as u64;
+        // A plain write loop, not io::copy: copy flushes, and every flush would cut zstd's jobs short.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(PipelineError::Cancelled),
+            r = zstd.write_all(chunk) => r.map_err(PipelineError::Encode)?,
+        }
+    }
+    if size == 0 {
+        return Err(PipelineError::Empty);
+    }
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(PipelineError::Cancelled),
+        v = verdict => v.map_err(PipelineError::Producer)?,
+    }
+    // Only now: finish zstd's frame and the age stream, and hand over the last part.
+    zstd.shutdown().await.map_err(PipelineError::Encode)?;
+    Ok(((size, hex::encode(hasher.finalize())), observer))
+}
+
+/// Encrypts a small in-memory document (a fingerprint) to the recipients.
+pub fn encrypt_small(
+    recipients: &[age::x25519::Recipient],
+    plain: &[u8],
+) -> Result<Vec<u8>, Error> {
+    use std::io::Write;
+    let fail = |e: String| Error::failed(format!("encrypting failed: {e}"));
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| fail(e.to_string()))?;
+    let mut out = Vec::with_capacity(plain.len() + 256);
+    let mut w = encryptor
+        .wrap_output(&mut out)
+        .map_err(|e| fail(e.to_string()))?;
+    w.write_all(plain).map_err(|e| fail(e.to_string()))?;
+    w.finish().map_err(|e| fail(e.to_string()))?;
+    Ok(out)
+}
+
+/// Parses age recipients (`age1…`).
+pub fn parse_recipients(recipients: &[String]) -> Result<Vec<age::x25519::Recipient>, Error> {
+    recipients
+        .iter()
+        .map(|r| {
+            r.parse::<age::x25519::Recipient>().map_err(|_| {
+                Error::new(
+                    ErrorKind::Credential,
+                    format!("`{r}` is not an age X25519 recipient"),
+                )
+                .hint("encryption.recipients takes the `age1…` lines `lifeboat keygen` prints")
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Reverses the pipeline for reading: stored bytes → age decrypt → zstd decode → plaintext.
+///
+/// The plaintext is untrusted until EOF: age reports a damaged chunk only when it reaches it, after
+/// earlier chunks were returned. Callers that apply data must check the stored SHA-256 first or
+/// treat any read error as fatal to everything already read.
+pub async fn decrypt_stream(
+    stored: crate::store::ObjectReader,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<impl AsyncRead + Send + Unpin, Error> {
+    use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+    let decryptor = age::Decryptor::new_async(stored.compat())
+        .await
+        .map_err(|e| Error::new(ErrorKind::Integrity, format!("not an age file: {e}")))?;
+    let reader = decryptor
+        .decrypt_async(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => Error::new(
+                ErrorKind::Credential,
+                "none of the identities can decrypt this backup",
+            )
+            .hint("use the identity whose recipient is listed in the manifest's encryption.recipients"),
+            other => Error::new(ErrorKind::Integrity, format!("cannot decrypt: {other}")),
+        })?;
+    let mut decoder = async_compression::tokio::bufread::ZstdDecoder::new(
+        tokio::io::BufReader::with_capacity(READ_BUFFER, reader.compat()),
+    );
+    decoder.multiple_members(true);
+    Ok(decoder)
+}
+
+/// Reads an age identity file (the output of `lifeboat keygen` or `age-keygen`).
+pub fn read_identities(
+    path: &std::path::Path,
+) -> Result<Vec<Box<dyn age::Identity + Send + Sync>>, Error> {
+    let shown = path.display();
+    let file = age::IdentityFile::from_file(path.to_string_lossy().into_owned()).map_err(|e| {
+        Error::new(
+            ErrorKind::Credential,
+            format!("cannot read identity file {shown}: {e}"),
+        )
+        .hint("pass --identity FILE, set LIFEBOAT_IDENTITY_FILE or encryption.identity_file")
+    })?;
+    let ids = file.into_identities().map_err(|e| {
+        Error::new(
+            ErrorKind::Credential,
+            format!("identity file {shown} is not usable: {e}"),
+        )
+    })?;
+    if ids.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Credential,
+            format!("identity file {shown} holds no identity"),
+        ));
+    }
+    Ok(ids)
+}

@@ -1,0 +1,303 @@
+//! Policy files: TOML → RawPolicy (serde) → Policy (typed and validated).
+//!
+//! Loading goes in three steps (see STYLE.md §7): the TOML is parsed into a table and every string
+//! is `${VAR}`-interpolated; each section and each source is deserialized on its own, so a typo in
+//! one does not hide problems in another; then `validate` checks every rule. All problems come back
+//! together, each with its field path, in a [`PolicyError`].
+
+pub mod env;
+pub mod raw;
+pub mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
+pub use env::Secret;
+pub use raw::{ChecksumMode, FingerprintMode, LogFormat};
+pub use validate::*;
+
+use crate::error::{Error, ErrorKind};
+
+/// Options for loading a policy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Treat missing `${VAR}`s as empty (for validating shipped policies whose secrets are absent).
+    pub allow_missing_env: bool,
+}
+
+/// Every problem found in one policy file.
+#[derive(Debug, Clone)]
+pub struct PolicyError {
+    /// The file, as given.
+    pub file: String,
+    /// The problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.file,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            if p.path.is_empty() {
+                write!(f, "\n  {}", p.message)?;
+            } else {
+                write!(f, "\n  {}: {}", p.path, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+impl From<PolicyError> for Error {
+    fn from(e: PolicyError) -> Self {
+        Error::new(ErrorKind::Invalid, e.to_string())
+            .hint("fix the fields named above; `lifeboat policy check FILE` re-checks (RUNBOOK.md#policy-errors)")
+    }
+}
+
+/// Reads and validates a policy file, reading `${VAR}`s from the process environment.
+pub fn load(path: &Path, opts: LoadOptions) -> Result<Policy, PolicyError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+        file: file.clone(),
+        problems: vec![Problem {
+            path: String::new(),
+            message: format!("cannot read the policy file: {e}"),
+        }],
+    })?;
+    parse(&text, &file, &|name| std::env::var(name).ok(), opts)
+}
+
+/// Validates policy text. `lookup` resolves `${VAR}`.
+pub fn parse(
+    text: &str,
+    file: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    opts: LoadOptions,
+) -> Result<Policy, PolicyError> {
+    let fail = |problems: Vec<Problem>| PolicyError {
+        file: file.to_string(),
+        problems,
+    };
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+        fail(vec![Problem {
+            path: String::new(),
+            message: format!("not valid TOML: {}", e.to_string().trim_end()),
+        }])
+    })?;
+
+    let mut problems = Problems::default();
+    let mut missing_env = Vec::new();
+    for (key, value) in table.iter_mut() {
+        interpolate_value(
+            key,
+            value,
+            lookup,
+            opts.allow_missing_env,
+            &mut missing_env,
+            &mut problems,
+        );
+    }
+
+    for key in table.keys() {
+        if !raw::TOP_LEVEL_KEYS.contains(&key.as_str()) {
+            problems.add(
+                key.clone(),
+                format!(
+                    "unknown section, expected one of {}",
+                    quoted_list(raw::TOP_LEVEL_KEYS)
+                ),
+            );
+        }
+    }
+
+    let repository = match table.remove("repository") {
+        None => {
+            problems.add(
+                "repository",
+                "missing: every policy needs [repository] with a url",
+            );
+            None
+        }
+        Some(v) => section::<raw::RawRepository>("repository", v, &mut problems),
+    };
+    let encryption = match table.remove("encryption") {
+        None => {
+            problems.add(
+                "encryption",
+                "missing: every policy needs [encryption] with recipients; `lifeboat keygen` makes one",
+            );
+            None
+        }
+        Some(v) => section::<raw::RawEncryption>("encryption", v, &mut problems),
+    };
+    let agent = table
+        .remove("agent")
+        .and_then(|v| section::<raw::RawAgent>("agent", v, &mut problems))
+        .unwrap_or_default();
+    let defaults = table
+        .remove("defaults")
+        .and_then(|v| section::<raw::RawDefaults>("defaults", v, &mut problems))
+        .unwrap_or_default();
+
+    let mut sources = Vec::new();
+    match table.remove("sources") {
+        None => problems.add("sources", "no sources: add at least one [[sources]] table"),
+        Some(toml::Value::Array(items)) => {
+            if items.is_empty() {
+                problems.add("sources", "no sources: add at least one [[sources]] table");
+            }
+            for (i, item) in items.into_iter().enumerate() {
+                let path = format!("sources[{i}]");
+                let kind = item
+                    .get("kind")
+                    .and_then(|k| k.as_str())
+                    .map(str::to_string);
+                match kind.as_deref() {
+                    Some("postgres") => {
+                        if let Some(s) =
+                            section::<raw::RawPostgresSource>(&path, item, &mut problems)
+                        {
+                            sources.push((i, s));
+                        }
+                    }
+                    Some(other) => problems.add(
+                        format!("{path}.kind"),
+                        format!(
+                            "unknown kind `{other}`, expected one of {}",
+                            quoted_list(raw::SOURCE_KINDS)
+                        ),
+                    ),
+                    None => problems.add(
+                        format!("{path}.kind"),
+                        format!(
+                            "missing: every source needs a kind, one of {}",
+                            quoted_list(raw::SOURCE_KINDS)
+                        ),
+                    ),
+                }
+            }
+        }
+        Some(_) => problems.add("sources", "must be an array of tables: write [[sources]]"),
+    }
+
+    let policy = validate::validate(
+        repository,
+        encryption,
+        agent,
+        defaults,
+        sources,
+        opts.allow_missing_env,
+        &mut problems,
+    );
+    match policy {
+        Some(mut p) if problems.0.is_empty() => {
+            missing_env.sort();
+            missing_env.dedup();
+            p.missing_env = missing_env;
+            Ok(p)
+        }
+        _ => Err(fail(problems.0)),
+    }
+}
+
+/// Deserializes one section, recording a problem with the full field path on failure.
+fn section<T: DeserializeOwned>(
+    path: &str,
+    value: toml::Value,
+    problems: &mut Problems,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let mut full = path.to_string();
+            if inner != "." && !inner.is_empty() {
+                full.push('.');
+                full.push_str(&inner);
+            }
+            // toml appends "in `section`" lines; the path already says where.
+            let message = e.into_inner().to_string();
+            let message = message.lines().next().unwrap_or("").trim().to_string();
+            // serde names the unknown field in the message, not in the path: lift it into the path.
+            if let Some(field) = message
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split('`').next())
+            {
+                let expected = message.split_once(", ").map(|x| x.1).unwrap_or("");
+                if !full.ends_with(&format!(".{field}")) {
+                    full = format!("{full}.{field}");
+                }
+                problems.add(full, format!("unknown field, {expected}"));
+            } else {
+                problems.add(full, message);
+            }
+            None
+        }
+    }
+}
+
+fn interpolate_value(
+    path: &str,
+    value: &mut toml::Value,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    allow_missing: bool,
+    missing_env: &mut Vec<String>,
+    problems: &mut Problems,
+) {
+    match value {
+        toml::Value::String(s) => match env::interpolate(s, lookup, allow_missing) {
+            Ok((out, missing)) => {
+                *s = out;
+                missing_env.extend(missing);
+            }
+            Err(e) => problems.add(path, e.to_string()),
+        },
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                interpolate_value(
+                    &format!("{path}[{i}]"),
+                    item,
+                    lookup,
+                    allow_missing,
+                    missing_env,
+                    problems,
+                );
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                interpolate_value(
+                    &format!("{path}.{k}"),
+                    v,
+                    lookup,
+                    allow_missing,
+                    missing_env,
+                    problems,
+                );
+            }
+        }
+        _ => {}
+    }
+}
+
+fn quoted_list(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests;

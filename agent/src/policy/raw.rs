@@ -1,0 +1,225 @@
+//! The serde mirror of a policy file: exactly what TOML can say, nothing interpreted yet.
+//!
+//! Every struct rejects unknown keys, and no struct flattens another, so a typo is always an error
+//! with a field path. Durations and sizes stay strings here ("2h", "16MiB"); `validate.rs` turns
+//! them into typed values. Sources are tagged by `kind`: each kind has its own struct, chosen before
+//! deserialization so that its own list of fields is the one quoted in an "unknown field" error.
+
+use serde::Deserialize;
+
+/// The top-level sections a policy may have.
+pub const TOP_LEVEL_KEYS: &[&str] = &["repository", "encryption", "agent", "defaults", "sources"];
+
+/// The source kinds this version knows.
+pub const SOURCE_KINDS: &[&str] = &["postgres"];
+
+/// `[repository]`: where backups are stored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRepository {
+    /// `file://PATH` (a local directory) or `s3://bucket/prefix`.
+    pub url: String,
+    /// S3-compatible endpoint, e.g. `http://127.0.0.1:9000`; unset means AWS.
+    pub endpoint: Option<String>,
+    /// S3 region; default `us-east-1`.
+    pub region: Option<String>,
+    /// `auto` (path-style with a custom endpoint, virtual-hosted on AWS), `path` or `virtual`.
+    pub addressing: Option<Addressing>,
+    /// `when_required` (no checksum headers; for S3-compatible servers) or `always`.
+    pub checksums: Option<ChecksumMode>,
+    /// S3 storage class for data objects, e.g. `STANDARD_IA`.
+    pub storage_class: Option<String>,
+    /// Size of one upload part, e.g. `8MiB` (S3 needs at least 5 MiB).
+    pub part_size: Option<String>,
+    /// How many parts may be uploading at once.
+    pub parts_in_flight: Option<usize>,
+}
+
+/// S3 addressing style.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Addressing {
+    /// Path-style when an endpoint is set, virtual-hosted otherwise.
+    Auto,
+    /// `https://endpoint/bucket/key`.
+    Path,
+    /// `https://bucket.endpoint/key`.
+    Virtual,
+}
+
+/// Whether requests carry checksum headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChecksumMode {
+    /// Only where the API requires one; lifeboat's own SHA-256 in the manifest still guards data.
+    WhenRequired,
+    /// Every upload part carries its SHA-256, checked by the server.
+    Always,
+}
+
+/// `[encryption]`: who can read the backups.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEncryption {
+    /// age X25519 recipients (`age1…`); several give escrow or break-glass keys.
+    pub recipients: Vec<String>,
+    /// The age identity file, only where verify or restore run.
+    pub identity_file: Option<String>,
+}
+
+/// `[agent]`: the sidecar daemon.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    /// Address of /healthz, /metrics and /status; default `127.0.0.1:9187`.
+    pub listen: Option<String>,
+    /// `text` or `json`.
+    pub log_format: Option<LogFormat>,
+    /// Most runs at once over all sources; default 1.
+    pub max_concurrent: Option<usize>,
+    /// How long a running backup may take to finish on SIGTERM; default `30s`.
+    pub shutdown_grace: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[defaults]`: settings every source inherits unless it overrides them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    /// IANA time zone for schedules and retention buckets; default `UTC`.
+    pub timezone: Option<String>,
+    /// Longest a run may take, e.g. `2h`.
+    pub timeout: Option<String>,
+    /// Cron expression (5 fields, or 6 with seconds).
+    pub schedule: Option<String>,
+    /// zstd settings.
+    pub compression: Option<RawCompression>,
+    /// Retention rules.
+    pub retention: Option<RawRetention>,
+    /// Recovery objectives.
+    pub objectives: Option<RawObjectives>,
+}
+
+/// zstd settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompression {
+    /// zstd level, 1–19; default 3.
+    pub level: Option<i32>,
+    /// zstd worker threads; 0 compresses on the pipeline's own thread.
+    pub workers: Option<u32>,
+}
+
+/// Retention rules (restic-style buckets).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    /// Keep the newest N backups.
+    pub keep_last: Option<u32>,
+    /// Keep the newest backup of each of the last N hours.
+    pub keep_hourly: Option<u32>,
+    /// … days.
+    pub keep_daily: Option<u32>,
+    /// … weeks.
+    pub keep_weekly: Option<u32>,
+    /// … months.
+    pub keep_monthly: Option<u32>,
+    /// … years.
+    pub keep_yearly: Option<u32>,
+    /// Keep everything newer than this, e.g. `14d`.
+    pub keep_within: Option<String>,
+    /// Keep the newest N verified backups; default 1.
+    pub keep_last_verified: Option<u32>,
+}
+
+/// Recovery objectives.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawObjectives {
+    /// Recovery point objective: the newest backup may be at most this old, e.g. `24h`.
+    pub rpo: Option<String>,
+    /// Recovery time objective: a restore must take at most this long, e.g. `4h`.
+    pub rto: Option<String>,
+}
+
+/// `[sources.verify]`: how the verifier proves a backup.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerify {
+    /// Cron expression for scheduled verification.
+    pub schedule: Option<String>,
+    /// The policy's own SQL assertions.
+    #[serde(default)]
+    pub checks: Vec<RawCheck>,
+    /// A scratch server where the verifier may create and drop a database, instead of an ephemeral cluster.
+    pub scratch_url: Option<String>,
+    /// Directory of the PostgreSQL server binaries for the ephemeral cluster.
+    pub postgres_bin_dir: Option<String>,
+}
+
+/// One SQL assertion: the query returns one number, compared with `min`, `max` or `equals`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    /// A query returning one row with one integer column.
+    pub sql: String,
+    /// The result must be at least this.
+    pub min: Option<i64>,
+    /// The result must be at most this.
+    pub max: Option<i64>,
+    /// The result must equal this.
+    pub equals: Option<i64>,
+}
+
+/// `[[sources]]` with `kind = "postgres"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgresSource {
+    /// Unique name; used in object keys, metrics and commands.
+    pub name: String,
+    /// Always `postgres` here.
+    pub kind: String,
+    /// libpq URL or key=value string; `${VAR}` for secrets.
+    pub url: String,
+    /// File holding the password, instead of putting it in the URL.
+    pub password_file: Option<String>,
+    /// Cron expression; overrides `[defaults]`.
+    pub schedule: Option<String>,
+    /// Longest a run may take; overrides `[defaults]`.
+    pub timeout: Option<String>,
+    /// Overrides `[defaults]`.
+    pub compression: Option<RawCompression>,
+    /// Overrides `[defaults]`.
+    pub retention: Option<RawRetention>,
+    /// Overrides `[defaults]`.
+    pub objectives: Option<RawObjectives>,
+    /// Also store roles and tablespaces (`pg_dumpall --globals-only`); default true.
+    pub globals: Option<bool>,
+    /// `full` (row counts and content hashes) or `counts`.
+    pub fingerprint: Option<FingerprintMode>,
+    /// Directory holding pg_dump and pg_dumpall; found automatically when unset.
+    pub pg_bin_dir: Option<String>,
+    /// Verification settings.
+    pub verify: Option<RawVerify>,
+}
+
+/// How much the fingerprint records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FingerprintMode {
+    /// Exact row counts and order-independent content hashes per table.
+    #[default]
+    Full,
+    /// Exact row counts only.
+    Counts,
+}

@@ -1,0 +1,293 @@
+//! Policy parsing and validation: every error case names its field.
+
+use super::*;
+
+const RECIPIENT: &str = "age1p88eqe4cmm30daedtyvnjzpxnze8jxzuzxdc7wyejc0ff2hz7f8smsrqmr";
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "PGPASSWORD" => Some("pw".into()),
+        "BUCKET" => Some("backups-prod".into()),
+        _ => None,
+    }
+}
+
+fn good() -> String {
+    format!(
+        r#"
+[repository]
+url = "s3://${{BUCKET}}/lifeboat"
+endpoint = "http://127.0.0.1:9000"
+
+[encryption]
+recipients = ["{RECIPIENT}"]
+
+[defaults]
+timeout = "2h"
+schedule = "0 */6 * * *"
+retention = {{ keep_last = 7, keep_daily = 7 }}
+compression = {{ level = 3 }}
+
+[[sources]]
+name = "app-db"
+kind = "postgres"
+url = "postgres://backup:${{PGPASSWORD}}@127.0.0.1:5432/app"
+[sources.verify]
+schedule = "30 4 * * *"
+checks = [{{ sql = "select count(*) from users", min = 1 }}]
+
+[[sources]]
+name = "other-db"
+kind = "postgres"
+url = "postgres://backup@127.0.0.1:5432/other"
+password_file = "/secrets/pg"
+schedule = "0 0 * * * *"
+retention = {{ keep_within = "14d" }}
+compression = {{ level = 9, workers = 0 }}
+"#
+    )
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match parse(text, "p.toml", &env, LoadOptions::default()) {
+        Ok(_) => panic!("expected problems"),
+        Err(e) => e
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_good_policy_validates_with_defaults_merged() {
+    let p = parse(&good(), "p.toml", &env, LoadOptions::default()).unwrap();
+    let Location::S3(s3) = &p.repository.location else {
+        panic!("s3 expected")
+    };
+    assert_eq!(s3.bucket, "backups-prod");
+    assert_eq!(s3.prefix, "lifeboat");
+    assert!(s3.force_path_style, "auto + endpoint means path style");
+    assert_eq!(s3.checksums, ChecksumMode::WhenRequired);
+    let a = &p.sources[0];
+    assert_eq!(a.schedule.as_ref().unwrap().expression, "0 */6 * * *");
+    assert_eq!(a.timeout, std::time::Duration::from_secs(7200));
+    assert_eq!(a.retention.keep_last, Some(7));
+    assert_eq!(a.retention.keep_last_verified, 1);
+    assert_eq!(a.compression.level, 3);
+    assert_eq!(a.verify.checks.len(), 1);
+    let b = &p.sources[1];
+    assert_eq!(b.schedule.as_ref().unwrap().expression, "0 0 * * * *");
+    assert_eq!(b.retention.keep_last, None);
+    assert_eq!(
+        b.compression,
+        Compression {
+            level: 9,
+            workers: 0
+        }
+    );
+    let SourceConfig::Postgres(pg) = &a.config;
+    assert_eq!(pg.url.expose(), "postgres://backup:pw@127.0.0.1:5432/app");
+    assert_eq!(pg.url_redacted, "postgres://backup:***@127.0.0.1:5432/app");
+    assert!(
+        !format!("{p:?}").contains(":pw@"),
+        "Debug must not show the password"
+    );
+}
+
+#[test]
+fn a_typo_in_a_postgres_source_is_rejected_with_its_path() {
+    let text = good().replace("schedule = \"0 0 * * * *\"", "schedul = \"0 0 * * * *\"");
+    let got = problems(&text);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with("sources[1].schedul: unknown field, expected one of `name`, `kind`"),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn nested_typos_name_the_nested_path() {
+    let text = good().replace("[sources.verify]\nschedule", "[sources.verify]\nschedulx");
+    let got = problems(&text);
+    assert!(
+        got[0].starts_with("sources[0].verify.schedulx: unknown field"),
+        "{got:?}"
+    );
+    let text = good().replace("endpoint =", "endpiont =");
+    assert!(problems(&text)[0].starts_with("repository.endpiont: unknown field"));
+    let text = good().replace("[defaults]", "[defaults]\nretries = 2");
+    assert!(problems(&text)[0].starts_with("defaults.retries: unknown field"));
+    let text = good().replace("[defaults]", "[defualts]");
+    assert!(problems(&text)
+        .iter()
+        .any(|p| p.starts_with("defualts: unknown section")));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = good()
+        .replace("0 */6 * * *", "0 */6 * *")
+        .replace("schedule = \"0 0 * * * *\"", "schedul = \"x\"")
+        .replace("timeout = \"2h\"", "timeout = \"two hours\"")
+        .replace("level = 3", "level = 42");
+    let got = problems(&text);
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("defaults.schedule: `0 */6 * *` has 4 fields")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("sources[1].schedul: unknown field")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("defaults.timeout: `two hours` is not a duration")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("defaults.compression.level: 42 is outside")),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn a_missing_variable_is_an_error_naming_field_and_variable() {
+    let text = good().replace("${PGPASSWORD}", "${PG_PASS_TYPO}");
+    let got = problems(&text);
+    assert_eq!(
+        got,
+        vec!["sources.url: environment variable `PG_PASS_TYPO` is not set".to_string()]
+            .into_iter()
+            .map(|s| s.replace("sources.url", "sources[0].url"))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn allow_missing_env_validates_and_lists_the_missing() {
+    let text = good()
+        .replace("${PGPASSWORD}", "${PG_PASS_TYPO}")
+        .replace(RECIPIENT, "${AGE_RECIPIENT}");
+    let opts = LoadOptions {
+        allow_missing_env: true,
+    };
+    let p = parse(&text, "p.toml", &env, opts).unwrap();
+    assert_eq!(p.missing_env, vec!["AGE_RECIPIENT", "PG_PASS_TYPO"]);
+}
+
+#[test]
+fn bad_values_are_named() {
+    let cases = [
+        (
+            "s3://${BUCKET}/lifeboat",
+            "ftp://x",
+            "repository.url: `ftp://x` is neither",
+        ),
+        (
+            "s3://${BUCKET}/lifeboat",
+            "s3://A_B/x",
+            "repository.url: `A_B` is not a valid S3 bucket name",
+        ),
+        (
+            RECIPIENT,
+            "age1nope",
+            "encryption.recipients[0]: `age1nope` is not an age X25519 recipient",
+        ),
+        (
+            "name = \"app-db\"",
+            "name = \"App DB\"",
+            "sources[0].name: `App DB` must be",
+        ),
+        (
+            "name = \"other-db\"",
+            "name = \"app-db\"",
+            "sources[1].name: `app-db` is used by another source",
+        ),
+        (
+            "kind = \"postgres\"\nurl = \"postgres://backup@",
+            "kind = \"mysql\"\nurl = \"postgres://backup@",
+            "sources[1].kind: unknown kind `mysql`",
+        ),
+        (
+            "keep_within = \"14d\"",
+            "keep_last = 0",
+            "sources[1].retention.keep_last: 0 is not allowed",
+        ),
+        (
+            "min = 1 }",
+            "}",
+            "sources[0].verify.checks[0]: a check needs",
+        ),
+        (
+            "password_file = \"/secrets/pg\"",
+            "password_file = \"/secrets/pg\"\nfingerprint = \"everything\"",
+            "sources[1].fingerprint: unknown variant `everything`",
+        ),
+        (
+            "endpoint = \"http://127.0.0.1:9000\"",
+            "endpoint = \"127.0.0.1:9000\"",
+            "repository.endpoint: `127.0.0.1:9000` must start with http",
+        ),
+        (
+            "[defaults]",
+            "[defaults]\ntimezone = \"Mars/Olympus\"",
+            "defaults.timezone: `Mars/Olympus` is not an IANA time zone",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let text = good().replacen(from, to, 1);
+        let got = problems(&text);
+        assert!(
+            got.iter().any(|p| p.starts_with(want)),
+            "want {want:?} in {got:?}"
+        );
+    }
+}
+
+#[test]
+fn file_repository_refuses_s3_only_settings() {
+    let text = good().replace("s3://${BUCKET}/lifeboat", "file://./repo");
+    let got = problems(&text);
+    assert_eq!(got, vec!["repository.endpoint: applies to s3:// repositories only; remove it or use an s3:// url"]);
+}
+
+#[test]
+fn empty_retention_is_refused() {
+    let text = good().replace(
+        "retention = { keep_last = 7, keep_daily = 7 }",
+        "retention = { keep_last_verified = 2 }",
+    );
+    assert!(problems(&text)
+        .iter()
+        .any(|p| p.starts_with("defaults.retention: an empty rule set")));
+}
+
+#[test]
+fn toml_syntax_errors_say_where() {
+    let got = problems("[repository\nurl = 1");
+    assert!(
+        got[0].contains("not valid TOML") && got[0].contains("line 1"),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn the_error_display_lists_every_problem() {
+    let e = parse(
+        "[repository]\nurl = \"x\"",
+        "p.toml",
+        &env,
+        LoadOptions::default(),
+    )
+    .unwrap_err();
+    insta::assert_snapshot!(e.to_string(), @r"
+    p.toml: 3 problems
+      encryption: missing: every policy needs [encryption] with recipients; `lifeboat keygen` makes one
+      sources: no sources: add at least one [[sources]] table
+      repository.url: `x` is neither file://PATH nor s3://BUCKET/PREFIX
+    ");
+}

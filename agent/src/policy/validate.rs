@@ -1,0 +1,909 @@
+//! RawPolicy → Policy: every rule a policy must follow, every problem reported with its field path.
+//!
+//! Validation never stops at the first problem: it walks the whole raw policy, records each problem
+//! as `path: message`, and only builds a [`Policy`] when there are none. Defaults come from named
+//! functions; "disabled" is an `Option`, never `0`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::env::Secret;
+use super::raw::*;
+
+/// One problem in a policy file, with the path of the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Field path, e.g. `sources[0].schedule`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Collects problems while validating.
+#[derive(Debug, Default)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    /// Records a problem at `path`.
+    pub fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Where backups go.
+    pub repository: RepositoryConfig,
+    /// Who can read them.
+    pub encryption: EncryptionConfig,
+    /// Daemon settings.
+    pub agent: AgentConfig,
+    /// Time zone for schedules and retention.
+    pub timezone: chrono_tz::Tz,
+    /// The sources, in file order.
+    pub sources: Vec<SourcePolicy>,
+    /// Variables that were missing (only with `allow_missing_env`).
+    pub missing_env: Vec<String>,
+}
+
+impl Policy {
+    /// The source named `name`.
+    pub fn source(&self, name: &str) -> Option<&SourcePolicy> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+/// Repository location and upload tuning.
+#[derive(Debug, Clone)]
+pub struct RepositoryConfig {
+    /// Local directory or S3 bucket.
+    pub location: Location,
+    /// Bytes per upload part.
+    pub part_size: usize,
+    /// Parts uploading at once.
+    pub parts_in_flight: usize,
+}
+
+/// Where a repository lives.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// A local directory (the embedded default).
+    Fs {
+        /// The repository root.
+        root: PathBuf,
+    },
+    /// An S3 bucket and prefix.
+    S3(S3Config),
+}
+
+/// An S3 location.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/` (may be empty).
+    pub prefix: String,
+    /// Custom endpoint for S3-compatible servers.
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: String,
+    /// Path-style addressing.
+    pub force_path_style: bool,
+    /// Checksum headers.
+    pub checksums: ChecksumMode,
+    /// Storage class for data objects.
+    pub storage_class: Option<String>,
+}
+
+/// Encryption settings.
+#[derive(Debug, Clone)]
+pub struct EncryptionConfig {
+    /// age X25519 recipients, validated.
+    pub recipients: Vec<String>,
+    /// Identity file for decryption.
+    pub identity_file: Option<PathBuf>,
+}
+
+/// Daemon settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Most runs at once.
+    pub max_concurrent: usize,
+    /// Grace period on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// A validated cron schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The expression as written (5 or 6 fields).
+    pub expression: String,
+}
+
+/// zstd settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    /// Level 1–19.
+    pub level: i32,
+    /// Worker threads (0 = the pipeline's own thread).
+    pub workers: u32,
+}
+
+/// Retention rules; at least one keep rule is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Newest N.
+    pub keep_last: Option<u32>,
+    /// Newest of each of the last N hours.
+    pub keep_hourly: Option<u32>,
+    /// … days.
+    pub keep_daily: Option<u32>,
+    /// … weeks.
+    pub keep_weekly: Option<u32>,
+    /// … months.
+    pub keep_monthly: Option<u32>,
+    /// … years.
+    pub keep_yearly: Option<u32>,
+    /// Everything newer than this.
+    pub keep_within: Option<Duration>,
+    /// Newest N verified backups.
+    pub keep_last_verified: u32,
+}
+
+/// Recovery objectives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Objectives {
+    /// Recovery point objective.
+    pub rpo: Option<Duration>,
+    /// Recovery time objective.
+    pub rto: Option<Duration>,
+}
+
+/// Verification settings for one source.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyPolicy {
+    /// When the verifier daemon verifies this source.
+    pub schedule: Option<Schedule>,
+    /// SQL assertions.
+    pub checks: Vec<SqlCheck>,
+    /// Scratch server instead of an ephemeral cluster.
+    pub scratch_url: Option<Secret>,
+    /// Server binaries for the ephemeral cluster.
+    pub postgres_bin_dir: Option<PathBuf>,
+}
+
+/// One SQL assertion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlCheck {
+    /// The query.
+    pub sql: String,
+    /// Lower bound.
+    pub min: Option<i64>,
+    /// Upper bound.
+    pub max: Option<i64>,
+    /// Exact value.
+    pub equals: Option<i64>,
+}
+
+/// One source with its settings merged from `[defaults]`.
+#[derive(Debug, Clone)]
+pub struct SourcePolicy {
+    /// Unique name.
+    pub name: String,
+    /// Cron schedule, if any.
+    pub schedule: Option<Schedule>,
+    /// Longest a run may take.
+    pub timeout: Duration,
+    /// zstd settings.
+    pub compression: Compression,
+    /// Retention rules.
+    pub retention: Retention,
+    /// Objectives.
+    pub objectives: Objectives,
+    /// Verification.
+    pub verify: VerifyPolicy,
+    /// What to back up.
+    pub config: SourceConfig,
+}
+
+/// The registry of source kinds (one variant per file in `source/`).
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A PostgreSQL database.
+    Postgres(PostgresConfig),
+}
+
+impl SourceConfig {
+    /// The `kind` string.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// A PostgreSQL source.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// The connection string, which may embed a password.
+    pub url: Secret,
+    /// The connection string with any password replaced by `***`.
+    pub url_redacted: String,
+    /// Password file.
+    pub password_file: Option<PathBuf>,
+    /// Dump roles and tablespaces too.
+    pub globals: bool,
+    /// Fingerprint depth.
+    pub fingerprint: FingerprintMode,
+    /// pg_dump location override.
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// Default listen address of the daemon.
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9187))
+}
+/// Default run timeout.
+pub fn default_timeout() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+/// Default shutdown grace.
+pub fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+/// Default zstd level.
+pub fn default_compression_level() -> i32 {
+    3
+}
+/// Default zstd workers: one per core beyond the first, which the source and pipeline use.
+pub fn default_compression_workers() -> u32 {
+    2
+}
+/// Default upload part size.
+pub fn default_part_size() -> usize {
+    8 << 20
+}
+/// Default parts in flight.
+pub fn default_parts_in_flight() -> usize {
+    2
+}
+/// Default S3 region.
+pub fn default_region() -> String {
+    "us-east-1".to_string()
+}
+/// Default number of verified backups always kept.
+pub fn default_keep_last_verified() -> u32 {
+    1
+}
+
+/// Validates a raw policy. `sources` are the already-typed raw sources with their index.
+pub(super) fn validate(
+    repository: Option<RawRepository>,
+    encryption: Option<RawEncryption>,
+    agent: RawAgent,
+    defaults: RawDefaults,
+    sources: Vec<(usize, RawPostgresSource)>,
+    allow_missing_env: bool,
+    problems: &mut Problems,
+) -> Option<Policy> {
+    let repository = repository.and_then(|r| validate_repository(r, problems));
+    let encryption = encryption.map(|e| validate_encryption(e, allow_missing_env, problems));
+    let agent = validate_agent(agent, problems);
+    let timezone = match defaults.timezone.as_deref() {
+        None => chrono_tz::UTC,
+        Some(tz) => chrono_tz::Tz::from_str(tz).unwrap_or_else(|_| {
+            problems.add(
+                "defaults.timezone",
+                format!("`{tz}` is not an IANA time zone (e.g. `UTC`, `Europe/Berlin`)"),
+            );
+            chrono_tz::UTC
+        }),
+    };
+
+    let mut out = Vec::new();
+    for (i, raw) in sources {
+        let path = format!("sources[{i}]");
+        if let Some(s) = validate_postgres(&path, raw, &defaults, problems) {
+            if out.iter().any(|o: &SourcePolicy| o.name == s.name) {
+                problems.add(
+                    format!("{path}.name"),
+                    format!(
+                        "`{}` is used by another source; names must be unique",
+                        s.name
+                    ),
+                );
+            }
+            out.push(s);
+        }
+    }
+
+    if problems.0.is_empty() {
+        Some(Policy {
+            repository: repository?,
+            encryption: encryption?,
+            agent,
+            timezone,
+            sources: out,
+            missing_env: Vec::new(),
+        })
+    } else {
+        None
+    }
+}
+
+fn validate_repository(raw: RawRepository, p: &mut Problems) -> Option<RepositoryConfig> {
+    let part_size = match raw.part_size.as_deref() {
+        None => default_part_size(),
+        Some(s) => match parse_size(s) {
+            Some(n) if (5 << 20..=(5u64 << 30)).contains(&n) => n as usize,
+            Some(_) => {
+                p.add(
+                    "repository.part_size",
+                    "must be between 5MiB and 5GiB (S3's limits for a part)",
+                );
+                default_part_size()
+            }
+            None => {
+                p.add(
+                    "repository.part_size",
+                    format!("`{s}` is not a size; write e.g. `8MiB` or `64MiB`"),
+                );
+                default_part_size()
+            }
+        },
+    };
+    let parts_in_flight = match raw.parts_in_flight {
+        None => default_parts_in_flight(),
+        Some(n) if (1..=64).contains(&n) => n,
+        Some(_) => {
+            p.add("repository.parts_in_flight", "must be between 1 and 64");
+            default_parts_in_flight()
+        }
+    };
+    let location = if let Some(path) = raw.url.strip_prefix("file://") {
+        for (field, set) in [
+            ("endpoint", raw.endpoint.is_some()),
+            ("region", raw.region.is_some()),
+            ("addressing", raw.addressing.is_some()),
+            ("checksums", raw.checksums.is_some()),
+            ("storage_class", raw.storage_class.is_some()),
+        ] {
+            if set {
+                p.add(
+                    format!("repository.{field}"),
+                    "applies to s3:// repositories only; remove it or use an s3:// url",
+                );
+            }
+        }
+        if path.is_empty() {
+            p.add("repository.url", "`file://` needs a path, e.g. `file://./lifeboat-repo` or `file:///var/backups/lifeboat`");
+            return None;
+        }
+        Location::Fs {
+            root: PathBuf::from(path),
+        }
+    } else if let Some(rest) = raw.url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if !valid_bucket {
+            p.add(
+                "repository.url",
+                format!("`{bucket}` is not a valid S3 bucket name (3–63 characters: a-z, 0-9, `-`, `.`)"),
+            );
+        }
+        if let Some(e) = &raw.endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                p.add(
+                    "repository.endpoint",
+                    format!("`{e}` must start with http:// or https://"),
+                );
+            }
+        }
+        let force_path_style = match raw.addressing.unwrap_or(Addressing::Auto) {
+            Addressing::Auto => raw.endpoint.is_some(),
+            Addressing::Path => true,
+            Addressing::Virtual => false,
+        };
+        Location::S3(S3Config {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: raw.endpoint,
+            region: raw.region.unwrap_or_else(default_region),
+            force_path_style,
+            checksums: raw.checksums.unwrap_or(ChecksumMode::WhenRequired),
+            storage_class: raw.storage_class,
+        })
+    } else {
+        p.add(
+            "repository.url",
+            format!(
+                "`{}` is neither file://PATH nor s3://BUCKET/PREFIX",
+                raw.url
+            ),
+        );
+        return None;
+    };
+    Some(RepositoryConfig {
+        location,
+        part_size,
+        parts_in_flight,
+    })
+}
+
+fn validate_encryption(
+    raw: RawEncryption,
+    allow_missing_env: bool,
+    p: &mut Problems,
+) -> EncryptionConfig {
+    if raw.recipients.is_empty() {
+        p.add(
+            "encryption.recipients",
+            "at least one age recipient is needed; create one with `lifeboat keygen`",
+        );
+    }
+    for (i, r) in raw.recipients.iter().enumerate() {
+        if r.is_empty() && allow_missing_env {
+            continue;
+        }
+        if age::x25519::Recipient::from_str(r).is_err() {
+            p.add(
+                format!("encryption.recipients[{i}]"),
+                format!(
+                    "`{r}` is not an age X25519 recipient (`age1…`); `lifeboat keygen` prints one"
+                ),
+            );
+        }
+    }
+    EncryptionConfig {
+        recipients: raw.recipients,
+        identity_file: raw.identity_file.map(PathBuf::from),
+    }
+}
+
+fn validate_agent(raw: RawAgent, p: &mut Problems) -> AgentConfig {
+    let listen = match raw.listen.as_deref() {
+        None => default_listen(),
+        Some(s) => s.parse().unwrap_or_else(|_| {
+            p.add(
+                "agent.listen",
+                format!("`{s}` is not an address such as `127.0.0.1:9187` or `0.0.0.0:9187`"),
+            );
+            default_listen()
+        }),
+    };
+    let max_concurrent = match raw.max_concurrent {
+        None => 1,
+        Some(0) => {
+            p.add("agent.max_concurrent", "must be at least 1");
+            1
+        }
+        Some(n) => n,
+    };
+    let shutdown_grace = raw
+        .shutdown_grace
+        .as_deref()
+        .map(|s| duration("agent.shutdown_grace", s, p))
+        .unwrap_or_else(default_shutdown_grace);
+    AgentConfig {
+        listen,
+        log_format: raw.log_format.unwrap_or_default(),
+        max_concurrent,
+        shutdown_grace,
+    }
+}
+
+fn validate_postgres(
+    path: &str,
+    raw: RawPostgresSource,
+    defaults: &RawDefaults,
+    p: &mut Problems,
+) -> Option<SourcePolicy> {
+    check_name(&format!("{path}.name"), &raw.name, p);
+    let config = tokio_postgres::Config::from_str(&raw.url);
+    let url_redacted = redact_url(&raw.url);
+    match &config {
+        Err(e) => p.add(
+            format!("{path}.url"),
+            format!("`{url_redacted}` is not a PostgreSQL connection string ({e}); write postgres://USER@HOST:PORT/DB"),
+        ),
+        Ok(c) => {
+            if c.get_dbname().is_none() {
+                p.add(
+                    format!("{path}.url"),
+                    format!("`{url_redacted}` names no database; add /DBNAME"),
+                );
+            }
+            if c.get_password().is_some() && raw.password_file.is_some() {
+                p.add(
+                    format!("{path}.password_file"),
+                    "the url already carries a password; keep one of the two",
+                );
+            }
+        }
+    }
+    let common = common_settings(
+        path,
+        raw.schedule.as_deref(),
+        raw.timeout.as_deref(),
+        raw.compression.as_ref(),
+        raw.retention.as_ref(),
+        raw.objectives.as_ref(),
+        raw.verify.as_ref(),
+        defaults,
+        p,
+    );
+    Some(SourcePolicy {
+        name: raw.name,
+        schedule: common.schedule,
+        timeout: common.timeout,
+        compression: common.compression,
+        retention: common.retention?,
+        objectives: common.objectives,
+        verify: common.verify,
+        config: SourceConfig::Postgres(PostgresConfig {
+            url: Secret::new(raw.url),
+            url_redacted,
+            password_file: raw.password_file.map(PathBuf::from),
+            globals: raw.globals.unwrap_or(true),
+            fingerprint: raw.fingerprint.unwrap_or_default(),
+            bin_dir: raw.pg_bin_dir.map(PathBuf::from),
+        }),
+    })
+}
+
+struct Common {
+    schedule: Option<Schedule>,
+    timeout: Duration,
+    compression: Compression,
+    retention: Option<Retention>,
+    objectives: Objectives,
+    verify: VerifyPolicy,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn common_settings(
+    path: &str,
+    schedule: Option<&str>,
+    timeout: Option<&str>,
+    compression: Option<&RawCompression>,
+    retention: Option<&RawRetention>,
+    objectives: Option<&RawObjectives>,
+    verify: Option<&RawVerify>,
+    d: &RawDefaults,
+    p: &mut Problems,
+) -> Common {
+    let schedule = match (schedule, d.schedule.as_deref()) {
+        (Some(s), _) => cron(&format!("{path}.schedule"), s, p),
+        (None, Some(s)) => cron("defaults.schedule", s, p),
+        (None, None) => None,
+    };
+    let timeout = match (timeout, d.timeout.as_deref()) {
+        (Some(t), _) => duration(&format!("{path}.timeout"), t, p),
+        (None, Some(t)) => duration("defaults.timeout", t, p),
+        (None, None) => default_timeout(),
+    };
+    let (cpath, craw) = match (compression, d.compression.as_ref()) {
+        (Some(c), _) => (format!("{path}.compression"), Some(c)),
+        (None, Some(c)) => ("defaults.compression".to_string(), Some(c)),
+        (None, None) => (String::new(), None),
+    };
+    let compression = validate_compression(&cpath, craw, p);
+    let retention = match (retention, d.retention.as_ref()) {
+        (Some(r), _) => validate_retention(&format!("{path}.retention"), r, p),
+        (None, Some(r)) => validate_retention("defaults.retention", r, p),
+        (None, None) => {
+            p.add(
+                format!("{path}.retention"),
+                "no retention rules: set them here or in [defaults], e.g. retention = { keep_last = 7, keep_daily = 7 }",
+            );
+            None
+        }
+    };
+    let (opath, oraw) = match (objectives, d.objectives.as_ref()) {
+        (Some(o), _) => (format!("{path}.objectives"), Some(o)),
+        (None, Some(o)) => ("defaults.objectives".to_string(), Some(o)),
+        (None, None) => (String::new(), None),
+    };
+    let objectives = oraw
+        .map(|o| Objectives {
+            rpo: o
+                .rpo
+                .as_deref()
+                .map(|s| duration(&format!("{opath}.rpo"), s, p)),
+            rto: o
+                .rto
+                .as_deref()
+                .map(|s| duration(&format!("{opath}.rto"), s, p)),
+        })
+        .unwrap_or_default();
+    let verify = verify
+        .map(|v| validate_verify(&format!("{path}.verify"), v, p))
+        .unwrap_or_default();
+    Common {
+        schedule,
+        timeout,
+        compression,
+        retention,
+        objectives,
+        verify,
+    }
+}
+
+fn validate_compression(path: &str, raw: Option<&RawCompression>, p: &mut Problems) -> Compression {
+    let level = match raw.and_then(|c| c.level) {
+        None => default_compression_level(),
+        Some(l) if (1..=19).contains(&l) => l,
+        Some(l) => {
+            p.add(
+                format!("{path}.level"),
+                format!("{l} is outside zstd's levels 1–19"),
+            );
+            default_compression_level()
+        }
+    };
+    let workers = match raw.and_then(|c| c.workers) {
+        None => default_compression_workers(),
+        Some(w) if w <= 64 => w,
+        Some(w) => {
+            p.add(format!("{path}.workers"), format!("{w} is more than 64"));
+            default_compression_workers()
+        }
+    };
+    Compression { level, workers }
+}
+
+fn validate_retention(path: &str, r: &RawRetention, p: &mut Problems) -> Option<Retention> {
+    let mut ok = true;
+    for (field, v) in [
+        ("keep_last", r.keep_last),
+        ("keep_hourly", r.keep_hourly),
+        ("keep_daily", r.keep_daily),
+        ("keep_weekly", r.keep_weekly),
+        ("keep_monthly", r.keep_monthly),
+        ("keep_yearly", r.keep_yearly),
+        ("keep_last_verified", r.keep_last_verified),
+    ] {
+        if v == Some(0) {
+            p.add(
+                format!("{path}.{field}"),
+                "0 is not allowed; leave the rule out to disable it",
+            );
+            ok = false;
+        }
+    }
+    let keep_within = r
+        .keep_within
+        .as_deref()
+        .map(|s| duration(&format!("{path}.keep_within"), s, p));
+    let out = Retention {
+        keep_last: r.keep_last,
+        keep_hourly: r.keep_hourly,
+        keep_daily: r.keep_daily,
+        keep_weekly: r.keep_weekly,
+        keep_monthly: r.keep_monthly,
+        keep_yearly: r.keep_yearly,
+        keep_within,
+        keep_last_verified: r
+            .keep_last_verified
+            .unwrap_or_else(default_keep_last_verified),
+    };
+    let any = out.keep_last.is_some()
+        || out.keep_hourly.is_some()
+        || out.keep_daily.is_some()
+        || out.keep_weekly.is_some()
+        || out.keep_monthly.is_some()
+        || out.keep_yearly.is_some()
+        || out.keep_within.is_some();
+    if !any {
+        p.add(
+            path,
+            "an empty rule set would delete every backup but the newest; set at least one keep_* rule",
+        );
+        ok = false;
+    }
+    ok.then_some(out)
+}
+
+fn validate_verify(path: &str, v: &RawVerify, p: &mut Problems) -> VerifyPolicy {
+    let schedule = v
+        .schedule
+        .as_deref()
+        .and_then(|s| cron(&format!("{path}.schedule"), s, p));
+    let mut checks = Vec::new();
+    for (i, c) in v.checks.iter().enumerate() {
+        if c.min.is_none() && c.max.is_none() && c.equals.is_none() {
+            p.add(
+                format!("{path}.checks[{i}]"),
+                "a check needs `min`, `max` or `equals`",
+            );
+        }
+        if c.sql.trim().is_empty() {
+            p.add(format!("{path}.checks[{i}].sql"), "is empty");
+        }
+        checks.push(SqlCheck {
+            sql: c.sql.clone(),
+            min: c.min,
+            max: c.max,
+            equals: c.equals,
+        });
+    }
+    VerifyPolicy {
+        schedule,
+        checks,
+        scratch_url: v.scratch_url.clone().map(Secret::new),
+        postgres_bin_dir: v.postgres_bin_dir.clone().map(PathBuf::from),
+    }
+}
+
+fn check_name(path: &str, name: &str, p: &mut Problems) {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.'
+        });
+    if !ok {
+        p.add(
+            path,
+            format!("`{name}` must be 1–63 characters of a-z, 0-9, `-`, `_`, `.`, starting with a letter or digit"),
+        );
+    }
+}
+
+/// Parses a human duration ("30s", "2h", "14d"), recording a problem at `path` if it is not one.
+pub fn duration(path: &str, s: &str, p: &mut Problems) -> Duration {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            p.add(
+                path,
+                "a zero duration is not allowed; leave the field out to disable it",
+            );
+            Duration::from_secs(1)
+        }
+        Err(_) => {
+            p.add(
+                path,
+                format!("`{s}` is not a duration; write e.g. `30s`, `15m`, `2h` or `14d`"),
+            );
+            Duration::from_secs(1)
+        }
+    }
+}
+
+/// Parses a cron expression of 5 fields (minute precision) or 6 (with seconds).
+pub fn cron(path: &str, s: &str, p: &mut Problems) -> Option<Schedule> {
+    let fields = s.split_whitespace().count();
+    if fields != 5 && fields != 6 {
+        p.add(
+            path,
+            format!("`{s}` has {fields} fields; a schedule has 5 (`min hour day month weekday`) or 6 (seconds first)"),
+        );
+        return None;
+    }
+    let parser = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .year(croner::parser::Year::Disallowed)
+        .build();
+    match parser.parse(s) {
+        Ok(_) => Some(Schedule {
+            expression: s.to_string(),
+        }),
+        Err(e) => {
+            p.add(path, format!("`{s}` is not a valid cron expression: {e}"));
+            None
+        }
+    }
+}
+
+/// Parses a size such as `8MiB`, `64MB` or `1048576`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// A connection URL with its password replaced by `***` (both URL and key=value forms).
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            let userinfo = &rest[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        // A password may also come as a query parameter.
+        if let Some(q) = url.find("password=") {
+            let end = url[q..].find('&').map(|e| q + e).unwrap_or(url.len());
+            return format!("{}password=***{}", &url[..q], &url[end..]);
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***".to_string()
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8MiB"), Some(8 << 20));
+        assert_eq!(parse_size("16MB"), Some(16_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("8 MiB"), Some(8 << 20));
+        assert_eq!(parse_size("8Mb"), None);
+        assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn cron_accepts_five_and_six_fields_only() {
+        let mut p = Problems::default();
+        assert!(cron("s", "0 */6 * * *", &mut p).is_some());
+        assert!(cron("s", "30 0 */6 * * *", &mut p).is_some());
+        assert!(p.0.is_empty(), "{:?}", p.0);
+        assert!(cron("s", "0 0 */6 * * * 2030", &mut p).is_none());
+        assert!(cron("s", "61 * * * *", &mut p).is_none());
+        assert!(cron("s", "every day", &mut p).is_none());
+        assert_eq!(p.0.len(), 3);
+        assert!(p.0[0].message.contains("has 7 fields"));
+    }
+
+    #[test]
+    fn redaction_hides_passwords_in_every_form() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=pw&sslmode=disable"),
+            "postgres://u@h/db?password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("host=h user=u password=pw dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+    }
+}

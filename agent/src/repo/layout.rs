@@ -1,0 +1,91 @@
+//! The one place that builds object keys. Every key in a repository is made here, so the format in
+//! DESIGN.md ("Repository format") has exactly one implementation.
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+
+/// The repository marker at the root.
+pub const MARKER: &str = "lifeboat.json";
+/// The repository format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// File name of a backup's manifest.
+pub const MANIFEST: &str = "manifest.json";
+/// File name of a backup's encrypted fingerprint.
+pub const FINGERPRINT: &str = "fingerprint.json.age";
+
+/// `backups/`.
+pub fn backups_prefix() -> String {
+    "backups/".to_string()
+}
+
+/// `backups/<source>/`.
+pub fn source_prefix(source: &str) -> String {
+    format!("backups/{source}/")
+}
+
+/// `backups/<source>/<id>/`.
+pub fn backup_prefix(source: &str, id: &str) -> String {
+    format!("backups/{source}/{id}/")
+}
+
+/// `backups/<source>/<id>/<name>`.
+pub fn backup_object(source: &str, id: &str, name: &str) -> String {
+    format!("backups/{source}/{id}/{name}")
+}
+
+/// `backups/<source>/<id>/manifest.json`.
+pub fn manifest(source: &str, id: &str) -> String {
+    backup_object(source, id, MANIFEST)
+}
+
+/// `verifications/<source>/`.
+pub fn verifications_prefix(source: &str) -> String {
+    format!("verifications/{source}/")
+}
+
+/// Splits `backups/<source>/<id>/<name>` into its parts.
+pub fn parse_backup_key(key: &str) -> Option<(&str, &str, &str)> {
+    let rest = key.strip_prefix("backups/")?;
+    let mut it = rest.splitn(3, '/');
+    let (source, id, name) = (it.next()?, it.next()?, it.next()?);
+    (!source.is_empty() && !id.is_empty() && !name.is_empty()).then_some((source, id, name))
+}
+
+/// A backup id: UTC time plus a random suffix, sortable as text (`20261127T031500Z-3fa9c2`).
+pub fn new_backup_id(now: DateTime<Utc>) -> String {
+    format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), random_suffix(6))
+}
+
+/// `n` random lowercase hex digits.
+pub fn random_suffix(n: usize) -> String {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn ids_sort_by_time() {
+        let a = new_backup_id(Utc.with_ymd_and_hms(2026, 11, 27, 3, 15, 0).unwrap());
+        let b = new_backup_id(Utc.with_ymd_and_hms(2026, 11, 27, 3, 15, 1).unwrap());
+        assert!(a.starts_with("20261127T031500Z-") && a.len() == 23, "{a}");
+        assert!(a < b);
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let k = manifest("app-db", "20261127T031500Z-3fa9c2");
+        assert_eq!(k, "backups/app-db/20261127T031500Z-3fa9c2/manifest.json");
+        assert_eq!(
+            parse_backup_key(&k),
+            Some(("app-db", "20261127T031500Z-3fa9c2", "manifest.json"))
+        );
+        assert_eq!(parse_backup_key("backups/app-db/"), None);
+        assert_eq!(parse_backup_key("objects/ab/cd.age"), None);
+    }
+}

@@ -1,0 +1,270 @@
+//! A local directory as a store: the embedded default (`file://PATH`).
+//!
+//! Every object is written to a hidden temp file beside its final name, fsynced, renamed into place
+//! and its directory fsynced, so a crash leaves either the whole object or a temp file that listings
+//! skip and `pending_uploads` reports. Multipart parts are written at their offsets in one temp file.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{ObjectInfo, ObjectReader, ObjectStore, StoreError, Upload};
+use crate::repo::layout::random_suffix;
+
+const TEMP_MARK: &str = ".tmp-";
+
+/// A repository in a local directory.
+#[derive(Debug, Clone)]
+pub struct FsStore {
+    root: PathBuf,
+}
+
+impl FsStore {
+    /// A store rooted at `root` (created on first write).
+    pub fn new(root: PathBuf) -> Self {
+        FsStore { root }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("object");
+    path.with_file_name(format!(".{name}{TEMP_MARK}{}", random_suffix(8)))
+}
+
+fn is_temp(name: &str) -> bool {
+    name.starts_with('.') && name.contains(TEMP_MARK)
+}
+
+fn classify(op: &'static str, key: &str, e: io::Error) -> StoreError {
+    match e.kind() {
+        io::ErrorKind::NotFound => StoreError::NotFound {
+            key: key.to_string(),
+        },
+        io::ErrorKind::PermissionDenied => StoreError::Permanent {
+            op,
+            key: key.to_string(),
+            message: e.to_string(),
+            credential: true,
+        },
+        io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+            StoreError::transient(op, key, e.to_string())
+        }
+        _ => StoreError::permanent(op, key, e.to_string()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = temp_path(path);
+    let result = (|| {
+        let f = std::fs::File::create(&tmp)?;
+        f.write_all_at(data, 0)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<ObjectInfo>,
+    temps: &mut Vec<String>,
+) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        let ft = entry.file_type()?;
+        let rel = path
+            .strip_prefix(root)
+            .map(|p| p.to_string_lossy().replace('\\', "/"))
+            .unwrap_or_default();
+        if ft.is_dir() {
+            walk(root, &path, out, temps)?;
+        } else if ft.is_file() {
+            if is_temp(&entry.file_name().to_string_lossy()) {
+                temps.push(rel);
+            } else {
+                out.push(ObjectInfo {
+                    key: rel,
+                    size: entry.metadata()?.len(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    op: &'static str,
+    key: &str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let k = key.to_string();
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| classify(op, &k, e)),
+        Err(e) => Err(StoreError::permanent(op, &k, format!("worker failed: {e}"))),
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FsStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let path = self.path(key);
+        blocking("put", key, move || write_atomic(&path, &data)).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        tokio::fs::read(self.path(key))
+            .await
+            .map(Bytes::from)
+            .map_err(|e| classify("get", key, e))
+    }
+
+    async fn open(&self, key: &str) -> Result<ObjectReader, StoreError> {
+        let f = tokio::fs::File::open(self.path(key))
+            .await
+            .map_err(|e| classify("open", key, e))?;
+        Ok(Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)))
+    }
+
+    async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match tokio::fs::metadata(self.path(key)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(classify("size", key, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let root = self.root.clone();
+        // Walk from the deepest directory the prefix names, then filter by the full prefix.
+        let dir_part = prefix.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        let start = root.join(dir_part);
+        let prefix_owned = prefix.to_string();
+        blocking("list", prefix, move || {
+            let mut out = Vec::new();
+            let mut temps = Vec::new();
+            walk(&root, &start, &mut out, &mut temps)?;
+            out.retain(|o| o.key.starts_with(&prefix_owned));
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.path(key)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(classify("delete", key, e)),
+        }
+    }
+
+    async fn start_upload(&self, key: &str) -> Result<Arc<dyn Upload>, StoreError> {
+        let path = self.path(key);
+        let tmp = temp_path(&path);
+        let tmp2 = tmp.clone();
+        let file = blocking("start upload", key, move || {
+            std::fs::create_dir_all(tmp2.parent().unwrap_or(Path::new(".")))?;
+            std::fs::File::create(&tmp2)
+        })
+        .await?;
+        Ok(Arc::new(FsUpload {
+            key: key.to_string(),
+            path,
+            tmp,
+            file: Arc::new(file),
+        }))
+    }
+
+    async fn pending_uploads(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let root = self.root.clone();
+        blocking("list", "", move || {
+            let mut out = Vec::new();
+            let mut temps = Vec::new();
+            walk(&root, &root, &mut out, &mut temps)?;
+            Ok(temps
+                .into_iter()
+                .map(|t| (t, "temp file".to_string()))
+                .collect())
+        })
+        .await
+    }
+}
+
+/// A multipart upload into a temp file.
+#[derive(Debug)]
+struct FsUpload {
+    key: String,
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Arc<std::fs::File>,
+}
+
+#[async_trait]
+impl Upload for FsUpload {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    async fn put_part(&self, _number: u32, offset: u64, data: Bytes) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        blocking("upload part", &self.key, move || {
+            file.write_all_at(&data, offset)
+        })
+        .await
+    }
+
+    async fn complete(&self) -> Result<(), StoreError> {
+        let (file, tmp, path) = (self.file.clone(), self.tmp.clone(), self.path.clone());
+        blocking("complete upload", &self.key, move || {
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(path.parent().unwrap_or(Path::new(".")))
+        })
+        .await
+    }
+
+    async fn abort(&self) -> Result<(), StoreError> {
+        let tmp = self.tmp.clone();
+        blocking(
+            "abort upload",
+            &self.key,
+            move || match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            },
+        )
+        .await
+    }
+}

@@ -1,0 +1,347 @@
+//! Object stores: one trait, one file per backend, one registry function.
+//!
+//! Backends sort their failures into [`StoreError::NotFound`], [`StoreError::Permanent`] and
+//! [`StoreError::Transient`]; only the [`retry::Retry`] decorator decides to retry. Large objects are
+//! written as multipart uploads through [`upload_parts`], which keeps at most `parts_in_flight` parts
+//! in memory and aborts the upload on any error or cancellation, so an interrupted upload never
+//! becomes a visible object. Small objects (manifests, markers) use [`ObjectStore::put`], which is
+//! atomic on every backend.
+
+pub mod fs;
+pub mod retry;
+pub mod s3;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, ErrorKind};
+use crate::policy::{Location, RepositoryConfig};
+
+/// A failure of one store operation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist.
+    #[error("{key}: no such object")]
+    NotFound {
+        /// The key.
+        key: String,
+    },
+    /// Retrying will not help (bad credentials, no bucket, refused request).
+    #[error("{op} {key}: {message}")]
+    Permanent {
+        /// The operation, e.g. `put`.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// What the backend said.
+        message: String,
+        /// True when the failure is about credentials or permissions.
+        credential: bool,
+    },
+    /// Retrying may help (5xx, SlowDown, timeouts, connection resets).
+    #[error("{op} {key}: {message} (transient)")]
+    Transient {
+        /// The operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// What the backend said.
+        message: String,
+    },
+    /// The operation was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl StoreError {
+    /// Builds a permanent error.
+    pub fn permanent(op: &'static str, key: &str, message: impl Into<String>) -> Self {
+        StoreError::Permanent {
+            op,
+            key: key.to_string(),
+            message: message.into(),
+            credential: false,
+        }
+    }
+
+    /// Builds a transient error.
+    pub fn transient(op: &'static str, key: &str, message: impl Into<String>) -> Self {
+        StoreError::Transient {
+            op,
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// True for errors the retry layer may retry.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient { .. })
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::NotFound { .. } => Error::new(ErrorKind::Integrity, e.to_string())
+                .hint("the object is missing from the repository; run `lifeboat check` (RUNBOOK.md#integrity-failure)"),
+            StoreError::Permanent {
+                credential: true, ..
+            } => Error::new(ErrorKind::Credential, e.to_string()).hint(
+                "check the storage credentials (AWS_* variables, profile or IRSA role) and the bucket policy (RUNBOOK.md#storage-errors)",
+            ),
+            StoreError::Permanent { .. } => Error::failed(e.to_string())
+                .hint("check repository.url, endpoint and region (RUNBOOK.md#storage-errors)"),
+            StoreError::Transient { .. } => Error::failed(e.to_string())
+                .hint("the storage kept failing after retries; check its health and the network (RUNBOOK.md#storage-errors)"),
+            StoreError::Cancelled => Error::new(ErrorKind::Interrupted, "cancelled"),
+        }
+    }
+}
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the repository root.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A readable object body.
+pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// A store of objects under a repository root. Keys are relative, `/`-separated.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    /// Where this store is, for messages (`file:///x`, `s3://bucket/prefix at http://…`).
+    fn describe(&self) -> String;
+    /// Writes a small object atomically (whole or not at all).
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
+    /// Reads a small object whole.
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+    /// Opens an object for streaming.
+    async fn open(&self, key: &str) -> Result<ObjectReader, StoreError>;
+    /// The size of an object, or `None` if it does not exist.
+    async fn size(&self, key: &str) -> Result<Option<u64>, StoreError>;
+    /// Every object whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+    /// Deletes an object; deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Starts a multipart upload of `key`; nothing is visible until `complete`.
+    async fn start_upload(&self, key: &str) -> Result<Arc<dyn Upload>, StoreError>;
+    /// Incomplete multipart uploads under the repository, as (key, upload id).
+    async fn pending_uploads(&self) -> Result<Vec<(String, String)>, StoreError>;
+}
+
+/// An unfinished multipart upload. Parts may be uploaded concurrently.
+#[async_trait]
+pub trait Upload: Send + Sync + std::fmt::Debug {
+    /// The key being written.
+    fn key(&self) -> &str;
+    /// Uploads part `number` (1-based) that starts at byte `offset` of the object.
+    async fn put_part(&self, number: u32, offset: u64, data: Bytes) -> Result<(), StoreError>;
+    /// Makes the object visible, made of every part uploaded so far, in order.
+    async fn complete(&self) -> Result<(), StoreError>;
+    /// Discards the parts; the object never becomes visible.
+    async fn abort(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a policy's repository names, wrapped in the retry decorator.
+pub async fn open(config: &RepositoryConfig) -> Result<Arc<dyn ObjectStore>, Error> {
+    let inner: Arc<dyn ObjectStore> = match &config.location {
+        Location::Fs { root } => Arc::new(fs::FsStore::new(root.clone())),
+        Location::S3(s3) => Arc::new(s3::S3Store::new(s3).await?),
+    };
+    Ok(Arc::new(retry::Retry::new(
+        inner,
+        retry::Backoff::default(),
+    )))
+}
+
+/// Checks that the store accepts a write, a read and a delete under its root, the operations a
+/// backup needs, and says exactly which failed.
+pub async fn probe(store: &dyn ObjectStore) -> Result<(), Error> {
+    let key = format!("probe/{}", crate::repo::layout::random_suffix(12));
+    let payload = Bytes::from_static(b"lifeboat probe\n");
+    let place = store.describe();
+    let step = |what: &str, e: StoreError| {
+        Error::from(e.clone()).context(format!("storage probe at {place}: {what} failed"))
+    };
+    store
+        .put(&key, payload.clone())
+        .await
+        .map_err(|e| step("write", e))?;
+    let back = store.get(&key).await.map_err(|e| step("read back", e))?;
+    if back != payload {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("storage probe at {place}: read back different bytes than were written"),
+        ));
+    }
+    store.delete(&key).await.map_err(|e| step("delete", e))?;
+    Ok(())
+}
+
+/// Uploads the parts arriving on `parts` as one object at `key`.
+///
+/// A single part is written with a plain atomic `put`; more become a multipart upload with at most
+/// `in_flight` parts uploading at once. On any error, or when `cancel` fires, the multipart upload
+/// is aborted and nothing becomes visible. Returns once the object is complete.
+pub async fn upload_parts(
+    store: Arc<dyn ObjectStore>,
+    key: String,
+    mut parts: mpsc::Receiver<Bytes>,
+    in_flight: usize,
+    cancel: CancellationToken,
+) -> Result<(), StoreError> {
+    let Some(first) = recv(&mut parts, &cancel).await? else {
+        return Err(StoreError::permanent("upload", &key, "no data to upload"));
+    };
+    let Some(second) = recv(&mut parts, &cancel).await? else {
+        if cancel.is_cancelled() {
+            return Err(StoreError::Cancelled);
+        }
+        return store.put(&key, first).await;
+    };
+    let upload = store.start_upload(&key).await?;
+    let result = async {
+        let mut tasks = JoinSet::new();
+        let mut offset = 0u64;
+        let mut number = 0u32;
+        let mut next = Some(first);
+        let mut pending_second = Some(second);
+        loop {
+            let part = match next.take() {
+                Some(p) => p,
+                None => match pending_second.take() {
+                    Some(p) => p,
+                    None => match recv(&mut parts, &cancel).await? {
+                        Some(p) => p,
+                        None => break,
+                    },
+                },
+            };
+            while tasks.len() >= in_flight {
+                join_one(&mut tasks).await?;
+            }
+            number += 1;
+            let len = part.len() as u64;
+            let up = upload.clone();
+            tasks.spawn(async move { up.put_part(number, offset, part).await });
+            offset += len;
+        }
+        while !tasks.is_empty() {
+            join_one(&mut tasks).await?;
+        }
+        if cancel.is_cancelled() {
+            return Err(StoreError::Cancelled);
+        }
+        upload.complete().await
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::debug!(key = %key, error = %e, "Aborting multipart upload");
+        if let Err(abort) = upload.abort().await {
+            tracing::warn!(key = %key, error = %abort, "Could not abort multipart upload; the next prune sweeps it");
+        }
+    }
+    result
+}
+
+/// The next part, or `None` at the end; a cancellation wins over both, so a producer that fails
+/// and then drops its sender can never be mistaken for a finished stream.
+async fn recv(
+    parts: &mut mpsc::Receiver<Bytes>,
+    cancel: &CancellationToken,
+) -> Result<Option<Bytes>, StoreError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(StoreError::Cancelled),
+        p = parts.recv() => Ok(p),
+    }
+}
+
+async fn join_one(tasks: &mut JoinSet<Result<(), StoreError>>) -> Result<(), StoreError> {
+    match tasks.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(StoreError::permanent(
+            "upload",
+            "",
+            format!("upload task failed: {e}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn send_parts(parts: Vec<&'static [u8]>) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(parts.len().max(1));
+        for p in parts {
+            tx.send(Bytes::from_static(p)).await.unwrap();
+        }
+        rx
+    }
+
+    #[tokio::test]
+    async fn parts_become_one_object_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(fs::FsStore::new(dir.path().to_path_buf()));
+        let rx = send_parts(vec![b"aaa", b"bb", b"c"]).await;
+        upload_parts(
+            store.clone(),
+            "x/obj".into(),
+            rx,
+            2,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&store.get("x/obj").await.unwrap()[..], b"aaabbc");
+        let rx = send_parts(vec![b"single"]).await;
+        upload_parts(
+            store.clone(),
+            "x/one".into(),
+            rx,
+            2,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&store.get("x/one").await.unwrap()[..], b"single");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_upload_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(fs::FsStore::new(dir.path().to_path_buf()));
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(b"one")).await.unwrap();
+        tx.send(Bytes::from_static(b"two")).await.unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(upload_parts(
+            store.clone(),
+            "x/obj".into(),
+            rx,
+            2,
+            cancel.clone(),
+        ));
+        tokio::task::yield_now().await;
+        cancel.cancel();
+        assert!(matches!(task.await.unwrap(), Err(StoreError::Cancelled)));
+        drop(tx);
+        assert!(
+            store.list("").await.unwrap().is_empty(),
+            "no object, no temp file"
+        );
+    }
+}

@@ -1,0 +1,428 @@
+//! S3 and S3-compatible servers (`s3://bucket/prefix`) through aws-sdk-s3.
+//!
+//! The SDK's own retries are off: [`super::retry::Retry`] decides. Errors are sorted into not-found,
+//! permanent (credentials, missing bucket, refused request) and transient (5xx, SlowDown, timeouts,
+//! dropped connections). With `checksums = "when_required"` no checksum headers are sent, which many
+//! S3-compatible servers need; with `always`, every part carries its SHA-256 for the server to check.
+//! Either way the manifest's own SHA-256 of each object is what proves integrity.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, StorageClass};
+use aws_sdk_s3::Client;
+use aws_smithy_http_client::tls;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::{ObjectInfo, ObjectReader, ObjectStore, StoreError, Upload};
+use crate::error::Error;
+use crate::policy::{ChecksumMode, S3Config};
+
+/// A repository in an S3 bucket under a prefix.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    endpoint: Option<String>,
+    checksums: ChecksumMode,
+    storage_class: Option<StorageClass>,
+}
+
+/// Builds an S3 client for `config` with the default credential chain (environment, profile, web
+/// identity / IRSA, container and instance metadata).
+pub async fn client(config: &S3Config) -> Client {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(120))
+        .operation_attempt_timeout(Duration::from_secs(600))
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .region(Region::new(config.region.clone()))
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+        .timeout_config(timeouts);
+    if let Some(endpoint) = &config.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let shared = loader.load().await;
+    let (request, response) = match config.checksums {
+        ChecksumMode::WhenRequired => (
+            RequestChecksumCalculation::WhenRequired,
+            ResponseChecksumValidation::WhenRequired,
+        ),
+        ChecksumMode::Always => (
+            RequestChecksumCalculation::WhenSupported,
+            ResponseChecksumValidation::WhenSupported,
+        ),
+    };
+    let conf = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(config.force_path_style)
+        .request_checksum_calculation(request)
+        .response_checksum_validation(response)
+        .build();
+    Client::from_conf(conf)
+}
+
+impl S3Store {
+    /// Connects (lazily) to the bucket `config` names.
+    pub async fn new(config: &S3Config) -> Result<Self, Error> {
+        Ok(S3Store {
+            client: client(config).await,
+            bucket: config.bucket.clone(),
+            prefix: config.prefix.clone(),
+            endpoint: config.endpoint.clone(),
+            checksums: config.checksums,
+            storage_class: config.storage_class.as_deref().map(StorageClass::from),
+        })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+
+    fn relative<'a>(&self, full: &'a str) -> &'a str {
+        if self.prefix.is_empty() {
+            full
+        } else {
+            full.strip_prefix(&self.prefix)
+                .and_then(|k| k.strip_prefix('/'))
+                .unwrap_or(full)
+        }
+    }
+
+    fn sha256_b64(&self, data: &[u8]) -> Option<String> {
+        match self.checksums {
+            ChecksumMode::Always => Some(aws_smithy_types::base64::encode(Sha256::digest(data))),
+            ChecksumMode::WhenRequired => None,
+        }
+    }
+}
+
+/// Sorts an SDK error into not-found, permanent and transient.
+fn classify<E>(
+    op: &'static str,
+    key: &str,
+    err: SdkError<E, aws_smithy_runtime_api_http::HttpResponse>,
+) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let message = DisplayErrorContext(&err).to_string();
+    match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::transient(op, key, message)
+        }
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code().unwrap_or("");
+            match (status, code) {
+                (_, "NoSuchBucket") => StoreError::permanent(
+                    op,
+                    key,
+                    "the bucket does not exist (NoSuchBucket): create it or fix repository.url",
+                ),
+                (404, _) | (_, "NoSuchKey") | (_, "NotFound") | (_, "NoSuchUpload") => {
+                    StoreError::NotFound {
+                        key: key.to_string(),
+                    }
+                }
+                (401 | 403, _)
+                | (
+                    _,
+                    "AccessDenied"
+                    | "InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "ExpiredToken"
+                    | "InvalidToken",
+                ) => StoreError::Permanent {
+                    op,
+                    key: key.to_string(),
+                    message,
+                    credential: true,
+                },
+                (500..=599, _) | (_, "SlowDown" | "RequestTimeout" | "InternalError") => {
+                    StoreError::transient(op, key, message)
+                }
+                _ => StoreError::permanent(op, key, message),
+            }
+        }
+        _ => StoreError::permanent(op, key, message),
+    }
+}
+
+mod aws_smithy_runtime_api_http {
+    pub use aws_sdk_s3::config::http::HttpResponse;
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    fn describe(&self) -> String {
+        let mut s = format!("s3://{}/{}", self.bucket, self.prefix);
+        if let Some(e) = &self.endpoint {
+            s.push_str(&format!(" at {e}"));
+        }
+        s
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let full = self.full_key(key);
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .set_checksum_sha256(self.sha256_b64(&data))
+            .set_storage_class(self.storage_class.clone())
+            .body(ByteStream::from(data));
+        if self.checksums == ChecksumMode::Always {
+            req = req.checksum_algorithm(ChecksumAlgorithm::Sha256);
+        }
+        req.send().await.map_err(|e| classify("put", &full, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let full = self.full_key(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| classify("get", &full, e))?;
+        let body = out.body.collect().await.map_err(|e| {
+            StoreError::transient("get", &full, DisplayErrorContext(&e).to_string())
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    async fn open(&self, key: &str) -> Result<ObjectReader, StoreError> {
+        let full = self.full_key(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| classify("open", &full, e))?;
+        Ok(Box::pin(out.body.into_async_read()))
+    }
+
+    async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let full = self.full_key(key);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out.content_length.unwrap_or(0).max(0) as u64)),
+            Err(e) => match classify("head", &full, e) {
+                StoreError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let full = self.full_key(prefix);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("list", &full, e))?;
+            for o in page.contents() {
+                if let Some(k) = o.key() {
+                    out.push(ObjectInfo {
+                        key: self.relative(k).to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let full = self.full_key(key);
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match classify("delete", &full, e) {
+                StoreError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn start_upload(&self, key: &str) -> Result<Arc<dyn Upload>, StoreError> {
+        let full = self.full_key(key);
+        let mut req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .set_storage_class(self.storage_class.clone());
+        if self.checksums == ChecksumMode::Always {
+            req = req.checksum_algorithm(ChecksumAlgorithm::Sha256);
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify("create multipart upload", &full, e))?;
+        let upload_id = out.upload_id().map(str::to_string).ok_or_else(|| {
+            StoreError::permanent(
+                "create multipart upload",
+                &full,
+                "the server returned no upload id",
+            )
+        })?;
+        Ok(Arc::new(S3Upload {
+            store: self.clone(),
+            key: full,
+            upload_id,
+            parts: Mutex::new(Vec::new()),
+        }))
+    }
+
+    async fn pending_uploads(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let prefix = self.full_key("");
+        let out = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .send()
+            .await
+            .map_err(|e| classify("list multipart uploads", &prefix, e))?;
+        Ok(out
+            .uploads()
+            .iter()
+            .filter_map(|u| {
+                Some((
+                    self.relative(u.key()?).to_string(),
+                    u.upload_id()?.to_string(),
+                ))
+            })
+            .collect())
+    }
+}
+
+/// A multipart upload in progress.
+#[derive(Debug)]
+struct S3Upload {
+    store: S3Store,
+    key: String,
+    upload_id: String,
+    parts: Mutex<Vec<CompletedPart>>,
+}
+
+#[async_trait]
+impl Upload for S3Upload {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    async fn put_part(&self, number: u32, _offset: u64, data: Bytes) -> Result<(), StoreError> {
+        let checksum = self.store.sha256_b64(&data);
+        let out = self
+            .store
+            .client
+            .upload_part()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .part_number(number as i32)
+            .set_checksum_sha256(checksum.clone())
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| classify("upload part", &self.key, e))?;
+        let part = CompletedPart::builder()
+            .part_number(number as i32)
+            .set_e_tag(out.e_tag().map(str::to_string))
+            .set_checksum_sha256(checksum)
+            .build();
+        self.parts
+            .lock()
+            .map_err(|_| StoreError::permanent("upload part", &self.key, "part list poisoned"))?
+            .push(part);
+        Ok(())
+    }
+
+    async fn complete(&self) -> Result<(), StoreError> {
+        let mut parts = self
+            .parts
+            .lock()
+            .map_err(|_| StoreError::permanent("complete upload", &self.key, "part list poisoned"))?
+            .clone();
+        parts.sort_by_key(|p| p.part_number());
+        self.store
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify("complete multipart upload", &self.key, e))?;
+        Ok(())
+    }
+
+    async fn abort(&self) -> Result<(), StoreError> {
+        match self
+            .store
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match classify("abort multipart upload", &self.key, e) {
+                StoreError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
