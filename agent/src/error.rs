@@ -82,6 +82,14 @@ impl Error {
         self
     }
 
+    /// Sets the hint only if there is none yet.
+    pub fn with_default_hint(mut self, hint: impl Into<String>) -> Self {
+        if self.hint.is_none() {
+            self.hint = Some(hint.into());
+        }
+        self
+    }
+
     /// Puts context (such as `source app-db`) in front of the message.
     pub fn context(mut self, context: impl fmt::Display) -> Self {
         self.message = format!("{context}: {}", self.message);

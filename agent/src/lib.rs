@@ -5,10 +5,13 @@
 //! source → [`pipeline`] (SHA-256 → zstd → age → SHA-256) → [`store`], with the manifest written last
 //! by [`job`]; see ARCHITECTURE.md.
 
+pub mod check;
 pub mod error;
+pub mod job;
 pub mod pipeline;
 pub mod policy;
 pub mod repo;
+pub mod source;
 pub mod store;
 
 pub use error::{Error, ErrorKind, Result};

@@ -1,1 +1,7 @@
-fn main() {}
+//! The `lifeboat` binary: parse, call the library, print, map errors to exit codes.
+
+mod cli;
+
+fn main() {
+    std::process::exit(cli::main());
+}

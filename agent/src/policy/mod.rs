@@ -259,9 +259,15 @@ fn interpolate_value(
         toml::Value::String(s) => match env::interpolate(s, lookup, allow_missing) {
             Ok((out, missing)) => {
                 *s = out;
+                if !missing.is_empty() {
+                    problems.unresolved(path);
+                }
                 missing_env.extend(missing);
             }
-            Err(e) => problems.add(path, e.to_string()),
+            Err(e) => {
+                problems.add(path, e.to_string());
+                problems.unresolved(path);
+            }
         },
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {

@@ -23,15 +23,25 @@ pub struct Problem {
 
 /// Collects problems while validating.
 #[derive(Debug, Default)]
-pub struct Problems(pub Vec<Problem>);
+pub struct Problems(pub Vec<Problem>, pub std::collections::HashSet<String>);
 
 impl Problems {
-    /// Records a problem at `path`.
+    /// Records a problem at `path`, unless the field's value could not be resolved (a missing
+    /// `${VAR}`, already reported or allowed): its text says nothing about the real value.
     pub fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        if self.1.contains(&path) {
+            return;
+        }
         self.0.push(Problem {
-            path: path.into(),
+            path,
             message: message.into(),
         });
+    }
+
+    /// Marks a field whose value is unresolved; later problems at that path are not reported.
+    pub fn unresolved(&mut self, path: &str) {
+        self.1.insert(path.to_string());
     }
 }
 

@@ -1,0 +1,179 @@
+//! `lifeboat check`: every manifest against the objects it names; with `read_data`, every stored
+//! byte re-hashed against the manifest's SHA-256.
+//!
+//! A check never stops at the first problem: it reports every damaged backup, each with the object
+//! key, so an operator knows which backups are still good to restore.
+
+use std::collections::BTreeSet;
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::{layout, Repository};
+
+/// One problem found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// Source name.
+    pub source: String,
+    /// Backup id.
+    pub backup: String,
+    /// Object key.
+    pub object: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// What a check found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CheckReport {
+    /// Backups whose manifest was read.
+    pub backups: usize,
+    /// Objects checked.
+    pub objects: usize,
+    /// Stored bytes re-hashed.
+    pub bytes_read: u64,
+    /// Damaged objects and manifests.
+    pub problems: Vec<Problem>,
+    /// Backup directories without a manifest (interrupted runs; invisible, swept by prune).
+    pub incomplete: Vec<String>,
+    /// Unfinished multipart uploads.
+    pub pending_uploads: Vec<String>,
+}
+
+impl CheckReport {
+    /// Exit 13 naming the damaged objects, if there are any.
+    pub fn into_result(self) -> Result<CheckReport> {
+        if self.problems.is_empty() {
+            return Ok(self);
+        }
+        let list: Vec<String> = self
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.object, p.detail))
+            .collect();
+        Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "{} problem{} in the repository:\n  {}",
+                list.len(),
+                if list.len() == 1 { "" } else { "s" },
+                list.join("\n  ")
+            ),
+        )
+        .hint("restore from a backup not listed here, and find out what damaged the storage (RUNBOOK.md#integrity-failure)"))
+    }
+}
+
+/// Checks the backups of `source` (or all). `read_data` re-hashes every stored byte.
+pub async fn check(repo: &Repository, source: Option<&str>, read_data: bool) -> Result<CheckReport> {
+    let prefix = source
+        .map(layout::source_prefix)
+        .unwrap_or_else(layout::backups_prefix);
+    let objects = repo
+        .store
+        .list(&prefix)
+        .await
+        .map_err(|e| Error::from(e).context("listing backups"))?;
+    let mut dirs: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut with_manifest: BTreeSet<(String, String)> = BTreeSet::new();
+    for o in &objects {
+        if let Some((s, id, name)) = layout::parse_backup_key(&o.key) {
+            dirs.insert((s.to_string(), id.to_string()));
+            if name == layout::MANIFEST {
+                with_manifest.insert((s.to_string(), id.to_string()));
+            }
+        }
+    }
+    let mut report = CheckReport::default();
+    for (s, id) in &dirs {
+        if !with_manifest.contains(&(s.clone(), id.clone())) {
+            report.incomplete.push(layout::backup_prefix(s, id));
+            continue;
+        }
+        let manifest = match repo.manifest(s, id).await {
+            Ok(m) => m,
+            Err(e) if e.kind == ErrorKind::Integrity => {
+                report.problems.push(Problem {
+                    source: s.clone(),
+                    backup: id.clone(),
+                    object: layout::manifest(s, id),
+                    detail: e.message,
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        report.backups += 1;
+        for (name, size, sha) in manifest.objects() {
+            let key = layout::backup_object(s, id, name);
+            report.objects += 1;
+            let problem = |detail: String| Problem {
+                source: s.clone(),
+                backup: id.clone(),
+                object: key.clone(),
+                detail,
+            };
+            match repo.store.size(&key).await.map_err(Error::from)? {
+                None => {
+                    report.problems.push(problem("missing".into()));
+                    continue;
+                }
+                Some(n) if n != size => {
+                    report
+                        .problems
+                        .push(problem(format!("size {n} bytes, the manifest says {size}")));
+                    continue;
+                }
+                Some(_) => {}
+            }
+            if read_data {
+                let (n, digest) = hash_object(repo, &key).await?;
+                report.bytes_read += n;
+                if digest != sha {
+                    report
+                        .problems
+                        .push(problem(format!("SHA-256 {digest}, the manifest says {sha}")));
+                } else if n != size {
+                    report
+                        .problems
+                        .push(problem(format!("read {n} bytes, the manifest says {size}")));
+                }
+            }
+        }
+    }
+    report.pending_uploads = repo
+        .store
+        .pending_uploads()
+        .await
+        .map_err(|e| Error::from(e).context("listing unfinished uploads"))?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    Ok(report)
+}
+
+/// Streams an object and returns its size and SHA-256.
+pub async fn hash_object(repo: &Repository, key: &str) -> Result<(u64, String)> {
+    let mut r = repo
+        .store
+        .open(key)
+        .await
+        .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut n = 0u64;
+    loop {
+        let got = r
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::failed(format!("reading {key}: {e}")))?;
+        if got == 0 {
+            break;
+        }
+        hasher.update(&buf[..got]);
+        n += got as u64;
+    }
+    Ok((n, hex::encode(hasher.finalize())))
+}

@@ -1,0 +1,156 @@
+//! The operator's interface (DESIGN.md "The operator's interface"). Parses arguments, calls the
+//! library, prints results (`--json`: one document on stdout; human text otherwise), and maps every
+//! error to its documented exit code.
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use lifeboat::policy::LogFormat;
+use lifeboat::{Error, ErrorKind};
+use tokio_util::sync::CancellationToken;
+
+/// Streamed, encrypted, verified backups of PostgreSQL (and soon Redis and object storage).
+#[derive(Debug, Parser)]
+#[command(name = "lifeboat", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormatArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Take one backup now of every source (or of those named).
+    Backup {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// Only these sources (repeatable).
+        #[arg(long, short = 's')]
+        source: Vec<String>,
+    },
+    /// List backups, newest first.
+    List {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// Only this source.
+        #[arg(long, short = 's')]
+        source: Option<String>,
+        /// One JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check manifests against stored objects; --read-data re-hashes every stored byte.
+    Check {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// Only this source.
+        #[arg(long, short = 's')]
+        source: Option<String>,
+        /// Download and re-hash every object.
+        #[arg(long)]
+        read_data: bool,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Policy file tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Print a new age identity on stdout and its recipient on stderr.
+    Keygen,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files; exit 2 listing every problem with its field path.
+    Check {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Treat missing ${VAR}s as empty (for policies whose secrets exist only where they run).
+        #[arg(long)]
+        allow_missing_env: bool,
+    },
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_tracing(match cli.log_format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let cancel = CancellationToken::new();
+    let result = runtime.block_on(async {
+        let on_signal = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::warn!("Interrupted: stopping at a safe point");
+                on_signal.cancel();
+            }
+        });
+        commands::run(cli.command, cancel.clone()).await
+    });
+    // Let aborts and deletes in flight finish, but never hang on exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            report(&e);
+            e.kind.exit_code()
+        }
+    }
+}
+
+fn report(e: &Error) {
+    let label = match e.kind {
+        ErrorKind::Partial => "partial failure",
+        ErrorKind::Interrupted => "interrupted",
+        _ => "error",
+    };
+    eprintln!("{label}: {e}");
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}

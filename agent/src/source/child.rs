@@ -1,0 +1,133 @@
+//! Running a dump tool as a child process: stream its stdout, drain its stderr at the same time,
+//! and turn a non-zero exit into an error that carries the tail of stderr.
+//!
+//! Secrets never go on the command line (it is visible in `ps`); callers pass them through the
+//! environment or a 0600 file. The child is killed if the run is dropped or cancelled.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{ChildStdout, Command};
+
+use crate::error::{Error, Result};
+
+/// Bytes of stderr kept for error messages.
+const STDERR_TAIL: usize = 4096;
+
+/// A running child: its stdout, and a future that resolves to its verdict once it has exited.
+pub struct Running {
+    /// The child's standard output.
+    pub stdout: ChildStdout,
+    /// Resolves to `Ok` only if the child exited 0.
+    pub verdict: std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>,
+}
+
+/// Starts `program` with `args` and extra environment `env`; `what` names it in errors.
+pub fn spawn(
+    program: &Path,
+    args: &[OsString],
+    env: &[(String, OsString)],
+    what: String,
+) -> Result<Running> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::failed(format!("cannot start {} ({what}): {e}", program.display()))
+            .hint("install the PostgreSQL client tools, or set pg_bin_dir in the source (RUNBOOK.md#tools-missing)")
+    })?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::failed(format!("{what}: no stdout pipe")))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| Error::failed(format!("{what}: no stderr pipe")))?;
+    let drain = tokio::spawn(async move {
+        let mut tail: VecDeque<u8> = VecDeque::with_capacity(STDERR_TAIL);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            for &b in &buf[..n] {
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(b);
+            }
+        }
+        String::from_utf8_lossy(&tail.into_iter().collect::<Vec<_>>()).into_owned()
+    });
+    let verdict = Box::pin(async move {
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| Error::failed(format!("{what}: waiting for it failed: {e}")))?;
+        let tail = drain.await.unwrap_or_default();
+        if status.success() {
+            if !tail.trim().is_empty() {
+                tracing::debug!(tool = %what, stderr = %tail.trim(), "Child wrote to stderr");
+            }
+            Ok(())
+        } else {
+            let code = status
+                .code()
+                .map(|c| format!("exit status {c}"))
+                .unwrap_or_else(|| "killed by a signal".to_string());
+            Err(Error::failed(format!("{what} failed ({code}): {}", tail.trim())))
+        }
+    });
+    Ok(Running { stdout, verdict })
+}
+
+/// Runs a tool to completion and returns its stdout (for `--version` and similar).
+pub async fn output(program: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| Error::failed(format!("cannot run {}: {e}", program.display())))?;
+    if !out.status.success() {
+        return Err(Error::failed(format!(
+            "{} {} failed: {}",
+            program.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn non_zero_exit_carries_the_stderr_tail() {
+        let args: Vec<OsString> = vec!["-c".into(), "echo partial; echo 'pg_dump: error: boom' >&2; exit 3".into()];
+        let mut r = spawn(Path::new("/bin/sh"), &args, &[], "pg_dump".into()).unwrap();
+        let mut out = String::new();
+        r.stdout.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "partial\n");
+        let e = r.verdict.await.unwrap_err();
+        assert_eq!(e.message, "pg_dump failed (exit status 3): pg_dump: error: boom");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_says_what_to_install() {
+        let e = spawn(Path::new("/nonexistent/pg_dump"), &[], &[], "pg_dump".into()).err().unwrap();
+        assert!(e.message.contains("cannot start /nonexistent/pg_dump"), "{e}");
+        assert!(e.hint.unwrap().contains("pg_bin_dir"));
+    }
+}

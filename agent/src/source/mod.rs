@@ -1,0 +1,64 @@
+//! Sources: one trait, one file per kind, and the registry that maps a policy's kind to its code.
+//!
+//! A source turns a live system into one or more plaintext streams that the pipeline stores, plus
+//! a fingerprint of what those streams hold, taken at the same instant. The job writes the manifest
+//! only after every stream a source produced is stored.
+
+pub mod child;
+pub mod pgdump;
+pub mod postgres;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::pipeline::PipelineConfig;
+use crate::policy::{SourceConfig, SourcePolicy};
+use crate::repo::manifest::Part;
+use crate::store::ObjectStore;
+
+/// What a source needs to store a backup.
+#[derive(Debug, Clone)]
+pub struct BackupContext {
+    /// The repository's store.
+    pub store: Arc<dyn ObjectStore>,
+    /// Pipeline settings.
+    pub pipeline: PipelineConfig,
+    /// Source name.
+    pub source: String,
+    /// Backup id.
+    pub id: String,
+    /// Fires on timeout, shutdown or Ctrl-C.
+    pub cancel: CancellationToken,
+}
+
+/// What a source stored.
+#[derive(Debug, Clone)]
+pub struct SourceBackup {
+    /// The data objects, already stored.
+    pub parts: Vec<Part>,
+    /// What the verifier must find after a restore (stored encrypted).
+    pub fingerprint: serde_json::Value,
+    /// The server's version.
+    pub source_version: Option<String>,
+    /// The dump tool's version.
+    pub dump_tool_version: Option<String>,
+}
+
+/// A kind of source.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// Checks that the source is reachable and usable the way a backup would use it.
+    async fn probe(&self) -> Result<()>;
+    /// Streams a backup into the store; publishes nothing visible (the job writes the manifest).
+    async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup>;
+}
+
+/// The registry: the code for a policy's source.
+pub fn from_policy(policy: &SourcePolicy) -> Box<dyn Source> {
+    match &policy.config {
+        SourceConfig::Postgres(pg) => Box::new(postgres::Postgres::new(pg.clone())),
+    }
+}

@@ -1,0 +1,424 @@
+//! PostgreSQL sources: `pg_dump` of an exported snapshot, with the fingerprint taken from the same
+//! snapshot, plus `pg_dumpall --globals-only`.
+//!
+//! A tokio-postgres connection opens a REPEATABLE READ, READ ONLY transaction and exports its
+//! snapshot; `pg_dump --snapshot` dumps exactly that state while the transaction stays open. Row
+//! counts and content hashes come from the dump stream itself ([`super::pgdump`]), schema object
+//! counts from catalog queries inside the snapshot, so the fingerprint adds no table scans.
+//! Passwords reach pg_dump through a 0600 passfile named by PGPASSFILE, never argv or logs.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::{Client, NoTls};
+
+use super::child;
+use super::pgdump::DumpFingerprinter;
+use super::{BackupContext, Source, SourceBackup};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::{self, NoObserver};
+use crate::policy::{PostgresConfig, Secret};
+use crate::repo::layout;
+use crate::repo::manifest::Part;
+
+/// Object name of the database dump.
+pub const DUMP_OBJECT: &str = "database.dump.zst.age";
+/// Object name of the globals dump.
+pub const GLOBALS_OBJECT: &str = "globals.sql.zst.age";
+
+/// Counts of schema objects, inside the snapshot.
+const OBJECT_COUNTS: &str = r#"
+with user_ns as (
+  select oid from pg_namespace
+  where nspname not in ('pg_catalog', 'information_schema')
+    and nspname not like 'pg_toast%' and nspname not like 'pg_temp%'
+)
+select
+  (select count(*) from pg_class where relnamespace in (select oid from user_ns) and relkind in ('r', 'p')) as tables,
+  (select count(*) from pg_class where relnamespace in (select oid from user_ns) and relkind = 'v') as views,
+  (select count(*) from pg_class where relnamespace in (select oid from user_ns) and relkind = 'm') as materialized_views,
+  (select count(*) from pg_class where relnamespace in (select oid from user_ns) and relkind in ('i', 'I')) as indexes,
+  (select count(*) from pg_class where relnamespace in (select oid from user_ns) and relkind = 'S') as sequences,
+  (select count(*) from pg_proc where pronamespace in (select oid from user_ns)) as functions,
+  (select count(*) from pg_trigger t join pg_class c on c.oid = t.tgrelid
+     where not t.tgisinternal and c.relnamespace in (select oid from user_ns)) as triggers,
+  (select count(*) from pg_policy) as policies,
+  (select count(*) from pg_extension) as extensions,
+  (select count(*) from pg_largeobject_metadata) as large_objects
+"#;
+
+const OBJECT_COUNT_NAMES: &[&str] = &[
+    "tables",
+    "views",
+    "materialized_views",
+    "indexes",
+    "sequences",
+    "functions",
+    "triggers",
+    "policies",
+    "extensions",
+    "large_objects",
+];
+
+/// A PostgreSQL source.
+#[derive(Debug, Clone)]
+pub struct Postgres {
+    cfg: PostgresConfig,
+}
+
+struct Connected {
+    client: Client,
+    config: tokio_postgres::Config,
+    password: Option<Secret>,
+    server_major: u32,
+    server_version: String,
+}
+
+impl Postgres {
+    /// The source for `cfg`.
+    pub fn new(cfg: PostgresConfig) -> Self {
+        Postgres { cfg }
+    }
+
+    fn where_(&self) -> String {
+        format!("PostgreSQL at {}", self.cfg.url_redacted)
+    }
+
+    async fn connect(&self) -> Result<Connected> {
+        let mut config = tokio_postgres::Config::from_str(self.cfg.url.expose()).map_err(|e| {
+            Error::new(ErrorKind::Invalid, format!("{}: invalid connection string: {e}", self.where_()))
+        })?;
+        if let Some(file) = &self.cfg.password_file {
+            let pw = std::fs::read_to_string(file).map_err(|e| {
+                Error::new(
+                    ErrorKind::Credential,
+                    format!("cannot read password_file {}: {e}", file.display()),
+                )
+                .hint("mount the secret at that path or fix password_file")
+            })?;
+            config.password(pw.trim_end_matches(['\n', '\r']));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("lifeboat");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        let password = config
+            .get_password()
+            .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
+        let (client, connection) = config.connect(NoTls).await.map_err(|e| self.connect_error(e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "PostgreSQL connection ended");
+            }
+        });
+        let row = client
+            .query_one("select current_setting('server_version_num')::int, current_setting('server_version')", &[])
+            .await
+            .map_err(|e| self.query_error("reading the server version", e))?;
+        let num: i32 = row.get(0);
+        Ok(Connected {
+            client,
+            config,
+            password,
+            server_major: (num / 10000) as u32,
+            server_version: row.get(1),
+        })
+    }
+
+    fn connect_error(&self, e: tokio_postgres::Error) -> Error {
+        let code = e.as_db_error().map(|d| d.code().code().to_string());
+        let detail = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| {
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(inner) = src {
+                    s.push_str(&format!(": {inner}"));
+                    src = inner.source();
+                }
+                s
+            });
+        let message = format!("cannot connect to {}: {detail}", self.where_());
+        match code.as_deref() {
+            Some("28P01") | Some("28000") => Error::new(ErrorKind::Credential, message)
+                .hint("check the user and password (password_file or ${VAR} in url) and pg_hba.conf (RUNBOOK.md#source-unreachable)"),
+            Some("3D000") => Error::failed(message).hint("the database does not exist: fix the url's /DBNAME"),
+            _ => Error::failed(message).hint("is the server up and reachable from here? check the url's host and port (RUNBOOK.md#source-unreachable)"),
+        }
+    }
+
+    fn query_error(&self, what: &str, e: tokio_postgres::Error) -> Error {
+        let detail = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string());
+        Error::failed(format!("{}: {what} failed: {detail}", self.where_()))
+    }
+
+    /// Finds `tool` (pg_dump, pg_dumpall) no older than the server, and returns it with its version.
+    async fn find_tool(&self, tool: &str, server_major: u32) -> Result<(PathBuf, String)> {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(dir) = &self.cfg.bin_dir {
+            candidates.push(dir.join(tool));
+        } else {
+            let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let major = e.file_name().to_str()?.parse::<u32>().ok()?;
+                    Some((major, e.path().join("bin").join(tool)))
+                })
+                .collect();
+            versioned.sort_by(|a, b| b.0.cmp(&a.0));
+            candidates.extend(versioned.into_iter().map(|(_, p)| p));
+            if let Ok(out) = child::output(Path::new("pg_config"), &["--bindir"]).await {
+                candidates.push(PathBuf::from(out.trim()).join(tool));
+            }
+            candidates.push(PathBuf::from(tool));
+        }
+        let mut last_err = None;
+        for path in candidates {
+            if path.components().count() > 1 && !path.exists() {
+                continue;
+            }
+            match child::output(&path, &["--version"]).await {
+                Ok(v) => {
+                    let version = v.trim().to_string();
+                    let major = tool_major(&version).unwrap_or(0);
+                    if major < server_major {
+                        return Err(Error::failed(format!(
+                            "{} is version {major}, older than the server ({server_major}) at {}",
+                            path.display(),
+                            self.cfg.url_redacted
+                        ))
+                        .hint(format!(
+                            "install postgresql-client-{server_major} or newer, or set pg_bin_dir to its bin directory"
+                        )));
+                    }
+                    return Ok((path, version));
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(Error::failed(format!(
+            "no {tool} found for the server at {}{}",
+            self.cfg.url_redacted,
+            last_err.map(|e| format!(" ({})", e.message)).unwrap_or_default()
+        ))
+        .hint(format!(
+            "install postgresql-client-{server_major} or set pg_bin_dir (RUNBOOK.md#tools-missing)"
+        )))
+    }
+
+    /// libpq environment for a child, and the passfile holding the password (kept until the child is done).
+    fn child_env(
+        &self,
+        c: &Connected,
+    ) -> Result<(Vec<(String, OsString)>, Option<tempfile::NamedTempFile>)> {
+        let cfg = &c.config;
+        let mut env: Vec<(String, OsString)> = Vec::new();
+        let hosts: Vec<String> = cfg
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                Host::Tcp(s) => s.clone(),
+                Host::Unix(p) => p.display().to_string(),
+            })
+            .collect();
+        if !hosts.is_empty() {
+            env.push(("PGHOST".into(), hosts.join(",").into()));
+        }
+        let ports: Vec<String> = cfg.get_ports().iter().map(|p| p.to_string()).collect();
+        if !ports.is_empty() {
+            env.push(("PGPORT".into(), ports.join(",").into()));
+        }
+        if let Some(u) = cfg.get_user() {
+            env.push(("PGUSER".into(), u.into()));
+        }
+        if let Some(d) = cfg.get_dbname() {
+            env.push(("PGDATABASE".into(), d.into()));
+        }
+        let sslmode = match cfg.get_ssl_mode() {
+            SslMode::Disable => "disable",
+            SslMode::Require => "require",
+            _ => "prefer",
+        };
+        env.push(("PGSSLMODE".into(), sslmode.into()));
+        env.push(("PGAPPNAME".into(), "lifeboat".into()));
+        env.push(("PGCONNECT_TIMEOUT".into(), "10".into()));
+        let passfile = match &c.password {
+            None => None,
+            Some(pw) => {
+                // tempfile creates the file with mode 0600.
+                let mut f = tempfile::Builder::new()
+                    .prefix("lifeboat-pgpass-")
+                    .tempfile()
+                    .map_err(|e| Error::failed(format!("cannot create a passfile: {e}")))?;
+                let escaped = pw.expose().replace('\\', "\\\\").replace(':', "\\:");
+                writeln!(f, "*:*:*:*:{escaped}")
+                    .and_then(|_| f.flush())
+                    .map_err(|e| Error::failed(format!("cannot write the passfile: {e}")))?;
+                env.push(("PGPASSFILE".into(), f.path().as_os_str().to_owned()));
+                Some(f)
+            }
+        };
+        Ok((env, passfile))
+    }
+}
+
+fn tool_major(version: &str) -> Option<u32> {
+    // "pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+    let after = version.split(") ").nth(1)?;
+    after
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn part(name: &str, role: &str, format: &str, d: &pipeline::Digests) -> Part {
+    Part {
+        name: name.to_string(),
+        role: role.to_string(),
+        format: format.to_string(),
+        size_plain: d.size_plain,
+        sha256_plain: d.sha256_plain.clone(),
+        size_stored: d.size_stored,
+        sha256_stored: d.sha256_stored.clone(),
+    }
+}
+
+#[async_trait]
+impl Source for Postgres {
+    async fn probe(&self) -> Result<()> {
+        let c = self.connect().await?;
+        self.find_tool("pg_dump", c.server_major).await?;
+        if self.cfg.globals {
+            self.find_tool("pg_dumpall", c.server_major).await?;
+        }
+        Ok(())
+    }
+
+    async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
+        let c = self.connect().await?;
+        let (pg_dump, dump_version) = self.find_tool("pg_dump", c.server_major).await?;
+        let pg_dumpall = match self.cfg.globals {
+            true => Some(self.find_tool("pg_dumpall", c.server_major).await?.0),
+            false => None,
+        };
+        c.client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(|e| self.query_error("opening the snapshot transaction", e))?;
+        let snapshot: String = c
+            .client
+            .query_one("select pg_export_snapshot()", &[])
+            .await
+            .map_err(|e| self.query_error("exporting the snapshot", e))?
+            .get(0);
+        let counts_row = c
+            .client
+            .query_one(OBJECT_COUNTS, &[])
+            .await
+            .map_err(|e| self.query_error("counting schema objects", e))?;
+        let objects: serde_json::Map<String, serde_json::Value> = OBJECT_COUNT_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.to_string(), json!(counts_row.get::<_, i64>(i))))
+            .collect();
+
+        let (env, _passfile) = self.child_env(&c)?;
+        tracing::info!(source = %ctx.source, backup = %ctx.id, tool = %pg_dump.display(), "Dumping database");
+        let args: Vec<OsString> = vec![
+            format!("--snapshot={snapshot}").into(),
+            "--format=custom".into(),
+            "--compress=0".into(),
+            "--no-sync".into(),
+        ];
+        let running = child::spawn(&pg_dump, &args, &env, "pg_dump".into())?;
+        let key = layout::backup_object(&ctx.source, &ctx.id, DUMP_OBJECT);
+        let (digests, fingerprinter) = pipeline::run(
+            running.stdout,
+            running.verdict,
+            DumpFingerprinter::new(self.cfg.fingerprint),
+            ctx.store.clone(),
+            key,
+            &ctx.pipeline,
+            ctx.cancel.clone(),
+        )
+        .await
+        .map_err(|e| Error::from(e).context("pg_dump"))?;
+        // The dump is complete; the snapshot may go.
+        c.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| self.query_error("closing the snapshot transaction", e))?;
+        let mut parts = vec![part(DUMP_OBJECT, "database", "pg_dump-custom", &digests)];
+
+        if let Some(pg_dumpall) = pg_dumpall {
+            let mut args: Vec<OsString> = vec!["--globals-only".into(), "--no-role-passwords".into()];
+            if let Some(db) = c.config.get_dbname() {
+                args.push(format!("--database={db}").into());
+            }
+            let running = child::spawn(&pg_dumpall, &args, &env, "pg_dumpall --globals-only".into())?;
+            let key = layout::backup_object(&ctx.source, &ctx.id, GLOBALS_OBJECT);
+            let (d, _) = pipeline::run(
+                running.stdout,
+                running.verdict,
+                NoObserver,
+                ctx.store.clone(),
+                key,
+                &ctx.pipeline,
+                ctx.cancel.clone(),
+            )
+            .await
+            .map_err(|e| {
+                Error::from(e)
+                    .context("pg_dumpall")
+                    .hint("the role needs to read pg_roles; or set globals = false for this source")
+            })?;
+            parts.push(part(GLOBALS_OBJECT, "globals", "sql", &d));
+        }
+
+        let summary = fingerprinter.finish();
+        if let Some(err) = &summary.error {
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, error = %err, "Dump stored, but its content fingerprint is incomplete");
+        }
+        let fingerprint = json!({
+            "format": 1,
+            "kind": "postgres",
+            "mode": self.cfg.fingerprint,
+            "database": c.config.get_dbname(),
+            "server_version": c.server_version,
+            "objects": objects,
+            "dump": summary,
+        });
+        Ok(SourceBackup {
+            parts,
+            fingerprint,
+            source_version: Some(format!("PostgreSQL {}", c.server_version)),
+            dump_tool_version: Some(dump_version),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_versions_parse() {
+        assert_eq!(tool_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"), Some(15));
+        assert_eq!(tool_major("pg_dumpall (PostgreSQL) 17.2"), Some(17));
+        assert_eq!(tool_major("garbage"), None);
+    }
+}
