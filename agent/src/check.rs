@@ -67,7 +67,11 @@ impl CheckReport {
 }
 
 /// Checks the backups of `source` (or all). `read_data` re-hashes every stored byte.
-pub async fn check(repo: &Repository, source: Option<&str>, read_data: bool) -> Result<CheckReport> {
+pub async fn check(
+    repo: &Repository,
+    source: Option<&str>,
+    read_data: bool,
+) -> Result<CheckReport> {
     let prefix = source
         .map(layout::source_prefix)
         .unwrap_or_else(layout::backups_prefix);
@@ -132,9 +136,9 @@ pub async fn check(repo: &Repository, source: Option<&str>, read_data: bool) -> 
                 let (n, digest) = hash_object(repo, &key).await?;
                 report.bytes_read += n;
                 if digest != sha {
-                    report
-                        .problems
-                        .push(problem(format!("SHA-256 {digest}, the manifest says {sha}")));
+                    report.problems.push(problem(format!(
+                        "SHA-256 {digest}, the manifest says {sha}"
+                    )));
                 } else if n != size {
                     report
                         .problems

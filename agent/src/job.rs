@@ -106,7 +106,10 @@ async fn publish(
         sha256_stored: hex::encode(Sha256::digest(&fp)),
     };
     repo.store
-        .put(&layout::backup_object(name, id, layout::FINGERPRINT), Bytes::from(fp))
+        .put(
+            &layout::backup_object(name, id, layout::FINGERPRINT),
+            Bytes::from(fp),
+        )
         .await
         .map_err(|e| Error::from(e).context("storing the fingerprint"))?;
     let manifest = Manifest {
@@ -153,6 +156,8 @@ async fn discard(repo: &Repository, source: &str, id: &str) {
                 }
             }
         }
-        Err(e) => tracing::debug!(prefix = %prefix, error = %e, "Could not list a failed run's objects"),
+        Err(e) => {
+            tracing::debug!(prefix = %prefix, error = %e, "Could not list a failed run's objects")
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod job;
 pub mod pipeline;
 pub mod policy;
 pub mod repo;
+pub mod restore;
 pub mod source;
 pub mod store;
 

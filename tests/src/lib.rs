@@ -1,1 +1,506 @@
+//! The test harness: real servers on random ports, each in its own temp dir, torn down with the
+//! test process.
+//!
+//! PostgreSQL (initdb + postgres, as the `postgres` OS user when run as root) and moto's S3 server
+//! start once per test binary. Each runs under a small `sh` guard whose stdin is a pipe from this
+//! process: when the test process exits, for any reason, the pipe closes and the guard stops the
+//! server and removes its directory. A missing component fails loudly with what to install.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// A random lowercase suffix.
+pub fn suffix() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs `cmd` under a guard that stops it and removes `dir` when this process exits.
+fn guarded(dir: &Path, cmd: &[String], log: &Path) -> Child {
+    let script = r#"dir=$1; log=$2; shift 2; "$@" >"$log" 2>&1 & pid=$!; read _; kill -INT $pid 2>/dev/null; wait $pid; rm -rf "$dir""#;
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("guard")
+        .arg(dir)
+        .arg(log)
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .current_dir("/")
+        .spawn()
+        .expect("cannot start the server guard (sh)")
+}
+
+fn wait_for_port(port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    panic!("{what} did not start listening on port {port} within 60s; its log:\n{log}");
+}
+
+/// A throwaway PostgreSQL cluster.
+pub struct Postgres {
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// The superuser's password (TCP connections need it: scram-sha-256).
+    pub password: String,
+    /// Server binaries.
+    pub bin: PathBuf,
+    /// The cluster's directory (socket, data, log).
+    pub dir: PathBuf,
+    _guard: Child,
+}
+
+static POSTGRES: OnceLock<Postgres> = OnceLock::new();
+
+/// The PostgreSQL binaries directory: `LIFEBOAT_PG_BIN`, else `pg_config --bindir`.
+pub fn pg_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LIFEBOAT_PG_BIN") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().expect(
+        "pg_config not found: install postgresql (scripts/test.sh does) or set LIFEBOAT_PG_BIN",
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The cluster shared by this test binary, started on first use.
+pub fn postgres() -> &'static Postgres {
+    POSTGRES.get_or_init(start_postgres)
+}
+
+fn start_postgres() -> Postgres {
+    let bin = pg_bin();
+    assert!(
+        bin.join("initdb").exists(),
+        "no initdb in {}: install the PostgreSQL server (scripts/test.sh does)",
+        bin.display()
+    );
+    let dir = PathBuf::from(format!("/tmp/lbpg-{}", suffix()));
+    std::fs::create_dir(&dir).expect("cannot create the cluster dir");
+    let password = format!("pw-{}", suffix());
+    std::fs::write(dir.join("pwfile"), format!("{password}\n")).expect("pwfile");
+    let root = is_root();
+    let as_pg = |args: Vec<String>| -> Vec<String> {
+        if root {
+            let mut v: Vec<String> = [
+                "setpriv",
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            v.extend(args);
+            v
+        } else {
+            args
+        }
+    };
+    if root {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "chown of {} to postgres failed", dir.display());
+    }
+    let data = dir.join("data");
+    let initdb = as_pg(vec![
+        bin.join("initdb").display().to_string(),
+        "-D".into(),
+        data.display().to_string(),
+        "-U".into(),
+        "postgres".into(),
+        "--auth-local=trust".into(),
+        "--auth-host=scram-sha-256".into(),
+        format!("--pwfile={}", dir.join("pwfile").display()),
+        "-E".into(),
+        "UTF8".into(),
+        "--locale=C.UTF-8".into(),
+        "--no-sync".into(),
+    ]);
+    let out = Command::new(&initdb[0])
+        .args(&initdb[1..])
+        .current_dir("/")
+        .output()
+        .expect("cannot run initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let server = as_pg(vec![
+        bin.join("postgres").display().to_string(),
+        "-D".into(),
+        data.display().to_string(),
+        "-p".into(),
+        port.to_string(),
+        "-k".into(),
+        dir.display().to_string(),
+        "-c".into(),
+        "listen_addresses=127.0.0.1".into(),
+        "-c".into(),
+        "fsync=off".into(),
+        "-c".into(),
+        "max_connections=50".into(),
+    ]);
+    let log = dir.join("log");
+    let guard = guarded(&dir, &server, &log);
+    wait_for_port(port, "postgres", &log);
+    let pg = Postgres {
+        port,
+        password,
+        bin,
+        dir,
+        _guard: guard,
+    };
+    // Accepting TCP is not yet accepting queries.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = pg.psql_raw("postgres", "select 1");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "postgres never accepted queries: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pg
+}
+
+impl Postgres {
+    /// A URL without the password (give it through `password_file` or PGPASSWORD).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A URL with the password in it.
+    pub fn url_with_password(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{db}",
+            self.password, self.port
+        )
+    }
+
+    fn psql_raw(&self, db: &str, sql: &str) -> std::process::Output {
+        Command::new(self.bin.join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(db)
+            .arg("-c")
+            .arg(sql)
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .expect("cannot run psql")
+    }
+
+    /// Runs SQL and returns psql's unaligned output; panics on error.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = self.psql_raw(db, sql);
+        assert!(
+            out.status.success(),
+            "psql failed on {db}: {}\nSQL: {sql}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Creates a database with a unique name and returns the name.
+    pub fn create_db(&self, prefix: &str) -> String {
+        let name = format!("{prefix}_{}", suffix());
+        self.psql("postgres", &format!("create database {name}"));
+        name
+    }
+
+    /// Writes the password to a file (for `password_file`) and returns its path.
+    pub fn password_file(&self, dir: &Path) -> PathBuf {
+        let p = dir.join("pgpassword");
+        std::fs::write(&p, format!("{}\n", self.password)).expect("write password file");
+        p
+    }
+}
+
+/// moto's S3 server.
+pub struct S3 {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    _guard: Child,
+}
+
+static S3_SERVER: OnceLock<S3> = OnceLock::new();
+
+/// The moto server shared by this test binary, started on first use.
+pub fn s3() -> &'static S3 {
+    S3_SERVER.get_or_init(start_s3)
+}
+
+fn workspace_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn start_s3() -> S3 {
+    let bin = std::env::var("MOTO_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_dir().join("target/moto-venv/bin/moto_server"));
+    assert!(
+        bin.exists(),
+        "moto_server not found at {}: run scripts/test.sh, which installs it, or set MOTO_SERVER",
+        bin.display()
+    );
+    let dir = PathBuf::from(format!("/tmp/lbs3-{}", suffix()));
+    std::fs::create_dir(&dir).expect("cannot create the S3 dir");
+    let port = free_port();
+    let log = dir.join("log");
+    let cmd = vec![
+        bin.display().to_string(),
+        "-H".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    let guard = guarded(&dir, &cmd, &log);
+    wait_for_port(port, "moto_server", &log);
+    // Wait until it answers HTTP.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answered = TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| {
+                s.write_all(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+                let mut buf = [0u8; 12];
+                s.read_exact(&mut buf)?;
+                Ok(buf.starts_with(b"HTTP/"))
+            })
+            .unwrap_or(false);
+        if answered {
+            break;
+        }
+        assert!(Instant::now() < deadline, "moto_server never answered HTTP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s3 = S3 {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        _guard: guard,
+    };
+    // For this process's own inspecting client (the default credential chain reads them). Set once,
+    // inside the one-time initialisation, before any client exists.
+    for (k, v) in s3.env() {
+        std::env::set_var(k, v);
+    }
+    s3
+}
+
+impl S3 {
+    /// Environment for a lifeboat process talking to this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ]
+    }
+
+    /// An S3 client for inspecting what lifeboat wrote.
+    pub async fn client(&self) -> aws_sdk_s3::Client {
+        lifeboat::store::s3::client(&lifeboat::policy::S3Config {
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: Some(self.endpoint.clone()),
+            region: "us-east-1".into(),
+            force_path_style: true,
+            checksums: lifeboat::policy::ChecksumMode::WhenRequired,
+            storage_class: None,
+        })
+        .await
+    }
+
+    /// Creates a bucket with a unique name.
+    pub async fn create_bucket(&self) -> String {
+        let name = format!("lb-{}", suffix());
+        self.client()
+            .await
+            .create_bucket()
+            .bucket(&name)
+            .send()
+            .await
+            .expect("create bucket");
+        name
+    }
+
+    /// Keys under `prefix` in `bucket`.
+    pub async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let out = self
+            .client()
+            .await
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .expect("list objects");
+        out.contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_string))
+            .collect()
+    }
+
+    /// Unfinished multipart uploads in `bucket`.
+    pub async fn pending_uploads(&self, bucket: &str) -> Vec<String> {
+        let out = self
+            .client()
+            .await
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("list multipart uploads");
+        out.uploads()
+            .iter()
+            .filter_map(|u| u.key().map(str::to_string))
+            .collect()
+    }
+}
+
+/// The `lifeboat` binary beside this test executable (built by `cargo build --workspace --bins`).
+pub fn lifeboat_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LIFEBOAT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> → target/debug/lifeboat
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("lifeboat"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// What a lifeboat run printed and how it exited.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs lifeboat with `args` and extra environment, in `cwd`.
+pub fn lifeboat(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Run {
+    let out = Command::new(lifeboat_bin())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("NO_COLOR", "1")
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run lifeboat");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// An age key made with `lifeboat keygen`.
+pub struct Key {
+    /// The identity file.
+    pub identity: PathBuf,
+    /// Its recipient (`age1…`).
+    pub recipient: String,
+}
+
+/// Makes a key in `dir` with `lifeboat keygen`, checking what it prints where.
+pub fn keygen(dir: &Path) -> Key {
+    let r = lifeboat(dir, &["keygen"], &[]);
+    assert_eq!(r.code, 0, "keygen failed: {}", r.stderr);
+    let recipient = r
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Public key: "))
+        .expect("keygen prints the recipient on stderr")
+        .trim()
+        .to_string();
+    assert!(r.stdout.contains("AGE-SECRET-KEY-1"), "identity on stdout");
+    assert!(
+        !r.stderr.contains("AGE-SECRET-KEY"),
+        "the identity never goes to stderr"
+    );
+    let identity = dir.join("key.txt");
+    std::fs::write(&identity, &r.stdout).expect("write key");
+    Key {
+        identity,
+        recipient,
+    }
+}
+
+/// Writes a policy file with one Postgres source and returns its path.
+pub fn write_policy(dir: &Path, repository: &str, recipient: &str, sources: &str) -> PathBuf {
+    let text = format!(
+        "[repository]\n{repository}\n\n[encryption]\nrecipients = [\"{recipient}\"]\n\n[defaults]\nretention = {{ keep_last = 3 }}\ncompression = {{ level = 3, workers = 0 }}\n\n{sources}\n"
+    );
+    let p = dir.join(format!("policy-{}.toml", suffix()));
+    std::fs::write(&p, text).expect("write policy");
+    p
+}

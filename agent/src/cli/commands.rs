@@ -44,7 +44,10 @@ fn select_source(policy: &Policy, name: &str) -> Result<()> {
         let names: Vec<&str> = policy.sources.iter().map(|s| s.name.as_str()).collect();
         return Err(Error::new(
             ErrorKind::Invalid,
-            format!("no source named `{name}` in the policy; it has: {}", names.join(", ")),
+            format!(
+                "no source named `{name}` in the policy; it has: {}",
+                names.join(", ")
+            ),
         ));
     }
     Ok(())
@@ -65,7 +68,10 @@ async fn backup(path: &Path, only: &[String], cancel: CancellationToken) -> Resu
     let mut failures: Vec<Error> = Vec::new();
     for source in &selected {
         if cancel.is_cancelled() {
-            failures.push(Error::new(ErrorKind::Interrupted, format!("source {}: not started", source.name)));
+            failures.push(Error::new(
+                ErrorKind::Interrupted,
+                format!("source {}: not started", source.name),
+            ));
             continue;
         }
         match job::backup(&repo, &policy, source, chrono::Utc::now(), cancel.clone()).await {
@@ -77,18 +83,16 @@ async fn backup(path: &Path, only: &[String], cancel: CancellationToken) -> Resu
                 human_bytes(m.size_stored)
             ),
             Err(e) => {
-                eprintln!("error: {e}");
+                if selected.len() > 1 {
+                    eprintln!("error: {e}");
+                }
                 failures.push(e);
             }
         }
     }
     match failures.len() {
         0 => Ok(()),
-        n if n == selected.len() && n == 1 => {
-            let e = failures.remove(0);
-            // Already printed; exit with its code and a short line.
-            Err(Error::new(e.kind, "the backup failed"))
-        }
+        1 if selected.len() == 1 => Err(failures.remove(0)),
         n if n == selected.len() => {
             let kind = if failures.iter().any(|e| e.kind == ErrorKind::Interrupted) {
                 ErrorKind::Interrupted
@@ -201,7 +205,14 @@ async fn check_cmd(path: &Path, source: Option<&str>, read_data: bool, json: boo
     }
     report.into_result().map(|r| {
         if !json {
-            eprintln!("no problems found{}", if read_data { "" } else { " (sizes only; --read-data re-hashes)" });
+            eprintln!(
+                "no problems found{}",
+                if read_data {
+                    ""
+                } else {
+                    " (sizes only; --read-data re-hashes)"
+                }
+            );
         }
         drop(r)
     })
@@ -217,7 +228,11 @@ fn policy_check(files: &[std::path::PathBuf], allow_missing_env: bool) -> Result
                 } else {
                     format!(" (unset here: {})", p.missing_env.join(", "))
                 };
-                eprintln!("{}: ok, {} source(s){missing}", f.display(), p.sources.len());
+                eprintln!(
+                    "{}: ok, {} source(s){missing}",
+                    f.display(),
+                    p.sources.len()
+                );
             }
             Err(e) => {
                 bad += 1;

@@ -116,10 +116,23 @@ pub fn main() -> i32 {
     let result = runtime.block_on(async {
         let on_signal = cancel.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!("Interrupted: stopping at a safe point");
-                on_signal.cancel();
+            let mut term = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::terminate(),
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot watch SIGTERM; only Ctrl-C stops cleanly");
+                    let _ = tokio::signal::ctrl_c().await;
+                    on_signal.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
+            tracing::warn!("Interrupted: stopping at a safe point");
+            on_signal.cancel();
         });
         commands::run(cli.command, cancel.clone()).await
     });
@@ -146,8 +159,11 @@ fn report(e: &Error) {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws=warn,hyper=warn"));
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

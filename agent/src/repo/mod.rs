@@ -101,7 +101,11 @@ impl Repository {
                 Ok(Some(m))
             }
             Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::from(e).context(format!("reading {}", layout::MARKER))),
+            Err(e) => Err(Error::from(e).context(format!(
+                "reading {} at {}",
+                layout::MARKER,
+                self.store.describe()
+            ))),
         }
     }
 }

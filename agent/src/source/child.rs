@@ -83,7 +83,10 @@ pub fn spawn(
                 .code()
                 .map(|c| format!("exit status {c}"))
                 .unwrap_or_else(|| "killed by a signal".to_string());
-            Err(Error::failed(format!("{what} failed ({code}): {}", tail.trim())))
+            Err(Error::failed(format!(
+                "{what} failed ({code}): {}",
+                tail.trim()
+            )))
         }
     });
     Ok(Running { stdout, verdict })
@@ -115,19 +118,35 @@ mod tests {
 
     #[tokio::test]
     async fn non_zero_exit_carries_the_stderr_tail() {
-        let args: Vec<OsString> = vec!["-c".into(), "echo partial; echo 'pg_dump: error: boom' >&2; exit 3".into()];
+        let args: Vec<OsString> = vec![
+            "-c".into(),
+            "echo partial; echo 'pg_dump: error: boom' >&2; exit 3".into(),
+        ];
         let mut r = spawn(Path::new("/bin/sh"), &args, &[], "pg_dump".into()).unwrap();
         let mut out = String::new();
         r.stdout.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "partial\n");
         let e = r.verdict.await.unwrap_err();
-        assert_eq!(e.message, "pg_dump failed (exit status 3): pg_dump: error: boom");
+        assert_eq!(
+            e.message,
+            "pg_dump failed (exit status 3): pg_dump: error: boom"
+        );
     }
 
     #[tokio::test]
     async fn a_missing_program_says_what_to_install() {
-        let e = spawn(Path::new("/nonexistent/pg_dump"), &[], &[], "pg_dump".into()).err().unwrap();
-        assert!(e.message.contains("cannot start /nonexistent/pg_dump"), "{e}");
+        let e = spawn(
+            Path::new("/nonexistent/pg_dump"),
+            &[],
+            &[],
+            "pg_dump".into(),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.message.contains("cannot start /nonexistent/pg_dump"),
+            "{e}"
+        );
         assert!(e.hint.unwrap().contains("pg_bin_dir"));
     }
 }

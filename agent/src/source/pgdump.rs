@@ -271,7 +271,7 @@ fn parse_setval(defn: &str) -> Option<SequenceValue> {
     let (name, rest) = args.strip_prefix('\'')?.split_once("',")?;
     let mut parts = rest.split(',');
     let value = parts.next()?.trim().parse().ok()?;
-    let is_called = parts.next()?.trim().trim_end_matches(|c| c == ')' || c == ';').trim() == "true";
+    let is_called = parts.next()?.trim().trim_end_matches([')', ';']).trim() == "true";
     Some(SequenceValue {
         name: name.replace("''", "'"),
         value,
@@ -331,7 +331,9 @@ impl DumpFingerprinter {
     fn table_rows(&mut self, chunk: &[u8]) {
         let Some(key) = &self.current else { return };
         let full = self.mode == FingerprintMode::Full;
-        let Some(acc) = self.tables.get_mut(key) else { return };
+        let Some(acc) = self.tables.get_mut(key) else {
+            return;
+        };
         let mut rest = chunk;
         while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
             let piece = &rest[..nl];
@@ -425,7 +427,9 @@ impl DumpFingerprinter {
                     }
                 }
                 State::ChunkLen { dump_id } => {
-                    let Some(len) = self.take_int(&mut data) else { return };
+                    let Some(len) = self.take_int(&mut data) else {
+                        return;
+                    };
                     if len < 0 {
                         return self.fail(format!("negative chunk length in block {dump_id}"));
                     }
@@ -454,7 +458,9 @@ impl DumpFingerprinter {
                     };
                 }
                 State::BlobOid => {
-                    let Some(oid) = self.take_int(&mut data) else { return };
+                    let Some(oid) = self.take_int(&mut data) else {
+                        return;
+                    };
                     if oid == 0 {
                         self.state = State::Block;
                     } else {
@@ -464,7 +470,9 @@ impl DumpFingerprinter {
                     }
                 }
                 State::BlobChunkLen { oid } => {
-                    let Some(len) = self.take_int(&mut data) else { return };
+                    let Some(len) = self.take_int(&mut data) else {
+                        return;
+                    };
                     if len < 0 {
                         return self.fail(format!("negative chunk length in large object {oid}"));
                     }

@@ -65,6 +65,9 @@ const OBJECT_COUNT_NAMES: &[&str] = &[
     "large_objects",
 ];
 
+/// Environment variables for a child process.
+type ChildEnv = Vec<(String, OsString)>;
+
 /// A PostgreSQL source.
 #[derive(Debug, Clone)]
 pub struct Postgres {
@@ -91,7 +94,10 @@ impl Postgres {
 
     async fn connect(&self) -> Result<Connected> {
         let mut config = tokio_postgres::Config::from_str(self.cfg.url.expose()).map_err(|e| {
-            Error::new(ErrorKind::Invalid, format!("{}: invalid connection string: {e}", self.where_()))
+            Error::new(
+                ErrorKind::Invalid,
+                format!("{}: invalid connection string: {e}", self.where_()),
+            )
         })?;
         if let Some(file) = &self.cfg.password_file {
             let pw = std::fs::read_to_string(file).map_err(|e| {
@@ -112,7 +118,10 @@ impl Postgres {
         let password = config
             .get_password()
             .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
-        let (client, connection) = config.connect(NoTls).await.map_err(|e| self.connect_error(e))?;
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| self.connect_error(e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "PostgreSQL connection ended");
@@ -178,7 +187,7 @@ impl Postgres {
                     Some((major, e.path().join("bin").join(tool)))
                 })
                 .collect();
-            versioned.sort_by(|a, b| b.0.cmp(&a.0));
+            versioned.sort_by_key(|v| std::cmp::Reverse(v.0));
             candidates.extend(versioned.into_iter().map(|(_, p)| p));
             if let Ok(out) = child::output(Path::new("pg_config"), &["--bindir"]).await {
                 candidates.push(PathBuf::from(out.trim()).join(tool));
@@ -212,7 +221,9 @@ impl Postgres {
         Err(Error::failed(format!(
             "no {tool} found for the server at {}{}",
             self.cfg.url_redacted,
-            last_err.map(|e| format!(" ({})", e.message)).unwrap_or_default()
+            last_err
+                .map(|e| format!(" ({})", e.message))
+                .unwrap_or_default()
         ))
         .hint(format!(
             "install postgresql-client-{server_major} or set pg_bin_dir (RUNBOOK.md#tools-missing)"
@@ -220,10 +231,7 @@ impl Postgres {
     }
 
     /// libpq environment for a child, and the passfile holding the password (kept until the child is done).
-    fn child_env(
-        &self,
-        c: &Connected,
-    ) -> Result<(Vec<(String, OsString)>, Option<tempfile::NamedTempFile>)> {
+    fn child_env(&self, c: &Connected) -> Result<(ChildEnv, Option<tempfile::NamedTempFile>)> {
         let cfg = &c.config;
         let mut env: Vec<(String, OsString)> = Vec::new();
         let hosts: Vec<String> = cfg
@@ -356,7 +364,7 @@ impl Source for Postgres {
             ctx.cancel.clone(),
         )
         .await
-        .map_err(|e| Error::from(e).context("pg_dump"))?;
+        .map_err(Error::from)?;
         // The dump is complete; the snapshot may go.
         c.client
             .batch_execute("COMMIT")
@@ -365,11 +373,13 @@ impl Source for Postgres {
         let mut parts = vec![part(DUMP_OBJECT, "database", "pg_dump-custom", &digests)];
 
         if let Some(pg_dumpall) = pg_dumpall {
-            let mut args: Vec<OsString> = vec!["--globals-only".into(), "--no-role-passwords".into()];
+            let mut args: Vec<OsString> =
+                vec!["--globals-only".into(), "--no-role-passwords".into()];
             if let Some(db) = c.config.get_dbname() {
                 args.push(format!("--database={db}").into());
             }
-            let running = child::spawn(&pg_dumpall, &args, &env, "pg_dumpall --globals-only".into())?;
+            let running =
+                child::spawn(&pg_dumpall, &args, &env, "pg_dumpall --globals-only".into())?;
             let key = layout::backup_object(&ctx.source, &ctx.id, GLOBALS_OBJECT);
             let (d, _) = pipeline::run(
                 running.stdout,
@@ -417,7 +427,10 @@ mod tests {
 
     #[test]
     fn tool_versions_parse() {
-        assert_eq!(tool_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"), Some(15));
+        assert_eq!(
+            tool_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"),
+            Some(15)
+        );
         assert_eq!(tool_major("pg_dumpall (PostgreSQL) 17.2"), Some(17));
         assert_eq!(tool_major("garbage"), None);
     }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what lifeboat's tests, demo and benchmarks use, skipping what is already there:
+#   PostgreSQL server + client + contrib, the age and zstd CLIs (Debian packages), and moto's S3
+#   server in a Python venv at target/moto-venv (override with MOTO_VENV; skip with --no-s3).
+# Fails loudly if something cannot be installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v age >/dev/null 2>&1 || need_apt+=(age)
+command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+command -v pg_config >/dev/null 2>&1 || need_apt+=(postgresql-common libpq-dev)
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  need_apt+=(postgresql postgresql-contrib)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${need_apt[*]} (run as root, or install them: apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+  echo "installing: ${need_apt[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--no-s3" ]; then
+  exit 0
+fi
+
+MOTO_VENV=${MOTO_VENV:-target/moto-venv}
+if ! "$MOTO_VENV/bin/python" -c 'import moto, sys; v = tuple(int(x) for x in moto.__version__.split(".")[:3]); sys.exit(v < (5, 2, 5))' 2>/dev/null; then
+  echo "installing moto[server] into $MOTO_VENV" >&2
+  mkdir -p "$(dirname "$MOTO_VENV")"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5.2.5'
+fi
+"$MOTO_VENV/bin/moto_server" --help >/dev/null
+echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), $(pg_config --version), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then checks formatting, lints, and runs every
+# test against real PostgreSQL and S3 (moto) servers that the harness starts on random ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+export MOTO_SERVER="$PWD/${MOTO_VENV:-target/moto-venv}/bin/moto_server"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The end-to-end tests run the real binaries.
+cargo build --workspace --bins
+cargo test --workspace
+for f in policies/*.toml; do
+  target/debug/lifeboat policy check --allow-missing-env "$f"
+done

@@ -1,0 +1,894 @@
+//! PostgreSQL backups end to end, against a real server, a real S3 server (moto) and the stock
+//! age, zstd and pg_restore tools.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lifeboat_tests::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn require_tool(name: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "`{name}` is not installed: scripts/test.sh installs it (apt-get install {name})"
+    );
+}
+
+/// Everything a restore must reproduce: per table row count + content digest, sequences, large
+/// objects and schema object counts.
+fn digest(pg: &Postgres, db: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let tables = pg.psql(
+        db,
+        "select format('%I.%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+         where c.relkind in ('r', 'm') and n.nspname not in ('pg_catalog', 'information_schema') \
+         and n.nspname not like 'pg_toast%' order by 1",
+    );
+    for t in tables.lines() {
+        let v = pg.psql(
+            db,
+            &format!(
+                "select count(*) || ' ' || coalesce(md5(string_agg(md5(x::text), '' order by md5(x::text))), '-') from {t} x"
+            ),
+        );
+        out.insert(format!("table {t}"), v);
+    }
+    out.insert(
+        "sequences".into(),
+        pg.psql(db, "select string_agg(schemaname || '.' || sequencename || '=' || coalesce(last_value::text, 'null'), ',' order by schemaname, sequencename) from pg_sequences"),
+    );
+    out.insert(
+        "large objects".into(),
+        pg.psql(db, "select string_agg(oid::text || ':' || md5(lo_get(oid)), ',' order by oid) from pg_largeobject_metadata"),
+    );
+    out.insert(
+        "objects".into(),
+        pg.psql(
+            db,
+            "select (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname not in ('pg_catalog','information_schema') and n.nspname not like 'pg_toast%') || ' ' || \
+             (select count(*) from pg_trigger where not tgisinternal) || ' ' || (select count(*) from pg_policy) || ' ' || \
+             (select string_agg(extname, ',' order by extname) from pg_extension) || ' ' || \
+             (select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname not in ('pg_catalog','information_schema'))",
+        ),
+    );
+    out
+}
+
+fn load_schema(pg: &Postgres, db: &str) {
+    let sql =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/schema.sql"))
+            .expect("fixtures/schema.sql");
+    pg.psql(db, &sql);
+}
+
+/// `age -d -i KEY FILE | zstd -d | pg_restore -d DB`, with no lifeboat involved.
+fn stock_restore(pg: &Postgres, key: &Path, object: &Path, db: &str) {
+    require_tool("age");
+    require_tool("zstd");
+    let script = format!(
+        "set -o pipefail; age -d -i '{}' '{}' | zstd -d -q | '{}' --exit-on-error --no-owner -h 127.0.0.1 -p {} -U postgres -d {db}",
+        key.display(),
+        object.display(),
+        pg.bin.join("pg_restore").display(),
+        pg.port
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("PGPASSWORD", &pg.password)
+        .output()
+        .expect("run the stock restore");
+    assert!(
+        out.status.success(),
+        "stock restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn stock_decrypt(key: &Path, object: &Path) -> Vec<u8> {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; age -d -i '{}' '{}'",
+            key.display(),
+            object.display()
+        ))
+        .output()
+        .expect("age -d");
+    assert!(
+        out.status.success(),
+        "age -d failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn pg_source(pg: &Postgres, db: &str, password_file: &Path, extra: &str) -> String {
+    format!(
+        "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n{extra}\n",
+        pg.url(db),
+        password_file.display()
+    )
+}
+
+fn list_json(dir: &Path, policy: &Path, env: &[(String, String)]) -> Vec<serde_json::Value> {
+    let r = lifeboat(
+        dir,
+        &["list", "--policy", policy.to_str().unwrap(), "--json"],
+        env,
+    );
+    assert_eq!(r.code, 0, "list failed: {}", r.stderr);
+    serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|e| panic!("list --json is not JSON ({e}): {}", r.stdout))
+}
+
+fn backup_dir(repo: &Path, source: &str, id: &str) -> PathBuf {
+    repo.join("backups").join(source).join(id)
+}
+
+#[test]
+fn fs_round_trip_restores_with_stock_tools_table_by_table() {
+    let pg = postgres();
+    let db = pg.create_db("rt");
+    load_schema(pg, &db);
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, ""),
+    );
+    let p = policy.to_str().unwrap();
+
+    let r = lifeboat(dir.path(), &["policy", "check", p], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", p, "--source", "app-db"],
+        &[],
+    );
+    assert_eq!(r.code, 0, "backup failed: {}", r.stderr);
+    assert!(
+        !r.stderr.contains(&pg.password),
+        "the password leaked into the output"
+    );
+
+    let list = list_json(dir.path(), &policy, &[]);
+    assert_eq!(list.len(), 1);
+    let b = &list[0];
+    for field in [
+        "id",
+        "source",
+        "kind",
+        "started_at",
+        "finished_at",
+        "size_plain",
+        "size_stored",
+        "verified",
+    ] {
+        assert!(b.get(field).is_some(), "list --json lacks {field}: {b}");
+    }
+    assert_eq!(b["source"], "app-db");
+    assert_eq!(b["kind"], "postgres");
+    assert_eq!(b["verified"], false);
+    let id = b["id"].as_str().unwrap().to_string();
+    assert!(b["size_stored"].as_u64().unwrap() < b["size_plain"].as_u64().unwrap());
+
+    let r = lifeboat(dir.path(), &["check", "--policy", p, "--read-data"], &[]);
+    assert_eq!(r.code, 0, "check failed: {}", r.stderr);
+    assert!(
+        r.stderr.contains("checked 1 backup(s), 3 object(s)"),
+        "{}",
+        r.stderr
+    );
+
+    // The manifest records what was stored, and names no secret.
+    let bdir = backup_dir(&dir.path().join("repo"), "app-db", &id);
+    let manifest_text = std::fs::read_to_string(bdir.join("manifest.json")).unwrap();
+    assert!(!manifest_text.contains(&pg.password));
+    let manifest: serde_json::Value = serde_json::from_str(&manifest_text).unwrap();
+    assert_eq!(
+        manifest["encryption"]["recipients"][0],
+        key.recipient.as_str()
+    );
+    assert_eq!(manifest["parts"][0]["name"], "database.dump.zst.age");
+    assert_eq!(manifest["parts"][1]["name"], "globals.sql.zst.age");
+
+    // Restore with stock tools only, into a new database, and compare everything.
+    let restored = pg.create_db("restored");
+    stock_restore(
+        pg,
+        &key.identity,
+        &bdir.join("database.dump.zst.age"),
+        &restored,
+    );
+    let want = digest(pg, &db);
+    let got = digest(pg, &restored);
+    assert!(
+        want.len() >= 8,
+        "the digest covers the schema's tables: {want:?}"
+    );
+    for (k, v) in &want {
+        assert_eq!(got.get(k), Some(v), "{k} differs after the stock restore");
+    }
+    assert_eq!(want, got);
+
+    // Globals: roles without passwords.
+    let globals = stock_decrypt(&key.identity, &bdir.join("globals.sql.zst.age"));
+    let out = Command::new("zstd")
+        .args(["-d", "-q", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&globals)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let globals = String::from_utf8_lossy(&out.stdout);
+    assert!(globals.contains("CREATE ROLE lifeboat_reader"), "{globals}");
+    assert!(
+        !globals.contains("PASSWORD 'SCRAM"),
+        "role passwords are never stored"
+    );
+
+    // The fingerprint (decrypted with the stock CLI) holds the exact row count of every table.
+    let fp: serde_json::Value = serde_json::from_slice(&stock_decrypt(
+        &key.identity,
+        &bdir.join("fingerprint.json.age"),
+    ))
+    .unwrap();
+    assert!(fp["dump"]["error"].is_null(), "{fp}");
+    let tables = fp["dump"]["tables"].as_array().unwrap();
+    let mut checked = 0;
+    for t in tables {
+        let name = format!(
+            "{}.{}",
+            quote_ident(t["schema"].as_str().unwrap()),
+            quote_ident(t["name"].as_str().unwrap())
+        );
+        let count: u64 = pg
+            .psql(&db, &format!("select count(*) from {name}"))
+            .parse()
+            .unwrap();
+        assert_eq!(t["rows"].as_u64(), Some(count), "row count of {name}");
+        checked += 1;
+    }
+    let names: Vec<&str> = tables.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "accounts",
+            "empty_table",
+            "measurements_2025",
+            "measurements_2026",
+            "no_columns",
+            "Tâble ✓"
+        ],
+        "every table with data: partition leaves, unicode names, no columns"
+    );
+    assert_eq!(checked, 6);
+    assert_eq!(fp["dump"]["large_objects"], 2);
+    assert_eq!(fp["objects"]["policies"], 1);
+    assert_eq!(fp["objects"]["triggers"], 1);
+    assert_eq!(fp["objects"]["materialized_views"], 1);
+    let seqs = fp["dump"]["sequences"].as_array().unwrap();
+    assert!(
+        seqs.iter()
+            .any(|s| s["name"] == "public.standalone_seq" && s["value"] == 101),
+        "{seqs:?}"
+    );
+}
+
+fn quote_ident(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+fn s3_round_trip(checksums: &str) {
+    let pg = postgres();
+    let s3 = s3();
+    let rt = rt();
+    let bucket = rt.block_on(s3.create_bucket());
+    let db = pg.create_db("s3rt");
+    // Enough incompressible data for several 5 MiB parts.
+    pg.psql(
+        &db,
+        "create table big as select g as id, md5(g::text) || md5((g * 7)::text) as a, gen_random_uuid()::text as b from generate_series(1, 250000) g",
+    );
+    pg.psql(&db, "create extension if not exists pgcrypto");
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let repo = format!(
+        "url = \"s3://{bucket}/team/lifeboat\"\nendpoint = \"{}\"\nchecksums = \"{checksums}\"\npart_size = \"5MiB\"\nparts_in_flight = 2",
+        s3.endpoint
+    );
+    let policy = write_policy(
+        dir.path(),
+        &repo,
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, "globals = false"),
+    );
+    let p = policy.to_str().unwrap();
+    let env = s3.env();
+
+    let r = lifeboat(dir.path(), &["backup", "--policy", p], &env);
+    assert_eq!(r.code, 0, "backup failed: {}", r.stderr);
+    let list = list_json(dir.path(), &policy, &env);
+    assert_eq!(list.len(), 1);
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let size_stored = list[0]["size_stored"].as_u64().unwrap();
+    assert!(
+        size_stored > 10 << 20,
+        "several parts were needed: {size_stored}"
+    );
+
+    let keys = rt.block_on(s3.keys(&bucket, ""));
+    let prefix = format!("team/lifeboat/backups/app-db/{id}/");
+    for name in [
+        "manifest.json",
+        "database.dump.zst.age",
+        "fingerprint.json.age",
+    ] {
+        assert!(
+            keys.contains(&format!("{prefix}{name}")),
+            "{name} missing in {keys:?}"
+        );
+    }
+    assert!(keys.contains(&"team/lifeboat/lifeboat.json".to_string()));
+    assert!(
+        !keys.iter().any(|k| k.contains("probe/")),
+        "the probe cleans up: {keys:?}"
+    );
+    assert!(rt.block_on(s3.pending_uploads(&bucket)).is_empty());
+
+    let r = lifeboat(dir.path(), &["check", "--policy", p, "--read-data"], &env);
+    assert_eq!(r.code, 0, "check failed: {}", r.stderr);
+
+    // Download with a plain S3 client and restore with stock tools.
+    let object = dir.path().join("dump.zst.age");
+    let body = rt.block_on(async {
+        let out = s3
+            .client()
+            .await
+            .get_object()
+            .bucket(&bucket)
+            .key(format!("{prefix}database.dump.zst.age"))
+            .send()
+            .await
+            .unwrap();
+        out.body.collect().await.unwrap().into_bytes()
+    });
+    std::fs::write(&object, &body).unwrap();
+    let restored = pg.create_db("s3restored");
+    stock_restore(pg, &key.identity, &object, &restored);
+    assert_eq!(digest(pg, &db), digest(pg, &restored));
+}
+
+#[test]
+fn s3_round_trip_with_multipart_upload_and_no_checksum_headers() {
+    s3_round_trip("when_required");
+}
+
+#[test]
+fn s3_round_trip_with_sha256_checksums_on_every_part() {
+    s3_round_trip("always");
+}
+
+/// A stand-in pg_dump: `--version` answers like the real one; otherwise it runs `body`, after
+/// recording its arguments and the passfile's mode.
+fn fake_bin(dir: &Path, version: &str, body: &str) -> PathBuf {
+    let bin = dir.join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'pg_dump (PostgreSQL) {version}'; exit 0; fi\n\
+         echo \"$@\" > '{args}'\nstat -c %a \"$PGPASSFILE\" > '{mode}'\n{body}\n",
+        args = dir.join("args").display(),
+        mode = dir.join("passfile-mode").display(),
+    );
+    let path = bin.join("pg_dump");
+    std::fs::write(&path, script).unwrap();
+    Command::new("chmod").arg("+x").arg(&path).status().unwrap();
+    bin
+}
+
+fn repo_files(repo: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(d: &Path, root: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, root, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    walk(repo, repo, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn a_failing_producer_publishes_nothing_and_keeps_earlier_backups() {
+    let pg = postgres();
+    let db = pg.create_db("fail");
+    pg.psql(
+        &db,
+        "create table t as select generate_series(1, 1000) as id",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let good = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, "globals = false"),
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", good.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let before = repo_files(&dir.path().join("repo"));
+
+    let cases = [
+        (
+            "head -c 300000 /dev/urandom; echo 'pg_dump: error: connection to server lost' >&2; exit 1",
+            "pg_dump failed (exit status 1): pg_dump: error: connection to server lost",
+        ),
+        ("exit 0", "produced no data"),
+        ("head -c 1000 /dev/urandom; kill -9 $$", "pg_dump failed (killed by a signal)"),
+    ];
+    for (body, want) in cases {
+        let bin = fake_bin(dir.path(), "15.18", body);
+        let extra = format!("globals = false\npg_bin_dir = \"{}\"", bin.display());
+        let policy = write_policy(
+            dir.path(),
+            "url = \"file://./repo\"",
+            &key.recipient,
+            &pg_source(pg, &db, &pwfile, &extra),
+        );
+        let r = lifeboat(
+            dir.path(),
+            &["backup", "--policy", policy.to_str().unwrap()],
+            &[],
+        );
+        assert_eq!(r.code, 1, "a failed producer exits 1: {}", r.stderr);
+        assert!(
+            r.stderr.contains("source app-db"),
+            "the error names the source: {}",
+            r.stderr
+        );
+        assert!(r.stderr.contains(want), "want {want:?} in: {}", r.stderr);
+        assert!(r.stderr.contains("nothing was published"), "{}", r.stderr);
+        assert_eq!(
+            repo_files(&dir.path().join("repo")),
+            before,
+            "nothing new in the repository"
+        );
+        // The password reached pg_dump through a 0600 passfile, never its arguments.
+        let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+        assert!(!args.contains(&pg.password), "password in argv: {args}");
+        assert!(args.contains("--snapshot="), "{args}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("passfile-mode"))
+                .unwrap()
+                .trim(),
+            "600"
+        );
+    }
+    let r = lifeboat(
+        dir.path(),
+        &["check", "--policy", good.to_str().unwrap(), "--read-data"],
+        &[],
+    );
+    assert_eq!(r.code, 0, "the earlier backup is intact: {}", r.stderr);
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", good.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 0, "the next run succeeds: {}", r.stderr);
+    assert_eq!(list_json(dir.path(), &good, &[]).len(), 2);
+}
+
+#[test]
+fn an_older_pg_dump_is_refused_with_what_to_install() {
+    let pg = postgres();
+    let db = pg.create_db("old");
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let bin = fake_bin(dir.path(), "9.6.24", "exit 0");
+    let extra = format!("globals = false\npg_bin_dir = \"{}\"", bin.display());
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, &extra),
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", policy.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("is version 9, older than the server (15)")
+            || r.stderr.contains("older than the server"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("postgresql-client-"), "{}", r.stderr);
+}
+
+fn pid_of(child: &std::process::Child) -> String {
+    child.id().to_string()
+}
+
+#[test]
+fn an_upload_stopped_half_way_leaves_no_manifest_and_no_open_upload() {
+    let pg = postgres();
+    let s3 = s3();
+    let rt = rt();
+    let db = pg.create_db("kill");
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let env = s3.env();
+    // A slow producer: 1 MiB of random bytes every 100 ms, for up to 12 s.
+    let bin = fake_bin(
+        dir.path(),
+        "15.18",
+        "i=0; while [ $i -lt 120 ]; do head -c 1048576 /dev/urandom || exit 1; sleep 0.1; i=$((i+1)); done",
+    );
+    for signal in ["TERM", "INT", "KILL"] {
+        let bucket = rt.block_on(s3.create_bucket());
+        let repo = format!(
+            "url = \"s3://{bucket}/p\"\nendpoint = \"{}\"\npart_size = \"5MiB\"",
+            s3.endpoint
+        );
+        let extra = format!("globals = false\npg_bin_dir = \"{}\"", bin.display());
+        let policy = write_policy(
+            dir.path(),
+            &repo,
+            &key.recipient,
+            &pg_source(pg, &db, &pwfile, &extra),
+        );
+        let child = Command::new(lifeboat_bin())
+            .args(["backup", "--policy", policy.to_str().unwrap()])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until a multipart upload is open: the backup is half-way.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while rt.block_on(s3.pending_uploads(&bucket)).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no multipart upload started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid_of(&child))
+            .status()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let keys = rt.block_on(s3.keys(&bucket, "p/backups/"));
+        assert!(
+            !keys.iter().any(|k| k.ends_with("manifest.json")),
+            "{signal}: a manifest appeared: {keys:?}"
+        );
+        assert!(keys.is_empty(), "{signal}: objects left behind: {keys:?}");
+        let pending = rt.block_on(s3.pending_uploads(&bucket));
+        if signal == "KILL" {
+            // kill -9 gives no chance to abort: the upload stays open, invisible, and check reports it.
+            assert_eq!(pending.len(), 1, "{pending:?}");
+            let r = lifeboat(
+                dir.path(),
+                &["check", "--policy", policy.to_str().unwrap()],
+                &env,
+            );
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            assert!(
+                r.stderr.contains("unfinished upload of backups/app-db/"),
+                "{}",
+                r.stderr
+            );
+        } else {
+            assert_eq!(
+                out.status.code(),
+                Some(130),
+                "{signal}: exit 130 on interruption: {stderr}"
+            );
+            assert!(
+                pending.is_empty(),
+                "{signal}: the multipart upload was aborted: {pending:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn check_read_data_catches_a_flipped_byte_and_a_truncation() {
+    let pg = postgres();
+    let db = pg.create_db("flip");
+    pg.psql(
+        &db,
+        "create table t as select g, md5(g::text) from generate_series(1, 20000) g",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, ""),
+    );
+    let p = policy.to_str().unwrap();
+    assert_eq!(
+        lifeboat(dir.path(), &["backup", "--policy", p], &[]).code,
+        0
+    );
+    let id = list_json(dir.path(), &policy, &[])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let object = backup_dir(&dir.path().join("repo"), "app-db", &id).join("database.dump.zst.age");
+    let original = std::fs::read(&object).unwrap();
+
+    let mut flipped = original.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    std::fs::write(&object, &flipped).unwrap();
+    let r = lifeboat(dir.path(), &["check", "--policy", p], &[]);
+    assert_eq!(
+        r.code, 0,
+        "sizes alone cannot see a flipped byte: {}",
+        r.stderr
+    );
+    let r = lifeboat(dir.path(), &["check", "--policy", p, "--read-data"], &[]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    let key_name = format!("backups/app-db/{id}/database.dump.zst.age");
+    assert!(
+        r.stderr.contains(&format!("{key_name}: SHA-256")),
+        "names the object: {}",
+        r.stderr
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["check", "--policy", p, "--read-data", "--json"],
+        &[],
+    );
+    assert_eq!(r.code, 13);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["problems"][0]["object"], key_name.as_str());
+
+    std::fs::write(&object, &original[..original.len() - 100]).unwrap();
+    let r = lifeboat(dir.path(), &["check", "--policy", p], &[]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(r.stderr.contains("the manifest says"), "{}", r.stderr);
+
+    std::fs::remove_file(&object).unwrap();
+    let r = lifeboat(dir.path(), &["check", "--policy", p], &[]);
+    assert_eq!(r.code, 13);
+    assert!(
+        r.stderr.contains(&format!("{key_name}: missing")),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_and_its_exit_code() {
+    let pg = postgres();
+    let s3 = s3();
+    let db = pg.create_db("bad");
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let fs_repo = "url = \"file://./repo\"";
+
+    // Nothing listens on this port.
+    let port = free_port();
+    let src = format!("[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres:hunter2secret@127.0.0.1:{port}/x\"\n");
+    let policy = write_policy(dir.path(), fs_repo, &key.recipient, &src);
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", policy.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "cannot connect to PostgreSQL at postgres://postgres:***@127.0.0.1:{port}/x"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains("hunter2secret"),
+        "the password leaked: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("hint:"), "{}", r.stderr);
+
+    // Wrong password: a credential error, exit 12, password not shown.
+    let src = format!("[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres:wrong-pw-xyz@127.0.0.1:{}/{db}\"\n", pg.port);
+    let policy = write_policy(dir.path(), fs_repo, &key.recipient, &src);
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", policy.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("password authentication failed"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("wrong-pw-xyz"), "{}", r.stderr);
+
+    // A password_file that is not there.
+    let missing = dir.path().join("nope");
+    let policy = write_policy(
+        dir.path(),
+        fs_repo,
+        &key.recipient,
+        &pg_source(pg, &db, &missing, ""),
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", policy.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot read password_file"),
+        "{}",
+        r.stderr
+    );
+
+    // A bucket that does not exist.
+    let repo = format!(
+        "url = \"s3://no-such-bucket-{}/x\"\nendpoint = \"{}\"",
+        suffix(),
+        s3.endpoint
+    );
+    let policy = write_policy(
+        dir.path(),
+        &repo,
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, ""),
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", policy.to_str().unwrap()],
+        &s3.env(),
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("bucket does not exist"), "{}", r.stderr);
+    let r = lifeboat(
+        dir.path(),
+        &["list", "--policy", policy.to_str().unwrap()],
+        &s3.env(),
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+
+    // An S3 endpoint where nothing listens: retried, then one clear error.
+    let repo = format!(
+        "url = \"s3://bucket-x/x\"\nendpoint = \"http://127.0.0.1:{}\"",
+        free_port()
+    );
+    let policy = write_policy(
+        dir.path(),
+        &repo,
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, ""),
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", policy.to_str().unwrap()],
+        &s3.env(),
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("at s3://bucket-x/x"),
+        "names the storage: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("Connection refused"), "{}", r.stderr);
+
+    // No repository there yet: list and check exit 10.
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./empty-repo\"",
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, ""),
+    );
+    for cmd in ["list", "check"] {
+        let r = lifeboat(
+            dir.path(),
+            &[cmd, "--policy", policy.to_str().unwrap()],
+            &[],
+        );
+        assert_eq!(r.code, 10, "{cmd}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("no lifeboat repository at file://./empty-repo"),
+            "{}",
+            r.stderr
+        );
+    }
+
+    // An unknown source name: usage error.
+    let r = lifeboat(
+        dir.path(),
+        &[
+            "backup",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--source",
+            "nope",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("no source named `nope`; it has: app-db")
+            || r.stderr.contains("it has: app-db"),
+        "{}",
+        r.stderr
+    );
+
+    // An invalid policy: exit 2 with field paths, for backup and for policy check.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, format!("[repository]\nurl = \"file://./r\"\n[encryption]\nrecipients = [\"{}\"]\n[defaults]\nretention = {{ keep_last = 1 }}\n[[sources]]\nname = \"a\"\nkind = \"postgres\"\nurl = \"postgres://x@h/d\"\nschedul = \"* * * * *\"\n", key.recipient)).unwrap();
+    for args in [
+        vec!["policy", "check", bad.to_str().unwrap()],
+        vec!["backup", "--policy", bad.to_str().unwrap()],
+    ] {
+        let r = lifeboat(dir.path(), &args, &[]);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("sources[0].schedul: unknown field, expected one of"),
+            "{}",
+            r.stderr
+        );
+    }
+    // Usage errors are exit 2 too.
+    assert_eq!(lifeboat(dir.path(), &["backup"], &[]).code, 2);
+}
