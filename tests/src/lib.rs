@@ -7,11 +7,13 @@
 //! server and removes its directory. A missing component fails loudly with what to install.
 
 use std::io::{Read, Write};
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+pub use tokio_util::sync::CancellationToken;
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
@@ -435,6 +437,16 @@ pub fn lifeboat_bin() -> PathBuf {
     bin
 }
 
+/// The `lifeboat-verifier` binary beside `lifeboat`.
+pub fn verifier_bin() -> PathBuf {
+    lifeboat_bin().with_file_name("lifeboat-verifier")
+}
+
+/// Runs lifeboat-verifier with `args` and extra environment, in `cwd`.
+pub fn verifier(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Run {
+    run_bin(&verifier_bin(), cwd, args, env)
+}
+
 /// What a lifeboat run printed and how it exited.
 #[derive(Debug)]
 pub struct Run {
@@ -448,7 +460,11 @@ pub struct Run {
 
 /// Runs lifeboat with `args` and extra environment, in `cwd`.
 pub fn lifeboat(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Run {
-    let out = Command::new(lifeboat_bin())
+    run_bin(&lifeboat_bin(), cwd, args, env)
+}
+
+fn run_bin(bin: &Path, cwd: &Path, args: &[&str], env: &[(String, String)]) -> Run {
+    let out = Command::new(bin)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("NO_COLOR", "1")

@@ -668,6 +668,55 @@ fn check_read_data_catches_a_flipped_byte_and_a_truncation() {
         .to_string();
     let object = backup_dir(&dir.path().join("repo"), "app-db", &id).join("database.dump.zst.age");
     let original = std::fs::read(&object).unwrap();
+    let id_arg = |k: &Path| k.to_str().unwrap().to_string();
+    let r = verifier(
+        dir.path(),
+        &[
+            "verify",
+            "--policy",
+            p,
+            "--identity",
+            &id_arg(&key.identity),
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("database.dump.zst.age: stored and plaintext SHA-256 match"),
+        "{}",
+        r.stderr
+    );
+    let other = tempfile::tempdir().unwrap();
+    let other_key = keygen(other.path());
+    let r = verifier(
+        dir.path(),
+        &[
+            "verify",
+            "--policy",
+            p,
+            "--identity",
+            &id_arg(&other_key.identity),
+        ],
+        &[],
+    );
+    assert_eq!(
+        r.code, 12,
+        "an identity for another recipient: {}",
+        r.stderr
+    );
+    let r = verifier(
+        dir.path(),
+        &[
+            "verify",
+            "--policy",
+            p,
+            "--identity",
+            "/nonexistent/key.txt",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 12, "a missing identity file: {}", r.stderr);
 
     let mut flipped = original.clone();
     let mid = flipped.len() / 2;
@@ -695,6 +744,23 @@ fn check_read_data_catches_a_flipped_byte_and_a_truncation() {
     assert_eq!(r.code, 13);
     let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(report["problems"][0]["object"], key_name.as_str());
+    let r = verifier(
+        dir.path(),
+        &[
+            "verify",
+            "--policy",
+            p,
+            "--identity",
+            &id_arg(&key.identity),
+        ],
+        &[],
+    );
+    assert_eq!(
+        r.code, 13,
+        "the verifier catches the flipped byte: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(&key_name), "{}", r.stderr);
 
     std::fs::write(&object, &original[..original.len() - 100]).unwrap();
     let r = lifeboat(dir.path(), &["check", "--policy", p], &[]);
