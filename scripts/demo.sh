@@ -10,26 +10,10 @@ scripts/install-deps.sh --no-s3
 cargo build --quiet --bins
 lifeboat="$root/target/debug/lifeboat"
 
-pgbin=$(pg_config --bindir)
-work=$(mktemp -d /tmp/lifeboat-demo.XXXXXX)
-chmod 755 "$work"
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-as_pg=()
-if [ "$(id -u)" -eq 0 ]; then
-  chown postgres: "$work"
-  as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups --)
-fi
-stop() {
-  (cd / && "${as_pg[@]}" "$pgbin/pg_ctl" -D "$work/data" -m fast stop >/dev/null 2>&1) || true
-  rm -rf "$work"
-}
-trap stop EXIT
-
-echo "== starting a throwaway PostgreSQL on 127.0.0.1:$port"
-(cd / && "${as_pg[@]}" "$pgbin/initdb" -D "$work/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync >/dev/null)
-(cd / && "${as_pg[@]}" "$pgbin/pg_ctl" -D "$work/data" -l "$work/log" -w \
-  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null)
-psql() { "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+. scripts/lib/throwaway-pg.sh
+pg_start
+echo "== started a throwaway PostgreSQL on 127.0.0.1:$PG_PORT"
+psql() { pg_psql "$@"; }
 psql -d postgres -c "create database app"
 psql -d app <<'SQL'
 create table customers (id serial primary key, name text not null, email text, created timestamptz default now());
@@ -47,7 +31,7 @@ if [ ! -s lifeboat-demo/key.txt ]; then
 fi
 export LIFEBOAT_RECIPIENT=$(sed -n 's/^# public key: //p' lifeboat-demo/key.txt)
 export LIFEBOAT_IDENTITY_FILE=$root/lifeboat-demo/key.txt
-export LIFEBOAT_DEV_PG_URL="postgres://postgres@127.0.0.1:$port/app"
+export LIFEBOAT_DEV_PG_URL="postgres://postgres@127.0.0.1:$PG_PORT/app"
 
 echo "== lifeboat policy check policies/dev.toml"
 "$lifeboat" policy check policies/dev.toml
@@ -62,7 +46,7 @@ latest=$("$lifeboat" list --policy policies/dev.toml --json | python3 -c 'import
 object=lifeboat-repo/backups/app-db/$latest/database.dump.zst.age
 echo "== restoring $object with stock tools only (age | zstd | pg_restore) into database restored"
 psql -d postgres -c "create database restored"
-age -d -i lifeboat-demo/key.txt "$object" | zstd -d -q | "$pgbin/pg_restore" --exit-on-error -h 127.0.0.1 -p "$port" -U postgres -d restored
+age -d -i lifeboat-demo/key.txt "$object" | zstd -d -q | "$PG_BIN/pg_restore" --exit-on-error -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored
 for db in app restored; do
   echo "$db: $(psql -d "$db" -tA -c "select (select count(*) from customers) || ' customers, ' || count(*) || ' orders, digest of orders ' || md5(string_agg(o::text, ',' order by id)) from orders o")"
 done

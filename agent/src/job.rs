@@ -46,10 +46,14 @@ pub async fn backup(
     };
     tracing::info!(source = %name, backup = %id, kind = source.config.kind(), "Backup started");
     let src = source::from_policy(source);
+    let run = src.backup(&ctx);
+    tokio::pin!(run);
     let result = tokio::select! {
-        r = src.backup(&ctx) => r,
+        r = &mut run => r,
         _ = tokio::time::sleep(source.timeout) => {
+            // Stop the run and wait for it to clean up (kill the child, abort the upload).
             ctx.cancel.cancel();
+            let _ = run.await;
             Err(Error::failed(format!(
                 "timed out after {}",
                 humantime::format_duration(source.timeout)

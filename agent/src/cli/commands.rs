@@ -39,6 +39,13 @@ fn load(path: &Path) -> Result<Policy> {
     Ok(policy::load(path, LoadOptions::default())?)
 }
 
+/// Sources no longer in the policy may still have backups: say so, but let the operator see them.
+fn note_unknown_source(policy: &Policy, name: &str) {
+    if policy.source(name).is_none() {
+        eprintln!("note: `{name}` is not a source in this policy; showing what the repository holds for it");
+    }
+}
+
 fn select_source(policy: &Policy, name: &str) -> Result<()> {
     if policy.source(name).is_none() {
         let names: Vec<&str> = policy.sources.iter().map(|s| s.name.as_str()).collect();
@@ -111,7 +118,7 @@ async fn backup(path: &Path, only: &[String], cancel: CancellationToken) -> Resu
 async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
     let policy = load(path)?;
     if let Some(s) = source {
-        select_source(&policy, s)?;
+        note_unknown_source(&policy, s);
     }
     let repo = Repository::open(&policy).await?;
     let listing = repo.list(source).await?;
@@ -177,7 +184,7 @@ async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
 async fn check_cmd(path: &Path, source: Option<&str>, read_data: bool, json: bool) -> Result<()> {
     let policy = load(path)?;
     if let Some(s) = source {
-        select_source(&policy, s)?;
+        note_unknown_source(&policy, s);
     }
     let repo = Repository::open(&policy).await?;
     let report = check::check(&repo, source, read_data).await?;
