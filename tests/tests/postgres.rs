@@ -958,3 +958,46 @@ fn bad_input_gets_one_clear_error_and_its_exit_code() {
     // Usage errors are exit 2 too.
     assert_eq!(lifeboat(dir.path(), &["backup"], &[]).code, 2);
 }
+
+#[test]
+fn one_failing_source_of_two_is_a_partial_failure_and_the_other_is_stored() {
+    let pg = postgres();
+    let db = pg.create_db("partial");
+    pg.psql(
+        &db,
+        "create table t as select generate_series(1, 100) as id",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let good = pg_source(pg, &db, &pwfile, "globals = false");
+    let bad = format!(
+        "[[sources]]\nname = \"gone-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{}/x\"\n",
+        free_port()
+    );
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &format!("{good}\n{bad}"),
+    );
+    let p = policy.to_str().unwrap();
+    let r = lifeboat(
+        dir.path(),
+        &["--log-format", "json", "backup", "--policy", p],
+        &[],
+    );
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("1 of 2 backups failed"), "{}", r.stderr);
+    assert!(r.stderr.contains("source gone-db"), "{}", r.stderr);
+    // JSON logs: every log line is one JSON object.
+    let json_lines = r.stderr.lines().filter(|l| l.starts_with('{')).count();
+    assert!(json_lines >= 2, "{}", r.stderr);
+    for l in r.stderr.lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+    }
+    let list = list_json(dir.path(), &policy, &[]);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["source"], "app-db");
+}
