@@ -67,6 +67,31 @@ fn digest(pg: &Postgres, db: &str) -> BTreeMap<String, String> {
     out
 }
 
+/// What most tests start from: the shared cluster, a fresh database, a temp dir with a key made by
+/// `lifeboat keygen`, and a file holding the database password.
+struct Fx {
+    pg: &'static Postgres,
+    db: String,
+    dir: tempfile::TempDir,
+    key: Key,
+    pwfile: PathBuf,
+}
+
+fn setup(prefix: &str) -> Fx {
+    let pg = postgres();
+    let db = pg.create_db(prefix);
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    }
+}
+
 fn load_schema(pg: &Postgres, db: &str) {
     let sql =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/schema.sql"))
@@ -141,12 +166,14 @@ fn backup_dir(repo: &Path, source: &str, id: &str) -> PathBuf {
 
 #[test]
 fn fs_round_trip_restores_with_stock_tools_table_by_table() {
-    let pg = postgres();
-    let db = pg.create_db("rt");
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("rt");
     load_schema(pg, &db);
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let pwfile = pg.password_file(dir.path());
     let policy = write_policy(
         dir.path(),
         "url = \"file://./repo\"",
@@ -307,20 +334,22 @@ fn quote_ident(s: &str) -> String {
 }
 
 fn s3_round_trip(checksums: &str) {
-    let pg = postgres();
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("s3rt");
     let s3 = s3();
     let rt = rt();
     let bucket = rt.block_on(s3.create_bucket());
-    let db = pg.create_db("s3rt");
     // Enough incompressible data for several 5 MiB parts.
     pg.psql(
         &db,
         "create table big as select g as id, md5(g::text) || md5((g * 7)::text) as a, gen_random_uuid()::text as b from generate_series(1, 250000) g",
     );
     pg.psql(&db, "create extension if not exists pgcrypto");
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let pwfile = pg.password_file(dir.path());
     let repo = format!(
         "url = \"s3://{bucket}/team/lifeboat\"\nendpoint = \"{}\"\nchecksums = \"{checksums}\"\npart_size = \"5MiB\"\nparts_in_flight = 2",
         s3.endpoint
@@ -433,15 +462,17 @@ fn repo_files(repo: &Path) -> Vec<String> {
 
 #[test]
 fn a_failing_producer_publishes_nothing_and_keeps_earlier_backups() {
-    let pg = postgres();
-    let db = pg.create_db("fail");
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("fail");
     pg.psql(
         &db,
         "create table t as select generate_series(1, 1000) as id",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let pwfile = pg.password_file(dir.path());
     let good = write_policy(
         dir.path(),
         "url = \"file://./repo\"",
@@ -519,11 +550,13 @@ fn a_failing_producer_publishes_nothing_and_keeps_earlier_backups() {
 
 #[test]
 fn an_older_pg_dump_is_refused_with_what_to_install() {
-    let pg = postgres();
-    let db = pg.create_db("old");
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let pwfile = pg.password_file(dir.path());
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("old");
     let bin = fake_bin(dir.path(), "9.6.24", "exit 0");
     let extra = format!("globals = false\npg_bin_dir = \"{}\"", bin.display());
     let policy = write_policy(
@@ -554,13 +587,15 @@ fn pid_of(child: &std::process::Child) -> String {
 
 #[test]
 fn an_upload_stopped_half_way_leaves_no_manifest_and_no_open_upload() {
-    let pg = postgres();
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("kill");
     let s3 = s3();
     let rt = rt();
-    let db = pg.create_db("kill");
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let pwfile = pg.password_file(dir.path());
     let env = s3.env();
     // A slow producer: 1 MiB of random bytes every 100 ms, for up to 12 s.
     let bin = fake_bin(
@@ -642,15 +677,17 @@ fn an_upload_stopped_half_way_leaves_no_manifest_and_no_open_upload() {
 
 #[test]
 fn check_read_data_catches_a_flipped_byte_and_a_truncation() {
-    let pg = postgres();
-    let db = pg.create_db("flip");
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("flip");
     pg.psql(
         &db,
         "create table t as select g, md5(g::text) from generate_series(1, 20000) g",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let pwfile = pg.password_file(dir.path());
     let policy = write_policy(
         dir.path(),
         "url = \"file://./repo\"",
@@ -779,12 +816,14 @@ fn check_read_data_catches_a_flipped_byte_and_a_truncation() {
 
 #[test]
 fn bad_input_gets_one_clear_error_and_its_exit_code() {
-    let pg = postgres();
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("bad");
     let s3 = s3();
-    let db = pg.create_db("bad");
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let pwfile = pg.password_file(dir.path());
     let fs_repo = "url = \"file://./repo\"";
 
     // Nothing listens on this port.
@@ -961,15 +1000,17 @@ fn bad_input_gets_one_clear_error_and_its_exit_code() {
 
 #[test]
 fn one_failing_source_of_two_is_a_partial_failure_and_the_other_is_stored() {
-    let pg = postgres();
-    let db = pg.create_db("partial");
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("partial");
     pg.psql(
         &db,
         "create table t as select generate_series(1, 100) as id",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let pwfile = pg.password_file(dir.path());
     let good = pg_source(pg, &db, &pwfile, "globals = false");
     let bad = format!(
         "[[sources]]\nname = \"gone-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{}/x\"\n",

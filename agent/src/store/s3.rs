@@ -107,6 +107,23 @@ impl S3Store {
         }
     }
 
+    async fn get_object(
+        &self,
+        op: &'static str,
+        key: &str,
+    ) -> Result<(String, aws_sdk_s3::operation::get_object::GetObjectOutput), StoreError> {
+        let full = self.full_key(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| classify(op, &full, e))?;
+        Ok((full, out))
+    }
+
     fn sha256_b64(&self, data: &[u8]) -> Option<String> {
         match self.checksums {
             ChecksumMode::Always => Some(aws_smithy_types::base64::encode(Sha256::digest(data))),
@@ -199,15 +216,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let full = self.full_key(key);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-            .map_err(|e| classify("get", &full, e))?;
+        let (full, out) = self.get_object("get", key).await?;
         let body = out.body.collect().await.map_err(|e| {
             StoreError::transient("get", &full, DisplayErrorContext(&e).to_string())
         })?;
@@ -215,15 +224,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn open(&self, key: &str) -> Result<ObjectReader, StoreError> {
-        let full = self.full_key(key);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-            .map_err(|e| classify("open", &full, e))?;
+        let (_, out) = self.get_object("open", key).await?;
         Ok(Box::pin(out.body.into_async_read()))
     }
 
