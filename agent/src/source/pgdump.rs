@@ -30,6 +30,9 @@ pub struct TableData {
     pub schema: String,
     /// Table name.
     pub name: String,
+    /// What pg_dump copied: `schema.table (columns)`, generated columns left out.
+    #[serde(default)]
+    pub copy: Option<String>,
     /// Exact row count.
     pub rows: u64,
     /// Sum of XXH3-128 of each COPY text row, hex (absent in `counts` mode).
@@ -75,6 +78,7 @@ struct TocEntry {
     desc: String,
     namespace: String,
     tag: String,
+    copy: String,
 }
 
 #[derive(Debug)]
@@ -97,12 +101,104 @@ enum State {
     Failed,
 }
 
+/// Counts and hashes COPY text rows fed in arbitrary chunks: what the dump stream carries, and
+/// what `COPY … TO STDOUT` of a restored table gives back.
 #[derive(Debug, Default)]
-struct TableAcc {
+pub struct RowHasher {
+    full: bool,
     rows: u64,
     hash: u128,
     line: Vec<u8>,
     terminated: bool,
+}
+
+impl RowHasher {
+    /// A hasher; `full` = false only counts rows.
+    pub fn new(full: bool) -> Self {
+        RowHasher {
+            full,
+            ..Default::default()
+        }
+    }
+
+    /// Feeds the next bytes of COPY text.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
+            let piece = &rest[..nl];
+            rest = &rest[nl + 1..];
+            if self.terminated {
+                continue;
+            }
+            let line: &[u8] = if self.line.is_empty() {
+                piece
+            } else {
+                self.line.extend_from_slice(piece);
+                &self.line
+            };
+            // `\.` ends COPY data in a dump; a row holding that text would be escaped as `\\.`.
+            if line == b"\\." {
+                self.terminated = true;
+            } else {
+                self.rows += 1;
+                if self.full {
+                    self.hash = self.hash.wrapping_add(xxh3_128(line));
+                }
+            }
+            self.line.clear();
+        }
+        if !self.terminated {
+            self.line.extend_from_slice(rest);
+        }
+    }
+
+    /// Row count and content hash (hex; `None` when only counting).
+    pub fn finish(mut self) -> (u64, Option<String>) {
+        if !self.line.is_empty() && !self.terminated {
+            // A last row without its newline still counts.
+            let line = std::mem::take(&mut self.line);
+            self.rows += 1;
+            if self.full {
+                self.hash = self.hash.wrapping_add(xxh3_128(&line));
+            }
+        }
+        (self.rows, self.full.then(|| format!("{:032x}", self.hash)))
+    }
+}
+
+/// Hashes large objects the same way on both sides: XXH3-128 of (oid as 8 little-endian bytes,
+/// content), summed.
+#[derive(Default)]
+pub struct LargeObjectHasher {
+    count: u64,
+    sum: u128,
+    current: Option<Xxh3>,
+}
+
+impl LargeObjectHasher {
+    /// Starts the object `oid`.
+    pub fn start(&mut self, oid: i64) {
+        let mut h = Xxh3::new();
+        h.update(&oid.to_le_bytes());
+        self.current = Some(h);
+    }
+    /// Feeds the current object's content.
+    pub fn feed(&mut self, data: &[u8]) {
+        if let Some(h) = &mut self.current {
+            h.update(data);
+        }
+    }
+    /// Ends the current object.
+    pub fn end(&mut self) {
+        if let Some(h) = self.current.take() {
+            self.count += 1;
+            self.sum = self.sum.wrapping_add(h.digest128());
+        }
+    }
+    /// Count and hash (hex).
+    pub fn finish(self) -> (u64, String) {
+        (self.count, format!("{:032x}", self.sum))
+    }
 }
 
 /// The observer that builds a [`DumpSummary`] from a `pg_dump -Fc -Z0` stream.
@@ -114,12 +210,10 @@ pub struct DumpFingerprinter {
     next_attempt: usize,
     header: Option<Header>,
     toc: HashMap<i64, TocEntry>,
-    tables: BTreeMap<(String, String), TableAcc>,
+    tables: BTreeMap<(String, String), (Option<String>, RowHasher)>,
     current: Option<(String, String)>,
     sequences: Vec<SequenceValue>,
-    blobs: u64,
-    blob_hash: u128,
-    blob_hasher: Xxh3,
+    blobs: LargeObjectHasher,
     error: Option<String>,
 }
 
@@ -232,7 +326,7 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
         need!(c.int()); // section
         let defn = need!(c.string()).unwrap_or_default();
         need!(c.string()); // drop statement
-        need!(c.string()); // copy statement
+        let copy = need!(c.string()).unwrap_or_default(); // COPY statement
         let namespace = need!(c.string()).unwrap_or_default();
         need!(c.string()); // tablespace
         if vmin >= 14 {
@@ -261,10 +355,18 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
                 desc,
                 namespace,
                 tag,
+                copy,
             },
         );
     }
     Parse::Done((header, toc, sequences), c.pos)
+}
+
+/// `COPY public.t (a, b) FROM stdin;` → `public.t (a, b)`.
+fn copy_target(stmt: &str) -> Option<String> {
+    let rest = stmt.trim().strip_prefix("COPY ")?;
+    let target = rest.strip_suffix(" FROM stdin;")?;
+    (!target.is_empty()).then(|| target.to_string())
 }
 
 /// Parses `SELECT pg_catalog.setval('public.s', 42, true);`.
@@ -294,9 +396,7 @@ impl DumpFingerprinter {
             tables: BTreeMap::new(),
             current: None,
             sequences: Vec::new(),
-            blobs: 0,
-            blob_hash: 0,
-            blob_hasher: Xxh3::new(),
+            blobs: LargeObjectHasher::default(),
             error: None,
         }
     }
@@ -332,48 +432,9 @@ impl DumpFingerprinter {
     }
 
     fn table_rows(&mut self, chunk: &[u8]) {
-        let Some(key) = &self.current else { return };
-        let full = self.mode == FingerprintMode::Full;
-        let Some(acc) = self.tables.get_mut(key) else {
-            return;
-        };
-        let mut rest = chunk;
-        while let Some(nl) = memchr::memchr(b'\n', rest) {
-            let piece = &rest[..nl];
-            rest = &rest[nl + 1..];
-            if acc.terminated {
-                continue;
-            }
-            let line: &[u8] = if acc.line.is_empty() {
-                piece
-            } else {
-                acc.line.extend_from_slice(piece);
-                &acc.line
-            };
-            if line == b"\\." {
-                acc.terminated = true;
-            } else {
-                acc.rows += 1;
-                if full {
-                    acc.hash = acc.hash.wrapping_add(xxh3_128(line));
-                }
-            }
-            acc.line.clear();
-        }
-        if !acc.terminated {
-            acc.line.extend_from_slice(rest);
-        }
-    }
-
-    fn end_table(&mut self) {
-        if let Some(key) = self.current.take() {
-            if let Some(acc) = self.tables.get_mut(&key) {
-                if !acc.line.is_empty() && !acc.terminated {
-                    // A last row without its newline still counts.
-                    let line = std::mem::take(&mut acc.line);
-                    acc.rows += 1;
-                    acc.hash = acc.hash.wrapping_add(xxh3_128(&line));
-                }
+        if let Some(key) = &self.current {
+            if let Some((_, rows)) = self.tables.get_mut(key) {
+                rows.feed(chunk);
             }
         }
     }
@@ -427,7 +488,11 @@ impl DumpFingerprinter {
                             let entry = self.toc.get(&dump_id).cloned();
                             if let Some(e) = entry.filter(|e| e.desc == "TABLE DATA") {
                                 let key = (e.namespace, e.tag);
-                                self.tables.entry(key.clone()).or_default();
+                                let copy = copy_target(&e.copy);
+                                let full = self.mode == FingerprintMode::Full;
+                                self.tables
+                                    .entry(key.clone())
+                                    .or_insert_with(|| (copy, RowHasher::new(full)));
                                 self.current = Some(key);
                             }
                             self.state = State::ChunkLen { dump_id };
@@ -444,7 +509,7 @@ impl DumpFingerprinter {
                         return self.fail(format!("negative chunk length in block {dump_id}"));
                     }
                     if len == 0 {
-                        self.end_table();
+                        self.current = None;
                         self.state = State::Block;
                     } else {
                         self.state = State::Chunk {
@@ -474,8 +539,7 @@ impl DumpFingerprinter {
                     if oid == 0 {
                         self.state = State::Block;
                     } else {
-                        self.blob_hasher = Xxh3::new();
-                        self.blob_hasher.update(&oid.to_le_bytes());
+                        self.blobs.start(oid);
                         self.state = State::BlobChunkLen { oid };
                     }
                 }
@@ -487,8 +551,7 @@ impl DumpFingerprinter {
                         return self.fail(format!("negative chunk length in large object {oid}"));
                     }
                     if len == 0 {
-                        self.blobs += 1;
-                        self.blob_hash = self.blob_hash.wrapping_add(self.blob_hasher.digest128());
+                        self.blobs.end();
                         self.state = State::BlobOid;
                     } else {
                         self.state = State::BlobChunk {
@@ -499,7 +562,7 @@ impl DumpFingerprinter {
                 }
                 State::BlobChunk { oid, remaining } => {
                     let n = remaining.min(data.len());
-                    self.blob_hasher.update(&data[..n]);
+                    self.blobs.feed(&data[..n]);
                     data = &data[n..];
                     self.state = if n == remaining {
                         State::BlobChunkLen { oid }
@@ -528,6 +591,7 @@ impl DumpFingerprinter {
             error = Some(format!("the dump stream ended inside {:?}", self.state));
         }
         let full = self.mode == FingerprintMode::Full;
+        let blobs = self.blobs.finish();
         let mut sequences = self.sequences;
         sequences.sort_by(|a, b| a.name.cmp(&b.name));
         DumpSummary {
@@ -538,16 +602,20 @@ impl DumpFingerprinter {
             tables: self
                 .tables
                 .into_iter()
-                .map(|((schema, name), acc)| TableData {
-                    schema,
-                    name,
-                    rows: acc.rows,
-                    hash: full.then(|| format!("{:032x}", acc.hash)),
+                .map(|((schema, name), (copy, rows))| {
+                    let (rows, hash) = rows.finish();
+                    TableData {
+                        schema,
+                        name,
+                        copy,
+                        rows,
+                        hash,
+                    }
                 })
                 .collect(),
             sequences,
-            large_objects: self.blobs,
-            large_objects_hash: full.then(|| format!("{:032x}", self.blob_hash)),
+            large_objects: blobs.0,
+            large_objects_hash: full.then_some(blobs.1),
             error,
         }
     }
