@@ -677,7 +677,7 @@ mod tests {
                 }
             }
         }
-        fn entry(&mut self, id: i64, tag: &str, desc: &str, ns: &str, defn: &str) {
+        fn entry(&mut self, id: i64, tag: &str, desc: &str, ns: &str, defn: &str, copy: &str) {
             self.int(id);
             self.int(1);
             self.str(Some("0"));
@@ -687,7 +687,7 @@ mod tests {
             self.int(2);
             self.str(Some(defn));
             self.str(Some(""));
-            self.str(Some(""));
+            self.str(Some(copy));
             self.str(Some(ns));
             self.str(Some(""));
             self.str(Some("heap"));
@@ -720,14 +720,22 @@ mod tests {
         a.str(Some("15.18"));
         a.str(Some("15.18"));
         a.int(3);
-        a.entry(10, "t", "TABLE DATA", "public", "");
-        a.entry(11, "Tâble ✓", "TABLE DATA", "Ünï", "");
+        a.entry(
+            10,
+            "t",
+            "TABLE DATA",
+            "public",
+            "",
+            "COPY public.t (a, b) FROM stdin;\n",
+        );
+        a.entry(11, "Tâble ✓", "TABLE DATA", "Ünï", "", "");
         a.entry(
             12,
             "s",
             "SEQUENCE SET",
             "public",
             "SELECT pg_catalog.setval('public.s', 7, true);\n",
+            "",
         );
         a.data(10, &[b"1\tx\n", b"2\t", b"y\n", b"\\N\t\n", b"\\.\n\n\n"]);
         a.data(11, &[b"\n", b"\n", b"\\.\n\n\n"]);
@@ -757,6 +765,8 @@ mod tests {
             .map(|t| (t.name.as_str(), t.rows))
             .collect();
         assert_eq!(rows, vec![("t", 3), ("Tâble ✓", 2)]);
+        assert_eq!(whole.tables[0].copy.as_deref(), Some("public.t (a, b)"));
+        assert_eq!(whole.tables[1].copy, None);
         assert_eq!(
             whole.tables[0].hash.as_deref(),
             Some(rows_hash([&b"1\tx"[..], b"2\ty", b"\\N\t"]).as_str())
