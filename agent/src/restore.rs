@@ -1,12 +1,13 @@
 //! Reading backups back: fetch → check SHA-256 → decrypt → decompress.
 //!
-//! This version proves a backup's bytes end to end (stored SHA-256 and size, then the plaintext
-//! SHA-256 and size after age and zstd) without applying them anywhere; restoring into a database
-//! builds on the same stream.
+//! The guarantee, for the verifier and `lifeboat restore` alike: **every stored object is
+//! downloaded to a spool file and its SHA-256 and size checked against the manifest before a single
+//! byte is decrypted or applied.** The spool holds ciphertext only. While the plaintext streams into
+//! pg_restore its SHA-256 is checked as well; age authenticates every 64 KiB chunk, so a plaintext
+//! that differs can only come from a manifest that lies, and it stops the restore with exit 13.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use sha2::{Digest, Sha256};
@@ -18,109 +19,178 @@ use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Part};
 use crate::repo::Repository;
 
-/// Hashes every byte read through it.
-struct HashingReader<R> {
-    inner: R,
-    state: Arc<Mutex<(Sha256, u64)>>,
+/// A stored object downloaded to a spool file, its stored SHA-256 and size already checked.
+pub struct Spooled {
+    /// The part it holds.
+    pub part: Part,
+    /// The ciphertext file (deleted on drop).
+    pub file: tempfile::NamedTempFile,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
+/// Downloads `part` into a file in `dir`, checking the stored SHA-256 and size (exit 13 on mismatch).
+pub async fn spool(
+    repo: &Repository,
+    manifest: &Manifest,
+    part: &Part,
+    dir: &std::path::Path,
+) -> Result<Spooled> {
+    use tokio::io::AsyncWriteExt;
+    let key = layout::backup_object(&manifest.source, &manifest.id, &part.name);
+    let file = tempfile::Builder::new()
+        .prefix("lifeboat-spool-")
+        .tempfile_in(dir)
+        .map_err(|e| {
+            Error::failed(format!(
+                "cannot create a spool file in {}: {e}",
+                dir.display()
+            ))
+            .hint("pass --spool-dir with room for the stored backup")
+        })?;
+    let mut out = tokio::fs::File::from_std(
+        file.reopen()
+            .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?,
+    );
+    let mut r = repo
+        .store
+        .open(&key)
+        .await
+        .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+    let mut hasher = Sha256::new();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let got = r
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::failed(format!("reading {key}: {e}")))?;
+        if got == 0 {
+            break;
+        }
+        hasher.update(&buf[..got]);
+        n += got as u64;
+        out.write_all(&buf[..got]).await.map_err(|e| {
+            Error::failed(format!("writing the spool file in {}: {e}", dir.display()))
+                .hint("pass --spool-dir with room for the stored backup")
+        })?;
+    }
+    out.flush()
+        .await
+        .map_err(|e| Error::failed(format!("writing the spool file: {e}")))?;
+    let digest = hex::encode(hasher.finalize());
+    if digest != part.sha256_stored || n != part.size_stored {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "{key}: SHA-256 {digest} ({n} bytes), the manifest says {} ({} bytes)",
+                part.sha256_stored, part.size_stored
+            ),
+        )
+        .hint("nothing was applied; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)"));
+    }
+    Ok(Spooled {
+        part: part.clone(),
+        file,
+    })
+}
+
+/// Checks the plaintext SHA-256 and size at EOF; a mismatch is a read error, so a consumer such as
+/// pg_restore is stopped instead of finishing on the wrong data.
+struct PlainCheck<R> {
+    inner: R,
+    hasher: Sha256,
+    size: u64,
+    want_sha: String,
+    want_size: u64,
+    name: String,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for PlainCheck<R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            let new = &buf.filled()[before..];
-            let mut s = self
-                .state
-                .lock()
-                .map_err(|_| io::Error::other("hash state poisoned"))?;
-            s.0.update(new);
-            s.1 += new.len() as u64;
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new_len = buf.filled().len() - before;
+                if new_len == 0 {
+                    let digest = hex::encode(self.hasher.clone().finalize());
+                    if digest != self.want_sha || self.size != self.want_size {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "{}: plaintext SHA-256 {digest} ({} bytes), the manifest says {} ({} bytes)",
+                                self.name, self.size, self.want_sha, self.want_size
+                            ),
+                        )));
+                    }
+                } else {
+                    let chunk = buf.filled()[before..].to_vec();
+                    self.hasher.update(&chunk);
+                    self.size += new_len as u64;
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => other,
         }
-        r
     }
 }
 
-/// What reading one part back found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartCheck {
-    /// Object name.
-    pub name: String,
-    /// Stored bytes read.
-    pub size_stored: u64,
-    /// Plaintext bytes after decryption and decompression.
-    pub size_plain: u64,
-}
-
-/// Reads one part back through decryption and decompression, checking the stored and plaintext
-/// SHA-256 and sizes against the manifest. Exit 13 on any mismatch, 12 on a key problem.
-pub async fn check_part(
-    repo: &Repository,
-    manifest: &Manifest,
-    part: &Part,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-) -> Result<PartCheck> {
-    let key = layout::backup_object(&manifest.source, &manifest.id, &part.name);
-    let stored = repo
-        .store
-        .open(&key)
-        .await
-        .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
-    let stored_state = Arc::new(Mutex::new((Sha256::new(), 0u64)));
-    let reader = HashingReader {
-        inner: stored,
-        state: stored_state.clone(),
-    };
-    let integrity = |what: String| {
-        Error::new(ErrorKind::Integrity, format!("{key}: {what}"))
-            .hint("this backup is damaged; use another one and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
-    };
-    let mut plain = pipeline::decrypt_stream(Box::pin(reader), identities)
-        .await
-        .map_err(|e| e.context(&key))?;
-    let mut hasher = Sha256::new();
-    let mut size_plain = 0u64;
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = plain
-            .read(&mut buf)
+impl Spooled {
+    /// The plaintext, decrypted and decompressed from the spool file, checked at EOF.
+    pub async fn plaintext(
+        &self,
+        identities: &[Box<dyn age::Identity + Send + Sync>],
+    ) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
+        let f = tokio::fs::File::open(self.file.path())
             .await
-            .map_err(|e| integrity(format!("cannot be decrypted or decompressed: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size_plain += n as u64;
+            .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?;
+        let reader = pipeline::decrypt_stream(
+            Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)),
+            identities,
+        )
+        .await
+        .map_err(|e| e.context(&self.part.name))?;
+        Ok(Box::pin(PlainCheck {
+            inner: reader,
+            hasher: Sha256::new(),
+            size: 0,
+            want_sha: self.part.sha256_plain.clone(),
+            want_size: self.part.size_plain,
+            name: self.part.name.clone(),
+        }))
     }
-    drop(plain);
-    let (stored_hash, size_stored) = {
-        let s = stored_state
-            .lock()
-            .map_err(|_| Error::failed("hash state poisoned"))?;
-        (hex::encode(s.0.clone().finalize()), s.1)
-    };
-    if stored_hash != part.sha256_stored || size_stored != part.size_stored {
-        return Err(integrity(format!(
-            "stored bytes: SHA-256 {stored_hash} ({size_stored} bytes), the manifest says {} ({} bytes)",
-            part.sha256_stored, part.size_stored
-        )));
+
+    /// Writes the checked plaintext to a file in `dir` (for parallel pg_restore).
+    pub async fn plaintext_file(
+        &self,
+        identities: &[Box<dyn age::Identity + Send + Sync>],
+        dir: &std::path::Path,
+    ) -> Result<tempfile::NamedTempFile> {
+        let file = tempfile::Builder::new()
+            .prefix("lifeboat-plain-")
+            .tempfile_in(dir)
+            .map_err(|e| {
+                Error::failed(format!(
+                    "cannot create a spool file in {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        let mut out = tokio::fs::File::from_std(
+            file.reopen()
+                .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?,
+        );
+        let mut r = self.plaintext(identities).await?;
+        tokio::io::copy(&mut r, &mut out).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                Error::new(ErrorKind::Integrity, e.to_string())
+            } else {
+                Error::failed(format!("spooling the plaintext in {}: {e}", dir.display()))
+            }
+        })?;
+        Ok(file)
     }
-    let plain_hash = hex::encode(hasher.finalize());
-    if plain_hash != part.sha256_plain || size_plain != part.size_plain {
-        return Err(integrity(format!(
-            "plaintext: SHA-256 {plain_hash} ({size_plain} bytes), the manifest says {} ({} bytes)",
-            part.sha256_plain, part.size_plain
-        )));
-    }
-    Ok(PartCheck {
-        name: part.name.clone(),
-        size_stored,
-        size_plain,
-    })
 }
 
 /// Reads and decrypts a backup's fingerprint, checking its stored SHA-256 first.

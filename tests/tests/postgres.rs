@@ -719,8 +719,7 @@ fn check_read_data_catches_a_flipped_byte_and_a_truncation() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stderr
-            .contains("database.dump.zst.age: stored and plaintext SHA-256 match"),
+        r.stderr.contains(&format!("app-db {id}: verified")),
         "{}",
         r.stderr
     );

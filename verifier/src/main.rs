@@ -1,17 +1,18 @@
-//! `lifeboat-verifier`: proves backups restore.
-//!
-//! This version proves a backup's bytes: every stored object's SHA-256 against the manifest, then
-//! decryption with the identity and decompression, with the plaintext SHA-256 checked too, and the
-//! fingerprint decrypted. Restoring into a scratch database and comparing it with the fingerprint
-//! is not in this version; until it is, no verification report is written, so `lifeboat list`
-//! keeps showing such backups as not verified.
+//! `lifeboat-verifier`: proves backups restore, by restoring them into scratch databases and
+//! comparing what comes back with the fingerprint taken at backup time.
+
+mod checks;
+mod report;
+mod scratch;
+mod verify;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use lifeboat::policy::{self, LoadOptions};
 use lifeboat::repo::Repository;
-use lifeboat::{pipeline, restore, Error, ErrorKind, Result};
+use lifeboat::{pipeline, Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
 
 /// Proves lifeboat backups restore.
 #[derive(Debug, Parser)]
@@ -23,7 +24,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Verify one backup (default: the newest of each source).
+    /// Verify one backup of each source (default: the newest).
     Verify {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
@@ -37,13 +38,23 @@ enum Command {
         /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
         #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
         identity: Option<PathBuf>,
+        /// Print the reports as one JSON array on stdout.
+        #[arg(long)]
+        json: bool,
     },
 }
 
 fn main() {
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws=warn")),
+        )
         .init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -60,22 +71,37 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = match runtime.block_on(run(cli.command)) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("error: {e}");
-            e.kind.exit_code()
+    let cancel = CancellationToken::new();
+    let code = runtime.block_on(async {
+        let on_signal = cancel.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            tracing::warn!("Interrupted: tearing down the scratch database");
+            on_signal.cancel();
+        });
+        match run(cli.command, cancel.clone()).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                e.kind.exit_code()
+            }
         }
-    };
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
     std::process::exit(code);
 }
 
-async fn run(command: Command) -> Result<()> {
+async fn run(command: Command, cancel: CancellationToken) -> Result<i32> {
     let Command::Verify {
         policy,
         source,
         backup,
         identity,
+        json,
     } = command;
     let policy = policy::load(&policy, LoadOptions::default())?;
     let identity = identity
@@ -87,36 +113,50 @@ async fn run(command: Command) -> Result<()> {
         })?;
     let identities = pipeline::read_identities(&identity)?;
     let repo = Repository::open(&policy).await?;
-    let sources: Vec<String> = match source {
-        Some(s) => vec![s],
-        None => policy.sources.iter().map(|s| s.name.clone()).collect(),
+    let sources: Vec<_> = match &source {
+        Some(name) => vec![policy.source(name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Invalid,
+                format!("no source named `{name}` in the policy"),
+            )
+        })?],
+        None => policy.sources.iter().collect(),
     };
-    for s in sources {
-        let listing = repo.list(Some(&s)).await?;
-        let entry = if backup == "latest" {
-            listing.backups.first()
-        } else {
-            listing.backups.iter().find(|e| e.manifest.id == backup)
-        };
-        let Some(entry) = entry else {
-            return Err(Error::failed(format!("source {s}: no backup {backup}"))
-                .hint("`lifeboat list` shows the backups there are"));
-        };
+    let mut code = 0;
+    let mut reports = Vec::new();
+    for src in sources {
+        let entry = repo.find(&src.name, &backup, None).await?;
         let m = &entry.manifest;
-        for part in &m.parts {
-            let c = restore::check_part(&repo, m, part, &identities).await?;
+        tracing::info!(source = %src.name, backup = %m.id, "Verifying");
+        let report = verify::verify(&repo, src, &entry, &identities, &cancel).await?;
+        for c in report.checks.iter().filter(|c| !c.passed) {
             eprintln!(
-                "{s} {}: {}: stored and plaintext SHA-256 match ({} stored, {} plain)",
-                m.id, c.name, c.size_stored, c.size_plain
+                "FAIL {}: expected {}, found {}",
+                c.name, c.expected, c.found
             );
         }
-        let fp = restore::fingerprint(&repo, m, &identities).await?;
-        let tables = fp["dump"]["tables"].as_array().map(Vec::len).unwrap_or(0);
-        eprintln!("{s} {}: fingerprint readable ({tables} tables)", m.id);
         eprintln!(
-            "{s} {}: bytes verified; restore into a scratch database is not in this version, so no verification report was written",
-            m.id
+            "{} {}: {} ({} checks, restore {:.1} s, total {:.1} s)",
+            src.name,
+            m.id,
+            if report.result == "pass" {
+                "verified"
+            } else {
+                "VERIFICATION FAILED"
+            },
+            report.checks.len(),
+            report.timings.restore_seconds,
+            report.timings.total_seconds
         );
+        if report.result != "pass" {
+            code = ErrorKind::VerificationMismatch.exit_code();
+        }
+        reports.push(report);
     }
-    Ok(())
+    if json {
+        let text = serde_json::to_string_pretty(&reports)
+            .map_err(|e| Error::failed(format!("cannot encode: {e}")))?;
+        println!("{text}");
+    }
+    Ok(code)
 }

@@ -137,7 +137,8 @@ async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
                     "finished_at": m.finished_at,
                     "size_plain": m.size_plain,
                     "size_stored": m.size_stored,
-                    "verified": e.verified,
+                    "verified": e.verified(),
+                    "verification": e.verification,
                     "source_version": m.source_version,
                     "parts": m.parts.iter().map(|p| &p.name).collect::<Vec<_>>(),
                 })
@@ -164,7 +165,11 @@ async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
                 m.started_at.format("%Y-%m-%d %H:%M:%S"),
                 human_bytes(m.size_plain),
                 human_bytes(m.size_stored),
-                if e.verified { "yes" } else { "no" }
+                match e.verification.as_ref().map(|v| v.result.as_str()) {
+                    Some("pass") => "yes",
+                    Some(_) => "FAILED",
+                    None => "no",
+                }
             )
             .map_err(print_error)?;
         }

@@ -1,20 +1,40 @@
 //! Listing and finding backups. A backup exists when its manifest does; a backup directory without
 //! a manifest is an interrupted run, reported as incomplete and never offered for restore.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::layout;
 use super::manifest::Manifest;
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
 
+/// The latest verification of a backup.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Verification {
+    /// `pass` or `fail`.
+    pub result: String,
+    /// The report's id (sortable by time).
+    pub id: String,
+    /// Measured restore time (the RTO), seconds.
+    pub restore_seconds: Option<f64>,
+}
+
 /// One backup as listed.
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// Its manifest.
     pub manifest: Manifest,
-    /// Whether a passing verification report exists for it.
-    pub verified: bool,
+    /// Its latest verification, if any.
+    pub verification: Option<Verification>,
+}
+
+impl Entry {
+    /// True when the latest verification passed.
+    pub fn verified(&self) -> bool {
+        self.verification
+            .as_ref()
+            .is_some_and(|v| v.result == "pass")
+    }
 }
 
 /// What a listing found.
@@ -45,7 +65,7 @@ impl Repository {
                 *has |= name == layout::MANIFEST;
             }
         }
-        let verified = self.verified_backups(source).await?;
+        let mut verifications = self.verifications(source).await?;
         let mut listing = Listing::default();
         for ((s, id), has_manifest) in dirs {
             if !has_manifest {
@@ -53,8 +73,11 @@ impl Repository {
                 continue;
             }
             let manifest = self.manifest(&s, &id).await?;
-            let verified = verified.contains(&(s.clone(), id.clone()));
-            listing.backups.push(Entry { manifest, verified });
+            let verification = verifications.remove(&(s.clone(), id.clone()));
+            listing.backups.push(Entry {
+                manifest,
+                verification,
+            });
         }
         listing.backups.sort_by(|a, b| {
             (b.manifest.started_at, &b.manifest.id).cmp(&(a.manifest.started_at, &a.manifest.id))
@@ -90,8 +113,46 @@ impl Repository {
         Ok(m)
     }
 
-    /// (source, id) of every backup with a passing verification report.
-    async fn verified_backups(&self, source: Option<&str>) -> Result<BTreeSet<(String, String)>> {
+    /// Finds a backup of `source`: `latest`, an id, or the newest started before `before`.
+    /// A requested id whose directory has objects but no manifest is an integrity failure.
+    pub async fn find(
+        &self,
+        source: &str,
+        backup: &str,
+        before: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Entry> {
+        let listing = self.list(Some(source)).await?;
+        let found = listing.backups.into_iter().find(|e| {
+            let m = &e.manifest;
+            (backup == "latest" || m.id == backup) && before.is_none_or(|b| m.started_at < b)
+        });
+        if let Some(e) = found {
+            return Ok(e);
+        }
+        if listing
+            .incomplete
+            .iter()
+            .any(|(s, id)| s == source && id == backup)
+        {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!("backup {backup} of source {source} has objects but no manifest: an interrupted run or a deleted manifest"),
+            )
+            .hint("it cannot be trusted; pick another with `lifeboat list` (RUNBOOK.md#integrity-failure)"));
+        }
+        let what = match (backup, before) {
+            ("latest", None) => format!("no backups of source {source}"),
+            ("latest", Some(b)) => format!("no backup of source {source} started before {b}"),
+            (id, _) => format!("no backup {id} of source {source}"),
+        };
+        Err(Error::failed(what).hint("`lifeboat list` shows the backups there are"))
+    }
+
+    /// The latest verification of every backup of `source` (or all), by (source, id).
+    async fn verifications(
+        &self,
+        source: Option<&str>,
+    ) -> Result<BTreeMap<(String, String), Verification>> {
         let prefix = match source {
             Some(s) => layout::verifications_prefix(s),
             None => "verifications/".to_string(),
@@ -101,7 +162,8 @@ impl Repository {
             .list(&prefix)
             .await
             .map_err(|e| Error::from(e).context("listing verification reports"))?;
-        let mut out = BTreeSet::new();
+        // Keys sort by verify id, which sorts by time: the last one per backup is the latest.
+        let mut latest: BTreeMap<(String, String), String> = BTreeMap::new();
         for o in objects {
             let mut it = o
                 .key
@@ -109,22 +171,21 @@ impl Repository {
                 .unwrap_or("")
                 .splitn(3, '/');
             if let (Some(s), Some(id), Some(_)) = (it.next(), it.next(), it.next()) {
-                if out.contains(&(s.to_string(), id.to_string())) {
-                    continue;
-                }
-                let report = self.store.get(&o.key).await.map_err(Error::from)?;
-                let passed = serde_json::from_slice::<serde_json::Value>(&report)
-                    .ok()
-                    .and_then(|v| {
-                        v.get("result")
-                            .and_then(|r| r.as_str())
-                            .map(|r| r == "pass")
-                    })
-                    .unwrap_or(false);
-                if passed {
-                    out.insert((s.to_string(), id.to_string()));
-                }
+                latest.insert((s.to_string(), id.to_string()), o.key.clone());
             }
+        }
+        let mut out = BTreeMap::new();
+        for (k, key) in latest {
+            let report = self.store.get(&key).await.map_err(Error::from)?;
+            let v: serde_json::Value = serde_json::from_slice(&report).unwrap_or_default();
+            out.insert(
+                k,
+                Verification {
+                    result: v["result"].as_str().unwrap_or("unreadable").to_string(),
+                    id: v["verify_id"].as_str().unwrap_or("").to_string(),
+                    restore_seconds: v["timings"]["restore_seconds"].as_f64(),
+                },
+            );
         }
         Ok(out)
     }

@@ -92,6 +92,100 @@ pub fn spawn(
     Ok(Running { stdout, verdict })
 }
 
+/// Runs `program` to completion, feeding `input` (if any) to its stdin, and returns its stderr.
+///
+/// A read error on `input` (for a restore: damaged or unauthenticated plaintext) kills the child
+/// and is returned as an integrity error; a non-zero exit is an error carrying stderr's tail.
+pub async fn run_with_input(
+    program: &Path,
+    args: &[OsString],
+    env: &[(String, OsString)],
+    what: String,
+    input: Option<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
+) -> Result<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::failed(format!("cannot start {} ({what}): {e}", program.display()))
+            .hint("install the PostgreSQL client tools (RUNBOOK.md#tools-missing)")
+    })?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| Error::failed(format!("{what}: no stderr pipe")))?;
+    let drain = tokio::spawn(async move {
+        let mut tail: VecDeque<u8> = VecDeque::with_capacity(STDERR_TAIL * 4);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            for &b in &buf[..n] {
+                if tail.len() == STDERR_TAIL * 4 {
+                    tail.pop_front();
+                }
+                tail.push_back(b);
+            }
+        }
+        String::from_utf8_lossy(&tail.into_iter().collect::<Vec<_>>()).into_owned()
+    });
+    if let (Some(mut reader), Some(mut stdin)) = (input, child.stdin.take()) {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match reader.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = child.kill().await;
+                    return Err(Error::new(
+                        crate::error::ErrorKind::Integrity,
+                        format!("{what} stopped: the backup stream failed: {e}"),
+                    ));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            if stdin.write_all(&buf[..n]).await.is_err() {
+                break; // The child stopped reading: its exit status says why.
+            }
+        }
+        drop(stdin);
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| Error::failed(format!("{what}: waiting for it failed: {e}")))?;
+    let tail = drain.await.unwrap_or_default();
+    if status.success() {
+        Ok(tail)
+    } else {
+        let code = status
+            .code()
+            .map(|c| format!("exit status {c}"))
+            .unwrap_or_else(|| "killed by a signal".to_string());
+        let short: String = tail
+            .trim()
+            .chars()
+            .rev()
+            .take(STDERR_TAIL)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Err(Error::failed(format!("{what} failed ({code}): {short}")))
+    }
+}
+
 /// Runs a tool to completion and returns its stdout (for `--version` and similar).
 pub async fn output(program: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(program)

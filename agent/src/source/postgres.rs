@@ -13,16 +13,22 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use serde_json::json;
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncRead;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, NoTls};
 
 use super::child;
-use super::pgdump::DumpFingerprinter;
+use super::pgdump::{
+    DumpFingerprinter, DumpSummary, LargeObjectHasher, RowHasher, SequenceValue, TableData,
+};
 use super::{BackupContext, Source, SourceBackup};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, NoObserver};
-use crate::policy::{PostgresConfig, Secret};
+use crate::policy::{FingerprintMode, PostgresConfig, Secret};
 use crate::repo::layout;
 use crate::repo::manifest::Part;
 
@@ -30,6 +36,15 @@ use crate::repo::manifest::Part;
 pub const DUMP_OBJECT: &str = "database.dump.zst.age";
 /// Object name of the globals dump.
 pub const GLOBALS_OBJECT: &str = "globals.sql.zst.age";
+
+/// Session settings that fix how values print, so COPY text from the dump and from a restored
+/// database hash the same (libpq `PGOPTIONS` form, for pg_dump and pg_restore).
+pub const TEXT_OPTIONS: &str =
+    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex";
+
+/// The same settings as SQL, for lifeboat's own connections.
+pub const TEXT_SETTINGS_SQL: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'";
 
 /// Counts of schema objects, inside the snapshot.
 const OBJECT_COUNTS: &str = r#"
@@ -74,12 +89,23 @@ pub struct Postgres {
     cfg: PostgresConfig,
 }
 
-struct Connected {
-    client: Client,
+/// An open connection, with what is needed to point a libpq tool at the same server.
+pub struct Connection {
+    /// The client.
+    pub client: Client,
     config: tokio_postgres::Config,
     password: Option<Secret>,
-    server_major: u32,
-    server_version: String,
+    /// Server major version (15, 16, …).
+    pub server_major: u32,
+    /// Server version string.
+    pub server_version: String,
+}
+
+impl Connection {
+    /// The database this connection is to.
+    pub fn dbname(&self) -> Option<&str> {
+        self.config.get_dbname()
+    }
 }
 
 impl Postgres {
@@ -92,7 +118,8 @@ impl Postgres {
         format!("PostgreSQL at {}", self.cfg.url_redacted)
     }
 
-    async fn connect(&self) -> Result<Connected> {
+    /// Connects to the source's database (or `dbname` instead, e.g. `postgres` for maintenance).
+    pub async fn connect_to(&self, dbname: Option<&str>) -> Result<Connection> {
         let mut config = tokio_postgres::Config::from_str(self.cfg.url.expose()).map_err(|e| {
             Error::new(
                 ErrorKind::Invalid,
@@ -108,6 +135,15 @@ impl Postgres {
                 .hint("mount the secret at that path or fix password_file")
             })?;
             config.password(pw.trim_end_matches(['\n', '\r']));
+        }
+        if let Some(db) = dbname {
+            config.dbname(db);
+        }
+        if config.get_password().is_none() {
+            // libpq tools would read PGPASSWORD; the connection lifeboat makes itself does too.
+            if let Ok(pw) = std::env::var("PGPASSWORD") {
+                config.password(pw);
+            }
         }
         if config.get_application_name().is_none() {
             config.application_name("lifeboat");
@@ -132,13 +168,18 @@ impl Postgres {
             .await
             .map_err(|e| self.query_error("reading the server version", e))?;
         let num: i32 = row.get(0);
-        Ok(Connected {
+        Ok(Connection {
             client,
             config,
             password,
             server_major: (num / 10000) as u32,
             server_version: row.get(1),
         })
+    }
+
+    /// Connects to the source's database.
+    pub async fn connect(&self) -> Result<Connection> {
+        self.connect_to(None).await
     }
 
     fn connect_error(&self, e: tokio_postgres::Error) -> Error {
@@ -173,7 +214,8 @@ impl Postgres {
     }
 
     /// Finds `tool` (pg_dump, pg_dumpall) no older than the server, and returns it with its version.
-    async fn find_tool(&self, tool: &str, server_major: u32) -> Result<(PathBuf, String)> {
+    /// Finds `tool` (pg_dump, pg_restore, psql…) no older than the server, with its version.
+    pub async fn find_tool(&self, tool: &str, server_major: u32) -> Result<(PathBuf, String)> {
         let mut candidates: Vec<PathBuf> = Vec::new();
         if let Some(dir) = &self.cfg.bin_dir {
             candidates.push(dir.join(tool));
@@ -231,7 +273,7 @@ impl Postgres {
     }
 
     /// libpq environment for a child, and the passfile holding the password (kept until the child is done).
-    fn child_env(&self, c: &Connected) -> Result<(ChildEnv, Option<tempfile::NamedTempFile>)> {
+    fn child_env(&self, c: &Connection) -> Result<(ChildEnv, Option<tempfile::NamedTempFile>)> {
         let cfg = &c.config;
         let mut env: Vec<(String, OsString)> = Vec::new();
         let hosts: Vec<String> = cfg
@@ -262,6 +304,7 @@ impl Postgres {
         };
         env.push(("PGSSLMODE".into(), sslmode.into()));
         env.push(("PGAPPNAME".into(), "lifeboat".into()));
+        env.push(("PGOPTIONS".into(), TEXT_OPTIONS.into()));
         env.push(("PGCONNECT_TIMEOUT".into(), "10".into()));
         let passfile = match &c.password {
             None => None,
@@ -280,6 +323,257 @@ impl Postgres {
             }
         };
         Ok((env, passfile))
+    }
+}
+
+/// What a PostgreSQL backup's fingerprint holds (`fingerprint.json.age`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Format version.
+    pub format: u32,
+    /// Always `postgres`.
+    pub kind: String,
+    /// Detail recorded.
+    pub mode: FingerprintMode,
+    /// The database dumped.
+    pub database: Option<String>,
+    /// The source server's version.
+    pub server_version: String,
+    /// Schema object counts, taken in the snapshot.
+    pub objects: BTreeMap<String, i64>,
+    /// Tables, sequences and large objects, taken from the dump stream.
+    pub dump: DumpSummary,
+}
+
+fn object_counts(row: &tokio_postgres::Row) -> BTreeMap<String, i64> {
+    OBJECT_COUNT_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.to_string(), row.get::<_, i64>(i)))
+        .collect()
+}
+
+/// What a restored database holds, measured the way its fingerprint was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Observed {
+    /// Each expected table as found (rows 0 and no hash when the table is missing).
+    pub tables: Vec<TableData>,
+    /// Expected tables that do not exist in the restored database.
+    pub missing_tables: Vec<String>,
+    /// Tables in the restored database that the fingerprint does not name.
+    pub unexpected_tables: Vec<String>,
+    /// Each expected sequence as found (`None`: missing).
+    pub sequences: Vec<(String, Option<SequenceValue>)>,
+    /// Large objects.
+    pub large_objects: u64,
+    /// Their hash (full mode).
+    pub large_objects_hash: Option<String>,
+    /// Schema object counts.
+    pub objects: BTreeMap<String, i64>,
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Measures a restored database against `expected`: COPY of every table with the same columns
+/// and text settings as the dump, sequences, large objects and schema object counts.
+pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed> {
+    let q = |what: &str, e: tokio_postgres::Error| {
+        Error::failed(format!(
+            "restored database: {what}: {}",
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string())
+        ))
+    };
+    client
+        .batch_execute(TEXT_SETTINGS_SQL)
+        .await
+        .map_err(|e| q("setting the text format", e))?;
+    let full = expected.mode == FingerprintMode::Full;
+    let present: Vec<(String, String)> = client
+        .query(
+            "select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where c.relkind = 'r' and n.nspname not in ('pg_catalog', 'information_schema') \
+             and n.nspname not like 'pg_toast%' and n.nspname not like 'pg_temp%' \
+             and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass \
+                             and d.objid = c.oid and d.deptype = 'e')",
+            &[],
+        )
+        .await
+        .map_err(|e| q("listing tables", e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut tables = Vec::new();
+    let mut missing_tables = Vec::new();
+    for t in &expected.dump.tables {
+        let name = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+        if !present.iter().any(|(s, n)| s == &t.schema && n == &t.name) {
+            missing_tables.push(name);
+            continue;
+        }
+        let target = t.copy.clone().unwrap_or_else(|| name.clone());
+        let stream = client
+            .copy_out(&format!("COPY {target} TO STDOUT"))
+            .await
+            .map_err(|e| q(&format!("COPY {target}"), e))?;
+        let mut stream = std::pin::pin!(stream);
+        let mut rows = RowHasher::new(full);
+        while let Some(chunk) = stream.next().await {
+            rows.feed(&chunk.map_err(|e| q(&format!("COPY {target}"), e))?);
+        }
+        let (count, hash) = rows.finish();
+        tables.push(TableData {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            copy: t.copy.clone(),
+            rows: count,
+            hash,
+        });
+    }
+    let unexpected_tables = present
+        .iter()
+        .filter(|(s, n)| {
+            !expected
+                .dump
+                .tables
+                .iter()
+                .any(|t| &t.schema == s && &t.name == n)
+        })
+        .map(|(s, n)| format!("{}.{}", quote_ident(s), quote_ident(n)))
+        .collect();
+    let mut sequences = Vec::new();
+    for seq in &expected.dump.sequences {
+        let row = client
+            .query_opt(
+                "select pg_sequence_last_value(c.oid) from pg_class c where c.oid = to_regclass($1)",
+                &[&seq.name],
+            )
+            .await
+            .map_err(|e| q(&format!("reading sequence {}", seq.name), e))?;
+        let found = row.map(|r| {
+            let last: Option<i64> = r.get(0);
+            SequenceValue {
+                name: seq.name.clone(),
+                // An uncalled sequence reports no last value; restored by setval(…, false) it holds `value`.
+                value: last.unwrap_or(seq.value),
+                is_called: last.is_some(),
+            }
+        });
+        sequences.push((seq.name.clone(), found));
+    }
+    let mut lo = LargeObjectHasher::default();
+    let los = client
+        .query(
+            "select oid::int8, lo_get(oid) from pg_largeobject_metadata order by oid",
+            &[],
+        )
+        .await
+        .map_err(|e| q("reading large objects", e))?;
+    for r in &los {
+        lo.start(r.get::<_, i64>(0));
+        lo.feed(r.get::<_, &[u8]>(1));
+        lo.end();
+    }
+    let (lo_count, lo_hash) = lo.finish();
+    let counts = client
+        .query_one(OBJECT_COUNTS, &[])
+        .await
+        .map_err(|e| q("counting schema objects", e))?;
+    Ok(Observed {
+        tables,
+        missing_tables,
+        unexpected_tables,
+        sequences,
+        large_objects: lo_count,
+        large_objects_hash: full.then_some(lo_hash),
+        objects: object_counts(&counts),
+    })
+}
+
+/// Where pg_restore reads the archive from.
+pub enum RestoreInput {
+    /// Streamed into its stdin (one job).
+    Stream(std::pin::Pin<Box<dyn AsyncRead + Send>>),
+    /// A spooled plaintext archive (any number of jobs).
+    File(std::path::PathBuf),
+}
+
+/// pg_restore settings.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Parallel jobs (needs [`RestoreInput::File`] above 1).
+    pub jobs: u32,
+    /// Do not restore ownership.
+    pub no_owner: bool,
+    /// Do not restore tablespace assignments.
+    pub no_tablespaces: bool,
+}
+
+impl Postgres {
+    /// Runs pg_restore into the database `conn` is connected to. Any error pg_restore reports
+    /// fails the restore, with the tail of its stderr.
+    pub async fn pg_restore(
+        &self,
+        conn: &Connection,
+        input: RestoreInput,
+        opts: &RestoreOptions,
+    ) -> Result<()> {
+        let (tool, _) = self.find_tool("pg_restore", conn.server_major).await?;
+        let (env, _passfile) = self.child_env(conn)?;
+        let mut args: Vec<OsString> = vec!["--exit-on-error".into()];
+        if let Some(db) = conn.dbname() {
+            args.push(format!("--dbname={db}").into());
+        }
+        if opts.no_owner {
+            args.push("--no-owner".into());
+        }
+        if opts.no_tablespaces {
+            args.push("--no-tablespaces".into());
+        }
+        match input {
+            RestoreInput::Stream(reader) => {
+                child::run_with_input(&tool, &args, &env, "pg_restore".into(), Some(reader))
+                    .await?;
+            }
+            RestoreInput::File(path) => {
+                args.push(format!("--jobs={}", opts.jobs.max(1)).into());
+                args.push(path.into_os_string());
+                child::run_with_input(&tool, &args, &env, "pg_restore".into(), None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays a globals script (roles) with psql into the server `conn` points at. Returns the
+    /// errors psql reported other than "already exists".
+    pub async fn replay_globals(
+        &self,
+        conn: &Connection,
+        script: std::pin::Pin<Box<dyn AsyncRead + Send>>,
+    ) -> Result<Vec<String>> {
+        let (tool, _) = self.find_tool("psql", conn.server_major).await?;
+        let (env, _passfile) = self.child_env(conn)?;
+        let mut args: Vec<OsString> = vec![
+            "-X".into(),
+            "-q".into(),
+            "-v".into(),
+            "ON_ERROR_STOP=0".into(),
+        ];
+        if let Some(db) = conn.dbname() {
+            args.push(format!("--dbname={db}").into());
+        }
+        let stderr =
+            child::run_with_input(&tool, &args, &env, "psql (globals)".into(), Some(script))
+                .await?;
+        Ok(stderr
+            .lines()
+            .filter(|l| l.contains("ERROR:") && !l.contains("already exists"))
+            .map(str::to_string)
+            .collect())
     }
 }
 
@@ -338,11 +632,7 @@ impl Source for Postgres {
             .query_one(OBJECT_COUNTS, &[])
             .await
             .map_err(|e| self.query_error("counting schema objects", e))?;
-        let objects: serde_json::Map<String, serde_json::Value> = OBJECT_COUNT_NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, name)| (name.to_string(), json!(counts_row.get::<_, i64>(i))))
-            .collect();
+        let objects = object_counts(&counts_row);
 
         let (env, _passfile) = self.child_env(&c)?;
         tracing::info!(source = %ctx.source, backup = %ctx.id, tool = %pg_dump.display(), "Dumping database");
@@ -403,15 +693,16 @@ impl Source for Postgres {
         if let Some(err) = &summary.error {
             tracing::warn!(source = %ctx.source, backup = %ctx.id, error = %err, "Dump stored, but its content fingerprint is incomplete");
         }
-        let fingerprint = json!({
-            "format": 1,
-            "kind": "postgres",
-            "mode": self.cfg.fingerprint,
-            "database": c.config.get_dbname(),
-            "server_version": c.server_version,
-            "objects": objects,
-            "dump": summary,
-        });
+        let fingerprint = serde_json::to_value(Fingerprint {
+            format: 1,
+            kind: "postgres".into(),
+            mode: self.cfg.fingerprint,
+            database: c.config.get_dbname().map(str::to_string),
+            server_version: c.server_version.clone(),
+            objects,
+            dump: summary,
+        })
+        .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?;
         Ok(SourceBackup {
             parts,
             fingerprint,

@@ -1,0 +1,346 @@
+//! The verifier against real servers: a rich schema verifies; every kind of damage is caught with
+//! its exit code; the scratch cluster is always gone afterwards.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lifeboat_tests::*;
+
+struct Fx {
+    pg: &'static Postgres,
+    db: String,
+    dir: tempfile::TempDir,
+    key: Key,
+    pwfile: PathBuf,
+    /// TMPDIR of the verifier: its scratch clusters and spool files live here.
+    tmp: PathBuf,
+}
+
+fn setup(prefix: &str) -> Fx {
+    let pg = postgres();
+    let db = pg.create_db(prefix);
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    // Short: the scratch cluster's unix socket lives below it.
+    let tmp = PathBuf::from(format!("/tmp/lbvt-{}", suffix()));
+    std::fs::create_dir(&tmp).unwrap();
+    Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+        tmp,
+    }
+}
+
+impl Fx {
+    fn policy(&self, verify: &str) -> PathBuf {
+        let src = format!(
+            "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n[sources.verify]\n{verify}\n",
+            self.pg.url(&self.db),
+            self.pwfile.display()
+        );
+        write_policy(
+            self.dir.path(),
+            "url = \"file://./repo\"",
+            &self.key.recipient,
+            &src,
+        )
+    }
+
+    fn backup(&self, policy: &Path) -> String {
+        let r = lifeboat(
+            self.dir.path(),
+            &["backup", "--policy", policy.to_str().unwrap()],
+            &[],
+        );
+        assert_eq!(r.code, 0, "backup failed: {}", r.stderr);
+        let r = lifeboat(
+            self.dir.path(),
+            &["list", "--policy", policy.to_str().unwrap(), "--json"],
+            &[],
+        );
+        let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+        list[0]["id"].as_str().unwrap().to_string()
+    }
+
+    fn verify(&self, policy: &Path, extra: &[&str]) -> Run {
+        let mut args = vec!["verify", "--policy", policy.to_str().unwrap(), "--identity"];
+        let id = self.key.identity.to_str().unwrap().to_string();
+        args.push(&id);
+        args.extend_from_slice(extra);
+        let r = verifier(
+            self.dir.path(),
+            &args,
+            &[("TMPDIR".into(), self.tmp.display().to_string())],
+        );
+        self.assert_scratch_gone();
+        r
+    }
+
+    fn assert_scratch_gone(&self) {
+        let left: Vec<_> = std::fs::read_dir(&self.tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        // The guard removes the cluster asynchronously after the verifier exits; allow it a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut left = left;
+        while !left.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            left = std::fs::read_dir(&self.tmp)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+        }
+        assert!(left.is_empty(), "scratch left behind: {left:?}");
+        let ps = Command::new("pgrep")
+            .args(["-f", self.tmp.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            ps.stdout.is_empty(),
+            "a scratch server still runs: {}",
+            String::from_utf8_lossy(&ps.stdout)
+        );
+    }
+
+    fn object(&self, id: &str, name: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("repo/backups/app-db")
+            .join(id)
+            .join(name)
+    }
+
+    fn reports(&self, id: &str) -> Vec<serde_json::Value> {
+        let dir = self.dir.path().join("repo/verifications/app-db").join(id);
+        let mut out: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out.iter()
+            .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Fx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+fn load_schema(pg: &Postgres, db: &str) {
+    let sql =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/schema.sql"))
+            .unwrap();
+    pg.psql(db, &sql);
+}
+
+#[test]
+fn a_rich_schema_verifies_and_the_report_is_listed() {
+    let fx = setup("vrich");
+    load_schema(fx.pg, &fx.db);
+    let policy = fx.policy(
+        "checks = [{ sql = \"select count(*) from accounts\", min = 1 }, { sql = \"select count(*) from measurements\", equals = 12000 }]",
+    );
+    let id = fx.backup(&policy);
+    let r = fx.verify(&policy, &["--json"]);
+    assert_eq!(r.code, 0, "verify failed: {}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("app-db {id}: verified")),
+        "{}",
+        r.stderr
+    );
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let report = &reports[0];
+    assert_eq!(report["result"], "pass", "{report:#}");
+    let checks = report["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for want in [
+        "globals replayed",
+        "table public.accounts",
+        "table public.measurements_2025",
+        "table Ünïcødé.Tâble ✓",
+        "table public.no_columns",
+        "sequence public.standalone_seq",
+        "large objects",
+        "schema objects: policies",
+        "schema objects: triggers",
+        "sql: select count(*) from measurements",
+    ] {
+        assert!(names.contains(&want), "no check {want:?} in {names:?}");
+    }
+    assert!(checks.iter().all(|c| c["passed"] == true), "{checks:#?}");
+    let t = &report["timings"];
+    assert!(t["total_seconds"].as_f64().unwrap() >= t["restore_seconds"].as_f64().unwrap());
+    assert!(report["scratch"]
+        .as_str()
+        .unwrap()
+        .starts_with("ephemeral cluster"));
+
+    // The report is in the repository, and list shows the backup as verified.
+    let stored = fx.reports(&id);
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["result"], "pass");
+    let r = lifeboat(
+        fx.dir.path(),
+        &["list", "--policy", policy.to_str().unwrap(), "--json"],
+        &[],
+    );
+    let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(list[0]["verified"], true);
+    assert_eq!(list[0]["verification"]["result"], "pass");
+}
+
+#[test]
+fn a_failing_assertion_fails_verification_with_exit_4() {
+    let fx = setup("vassert");
+    fx.pg.psql(
+        &fx.db,
+        "create table users (id int); insert into users values (1), (2)",
+    );
+    let policy = fx.policy("checks = [{ sql = \"select count(*) from users\", min = 5 }]");
+    let id = fx.backup(&policy);
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("FAIL sql: select count(*) from users: expected >= 5, found 2"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fx.reports(&id)[0]["result"], "fail");
+    let r = lifeboat(
+        fx.dir.path(),
+        &["list", "--policy", policy.to_str().unwrap()],
+        &[],
+    );
+    assert!(r.stdout.contains("FAILED"), "{}", r.stdout);
+}
+
+#[test]
+fn damage_is_caught_before_restore_with_its_exit_code() {
+    let fx = setup("vdamage");
+    fx.pg.psql(
+        &fx.db,
+        "create table t as select g, md5(g::text) from generate_series(1, 5000) g",
+    );
+    let policy = fx.policy("");
+    let first = fx.backup(&policy);
+    fx.pg.psql(
+        &fx.db,
+        "insert into t select g, 'x' from generate_series(1, 10) g",
+    );
+    let second = fx.backup(&policy);
+    let dump = "database.dump.zst.age";
+
+    // Wrong identity: 12.
+    let other = tempfile::tempdir().unwrap();
+    let other_key = keygen(other.path());
+    let r = verifier(
+        fx.dir.path(),
+        &[
+            "verify",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--identity",
+            other_key.identity.to_str().unwrap(),
+        ],
+        &[("TMPDIR".into(), fx.tmp.display().to_string())],
+    );
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    fx.assert_scratch_gone();
+
+    let original = std::fs::read(fx.object(&second, dump)).unwrap();
+    // Flipped bit: 13.
+    let mut b = original.clone();
+    let i = b.len() / 3;
+    b[i] ^= 0x10;
+    std::fs::write(fx.object(&second, dump), &b).unwrap();
+    let r = fx.verify(&policy, &["--backup", &second]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("backups/app-db/{second}/{dump}: SHA-256")),
+        "{}",
+        r.stderr
+    );
+    // Truncated: 13.
+    std::fs::write(fx.object(&second, dump), &original[..original.len() / 2]).unwrap();
+    assert_eq!(fx.verify(&policy, &["--backup", &second]).code, 13);
+    // Swapped with the other backup's object: 13.
+    std::fs::copy(fx.object(&first, dump), fx.object(&second, dump)).unwrap();
+    assert_eq!(fx.verify(&policy, &["--backup", &second]).code, 13);
+    // The integrity failures were recorded as failed verifications.
+    assert!(fx.reports(&second).iter().all(|r| r["result"] == "fail"));
+
+    // Swapped, and the manifest edited to match: integrity passes, the content does not.
+    let m1: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.object(&first, "manifest.json")).unwrap())
+            .unwrap();
+    let mut m2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.object(&second, "manifest.json")).unwrap())
+            .unwrap();
+    m2["parts"][0] = m1["parts"][0].clone();
+    std::fs::write(
+        fx.object(&second, "manifest.json"),
+        serde_json::to_vec(&m2).unwrap(),
+    )
+    .unwrap();
+    let r = fx.verify(&policy, &["--backup", &second]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("FAIL table public.t: expected 5010 rows"),
+        "{}",
+        r.stderr
+    );
+
+    // Missing manifest: the backup is not trusted.
+    std::fs::remove_file(fx.object(&second, "manifest.json")).unwrap();
+    let r = fx.verify(&policy, &["--backup", &second]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("has objects but no manifest"),
+        "{}",
+        r.stderr
+    );
+    // The first backup still verifies.
+    let r = fx.verify(&policy, &["--backup", &first]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn a_scratch_server_gets_a_throwaway_database_and_never_the_source() {
+    let fx = setup("vserver");
+    fx.pg.psql(
+        &fx.db,
+        "create table t as select generate_series(1, 100) as id",
+    );
+    let scratch = fx.pg.url_with_password("postgres");
+    let policy = fx.policy(&format!("scratch_url = \"{scratch}\""));
+    fx.backup(&policy);
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let left = fx.pg.psql(
+        "postgres",
+        "select count(*) from pg_database where datname like 'lifeboat_verify_%'",
+    );
+    assert_eq!(left, "0", "the scratch database was dropped");
+
+    let own = fx.pg.url_with_password(&fx.db);
+    let policy = fx.policy(&format!("scratch_url = \"{own}\""));
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 14, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("points at the source's own database"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains(&fx.pg.password), "{}", r.stderr);
+}

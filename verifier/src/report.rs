@@ -1,0 +1,69 @@
+//! The verification report, stored beside the backup at
+//! `verifications/<source>/<backup-id>/<verify-id>.json`; `lifeboat list` reads the latest one.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use lifeboat::repo::Repository;
+use lifeboat::{Error, Result};
+use serde::Serialize;
+
+use crate::checks::Check;
+
+/// How long each phase took; `total_seconds` is the measured RTO.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Download and integrity check of every stored object.
+    pub download_seconds: f64,
+    /// Scratch start, globals and pg_restore.
+    pub restore_seconds: f64,
+    /// Comparison with the fingerprint and the policy's checks.
+    pub fingerprint_seconds: f64,
+    /// Everything.
+    pub total_seconds: f64,
+}
+
+/// One verification of one backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Report format.
+    pub format: u32,
+    /// This verification's id.
+    pub verify_id: String,
+    /// Source name.
+    pub source: String,
+    /// Backup id.
+    pub backup_id: String,
+    /// `pass` or `fail`.
+    pub result: String,
+    /// Why it failed, when it did before the checks could run.
+    pub error: Option<String>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+    /// Phase timings.
+    pub timings: Timings,
+    /// Where it restored: `ephemeral cluster` or the scratch server.
+    pub scratch: String,
+    /// Versions involved.
+    pub versions: serde_json::Value,
+    /// Every check, passed or not.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// Stores the report in the repository and returns its key.
+    pub async fn store(&self, repo: &Repository) -> Result<String> {
+        let key = format!(
+            "verifications/{}/{}/{}.json",
+            self.source, self.backup_id, self.verify_id
+        );
+        let body = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::failed(format!("cannot encode the report: {e}")))?;
+        repo.store
+            .put(&key, Bytes::from(body))
+            .await
+            .map_err(|e| Error::from(e).context(format!("storing {key}")))?;
+        Ok(key)
+    }
+}

@@ -1,0 +1,346 @@
+//! Verifying one backup: integrity first, then a restore into scratch, then every check.
+//!
+//! Order and guarantees:
+//! 1. Every stored object is downloaded to a spool file and its SHA-256 checked against the
+//!    manifest (exit 13 on any difference) before anything is decrypted; the fingerprint too.
+//! 2. A scratch database is made: an ephemeral cluster (default), or a `lifeboat_verify_<id>`
+//!    database on `verify.scratch_url` (refused if that is the source's own database).
+//! 3. Globals (roles) are replayed into an ephemeral cluster, then pg_restore runs from the
+//!    decrypted stream, whose plaintext SHA-256 is checked at its end; any error fails.
+//! 4. The restored database is compared with the fingerprint, then the policy's SQL checks run.
+//! 5. The scratch is torn down, whatever happened; the report is stored.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use lifeboat::policy::{PostgresConfig, Secret, SourceConfig, SourcePolicy};
+use lifeboat::repo::catalog::Entry;
+use lifeboat::repo::layout;
+use lifeboat::repo::Repository;
+use lifeboat::restore;
+use lifeboat::source::postgres::{self, Fingerprint, Postgres, RestoreInput, RestoreOptions};
+use lifeboat::{Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::checks::{self, Check};
+use crate::report::{Report, Timings};
+use crate::scratch::{self, Scratch};
+
+/// Identities that decrypt the backups.
+pub type Identities = Vec<Box<dyn age::Identity + Send + Sync>>;
+
+/// Where the restore goes.
+enum Target {
+    Ephemeral(Scratch),
+    Server {
+        maintenance: PostgresConfig,
+        db: String,
+    },
+}
+
+/// Verifies `entry` of `source`. Returns the stored report (pass or fail); an error only when
+/// verification could not run at all (integrity, keys, interruption).
+pub async fn verify(
+    repo: &Repository,
+    source: &SourcePolicy,
+    entry: &Entry,
+    identities: &Identities,
+    cancel: &CancellationToken,
+) -> Result<Report> {
+    let SourceConfig::Postgres(src_cfg) = &source.config;
+    let m = &entry.manifest;
+    let started_at = Utc::now();
+    let t0 = Instant::now();
+    let verify_id = layout::new_backup_id(started_at);
+    let mut report = Report {
+        format: 1,
+        verify_id: verify_id.clone(),
+        source: m.source.clone(),
+        backup_id: m.id.clone(),
+        result: "fail".into(),
+        error: None,
+        started_at,
+        finished_at: started_at,
+        timings: Timings::default(),
+        scratch: String::new(),
+        versions: serde_json::json!({
+            "lifeboat": lifeboat::repo::tool_version(),
+            "source_server": m.source_version,
+            "dump_tool": m.dump_tool_version,
+        }),
+        checks: Vec::new(),
+    };
+
+    // 1. Integrity before content.
+    let spool_dir = std::env::temp_dir();
+    let mut spooled = Vec::new();
+    for part in &m.parts {
+        let s = tokio::select! {
+            r = restore::spool(repo, m, part, &spool_dir) => r,
+            _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+        };
+        match s {
+            Ok(s) => spooled.push(s),
+            Err(e) => return Err(fail_and_store(repo, report, e).await),
+        }
+    }
+    let fingerprint: Fingerprint =
+        match restore::fingerprint(repo, m, identities)
+            .await
+            .and_then(|v| {
+                serde_json::from_value(v).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Integrity,
+                        format!("fingerprint of {}: {e}", m.id),
+                    )
+                })
+            }) {
+            Ok(f) => f,
+            Err(e) => return Err(fail_and_store(repo, report, e).await),
+        };
+    report.timings.download_seconds = t0.elapsed().as_secs_f64();
+
+    // 2. Scratch.
+    let t1 = Instant::now();
+    let source_major = m
+        .source_version
+        .as_deref()
+        .and_then(|v| v.split_whitespace().nth(1))
+        .and_then(|v| v.split('.').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let target = match &source.verify.scratch_url {
+        Some(url) => match scratch_server(src_cfg, url, &verify_id) {
+            Ok(t) => t,
+            Err(e) => return Err(fail_and_store(repo, report, e).await),
+        },
+        None => {
+            let bin = match scratch::find_server_bin(
+                source.verify.postgres_bin_dir.as_deref(),
+                source_major,
+            ) {
+                Ok(b) => b,
+                Err(e) => return Err(fail_and_store(repo, report, e).await),
+            };
+            match Scratch::start(&bin).await {
+                Ok(s) => Target::Ephemeral(s),
+                Err(e) => return Err(fail_and_store(repo, report, e).await),
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        r = restore_and_check(&target, &spooled, &fingerprint, source, identities, &mut report, t1) => r,
+        _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+    };
+    // 5. Teardown, whatever happened.
+    teardown(target).await;
+    drop(spooled);
+    if let Err(e) = outcome {
+        if e.kind == ErrorKind::Interrupted {
+            return Err(e);
+        }
+        report.checks.push(Check::failed(
+            "restore",
+            "pg_restore without errors",
+            e.message.clone(),
+        ));
+        report.error = Some(e.message);
+    }
+    report.timings.total_seconds = t0.elapsed().as_secs_f64();
+    report.finished_at = Utc::now();
+    report.result = if report.error.is_none() && report.checks.iter().all(|c| c.passed) {
+        "pass".into()
+    } else {
+        "fail".into()
+    };
+    report.store(repo).await?;
+    Ok(report)
+}
+
+async fn fail_and_store(repo: &Repository, mut report: Report, e: Error) -> Error {
+    if e.kind != ErrorKind::Interrupted {
+        report.error = Some(e.message.clone());
+        report.finished_at = Utc::now();
+        if let Err(store_err) = report.store(repo).await {
+            tracing::warn!(error = %store_err, "Could not store the failed verification's report");
+        }
+    }
+    e
+}
+
+fn scratch_server(src: &PostgresConfig, url: &Secret, verify_id: &str) -> Result<Target> {
+    use std::str::FromStr;
+    let parse = |s: &str| tokio_postgres::Config::from_str(s).ok();
+    let (Some(a), Some(b)) = (parse(src.url.expose()), parse(url.expose())) else {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "verify.scratch_url is not a PostgreSQL connection string",
+        ));
+    };
+    let same_server = a.get_hosts() == b.get_hosts() && a.get_ports() == b.get_ports();
+    if same_server && a.get_dbname() == b.get_dbname() {
+        return Err(Error::new(
+            ErrorKind::Refused,
+            "verify.scratch_url points at the source's own database; refusing to verify there",
+        )
+        .hint("point scratch_url at a scratch server (or its maintenance database), never at production"));
+    }
+    let db = format!(
+        "lifeboat_verify_{}",
+        verify_id.to_lowercase().replace('-', "_")
+    );
+    Ok(Target::Server {
+        maintenance: PostgresConfig {
+            url: url.clone(),
+            url_redacted: lifeboat::policy::redact_url(url.expose()),
+            password_file: None,
+            globals: false,
+            fingerprint: src.fingerprint,
+            bin_dir: None,
+        },
+        db,
+    })
+}
+
+async fn restore_and_check(
+    target: &Target,
+    spooled: &[restore::Spooled],
+    fingerprint: &Fingerprint,
+    source: &SourcePolicy,
+    identities: &Identities,
+    report: &mut Report,
+    t1: Instant,
+) -> Result<()> {
+    let dump = spooled
+        .iter()
+        .find(|s| s.part.role == "database")
+        .ok_or_else(|| Error::new(ErrorKind::Integrity, "the backup has no database part"))?;
+    let globals = spooled.iter().find(|s| s.part.role == "globals");
+    let (pg, opts) = match target {
+        Target::Ephemeral(s) => {
+            report.scratch = format!("ephemeral cluster ({})", s.bin.display());
+            let maint = Postgres::new(s.config("postgres"));
+            let conn = maint.connect().await?;
+            if let Some(g) = globals {
+                let errors = maint
+                    .replay_globals(&conn, g.plaintext(identities).await?)
+                    .await?;
+                report.checks.push(if errors.is_empty() {
+                    Check::eq("globals replayed", "no errors", "no errors")
+                } else {
+                    Check::failed("globals replayed", "no errors", errors.join("; "))
+                });
+            }
+            conn.client
+                .batch_execute("CREATE DATABASE restored")
+                .await
+                .map_err(|e| Error::failed(format!("scratch: creating the database: {e}")))?;
+            (
+                Postgres::new(s.config("restored")),
+                RestoreOptions {
+                    jobs: 1,
+                    no_owner: false,
+                    no_tablespaces: true,
+                },
+            )
+        }
+        Target::Server { maintenance, db } => {
+            report.scratch = format!("database {db} on {}", maintenance.url_redacted);
+            let maint = Postgres::new(maintenance.clone());
+            let conn = maint.connect().await?;
+            conn.client
+                .batch_execute(&format!("CREATE DATABASE {}", postgres::quote_ident(db)))
+                .await
+                .map_err(|e| Error::failed(format!("scratch server: creating {db}: {e}")))?;
+            let mut cfg = maintenance.clone();
+            cfg.url = Secret::new(with_dbname(maintenance.url.expose(), db));
+            // Roles are cluster-wide: a shared scratch server gets no globals, and no ownership.
+            (
+                Postgres::new(cfg),
+                RestoreOptions {
+                    jobs: 1,
+                    no_owner: true,
+                    no_tablespaces: true,
+                },
+            )
+        }
+    };
+    let conn = pg.connect().await?;
+    pg.pg_restore(
+        &conn,
+        RestoreInput::Stream(dump.plaintext(identities).await?),
+        &opts,
+    )
+    .await?;
+    report.timings.restore_seconds = t1.elapsed().as_secs_f64();
+    let t2 = Instant::now();
+    let observed = postgres::observe(&conn.client, fingerprint).await?;
+    report
+        .checks
+        .extend(checks::compare(fingerprint, &observed));
+    report
+        .checks
+        .extend(checks::sql_checks(&conn.client, &source.verify.checks).await);
+    report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
+    Ok(())
+}
+
+fn with_dbname(url: &str, db: &str) -> String {
+    if url.contains("://") {
+        let (base, query) = url
+            .split_once('?')
+            .map(|(b, q)| (b, Some(q)))
+            .unwrap_or((url, None));
+        let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+        let host_end = base[scheme_end..]
+            .find('/')
+            .map(|i| scheme_end + i)
+            .unwrap_or(base.len());
+        let mut out = format!("{}/{db}", &base[..host_end]);
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    } else {
+        format!("{url} dbname={db}")
+    }
+}
+
+async fn teardown(target: Target) {
+    match target {
+        Target::Ephemeral(s) => s.stop().await,
+        Target::Server { maintenance, db } => {
+            let maint = Postgres::new(maintenance);
+            match maint.connect().await {
+                Ok(conn) => {
+                    let sql = format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        postgres::quote_ident(&db)
+                    );
+                    if let Err(e) = conn.client.batch_execute(&sql).await {
+                        tracing::warn!(database = %db, error = %e, "Could not drop the scratch database; drop it by hand");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(database = %db, error = %e, "Could not reach the scratch server to drop the database; drop it by hand")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_dbname;
+
+    #[test]
+    fn dbname_is_replaced_in_both_url_forms() {
+        assert_eq!(
+            with_dbname("postgres://u:p@h:5/postgres?sslmode=disable", "v"),
+            "postgres://u:p@h:5/v?sslmode=disable"
+        );
+        assert_eq!(with_dbname("postgres://u@h", "v"), "postgres://u@h/v");
+        assert_eq!(with_dbname("host=h user=u", "v"), "host=h user=u dbname=v");
+    }
+}
