@@ -232,3 +232,207 @@ pub async fn fingerprint(
     serde_json::from_slice(&plain)
         .map_err(|e| Error::new(ErrorKind::Integrity, format!("{key}: not JSON: {e}")))
 }
+
+/// The state of a restore target database.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TargetState {
+    /// The database name.
+    pub database: String,
+    /// Whether it exists.
+    pub exists: bool,
+    /// User relations in it (tables, views, sequences…), extension members excluded.
+    pub relations: i64,
+    /// Large objects in it.
+    pub large_objects: i64,
+}
+
+impl TargetState {
+    /// True when restoring would mix with data already there.
+    pub fn has_data(&self) -> bool {
+        self.exists && (self.relations > 0 || self.large_objects > 0)
+    }
+}
+
+/// Connection settings for a restore target given as a URL (`--to`).
+pub fn target_config(url: &str) -> Result<(crate::policy::PostgresConfig, String)> {
+    use std::str::FromStr;
+    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "--to `{}` is not a PostgreSQL URL: {e}",
+                crate::policy::redact_url(url)
+            ),
+        )
+    })?;
+    let db = cfg.get_dbname().map(str::to_string).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Invalid,
+            "--to names no database; write postgresql://HOST/DBNAME",
+        )
+    })?;
+    Ok((
+        crate::policy::PostgresConfig {
+            url: crate::policy::Secret::new(url.to_string()),
+            url_redacted: crate::policy::redact_url(url),
+            password_file: None,
+            globals: false,
+            fingerprint: crate::policy::FingerprintMode::Counts,
+            bin_dir: None,
+        },
+        db,
+    ))
+}
+
+/// Looks at the target database without changing anything.
+pub async fn inspect_target(
+    target: &crate::source::postgres::Postgres,
+    db: &str,
+) -> Result<TargetState> {
+    let maint = connect_maintenance(target).await?;
+    let exists = maint
+        .client
+        .query_opt("select 1 from pg_database where datname = $1", &[&db])
+        .await
+        .map_err(|e| Error::failed(format!("target: looking up database {db}: {e}")))?
+        .is_some();
+    let mut state = TargetState {
+        database: db.to_string(),
+        exists,
+        relations: 0,
+        large_objects: 0,
+    };
+    if exists {
+        let conn = target.connect().await?;
+        let row = conn
+            .client
+            .query_one(
+                "select (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                   where c.relkind in ('r', 'p', 'v', 'm', 'S', 'f') \
+                   and n.nspname not in ('pg_catalog', 'information_schema') \
+                   and n.nspname not like 'pg_toast%' and n.nspname not like 'pg_temp%' \
+                   and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass \
+                                   and d.objid = c.oid and d.deptype = 'e')), \
+                 (select count(*) from pg_largeobject_metadata)",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::failed(format!("target: inspecting database {db}: {e}")))?;
+        state.relations = row.get(0);
+        state.large_objects = row.get(1);
+    }
+    Ok(state)
+}
+
+/// A connection to the target server's maintenance database (`postgres`, else `template1`).
+pub async fn connect_maintenance(
+    target: &crate::source::postgres::Postgres,
+) -> Result<crate::source::postgres::Connection> {
+    match target.connect_to(Some("postgres")).await {
+        Ok(c) => Ok(c),
+        Err(first) => target
+            .connect_to(Some("template1"))
+            .await
+            .map_err(|_| first),
+    }
+}
+
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct PgRestore {
+    /// Also replay roles.
+    pub with_globals: bool,
+    /// Parallel pg_restore jobs (spools the plaintext when above 1).
+    pub jobs: u32,
+    /// Where spool files go.
+    pub spool_dir: std::path::PathBuf,
+    /// Skip ownership.
+    pub no_owner: bool,
+}
+
+/// Restores a PostgreSQL backup into `db` on `target`: every object is spooled and checked first
+/// (exit 13, target untouched), then the database is created if missing, roles replayed if asked,
+/// and pg_restore runs. Returns whether the database was created.
+pub async fn restore_postgres(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &crate::source::postgres::Postgres,
+    db: &str,
+    how: &PgRestore,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    progress: &dyn Fn(&str),
+) -> Result<bool> {
+    use crate::source::postgres::{quote_ident, RestoreInput, RestoreOptions};
+    let mut parts = Vec::new();
+    for part in &manifest.parts {
+        if part.role == "database" || (part.role == "globals" && how.with_globals) {
+            progress(&format!(
+                "downloading and checking {} ({} bytes)",
+                part.name, part.size_stored
+            ));
+            parts.push(spool(repo, manifest, part, &how.spool_dir).await?);
+        }
+    }
+    let dump = parts
+        .iter()
+        .find(|p| p.part.role == "database")
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("backup {} has no database part", manifest.id),
+            )
+        })?;
+    if how.with_globals && !parts.iter().any(|p| p.part.role == "globals") {
+        return Err(Error::failed(format!(
+            "backup {} holds no globals (the source had globals = false)",
+            manifest.id
+        )));
+    }
+    let state = inspect_target(target, db).await?;
+    let maint = connect_maintenance(target).await?;
+    if let Some(g) = parts.iter().find(|p| p.part.role == "globals") {
+        progress("replaying roles (globals)");
+        let errors = target
+            .replay_globals(&maint, g.plaintext(identities).await?)
+            .await?;
+        if !errors.is_empty() {
+            return Err(Error::failed(format!(
+                "replaying roles failed: {}",
+                errors.join("; ")
+            )));
+        }
+    }
+    let created = !state.exists;
+    if created {
+        progress(&format!("creating database {db}"));
+        maint
+            .client
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
+            .await
+            .map_err(|e| Error::failed(format!("creating database {db}: {e}")))?;
+    }
+    let conn = target.connect().await?;
+    let opts = RestoreOptions {
+        jobs: how.jobs,
+        no_owner: how.no_owner,
+        no_tablespaces: false,
+    };
+    let input = if how.jobs > 1 {
+        progress(&format!(
+            "decrypting to a spool file in {}",
+            how.spool_dir.display()
+        ));
+        let file = dump.plaintext_file(identities, &how.spool_dir).await?;
+        progress(&format!("running pg_restore with {} jobs", how.jobs));
+        let r = target
+            .pg_restore(&conn, RestoreInput::File(file.path().to_path_buf()), &opts)
+            .await;
+        drop(file);
+        return r.map(|_| created);
+    } else {
+        progress("running pg_restore");
+        RestoreInput::Stream(dump.plaintext(identities).await?)
+    };
+    target.pg_restore(&conn, input, &opts).await?;
+    Ok(created)
+}

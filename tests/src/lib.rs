@@ -265,6 +265,46 @@ impl Postgres {
         name
     }
 
+    /// Everything a restore must reproduce: per table row count + content digest, sequences, large
+    /// objects and schema object counts.
+    pub fn digest(&self, db: &str) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        let tables = self.psql(
+            db,
+            "select format('%I.%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where c.relkind in ('r', 'm') and n.nspname not in ('pg_catalog', 'information_schema') \
+             and n.nspname not like 'pg_toast%' order by 1",
+        );
+        for t in tables.lines() {
+            let v = self.psql(
+                db,
+                &format!(
+                    "select count(*) || ' ' || coalesce(md5(string_agg(md5(x::text), '' order by md5(x::text))), '-') from {t} x"
+                ),
+            );
+            out.insert(format!("table {t}"), v);
+        }
+        out.insert(
+            "sequences".into(),
+            self.psql(db, "select string_agg(schemaname || '.' || sequencename || '=' || coalesce(last_value::text, 'null'), ',' order by schemaname, sequencename) from pg_sequences"),
+        );
+        out.insert(
+            "large objects".into(),
+            self.psql(db, "select string_agg(oid::text || ':' || md5(lo_get(oid)), ',' order by oid) from pg_largeobject_metadata"),
+        );
+        out.insert(
+            "objects".into(),
+            self.psql(
+                db,
+                "select (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname not in ('pg_catalog','information_schema') and n.nspname not like 'pg_toast%') || ' ' || \
+                 (select count(*) from pg_trigger where not tgisinternal) || ' ' || (select count(*) from pg_policy) || ' ' || \
+                 (select string_agg(extname, ',' order by extname) from pg_extension) || ' ' || \
+                 (select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname not in ('pg_catalog','information_schema'))",
+            ),
+        );
+        out
+    }
+
     /// Writes the password to a file (for `password_file`) and returns its path.
     pub fn password_file(&self, dir: &Path) -> PathBuf {
         let p = dir.join("pgpassword");

@@ -1,7 +1,6 @@
 //! PostgreSQL backups end to end, against a real server, a real S3 server (moto) and the stock
 //! age, zstd and pg_restore tools.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,46 +24,6 @@ fn require_tool(name: &str) {
         ok,
         "`{name}` is not installed: scripts/test.sh installs it (apt-get install {name})"
     );
-}
-
-/// Everything a restore must reproduce: per table row count + content digest, sequences, large
-/// objects and schema object counts.
-fn digest(pg: &Postgres, db: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let tables = pg.psql(
-        db,
-        "select format('%I.%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
-         where c.relkind in ('r', 'm') and n.nspname not in ('pg_catalog', 'information_schema') \
-         and n.nspname not like 'pg_toast%' order by 1",
-    );
-    for t in tables.lines() {
-        let v = pg.psql(
-            db,
-            &format!(
-                "select count(*) || ' ' || coalesce(md5(string_agg(md5(x::text), '' order by md5(x::text))), '-') from {t} x"
-            ),
-        );
-        out.insert(format!("table {t}"), v);
-    }
-    out.insert(
-        "sequences".into(),
-        pg.psql(db, "select string_agg(schemaname || '.' || sequencename || '=' || coalesce(last_value::text, 'null'), ',' order by schemaname, sequencename) from pg_sequences"),
-    );
-    out.insert(
-        "large objects".into(),
-        pg.psql(db, "select string_agg(oid::text || ':' || md5(lo_get(oid)), ',' order by oid) from pg_largeobject_metadata"),
-    );
-    out.insert(
-        "objects".into(),
-        pg.psql(
-            db,
-            "select (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname not in ('pg_catalog','information_schema') and n.nspname not like 'pg_toast%') || ' ' || \
-             (select count(*) from pg_trigger where not tgisinternal) || ' ' || (select count(*) from pg_policy) || ' ' || \
-             (select string_agg(extname, ',' order by extname) from pg_extension) || ' ' || \
-             (select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname not in ('pg_catalog','information_schema'))",
-        ),
-    );
-    out
 }
 
 /// What most tests start from: the shared cluster, a fresh database, a temp dir with a key made by
@@ -244,8 +203,8 @@ fn fs_round_trip_restores_with_stock_tools_table_by_table() {
         &bdir.join("database.dump.zst.age"),
         &restored,
     );
-    let want = digest(pg, &db);
-    let got = digest(pg, &restored);
+    let want = pg.digest(&db);
+    let got = pg.digest(&restored);
     assert!(
         want.len() >= 8,
         "the digest covers the schema's tables: {want:?}"
@@ -413,7 +372,7 @@ fn s3_round_trip(checksums: &str) {
     std::fs::write(&object, &body).unwrap();
     let restored = pg.create_db("s3restored");
     stock_restore(pg, &key.identity, &object, &restored);
-    assert_eq!(digest(pg, &db), digest(pg, &restored));
+    assert_eq!(pg.digest(&db), pg.digest(&restored));
 }
 
 #[test]

@@ -8,7 +8,7 @@ use lifeboat::repo::Repository;
 use lifeboat::{check, job, store, Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
-use super::{Command, PolicyCommand};
+use super::{Command, PolicyCommand, RestoreArgs};
 
 pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
     match command {
@@ -32,6 +32,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                 },
         } => policy_check(&files, allow_missing_env),
         Command::Keygen => keygen(),
+        Command::Restore(args) => restore(args, cancel).await,
     }
 }
 
@@ -294,4 +295,155 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    for f in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, f) {
+            return Ok(t.and_utc());
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Invalid,
+        format!("--before `{s}` is not a time; write 2026-11-27T03:00:00Z or \"2026-11-27 03:00:00\" (UTC)"),
+    ))
+}
+
+fn ago(t: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = (chrono::Utc::now() - t).num_seconds().max(0) as u64;
+    // Whole minutes once it is a minute or more: seconds would be noise.
+    let secs = if secs >= 60 { secs - secs % 60 } else { secs };
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+}
+
+async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
+    use lifeboat::restore as r;
+    let policy = load(&a.policy)?;
+    let before = a.before.as_deref().map(parse_time).transpose()?;
+    if a.jobs == 0 {
+        return Err(Error::new(ErrorKind::Invalid, "--jobs must be at least 1"));
+    }
+    let repo = Repository::open(&policy).await?;
+    let entry = repo.find(&a.source, &a.backup, before).await?;
+    let m = &entry.manifest;
+    let (cfg, db) = r::target_config(&a.to)?;
+    let target = lifeboat::source::postgres::Postgres::new(cfg.clone());
+    let state = r::inspect_target(&target, &db).await?;
+    let verification = match &entry.verification {
+        Some(v) if v.result == "pass" => "verified".to_string(),
+        Some(_) => "LAST VERIFICATION FAILED".to_string(),
+        None => "never verified".to_string(),
+    };
+    let action = if !state.exists {
+        format!("create database {db}, then restore into it")
+    } else if state.has_data() {
+        format!(
+            "database {db} already holds {} relation(s) and {} large object(s): restoring would mix with them",
+            state.relations, state.large_objects
+        )
+    } else {
+        format!("restore into the existing, empty database {db}")
+    };
+    let plan = serde_json::json!({
+        "backup": {
+            "id": m.id, "source": m.source, "started_at": m.started_at, "finished_at": m.finished_at,
+            "size_plain": m.size_plain, "size_stored": m.size_stored, "verification": verification,
+            "source_version": m.source_version,
+        },
+        "target": { "url": cfg.url_redacted, "database": db, "exists": state.exists,
+                    "relations": state.relations, "large_objects": state.large_objects },
+        "with_globals": a.with_globals,
+        "jobs": a.jobs,
+        "action": action,
+    });
+    if !a.json {
+        eprintln!("Restore plan");
+        eprintln!(
+            "  backup   {} of {} ({} ago, {}, {} stored)",
+            m.id,
+            m.source,
+            ago(m.started_at),
+            verification,
+            human_bytes(m.size_stored)
+        );
+        eprintln!("  target   {}", cfg.url_redacted);
+        eprintln!("  action   {action}");
+        if a.with_globals {
+            eprintln!(
+                "  roles    replayed from the backup's globals (no passwords: set them afterwards)"
+            );
+        }
+    }
+    if a.dry_run {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&plan).unwrap_or_default()
+            );
+        } else {
+            eprintln!("dry run: nothing was changed");
+        }
+        return Ok(());
+    }
+    if state.has_data() && !a.yes {
+        use std::io::IsTerminal;
+        if std::io::stdin().is_terminal() && !a.json {
+            eprint!("Type the database name ({db}) to restore into it anyway: ");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| Error::failed(format!("reading the answer: {e}")))?;
+            if line.trim() != db {
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    "not confirmed; nothing was changed",
+                ));
+            }
+        } else {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!("database {db} already holds data; refusing to restore into it (nothing was changed)"),
+            )
+            .hint("restore into a new database name, or pass --yes if mixing is really intended (RUNBOOK.md#restore)"));
+        }
+    }
+    let identity = a
+        .identity
+        .clone()
+        .or_else(|| policy.encryption.identity_file.clone())
+        .ok_or_else(|| {
+            Error::new(ErrorKind::Credential, "no age identity to decrypt with").hint(
+                "pass --identity FILE, set LIFEBOAT_IDENTITY_FILE or encryption.identity_file",
+            )
+        })?;
+    let identities = lifeboat::pipeline::read_identities(&identity)?;
+    let how = r::PgRestore {
+        with_globals: a.with_globals,
+        jobs: a.jobs,
+        spool_dir: a.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+        no_owner: a.no_owner,
+    };
+    let started = std::time::Instant::now();
+    let quiet = a.json;
+    let progress = move |msg: &str| {
+        if !quiet {
+            eprintln!("  … {msg}");
+        }
+    };
+    let created = tokio::select! {
+        res = r::restore_postgres(&repo, m, &target, &db, &how, &identities, &progress) => res?,
+        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted; the target may hold a partial restore")),
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if a.json {
+        let mut doc = plan;
+        doc["result"] = serde_json::json!({ "restored": true, "created_database": created, "seconds": seconds });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        eprintln!("restored backup {} into {db} in {seconds:.1} s", m.id);
+    }
+    Ok(())
 }

@@ -66,6 +66,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a backup into a PostgreSQL database (plan first; refuses a target with data).
+    Restore(RestoreArgs),
     /// Policy file tools.
     Policy {
         #[command(subcommand)]
@@ -73,6 +75,49 @@ enum Command {
     },
     /// Print a new age identity on stdout and its recipient on stderr.
     Keygen,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RestoreArgs {
+    /// The policy file.
+    #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+    pub policy: PathBuf,
+    /// The source whose backup to restore.
+    #[arg(long, short = 's')]
+    pub source: String,
+    /// A backup id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub backup: String,
+    /// The newest backup started before this time (RFC 3339, or `YYYY-MM-DD HH:MM:SS` in UTC).
+    #[arg(long)]
+    pub before: Option<String>,
+    /// Target database URL, e.g. postgresql://user@host/db (a password is better in PGPASSWORD).
+    #[arg(long)]
+    pub to: String,
+    /// Print the plan and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Restore into a database that already holds data, without asking.
+    #[arg(long)]
+    pub yes: bool,
+    /// Parallel pg_restore jobs; above 1 the plaintext is spooled to --spool-dir.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: u32,
+    /// Where downloaded (encrypted) objects and a parallel restore's plaintext are spooled.
+    #[arg(long)]
+    pub spool_dir: Option<PathBuf>,
+    /// Also replay roles (pg_dumpall --globals-only) into the target server.
+    #[arg(long)]
+    pub with_globals: bool,
+    /// Do not restore object ownership (when the roles do not exist on the target).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
+    #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
+    pub identity: Option<PathBuf>,
+    /// Print the plan (and result) as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,0 +1,246 @@
+//! `lifeboat restore` against real servers: new, empty and non-empty targets, damaged backups,
+//! parallel jobs, roles, and choosing a backup by time.
+
+use std::path::PathBuf;
+
+use lifeboat_tests::*;
+
+struct Fx {
+    pg: &'static Postgres,
+    db: String,
+    dir: tempfile::TempDir,
+    key: Key,
+    policy: PathBuf,
+}
+
+fn setup(prefix: &str, sql: &str) -> Fx {
+    let pg = postgres();
+    let db = pg.create_db(prefix);
+    pg.psql(&db, sql);
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let src = format!(
+        "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n",
+        pg.url(&db),
+        pwfile.display()
+    );
+    let policy = write_policy(dir.path(), "url = \"file://./repo\"", &key.recipient, &src);
+    Fx {
+        pg,
+        db,
+        dir,
+        key,
+        policy,
+    }
+}
+
+impl Fx {
+    fn backup(&self) -> String {
+        let p = self.policy.to_str().unwrap();
+        let r = lifeboat(self.dir.path(), &["backup", "--policy", p], &[]);
+        assert_eq!(r.code, 0, "backup failed: {}", r.stderr);
+        let r = lifeboat(self.dir.path(), &["list", "--policy", p, "--json"], &[]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+        list[0]["id"].as_str().unwrap().to_string()
+    }
+
+    fn restore(&self, to_db: &str, extra: &[&str]) -> Run {
+        let to = self.pg.url(to_db);
+        let mut args = vec![
+            "restore",
+            "--policy",
+            self.policy.to_str().unwrap(),
+            "--source",
+            "app-db",
+            "--to",
+            &to,
+            "--identity",
+        ];
+        let id = self.key.identity.to_str().unwrap().to_string();
+        args.push(&id);
+        args.extend_from_slice(extra);
+        lifeboat(
+            self.dir.path(),
+            &args,
+            &[("PGPASSWORD".into(), self.pg.password.clone())],
+        )
+    }
+
+    fn exists(&self, db: &str) -> bool {
+        self.pg.psql(
+            "postgres",
+            &format!("select count(*) from pg_database where datname = '{db}'"),
+        ) == "1"
+    }
+}
+
+const DATA: &str = "create table orders (id serial primary key, total numeric(10,2), note text);
+insert into orders (total, note) select g * 1.5, md5(g::text) from generate_series(1, 3000) g;
+select lo_from_bytea(0, 'attachment');";
+
+#[test]
+fn restore_into_a_new_database_creates_it_and_matches_the_source() {
+    let fx = setup("rnew", DATA);
+    fx.backup();
+    for jobs in ["1", "2"] {
+        let target = format!("{}_restored_j{jobs}", fx.db);
+        let r = fx.restore(&target, &["--jobs", jobs]);
+        assert_eq!(r.code, 0, "jobs {jobs}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains(&format!("create database {target}, then restore into it")),
+            "{}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains("never verified"),
+            "the plan shows the verification status: {}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains(&fx.pg.password), "{}", r.stderr);
+        assert_eq!(fx.pg.digest(&fx.db), fx.pg.digest(&target), "jobs {jobs}");
+    }
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_changes_nothing() {
+    let fx = setup("rdry", DATA);
+    let id = fx.backup();
+    let target = format!("{}_dry", fx.db);
+    let r = fx.restore(&target, &["--dry-run", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let plan: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(plan["backup"]["id"], id.as_str());
+    assert_eq!(plan["target"]["exists"], false);
+    assert!(plan["target"]["url"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/{target}")));
+    assert!(!fx.exists(&target), "dry run created nothing");
+}
+
+#[test]
+fn an_empty_target_is_restored_into_and_one_with_data_is_refused() {
+    let fx = setup("rtargets", DATA);
+    fx.backup();
+    let empty = fx.pg.create_db("rempty");
+    let r = fx.restore(&empty, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "restore into the existing, empty database {empty}"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fx.pg.digest(&fx.db), fx.pg.digest(&empty));
+
+    let busy = fx.pg.create_db("rbusy");
+    fx.pg.psql(
+        &busy,
+        "create table precious (id int); insert into precious values (42)",
+    );
+    let r = fx.restore(&busy, &[]);
+    assert_eq!(r.code, 14, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("already holds data; refusing"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        fx.pg.psql(
+            &busy,
+            "select count(*) from pg_tables where schemaname = 'public'"
+        ),
+        "1",
+        "untouched"
+    );
+
+    let r = fx.restore(&busy, &["--yes"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        fx.pg.psql(&busy, "select id from precious"),
+        "42",
+        "nothing is dropped"
+    );
+    assert_eq!(fx.pg.psql(&busy, "select count(*) from orders"), "3000");
+}
+
+#[test]
+fn a_damaged_backup_exits_13_and_leaves_the_target_untouched() {
+    let fx = setup("rdamage", DATA);
+    let id = fx.backup();
+    let object = fx
+        .dir
+        .path()
+        .join("repo/backups/app-db")
+        .join(&id)
+        .join("database.dump.zst.age");
+    let mut bytes = std::fs::read(&object).unwrap();
+    let i = bytes.len() - 10;
+    bytes[i] ^= 0xff;
+    std::fs::write(&object, &bytes).unwrap();
+    let target = format!("{}_never", fx.db);
+    let r = fx.restore(&target, &[]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(r.stderr.contains("nothing was applied"), "{}", r.stderr);
+    assert!(!fx.exists(&target), "the target was not even created");
+}
+
+#[test]
+fn roles_only_with_globals_and_backups_chosen_by_time() {
+    let role = format!("lbrole_{}", suffix());
+    let fx = setup(
+        "rglobals",
+        &format!("create role {role} nologin; {DATA}; grant select on orders to {role}"),
+    );
+    let first = fx.backup();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let cut = chrono_like_now();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    fx.pg.psql(
+        &fx.db,
+        "insert into orders (total, note) values (1, 'later')",
+    );
+    let _second = fx.backup();
+    // The role is lost on the server: only the backup's globals still know it.
+    fx.pg.psql(&fx.db, &format!("drop owned by {role} cascade"));
+    fx.pg.psql("postgres", &format!("drop role {role}"));
+
+    // Without --with-globals the grant to the missing role fails the restore, and says so.
+    let t1 = format!("{}_noroles", fx.db);
+    let r = fx.restore(&t1, &["--before", &cut]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("role \"{role}\" does not exist")),
+        "{}",
+        r.stderr
+    );
+
+    let t2 = format!("{}_roles", fx.db);
+    let r = fx.restore(&t2, &["--before", &cut, "--with-globals"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&first),
+        "the backup before the cut was chosen: {}",
+        r.stderr
+    );
+    assert_eq!(fx.pg.psql(&t2, "select count(*) from orders"), "3000");
+    assert_eq!(
+        fx.pg.psql(
+            "postgres",
+            &format!("select count(*) from pg_roles where rolname = '{role}'")
+        ),
+        "1"
+    );
+}
+
+fn chrono_like_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
