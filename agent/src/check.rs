@@ -153,7 +153,7 @@ pub async fn check(
         .await
         .map_err(|e| Error::from(e).context("listing unfinished uploads"))?
         .into_iter()
-        .map(|(k, _)| k)
+        .map(|u| u.key)
         .collect();
     Ok(report)
 }

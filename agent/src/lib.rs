@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod source;
 pub mod store;
 

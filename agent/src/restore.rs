@@ -415,6 +415,7 @@ pub async fn restore_postgres(
     let opts = RestoreOptions {
         jobs: how.jobs,
         no_owner: how.no_owner,
+        no_privileges: false,
         no_tablespaces: false,
     };
     let input = if how.jobs > 1 {

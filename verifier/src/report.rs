@@ -45,6 +45,8 @@ pub struct Report {
     pub timings: Timings,
     /// Where it restored: `ephemeral cluster` or the scratch server.
     pub scratch: String,
+    /// What this verification could not cover, and why.
+    pub notes: Vec<String>,
     /// Versions involved.
     pub versions: serde_json::Value,
     /// Every check, passed or not.

@@ -63,6 +63,7 @@ pub async fn verify(
         finished_at: started_at,
         timings: Timings::default(),
         scratch: String::new(),
+        notes: Vec::new(),
         versions: serde_json::json!({
             "lifeboat": lifeboat::repo::tool_version(),
             "source_server": m.source_version,
@@ -230,7 +231,13 @@ async fn restore_and_check(
                 } else {
                     Check::failed("globals replayed", "no errors", errors.join("; "))
                 });
+            } else {
+                report.notes.push(
+                    "the backup holds no roles (globals = false): ownership and grants were not restored, so not verified".into(),
+                );
             }
+            // Without the roles, owners and grants would name roles the scratch cluster lacks.
+            let roles = globals.is_some();
             conn.client
                 .batch_execute("CREATE DATABASE restored")
                 .await
@@ -239,7 +246,8 @@ async fn restore_and_check(
                 Postgres::new(s.config("restored")),
                 RestoreOptions {
                     jobs: 1,
-                    no_owner: false,
+                    no_owner: !roles,
+                    no_privileges: !roles,
                     no_tablespaces: true,
                 },
             )
@@ -254,12 +262,16 @@ async fn restore_and_check(
                 .map_err(|e| Error::failed(format!("scratch server: creating {db}: {e}")))?;
             let mut cfg = maintenance.clone();
             cfg.url = Secret::new(with_dbname(maintenance.url.expose(), db));
-            // Roles are cluster-wide: a shared scratch server gets no globals, and no ownership.
+            // Roles are cluster-wide: a shared scratch server gets no globals, so no owners or grants.
+            report.notes.push(
+                "restored on a shared scratch server without roles: ownership and grants were not verified".into(),
+            );
             (
                 Postgres::new(cfg),
                 RestoreOptions {
                     jobs: 1,
                     no_owner: true,
+                    no_privileges: true,
                     no_tablespaces: true,
                 },
             )

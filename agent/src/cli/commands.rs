@@ -33,6 +33,22 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
         } => policy_check(&files, allow_missing_env),
         Command::Keygen => keygen(),
         Command::Restore(args) => restore(args, cancel).await,
+        Command::Prune {
+            policy,
+            source,
+            dry_run,
+            json,
+        } => prune(&policy, source.as_deref(), dry_run, json).await,
+        Command::Pin {
+            policy,
+            source,
+            backup,
+        } => pin(&policy, &source, &backup, true).await,
+        Command::Unpin {
+            policy,
+            source,
+            backup,
+        } => pin(&policy, &source, &backup, false).await,
     }
 }
 
@@ -444,6 +460,99 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         eprintln!("restored backup {} into {db} in {seconds:.1} s", m.id);
+    }
+    Ok(())
+}
+
+async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool) -> Result<()> {
+    let policy = load(path)?;
+    if let Some(s) = source {
+        select_source(&policy, s)?;
+    }
+    let repo = Repository::open(&policy).await?;
+    let now = chrono::Utc::now();
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for src in policy
+        .sources
+        .iter()
+        .filter(|s| source.is_none_or(|n| n == s.name))
+    {
+        match lifeboat::retention::prune(&repo, &policy, src, now, dry_run).await {
+            Ok(r) => {
+                if !json {
+                    eprintln!(
+                        "{}{}:",
+                        src.name,
+                        if dry_run {
+                            " (dry run: nothing deleted)"
+                        } else {
+                            ""
+                        }
+                    );
+                    for d in &r.decisions {
+                        eprintln!(
+                            "  {} {}  {}  {}",
+                            if d.keep { "keep  " } else { "delete" },
+                            d.id,
+                            d.started_at.format("%Y-%m-%d %H:%M"),
+                            d.reasons.join(", ")
+                        );
+                    }
+                    for id in &r.swept_incomplete {
+                        eprintln!(
+                            "  {} {id}  interrupted run older than a day",
+                            if dry_run { "sweep " } else { "swept " }
+                        );
+                    }
+                    for k in &r.aborted_uploads {
+                        eprintln!("  aborted unfinished upload {k}");
+                    }
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                failures.push(e);
+            }
+        }
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&reports)
+            .map_err(|e| Error::failed(format!("cannot encode: {e}")))?;
+        println!("{text}");
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 if reports.is_empty() => Err(failures.remove(0)),
+        n => Err(Error::new(
+            if reports.is_empty() {
+                failures[0].kind
+            } else {
+                ErrorKind::Partial
+            },
+            format!("{n} source(s) not pruned"),
+        )),
+    }
+}
+
+async fn pin(path: &Path, source: &str, backup: &str, on: bool) -> Result<()> {
+    let policy = load(path)?;
+    let repo = Repository::open(&policy).await?;
+    let entry = repo.find(source, backup, None).await?;
+    let key = lifeboat::repo::layout::pin(source, &entry.manifest.id);
+    if on {
+        repo.store
+            .put(&key, bytes::Bytes::from_static(b"{}"))
+            .await
+            .map_err(Error::from)?;
+        eprintln!(
+            "pinned {source} {}: prune keeps it until `lifeboat unpin`",
+            entry.manifest.id
+        );
+    } else {
+        repo.store.delete(&key).await.map_err(Error::from)?;
+        eprintln!("unpinned {source} {}", entry.manifest.id);
     }
     Ok(())
 }

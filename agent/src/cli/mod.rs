@@ -68,6 +68,45 @@ enum Command {
     },
     /// Restore a backup into a PostgreSQL database (plan first; refuses a target with data).
     Restore(RestoreArgs),
+    /// Apply retention: delete what the rules no longer keep (a plan with a reason per backup).
+    Prune {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// Only this source.
+        #[arg(long, short = 's')]
+        source: Option<String>,
+        /// Print the plan and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON array of plans on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a backup whatever the retention rules say.
+    Pin {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// The source.
+        #[arg(long, short = 's')]
+        source: String,
+        /// The backup id.
+        #[arg(long)]
+        backup: String,
+    },
+    /// Let retention decide about a pinned backup again.
+    Unpin {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// The source.
+        #[arg(long, short = 's')]
+        source: String,
+        /// The backup id.
+        #[arg(long)]
+        backup: String,
+    },
     /// Policy file tools.
     Policy {
         #[command(subcommand)]

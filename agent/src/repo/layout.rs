@@ -43,6 +43,29 @@ pub fn verifications_prefix(source: &str) -> String {
     format!("verifications/{source}/")
 }
 
+/// `pins/<source>/`: one empty object per pinned backup id.
+pub fn pins_prefix(source: &str) -> String {
+    format!("pins/{source}/")
+}
+
+/// `pins/<source>/<id>`.
+pub fn pin(source: &str, id: &str) -> String {
+    format!("pins/{source}/{id}")
+}
+
+/// `state/<source>.json`: what the last prune saw, to notice a listing that lost backups.
+pub fn prune_state(source: &str) -> String {
+    format!("state/{source}.json")
+}
+
+/// The time encoded in a backup id, if it is one.
+pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
+    let stamp = id.split('-').next()?;
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
 /// Splits `backups/<source>/<id>/<name>` into its parts.
 pub fn parse_backup_key(key: &str) -> Option<(&str, &str, &str)> {
     let rest = key.strip_prefix("backups/")?;

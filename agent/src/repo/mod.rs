@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod layout;
+pub mod lock;
 pub mod manifest;
 
 use std::sync::Arc;

@@ -509,6 +509,8 @@ pub struct RestoreOptions {
     pub jobs: u32,
     /// Do not restore ownership.
     pub no_owner: bool,
+    /// Do not restore grants (when the roles they name may not exist).
+    pub no_privileges: bool,
     /// Do not restore tablespace assignments.
     pub no_tablespaces: bool,
 }
@@ -530,6 +532,9 @@ impl Postgres {
         }
         if opts.no_owner {
             args.push("--no-owner".into());
+        }
+        if opts.no_privileges {
+            args.push("--no-privileges".into());
         }
         if opts.no_tablespaces {
             args.push("--no-tablespaces".into());

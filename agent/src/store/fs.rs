@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ObjectInfo, ObjectReader, ObjectStore, StoreError, Upload};
+use super::{ObjectInfo, ObjectReader, ObjectStore, PendingUpload, StoreError, Upload};
 use crate::repo::layout::random_suffix;
 
 const TEMP_MARK: &str = ".tmp-";
@@ -40,6 +40,15 @@ fn temp_path(path: &Path) -> PathBuf {
         .and_then(|n| n.to_str())
         .unwrap_or("object");
     path.with_file_name(format!(".{name}{TEMP_MARK}{}", random_suffix(8)))
+}
+
+/// `.name.tmp-xxxx` → `name`.
+fn visible_name(temp: &str) -> String {
+    let t = temp.strip_prefix('.').unwrap_or(temp);
+    t.rsplit_once(TEMP_MARK)
+        .map(|(n, _)| n)
+        .unwrap_or(t)
+        .to_string()
 }
 
 fn is_temp(name: &str) -> bool {
@@ -82,6 +91,22 @@ fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+    result
+}
+
+/// Like `write_atomic`, but fails with `AlreadyExists` instead of replacing: `link` is create-only.
+fn write_exclusive(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = temp_path(path);
+    let result = (|| {
+        let f = std::fs::File::create(&tmp)?;
+        f.write_all_at(data, 0)?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    let _ = std::fs::remove_file(&tmp);
     result
 }
 
@@ -207,7 +232,19 @@ impl ObjectStore for FsStore {
         }))
     }
 
-    async fn pending_uploads(&self) -> Result<Vec<(String, String)>, StoreError> {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        blocking("put if absent", key, move || {
+            match write_exclusive(&path, &data) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    async fn pending_uploads(&self) -> Result<Vec<PendingUpload>, StoreError> {
         let root = self.root.clone();
         blocking("list", "", move || {
             let mut out = Vec::new();
@@ -215,9 +252,37 @@ impl ObjectStore for FsStore {
             walk(&root, &root, &mut out, &mut temps)?;
             Ok(temps
                 .into_iter()
-                .map(|t| (t, "temp file".to_string()))
+                .map(|t| {
+                    let initiated = std::fs::metadata(root.join(&t))
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .map(chrono::DateTime::<chrono::Utc>::from);
+                    // The visible key is the final name the temp file stands for.
+                    let key = match t.rsplit_once('/') {
+                        Some((dir, name)) => format!("{dir}/{}", visible_name(name)),
+                        None => visible_name(&t),
+                    };
+                    PendingUpload {
+                        key,
+                        upload_id: t,
+                        initiated,
+                    }
+                })
                 .collect())
         })
+        .await
+    }
+
+    async fn abort_pending(&self, upload: &PendingUpload) -> Result<(), StoreError> {
+        let path = self.path(&upload.upload_id);
+        blocking(
+            "abort upload",
+            &upload.key,
+            move || match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            },
+        )
         .await
     }
 }

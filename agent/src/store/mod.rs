@@ -114,6 +114,17 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// An unfinished multipart upload (S3) or temp file (fs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// Key being written.
+    pub key: String,
+    /// The backend's id for it (S3 upload id; the temp file's key on fs).
+    pub upload_id: String,
+    /// When it started, if the backend says.
+    pub initiated: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// A readable object body.
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -134,10 +145,15 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
     /// Deletes an object; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Writes a small object only if none exists at `key` (S3 `If-None-Match: *`, fs `link`).
+    /// Returns false, writing nothing, when one exists.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StoreError>;
     /// Starts a multipart upload of `key`; nothing is visible until `complete`.
     async fn start_upload(&self, key: &str) -> Result<Arc<dyn Upload>, StoreError>;
-    /// Incomplete multipart uploads under the repository, as (key, upload id).
-    async fn pending_uploads(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Incomplete multipart uploads under the repository.
+    async fn pending_uploads(&self) -> Result<Vec<PendingUpload>, StoreError>;
+    /// Aborts an incomplete upload found by `pending_uploads`.
+    async fn abort_pending(&self, upload: &PendingUpload) -> Result<(), StoreError>;
 }
 
 /// An unfinished multipart upload. Parts may be uploaded concurrently.
@@ -187,6 +203,23 @@ pub async fn probe(store: &dyn ObjectStore) -> Result<(), Error> {
     }
     store.delete(&key).await.map_err(|e| step("delete", e))?;
     Ok(())
+}
+
+/// Aborts incomplete uploads that started before `older_than` (crashed runs; a running upload is
+/// younger). Returns the keys swept.
+pub async fn sweep_stale_uploads(
+    store: &dyn ObjectStore,
+    older_than: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<String>, StoreError> {
+    let mut swept = Vec::new();
+    for u in store.pending_uploads().await? {
+        if u.initiated.is_some_and(|t| t < older_than) {
+            store.abort_pending(&u).await?;
+            tracing::info!(key = %u.key, "Aborted a stale unfinished upload");
+            swept.push(u.key);
+        }
+    }
+    Ok(swept)
 }
 
 /// Uploads the parts arriving on `parts` as one object at `key`.

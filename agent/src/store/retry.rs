@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{ObjectInfo, ObjectReader, ObjectStore, StoreError, Upload};
+use super::{ObjectInfo, ObjectReader, ObjectStore, PendingUpload, StoreError, Upload};
 
 /// Backoff settings.
 #[derive(Debug, Clone, Copy)]
@@ -109,8 +109,16 @@ impl ObjectStore for Retry {
             backoff: self.backoff,
         }))
     }
-    async fn pending_uploads(&self) -> Result<Vec<(String, String)>, StoreError> {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StoreError> {
+        self.backoff
+            .run(|| self.inner.put_if_absent(key, data.clone()))
+            .await
+    }
+    async fn pending_uploads(&self) -> Result<Vec<PendingUpload>, StoreError> {
         self.backoff.run(|| self.inner.pending_uploads()).await
+    }
+    async fn abort_pending(&self, upload: &PendingUpload) -> Result<(), StoreError> {
+        self.backoff.run(|| self.inner.abort_pending(upload)).await
     }
 }
 

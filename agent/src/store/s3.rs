@@ -21,7 +21,7 @@ use aws_smithy_http_client::tls;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::{ObjectInfo, ObjectReader, ObjectStore, StoreError, Upload};
+use super::{ObjectInfo, ObjectReader, ObjectStore, PendingUpload, StoreError, Upload};
 use crate::error::Error;
 use crate::policy::{ChecksumMode, S3Config};
 
@@ -319,7 +319,46 @@ impl ObjectStore for S3Store {
         }))
     }
 
-    async fn pending_uploads(&self) -> Result<Vec<(String, String)>, StoreError> {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StoreError> {
+        let full = self.full_key(key);
+        let result = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .if_none_match("*")
+            .body(ByteStream::from(data))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(se)) if matches!(se.raw().status().as_u16(), 409 | 412) => {
+                Ok(false)
+            }
+            Err(e) => Err(classify("put if absent", &full, e)),
+        }
+    }
+
+    async fn abort_pending(&self, upload: &PendingUpload) -> Result<(), StoreError> {
+        let full = self.full_key(&upload.key);
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .upload_id(&upload.upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match classify("abort multipart upload", &full, e) {
+                StoreError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn pending_uploads(&self) -> Result<Vec<PendingUpload>, StoreError> {
         let prefix = self.full_key("");
         let out = self
             .client
@@ -333,10 +372,13 @@ impl ObjectStore for S3Store {
             .uploads()
             .iter()
             .filter_map(|u| {
-                Some((
-                    self.relative(u.key()?).to_string(),
-                    u.upload_id()?.to_string(),
-                ))
+                Some(PendingUpload {
+                    key: self.relative(u.key()?).to_string(),
+                    upload_id: u.upload_id()?.to_string(),
+                    initiated: u.initiated().and_then(|t| {
+                        chrono::DateTime::<chrono::Utc>::from_timestamp(t.secs(), t.subsec_nanos())
+                    }),
+                })
             })
             .collect())
     }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# PostgreSQL restore and verification benchmark, in one run on a throwaway local server:
+#   pg_restore -j2 from a local plain dump file          the baseline
+#   pg_restore (one job) from the same file, streamed through stdin
+#   lifeboat restore --jobs 2 (decrypt to a spool file, then pg_restore -j2)
+#   lifeboat restore --jobs 1 (streamed)
+#   lifeboat-verifier verify (spool + ephemeral cluster + restore + fingerprint comparison)
+# Usage: bench/pg_restore.sh [ROWS]   (default 5500000 rows ≈ 1 GB; RUNS=3)
+. "$(dirname "$0")/lib.sh"
+bench_setup "${1:-5500000}"
+eval "$pg_dump_cmd" > "$work/dump.pgdump"
+"$lifeboat" backup --policy "$work/fs.toml" 2>/dev/null
+pg="'$PG_BIN/psql' -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres"
+fresh="$pg -c 'drop database if exists target' -c 'create database target'"
+drop="$pg -c 'drop database if exists target' >/dev/null"
+target="postgresql://postgres@127.0.0.1:$PG_PORT/target"
+restore="'$PG_BIN/pg_restore' -h 127.0.0.1 -p $PG_PORT -U postgres -d target --exit-on-error"
+
+echo "== measuring ($runs runs each)" >&2
+eval "$fresh" >/dev/null
+measure "pg_restore -j2 from a local file" "$restore -j2 '$work/dump.pgdump'" "$drop; $fresh >/dev/null"
+measure "pg_restore from stdin (one job)" "$restore < '$work/dump.pgdump'" "$drop; $fresh >/dev/null"
+eval "$drop"
+measure "lifeboat restore --jobs 2" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target --jobs 2 --spool-dir '$work'" "$drop"
+measure "lifeboat restore (streamed, one job)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop"
+measure "lifeboat-verifier verify" "'$verifier' verify --policy '$work/fs.toml' --source bench" "rm -rf '$work/repo/verifications'"
+summarize "pg_restore -j2 from a local file" pg_restore \
+  "restore of the benchmark backup ($(du -m "$work/dump.pgdump" | cut -f1) MiB dump)"
