@@ -417,6 +417,7 @@ pub async fn restore_postgres(
         no_owner: how.no_owner,
         no_privileges: false,
         no_tablespaces: false,
+        single_transaction: false,
     };
     let input = if how.jobs > 1 {
         progress(&format!(

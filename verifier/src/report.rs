@@ -12,9 +12,9 @@ use crate::checks::Check;
 /// How long each phase took; `total_seconds` is the measured RTO.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timings {
-    /// Download and integrity check of every stored object.
+    /// Download and integrity check of every stored object (the scratch starts meanwhile).
     pub download_seconds: f64,
-    /// Scratch start, globals and pg_restore.
+    /// Globals and pg_restore.
     pub restore_seconds: f64,
     /// Comparison with the fingerprint and the policy's checks.
     pub fingerprint_seconds: f64,

@@ -199,6 +199,16 @@ impl Scratch {
             "full_page_writes=off".into(),
             "-c".into(),
             "synchronous_commit=off".into(),
+            // With minimal WAL, a table created and loaded in one transaction (pg_restore
+            // --single-transaction) is written once instead of twice.
+            "-c".into(),
+            "wal_level=minimal".into(),
+            "-c".into(),
+            "max_wal_senders=0".into(),
+            "-c".into(),
+            "max_wal_size=4GB".into(),
+            "-c".into(),
+            "checkpoint_timeout=30min".into(),
             "-c".into(),
             "unix_socket_permissions=0700".into(),
         ]);

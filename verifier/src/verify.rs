@@ -72,37 +72,8 @@ pub async fn verify(
         checks: Vec::new(),
     };
 
-    // 1. Integrity before content.
-    let spool_dir = std::env::temp_dir();
-    let mut spooled = Vec::new();
-    for part in &m.parts {
-        let s = tokio::select! {
-            r = restore::spool(repo, m, part, &spool_dir) => r,
-            _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
-        };
-        match s {
-            Ok(s) => spooled.push(s),
-            Err(e) => return Err(fail_and_store(repo, report, e).await),
-        }
-    }
-    let fingerprint: Fingerprint =
-        match restore::fingerprint(repo, m, identities)
-            .await
-            .and_then(|v| {
-                serde_json::from_value(v).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Integrity,
-                        format!("fingerprint of {}: {e}", m.id),
-                    )
-                })
-            }) {
-            Ok(f) => f,
-            Err(e) => return Err(fail_and_store(repo, report, e).await),
-        };
-    report.timings.download_seconds = t0.elapsed().as_secs_f64();
-
-    // 2. Scratch.
-    let t1 = Instant::now();
+    // 1 and 2 at once: the scratch starts while the objects download and are checked. Nothing
+    // is decrypted, let alone restored, until every check passed.
     let source_major = m
         .source_version
         .as_deref()
@@ -110,25 +81,52 @@ pub async fn verify(
         .and_then(|v| v.split('.').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let target = match &source.verify.scratch_url {
-        Some(url) => match scratch_server(src_cfg, url, &verify_id) {
-            Ok(t) => t,
-            Err(e) => return Err(fail_and_store(repo, report, e).await),
-        },
-        None => {
-            let bin = match scratch::find_server_bin(
-                source.verify.postgres_bin_dir.as_deref(),
-                source_major,
-            ) {
-                Ok(b) => b,
-                Err(e) => return Err(fail_and_store(repo, report, e).await),
-            };
-            match Scratch::start(&bin).await {
-                Ok(s) => Target::Ephemeral(s),
-                Err(e) => return Err(fail_and_store(repo, report, e).await),
+    let integrity = async {
+        let spool_dir = std::env::temp_dir();
+        let mut spooled = Vec::new();
+        for part in &m.parts {
+            spooled.push(restore::spool(repo, m, part, &spool_dir).await?);
+        }
+        let fingerprint: Fingerprint = serde_json::from_value(
+            restore::fingerprint(repo, m, identities).await?,
+        )
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("fingerprint of {}: {e}", m.id),
+            )
+        })?;
+        Ok::<_, Error>((spooled, fingerprint, t0.elapsed().as_secs_f64()))
+    };
+    let scratch = async {
+        match &source.verify.scratch_url {
+            Some(url) => scratch_server(src_cfg, url, &verify_id),
+            None => {
+                let bin = scratch::find_server_bin(
+                    source.verify.postgres_bin_dir.as_deref(),
+                    source_major,
+                )?;
+                Ok(Target::Ephemeral(Scratch::start(&bin).await?))
             }
         }
     };
+    let both = async { tokio::join!(integrity, scratch) };
+    let (checked, target) = tokio::select! {
+        r = both => r,
+        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+    };
+    let ((spooled, fingerprint, download_seconds), target) = match (checked, target) {
+        (Ok(c), Ok(t)) => (c, t),
+        (Err(e), t) => {
+            if let Ok(t) = t {
+                teardown(t).await;
+            }
+            return Err(fail_and_store(repo, report, e).await);
+        }
+        (Ok(_), Err(e)) => return Err(fail_and_store(repo, report, e).await),
+    };
+    report.timings.download_seconds = download_seconds;
+    let t1 = Instant::now();
     let outcome = tokio::select! {
         r = restore_and_check(&target, &spooled, &fingerprint, source, identities, &mut report, t1) => r,
         _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
@@ -249,6 +247,7 @@ async fn restore_and_check(
                     no_owner: !roles,
                     no_privileges: !roles,
                     no_tablespaces: true,
+                    single_transaction: true,
                 },
             )
         }
@@ -273,6 +272,7 @@ async fn restore_and_check(
                     no_owner: true,
                     no_privileges: true,
                     no_tablespaces: true,
+                    single_transaction: true,
                 },
             )
         }

@@ -513,6 +513,8 @@ pub struct RestoreOptions {
     pub no_privileges: bool,
     /// Do not restore tablespace assignments.
     pub no_tablespaces: bool,
+    /// All in one transaction (one job only): all or nothing, and faster on a minimal-WAL server.
+    pub single_transaction: bool,
 }
 
 impl Postgres {
@@ -538,6 +540,9 @@ impl Postgres {
         }
         if opts.no_tablespaces {
             args.push("--no-tablespaces".into());
+        }
+        if opts.single_transaction && opts.jobs <= 1 {
+            args.push("--single-transaction".into());
         }
         match input {
             RestoreInput::Stream(reader) => {
