@@ -19,6 +19,44 @@ use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Part};
 use crate::repo::Repository;
 
+/// Reports a long operation's phases and bytes (a progress bar on a terminal, lines otherwise).
+pub trait Progress: Send + Sync {
+    /// A new phase begins; `total` bytes if known.
+    fn phase(&self, what: &str, total: Option<u64>);
+    /// `bytes` more of the current phase are done.
+    fn advance(&self, bytes: u64);
+}
+
+/// Reports nothing.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn phase(&self, _what: &str, _total: Option<u64>) {}
+    fn advance(&self, _bytes: u64) {}
+}
+
+/// Counts the bytes read through it into a [`Progress`].
+struct Counting {
+    inner: Pin<Box<dyn AsyncRead + Send>>,
+    progress: std::sync::Arc<dyn Progress>,
+}
+
+impl AsyncRead for Counting {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = self.inner.as_mut().poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            self.progress.advance((buf.filled().len() - before) as u64);
+        }
+        r
+    }
+}
+
 /// A stored object downloaded to a spool file, its stored SHA-256 and size already checked.
 pub struct Spooled {
     /// The part it holds.
@@ -33,6 +71,7 @@ pub async fn spool(
     manifest: &Manifest,
     part: &Part,
     dir: &std::path::Path,
+    progress: &dyn Progress,
 ) -> Result<Spooled> {
     use tokio::io::AsyncWriteExt;
     let key = layout::backup_object(&manifest.source, &manifest.id, &part.name);
@@ -68,6 +107,7 @@ pub async fn spool(
         }
         hasher.update(&buf[..got]);
         n += got as u64;
+        progress.advance(got as u64);
         out.write_all(&buf[..got]).await.map_err(|e| {
             Error::failed(format!("writing the spool file in {}: {e}", dir.display()))
                 .hint("pass --spool-dir with room for the stored backup")
@@ -167,6 +207,7 @@ impl Spooled {
         &self,
         identities: &[Box<dyn age::Identity + Send + Sync>],
         dir: &std::path::Path,
+        progress: std::sync::Arc<dyn Progress>,
     ) -> Result<tempfile::NamedTempFile> {
         let file = tempfile::Builder::new()
             .prefix("lifeboat-plain-")
@@ -181,7 +222,10 @@ impl Spooled {
             file.reopen()
                 .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?,
         );
-        let mut r = self.plaintext(identities).await?;
+        let mut r = Counting {
+            inner: self.plaintext(identities).await?,
+            progress,
+        };
         tokio::io::copy(&mut r, &mut out).await.map_err(|e| {
             if e.kind() == io::ErrorKind::InvalidData {
                 Error::new(ErrorKind::Integrity, e.to_string())
@@ -360,17 +404,17 @@ pub async fn restore_postgres(
     db: &str,
     how: &PgRestore,
     identities: &[Box<dyn age::Identity + Send + Sync>],
-    progress: &dyn Fn(&str),
+    progress: std::sync::Arc<dyn Progress>,
 ) -> Result<bool> {
     use crate::source::postgres::{quote_ident, RestoreInput, RestoreOptions};
     let mut parts = Vec::new();
     for part in &manifest.parts {
         if part.role == "database" || (part.role == "globals" && how.with_globals) {
-            progress(&format!(
-                "downloading and checking {} ({} bytes)",
-                part.name, part.size_stored
-            ));
-            parts.push(spool(repo, manifest, part, &how.spool_dir).await?);
+            progress.phase(
+                &format!("downloading and checking {}", part.name),
+                Some(part.size_stored),
+            );
+            parts.push(spool(repo, manifest, part, &how.spool_dir, progress.as_ref()).await?);
         }
     }
     let dump = parts
@@ -391,7 +435,7 @@ pub async fn restore_postgres(
     let state = inspect_target(target, db).await?;
     let maint = connect_maintenance(target).await?;
     if let Some(g) = parts.iter().find(|p| p.part.role == "globals") {
-        progress("replaying roles (globals)");
+        progress.phase("replaying roles (globals)", None);
         let errors = target
             .replay_globals(&maint, g.plaintext(identities).await?)
             .await?;
@@ -404,7 +448,7 @@ pub async fn restore_postgres(
     }
     let created = !state.exists;
     if created {
-        progress(&format!("creating database {db}"));
+        progress.phase(&format!("creating database {db}"), None);
         maint
             .client
             .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
@@ -420,20 +464,25 @@ pub async fn restore_postgres(
         single_transaction: false,
     };
     let input = if how.jobs > 1 {
-        progress(&format!(
-            "decrypting to a spool file in {}",
-            how.spool_dir.display()
-        ));
-        let file = dump.plaintext_file(identities, &how.spool_dir).await?;
-        progress(&format!("running pg_restore with {} jobs", how.jobs));
+        progress.phase(
+            &format!("decrypting to a spool file in {}", how.spool_dir.display()),
+            Some(dump.part.size_plain),
+        );
+        let file = dump
+            .plaintext_file(identities, &how.spool_dir, progress.clone())
+            .await?;
+        progress.phase(&format!("running pg_restore with {} jobs", how.jobs), None);
         let r = target
             .pg_restore(&conn, RestoreInput::File(file.path().to_path_buf()), &opts)
             .await;
         drop(file);
         return r.map(|_| created);
     } else {
-        progress("running pg_restore");
-        RestoreInput::Stream(dump.plaintext(identities).await?)
+        progress.phase("restoring (pg_restore)", Some(dump.part.size_plain));
+        RestoreInput::Stream(Box::pin(Counting {
+            inner: dump.plaintext(identities).await?,
+            progress: progress.clone(),
+        }))
     };
     target.pg_restore(&conn, input, &opts).await?;
     Ok(created)

@@ -85,7 +85,7 @@ pub async fn verify(
         let spool_dir = std::env::temp_dir();
         let mut spooled = Vec::new();
         for part in &m.parts {
-            spooled.push(restore::spool(repo, m, part, &spool_dir).await?);
+            spooled.push(restore::spool(repo, m, part, &spool_dir, &restore::NoProgress).await?);
         }
         let fingerprint: Fingerprint = serde_json::from_value(
             restore::fingerprint(repo, m, identities).await?,

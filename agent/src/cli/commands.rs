@@ -443,17 +443,13 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         no_owner: a.no_owner,
     };
     let started = std::time::Instant::now();
-    let quiet = a.json;
-    let progress = move |msg: &str| {
-        if !quiet {
-            eprintln!("  … {msg}");
-        }
-    };
+    let progress: std::sync::Arc<dyn r::Progress> = std::sync::Arc::new(CliProgress::new(a.json));
     let created = tokio::select! {
-        res = r::restore_postgres(&repo, m, &target, &db, &how, &identities, &progress) => res?,
+        res = r::restore_postgres(&repo, m, &target, &db, &how, &identities, progress.clone()) => res?,
         _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted; the target may hold a partial restore")),
     };
     let seconds = started.elapsed().as_secs_f64();
+    drop(progress);
     if a.json {
         let mut doc = plan;
         doc["result"] = serde_json::json!({ "restored": true, "created_database": created, "seconds": seconds });
@@ -555,4 +551,56 @@ async fn pin(path: &Path, source: &str, backup: &str, on: bool) -> Result<()> {
         eprintln!("unpinned {source} {}", entry.manifest.id);
     }
     Ok(())
+}
+
+/// A progress bar on a terminal, one line per phase otherwise, nothing with --json.
+struct CliProgress {
+    bar: Option<indicatif::ProgressBar>,
+    quiet: bool,
+}
+
+impl CliProgress {
+    fn new(quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "  {msg:40} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        CliProgress { bar, quiet }
+    }
+}
+
+impl lifeboat::restore::Progress for CliProgress {
+    fn phase(&self, what: &str, total: Option<u64>) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(0);
+                bar.set_length(total.unwrap_or(0));
+                bar.set_message(what.to_string());
+            }
+            None if !self.quiet => eprintln!("  … {what}"),
+            None => {}
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+    }
+}
+
+impl Drop for CliProgress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
