@@ -6,6 +6,7 @@
 //! by [`job`]; see ARCHITECTURE.md.
 
 pub mod check;
+pub mod daemon;
 pub mod error;
 pub mod job;
 pub mod pipeline;

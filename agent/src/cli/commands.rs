@@ -33,6 +33,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
         } => policy_check(&files, allow_missing_env),
         Command::Keygen => keygen(),
         Command::Restore(args) => restore(args, cancel).await,
+        Command::Agent { policy } => lifeboat::daemon::run(load(&policy)?, cancel).await,
         Command::Prune {
             policy,
             source,

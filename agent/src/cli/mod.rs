@@ -68,6 +68,12 @@ enum Command {
     },
     /// Restore a backup into a PostgreSQL database (plan first; refuses a target with data).
     Restore(RestoreArgs),
+    /// Run the sidecar: scheduled backups and prunes, /healthz, /metrics and /status.
+    Agent {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+    },
     /// Apply retention: delete what the rules no longer keep (a plan with a reason per backup).
     Prune {
         /// The policy file.
@@ -182,10 +188,17 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_tracing(match cli.log_format {
+    let mut format = match cli.log_format {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
-    });
+    };
+    if let Command::Agent { policy } = &cli.command {
+        // The sidecar logs as its policy says (json in production).
+        if let Ok(p) = lifeboat::policy::load(policy, lifeboat::policy::LoadOptions::default()) {
+            format = p.agent.log_format;
+        }
+    }
+    init_tracing(format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -211,6 +211,12 @@ pub struct RawPostgresSource {
     pub pg_bin_dir: Option<String>,
     /// Verification settings.
     pub verify: Option<RawVerify>,
+    /// Spread scheduled runs over up to this long, with a stable per-pod offset, e.g. `5m`.
+    pub jitter: Option<String>,
+    /// Attempts after a failed run, with backoff; default 2.
+    pub retries: Option<u32>,
+    /// Back up at agent start when the newest backup is older than the schedule's interval.
+    pub run_on_start: Option<bool>,
 }
 
 /// How much the fingerprint records.

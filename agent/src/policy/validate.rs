@@ -222,6 +222,12 @@ pub struct SourcePolicy {
     pub objectives: Objectives,
     /// Verification.
     pub verify: VerifyPolicy,
+    /// Stable per-pod delay range added to every scheduled time.
+    pub jitter: Option<Duration>,
+    /// Attempts after a failed run.
+    pub retries: u32,
+    /// Back up at start when the newest backup is older than the schedule's interval.
+    pub run_on_start: bool,
     /// What to back up.
     pub config: SourceConfig,
 }
@@ -291,6 +297,11 @@ pub fn default_parts_in_flight() -> usize {
 pub fn default_region() -> String {
     "us-east-1".to_string()
 }
+/// Default retries of a failed scheduled run.
+pub fn default_retries() -> u32 {
+    2
+}
+
 /// Default number of verified backups always kept.
 pub fn default_keep_last_verified() -> u32 {
     1
@@ -555,9 +566,22 @@ fn validate_postgres(
         defaults,
         p,
     );
+    let jitter = raw
+        .jitter
+        .as_deref()
+        .map(|j| duration(&format!("{path}.jitter"), j, p));
+    if raw.retries.is_some_and(|r| r > 10) {
+        p.add(
+            format!("{path}.retries"),
+            "more than 10 retries would hide a broken source; use at most 10",
+        );
+    }
     Some(SourcePolicy {
         name: raw.name,
         schedule: common.schedule,
+        jitter,
+        retries: raw.retries.unwrap_or_else(default_retries),
+        run_on_start: raw.run_on_start.unwrap_or(false),
         timeout: common.timeout,
         compression: common.compression,
         retention: common.retention?,

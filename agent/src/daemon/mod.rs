@@ -1,0 +1,636 @@
+//! The sidecar daemon (`lifeboat agent`): schedules, runs, prunes, reports.
+//!
+//! Each scheduled source has its own loop, so a source never overlaps itself; a semaphore bounds
+//! runs across sources (`agent.max_concurrent`). A failed run is retried with backoff
+//! (`retries`), then recorded; one source's failure never stops another. After a successful
+//! backup the source is pruned. On SIGTERM/SIGINT no new run starts; running ones get
+//! `agent.shutdown_grace` to finish, then are cancelled cleanly (upload aborted, child killed),
+//! and the agent exits 0.
+
+pub mod http;
+pub mod schedule;
+pub mod telemetry;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::policy::{Policy, SourcePolicy};
+use crate::repo::Repository;
+use crate::{job, retention, store};
+
+use schedule::Cron;
+use telemetry::Telemetry;
+
+/// Where "now" comes from: the system clock, or tokio's (pausable) clock in tests.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// `Utc::now()`.
+    System,
+    /// `base` plus the tokio time elapsed since `since` (follows `tokio::time::pause`).
+    Tokio {
+        /// Wall time at `since`.
+        base: DateTime<Utc>,
+        /// The tokio instant that corresponds to `base`.
+        since: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    /// The current time.
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            Clock::System => Utc::now(),
+            Clock::Tokio { base, since } => {
+                *base + chrono::Duration::from_std(since.elapsed()).unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// Runs `run` on every tick of `cron` (plus `jitter`) until `shutdown`. Never overlaps: a tick
+/// that passes while `run` is still going is skipped and reported to `on_skipped`.
+#[allow(clippy::too_many_arguments)]
+pub async fn schedule_loop<F, Fut>(
+    clock: Clock,
+    cron: &Cron,
+    tz: chrono_tz::Tz,
+    jitter: Duration,
+    shutdown: &CancellationToken,
+    mut on_next: impl FnMut(DateTime<Utc>),
+    mut on_skipped: impl FnMut(u64),
+    mut run: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let jitter_c = chrono::Duration::from_std(jitter).unwrap_or_default();
+    loop {
+        let now = clock.now();
+        let Some(tick) = cron.next_after(&tz, now - jitter_c) else {
+            return;
+        };
+        let fire = tick + jitter_c;
+        on_next(fire);
+        let wait = (fire - now).to_std().unwrap_or_default();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        run().await;
+        let skipped = cron.ticks_between(&tz, tick, clock.now() - jitter_c);
+        on_skipped(skipped);
+    }
+}
+
+/// One recorded run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    /// backup | prune.
+    pub op: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// How long it took.
+    pub seconds: f64,
+    /// success | failure.
+    pub result: String,
+    /// The error, on failure.
+    pub error: Option<String>,
+    /// The backup id, for a successful backup.
+    pub backup: Option<String>,
+}
+
+/// What /status shows for a source.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceStatus {
+    /// Cron expression.
+    pub schedule: Option<String>,
+    /// Next scheduled run.
+    pub next_run: Option<DateTime<Utc>>,
+    /// A run is going now.
+    pub running: bool,
+    /// The latest runs, newest first.
+    pub last_runs: VecDeque<RunRecord>,
+    /// Newest backup (id, start).
+    pub newest_backup: Option<(String, DateTime<Utc>)>,
+    /// Newest verified backup (id, start).
+    pub newest_verified: Option<(String, DateTime<Utc>)>,
+    /// The latest verification's measured restore time.
+    pub last_restore_seconds: Option<f64>,
+    /// Objectives currently breached, with why.
+    pub breaches: Vec<String>,
+}
+
+/// The running agent's shared state.
+pub struct Agent {
+    policy: Policy,
+    /// Metrics.
+    pub telemetry: Telemetry,
+    status: Mutex<BTreeMap<String, SourceStatus>>,
+    /// False once a scheduler loop died.
+    pub alive: AtomicBool,
+    /// This pod's name (hostname), for jitter and /status.
+    pub pod: String,
+    clock: Clock,
+}
+
+const KEEP_RUNS: usize = 10;
+
+fn pod_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "lifeboat".into())
+}
+
+impl Agent {
+    fn new(policy: Policy, clock: Clock) -> Agent {
+        let objectives: Vec<_> = policy
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), s.objectives.rpo, s.objectives.rto))
+            .collect();
+        let status = policy
+            .sources
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    SourceStatus {
+                        schedule: s.schedule.as_ref().map(|c| c.expression.clone()),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        Agent {
+            telemetry: Telemetry::new(&objectives),
+            policy,
+            status: Mutex::new(status),
+            alive: AtomicBool::new(true),
+            pod: pod_name(),
+            clock,
+        }
+    }
+
+    /// A copy of every source's status.
+    pub fn status_snapshot(&self) -> BTreeMap<String, SourceStatus> {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, source: &str, f: impl FnOnce(&mut SourceStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            if let Some(st) = s.get_mut(source) {
+                f(st);
+            }
+        }
+    }
+
+    fn record(&self, source: &str, run: RunRecord) {
+        self.update(source, |st| {
+            st.last_runs.push_front(run);
+            st.last_runs.truncate(KEEP_RUNS);
+        });
+    }
+
+    /// Re-reads what the repository holds for `source` and re-evaluates its objectives.
+    async fn refresh(&self, src: &SourcePolicy) {
+        match self.repo().await {
+            Ok(repo) => match repo.list(Some(&src.name)).await {
+                Ok(listing) => {
+                    let newest = listing
+                        .backups
+                        .first()
+                        .map(|e| (e.manifest.id.clone(), e.manifest.started_at));
+                    let verified = listing.backups.iter().find(|e| e.verified());
+                    let newest_verified =
+                        verified.map(|e| (e.manifest.id.clone(), e.manifest.started_at));
+                    let last_restore = listing
+                        .backups
+                        .iter()
+                        .find_map(|e| e.verification.as_ref().and_then(|v| v.restore_seconds));
+                    self.telemetry
+                        .repository(&src.name, listing.backups.len(), last_restore);
+                    self.update(&src.name, |st| {
+                        st.newest_backup = newest;
+                        st.newest_verified = newest_verified;
+                        st.last_restore_seconds = last_restore;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(source = %src.name, error = %e.message, "Cannot list the repository")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(source = %src.name, error = %e.message, "Cannot open the repository")
+            }
+        }
+        self.evaluate_objectives(src);
+    }
+
+    fn evaluate_objectives(&self, src: &SourcePolicy) {
+        let now = self.clock.now();
+        let st = self.status_snapshot().remove(&src.name).unwrap_or_default();
+        let mut breaches = Vec::new();
+        if let Some(rpo) = src.objectives.rpo {
+            let why = match &st.newest_verified {
+                None => Some("no verified backup".to_string()),
+                Some((id, t)) => (now - *t)
+                    .to_std()
+                    .ok()
+                    .filter(|age| *age > rpo)
+                    .map(|age| {
+                        format!(
+                            "newest verified backup {id} is {} old, the RPO is {}",
+                            humantime::format_duration(Duration::from_secs(age.as_secs())),
+                            humantime::format_duration(rpo)
+                        )
+                    }),
+            };
+            self.telemetry.breach(
+                &src.name,
+                "rpo",
+                why.is_some(),
+                why.as_deref().unwrap_or(""),
+            );
+            breaches.extend(why.map(|w| format!("rpo: {w}")));
+        }
+        if let Some(rto) = src.objectives.rto {
+            let why = st
+                .last_restore_seconds
+                .filter(|s| *s > rto.as_secs_f64())
+                .map(|s| {
+                    format!(
+                        "the last measured restore took {s:.0} s, the RTO is {}",
+                        humantime::format_duration(rto)
+                    )
+                });
+            self.telemetry.breach(
+                &src.name,
+                "rto",
+                why.is_some(),
+                why.as_deref().unwrap_or(""),
+            );
+            breaches.extend(why.map(|w| format!("rto: {w}")));
+        }
+        self.update(&src.name, |s| s.breaches = breaches);
+    }
+
+    async fn repo(&self) -> Result<Repository> {
+        Repository::open_or_init(&self.policy).await
+    }
+
+    /// One scheduled run of `src`: backup with retries, then prune on success.
+    async fn run_source(
+        &self,
+        src: &SourcePolicy,
+        shutdown: &CancellationToken,
+        cancel: &CancellationToken,
+    ) {
+        self.update(&src.name, |s| s.running = true);
+        let mut attempt = 0u32;
+        loop {
+            let at = self.clock.now();
+            let started = std::time::Instant::now();
+            let result = async {
+                let repo = self.repo().await?;
+                let m = job::backup(&repo, &self.policy, src, at, cancel.clone()).await?;
+                Ok::<_, Error>((repo, m))
+            }
+            .await;
+            let took = started.elapsed();
+            match result {
+                Ok((repo, m)) => {
+                    self.telemetry.run_finished(
+                        &src.name,
+                        "backup",
+                        Ok(Some((m.size_plain, m.size_stored))),
+                        took,
+                        self.clock.now(),
+                    );
+                    self.record(
+                        &src.name,
+                        RunRecord {
+                            op: "backup".into(),
+                            started_at: at,
+                            seconds: took.as_secs_f64(),
+                            result: "success".into(),
+                            error: None,
+                            backup: Some(m.id.clone()),
+                        },
+                    );
+                    let started = std::time::Instant::now();
+                    let pruned =
+                        retention::prune(&repo, &self.policy, src, self.clock.now(), false).await;
+                    let took = started.elapsed();
+                    self.telemetry.run_finished(
+                        &src.name,
+                        "prune",
+                        pruned.as_ref().map(|_| None),
+                        took,
+                        self.clock.now(),
+                    );
+                    self.record(
+                        &src.name,
+                        RunRecord {
+                            op: "prune".into(),
+                            started_at: self.clock.now(),
+                            seconds: took.as_secs_f64(),
+                            result: if pruned.is_ok() { "success" } else { "failure" }.into(),
+                            error: pruned.err().map(|e| e.message),
+                            backup: None,
+                        },
+                    );
+                    break;
+                }
+                Err(e) => {
+                    self.telemetry.run_finished(
+                        &src.name,
+                        "backup",
+                        Err(&e),
+                        took,
+                        self.clock.now(),
+                    );
+                    self.record(
+                        &src.name,
+                        RunRecord {
+                            op: "backup".into(),
+                            started_at: at,
+                            seconds: took.as_secs_f64(),
+                            result: "failure".into(),
+                            error: Some(e.to_string()),
+                            backup: None,
+                        },
+                    );
+                    let retryable = e.kind == ErrorKind::Failed;
+                    if !retryable || attempt >= src.retries || shutdown.is_cancelled() {
+                        break;
+                    }
+                    attempt += 1;
+                    let backoff =
+                        Duration::from_secs(30u64.saturating_mul(1 << (attempt - 1).min(5)))
+                            .min(Duration::from_secs(600));
+                    tracing::info!(source = %src.name, attempt, retry_in = %humantime::format_duration(backoff), "Retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        self.update(&src.name, |s| s.running = false);
+        self.refresh(src).await;
+    }
+}
+
+/// Runs the agent until `shutdown` fires.
+pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
+    let listen = policy.agent.listen;
+    let grace = policy.agent.shutdown_grace;
+    let agent = Arc::new(Agent::new(policy, Clock::System));
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        Error::failed(format!("cannot listen on {listen} (agent.listen): {e}"))
+            .hint("pick a free address in agent.listen")
+    })?;
+    tracing::info!(listen = %listen, sources = agent.policy.sources.len(), "Agent started");
+
+    // Housekeeping that must not stop the agent: S3 may be down right now.
+    match agent.repo().await {
+        Ok(repo) => {
+            let older = agent.clock.now()
+                - chrono::Duration::from_std(retention::GRACE).unwrap_or_default();
+            if let Err(e) = store::sweep_stale_uploads(repo.store.as_ref(), older).await {
+                tracing::warn!(error = %e, "Cannot sweep stale uploads");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e.message, "The repository is not reachable; runs will fail until it is")
+        }
+    }
+
+    let http_stop = CancellationToken::new();
+    let server = {
+        let stop = http_stop.clone();
+        let app = http::router(agent.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(agent.policy.agent.max_concurrent));
+    let runs_cancel = CancellationToken::new();
+    for idx in 0..agent.policy.sources.len() {
+        let (agent, shutdown, runs_cancel, slots) = (
+            agent.clone(),
+            shutdown.clone(),
+            runs_cancel.clone(),
+            slots.clone(),
+        );
+        tracker.spawn(async move {
+            let src = &agent.policy.sources[idx];
+            agent.refresh(src).await;
+            let Some(schedule) = &src.schedule else {
+                tracing::info!(source = %src.name, "No schedule: this source only runs with `lifeboat backup`");
+                return;
+            };
+            let cron = match Cron::parse(&schedule.expression) {
+                Ok(c) => c,
+                Err(e) => {
+                    agent.alive.store(false, Ordering::Relaxed);
+                    tracing::error!(source = %src.name, error = %e.message, "Cannot schedule");
+                    return;
+                }
+            };
+            let tz = agent.policy.timezone;
+            if src.run_on_start {
+                let newest = agent.status_snapshot().get(&src.name).and_then(|s| s.newest_backup.clone());
+                let interval = cron.interval(&tz, agent.clock.now()).unwrap_or_default();
+                let stale = newest.is_none_or(|(_, t)| (agent.clock.now() - t).to_std().map(|a| a > interval).unwrap_or(false));
+                if stale {
+                    tracing::info!(source = %src.name, "Newest backup is older than the schedule's interval: backing up now");
+                    if let Ok(_permit) = slots.acquire().await {
+                        agent.run_source(src, &shutdown, &runs_cancel).await;
+                    }
+                }
+            }
+            let jitter = schedule::jitter(src.jitter, &agent.pod, &src.name);
+            let name = src.name.clone();
+            schedule_loop(
+                agent.clock,
+                &cron,
+                tz,
+                jitter,
+                &shutdown,
+                |t| {
+                    agent.telemetry.next_run(&name, t);
+                    agent.update(&name, |s| s.next_run = Some(t));
+                },
+                |n| agent.telemetry.skipped(&name, n),
+                || async {
+                    let permit = tokio::select! {
+                        p = slots.acquire() => p.ok(),
+                        _ = shutdown.cancelled() => None,
+                    };
+                    if let Some(_permit) = permit {
+                        agent.run_source(src, &shutdown, &runs_cancel).await;
+                    }
+                },
+            )
+            .await;
+        });
+    }
+    // Objectives age as time passes, even without runs.
+    {
+        let (agent, shutdown) = (agent.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                for src in &agent.policy.sources {
+                    agent.evaluate_objectives(src);
+                }
+            }
+        });
+    }
+    tracker.close();
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = %humantime::format_duration(grace), "Shutting down: no new runs; waiting for running ones");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("Grace period over: cancelling running backups (uploads are aborted)");
+        runs_cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(60), tracker.wait()).await;
+    }
+    http_stop.cancel();
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+    }
+    tracing::info!("Agent stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_fire_on_schedule_never_overlap_and_skip_missed_ticks() {
+        let base = DateTime::parse_from_rfc3339("2026-11-27T03:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let clock = Clock::Tokio {
+            base,
+            since: tokio::time::Instant::now(),
+        };
+        let cron = Cron::parse("*/10 * * * * *").unwrap();
+        let shutdown = CancellationToken::new();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let skipped = AtomicU64::new(0);
+        let running = AtomicBool::new(false);
+        let n = AtomicU64::new(0);
+        let stop = shutdown.clone();
+        let s2 = starts.clone();
+        schedule_loop(
+            clock,
+            &cron,
+            chrono_tz::UTC,
+            Duration::ZERO,
+            &shutdown,
+            |_| {},
+            |k| {
+                skipped.fetch_add(k, Ordering::SeqCst);
+            },
+            || {
+                let s2 = s2.clone();
+                let (running, n, stop) = (&running, &n, stop.clone());
+                async move {
+                    assert!(
+                        !running.swap(true, Ordering::SeqCst),
+                        "a run overlapped another"
+                    );
+                    s2.lock().unwrap().push(clock.now());
+                    // The second run takes 25 s: the ticks at +30 s and +40 s pass meanwhile.
+                    let k = n.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(if k == 1 { 25 } else { 1 })).await;
+                    running.store(false, Ordering::SeqCst);
+                    if k == 3 {
+                        stop.cancel();
+                    }
+                }
+            },
+        )
+        .await;
+        let secs: Vec<i64> = starts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| (*t - base).num_seconds())
+            .collect();
+        assert_eq!(secs, vec![10, 20, 50, 60]);
+        assert_eq!(skipped.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_delays_every_tick_by_the_same_offset() {
+        let base = DateTime::parse_from_rfc3339("2026-11-27T03:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let clock = Clock::Tokio {
+            base,
+            since: tokio::time::Instant::now(),
+        };
+        let cron = Cron::parse("0 * * * *").unwrap();
+        let shutdown = CancellationToken::new();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let s2 = starts.clone();
+        let stop = shutdown.clone();
+        schedule_loop(
+            clock,
+            &cron,
+            chrono_tz::UTC,
+            Duration::from_secs(90),
+            &shutdown,
+            |_| {},
+            |_| {},
+            || {
+                let s2 = s2.clone();
+                let stop = stop.clone();
+                async move {
+                    let mut v = s2.lock().unwrap();
+                    v.push(clock.now());
+                    if v.len() == 3 {
+                        stop.cancel();
+                    }
+                }
+            },
+        )
+        .await;
+        let mins: Vec<String> = starts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.format("%H:%M:%S").to_string())
+            .collect();
+        // The 03:00 tick plus 90 s is still ahead at 03:00:00, so it is the first.
+        assert_eq!(mins, vec!["03:01:30", "04:01:30", "05:01:30"]);
+    }
+}

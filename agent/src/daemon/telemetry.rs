@@ -1,0 +1,310 @@
+//! Telemetry: every event goes through one function here, which writes the log line and updates
+//! the metrics together, so logs and /metrics never disagree.
+//!
+//! Labels are `source`, `op` (backup|verify|prune), `result` and `stage`; never `job` (Prometheus'
+//! own) and never a backup id (unbounded). Every counter starts at 0 for every source.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The operations the agent reports on.
+pub const OPS: [&str; 3] = ["backup", "verify", "prune"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceOp {
+    source: String,
+    op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceOpResult {
+    source: String,
+    op: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceStage {
+    source: String,
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceObjective {
+    source: String,
+    objective: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Version {
+    version: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+type HistFamily = Family<SourceOp, Histogram, fn() -> Histogram>;
+
+/// The agent's metrics.
+pub struct Telemetry {
+    registry: Registry,
+    last_success: Family<SourceOp, FGauge>,
+    last_failure: Family<SourceOp, FGauge>,
+    runs: Family<SourceOpResult, Counter>,
+    duration: HistFamily,
+    bytes: Family<SourceStage, Gauge>,
+    next_run: Family<SourceLabel, FGauge>,
+    rpo: Family<SourceLabel, FGauge>,
+    rto: Family<SourceLabel, FGauge>,
+    restore_duration: Family<SourceLabel, FGauge>,
+    backups: Family<SourceLabel, Gauge>,
+    skipped: Family<SourceLabel, Counter>,
+    breach: Family<SourceObjective, Gauge>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 s … ~9 h.
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
+fn so(source: &str, op: &str) -> SourceOp {
+    SourceOp {
+        source: source.to_string(),
+        op: op.to_string(),
+    }
+}
+
+fn sl(source: &str) -> SourceLabel {
+    SourceLabel {
+        source: source.to_string(),
+    }
+}
+
+impl Telemetry {
+    /// Metrics for these sources, every counter at 0; objectives from the policy.
+    pub fn new(sources: &[(String, Option<Duration>, Option<Duration>)]) -> Telemetry {
+        let mut registry = Registry::default();
+        let t = Telemetry {
+            last_success: Family::default(),
+            last_failure: Family::default(),
+            runs: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            bytes: Family::default(),
+            next_run: Family::default(),
+            rpo: Family::default(),
+            rto: Family::default(),
+            restore_duration: Family::default(),
+            backups: Family::default(),
+            skipped: Family::default(),
+            breach: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "lifeboat_last_success_timestamp_seconds",
+            "When the operation last succeeded (Unix time)",
+            t.last_success.clone(),
+        );
+        registry.register(
+            "lifeboat_last_failure_timestamp_seconds",
+            "When the operation last failed (Unix time)",
+            t.last_failure.clone(),
+        );
+        registry.register("lifeboat_runs", "Runs by result", t.runs.clone());
+        registry.register(
+            "lifeboat_run_duration_seconds",
+            "Run duration",
+            t.duration.clone(),
+        );
+        registry.register(
+            "lifeboat_last_backup_bytes",
+            "Size of the last backup (stage plain or stored)",
+            t.bytes.clone(),
+        );
+        registry.register(
+            "lifeboat_next_run_timestamp_seconds",
+            "When the source runs next (Unix time)",
+            t.next_run.clone(),
+        );
+        registry.register(
+            "lifeboat_rpo_seconds",
+            "Recovery point objective from the policy",
+            t.rpo.clone(),
+        );
+        registry.register(
+            "lifeboat_rto_seconds",
+            "Recovery time objective from the policy",
+            t.rto.clone(),
+        );
+        registry.register(
+            "lifeboat_last_restore_duration_seconds",
+            "Measured restore time of the latest verification",
+            t.restore_duration.clone(),
+        );
+        registry.register(
+            "lifeboat_repository_backups",
+            "Backups of the source in the repository",
+            t.backups.clone(),
+        );
+        registry.register(
+            "lifeboat_skipped_runs",
+            "Scheduled runs skipped because the previous run was still going",
+            t.skipped.clone(),
+        );
+        registry.register(
+            "lifeboat_objective_breach",
+            "1 while an objective (rpo, rto) is breached",
+            t.breach.clone(),
+        );
+        let build: Family<Version, Gauge> = Family::default();
+        build
+            .get_or_create(&Version {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        registry.register("lifeboat_build_info", "lifeboat's version", build);
+        for (name, rpo, rto) in sources {
+            for op in OPS {
+                for result in ["success", "failure"] {
+                    // Created now so every counter is exported at 0 from the start.
+                    let _ = t.runs.get_or_create(&SourceOpResult {
+                        source: name.clone(),
+                        op: op.to_string(),
+                        result: result.to_string(),
+                    });
+                }
+                let _ = t.last_success.get_or_create(&so(name, op));
+                let _ = t.last_failure.get_or_create(&so(name, op));
+            }
+            let _ = t.skipped.get_or_create(&sl(name));
+            if let Some(r) = rpo {
+                t.rpo.get_or_create(&sl(name)).set(r.as_secs_f64());
+            }
+            if let Some(r) = rto {
+                t.rto.get_or_create(&sl(name)).set(r.as_secs_f64());
+            }
+        }
+        Telemetry { registry, ..t }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// A run of `op` on `source` ended; logs one line and updates the metrics.
+    pub fn run_finished(
+        &self,
+        source: &str,
+        op: &str,
+        result: std::result::Result<Option<(u64, u64)>, &crate::Error>,
+        took: Duration,
+        at: DateTime<Utc>,
+    ) {
+        let ts = at.timestamp_millis() as f64 / 1000.0;
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        self.runs
+            .get_or_create(&SourceOpResult {
+                source: source.to_string(),
+                op: op.to_string(),
+                result: outcome.to_string(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&so(source, op))
+            .observe(took.as_secs_f64());
+        match result {
+            Ok(sizes) => {
+                self.last_success.get_or_create(&so(source, op)).set(ts);
+                if let Some((plain, stored)) = sizes {
+                    for (stage, v) in [("plain", plain), ("stored", stored)] {
+                        self.bytes
+                            .get_or_create(&SourceStage {
+                                source: source.to_string(),
+                                stage: stage.to_string(),
+                            })
+                            .set(v as i64);
+                    }
+                    tracing::info!(
+                        source,
+                        op,
+                        result = outcome,
+                        plain,
+                        stored,
+                        seconds = took.as_secs_f64(),
+                        "Run finished"
+                    );
+                } else {
+                    tracing::info!(
+                        source,
+                        op,
+                        result = outcome,
+                        seconds = took.as_secs_f64(),
+                        "Run finished"
+                    );
+                }
+            }
+            Err(e) => {
+                self.last_failure.get_or_create(&so(source, op)).set(ts);
+                tracing::error!(source, op, result = outcome, seconds = took.as_secs_f64(), error = %e.message, "Run failed");
+            }
+        }
+    }
+
+    /// The source's next run is at `at`.
+    pub fn next_run(&self, source: &str, at: DateTime<Utc>) {
+        self.next_run
+            .get_or_create(&sl(source))
+            .set(at.timestamp_millis() as f64 / 1000.0);
+        tracing::debug!(source, next = %at, "Next run scheduled");
+    }
+
+    /// `n` ticks were skipped because a run was still going.
+    pub fn skipped(&self, source: &str, n: u64) {
+        if n > 0 {
+            self.skipped.get_or_create(&sl(source)).inc_by(n);
+            tracing::warn!(
+                source,
+                skipped = n,
+                "A run outlasted its schedule; ticks were skipped"
+            );
+        }
+    }
+
+    /// What the repository holds for the source now.
+    pub fn repository(&self, source: &str, backups: usize, last_restore: Option<f64>) {
+        self.backups.get_or_create(&sl(source)).set(backups as i64);
+        if let Some(s) = last_restore {
+            self.restore_duration.get_or_create(&sl(source)).set(s);
+        }
+    }
+
+    /// Whether an objective is breached; logs when it changes.
+    pub fn breach(&self, source: &str, objective: &str, breached: bool, why: &str) {
+        let g = self.breach.get_or_create(&SourceObjective {
+            source: source.to_string(),
+            objective: objective.to_string(),
+        });
+        let was = g.get() == 1;
+        g.set(i64::from(breached));
+        if breached && !was {
+            tracing::error!(source, objective, reason = why, "Objective breached");
+        } else if !breached && was {
+            tracing::info!(source, objective, "Objective met again");
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The sidecar against real servers: schedules fire, metrics and status tell the truth, a failing
+//! source does not stop another, and SIGTERM mid-backup publishes nothing and exits 0.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lifeboat_tests::*;
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn start_agent(dir: &Path, policy: &Path, env: &[(String, String)]) -> Child {
+    Command::new(lifeboat_bin())
+        .args(["agent", "--policy", policy.to_str().unwrap()])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the agent")
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop(child: Child) -> (i32, String, Duration) {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        t.elapsed(),
+    )
+}
+
+#[test]
+fn scheduled_runs_report_success_and_failure_per_source() {
+    let pg = postgres();
+    let db = pg.create_db("agent");
+    pg.psql(
+        &db,
+        "create table t as select generate_series(1, 100) as id",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let port = free_port();
+    let sources = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n\
+         [[sources]]\nname = \"good\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\nobjectives = {{ rpo = \"1h\" }}\n\n\
+         [[sources]]\nname = \"bad\"\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{}/x\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n",
+        pg.url(&db),
+        pwfile.display(),
+        free_port()
+    );
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &sources,
+    );
+    let child = start_agent(dir.path(), &policy, &[]);
+
+    wait_until("/healthz", 30, || {
+        http_get(port, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    let mut body = String::new();
+    wait_until("a success of good and a failure of bad", 60, || {
+        body = http_get(port, "/metrics").map(|x| x.1).unwrap_or_default();
+        metric(
+            &body,
+            "lifeboat_last_success_timestamp_seconds",
+            &[("source", "good"), ("op", "backup")],
+        )
+        .unwrap_or(0.0)
+            > 0.0
+            && metric(
+                &body,
+                "lifeboat_last_failure_timestamp_seconds",
+                &[("source", "bad"), ("op", "backup")],
+            )
+            .unwrap_or(0.0)
+                > 0.0
+    });
+    let runs = |source: &str, op: &str, result: &str| {
+        metric(
+            &body,
+            "lifeboat_runs_total",
+            &[("source", source), ("op", op), ("result", result)],
+        )
+    };
+    assert!(runs("good", "backup", "success").unwrap() >= 1.0, "{body}");
+    assert!(runs("bad", "backup", "failure").unwrap() >= 1.0, "{body}");
+    assert_eq!(
+        runs("good", "verify", "success"),
+        Some(0.0),
+        "counters start at 0: {body}"
+    );
+    assert!(
+        runs("good", "prune", "success").unwrap() >= 1.0,
+        "prune follows a successful backup: {body}"
+    );
+    assert_eq!(
+        runs("bad", "prune", "success"),
+        Some(0.0),
+        "never after a failed one: {body}"
+    );
+    assert_eq!(
+        metric(&body, "lifeboat_rpo_seconds", &[("source", "good")]),
+        Some(3600.0),
+        "{body}"
+    );
+    assert!(
+        metric(
+            &body,
+            "lifeboat_next_run_timestamp_seconds",
+            &[("source", "good")]
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "lifeboat_objective_breach",
+            &[("source", "good"), ("objective", "rpo")]
+        ),
+        Some(1.0),
+        "no verified backup yet: {body}"
+    );
+    assert!(
+        metric(&body, "lifeboat_repository_backups", &[("source", "good")]).unwrap() >= 1.0,
+        "{body}"
+    );
+    assert!(body.contains("lifeboat_build_info{version="), "{body}");
+    assert!(!body.contains("job="), "no job label: {body}");
+
+    let (status, json) = http_get(port, "/status").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["sources"]["good"]["schedule"], "*/2 * * * * *");
+    assert!(v["sources"]["good"]["newest_backup"].is_array(), "{v:#}");
+    assert_eq!(
+        v["sources"]["bad"]["last_runs"][0]["result"], "failure",
+        "{v:#}"
+    );
+    assert!(
+        v["sources"]["bad"]["last_runs"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect"),
+        "{v:#}"
+    );
+    assert!(
+        v["sources"]["good"]["breaches"][0]
+            .as_str()
+            .unwrap()
+            .contains("no verified backup"),
+        "{v:#}"
+    );
+
+    let (code, stderr, took) = stop(child);
+    assert_eq!(code, 0, "SIGTERM exits 0: {stderr}");
+    assert!(took < Duration::from_secs(15), "within the grace: {took:?}");
+    assert!(stderr.contains("Agent stopped"), "{stderr}");
+}
+
+#[test]
+fn sigterm_during_a_backup_publishes_nothing_and_exits_0() {
+    let pg = postgres();
+    let s3 = s3();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bucket = rt.block_on(s3.create_bucket());
+    let db = pg.create_db("agentkill");
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let bin = dir.path().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        bin.join("pg_dump"),
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'pg_dump (PostgreSQL) 15.18'; exit 0; fi\n\
+         i=0; while [ $i -lt 300 ]; do head -c 1048576 /dev/urandom || exit 1; sleep 0.1; i=$((i+1)); done\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(bin.join("pg_dump"))
+        .status()
+        .unwrap();
+    let port = free_port();
+    let sources = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"1s\"\n\n\
+         [[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\nschedule = \"*/2 * * * * *\"\nglobals = false\npg_bin_dir = \"{}\"\n",
+        pg.url(&db),
+        pwfile.display(),
+        bin.display()
+    );
+    let repo = format!(
+        "url = \"s3://{bucket}/p\"\nendpoint = \"{}\"\npart_size = \"5MiB\"",
+        s3.endpoint
+    );
+    let policy = write_policy(dir.path(), &repo, &key.recipient, &sources);
+    let child = start_agent(dir.path(), &policy, &s3.env());
+    wait_until("a multipart upload in flight", 60, || {
+        !rt.block_on(s3.pending_uploads(&bucket)).is_empty()
+    });
+    let (code, stderr, took) = stop(child);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        took < Duration::from_secs(20),
+        "grace 1 s, then cancelled: {took:?}"
+    );
+    assert!(stderr.contains("Grace period over"), "{stderr}");
+    let keys = rt.block_on(s3.keys(&bucket, "p/backups/"));
+    assert!(keys.is_empty(), "nothing published: {keys:?}");
+    assert!(
+        rt.block_on(s3.pending_uploads(&bucket)).is_empty(),
+        "the upload was aborted"
+    );
+}
