@@ -39,6 +39,54 @@ fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A local webhook receiver: every POST body, as JSON.
+fn webhook() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let body = loop {
+                let Ok(n) = stream.read(&mut chunk) else {
+                    break None;
+                };
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break Some(body[..len].to_string());
+                    }
+                }
+            };
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            if let Some(b) = body.and_then(|b| serde_json::from_str(&b).ok()) {
+                sink.lock().unwrap().push(b);
+            }
+        }
+    });
+    (port, got)
+}
+
 fn start_agent(dir: &Path, policy: &Path, env: &[(String, String)]) -> Child {
     Command::new(lifeboat_bin())
         .args(["agent", "--policy", policy.to_str().unwrap()])
@@ -85,8 +133,10 @@ fn scheduled_runs_report_success_and_failure_per_source() {
     let key = keygen(dir.path());
     let pwfile = pg.password_file(dir.path());
     let port = free_port();
+    let (hook_port, hooks) = webhook();
     let sources = format!(
         "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n\
+         [[notify]]\nurl = \"http://127.0.0.1:{hook_port}/hook?token=s3cr3t\"\n\n\
          [[sources]]\nname = \"good\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\nobjectives = {{ rpo = \"1h\" }}\n\n\
          [[sources]]\nname = \"bad\"\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{}/x\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n",
         pg.url(&db),
@@ -199,8 +249,51 @@ fn scheduled_runs_report_success_and_failure_per_source() {
         "{v:#}"
     );
 
+    // Webhooks: the failing source's first failure, the breached objective; no success noise.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hooks.lock().unwrap().len() < 2 {
+        if Instant::now() > deadline {
+            let (_, stderr, _) = stop(child);
+            panic!(
+                "webhooks not received: {:?}\nagent log:\n{stderr}",
+                hooks.lock().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let got = hooks.lock().unwrap().clone();
+    let failures: Vec<_> = got.iter().filter(|h| h["event"] == "failure").collect();
+    assert_eq!(
+        failures.len(),
+        1,
+        "one notification per state change, not per run: {got:#?}"
+    );
+    assert_eq!(failures[0]["source"], "bad");
+    assert!(
+        failures[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect"),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|h| h["event"] == "breach" && h["source"] == "good" && h["op"] == "rpo"),
+        "{got:#?}"
+    );
+    assert!(
+        !got.iter()
+            .any(|h| h["source"] == "good" && h["event"] == "failure"),
+        "{got:#?}"
+    );
+
     let (code, stderr, took) = stop(child);
     assert_eq!(code, 0, "SIGTERM exits 0: {stderr}");
+    assert!(
+        !stderr.contains("s3cr3t"),
+        "the webhook token is never logged: {stderr}"
+    );
     assert!(took < Duration::from_secs(15), "within the grace: {took:?}");
     assert!(stderr.contains("Agent stopped"), "{stderr}");
 }

@@ -8,6 +8,7 @@
 //! and the agent exits 0.
 
 pub mod http;
+pub mod notify;
 pub mod schedule;
 pub mod telemetry;
 
@@ -135,6 +136,7 @@ pub struct Agent {
     policy: Policy,
     /// Metrics.
     pub telemetry: Telemetry,
+    notifier: Arc<notify::Notifier>,
     status: Mutex<BTreeMap<String, SourceStatus>>,
     /// False once a scheduler loop died.
     pub alive: AtomicBool,
@@ -174,12 +176,14 @@ impl Agent {
                 )
             })
             .collect();
+        let pod = pod_name();
         Agent {
             telemetry: Telemetry::new(&objectives),
+            notifier: Arc::new(notify::Notifier::new(policy.notify.clone(), pod.clone())),
             policy,
             status: Mutex::new(status),
             alive: AtomicBool::new(true),
-            pod: pod_name(),
+            pod,
             clock,
         }
     }
@@ -258,12 +262,14 @@ impl Agent {
                         )
                     }),
             };
-            self.telemetry.breach(
-                &src.name,
-                "rpo",
-                why.is_some(),
-                why.as_deref().unwrap_or(""),
-            );
+            let why_text = why.as_deref().unwrap_or("");
+            if self
+                .telemetry
+                .breach(&src.name, "rpo", why.is_some(), why_text)
+            {
+                self.notifier
+                    .objective(&src.name, "rpo", why.is_some(), why_text);
+            }
             breaches.extend(why.map(|w| format!("rpo: {w}")));
         }
         if let Some(rto) = src.objectives.rto {
@@ -276,12 +282,14 @@ impl Agent {
                         humantime::format_duration(rto)
                     )
                 });
-            self.telemetry.breach(
-                &src.name,
-                "rto",
-                why.is_some(),
-                why.as_deref().unwrap_or(""),
-            );
+            let why_text = why.as_deref().unwrap_or("");
+            if self
+                .telemetry
+                .breach(&src.name, "rto", why.is_some(), why_text)
+            {
+                self.notifier
+                    .objective(&src.name, "rto", why.is_some(), why_text);
+            }
             breaches.extend(why.map(|w| format!("rto: {w}")));
         }
         self.update(&src.name, |s| s.breaches = breaches);
@@ -289,6 +297,43 @@ impl Agent {
 
     async fn repo(&self) -> Result<Repository> {
         Repository::open_or_init(&self.policy).await
+    }
+
+    /// The one place a finished run is reported: log line and metrics, /status, and (if
+    /// `notify`) a webhook when the source's state changed.
+    #[allow(clippy::too_many_arguments)]
+    fn finished(
+        &self,
+        src: &SourcePolicy,
+        op: &str,
+        started_at: DateTime<Utc>,
+        took: Duration,
+        result: std::result::Result<Option<(u64, u64)>, &Error>,
+        backup: Option<String>,
+        notify: bool,
+    ) {
+        self.telemetry
+            .run_finished(&src.name, op, result, took, self.clock.now());
+        let error = result.err().map(|e| e.to_string());
+        if notify {
+            self.notifier.run_result(&src.name, op, error.as_deref());
+        }
+        self.record(
+            &src.name,
+            RunRecord {
+                op: op.into(),
+                started_at,
+                seconds: took.as_secs_f64(),
+                result: if error.is_none() {
+                    "success"
+                } else {
+                    "failure"
+                }
+                .into(),
+                error,
+                backup,
+            },
+        );
     }
 
     /// One scheduled run of `src`: backup with retries, then prune on success.
@@ -312,69 +357,28 @@ impl Agent {
             let took = started.elapsed();
             match result {
                 Ok((repo, m)) => {
-                    self.telemetry.run_finished(
-                        &src.name,
-                        "backup",
-                        Ok(Some((m.size_plain, m.size_stored))),
-                        took,
-                        self.clock.now(),
-                    );
-                    self.record(
-                        &src.name,
-                        RunRecord {
-                            op: "backup".into(),
-                            started_at: at,
-                            seconds: took.as_secs_f64(),
-                            result: "success".into(),
-                            error: None,
-                            backup: Some(m.id.clone()),
-                        },
-                    );
+                    let sizes = Some((m.size_plain, m.size_stored));
+                    self.finished(src, "backup", at, took, Ok(sizes), Some(m.id.clone()), true);
+                    let at = self.clock.now();
                     let started = std::time::Instant::now();
-                    let pruned =
-                        retention::prune(&repo, &self.policy, src, self.clock.now(), false).await;
-                    let took = started.elapsed();
-                    self.telemetry.run_finished(
-                        &src.name,
+                    let pruned = retention::prune(&repo, &self.policy, src, at, false).await;
+                    self.finished(
+                        src,
                         "prune",
+                        at,
+                        started.elapsed(),
                         pruned.as_ref().map(|_| None),
-                        took,
-                        self.clock.now(),
-                    );
-                    self.record(
-                        &src.name,
-                        RunRecord {
-                            op: "prune".into(),
-                            started_at: self.clock.now(),
-                            seconds: took.as_secs_f64(),
-                            result: if pruned.is_ok() { "success" } else { "failure" }.into(),
-                            error: pruned.err().map(|e| e.message),
-                            backup: None,
-                        },
+                        None,
+                        true,
                     );
                     break;
                 }
                 Err(e) => {
-                    self.telemetry.run_finished(
-                        &src.name,
-                        "backup",
-                        Err(&e),
-                        took,
-                        self.clock.now(),
-                    );
-                    self.record(
-                        &src.name,
-                        RunRecord {
-                            op: "backup".into(),
-                            started_at: at,
-                            seconds: took.as_secs_f64(),
-                            result: "failure".into(),
-                            error: Some(e.to_string()),
-                            backup: None,
-                        },
-                    );
                     let retryable = e.kind == ErrorKind::Failed;
-                    if !retryable || attempt >= src.retries || shutdown.is_cancelled() {
+                    let last = !retryable || attempt >= src.retries || shutdown.is_cancelled();
+                    // Only the final failure notifies: a retry that succeeds is not news.
+                    self.finished(src, "backup", at, took, Err(&e), None, last);
+                    if last {
                         break;
                     }
                     attempt += 1;

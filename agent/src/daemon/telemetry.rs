@@ -293,8 +293,8 @@ impl Telemetry {
         }
     }
 
-    /// Whether an objective is breached; logs when it changes.
-    pub fn breach(&self, source: &str, objective: &str, breached: bool, why: &str) {
+    /// Whether an objective is breached; logs when it changes, and returns true then.
+    pub fn breach(&self, source: &str, objective: &str, breached: bool, why: &str) -> bool {
         let g = self.breach.get_or_create(&SourceObjective {
             source: source.to_string(),
             objective: objective.to_string(),
@@ -306,5 +306,6 @@ impl Telemetry {
         } else if !breached && was {
             tracing::info!(source, objective, "Objective met again");
         }
+        breached != was
     }
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 pub use env::Secret;
-pub use raw::{ChecksumMode, FingerprintMode, LogFormat};
+pub use raw::{ChecksumMode, FingerprintMode, LogFormat, NotifyFormat};
 pub use validate::*;
 
 use crate::error::{Error, ErrorKind};
@@ -150,6 +150,29 @@ pub fn parse(
         .and_then(|v| section::<raw::RawDefaults>("defaults", v, &mut problems))
         .unwrap_or_default();
 
+    let mut notify = Vec::new();
+    match table.remove("notify") {
+        None => {}
+        Some(toml::Value::Array(items)) => {
+            for (i, item) in items.into_iter().enumerate() {
+                let path = format!("notify[{i}]");
+                if let Some(n) = section::<raw::RawNotify>(&path, item, &mut problems) {
+                    if !(n.url.starts_with("https://")
+                        || n.url.starts_with("http://")
+                        || n.url.is_empty())
+                    {
+                        problems.add(format!("{path}.url"), "must start with https:// or http://");
+                    }
+                    notify.push(Notify {
+                        url: Secret::new(n.url),
+                        format: n.format.unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        Some(_) => problems.add("notify", "must be an array of tables: write [[notify]]"),
+    }
+
     let mut sources = Vec::new();
     match table.remove("sources") {
         None => problems.add("sources", "no sources: add at least one [[sources]] table"),
@@ -202,6 +225,7 @@ pub fn parse(
     );
     match policy {
         Some(mut p) if problems.0.is_empty() => {
+            p.notify = notify;
             missing_env.sort();
             missing_env.dedup();
             p.missing_env = missing_env;

@@ -8,7 +8,14 @@
 use serde::Deserialize;
 
 /// The top-level sections a policy may have.
-pub const TOP_LEVEL_KEYS: &[&str] = &["repository", "encryption", "agent", "defaults", "sources"];
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "repository",
+    "encryption",
+    "agent",
+    "defaults",
+    "sources",
+    "notify",
+];
 
 /// The source kinds this version knows.
 pub const SOURCE_KINDS: &[&str] = &["postgres"];
@@ -228,4 +235,25 @@ pub enum FingerprintMode {
     Full,
     /// Exact row counts only.
     Counts,
+}
+
+/// `[[notify]]`: a webhook called on failure and on recovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotify {
+    /// Where to POST; usually a secret (`${VAR}`).
+    pub url: String,
+    /// `json` (default) or `slack`.
+    pub format: Option<NotifyFormat>,
+}
+
+/// Webhook payload format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyFormat {
+    /// `{"event", "source", "op", "message", "at", "pod"}`.
+    #[default]
+    Json,
+    /// `{"text": "…"}` for Slack-compatible incoming webhooks.
+    Slack,
 }

@@ -58,8 +58,19 @@ pub struct Policy {
     pub timezone: chrono_tz::Tz,
     /// The sources, in file order.
     pub sources: Vec<SourcePolicy>,
+    /// Webhooks for failures and recoveries.
+    pub notify: Vec<Notify>,
     /// Variables that were missing (only with `allow_missing_env`).
     pub missing_env: Vec<String>,
+}
+
+/// A webhook.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    /// The URL (often holds a token).
+    pub url: Secret,
+    /// Payload format.
+    pub format: NotifyFormat,
 }
 
 impl Policy {
@@ -355,6 +366,7 @@ pub(super) fn validate(
             agent,
             timezone,
             sources: out,
+            notify: Vec::new(),
             missing_env: Vec::new(),
         })
     } else {
