@@ -87,15 +87,29 @@ fn webhook() -> (
     (port, got)
 }
 
-fn start_agent(dir: &Path, policy: &Path, env: &[(String, String)]) -> Child {
-    Command::new(lifeboat_bin())
-        .args(["agent", "--policy", policy.to_str().unwrap()])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the agent")
+/// A running agent, killed if the test fails before stopping it.
+struct AgentProc(Option<Child>);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_agent(dir: &Path, policy: &Path, env: &[(String, String)]) -> AgentProc {
+    AgentProc(Some(
+        Command::new(lifeboat_bin())
+            .args(["agent", "--policy", policy.to_str().unwrap()])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the agent"),
+    ))
 }
 
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -106,7 +120,8 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn stop(child: Child) -> (i32, String, Duration) {
+fn stop(mut agent: AgentProc) -> (i32, String, Duration) {
+    let child = agent.0.take().expect("the agent runs");
     Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
