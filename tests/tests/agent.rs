@@ -370,3 +370,58 @@ fn sigterm_during_a_backup_publishes_nothing_and_exits_0() {
         "the upload was aborted"
     );
 }
+
+#[test]
+fn two_replicas_with_one_policy_take_each_slot_once() {
+    let pg = postgres();
+    let db = pg.create_db("replicas");
+    pg.psql(
+        &db,
+        "create table t as select generate_series(1, 100) as id",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let src = format!(
+        "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\nschedule = \"*/2 * * * * *\"\nglobals = false\nretention = {{ keep_last = 100 }}\n",
+        pg.url(&db),
+        pwfile.display()
+    );
+    let policies: Vec<_> = (0..2)
+        .map(|_| {
+            let agent = format!("[agent]\nlisten = \"127.0.0.1:{}\"\n\n{src}", free_port());
+            write_policy(
+                dir.path(),
+                "url = \"file://./repo\"",
+                &key.recipient,
+                &agent,
+            )
+        })
+        .collect();
+    let a = start_agent(dir.path(), &policies[0], &[]);
+    let b = start_agent(dir.path(), &policies[1], &[]);
+    std::thread::sleep(Duration::from_secs(9));
+    let (ca, ea, _) = stop(a);
+    let (cb, eb, _) = stop(b);
+    assert_eq!((ca, cb), (0, 0), "{ea}\n{eb}");
+    let r = lifeboat(
+        dir.path(),
+        &["list", "--policy", policies[0].to_str().unwrap(), "--json"],
+        &[],
+    );
+    let backups: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let slots = std::fs::read_dir(dir.path().join("repo/slots/app-db"))
+        .unwrap()
+        .count();
+    assert!(slots >= 3, "ticks every 2 s for 9 s: {slots}");
+    assert_eq!(
+        backups.len(),
+        slots,
+        "one backup per slot, not one per replica\n{ea}\n{eb}"
+    );
+    assert!(
+        ea.contains("Another replica took this slot")
+            || eb.contains("Another replica took this slot"),
+        "{ea}\n{eb}"
+    );
+}

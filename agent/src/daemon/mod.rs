@@ -58,7 +58,7 @@ impl Clock {
     }
 }
 
-/// Runs `run` on every tick of `cron` (plus `jitter`) until `shutdown`. Never overlaps: a tick
+/// Runs `run(tick)` on every tick of `cron` (plus `jitter`) until `shutdown`. Never overlaps: a tick
 /// that passes while `run` is still going is skipped and reported to `on_skipped`.
 #[allow(clippy::too_many_arguments)]
 pub async fn schedule_loop<F, Fut>(
@@ -71,7 +71,7 @@ pub async fn schedule_loop<F, Fut>(
     mut on_skipped: impl FnMut(u64),
     mut run: F,
 ) where
-    F: FnMut() -> Fut,
+    F: FnMut(DateTime<Utc>) -> Fut,
     Fut: Future<Output = ()>,
 {
     let jitter_c = chrono::Duration::from_std(jitter).unwrap_or_default();
@@ -87,7 +87,7 @@ pub async fn schedule_loop<F, Fut>(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        run().await;
+        run(tick).await;
         let skipped = cron.ticks_between(&tz, tick, clock.now() - jitter_c);
         on_skipped(skipped);
     }
@@ -129,6 +129,8 @@ pub struct SourceStatus {
     pub last_restore_seconds: Option<f64>,
     /// Objectives currently breached, with why.
     pub breaches: Vec<String>,
+    /// The latest tick another replica took.
+    pub last_slot_taken_elsewhere: Option<DateTime<Utc>>,
 }
 
 /// The running agent's shared state.
@@ -336,6 +338,33 @@ impl Agent {
         );
     }
 
+    /// Several replicas may carry the same policy: the first to write `slots/<source>/<tick>`
+    /// (create-only) takes the tick; the others skip it. If the repository cannot be reached the
+    /// run goes ahead (and reports the failure).
+    async fn claim_slot(&self, src: &SourcePolicy, tick: DateTime<Utc>) -> bool {
+        let key = crate::repo::layout::slot(&src.name, tick);
+        let claim = serde_json::json!({ "pod": self.pod, "at": self.clock.now() }).to_string();
+        match self.repo().await {
+            Ok(repo) => match repo
+                .store
+                .put_if_absent(&key, bytes::Bytes::from(claim))
+                .await
+            {
+                Ok(true) => true,
+                Ok(false) => {
+                    tracing::info!(source = %src.name, slot = %tick, "Another replica took this slot");
+                    self.update(&src.name, |s| s.last_slot_taken_elsewhere = Some(tick));
+                    false
+                }
+                Err(e) => {
+                    tracing::debug!(source = %src.name, error = %e, "Cannot claim the slot; running anyway");
+                    true
+                }
+            },
+            Err(_) => true,
+        }
+    }
+
     /// One scheduled run of `src`: backup with retries, then prune on success.
     async fn run_source(
         &self,
@@ -484,13 +513,18 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
                     agent.update(&name, |s| s.next_run = Some(t));
                 },
                 |n| agent.telemetry.skipped(&name, n),
-                || async {
+                |tick| {
+                    let (agent, slots, shutdown, runs_cancel) = (&agent, &slots, &shutdown, &runs_cancel);
+                    async move {
                     let permit = tokio::select! {
                         p = slots.acquire() => p.ok(),
                         _ = shutdown.cancelled() => None,
                     };
                     if let Some(_permit) = permit {
-                        agent.run_source(src, &shutdown, &runs_cancel).await;
+                        if agent.claim_slot(src, tick).await {
+                            agent.run_source(src, shutdown, runs_cancel).await;
+                        }
+                    }
                     }
                 },
             )
@@ -563,7 +597,7 @@ mod tests {
             |k| {
                 skipped.fetch_add(k, Ordering::SeqCst);
             },
-            || {
+            |_tick| {
                 let s2 = s2.clone();
                 let (running, n, stop) = (&running, &n, stop.clone());
                 async move {
@@ -615,7 +649,7 @@ mod tests {
             &shutdown,
             |_| {},
             |_| {},
-            || {
+            |_tick| {
                 let s2 = s2.clone();
                 let stop = stop.clone();
                 async move {

@@ -58,6 +58,16 @@ pub fn prune_state(source: &str) -> String {
     format!("state/{source}.json")
 }
 
+/// `slots/<source>/`.
+pub fn slots_prefix(source: &str) -> String {
+    format!("slots/{source}/")
+}
+
+/// `slots/<source>/<tick>`: which replica took a scheduled tick.
+pub fn slot(source: &str, tick: DateTime<Utc>) -> String {
+    format!("slots/{source}/{}", tick.format("%Y%m%dT%H%M%SZ"))
+}
+
 /// The time encoded in a backup id, if it is one.
 pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
     let stamp = id.split('-').next()?;
