@@ -323,6 +323,7 @@ pub fn target_config(url: &str) -> Result<(crate::policy::PostgresConfig, String
             globals: false,
             fingerprint: crate::policy::FingerprintMode::Counts,
             bin_dir: None,
+            tls_ca_file: None,
         },
         db,
     ))

@@ -80,7 +80,80 @@ pub struct Postgres {
     pub bin: PathBuf,
     /// The cluster's directory (socket, data, log).
     pub dir: PathBuf,
+    /// PEM of the CA that signed the server's TLS certificate (for 127.0.0.1).
+    pub ca_file: PathBuf,
     _guard: Child,
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 signed by it, in `dir`.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=lifeboat test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext.cnf");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    run(&["rsa", "-in", "server.key", "-out", "server.key"]);
+    Command::new("chmod")
+        .args(["600"])
+        .arg(dir.join("server.key"))
+        .status()
+        .expect("chmod");
 }
 
 static POSTGRES: OnceLock<Postgres> = OnceLock::new();
@@ -165,6 +238,24 @@ fn start_postgres() -> Postgres {
         "initdb failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // TLS: a throwaway CA, and a role that may only connect over TLS.
+    let tls = dir.join("tls");
+    std::fs::create_dir(&tls).expect("tls dir");
+    make_certs(&tls);
+    let hba = data.join("pg_hba.conf");
+    let original = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        format!("hostnossl all tlsuser 127.0.0.1/32 reject\nhostssl all tlsuser 127.0.0.1/32 scram-sha-256\n{original}"),
+    )
+    .expect("write pg_hba.conf");
+    if root {
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+    }
     let port = free_port();
     let server = as_pg(vec![
         bin.join("postgres").display().to_string(),
@@ -180,6 +271,12 @@ fn start_postgres() -> Postgres {
         "fsync=off".into(),
         "-c".into(),
         "max_connections=50".into(),
+        "-c".into(),
+        "ssl=on".into(),
+        "-c".into(),
+        format!("ssl_cert_file={}", tls.join("server.crt").display()),
+        "-c".into(),
+        format!("ssl_key_file={}", tls.join("server.key").display()),
     ]);
     let log = dir.join("log");
     let guard = guarded(&dir, &server, &log);
@@ -188,6 +285,7 @@ fn start_postgres() -> Postgres {
         port,
         password,
         bin,
+        ca_file: tls.join("ca.crt"),
         dir,
         _guard: guard,
     };
@@ -205,6 +303,13 @@ fn start_postgres() -> Postgres {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    pg.psql(
+        "postgres",
+        &format!(
+            "create role tlsuser login superuser password '{}'",
+            pg.password
+        ),
+    );
     pg
 }
 

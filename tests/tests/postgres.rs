@@ -1000,3 +1000,76 @@ fn one_failing_source_of_two_is_a_partial_failure_and_the_other_is_stored() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["source"], "app-db");
 }
+
+#[test]
+fn tls_is_verified_against_the_configured_ca_end_to_end() {
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("tls");
+    pg.psql(&db, "create table t as select generate_series(1, 50) as id");
+    // tlsuser may only connect over TLS (pg_hba: hostnossl … reject).
+    let src = |extra: &str, mode: &str| {
+        format!(
+            "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://tlsuser@127.0.0.1:{}/{db}?sslmode={mode}\"\npassword_file = \"{}\"\n{extra}\n",
+            pg.port,
+            pwfile.display()
+        )
+    };
+    let ca = format!("tls_ca_file = \"{}\"", pg.ca_file.display());
+    let ok = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &src(&ca, "require"),
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", ok.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(
+        r.code, 0,
+        "TLS with the CA works for lifeboat and pg_dump alike: {}",
+        r.stderr
+    );
+
+    let unverified = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &src("", "require"),
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", unverified.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 12, "an unknown CA is refused: {}", r.stderr);
+    assert!(
+        r.stderr.contains("tls_ca_file"),
+        "says what to do: {}",
+        r.stderr
+    );
+
+    let plain = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &src("", "disable"),
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", plain.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(
+        r.code, 12,
+        "the server refuses plaintext for this role: {}",
+        r.stderr
+    );
+    assert_eq!(list_json(dir.path(), &ok, &[]).len(), 1);
+}

@@ -273,6 +273,7 @@ impl Scratch {
             globals: false,
             fingerprint: FingerprintMode::Full,
             bin_dir: Some(self.bin.clone()),
+            tls_ca_file: None,
         }
     }
 

@@ -196,6 +196,7 @@ fn scratch_server(src: &PostgresConfig, url: &Secret, verify_id: &str) -> Result
             globals: false,
             fingerprint: src.fingerprint,
             bin_dir: None,
+            tls_ca_file: None,
         },
         db,
     })

@@ -216,6 +216,8 @@ pub struct RawPostgresSource {
     pub fingerprint: Option<FingerprintMode>,
     /// Directory holding pg_dump and pg_dumpall; found automatically when unset.
     pub pg_bin_dir: Option<String>,
+    /// PEM file of the CA that signed the server's certificate; makes TLS verified (verify-full).
+    pub tls_ca_file: Option<String>,
     /// Verification settings.
     pub verify: Option<RawVerify>,
     /// Spread scheduled runs over up to this long, with a stable per-pod offset, e.g. `5m`.

@@ -274,6 +274,8 @@ pub struct PostgresConfig {
     pub fingerprint: FingerprintMode,
     /// pg_dump location override.
     pub bin_dir: Option<PathBuf>,
+    /// CA for verified TLS.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// Default listen address of the daemon.
@@ -606,6 +608,7 @@ fn validate_postgres(
             globals: raw.globals.unwrap_or(true),
             fingerprint: raw.fingerprint.unwrap_or_default(),
             bin_dir: raw.pg_bin_dir.map(PathBuf::from),
+            tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
         }),
     })
 }

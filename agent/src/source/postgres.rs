@@ -154,15 +154,32 @@ impl Postgres {
         let password = config
             .get_password()
             .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "PostgreSQL connection ended");
+        let client = match self.tls()? {
+            None => {
+                let (client, connection) = config
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| self.connect_error(e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "PostgreSQL connection ended");
+                    }
+                });
+                client
             }
-        });
+            Some(tls) => {
+                let (client, connection) = config
+                    .connect(tls)
+                    .await
+                    .map_err(|e| self.connect_error(e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "PostgreSQL connection ended");
+                    }
+                });
+                client
+            }
+        };
         let row = client
             .query_one("select current_setting('server_version_num')::int, current_setting('server_version')", &[])
             .await
@@ -175,6 +192,61 @@ impl Postgres {
             server_major: (num / 10000) as u32,
             server_version: row.get(1),
         })
+    }
+
+    /// Whether lifeboat's own connection uses TLS, and with which roots. TLS is always verified
+    /// here: `sslmode=require` (or `prefer` with `tls_ca_file`) checks the server's certificate
+    /// against `tls_ca_file`, else the system's roots; the children then get `verify-full` too.
+    fn tls(&self) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>> {
+        let url = self.cfg.url.expose();
+        let required = url.contains("sslmode=require");
+        if url.contains("sslmode=disable") || (!required && self.cfg.tls_ca_file.is_none()) {
+            return Ok(None);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.cfg.tls_ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Credential,
+                        format!("cannot read tls_ca_file {}: {e}", path.display()),
+                    )
+                })?;
+                for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                    let cert = cert.map_err(|e| {
+                        Error::new(
+                            ErrorKind::Credential,
+                            format!("tls_ca_file {}: {e}", path.display()),
+                        )
+                    })?;
+                    roots.add(cert).map_err(|e| {
+                        Error::new(
+                            ErrorKind::Credential,
+                            format!("tls_ca_file {}: {e}", path.display()),
+                        )
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::Credential,
+                        format!("tls_ca_file {} holds no PEM certificate", path.display()),
+                    ));
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::failed(format!("TLS set-up: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
     }
 
     /// Connects to the source's database.
@@ -201,6 +273,8 @@ impl Postgres {
             Some("28P01") | Some("28000") => Error::new(ErrorKind::Credential, message)
                 .hint("check the user and password (password_file or ${VAR} in url) and pg_hba.conf (RUNBOOK.md#source-unreachable)"),
             Some("3D000") => Error::failed(message).hint("the database does not exist: fix the url's /DBNAME"),
+            _ if message.contains("certificate") || message.contains("Certificate") => Error::new(ErrorKind::Credential, message)
+                .hint("lifeboat verifies the server's TLS certificate: set tls_ca_file to the CA that signed it (RUNBOOK.md#source-unreachable)"),
             _ => Error::failed(message).hint("is the server up and reachable from here? check the url's host and port (RUNBOOK.md#source-unreachable)"),
         }
     }
@@ -297,9 +371,14 @@ impl Postgres {
         if let Some(d) = cfg.get_dbname() {
             env.push(("PGDATABASE".into(), d.into()));
         }
-        let sslmode = match cfg.get_ssl_mode() {
-            SslMode::Disable => "disable",
-            SslMode::Require => "require",
+        let sslmode = match (cfg.get_ssl_mode(), &self.cfg.tls_ca_file) {
+            (SslMode::Disable, _) => "disable",
+            // As strict as lifeboat's own connection: with a CA, verify it and the host name.
+            (_, Some(ca)) => {
+                env.push(("PGSSLROOTCERT".into(), ca.as_os_str().to_owned()));
+                "verify-full"
+            }
+            (SslMode::Require, None) => "require",
             _ => "prefer",
         };
         env.push(("PGSSLMODE".into(), sslmode.into()));
