@@ -44,7 +44,7 @@ pub async fn backup(
         id: id.clone(),
         cancel: cancel.child_token(),
     };
-    tracing::info!(source = %name, backup = %id, kind = source.config.kind(), "Backup started");
+    tracing::debug!(source = %name, backup = %id, kind = source.config.kind(), "Backup started");
     let src = source::from_policy(source);
     let run = src.backup(&ctx);
     tokio::pin!(run);
@@ -67,7 +67,7 @@ pub async fn backup(
     };
     match published {
         Ok(manifest) => {
-            tracing::info!(
+            tracing::debug!(
                 source = %name,
                 backup = %id,
                 size_plain = manifest.size_plain,

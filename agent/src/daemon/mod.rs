@@ -228,6 +228,18 @@ impl Agent {
                         .find_map(|e| e.verification.as_ref().and_then(|v| v.restore_seconds));
                     self.telemetry
                         .repository(&src.name, listing.backups.len(), last_restore);
+                    // The verifier runs elsewhere; its reports in the repository say how it went.
+                    if let Some(v) = listing
+                        .backups
+                        .iter()
+                        .filter_map(|e| e.verification.as_ref())
+                        .max_by(|a, b| a.id.cmp(&b.id))
+                    {
+                        if let Some(at) = crate::repo::layout::id_time(&v.id) {
+                            self.telemetry
+                                .verification(&src.name, v.result == "pass", at);
+                        }
+                    }
                     self.update(&src.name, |st| {
                         st.newest_backup = newest;
                         st.newest_verified = newest_verified;

@@ -285,6 +285,17 @@ impl Telemetry {
         }
     }
 
+    /// The latest verification (from the verifier's report in the repository): pass or fail, when.
+    pub fn verification(&self, source: &str, passed: bool, at: DateTime<Utc>) {
+        let ts = at.timestamp_millis() as f64 / 1000.0;
+        let family = if passed {
+            &self.last_success
+        } else {
+            &self.last_failure
+        };
+        family.get_or_create(&so(source, "verify")).set(ts);
+    }
+
     /// What the repository holds for the source now.
     pub fn repository(&self, source: &str, backups: usize, last_restore: Option<f64>) {
         self.backups.get_or_create(&sl(source)).set(backups as i64);

@@ -724,7 +724,7 @@ impl Source for Postgres {
         let objects = object_counts(&counts_row);
 
         let (env, _passfile) = self.child_env(&c)?;
-        tracing::info!(source = %ctx.source, backup = %ctx.id, tool = %pg_dump.display(), "Dumping database");
+        tracing::debug!(source = %ctx.source, backup = %ctx.id, tool = %pg_dump.display(), "Dumping database");
         let args: Vec<OsString> = vec![
             format!("--snapshot={snapshot}").into(),
             "--format=custom".into(),
