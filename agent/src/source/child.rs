@@ -47,26 +47,11 @@ pub fn spawn(
         .stdout
         .take()
         .ok_or_else(|| Error::failed(format!("{what}: no stdout pipe")))?;
-    let mut stderr = child
+    let stderr = child
         .stderr
         .take()
         .ok_or_else(|| Error::failed(format!("{what}: no stderr pipe")))?;
-    let drain = tokio::spawn(async move {
-        let mut tail: VecDeque<u8> = VecDeque::with_capacity(STDERR_TAIL);
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stderr.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            for &b in &buf[..n] {
-                if tail.len() == STDERR_TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(b);
-            }
-        }
-        String::from_utf8_lossy(&tail.into_iter().collect::<Vec<_>>()).into_owned()
-    });
+    let drain = drain_tail(stderr, STDERR_TAIL);
     let verdict = Box::pin(async move {
         let status = child
             .wait()
@@ -79,14 +64,7 @@ pub fn spawn(
             }
             Ok(())
         } else {
-            let code = status
-                .code()
-                .map(|c| format!("exit status {c}"))
-                .unwrap_or_else(|| "killed by a signal".to_string());
-            Err(Error::failed(format!(
-                "{what} failed ({code}): {}",
-                tail.trim()
-            )))
+            Err(exit_error(&what, status, &tail))
         }
     });
     Ok(Running { stdout, verdict })
@@ -119,26 +97,12 @@ pub async fn run_with_input(
         Error::failed(format!("cannot start {} ({what}): {e}", program.display()))
             .hint("install the PostgreSQL client tools (RUNBOOK.md#tools-missing)")
     })?;
-    let mut stderr = child
+    let stderr = child
         .stderr
         .take()
         .ok_or_else(|| Error::failed(format!("{what}: no stderr pipe")))?;
-    let drain = tokio::spawn(async move {
-        let mut tail: VecDeque<u8> = VecDeque::with_capacity(STDERR_TAIL * 4);
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stderr.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            for &b in &buf[..n] {
-                if tail.len() == STDERR_TAIL * 4 {
-                    tail.pop_front();
-                }
-                tail.push_back(b);
-            }
-        }
-        String::from_utf8_lossy(&tail.into_iter().collect::<Vec<_>>()).into_owned()
-    });
+    // Keep more: psql's errors are parsed from it.
+    let drain = drain_tail(stderr, STDERR_TAIL * 4);
     if let (Some(mut reader), Some(mut stdin)) = (input, child.stdin.take()) {
         let mut buf = vec![0u8; 256 << 10];
         loop {
@@ -169,21 +133,49 @@ pub async fn run_with_input(
     if status.success() {
         Ok(tail)
     } else {
-        let code = status
-            .code()
-            .map(|c| format!("exit status {c}"))
-            .unwrap_or_else(|| "killed by a signal".to_string());
-        let short: String = tail
-            .trim()
-            .chars()
-            .rev()
-            .take(STDERR_TAIL)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        Err(Error::failed(format!("{what} failed ({code}): {short}")))
+        Err(exit_error(&what, status, &tail))
     }
+}
+
+/// Reads a child's stderr to its end in the background, keeping the last `cap` bytes.
+fn drain_tail(
+    mut stderr: tokio::process::ChildStderr,
+    cap: usize,
+) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut tail: VecDeque<u8> = VecDeque::with_capacity(cap);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            for &b in &buf[..n] {
+                if tail.len() == cap {
+                    tail.pop_front();
+                }
+                tail.push_back(b);
+            }
+        }
+        String::from_utf8_lossy(&tail.into_iter().collect::<Vec<_>>()).into_owned()
+    })
+}
+
+/// The error for a child that exited non-zero: its status and the end of its stderr.
+fn exit_error(what: &str, status: std::process::ExitStatus, tail: &str) -> Error {
+    let code = status
+        .code()
+        .map(|c| format!("exit status {c}"))
+        .unwrap_or_else(|| "killed by a signal".to_string());
+    let tail = tail.trim();
+    // The last STDERR_TAIL characters, cut at a character boundary.
+    let start = tail
+        .char_indices()
+        .rev()
+        .nth(STDERR_TAIL.saturating_sub(1))
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let short = &tail[start..];
+    Error::failed(format!("{what} failed ({code}): {short}"))
 }
 
 /// Runs a tool to completion and returns its stdout (for `--version` and similar).

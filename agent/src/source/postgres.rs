@@ -160,11 +160,7 @@ impl Postgres {
                     .connect(NoTls)
                     .await
                     .map_err(|e| self.connect_error(e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "PostgreSQL connection ended");
-                    }
-                });
+                drive(connection);
                 client
             }
             Some(tls) => {
@@ -172,11 +168,7 @@ impl Postgres {
                     .connect(tls)
                     .await
                     .map_err(|e| self.connect_error(e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "PostgreSQL connection ended");
-                    }
-                });
+                drive(connection);
                 client
             }
         };
@@ -403,6 +395,20 @@ impl Postgres {
         };
         Ok((env, passfile))
     }
+}
+
+/// Runs a connection's future on its own task; it ends when its client is dropped.
+fn drive<F>(connection: F)
+where
+    F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>
+        + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
 }
 
 /// What a PostgreSQL backup's fingerprint holds (`fingerprint.json.age`).

@@ -77,7 +77,13 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+/// Writes `data` to a temp file beside `path`, fsyncs it, puts it in place with `publish`
+/// (rename: replace; hard link: create-only), fsyncs the directory, and never leaves the temp file.
+fn write_via_temp(
+    path: &Path,
+    data: &[u8],
+    publish: fn(&Path, &Path) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = temp_path(path);
@@ -85,29 +91,21 @@ fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         let f = std::fs::File::create(&tmp)?;
         f.write_all_at(data, 0)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        publish(&tmp, path)?;
         sync_dir(dir)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    // After a rename the temp name is gone already; after a link or a failure it must go.
+    let _ = std::fs::remove_file(&tmp);
     result
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_via_temp(path, data, |tmp, path| std::fs::rename(tmp, path))
 }
 
 /// Like `write_atomic`, but fails with `AlreadyExists` instead of replacing: `link` is create-only.
 fn write_exclusive(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = temp_path(path);
-    let result = (|| {
-        let f = std::fs::File::create(&tmp)?;
-        f.write_all_at(data, 0)?;
-        f.sync_all()?;
-        std::fs::hard_link(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+    write_via_temp(path, data, |tmp, path| std::fs::hard_link(tmp, path))
 }
 
 fn walk(
