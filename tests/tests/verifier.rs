@@ -344,3 +344,46 @@ fn a_scratch_server_gets_a_throwaway_database_and_never_the_source() {
     );
     assert!(!r.stderr.contains(&fx.pg.password), "{}", r.stderr);
 }
+
+#[test]
+fn scheduled_verification_writes_reports_until_sigterm() {
+    let fx = setup("vrun");
+    fx.pg.psql(
+        &fx.db,
+        "create table t as select generate_series(1, 100) as id",
+    );
+    let policy = fx.policy("schedule = \"*/2 * * * * *\"");
+    let id = fx.backup(&policy);
+    let mut child = std::process::Command::new(verifier_bin())
+        .args([
+            "run",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--identity",
+            fx.key.identity.to_str().unwrap(),
+        ])
+        .env("TMPDIR", &fx.tmp)
+        .current_dir(fx.dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while fx.reports(&id).is_empty() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no scheduled verification within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("Verifier stopped"), "{stderr}");
+    assert_eq!(fx.reports(&id)[0]["result"], "pass");
+    fx.assert_scratch_gone();
+}

@@ -42,6 +42,105 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Verify the newest backup of each source on its `[sources.verify] schedule`, until SIGTERM.
+    Run {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
+        #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
+        identity: Option<PathBuf>,
+    },
+}
+
+fn identities(
+    policy: &lifeboat::policy::Policy,
+    identity: Option<PathBuf>,
+) -> Result<verify::Identities> {
+    let identity = identity
+        .or_else(|| policy.encryption.identity_file.clone())
+        .ok_or_else(|| {
+            Error::new(ErrorKind::Credential, "no age identity to decrypt with").hint(
+                "pass --identity FILE, set LIFEBOAT_IDENTITY_FILE or encryption.identity_file",
+            )
+        })?;
+    pipeline::read_identities(&identity)
+}
+
+/// Prints a report's failed checks and its summary line.
+fn print_report(source: &str, report: &report::Report) {
+    for c in report.checks.iter().filter(|c| !c.passed) {
+        eprintln!(
+            "FAIL {}: expected {}, found {}",
+            c.name, c.expected, c.found
+        );
+    }
+    eprintln!(
+        "{} {}: {} ({} checks, restore {:.1} s, total {:.1} s)",
+        source,
+        report.backup_id,
+        if report.result == "pass" {
+            "verified"
+        } else {
+            "VERIFICATION FAILED"
+        },
+        report.checks.len(),
+        report.timings.restore_seconds,
+        report.timings.total_seconds
+    );
+}
+
+/// The scheduled verifier: one loop per source with a verify schedule, one verification at a time.
+async fn run_scheduled(
+    policy: PathBuf,
+    identity: Option<PathBuf>,
+    cancel: CancellationToken,
+) -> Result<i32> {
+    use lifeboat::daemon::{schedule::Cron, schedule_loop, Clock};
+    let policy = policy::load(&policy, LoadOptions::default())?;
+    let identities = identities(&policy, identity)?;
+    let repo = Repository::open(&policy).await?;
+    let scheduled: Vec<_> = policy
+        .sources
+        .iter()
+        .filter_map(|s| {
+            s.verify
+                .schedule
+                .as_ref()
+                .map(|c| (s, c.expression.clone()))
+        })
+        .collect();
+    if scheduled.is_empty() {
+        return Err(Error::new(ErrorKind::Invalid, "no source has a [sources.verify] schedule")
+            .hint("add `schedule = \"30 4 * * *\"` under [sources.verify], or use `lifeboat-verifier verify`"));
+    }
+    let one_at_a_time = tokio::sync::Semaphore::new(1);
+    let loops = scheduled.iter().map(|(src, expr)| {
+        let (repo, identities, cancel, one_at_a_time) = (&repo, &identities, &cancel, &one_at_a_time);
+        async move {
+            let cron = Cron::parse(expr)?;
+            tracing::info!(source = %src.name, schedule = %expr, "Scheduled verification");
+            schedule_loop(Clock::System, &cron, policy.timezone, std::time::Duration::ZERO, cancel, |_| {}, |_| {}, |_tick| async move {
+                let Ok(_permit) = one_at_a_time.acquire().await else { return };
+                let outcome = async {
+                    let entry = repo.find(&src.name, "latest", None).await?;
+                    verify::verify(repo, src, &entry, identities, cancel).await
+                }
+                .await;
+                match outcome {
+                    Ok(report) => print_report(&src.name, &report),
+                    Err(e) => tracing::error!(source = %src.name, error = %e.message, "Verification could not run"),
+                }
+            })
+            .await;
+            Ok::<(), Error>(())
+        }
+    });
+    for r in futures::future::join_all(loops).await {
+        r?;
+    }
+    tracing::info!("Verifier stopped");
+    Ok(0)
 }
 
 fn main() {
@@ -96,22 +195,18 @@ fn main() {
 }
 
 async fn run(command: Command, cancel: CancellationToken) -> Result<i32> {
-    let Command::Verify {
-        policy,
-        source,
-        backup,
-        identity,
-        json,
-    } = command;
+    let (policy, source, backup, identity, json) = match command {
+        Command::Verify {
+            policy,
+            source,
+            backup,
+            identity,
+            json,
+        } => (policy, source, backup, identity, json),
+        Command::Run { policy, identity } => return run_scheduled(policy, identity, cancel).await,
+    };
     let policy = policy::load(&policy, LoadOptions::default())?;
-    let identity = identity
-        .or_else(|| policy.encryption.identity_file.clone())
-        .ok_or_else(|| {
-            Error::new(ErrorKind::Credential, "no age identity to decrypt with").hint(
-                "pass --identity FILE, set LIFEBOAT_IDENTITY_FILE or encryption.identity_file",
-            )
-        })?;
-    let identities = pipeline::read_identities(&identity)?;
+    let identities = identities(&policy, identity)?;
     let repo = Repository::open(&policy).await?;
     let sources: Vec<_> = match &source {
         Some(name) => vec![policy.source(name).ok_or_else(|| {
@@ -129,25 +224,7 @@ async fn run(command: Command, cancel: CancellationToken) -> Result<i32> {
         let m = &entry.manifest;
         tracing::info!(source = %src.name, backup = %m.id, "Verifying");
         let report = verify::verify(&repo, src, &entry, &identities, &cancel).await?;
-        for c in report.checks.iter().filter(|c| !c.passed) {
-            eprintln!(
-                "FAIL {}: expected {}, found {}",
-                c.name, c.expected, c.found
-            );
-        }
-        eprintln!(
-            "{} {}: {} ({} checks, restore {:.1} s, total {:.1} s)",
-            src.name,
-            m.id,
-            if report.result == "pass" {
-                "verified"
-            } else {
-                "VERIFICATION FAILED"
-            },
-            report.checks.len(),
-            report.timings.restore_seconds,
-            report.timings.total_seconds
-        );
+        print_report(&src.name, &report);
         if report.result != "pass" {
             code = ErrorKind::VerificationMismatch.exit_code();
         }
