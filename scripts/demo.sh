@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: a throwaway PostgreSQL with sample data is backed up into
-# ./lifeboat-repo (a local directory repository), listed, checked, and restored with stock tools.
+# ./lifeboat-repo (a local directory repository), listed, checked, verified by a restore into a
+# scratch cluster, and restored once more with stock tools only.
 # Installs what is missing; leaves ./lifeboat-repo and ./lifeboat-demo/key.txt behind to explore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,10 @@ echo "== lifeboat list --policy policies/dev.toml"
 "$lifeboat" list --policy policies/dev.toml
 echo "== lifeboat check --policy policies/dev.toml --read-data"
 "$lifeboat" check --policy policies/dev.toml --read-data
+
+echo "== lifeboat-verifier verify --policy policies/dev.toml (restores into a throwaway cluster and compares)"
+"$root/target/debug/lifeboat-verifier" verify --policy policies/dev.toml
+"$lifeboat" list --policy policies/dev.toml
 
 latest=$("$lifeboat" list --policy policies/dev.toml --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 object=lifeboat-repo/backups/app-db/$latest/database.dump.zst.age
