@@ -96,6 +96,11 @@ impl From<StoreError> for Error {
             } => Error::new(ErrorKind::Credential, e.to_string()).hint(
                 "check the storage credentials (AWS_* variables, profile or IRSA role) and the bucket policy (RUNBOOK.md#storage-errors)",
             ),
+            StoreError::Permanent { message, .. } if message.to_lowercase().contains("checksum") => {
+                Error::failed(e.to_string()).hint(
+                    "this server seems to reject checksum headers: set repository.checksums = \"when_required\" (RUNBOOK.md#storage-errors)",
+                )
+            }
             StoreError::Permanent { .. } => Error::failed(e.to_string())
                 .hint("check repository.url, endpoint and region (RUNBOOK.md#storage-errors)"),
             StoreError::Transient { .. } => Error::failed(e.to_string())
@@ -316,6 +321,31 @@ async fn join_one(tasks: &mut JoinSet<Result<(), StoreError>>) -> Result<(), Sto
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_map_to_exit_codes_and_hints() {
+        let e = Error::from(StoreError::permanent(
+            "put",
+            "k",
+            "InvalidArgument: x-amz-checksum-sha256 is not supported",
+        ));
+        assert!(e.hint.unwrap().contains("checksums = \"when_required\""));
+        let e = Error::from(StoreError::Permanent {
+            op: "put",
+            key: "k".into(),
+            message: "AccessDenied".into(),
+            credential: true,
+        });
+        assert_eq!(e.kind, ErrorKind::Credential);
+        assert_eq!(
+            Error::from(StoreError::NotFound { key: "k".into() }).kind,
+            ErrorKind::Integrity
+        );
+        assert_eq!(
+            Error::from(StoreError::Cancelled).kind,
+            ErrorKind::Interrupted
+        );
+    }
 
     async fn send_parts(parts: Vec<&'static [u8]>) -> mpsc::Receiver<Bytes> {
         let (tx, rx) = mpsc::channel(parts.len().max(1));
