@@ -382,7 +382,22 @@ pub async fn prune(
             pinned: pins.contains(&e.manifest.id),
         })
         .collect();
-    let decisions = plan(&candidates, &source.retention, &policy.timezone, now);
+    let mut decisions = plan(&candidates, &source.retention, &policy.timezone, now);
+    // Object Lock outranks the rules: a backup still locked stays, and the plan says until when.
+    for d in decisions.iter_mut().filter(|d| !d.keep) {
+        if let Some(until) = repo
+            .store
+            .locked_until(&layout::manifest(name, &d.id))
+            .await
+            .map_err(|e| Error::from(e).context("reading object lock retention"))?
+        {
+            d.keep = true;
+            d.reasons = vec![format!(
+                "object lock until {}",
+                until.format("%Y-%m-%d %H:%M UTC")
+            )];
+        }
+    }
     let grace = chrono::Duration::from_std(GRACE).unwrap_or_default();
     let stale_incomplete: Vec<String> = listing
         .incomplete

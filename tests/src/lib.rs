@@ -511,6 +511,7 @@ impl S3 {
             force_path_style: true,
             checksums: lifeboat::policy::ChecksumMode::WhenRequired,
             storage_class: None,
+            object_lock: None,
         })
         .await
     }

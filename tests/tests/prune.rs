@@ -278,3 +278,143 @@ fn chrono_now_id(seconds_ago: u64) -> String {
         .unwrap();
     format!("{}-abcdef", String::from_utf8_lossy(&out.stdout).trim())
 }
+
+#[test]
+fn object_locked_backups_are_kept_and_cannot_be_deleted_without_bypass() {
+    let pg = postgres();
+    let s3 = s3();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bucket = format!("lblock-{}", suffix());
+    rt.block_on(async {
+        s3.client()
+            .await
+            .create_bucket()
+            .bucket(&bucket)
+            .object_lock_enabled_for_bucket(true)
+            .send()
+            .await
+            .expect("bucket with object lock")
+    });
+    let db = pg.create_db("prlock");
+    pg.psql(
+        &db,
+        "create table t as select generate_series(1, 100) as id",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = pg.password_file(dir.path());
+    let src = format!(
+        "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\nglobals = false\nretention = {{ keep_last = 1 }}\n",
+        pg.url(&db),
+        pwfile.display()
+    );
+    let repo = format!(
+        "url = \"s3://{bucket}/p\"\nendpoint = \"{}\"\nobject_lock = {{ mode = \"governance\", days = 1 }}",
+        s3.endpoint
+    );
+    let policy = write_policy(dir.path(), &repo, &key.recipient, &src);
+    let p = policy.to_str().unwrap();
+    let env = s3.env();
+    for _ in 0..2 {
+        let r = lifeboat(dir.path(), &["backup", "--policy", p], &env);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let r = lifeboat(dir.path(), &["list", "--policy", p, "--json"], &env);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let oldest = list[1]["id"].as_str().unwrap().to_string();
+    let manifest = format!("p/backups/app-db/{oldest}/manifest.json");
+
+    let head = rt.block_on(async {
+        s3.client()
+            .await
+            .head_object()
+            .bucket(&bucket)
+            .key(&manifest)
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        head.object_lock_mode().map(|m| m.as_str()),
+        Some("GOVERNANCE")
+    );
+    let until = head.object_lock_retain_until_date().unwrap().secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        until > now + 23 * 3600,
+        "locked for a day: {until} vs {now}"
+    );
+
+    let r = lifeboat(
+        dir.path(),
+        &["prune", "--policy", p, "--dry-run", "--json"],
+        &env,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let plans: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let d = &plans[0]["decisions"][1];
+    assert_eq!(d["keep"], true, "{d}");
+    assert!(
+        d["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("object lock until"),
+        "{d}"
+    );
+    let r = lifeboat(dir.path(), &["prune", "--policy", p], &env);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = lifeboat(dir.path(), &["list", "--policy", p, "--json"], &env);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(list.len(), 2, "the locked backup stays");
+
+    // check compares the bucket's configuration with the policy.
+    let r = lifeboat(dir.path(), &["check", "--policy", p], &env);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    let unlocked = write_policy(
+        dir.path(),
+        &format!("url = \"s3://{bucket}/p\"\nendpoint = \"{}\"", s3.endpoint),
+        &key.recipient,
+        &src,
+    );
+    let r = lifeboat(
+        dir.path(),
+        &["check", "--policy", unlocked.to_str().unwrap()],
+        &env,
+    );
+    assert!(
+        r.stderr
+            .contains("has Object Lock enabled but the policy sets no object_lock"),
+        "{}",
+        r.stderr
+    );
+
+    // Even with storage rights, the locked version cannot be deleted without the bypass.
+    let denied = rt.block_on(async {
+        let c = s3.client().await;
+        let versions = c
+            .list_object_versions()
+            .bucket(&bucket)
+            .prefix(&manifest)
+            .send()
+            .await
+            .unwrap();
+        let version = versions.versions()[0].version_id().unwrap().to_string();
+        c.delete_object()
+            .bucket(&bucket)
+            .key(&manifest)
+            .version_id(version)
+            .send()
+            .await
+    });
+    assert!(
+        denied.is_err(),
+        "a governance-locked version is deleted only with the bypass"
+    );
+}

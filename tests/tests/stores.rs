@@ -159,6 +159,7 @@ async fn s3_store(checksums: ChecksumMode, prefix: &str) -> Arc<dyn ObjectStore>
             force_path_style: true,
             checksums,
             storage_class: None,
+            object_lock: None,
         }),
         part_size: 5 << 20,
         parts_in_flight: 2,

@@ -211,6 +211,20 @@ async fn check_cmd(path: &Path, source: Option<&str>, read_data: bool, json: boo
     }
     let repo = Repository::open(&policy).await?;
     let report = check::check(&repo, source, read_data).await?;
+    if let lifeboat::policy::Location::S3(s3) = &policy.repository.location {
+        match (repo.store.lock_enabled().await, s3.object_lock) {
+            (Ok(Some(false)), Some(_)) => eprintln!(
+                "warning: repository.object_lock is set but the bucket {} has Object Lock disabled: backups will fail to upload; create the bucket with Object Lock or remove object_lock",
+                s3.bucket
+            ),
+            (Ok(Some(true)), None) => eprintln!(
+                "warning: the bucket {} has Object Lock enabled but the policy sets no object_lock: only the bucket's default retention, if any, protects backups; set repository.object_lock to make it explicit",
+                s3.bucket
+            ),
+            (Err(e), _) => eprintln!("warning: cannot read the bucket's Object Lock configuration: {e}"),
+            _ => {}
+        }
+    }
     if json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| Error::failed(format!("cannot encode the report: {e}")))?;

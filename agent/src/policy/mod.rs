@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 pub use env::Secret;
-pub use raw::{ChecksumMode, FingerprintMode, LogFormat, NotifyFormat};
+pub use raw::{ChecksumMode, FingerprintMode, LockMode, LogFormat, NotifyFormat};
 pub use validate::*;
 
 use crate::error::{Error, ErrorKind};

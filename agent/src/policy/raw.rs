@@ -40,6 +40,28 @@ pub struct RawRepository {
     pub part_size: Option<String>,
     /// How many parts may be uploading at once.
     pub parts_in_flight: Option<usize>,
+    /// S3 Object Lock retention set on every backup object written, e.g. `{ mode = "governance", days = 30 }`.
+    pub object_lock: Option<RawObjectLock>,
+}
+
+/// `repository.object_lock`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawObjectLock {
+    /// `governance` (deletable with the bypass permission) or `compliance` (by nobody).
+    pub mode: LockMode,
+    /// Days each object stays locked after it is written.
+    pub days: u32,
+}
+
+/// S3 Object Lock mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    /// Deletable only with `s3:BypassGovernanceRetention`.
+    Governance,
+    /// Deletable by nobody until it expires.
+    Compliance,
 }
 
 /// S3 addressing style.

@@ -120,6 +120,8 @@ pub struct S3Config {
     pub checksums: ChecksumMode,
     /// Storage class for data objects.
     pub storage_class: Option<String>,
+    /// Object Lock on backup objects: mode and days.
+    pub object_lock: Option<(LockMode, u32)>,
 }
 
 /// Encryption settings.
@@ -412,6 +414,7 @@ fn validate_repository(raw: RawRepository, p: &mut Problems) -> Option<Repositor
             ("addressing", raw.addressing.is_some()),
             ("checksums", raw.checksums.is_some()),
             ("storage_class", raw.storage_class.is_some()),
+            ("object_lock", raw.object_lock.is_some()),
         ] {
             if set {
                 p.add(
@@ -460,6 +463,17 @@ fn validate_repository(raw: RawRepository, p: &mut Problems) -> Option<Repositor
             force_path_style,
             checksums: raw.checksums.unwrap_or(ChecksumMode::WhenRequired),
             storage_class: raw.storage_class,
+            object_lock: match raw.object_lock {
+                Some(l) if l.days == 0 => {
+                    p.add(
+                        "repository.object_lock.days",
+                        "must be at least 1; leave object_lock out to disable it",
+                    );
+                    None
+                }
+                Some(l) => Some((l.mode, l.days)),
+                None => None,
+            },
         })
     } else {
         p.add(

@@ -159,6 +159,17 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn pending_uploads(&self) -> Result<Vec<PendingUpload>, StoreError>;
     /// Aborts an incomplete upload found by `pending_uploads`.
     async fn abort_pending(&self, upload: &PendingUpload) -> Result<(), StoreError>;
+    /// Whether the bucket has Object Lock enabled (`None`: not applicable to this backend).
+    async fn lock_enabled(&self) -> Result<Option<bool>, StoreError> {
+        Ok(None)
+    }
+    /// Until when an object is protected by an Object Lock retention, if it is.
+    async fn locked_until(
+        &self,
+        _key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// An unfinished multipart upload. Parts may be uploaded concurrently.

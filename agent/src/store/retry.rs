@@ -120,6 +120,15 @@ impl ObjectStore for Retry {
     async fn abort_pending(&self, upload: &PendingUpload) -> Result<(), StoreError> {
         self.backoff.run(|| self.inner.abort_pending(upload)).await
     }
+    async fn lock_enabled(&self) -> Result<Option<bool>, StoreError> {
+        self.backoff.run(|| self.inner.lock_enabled()).await
+    }
+    async fn locked_until(
+        &self,
+        key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        self.backoff.run(|| self.inner.locked_until(key)).await
+    }
 }
 
 #[derive(Debug)]

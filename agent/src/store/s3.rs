@@ -15,7 +15,9 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, StorageClass};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode, StorageClass,
+};
 use aws_sdk_s3::Client;
 use aws_smithy_http_client::tls;
 use bytes::Bytes;
@@ -23,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use super::{ObjectInfo, ObjectReader, ObjectStore, PendingUpload, StoreError, Upload};
 use crate::error::Error;
-use crate::policy::{ChecksumMode, S3Config};
+use crate::policy::{ChecksumMode, LockMode, S3Config};
 
 /// A repository in an S3 bucket under a prefix.
 #[derive(Debug, Clone)]
@@ -34,6 +36,7 @@ pub struct S3Store {
     endpoint: Option<String>,
     checksums: ChecksumMode,
     storage_class: Option<StorageClass>,
+    object_lock: Option<(LockMode, u32)>,
 }
 
 /// Builds an S3 client for `config` with the default credential chain (environment, profile, web
@@ -86,6 +89,7 @@ impl S3Store {
             endpoint: config.endpoint.clone(),
             checksums: config.checksums,
             storage_class: config.storage_class.as_deref().map(StorageClass::from),
+            object_lock: config.object_lock,
         })
     }
 
@@ -124,11 +128,33 @@ impl S3Store {
         Ok((full, out))
     }
 
+    /// Checksums go with every upload when asked for, and when Object Lock needs them (S3
+    /// requires an integrity header on writes that carry a retention).
+    fn sends_checksums(&self) -> bool {
+        self.checksums == ChecksumMode::Always || self.object_lock.is_some()
+    }
+
     fn sha256_b64(&self, data: &[u8]) -> Option<String> {
-        match self.checksums {
-            ChecksumMode::Always => Some(aws_smithy_types::base64::encode(Sha256::digest(data))),
-            ChecksumMode::WhenRequired => None,
+        self.sends_checksums()
+            .then(|| aws_smithy_types::base64::encode(Sha256::digest(data)))
+    }
+
+    /// The retention to set on `key`: backup objects only. Leases, claims and probes must stay
+    /// deletable.
+    fn lock_for(&self, key: &str) -> Option<(ObjectLockMode, aws_smithy_types::DateTime)> {
+        let (mode, days) = self.object_lock?;
+        if !key.starts_with("backups/") {
+            return None;
         }
+        let until = chrono::Utc::now() + chrono::Duration::days(i64::from(days));
+        let mode = match mode {
+            LockMode::Governance => ObjectLockMode::Governance,
+            LockMode::Compliance => ObjectLockMode::Compliance,
+        };
+        Some((
+            mode,
+            aws_smithy_types::DateTime::from_secs(until.timestamp()),
+        ))
     }
 }
 
@@ -208,8 +234,13 @@ impl ObjectStore for S3Store {
             .set_checksum_sha256(self.sha256_b64(&data))
             .set_storage_class(self.storage_class.clone())
             .body(ByteStream::from(data));
-        if self.checksums == ChecksumMode::Always {
+        if self.sends_checksums() {
             req = req.checksum_algorithm(ChecksumAlgorithm::Sha256);
+        }
+        if let Some((mode, until)) = self.lock_for(key) {
+            req = req
+                .object_lock_mode(mode)
+                .object_lock_retain_until_date(until);
         }
         req.send().await.map_err(|e| classify("put", &full, e))?;
         Ok(())
@@ -297,8 +328,13 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(&full)
             .set_storage_class(self.storage_class.clone());
-        if self.checksums == ChecksumMode::Always {
+        if self.sends_checksums() {
             req = req.checksum_algorithm(ChecksumAlgorithm::Sha256);
+        }
+        if let Some((mode, until)) = self.lock_for(key) {
+            req = req
+                .object_lock_mode(mode)
+                .object_lock_retain_until_date(until);
         }
         let out = req
             .send()
@@ -336,6 +372,52 @@ impl ObjectStore for S3Store {
                 Ok(false)
             }
             Err(e) => Err(classify("put if absent", &full, e)),
+        }
+    }
+
+    async fn lock_enabled(&self) -> Result<Option<bool>, StoreError> {
+        match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(
+                out.object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    .is_some_and(|e| e.as_str() == "Enabled"),
+            )),
+            Err(SdkError::ServiceError(se))
+                if se.err().code() == Some("ObjectLockConfigurationNotFoundError") =>
+            {
+                Ok(Some(false))
+            }
+            Err(e) => Err(classify("get object lock configuration", &self.bucket, e)),
+        }
+    }
+
+    async fn locked_until(
+        &self,
+        key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        let full = self.full_key(key);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .object_lock_retain_until_date()
+                .and_then(|t| chrono::DateTime::<chrono::Utc>::from_timestamp(t.secs(), 0))
+                .filter(|t| *t > chrono::Utc::now())),
+            Err(e) => match classify("head", &full, e) {
+                StoreError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
         }
     }
 
