@@ -29,11 +29,11 @@ if [ "${1:-}" = "--no-s3" ]; then
 fi
 
 MOTO_VENV=${MOTO_VENV:-target/moto-venv}
-if ! "$MOTO_VENV/bin/python" -c 'import moto, sys; v = tuple(int(x) for x in moto.__version__.split(".")[:3]); sys.exit(v < (5, 2, 5))' 2>/dev/null; then
+if ! "$MOTO_VENV/bin/python" -c 'import moto, yaml, sys; v = tuple(int(x) for x in moto.__version__.split(".")[:3]); sys.exit(v < (5, 2, 5))' 2>/dev/null; then
   echo "installing moto[server] into $MOTO_VENV" >&2
   mkdir -p "$(dirname "$MOTO_VENV")"
   python3 -m venv "$MOTO_VENV"
-  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5.2.5'
+  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5.2.5' pyyaml
 fi
 "$MOTO_VENV/bin/moto_server" --help >/dev/null
 echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), $(pg_config --version), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2

@@ -15,3 +15,5 @@ cargo test --workspace
 for f in policies/*.toml; do
   target/debug/lifeboat policy check --allow-missing-env "$f"
 done
+# Alert rules are well-formed and every runbook link resolves (moto's venv has PyYAML).
+"${MOTO_VENV:-target/moto-venv}/bin/python" scripts/check-deploy.py
