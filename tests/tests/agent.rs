@@ -458,3 +458,55 @@ fn two_replicas_with_one_policy_take_each_slot_once() {
         "{ea}\n{eb}"
     );
 }
+
+#[test]
+fn sigterm_stops_the_agent_even_when_its_log_reader_went_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let port = free_port();
+    // A source that fails every 2 s, so the agent keeps logging into the closed pipe.
+    let sources = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\n\n[[sources]]\nname = \"bad\"\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{}/x\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n",
+        free_port()
+    );
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &sources,
+    );
+    let mut child = Command::new(lifeboat_bin())
+        .args(["agent", "--policy", policy.to_str().unwrap()])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the first line, then close the pipe: every later log line hits a broken pipe.
+    let mut stderr = child.stderr.take().unwrap();
+    let mut byte = [0u8; 1];
+    while stderr
+        .read(&mut byte)
+        .map(|n| n == 1 && byte[0] != b'\n')
+        .unwrap_or(false)
+    {}
+    drop(stderr);
+    std::thread::sleep(Duration::from_secs(5));
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent ignored SIGTERM after its log reader went away");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0));
+}

@@ -149,6 +149,9 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        // A log reader that went away must not turn every log line into a panic (its default
+        // reports write errors with eprintln!, which panics on a closed stderr).
+        .log_internal_errors(false)
         .with_target(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
@@ -179,8 +182,8 @@ fn main() {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
-            tracing::warn!("Interrupted: tearing down the scratch database");
             on_signal.cancel();
+            tracing::warn!("Interrupted: tearing down the scratch database");
         });
         match run(cli.command, cancel.clone()).await {
             Ok(code) => code,

@@ -228,8 +228,8 @@ pub fn main() -> i32 {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            tracing::warn!("Interrupted: stopping at a safe point");
             on_signal.cancel();
+            tracing::warn!("Interrupted: stopping at a safe point");
         });
         commands::run(cli.command, cancel.clone()).await
     });
@@ -261,6 +261,9 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        // A log reader that went away must not turn every log line into a panic (its default
+        // reports write errors with eprintln!, which panics on a closed stderr).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
