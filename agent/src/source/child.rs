@@ -32,17 +32,7 @@ pub fn spawn(
     env: &[(String, OsString)],
     what: String,
 ) -> Result<Running> {
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| {
-        Error::failed(format!("cannot start {} ({what}): {e}", program.display()))
-            .hint("install the PostgreSQL client tools, or set pg_bin_dir in the source (RUNBOOK.md#tools-missing)")
-    })?;
+    let mut child = start(program, args, env, &what, Stdio::null(), Stdio::piped())?;
     let stdout = child
         .stdout
         .take()
@@ -82,21 +72,12 @@ pub async fn run_with_input(
     input: Option<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
 ) -> Result<String> {
     use tokio::io::AsyncWriteExt;
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| {
-        Error::failed(format!("cannot start {} ({what}): {e}", program.display()))
-            .hint("install the PostgreSQL client tools (RUNBOOK.md#tools-missing)")
-    })?;
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    let mut child = start(program, args, env, &what, stdin, Stdio::null())?;
     let stderr = child
         .stderr
         .take()
@@ -135,6 +116,30 @@ pub async fn run_with_input(
     } else {
         Err(exit_error(&what, status, &tail))
     }
+}
+
+/// Starts `program` with stderr piped and killed if dropped; nothing secret goes on its command line.
+fn start(
+    program: &Path,
+    args: &[OsString],
+    env: &[(String, OsString)],
+    what: &str,
+    stdin: Stdio,
+    stdout: Stdio,
+) -> Result<tokio::process::Child> {
+    Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            Error::failed(format!("cannot start {} ({what}): {e}", program.display())).hint(
+                "install the PostgreSQL client tools, or set pg_bin_dir in the source (RUNBOOK.md#tools-missing)",
+            )
+        })
 }
 
 /// Reads a child's stderr to its end in the background, keeping the last `cap` bytes.

@@ -210,6 +210,14 @@ where
     }
 }
 
+/// An operation where a missing object (or upload) is a normal answer: `None` instead of an error.
+fn missing_is<T>(r: Result<T, StoreError>, missing: T) -> Result<T, StoreError> {
+    match r {
+        Err(StoreError::NotFound { .. }) => Ok(missing),
+        other => other,
+    }
+}
+
 mod aws_smithy_runtime_api_http {
     pub use aws_sdk_s3::config::http::HttpResponse;
 }
@@ -270,10 +278,7 @@ impl ObjectStore for S3Store {
             .await
         {
             Ok(out) => Ok(Some(out.content_length.unwrap_or(0).max(0) as u64)),
-            Err(e) => match classify("head", &full, e) {
-                StoreError::NotFound { .. } => Ok(None),
-                other => Err(other),
-            },
+            Err(e) => missing_is(Err(classify("head", &full, e)), None),
         }
     }
 
@@ -313,10 +318,7 @@ impl ObjectStore for S3Store {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) => match classify("delete", &full, e) {
-                StoreError::NotFound { .. } => Ok(()),
-                other => Err(other),
-            },
+            Err(e) => missing_is(Err(classify("delete", &full, e)), ()),
         }
     }
 
@@ -414,10 +416,7 @@ impl ObjectStore for S3Store {
                 .object_lock_retain_until_date()
                 .and_then(|t| chrono::DateTime::<chrono::Utc>::from_timestamp(t.secs(), 0))
                 .filter(|t| *t > chrono::Utc::now())),
-            Err(e) => match classify("head", &full, e) {
-                StoreError::NotFound { .. } => Ok(None),
-                other => Err(other),
-            },
+            Err(e) => missing_is(Err(classify("head", &full, e)), None),
         }
     }
 
@@ -433,10 +432,7 @@ impl ObjectStore for S3Store {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) => match classify("abort multipart upload", &full, e) {
-                StoreError::NotFound { .. } => Ok(()),
-                other => Err(other),
-            },
+            Err(e) => missing_is(Err(classify("abort multipart upload", &full, e)), ()),
         }
     }
 
@@ -544,10 +540,7 @@ impl Upload for S3Upload {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) => match classify("abort multipart upload", &self.key, e) {
-                StoreError::NotFound { .. } => Ok(()),
-                other => Err(other),
-            },
+            Err(e) => missing_is(Err(classify("abort multipart upload", &self.key, e)), ()),
         }
     }
 }
