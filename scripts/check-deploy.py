@@ -39,10 +39,16 @@ def main():
     for want in ("BackupTooOld", "BackupFailing", "VerificationFailed", "VerificationStale", "RestoreSlowerThanRTO", "AgentDown"):
         if want not in names:
             problems.append(f"missing alert {want}")
+    # Every RUNBOOK.md#anchor an error hint names must exist.
+    import pathlib
+    for path in sorted(pathlib.Path(".").glob("*/src/**/*.rs")):
+        for anchor in re.findall(r"RUNBOOK\.md#([\w-]+)", path.read_text(encoding="utf-8")):
+            if anchor not in known:
+                problems.append(f"{path}: hint names RUNBOOK.md#{anchor}, which is no section")
     if problems:
         print("deploy check failed:\n  " + "\n  ".join(problems))
         sys.exit(1)
-    print(f"deploy check: {len(names)} alerts, every runbook_url resolves")
+    print(f"deploy check: {len(names)} alerts, every runbook_url and every hint's RUNBOOK.md link resolves")
 
 
 main()

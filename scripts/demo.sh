@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a throwaway PostgreSQL with sample data is backed up into
-# ./lifeboat-repo (a local directory repository), listed, checked, verified by a restore into a
-# scratch cluster, and restored once more with stock tools only.
+# The main job on the embedded default: a throwaway PostgreSQL and a throwaway Redis with sample
+# data are backed up into ./lifeboat-repo (a local directory repository), listed, checked,
+# verified by a restore into a scratch cluster / scratch redis-server, and restored once more with
+# stock tools only.
 # Installs what is missing; leaves ./lifeboat-repo and ./lifeboat-demo/key.txt behind to explore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,16 @@ cargo build --quiet --bins
 lifeboat="$root/target/debug/lifeboat"
 
 . scripts/lib/throwaway-pg.sh
+. scripts/lib/throwaway-redis.sh
 pg_start
+trap 'pg_stop; redis_stop' EXIT
 echo "== started a throwaway PostgreSQL on 127.0.0.1:$PG_PORT"
+redis_start
+echo "== started a throwaway Redis on 127.0.0.1:$REDIS_PORT"
+for i in $(seq 1 2000); do echo "SET user:$i name-$i"; done | redis-cli -p "$REDIS_PORT" >/dev/null
+redis-cli -p "$REDIS_PORT" RPUSH queue a b c >/dev/null
+redis-cli -p "$REDIS_PORT" XADD events '*' kind signup >/dev/null
+redis-cli -p "$REDIS_PORT" SET session:1 token EX 3600 >/dev/null
 psql() { pg_psql "$@"; }
 psql -d postgres -c "create database app"
 psql -d app <<'SQL'
@@ -33,21 +42,22 @@ fi
 export LIFEBOAT_RECIPIENT=$(sed -n 's/^# public key: //p' lifeboat-demo/key.txt)
 export LIFEBOAT_IDENTITY_FILE=$root/lifeboat-demo/key.txt
 export LIFEBOAT_DEV_PG_URL="postgres://postgres@127.0.0.1:$PG_PORT/app"
+export LIFEBOAT_DEV_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 
 echo "== lifeboat policy check policies/dev.toml"
 "$lifeboat" policy check policies/dev.toml
-echo "== lifeboat backup --policy policies/dev.toml --source app-db"
-"$lifeboat" backup --policy policies/dev.toml --source app-db
+echo "== lifeboat backup --policy policies/dev.toml (app-db: pg_dump of a snapshot; cache: Redis as a replica)"
+"$lifeboat" backup --policy policies/dev.toml
 echo "== lifeboat list --policy policies/dev.toml"
 "$lifeboat" list --policy policies/dev.toml
 echo "== lifeboat check --policy policies/dev.toml --read-data"
 "$lifeboat" check --policy policies/dev.toml --read-data
 
-echo "== lifeboat-verifier verify --policy policies/dev.toml (restores into a throwaway cluster and compares)"
+echo "== lifeboat-verifier verify --policy policies/dev.toml (restores into a throwaway cluster / redis-server and compares)"
 "$root/target/debug/lifeboat-verifier" verify --policy policies/dev.toml
 "$lifeboat" list --policy policies/dev.toml
 
-latest=$("$lifeboat" list --policy policies/dev.toml --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+latest=$("$lifeboat" list --policy policies/dev.toml --source app-db --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 object=lifeboat-repo/backups/app-db/$latest/database.dump.zst.age
 echo "== restoring $object with stock tools only (age | zstd | pg_restore) into database restored"
 psql -d postgres -c "create database restored"
@@ -55,4 +65,9 @@ age -d -i lifeboat-demo/key.txt "$object" | zstd -d -q | "$PG_BIN/pg_restore" --
 for db in app restored; do
   echo "$db: $(psql -d "$db" -tA -c "select (select count(*) from customers) || ' customers, ' || count(*) || ' orders, digest of orders ' || md5(string_agg(o::text, ',' order by id)) from orders o")"
 done
+cache=$("$lifeboat" list --policy policies/dev.toml --source cache --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+echo "== restoring the Redis snapshot with stock tools only (age | zstd > dump.rdb | redis-check-rdb)"
+age -d -i lifeboat-demo/key.txt "lifeboat-repo/backups/cache/$cache/dump.rdb.zst.age" | zstd -d -q > "$REDIS_WORK/restored.rdb"
+redis-check-rdb "$REDIS_WORK/restored.rdb" | grep -E "keys read|expires"
+echo "cache: $(redis-cli -p "$REDIS_PORT" DBSIZE) keys in the live server"
 echo "== done: backups are in ./lifeboat-repo, the key in ./lifeboat-demo/key.txt"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what lifeboat's tests, demo and benchmarks use, skipping what is already there:
-#   PostgreSQL server + client + contrib, the age and zstd CLIs (Debian packages), and moto's S3
+#   PostgreSQL server + client + contrib, Redis (server, redis-cli, redis-check-rdb), the age and
+#   zstd CLIs (Debian packages), and moto's S3
 #   server in a Python venv at target/moto-venv (override with MOTO_VENV; skip with --no-s3).
 # Fails loudly if something cannot be installed.
 set -euo pipefail
@@ -9,6 +10,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v age >/dev/null 2>&1 || need_apt+=(age)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v redis-check-rdb >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 command -v pg_config >/dev/null 2>&1 || need_apt+=(postgresql-common libpq-dev)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need_apt+=(postgresql postgresql-contrib)
@@ -36,4 +39,4 @@ if ! "$MOTO_VENV/bin/python" -c 'import moto, yaml, sys; v = tuple(int(x) for x 
   "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5.2.5' pyyaml
 fi
 "$MOTO_VENV/bin/moto_server" --help >/dev/null
-echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), $(pg_config --version), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2
+echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), $(pg_config --version), $(redis-server --version | cut -d' ' -f1-3), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2

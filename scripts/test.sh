@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then checks formatting, lints, and runs every
-# test against real PostgreSQL and S3 (moto) servers that the harness starts on random ports.
+# test against real PostgreSQL, Redis and S3 (moto) servers that the harness starts on random ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -16,5 +16,6 @@ pub mod restore;
 pub mod retention;
 pub mod source;
 pub mod store;
+pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};

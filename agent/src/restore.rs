@@ -488,3 +488,94 @@ pub async fn restore_postgres(
     target.pg_restore(&conn, input, &opts).await?;
     Ok(created)
 }
+
+/// Where a Redis backup goes.
+#[derive(Debug, Clone)]
+pub enum RedisDestination {
+    /// `DIR/dump.rdb`, for a server to load at start.
+    Dir(std::path::PathBuf),
+    /// A live server, key by key.
+    Live {
+        /// The server.
+        target: crate::source::redis_load::Target,
+        /// `FLUSHALL` first.
+        flush: bool,
+    },
+}
+
+/// What a Redis restore did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RedisRestored {
+    /// The file written (`Dir`).
+    pub file: Option<std::path::PathBuf>,
+    /// Keys written per database and keys that had expired (`Live`).
+    pub moved: Option<crate::source::redis_load::Moved>,
+}
+
+/// Restores a Redis backup: the snapshot is spooled and checked first (exit 13, target untouched),
+/// then written to `DIR/dump.rdb` through a temp file, or loaded into an ephemeral redis-server
+/// whose keys move into the live target with `RESTORE … REPLACE`.
+pub async fn restore_redis(
+    repo: &Repository,
+    manifest: &Manifest,
+    destination: &RedisDestination,
+    redis_bin_dir: Option<&std::path::Path>,
+    spool_dir: &std::path::Path,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    progress: std::sync::Arc<dyn Progress>,
+) -> Result<RedisRestored> {
+    use crate::source::redis_load;
+    let part = manifest
+        .parts
+        .iter()
+        .find(|p| p.role == "snapshot")
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("backup {} has no snapshot part", manifest.id),
+            )
+        })?;
+    progress.phase(
+        &format!("downloading and checking {}", part.name),
+        Some(part.size_stored),
+    );
+    let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
+    progress.phase("decrypting", Some(part.size_plain));
+    let plain = Counting {
+        inner: spooled.plaintext(identities).await?,
+        progress: progress.clone(),
+    };
+    match destination {
+        RedisDestination::Dir(dir) => {
+            let file = dir.join("dump.rdb");
+            redis_load::write_rdb(plain, &file).await?;
+            Ok(RedisRestored {
+                file: Some(file),
+                moved: None,
+            })
+        }
+        RedisDestination::Live { target, flush } => {
+            let scratch = redis_load::Scratch::start(redis_bin_dir, plain, false).await?;
+            let result = async {
+                let loaded = scratch.target().keyspace().await?;
+                if *flush {
+                    progress.phase(&format!("FLUSHALL on {}", target.shown), None);
+                    redis_load::flush_all(target).await?;
+                }
+                progress.phase(
+                    &format!("moving keys into {}", target.shown),
+                    Some(loaded.values().map(|v| v.0).sum()),
+                );
+                let dbs: Vec<u32> = loaded.keys().copied().collect();
+                let p = progress.clone();
+                redis_load::move_keys(scratch.target(), target, &dbs, &move |n| p.advance(n)).await
+            }
+            .await;
+            scratch.stop().await;
+            Ok(RedisRestored {
+                file: None,
+                moved: Some(result?),
+            })
+        }
+    }
+}

@@ -666,3 +666,267 @@ pub fn write_policy(dir: &Path, repository: &str, recipient: &str, sources: &str
     std::fs::write(&p, text).expect("write policy");
     p
 }
+
+/// A throwaway redis-server, one per test (it starts in ~15 ms), stopped and removed on drop.
+pub struct Redis {
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Its data directory (`dir`; `dump.rdb` is written here).
+    pub dir: PathBuf,
+    guard: Child,
+}
+
+/// The redis-server binary, or a loud failure saying what to install.
+pub fn redis_bin(tool: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{tool} not found: install redis-server and redis-tools (scripts/install-deps.sh does)"
+        )
+    })
+}
+
+impl Redis {
+    /// Starts a server with test-friendly settings (no sync delay, DEBUG enabled) plus `extra`
+    /// configuration arguments (e.g. `["--requirepass", "pw"]`).
+    pub fn start(extra: &[&str]) -> Redis {
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("lb-redis-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let log = dir.join("log");
+        let mut cmd: Vec<String> = [
+            redis_bin("redis-server").display().to_string(),
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--daemonize".into(),
+            "no".into(),
+            "--repl-diskless-sync-delay".into(),
+            "0".into(),
+            "--enable-debug-command".into(),
+            "yes".into(),
+        ]
+        .into();
+        cmd.extend(extra.iter().map(|s| s.to_string()));
+        let guard = guarded(&dir, &cmd, &log);
+        wait_for_port(port, "redis-server", &log);
+        Redis { port, dir, guard }
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A connection to database `db`, logged in with `auth` (user, password) if given.
+    pub fn conn(&self, db: i64, auth: Option<(&str, &str)>) -> redis::Connection {
+        let mut url = match auth {
+            Some((user, pw)) => format!("redis://{user}:{pw}@127.0.0.1:{}", self.port),
+            None => self.url(),
+        };
+        url.push_str(&format!("/{db}"));
+        redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .expect("connect to the test redis-server")
+    }
+
+    /// `DEBUG DIGEST`: one hash of the whole dataset (keys, values, types, which keys expire).
+    pub fn digest(&self, auth: Option<(&str, &str)>) -> String {
+        redis::cmd("DEBUG")
+            .arg("DIGEST")
+            .query(&mut self.conn(0, auth))
+            .expect("DEBUG DIGEST")
+    }
+
+    /// Keys per database (`INFO keyspace`).
+    pub fn keyspace(
+        &self,
+        auth: Option<(&str, &str)>,
+    ) -> std::collections::BTreeMap<u32, (u64, u64)> {
+        let info: String = redis::cmd("INFO")
+            .arg("keyspace")
+            .query(&mut self.conn(0, auth))
+            .expect("INFO keyspace");
+        lifeboat::source::redis_load::parse_keyspace(&info)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        // Closing the guard's stdin stops the server and removes its directory.
+        drop(self.guard.stdin.take());
+        let _ = self.guard.wait();
+    }
+}
+
+/// Fills `r` with every type: strings (binary key, integer, a 2 MiB value), lists, sets, sorted
+/// sets and hashes in both their small and large encodings, a stream with a consumer group and
+/// pending entries, a HyperLogLog, keys with TTLs, and keys in databases 0, 1 and 5.
+/// Returns the number of keys.
+pub fn fill_redis(r: &Redis, auth: Option<(&str, &str)>) -> u64 {
+    fill_redis_dbs(r, auth);
+    r.keyspace(auth).values().map(|v| v.0).sum()
+}
+
+fn fill_redis_dbs(r: &Redis, auth: Option<(&str, &str)>) {
+    let mut c = r.conn(0, auth);
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg("greeting").arg("hello");
+    pipe.cmd("SET").arg("counter").arg(12345);
+    pipe.cmd("SET")
+        .arg(&b"bin\x00\xff\x01key"[..])
+        .arg(&b"\x00\x01\x02\xff"[..]);
+    // Pseudo-random, so that neither LZF nor zstd shrinks it: the snapshot stays over 2 MiB.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: Vec<u8> = (0..(2usize << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    pipe.cmd("SET").arg("big").arg(big);
+    pipe.cmd("RPUSH").arg("small-list").arg(&["a", "b", "c"]);
+    for chunk in 0..10 {
+        let items: Vec<String> = (0..1000).map(|i| format!("item-{chunk}-{i}")).collect();
+        pipe.cmd("RPUSH").arg("big-list").arg(items);
+    }
+    pipe.cmd("SADD").arg("int-set").arg(&[1, 2, 3, 4]);
+    pipe.cmd("SADD").arg("small-set").arg(&["x", "y"]);
+    let members: Vec<String> = (0..2000).map(|i| format!("member-{i}")).collect();
+    pipe.cmd("SADD").arg("big-set").arg(&members);
+    pipe.cmd("ZADD")
+        .arg("small-zset")
+        .arg(&[(1.5, "a"), (2.5, "b")]);
+    let scored: Vec<(f64, String)> = (0..1000)
+        .map(|i| (i as f64 / 3.0, format!("z{i}")))
+        .collect();
+    pipe.cmd("ZADD").arg("big-zset").arg(scored);
+    pipe.cmd("HSET")
+        .arg("small-hash")
+        .arg(&[("f1", "v1"), ("f2", "v2")]);
+    let fields: Vec<(String, String)> = (0..1000)
+        .map(|i| (format!("f{i}"), "x".repeat(i % 90)))
+        .collect();
+    pipe.cmd("HSET").arg("big-hash").arg(fields);
+    for i in 0..50 {
+        pipe.cmd("XADD").arg("events").arg("*").arg("n").arg(i);
+    }
+    pipe.cmd("XGROUP")
+        .arg("CREATE")
+        .arg("events")
+        .arg("workers")
+        .arg("0");
+    pipe.cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("workers")
+        .arg("alice")
+        .arg("COUNT")
+        .arg(5)
+        .arg("STREAMS")
+        .arg("events")
+        .arg(">");
+    pipe.cmd("PFADD")
+        .arg("visitors")
+        .arg(&["u1", "u2", "u3", "u4"]);
+    pipe.cmd("SET")
+        .arg("session:1")
+        .arg("s")
+        .arg("EX")
+        .arg(3600);
+    pipe.cmd("HSET").arg("session:2").arg("k").arg("v");
+    pipe.cmd("EXPIRE").arg("session:2").arg(7200);
+    let _: () = pipe.query(&mut c).expect("fill db 0");
+    for (db, n) in [(1i64, 30), (5, 3)] {
+        let mut c = r.conn(db, auth);
+        for i in 0..n {
+            let _: () = redis::cmd("SET")
+                .arg(format!("k{i}"))
+                .arg(i)
+                .query(&mut c)
+                .expect("fill");
+        }
+    }
+}
+
+/// What a [`Proxy`] does to the bytes coming back from the server.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Closes both connections after this many bytes.
+    CutAfter(u64),
+    /// Flips the lowest bit of the byte at this offset.
+    FlipAt(u64),
+}
+
+/// A TCP proxy in front of a real server that injects one fault into every connection.
+pub struct Proxy {
+    /// Port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Proxy {
+    /// Starts proxying 127.0.0.1:`port` → 127.0.0.1:`upstream` (for the life of the test process).
+    pub fn start(upstream: u16, fault: Fault) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                });
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (server, client);
+                    let mut seen = 0u64;
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = &mut buf[..n];
+                        match fault {
+                            Fault::CutAfter(limit) if seen + n as u64 >= limit => {
+                                let keep = (limit - seen) as usize;
+                                let _ = to.write_all(&chunk[..keep]);
+                                break;
+                            }
+                            Fault::FlipAt(at) if (seen..seen + n as u64).contains(&at) => {
+                                chunk[(at - seen) as usize] ^= 1;
+                            }
+                            _ => {}
+                        }
+                        if to.write_all(chunk).is_err() {
+                            break;
+                        }
+                        seen += n as u64;
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Proxy { port }
+    }
+}

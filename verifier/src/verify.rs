@@ -47,30 +47,15 @@ pub async fn verify(
     identities: &Identities,
     cancel: &CancellationToken,
 ) -> Result<Report> {
-    let SourceConfig::Postgres(src_cfg) = &source.config;
-    let m = &entry.manifest;
-    let started_at = Utc::now();
-    let t0 = Instant::now();
-    let verify_id = layout::new_backup_id(started_at);
-    let mut report = Report {
-        format: 1,
-        verify_id: verify_id.clone(),
-        source: m.source.clone(),
-        backup_id: m.id.clone(),
-        result: "fail".into(),
-        error: None,
-        started_at,
-        finished_at: started_at,
-        timings: Timings::default(),
-        scratch: String::new(),
-        notes: Vec::new(),
-        versions: serde_json::json!({
-            "lifeboat": lifeboat::repo::tool_version(),
-            "source_server": m.source_version,
-            "dump_tool": m.dump_tool_version,
-        }),
-        checks: Vec::new(),
+    let src_cfg = match &source.config {
+        SourceConfig::Postgres(c) => c,
+        SourceConfig::Redis(c) => {
+            return crate::redis::verify(repo, c, entry, identities, cancel).await
+        }
     };
+    let m = &entry.manifest;
+    let (mut report, t0) = new_report(entry);
+    let verify_id = report.verify_id.clone();
 
     // 1 and 2 at once: the scratch starts while the objects download and are checked. Nothing
     // is decrypted, let alone restored, until every check passed.
@@ -145,6 +130,37 @@ pub async fn verify(
         ));
         report.error = Some(e.message);
     }
+    conclude(repo, report, t0).await
+}
+
+/// A failing report for `entry`, to be filled in, and the clock it started.
+pub(crate) fn new_report(entry: &Entry) -> (Report, Instant) {
+    let m = &entry.manifest;
+    let started_at = Utc::now();
+    let report = Report {
+        format: 1,
+        verify_id: layout::new_backup_id(started_at),
+        source: m.source.clone(),
+        backup_id: m.id.clone(),
+        result: "fail".into(),
+        error: None,
+        started_at,
+        finished_at: started_at,
+        timings: Timings::default(),
+        scratch: String::new(),
+        notes: Vec::new(),
+        versions: serde_json::json!({
+            "lifeboat": lifeboat::repo::tool_version(),
+            "source_server": m.source_version,
+            "dump_tool": m.dump_tool_version,
+        }),
+        checks: Vec::new(),
+    };
+    (report, Instant::now())
+}
+
+/// Sets the result from the checks and stores the report.
+pub(crate) async fn conclude(repo: &Repository, mut report: Report, t0: Instant) -> Result<Report> {
     report.timings.total_seconds = t0.elapsed().as_secs_f64();
     report.finished_at = Utc::now();
     report.result = if report.error.is_none() && report.checks.iter().all(|c| c.passed) {
@@ -156,7 +172,7 @@ pub async fn verify(
     Ok(report)
 }
 
-async fn fail_and_store(repo: &Repository, mut report: Report, e: Error) -> Error {
+pub(crate) async fn fail_and_store(repo: &Repository, mut report: Report, e: Error) -> Error {
     if e.kind != ErrorKind::Interrupted {
         report.error = Some(e.message.clone());
         report.finished_at = Utc::now();

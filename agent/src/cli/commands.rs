@@ -359,15 +359,20 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
     }
     let repo = Repository::open(&policy).await?;
     let entry = repo.find(&a.source, &a.backup, before).await?;
+    if entry.manifest.kind == "redis" {
+        return restore_redis(&a, &policy, &repo, &entry, cancel).await;
+    }
+    if a.flush {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "--flush applies to Redis restores; a PostgreSQL restore goes into a new or empty database",
+        ));
+    }
     let m = &entry.manifest;
     let (cfg, db) = r::target_config(&a.to)?;
     let target = lifeboat::source::postgres::Postgres::new(cfg.clone());
     let state = r::inspect_target(&target, &db).await?;
-    let verification = match &entry.verification {
-        Some(v) if v.result == "pass" => "verified".to_string(),
-        Some(_) => "LAST VERIFICATION FAILED".to_string(),
-        None => "never verified".to_string(),
-    };
+    let verification = verification_state(&entry);
     let action = if !state.exists {
         format!("create database {db}, then restore into it")
     } else if state.has_data() {
@@ -420,36 +425,19 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         return Ok(());
     }
     if state.has_data() && !a.yes {
-        use std::io::IsTerminal;
-        if std::io::stdin().is_terminal() && !a.json {
-            eprint!("Type the database name ({db}) to restore into it anyway: ");
-            let mut line = String::new();
-            std::io::stdin()
-                .read_line(&mut line)
-                .map_err(|e| Error::failed(format!("reading the answer: {e}")))?;
-            if line.trim() != db {
-                return Err(Error::new(
-                    ErrorKind::Refused,
-                    "not confirmed; nothing was changed",
-                ));
-            }
-        } else {
-            return Err(Error::new(
-                ErrorKind::Refused,
-                format!("database {db} already holds data; refusing to restore into it (nothing was changed)"),
-            )
-            .hint("restore into a new database name, or pass --yes if mixing is really intended (RUNBOOK.md#restore)"));
-        }
+        let refusal = Error::new(
+            ErrorKind::Refused,
+            format!("database {db} already holds data; refusing to restore into it (nothing was changed)"),
+        )
+        .hint("restore into a new database name, or pass --yes if mixing is really intended (RUNBOOK.md#restore)");
+        confirm(
+            a.json,
+            &format!("Type the database name ({db}) to restore into it anyway: "),
+            &db,
+            refusal,
+        )?;
     }
-    let identity = a
-        .identity
-        .clone()
-        .or_else(|| policy.encryption.identity_file.clone())
-        .ok_or_else(|| {
-            Error::new(ErrorKind::Credential, "no age identity to decrypt with").hint(
-                "pass --identity FILE, set LIFEBOAT_IDENTITY_FILE or encryption.identity_file",
-            )
-        })?;
+    let identity = identity_file(&a, &policy)?;
     let identities = lifeboat::pipeline::read_identities(&identity)?;
     let how = r::PgRestore {
         with_globals: a.with_globals,
@@ -473,6 +461,214 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         eprintln!("restored backup {} into {db} in {seconds:.1} s", m.id);
     }
     Ok(())
+}
+
+fn verification_state(entry: &lifeboat::repo::catalog::Entry) -> String {
+    match &entry.verification {
+        Some(v) if v.result == "pass" => "verified".to_string(),
+        Some(_) => "LAST VERIFICATION FAILED".to_string(),
+        None => "never verified".to_string(),
+    }
+}
+
+/// Asks for `word` on a terminal; anywhere else (or with --json) refuses.
+fn confirm(json: bool, question: &str, word: &str, refusal: Error) -> Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() || json {
+        return Err(refusal);
+    }
+    eprint!("{question}");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| Error::failed(format!("reading the answer: {e}")))?;
+    if line.trim() != word {
+        return Err(Error::new(
+            ErrorKind::Refused,
+            "not confirmed; nothing was changed",
+        ));
+    }
+    Ok(())
+}
+
+async fn restore_redis(
+    a: &RestoreArgs,
+    policy: &Policy,
+    repo: &Repository,
+    entry: &lifeboat::repo::catalog::Entry,
+    cancel: CancellationToken,
+) -> Result<()> {
+    use lifeboat::restore::{self as r, RedisDestination};
+    use lifeboat::source::redis_load::Target;
+    let m = &entry.manifest;
+    let bin_dir = policy.sources.iter().find_map(|s| match &s.config {
+        policy::SourceConfig::Redis(c) if s.name == m.source => c.bin_dir.clone(),
+        _ => None,
+    });
+    if a.jobs != 1 || a.with_globals || a.no_owner {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "--jobs, --with-globals and --no-owner apply to PostgreSQL restores",
+        ));
+    }
+    let live = a.to.starts_with("redis://") || a.to.starts_with("rediss://");
+    let (destination, shown, existing, action) = if live {
+        let target = Target::parse(&a.to)?;
+        let keyspace = target.keyspace().await?;
+        let keys: u64 = keyspace.values().map(|v| v.0).sum();
+        let action = match (keys, a.flush) {
+            (0, _) => "load the snapshot into a scratch redis-server, then copy every key with its TTL (RESTORE … REPLACE)".to_string(),
+            (n, true) => format!("FLUSHALL: delete the {n} key(s) the target holds, then copy every key of the backup with its TTL"),
+            (n, false) => format!("the target holds {n} key(s): keys of the same name are replaced, the others stay (--flush deletes them first)"),
+        };
+        let shown = target.shown.clone();
+        (
+            RedisDestination::Live {
+                target,
+                flush: a.flush,
+            },
+            shown,
+            keys,
+            action,
+        )
+    } else {
+        if a.flush {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                "--flush applies to a live target (redis://…), not to a directory",
+            ));
+        }
+        let dir = std::path::PathBuf::from(&a.to);
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("--to {}: not a directory", dir.display()),
+            )
+            .hint("give a directory (dump.rdb is written into it) or redis://HOST:PORT"));
+        }
+        let file = dir.join("dump.rdb");
+        let exists = file.exists();
+        let action = if exists {
+            format!("replace {} (it exists)", file.display())
+        } else {
+            format!("write {}", file.display())
+        };
+        (
+            RedisDestination::Dir(dir.clone()),
+            dir.display().to_string(),
+            u64::from(exists),
+            action,
+        )
+    };
+    let verification = verification_state(entry);
+    let plan = serde_json::json!({
+        "backup": {
+            "id": m.id, "source": m.source, "started_at": m.started_at, "finished_at": m.finished_at,
+            "size_plain": m.size_plain, "size_stored": m.size_stored, "verification": verification,
+            "source_version": m.source_version,
+        },
+        "target": { "to": shown, "live": live, "holds_data": existing > 0 },
+        "flush": a.flush,
+        "action": action,
+    });
+    if !a.json {
+        eprintln!("Restore plan");
+        eprintln!(
+            "  backup   {} of {} ({} ago, {}, {} stored)",
+            m.id,
+            m.source,
+            ago(m.started_at),
+            verification,
+            human_bytes(m.size_stored)
+        );
+        eprintln!("  target   {shown}");
+        eprintln!("  action   {action}");
+    }
+    if a.dry_run {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&plan).unwrap_or_default()
+            );
+        } else {
+            eprintln!("dry run: nothing was changed");
+        }
+        return Ok(());
+    }
+    if existing > 0 && !a.yes {
+        let refusal = Error::new(
+            ErrorKind::Refused,
+            format!("{shown} already holds data; refusing to restore into it (nothing was changed)"),
+        )
+        .hint("restore into an empty server or directory, or pass --yes (and --flush to delete what the server holds first) (RUNBOOK.md#restore)");
+        confirm(
+            a.json,
+            "Type yes to restore into it anyway: ",
+            "yes",
+            refusal,
+        )?;
+    }
+    let identity = identity_file(a, policy)?;
+    let identities = lifeboat::pipeline::read_identities(&identity)?;
+    let spool_dir = a.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let started = std::time::Instant::now();
+    let progress: std::sync::Arc<dyn r::Progress> = std::sync::Arc::new(CliProgress::new(a.json));
+    let done = tokio::select! {
+        res = r::restore_redis(repo, m, &destination, bin_dir.as_deref(), &spool_dir, &identities, progress.clone()) => res?,
+        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted; the target may hold a partial restore")),
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    drop(progress);
+    if a.json {
+        let mut doc = plan;
+        doc["result"] = serde_json::json!({ "restored": true, "seconds": seconds, "file": done.file, "moved": done.moved });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return Ok(());
+    }
+    match (&done.file, &done.moved) {
+        (Some(file), _) => {
+            eprintln!(
+                "restored backup {} into {} in {seconds:.1} s",
+                m.id,
+                file.display()
+            );
+            eprintln!(
+                "  next: stop the server, put this file at its dir/dbfilename, and start it with"
+            );
+            eprintln!(
+                "        appendonly no (with AOF on, Redis loads the AOF instead of dump.rdb);"
+            );
+            eprintln!(
+                "        then CONFIG SET appendonly yes if you use AOF (RUNBOOK.md#restore-redis)"
+            );
+        }
+        (None, Some(moved)) => {
+            let total: u64 = moved.keys.values().sum();
+            eprintln!(
+                "restored backup {} into {shown}: {total} key(s) in {} database(s) in {seconds:.1} s{}",
+                m.id,
+                moved.keys.len(),
+                if moved.expired > 0 {
+                    format!(", {} key(s) skipped because their TTL had run out", moved.expired)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn identity_file(a: &RestoreArgs, policy: &Policy) -> Result<std::path::PathBuf> {
+    a.identity
+        .clone()
+        .or_else(|| policy.encryption.identity_file.clone())
+        .ok_or_else(|| {
+            Error::new(ErrorKind::Credential, "no age identity to decrypt with").hint(
+                "pass --identity FILE, set LIFEBOAT_IDENTITY_FILE or encryption.identity_file",
+            )
+        })
 }
 
 async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool) -> Result<()> {

@@ -136,7 +136,8 @@ pub(crate) struct RestoreArgs {
     /// The newest backup started before this time (RFC 3339, or `YYYY-MM-DD HH:MM:SS` in UTC).
     #[arg(long)]
     pub before: Option<String>,
-    /// Target database URL, e.g. postgresql://user@host/db (a password is better in PGPASSWORD).
+    /// Target: a PostgreSQL URL (postgresql://user@host/db; password in PGPASSWORD), or for Redis
+    /// redis://[user@]host:port (password in REDISCLI_AUTH) or a directory to write dump.rdb into.
     #[arg(long)]
     pub to: String,
     /// Print the plan and stop.
@@ -145,6 +146,10 @@ pub(crate) struct RestoreArgs {
     /// Restore into a database that already holds data, without asking.
     #[arg(long)]
     pub yes: bool,
+    /// Redis: delete every key on the target (FLUSHALL) before restoring, instead of replacing
+    /// only the keys the backup holds.
+    #[arg(long)]
+    pub flush: bool,
     /// Parallel pg_restore jobs; above 1 the plaintext is spooled to --spool-dir.
     #[arg(long, default_value_t = 1)]
     pub jobs: u32,

@@ -191,7 +191,13 @@ pub fn parse(
                         if let Some(s) =
                             section::<raw::RawPostgresSource>(&path, item, &mut problems)
                         {
-                            sources.push((i, s));
+                            sources.push((i, raw::RawSource::Postgres(s)));
+                        }
+                    }
+                    Some("redis") => {
+                        if let Some(s) = section::<raw::RawRedisSource>(&path, item, &mut problems)
+                        {
+                            sources.push((i, raw::RawSource::Redis(s)));
                         }
                     }
                     Some(other) => problems.add(

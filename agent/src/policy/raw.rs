@@ -18,7 +18,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
 ];
 
 /// The source kinds this version knows.
-pub const SOURCE_KINDS: &[&str] = &["postgres"];
+pub const SOURCE_KINDS: &[&str] = &["postgres", "redis"];
 
 /// `[repository]`: where backups are stored.
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +248,66 @@ pub struct RawPostgresSource {
     pub retries: Option<u32>,
     /// Back up at agent start when the newest backup is older than the schedule's interval.
     pub run_on_start: Option<bool>,
+}
+
+/// `[[sources]]` with `kind = "redis"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisSource {
+    /// Unique name; used in object keys, metrics and commands.
+    pub name: String,
+    /// Always `redis` here.
+    pub kind: String,
+    /// `redis://[USER[:PASSWORD]@]HOST[:PORT]` or `rediss://…` for TLS; `${VAR}` for secrets.
+    pub url: String,
+    /// File holding the password, instead of putting it in the URL.
+    pub password_file: Option<String>,
+    /// `replication` (default: connect as a replica) or `file` (BGSAVE, then read `rdb_path`).
+    pub mode: Option<RedisMode>,
+    /// The server's RDB file on a shared volume (`mode = "file"` only).
+    pub rdb_path: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (`rediss://`).
+    pub tls_ca_file: Option<String>,
+    /// Directory holding redis-server and redis-check-rdb, for verify and restore; PATH when unset.
+    pub redis_bin_dir: Option<String>,
+    /// Cron expression; overrides `[defaults]`.
+    pub schedule: Option<String>,
+    /// Longest a run may take; overrides `[defaults]`.
+    pub timeout: Option<String>,
+    /// Overrides `[defaults]`.
+    pub compression: Option<RawCompression>,
+    /// Overrides `[defaults]`.
+    pub retention: Option<RawRetention>,
+    /// Overrides `[defaults]`.
+    pub objectives: Option<RawObjectives>,
+    /// Verification settings (`schedule` only: SQL checks are for PostgreSQL).
+    pub verify: Option<RawVerify>,
+    /// Spread scheduled runs over up to this long, with a stable per-pod offset, e.g. `5m`.
+    pub jitter: Option<String>,
+    /// Attempts after a failed run, with backoff; default 2.
+    pub retries: Option<u32>,
+    /// Back up at agent start when the newest backup is older than the schedule's interval.
+    pub run_on_start: Option<bool>,
+}
+
+/// How a Redis snapshot is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// Connect as a replica and stream the RDB payload (no shared volume).
+    #[default]
+    Replication,
+    /// `BGSAVE`, then read the RDB file from a shared volume.
+    File,
+}
+
+/// A `[[sources]]` table, by kind.
+#[derive(Debug, Clone)]
+pub enum RawSource {
+    /// `kind = "postgres"`.
+    Postgres(RawPostgresSource),
+    /// `kind = "redis"`.
+    Redis(RawRedisSource),
 }
 
 /// How much the fingerprint records.

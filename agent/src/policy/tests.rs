@@ -86,7 +86,9 @@ fn a_good_policy_validates_with_defaults_merged() {
             workers: 0
         }
     );
-    let SourceConfig::Postgres(pg) = &a.config;
+    let SourceConfig::Postgres(pg) = &a.config else {
+        panic!("the first source is postgres")
+    };
     assert_eq!(pg.url.expose(), "postgres://backup:pw@127.0.0.1:5432/app");
     assert_eq!(pg.url_redacted, "postgres://backup:***@127.0.0.1:5432/app");
     assert!(
@@ -290,4 +292,75 @@ fn the_error_display_lists_every_problem() {
       sources: no sources: add at least one [[sources]] table
       repository.url: `x` is neither file://PATH nor s3://BUCKET/PREFIX
     ");
+}
+
+fn with_redis(source: &str) -> String {
+    format!(
+        "{}\n[[sources]]\nname = \"cache\"\nkind = \"redis\"\n{source}\n",
+        good()
+    )
+}
+
+#[test]
+fn a_redis_source_validates_into_its_endpoint() {
+    let text = with_redis("url = \"rediss://backup:${PGPASSWORD}@cache.internal:6380\"\nredis_bin_dir = \"/opt/redis/bin\"");
+    let p = parse(&text, "p.toml", &env, LoadOptions::default()).unwrap();
+    let s = &p.sources[2];
+    let SourceConfig::Redis(r) = &s.config else {
+        panic!("the third source is redis")
+    };
+    assert_eq!(s.config.kind(), "redis");
+    assert_eq!(r.endpoint.host, "cache.internal");
+    assert_eq!(r.endpoint.port, 6380);
+    assert!(r.endpoint.tls);
+    assert_eq!(r.endpoint.username.as_deref(), Some("backup"));
+    assert_eq!(r.endpoint.password.as_ref().map(|p| p.expose()), Some("pw"));
+    assert_eq!(r.url_redacted, "rediss://backup:***@cache.internal:6380");
+    assert_eq!(r.capture, RedisCapture::Replication);
+    assert_eq!(
+        s.retention.keep_last,
+        Some(7),
+        "defaults apply to every kind"
+    );
+}
+
+#[test]
+fn a_typo_in_a_redis_source_is_rejected_with_its_path() {
+    let got = problems(&with_redis(
+        "url = \"redis://h\"\nrdb_pth = \"/data/dump.rdb\"",
+    ));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with("sources[2].rdb_pth: unknown field"),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn redis_settings_that_do_not_fit_are_named() {
+    let got = problems(&with_redis(
+        "url = \"http://h:6379\"\nmode = \"file\"\n[sources.verify]\nchecks = [{ sql = \"select 1\", min = 1 }]",
+    ));
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("sources[2].url: `http://h:6379`: the scheme must be redis://")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("sources[2].rdb_path: mode = \"file\" needs rdb_path")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("sources[2].verify.checks: SQL checks apply to postgres")),
+        "{got:?}"
+    );
+    let got = problems(&with_redis(
+        "url = \"redis://h\"\nrdb_path = \"/data/dump.rdb\"",
+    ));
+    assert!(
+        got[0].starts_with("sources[2].rdb_path: is read only with mode = \"file\""),
+        "{got:?}"
+    );
 }

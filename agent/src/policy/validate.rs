@@ -250,6 +250,8 @@ pub struct SourcePolicy {
 pub enum SourceConfig {
     /// A PostgreSQL database.
     Postgres(PostgresConfig),
+    /// A Redis server.
+    Redis(RedisConfig),
 }
 
 impl SourceConfig {
@@ -257,6 +259,7 @@ impl SourceConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SourceConfig::Postgres(_) => "postgres",
+            SourceConfig::Redis(_) => "redis",
         }
     }
 }
@@ -278,6 +281,50 @@ pub struct PostgresConfig {
     pub bin_dir: Option<PathBuf>,
     /// CA for verified TLS.
     pub tls_ca_file: Option<PathBuf>,
+}
+
+/// A Redis source.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Where the server is and how to log in.
+    pub endpoint: RedisEndpoint,
+    /// The URL with any password replaced by `***`.
+    pub url_redacted: String,
+    /// Password file.
+    pub password_file: Option<PathBuf>,
+    /// How the snapshot is taken.
+    pub capture: RedisCapture,
+    /// CA for verified TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Where redis-server and redis-check-rdb are; PATH when unset.
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// A Redis server's address and login.
+#[derive(Debug, Clone)]
+pub struct RedisEndpoint {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// `rediss://`: TLS, verified.
+    pub tls: bool,
+    /// ACL user (`AUTH user password`); the default user when unset.
+    pub username: Option<String>,
+    /// Password from the URL.
+    pub password: Option<Secret>,
+}
+
+/// How a Redis snapshot is taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisCapture {
+    /// As a replica, over the network.
+    Replication,
+    /// `BGSAVE`, then read this file.
+    File {
+        /// The server's RDB file, on a shared volume.
+        rdb_path: PathBuf,
+    },
 }
 
 /// Default listen address of the daemon.
@@ -328,7 +375,7 @@ pub(super) fn validate(
     encryption: Option<RawEncryption>,
     agent: RawAgent,
     defaults: RawDefaults,
-    sources: Vec<(usize, RawPostgresSource)>,
+    sources: Vec<(usize, RawSource)>,
     allow_missing_env: bool,
     problems: &mut Problems,
 ) -> Option<Policy> {
@@ -349,7 +396,11 @@ pub(super) fn validate(
     let mut out = Vec::new();
     for (i, raw) in sources {
         let path = format!("sources[{i}]");
-        if let Some(s) = validate_postgres(&path, raw, &defaults, problems) {
+        let source = match raw {
+            RawSource::Postgres(raw) => validate_postgres(&path, raw, &defaults, problems),
+            RawSource::Redis(raw) => validate_redis(&path, raw, &defaults, problems),
+        };
+        if let Some(s) = source {
             if out.iter().any(|o: &SourcePolicy| o.name == s.name) {
                 problems.add(
                     format!("{path}.name"),
@@ -585,37 +636,23 @@ fn validate_postgres(
     }
     let common = common_settings(
         path,
-        raw.schedule.as_deref(),
-        raw.timeout.as_deref(),
-        raw.compression.as_ref(),
-        raw.retention.as_ref(),
-        raw.objectives.as_ref(),
-        raw.verify.as_ref(),
+        CommonRaw {
+            schedule: raw.schedule.as_deref(),
+            timeout: raw.timeout.as_deref(),
+            compression: raw.compression.as_ref(),
+            retention: raw.retention.as_ref(),
+            objectives: raw.objectives.as_ref(),
+            verify: raw.verify.as_ref(),
+            jitter: raw.jitter.as_deref(),
+            retries: raw.retries,
+            run_on_start: raw.run_on_start,
+        },
         defaults,
         p,
     );
-    let jitter = raw
-        .jitter
-        .as_deref()
-        .map(|j| duration(&format!("{path}.jitter"), j, p));
-    if raw.retries.is_some_and(|r| r > 10) {
-        p.add(
-            format!("{path}.retries"),
-            "more than 10 retries would hide a broken source; use at most 10",
-        );
-    }
-    Some(SourcePolicy {
-        name: raw.name,
-        schedule: common.schedule,
-        jitter,
-        retries: raw.retries.unwrap_or_else(default_retries),
-        run_on_start: raw.run_on_start.unwrap_or(false),
-        timeout: common.timeout,
-        compression: common.compression,
-        retention: common.retention?,
-        objectives: common.objectives,
-        verify: common.verify,
-        config: SourceConfig::Postgres(PostgresConfig {
+    common.into_source(
+        raw.name,
+        SourceConfig::Postgres(PostgresConfig {
             url: Secret::new(raw.url),
             url_redacted,
             password_file: raw.password_file.map(PathBuf::from),
@@ -624,7 +661,152 @@ fn validate_postgres(
             bin_dir: raw.pg_bin_dir.map(PathBuf::from),
             tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
         }),
-    })
+    )
+}
+
+fn validate_redis(
+    path: &str,
+    raw: RawRedisSource,
+    defaults: &RawDefaults,
+    p: &mut Problems,
+) -> Option<SourcePolicy> {
+    check_name(&format!("{path}.name"), &raw.name, p);
+    let url_redacted = redact_url(&raw.url);
+    let endpoint = match url::Url::parse(&raw.url) {
+        Err(e) => {
+            p.add(
+                format!("{path}.url"),
+                format!("`{url_redacted}` is not a URL ({e}); write redis://HOST:PORT or rediss://HOST:PORT"),
+            );
+            None
+        }
+        Ok(u) if !matches!(u.scheme(), "redis" | "rediss") => {
+            p.add(
+                format!("{path}.url"),
+                format!("`{url_redacted}`: the scheme must be redis:// or rediss:// (TLS)"),
+            );
+            None
+        }
+        Ok(u) => match u.host_str() {
+            None | Some("") => {
+                p.add(
+                    format!("{path}.url"),
+                    format!("`{url_redacted}` names no host; write redis://HOST:PORT"),
+                );
+                None
+            }
+            Some(host) => {
+                let decode = |s: &str| {
+                    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default()
+                };
+                let password = u.password().map(|pw| Secret::new(decode(pw)));
+                if password.is_some() && raw.password_file.is_some() {
+                    p.add(
+                        format!("{path}.password_file"),
+                        "the url already carries a password; keep one of the two",
+                    );
+                }
+                Some(RedisEndpoint {
+                    host: host.trim_matches(['[', ']']).to_string(),
+                    port: u.port().unwrap_or(6379),
+                    tls: u.scheme() == "rediss",
+                    username: (!u.username().is_empty()).then(|| decode(u.username())),
+                    password,
+                })
+            }
+        },
+    };
+    let mode = match (raw.mode.unwrap_or_default(), raw.rdb_path) {
+        (RedisMode::Replication, None) => RedisCapture::Replication,
+        (RedisMode::Replication, Some(_)) => {
+            p.add(
+                format!("{path}.rdb_path"),
+                "is read only with mode = \"file\"; remove it, or set mode = \"file\"",
+            );
+            RedisCapture::Replication
+        }
+        (RedisMode::File, Some(rdb)) => RedisCapture::File {
+            rdb_path: PathBuf::from(rdb),
+        },
+        (RedisMode::File, None) => {
+            p.add(
+                format!("{path}.rdb_path"),
+                "mode = \"file\" needs rdb_path: the server's dump.rdb on a volume shared with this pod",
+            );
+            RedisCapture::Replication
+        }
+    };
+    if let Some(v) = &raw.verify {
+        if !v.checks.is_empty() {
+            p.add(
+                format!("{path}.verify.checks"),
+                "SQL checks apply to postgres sources; a Redis backup is verified by key counts and a sample of keys",
+            );
+        }
+        if v.scratch_url.is_some() {
+            p.add(
+                format!("{path}.verify.scratch_url"),
+                "Redis backups are verified in an ephemeral redis-server; remove scratch_url",
+            );
+        }
+        if v.postgres_bin_dir.is_some() {
+            p.add(
+                format!("{path}.verify.postgres_bin_dir"),
+                "applies to postgres sources; use redis_bin_dir on this source",
+            );
+        }
+    }
+    let common = common_settings(
+        path,
+        CommonRaw {
+            schedule: raw.schedule.as_deref(),
+            timeout: raw.timeout.as_deref(),
+            compression: raw.compression.as_ref(),
+            retention: raw.retention.as_ref(),
+            objectives: raw.objectives.as_ref(),
+            verify: raw.verify.as_ref(),
+            jitter: raw.jitter.as_deref(),
+            retries: raw.retries,
+            run_on_start: raw.run_on_start,
+        },
+        defaults,
+        p,
+    );
+    common.into_source(
+        raw.name,
+        SourceConfig::Redis(RedisConfig {
+            // No endpoint: either a problem was recorded, or the URL holds an unset ${VAR} and
+            // validation runs with --allow-missing-env; the source still counts.
+            endpoint: endpoint.unwrap_or(RedisEndpoint {
+                host: String::new(),
+                port: 6379,
+                tls: false,
+                username: None,
+                password: None,
+            }),
+            url_redacted,
+            password_file: raw.password_file.map(PathBuf::from),
+            capture: mode,
+            tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
+            bin_dir: raw.redis_bin_dir.map(PathBuf::from),
+        }),
+    )
+}
+
+/// The settings every kind of source shares, as written.
+struct CommonRaw<'a> {
+    schedule: Option<&'a str>,
+    timeout: Option<&'a str>,
+    compression: Option<&'a RawCompression>,
+    retention: Option<&'a RawRetention>,
+    objectives: Option<&'a RawObjectives>,
+    verify: Option<&'a RawVerify>,
+    jitter: Option<&'a str>,
+    retries: Option<u32>,
+    run_on_start: Option<bool>,
 }
 
 struct Common {
@@ -634,20 +816,48 @@ struct Common {
     retention: Option<Retention>,
     objectives: Objectives,
     verify: VerifyPolicy,
+    jitter: Option<Duration>,
+    retries: u32,
+    run_on_start: bool,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn common_settings(
-    path: &str,
-    schedule: Option<&str>,
-    timeout: Option<&str>,
-    compression: Option<&RawCompression>,
-    retention: Option<&RawRetention>,
-    objectives: Option<&RawObjectives>,
-    verify: Option<&RawVerify>,
-    d: &RawDefaults,
-    p: &mut Problems,
-) -> Common {
+impl Common {
+    fn into_source(self, name: String, config: SourceConfig) -> Option<SourcePolicy> {
+        Some(SourcePolicy {
+            name,
+            schedule: self.schedule,
+            jitter: self.jitter,
+            retries: self.retries,
+            run_on_start: self.run_on_start,
+            timeout: self.timeout,
+            compression: self.compression,
+            retention: self.retention?,
+            objectives: self.objectives,
+            verify: self.verify,
+            config,
+        })
+    }
+}
+
+fn common_settings(path: &str, raw: CommonRaw<'_>, d: &RawDefaults, p: &mut Problems) -> Common {
+    let CommonRaw {
+        schedule,
+        timeout,
+        compression,
+        retention,
+        objectives,
+        verify,
+        jitter,
+        retries,
+        run_on_start,
+    } = raw;
+    let jitter = jitter.map(|j| duration(&format!("{path}.jitter"), j, p));
+    if retries.is_some_and(|r| r > 10) {
+        p.add(
+            format!("{path}.retries"),
+            "more than 10 retries would hide a broken source; use at most 10",
+        );
+    }
     let schedule = match (schedule, d.schedule.as_deref()) {
         (Some(s), _) => cron(&format!("{path}.schedule"), s, p),
         (None, Some(s)) => cron("defaults.schedule", s, p),
@@ -702,6 +912,9 @@ fn common_settings(
         retention,
         objectives,
         verify,
+        jitter,
+        retries: retries.unwrap_or_else(default_retries),
+        run_on_start: run_on_start.unwrap_or(false),
     }
 }
 

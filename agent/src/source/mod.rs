@@ -7,6 +7,9 @@
 pub mod child;
 pub mod pgdump;
 pub mod postgres;
+pub mod rdb;
+pub mod redis;
+pub mod redis_load;
 
 use std::sync::Arc;
 
@@ -60,5 +63,6 @@ pub trait Source: Send + Sync {
 pub fn from_policy(policy: &SourcePolicy) -> Box<dyn Source> {
     match &policy.config {
         SourceConfig::Postgres(pg) => Box::new(postgres::Postgres::new(pg.clone())),
+        SourceConfig::Redis(r) => Box::new(redis::Redis::new(r.clone())),
     }
 }

@@ -195,49 +195,7 @@ impl Postgres {
         if url.contains("sslmode=disable") || (!required && self.cfg.tls_ca_file.is_none()) {
             return Ok(None);
         }
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.cfg.tls_ca_file {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Credential,
-                        format!("cannot read tls_ca_file {}: {e}", path.display()),
-                    )
-                })?;
-                for cert in rustls_pemfile::certs(&mut &pem[..]) {
-                    let cert = cert.map_err(|e| {
-                        Error::new(
-                            ErrorKind::Credential,
-                            format!("tls_ca_file {}: {e}", path.display()),
-                        )
-                    })?;
-                    roots.add(cert).map_err(|e| {
-                        Error::new(
-                            ErrorKind::Credential,
-                            format!("tls_ca_file {}: {e}", path.display()),
-                        )
-                    })?;
-                }
-                if roots.is_empty() {
-                    return Err(Error::new(
-                        ErrorKind::Credential,
-                        format!("tls_ca_file {} holds no PEM certificate", path.display()),
-                    ));
-                }
-            }
-            None => {
-                for cert in rustls_native_certs::load_native_certs().certs {
-                    let _ = roots.add(cert);
-                }
-            }
-        }
-        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::failed(format!("TLS set-up: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let config = crate::tls::client_config(self.cfg.tls_ca_file.as_deref())?;
         Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
     }
 

@@ -1,0 +1,768 @@
+//! Redis sources: an RDB snapshot taken as a replica takes it (`PSYNC`), or by `BGSAVE` and a
+//! shared volume, streamed into the pipeline and checked as it passes.
+//!
+//! What must hold:
+//! - The snapshot never touches the agent's disk: the replication payload goes from the socket into
+//!   the pipeline through a small in-memory pipe.
+//! - A backup is published only if the payload arrived whole (its length, or its end mark), starts
+//!   with an RDB header and ends with a matching CRC64 ([`super::rdb::Crc64Tail`]). Those checks
+//!   are the producer's verdict, so a short or damaged stream fails before the age stream is
+//!   finished and nothing becomes visible.
+//! - The fingerprint (keys and expiries per database, types, a sample of keys) is counted from the
+//!   snapshot's own bytes ([`super::rdb::parse`]) on a separate thread, so it is exact for the
+//!   snapshot and costs the server nothing.
+//! - Passwords never appear in argv, logs or errors.
+
+use std::io::Read;
+use std::pin::Pin;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::oneshot;
+
+use super::rdb::{self, Crc64Tail, CrcVerdict, RdbError, RdbSummary};
+use super::{BackupContext, Source, SourceBackup};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::{self, Observer};
+use crate::policy::{RedisCapture, RedisConfig, Secret};
+use crate::repo::layout;
+use crate::repo::manifest::Part;
+
+/// Object name of the snapshot.
+pub const RDB_OBJECT: &str = "dump.rdb.zst.age";
+
+/// Longest the server may stay silent while preparing or sending the payload. It sends a newline
+/// every second while it prepares, so silence this long means it is gone.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connect timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of payload read at a time.
+const READ_CHUNK: usize = 256 << 10;
+/// Buffer between the socket and the pipeline.
+const PIPE_BUFFER: usize = 1 << 20;
+/// Length of the diskless end mark.
+const EOF_MARK_LEN: usize = 40;
+
+/// A Redis source.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    cfg: RedisConfig,
+}
+
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// One reply of the RESP protocol, as far as lifeboat's commands need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `+…`
+    Status(String),
+    /// `-…`
+    Error(String),
+    /// `:…`
+    Int(i64),
+    /// `$…` (`None`: the null bulk string).
+    Bulk(Option<Vec<u8>>),
+}
+
+/// An open, authenticated connection.
+pub struct Session {
+    io: BufReader<Box<dyn Conn>>,
+    where_: String,
+}
+
+impl Session {
+    async fn send(&mut self, args: &[&[u8]]) -> Result<()> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        let io = self.io.get_mut();
+        let written = match io.write_all(&out).await {
+            Ok(()) => io.flush().await,
+            Err(e) => Err(e),
+        };
+        written.map_err(|e| self.io_error(e))
+    }
+
+    fn io_error(&self, e: std::io::Error) -> Error {
+        Error::failed(format!("{}: connection failed: {e}", self.where_))
+            .hint("is the server up and reachable from here? (RUNBOOK.md#source-unreachable)")
+    }
+
+    /// Reads one line without its line end, skipping the bare newlines a master sends to keep a
+    /// waiting replica's connection alive.
+    async fn line(&mut self) -> Result<Vec<u8>> {
+        loop {
+            let mut line = Vec::new();
+            let read = tokio::time::timeout(
+                IDLE_TIMEOUT,
+                (&mut self.io).take(64 << 10).read_until(b'\n', &mut line),
+            )
+            .await
+            .map_err(|_| {
+                Error::failed(format!(
+                    "{}: no answer for {} s",
+                    self.where_,
+                    IDLE_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| self.io_error(e))?;
+            if read == 0 || line.last() != Some(&b'\n') {
+                return Err(Error::failed(format!(
+                    "{}: the server closed the connection",
+                    self.where_
+                ))
+                .hint("check the server's log; is this a Redis server? (RUNBOOK.md#source-unreachable)"));
+            }
+            while matches!(line.last(), Some(b'\n' | b'\r')) {
+                line.pop();
+            }
+            if !line.is_empty() {
+                return Ok(line);
+            }
+        }
+    }
+
+    async fn reply(&mut self) -> Result<Reply> {
+        let line = self.line().await?;
+        let text = String::from_utf8_lossy(&line[1..]).into_owned();
+        match line[0] {
+            b'+' => Ok(Reply::Status(text)),
+            b'-' => Ok(Reply::Error(text)),
+            b':' => text
+                .parse()
+                .map(Reply::Int)
+                .map_err(|_| self.protocol(&line)),
+            b'$' => {
+                let n: i64 = text.parse().map_err(|_| self.protocol(&line))?;
+                if n < 0 {
+                    return Ok(Reply::Bulk(None));
+                }
+                if n > 64 << 20 {
+                    return Err(self.protocol(&line));
+                }
+                let mut v = vec![0u8; n as usize + 2];
+                self.io
+                    .read_exact(&mut v)
+                    .await
+                    .map_err(|e| self.io_error(e))?;
+                v.truncate(n as usize);
+                Ok(Reply::Bulk(Some(v)))
+            }
+            _ => Err(self.protocol(&line)),
+        }
+    }
+
+    fn protocol(&self, line: &[u8]) -> Error {
+        let shown: String = String::from_utf8_lossy(line).chars().take(60).collect();
+        Error::failed(format!(
+            "{}: unexpected answer {shown:?}: is this a Redis server?",
+            self.where_
+        ))
+    }
+
+    /// Sends a command and reads its reply; an error reply becomes an error naming the command.
+    pub async fn call(&mut self, args: &[&[u8]]) -> Result<Reply> {
+        self.send(args).await?;
+        match self.reply().await? {
+            Reply::Error(e) => Err(self.refused(args, &e)),
+            r => Ok(r),
+        }
+    }
+
+    fn refused(&self, args: &[&[u8]], e: &str) -> Error {
+        let cmd = String::from_utf8_lossy(args[0]).to_uppercase();
+        let message = format!("{}: {cmd} was refused: {e}", self.where_);
+        if e.starts_with("NOAUTH") {
+            Error::new(ErrorKind::Credential, message)
+                .hint("the server needs a password: set password_file, or put it in the url as ${VAR} (RUNBOOK.md#source-unreachable)")
+        } else if e.starts_with("NOPERM") {
+            Error::new(ErrorKind::Credential, message).hint(
+                "the ACL user needs +psync +replconf +sync (replication) or +bgsave +info (file mode)",
+            )
+        } else {
+            Error::failed(message)
+        }
+    }
+
+    /// `INFO section` as `field → value`.
+    pub async fn info(&mut self, section: &str) -> Result<Vec<(String, String)>> {
+        match self.call(&[b"INFO", section.as_bytes()]).await? {
+            Reply::Bulk(Some(body)) => Ok(String::from_utf8_lossy(&body)
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+                .collect()),
+            other => Err(Error::failed(format!(
+                "{}: INFO answered {other:?}",
+                self.where_
+            ))),
+        }
+    }
+}
+
+fn field<'a>(info: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    info.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// How the payload is framed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Framing {
+    /// `$<len>`: exactly this many bytes.
+    Length(u64),
+    /// `$EOF:<mark>`: bytes up to the 40-byte mark.
+    EndMark(Vec<u8>),
+}
+
+fn framing(line: &[u8]) -> Option<Framing> {
+    let rest = line.strip_prefix(b"$")?;
+    if let Some(mark) = rest.strip_prefix(b"EOF:") {
+        return (mark.len() == EOF_MARK_LEN).then(|| Framing::EndMark(mark.to_vec()));
+    }
+    std::str::from_utf8(rest)
+        .ok()?
+        .parse()
+        .ok()
+        .map(Framing::Length)
+}
+
+impl Redis {
+    /// The source for `cfg`.
+    pub fn new(cfg: RedisConfig) -> Self {
+        Redis { cfg }
+    }
+
+    fn where_(&self) -> String {
+        format!("Redis at {}", self.cfg.url_redacted)
+    }
+
+    fn password(&self) -> Result<Option<Secret>> {
+        if let Some(pw) = &self.cfg.endpoint.password {
+            return Ok(Some(pw.clone()));
+        }
+        match &self.cfg.password_file {
+            None => Ok(None),
+            Some(file) => {
+                let pw = std::fs::read_to_string(file).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Credential,
+                        format!("cannot read password_file {}: {e}", file.display()),
+                    )
+                    .hint("mount the secret at that path or fix password_file")
+                })?;
+                Ok(Some(Secret::new(
+                    pw.trim_end_matches(['\n', '\r']).to_string(),
+                )))
+            }
+        }
+    }
+
+    /// Connects, with TLS for `rediss://`, and authenticates.
+    pub async fn connect(&self) -> Result<Session> {
+        let ep = &self.cfg.endpoint;
+        let where_ = self.where_();
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)),
+        )
+        .await
+        .map_err(|_| {
+            Error::failed(format!(
+                "cannot connect to {where_}: no answer in {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            Error::failed(format!("cannot connect to {where_}: {e}"))
+                .hint("is the server up and reachable from here? check the url's host and port (RUNBOOK.md#source-unreachable)")
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let conn: Box<dyn Conn> = if ep.tls {
+            let config = crate::tls::client_config(self.cfg.tls_ca_file.as_deref())?;
+            let name = rustls::pki_types::ServerName::try_from(ep.host.clone())
+                .map_err(|e| Error::new(ErrorKind::Invalid, format!("{where_}: host name: {e}")))?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Credential, format!("{where_}: TLS handshake failed: {e}"))
+                        .hint("lifeboat verifies the server's certificate: set tls_ca_file to the CA that signed it (RUNBOOK.md#source-unreachable)")
+                })?;
+            Box::new(tls)
+        } else {
+            Box::new(tcp)
+        };
+        let mut s = Session {
+            io: BufReader::with_capacity(READ_CHUNK, conn),
+            where_,
+        };
+        if let Some(pw) = self.password()? {
+            let pw = pw.expose().as_bytes().to_vec();
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = &ep.username {
+                args.push(user.as_bytes());
+            }
+            args.push(&pw);
+            s.send(&args).await?;
+            if let Reply::Error(e) = s.reply().await? {
+                return Err(Error::new(
+                    ErrorKind::Credential,
+                    format!("{}: authentication failed: {e}", s.where_),
+                )
+                .hint("check the user and password (password_file or ${VAR} in url) (RUNBOOK.md#source-unreachable)"));
+            }
+        }
+        s.call(&[b"PING"]).await?;
+        Ok(s)
+    }
+
+    /// Opens a replication stream and returns the payload's framing.
+    async fn start_sync(&self, s: &mut Session) -> Result<Framing> {
+        s.call(&[b"REPLCONF", b"listening-port", b"0"]).await?;
+        s.call(&[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"])
+            .await?;
+        // Redis 7+: a replica that only wants the snapshot; the master keeps no backlog for it.
+        // Older servers refuse it, and that is fine.
+        if let Err(e) = s.call(&[b"REPLCONF", b"rdb-only", b"1"]).await {
+            tracing::debug!(error = %e, "The server does not take REPLCONF rdb-only");
+        }
+        s.send(&[b"PSYNC", b"?", b"-1"]).await?;
+        let mut line = s.line().await?;
+        if line.starts_with(b"-") {
+            let first = String::from_utf8_lossy(&line[1..]).into_owned();
+            if first.starts_with("NOAUTH") || first.starts_with("NOPERM") {
+                return Err(s.refused(&[b"PSYNC"], &first));
+            }
+            // Older servers and proxies may still take SYNC.
+            s.send(&[b"SYNC"]).await?;
+            line = s.line().await?;
+            if line.starts_with(b"-") {
+                let second = String::from_utf8_lossy(&line[1..]).into_owned();
+                return Err(Error::failed(format!(
+                    "{} refused to serve a replica: PSYNC: {first}; SYNC: {second}",
+                    s.where_
+                ))
+                .hint("managed services (ElastiCache, Memorystore, Azure Cache) refuse replication: use mode = \"file\" where the server's RDB file is on a shared volume (RUNBOOK.md#redis-sync-refused)"));
+            }
+        } else if line.starts_with(b"+FULLRESYNC") || line.starts_with(b"+CONTINUE") {
+            line = s.line().await?;
+        }
+        framing(&line).ok_or_else(|| s.protocol(&line))
+    }
+
+    /// `BGSAVE`, and waits until it has finished and succeeded.
+    async fn bgsave(
+        &self,
+        s: &mut Session,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<i64> {
+        let before = s.info("persistence").await?;
+        let saves_before = field(&before, "rdb_saves").and_then(|v| v.parse::<u64>().ok());
+        let last_before = field(&before, "rdb_last_save_time")
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        // SCHEDULE: if an AOF rewrite runs, the save starts when it ends instead of failing.
+        match s.call(&[b"BGSAVE", b"SCHEDULE"]).await {
+            Ok(_) => {}
+            Err(e) if e.message.contains("already in progress") => {}
+            Err(e) => return Err(e),
+        }
+        let started = std::time::Instant::now();
+        let mut waiting_since = started;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "cancelled")),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            let now = s.info("persistence").await?;
+            let in_progress = field(&now, "rdb_bgsave_in_progress") == Some("1");
+            let saves = field(&now, "rdb_saves").and_then(|v| v.parse::<u64>().ok());
+            let last = field(&now, "rdb_last_save_time")
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0);
+            let moved = match (saves_before, saves) {
+                (Some(a), Some(b)) => b > a,
+                // Older servers: LASTSAVE has one-second resolution.
+                _ => last > last_before && started.elapsed() > Duration::from_secs(1),
+            };
+            let rewriting = field(&now, "aof_rewrite_in_progress") == Some("1");
+            if in_progress || rewriting {
+                waiting_since = std::time::Instant::now();
+                continue;
+            }
+            if !moved {
+                // Neither saving nor saved: a scheduled save that never started, or one that failed.
+                if waiting_since.elapsed() > IDLE_TIMEOUT {
+                    return Err(Error::failed(format!(
+                        "{}: BGSAVE did not complete within {} s (rdb_last_bgsave_status:{})",
+                        s.where_,
+                        IDLE_TIMEOUT.as_secs(),
+                        field(&now, "rdb_last_bgsave_status").unwrap_or("?")
+                    ))
+                    .hint("read the server's log: usually disk space or fork memory (RUNBOOK.md#backup-failing)"));
+                }
+                continue;
+            }
+            if field(&now, "rdb_last_bgsave_status") != Some("ok") {
+                return Err(Error::failed(format!(
+                    "{}: BGSAVE failed (rdb_last_bgsave_status:{})",
+                    s.where_,
+                    field(&now, "rdb_last_bgsave_status").unwrap_or("?")
+                ))
+                .hint("read the server's log: usually disk space or fork memory (RUNBOOK.md#backup-failing)"));
+            }
+            return Ok(last);
+        }
+    }
+}
+
+/// Sees the snapshot's bytes: the CRC check inline, the structural walk on its own thread.
+struct RdbWatch {
+    state: Arc<Mutex<WatchState>>,
+}
+
+struct WatchState {
+    crc: Option<Crc64Tail>,
+    walker: Option<std_mpsc::SyncSender<Bytes>>,
+    outcome: Option<(CrcVerdict, RdbSummary)>,
+}
+
+impl Observer for RdbWatch {
+    fn observe(&mut self, chunk: &[u8]) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        if let Some(crc) = st.crc.as_mut() {
+            crc.update(chunk);
+        }
+        // The walker stops reading at the snapshot's end mark; it is then gone, and so is this.
+        let gone = match &st.walker {
+            Some(tx) => tx.send(Bytes::copy_from_slice(chunk)).is_err(),
+            None => false,
+        };
+        if gone {
+            st.walker = None;
+        }
+    }
+}
+
+/// Reads the chunks the watch forwards, for the walker thread.
+struct ChannelReader {
+    rx: std_mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.cur = b,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+type Verdict = Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+/// Starts the walker thread; returns the observer, and a verdict that wraps `framed` (the
+/// payload's own verdict) with the CRC and structure checks.
+fn watch(framed: Verdict, where_: String) -> (RdbWatch, Verdict) {
+    let (tx, rx) = std_mpsc::sync_channel::<Bytes>(8);
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let mut summary = RdbSummary::default();
+        let r = rdb::parse_into(
+            ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            },
+            &mut summary,
+        );
+        let _ = done_tx.send((summary, r));
+    });
+    let state = Arc::new(Mutex::new(WatchState {
+        crc: Some(Crc64Tail::default()),
+        walker: Some(tx),
+        outcome: None,
+    }));
+    let shared = state.clone();
+    let verdict = Box::pin(async move {
+        framed.await?;
+        let crc = {
+            let mut st = shared
+                .lock()
+                .map_err(|_| Error::failed("snapshot check state poisoned"))?;
+            st.walker = None; // ends the walker's input
+            st.crc.take()
+        }
+        .ok_or_else(|| Error::failed("the snapshot was checked twice"))?;
+        let total = crc.total();
+        let damaged = |m: String| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("the snapshot from {where_} is not a whole RDB file: {m}"),
+            )
+            .hint("nothing was published; retry, and read the server's log if it repeats (RUNBOOK.md#backup-failing)")
+        };
+        let crc = crc.finish().map_err(damaged)?;
+        let (mut summary, walked) = done_rx
+            .await
+            .map_err(|_| Error::failed("the snapshot walker stopped"))?;
+        match walked {
+            Ok(()) if summary.bytes != total => {
+                return Err(damaged(format!(
+                    "{} bytes follow its end",
+                    total - summary.bytes
+                )))
+            }
+            Ok(()) => {}
+            Err(
+                e @ (RdbError::Truncated(_) | RdbError::Malformed { .. } | RdbError::Header(_)),
+            ) if crc == CrcVerdict::Disabled => {
+                return Err(damaged(format!(
+                    "{e} (the server saves without a checksum)"
+                )))
+            }
+            Err(e) => summary.incomplete = Some(e.to_string()),
+        }
+        let mut st = shared
+            .lock()
+            .map_err(|_| Error::failed("snapshot check state poisoned"))?;
+        st.outcome = Some((crc, summary));
+        Ok(())
+    });
+    (RdbWatch { state }, verdict)
+}
+
+async fn read_some(s: &mut Session, buf: &mut [u8], got: u64) -> Result<usize> {
+    match tokio::time::timeout(IDLE_TIMEOUT, s.io.read(buf)).await {
+        Err(_) => Err(Error::failed(format!(
+            "{}: the snapshot stalled after {got} bytes (no data for {} s)",
+            s.where_,
+            IDLE_TIMEOUT.as_secs()
+        ))),
+        Ok(Err(e)) => Err(Error::failed(format!(
+            "{}: the connection failed after {got} bytes of the snapshot: {e}",
+            s.where_
+        ))),
+        Ok(Ok(n)) => Ok(n),
+    }
+}
+
+/// Copies the payload from the socket into the pipe, exactly as framed.
+async fn pump(mut s: Session, framing: Framing, mut out: tokio::io::DuplexStream) -> Result<()> {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut got = 0u64;
+    let write_err = |e: std::io::Error| Error::failed(format!("the pipeline stopped reading: {e}"));
+    match framing {
+        Framing::Length(len) => {
+            while got < len {
+                let want = buf.len().min((len - got) as usize);
+                let n = read_some(&mut s, &mut buf[..want], got).await?;
+                if n == 0 {
+                    return Err(Error::failed(format!(
+                        "{}: the connection closed after {got} of {len} bytes of the snapshot",
+                        s.where_
+                    )));
+                }
+                out.write_all(&buf[..n]).await.map_err(write_err)?;
+                got += n as u64;
+            }
+        }
+        Framing::EndMark(mark) => {
+            let mut pending: Vec<u8> = Vec::with_capacity(READ_CHUNK + EOF_MARK_LEN);
+            loop {
+                let n = read_some(&mut s, &mut buf, got).await?;
+                if n == 0 {
+                    return Err(Error::failed(format!(
+                        "{}: the connection closed after {got} bytes, before the snapshot's end mark",
+                        s.where_
+                    )));
+                }
+                pending.extend_from_slice(&buf[..n]);
+                if let Some(end) = memchr::memmem::find(&pending, &mark) {
+                    out.write_all(&pending[..end]).await.map_err(write_err)?;
+                    break;
+                }
+                let keep = pending.len().min(EOF_MARK_LEN - 1);
+                let cut = pending.len() - keep;
+                out.write_all(&pending[..cut]).await.map_err(write_err)?;
+                got += cut as u64;
+                pending.drain(..cut);
+            }
+        }
+    }
+    out.shutdown().await.map_err(write_err)?;
+    // Dropping the session closes the replica connection: the payload is all lifeboat wants.
+    Ok(())
+}
+
+/// What a Redis backup's fingerprint holds (`fingerprint.json.age`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Format version.
+    pub format: u32,
+    /// Always `redis`.
+    pub kind: String,
+    /// `replication` or `file`.
+    pub mode: String,
+    /// The server's version (from the snapshot's `redis-ver`).
+    pub server_version: Option<String>,
+    /// The snapshot's CRC64, hex; `None` when the server saves without one.
+    pub crc64: Option<String>,
+    /// What the snapshot holds.
+    pub rdb: RdbSummary,
+}
+
+fn part(d: &pipeline::Digests) -> Part {
+    Part {
+        name: RDB_OBJECT.to_string(),
+        role: "snapshot".to_string(),
+        format: "rdb".to_string(),
+        size_plain: d.size_plain,
+        sha256_plain: d.sha256_plain.clone(),
+        size_stored: d.size_stored,
+        sha256_stored: d.sha256_stored.clone(),
+    }
+}
+
+#[async_trait]
+impl Source for Redis {
+    async fn probe(&self) -> Result<()> {
+        let mut s = self.connect().await?;
+        match &self.cfg.capture {
+            RedisCapture::Replication => {
+                s.call(&[b"REPLCONF", b"listening-port", b"0"]).await?;
+            }
+            RedisCapture::File { rdb_path } => {
+                s.info("persistence").await?;
+                let dir = rdb_path.parent().unwrap_or(std::path::Path::new("."));
+                if !dir.is_dir() {
+                    return Err(Error::failed(format!(
+                        "rdb_path {}: the directory does not exist here",
+                        rdb_path.display()
+                    ))
+                    .hint("mount the server's data volume into this pod and point rdb_path at its dump.rdb"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
+        let mut s = self.connect().await?;
+        let key = layout::backup_object(&ctx.source, &ctx.id, RDB_OBJECT);
+        let (mode, input, framed): (&str, Pin<Box<dyn AsyncRead + Send>>, Verdict) = match &self
+            .cfg
+            .capture
+        {
+            RedisCapture::Replication => {
+                let framing = self.start_sync(&mut s).await?;
+                tracing::debug!(source = %ctx.source, backup = %ctx.id, framing = ?framing, "Receiving the snapshot");
+                let (writer, reader) = tokio::io::duplex(PIPE_BUFFER);
+                let task = tokio::spawn(pump(s, framing, writer));
+                let verdict: Verdict = Box::pin(async move {
+                    task.await
+                        .map_err(|e| Error::failed(format!("snapshot reader failed: {e}")))?
+                });
+                ("replication", Box::pin(reader), verdict)
+            }
+            RedisCapture::File { rdb_path } => {
+                let saved_at = self.bgsave(&mut s, &ctx.cancel).await?;
+                let file = tokio::fs::File::open(rdb_path).await.map_err(|e| {
+                        Error::failed(format!("rdb_path {}: {e}", rdb_path.display()))
+                            .hint("point rdb_path at the server's dir/dbfilename (CONFIG GET dir) on a volume shared with this pod")
+                    })?;
+                let modified = file
+                    .metadata()
+                    .await
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs() as i64);
+                if modified.is_some_and(|m| m + 1 < saved_at) {
+                    return Err(Error::failed(format!(
+                            "rdb_path {} is older than the save the server just made",
+                            rdb_path.display()
+                        ))
+                        .hint("rdb_path is not the file the server writes: check CONFIG GET dir and dbfilename"));
+                }
+                ("file", Box::pin(file), Box::pin(async { Ok(()) }))
+            }
+        };
+        let (observer, verdict) = watch(framed, self.where_());
+        let (digests, observer) = pipeline::run(
+            input,
+            verdict,
+            observer,
+            ctx.store.clone(),
+            key,
+            &ctx.pipeline,
+            ctx.cancel.clone(),
+        )
+        .await
+        .map_err(Error::from)?;
+        let (crc, summary) = observer
+            .state
+            .lock()
+            .ok()
+            .and_then(|mut st| st.outcome.take())
+            .ok_or_else(|| Error::failed("the snapshot's checks left no result"))?;
+        if let Some(why) = &summary.incomplete {
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, reason = %why, "Snapshot stored, but its key counts are incomplete");
+        }
+        if crc == CrcVerdict::Disabled {
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, "The server saves without a checksum (rdbchecksum no): damage in transit cannot be detected");
+        }
+        let server_version = summary.aux.get("redis-ver").cloned();
+        let fingerprint = serde_json::to_value(Fingerprint {
+            format: 1,
+            kind: "redis".into(),
+            mode: mode.into(),
+            server_version: server_version.clone(),
+            crc64: match crc {
+                CrcVerdict::Ok(v) => Some(format!("{v:016x}")),
+                CrcVerdict::Disabled => None,
+            },
+            rdb: summary,
+        })
+        .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?;
+        Ok(SourceBackup {
+            parts: vec![part(&digests)],
+            fingerprint,
+            source_version: server_version.map(|v| format!("Redis {v}")),
+            dump_tool_version: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_framing_is_read() {
+        assert_eq!(framing(b"$1234"), Some(Framing::Length(1234)));
+        let mark = [b'a'; 40];
+        let mut line = b"$EOF:".to_vec();
+        line.extend_from_slice(&mark);
+        assert_eq!(framing(&line), Some(Framing::EndMark(mark.to_vec())));
+        assert_eq!(framing(b"$EOF:short"), None);
+        assert_eq!(framing(b"+OK"), None);
+        assert_eq!(framing(b"$-1x"), None);
+    }
+}

@@ -1,0 +1,493 @@
+//! Loading Redis snapshots back: an ephemeral `redis-server` that loads a restored RDB, the move of
+//! its keys into a live server, and reading what a server holds.
+//!
+//! The ephemeral server listens on a unix socket in its own temp dir only (no TCP port, nothing to
+//! collide with, nothing reachable from outside), never persists, and is killed when dropped. Keys
+//! move with `DUMP` and `RESTORE … REPLACE`, which carries every type (streams with their consumer
+//! groups, HyperLogLogs, module types) byte for byte, and the remaining time to live.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use tokio::io::{AsyncRead, AsyncWriteExt};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::policy::Secret;
+
+/// Keys per SCAN batch and per pipeline when moving keys.
+const BATCH: usize = 500;
+/// Longest one reply may take (a RESTORE of a large value included).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Keys and keys with an expiry, per database number.
+pub type Keyspace = BTreeMap<u32, (u64, u64)>;
+
+/// Where a Redis server is, and how to log in.
+#[derive(Debug, Clone)]
+pub struct Target {
+    addr: ConnectionAddr,
+    username: Option<String>,
+    password: Option<Secret>,
+    /// For messages: the address, no secret.
+    pub shown: String,
+}
+
+impl Target {
+    /// A `redis://[USER@]HOST[:PORT]` target. The password comes from `REDISCLI_AUTH` (as for
+    /// redis-cli), never from the URL, which would show it in the process list.
+    pub fn parse(url: &str) -> Result<Target> {
+        let bad = |why: &str| {
+            Error::new(
+                ErrorKind::Invalid,
+                format!("--to {}: {why}", crate::policy::redact_url(url)),
+            )
+        };
+        let u = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        if u.scheme() != "redis" {
+            return Err(bad("restore into a live server takes redis://HOST:PORT (TLS targets: restore --to DIR and load the file)"));
+        }
+        if u.password().is_some() {
+            return Err(bad("a password in --to would show in the process list")
+                .hint("put the password in the REDISCLI_AUTH environment variable instead"));
+        }
+        let host = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host"))?
+            .trim_matches(['[', ']'])
+            .to_string();
+        let port = u.port().unwrap_or(6379);
+        Ok(Target {
+            shown: format!("redis://{host}:{port}"),
+            addr: ConnectionAddr::Tcp(host, port),
+            username: (!u.username().is_empty()).then(|| u.username().to_string()),
+            password: std::env::var("REDISCLI_AUTH").ok().map(Secret::new),
+        })
+    }
+
+    fn unix(path: &Path) -> Target {
+        Target {
+            addr: ConnectionAddr::Unix(path.to_path_buf()),
+            username: None,
+            password: None,
+            shown: format!("scratch redis-server ({})", path.display()),
+        }
+    }
+
+    /// A connection to database `db`.
+    pub async fn connect(&self, db: u32) -> Result<MultiplexedConnection> {
+        let mut settings = redis::RedisConnectionInfo::default().set_db(i64::from(db));
+        if let Some(u) = &self.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &self.password {
+            settings = settings.set_password(p.expose());
+        }
+        let info: ConnectionInfo = self
+            .addr
+            .clone()
+            .into_connection_info()
+            .map_err(|e| self.error("connecting", e))?
+            .set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(|e| self.error("connecting", e))?;
+        client
+            .get_multiplexed_async_connection_with_config(
+                &AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(10)))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT)),
+            )
+            .await
+            .map_err(|e| self.error("connecting", e))
+    }
+
+    /// An error on this server, with a credential hint where it fits.
+    pub fn error(&self, what: &str, e: redis::RedisError) -> Error {
+        let text = e.to_string();
+        let message = format!("{}: {what}: {text}", self.shown);
+        if text.contains("WRONGPASS") || text.contains("NOAUTH") || text.contains("NOPERM") {
+            Error::new(ErrorKind::Credential, message)
+                .hint("set the password in REDISCLI_AUTH, and the user in the URL (redis://USER@HOST:PORT)")
+        } else {
+            Error::failed(message)
+        }
+    }
+
+    /// What the server holds, from `INFO keyspace`.
+    pub async fn keyspace(&self) -> Result<Keyspace> {
+        let mut con = self.connect(0).await?;
+        let info: String = redis::cmd("INFO")
+            .arg("keyspace")
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.error("INFO keyspace", e))?;
+        Ok(parse_keyspace(&info))
+    }
+}
+
+/// Parses `INFO keyspace` (`db0:keys=3,expires=1,avg_ttl=0`).
+pub fn parse_keyspace(info: &str) -> Keyspace {
+    let mut out = Keyspace::new();
+    for line in info.lines() {
+        let Some((db, rest)) = line.trim().split_once(':') else {
+            continue;
+        };
+        let Some(db) = db.strip_prefix("db").and_then(|d| d.parse().ok()) else {
+            continue;
+        };
+        let get = |name: &str| {
+            rest.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == name)
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0)
+        };
+        out.insert(db, (get("keys"), get("expires")));
+    }
+    out
+}
+
+/// Finds a Redis tool (redis-server, redis-check-rdb) in `bin_dir` or on PATH.
+pub fn find_tool(bin_dir: Option<&Path>, tool: &str) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = match bin_dir {
+        Some(d) => vec![d.join(tool)],
+        None => std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join(tool)).collect())
+            .unwrap_or_default(),
+    };
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::failed(format!("{tool} not found{}", match bin_dir {
+                Some(d) => format!(" in {}", d.display()),
+                None => " on PATH".into(),
+            }))
+            .hint("install Redis's server package (Debian: redis-server and redis-tools) or set redis_bin_dir on the source (RUNBOOK.md#tools-missing)")
+        })
+}
+
+/// Runs `redis-check-rdb` on a file; returns its summary lines, or its complaint as an error.
+pub async fn check_rdb(bin_dir: Option<&Path>, rdb: &Path) -> Result<String> {
+    let tool = find_tool(bin_dir, "redis-check-rdb")?;
+    let out = tokio::process::Command::new(&tool)
+        .arg(rdb)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| Error::failed(format!("cannot run {}: {e}", tool.display())))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(6).collect();
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "redis-check-rdb rejects the restored snapshot: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ),
+        ));
+    }
+    Ok(text
+        .lines()
+        .filter(|l| l.contains("keys read") || l.contains("expires"))
+        .map(|l| l.trim_start_matches("[info] ").to_string())
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// Writes `plain` to `path` through a temp file in the same directory, renamed only once the
+/// whole stream arrived and checked; a read error (damaged or altered plaintext) leaves nothing.
+pub async fn write_rdb(mut plain: impl AsyncRead + Unpin, path: &Path) -> Result<u64> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".lifeboat-restore-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::failed(format!("cannot write in {}: {e}", dir.display())))?;
+    let mut out = tokio::fs::File::from_std(
+        tmp.reopen()
+            .map_err(|e| Error::failed(format!("cannot write in {}: {e}", dir.display())))?,
+    );
+    let n = tokio::io::copy(&mut plain, &mut out).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Error::new(ErrorKind::Integrity, e.to_string())
+                .hint("nothing was written; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
+        } else {
+            Error::failed(format!("writing {}: {e}", path.display()))
+        }
+    })?;
+    out.flush()
+        .await
+        .and(out.sync_all().await)
+        .map_err(|e| Error::failed(format!("writing {}: {e}", path.display())))?;
+    tmp.persist(path).map_err(|e| {
+        Error::failed(format!(
+            "cannot rename into {}: {}",
+            path.display(),
+            e.error
+        ))
+    })?;
+    Ok(n)
+}
+
+/// An ephemeral `redis-server` holding a restored snapshot.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+    child: tokio::process::Child,
+    target: Target,
+    /// The server binary.
+    pub bin: PathBuf,
+}
+
+impl Scratch {
+    /// Writes `plain` into a temp dir as `dump.rdb` and starts a server that loads it.
+    ///
+    /// `keep_expired`: start as a replica (of nothing), which loads keys whose expiry has passed
+    /// instead of dropping them, so that key counts match the snapshot exactly (the verifier);
+    /// a restore wants them dropped.
+    pub async fn start(
+        bin_dir: Option<&Path>,
+        plain: impl AsyncRead + Unpin,
+        keep_expired: bool,
+    ) -> Result<Scratch> {
+        let bin = find_tool(bin_dir, "redis-server")?;
+        let dir = tempfile::Builder::new()
+            .prefix("lifeboat-redis-")
+            .tempdir()
+            .map_err(|e| Error::failed(format!("cannot create a scratch directory: {e}")))?;
+        write_rdb(plain, &dir.path().join("dump.rdb")).await?;
+        let socket = dir.path().join("redis.sock");
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.arg("--port")
+            .arg("0")
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--unixsocketperm")
+            .arg("700")
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--dbfilename")
+            .arg("dump.rdb")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--daemonize")
+            .arg("no")
+            .arg("--logfile")
+            .arg(dir.path().join("log"));
+        if keep_expired {
+            // Port 1 on loopback: nothing answers, so it never syncs and never flushes.
+            cmd.arg("--replicaof").arg("127.0.0.1").arg("1");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::failed(format!("cannot start {}: {e}", bin.display())))?;
+        let mut s = Scratch {
+            target: Target::unix(&socket),
+            dir,
+            child,
+            bin,
+        };
+        s.wait_loaded().await?;
+        Ok(s)
+    }
+
+    async fn wait_loaded(&mut self) -> Result<()> {
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(Error::new(
+                    ErrorKind::Integrity,
+                    format!(
+                        "the scratch redis-server exited ({status}) while loading the snapshot: {}",
+                        self.log_tail()
+                    ),
+                ));
+            }
+            if self.target.addr_exists() {
+                if let Ok(mut con) = self.target.connect(0).await {
+                    let info: redis::RedisResult<String> = redis::cmd("INFO")
+                        .arg("persistence")
+                        .query_async(&mut con)
+                        .await;
+                    if let Ok(info) = info {
+                        if info.contains("loading:0") {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(4).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// The server, to read from.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The restored file.
+    pub fn rdb_path(&self) -> PathBuf {
+        self.dir.path().join("dump.rdb")
+    }
+
+    /// Stops the server and removes its directory.
+    pub async fn stop(mut self) {
+        if let Ok(mut con) = self.target.connect(0).await {
+            let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN")
+                .arg("NOSAVE")
+                .query_async(&mut con)
+                .await;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+impl Target {
+    fn addr_exists(&self) -> bool {
+        match &self.addr {
+            ConnectionAddr::Unix(p) => p.exists(),
+            _ => true,
+        }
+    }
+}
+
+/// What moving keys did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Moved {
+    /// Keys written, per database.
+    pub keys: BTreeMap<u32, u64>,
+    /// Keys that expired before they could be written.
+    pub expired: u64,
+}
+
+/// Copies every key of `from` into `to` with `DUMP` / `RESTORE … REPLACE`, keeping the time to
+/// live. `progress` gets the number of keys written after each batch.
+pub async fn move_keys(
+    from: &Target,
+    to: &Target,
+    dbs: &[u32],
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<Moved> {
+    let mut moved = Moved::default();
+    for &db in dbs {
+        let mut src = from.connect(db).await?;
+        let mut dst = to.connect(db).await?;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(&mut src)
+                .await
+                .map_err(|e| from.error("SCAN", e))?;
+            if !keys.is_empty() {
+                let mut read = redis::pipe();
+                for k in &keys {
+                    read.cmd("DUMP").arg(k).cmd("PTTL").arg(k);
+                }
+                let values: Vec<redis::Value> = read
+                    .query_async(&mut src)
+                    .await
+                    .map_err(|e| from.error("DUMP", e))?;
+                let mut write = redis::pipe();
+                let mut n = 0u64;
+                for (k, pair) in keys.iter().zip(values.chunks(2)) {
+                    let (redis::Value::BulkString(payload), redis::Value::Int(ttl)) =
+                        (&pair[0], &pair[1])
+                    else {
+                        // Gone or expired since SCAN listed it.
+                        moved.expired += 1;
+                        continue;
+                    };
+                    if *ttl == -2 || *ttl == 0 {
+                        moved.expired += 1;
+                        continue;
+                    }
+                    write
+                        .cmd("RESTORE")
+                        .arg(k)
+                        .arg((*ttl).max(0))
+                        .arg(payload.as_slice())
+                        .arg("REPLACE")
+                        .ignore();
+                    n += 1;
+                }
+                if n > 0 {
+                    let () = write.query_async(&mut dst).await.map_err(|e| {
+                        let err = to.error("RESTORE", e);
+                        if err.message.contains("payload version") {
+                            err.hint("the target runs an older Redis than the snapshot's: restore --to DIR and load the file with a server of the source's version")
+                        } else {
+                            err
+                        }
+                    })?;
+                }
+                *moved.keys.entry(db).or_default() += n;
+                progress(n);
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+    Ok(moved)
+}
+
+/// Deletes everything on `target` (`FLUSHALL`), for `restore --flush`.
+pub async fn flush_all(target: &Target) -> Result<()> {
+    let mut con = target.connect(0).await?;
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut con)
+        .await
+        .map_err(|e| target.error("FLUSHALL", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyspace_lines_parse() {
+        let ks = parse_keyspace(
+            "# Keyspace\r\ndb0:keys=3,expires=1,avg_ttl=0\r\ndb12:keys=7,expires=0,avg_ttl=0\r\n",
+        );
+        assert_eq!(ks[&0], (3, 1));
+        assert_eq!(ks[&12], (7, 0));
+        assert_eq!(ks.len(), 2);
+    }
+
+    #[test]
+    fn target_passwords_stay_out_of_argv() {
+        let e = Target::parse("redis://u:secret@h:6379").unwrap_err();
+        assert!(!e.message.contains("secret"), "{e}");
+        assert!(e.hint.unwrap().contains("REDISCLI_AUTH"));
+        assert_eq!(Target::parse("redis://h").unwrap().shown, "redis://h:6379");
+        assert!(Target::parse("rediss://h").is_err());
+    }
+}
