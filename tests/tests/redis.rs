@@ -458,3 +458,114 @@ fn a_server_that_refuses_replication_says_to_use_file_mode() {
     assert!(r.stderr.contains("mode = \"file\""), "{}", r.stderr);
     assert!(fx.backups().is_empty());
 }
+
+/// A CA and a server certificate for 127.0.0.1 / localhost, made with the openssl CLI.
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl CLI");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=lifeboat test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[test]
+fn rediss_is_verified_against_the_configured_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(certs.path());
+    let tls_port = free_port().to_string();
+    let src = Redis::start(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+        "--tls-replication",
+        "yes",
+    ]);
+    fill_redis(&src, None);
+    let url = format!("rediss://localhost:{tls_port}");
+    let fx = setup(&source(
+        &url,
+        &format!("tls_ca_file = \"{}\"", ca.display()),
+    ));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "backup over TLS failed: {}", r.stderr);
+    let id = fx.backups()[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        fingerprint_keys(&fx.fingerprint(&id)),
+        expected_keys(&src, None)
+    );
+
+    // Without the CA the certificate is not trusted: a credential error, nothing stored.
+    let fx = setup(&source(&url, ""));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(r.stderr.contains("tls_ca_file"), "{}", r.stderr);
+    assert!(fx.backups().is_empty());
+}
