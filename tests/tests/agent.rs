@@ -510,3 +510,32 @@ fn sigterm_stops_the_agent_even_when_its_log_reader_went_away() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn listen_flag_overrides_the_policy_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let (in_policy, from_env) = (free_port(), free_port());
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &format!(
+            "[agent]\nlisten = \"127.0.0.1:{in_policy}\"\n\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1:1/db\"\nschedule = \"0 3 1 1 *\"\n"
+        ),
+    );
+    let agent = start_agent(
+        dir.path(),
+        &policy,
+        &[("LIFEBOAT_LISTEN".into(), format!("127.0.0.1:{from_env}"))],
+    );
+    wait_until("/healthz on the LIFEBOAT_LISTEN address", 30, || {
+        http_get(from_env, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    assert!(
+        http_get(in_policy, "/healthz").is_none(),
+        "the policy's address is not served when overridden"
+    );
+    let (code, stderr, _) = stop(agent);
+    assert_eq!(code, 0, "{stderr}");
+}

@@ -33,7 +33,13 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
         } => policy_check(&files, allow_missing_env),
         Command::Keygen => keygen(),
         Command::Restore(args) => restore(args, cancel).await,
-        Command::Agent { policy } => lifeboat::daemon::run(load(&policy)?, cancel).await,
+        Command::Agent { policy, listen } => {
+            let mut policy = load(&policy)?;
+            if let Some(addr) = listen {
+                policy.agent.listen = addr;
+            }
+            lifeboat::daemon::run(policy, cancel).await
+        }
         Command::Prune {
             policy,
             source,

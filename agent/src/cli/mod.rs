@@ -73,6 +73,10 @@ enum Command {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
         policy: PathBuf,
+        /// Serve /healthz, /metrics and /status here instead of the policy's `agent.listen`
+        /// (e.g. `0.0.0.0:9187` in a pod, where the kubelet probes the pod's address).
+        #[arg(long, env = "LIFEBOAT_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Apply retention: delete what the rules no longer keep (a plan with a reason per backup).
     Prune {
@@ -197,7 +201,7 @@ pub fn main() -> i32 {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
     };
-    if let Command::Agent { policy } = &cli.command {
+    if let Command::Agent { policy, .. } = &cli.command {
         // The sidecar logs as its policy says (json in production).
         if let Ok(p) = lifeboat::policy::load(policy, lifeboat::policy::LoadOptions::default()) {
             format = p.agent.log_format;
