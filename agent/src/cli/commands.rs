@@ -31,6 +31,13 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                     allow_missing_env,
                 },
         } => policy_check(&files, allow_missing_env),
+        Command::Policy {
+            command: PolicyCommand::Schema,
+        } => {
+            let text = serde_json::to_string_pretty(&policy::schema::schema())
+                .map_err(|e| Error::failed(format!("cannot encode the schema: {e}")))?;
+            writeln!(std::io::stdout().lock(), "{text}").map_err(print_error)
+        }
         Command::Keygen => keygen(),
         Command::Restore(args) => restore(args, cancel).await,
         Command::Agent { policy, listen } => {

@@ -185,6 +185,8 @@ enum PolicyCommand {
         #[arg(long)]
         allow_missing_env: bool,
     },
+    /// Print the policy's JSON Schema (for editors: point a TOML language server at it).
+    Schema,
 }
 
 /// Runs the CLI and returns the process exit code.

@@ -14,6 +14,7 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
+pub mod schema;
 pub use env::Secret;
 pub use raw::{ChecksumMode, FingerprintMode, LockMode, LogFormat, NotifyFormat};
 pub use validate::*;

@@ -21,7 +21,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
 pub const SOURCE_KINDS: &[&str] = &["postgres", "redis"];
 
 /// `[repository]`: where backups are stored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRepository {
     /// `file://PATH` (a local directory) or `s3://bucket/prefix`.
@@ -45,7 +45,7 @@ pub struct RawRepository {
 }
 
 /// `repository.object_lock`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawObjectLock {
     /// `governance` (deletable with the bypass permission) or `compliance` (by nobody).
@@ -55,7 +55,7 @@ pub struct RawObjectLock {
 }
 
 /// S3 Object Lock mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LockMode {
     /// Deletable only with `s3:BypassGovernanceRetention`.
@@ -65,7 +65,7 @@ pub enum LockMode {
 }
 
 /// S3 addressing style.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Addressing {
     /// Path-style when an endpoint is set, virtual-hosted otherwise.
@@ -77,7 +77,7 @@ pub enum Addressing {
 }
 
 /// Whether requests carry checksum headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChecksumMode {
     /// Only where the API requires one; lifeboat's own SHA-256 in the manifest still guards data.
@@ -87,7 +87,7 @@ pub enum ChecksumMode {
 }
 
 /// `[encryption]`: who can read the backups.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawEncryption {
     /// age X25519 recipients (`age1…`); several give escrow or break-glass keys.
@@ -97,7 +97,7 @@ pub struct RawEncryption {
 }
 
 /// `[agent]`: the sidecar daemon.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
     /// Address of /healthz, /metrics and /status; default `127.0.0.1:9187`.
@@ -111,7 +111,7 @@ pub struct RawAgent {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -122,7 +122,7 @@ pub enum LogFormat {
 }
 
 /// `[defaults]`: settings every source inherits unless it overrides them.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     /// IANA time zone for schedules and retention buckets; default `UTC`.
@@ -140,7 +140,7 @@ pub struct RawDefaults {
 }
 
 /// zstd settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCompression {
     /// zstd level, 1–19; default 3.
@@ -150,7 +150,7 @@ pub struct RawCompression {
 }
 
 /// Retention rules (restic-style buckets).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetention {
     /// Keep the newest N backups.
@@ -172,7 +172,7 @@ pub struct RawRetention {
 }
 
 /// Recovery objectives.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawObjectives {
     /// Recovery point objective: the newest backup may be at most this old, e.g. `24h`.
@@ -182,7 +182,7 @@ pub struct RawObjectives {
 }
 
 /// `[sources.verify]`: how the verifier proves a backup.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawVerify {
     /// Cron expression for scheduled verification.
@@ -197,7 +197,7 @@ pub struct RawVerify {
 }
 
 /// One SQL assertion: the query returns one number, compared with `min`, `max` or `equals`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCheck {
     /// A query returning one row with one integer column.
@@ -211,7 +211,7 @@ pub struct RawCheck {
 }
 
 /// `[[sources]]` with `kind = "postgres"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPostgresSource {
     /// Unique name; used in object keys, metrics and commands.
@@ -251,7 +251,7 @@ pub struct RawPostgresSource {
 }
 
 /// `[[sources]]` with `kind = "redis"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedisSource {
     /// Unique name; used in object keys, metrics and commands.
@@ -291,7 +291,9 @@ pub struct RawRedisSource {
 }
 
 /// How a Redis snapshot is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RedisMode {
     /// Connect as a replica and stream the RDB payload (no shared volume).
@@ -311,7 +313,9 @@ pub enum RawSource {
 }
 
 /// How much the fingerprint records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum FingerprintMode {
     /// Exact row counts and order-independent content hashes per table.
@@ -322,7 +326,7 @@ pub enum FingerprintMode {
 }
 
 /// `[[notify]]`: a webhook called on failure and on recovery.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawNotify {
     /// Where to POST; usually a secret (`${VAR}`).
@@ -332,7 +336,7 @@ pub struct RawNotify {
 }
 
 /// Webhook payload format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NotifyFormat {
     /// `{"event", "source", "op", "message", "at", "pod"}`.
