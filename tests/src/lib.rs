@@ -85,8 +85,9 @@ pub struct Postgres {
     _guard: Child,
 }
 
-/// A throwaway CA and a server certificate for 127.0.0.1 signed by it, in `dir`.
-fn make_certs(dir: &Path) {
+/// A throwaway CA (`ca.crt`) and a server certificate for 127.0.0.1 and localhost signed by it
+/// (`server.crt`, `server.key`), in `dir`.
+pub fn make_certs(dir: &Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)

@@ -559,6 +559,11 @@ async fn restore_redis(
             )
             .hint("give a directory (dump.rdb is written into it) or redis://HOST:PORT"));
         }
+        if !a.dry_run {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Error::failed(format!("--to {}: cannot create it: {e}", dir.display()))
+            })?;
+        }
         let file = dir.join("dump.rdb");
         let exists = file.exists();
         let action = if exists {
