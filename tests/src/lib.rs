@@ -6,6 +6,8 @@
 //! process: when the test process exits, for any reason, the pipe closes and the guard stops the
 //! server and removes its directory. A missing component fails loudly with what to install.
 
+pub mod s3proxy;
+
 use std::io::{Read, Write};
 
 use std::net::{TcpListener, TcpStream};

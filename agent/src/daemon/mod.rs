@@ -453,8 +453,19 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
     // Housekeeping that must not stop the agent: S3 may be down right now.
     match agent.repo().await {
         Ok(repo) => {
+            // No run outlives its source's timeout (it is cancelled and its upload aborted), so
+            // an upload older than the longest timeout, plus a minute for clocks that differ
+            // between pods, belongs to a process that died (kill -9, OOM): abort it now.
+            let longest = agent
+                .policy
+                .sources
+                .iter()
+                .map(|s| s.timeout)
+                .max()
+                .unwrap_or(retention::GRACE)
+                + std::time::Duration::from_secs(60);
             let older = agent.clock.now()
-                - chrono::Duration::from_std(retention::GRACE).unwrap_or_default();
+                - chrono::Duration::from_std(longest.min(retention::GRACE)).unwrap_or_default();
             if let Err(e) = store::sweep_stale_uploads(repo.store.as_ref(), older).await {
                 tracing::warn!(error = %e, "Cannot sweep stale uploads");
             }

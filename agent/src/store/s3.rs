@@ -167,7 +167,17 @@ fn classify<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let message = DisplayErrorContext(&err).to_string();
+    // A service error reads best as its code, message and status; the full context (which for
+    // these dumps the raw response) only for transport errors, where it holds the cause.
+    let message = match &err {
+        SdkError::ServiceError(se) => format!(
+            "{} (HTTP {}): {}",
+            se.err().code().unwrap_or("unknown error"),
+            se.raw().status().as_u16(),
+            se.err().message().unwrap_or("no message")
+        ),
+        _ => DisplayErrorContext(&err).to_string(),
+    };
     match &err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             StoreError::transient(op, key, message)

@@ -1,0 +1,306 @@
+//! S3 faults, through a fault-injecting proxy in front of the real S3 test server: transient
+//! errors are retried and the backup is whole; persistent ones publish nothing and leave no open
+//! upload; a failing listing makes prune delete nothing; a truncated download never reaches
+//! pg_restore. A canary password and a canary S3 secret ride along, and no output ever shows them.
+
+use std::path::PathBuf;
+
+use lifeboat_tests::s3proxy::{HttpFault, Rule, S3Proxy};
+use lifeboat_tests::*;
+
+const PG_CANARY: &str = "canary-pg-7f3a";
+const S3_CANARY: &str = "canary-s3-9b1c";
+
+struct Fx {
+    pg: &'static Postgres,
+    db: String,
+    dir: tempfile::TempDir,
+    key: Key,
+    policy: PathBuf,
+    bucket: String,
+    proxy: S3Proxy,
+    env: Vec<(String, String)>,
+    outputs: Vec<String>,
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A database whose dump spans several 5 MiB parts, a role with the canary password, a bucket
+/// behind a fresh proxy, and a policy that uses all three.
+fn setup(prefix: &str) -> Fx {
+    let pg = postgres();
+    let db = pg.create_db(prefix);
+    let role = format!("r_{}", suffix());
+    pg.psql(
+        &db,
+        &format!(
+            "create role {role} login password '{PG_CANARY}' superuser;
+             create table t as select g as id, md5(g::text) || md5((g * 7)::text) as a, md5(random()::text) as b
+             from generate_series(1, 250000) g;"
+        ),
+    );
+    let s3 = s3();
+    let bucket = format!("faults-{}", suffix());
+    rt().block_on(async {
+        s3.client()
+            .await
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("create bucket")
+    });
+    let proxy = S3Proxy::start(&s3.endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = dir.path().join("pgpass");
+    std::fs::write(&pwfile, PG_CANARY).unwrap();
+    let policy = write_policy(
+        dir.path(),
+        &format!(
+            "url = \"s3://{bucket}/repo\"\nendpoint = \"{}\"\npart_size = \"5MiB\"",
+            proxy.endpoint
+        ),
+        &key.recipient,
+        &format!(
+            "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://{role}@127.0.0.1:{}/{db}\"\npassword_file = \"{}\"\nglobals = false\n",
+            pg.port,
+            pwfile.display()
+        ),
+    );
+    let mut env = s3.env();
+    for (k, v) in env.iter_mut() {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = S3_CANARY.to_string();
+        }
+    }
+    Fx {
+        pg,
+        db,
+        dir,
+        key,
+        policy,
+        bucket,
+        proxy,
+        env,
+        outputs: Vec::new(),
+    }
+}
+
+impl Fx {
+    fn run(&mut self, args: &[&str]) -> Run {
+        let mut all = args.to_vec();
+        let p = self.policy.to_str().unwrap().to_string();
+        all.extend(["--policy", &p]);
+        let r = lifeboat(self.dir.path(), &all, &self.env);
+        self.outputs.push(format!("{}{}", r.stdout, r.stderr));
+        r
+    }
+
+    fn verify(&mut self) -> Run {
+        let p = self.policy.to_str().unwrap().to_string();
+        let id = self.key.identity.to_str().unwrap().to_string();
+        let r = verifier(
+            self.dir.path(),
+            &["verify", "--policy", &p, "--identity", &id],
+            &self.env,
+        );
+        self.outputs.push(format!("{}{}", r.stdout, r.stderr));
+        r
+    }
+
+    fn keys(&self) -> Vec<String> {
+        rt().block_on(s3().keys(&self.bucket, "repo/backups/"))
+    }
+
+    fn manifests(&self) -> usize {
+        self.keys()
+            .iter()
+            .filter(|k| k.ends_with("/manifest.json"))
+            .count()
+    }
+
+    fn pending(&self) -> Vec<String> {
+        rt().block_on(s3().pending_uploads(&self.bucket))
+    }
+}
+
+impl Drop for Fx {
+    /// Whatever happened, no output showed a secret.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for out in &self.outputs {
+            assert!(
+                !out.contains(PG_CANARY),
+                "the database password was printed:\n{out}"
+            );
+            assert!(
+                !out.contains(S3_CANARY),
+                "the S3 secret was printed:\n{out}"
+            );
+        }
+        let repo: Vec<String> = self.keys();
+        assert!(
+            !repo.iter().any(|k| k.contains("canary")),
+            "a secret in an object key"
+        );
+    }
+}
+
+#[test]
+fn transient_s3_faults_are_retried_and_the_backup_is_whole() {
+    let mut fx = setup("transient");
+    fx.proxy
+        .add(Rule::new("PUT", "partNumber=2", HttpFault::Status(503, "SlowDown")).times(2));
+    fx.proxy
+        .add(Rule::new("PUT", "partNumber=1", HttpFault::ResetMidBody).times(1));
+    fx.proxy.add(
+        Rule::new(
+            "PUT",
+            "manifest.json",
+            HttpFault::Status(500, "InternalError"),
+        )
+        .times(1),
+    );
+    fx.proxy.add(
+        Rule::new(
+            "POST",
+            "?uploads",
+            HttpFault::Delay(std::time::Duration::from_secs(1)),
+        )
+        .times(1),
+    );
+    fx.proxy
+        .add(Rule::new("GET", "database.dump", HttpFault::Status(503, "SlowDown")).times(1));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "backup through transient faults: {}", r.stderr);
+    let fired = fx.proxy.fired();
+    assert!(fired.len() >= 5, "faults injected: {fired:?}");
+    assert!(
+        fx.proxy
+            .requests()
+            .iter()
+            .filter(|r| r.contains("partNumber="))
+            .count()
+            >= 3,
+        "the dump spans several parts"
+    );
+    let r = fx.run(&["check", "--read-data"]);
+    assert_eq!(r.code, 0, "check after retries: {}", r.stderr);
+    let v = fx.verify();
+    assert_eq!(
+        v.code, 0,
+        "the backup made through faults verifies: {}",
+        v.stderr
+    );
+    assert!(fx.pending().is_empty(), "no upload left open");
+}
+
+#[test]
+fn a_complete_answered_with_an_error_body_publishes_nothing() {
+    let mut fx = setup("complete");
+    fx.proxy
+        .add(Rule::new("POST", "uploadId=", HttpFault::OkWithErrorBody));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("complete multipart upload")
+            && r.stderr.contains("InternalError (HTTP 200)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fx.manifests(), 0);
+    assert!(
+        fx.pending().is_empty(),
+        "the multipart upload was aborted: {:?}",
+        fx.pending()
+    );
+    // The server recovers; the next run succeeds.
+    fx.proxy.clear();
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    assert_eq!(fx.manifests(), 1);
+}
+
+#[test]
+fn a_manifest_that_cannot_be_written_publishes_nothing_and_cleans_up() {
+    let mut fx = setup("manifest");
+    fx.proxy.add(Rule::new(
+        "PUT",
+        "manifest.json",
+        HttpFault::Status(500, "InternalError"),
+    ));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("manifest"), "{}", r.stderr);
+    assert!(
+        fx.keys().is_empty(),
+        "the run's data objects were removed: {:?}",
+        fx.keys()
+    );
+    assert!(fx.pending().is_empty());
+}
+
+#[test]
+fn a_listing_that_fails_makes_prune_delete_nothing() {
+    let mut fx = setup("listing");
+    for _ in 0..2 {
+        assert_eq!(fx.run(&["backup"]).code, 0);
+    }
+    let before = fx.keys();
+    fx.proxy.add(Rule::new(
+        "GET",
+        "list-type=2",
+        HttpFault::Status(500, "InternalError"),
+    ));
+    let r = fx.run(&["prune"]);
+    assert_ne!(
+        r.code, 0,
+        "prune must fail when it cannot list: {}",
+        r.stderr
+    );
+    fx.proxy.clear();
+    assert_eq!(fx.keys(), before, "nothing was deleted");
+}
+
+#[test]
+fn a_truncated_download_never_reaches_pg_restore() {
+    let mut fx = setup("truncated");
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    fx.proxy.add(Rule::new(
+        "GET",
+        "database.dump.zst.age",
+        HttpFault::TruncateResponse,
+    ));
+    let target = format!("restored_{}", suffix());
+    let to = fx.pg.url(&target);
+    let id = fx.key.identity.to_str().unwrap().to_string();
+    fx.env.push(("PGPASSWORD".into(), fx.pg.password.clone()));
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "app-db",
+        "--to",
+        &to,
+        "--identity",
+        &id,
+    ]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    let exists = fx.pg.psql(
+        "postgres",
+        &format!("select count(*) from pg_database where datname = '{target}'"),
+    );
+    assert_eq!(exists, "0", "the target database was not even created");
+    let v = fx.verify();
+    assert_ne!(
+        v.code, 0,
+        "the verifier does not pass a backup it could not read"
+    );
+    let _ = &fx.db;
+}
