@@ -427,6 +427,11 @@ pub async fn restore_postgres(
                 format!("backup {} has no database part", manifest.id),
             )
         })?;
+    // The identity must open every part before anything is created on the target: a wrong key
+    // is exit 12 with the target untouched, not an empty database left behind.
+    for p in &parts {
+        drop(p.plaintext(identities).await?);
+    }
     if how.with_globals && !parts.iter().any(|p| p.part.role == "globals") {
         return Err(Error::failed(format!(
             "backup {} holds no globals (the source had globals = false)",
