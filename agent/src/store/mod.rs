@@ -101,6 +101,11 @@ impl From<StoreError> for Error {
                     "this server seems to reject checksum headers: set repository.checksums = \"when_required\" (RUNBOOK.md#storage-errors)",
                 )
             }
+            StoreError::Permanent { message, .. } if message.contains(fs::DISK_FULL) => {
+                Error::failed(e.to_string()).hint(
+                    "free space on the repository's disk, or point repository.url elsewhere; nothing was published (RUNBOOK.md#storage-errors)",
+                )
+            }
             StoreError::Permanent { .. } => Error::failed(e.to_string())
                 .hint("check repository.url, endpoint and region (RUNBOOK.md#storage-errors)"),
             StoreError::Transient { .. } => Error::failed(e.to_string())
