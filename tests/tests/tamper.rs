@@ -251,3 +251,84 @@ fn every_damage_and_identity_problem_is_caught_before_redis_sees_a_key() {
     };
     fx.matrix(&first, &second, "dump.rdb.zst.age", &restore);
 }
+
+#[test]
+fn a_manifest_naming_files_outside_its_backup_is_refused_and_the_rest_still_lists() {
+    let pg = postgres();
+    let db = pg.create_db("hostile");
+    pg.psql(
+        &db,
+        "create table t as select g from generate_series(1, 100) g",
+    );
+    let fx = Fx::new(
+        "app-db",
+        &format!(
+            "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n",
+            pg.url(&db),
+            pg.password_file(&tempfile::tempdir().unwrap().keep()).display()
+        ),
+    );
+    let good = fx.backup();
+    let bad = fx.backup();
+    // A file outside the repository that a resolved `..` would reach.
+    let secret = fx.dir.path().join("outside.txt");
+    std::fs::write(&secret, "not a backup").unwrap();
+    let path = fx.object(&bad, "manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["parts"][0]["name"] = "../../../../outside.txt".into();
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+
+    let r = fx.run(&["check", "--read-data"], &[]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("names an object outside its backup"),
+        "{}",
+        r.stderr
+    );
+    let r = fx.run(&["list", "--json"], &[]);
+    assert_eq!(
+        r.code, 0,
+        "one damaged manifest does not hide the others: {}",
+        r.stderr
+    );
+    let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["id"], good.as_str());
+    assert!(
+        r.stderr.contains(&bad),
+        "the damaged one is named: {}",
+        r.stderr
+    );
+    let id = fx.key.identity.to_str().unwrap().to_string();
+    let to = pg.url(&format!("hostile_{}", suffix()));
+    let env = [("PGPASSWORD".to_string(), pg.password.clone())];
+    let r = fx.run(
+        &[
+            "restore",
+            "--source",
+            "app-db",
+            "--backup",
+            &bad,
+            "--to",
+            &to,
+            "--identity",
+            &id,
+        ],
+        &env,
+    );
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    let r = fx.run(
+        &[
+            "restore",
+            "--source",
+            "app-db",
+            "--to",
+            &to,
+            "--identity",
+            &id,
+        ],
+        &env,
+    );
+    assert_eq!(r.code, 0, "latest skips the damaged backup: {}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "not a backup");
+}

@@ -214,6 +214,9 @@ async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
             listing.incomplete.len()
         );
     }
+    for (s, id, why) in &listing.damaged {
+        eprintln!("warning: backup {id} of {s} is not listed: {why} (run `lifeboat check`)");
+    }
     Ok(())
 }
 

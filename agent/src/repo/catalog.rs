@@ -44,6 +44,9 @@ pub struct Listing {
     pub backups: Vec<Entry>,
     /// `backups/<source>/<id>/` directories with objects but no manifest.
     pub incomplete: Vec<(String, String)>,
+    /// Backups whose manifest is damaged: (source, id, what is wrong). Not offered for restore;
+    /// `lifeboat check` names them, and the rest of the listing stays usable.
+    pub damaged: Vec<(String, String, String)>,
 }
 
 impl Repository {
@@ -72,7 +75,14 @@ impl Repository {
                 listing.incomplete.push((s, id));
                 continue;
             }
-            let manifest = self.manifest(&s, &id).await?;
+            let manifest = match self.manifest(&s, &id).await {
+                Ok(m) => m,
+                Err(e) if e.kind == ErrorKind::Integrity => {
+                    listing.damaged.push((s, id, e.message));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let verification = verifications.remove(&(s.clone(), id.clone()));
             listing.backups.push(Entry {
                 manifest,
@@ -85,7 +95,7 @@ impl Repository {
         Ok(listing)
     }
 
-    /// Reads and parses one manifest.
+    /// Reads and parses one manifest; its object names must be plain names inside the backup.
     pub async fn manifest(&self, source: &str, id: &str) -> Result<Manifest> {
         let key = layout::manifest(source, id);
         let bytes = self.store.get(&key).await.map_err(|e| match e {
@@ -100,6 +110,15 @@ impl Repository {
             Error::new(ErrorKind::Integrity, format!("{key} is not a valid manifest: {e}"))
                 .hint("the manifest is damaged; use another backup and run `lifeboat check` (RUNBOOK.md#integrity-failure)")
         })?;
+        if let Some((name, _, _)) = m.objects().into_iter().find(|(n, _, _)| !plain_name(n)) {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!("{key} names an object outside its backup: {name:?}"),
+            )
+            .hint(
+                "the manifest was tampered with; use another backup (RUNBOOK.md#integrity-failure)",
+            ));
+        }
         if m.source != source || m.id != id {
             return Err(Error::new(
                 ErrorKind::Integrity,
@@ -128,6 +147,14 @@ impl Repository {
         });
         if let Some(e) = found {
             return Ok(e);
+        }
+        if let Some((_, _, why)) = listing
+            .damaged
+            .iter()
+            .find(|(s, id, _)| s == source && id == backup)
+        {
+            return Err(Error::new(ErrorKind::Integrity, why.clone())
+                .hint("use another backup; `lifeboat check` lists the damage (RUNBOOK.md#integrity-failure)"));
         }
         if listing
             .incomplete
@@ -189,4 +216,13 @@ impl Repository {
         }
         Ok(out)
     }
+}
+
+/// A plain object name: one path segment, no separators, not `.` or `..`.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
 }

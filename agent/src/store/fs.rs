@@ -29,8 +29,21 @@ impl FsStore {
         FsStore { root }
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key)
+    /// The file for `key`. A key is relative and never leaves the root: an absolute key or one
+    /// with `..` (from a damaged or hostile manifest) is refused, never resolved.
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        let p = Path::new(key);
+        let inside = !key.is_empty()
+            && p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(StoreError::permanent(
+                "resolve",
+                key,
+                "the key leaves the repository (absolute or `..`); refusing it",
+            ));
+        }
+        Ok(self.root.join(p))
     }
 }
 
@@ -168,26 +181,26 @@ impl ObjectStore for FsStore {
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        let path = self.path(key);
+        let path = self.path(key)?;
         blocking("put", key, move || write_atomic(&path, &data)).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        tokio::fs::read(self.path(key))
+        tokio::fs::read(self.path(key)?)
             .await
             .map(Bytes::from)
             .map_err(|e| classify("get", key, e))
     }
 
     async fn open(&self, key: &str) -> Result<ObjectReader, StoreError> {
-        let f = tokio::fs::File::open(self.path(key))
+        let f = tokio::fs::File::open(self.path(key)?)
             .await
             .map_err(|e| classify("open", key, e))?;
         Ok(Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)))
     }
 
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        match tokio::fs::metadata(self.path(key)).await {
+        match tokio::fs::metadata(self.path(key)?).await {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(classify("size", key, e)),
@@ -212,7 +225,7 @@ impl ObjectStore for FsStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        match tokio::fs::remove_file(self.path(key)).await {
+        match tokio::fs::remove_file(self.path(key)?).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(classify("delete", key, e)),
@@ -220,7 +233,7 @@ impl ObjectStore for FsStore {
     }
 
     async fn start_upload(&self, key: &str) -> Result<Arc<dyn Upload>, StoreError> {
-        let path = self.path(key);
+        let path = self.path(key)?;
         let tmp = temp_path(&path);
         let tmp2 = tmp.clone();
         let file = blocking("start upload", key, move || {
@@ -237,7 +250,7 @@ impl ObjectStore for FsStore {
     }
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StoreError> {
-        let path = self.path(key);
+        let path = self.path(key)?;
         blocking("put if absent", key, move || {
             match write_exclusive(&path, &data) {
                 Ok(()) => Ok(true),
@@ -278,7 +291,7 @@ impl ObjectStore for FsStore {
     }
 
     async fn abort_pending(&self, upload: &PendingUpload) -> Result<(), StoreError> {
-        let path = self.path(&upload.upload_id);
+        let path = self.path(&upload.upload_id)?;
         blocking(
             "abort upload",
             &upload.key,
