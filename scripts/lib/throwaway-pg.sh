@@ -1,5 +1,6 @@
 # Sourced by scripts: a throwaway PostgreSQL on a random loopback port in a temp dir.
 #   pg_start        starts it; sets PG_BIN, PG_PORT, PG_WORK; stops it on EXIT
+#   pg_pause        stops the server, keeping its data (pg_resume starts it again, same port)
 #   pg_psql ARGS    psql as postgres over TCP
 pg_start() {
   PG_BIN=$(pg_config --bindir)
@@ -13,8 +14,16 @@ pg_start() {
   fi
   trap pg_stop EXIT
   (cd / && "${PG_AS[@]}" "$PG_BIN/initdb" -D "$PG_WORK/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync >/dev/null)
+  pg_resume
+}
+
+pg_resume() {
   (cd / && "${PG_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_WORK/data" -l "$PG_WORK/log" -w \
     -o "-p $PG_PORT -k $PG_WORK -c listen_addresses=127.0.0.1 -c fsync=off ${PG_EXTRA_OPTS:-}" start >/dev/null)
+}
+
+pg_pause() {
+  (cd / && "${PG_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_WORK/data" -m fast stop >/dev/null 2>&1) || true
 }
 
 pg_stop() {

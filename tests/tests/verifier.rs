@@ -353,7 +353,7 @@ fn scheduled_verification_writes_reports_until_sigterm() {
         "create table t as select generate_series(1, 100) as id",
     );
     let policy = fx.policy("schedule = \"*/2 * * * * *\"");
-    let id = fx.backup(&policy);
+    // Started before the first backup: no repository yet. It must wait for one, not exit.
     let mut child = std::process::Command::new(verifier_bin())
         .args([
             "run",
@@ -367,6 +367,12 @@ fn scheduled_verification_writes_reports_until_sigterm() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the verifier daemon exited while the repository did not exist yet"
+    );
+    let id = fx.backup(&policy);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while fx.reports(&id).is_empty() {
         if std::time::Instant::now() > deadline {

@@ -100,7 +100,11 @@ async fn run_scheduled(
     use lifeboat::daemon::{schedule::Cron, schedule_loop, Clock};
     let policy = policy::load(&policy, LoadOptions::default())?;
     let identities = identities(&policy, identity)?;
-    let repo = Repository::open(&policy).await?;
+    // A daemon outlives a repository that is not there yet (the first backup has not run) or
+    // not reachable right now: each tick opens it afresh, and says why it could not.
+    if let Err(e) = Repository::open(&policy).await {
+        tracing::warn!(error = %e.message, "The repository cannot be opened yet; each scheduled verification tries again");
+    }
     let scheduled: Vec<_> = policy
         .sources
         .iter()
@@ -117,15 +121,16 @@ async fn run_scheduled(
     }
     let one_at_a_time = tokio::sync::Semaphore::new(1);
     let loops = scheduled.iter().map(|(src, expr)| {
-        let (repo, identities, cancel, one_at_a_time) = (&repo, &identities, &cancel, &one_at_a_time);
+        let (policy, identities, cancel, one_at_a_time) = (&policy, &identities, &cancel, &one_at_a_time);
         async move {
             let cron = Cron::parse(expr)?;
             tracing::info!(source = %src.name, schedule = %expr, "Scheduled verification");
             schedule_loop(Clock::System, &cron, policy.timezone, std::time::Duration::ZERO, cancel, |_| {}, |_| {}, |_tick| async move {
                 let Ok(_permit) = one_at_a_time.acquire().await else { return };
                 let outcome = async {
+                    let repo = Repository::open(policy).await?;
                     let entry = repo.find(&src.name, "latest", None).await?;
-                    verify::verify(repo, src, &entry, identities, cancel).await
+                    verify::verify(&repo, src, &entry, identities, cancel).await
                 }
                 .await;
                 match outcome {
