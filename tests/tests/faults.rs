@@ -292,6 +292,11 @@ fn a_truncated_download_never_reaches_pg_restore() {
         &id,
     ]);
     assert_ne!(r.code, 0, "{}", r.stderr);
+    eprintln!(
+        "truncated download: restore exit {}: {}",
+        r.code,
+        r.stderr.lines().next().unwrap_or("")
+    );
     let exists = fx.pg.psql(
         "postgres",
         &format!("select count(*) from pg_database where datname = '{target}'"),

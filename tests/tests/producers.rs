@@ -142,6 +142,7 @@ fn pg_dump_killed_mid_stream_publishes_nothing() {
     });
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("pg_dump"), "{stderr}");
+    eprintln!("pg_dump killed: {}", stderr.lines().next().unwrap_or(""));
     assert!(stderr.contains("nothing was published"), "{stderr}");
     assert_eq!(fx.manifests(), 1, "only the earlier backup");
     assert_eq!(fx.backup().code, 0, "the next run succeeds");

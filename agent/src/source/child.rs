@@ -167,10 +167,13 @@ fn drain_tail(
 
 /// The error for a child that exited non-zero: its status and the end of its stderr.
 fn exit_error(what: &str, status: std::process::ExitStatus, tail: &str) -> Error {
-    let code = status
-        .code()
-        .map(|c| format!("exit status {c}"))
-        .unwrap_or_else(|| "killed by a signal".to_string());
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(9)) => "killed by signal 9 (SIGKILL: the OOM killer, or kill -9)".to_string(),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        (None, None) => "killed by a signal".to_string(),
+    };
     let tail = tail.trim();
     // The last STDERR_TAIL characters, cut at a character boundary.
     let start = tail
@@ -180,6 +183,9 @@ fn exit_error(what: &str, status: std::process::ExitStatus, tail: &str) -> Error
         .map(|(i, _)| i)
         .unwrap_or(0);
     let short = &tail[start..];
+    if short.is_empty() {
+        return Error::failed(format!("{what} failed ({code})"));
+    }
     Error::failed(format!("{what} failed ({code}): {short}"))
 }
 
