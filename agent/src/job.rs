@@ -45,7 +45,7 @@ pub async fn backup(
         cancel: cancel.child_token(),
     };
     tracing::debug!(source = %name, backup = %id, kind = source.config.kind(), "Backup started");
-    let src = source::from_policy(source);
+    let src = source::from_policy(source, policy.encryption.index_key.as_ref());
     let run = src.backup(&ctx);
     tokio::pin!(run);
     let result = tokio::select! {

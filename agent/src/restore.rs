@@ -584,3 +584,51 @@ pub async fn restore_redis(
         }
     }
 }
+
+/// Restores an objects snapshot into the directory `target`: the snapshot is spooled and checked
+/// first, then every file is written through a temp file and renamed into place once its content
+/// hash matched (exit 13 on the first that does not; files already in place are whole).
+pub async fn restore_objects(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &std::path::Path,
+    spool_dir: &std::path::Path,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    progress: std::sync::Arc<dyn Progress>,
+) -> Result<crate::source::objects::Restored> {
+    use crate::source::objects;
+    let part = manifest
+        .parts
+        .iter()
+        .find(|p| p.role == "snapshot")
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("backup {} has no snapshot part", manifest.id),
+            )
+        })?;
+    progress.phase(
+        "downloading and checking the snapshot",
+        Some(part.size_stored),
+    );
+    let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
+    let entries = objects::read_snapshot(&spooled, identities).await?;
+    let files = entries
+        .iter()
+        .filter(|e| e.kind == objects::EntryKind::File)
+        .count();
+    progress.phase(
+        &format!("restoring {files} file(s) into {}", target.display()),
+        Some(files as u64),
+    );
+    let p = progress.clone();
+    objects::restore_to_dir(
+        repo.store.clone(),
+        &entries,
+        target,
+        identities,
+        8,
+        &move |n| p.advance(n),
+    )
+    .await
+}

@@ -92,21 +92,30 @@ fn every_runbook_command_works_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
     let pwfile = pg.password_file(dir.path());
-    let policy = write_policy(
-        dir.path(),
-        &format!(
-            "url = \"s3://{bucket}/production\"\nendpoint = \"{}\"\nregion = \"us-east-1\"",
-            s3.endpoint
-        ),
-        &key.recipient,
-        &format!(
-            "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n\n\
-             [[sources]]\nname = \"sessions\"\nkind = \"redis\"\nurl = \"{}\"\n",
+    let files = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(files.path().join("2026/11")).unwrap();
+    std::fs::write(files.path().join("2026/11/invoice 42.pdf"), b"%PDF fake").unwrap();
+    std::fs::write(files.path().join("readme.txt"), b"hello").unwrap();
+    std::fs::write(files.path().join("empty"), b"").unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[repository]\nurl = \"s3://{bucket}/production\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n\n\
+             [encryption]\nrecipients = [\"{}\"]\nindex_key = \"runbook-index-key-0123456789abcdef\"\n\n\
+             [defaults]\nretention = {{ keep_last = 3 }}\n\n\
+             [[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n\n\
+             [[sources]]\nname = \"sessions\"\nkind = \"redis\"\nurl = \"{}\"\n\n\
+             [[sources]]\nname = \"uploads\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
+            s3.endpoint,
+            key.recipient,
             pg.url(&db),
             pwfile.display(),
-            redis.url()
+            redis.url(),
+            files.path().display()
         ),
-    );
+    )
+    .unwrap();
     let bin_dir = lifeboat_bin().parent().unwrap().to_path_buf();
     let path = format!(
         "{}:{}:{}:{}",
@@ -135,6 +144,10 @@ fn every_runbook_command_works_as_written() {
         (
             "RESTORE_DIR".into(),
             dir.path().join("redis-restore").display().to_string(),
+        ),
+        (
+            "RESTORE_FILES_DIR".into(),
+            dir.path().join("files-restore").display().to_string(),
         ),
         ("BUCKET".into(), bucket.clone()),
         ("PREFIX".into(), "production".into()),
@@ -191,4 +204,10 @@ fn every_runbook_command_works_as_written() {
         "live Redis restore"
     );
     assert!(dir.path().join("redis-restore/dump.rdb").exists());
+    let restored = dir.path().join("files-restore");
+    assert_eq!(
+        std::fs::read(restored.join("2026/11/invoice 42.pdf")).unwrap(),
+        b"%PDF fake"
+    );
+    assert_eq!(std::fs::read(restored.join("empty")).unwrap(), b"");
 }

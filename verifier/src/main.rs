@@ -2,6 +2,7 @@
 //! comparing what comes back with the fingerprint taken at backup time.
 
 mod checks;
+mod objects;
 mod redis;
 mod report;
 mod scratch;

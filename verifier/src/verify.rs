@@ -52,6 +52,9 @@ pub async fn verify(
         SourceConfig::Redis(c) => {
             return crate::redis::verify(repo, c, entry, identities, cancel).await
         }
+        SourceConfig::Objects(_) => {
+            return crate::objects::verify(repo, entry, identities, cancel).await
+        }
     };
     let m = &entry.manifest;
     let (mut report, t0) = new_report(entry);

@@ -378,6 +378,9 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
     if entry.manifest.kind == "redis" {
         return restore_redis(&a, &policy, &repo, &entry, cancel).await;
     }
+    if entry.manifest.kind == "objects" {
+        return restore_objects(&a, &policy, &repo, &entry, cancel).await;
+    }
     if a.flush {
         return Err(Error::new(
             ErrorKind::Invalid,
@@ -677,6 +680,111 @@ async fn restore_redis(
             );
         }
         _ => {}
+    }
+    Ok(())
+}
+
+async fn restore_objects(
+    a: &RestoreArgs,
+    policy: &Policy,
+    repo: &Repository,
+    entry: &lifeboat::repo::catalog::Entry,
+    cancel: CancellationToken,
+) -> Result<()> {
+    use lifeboat::restore as r;
+    let m = &entry.manifest;
+    if a.jobs != 1 || a.with_globals || a.no_owner || a.flush {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "--jobs, --with-globals, --no-owner and --flush do not apply to objects restores",
+        ));
+    }
+    let dir = match a.to.strip_prefix("dir://") {
+        Some(d) => std::path::PathBuf::from(d),
+        None if a.to.contains("://") => {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("--to {}: objects restore into a directory (dir:///path or a path); restoring into a bucket is not supported yet", a.to),
+            )
+            .hint("restore into a directory, then `aws s3 sync DIR s3://bucket/prefix/`"))
+        }
+        None => std::path::PathBuf::from(&a.to),
+    };
+    let existing = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    let action = if existing == 0 {
+        format!("write the snapshot's files into {}", dir.display())
+    } else {
+        format!(
+            "{} holds {existing} entr(ies): files of the same path are replaced, others stay",
+            dir.display()
+        )
+    };
+    let verification = verification_state(entry);
+    let plan = serde_json::json!({
+        "backup": { "id": m.id, "source": m.source, "started_at": m.started_at,
+                    "size_stored": m.size_stored, "verification": verification },
+        "target": { "dir": dir, "holds_data": existing > 0 },
+        "action": action,
+    });
+    if !a.json {
+        eprintln!("Restore plan");
+        eprintln!(
+            "  backup   {} of {} ({} ago, {})",
+            m.id,
+            m.source,
+            ago(m.started_at),
+            verification
+        );
+        eprintln!("  target   {}", dir.display());
+        eprintln!("  action   {action}");
+    }
+    if a.dry_run {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&plan).unwrap_or_default()
+            );
+        } else {
+            eprintln!("dry run: nothing was changed");
+        }
+        return Ok(());
+    }
+    if existing > 0 && !a.yes {
+        let refusal = Error::new(
+            ErrorKind::Refused,
+            format!("{} is not empty; refusing to restore into it (nothing was changed)", dir.display()),
+        )
+        .hint("restore into a new directory, or pass --yes to replace same-named files (RUNBOOK.md#restore-objects)");
+        confirm(
+            a.json,
+            "Type yes to restore into it anyway: ",
+            "yes",
+            refusal,
+        )?;
+    }
+    let identities = lifeboat::pipeline::read_identities(&identity_file(a, policy)?)?;
+    let spool_dir = a.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let started = std::time::Instant::now();
+    let progress: std::sync::Arc<dyn r::Progress> = std::sync::Arc::new(CliProgress::new(a.json));
+    let done = tokio::select! {
+        res = r::restore_objects(repo, m, &dir, &spool_dir, &identities, progress.clone()) => res?,
+        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted; the target may hold part of the files (each one whole)")),
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    drop(progress);
+    if a.json {
+        let mut doc = plan;
+        doc["result"] = serde_json::json!({ "restored": done, "seconds": seconds });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        eprintln!(
+            "restored backup {} into {}: {} file(s), {} director(ies), {} in {seconds:.1} s",
+            m.id,
+            dir.display(),
+            done.files,
+            done.dirs,
+            human_bytes(done.bytes)
+        );
     }
     Ok(())
 }

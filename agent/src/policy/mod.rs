@@ -201,6 +201,13 @@ pub fn parse(
                             sources.push((i, raw::RawSource::Redis(s)));
                         }
                     }
+                    Some("objects") => {
+                        if let Some(s) =
+                            section::<raw::RawObjectsSource>(&path, item, &mut problems)
+                        {
+                            sources.push((i, raw::RawSource::Objects(s)));
+                        }
+                    }
                     Some(other) => problems.add(
                         format!("{path}.kind"),
                         format!(

@@ -18,7 +18,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
 ];
 
 /// The source kinds this version knows.
-pub const SOURCE_KINDS: &[&str] = &["postgres", "redis"];
+pub const SOURCE_KINDS: &[&str] = &["postgres", "redis", "objects"];
 
 /// `[repository]`: where backups are stored.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -94,6 +94,9 @@ pub struct RawEncryption {
     pub recipients: Vec<String>,
     /// The age identity file, only where verify or restore run.
     pub identity_file: Option<String>,
+    /// A secret (`${VAR}`, at least 32 characters) that keys object blob ids and encrypts the
+    /// agent's change index; needed by `kind = "objects"` sources, where backups are taken.
+    pub index_key: Option<String>,
 }
 
 /// `[agent]`: the sidecar daemon.
@@ -290,6 +293,54 @@ pub struct RawRedisSource {
     pub run_on_start: Option<bool>,
 }
 
+/// `[[sources]]` with `kind = "objects"`.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawObjectsSource {
+    /// Unique name; used in object keys, metrics and commands.
+    pub name: String,
+    /// Always `objects` here.
+    pub kind: String,
+    /// `dir:///path` (a directory tree) or `s3://bucket/prefix/` (a bucket or part of one).
+    pub from: String,
+    /// S3-compatible endpoint of the source bucket (independent of the repository's).
+    pub endpoint: Option<String>,
+    /// Region of the source bucket; default `us-east-1`.
+    pub region: Option<String>,
+    /// `auto`, `path` or `virtual` addressing for the source bucket.
+    pub addressing: Option<Addressing>,
+    /// Glob patterns of paths (relative to `from`) to back up; everything when unset.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Glob patterns of paths to leave out, e.g. `**/*.tmp`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Fail a run whose source lost more than this share of its objects since the last snapshot; default 50.
+    pub max_shrink_percent: Option<u32>,
+    /// Record a snapshot even when the source is empty or shrank past `max_shrink_percent`.
+    pub allow_shrink: Option<bool>,
+    /// Objects read and stored at once; default 8.
+    pub concurrency: Option<usize>,
+    /// Cron expression; overrides `[defaults]`.
+    pub schedule: Option<String>,
+    /// Longest a run may take; overrides `[defaults]`.
+    pub timeout: Option<String>,
+    /// Overrides `[defaults]`.
+    pub compression: Option<RawCompression>,
+    /// Overrides `[defaults]`.
+    pub retention: Option<RawRetention>,
+    /// Overrides `[defaults]`.
+    pub objectives: Option<RawObjectives>,
+    /// Verification settings (`schedule` only).
+    pub verify: Option<RawVerify>,
+    /// Spread scheduled runs over up to this long, with a stable per-pod offset, e.g. `5m`.
+    pub jitter: Option<String>,
+    /// Attempts after a failed run, with backoff; default 2.
+    pub retries: Option<u32>,
+    /// Back up at agent start when the newest backup is older than the schedule's interval.
+    pub run_on_start: Option<bool>,
+}
+
 /// How a Redis snapshot is taken.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize, schemars::JsonSchema,
@@ -310,6 +361,8 @@ pub enum RawSource {
     Postgres(RawPostgresSource),
     /// `kind = "redis"`.
     Redis(RawRedisSource),
+    /// `kind = "objects"`.
+    Objects(RawObjectsSource),
 }
 
 /// How much the fingerprint records.

@@ -17,11 +17,13 @@ pub fn schema() -> Value {
     let defaults = sub(generator.subschema_for::<RawDefaults>());
     let postgres = sub(generator.subschema_for::<RawPostgresSource>());
     let redis = sub(generator.subschema_for::<RawRedisSource>());
+    let objects = sub(generator.subschema_for::<RawObjectsSource>());
     let notify = sub(generator.subschema_for::<RawNotify>());
     let mut defs = generator.take_definitions(true);
     for (def, kind) in [
         ("RawPostgresSource", "postgres"),
         ("RawRedisSource", "redis"),
+        ("RawObjectsSource", "objects"),
     ] {
         if let Some(props) = defs
             .get_mut(def)
@@ -46,7 +48,7 @@ pub fn schema() -> Value {
             "encryption": encryption,
             "agent": agent,
             "defaults": defaults,
-            "sources": { "type": "array", "minItems": 1, "items": { "oneOf": [postgres, redis] } },
+            "sources": { "type": "array", "minItems": 1, "items": { "oneOf": [postgres, redis, objects] } },
             "notify": { "type": "array", "items": notify },
         },
         "$defs": Value::Object(defs),
@@ -85,6 +87,11 @@ const SECTIONS: &[(&str, &str, &str)] = &[
         "RawRedisSource",
         "array of tables",
     ),
+    (
+        "[[sources]] kind = \"objects\"",
+        "RawObjectsSource",
+        "array of tables",
+    ),
     ("[sources.verify]", "RawVerify", "table under a source"),
     ("verify.checks", "RawCheck", "array of inline tables"),
     ("[[notify]]", "RawNotify", "array of tables"),
@@ -117,16 +124,13 @@ pub fn reference() -> String {
         let empty = Map::new();
         let props = d["properties"].as_object().unwrap_or(&empty);
         for (key, p) in props {
-            let desc = if *def == "RawPostgresSource" || *def == "RawRedisSource" {
+            let desc = if def.ends_with("Source") {
                 if key == "kind" {
-                    format!(
-                        "Always `{}`.",
-                        if *def == "RawRedisSource" {
-                            "redis"
-                        } else {
-                            "postgres"
-                        }
-                    )
+                    let kind = def
+                        .trim_start_matches("Raw")
+                        .trim_end_matches("Source")
+                        .to_lowercase();
+                    format!("Always `{kind}`.")
                 } else {
                     p["description"].as_str().map(one_line).unwrap_or_default()
                 }

@@ -131,6 +131,8 @@ pub struct EncryptionConfig {
     pub recipients: Vec<String>,
     /// Identity file for decryption.
     pub identity_file: Option<PathBuf>,
+    /// Keys blob ids and encrypts the agent's change index (objects sources).
+    pub index_key: Option<Secret>,
 }
 
 /// Daemon settings.
@@ -252,6 +254,8 @@ pub enum SourceConfig {
     Postgres(PostgresConfig),
     /// A Redis server.
     Redis(RedisConfig),
+    /// A directory tree or an S3 bucket.
+    Objects(ObjectsConfig),
 }
 
 impl SourceConfig {
@@ -260,6 +264,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Postgres(_) => "postgres",
             SourceConfig::Redis(_) => "redis",
+            SourceConfig::Objects(_) => "objects",
         }
     }
 }
@@ -281,6 +286,32 @@ pub struct PostgresConfig {
     pub bin_dir: Option<PathBuf>,
     /// CA for verified TLS.
     pub tls_ca_file: Option<PathBuf>,
+}
+
+/// Where an objects source reads from.
+#[derive(Debug, Clone)]
+pub enum ObjectsFrom {
+    /// A directory tree.
+    Dir(PathBuf),
+    /// A bucket and prefix.
+    S3(S3Config),
+}
+
+/// An objects source.
+#[derive(Debug, Clone)]
+pub struct ObjectsConfig {
+    /// What is backed up.
+    pub from: ObjectsFrom,
+    /// `from` as written.
+    pub from_shown: String,
+    /// Glob patterns to include (all when empty).
+    pub include: Vec<String>,
+    /// Glob patterns to leave out.
+    pub exclude: Vec<String>,
+    /// The shrink guard, in percent; `None` with `allow_shrink`.
+    pub max_shrink_percent: Option<u32>,
+    /// Objects handled at once.
+    pub concurrency: usize,
 }
 
 /// A Redis source.
@@ -399,6 +430,7 @@ pub(super) fn validate(
         let source = match raw {
             RawSource::Postgres(raw) => validate_postgres(&path, raw, &defaults, problems),
             RawSource::Redis(raw) => validate_redis(&path, raw, &defaults, problems),
+            RawSource::Objects(raw) => validate_objects(&path, raw, &defaults, problems),
         };
         if let Some(s) = source {
             if out.iter().any(|o: &SourcePolicy| o.name == s.name) {
@@ -414,6 +446,18 @@ pub(super) fn validate(
         }
     }
 
+    if let Some(e) = &encryption {
+        if e.index_key.is_none() {
+            for (i, s) in out.iter().enumerate() {
+                if matches!(s.config, SourceConfig::Objects(_)) {
+                    problems.add(
+                        format!("sources[{i}].kind"),
+                        "objects sources need encryption.index_key: a secret (${VAR}, e.g. from `openssl rand -hex 32`) that keys blob ids",
+                    );
+                }
+            }
+        }
+    }
     if problems.0.is_empty() {
         Some(Policy {
             repository: repository?,
@@ -567,9 +611,18 @@ fn validate_encryption(
             );
         }
     }
+    if let Some(k) = &raw.index_key {
+        if k.len() < 32 && !(k.is_empty() && allow_missing_env) {
+            p.add(
+                "encryption.index_key",
+                "must be at least 32 characters of secret (e.g. `openssl rand -hex 32`), given as ${VAR}",
+            );
+        }
+    }
     EncryptionConfig {
         recipients: raw.recipients,
         identity_file: raw.identity_file.map(PathBuf::from),
+        index_key: raw.index_key.map(Secret::new),
     }
 }
 
@@ -792,6 +845,121 @@ fn validate_redis(
             capture: mode,
             tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
             bin_dir: raw.redis_bin_dir.map(PathBuf::from),
+        }),
+    )
+}
+
+fn validate_objects(
+    path: &str,
+    raw: RawObjectsSource,
+    defaults: &RawDefaults,
+    p: &mut Problems,
+) -> Option<SourcePolicy> {
+    check_name(&format!("{path}.name"), &raw.name, p);
+    let from = if let Some(dir) = raw.from.strip_prefix("dir://") {
+        if !dir.starts_with('/') {
+            p.add(
+                format!("{path}.from"),
+                format!(
+                    "`{}`: write an absolute path, dir:///data/uploads",
+                    raw.from
+                ),
+            );
+        }
+        if raw.endpoint.is_some() || raw.region.is_some() || raw.addressing.is_some() {
+            p.add(
+                format!("{path}.endpoint"),
+                "endpoint, region and addressing apply to s3:// sources only",
+            );
+        }
+        ObjectsFrom::Dir(PathBuf::from(dir))
+    } else if let Some(rest) = raw.from.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            p.add(
+                format!("{path}.from"),
+                "names no bucket: write s3://BUCKET/PREFIX/",
+            );
+        }
+        let force_path_style = match raw.addressing.unwrap_or(Addressing::Auto) {
+            Addressing::Auto => raw.endpoint.is_some(),
+            Addressing::Path => true,
+            Addressing::Virtual => false,
+        };
+        ObjectsFrom::S3(S3Config {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: raw.endpoint.clone(),
+            region: raw.region.clone().unwrap_or_else(default_region),
+            force_path_style,
+            checksums: ChecksumMode::WhenRequired,
+            storage_class: None,
+            object_lock: None,
+        })
+    } else {
+        p.add(
+            format!("{path}.from"),
+            format!(
+                "`{}` is neither dir:///PATH nor s3://BUCKET/PREFIX/",
+                raw.from
+            ),
+        );
+        ObjectsFrom::Dir(PathBuf::new())
+    };
+    for (field, globs) in [("include", &raw.include), ("exclude", &raw.exclude)] {
+        for (i, g) in globs.iter().enumerate() {
+            if let Err(e) = globset::Glob::new(g) {
+                p.add(
+                    format!("{path}.{field}[{i}]"),
+                    format!("`{g}` is not a glob: {e}"),
+                );
+            }
+        }
+    }
+    let shrink = raw.max_shrink_percent.unwrap_or(50);
+    if shrink > 100 {
+        p.add(
+            format!("{path}.max_shrink_percent"),
+            "is a percentage: 0–100 (allow_shrink = true turns the guard off)",
+        );
+    }
+    let concurrency = raw.concurrency.unwrap_or(8);
+    if !(1..=64).contains(&concurrency) {
+        p.add(format!("{path}.concurrency"), "must be 1–64");
+    }
+    if let Some(v) = &raw.verify {
+        if !v.checks.is_empty() || v.scratch_url.is_some() || v.postgres_bin_dir.is_some() {
+            p.add(
+                format!("{path}.verify"),
+                "objects sources are verified by re-hashing their blobs; only `schedule` applies",
+            );
+        }
+    }
+    let common = common_settings(
+        path,
+        CommonRaw {
+            schedule: raw.schedule.as_deref(),
+            timeout: raw.timeout.as_deref(),
+            compression: raw.compression.as_ref(),
+            retention: raw.retention.as_ref(),
+            objectives: raw.objectives.as_ref(),
+            verify: raw.verify.as_ref(),
+            jitter: raw.jitter.as_deref(),
+            retries: raw.retries,
+            run_on_start: raw.run_on_start,
+        },
+        defaults,
+        p,
+    );
+    common.into_source(
+        raw.name,
+        SourceConfig::Objects(ObjectsConfig {
+            from,
+            from_shown: raw.from,
+            include: raw.include,
+            exclude: raw.exclude,
+            max_shrink_percent: (!raw.allow_shrink.unwrap_or(false)).then_some(shrink.min(100)),
+            concurrency: concurrency.clamp(1, 64),
         }),
     )
 }

@@ -5,6 +5,7 @@
 //! only after every stream a source produced is stored.
 
 pub mod child;
+pub mod objects;
 pub mod pgdump;
 pub mod postgres;
 pub mod rdb;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 use crate::pipeline::PipelineConfig;
-use crate::policy::{SourceConfig, SourcePolicy};
+use crate::policy::{Secret, SourceConfig, SourcePolicy};
 use crate::repo::manifest::Part;
 use crate::store::ObjectStore;
 
@@ -59,10 +60,11 @@ pub trait Source: Send + Sync {
     async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup>;
 }
 
-/// The registry: the code for a policy's source.
-pub fn from_policy(policy: &SourcePolicy) -> Box<dyn Source> {
+/// The registry: the code for a policy's source. `index_key` is `[encryption]`'s (objects).
+pub fn from_policy(policy: &SourcePolicy, index_key: Option<&Secret>) -> Box<dyn Source> {
     match &policy.config {
         SourceConfig::Postgres(pg) => Box::new(postgres::Postgres::new(pg.clone())),
         SourceConfig::Redis(r) => Box::new(redis::Redis::new(r.clone())),
+        SourceConfig::Objects(o) => Box::new(objects::Objects::new(o.clone(), index_key.cloned())),
     }
 }

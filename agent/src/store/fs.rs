@@ -155,6 +155,7 @@ fn walk(
                 out.push(ObjectInfo {
                     key: rel,
                     size: entry.metadata()?.len(),
+                    etag: None,
                 });
             }
         }

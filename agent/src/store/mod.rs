@@ -122,6 +122,8 @@ pub struct ObjectInfo {
     pub key: String,
     /// Size in bytes.
     pub size: u64,
+    /// The store's version tag (S3 ETag), when it has one.
+    pub etag: Option<String>,
 }
 
 /// An unfinished multipart upload (S3) or temp file (fs).

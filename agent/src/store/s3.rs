@@ -309,6 +309,7 @@ impl ObjectStore for S3Store {
                     out.push(ObjectInfo {
                         key: self.relative(k).to_string(),
                         size: o.size().unwrap_or(0).max(0) as u64,
+                        etag: o.e_tag().map(|t| t.trim_matches('"').to_string()),
                     });
                 }
             }

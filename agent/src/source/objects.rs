@@ -1,0 +1,887 @@
+//! Objects sources: point-in-time snapshots of a directory tree or an S3 prefix, each object's
+//! content stored once as a content-addressed blob shared by every snapshot.
+//!
+//! What must hold:
+//! - A blob is `objects/<2 hex>/<id>.age`: the object's content, zstd inside age. Its id is a
+//!   keyed hash of the content's SHA-256 (`encryption.index_key`), so ids reveal nothing about
+//!   content to whoever holds the bucket, and the same content is stored once.
+//! - The snapshot (every path, size, mtime or ETag, mode, SHA-256 and blob id; directories too) is
+//!   the backup's data object; the job writes the manifest after it, as for every source.
+//! - A run reads only what changed: the agent keeps a change index (`state/<source>/index.age`,
+//!   encrypted with the index key, because the agent holds no identity to read its snapshots).
+//!   An object whose size and mtime (or ETag) match the index is not read again.
+//! - Every blob is uploaded before the snapshot that names it; the content uploaded must hash to
+//!   what the first pass read, or the object changed while being read and is retried, then reported.
+//! - Guards: an empty listing, or one that shrank by more than `max_shrink_percent` since the
+//!   previous snapshot, fails the run instead of recording a snapshot of nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::{BackupContext, Source, SourceBackup};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::{self, NoObserver};
+use crate::policy::{ObjectsConfig, ObjectsFrom, Secret};
+use crate::repo::layout;
+use crate::repo::manifest::Part;
+use crate::store::{self, ObjectStore};
+
+/// Object name of the snapshot listing.
+pub const SNAPSHOT_OBJECT: &str = "snapshot.jsonl.zst.age";
+
+/// What a snapshot records of one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the source root, `/`-separated.
+    pub path: String,
+    /// `file` or `dir`.
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    /// Bytes (files).
+    #[serde(default)]
+    pub size: u64,
+    /// Modification time, Unix milliseconds (directories and S3 objects).
+    pub mtime_ms: Option<i64>,
+    /// Unix permission bits (directories).
+    pub mode: Option<u32>,
+    /// ETag (S3).
+    pub etag: Option<String>,
+    /// SHA-256 of the content, hex (files).
+    pub sha256: Option<String>,
+    /// The blob holding the content (files).
+    pub blob: Option<String>,
+}
+
+/// The kind of a snapshot entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A regular file or an S3 object.
+    File,
+    /// A directory (kept so that empty ones are restored too).
+    Dir,
+}
+
+/// What an objects backup's fingerprint holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Format version.
+    pub format: u32,
+    /// Always `objects`.
+    pub kind: String,
+    /// The source as written in the policy.
+    pub from: String,
+    /// Files (objects).
+    pub files: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Bytes over all files.
+    pub bytes: u64,
+    /// Distinct blobs the snapshot names.
+    pub blobs: u64,
+    /// Blobs this run uploaded (the rest were already stored).
+    pub blobs_uploaded: u64,
+    /// SHA-256 over every `path NUL sha256 LF` in path order: the whole tree's content.
+    pub tree_sha256: String,
+}
+
+/// SHA-256 of no bytes: an empty file needs no blob.
+pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// The key of blob `id`.
+pub fn blob_key(id: &str) -> String {
+    format!("objects/{}/{id}.age", &id[..2.min(id.len())])
+}
+
+/// The blob id of content with SHA-256 `sha` (hex), keyed by the index key.
+pub fn blob_id(index_key: &Secret, sha: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"lifeboat-blob-v1\0");
+    h.update(index_key.expose().as_bytes());
+    h.update(b"\0");
+    h.update(sha.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// SHA-256 over the tree: each file's path and content hash, in path order.
+pub fn tree_sha256(entries: &[Entry]) -> String {
+    let mut h = Sha256::new();
+    for e in entries.iter().filter(|e| e.kind == EntryKind::File) {
+        h.update(e.path.as_bytes());
+        h.update(b"\0");
+        h.update(e.sha256.as_deref().unwrap_or("").as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// Serializes a snapshot as JSON lines.
+pub fn encode_snapshot(entries: &[Entry]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for e in entries {
+        serde_json::to_writer(&mut out, e)
+            .map_err(|e| Error::failed(format!("cannot encode the snapshot: {e}")))?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// Parses a snapshot; every path must stay inside the target (no `..`, not absolute).
+pub fn decode_snapshot(bytes: &[u8]) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let e: Entry = serde_json::from_slice(line).map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("snapshot line {}: {e}", i + 1),
+            )
+        })?;
+        if !safe_path(&e.path) {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "snapshot line {}: the path {:?} leaves the target",
+                    i + 1,
+                    e.path
+                ),
+            ));
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn safe_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\0')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// One listed object, before hashing.
+#[derive(Debug, Clone)]
+struct Listed {
+    path: String,
+    kind: EntryKind,
+    size: u64,
+    mtime_ms: Option<i64>,
+    mode: Option<u32>,
+    etag: Option<String>,
+}
+
+/// An objects source.
+pub struct Objects {
+    cfg: ObjectsConfig,
+    index_key: Option<Secret>,
+}
+
+impl Objects {
+    /// The source for `cfg`; `index_key` from `[encryption]`.
+    pub fn new(cfg: ObjectsConfig, index_key: Option<Secret>) -> Self {
+        Objects { cfg, index_key }
+    }
+
+    fn key(&self) -> Result<&Secret> {
+        self.index_key.as_ref().ok_or_else(|| {
+            Error::new(ErrorKind::Invalid, "objects sources need encryption.index_key")
+                .hint("set encryption.index_key = \"${LIFEBOAT_INDEX_KEY}\" (a secret of at least 32 characters)")
+        })
+    }
+
+    fn filter(&self) -> Result<(globset::GlobSet, globset::GlobSet)> {
+        let build = |globs: &[String]| {
+            let mut b = globset::GlobSetBuilder::new();
+            for g in globs {
+                b.add(
+                    globset::Glob::new(g)
+                        .map_err(|e| Error::new(ErrorKind::Invalid, format!("glob `{g}`: {e}")))?,
+                );
+            }
+            b.build()
+                .map_err(|e| Error::new(ErrorKind::Invalid, format!("globs: {e}")))
+        };
+        Ok((build(&self.cfg.include)?, build(&self.cfg.exclude)?))
+    }
+
+    async fn source_store(&self) -> Result<Option<Arc<dyn ObjectStore>>> {
+        match &self.cfg.from {
+            ObjectsFrom::S3(cfg) => {
+                let inner: Arc<dyn ObjectStore> = Arc::new(store::s3::S3Store::new(cfg).await?);
+                Ok(Some(Arc::new(store::retry::Retry::new(
+                    inner,
+                    store::retry::Backoff::default(),
+                ))))
+            }
+            ObjectsFrom::Dir(_) => Ok(None),
+        }
+    }
+
+    /// Lists the source, filtered.
+    async fn list(&self, s3: Option<&Arc<dyn ObjectStore>>) -> Result<Vec<Listed>> {
+        let (include, exclude) = self.filter()?;
+        let wanted = |p: &str| (include.is_empty() || include.is_match(p)) && !exclude.is_match(p);
+        let mut out = match (&self.cfg.from, s3) {
+            (ObjectsFrom::Dir(root), _) => {
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || walk_dir(&root))
+                    .await
+                    .map_err(|e| Error::failed(format!("listing failed: {e}")))??
+            }
+            (ObjectsFrom::S3(_), Some(s3)) => s3
+                .list("")
+                .await
+                .map_err(|e| Error::from(e).context(format!("listing {}", self.cfg.from_shown)))?
+                .into_iter()
+                .filter(|o| !o.key.ends_with('/'))
+                .map(|o| Listed {
+                    path: o.key,
+                    kind: EntryKind::File,
+                    size: o.size,
+                    mtime_ms: None,
+                    mode: None,
+                    etag: o.etag,
+                })
+                .collect(),
+            (ObjectsFrom::S3(_), None) => Vec::new(),
+        };
+        out.retain(|l| l.kind == EntryKind::Dir && !exclude.is_match(&l.path) || wanted(&l.path));
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    async fn open(
+        &self,
+        s3: Option<&Arc<dyn ObjectStore>>,
+        path: &str,
+    ) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
+        match (&self.cfg.from, s3) {
+            (ObjectsFrom::Dir(root), _) => {
+                let f = tokio::fs::File::open(root.join(path)).await.map_err(|e| {
+                    Error::failed(format!("{}: reading {path}: {e}", self.cfg.from_shown))
+                })?;
+                Ok(Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)))
+            }
+            (_, Some(s3)) => s3
+                .open(path)
+                .await
+                .map(|r| Box::pin(r) as Pin<Box<dyn AsyncRead + Send>>)
+                .map_err(|e| {
+                    Error::from(e).context(format!("reading {path} from {}", self.cfg.from_shown))
+                }),
+            _ => Err(Error::failed("no source store")),
+        }
+    }
+
+    fn index_object(source: &str) -> String {
+        format!("state/{source}/index.age")
+    }
+
+    /// The change index from the previous run, or an empty one.
+    async fn load_index(&self, repo: &dyn ObjectStore, source: &str) -> HashMap<String, Entry> {
+        let Ok(key) = self.key() else {
+            return HashMap::new();
+        };
+        let Ok(bytes) = repo.get(&Self::index_object(source)).await else {
+            return HashMap::new();
+        };
+        let mut id = age::scrypt::Identity::new(key.expose().to_string().into());
+        id.set_max_work_factor(INDEX_WORK_FACTOR + 2);
+        let plain = age::Decryptor::new(&bytes[..])
+            .ok()
+            .and_then(|d| d.decrypt(std::iter::once(&id as &dyn age::Identity)).ok())
+            .and_then(|mut r| {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut r, &mut v).ok().map(|_| v)
+            });
+        match plain.and_then(|p| decode_snapshot(&p).ok()) {
+            Some(entries) => entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
+            None => {
+                tracing::debug!(source, "No readable change index: every object is read");
+                HashMap::new()
+            }
+        }
+    }
+
+    async fn store_index(
+        &self,
+        repo: &dyn ObjectStore,
+        source: &str,
+        entries: &[Entry],
+    ) -> Result<()> {
+        let key = self.key()?;
+        let plain = encode_snapshot(entries)?;
+        let mut r = age::scrypt::Recipient::new(key.expose().to_string().into());
+        r.set_work_factor(INDEX_WORK_FACTOR);
+        let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
+            .map_err(|e| Error::failed(format!("encrypting the index: {e}")))?;
+        let mut out = Vec::new();
+        let mut w = enc
+            .wrap_output(&mut out)
+            .map_err(|e| Error::failed(format!("encrypting the index: {e}")))?;
+        std::io::Write::write_all(&mut w, &plain)
+            .and_then(|_| w.finish().map(|_| ()))
+            .map_err(|e| Error::failed(format!("encrypting the index: {e}")))?;
+        repo.put(&Self::index_object(source), Bytes::from(out))
+            .await
+            .map_err(|e| Error::from(e).context("storing the change index"))
+    }
+}
+
+/// scrypt work factor of the index encryption: the key is a high-entropy secret, not a
+/// passphrase, so stretching it buys nothing.
+const INDEX_WORK_FACTOR: u8 = 10;
+
+fn walk_dir(root: &Path) -> Result<Vec<Listed>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(root).map_err(|e| {
+        Error::failed(format!("{}: {e}", root.display()))
+            .hint("is the volume mounted here? check `from`")
+    })?;
+    if !meta.is_dir() {
+        return Err(Error::failed(format!(
+            "{} is not a directory",
+            root.display()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(Error::failed(format!(
+                    "{}: a file name is not UTF-8: {:?}",
+                    dir.display(),
+                    name
+                )));
+            };
+            let child = rel.join(name);
+            let path = child.to_string_lossy().to_string();
+            let m = entry
+                .metadata()
+                .map_err(|e| Error::failed(format!("{}: {e}", dir.join(name).display())))?;
+            let mtime_ms = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64);
+            let mode = Some(m.permissions().mode() & 0o7777);
+            if m.is_dir() {
+                out.push(Listed {
+                    path,
+                    kind: EntryKind::Dir,
+                    size: 0,
+                    mtime_ms,
+                    mode,
+                    etag: None,
+                });
+                stack.push(child);
+            } else if m.is_file() {
+                out.push(Listed {
+                    path,
+                    kind: EntryKind::File,
+                    size: m.len(),
+                    mtime_ms,
+                    mode,
+                    etag: None,
+                });
+            }
+            // Symlinks, sockets and devices are not content: skipped.
+        }
+    }
+    Ok(out)
+}
+
+/// SHA-256 and size of a stream.
+async fn hash(mut r: Pin<Box<dyn AsyncRead + Send>>) -> std::io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut n = 0u64;
+    loop {
+        let got = r.read(&mut buf).await?;
+        if got == 0 {
+            break;
+        }
+        h.update(&buf[..got]);
+        n += got as u64;
+    }
+    Ok((hex::encode(h.finalize()), n))
+}
+
+#[async_trait]
+impl Source for Objects {
+    async fn probe(&self) -> Result<()> {
+        self.key()?;
+        let s3 = self.source_store().await?;
+        match (&self.cfg.from, &s3) {
+            (ObjectsFrom::Dir(root), _) => {
+                std::fs::read_dir(root).map_err(|e| {
+                    Error::failed(format!("{}: {e}", self.cfg.from_shown))
+                        .hint("is the volume mounted here? check `from`")
+                })?;
+            }
+            (_, Some(s)) => {
+                s.list("").await.map_err(|e| {
+                    Error::from(e).context(format!("listing {}", self.cfg.from_shown))
+                })?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
+        let key = self.key()?.clone();
+        let s3 = self.source_store().await?;
+        let listed = self.list(s3.as_ref()).await?;
+        let files = listed.iter().filter(|l| l.kind == EntryKind::File).count();
+        let index = self.load_index(ctx.store.as_ref(), &ctx.source).await;
+        let previous = index.values().filter(|e| e.kind == EntryKind::File).count();
+        if let Some(max) = self.cfg.max_shrink_percent {
+            if files == 0 {
+                return Err(Error::failed(format!(
+                    "{} lists no objects: refusing to record an empty snapshot",
+                    self.cfg.from_shown
+                ))
+                .hint("if the source really is empty now, set allow_shrink = true for one run (RUNBOOK.md#objects-shrink-guard)"));
+            }
+            if previous > 0 && files * 100 < previous * (100 - max as usize) {
+                return Err(Error::failed(format!(
+                    "{} lists {files} objects, down from {previous} in the last snapshot (more than {max}% fewer): refusing to record it",
+                    self.cfg.from_shown
+                ))
+                .hint("if the deletions are intended, set allow_shrink = true for one run (RUNBOOK.md#objects-shrink-guard)"));
+            }
+        }
+        let stored: HashSet<String> = ctx
+            .store
+            .list("objects/")
+            .await
+            .map_err(|e| Error::from(e).context("listing stored blobs"))?
+            .into_iter()
+            .filter_map(|o| {
+                o.key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|n| n.strip_suffix(".age"))
+                    .map(str::to_string)
+            })
+            .collect();
+        let stored = Arc::new(Mutex::new(stored));
+        let uploaded = Arc::new(Mutex::new(0u64));
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(self.cfg.concurrency));
+        let mut tasks = Vec::new();
+        for l in listed.iter().filter(|l| l.kind == EntryKind::File).cloned() {
+            let reuse = index.get(&l.path).filter(|e| {
+                e.size == l.size
+                    && e.sha256.is_some()
+                    && (e.blob.is_some() || e.size == 0)
+                    && match (&l.etag, &e.etag) {
+                        (Some(a), Some(b)) => a == b,
+                        _ => l.mtime_ms.is_some() && e.mtime_ms == l.mtime_ms,
+                    }
+            });
+            let reuse = reuse.and_then(|e| match e.blob.clone() {
+                None => Some((e.sha256.clone(), None)),
+                Some(blob) => stored
+                    .lock()
+                    .ok()?
+                    .contains(&blob)
+                    .then(|| (e.sha256.clone(), Some(blob))),
+            });
+            let (semaphore, stored, uploaded, key, s3) = (
+                semaphore.clone(),
+                stored.clone(),
+                uploaded.clone(),
+                key.clone(),
+                s3.clone(),
+            );
+            let (ctx, this) = (ctx.clone(), self);
+            tasks.push(async move {
+                if let Some((sha256, blob)) = reuse {
+                    return Ok::<Entry, Error>(entry(&l, sha256, blob));
+                }
+                let _permit = semaphore
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let (sha, size) = hash(this.open(s3.as_ref(), &l.path).await?)
+                        .await
+                        .map_err(|e| Error::failed(format!("reading {}: {e}", l.path)))?;
+                    if size == 0 {
+                        let mut e = entry(&l, Some(sha), None);
+                        e.size = 0;
+                        return Ok(e);
+                    }
+                    let id = blob_id(&key, &sha);
+                    // Claim the blob before uploading it: a second object with the same
+                    // content, hashed at the same time, then finds it taken and stores nothing.
+                    let known = stored
+                        .lock()
+                        .map(|mut s| !s.insert(id.clone()))
+                        .unwrap_or(false);
+                    if !known {
+                        let input = this.open(s3.as_ref(), &l.path).await?;
+                        // zstd's worker threads pay off only on large inputs.
+                        let mut cfg = ctx.pipeline.clone();
+                        if size < (4 << 20) {
+                            cfg.workers = 0;
+                        }
+                        let (d, _) = pipeline::run(
+                            input,
+                            async { Ok(()) },
+                            NoObserver,
+                            ctx.store.clone(),
+                            blob_key(&id),
+                            &cfg,
+                            ctx.cancel.clone(),
+                        )
+                        .await
+                        .map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?;
+                        if d.sha256_plain != sha {
+                            // It changed between the two reads: the blob holds other content.
+                            let _ = ctx.store.delete(&blob_key(&id)).await;
+                            if let Ok(mut s) = stored.lock() {
+                                s.remove(&id);
+                            }
+                            if attempt < 3 {
+                                continue;
+                            }
+                            return Err(Error::failed(format!(
+                                "{} kept changing while it was read ({attempt} attempts)",
+                                l.path
+                            ))
+                            .hint("back it up when it is not being written, or exclude it"));
+                        }
+                        if let Ok(mut u) = uploaded.lock() {
+                            *u += 1;
+                        }
+                    }
+                    let mut e = entry(&l, Some(sha), Some(id));
+                    e.size = size;
+                    return Ok(e);
+                }
+            });
+        }
+        let mut entries: Vec<Entry> = futures::future::try_join_all(tasks).await?;
+        entries.extend(
+            listed
+                .iter()
+                .filter(|l| l.kind == EntryKind::Dir)
+                .map(|l| entry(l, None, None)),
+        );
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let plain = encode_snapshot(&entries)?;
+        let (digests, _) = pipeline::run(
+            std::io::Cursor::new(plain),
+            async { Ok(()) },
+            NoObserver,
+            ctx.store.clone(),
+            layout::backup_object(&ctx.source, &ctx.id, SNAPSHOT_OBJECT),
+            &ctx.pipeline,
+            ctx.cancel.clone(),
+        )
+        .await
+        .map_err(Error::from)?;
+        // The index is a cache of what this snapshot names: every blob in it is stored.
+        if let Err(e) = self
+            .store_index(ctx.store.as_ref(), &ctx.source, &entries)
+            .await
+        {
+            tracing::warn!(source = %ctx.source, error = %e.message, "Could not store the change index; the next run reads every object");
+        }
+        let blobs: HashSet<&str> = entries.iter().filter_map(|e| e.blob.as_deref()).collect();
+        let fingerprint = Fingerprint {
+            format: 1,
+            kind: "objects".into(),
+            from: self.cfg.from_shown.clone(),
+            files: entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64,
+            dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count() as u64,
+            bytes: entries.iter().map(|e| e.size).sum(),
+            blobs: blobs.len() as u64,
+            blobs_uploaded: uploaded.lock().map(|u| *u).unwrap_or(0),
+            tree_sha256: tree_sha256(&entries),
+        };
+        tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");
+        Ok(SourceBackup {
+            parts: vec![Part {
+                name: SNAPSHOT_OBJECT.to_string(),
+                role: "snapshot".to_string(),
+                format: "lifeboat-objects-jsonl".to_string(),
+                size_plain: digests.size_plain,
+                sha256_plain: digests.sha256_plain,
+                size_stored: digests.size_stored,
+                sha256_stored: digests.sha256_stored,
+            }],
+            fingerprint: serde_json::to_value(&fingerprint)
+                .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?,
+            source_version: None,
+            dump_tool_version: None,
+        })
+    }
+}
+
+fn entry(l: &Listed, sha256: Option<String>, blob: Option<String>) -> Entry {
+    Entry {
+        path: l.path.clone(),
+        kind: l.kind,
+        size: l.size,
+        mtime_ms: l.mtime_ms,
+        mode: l.mode,
+        etag: l.etag.clone(),
+        sha256,
+        blob,
+    }
+}
+
+/// Counts per blob id in a snapshot, for checks.
+pub fn blob_counts(entries: &[Entry]) -> BTreeMap<&str, u64> {
+    let mut m = BTreeMap::new();
+    for e in entries {
+        if let Some(b) = &e.blob {
+            *m.entry(b.as_str()).or_default() += 1;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_paths_never_leave_the_target() {
+        for bad in ["../x", "/etc/passwd", "a/../../b", "a//b", "", "./a"] {
+            let line = format!("{{\"path\":{bad:?},\"type\":\"file\",\"size\":1}}\n");
+            assert!(decode_snapshot(line.as_bytes()).is_err(), "{bad}");
+        }
+        let ok = decode_snapshot(b"{\"path\":\"a b/\xc3\xa9.txt\",\"type\":\"file\",\"size\":0}\n")
+            .unwrap();
+        assert_eq!(ok[0].path, "a b/é.txt");
+    }
+
+    #[test]
+    fn blob_ids_depend_on_the_key_and_the_content_only() {
+        let k1 = Secret::new("k".repeat(32));
+        let k2 = Secret::new("j".repeat(32));
+        let sha = "ab".repeat(32);
+        assert_eq!(blob_id(&k1, &sha), blob_id(&k1, &sha));
+        assert_ne!(blob_id(&k1, &sha), blob_id(&k2, &sha));
+        assert_ne!(blob_id(&k1, &sha), sha, "the id is not the content hash");
+        assert!(blob_key(&blob_id(&k1, &sha)).starts_with("objects/"));
+    }
+}
+
+/// Reads a snapshot from its spooled, checked object.
+pub async fn read_snapshot(
+    spooled: &crate::restore::Spooled,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Vec<Entry>> {
+    let mut plain = Vec::new();
+    spooled
+        .plaintext(identities)
+        .await?
+        .read_to_end(&mut plain)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Integrity, format!("{}: {e}", spooled.part.name)))?;
+    decode_snapshot(&plain)
+}
+
+/// Streams blob `id` decrypted into `out`, checking its SHA-256 against `sha256` at the end.
+/// Returns the bytes written. A missing blob or a different hash is an integrity error.
+pub async fn fetch_blob(
+    store: &dyn ObjectStore,
+    id: &str,
+    sha256: &str,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    out: &mut (dyn tokio::io::AsyncWrite + Send + Unpin),
+) -> Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    let key = blob_key(id);
+    let reader = store.open(&key).await.map_err(|e| match e {
+        store::StoreError::NotFound { .. } => Error::new(
+            ErrorKind::Integrity,
+            format!("blob {key} is missing"),
+        )
+        .hint("the snapshot names content the repository no longer holds; use another backup (RUNBOOK.md#integrity-failure)"),
+        other => Error::from(other).context(format!("reading {key}")),
+    })?;
+    let mut plain = pipeline::decrypt_stream(reader, identities)
+        .await
+        .map_err(|e| e.context(&key))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut n = 0u64;
+    loop {
+        let got = plain
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Integrity, format!("{key}: {e}")))?;
+        if got == 0 {
+            break;
+        }
+        h.update(&buf[..got]);
+        n += got as u64;
+        out.write_all(&buf[..got])
+            .await
+            .map_err(|e| Error::failed(format!("writing {key}'s content: {e}")))?;
+    }
+    out.flush()
+        .await
+        .map_err(|e| Error::failed(format!("writing {key}'s content: {e}")))?;
+    let got = hex::encode(h.finalize());
+    if got != sha256 {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("{key}: content SHA-256 {got}, the snapshot says {sha256}"),
+        )
+        .hint("the blob is damaged; use another backup and run the verifier (RUNBOOK.md#integrity-failure)"));
+    }
+    Ok(n)
+}
+
+/// What restoring a snapshot did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Restored {
+    /// Files written.
+    pub files: u64,
+    /// Directories created or kept.
+    pub dirs: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Writes `entries` under `target`: directories, then every file through a temp file beside it
+/// that is renamed into place only after its content hash matched; modes and mtimes restored.
+/// Never writes through a symbolic link.
+pub async fn restore_to_dir(
+    store: Arc<dyn ObjectStore>,
+    entries: &[Entry],
+    target: &Path,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    concurrency: usize,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<Restored> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut done = Restored::default();
+    tokio::fs::create_dir_all(target)
+        .await
+        .map_err(|e| Error::failed(format!("creating {}: {e}", target.display())))?;
+    for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        let p = inside(target, &e.path)?;
+        tokio::fs::create_dir_all(&p)
+            .await
+            .map_err(|err| Error::failed(format!("creating {}: {err}", p.display())))?;
+        done.dirs += 1;
+    }
+    let semaphore = tokio::sync::Semaphore::new(concurrency.max(1));
+    let files = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| {
+            let (store, semaphore) = (store.clone(), &semaphore);
+            async move {
+                let _permit = semaphore
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
+                let Some(sha) = &e.sha256 else {
+                    return Err(Error::new(
+                        ErrorKind::Integrity,
+                        format!("snapshot entry {} has no content hash", e.path),
+                    ));
+                };
+                if e.blob.is_none() && sha != EMPTY_SHA256 {
+                    return Err(Error::new(
+                        ErrorKind::Integrity,
+                        format!("snapshot entry {} names no blob", e.path),
+                    ));
+                }
+                let path = inside(target, &e.path)?;
+                let dir = path.parent().unwrap_or(target).to_path_buf();
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(|err| Error::failed(format!("creating {}: {err}", dir.display())))?;
+                let tmp = tempfile::Builder::new()
+                    .prefix(".lifeboat-restore-")
+                    .tempfile_in(&dir)
+                    .map_err(|err| Error::failed(format!("writing in {}: {err}", dir.display())))?;
+                let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(|err| {
+                    Error::failed(format!("writing in {}: {err}", dir.display()))
+                })?);
+                let n = match &e.blob {
+                    Some(blob) => {
+                        fetch_blob(store.as_ref(), blob, sha, identities, &mut out).await?
+                    }
+                    None => 0,
+                };
+                drop(out);
+                let file = tmp.persist(&path).map_err(|err| {
+                    Error::failed(format!("writing {}: {}", path.display(), err.error))
+                })?;
+                if let Some(ms) = e.mtime_ms {
+                    let t =
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+                    let _ = file.set_modified(t);
+                }
+                if let Some(mode) = e.mode {
+                    let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+                } else {
+                    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
+                }
+                progress(1);
+                Ok::<u64, Error>(n)
+            }
+        });
+    for n in futures::future::try_join_all(files).await? {
+        done.files += 1;
+        done.bytes += n;
+    }
+    // Directory modes last: a read-only directory would have refused its files.
+    for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        if let Some(mode) = e.mode {
+            let _ = std::fs::set_permissions(
+                inside(target, &e.path)?,
+                std::fs::Permissions::from_mode(mode),
+            );
+        }
+    }
+    Ok(done)
+}
+
+/// `target/path`, refusing any existing component that is a symbolic link.
+fn inside(target: &Path, path: &str) -> Result<PathBuf> {
+    let mut p = target.to_path_buf();
+    for c in path.split('/') {
+        p.push(c);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "{} is a symbolic link: refusing to write through it",
+                    p.display()
+                ),
+            ));
+        }
+    }
+    Ok(p)
+}

@@ -1,0 +1,110 @@
+//! Verifying an objects backup: the snapshot's integrity first, then every blob it names is
+//! downloaded, decrypted and re-hashed against the snapshot, and the tree's hash against the
+//! fingerprint taken at capture. Nothing is written anywhere but the report.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use lifeboat::repo::catalog::Entry;
+use lifeboat::repo::Repository;
+use lifeboat::restore;
+use lifeboat::source::objects::{self, EntryKind, Fingerprint};
+use lifeboat::{Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::checks::Check;
+use crate::report::Report;
+use crate::verify::{conclude, fail_and_store, new_report, Identities};
+
+/// Verifies `entry` of an objects source.
+pub async fn verify(
+    repo: &Repository,
+    entry: &Entry,
+    identities: &Identities,
+    cancel: &CancellationToken,
+) -> Result<Report> {
+    let m = &entry.manifest;
+    let (mut report, t0) = new_report(entry);
+    report.scratch = "none: blobs are re-hashed in memory".into();
+    let integrity = async {
+        let part = m
+            .parts
+            .iter()
+            .find(|p| p.role == "snapshot")
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Integrity,
+                    format!("backup {} has no snapshot part", m.id),
+                )
+            })?;
+        let spooled =
+            restore::spool(repo, m, part, &std::env::temp_dir(), &restore::NoProgress).await?;
+        let entries = objects::read_snapshot(&spooled, identities).await?;
+        let fingerprint: Fingerprint = serde_json::from_value(
+            restore::fingerprint(repo, m, identities).await?,
+        )
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("fingerprint of {}: {e}", m.id),
+            )
+        })?;
+        Ok::<_, Error>((entries, fingerprint))
+    };
+    let (entries, fp) = tokio::select! {
+        r = integrity => match r {
+            Ok(v) => v,
+            Err(e) => return Err(fail_and_store(repo, report, e).await),
+        },
+        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+    };
+    report.timings.download_seconds = t0.elapsed().as_secs_f64();
+    let files = entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64;
+    report.checks.push(Check::eq(
+        "files in the snapshot",
+        fp.files.to_string(),
+        files.to_string(),
+    ));
+    report.checks.push(Check::eq(
+        "tree SHA-256",
+        fp.tree_sha256.clone(),
+        objects::tree_sha256(&entries),
+    ));
+    // Each distinct blob once, with the content hash the snapshot expects of it.
+    let blobs: BTreeMap<&str, &str> = entries
+        .iter()
+        .filter_map(|e| Some((e.blob.as_deref()?, e.sha256.as_deref()?)))
+        .collect();
+    let t1 = Instant::now();
+    let mut failed = Vec::new();
+    for (id, sha) in &blobs {
+        if cancel.is_cancelled() {
+            return Err(Error::new(ErrorKind::Interrupted, "interrupted"));
+        }
+        let mut sink = tokio::io::sink();
+        if let Err(e) =
+            objects::fetch_blob(repo.store.as_ref(), id, sha, identities, &mut sink).await
+        {
+            if e.kind == ErrorKind::Credential {
+                return Err(fail_and_store(repo, report, e).await);
+            }
+            failed.push(e.message);
+        }
+    }
+    report.timings.restore_seconds = t1.elapsed().as_secs_f64();
+    let want = format!("{} of {} match", blobs.len(), blobs.len());
+    if !failed.is_empty() {
+        let found = format!("{} of {} match", blobs.len() - failed.len(), blobs.len());
+        report
+            .checks
+            .push(Check::failed("blobs re-hashed", want, found));
+        // Damaged stored content is an integrity failure (exit 13), as for any other object.
+        let e = Error::new(ErrorKind::Integrity, failed.join("\n  "))
+            .hint("restore from another backup; the damaged blobs are named above (RUNBOOK.md#integrity-failure)");
+        return Err(fail_and_store(repo, report, e).await);
+    }
+    report
+        .checks
+        .push(Check::eq("blobs re-hashed", want.clone(), want));
+    conclude(repo, report, t0).await
+}
