@@ -592,6 +592,7 @@ pub async fn restore_objects(
     repo: &Repository,
     manifest: &Manifest,
     target: &std::path::Path,
+    delete_extra: bool,
     spool_dir: &std::path::Path,
     identities: &[Box<dyn age::Identity + Send + Sync>],
     progress: std::sync::Arc<dyn Progress>,
@@ -628,6 +629,7 @@ pub async fn restore_objects(
         target,
         identities,
         8,
+        delete_extra,
         &move |n| p.advance(n),
     )
     .await

@@ -221,6 +221,22 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
         older.to_str().unwrap(),
     ]);
     assert_eq!(r.code, 14, "{}", r.stderr);
+    // --yes --delete-extra makes it exactly the newer snapshot: the extra file goes.
+    std::fs::write(older.join("not in any snapshot.txt"), "extra").unwrap();
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "files",
+        "--to",
+        older.to_str().unwrap(),
+        "--yes",
+        "--delete-extra",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("1 extra path(s) deleted"), "{}", r.stderr);
+    let mut want = tree(src.path());
+    want.remove("scratch.tmp");
+    assert_eq!(tree(&older), want);
     assert_eq!(fx.verify(&second).code, 0);
 
     // The shrink guard: an emptied source records nothing.
@@ -303,7 +319,7 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
             s3.endpoint
         ),
         &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"s3://{source_bucket}/uploads/\"\nendpoint = \"{}\"\n",
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"s3://{source_bucket}/uploads/\"\nendpoint = \"{}\"\n[sources.verify]\ncover_days = 2\n",
             s3.endpoint
         ),
         s3.env(),

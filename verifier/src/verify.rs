@@ -53,7 +53,14 @@ pub async fn verify(
             return crate::redis::verify(repo, c, entry, identities, cancel).await
         }
         SourceConfig::Objects(_) => {
-            return crate::objects::verify(repo, entry, identities, cancel).await
+            return crate::objects::verify(
+                repo,
+                source.verify.cover_days,
+                entry,
+                identities,
+                cancel,
+            )
+            .await
         }
     };
     let m = &entry.manifest;

@@ -381,6 +381,12 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
     if entry.manifest.kind == "objects" {
         return restore_objects(&a, &policy, &repo, &entry, cancel).await;
     }
+    if a.delete_extra {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "--delete-extra applies to objects restores into a directory",
+        ));
+    }
     if a.flush {
         return Err(Error::new(
             ErrorKind::Invalid,
@@ -711,13 +717,16 @@ async fn restore_objects(
         None => std::path::PathBuf::from(&a.to),
     };
     let existing = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-    let action = if existing == 0 {
-        format!("write the snapshot's files into {}", dir.display())
-    } else {
-        format!(
-            "{} holds {existing} entr(ies): files of the same path are replaced, others stay",
+    let action = match (existing, a.delete_extra) {
+        (0, _) => format!("write the snapshot's files into {}", dir.display()),
+        (_, false) => format!(
+            "{} holds {existing} entr(ies): files of the same path are replaced, others stay (--delete-extra removes them)",
             dir.display()
-        )
+        ),
+        (_, true) => format!(
+            "{} holds {existing} entr(ies): files of the same path are replaced, and everything the snapshot does not hold is DELETED",
+            dir.display()
+        ),
     };
     let verification = verification_state(entry);
     let plan = serde_json::json!({
@@ -767,7 +776,7 @@ async fn restore_objects(
     let started = std::time::Instant::now();
     let progress: std::sync::Arc<dyn r::Progress> = std::sync::Arc::new(CliProgress::new(a.json));
     let done = tokio::select! {
-        res = r::restore_objects(repo, m, &dir, &spool_dir, &identities, progress.clone()) => res?,
+        res = r::restore_objects(repo, m, &dir, a.delete_extra, &spool_dir, &identities, progress.clone()) => res?,
         _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted; the target may hold part of the files (each one whole)")),
     };
     let seconds = started.elapsed().as_secs_f64();
@@ -778,12 +787,17 @@ async fn restore_objects(
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         eprintln!(
-            "restored backup {} into {}: {} file(s), {} director(ies), {} in {seconds:.1} s",
+            "restored backup {} into {}: {} file(s), {} director(ies), {} in {seconds:.1} s{}",
             m.id,
             dir.display(),
             done.files,
             done.dirs,
-            human_bytes(done.bytes)
+            human_bytes(done.bytes),
+            if a.delete_extra {
+                format!("; {} extra path(s) deleted", done.deleted)
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())

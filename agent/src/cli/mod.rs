@@ -154,6 +154,9 @@ pub(crate) struct RestoreArgs {
     /// only the keys the backup holds.
     #[arg(long)]
     pub flush: bool,
+    /// Objects: also delete files in the target directory that the snapshot does not hold.
+    #[arg(long)]
+    pub delete_extra: bool,
     /// Parallel pg_restore jobs; above 1 the plaintext is spooled to --spool-dir.
     #[arg(long, default_value_t = 1)]
     pub jobs: u32,

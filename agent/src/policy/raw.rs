@@ -197,6 +197,9 @@ pub struct RawVerify {
     pub scratch_url: Option<String>,
     /// Directory of the PostgreSQL server binaries for the ephemeral cluster.
     pub postgres_bin_dir: Option<String>,
+    /// Objects: re-hash a rolling share of the blobs per verification such that every blob is
+    /// covered once over this many days; every blob each time when unset.
+    pub cover_days: Option<u32>,
 }
 
 /// One SQL assertion: the query returns one number, compared with `min`, `max` or `equals`.

@@ -205,6 +205,8 @@ pub struct VerifyPolicy {
     pub scratch_url: Option<Secret>,
     /// Server binaries for the ephemeral cluster.
     pub postgres_bin_dir: Option<PathBuf>,
+    /// Objects: every blob re-hashed once over this many days.
+    pub cover_days: Option<u32>,
 }
 
 /// One SQL assertion.
@@ -665,6 +667,12 @@ fn validate_postgres(
     p: &mut Problems,
 ) -> Option<SourcePolicy> {
     check_name(&format!("{path}.name"), &raw.name, p);
+    if raw.verify.as_ref().is_some_and(|v| v.cover_days.is_some()) {
+        p.add(
+            format!("{path}.verify.cover_days"),
+            "applies to objects sources; a PostgreSQL backup is always verified whole",
+        );
+    }
     let config = tokio_postgres::Config::from_str(&raw.url);
     let url_redacted = redact_url(&raw.url);
     match &config {
@@ -811,6 +819,12 @@ fn validate_redis(
                 "applies to postgres sources; use redis_bin_dir on this source",
             );
         }
+        if v.cover_days.is_some() {
+            p.add(
+                format!("{path}.verify.cover_days"),
+                "applies to objects sources; a Redis backup is always verified whole",
+            );
+        }
     }
     let common = common_settings(
         path,
@@ -928,6 +942,12 @@ fn validate_objects(
         p.add(format!("{path}.concurrency"), "must be 1–64");
     }
     if let Some(v) = &raw.verify {
+        if v.cover_days == Some(0) {
+            p.add(
+                format!("{path}.verify.cover_days"),
+                "must be at least 1; leave it out to re-hash every blob each time",
+            );
+        }
         if !v.checks.is_empty() || v.scratch_url.is_some() || v.postgres_bin_dir.is_some() {
             p.add(
                 format!("{path}.verify"),
@@ -1189,6 +1209,7 @@ fn validate_verify(path: &str, v: &RawVerify, p: &mut Problems) -> VerifyPolicy 
         checks,
         scratch_url: v.scratch_url.clone().map(Secret::new),
         postgres_bin_dir: v.postgres_bin_dir.clone().map(PathBuf::from),
+        cover_days: v.cover_days,
     }
 }
 

@@ -768,6 +768,8 @@ pub struct Restored {
     pub dirs: u64,
     /// Bytes written.
     pub bytes: u64,
+    /// Paths removed because the snapshot does not hold them (`--delete-extra`).
+    pub deleted: u64,
 }
 
 /// Writes `entries` under `target`: directories, then every file through a temp file beside it
@@ -779,6 +781,7 @@ pub async fn restore_to_dir(
     target: &Path,
     identities: &[Box<dyn age::Identity + Send + Sync>],
     concurrency: usize,
+    delete_extra: bool,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Restored> {
     use std::os::unix::fs::PermissionsExt;
@@ -856,6 +859,10 @@ pub async fn restore_to_dir(
         done.files += 1;
         done.bytes += n;
     }
+    if delete_extra {
+        let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        done.deleted = delete_extra_paths(target, target, &keep)?;
+    }
     // Directory modes last: a read-only directory would have refused its files.
     for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
         if let Some(mode) = e.mode {
@@ -866,6 +873,36 @@ pub async fn restore_to_dir(
         }
     }
     Ok(done)
+}
+
+/// Removes what is under `dir` but not in `keep` (paths relative to `root`); never follows a
+/// symbolic link (a link itself is removed if the snapshot does not hold its path).
+fn delete_extra_paths(root: &Path, dir: &Path, keep: &HashSet<&str>) -> Result<u64> {
+    let mut n = 0;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let p = entry.path();
+        let rel = p
+            .strip_prefix(root)
+            .map(|r| r.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if keep.contains(rel.as_str()) {
+            if is_dir {
+                n += delete_extra_paths(root, &p, keep)?;
+            }
+            continue;
+        }
+        let removed = if is_dir {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.map_err(|e| Error::failed(format!("removing {}: {e}", p.display())))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// `target/path`, refusing any existing component that is a symbolic link.
