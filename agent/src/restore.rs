@@ -237,6 +237,20 @@ impl Spooled {
     }
 }
 
+/// The part of `manifest` with `role` (`database`, `snapshot`…); missing is an integrity failure.
+pub fn part<'a>(manifest: &'a Manifest, role: &str) -> Result<&'a Part> {
+    manifest
+        .parts
+        .iter()
+        .find(|p| p.role == role)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("backup {} has no {role} part", manifest.id),
+            )
+        })
+}
+
 /// Reads and decrypts a backup's fingerprint, checking its stored SHA-256 first.
 pub async fn fingerprint(
     repo: &Repository,
@@ -530,16 +544,7 @@ pub async fn restore_redis(
     progress: std::sync::Arc<dyn Progress>,
 ) -> Result<RedisRestored> {
     use crate::source::redis_load;
-    let part = manifest
-        .parts
-        .iter()
-        .find(|p| p.role == "snapshot")
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("backup {} has no snapshot part", manifest.id),
-            )
-        })?;
+    let part = part(manifest, "snapshot")?;
     progress.phase(
         &format!("downloading and checking {}", part.name),
         Some(part.size_stored),
@@ -598,16 +603,7 @@ pub async fn restore_objects(
     progress: std::sync::Arc<dyn Progress>,
 ) -> Result<crate::source::objects::Restored> {
     use crate::source::objects;
-    let part = manifest
-        .parts
-        .iter()
-        .find(|p| p.role == "snapshot")
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("backup {} has no snapshot part", manifest.id),
-            )
-        })?;
+    let part = part(manifest, "snapshot")?;
     progress.phase(
         "downloading and checking the snapshot",
         Some(part.size_stored),

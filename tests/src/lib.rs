@@ -17,6 +17,14 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 pub use tokio_util::sync::CancellationToken;
 
+/// A current-thread runtime for a test's own async calls (S3 inspection and the like).
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -9,13 +9,6 @@ use std::time::{Duration, Instant};
 
 use lifeboat_tests::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn kill_9_at_any_point_never_leaves_a_partial_backup() {
     let points: u32 = std::env::var("CRASH_POINTS")
@@ -30,16 +23,7 @@ fn kill_9_at_any_point_never_leaves_a_partial_backup() {
          from generate_series(1, 200000) g;",
     );
     let s3 = s3();
-    let bucket = format!("crash-{}", suffix());
-    rt().block_on(async {
-        s3.client()
-            .await
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .expect("create bucket")
-    });
+    let bucket = rt().block_on(s3.create_bucket());
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
     let port = free_port();

@@ -23,13 +23,6 @@ struct Fx {
     outputs: Vec<String>,
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A database whose dump spans several 5 MiB parts, a role with the canary password, a bucket
 /// behind a fresh proxy, and a policy that uses all three.
 fn setup(prefix: &str) -> Fx {
@@ -45,16 +38,7 @@ fn setup(prefix: &str) -> Fx {
         ),
     );
     let s3 = s3();
-    let bucket = format!("faults-{}", suffix());
-    rt().block_on(async {
-        s3.client()
-            .await
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .expect("create bucket")
-    });
+    let bucket = rt().block_on(s3.create_bucket());
     let proxy = S3Proxy::start(&s3.endpoint);
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());

@@ -6,13 +6,6 @@ use std::process::Command;
 
 use lifeboat_tests::*;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn require_tool(name: &str) {
     let ok = Command::new("sh")
         .arg("-c")
@@ -452,7 +445,7 @@ fn a_failing_producer_publishes_nothing_and_keeps_earlier_backups() {
             "pg_dump failed (exit status 1): pg_dump: error: connection to server lost",
         ),
         ("exit 0", "produced no data"),
-        ("head -c 1000 /dev/urandom; kill -9 $$", "pg_dump failed (killed by a signal)"),
+        ("head -c 1000 /dev/urandom; kill -9 $$", "pg_dump failed (killed by signal 9"),
     ];
     for (body, want) in cases {
         let bin = fake_bin(dir.path(), "15.18", body);

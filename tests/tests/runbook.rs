@@ -68,20 +68,7 @@ fn every_runbook_command_works_as_written() {
     fill_redis(&redis, None);
     let target_redis = Redis::start(&[]);
     let s3 = s3();
-    let bucket = format!("runbook-{}", suffix());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        s3.client()
-            .await
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .expect("create bucket")
-    });
+    let bucket = rt().block_on(s3.create_bucket());
     let aws = tools_dir().join("aws");
     assert!(
         aws.exists(),

@@ -7,14 +7,13 @@ use std::time::Instant;
 
 use lifeboat::repo::catalog::Entry;
 use lifeboat::repo::Repository;
-use lifeboat::restore;
 use lifeboat::source::objects::{self, EntryKind, Fingerprint};
 use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::checks::Check;
 use crate::report::Report;
-use crate::verify::{conclude, fail_and_store, new_report, Identities};
+use crate::verify::{conclude, fail_and_store, new_report, spool_and_fingerprint, Identities};
 
 /// Verifies `entry` of an objects source.
 pub async fn verify(
@@ -24,40 +23,13 @@ pub async fn verify(
     identities: &Identities,
     cancel: &CancellationToken,
 ) -> Result<Report> {
-    let m = &entry.manifest;
     let (mut report, t0) = new_report(entry);
     report.scratch = "none: blobs are re-hashed in memory".into();
-    let integrity = async {
-        let part = m
-            .parts
-            .iter()
-            .find(|p| p.role == "snapshot")
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Integrity,
-                    format!("backup {} has no snapshot part", m.id),
-                )
-            })?;
-        let spooled =
-            restore::spool(repo, m, part, &std::env::temp_dir(), &restore::NoProgress).await?;
-        let entries = objects::read_snapshot(&spooled, identities).await?;
-        let fingerprint: Fingerprint = serde_json::from_value(
-            restore::fingerprint(repo, m, identities).await?,
-        )
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("fingerprint of {}: {e}", m.id),
-            )
-        })?;
-        Ok::<_, Error>((entries, fingerprint))
-    };
-    let (entries, fp) = tokio::select! {
-        r = integrity => match r {
-            Ok(v) => v,
-            Err(e) => return Err(fail_and_store(repo, report, e).await),
-        },
-        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+    let (mut report, spooled, fp): (_, _, Fingerprint) =
+        spool_and_fingerprint(repo, entry, "snapshot", identities, cancel, report).await?;
+    let entries = match objects::read_snapshot(&spooled, identities).await {
+        Ok(e) => e,
+        Err(e) => return Err(fail_and_store(repo, report, e).await),
     };
     report.timings.download_seconds = t0.elapsed().as_secs_f64();
     let files = entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64;

@@ -16,7 +16,6 @@ use std::time::Instant;
 use lifeboat::policy::RedisConfig;
 use lifeboat::repo::catalog::Entry;
 use lifeboat::repo::Repository;
-use lifeboat::restore;
 use lifeboat::source::redis::Fingerprint;
 use lifeboat::source::redis_load::{self, Scratch, Target};
 use lifeboat::{Error, ErrorKind, Result};
@@ -24,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checks::Check;
 use crate::report::Report;
-use crate::verify::{conclude, fail_and_store, new_report, Identities};
+use crate::verify::{conclude, new_report, spool_and_fingerprint, Identities};
 
 /// Verifies `entry` of a Redis source.
 pub async fn verify(
@@ -34,39 +33,9 @@ pub async fn verify(
     identities: &Identities,
     cancel: &CancellationToken,
 ) -> Result<Report> {
-    let m = &entry.manifest;
-    let (mut report, t0) = new_report(entry);
-    let integrity = async {
-        let part = m
-            .parts
-            .iter()
-            .find(|p| p.role == "snapshot")
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Integrity,
-                    format!("backup {} has no snapshot part", m.id),
-                )
-            })?;
-        let spooled =
-            restore::spool(repo, m, part, &std::env::temp_dir(), &restore::NoProgress).await?;
-        let fingerprint: Fingerprint = serde_json::from_value(
-            restore::fingerprint(repo, m, identities).await?,
-        )
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("fingerprint of {}: {e}", m.id),
-            )
-        })?;
-        Ok::<_, Error>((spooled, fingerprint))
-    };
-    let (spooled, fingerprint) = tokio::select! {
-        r = integrity => match r {
-            Ok(v) => v,
-            Err(e) => return Err(fail_and_store(repo, report, e).await),
-        },
-        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
-    };
+    let (report, t0) = new_report(entry);
+    let (mut report, spooled, fingerprint): (_, _, Fingerprint) =
+        spool_and_fingerprint(repo, entry, "snapshot", identities, cancel, report).await?;
     report.timings.download_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let started = async {

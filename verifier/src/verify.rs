@@ -143,6 +143,41 @@ pub async fn verify(
     conclude(repo, report, t0).await
 }
 
+/// Integrity first: downloads the part with `role` to a spool file (its SHA-256 checked) and reads
+/// the fingerprint. On failure the report is stored as failed and the error returned.
+pub(crate) async fn spool_and_fingerprint<F: serde::de::DeserializeOwned>(
+    repo: &Repository,
+    entry: &Entry,
+    role: &str,
+    identities: &Identities,
+    cancel: &CancellationToken,
+    report: Report,
+) -> Result<(Report, restore::Spooled, F)> {
+    let m = &entry.manifest;
+    let work = async {
+        let part = restore::part(m, role)?;
+        let spooled =
+            restore::spool(repo, m, part, &std::env::temp_dir(), &restore::NoProgress).await?;
+        let fingerprint: F = serde_json::from_value(
+            restore::fingerprint(repo, m, identities).await?,
+        )
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("fingerprint of {}: {e}", m.id),
+            )
+        })?;
+        Ok::<_, Error>((spooled, fingerprint))
+    };
+    tokio::select! {
+        r = work => match r {
+            Ok((spooled, fp)) => Ok((report, spooled, fp)),
+            Err(e) => Err(fail_and_store(repo, report, e).await),
+        },
+        _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+    }
+}
+
 /// A failing report for `entry`, to be filled in, and the clock it started.
 pub(crate) fn new_report(entry: &Entry) -> (Report, Instant) {
     let m = &entry.manifest;

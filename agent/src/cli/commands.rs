@@ -420,33 +420,18 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         "jobs": a.jobs,
         "action": action,
     });
-    if !a.json {
-        eprintln!("Restore plan");
-        eprintln!(
-            "  backup   {} of {} ({} ago, {}, {} stored)",
-            m.id,
-            m.source,
-            ago(m.started_at),
-            verification,
-            human_bytes(m.size_stored)
-        );
-        eprintln!("  target   {}", cfg.url_redacted);
-        eprintln!("  action   {action}");
-        if a.with_globals {
-            eprintln!(
-                "  roles    replayed from the backup's globals (no passwords: set them afterwards)"
-            );
-        }
-    }
-    if a.dry_run {
-        if a.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&plan).unwrap_or_default()
-            );
-        } else {
-            eprintln!("dry run: nothing was changed");
-        }
+    let roles = a
+        .with_globals
+        .then_some("replayed from the backup's globals (no passwords: set them afterwards)");
+    if show_plan(
+        &a,
+        m,
+        &verification,
+        &cfg.url_redacted,
+        &action,
+        roles,
+        &plan,
+    ) {
         return Ok(());
     }
     if state.has_data() && !a.yes {
@@ -486,6 +471,43 @@ async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         eprintln!("restored backup {} into {db} in {seconds:.1} s", m.id);
     }
     Ok(())
+}
+
+/// Prints a restore plan (human lines unless `json`); with --dry-run also the JSON plan, and
+/// returns true: the caller stops there.
+fn show_plan(
+    a: &RestoreArgs,
+    m: &lifeboat::repo::manifest::Manifest,
+    verification: &str,
+    target: &str,
+    action: &str,
+    roles: Option<&str>,
+    plan: &serde_json::Value,
+) -> bool {
+    if !a.json {
+        eprintln!("Restore plan");
+        eprintln!(
+            "  backup   {} of {} ({} ago, {}, {} stored)",
+            m.id,
+            m.source,
+            ago(m.started_at),
+            verification,
+            human_bytes(m.size_stored)
+        );
+        eprintln!("  target   {target}");
+        eprintln!("  action   {action}");
+        if let Some(r) = roles {
+            eprintln!("  roles    {r}");
+        }
+    }
+    if a.dry_run {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(plan).unwrap_or_default());
+        } else {
+            eprintln!("dry run: nothing was changed");
+        }
+    }
+    a.dry_run
 }
 
 fn verification_state(entry: &lifeboat::repo::catalog::Entry) -> String {
@@ -601,28 +623,7 @@ async fn restore_redis(
         "flush": a.flush,
         "action": action,
     });
-    if !a.json {
-        eprintln!("Restore plan");
-        eprintln!(
-            "  backup   {} of {} ({} ago, {}, {} stored)",
-            m.id,
-            m.source,
-            ago(m.started_at),
-            verification,
-            human_bytes(m.size_stored)
-        );
-        eprintln!("  target   {shown}");
-        eprintln!("  action   {action}");
-    }
-    if a.dry_run {
-        if a.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&plan).unwrap_or_default()
-            );
-        } else {
-            eprintln!("dry run: nothing was changed");
-        }
+    if show_plan(a, m, &verification, &shown, &action, None, &plan) {
         return Ok(());
     }
     if existing > 0 && !a.yes {
@@ -735,27 +736,8 @@ async fn restore_objects(
         "target": { "dir": dir, "holds_data": existing > 0 },
         "action": action,
     });
-    if !a.json {
-        eprintln!("Restore plan");
-        eprintln!(
-            "  backup   {} of {} ({} ago, {})",
-            m.id,
-            m.source,
-            ago(m.started_at),
-            verification
-        );
-        eprintln!("  target   {}", dir.display());
-        eprintln!("  action   {action}");
-    }
-    if a.dry_run {
-        if a.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&plan).unwrap_or_default()
-            );
-        } else {
-            eprintln!("dry run: nothing was changed");
-        }
+    let shown = dir.display().to_string();
+    if show_plan(a, m, &verification, &shown, &action, None, &plan) {
         return Ok(());
     }
     if existing > 0 && !a.yes {

@@ -547,11 +547,7 @@ fn validate_repository(raw: RawRepository, p: &mut Problems) -> Option<Repositor
                 );
             }
         }
-        let force_path_style = match raw.addressing.unwrap_or(Addressing::Auto) {
-            Addressing::Auto => raw.endpoint.is_some(),
-            Addressing::Path => true,
-            Addressing::Virtual => false,
-        };
+        let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
         Location::S3(S3Config {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
@@ -695,22 +691,7 @@ fn validate_postgres(
             }
         }
     }
-    let common = common_settings(
-        path,
-        CommonRaw {
-            schedule: raw.schedule.as_deref(),
-            timeout: raw.timeout.as_deref(),
-            compression: raw.compression.as_ref(),
-            retention: raw.retention.as_ref(),
-            objectives: raw.objectives.as_ref(),
-            verify: raw.verify.as_ref(),
-            jitter: raw.jitter.as_deref(),
-            retries: raw.retries,
-            run_on_start: raw.run_on_start,
-        },
-        defaults,
-        p,
-    );
+    let common = common_settings(path, common_raw!(raw), defaults, p);
     common.into_source(
         raw.name,
         SourceConfig::Postgres(PostgresConfig {
@@ -826,22 +807,7 @@ fn validate_redis(
             );
         }
     }
-    let common = common_settings(
-        path,
-        CommonRaw {
-            schedule: raw.schedule.as_deref(),
-            timeout: raw.timeout.as_deref(),
-            compression: raw.compression.as_ref(),
-            retention: raw.retention.as_ref(),
-            objectives: raw.objectives.as_ref(),
-            verify: raw.verify.as_ref(),
-            jitter: raw.jitter.as_deref(),
-            retries: raw.retries,
-            run_on_start: raw.run_on_start,
-        },
-        defaults,
-        p,
-    );
+    let common = common_settings(path, common_raw!(raw), defaults, p);
     common.into_source(
         raw.name,
         SourceConfig::Redis(RedisConfig {
@@ -895,11 +861,7 @@ fn validate_objects(
                 "names no bucket: write s3://BUCKET/PREFIX/",
             );
         }
-        let force_path_style = match raw.addressing.unwrap_or(Addressing::Auto) {
-            Addressing::Auto => raw.endpoint.is_some(),
-            Addressing::Path => true,
-            Addressing::Virtual => false,
-        };
+        let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
         ObjectsFrom::S3(S3Config {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
@@ -955,22 +917,7 @@ fn validate_objects(
             );
         }
     }
-    let common = common_settings(
-        path,
-        CommonRaw {
-            schedule: raw.schedule.as_deref(),
-            timeout: raw.timeout.as_deref(),
-            compression: raw.compression.as_ref(),
-            retention: raw.retention.as_ref(),
-            objectives: raw.objectives.as_ref(),
-            verify: raw.verify.as_ref(),
-            jitter: raw.jitter.as_deref(),
-            retries: raw.retries,
-            run_on_start: raw.run_on_start,
-        },
-        defaults,
-        p,
-    );
+    let common = common_settings(path, common_raw!(raw), defaults, p);
     common.into_source(
         raw.name,
         SourceConfig::Objects(ObjectsConfig {
@@ -983,6 +930,34 @@ fn validate_objects(
         }),
     )
 }
+
+/// Path-style addressing: `auto` means path-style with a custom endpoint, virtual-hosted on AWS.
+fn path_style(addressing: Option<Addressing>, custom_endpoint: bool) -> bool {
+    match addressing.unwrap_or(Addressing::Auto) {
+        Addressing::Auto => custom_endpoint,
+        Addressing::Path => true,
+        Addressing::Virtual => false,
+    }
+}
+
+/// The shared settings of any raw source struct (they all name them alike; serde's `flatten`
+/// would lose `deny_unknown_fields`, so each kind repeats the fields and this gathers them).
+macro_rules! common_raw {
+    ($raw:expr) => {
+        CommonRaw {
+            schedule: $raw.schedule.as_deref(),
+            timeout: $raw.timeout.as_deref(),
+            compression: $raw.compression.as_ref(),
+            retention: $raw.retention.as_ref(),
+            objectives: $raw.objectives.as_ref(),
+            verify: $raw.verify.as_ref(),
+            jitter: $raw.jitter.as_deref(),
+            retries: $raw.retries,
+            run_on_start: $raw.run_on_start,
+        }
+    };
+}
+use common_raw;
 
 /// The settings every kind of source shares, as written.
 struct CommonRaw<'a> {

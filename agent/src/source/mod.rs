@@ -60,6 +60,18 @@ pub trait Source: Send + Sync {
     async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup>;
 }
 
+/// Reads a password file (a mounted Secret), without its trailing newline.
+pub fn read_password_file(file: &std::path::Path) -> Result<Secret> {
+    let pw = std::fs::read_to_string(file).map_err(|e| {
+        crate::error::Error::new(
+            crate::error::ErrorKind::Credential,
+            format!("cannot read password_file {}: {e}", file.display()),
+        )
+        .hint("mount the secret at that path or fix password_file")
+    })?;
+    Ok(Secret::new(pw.trim_end_matches(['\n', '\r']).to_string()))
+}
+
 /// The registry: the code for a policy's source. `index_key` is `[encryption]`'s (objects).
 pub fn from_policy(policy: &SourcePolicy, index_key: Option<&Secret>) -> Box<dyn Source> {
     match &policy.config {

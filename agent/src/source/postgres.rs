@@ -127,14 +127,7 @@ impl Postgres {
             )
         })?;
         if let Some(file) = &self.cfg.password_file {
-            let pw = std::fs::read_to_string(file).map_err(|e| {
-                Error::new(
-                    ErrorKind::Credential,
-                    format!("cannot read password_file {}: {e}", file.display()),
-                )
-                .hint("mount the secret at that path or fix password_file")
-            })?;
-            config.password(pw.trim_end_matches(['\n', '\r']));
+            config.password(super::read_password_file(file)?.expose());
         }
         if let Some(db) = dbname {
             config.dbname(db);

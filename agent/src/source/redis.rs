@@ -249,21 +249,11 @@ impl Redis {
         if let Some(pw) = &self.cfg.endpoint.password {
             return Ok(Some(pw.clone()));
         }
-        match &self.cfg.password_file {
-            None => Ok(None),
-            Some(file) => {
-                let pw = std::fs::read_to_string(file).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Credential,
-                        format!("cannot read password_file {}: {e}", file.display()),
-                    )
-                    .hint("mount the secret at that path or fix password_file")
-                })?;
-                Ok(Some(Secret::new(
-                    pw.trim_end_matches(['\n', '\r']).to_string(),
-                )))
-            }
-        }
+        self.cfg
+            .password_file
+            .as_deref()
+            .map(super::read_password_file)
+            .transpose()
     }
 
     /// Connects, with TLS for `rediss://`, and authenticates.
