@@ -269,7 +269,7 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     ]);
     assert_eq!(r.code, 13, "{}", r.stderr);
     assert!(
-        walk(&damaged).iter().all(|p| !p
+        files_under(&damaged).iter().all(|p| !p
             .file_name()
             .unwrap()
             .to_string_lossy()
@@ -365,28 +365,13 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 fn walk_count(dir: &Path) -> usize {
-    walk(dir).len()
+    files_under(dir).len()
 }
 
 /// A stored blob bigger than `min` bytes.
 fn find_blob(dir: &Path, min: u64) -> PathBuf {
-    walk(dir)
+    files_under(dir)
         .into_iter()
         .find(|p| std::fs::metadata(p).unwrap().len() > min)
         .expect("a blob")

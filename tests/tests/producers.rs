@@ -185,7 +185,7 @@ fn full_disks_fail_cleanly_everywhere() {
     assert!(r.stderr.contains("disk is full"), "{}", r.stderr);
     assert!(r.stderr.contains("nothing was published"), "{}", r.stderr);
     assert_eq!(fx.manifests(), 1, "only the earlier backup");
-    let left: Vec<_> = walk(&fx.dir.path().join("repo"))
+    let left: Vec<_> = files_under(&fx.dir.path().join("repo"))
         .into_iter()
         .filter(|p| {
             p.file_name()
@@ -244,19 +244,4 @@ fn full_disks_fail_cleanly_everywhere() {
     assert!(scratch.is_empty(), "scratch left behind: {scratch:?}");
     // With room again, everything works.
     assert_eq!(fx.verify(&[]).code, 0);
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }

@@ -65,6 +65,21 @@ pub struct Digests {
     pub sha256_stored: String,
 }
 
+impl Digests {
+    /// The manifest entry for the object these digests describe.
+    pub fn part(&self, name: &str, role: &str, format: &str) -> crate::repo::manifest::Part {
+        crate::repo::manifest::Part {
+            name: name.to_string(),
+            role: role.to_string(),
+            format: format.to_string(),
+            size_plain: self.size_plain,
+            sha256_plain: self.sha256_plain.clone(),
+            size_stored: self.size_stored,
+            sha256_stored: self.sha256_stored.clone(),
+        }
+    }
+}
+
 /// Sees every plaintext chunk as it passes (e.g. to fingerprint a dump without a second read).
 pub trait Observer: Send + 'static {
     /// Called with each chunk, in order.

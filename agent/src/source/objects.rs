@@ -31,7 +31,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, NoObserver};
 use crate::policy::{ObjectsConfig, ObjectsFrom, Secret};
 use crate::repo::layout;
-use crate::repo::manifest::Part;
 use crate::store::{self, ObjectStore};
 
 /// Object name of the snapshot listing.
@@ -623,15 +622,7 @@ impl Source for Objects {
         };
         tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");
         Ok(SourceBackup {
-            parts: vec![Part {
-                name: SNAPSHOT_OBJECT.to_string(),
-                role: "snapshot".to_string(),
-                format: "lifeboat-objects-jsonl".to_string(),
-                size_plain: digests.size_plain,
-                sha256_plain: digests.sha256_plain,
-                size_stored: digests.size_stored,
-                sha256_stored: digests.sha256_stored,
-            }],
+            parts: vec![digests.part(SNAPSHOT_OBJECT, "snapshot", "lifeboat-objects-jsonl")],
             fingerprint: serde_json::to_value(&fingerprint)
                 .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?,
             source_version: None,

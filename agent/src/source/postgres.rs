@@ -30,7 +30,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, NoObserver};
 use crate::policy::{FingerprintMode, PostgresConfig, Secret};
 use crate::repo::layout;
-use crate::repo::manifest::Part;
 
 /// Object name of the database dump.
 pub const DUMP_OBJECT: &str = "database.dump.zst.age";
@@ -633,18 +632,6 @@ fn tool_major(version: &str) -> Option<u32> {
         .ok()
 }
 
-fn part(name: &str, role: &str, format: &str, d: &pipeline::Digests) -> Part {
-    Part {
-        name: name.to_string(),
-        role: role.to_string(),
-        format: format.to_string(),
-        size_plain: d.size_plain,
-        sha256_plain: d.sha256_plain.clone(),
-        size_stored: d.size_stored,
-        sha256_stored: d.sha256_stored.clone(),
-    }
-}
-
 #[async_trait]
 impl Source for Postgres {
     async fn probe(&self) -> Result<()> {
@@ -706,7 +693,7 @@ impl Source for Postgres {
             .batch_execute("COMMIT")
             .await
             .map_err(|e| self.query_error("closing the snapshot transaction", e))?;
-        let mut parts = vec![part(DUMP_OBJECT, "database", "pg_dump-custom", &digests)];
+        let mut parts = vec![digests.part(DUMP_OBJECT, "database", "pg_dump-custom")];
 
         if let Some(pg_dumpall) = pg_dumpall {
             let mut args: Vec<OsString> =
@@ -732,7 +719,7 @@ impl Source for Postgres {
                     .context("pg_dumpall")
                     .hint("the role needs to read pg_roles; or set globals = false for this source")
             })?;
-            parts.push(part(GLOBALS_OBJECT, "globals", "sql", &d));
+            parts.push(d.part(GLOBALS_OBJECT, "globals", "sql"));
         }
 
         let summary = fingerprinter.finish();

@@ -30,7 +30,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, Observer};
 use crate::policy::{RedisCapture, RedisConfig, Secret};
 use crate::repo::layout;
-use crate::repo::manifest::Part;
 
 /// Object name of the snapshot.
 pub const RDB_OBJECT: &str = "dump.rdb.zst.age";
@@ -618,18 +617,6 @@ pub struct Fingerprint {
     pub rdb: RdbSummary,
 }
 
-fn part(d: &pipeline::Digests) -> Part {
-    Part {
-        name: RDB_OBJECT.to_string(),
-        role: "snapshot".to_string(),
-        format: "rdb".to_string(),
-        size_plain: d.size_plain,
-        sha256_plain: d.sha256_plain.clone(),
-        size_stored: d.size_stored,
-        sha256_stored: d.sha256_stored.clone(),
-    }
-}
-
 #[async_trait]
 impl Source for Redis {
     async fn probe(&self) -> Result<()> {
@@ -732,7 +719,7 @@ impl Source for Redis {
         })
         .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?;
         Ok(SourceBackup {
-            parts: vec![part(&digests)],
+            parts: vec![digests.part(RDB_OBJECT, "snapshot", "rdb")],
             fingerprint,
             source_version: server_version.map(|v| format!("Redis {v}")),
             dump_tool_version: None,

@@ -417,12 +417,21 @@ pub async fn move_keys(
                 let mut write = redis::pipe();
                 let mut n = 0u64;
                 for (k, pair) in keys.iter().zip(values.chunks(2)) {
-                    let (redis::Value::BulkString(payload), redis::Value::Int(ttl)) =
-                        (&pair[0], &pair[1])
-                    else {
-                        // Gone or expired since SCAN listed it.
-                        moved.expired += 1;
-                        continue;
+                    let (payload, ttl) = match (&pair[0], &pair[1]) {
+                        (redis::Value::BulkString(p), redis::Value::Int(t)) => (p, t),
+                        // Expired since SCAN listed it: DUMP answers nil.
+                        (redis::Value::Nil, _) => {
+                            moved.expired += 1;
+                            continue;
+                        }
+                        // Anything else is an answer nobody expected: never skip a key silently.
+                        (dump, ttl) => {
+                            return Err(Error::failed(format!(
+                                "{}: DUMP/PTTL of {:?} answered {dump:?} / {ttl:?}",
+                                from.shown,
+                                String::from_utf8_lossy(k)
+                            )))
+                        }
                     };
                     if *ttl == -2 || *ttl == 0 {
                         moved.expired += 1;
