@@ -590,13 +590,21 @@ pub async fn restore_redis(
     }
 }
 
-/// Restores an objects snapshot into the directory `target`: the snapshot is spooled and checked
-/// first, then every file is written through a temp file and renamed into place once its content
-/// hash matched (exit 13 on the first that does not; files already in place are whole).
+/// Where an objects restore writes.
+pub enum ObjectsTarget {
+    /// A directory.
+    Dir(std::path::PathBuf),
+    /// A bucket and prefix, as a store; the string is how to show it.
+    Store(std::sync::Arc<dyn crate::store::ObjectStore>, String),
+}
+
+/// Restores an objects snapshot into `target`: the snapshot is spooled and checked first, then
+/// every file is written (through a temp file renamed into place, or an upload completed) only
+/// once its content hash matched (exit 13 on the first that does not; what is in place is whole).
 pub async fn restore_objects(
     repo: &Repository,
     manifest: &Manifest,
-    target: &std::path::Path,
+    target: &ObjectsTarget,
     delete_extra: bool,
     spool_dir: &std::path::Path,
     identities: &[Box<dyn age::Identity + Send + Sync>],
@@ -614,19 +622,40 @@ pub async fn restore_objects(
         .iter()
         .filter(|e| e.kind == objects::EntryKind::File)
         .count();
+    let shown = match target {
+        ObjectsTarget::Dir(d) => d.display().to_string(),
+        ObjectsTarget::Store(_, s) => s.clone(),
+    };
     progress.phase(
-        &format!("restoring {files} file(s) into {}", target.display()),
+        &format!("restoring {files} file(s) into {shown}"),
         Some(files as u64),
     );
     let p = progress.clone();
-    objects::restore_to_dir(
-        repo.store.clone(),
-        &entries,
-        target,
-        identities,
-        8,
-        delete_extra,
-        &move |n| p.advance(n),
-    )
-    .await
+    let advance = move |n| p.advance(n);
+    match target {
+        ObjectsTarget::Dir(dir) => {
+            objects::restore_to_dir(
+                repo.store.clone(),
+                &entries,
+                dir,
+                identities,
+                8,
+                delete_extra,
+                &advance,
+            )
+            .await
+        }
+        ObjectsTarget::Store(store, _) => {
+            objects::restore_to_store(
+                repo.store.clone(),
+                &entries,
+                store.clone(),
+                identities,
+                8,
+                delete_extra,
+                &advance,
+            )
+            .await
+        }
+    }
 }

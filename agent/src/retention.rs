@@ -329,6 +329,8 @@ pub struct PruneReport {
     pub swept_incomplete: Vec<String>,
     /// Stale unfinished uploads aborted.
     pub aborted_uploads: Vec<String>,
+    /// Blob collection, after pruning an objects source.
+    pub blobs: Option<crate::blobs::Collection>,
 }
 
 /// Interrupted runs and unfinished uploads younger than this are left alone: they may belong to
@@ -412,8 +414,28 @@ pub async fn prune(
         deleted_objects: Vec::new(),
         swept_incomplete: stale_incomplete.clone(),
         aborted_uploads: Vec::new(),
+        blobs: None,
     };
+    let objects = matches!(source.config, crate::policy::SourceConfig::Objects(_));
     if dry_run {
+        if objects {
+            let ignoring = report
+                .decisions
+                .iter()
+                .filter(|d| !d.keep)
+                .map(|d| (name.clone(), d.id.clone()))
+                .collect();
+            report.blobs = Some(
+                crate::blobs::collect(
+                    repo,
+                    policy.encryption.index_key.as_ref(),
+                    now,
+                    true,
+                    &ignoring,
+                )
+                .await?,
+            );
+        }
         return Ok(report);
     }
     let mut lease = repo
@@ -467,5 +489,18 @@ pub async fn prune(
     let released = lease.release().await;
     result?;
     released?;
+    // Blobs last: only once the pruned snapshots are gone can their blobs be unreferenced.
+    if objects {
+        report.blobs = Some(
+            crate::blobs::collect(
+                repo,
+                policy.encryption.index_key.as_ref(),
+                now,
+                false,
+                &Default::default(),
+            )
+            .await?,
+        );
+    }
     Ok(report)
 }

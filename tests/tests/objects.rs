@@ -363,6 +363,239 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
     );
     let v = fx.verify(&first);
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+
+    // Straight into a bucket: every object back, the large one through a multipart upload.
+    let out_bucket = format!("out-{}", suffix());
+    rt.block_on(async {
+        let c = s3.client().await;
+        c.create_bucket().bucket(&out_bucket).send().await.unwrap();
+        c.put_object()
+            .bucket(&out_bucket)
+            .key("back/extra.txt")
+            .body(b"not in the snapshot".to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    });
+    let to = format!("s3://{out_bucket}/back/");
+    let r = fx.run(&[
+        "restore", "--source", "files", "--backup", &first, "--to", &to,
+    ]);
+    assert_eq!(
+        r.code, 14,
+        "a prefix holding objects needs --yes: {}",
+        r.stderr
+    );
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "files",
+        "--backup",
+        &first,
+        "--to",
+        &to,
+        "--yes",
+        "--delete-extra",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    rt.block_on(async {
+        let c = s3.client().await;
+        let keys = s3.keys(&out_bucket, "back/").await;
+        assert_eq!(keys.len(), 4, "{keys:?}");
+        for (k, v) in objects.iter().filter(|(k, _)| k.starts_with("uploads/")) {
+            let key = format!("back/{}", k.strip_prefix("uploads/").unwrap());
+            let got = c
+                .get_object()
+                .bucket(&out_bucket)
+                .key(&key)
+                .send()
+                .await
+                .unwrap()
+                .body
+                .collect()
+                .await
+                .unwrap()
+                .into_bytes();
+            assert_eq!(&got[..], &v[..], "{key}");
+        }
+    });
+
+    // A damaged blob: the object it would become never appears, and no upload is left open.
+    let large = rt.block_on(async {
+        let c = s3.client().await;
+        let mut largest = (String::new(), 0i64);
+        for o in c
+            .list_objects_v2()
+            .bucket(&repo_bucket)
+            .prefix("lb/objects/")
+            .send()
+            .await
+            .unwrap()
+            .contents()
+        {
+            if o.size().unwrap_or(0) > largest.1 {
+                largest = (o.key().unwrap().to_string(), o.size().unwrap());
+            }
+        }
+        let mut b = c
+            .get_object()
+            .bucket(&repo_bucket)
+            .key(&largest.0)
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .to_vec();
+        let i = b.len() / 2;
+        b[i] ^= 1;
+        c.put_object()
+            .bucket(&repo_bucket)
+            .key(&largest.0)
+            .body(b.into())
+            .send()
+            .await
+            .unwrap();
+        largest.0
+    });
+    assert!(!large.is_empty());
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "files",
+        "--backup",
+        &first,
+        "--to",
+        &format!("s3://{out_bucket}/damaged/"),
+    ]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    rt.block_on(async {
+        assert!(!s3
+            .keys(&out_bucket, "damaged/")
+            .await
+            .contains(&"damaged/large.bin".to_string()));
+        let open = s3
+            .client()
+            .await
+            .list_multipart_uploads()
+            .bucket(&out_bucket)
+            .send()
+            .await
+            .unwrap();
+        assert!(open.uploads().is_empty(), "{:?}", open.uploads());
+    });
+}
+
+#[test]
+fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_stored_again() {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("a.txt"), "one\n").unwrap();
+    std::fs::write(src.path().join("b.txt"), "two\n").unwrap();
+    // Larger than what a run keeps in memory: read twice, checked on the second read.
+    std::fs::write(src.path().join("c.bin"), pseudo_random(3 << 20, 5)).unwrap();
+    let fx = setup(
+        "url = \"file://./repo\"",
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 1 }}\n",
+            src.path().display()
+        ),
+        Vec::new(),
+    );
+    let blobs_dir = fx.dir.path().join("repo/objects");
+    let first = fx.backup();
+    assert_eq!(fx.fingerprint(&first)["blobs_uploaded"], 3);
+    std::fs::write(src.path().join("b.txt"), "two, changed\n").unwrap();
+    let second = fx.backup();
+    assert_eq!(walk_count(&blobs_dir), 4);
+
+    // The first backup goes; its old blob is unreferenced but younger than a day: kept.
+    let r = fx.run(&["prune"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("delete {first}")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("4 stored, 3 named by snapshots; deleted 0")
+            && r.stderr
+                .contains("1 unreferenced but younger than a day kept"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fx.ids(), vec![second.clone()]);
+
+    // A day later it goes; the dry run says so first and deletes nothing.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+    for p in files_under(&blobs_dir) {
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let r = fx.run(&["prune", "--dry-run"]);
+    assert!(r.stderr.contains("would delete 1"), "{}", r.stderr);
+    assert_eq!(walk_count(&blobs_dir), 4);
+    let r = fx.run(&["prune"]);
+    assert!(r.stderr.contains("deleted 1 "), "{}", r.stderr);
+    assert_eq!(walk_count(&blobs_dir), 3);
+    let r = fx.run(&["check", "--read-data"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = fx.dir.path().join("restored");
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "files",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(tree(&out), tree(src.path()));
+
+    // The old content comes back: its blob is gone, so this run stores it again.
+    std::fs::write(src.path().join("b.txt"), "two\n").unwrap();
+    let third = fx.backup();
+    assert_eq!(fx.fingerprint(&third)["blobs_uploaded"], 1);
+    let out = fx.dir.path().join("third");
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "files",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(out.join("b.txt")).unwrap(), "two\n");
+
+    // A change index whose backup never got a manifest is not trusted: everything is read
+    // and stored again.
+    std::fs::remove_file(
+        fx.dir
+            .path()
+            .join(format!("repo/backups/files/{third}/manifest.json")),
+    )
+    .unwrap();
+    let fourth = fx.backup();
+    assert_eq!(fx.fingerprint(&fourth)["blobs_uploaded"], 3);
+
+    // A blob list that cannot be read stops collection, whatever else holds.
+    std::fs::remove_file(
+        fx.dir
+            .path()
+            .join(format!("repo/backups/files/{fourth}/blobs.txt.age")),
+    )
+    .unwrap();
+    let r = fx.run(&["prune"]);
+    assert!(
+        r.stderr.contains("none collected") && r.stderr.contains("blobs.txt.age is missing"),
+        "{}",
+        r.stderr
+    );
 }
 
 fn walk_count(dir: &Path) -> usize {

@@ -706,46 +706,74 @@ async fn restore_objects(
             "--jobs, --with-globals, --no-owner and --flush do not apply to objects restores",
         ));
     }
-    let dir = match a.to.strip_prefix("dir://") {
-        Some(d) => std::path::PathBuf::from(d),
-        None if a.to.contains("://") => {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!("--to {}: objects restore into a directory (dir:///path or a path); restoring into a bucket is not supported yet", a.to),
+    let (target, shown, existing) = match a.to.strip_prefix("s3://") {
+        Some(rest) => {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!("--to {}: names no bucket; write s3://BUCKET/PREFIX/", a.to),
+                ));
+            }
+            let cfg = restore_s3_config(policy, &m.source, bucket, prefix);
+            let store: std::sync::Arc<dyn lifeboat::store::ObjectStore> =
+                std::sync::Arc::new(lifeboat::store::s3::S3Store::new(&cfg).await?);
+            let existing = store
+                .list("")
+                .await
+                .map_err(|e| Error::from(e).context(format!("listing {}", a.to)))?
+                .len();
+            let shown = a.to.clone();
+            (
+                r::ObjectsTarget::Store(store, shown.clone()),
+                shown,
+                existing,
             )
-            .hint("restore into a directory, then `aws s3 sync DIR s3://bucket/prefix/`"))
         }
-        None => std::path::PathBuf::from(&a.to),
+        None => {
+            let dir = match a.to.strip_prefix("dir://") {
+                Some(d) => std::path::PathBuf::from(d),
+                None if a.to.contains("://") => {
+                    return Err(Error::new(
+                        ErrorKind::Invalid,
+                        format!(
+                            "--to {}: objects restore into a directory (dir:///path or a path) or a bucket (s3://bucket/prefix/)",
+                            a.to
+                        ),
+                    ))
+                }
+                None => std::path::PathBuf::from(&a.to),
+            };
+            let existing = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            let shown = dir.display().to_string();
+            (r::ObjectsTarget::Dir(dir), shown, existing)
+        }
     };
-    let existing = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
     let action = match (existing, a.delete_extra) {
-        (0, _) => format!("write the snapshot's files into {}", dir.display()),
+        (0, _) => format!("write the snapshot's files into {shown}"),
         (_, false) => format!(
-            "{} holds {existing} entr(ies): files of the same path are replaced, others stay (--delete-extra removes them)",
-            dir.display()
+            "{shown} holds {existing} entr(ies): files of the same path are replaced, others stay (--delete-extra removes them)"
         ),
         (_, true) => format!(
-            "{} holds {existing} entr(ies): files of the same path are replaced, and everything the snapshot does not hold is DELETED",
-            dir.display()
+            "{shown} holds {existing} entr(ies): files of the same path are replaced, and everything the snapshot does not hold is DELETED"
         ),
     };
     let verification = verification_state(entry);
     let plan = serde_json::json!({
         "backup": { "id": m.id, "source": m.source, "started_at": m.started_at,
                     "size_stored": m.size_stored, "verification": verification },
-        "target": { "dir": dir, "holds_data": existing > 0 },
+        "target": { "to": shown, "holds_data": existing > 0 },
         "action": action,
     });
-    let shown = dir.display().to_string();
     if show_plan(a, m, &verification, &shown, &action, None, &plan) {
         return Ok(());
     }
     if existing > 0 && !a.yes {
         let refusal = Error::new(
             ErrorKind::Refused,
-            format!("{} is not empty; refusing to restore into it (nothing was changed)", dir.display()),
+            format!("{shown} is not empty; refusing to restore into it (nothing was changed)"),
         )
-        .hint("restore into a new directory, or pass --yes to replace same-named files (RUNBOOK.md#restore-objects)");
+        .hint("restore into a new directory or prefix, or pass --yes to replace same-named files (RUNBOOK.md#restore-objects)");
         confirm(
             a.json,
             "Type yes to restore into it anyway: ",
@@ -758,7 +786,7 @@ async fn restore_objects(
     let started = std::time::Instant::now();
     let progress: std::sync::Arc<dyn r::Progress> = std::sync::Arc::new(CliProgress::new(a.json));
     let done = tokio::select! {
-        res = r::restore_objects(repo, m, &dir, a.delete_extra, &spool_dir, &identities, progress.clone()) => res?,
+        res = r::restore_objects(repo, m, &target, a.delete_extra, &spool_dir, &identities, progress.clone()) => res?,
         _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted; the target may hold part of the files (each one whole)")),
     };
     let seconds = started.elapsed().as_secs_f64();
@@ -771,7 +799,7 @@ async fn restore_objects(
         eprintln!(
             "restored backup {} into {}: {} file(s), {} director(ies), {} in {seconds:.1} s{}",
             m.id,
-            dir.display(),
+            shown,
             done.files,
             done.dirs,
             human_bytes(done.bytes),
@@ -783,6 +811,48 @@ async fn restore_objects(
         );
     }
     Ok(())
+}
+
+/// The S3 settings for restoring into `bucket`/`prefix`: the source's own endpoint, region and
+/// addressing when it is an S3 source, else the repository's when that is S3; credentials come
+/// from the environment as for both.
+fn restore_s3_config(
+    policy: &Policy,
+    source: &str,
+    bucket: &str,
+    prefix: &str,
+) -> lifeboat::policy::S3Config {
+    use lifeboat::policy::{Location, ObjectsFrom, SourceConfig};
+    let from_source = policy
+        .sources
+        .iter()
+        .find(|s| s.name == source)
+        .and_then(|s| match &s.config {
+            SourceConfig::Objects(o) => match &o.from {
+                ObjectsFrom::S3(c) => Some(c.clone()),
+                ObjectsFrom::Dir(_) => None,
+            },
+            _ => None,
+        });
+    let base = from_source.or_else(|| match &policy.repository.location {
+        Location::S3(c) => Some(c.clone()),
+        _ => None,
+    });
+    let mut cfg = base.unwrap_or_else(|| lifeboat::policy::S3Config {
+        bucket: String::new(),
+        prefix: String::new(),
+        endpoint: None,
+        region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        force_path_style: false,
+        checksums: lifeboat::policy::ChecksumMode::WhenRequired,
+        storage_class: None,
+        object_lock: None,
+    });
+    cfg.bucket = bucket.to_string();
+    cfg.prefix = prefix.trim_matches('/').to_string();
+    cfg.storage_class = None;
+    cfg.object_lock = None;
+    cfg
 }
 
 fn identity_file(a: &RestoreArgs, policy: &Policy) -> Result<std::path::PathBuf> {
@@ -840,6 +910,9 @@ async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool) -> 
                     for k in &r.aborted_uploads {
                         eprintln!("  aborted unfinished upload {k}");
                     }
+                    if let Some(b) = &r.blobs {
+                        print_collection(b, dry_run);
+                    }
                 }
                 reports.push(r);
             }
@@ -865,6 +938,32 @@ async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool) -> 
             },
             format!("{n} source(s) not pruned"),
         )),
+    }
+}
+
+fn print_collection(b: &lifeboat::blobs::Collection, dry_run: bool) {
+    if let Some(why) = &b.skipped {
+        eprintln!("  blobs: none collected: {why}");
+        return;
+    }
+    eprintln!(
+        "  blobs: {} stored, {} named by snapshots; {} {} ({}){}",
+        b.stored,
+        b.referenced,
+        if dry_run { "would delete" } else { "deleted" },
+        b.deleted,
+        indicatif::HumanBytes(b.deleted_bytes),
+        if b.young > 0 {
+            format!(", {} unreferenced but younger than a day kept", b.young)
+        } else {
+            String::new()
+        }
+    );
+    if b.missing > 0 {
+        eprintln!(
+            "  warning: {} blob(s) named by snapshots are not stored; run `lifeboat check --read-data`",
+            b.missing
+        );
     }
 }
 

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -35,6 +36,13 @@ use crate::store::{self, ObjectStore};
 
 /// Object name of the snapshot listing.
 pub const SNAPSHOT_OBJECT: &str = "snapshot.jsonl.zst.age";
+
+/// Object name of a snapshot's blob list: every blob id it names, one per line, sorted, sealed
+/// with the index key so that the agent (which holds no identity) can collect unused blobs.
+pub const BLOB_LIST_OBJECT: &str = "blobs.txt.age";
+
+/// The manifest role of the blob list.
+pub const BLOB_LIST_ROLE: &str = "blob-list";
 
 /// What a snapshot records of one path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,7 +294,9 @@ impl Objects {
         format!("state/{source}/index.age")
     }
 
-    /// The change index from the previous run, or an empty one.
+    /// The change index from the previous run, or an empty one. It is trusted only while the
+    /// backup it describes is published: a run whose manifest never appeared (or a backup since
+    /// pruned) may name blobs that blob collection has removed.
     async fn load_index(&self, repo: &dyn ObjectStore, source: &str) -> HashMap<String, Entry> {
         let Ok(key) = self.key() else {
             return HashMap::new();
@@ -294,21 +304,39 @@ impl Objects {
         let Ok(bytes) = repo.get(&Self::index_object(source)).await else {
             return HashMap::new();
         };
-        let mut id = age::scrypt::Identity::new(key.expose().to_string().into());
-        id.set_max_work_factor(INDEX_WORK_FACTOR + 2);
-        let plain = age::Decryptor::new(&bytes[..])
+        let Some(plain) = unseal(key, &bytes) else {
+            tracing::debug!(source, "No readable change index: every object is read");
+            return HashMap::new();
+        };
+        let (header, rest) = match plain.iter().position(|b| *b == b'\n') {
+            Some(n) => (&plain[..n], &plain[n + 1..]),
+            None => (&plain[..], &[][..]),
+        };
+        let backup = serde_json::from_slice::<serde_json::Value>(header)
             .ok()
-            .and_then(|d| d.decrypt(std::iter::once(&id as &dyn age::Identity)).ok())
-            .and_then(|mut r| {
-                let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut r, &mut v).ok().map(|_| v)
-            });
-        match plain.and_then(|p| decode_snapshot(&p).ok()) {
-            Some(entries) => entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
-            None => {
-                tracing::debug!(source, "No readable change index: every object is read");
-                HashMap::new()
-            }
+            .filter(|h| h["index"] == INDEX_FORMAT)
+            .and_then(|h| h["backup"].as_str().map(str::to_string));
+        let Some(backup) = backup else {
+            tracing::debug!(
+                source,
+                "Change index of an older format: every object is read"
+            );
+            return HashMap::new();
+        };
+        if !matches!(
+            repo.size(&layout::manifest(source, &backup)).await,
+            Ok(Some(_))
+        ) {
+            tracing::info!(
+                source,
+                backup,
+                "The change index describes a backup that is not published: every object is read"
+            );
+            return HashMap::new();
+        }
+        match decode_snapshot(rest) {
+            Ok(entries) => entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
+            Err(_) => HashMap::new(),
         }
     }
 
@@ -316,25 +344,65 @@ impl Objects {
         &self,
         repo: &dyn ObjectStore,
         source: &str,
+        backup: &str,
         entries: &[Entry],
     ) -> Result<()> {
-        let key = self.key()?;
-        let plain = encode_snapshot(entries)?;
-        let mut r = age::scrypt::Recipient::new(key.expose().to_string().into());
-        r.set_work_factor(INDEX_WORK_FACTOR);
-        let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
-            .map_err(|e| Error::failed(format!("encrypting the index: {e}")))?;
-        let mut out = Vec::new();
-        let mut w = enc
-            .wrap_output(&mut out)
-            .map_err(|e| Error::failed(format!("encrypting the index: {e}")))?;
-        std::io::Write::write_all(&mut w, &plain)
-            .and_then(|_| w.finish().map(|_| ()))
-            .map_err(|e| Error::failed(format!("encrypting the index: {e}")))?;
-        repo.put(&Self::index_object(source), Bytes::from(out))
+        let mut plain = serde_json::json!({ "index": INDEX_FORMAT, "backup": backup })
+            .to_string()
+            .into_bytes();
+        plain.push(b'\n');
+        plain.extend(encode_snapshot(entries)?);
+        let sealed = seal(self.key()?, &plain)?;
+        repo.put(&Self::index_object(source), Bytes::from(sealed))
             .await
             .map_err(|e| Error::from(e).context("storing the change index"))
     }
+}
+
+/// Version of the change index's header line.
+const INDEX_FORMAT: u32 = 2;
+
+/// Encrypts `plain` with the index key (age, scrypt recipient).
+pub fn seal(key: &Secret, plain: &[u8]) -> Result<Vec<u8>> {
+    let fail =
+        |e: &dyn std::fmt::Display| Error::failed(format!("encrypting with the index key: {e}"));
+    let mut r = age::scrypt::Recipient::new(key.expose().to_string().into());
+    r.set_work_factor(INDEX_WORK_FACTOR);
+    let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
+        .map_err(|e| fail(&e))?;
+    let mut out = Vec::new();
+    let mut w = enc.wrap_output(&mut out).map_err(|e| fail(&e))?;
+    std::io::Write::write_all(&mut w, plain)
+        .and_then(|_| w.finish().map(|_| ()))
+        .map_err(|e| fail(&e))?;
+    Ok(out)
+}
+
+/// Decrypts what [`seal`] wrote; `None` for a wrong key or damaged bytes.
+pub fn unseal(key: &Secret, sealed: &[u8]) -> Option<Vec<u8>> {
+    let mut id = age::scrypt::Identity::new(key.expose().to_string().into());
+    id.set_max_work_factor(INDEX_WORK_FACTOR + 2);
+    let mut r = age::Decryptor::new(sealed)
+        .ok()?
+        .decrypt(std::iter::once(&id as &dyn age::Identity))
+        .ok()?;
+    let mut v = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut v).ok()?;
+    Some(v)
+}
+
+/// Reads a blob list written by a backup: the ids, or why it cannot be read.
+pub fn parse_blob_list(key: &Secret, sealed: &[u8]) -> std::result::Result<Vec<String>, String> {
+    let plain = unseal(key, sealed).ok_or("it does not open with this policy's index key")?;
+    let text = String::from_utf8(plain).map_err(|_| "it is not text")?;
+    let ids: Vec<String> = text.lines().map(str::to_string).collect();
+    if ids
+        .iter()
+        .any(|id| id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err("it holds a line that is not a blob id".into());
+    }
+    Ok(ids)
 }
 
 /// scrypt work factor of the index encryption: the key is a high-entropy secret, not a
@@ -408,9 +476,17 @@ fn walk_dir(root: &Path) -> Result<Vec<Listed>> {
 }
 
 /// SHA-256 and size of a stream.
-async fn hash(mut r: Pin<Box<dyn AsyncRead + Send>>) -> std::io::Result<(String, u64)> {
+/// Contents up to this size are read once and kept in memory for the upload; larger ones are
+/// read a second time to upload them.
+const KEEP_IN_MEMORY: usize = 1 << 20;
+
+/// The first read of an object: its SHA-256, its size and, when small, its bytes.
+async fn first_read(
+    mut r: Pin<Box<dyn AsyncRead + Send>>,
+) -> std::io::Result<(String, u64, Option<Bytes>)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 << 10];
+    let mut kept = Some(Vec::new());
     let mut n = 0u64;
     loop {
         let got = r.read(&mut buf).await?;
@@ -419,8 +495,46 @@ async fn hash(mut r: Pin<Box<dyn AsyncRead + Send>>) -> std::io::Result<(String,
         }
         h.update(&buf[..got]);
         n += got as u64;
+        if let Some(k) = &mut kept {
+            if k.len() + got <= KEEP_IN_MEMORY {
+                k.extend_from_slice(&buf[..got]);
+            } else {
+                kept = None;
+            }
+        }
     }
-    Ok((hex::encode(h.finalize()), n))
+    Ok((hex::encode(h.finalize()), n, kept.map(Bytes::from)))
+}
+
+/// The second read of a large object: ends in an error instead of its end if the content is
+/// not what the first read hashed, so that the upload is abandoned and nothing is stored.
+struct ExpectSha256 {
+    inner: Pin<Box<dyn AsyncRead + Send>>,
+    hasher: Sha256,
+    expected: String,
+    changed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AsyncRead for ExpectSha256 {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let (before, room) = (buf.filled().len(), buf.remaining() > 0);
+        std::task::ready!(self.inner.as_mut().poll_read(cx, buf))?;
+        let new = &buf.filled()[before..];
+        if !new.is_empty() {
+            self.hasher.update(new);
+        } else if room && hex::encode(self.hasher.clone().finalize()) != self.expected {
+            self.changed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "the content changed while it was read",
+            )));
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 #[async_trait]
@@ -468,25 +582,21 @@ impl Source for Objects {
                 .hint("if the deletions are intended, set allow_shrink = true for one run (RUNBOOK.md#objects-shrink-guard)"));
             }
         }
-        let stored: HashSet<String> = ctx
-            .store
-            .list("objects/")
-            .await
-            .map_err(|e| Error::from(e).context("listing stored blobs"))?
+        // Only blobs the last published snapshot names count as stored: blob collection never
+        // removes those, while any other blob may be on its way out. Content found nowhere
+        // else is uploaded again (which also renews an old copy's age).
+        let stored: HashSet<String> = index.values().filter_map(|e| e.blob.clone()).collect();
+        let stored: HashMap<String, Arc<tokio::sync::OnceCell<()>>> = stored
             .into_iter()
-            .filter_map(|o| {
-                o.key
-                    .rsplit('/')
-                    .next()
-                    .and_then(|n| n.strip_suffix(".age"))
-                    .map(str::to_string)
-            })
+            .map(|id| (id, Arc::new(tokio::sync::OnceCell::new_with(Some(())))))
             .collect();
         let stored = Arc::new(Mutex::new(stored));
         let uploaded = Arc::new(Mutex::new(0u64));
-        let semaphore = Arc::new(tokio::sync::Semaphore::new(self.cfg.concurrency));
-        let mut tasks = Vec::new();
-        for l in listed.iter().filter(|l| l.kind == EntryKind::File).cloned() {
+        // Unchanged objects are taken from the index here; only the changed ones become tasks,
+        // at most `concurrency` of them alive at once (memory stays flat in the object count).
+        let mut entries = Vec::with_capacity(listed.len());
+        let mut changed = Vec::new();
+        for l in listed.iter().filter(|l| l.kind == EntryKind::File) {
             let reuse = index.get(&l.path).filter(|e| {
                 e.size == l.size
                     && e.sha256.is_some()
@@ -496,34 +606,21 @@ impl Source for Objects {
                         _ => l.mtime_ms.is_some() && e.mtime_ms == l.mtime_ms,
                     }
             });
-            let reuse = reuse.and_then(|e| match e.blob.clone() {
-                None => Some((e.sha256.clone(), None)),
-                Some(blob) => stored
-                    .lock()
-                    .ok()?
-                    .contains(&blob)
-                    .then(|| (e.sha256.clone(), Some(blob))),
-            });
-            let (semaphore, stored, uploaded, key, s3) = (
-                semaphore.clone(),
-                stored.clone(),
-                uploaded.clone(),
-                key.clone(),
-                s3.clone(),
-            );
+            match reuse {
+                Some(e) => entries.push(entry(l, e.sha256.clone(), e.blob.clone())),
+                None => changed.push(l.clone()),
+            }
+        }
+        drop(index);
+        let tasks = changed.into_iter().map(|l| {
+            let (stored, uploaded, key, s3) =
+                (stored.clone(), uploaded.clone(), key.clone(), s3.clone());
             let (ctx, this) = (ctx.clone(), self);
-            tasks.push(async move {
-                if let Some((sha256, blob)) = reuse {
-                    return Ok::<Entry, Error>(entry(&l, sha256, blob));
-                }
-                let _permit = semaphore
-                    .acquire()
-                    .await
-                    .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
+            async move {
                 let mut attempt = 0;
                 loop {
                     attempt += 1;
-                    let (sha, size) = hash(this.open(s3.as_ref(), &l.path).await?)
+                    let (sha, size, kept) = first_read(this.open(s3.as_ref(), &l.path).await?)
                         .await
                         .map_err(|e| Error::failed(format!("reading {}: {e}", l.path)))?;
                     if size == 0 {
@@ -532,36 +629,56 @@ impl Source for Objects {
                         return Ok(e);
                     }
                     let id = blob_id(&key, &sha);
-                    // Claim the blob before uploading it: a second object with the same
-                    // content, hashed at the same time, then finds it taken and stores nothing.
-                    let known = stored
+                    // One upload per blob: a second object with the same content waits for the
+                    // first one's upload, and makes its own if that one failed.
+                    let cell = stored
                         .lock()
-                        .map(|mut s| !s.insert(id.clone()))
-                        .unwrap_or(false);
-                    if !known {
-                        let input = this.open(s3.as_ref(), &l.path).await?;
-                        // zstd's worker threads pay off only on large inputs.
-                        let mut cfg = ctx.pipeline.clone();
-                        if size < (4 << 20) {
-                            cfg.workers = 0;
-                        }
-                        let (d, _) = pipeline::run(
-                            input,
-                            async { Ok(()) },
-                            NoObserver,
-                            ctx.store.clone(),
-                            blob_key(&id),
-                            &cfg,
-                            ctx.cancel.clone(),
-                        )
-                        .await
-                        .map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?;
-                        if d.sha256_plain != sha {
-                            // It changed between the two reads: the blob holds other content.
-                            let _ = ctx.store.delete(&blob_key(&id)).await;
-                            if let Ok(mut s) = stored.lock() {
-                                s.remove(&id);
+                        .map_err(|_| Error::failed("blob claims poisoned"))?
+                        .entry(id.clone())
+                        .or_default()
+                        .clone();
+                    let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let stored_now = cell
+                        .get_or_try_init(|| async {
+                            let input: Pin<Box<dyn AsyncRead + Send>> = match kept {
+                                Some(bytes) => Box::pin(std::io::Cursor::new(bytes)),
+                                None => Box::pin(ExpectSha256 {
+                                    inner: this.open(s3.as_ref(), &l.path).await?,
+                                    hasher: Sha256::new(),
+                                    expected: sha.clone(),
+                                    changed: changed.clone(),
+                                }),
+                            };
+                            // zstd's worker threads pay off only on large inputs.
+                            let mut cfg = ctx.pipeline.clone();
+                            if size < (4 << 20) {
+                                cfg.workers = 0;
                             }
+                            pipeline::run(
+                                input,
+                                async { Ok(()) },
+                                NoObserver,
+                                ctx.store.clone(),
+                                blob_key(&id),
+                                &cfg,
+                                ctx.cancel.clone(),
+                            )
+                            .await
+                            .map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?;
+                            if let Ok(mut u) = uploaded.lock() {
+                                *u += 1;
+                            }
+                            Ok::<(), Error>(())
+                        })
+                        .await;
+                    match stored_now {
+                        Ok(()) => {
+                            let mut e = entry(&l, Some(sha), Some(id));
+                            e.size = size;
+                            return Ok(e);
+                        }
+                        // It changed between the two reads: nothing was stored; read it again.
+                        Err(_) if changed.load(std::sync::atomic::Ordering::SeqCst) => {
                             if attempt < 3 {
                                 continue;
                             }
@@ -571,17 +688,16 @@ impl Source for Objects {
                             ))
                             .hint("back it up when it is not being written, or exclude it"));
                         }
-                        if let Ok(mut u) = uploaded.lock() {
-                            *u += 1;
-                        }
+                        Err(e) => return Err(e),
                     }
-                    let mut e = entry(&l, Some(sha), Some(id));
-                    e.size = size;
-                    return Ok(e);
                 }
-            });
-        }
-        let mut entries: Vec<Entry> = futures::future::try_join_all(tasks).await?;
+            }
+        });
+        let read: Vec<Entry> = futures::stream::iter(tasks)
+            .buffer_unordered(self.cfg.concurrency)
+            .try_collect()
+            .await?;
+        entries.extend(read);
         entries.extend(
             listed
                 .iter()
@@ -601,14 +717,33 @@ impl Source for Objects {
         )
         .await
         .map_err(Error::from)?;
-        // The index is a cache of what this snapshot names: every blob in it is stored.
+        let blobs: std::collections::BTreeSet<&str> =
+            entries.iter().filter_map(|e| e.blob.as_deref()).collect();
+        let list_plain: String = blobs.iter().map(|b| format!("{b}\n")).collect();
+        let list = seal(&key, list_plain.as_bytes())?;
+        let list_part = crate::repo::manifest::Part {
+            name: BLOB_LIST_OBJECT.into(),
+            role: BLOB_LIST_ROLE.into(),
+            format: "lifeboat-blob-ids+index-key".into(),
+            size_plain: list_plain.len() as u64,
+            sha256_plain: hex::encode(Sha256::digest(list_plain.as_bytes())),
+            size_stored: list.len() as u64,
+            sha256_stored: hex::encode(Sha256::digest(&list)),
+        };
+        ctx.store
+            .put(
+                &layout::backup_object(&ctx.source, &ctx.id, BLOB_LIST_OBJECT),
+                Bytes::from(list),
+            )
+            .await
+            .map_err(|e| Error::from(e).context("storing the blob list"))?;
+        // The index is a cache of what this snapshot names, valid once its manifest exists.
         if let Err(e) = self
-            .store_index(ctx.store.as_ref(), &ctx.source, &entries)
+            .store_index(ctx.store.as_ref(), &ctx.source, &ctx.id, &entries)
             .await
         {
             tracing::warn!(source = %ctx.source, error = %e.message, "Could not store the change index; the next run reads every object");
         }
-        let blobs: HashSet<&str> = entries.iter().filter_map(|e| e.blob.as_deref()).collect();
         let fingerprint = Fingerprint {
             format: 1,
             kind: "objects".into(),
@@ -622,7 +757,10 @@ impl Source for Objects {
         };
         tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");
         Ok(SourceBackup {
-            parts: vec![digests.part(SNAPSHOT_OBJECT, "snapshot", "lifeboat-objects-jsonl")],
+            parts: vec![
+                digests.part(SNAPSHOT_OBJECT, "snapshot", "lifeboat-objects-jsonl"),
+                list_part,
+            ],
             fingerprint: serde_json::to_value(&fingerprint)
                 .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?,
             source_version: None,
@@ -787,29 +925,13 @@ pub async fn restore_to_dir(
             .map_err(|err| Error::failed(format!("creating {}: {err}", p.display())))?;
         done.dirs += 1;
     }
-    let semaphore = tokio::sync::Semaphore::new(concurrency.max(1));
     let files = entries
         .iter()
         .filter(|e| e.kind == EntryKind::File)
         .map(|e| {
-            let (store, semaphore) = (store.clone(), &semaphore);
+            let store = store.clone();
             async move {
-                let _permit = semaphore
-                    .acquire()
-                    .await
-                    .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
-                let Some(sha) = &e.sha256 else {
-                    return Err(Error::new(
-                        ErrorKind::Integrity,
-                        format!("snapshot entry {} has no content hash", e.path),
-                    ));
-                };
-                if e.blob.is_none() && sha != EMPTY_SHA256 {
-                    return Err(Error::new(
-                        ErrorKind::Integrity,
-                        format!("snapshot entry {} names no blob", e.path),
-                    ));
-                }
+                let (sha, blob) = checked_entry(e)?;
                 let path = inside(target, &e.path)?;
                 let dir = path.parent().unwrap_or(target).to_path_buf();
                 tokio::fs::create_dir_all(&dir)
@@ -822,7 +944,7 @@ pub async fn restore_to_dir(
                 let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(|err| {
                     Error::failed(format!("writing in {}: {err}", dir.display()))
                 })?);
-                let n = match &e.blob {
+                let n = match blob {
                     Some(blob) => {
                         fetch_blob(store.as_ref(), blob, sha, identities, &mut out).await?
                     }
@@ -846,7 +968,11 @@ pub async fn restore_to_dir(
                 Ok::<u64, Error>(n)
             }
         });
-    for n in futures::future::try_join_all(files).await? {
+    let written: Vec<u64> = futures::stream::iter(files)
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    for n in written {
         done.files += 1;
         done.bytes += n;
     }
@@ -864,6 +990,161 @@ pub async fn restore_to_dir(
         }
     }
     Ok(done)
+}
+
+/// Writes the files of `entries` as objects of `target` (a bucket and prefix; directories have
+/// no objects there). Each object is completed only after its content hash matched: small ones
+/// are held in memory until then, larger ones go up as a multipart upload that is aborted on a
+/// mismatch. With `delete_extra`, objects under the prefix the snapshot does not hold go too.
+pub async fn restore_to_store(
+    store: Arc<dyn ObjectStore>,
+    entries: &[Entry],
+    target: Arc<dyn ObjectStore>,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    concurrency: usize,
+    delete_extra: bool,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<Restored> {
+    let mut done = Restored::default();
+    let files = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| {
+            let (store, target) = (store.clone(), target.clone());
+            async move {
+                let (sha, blob) = checked_entry(e)?;
+                let n = match blob {
+                    None => {
+                        target.put(&e.path, Bytes::new()).await.map_err(|err| {
+                            Error::from(err).context(format!("writing {}", e.path))
+                        })?;
+                        0
+                    }
+                    Some(blob) if e.size <= UPLOAD_PART as u64 => {
+                        let mut buf = Vec::with_capacity(e.size as usize);
+                        let n = fetch_blob(store.as_ref(), blob, sha, identities, &mut buf).await?;
+                        target.put(&e.path, Bytes::from(buf)).await.map_err(|err| {
+                            Error::from(err).context(format!("writing {}", e.path))
+                        })?;
+                        n
+                    }
+                    Some(blob) => {
+                        put_large(
+                            store.as_ref(),
+                            blob,
+                            sha,
+                            identities,
+                            target.as_ref(),
+                            &e.path,
+                        )
+                        .await?
+                    }
+                };
+                progress(1);
+                Ok::<u64, Error>(n)
+            }
+        });
+    let written: Vec<u64> = futures::stream::iter(files)
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    for n in written {
+        done.files += 1;
+        done.bytes += n;
+    }
+    if delete_extra {
+        let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        let present = target
+            .list("")
+            .await
+            .map_err(|e| Error::from(e).context("listing the target"))?;
+        for o in present.iter().filter(|o| !keep.contains(o.key.as_str())) {
+            target
+                .delete(&o.key)
+                .await
+                .map_err(|e| Error::from(e).context(format!("removing {}", o.key)))?;
+            done.deleted += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// Part size of a restore's multipart uploads (S3 wants at least 5 MiB).
+const UPLOAD_PART: usize = 8 << 20;
+
+/// Streams blob `blob` into a multipart upload of `key`, completed only if the hash matched.
+async fn put_large(
+    store: &dyn ObjectStore,
+    blob: &str,
+    sha: &str,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    target: &dyn ObjectStore,
+    key: &str,
+) -> Result<u64> {
+    let upload = target
+        .start_upload(key)
+        .await
+        .map_err(|e| Error::from(e).context(format!("writing {key}")))?;
+    let (w, mut r) = tokio::io::duplex(1 << 20);
+    let fetch = async move {
+        let mut w = w;
+        fetch_blob(store, blob, sha, identities, &mut w).await
+    };
+    let send = async {
+        let (mut number, mut offset) = (0u32, 0u64);
+        loop {
+            let mut part = bytes::BytesMut::with_capacity(UPLOAD_PART);
+            while part.len() < UPLOAD_PART {
+                if r.read_buf(&mut part)
+                    .await
+                    .map_err(|e| Error::failed(format!("writing {key}: {e}")))?
+                    == 0
+                {
+                    break;
+                }
+            }
+            if part.is_empty() {
+                return Ok::<(), Error>(());
+            }
+            number += 1;
+            let len = part.len() as u64;
+            upload
+                .put_part(number, offset, part.freeze())
+                .await
+                .map_err(|e| Error::from(e).context(format!("writing {key}")))?;
+            offset += len;
+        }
+    };
+    let (fetched, sent) = tokio::join!(fetch, send);
+    let completed = match (fetched, sent) {
+        (Ok(n), Ok(())) => upload
+            .complete()
+            .await
+            .map(|_| n)
+            .map_err(|e| Error::from(e).context(format!("writing {key}"))),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    if completed.is_err() {
+        let _ = upload.abort().await;
+    }
+    completed
+}
+
+/// The content hash and blob of a file entry, or why the snapshot entry is unusable.
+fn checked_entry(e: &Entry) -> Result<(&str, Option<&str>)> {
+    let Some(sha) = &e.sha256 else {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("snapshot entry {} has no content hash", e.path),
+        ));
+    };
+    if e.blob.is_none() && sha != EMPTY_SHA256 {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("snapshot entry {} names no blob", e.path),
+        ));
+    }
+    Ok((sha, e.blob.as_deref()))
 }
 
 /// Removes what is under `dir` but not in `keep` (paths relative to `root`); never follows a

@@ -152,10 +152,12 @@ fn walk(
             if is_temp(&entry.file_name().to_string_lossy()) {
                 temps.push(rel);
             } else {
+                let meta = entry.metadata()?;
                 out.push(ObjectInfo {
                     key: rel,
-                    size: entry.metadata()?.len(),
+                    size: meta.len(),
                     etag: None,
+                    modified: meta.modified().ok().map(chrono::DateTime::from),
                 });
             }
         }

@@ -124,6 +124,8 @@ pub struct ObjectInfo {
     pub size: u64,
     /// The store's version tag (S3 ETag), when it has one.
     pub etag: Option<String>,
+    /// When it was last written, when the store says.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// An unfinished multipart upload (S3) or temp file (fs).

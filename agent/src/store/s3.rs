@@ -310,6 +310,9 @@ impl ObjectStore for S3Store {
                         key: self.relative(k).to_string(),
                         size: o.size().unwrap_or(0).max(0) as u64,
                         etag: o.e_tag().map(|t| t.trim_matches('"').to_string()),
+                        modified: o.last_modified().and_then(|t| {
+                            chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+                        }),
                     });
                 }
             }
