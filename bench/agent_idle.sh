@@ -28,10 +28,19 @@ hz=$(getconf CLK_TCK)
 rss_start=$(rss); t0=$(ticks)
 sleep "$seconds"
 t1=$(ticks); rss_end=$(rss); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-python3 - "$seconds" "$rss_start" "$rss_end" "$hwm" "$t0" "$t1" "$hz" <<'PY'
-import sys
-secs, r0, r1, hwm, t0, t1, hz = (float(x) for x in sys.argv[1:])
+results=${BENCH_RESULTS:-bench/results}
+mkdir -p "$results"
+python3 - "$seconds" "$rss_start" "$rss_end" "$hwm" "$t0" "$t1" "$hz" "$results" <<'PY'
+import datetime, json, os, sys
+secs, r0, r1, hwm, t0, t1, hz = (float(x) for x in sys.argv[1:8])
 cpu = (t1 - t0) / hz
+now = datetime.datetime.now(datetime.timezone.utc)
+name = "lifeboat agent, idle, 10 sources"
+json.dump({"date": now.isoformat(timespec="seconds"), "note": f"idle for {secs:.0f} s", "cores": os.cpu_count(),
+           "baseline": name, "results": {name: {
+               "wall_median_s": secs, "wall_min_s": secs, "wall_max_s": secs, "cpu_median_s": cpu,
+               "peak_rss_mib": hwm / 1024, "rss_start_mib": r0 / 1024, "rss_end_mib": r1 / 1024, "runs": 1}}},
+          open(f"{sys.argv[8]}/{now.strftime('%Y%m%dT%H%M%SZ')}-agent_idle.json", "w"), indent=2)
 print(f"idle agent, 10 sources, {secs:.0f} s: RSS {r0/1024:.1f} MiB after start, {r1/1024:.1f} MiB at the end "
       f"(peak {hwm/1024:.1f} MiB); CPU {cpu:.2f} s ({100 * cpu / secs:.3f}% of one core)")
 PY

@@ -2,12 +2,15 @@
 #   bench_setup ROWS [s3]   deps, release build, a tuned throwaway PostgreSQL with the benchmark
 #                           table in database `bench`, a key; with `s3` also moto + awscli
 #   measure NAME CMD [AFTER]  runs CMD $RUNS times under GNU time, AFTER after each run
-#   summarize BASELINE OUT  median wall, CPU, peak RSS and ratios to BASELINE → JSON + Markdown
+#   summarize BASELINE KIND NOTE  median wall, CPU, peak RSS and ratios to BASELINE → JSON in
+#                           $BENCH_RESULTS (default bench/results) + a Markdown table
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 runs=${RUNS:-3}
 work=$root/bench/work
+# Where result files go: bench/run.sh points this elsewhere for quick runs.
+results=${BENCH_RESULTS:-bench/results}
 venv=${MOTO_VENV:-target/moto-venv}
 
 bench_setup() {
@@ -86,10 +89,10 @@ measure() {
 
 summarize() {
   local baseline=$1 kind=$2 note=$3
-  mkdir -p bench/results
-  python3 - "$work/results.tsv" "$baseline" "$kind" "$note" "$db_size" <<'PY'
+  mkdir -p "$results"
+  python3 - "$work/results.tsv" "$baseline" "$kind" "$note" "$db_size" "$results" <<'PY'
 import json, statistics, sys, datetime, os
-path, baseline, kind, note, db_size = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+path, baseline, kind, note, db_size, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
 data = {}
 for line in open(path):
     name, run, wall, user, sys_, rss = line.rstrip("\n").split("\t")
@@ -99,8 +102,9 @@ res = {name: {"wall_median_s": statistics.median([x[0] for x in xs]), "wall_min_
               "peak_rss_mib": max(x[2] for x in xs) / 1024, "runs": len(xs)} for name, xs in data.items()}
 base = res[baseline]["wall_median_s"]
 now = datetime.datetime.now(datetime.timezone.utc)
-fname = f"bench/results/{now.strftime('%Y%m%dT%H%M%SZ')}-{kind}.json"
+fname = f"{out}/{now.strftime('%Y%m%dT%H%M%SZ')}-{kind}.json"
 json.dump({"date": now.isoformat(timespec="seconds"), "database_bytes": db_size, "note": note,
+           "scale": os.environ.get("BENCH_SCALE"),
            "cores": os.cpu_count(), "baseline": baseline, "results": res}, open(fname, "w"), indent=2)
 print(f"{note}; database {db_size / 2**20:.0f} MiB; {os.cpu_count()} cores; median of {next(iter(res.values()))['runs']} runs. Results: {fname}\n")
 print(f"| command | wall (median, min–max) | CPU (user+sys) | peak RSS | wall ÷ {baseline} |")

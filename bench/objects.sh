@@ -4,7 +4,7 @@
 #     aws s3 sync DIR s3://mirror/            (size + mtime comparison, no content hashes)
 #     lifeboat backup (kind = "objects")      (snapshot, change index, keyed blobs, zstd + age)
 #   and the same from an S3 prefix (aws s3 sync s3://src s3://mirror vs lifeboat from s3://src).
-# Usage: bench/objects.sh [N]   (default 10000; RUNS=3)
+# Usage: bench/objects.sh [N]   (default 10000; RUNS=3; OBJECTS_S3=0 leaves out the S3 source)
 . "$(dirname "$0")/lib.sh"
 n=${1:-10000}
 scripts/install-deps.sh
@@ -32,7 +32,7 @@ for i in range(n):
     with open(os.path.join(d, f"f{i:06d}.bin"), "wb") as f:
         f.write(os.urandom(random.randint(1024, 16384)))
 PY
-aws s3 sync --quiet "$work/data" s3://src/data/
+[ "${OBJECTS_S3:-1}" = 1 ] && aws s3 sync --quiet "$work/data" s3://src/data/
 "$lifeboat" keygen > "$work/key.txt" 2>/dev/null
 recipient=$(sed -n 's/^# public key: //p' "$work/key.txt")
 policy() { # NAME FROM REPO-BUCKET [SOURCE-EXTRA]
@@ -74,17 +74,20 @@ PY
 }
 echo "== first full copy (not timed against each other: setup)" >&2
 aws s3 sync --quiet "$work/data" s3://mirror/data/
-aws s3 sync --quiet s3://src/data/ s3://mirror2/data/
 "$lifeboat" backup --policy "$work/dir.toml" >/dev/null 2>&1
-"$lifeboat" backup --policy "$work/s3.toml" >/dev/null 2>&1
+if [ "${OBJECTS_S3:-1}" = 1 ]; then
+  aws s3 sync --quiet s3://src/data/ s3://mirror2/data/
+  "$lifeboat" backup --policy "$work/s3.toml" >/dev/null 2>&1
+fi
 echo "== incremental runs, 1 % changed each time ($runs runs)" >&2
 for r in $(seq 1 "$runs"); do
   change "$r"
   timed "aws s3 sync DIR s3://mirror (1 % changed)" "'$root/$venv/bin/aws' --endpoint-url $endpoint s3 sync --quiet '$work/data' s3://mirror/data/"
   timed "lifeboat backup, dir source (1 % changed)" "'$lifeboat' backup --policy '$work/dir.toml'"
+  [ "${OBJECTS_S3:-1}" = 1 ] || continue
   aws s3 sync --quiet "$work/data" s3://src/data/
   timed "aws s3 sync s3://src s3://mirror2 (1 % changed)" "'$root/$venv/bin/aws' --endpoint-url $endpoint s3 sync --quiet s3://src/data/ s3://mirror2/data/"
   timed "lifeboat backup, S3 source (1 % changed)" "'$lifeboat' backup --policy '$work/s3.toml'"
 done
-summarize "aws s3 sync DIR s3://mirror (1 % changed)" objects \
+summarize "aws s3 sync DIR s3://mirror (1 % changed)" "objects${BENCH_KIND_SUFFIX:-}" \
   "$n files, 1 % changed per run, local S3 (moto); lifeboat re-hashes nothing unchanged and stores changed content zstd + age"

@@ -3,12 +3,17 @@
 #   pg_dump -Fc -Z0 > /dev/null              the source's own speed
 #   zstd -3 (1 and 2 threads) over the dump  the compression stage alone
 #   pg_dump | zstd -3 | age | aws s3 cp -    the hand pipe into a local S3 (moto)
+#   pg_dump | gzip > file; aws s3 cp file    the seed-style script
+#   pg_dump | restic backup --stdin          restic into a local repository
 #   lifeboat backup → S3 (moto), → local directory
 # Usage: bench/pg_backup.sh [ROWS]   (default 5500000 rows ≈ 1 GB of realistic table data; RUNS=3)
 . "$(dirname "$0")/lib.sh"
 bench_setup "${1:-5500000}" s3
 sed -e "s|^url = \"file://$work/repo\"|url = \"s3://bench/lifeboat\"\nendpoint = \"$endpoint\"|" "$work/fs.toml" > "$work/s3.toml"
 eval "$pg_dump_cmd" > "$work/dump.pgdump"
+command -v restic >/dev/null 2>&1 || apt-get install -y -qq restic >/dev/null
+export RESTIC_PASSWORD=bench-only-password
+restic -q -r "$work/restic" init
 dump_size=$(stat -c %s "$work/dump.pgdump")
 
 echo "== measuring ($runs runs each)" >&2
@@ -18,6 +23,12 @@ measure "zstd -3 -T2 over the dump" "zstd -3 -T2 -q -c '$work/dump.pgdump'"
 measure "pg_dump | zstd -3 | age | aws s3 cp - (hand pipe)" \
   "$pg_dump_cmd | zstd -3 -q | age -r $recipient | '$root/$venv/bin/aws' --endpoint-url $endpoint s3 cp - s3://bench/hand/dump.zst.age" \
   "aws s3 rm --quiet --recursive s3://bench/hand/"
+measure "seed script: pg_dump | gzip > file; aws s3 cp file" \
+  "$pg_dump_cmd | gzip > '$work/seed.gz' && '$root/$venv/bin/aws' --endpoint-url $endpoint s3 cp --quiet '$work/seed.gz' s3://bench/seed/dump.gz" \
+  "rm -f '$work/seed.gz'; aws s3 rm --quiet --recursive s3://bench/seed/"
+measure "restic backup --stdin (local repository)" \
+  "$pg_dump_cmd | restic -q -r '$work/restic' backup --stdin --stdin-filename bench.pgdump" \
+  "rm -rf '$work/restic'; restic -q -r '$work/restic' init"
 measure "lifeboat backup → S3 (moto)" "'$lifeboat' backup --policy '$work/s3.toml'" \
   "stored=\$('$lifeboat' list --policy '$work/s3.toml' --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0][\"size_stored\"])'); aws s3 rm --quiet --recursive s3://bench/lifeboat/backups/"
 measure "lifeboat backup → local directory" "'$lifeboat' backup --policy '$work/fs.toml'" "rm -rf '$work/repo'"
