@@ -9,6 +9,8 @@ pub mod blobs;
 pub mod check;
 pub mod daemon;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod job;
 pub mod pipeline;
 pub mod policy;

@@ -539,3 +539,143 @@ fn listen_flag_overrides_the_policy_address() {
     let (code, stderr, _) = stop(agent);
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn secrets_never_reach_logs_status_metrics_notifications_or_the_repository() {
+    // Canaries in every place a policy can hold a secret: a password file, a `${VAR}` inside a
+    // PostgreSQL and a Redis URL (sources that fail, so the secrets ride through error paths),
+    // the index key, and a webhook URL's query.
+    const PG_CANARY: &str = "canary-pgpass-51d2";
+    const URL_CANARY: &str = "canary-url-8e0b";
+    const REDIS_CANARY: &str = "canary-redis-c4a7";
+    const INDEX_CANARY: &str = "canary-index-key-0123456789abcdef0123456789";
+    const HOOK_CANARY: &str = "canary-hook-6f19";
+    let pg = postgres();
+    let db = pg.create_db("secrets");
+    let role = format!("canary_{}", suffix());
+    pg.psql(
+        &db,
+        &format!(
+            "create role {role} login password '{PG_CANARY}' superuser;
+             create table t as select generate_series(1, 100) as id"
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let pwfile = dir.path().join("pgpass");
+    std::fs::write(&pwfile, PG_CANARY).unwrap();
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("a.txt"), "a").unwrap();
+    let port = free_port();
+    let (hook_port, hooks) = webhook();
+    let closed = free_port();
+    let sources = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\nlog_format = \"json\"\n\n\
+         [[notify]]\nurl = \"http://127.0.0.1:{hook_port}/hook?token={HOOK_CANARY}\"\n\n\
+         [[sources]]\nname = \"good\"\nkind = \"postgres\"\nurl = \"postgres://{role}@127.0.0.1:{}/{db}\"\npassword_file = \"{}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n\n\
+         [[sources]]\nname = \"badpg\"\nkind = \"postgres\"\nurl = \"${{BAD_PG_URL}}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n\n\
+         [[sources]]\nname = \"badredis\"\nkind = \"redis\"\nurl = \"${{BAD_REDIS_URL}}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n\n\
+         [[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n",
+        pg.port,
+        pwfile.display(),
+        files.display(),
+    );
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &sources,
+    );
+    let text = std::fs::read_to_string(&policy).unwrap().replace(
+        "[defaults]",
+        "index_key = \"${LIFEBOAT_INDEX_KEY}\"\n\n[defaults]",
+    );
+    std::fs::write(&policy, text).unwrap();
+    let env = vec![
+        (
+            "BAD_PG_URL".to_string(),
+            format!("postgres://{role}:{URL_CANARY}@127.0.0.1:{closed}/{db}"),
+        ),
+        (
+            "BAD_REDIS_URL".to_string(),
+            format!("redis://:{REDIS_CANARY}@127.0.0.1:{closed}"),
+        ),
+        ("LIFEBOAT_INDEX_KEY".to_string(), INDEX_CANARY.to_string()),
+        // Everything lifeboat logs, debug included, in the sidecar's JSON format.
+        (
+            "LIFEBOAT_LOG".to_string(),
+            "debug,aws=warn,hyper=warn,h2=warn".to_string(),
+        ),
+    ];
+    let child = start_agent(dir.path(), &policy, &env);
+    wait_until("/healthz", 30, || {
+        http_get(port, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    let mut metrics = String::new();
+    wait_until(
+        "a success of good and files, a failure of both bad ones",
+        90,
+        || {
+            metrics = http_get(port, "/metrics").map(|x| x.1).unwrap_or_default();
+            let at = |name, source| {
+                metric(&metrics, name, &[("source", source), ("op", "backup")]).unwrap_or(0.0) > 0.0
+            };
+            at("lifeboat_last_success_timestamp_seconds", "good")
+                && at("lifeboat_last_success_timestamp_seconds", "files")
+                && at("lifeboat_last_failure_timestamp_seconds", "badpg")
+                && at("lifeboat_last_failure_timestamp_seconds", "badredis")
+        },
+    );
+    let (_, status) = http_get(port, "/status").unwrap();
+    wait_until("failure notifications", 30, || {
+        hooks.lock().unwrap().len() >= 2
+    });
+    let (code, log, _) = stop(child);
+    assert_eq!(code, 0, "{log}");
+    let notifications = serde_json::to_string(&*hooks.lock().unwrap()).unwrap();
+    // The failures really went through the paths that handle the secrets.
+    assert!(
+        status.matches(":***@127.0.0.1").count() >= 2,
+        "both failing URLs are shown, redacted: {status}"
+    );
+    assert!(notifications.contains("badredis"), "{notifications}");
+    let r = lifeboat(
+        dir.path(),
+        &["list", "--policy", policy.to_str().unwrap()],
+        &env,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut places: Vec<(String, String)> = vec![
+        ("agent log".into(), log),
+        ("/status".into(), status),
+        ("/metrics".into(), metrics),
+        ("notifications".into(), notifications),
+        ("list".into(), format!("{}{}", r.stdout, r.stderr)),
+    ];
+    for f in files_under(&dir.path().join("repo")) {
+        places.push((
+            f.display().to_string(),
+            String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned(),
+        ));
+    }
+    assert!(
+        places.len() > 10,
+        "the repository holds backups: {}",
+        places.len()
+    );
+    for (place, text) in &places {
+        for canary in [
+            PG_CANARY,
+            URL_CANARY,
+            REDIS_CANARY,
+            INDEX_CANARY,
+            HOOK_CANARY,
+        ] {
+            assert!(
+                !text.contains(canary),
+                "{canary} appears in {place}:\n{text}"
+            );
+        }
+    }
+}

@@ -583,6 +583,9 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
     let fourth = fx.backup();
     assert_eq!(fx.fingerprint(&fourth)["blobs_uploaded"], 3);
 
+    let v = fx.verify(&fourth);
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+
     // A blob list that cannot be read stops collection, whatever else holds.
     std::fs::remove_file(
         fx.dir
@@ -595,6 +598,15 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
         r.stderr.contains("none collected") && r.stderr.contains("blobs.txt.age is missing"),
         "{}",
         r.stderr
+    );
+    // The verifier holds every backup's blob list to its snapshot: a missing one fails.
+    let v = fx.verify(&fourth);
+    assert_eq!(v.code, 4, "{}{}", v.stdout, v.stderr);
+    assert!(
+        format!("{}{}", v.stdout, v.stderr).contains("blob list names every blob"),
+        "{}{}",
+        v.stdout,
+        v.stderr
     );
 }
 

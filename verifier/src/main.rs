@@ -131,7 +131,7 @@ async fn run_scheduled(
                 let outcome = async {
                     let repo = Repository::open(policy).await?;
                     let entry = repo.find(&src.name, "latest", None).await?;
-                    verify::verify(&repo, src, &entry, identities, cancel).await
+                    verify::verify(&repo, src, policy.encryption.index_key.as_ref(), &entry, identities, cancel).await
                 }
                 .await;
                 match outcome {
@@ -233,7 +233,15 @@ async fn run(command: Command, cancel: CancellationToken) -> Result<i32> {
         let entry = repo.find(&src.name, &backup, None).await?;
         let m = &entry.manifest;
         tracing::info!(source = %src.name, backup = %m.id, "Verifying");
-        let report = verify::verify(&repo, src, &entry, &identities, &cancel).await?;
+        let report = verify::verify(
+            &repo,
+            src,
+            policy.encryption.index_key.as_ref(),
+            &entry,
+            &identities,
+            &cancel,
+        )
+        .await?;
         print_report(&src.name, &report);
         if report.result != "pass" {
             code = ErrorKind::VerificationMismatch.exit_code();

@@ -19,6 +19,7 @@ use crate::verify::{conclude, fail_and_store, new_report, spool_and_fingerprint,
 pub async fn verify(
     repo: &Repository,
     cover_days: Option<u32>,
+    index_key: Option<&lifeboat::policy::Secret>,
     entry: &Entry,
     identities: &Identities,
     cancel: &CancellationToken,
@@ -48,6 +49,16 @@ pub async fn verify(
         .iter()
         .filter_map(|e| Some((e.blob.as_deref()?, e.sha256.as_deref()?)))
         .collect();
+    // The blob list is what blob collection keeps: it must name every blob the snapshot needs.
+    match index_key {
+        Some(key) => {
+            let check = blob_list_check(repo, &entry.manifest, key, &all).await;
+            report.checks.push(check);
+        }
+        None => report
+            .notes
+            .push("blob list not checked: the policy has no encryption.index_key".into()),
+    }
     // A rolling sample: blob ids are uniform, so their first 32 bits split them into
     // `cover_days` even groups, and today's group is re-hashed; every blob once per cycle.
     let blobs: BTreeMap<&str, &str> = match cover_days {
@@ -103,4 +114,35 @@ pub async fn verify(
         .checks
         .push(Check::eq("blobs re-hashed", want.clone(), want));
     conclude(repo, report, t0).await
+}
+
+/// The backup's blob list against the blobs its snapshot names.
+async fn blob_list_check(
+    repo: &Repository,
+    m: &lifeboat::repo::manifest::Manifest,
+    key: &lifeboat::policy::Secret,
+    all: &BTreeMap<&str, &str>,
+) -> Check {
+    let name = "blob list names every blob of the snapshot";
+    let want = format!("{} blobs", all.len());
+    let Some(part) = m.parts.iter().find(|p| p.role == objects::BLOB_LIST_ROLE) else {
+        return Check::failed(name, want, "no blob list in the manifest".to_string());
+    };
+    let object = lifeboat::repo::layout::backup_object(&m.source, &m.id, &part.name);
+    let listed = match repo.store.get(&object).await {
+        Ok(bytes) => objects::parse_blob_list(key, &bytes),
+        Err(e) => Err(e.to_string()),
+    };
+    match listed {
+        Ok(ids) => {
+            let ids: std::collections::BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+            let missing = all.keys().filter(|id| !ids.contains(*id)).count();
+            if missing == 0 {
+                Check::eq(name, want.clone(), want)
+            } else {
+                Check::failed(name, want, format!("{missing} of them not in {object}"))
+            }
+        }
+        Err(why) => Check::failed(name, want, format!("{object}: {why}")),
+    }
 }

@@ -43,6 +43,7 @@ enum Target {
 pub async fn verify(
     repo: &Repository,
     source: &SourcePolicy,
+    index_key: Option<&lifeboat::policy::Secret>,
     entry: &Entry,
     identities: &Identities,
     cancel: &CancellationToken,
@@ -56,6 +57,7 @@ pub async fn verify(
             return crate::objects::verify(
                 repo,
                 source.verify.cover_days,
+                index_key,
                 entry,
                 identities,
                 cancel,

@@ -366,44 +366,6 @@ fn redis_settings_that_do_not_fit_are_named() {
 }
 
 #[test]
-fn mutated_policies_never_panic() {
-    // Fuzz-style: thousands of byte-level mutations of a good policy (flips, deletions,
-    // duplications, truncations) must each give a policy or a list of problems, never a panic.
-    let base =
-        with_redis("url = \"redis://u:pw@h:6379\"\nmode = \"file\"\nrdb_path = \"/d/dump.rdb\"")
-            .into_bytes();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    for _ in 0..3000 {
-        let mut v = base.clone();
-        for _ in 0..(1 + next() % 4) {
-            let i = (next() as usize) % v.len().max(1);
-            match next() % 4 {
-                0 => v[i] = next() as u8,
-                1 => {
-                    v.remove(i);
-                }
-                2 => {
-                    let b = v[i];
-                    v.insert(i, b);
-                }
-                _ => v.truncate(i),
-            }
-            if v.is_empty() {
-                break;
-            }
-        }
-        let text = String::from_utf8_lossy(&v);
-        let _ = parse(&text, "p.toml", &env, LoadOptions::default());
-    }
-}
-
-#[test]
 fn an_objects_source_needs_the_index_key_and_rejects_typos() {
     let src = "\n[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir:///data/uploads\"\nexclude = [\"**/*.tmp\"]\n";
     let got = problems(&format!("{}{src}", good()));

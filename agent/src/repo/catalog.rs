@@ -106,30 +106,7 @@ impl Repository {
             .hint("`lifeboat list` shows the backups there are"),
             other => Error::from(other).context(format!("reading {key}")),
         })?;
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::new(ErrorKind::Integrity, format!("{key} is not a valid manifest: {e}"))
-                .hint("the manifest is damaged; use another backup and run `lifeboat check` (RUNBOOK.md#integrity-failure)")
-        })?;
-        if let Some((name, _, _)) = m.objects().into_iter().find(|(n, _, _)| !plain_name(n)) {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!("{key} names an object outside its backup: {name:?}"),
-            )
-            .hint(
-                "the manifest was tampered with; use another backup (RUNBOOK.md#integrity-failure)",
-            ));
-        }
-        if m.source != source || m.id != id {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "{key} describes backup {}/{}, not {source}/{id}",
-                    m.source, m.id
-                ),
-            )
-            .hint("the manifest was moved or tampered with (RUNBOOK.md#integrity-failure)"));
-        }
-        Ok(m)
+        parse_manifest(&key, &bytes, source, id)
     }
 
     /// Finds a backup of `source`: `latest`, an id, or the newest started before `before`.
@@ -225,4 +202,34 @@ fn plain_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && !name.contains(['/', '\\', '\0'])
+}
+
+/// Parses the manifest stored at `key`, which must describe backup `source`/`id` and name only
+/// plain objects inside that backup. Bytes from the repository are untrusted: anything else is
+/// an integrity error, never a panic.
+pub fn parse_manifest(key: &str, bytes: &[u8], source: &str, id: &str) -> Result<Manifest> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| {
+        Error::new(ErrorKind::Integrity, format!("{key} is not a valid manifest: {e}"))
+            .hint("the manifest is damaged; use another backup and run `lifeboat check` (RUNBOOK.md#integrity-failure)")
+    })?;
+    if let Some((name, _, _)) = m.objects().into_iter().find(|(n, _, _)| !plain_name(n)) {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("{key} names an object outside its backup: {name:?}"),
+        )
+        .hint(
+            "the manifest was tampered with; use another backup (RUNBOOK.md#integrity-failure)",
+        ));
+    }
+    if m.source != source || m.id != id {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "{key} describes backup {}/{}, not {source}/{id}",
+                m.source, m.id
+            ),
+        )
+        .hint("the manifest was moved or tampered with (RUNBOOK.md#integrity-failure)"));
+    }
+    Ok(m)
 }

@@ -215,14 +215,14 @@ fn field<'a>(info: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// How the payload is framed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     /// `$<len>`: exactly this many bytes.
     Length(u64),
     /// `$EOF:<mark>`: bytes up to the 40-byte mark.
     EndMark(Vec<u8>),
 }
 
-fn framing(line: &[u8]) -> Option<Framing> {
+pub(crate) fn framing(line: &[u8]) -> Option<Framing> {
     let rest = line.strip_prefix(b"$")?;
     if let Some(mark) = rest.strip_prefix(b"EOF:") {
         return (mark.len() == EOF_MARK_LEN).then(|| Framing::EndMark(mark.to_vec()));

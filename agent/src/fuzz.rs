@@ -1,0 +1,105 @@
+//! Fuzz targets (proptest): every parser of bytes lifeboat does not control — manifests, objects
+//! snapshots and blob lists read from the repository, policy files, the Redis replication
+//! framing and RDB payloads — gets arbitrary and mutated inputs and must answer with a value or an
+//! error, never a panic. CI runs each for its default number of cases (`PROPTEST_CASES` raises
+//! it); failures found are kept as a corpus in `proptest-regressions/fuzz.txt` and replayed first.
+
+use proptest::prelude::*;
+
+use crate::policy::Secret;
+use crate::repo::catalog::parse_manifest;
+use crate::source::objects;
+
+/// A valid input with up to 8 edits: a byte set, removed, duplicated, or the rest cut off.
+fn mutated(base: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec((any::<usize>(), any::<u8>(), 0..4u8), 0..8).prop_map(move |edits| {
+        let mut v = base.to_vec();
+        for (at, byte, op) in edits {
+            if v.is_empty() {
+                break;
+            }
+            let i = at % v.len();
+            match op {
+                0 => v[i] = byte,
+                1 => {
+                    v.remove(i);
+                }
+                2 => v.insert(i, v[i]),
+                _ => v.truncate(i),
+            }
+        }
+        v
+    })
+}
+
+/// Mutations of `base`, and bytes of no shape at all.
+fn inputs(base: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        3 => mutated(base),
+        1 => proptest::collection::vec(any::<u8>(), 0..512),
+    ]
+}
+
+const MANIFEST: &[u8] = br#"{"format":1,"id":"20261127T101500Z-ab12","source":"db","kind":"postgres","started_at":"2026-11-27T10:15:00Z","finished_at":"2026-11-27T10:16:00Z","tool_version":"lifeboat 0.1.0","source_version":"PostgreSQL 15.4","dump_tool_version":"pg_dump 15.4","compression":{"algorithm":"zstd","level":3},"encryption":{"algorithm":"age-v1","recipients":["age1x"]},"size_plain":10,"size_stored":20,"parts":[{"name":"database.dump.zst.age","role":"database","format":"pg_dump-custom","size_plain":10,"sha256_plain":"aa","size_stored":20,"sha256_stored":"bb"}],"fingerprint":{"name":"fingerprint.json.age","size_stored":5,"sha256_stored":"cc"}}"#;
+
+const SNAPSHOT: &[u8] = b"{\"path\":\"a/b.txt\",\"type\":\"file\",\"size\":3,\"mtime_ms\":1,\"mode\":420,\"etag\":null,\"sha256\":\"e3b0\",\"blob\":\"ab01\"}\n{\"path\":\"a\",\"type\":\"dir\",\"size\":0,\"mtime_ms\":null,\"mode\":493,\"etag\":null,\"sha256\":null,\"blob\":null}\n";
+
+const POLICY: &[u8] = b"[repository]\nurl = \"s3://bucket/p\"\nendpoint = \"http://127.0.0.1:9000\"\n\n[encryption]\nrecipients = [\"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\"]\n\n[defaults]\nschedule = \"0 3 * * *\"\nretention = { keep_last = 3, keep_daily = 7 }\n\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n\n[[sources]]\nname = \"cache\"\nkind = \"redis\"\nurl = \"redis://u:pw@h:6379\"\nmode = \"file\"\nrdb_path = \"/d/dump.rdb\"\n";
+
+/// An RDB header, a string key with an expiry, a hash, the end marker and a CRC.
+const RDB: &[u8] = b"REDIS0011\xfa\tredis-ver\x057.0.0\xfe\x00\xfb\x02\x01\xfc\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01k\x01v\x04\x01h\x01\x01f\x01v\xff\x00\x00\x00\x00\x00\x00\x00\x00";
+
+proptest! {
+    #[test]
+    fn manifests(bytes in inputs(MANIFEST)) {
+        if let Ok(m) = parse_manifest("backups/db/x/manifest.json", &bytes, "db", "20261127T101500Z-ab12") {
+            // Whatever parses names nothing outside its backup.
+            for (name, _, _) in m.objects() {
+                prop_assert!(!name.contains('/') && name != ".." && !name.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn snapshots(bytes in inputs(SNAPSHOT)) {
+        if let Ok(entries) = objects::decode_snapshot(&bytes) {
+            for e in entries {
+                prop_assert!(!e.path.starts_with('/') && !e.path.split('/').any(|c| c == ".."));
+            }
+        }
+    }
+
+    #[test]
+    fn blob_lists(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        static SEALED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let key = Secret::new("k".repeat(40));
+        prop_assert!(objects::parse_blob_list(&key, &bytes).is_err());
+        // A sealed list with one edit either opens to the same ids or is refused.
+        let mut sealed = SEALED
+            .get_or_init(|| objects::seal(&key, format!("{}\n", "ab".repeat(32)).as_bytes()).unwrap())
+            .clone();
+        if !bytes.is_empty() {
+            let i = bytes[0] as usize % sealed.len();
+            sealed[i] ^= bytes.get(1).copied().unwrap_or(1).max(1);
+            if let Ok(got) = objects::parse_blob_list(&key, &sealed) {
+                prop_assert_eq!(got, vec!["ab".repeat(32)]);
+            }
+        }
+    }
+
+    #[test]
+    fn policies(bytes in inputs(POLICY)) {
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = crate::policy::parse(&text, "p.toml", &|_| None, crate::policy::LoadOptions::default());
+    }
+
+    #[test]
+    fn replication_framing_and_rdb_payloads(line in inputs(b"$EOF:0123456789012345678901234567890123456789"), rdb in inputs(RDB)) {
+        let _ = crate::source::redis::framing(&line);
+        let _ = crate::source::rdb::parse(&rdb[..]);
+        let mut crc = crate::source::rdb::Crc64Tail::default();
+        crc.update(&rdb);
+        let _ = crc.finish();
+        let _ = crate::source::rdb::lzf_decompress(&rdb, line.len() * 8);
+    }
+}
