@@ -8,7 +8,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 runs=${RUNS:-3}
-work=$root/bench/work
+work=${BENCH_WORK:-$root/bench/work}
 # Where result files go: bench/run.sh points this elsewhere for quick runs.
 results=${BENCH_RESULTS:-bench/results}
 venv=${MOTO_VENV:-target/moto-venv}

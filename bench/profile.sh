@@ -11,6 +11,7 @@ bench_setup "$rows"
 mkdir -p "$results"
 out=$results/$(date -u +%Y%m%dT%H%M%SZ)-profile.txt
 perf record -q -F 499 -g -o "$work/perf.data" -- "$lifeboat" backup --policy "$work/fs.toml" 2>/dev/null
+set +o pipefail # `head` closes the pipes early
 {
   echo "# lifeboat backup of $rows rows ($(du -sm "$work/repo" | cut -f1) MiB stored), perf samples by shared object"
   perf report -i "$work/perf.data" --stdio --no-children --sort comm,dso 2>/dev/null | grep -v '^#' | grep -v '^$' | head -20

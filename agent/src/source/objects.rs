@@ -290,6 +290,100 @@ impl Objects {
         }
     }
 
+    /// Reads a new or changed object, and stores its content as a blob unless the last published
+    /// snapshot already names that blob or this run stored it. An object whose content changes
+    /// between the hashing read and the upload is read again (3 attempts).
+    #[allow(clippy::too_many_arguments)]
+    async fn store_object(
+        &self,
+        ctx: &BackupContext,
+        l: &Listed,
+        key: &Secret,
+        s3: Option<&Arc<dyn ObjectStore>>,
+        known: &HashSet<[u8; 32]>,
+        claims: &Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<()>>>>,
+        uploaded: &std::sync::atomic::AtomicU64,
+    ) -> Result<Entry> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (sha, size, kept) = first_read(self.open(s3, &l.path).await?)
+                .await
+                .map_err(|e| Error::failed(format!("reading {}: {e}", l.path)))?;
+            if size == 0 {
+                let mut e = entry(l, Some(sha), None);
+                e.size = 0;
+                return Ok(e);
+            }
+            let id = blob_id(key, &sha);
+            let raw = unhex32(&id).ok_or_else(|| Error::failed("blob id is not hex"))?;
+            if known.contains(&raw) {
+                let mut e = entry(l, Some(sha), Some(id));
+                e.size = size;
+                return Ok(e);
+            }
+            // One upload per blob: a second object with the same content waits for the first
+            // one's upload, and makes its own if that one failed.
+            let cell = claims
+                .lock()
+                .map_err(|_| Error::failed("blob claims poisoned"))?
+                .entry(raw)
+                .or_default()
+                .clone();
+            let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stored_now = cell
+                .get_or_try_init(|| async {
+                    let input: Pin<Box<dyn AsyncRead + Send>> = match kept {
+                        Some(bytes) => Box::pin(std::io::Cursor::new(bytes)),
+                        None => Box::pin(ExpectSha256 {
+                            inner: self.open(s3, &l.path).await?,
+                            hasher: Sha256::new(),
+                            expected: sha.clone(),
+                            changed: changed.clone(),
+                        }),
+                    };
+                    // zstd's worker threads pay off only on large inputs.
+                    let mut cfg = ctx.pipeline.clone();
+                    if size < (4 << 20) {
+                        cfg.workers = 0;
+                    }
+                    pipeline::run(
+                        input,
+                        async { Ok(()) },
+                        NoObserver,
+                        ctx.store.clone(),
+                        blob_key(&id),
+                        &cfg,
+                        ctx.cancel.clone(),
+                    )
+                    .await
+                    .map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?;
+                    uploaded.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    Ok::<(), Error>(())
+                })
+                .await;
+            match stored_now {
+                Ok(()) => {
+                    let mut e = entry(l, Some(sha), Some(id));
+                    e.size = size;
+                    return Ok(e);
+                }
+                // It changed between the two reads: nothing was stored; read it again.
+                Err(_) if changed.load(std::sync::atomic::Ordering::SeqCst) => {
+                    if attempt < 3 {
+                        continue;
+                    }
+                    return Err(Error::failed(format!(
+                        "{} kept changing while it was read ({attempt} attempts)",
+                        l.path
+                    ))
+                    .hint("back it up when it is not being written, or exclude it"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn index_object(source: &str) -> String {
         format!("state/{source}/index.age")
     }
@@ -297,29 +391,33 @@ impl Objects {
     /// The change index from the previous run, or an empty one. It is trusted only while the
     /// backup it describes is published: a run whose manifest never appeared (or a backup since
     /// pruned) may name blobs that blob collection has removed.
-    async fn load_index(&self, repo: &dyn ObjectStore, source: &str) -> HashMap<String, Entry> {
+    async fn load_index(&self, repo: &dyn ObjectStore, source: &str) -> HashMap<String, Known> {
+        use std::io::BufRead;
         let Ok(key) = self.key() else {
             return HashMap::new();
         };
         let Ok(bytes) = repo.get(&Self::index_object(source)).await else {
             return HashMap::new();
         };
-        let Some(plain) = unseal(key, &bytes) else {
+        let Some(packed) = unseal(key, &bytes) else {
             tracing::debug!(source, "No readable change index: every object is read");
             return HashMap::new();
         };
-        let (header, rest) = match plain.iter().position(|b| *b == b'\n') {
-            Some(n) => (&plain[..n], &plain[n + 1..]),
-            None => (&plain[..], &[][..]),
+        drop(bytes);
+        let Ok(decoder) = zstd::stream::read::Decoder::new(&packed[..]) else {
+            return HashMap::new();
         };
-        let backup = serde_json::from_slice::<serde_json::Value>(header)
-            .ok()
+        let mut lines = std::io::BufReader::new(decoder).split(b'\n');
+        let backup = lines
+            .next()
+            .and_then(|l| l.ok())
+            .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
             .filter(|h| h["index"] == INDEX_FORMAT)
             .and_then(|h| h["backup"].as_str().map(str::to_string));
         let Some(backup) = backup else {
             tracing::debug!(
                 source,
-                "Change index of an older format: every object is read"
+                "Change index of another format: every object is read"
             );
             return HashMap::new();
         };
@@ -334,33 +432,26 @@ impl Objects {
             );
             return HashMap::new();
         }
-        match decode_snapshot(rest) {
-            Ok(entries) => entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
-            Err(_) => HashMap::new(),
+        let mut out = HashMap::new();
+        for line in lines {
+            let Some(e) = line
+                .ok()
+                .and_then(|l| serde_json::from_slice::<Entry>(&l).ok())
+            else {
+                tracing::debug!(source, "Damaged change index: every object is read");
+                return HashMap::new();
+            };
+            let path = e.path.clone();
+            if let Some(k) = Known::from_entry(e) {
+                out.insert(path, k);
+            }
         }
-    }
-
-    async fn store_index(
-        &self,
-        repo: &dyn ObjectStore,
-        source: &str,
-        backup: &str,
-        entries: &[Entry],
-    ) -> Result<()> {
-        let mut plain = serde_json::json!({ "index": INDEX_FORMAT, "backup": backup })
-            .to_string()
-            .into_bytes();
-        plain.push(b'\n');
-        plain.extend(encode_snapshot(entries)?);
-        let sealed = seal(self.key()?, &plain)?;
-        repo.put(&Self::index_object(source), Bytes::from(sealed))
-            .await
-            .map_err(|e| Error::from(e).context("storing the change index"))
+        out
     }
 }
 
-/// Version of the change index's header line.
-const INDEX_FORMAT: u32 = 2;
+/// Version of the change index: a header line, then the snapshot's lines, zstd, sealed.
+const INDEX_FORMAT: u32 = 3;
 
 /// Encrypts `plain` with the index key (age, scrypt recipient).
 pub fn seal(key: &Secret, plain: &[u8]) -> Result<Vec<u8>> {
@@ -565,7 +656,7 @@ impl Source for Objects {
         let listed = self.list(s3.as_ref()).await?;
         let files = listed.iter().filter(|l| l.kind == EntryKind::File).count();
         let index = self.load_index(ctx.store.as_ref(), &ctx.source).await;
-        let previous = index.values().filter(|e| e.kind == EntryKind::File).count();
+        let previous = index.len();
         if let Some(max) = self.cfg.max_shrink_percent {
             if files == 0 {
                 return Err(Error::failed(format!(
@@ -585,141 +676,110 @@ impl Source for Objects {
         // Only blobs the last published snapshot names count as stored: blob collection never
         // removes those, while any other blob may be on its way out. Content found nowhere
         // else is uploaded again (which also renews an old copy's age).
-        let stored: HashSet<String> = index.values().filter_map(|e| e.blob.clone()).collect();
-        let stored: HashMap<String, Arc<tokio::sync::OnceCell<()>>> = stored
-            .into_iter()
-            .map(|id| (id, Arc::new(tokio::sync::OnceCell::new_with(Some(())))))
-            .collect();
-        let stored = Arc::new(Mutex::new(stored));
-        let uploaded = Arc::new(Mutex::new(0u64));
-        // Unchanged objects are taken from the index here; only the changed ones become tasks,
-        // at most `concurrency` of them alive at once (memory stays flat in the object count).
-        let mut entries = Vec::with_capacity(listed.len());
-        let mut changed = Vec::new();
-        for l in listed.iter().filter(|l| l.kind == EntryKind::File) {
-            let reuse = index.get(&l.path).filter(|e| {
-                e.size == l.size
-                    && e.sha256.is_some()
-                    && (e.blob.is_some() || e.size == 0)
-                    && match (&l.etag, &e.etag) {
-                        (Some(a), Some(b)) => a == b,
-                        _ => l.mtime_ms.is_some() && e.mtime_ms == l.mtime_ms,
-                    }
-            });
-            match reuse {
-                Some(e) => entries.push(entry(l, e.sha256.clone(), e.blob.clone())),
-                None => changed.push(l.clone()),
-            }
-        }
-        drop(index);
-        let tasks = changed.into_iter().map(|l| {
-            let (stored, uploaded, key, s3) =
-                (stored.clone(), uploaded.clone(), key.clone(), s3.clone());
-            let (ctx, this) = (ctx.clone(), self);
-            async move {
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    let (sha, size, kept) = first_read(this.open(s3.as_ref(), &l.path).await?)
-                        .await
-                        .map_err(|e| Error::failed(format!("reading {}: {e}", l.path)))?;
-                    if size == 0 {
-                        let mut e = entry(&l, Some(sha), None);
-                        e.size = 0;
-                        return Ok(e);
-                    }
-                    let id = blob_id(&key, &sha);
-                    // One upload per blob: a second object with the same content waits for the
-                    // first one's upload, and makes its own if that one failed.
-                    let cell = stored
-                        .lock()
-                        .map_err(|_| Error::failed("blob claims poisoned"))?
-                        .entry(id.clone())
-                        .or_default()
-                        .clone();
-                    let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let stored_now = cell
-                        .get_or_try_init(|| async {
-                            let input: Pin<Box<dyn AsyncRead + Send>> = match kept {
-                                Some(bytes) => Box::pin(std::io::Cursor::new(bytes)),
-                                None => Box::pin(ExpectSha256 {
-                                    inner: this.open(s3.as_ref(), &l.path).await?,
-                                    hasher: Sha256::new(),
-                                    expected: sha.clone(),
-                                    changed: changed.clone(),
-                                }),
-                            };
-                            // zstd's worker threads pay off only on large inputs.
-                            let mut cfg = ctx.pipeline.clone();
-                            if size < (4 << 20) {
-                                cfg.workers = 0;
-                            }
-                            pipeline::run(
-                                input,
-                                async { Ok(()) },
-                                NoObserver,
-                                ctx.store.clone(),
-                                blob_key(&id),
-                                &cfg,
-                                ctx.cancel.clone(),
-                            )
-                            .await
-                            .map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?;
-                            if let Ok(mut u) = uploaded.lock() {
-                                *u += 1;
-                            }
-                            Ok::<(), Error>(())
-                        })
-                        .await;
-                    match stored_now {
-                        Ok(()) => {
-                            let mut e = entry(&l, Some(sha), Some(id));
-                            e.size = size;
-                            return Ok(e);
-                        }
-                        // It changed between the two reads: nothing was stored; read it again.
-                        Err(_) if changed.load(std::sync::atomic::Ordering::SeqCst) => {
-                            if attempt < 3 {
-                                continue;
-                            }
-                            return Err(Error::failed(format!(
-                                "{} kept changing while it was read ({attempt} attempts)",
-                                l.path
-                            ))
-                            .hint("back it up when it is not being written, or exclude it"));
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-        });
-        let read: Vec<Entry> = futures::stream::iter(tasks)
-            .buffer_unordered(self.cfg.concurrency)
-            .try_collect()
-            .await?;
-        entries.extend(read);
-        entries.extend(
-            listed
-                .iter()
-                .filter(|l| l.kind == EntryKind::Dir)
-                .map(|l| entry(l, None, None)),
+        let known: HashSet<[u8; 32]> = index.values().filter_map(|k| k.blob).collect();
+        let claims: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<()>>>> = Mutex::default();
+        let uploaded = std::sync::atomic::AtomicU64::new(0);
+        let semaphore = tokio::sync::Semaphore::new(self.cfg.concurrency);
+        // Entries come out in path order: unchanged objects from the index at once, changed
+        // ones read and stored, at most `concurrency` at a time. Nothing holds the whole
+        // snapshot: each entry goes straight into the snapshot's stream and the next index.
+        // By position and boxed: the futures borrow this run's state, which the Send-checked
+        // trait method cannot express through a closure over `&Listed`. Made lazily.
+        let (all, index_ref, known_ref, claims_ref, uploaded_ref, semaphore_ref, key_ref, s3_ref) = (
+            &listed,
+            &index,
+            &known,
+            &claims,
+            &uploaded,
+            &semaphore,
+            &key,
+            s3.as_ref(),
         );
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
-        let plain = encode_snapshot(&entries)?;
-        let (digests, _) = pipeline::run(
-            std::io::Cursor::new(plain),
-            async { Ok(()) },
+        let items =
+            (0..listed.len()).map(move |i| -> futures::future::BoxFuture<'_, Result<Entry>> {
+                let l = &all[i];
+                let (index, known, claims, uploaded, semaphore, key, s3) = (
+                    index_ref,
+                    known_ref,
+                    claims_ref,
+                    uploaded_ref,
+                    semaphore_ref,
+                    key_ref,
+                    s3_ref,
+                );
+                Box::pin(async move {
+                    if l.kind == EntryKind::Dir {
+                        return Ok::<Entry, Error>(entry(l, None, None));
+                    }
+                    if let Some(k) = index.get(&l.path).filter(|k| k.unchanged(l)) {
+                        return Ok(entry(
+                            l,
+                            Some(hex::encode(k.sha256)),
+                            k.blob.map(hex::encode),
+                        ));
+                    }
+                    let _permit = semaphore
+                        .acquire()
+                        .await
+                        .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
+                    self.store_object(ctx, l, key, s3, known, claims, uploaded)
+                        .await
+                })
+            });
+        let window = (self.cfg.concurrency * 32).max(64);
+        let mut entries = futures::stream::iter(items).buffered(window);
+
+        let (plain_w, plain_r) = tokio::io::duplex(256 << 10);
+        let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+        let snapshot = pipeline::run(
+            plain_r,
+            async move {
+                verdict_rx
+                    .await
+                    .unwrap_or_else(|_| Err(Error::failed("the snapshot was not finished")))
+            },
             NoObserver,
             ctx.store.clone(),
             layout::backup_object(&ctx.source, &ctx.id, SNAPSHOT_OBJECT),
             &ctx.pipeline,
             ctx.cancel.clone(),
-        )
-        .await
-        .map_err(Error::from)?;
-        let blobs: std::collections::BTreeSet<&str> =
-            entries.iter().filter_map(|e| e.blob.as_deref()).collect();
-        let list_plain: String = blobs.iter().map(|b| format!("{b}\n")).collect();
+        );
+        let produce = async {
+            let mut plain_w = plain_w;
+            let written = async {
+                use std::io::Write;
+                use tokio::io::AsyncWriteExt;
+                let io = |e: std::io::Error| Error::failed(format!("writing the snapshot: {e}"));
+                let mut next_index =
+                    zstd::stream::write::Encoder::new(Vec::new(), 3).map_err(io)?;
+                let header = serde_json::json!({ "index": INDEX_FORMAT, "backup": ctx.id });
+                writeln!(next_index, "{header}").map_err(io)?;
+                let mut t = Tally::default();
+                while let Some(e) = entries.try_next().await? {
+                    let mut line = serde_json::to_vec(&e)
+                        .map_err(|e| Error::failed(format!("cannot encode the snapshot: {e}")))?;
+                    line.push(b'\n');
+                    plain_w.write_all(&line).await.map_err(io)?;
+                    next_index.write_all(&line).map_err(io)?;
+                    t.add(&e);
+                }
+                plain_w.shutdown().await.map_err(io)?;
+                Ok::<_, Error>((t, next_index.finish().map_err(io)?))
+            }
+            .await;
+            let _ = verdict_tx.send(match &written {
+                Ok(_) => Ok(()),
+                Err(_) => Err(Error::failed("the snapshot was not finished")),
+            });
+            written
+        };
+        let (written, stored) = tokio::join!(produce, snapshot);
+        let (tally, next_index) = written?;
+        let (digests, _) = stored.map_err(Error::from)?;
+        drop(entries);
+        drop(index);
+
+        let list_plain: String = tally.blobs.iter().map(|b| hex::encode(b) + "\n").collect();
         let list = seal(&key, list_plain.as_bytes())?;
         let list_part = crate::repo::manifest::Part {
             name: BLOB_LIST_OBJECT.into(),
@@ -738,22 +798,26 @@ impl Source for Objects {
             .await
             .map_err(|e| Error::from(e).context("storing the blob list"))?;
         // The index is a cache of what this snapshot names, valid once its manifest exists.
-        if let Err(e) = self
-            .store_index(ctx.store.as_ref(), &ctx.source, &ctx.id, &entries)
-            .await
-        {
+        let stored_index = async {
+            let sealed = seal(&key, &next_index)?;
+            ctx.store
+                .put(&Self::index_object(&ctx.source), Bytes::from(sealed))
+                .await
+                .map_err(|e| Error::from(e).context("storing the change index"))
+        };
+        if let Err(e) = stored_index.await {
             tracing::warn!(source = %ctx.source, error = %e.message, "Could not store the change index; the next run reads every object");
         }
         let fingerprint = Fingerprint {
             format: 1,
             kind: "objects".into(),
             from: self.cfg.from_shown.clone(),
-            files: entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64,
-            dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count() as u64,
-            bytes: entries.iter().map(|e| e.size).sum(),
-            blobs: blobs.len() as u64,
-            blobs_uploaded: uploaded.lock().map(|u| *u).unwrap_or(0),
-            tree_sha256: tree_sha256(&entries),
+            files: tally.files,
+            dirs: tally.dirs,
+            bytes: tally.bytes,
+            blobs: tally.blobs.len() as u64,
+            blobs_uploaded: uploaded.load(std::sync::atomic::Ordering::SeqCst),
+            tree_sha256: hex::encode(tally.tree.finalize()),
         };
         tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");
         Ok(SourceBackup {
@@ -767,6 +831,81 @@ impl Source for Objects {
             dump_tool_version: None,
         })
     }
+}
+
+/// What a snapshot adds up to, counted as its entries pass in path order.
+#[derive(Default)]
+struct Tally {
+    files: u64,
+    dirs: u64,
+    bytes: u64,
+    blobs: std::collections::BTreeSet<[u8; 32]>,
+    /// [`tree_sha256`], incrementally.
+    tree: Sha256,
+}
+
+impl Tally {
+    fn add(&mut self, e: &Entry) {
+        if e.kind == EntryKind::Dir {
+            self.dirs += 1;
+            return;
+        }
+        self.files += 1;
+        self.bytes += e.size;
+        if let Some(b) = e.blob.as_deref().and_then(unhex32) {
+            self.blobs.insert(b);
+        }
+        self.tree.update(e.path.as_bytes());
+        self.tree.update(b"\0");
+        self.tree
+            .update(e.sha256.as_deref().unwrap_or("").as_bytes());
+        self.tree.update(b"\n");
+    }
+}
+
+/// What the change index remembers of an object: enough to know it unchanged and to name its
+/// content without reading it (about a third of a full entry in memory).
+struct Known {
+    size: u64,
+    mtime_ms: Option<i64>,
+    etag: Option<Box<str>>,
+    sha256: [u8; 32],
+    blob: Option<[u8; 32]>,
+}
+
+impl Known {
+    fn from_entry(e: Entry) -> Option<Known> {
+        if e.kind != EntryKind::File {
+            return None;
+        }
+        let blob = match &e.blob {
+            Some(b) => Some(unhex32(b)?),
+            None if e.size == 0 => None,
+            None => return None,
+        };
+        Some(Known {
+            size: e.size,
+            mtime_ms: e.mtime_ms,
+            etag: e.etag.map(String::into_boxed_str),
+            sha256: unhex32(e.sha256.as_deref()?)?,
+            blob,
+        })
+    }
+
+    /// Same size, and the same ETag (S3) or modification time (directories).
+    fn unchanged(&self, l: &Listed) -> bool {
+        self.size == l.size
+            && match (&l.etag, &self.etag) {
+                (Some(a), Some(b)) => a.as_str() == &**b,
+                _ => l.mtime_ms.is_some() && self.mtime_ms == l.mtime_ms,
+            }
+    }
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
 }
 
 fn entry(l: &Listed, sha256: Option<String>, blob: Option<String>) -> Entry {
