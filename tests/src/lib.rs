@@ -573,6 +573,23 @@ impl S3 {
             .collect()
     }
 
+    /// The body of `bucket`/`key`.
+    pub async fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        self.client()
+            .await
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .expect("get object")
+            .body
+            .collect()
+            .await
+            .expect("read object body")
+            .to_vec()
+    }
+
     /// Unfinished multipart uploads in `bucket`.
     pub async fn pending_uploads(&self, bucket: &str) -> Vec<String> {
         let out = self

@@ -49,6 +49,13 @@ impl Fx {
         lifeboat(self.dir.path(), &all, &self.env)
     }
 
+    /// `lifeboat restore --source files ARGS`.
+    fn restore(&self, args: &[&str]) -> Run {
+        let mut all = vec!["restore", "--source", "files"];
+        all.extend(args);
+        self.run(&all)
+    }
+
     fn backup(&self) -> String {
         let r = self.run(&["backup"]);
         assert_eq!(r.code, 0, "backup: {}", r.stderr);
@@ -175,15 +182,7 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
 
     // Restore into a new directory: the same tree, byte for byte, modes and empty dirs included.
     let out = fx.dir.path().join("restored");
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--backup",
-        &first,
-        "--to",
-        out.to_str().unwrap(),
-    ]);
+    let r = fx.restore(&["--backup", &first, "--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let mut want = tree(src.path());
     want.remove("scratch.tmp");
@@ -198,40 +197,18 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
 
     // The older snapshot still gives the older content.
     let older = fx.dir.path().join("older");
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--backup",
-        &first,
-        "--to",
-        older.to_str().unwrap(),
-    ]);
+    let r = fx.restore(&["--backup", &first, "--to", older.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         std::fs::read_to_string(older.join("docs/naïve café ☕.txt")).unwrap(),
         "unicode names\n"
     );
     // A non-empty target needs --yes.
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--to",
-        older.to_str().unwrap(),
-    ]);
+    let r = fx.restore(&["--to", older.to_str().unwrap()]);
     assert_eq!(r.code, 14, "{}", r.stderr);
     // --yes --delete-extra makes it exactly the newer snapshot: the extra file goes.
     std::fs::write(older.join("not in any snapshot.txt"), "extra").unwrap();
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--to",
-        older.to_str().unwrap(),
-        "--yes",
-        "--delete-extra",
-    ]);
+    let r = fx.restore(&["--to", older.to_str().unwrap(), "--yes", "--delete-extra"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("1 extra path(s) deleted"), "{}", r.stderr);
     let mut want = tree(src.path());
@@ -258,15 +235,7 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     b[i] ^= 1;
     std::fs::write(&victim, b).unwrap();
     let damaged = fx.dir.path().join("damaged");
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--backup",
-        &second,
-        "--to",
-        damaged.to_str().unwrap(),
-    ]);
+    let r = fx.restore(&["--backup", &second, "--to", damaged.to_str().unwrap()]);
     assert_eq!(r.code, 13, "{}", r.stderr);
     assert!(
         files_under(&damaged).iter().all(|p| !p
@@ -328,13 +297,7 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let first = fx.ids()[0].clone();
     let out = fx.dir.path().join("restored");
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--to",
-        out.to_str().unwrap(),
-    ]);
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     for (k, v) in objects.iter().filter(|(k, _)| k.starts_with("uploads/")) {
         let rel = k.strip_prefix("uploads/").unwrap();
@@ -378,45 +341,20 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
             .unwrap();
     });
     let to = format!("s3://{out_bucket}/back/");
-    let r = fx.run(&[
-        "restore", "--source", "files", "--backup", &first, "--to", &to,
-    ]);
+    let r = fx.restore(&["--backup", &first, "--to", &to]);
     assert_eq!(
         r.code, 14,
         "a prefix holding objects needs --yes: {}",
         r.stderr
     );
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--backup",
-        &first,
-        "--to",
-        &to,
-        "--yes",
-        "--delete-extra",
-    ]);
+    let r = fx.restore(&["--backup", &first, "--to", &to, "--yes", "--delete-extra"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     rt.block_on(async {
-        let c = s3.client().await;
         let keys = s3.keys(&out_bucket, "back/").await;
         assert_eq!(keys.len(), 4, "{keys:?}");
         for (k, v) in objects.iter().filter(|(k, _)| k.starts_with("uploads/")) {
             let key = format!("back/{}", k.strip_prefix("uploads/").unwrap());
-            let got = c
-                .get_object()
-                .bucket(&out_bucket)
-                .key(&key)
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .into_bytes();
-            assert_eq!(&got[..], &v[..], "{key}");
+            assert_eq!(&s3.get(&out_bucket, &key).await, v, "{key}");
         }
     });
 
@@ -437,18 +375,7 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
                 largest = (o.key().unwrap().to_string(), o.size().unwrap());
             }
         }
-        let mut b = c
-            .get_object()
-            .bucket(&repo_bucket)
-            .key(&largest.0)
-            .send()
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .to_vec();
+        let mut b = s3.get(&repo_bucket, &largest.0).await;
         let i = b.len() / 2;
         b[i] ^= 1;
         c.put_object()
@@ -461,10 +388,7 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
         largest.0
     });
     assert!(!large.is_empty());
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
+    let r = fx.restore(&[
         "--backup",
         &first,
         "--to",
@@ -476,15 +400,8 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
             .keys(&out_bucket, "damaged/")
             .await
             .contains(&"damaged/large.bin".to_string()));
-        let open = s3
-            .client()
-            .await
-            .list_multipart_uploads()
-            .bucket(&out_bucket)
-            .send()
-            .await
-            .unwrap();
-        assert!(open.uploads().is_empty(), "{:?}", open.uploads());
+        let open = s3.pending_uploads(&out_bucket).await;
+        assert!(open.is_empty(), "{open:?}");
     });
 }
 
@@ -547,13 +464,7 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
     let r = fx.run(&["check", "--read-data"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = fx.dir.path().join("restored");
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--to",
-        out.to_str().unwrap(),
-    ]);
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(tree(&out), tree(src.path()));
 
@@ -562,13 +473,7 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
     let third = fx.backup();
     assert_eq!(fx.fingerprint(&third)["blobs_uploaded"], 1);
     let out = fx.dir.path().join("third");
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "files",
-        "--to",
-        out.to_str().unwrap(),
-    ]);
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(std::fs::read_to_string(out.join("b.txt")).unwrap(), "two\n");
 

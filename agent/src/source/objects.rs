@@ -1107,14 +1107,7 @@ pub async fn restore_to_dir(
                 Ok::<u64, Error>(n)
             }
         });
-    let written: Vec<u64> = futures::stream::iter(files)
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await?;
-    for n in written {
-        done.files += 1;
-        done.bytes += n;
-    }
+    (done.files, done.bytes) = run_writes(files, concurrency).await?;
     if delete_extra {
         let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         done.deleted = delete_extra_paths(target, target, &keep)?;
@@ -1183,14 +1176,7 @@ pub async fn restore_to_store(
                 Ok::<u64, Error>(n)
             }
         });
-    let written: Vec<u64> = futures::stream::iter(files)
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await?;
-    for n in written {
-        done.files += 1;
-        done.bytes += n;
-    }
+    (done.files, done.bytes) = run_writes(files, concurrency).await?;
     if delete_extra {
         let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         let present = target
@@ -1206,6 +1192,18 @@ pub async fn restore_to_store(
         }
     }
     Ok(done)
+}
+
+/// Runs a restore's per-file writes, `concurrency` at a time: (files, bytes) written.
+async fn run_writes(
+    writes: impl Iterator<Item = impl std::future::Future<Output = Result<u64>>>,
+    concurrency: usize,
+) -> Result<(u64, u64)> {
+    let written: Vec<u64> = futures::stream::iter(writes)
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    Ok((written.len() as u64, written.iter().sum()))
 }
 
 /// Part size of a restore's multipart uploads (S3 wants at least 5 MiB).
