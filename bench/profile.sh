@@ -14,7 +14,7 @@ perf record -q -F 499 -g -o "$work/perf.data" -- "$lifeboat" backup --policy "$w
 set +o pipefail # `head` closes the pipes early
 {
   echo "# lifeboat backup of $rows rows ($(du -sm "$work/repo" | cut -f1) MiB stored), perf samples by shared object"
-  perf report -i "$work/perf.data" --stdio --no-children --sort comm,dso 2>/dev/null | grep -v '^#' | grep -v '^$' | head -20
+  perf report -i "$work/perf.data" --stdio --no-children --sort comm,dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -20
   echo
   echo "# top symbols"
   perf report -i "$work/perf.data" --stdio --no-children --sort comm,symbol -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40

@@ -40,17 +40,22 @@ def table(doc):
     return f"{doc['note']}; median of {runs} run(s), {doc['date'][:10]}.\n\n" + "\n".join(lines)
 
 
-def scaling_table(docs, prefix, label):
-    rows = sorted(
-        ((k, d) for k, d in docs.items() if k.startswith(prefix)),
-        key=lambda kd: float(kd[1].get("scale") or 0),
+def scaling_rows(docs, prefix):
+    """The result documents of one scaling series, smallest first."""
+    return sorted(
+        (d for k, d in docs.items() if k.startswith(prefix)),
+        key=lambda d: float(d.get("scale") or 0),
     )
+
+
+def scaling_table(docs, prefix, label):
+    rows = scaling_rows(docs, prefix)
     if not rows:
         return None
-    names = list(rows[0][1]["results"])
+    names = list(rows[0]["results"])
     head = f"| {label} | " + " | ".join(f"{n}: wall / peak RSS" for n in names) + " |"
     lines = [head, "|---" * (len(names) + 1) + "|"]
-    for _, d in rows:
+    for d in rows:
         size = d.get("scale")
         if prefix.startswith("pg"):
             size = f"{d['database_bytes'] / 2**20:,.0f} MiB"
@@ -121,10 +126,7 @@ def plots(docs, budgets, out):
         ("pg_scaling", "database size, MiB", "pg_scaling.png"),
         ("objects_scaling", "files", "objects_scaling.png"),
     ]:
-        rows = sorted(
-            (d for k, d in docs.items() if k.startswith(prefix)),
-            key=lambda d: float(d.get("scale") or 0),
-        )
+        rows = scaling_rows(docs, prefix)
         if len(rows) < 2:
             continue
         xs = [
