@@ -66,7 +66,8 @@ impl Fx {
         lifeboat(self.dir.path(), &["backup", "--policy", &self.p()], &[])
     }
 
-    /// Starts a backup, waits until pg_dump runs under it, does `act(pid of pg_dump)`, and
+    /// Starts a backup, waits until pg_dump has run for a moment under it (the table is large
+    /// enough that the dump takes seconds), does `act(pid of pg_dump)`, and
     /// returns the backup's result.
     fn backup_interrupted(&self, act: &dyn Fn(u32)) -> (i32, String) {
         let child = Command::new(lifeboat_bin())
@@ -82,17 +83,21 @@ impl Fx {
                 .args(["-P", &child.id().to_string(), "pg_dump"])
                 .output()
                 .unwrap();
-            if let Some(pid) = String::from_utf8_lossy(&out.stdout)
+            // The dump itself, not the `pg_dump --version` that comes first.
+            let dump = String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .next()
-                .and_then(|l| l.trim().parse::<u32>().ok())
-            {
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .find(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| !String::from_utf8_lossy(&c).contains("--version"))
+                });
+            if let Some(pid) = dump {
                 break pid;
             }
             assert!(Instant::now() < deadline, "pg_dump never started");
             std::thread::sleep(Duration::from_millis(20));
         };
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(100));
         act(dump_pid);
         let out = child.wait_with_output().unwrap();
         (
@@ -132,7 +137,7 @@ fn limited(bin: &Path, dir: &Path, kib: u64, args: &[&str], env: &[(String, Stri
 
 #[test]
 fn pg_dump_killed_mid_stream_publishes_nothing() {
-    let fx = setup("killed", 400_000);
+    let fx = setup("killed", 1_500_000);
     assert_eq!(fx.backup().code, 0);
     let (code, stderr) = fx.backup_interrupted(&|pid| {
         Command::new("kill")
@@ -151,7 +156,7 @@ fn pg_dump_killed_mid_stream_publishes_nothing() {
 
 #[test]
 fn connections_dropped_mid_dump_publish_nothing() {
-    let fx = setup("dropped", 400_000);
+    let fx = setup("dropped", 1_500_000);
     let (code, stderr) = fx.backup_interrupted(&|_| {
         // What a server restart does to its clients: every backend of the database is gone.
         fx.pg.psql(
