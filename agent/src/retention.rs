@@ -417,27 +417,55 @@ pub async fn prune(
         blobs: None,
     };
     let objects = matches!(source.config, crate::policy::SourceConfig::Objects(_));
-    if dry_run {
-        if objects {
-            let ignoring = report
-                .decisions
-                .iter()
-                .filter(|d| !d.keep)
-                .map(|d| (name.clone(), d.id.clone()))
-                .collect();
-            report.blobs = Some(
-                crate::blobs::collect(
-                    repo,
-                    policy.encryption.index_key.as_ref(),
-                    now,
-                    true,
-                    &ignoring,
-                )
-                .await?,
-            );
-        }
-        return Ok(report);
+    // A dry run's blob collection must not count the backups this prune would delete.
+    let doomed: std::collections::HashSet<(String, String)> = report
+        .decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| (name.clone(), d.id.clone()))
+        .collect();
+    if !dry_run {
+        apply(
+            repo,
+            name,
+            &mut report,
+            &stale_incomplete,
+            now - grace,
+            &state_key,
+            now,
+        )
+        .await?;
     }
+    // Blobs last: only once the pruned snapshots are gone can their blobs be unreferenced.
+    if objects {
+        report.blobs = Some(
+            crate::blobs::collect(
+                repo,
+                policy.encryption.index_key.as_ref(),
+                now,
+                dry_run,
+                &doomed,
+            )
+            .await?,
+        );
+    }
+    Ok(report)
+}
+
+/// Deletes what `report` decided, under the `prune-<source>` lease: each doomed backup's manifest
+/// first, then its objects and reports; then stale interrupted runs and unfinished uploads older
+/// than `cutoff`; then records how many backups are kept.
+async fn apply(
+    repo: &crate::repo::Repository,
+    name: &str,
+    report: &mut PruneReport,
+    stale_incomplete: &[String],
+    cutoff: DateTime<Utc>,
+    state_key: &str,
+    now: DateTime<Utc>,
+) -> crate::Result<()> {
+    use crate::error::Error;
+    use crate::repo::layout;
     let mut lease = repo
         .lease(
             &format!("prune-{name}"),
@@ -473,14 +501,13 @@ pub async fn prune(
                 report.deleted_objects.push(o.key);
             }
         }
-        report.aborted_uploads =
-            crate::store::sweep_stale_uploads(repo.store.as_ref(), now - grace)
-                .await
-                .map_err(Error::from)?;
+        report.aborted_uploads = crate::store::sweep_stale_uploads(repo.store.as_ref(), cutoff)
+            .await
+            .map_err(Error::from)?;
         let kept = report.decisions.iter().filter(|d| d.keep).count();
         let state = serde_json::json!({ "backups": kept, "pruned_at": now });
         repo.store
-            .put(&state_key, bytes::Bytes::from(state.to_string()))
+            .put(state_key, bytes::Bytes::from(state.to_string()))
             .await
             .map_err(Error::from)?;
         Ok::<(), Error>(())
@@ -489,18 +516,5 @@ pub async fn prune(
     let released = lease.release().await;
     result?;
     released?;
-    // Blobs last: only once the pruned snapshots are gone can their blobs be unreferenced.
-    if objects {
-        report.blobs = Some(
-            crate::blobs::collect(
-                repo,
-                policy.encryption.index_key.as_ref(),
-                now,
-                false,
-                &Default::default(),
-            )
-            .await?,
-        );
-    }
-    Ok(report)
+    Ok(())
 }

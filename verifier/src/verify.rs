@@ -84,15 +84,7 @@ pub async fn verify(
         for part in &m.parts {
             spooled.push(restore::spool(repo, m, part, &spool_dir, &restore::NoProgress).await?);
         }
-        let fingerprint: Fingerprint = serde_json::from_value(
-            restore::fingerprint(repo, m, identities).await?,
-        )
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("fingerprint of {}: {e}", m.id),
-            )
-        })?;
+        let fingerprint: Fingerprint = typed_fingerprint(repo, m, identities).await?;
         Ok::<_, Error>((spooled, fingerprint, t0.elapsed().as_secs_f64()))
     };
     let scratch = async {
@@ -160,15 +152,7 @@ pub(crate) async fn spool_and_fingerprint<F: serde::de::DeserializeOwned>(
         let part = restore::part(m, role)?;
         let spooled =
             restore::spool(repo, m, part, &std::env::temp_dir(), &restore::NoProgress).await?;
-        let fingerprint: F = serde_json::from_value(
-            restore::fingerprint(repo, m, identities).await?,
-        )
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("fingerprint of {}: {e}", m.id),
-            )
-        })?;
+        let fingerprint: F = typed_fingerprint(repo, m, identities).await?;
         Ok::<_, Error>((spooled, fingerprint))
     };
     tokio::select! {
@@ -404,6 +388,20 @@ async fn teardown(target: Target) {
             }
         }
     }
+}
+
+/// A backup's fingerprint, decrypted (its stored SHA-256 checked first) and read as `F`.
+async fn typed_fingerprint<F: serde::de::DeserializeOwned>(
+    repo: &Repository,
+    m: &lifeboat::repo::manifest::Manifest,
+    identities: &Identities,
+) -> Result<F> {
+    serde_json::from_value(restore::fingerprint(repo, m, identities).await?).map_err(|e| {
+        Error::new(
+            ErrorKind::Integrity,
+            format!("fingerprint of {}: {e}", m.id),
+        )
+    })
 }
 
 #[cfg(test)]
