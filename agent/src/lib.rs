@@ -22,3 +22,19 @@ pub mod store;
 pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// `n` bytes for people: `512 B`, `1.5 MiB`, `20.0 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -177,6 +177,13 @@ fn a_rich_schema_verifies_and_the_report_is_listed() {
         assert!(names.contains(&want), "no check {want:?} in {names:?}");
     }
     assert!(checks.iter().all(|c| c["passed"] == true), "{checks:#?}");
+    // Restored unprivileged; the one untrusted extension was made for it.
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains("unprivileged role lifeboat_restore"),
+        "{notes}"
+    );
+    assert!(notes.contains("extension pg_stat_statements"), "{notes}");
     let t = &report["timings"];
     assert!(t["total_seconds"].as_f64().unwrap() >= t["restore_seconds"].as_f64().unwrap());
     assert!(report["scratch"]
@@ -392,4 +399,240 @@ fn scheduled_verification_writes_reports_until_sigterm() {
     assert!(stderr.contains("Verifier stopped"), "{stderr}");
     assert_eq!(fx.reports(&id)[0]["result"], "pass");
     fx.assert_scratch_gone();
+}
+
+/// A function the restore runs (through a CHECK constraint, as the table's rows load) that does
+/// `what` only in the verifier's scratch database, never in the source.
+fn hostile_check(pg: &Postgres, db: &str, what: &str) {
+    pg.psql(
+        db,
+        &format!(
+            "create function hostile(x int) returns boolean language plpgsql as $f$ \
+             begin if current_database() = 'restored' then {what} end if; return true; end $f$; \
+             create table guarded (x int check (hostile(x))); insert into guarded values (1)"
+        ),
+    );
+}
+
+/// Whether anything connected to `listener` (non-blocking) since it was bound.
+fn reached(listener: &std::net::TcpListener) -> bool {
+    listener.set_nonblocking(true).unwrap();
+    listener.accept().is_ok()
+}
+
+#[test]
+fn a_dump_that_runs_programs_or_reaches_the_network_is_contained_and_reported() {
+    let fx = setup("vhostile");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let marker = PathBuf::from(format!("/tmp/lbv-hostile-{}", suffix()));
+    let program = format!(
+        "touch {}; bash -c \"echo hi > /dev/tcp/127.0.0.1/{port}\"",
+        marker.display()
+    );
+    hostile_check(
+        fx.pg,
+        &fx.db,
+        &format!("execute format('copy (select 1) to program %L', '{program}');"),
+    );
+    let policy = fx.policy("");
+    let id = fx.backup(&policy);
+
+    // Restored as the unprivileged role: COPY … PROGRAM is refused, the restore fails, the
+    // report says why and what to do.
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("pg_execute_server_program"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("restore_as_superuser"), "{}", r.stderr);
+    assert!(!marker.exists(), "the program ran");
+    assert!(!reached(&listener), "the restore reached the network");
+    let report = fx.reports(&id).pop().unwrap();
+    assert_eq!(report["result"], "fail");
+    let notes = report["notes"].to_string();
+    assert!(notes.contains("lost SUPERUSER"), "{notes}");
+    assert!(notes.contains("had no network"), "{notes}");
+
+    // Restored as superuser on purpose: the program runs (as the scratch cluster's OS user), but
+    // in a network namespace of its own it reaches nothing.
+    let policy = fx.policy("restore_as_superuser = true");
+    let r = fx.verify(&policy, &[]);
+    let _ = std::fs::remove_file(&marker);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("program"), "{}", r.stderr);
+    assert!(!reached(&listener), "the restore reached the network");
+}
+
+#[test]
+fn untrusted_language_functions_need_restore_as_superuser() {
+    let fx = setup("vclang");
+    fx.pg.psql(
+        &fx.db,
+        "create function c_handler() returns int as '$libdir/plpgsql', 'plpgsql_call_handler' language c; \
+         create table t as select generate_series(1, 10) as id",
+    );
+    let policy = fx.policy("");
+    fx.backup(&policy);
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("permission denied for language c"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("restore_as_superuser = true"),
+        "{}",
+        r.stderr
+    );
+    // The operator who trusts the repository's writers says so, and the same backup verifies.
+    let policy = fx.policy("restore_as_superuser = true");
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn a_dump_that_fills_the_disk_is_stopped() {
+    let fx = setup("vfill");
+    fx.pg.psql(
+        &fx.db,
+        "create table junk (s text); alter table junk alter column s set storage external",
+    );
+    // About 20 GB of uncompressed rows, were nothing to stop it.
+    hostile_check(
+        fx.pg,
+        &fx.db,
+        "insert into public.junk select repeat('x', 1000) from generate_series(1, 20000000);",
+    );
+    // A size limit of its own.
+    let policy = fx.policy("scratch_max_size = \"64MiB\"");
+    let id = fx.backup(&policy);
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("grew past verify.scratch_max_size (64.0 MiB)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fx.reports(&id).pop().unwrap()["result"], "fail");
+
+    // No limit, on a small filesystem: the verifier stops before it is full.
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=800m", "tmpfs"])
+        .arg(&fx.tmp)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs needs root");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&fx.tmp);
+    let policy = fx.policy("");
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("the scratch filesystem had only"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_forged_roles_part_runs_no_shell_command_and_no_sql_but_roles() {
+    use sha2::{Digest, Sha256};
+    let fx = setup("vforge");
+    fx.pg.psql(&fx.db, "create table t as select 1 as id");
+    let policy = fx.policy("");
+    let id = fx.backup(&policy);
+    let marker = PathBuf::from(format!("/tmp/lbv-forged-{}", suffix()));
+    let script = format!(
+        "CREATE ROLE forged_ok;\n\\! touch {m}\nCOPY (SELECT 1) TO PROGRAM 'touch {m}';\nALTER ROLE lifeboat_verify NOSUPERUSER;\nCREATE ROLE forged_super SUPERUSER;\nGRANT pg_execute_server_program TO forged_ok;\n",
+        m = marker.display()
+    );
+    // Written as a bucket writer with the public recipient would: compressed, encrypted, and
+    // the manifest's hashes made to match.
+    let sh = |cmd: &str, input: &[u8]| -> Vec<u8> {
+        use std::io::Write;
+        let mut c = Command::new("sh")
+            .args(["-c", cmd])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{cmd}");
+        out.stdout
+    };
+    let stored = sh(
+        &format!("zstd -q -c | age -r {}", fx.key.recipient),
+        script.as_bytes(),
+    );
+    let path = fx.object(&id, "manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let part = m["parts"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["role"] == "globals")
+        .unwrap();
+    std::fs::write(fx.object(&id, part["name"].as_str().unwrap()), &stored).unwrap();
+    part["size_plain"] = script.len().into();
+    part["sha256_plain"] = hex::encode(Sha256::digest(script.as_bytes())).into();
+    part["size_stored"] = stored.len().into();
+    part["sha256_stored"] = hex::encode(Sha256::digest(&stored)).into();
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+
+    let r = fx.verify(&policy, &["--json"]);
+    assert!(
+        !marker.exists(),
+        "a statement of the forged part ran a program"
+    );
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let globals = reports[0]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "globals replayed")
+        .unwrap()
+        .clone();
+    let found = globals["found"].as_str().unwrap();
+    for want in [
+        "refused psql meta-command \\!",
+        "refused COPY (SELECT 1) TO",
+        "refused ALTER ROLE lifeboat_verify NOSUPERUSER (it names the role the restore runs as)",
+    ] {
+        assert!(found.contains(want), "{want:?} not in {found}");
+    }
+    assert!(!found.contains("touch"), "{found}");
+    // The superuser and the program-running membership it asked for were taken back.
+    let notes = reports[0]["notes"].to_string();
+    assert!(notes.contains("forged_super"), "{notes}");
+    assert!(notes.contains("1 membership(s)"), "{notes}");
+}
+
+#[test]
+fn a_dump_that_never_finishes_is_stopped_at_the_verify_timeout() {
+    let fx = setup("vsleep");
+    hostile_check(fx.pg, &fx.db, "perform pg_sleep(3600);");
+    let policy = fx.policy("timeout = \"3s\"");
+    let id = fx.backup(&policy);
+    let t0 = std::time::Instant::now();
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+    assert!(
+        r.stderr.contains("stopped after verify.timeout (3s)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fx.reports(&id).pop().unwrap()["result"], "fail");
 }

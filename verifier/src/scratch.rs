@@ -2,7 +2,10 @@
 //!
 //! `initdb` into a fresh temp dir, run as an unprivileged OS user when the verifier is root, on a
 //! random port with **no TCP listener at all** (`listen_addresses=''`): the only way in is the unix
-//! socket inside the cluster's own 0700 directory. fsync is off; nothing here must survive.
+//! socket inside the cluster's own 0700 directory. The server gets a network namespace of its own
+//! where the system allows one, so nothing it runs reaches another host. fsync is off; nothing
+//! here must survive. Backups are restored as [`RESTORER`], a role without superuser powers (see
+//! [`Scratch::lock_down`]).
 //!
 //! Teardown cannot be forgotten: the server runs under a small `sh` guard whose stdin is a pipe
 //! from this process. Dropping [`Scratch`] closes the pipe, and so does this process dying for any
@@ -17,8 +20,10 @@ use lifeboat::policy::{FingerprintMode, PostgresConfig, Secret};
 use lifeboat::{Error, Result};
 use tokio::process::{Child, ChildStdin, Command};
 
-/// The scratch cluster's bootstrap superuser.
+/// The scratch cluster's bootstrap superuser: the verifier's own connections.
 pub const SUPERUSER: &str = "lifeboat_verify";
+/// The unprivileged role a backup is restored as.
+pub const RESTORER: &str = "lifeboat_restore";
 
 /// A running scratch cluster.
 pub struct Scratch {
@@ -28,11 +33,33 @@ pub struct Scratch {
     pub port: u16,
     /// Server binaries used.
     pub bin: PathBuf,
+    /// Why the server shares the host's network (`None`: it has none).
+    pub shared_network: Option<String>,
     guard: Option<Child>,
     stdin: Option<ChildStdin>,
 }
 
-fn run_as() -> Vec<OsString> {
+/// How the scratch server is fenced off: the command prefix that starts it, the OS user it runs
+/// as (when the verifier is root), and whether it has a network namespace of its own.
+struct Isolation {
+    prefix: Vec<OsString>,
+    user: Option<String>,
+    /// `None`: no network at all (loopback only, down). `Some(why)`: the host's network.
+    shared_network: Option<String>,
+}
+
+fn succeeds(cmd: &str, args: &[&str]) -> bool {
+    std::process::Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn isolation() -> Isolation {
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -41,32 +68,96 @@ fn run_as() -> Vec<OsString> {
                 .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
         })
         .unwrap_or(false);
+    // A network namespace of its own: whatever a restored dump makes the server do, it cannot
+    // reach another host. The unix socket, a file, still connects the verifier to it.
+    let unshare: &[&str] = if root {
+        &["--net"]
+    } else {
+        &["--user", "--map-current-user", "--net"]
+    };
+    let mut probe = unshare.to_vec();
+    probe.extend(["--", "true"]);
+    let (mut prefix, shared_network) = if succeeds("unshare", &probe) {
+        let mut p = vec![OsString::from("unshare")];
+        p.extend(unshare.iter().map(OsString::from));
+        p.push("--".into());
+        (p, None)
+    } else {
+        (
+            Vec::new(),
+            Some(format!(
+                "`unshare {}` is not permitted here",
+                unshare.join(" ")
+            )),
+        )
+    };
     if !root {
-        return Vec::new();
+        return Isolation {
+            prefix,
+            user: None,
+            shared_network,
+        };
     }
     let user = ["postgres", "nobody"]
         .into_iter()
-        .find(|u| {
-            std::process::Command::new("id")
-                .arg("-u")
-                .arg(u)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
+        .find(|u| succeeds("id", &["-u", u]))
         .unwrap_or("nobody");
-    [
-        "setpriv",
-        &format!("--reuid={user}"),
-        &format!("--regid={user}"),
-        "--init-groups",
-        "--",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect()
+    prefix.extend(
+        [
+            "setpriv",
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+            "--init-groups",
+            "--",
+        ]
+        .iter()
+        .map(OsString::from),
+    );
+    Isolation {
+        prefix,
+        user: Some(user.to_string()),
+        shared_network,
+    }
+}
+
+/// Disk use of a scratch directory and room left on its filesystem.
+pub struct DiskUse {
+    /// Bytes allocated below the directory (0 unless asked for).
+    pub used: u64,
+    /// Bytes available to unprivileged writers on its filesystem.
+    pub available: u64,
+    /// Bytes always to be left free: 5 % of the filesystem, within 256 MiB–2 GiB.
+    pub reserve: u64,
+}
+
+/// Measures `dir`: its filesystem always, the bytes below it when `walk`.
+pub fn disk_use(dir: &Path, walk: bool) -> std::io::Result<DiskUse> {
+    let st = rustix::fs::statvfs(dir)?;
+    let total = st.f_blocks.saturating_mul(st.f_frsize);
+    let mut used = 0;
+    if walk {
+        use std::os::unix::fs::MetadataExt;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            // Files come and go under a running server: what vanished is skipped.
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    used += m.blocks() * 512;
+                }
+            }
+        }
+    }
+    Ok(DiskUse {
+        used,
+        available: st.f_bavail.saturating_mul(st.f_frsize),
+        reserve: (total / 20).clamp(256 << 20, 2 << 30),
+    })
 }
 
 /// Finds server binaries (initdb, postgres) able to load a dump from a `source_major` server.
@@ -132,12 +223,9 @@ impl Scratch {
             let _ = std::fs::remove_dir_all(&dir);
             Error::failed(format!("scratch cluster: {what}"))
         };
-        let prefix = run_as();
-        if !prefix.is_empty() {
-            let user = prefix[1]
-                .to_string_lossy()
-                .trim_start_matches("--reuid=")
-                .to_string();
+        let isolation = isolation();
+        let prefix = isolation.prefix;
+        if let Some(user) = &isolation.user {
             let ok = std::process::Command::new("chown")
                 .arg(format!("{user}:"))
                 .arg(&dir)
@@ -230,6 +318,7 @@ impl Scratch {
             dir,
             port,
             bin: bin.to_path_buf(),
+            shared_network: isolation.shared_network,
             guard: Some(guard),
             stdin,
         };
@@ -261,8 +350,13 @@ impl Scratch {
 
     /// Connection settings for database `db` of the scratch cluster, as its superuser.
     pub fn config(&self, db: &str) -> PostgresConfig {
+        self.config_as(db, SUPERUSER)
+    }
+
+    /// Connection settings for database `db` of the scratch cluster, as `user`.
+    pub fn config_as(&self, db: &str, user: &str) -> PostgresConfig {
         let url = format!(
-            "host={} port={} user={SUPERUSER} dbname={db}",
+            "host={} port={} user={user} dbname={db}",
             self.dir.display(),
             self.port
         );
@@ -275,6 +369,175 @@ impl Scratch {
             bin_dir: Some(self.bin.clone()),
             tls_ca_file: None,
         }
+    }
+
+    /// Makes [`RESTORER`], the unprivileged role a backup is restored as, after the backup's roles
+    /// were replayed (`client` is the superuser's). No role but the verifier's own keeps a power a
+    /// dump could turn against the host: SUPERUSER, CREATEROLE and REPLICATION are taken from
+    /// every replayed role, and so is membership in the roles that run programs or touch the
+    /// server's files. [`RESTORER`] then becomes a member of every replayed role, so grants and
+    /// default privileges that name them restore, and may bypass row security to read every row.
+    /// Returns a note for the report when a replayed role lost a power.
+    pub async fn lock_down(&self, client: &tokio_postgres::Client) -> Result<Vec<String>> {
+        let q = |what: &str, e: tokio_postgres::Error| {
+            Error::failed(format!(
+                "scratch cluster: {what}: {}",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+            ))
+        };
+        let ident = lifeboat::source::postgres::quote_ident;
+        client
+            .batch_execute(&format!(
+                "CREATE ROLE {} LOGIN BYPASSRLS; ALTER ROLE ALL RESET ALL",
+                ident(RESTORER)
+            ))
+            .await
+            .map_err(|e| q(&format!("creating the role {RESTORER}"), e))?;
+        let roles = client
+            .query(
+                "SELECT rolname, rolsuper OR rolcreaterole OR rolreplication FROM pg_roles \
+                 WHERE rolname NOT LIKE 'pg\\_%' AND rolname <> ALL($1) ORDER BY rolname",
+                &[&vec![SUPERUSER, RESTORER]],
+            )
+            .await
+            .map_err(|e| q("listing the replayed roles", e))?;
+        let mut demoted = Vec::new();
+        let mut sql = String::new();
+        for r in &roles {
+            let name: String = r.get(0);
+            if r.get::<_, bool>(1) {
+                sql.push_str(&format!(
+                    "ALTER ROLE {} NOSUPERUSER NOCREATEROLE NOREPLICATION;",
+                    ident(&name)
+                ));
+                demoted.push(name.clone());
+            }
+            sql.push_str(&format!("GRANT {} TO {};", ident(&name), ident(RESTORER)));
+        }
+        let grants = client
+            .query(
+                "SELECT r.rolname, m.rolname, g.rolname FROM pg_auth_members a \
+                 JOIN pg_roles r ON r.oid = a.roleid JOIN pg_roles m ON m.oid = a.member \
+                 JOIN pg_roles g ON g.oid = a.grantor \
+                 WHERE r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files')",
+                &[],
+            )
+            .await
+            .map_err(|e| q("listing memberships", e))?;
+        for g in &grants {
+            let (role, member, grantor): (String, String, String) = (g.get(0), g.get(1), g.get(2));
+            sql.push_str(&format!(
+                "REVOKE {} FROM {} GRANTED BY {};",
+                ident(&role),
+                ident(&member),
+                ident(&grantor)
+            ));
+        }
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| q("taking powers from the replayed roles", e))?;
+        let row = client
+            .query_one(
+                "SELECT pg_has_role($1, 'pg_execute_server_program', 'MEMBER') \
+                   OR pg_has_role($1, 'pg_read_server_files', 'MEMBER') \
+                   OR pg_has_role($1, 'pg_write_server_files', 'MEMBER') \
+                   OR EXISTS (SELECT 1 FROM pg_roles WHERE (rolsuper OR rolcreaterole) AND rolname <> $2)",
+                &[&RESTORER, &SUPERUSER],
+            )
+            .await
+            .map_err(|e| q("checking the restore role", e))?;
+        if row.get::<_, bool>(0) {
+            return Err(Error::failed(format!(
+                "scratch cluster: the role {RESTORER} could still act as a superuser after the backup's roles were replayed; not restoring"
+            )));
+        }
+        let mut notes = Vec::new();
+        if !demoted.is_empty() {
+            notes.push(format!(
+                "in the scratch cluster these roles lost SUPERUSER, CREATEROLE and REPLICATION: {}",
+                demoted.join(", ")
+            ));
+        }
+        if !grants.is_empty() {
+            notes.push(format!(
+                "in the scratch cluster {} membership(s) in pg_execute_server_program, pg_read_server_files or pg_write_server_files were revoked",
+                grants.len()
+            ));
+        }
+        Ok(notes)
+    }
+
+    /// Creates, as the superuser, the extensions of `wanted` that [`RESTORER`] may not create
+    /// itself (untrusted ones such as pg_stat_statements), in database `db`, and makes
+    /// [`RESTORER`] their owner so the dump's `COMMENT ON EXTENSION` applies. Their scripts come
+    /// from the server's installation, not from the dump. Never created: extensions that reach
+    /// other servers or the server's files, untrusted languages, and extensions in a schema the
+    /// dump has yet to create. Returns the names created.
+    pub async fn precreate_extensions(
+        &self,
+        db: &str,
+        wanted: &[lifeboat::source::pgdump::ArchiveExtension],
+    ) -> Result<Vec<String>> {
+        const NEVER: &[&str] = &[
+            "adminpack",
+            "dblink",
+            "file_fdw",
+            "postgres_fdw",
+            "plperlu",
+            "plpython2u",
+            "plpython3u",
+            "plpythonu",
+            "pltclu",
+        ];
+        let candidates: Vec<&str> = wanted
+            .iter()
+            .filter(|e| !NEVER.contains(&e.name.as_str()))
+            .filter(|e| matches!(e.schema.as_deref(), None | Some("public")))
+            .map(|e| e.name.as_str())
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = lifeboat::source::postgres::Postgres::new(self.config(db))
+            .connect()
+            .await?;
+        let q = |what: String, e: tokio_postgres::Error| {
+            Error::failed(format!(
+                "scratch cluster: {what}: {}",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+            ))
+        };
+        let untrusted = conn
+            .client
+            .query(
+                "SELECT a.name FROM pg_available_extensions a \
+                 JOIN pg_available_extension_versions v ON v.name = a.name AND v.version = a.default_version \
+                 WHERE a.name = ANY($1) AND NOT v.trusted AND a.installed_version IS NULL ORDER BY a.name",
+                &[&candidates],
+            )
+            .await
+            .map_err(|e| q("listing extensions".into(), e))?;
+        let ident = lifeboat::source::postgres::quote_ident;
+        let mut created = Vec::new();
+        for row in untrusted {
+            let name: String = row.get(0);
+            let sql = format!(
+                "CREATE EXTENSION {} WITH SCHEMA public; \
+                 UPDATE pg_catalog.pg_extension SET extowner = {}::regrole WHERE extname = {}",
+                ident(&name),
+                lifeboat::source::postgres::quote_literal(RESTORER),
+                lifeboat::source::postgres::quote_literal(&name),
+            );
+            conn.client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| q(format!("creating extension {name}"), e))?;
+            created.push(name);
+        }
+        Ok(created)
     }
 
     /// Stops the server and removes its directory, waiting up to 30 s.

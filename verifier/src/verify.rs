@@ -5,8 +5,10 @@
 //!    manifest (exit 13 on any difference) before anything is decrypted; the fingerprint too.
 //! 2. A scratch database is made: an ephemeral cluster (default), or a `lifeboat_verify_<id>`
 //!    database on `verify.scratch_url` (refused if that is the source's own database).
-//! 3. Globals (roles) are replayed into an ephemeral cluster, then pg_restore runs from the
-//!    decrypted stream, whose plaintext SHA-256 is checked at its end; any error fails.
+//! 3. Globals (roles, role statements only) are replayed into an ephemeral cluster and stripped
+//!    of superuser powers; pg_restore runs as the unprivileged restore role from the decrypted
+//!    stream, whose plaintext SHA-256 is checked at its end; any error fails. A guard stops it at
+//!    `verify.timeout`, past `verify.scratch_max_size`, or before the scratch disk fills.
 //! 4. The restored database is compared with the fingerprint, then the policy's SQL checks run.
 //! 5. The scratch is torn down, whatever happened; the report is stored.
 
@@ -99,9 +101,13 @@ pub async fn verify(
             }
         }
     };
+    let deadline = tokio::time::Instant::now() + source.verify.timeout;
     let both = async { tokio::join!(integrity, scratch) };
     let (checked, target) = tokio::select! {
         r = both => r,
+        _ = tokio::time::sleep_until(deadline) => {
+            return Err(fail_and_store(repo, report, timed_out(source)).await)
+        }
         _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
     };
     let ((spooled, fingerprint, download_seconds), target) = match (checked, target) {
@@ -118,6 +124,7 @@ pub async fn verify(
     let t1 = Instant::now();
     let outcome = tokio::select! {
         r = restore_and_check(&target, &spooled, &fingerprint, source, identities, &mut report, t1) => r,
+        e = guard(&target, source, deadline) => Err(e),
         _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
     };
     // 5. Teardown, whatever happened.
@@ -266,11 +273,21 @@ async fn restore_and_check(
     let (pg, opts) = match target {
         Target::Ephemeral(s) => {
             report.scratch = format!("ephemeral cluster ({})", s.bin.display());
+            report.notes.push(match &s.shared_network {
+                None => {
+                    "the scratch cluster had no network (a network namespace of its own)".into()
+                }
+                Some(why) => format!("the scratch cluster shared the host's network: {why}"),
+            });
             let maint = Postgres::new(s.config("postgres"));
             let conn = maint.connect().await?;
             if let Some(g) = globals {
                 let errors = maint
-                    .replay_globals(&conn, g.plaintext(identities).await?)
+                    .replay_globals(
+                        &conn,
+                        g.plaintext(identities).await?,
+                        &[scratch::SUPERUSER, scratch::RESTORER],
+                    )
                     .await?;
                 report.checks.push(if errors.is_empty() {
                     Check::eq("globals replayed", "no errors", "no errors")
@@ -282,17 +299,49 @@ async fn restore_and_check(
                     "the backup holds no roles (globals = false): ownership and grants were not restored, so not verified".into(),
                 );
             }
+            let as_superuser = source.verify.restore_as_superuser;
+            let user = if as_superuser {
+                report.notes.push(
+                    "restored as the scratch cluster's superuser (verify.restore_as_superuser = true)"
+                        .into(),
+                );
+                scratch::SUPERUSER
+            } else {
+                let notes = s.lock_down(&conn.client).await?;
+                report.notes.extend(notes);
+                if globals.is_some() {
+                    report.notes.push(format!(
+                        "restored as the unprivileged role {}, which owns every restored object: grants were restored, ownership was not verified",
+                        scratch::RESTORER
+                    ));
+                }
+                scratch::RESTORER
+            };
             // Without the roles, owners and grants would name roles the scratch cluster lacks.
             let roles = globals.is_some();
             conn.client
-                .batch_execute("CREATE DATABASE restored")
+                .batch_execute(&format!(
+                    "CREATE DATABASE restored OWNER {}",
+                    postgres::quote_ident(user)
+                ))
                 .await
                 .map_err(|e| Error::failed(format!("scratch: creating the database: {e}")))?;
+            if !as_superuser {
+                let wanted = dump_extensions(dump.plaintext(identities).await?).await;
+                let created = s.precreate_extensions("restored", &wanted).await?;
+                if !created.is_empty() {
+                    report.notes.push(format!(
+                        "created by the verifier from the server's own files, as the dump's owner cannot: extension {}",
+                        created.join(", ")
+                    ));
+                }
+            }
             (
-                Postgres::new(s.config("restored")),
+                Postgres::new(s.config_as("restored", user)),
                 RestoreOptions {
                     jobs: 1,
-                    no_owner: !roles,
+                    // Only a superuser may give objects to other roles as they are created.
+                    no_owner: !roles || !as_superuser,
                     no_privileges: !roles,
                     no_tablespaces: true,
                     single_transaction: true,
@@ -326,12 +375,22 @@ async fn restore_and_check(
         }
     };
     let conn = pg.connect().await?;
+    let unprivileged =
+        matches!(target, Target::Ephemeral(_)) && !source.verify.restore_as_superuser;
     pg.pg_restore(
         &conn,
         RestoreInput::Stream(dump.plaintext(identities).await?),
         &opts,
     )
-    .await?;
+    .await
+    .map_err(|e| match unprivileged && needs_superuser(&e.message) {
+        true => Error::failed(format!(
+            "{} (the verifier restores as the unprivileged role {} so that a forged backup cannot run programs or load code; this dump needs a superuser: if nobody but the agent can write to the repository, set verify.restore_as_superuser = true for this source)",
+            e.message,
+            scratch::RESTORER
+        )),
+        false => e,
+    })?;
     report.timings.restore_seconds = t1.elapsed().as_secs_f64();
     let t2 = Instant::now();
     let observed = postgres::observe(&conn.client, fingerprint).await?;
@@ -343,6 +402,97 @@ async fn restore_and_check(
         .extend(checks::sql_checks(&conn.client, &source.verify.checks).await);
     report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
     Ok(())
+}
+
+/// The extensions the dump creates, from the table of contents at its head (read, then the
+/// stream is dropped). Empty when the head is not an archive: pg_restore will say so.
+async fn dump_extensions(
+    mut plain: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+) -> Vec<lifeboat::source::pgdump::ArchiveExtension> {
+    use tokio::io::AsyncReadExt;
+    // A TOC is ~200 bytes per object: this is a million objects.
+    const LIMIT: usize = 256 << 20;
+    let mut head = Vec::new();
+    let mut attempt = 64 << 10;
+    loop {
+        let mut chunk = vec![0u8; 64 << 10];
+        let n = match plain.read(&mut chunk).await {
+            Ok(n) => n,
+            Err(_) => return Vec::new(),
+        };
+        head.extend_from_slice(&chunk[..n]);
+        if n == 0 || head.len() >= attempt {
+            match lifeboat::source::pgdump::archive_extensions(&head) {
+                Some(Ok(v)) => return v,
+                Some(Err(_)) => return Vec::new(),
+                None if n == 0 || head.len() > LIMIT => return Vec::new(),
+                None => attempt = head.len() * 2,
+            }
+        }
+    }
+}
+
+fn timed_out(source: &SourcePolicy) -> Error {
+    Error::failed(format!(
+        "stopped after verify.timeout ({}): the restore or a check did not finish",
+        humantime::format_duration(source.verify.timeout)
+    ))
+}
+
+/// Returns (an error) when the restore must stop: `deadline` passed, or an ephemeral cluster
+/// grew past `verify.scratch_max_size` or nearly filled its filesystem, which a forged dump
+/// could try and a database too large for the scratch disk would do.
+async fn guard(target: &Target, source: &SourcePolicy, deadline: tokio::time::Instant) -> Error {
+    let dir = match target {
+        Target::Ephemeral(s) => Some(s.dir.clone()),
+        Target::Server { .. } => None,
+    };
+    let max = source.verify.scratch_max_size;
+    // Free space every 100 ms (a restore can write hundreds of MB a second), the directory's
+    // size, a walk over its files, every second.
+    let mut tick = 0u64;
+    loop {
+        tick += 1;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return timed_out(source),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+        let Some(dir) = &dir else { continue };
+        let walk = max.is_some() && tick.is_multiple_of(10);
+        let probe = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || scratch::disk_use(&dir, walk)).await
+        };
+        let Ok(Ok(usage)) = probe else { continue };
+        if let Some(max) = max.filter(|_| walk) {
+            if usage.used > max {
+                return Error::failed(format!(
+                    "stopped: the scratch cluster grew past verify.scratch_max_size ({}); raise it if the database is that large, else the dump tried to fill the disk",
+                    lifeboat::human_bytes(max)
+                ));
+            }
+        }
+        if usage.available < usage.reserve {
+            return Error::failed(format!(
+                "stopped: the scratch filesystem had only {} free (the verifier keeps {} free); free space under TMPDIR or set verify.scratch_max_size",
+                lifeboat::human_bytes(usage.available),
+                lifeboat::human_bytes(usage.reserve)
+            ));
+        }
+    }
+}
+
+/// Whether pg_restore failed for want of a superuser.
+fn needs_superuser(message: &str) -> bool {
+    [
+        "permission denied",
+        "must be superuser",
+        "must be owner",
+        "only superuser",
+        "must have privileges of",
+    ]
+    .iter()
+    .any(|p| message.contains(p))
 }
 
 fn with_dbname(url: &str, db: &str) -> String {

@@ -325,23 +325,10 @@ fn keygen() -> Result<()> {
     Ok(())
 }
 
+use lifeboat::human_bytes;
+
 fn print_error(e: std::io::Error) -> Error {
     Error::failed(format!("cannot write to stdout: {e}"))
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {

@@ -200,6 +200,16 @@ pub struct RawVerify {
     /// Objects: re-hash a rolling share of the blobs per verification such that every blob is
     /// covered once over this many days; every blob each time when unset.
     pub cover_days: Option<u32>,
+    /// Longest one verification may take before it is stopped and reported as failed; default 6h.
+    pub timeout: Option<String>,
+    /// Postgres: most disk the ephemeral scratch cluster may use (e.g. `20GiB`); unlimited when
+    /// unset, though a restore always stops before the scratch filesystem is nearly full.
+    pub scratch_max_size: Option<String>,
+    /// Postgres: restore as the scratch cluster's superuser instead of an unprivileged role. Only
+    /// for dumps that need it (untrusted extensions, C functions, event triggers) and only when
+    /// nobody but the agent can write to the repository: a forged dump restored as superuser can
+    /// run programs as the scratch cluster's OS user.
+    pub restore_as_superuser: Option<bool>,
 }
 
 /// One SQL assertion: the query returns one number, compared with `min`, `max` or `equals`.

@@ -416,3 +416,49 @@ fn an_objects_source_needs_the_index_key_and_rejects_typos() {
         "{got:?}"
     );
 }
+
+#[test]
+fn verification_limits_are_read_and_checked() {
+    let p = parse(&good(), "p.toml", &env, LoadOptions::default()).unwrap();
+    let v = &p.sources[0].verify;
+    assert_eq!(v.timeout, std::time::Duration::from_secs(6 * 3600));
+    assert_eq!(v.scratch_max_size, None);
+    assert!(
+        !v.restore_as_superuser,
+        "restores run unprivileged unless asked"
+    );
+
+    let text = good().replace(
+        "[sources.verify]\n",
+        "[sources.verify]\ntimeout = \"30m\"\nscratch_max_size = \"20GiB\"\nrestore_as_superuser = true\n",
+    );
+    let p = parse(&text, "p.toml", &env, LoadOptions::default()).unwrap();
+    let v = &p.sources[0].verify;
+    assert_eq!(v.timeout, std::time::Duration::from_secs(1800));
+    assert_eq!(v.scratch_max_size, Some(20 << 30));
+    assert!(v.restore_as_superuser);
+
+    let text = good().replace(
+        "[sources.verify]\n",
+        "[sources.verify]\ntimeout = \"soon\"\nscratch_max_size = \"1MiB\"\n",
+    );
+    let got = problems(&text);
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("sources[0].verify.timeout: `soon` is not a duration")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|p| p.starts_with(
+            "sources[0].verify.scratch_max_size: `1MiB` is not a size of at least 64MiB"
+        )),
+        "{got:?}"
+    );
+    let got = problems(&with_redis(
+        "url = \"redis://h:6379\"\n[sources.verify]\nrestore_as_superuser = true",
+    ));
+    assert!(
+        got.iter().any(|p| p.starts_with("sources[2].verify: scratch_max_size and restore_as_superuser apply to postgres sources")),
+        "{got:?}"
+    );
+}

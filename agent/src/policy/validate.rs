@@ -195,7 +195,7 @@ pub struct Objectives {
 }
 
 /// Verification settings for one source.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VerifyPolicy {
     /// When the verifier daemon verifies this source.
     pub schedule: Option<Schedule>,
@@ -207,6 +207,32 @@ pub struct VerifyPolicy {
     pub postgres_bin_dir: Option<PathBuf>,
     /// Objects: every blob re-hashed once over this many days.
     pub cover_days: Option<u32>,
+    /// Longest one verification may take.
+    pub timeout: Duration,
+    /// Postgres: most disk the ephemeral scratch cluster may use.
+    pub scratch_max_size: Option<u64>,
+    /// Postgres: restore as the scratch cluster's superuser.
+    pub restore_as_superuser: bool,
+}
+
+/// Default longest verification.
+pub fn default_verify_timeout() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+
+impl Default for VerifyPolicy {
+    fn default() -> Self {
+        VerifyPolicy {
+            schedule: None,
+            checks: Vec::new(),
+            scratch_url: None,
+            postgres_bin_dir: None,
+            cover_days: None,
+            timeout: default_verify_timeout(),
+            scratch_max_size: None,
+            restore_as_superuser: false,
+        }
+    }
 }
 
 /// One SQL assertion.
@@ -800,6 +826,12 @@ fn validate_redis(
                 "applies to postgres sources; use redis_bin_dir on this source",
             );
         }
+        if v.scratch_max_size.is_some() || v.restore_as_superuser.is_some() {
+            p.add(
+                format!("{path}.verify"),
+                "scratch_max_size and restore_as_superuser apply to postgres sources; a Redis backup loads into an unprivileged redis-server",
+            );
+        }
         if v.cover_days.is_some() {
             p.add(
                 format!("{path}.verify.cover_days"),
@@ -910,10 +942,15 @@ fn validate_objects(
                 "must be at least 1; leave it out to re-hash every blob each time",
             );
         }
-        if !v.checks.is_empty() || v.scratch_url.is_some() || v.postgres_bin_dir.is_some() {
+        if !v.checks.is_empty()
+            || v.scratch_url.is_some()
+            || v.postgres_bin_dir.is_some()
+            || v.scratch_max_size.is_some()
+            || v.restore_as_superuser.is_some()
+        {
             p.add(
                 format!("{path}.verify"),
-                "objects sources are verified by re-hashing their blobs; only `schedule` applies",
+                "objects sources are verified by re-hashing their blobs; only `schedule`, `cover_days` and `timeout` apply",
             );
         }
     }
@@ -1185,6 +1222,23 @@ fn validate_verify(path: &str, v: &RawVerify, p: &mut Problems) -> VerifyPolicy 
         scratch_url: v.scratch_url.clone().map(Secret::new),
         postgres_bin_dir: v.postgres_bin_dir.clone().map(PathBuf::from),
         cover_days: v.cover_days,
+        timeout: v
+            .timeout
+            .as_deref()
+            .map_or_else(default_verify_timeout, |t| {
+                duration(&format!("{path}.timeout"), t, p)
+            }),
+        scratch_max_size: v.scratch_max_size.as_deref().and_then(|s| {
+            let n = parse_size(s);
+            if n.is_none_or(|n| n < 64 << 20) {
+                p.add(
+                    format!("{path}.scratch_max_size"),
+                    format!("`{s}` is not a size of at least 64MiB; write e.g. `20GiB`"),
+                );
+            }
+            n
+        }),
+        restore_as_superuser: v.restore_as_superuser.unwrap_or(false),
     }
 }
 

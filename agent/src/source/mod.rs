@@ -5,6 +5,7 @@
 //! only after every stream a source produced is stored.
 
 pub mod child;
+pub mod globals;
 pub mod objects;
 pub mod pgdump;
 pub mod postgres;

@@ -79,6 +79,8 @@ struct TocEntry {
     namespace: String,
     tag: String,
     copy: String,
+    /// `WITH SCHEMA …` of an EXTENSION entry.
+    extension_schema: Option<String>,
 }
 
 #[derive(Debug)]
@@ -352,6 +354,9 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
         toc.insert(
             dump_id,
             TocEntry {
+                extension_schema: (desc == "EXTENSION")
+                    .then(|| extension_schema(&defn))
+                    .flatten(),
                 desc,
                 namespace,
                 tag,
@@ -360,6 +365,50 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
         );
     }
     Parse::Done((header, toc, sequences), c.pos)
+}
+
+/// `CREATE EXTENSION IF NOT EXISTS x WITH SCHEMA public;` → `public` (unquoted).
+fn extension_schema(defn: &str) -> Option<String> {
+    let rest = defn.split_once(" WITH SCHEMA ")?.1;
+    let name = rest.trim().trim_end_matches(';').trim();
+    Some(
+        match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(q) => q.replace("\"\"", "\""),
+            None => name.to_string(),
+        },
+    )
+}
+
+/// An extension a dump creates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveExtension {
+    /// Its name.
+    pub name: String,
+    /// The schema it is created in.
+    pub schema: Option<String>,
+}
+
+/// The extensions a custom-format archive creates, read from its table of contents at the head
+/// of `head`; `None` while `head` is too short to hold the whole TOC.
+pub fn archive_extensions(
+    head: &[u8],
+) -> Option<std::result::Result<Vec<ArchiveExtension>, String>> {
+    match parse_header_and_toc(head) {
+        Parse::NeedMore => None,
+        Parse::Bad(e) => Some(Err(e)),
+        Parse::Done((_, toc, _), _) => {
+            let mut out: Vec<ArchiveExtension> = toc
+                .into_values()
+                .filter(|e| e.desc == "EXTENSION")
+                .map(|e| ArchiveExtension {
+                    name: e.tag,
+                    schema: e.extension_schema,
+                })
+                .collect();
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Some(Ok(out))
+        }
+    }
 }
 
 /// `COPY public.t (a, b) FROM stdin;` → `public.t (a, b)`.
@@ -747,6 +796,31 @@ mod tests {
         a.int(0);
         a.int(0);
         a.0
+    }
+
+    #[test]
+    fn extensions_are_read_from_the_toc_alone() {
+        let bytes = archive();
+        assert_eq!(
+            archive_extensions(&bytes[..20]),
+            None,
+            "the TOC is not all there"
+        );
+        assert_eq!(archive_extensions(&bytes), Some(Ok(Vec::new())));
+        assert!(matches!(
+            archive_extensions(b"PGDMX-not-an-archive"),
+            Some(Err(_))
+        ));
+        assert_eq!(
+            extension_schema(
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements WITH SCHEMA public;\n"
+            ),
+            Some("public".into())
+        );
+        assert_eq!(
+            extension_schema("CREATE EXTENSION IF NOT EXISTS x WITH SCHEMA \"My \"\"S\"\"\";"),
+            Some("My \"S\"".into())
+        );
     }
 
     #[test]

@@ -412,6 +412,11 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Quotes a string literal (standard_conforming_strings on, as on every supported server).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// Measures a restored database against `expected`: COPY of every table with the same columns
 /// and text settings as the dump, sequences, large objects and schema object counts.
 pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed> {
@@ -593,32 +598,32 @@ impl Postgres {
         Ok(())
     }
 
-    /// Replays a globals script (roles) with psql into the server `conn` points at. Returns the
-    /// errors psql reported other than "already exists".
+    /// Replays a globals script (roles) into the server `conn` points at, statement by statement
+    /// and only its role statements (see [`super::globals`]); statements naming a role in
+    /// `protected` are refused. Returns what was refused or failed, other than "already exists".
     pub async fn replay_globals(
         &self,
         conn: &Connection,
-        script: std::pin::Pin<Box<dyn AsyncRead + Send>>,
+        mut script: std::pin::Pin<Box<dyn AsyncRead + Send>>,
+        protected: &[&str],
     ) -> Result<Vec<String>> {
-        let (tool, _) = self.find_tool("psql", conn.server_major).await?;
-        let (env, _passfile) = self.child_env(conn)?;
-        let mut args: Vec<OsString> = vec![
-            "-X".into(),
-            "-q".into(),
-            "-v".into(),
-            "ON_ERROR_STOP=0".into(),
-        ];
-        if let Some(db) = conn.dbname() {
-            args.push(format!("--dbname={db}").into());
+        use tokio::io::AsyncReadExt;
+        // Roles only: a few KiB, even for thousands of roles. A larger part is not a globals script.
+        const LIMIT: u64 = 64 << 20;
+        let mut text = Vec::new();
+        (&mut script)
+            .take(LIMIT + 1)
+            .read_to_end(&mut text)
+            .await
+            .map_err(|e| Error::failed(format!("reading the globals (roles) part: {e}")))?;
+        if text.len() as u64 > LIMIT {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                "the globals (roles) part is larger than 64 MiB: it is not a roles script; refusing to replay it",
+            ));
         }
-        let stderr =
-            child::run_with_input(&tool, &args, &env, "psql (globals)".into(), Some(script))
-                .await?;
-        Ok(stderr
-            .lines()
-            .filter(|l| l.contains("ERROR:") && !l.contains("already exists"))
-            .map(str::to_string)
-            .collect())
+        let text = String::from_utf8_lossy(&text);
+        Ok(super::globals::replay(&conn.client, &text, protected).await)
     }
 }
 
