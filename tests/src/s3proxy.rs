@@ -30,7 +30,7 @@ pub enum HttpFault {
 /// When a fault fires.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    /// HTTP method, e.g. `PUT`.
+    /// HTTP method, e.g. `PUT`; `*` for any.
     pub method: &'static str,
     /// A substring of the request target (path and query), e.g. `manifest.json` or `uploadId=`.
     pub target: String,
@@ -232,7 +232,7 @@ fn serve(client: TcpStream, upstream_port: u16, state: Arc<Mutex<State>>) {
             st.log.push(format!("{method} {target}"));
             let mut chosen = None;
             for (rule, seen) in st.rules.iter_mut() {
-                let matches = rule.method == method
+                let matches = (rule.method == method || rule.method == "*")
                     && target.contains(&rule.target)
                     && !rule.not_target.is_some_and(|n| target.contains(n));
                 if !matches {

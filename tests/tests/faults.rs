@@ -213,6 +213,54 @@ fn a_complete_answered_with_an_error_body_publishes_nothing() {
 }
 
 #[test]
+fn credentials_the_store_refuses_exit_12_from_every_command() {
+    let mut fx = setup("creds");
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    let before = fx.keys();
+    // What S3 answers a wrong secret key, to every request.
+    fx.proxy.add(Rule::new(
+        "*",
+        "",
+        HttpFault::Status(403, "SignatureDoesNotMatch"),
+    ));
+    let target = format!(
+        "postgresql://127.0.0.1:{}/restored_{}",
+        fx.pg.port,
+        suffix()
+    );
+    for cmd in [
+        &["backup"][..],
+        &["list"],
+        &["check"],
+        &["prune"],
+        &["restore", "--source", "app-db", "--to", &target],
+    ] {
+        let r = fx.run(cmd);
+        assert_eq!(r.code, 12, "{cmd:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("SignatureDoesNotMatch"),
+            "{cmd:?}: {}",
+            r.stderr
+        );
+    }
+    let r = fx.verify();
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    // An unknown access key, on the first request of a backup.
+    fx.proxy.clear();
+    fx.proxy.add(Rule::new(
+        "*",
+        "",
+        HttpFault::Status(403, "InvalidAccessKeyId"),
+    ));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(r.stderr.contains("InvalidAccessKeyId"), "{}", r.stderr);
+    fx.proxy.clear();
+    assert_eq!(fx.keys(), before, "nothing was written or deleted");
+    assert!(fx.pending().is_empty());
+}
+
+#[test]
 fn a_manifest_that_cannot_be_written_publishes_nothing_and_cleans_up() {
     let mut fx = setup("manifest");
     fx.proxy.add(Rule::new(
