@@ -120,6 +120,15 @@ fn isolation() -> Isolation {
     }
 }
 
+/// A statement on the scratch cluster failed while `what`.
+fn failed(what: &str, e: tokio_postgres::Error) -> Error {
+    Error::failed(format!(
+        "scratch cluster: {what}: {}",
+        e.as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_string())
+    ))
+}
+
 /// Disk use of a scratch directory and room left on its filesystem.
 pub struct DiskUse {
     /// Bytes allocated below the directory (0 unless asked for).
@@ -379,13 +388,6 @@ impl Scratch {
     /// default privileges that name them restore, and may bypass row security to read every row.
     /// Returns a note for the report when a replayed role lost a power.
     pub async fn lock_down(&self, client: &tokio_postgres::Client) -> Result<Vec<String>> {
-        let q = |what: &str, e: tokio_postgres::Error| {
-            Error::failed(format!(
-                "scratch cluster: {what}: {}",
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
-            ))
-        };
         let ident = lifeboat::source::postgres::quote_ident;
         client
             .batch_execute(&format!(
@@ -393,7 +395,7 @@ impl Scratch {
                 ident(RESTORER)
             ))
             .await
-            .map_err(|e| q(&format!("creating the role {RESTORER}"), e))?;
+            .map_err(|e| failed(&format!("creating the role {RESTORER}"), e))?;
         let roles = client
             .query(
                 "SELECT rolname, rolsuper OR rolcreaterole OR rolreplication FROM pg_roles \
@@ -401,7 +403,7 @@ impl Scratch {
                 &[&vec![SUPERUSER, RESTORER]],
             )
             .await
-            .map_err(|e| q("listing the replayed roles", e))?;
+            .map_err(|e| failed("listing the replayed roles", e))?;
         let mut demoted = Vec::new();
         let mut sql = String::new();
         for r in &roles {
@@ -424,7 +426,7 @@ impl Scratch {
                 &[],
             )
             .await
-            .map_err(|e| q("listing memberships", e))?;
+            .map_err(|e| failed("listing memberships", e))?;
         for g in &grants {
             let (role, member, grantor): (String, String, String) = (g.get(0), g.get(1), g.get(2));
             sql.push_str(&format!(
@@ -437,7 +439,7 @@ impl Scratch {
         client
             .batch_execute(&sql)
             .await
-            .map_err(|e| q("taking powers from the replayed roles", e))?;
+            .map_err(|e| failed("taking powers from the replayed roles", e))?;
         let row = client
             .query_one(
                 "SELECT pg_has_role($1, 'pg_execute_server_program', 'MEMBER') \
@@ -447,7 +449,7 @@ impl Scratch {
                 &[&RESTORER, &SUPERUSER],
             )
             .await
-            .map_err(|e| q("checking the restore role", e))?;
+            .map_err(|e| failed("checking the restore role", e))?;
         if row.get::<_, bool>(0) {
             return Err(Error::failed(format!(
                 "scratch cluster: the role {RESTORER} could still act as a superuser after the backup's roles were replayed; not restoring"
@@ -503,13 +505,6 @@ impl Scratch {
         let conn = lifeboat::source::postgres::Postgres::new(self.config(db))
             .connect()
             .await?;
-        let q = |what: String, e: tokio_postgres::Error| {
-            Error::failed(format!(
-                "scratch cluster: {what}: {}",
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
-            ))
-        };
         let untrusted = conn
             .client
             .query(
@@ -519,7 +514,7 @@ impl Scratch {
                 &[&candidates],
             )
             .await
-            .map_err(|e| q("listing extensions".into(), e))?;
+            .map_err(|e| failed("listing extensions", e))?;
         let ident = lifeboat::source::postgres::quote_ident;
         let mut created = Vec::new();
         for row in untrusted {
@@ -534,7 +529,7 @@ impl Scratch {
             conn.client
                 .batch_execute(&sql)
                 .await
-                .map_err(|e| q(format!("creating extension {name}"), e))?;
+                .map_err(|e| failed(&format!("creating extension {name}"), e))?;
             created.push(name);
         }
         Ok(created)
