@@ -457,7 +457,7 @@ pub async fn restore_postgres(
     if let Some(g) = parts.iter().find(|p| p.part.role == "globals") {
         progress.phase("replaying roles (globals)", None);
         let errors = target
-            .replay_globals(&maint, g.plaintext(identities).await?, &[])
+            .replay_globals(&maint, g.plaintext(identities).await?, &[], true)
             .await?;
         if !errors.is_empty() {
             return Err(Error::failed(format!(

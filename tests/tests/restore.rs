@@ -193,7 +193,10 @@ fn roles_only_with_globals_and_backups_chosen_by_time() {
     let role = format!("lbrole_{}", suffix());
     let fx = setup(
         "rglobals",
-        &format!("create role {role} nologin; {DATA}; grant select on orders to {role}"),
+        &format!(
+            "create role {role} nologin; {DATA}; grant select on orders to {role}; \
+             grant set on parameter work_mem to {role}"
+        ),
     );
     let first = fx.backup();
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -234,6 +237,14 @@ fn roles_only_with_globals_and_backups_chosen_by_time() {
             &format!("select count(*) from pg_roles where rolname = '{role}'")
         ),
         "1"
+    );
+    // Privileges on server parameters are globals too.
+    assert_eq!(
+        fx.pg.psql(
+            "postgres",
+            &format!("select has_parameter_privilege('{role}', 'work_mem', 'SET')")
+        ),
+        "t"
     );
 }
 

@@ -287,6 +287,7 @@ async fn restore_and_check(
                         &conn,
                         g.plaintext(identities).await?,
                         &[scratch::SUPERUSER, scratch::RESTORER],
+                        false,
                     )
                     .await?;
                 report.checks.push(if errors.is_empty() {

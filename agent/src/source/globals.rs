@@ -6,6 +6,9 @@
 //!
 //! - role statements (`CREATE ROLE`, `ALTER ROLE`, `COMMENT ON ROLE`, `GRANT` of roles) run, each
 //!   on its own through the extended protocol, which refuses a second statement smuggled into one;
+//! - privileges on server parameters (`GRANT SET ON PARAMETER …`) run only where the caller says
+//!   so: an operator's restore, not the verifier, where one could hand a restored role the means
+//!   to change server settings;
 //! - session `SET`s, tablespaces (never restored) and `\restrict` lines are skipped;
 //! - anything else, a psql meta-command above all, is refused and reported, never run.
 
@@ -16,6 +19,8 @@ use tokio_postgres::Client;
 pub enum Statement {
     /// A role statement: run it.
     Run(String),
+    /// A privilege on a server parameter: run it if the caller allows.
+    Parameter(String),
     /// Harmless and not needed here.
     Skip,
     /// Not something a globals script holds; the reason names it without its literals.
@@ -31,16 +36,29 @@ pub fn parse(script: &str, protected: &[&str]) -> Vec<Statement> {
         .collect()
 }
 
-/// Runs the role statements of `script` on `client`. Returns one line per statement that was
-/// refused or failed (an already existing role is not a failure); a line shows the statement's
-/// first words only, never a literal such as a password.
-pub async fn replay(client: &Client, script: &str, protected: &[&str]) -> Vec<String> {
+/// Runs the role statements of `script` on `client`, and its parameter privileges when
+/// `parameters`. Returns one line per statement that was refused or failed (an already existing
+/// role is not a failure); a line shows the statement's first words only, never a literal such as
+/// a password.
+pub async fn replay(
+    client: &Client,
+    script: &str,
+    protected: &[&str],
+    parameters: bool,
+) -> Vec<String> {
     let mut problems = Vec::new();
     for st in parse(script, protected) {
-        match st {
-            Statement::Skip => {}
-            Statement::Refuse(why) => problems.push(format!("refused {why}")),
-            Statement::Run(sql) => {
+        let sql = match st {
+            Statement::Skip => continue,
+            Statement::Parameter(_) if !parameters => continue,
+            Statement::Refuse(why) => {
+                problems.push(format!("refused {why}"));
+                continue;
+            }
+            Statement::Run(sql) | Statement::Parameter(sql) => sql,
+        };
+        {
+            {
                 if let Err(e) = client.execute(sql.as_str(), &[]).await {
                     let duplicate =
                         e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT);
@@ -120,9 +138,17 @@ fn judge(sql: &str, protected: &[&str]) -> Statement {
                 Statement::Run(t.to_string())
             }
         }
-        // Role membership (`GRANT a TO b …`); privileges on objects (`GRANT … ON …`) are not globals.
-        ("GRANT", _, _) if !sql_words_upper(t).iter().any(|w| w == "ON") => {
-            Statement::Run(t.to_string())
+        // Role membership (`GRANT a TO b …`); privileges on objects (`GRANT … ON …`) are not
+        // globals, but those on server parameters are.
+        ("GRANT" | "REVOKE", _, _) => {
+            let upper = sql_words_upper(t);
+            match upper.iter().position(|w| w == "ON") {
+                None if w(0) == "GRANT" => Statement::Run(t.to_string()),
+                Some(i) if upper.get(i + 1).map(String::as_str) == Some("PARAMETER") => {
+                    Statement::Parameter(t.to_string())
+                }
+                _ => Statement::Refuse(format!("{} (not a role statement)", head(t))),
+            }
         }
         _ => Statement::Refuse(format!("{} (not a role statement)", head(t))),
     }

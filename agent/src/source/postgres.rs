@@ -599,13 +599,14 @@ impl Postgres {
     }
 
     /// Replays a globals script (roles) into the server `conn` points at, statement by statement
-    /// and only its role statements (see [`super::globals`]); statements naming a role in
-    /// `protected` are refused. Returns what was refused or failed, other than "already exists".
+    /// and only its role statements (see [`super::globals`]), with privileges on server
+    /// parameters when `parameters`; statements naming a role in `protected` are refused. Returns what was refused or failed, other than "already exists".
     pub async fn replay_globals(
         &self,
         conn: &Connection,
         mut script: std::pin::Pin<Box<dyn AsyncRead + Send>>,
         protected: &[&str],
+        parameters: bool,
     ) -> Result<Vec<String>> {
         use tokio::io::AsyncReadExt;
         // Roles only: a few KiB, even for thousands of roles. A larger part is not a globals script.
@@ -623,7 +624,7 @@ impl Postgres {
             ));
         }
         let text = String::from_utf8_lossy(&text);
-        Ok(super::globals::replay(&conn.client, &text, protected).await)
+        Ok(super::globals::replay(&conn.client, &text, protected, parameters).await)
     }
 }
 
