@@ -332,8 +332,15 @@ fn a_scratch_server_gets_a_throwaway_database_and_never_the_source() {
     let scratch = fx.pg.url_with_password("postgres");
     let policy = fx.policy(&format!("scratch_url = \"{scratch}\""));
     fx.backup(&policy);
-    let r = fx.verify(&policy, &[]);
+    let r = fx.verify(&policy, &["--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // The test server's user is a superuser: the report warns.
+    assert!(
+        r.stdout
+            .contains("verify.scratch_url connects as a superuser"),
+        "{}",
+        r.stdout
+    );
     let left = fx.pg.psql(
         "postgres",
         "select count(*) from pg_database where datname like 'lifeboat_verify_%'",

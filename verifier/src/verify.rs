@@ -353,6 +353,17 @@ async fn restore_and_check(
             report.scratch = format!("database {db} on {}", maintenance.url_redacted);
             let maint = Postgres::new(maintenance.clone());
             let conn = maint.connect().await?;
+            let superuser = conn
+                .client
+                .query_one("SELECT current_setting('is_superuser') = 'on'", &[])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(true);
+            if superuser {
+                report.notes.push(
+                    "verify.scratch_url connects as a superuser: a forged dump could run programs on that server; give the verifier a role with CREATEDB only".into(),
+                );
+            }
             conn.client
                 .batch_execute(&format!("CREATE DATABASE {}", postgres::quote_ident(db)))
                 .await

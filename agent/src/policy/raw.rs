@@ -193,7 +193,8 @@ pub struct RawVerify {
     /// The policy's own SQL assertions.
     #[serde(default)]
     pub checks: Vec<RawCheck>,
-    /// A scratch server where the verifier may create and drop a database, instead of an ephemeral cluster.
+    /// A scratch server where the verifier may create and drop a database, instead of an ephemeral
+    /// cluster. Its role needs CREATEDB and should have nothing more: the restore runs as it.
     pub scratch_url: Option<String>,
     /// Directory of the PostgreSQL server binaries for the ephemeral cluster.
     pub postgres_bin_dir: Option<String>,
