@@ -315,7 +315,7 @@ impl Redis {
     }
 
     /// Opens a replication stream and returns the payload's framing.
-    async fn start_sync(&self, s: &mut Session) -> Result<Framing> {
+    async fn start_sync(s: &mut Session) -> Result<Framing> {
         s.call(&[b"REPLCONF", b"listening-port", b"0"]).await?;
         s.call(&[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"])
             .await?;
@@ -600,6 +600,27 @@ async fn pump(mut s: Session, framing: Framing, mut out: tokio::io::DuplexStream
     Ok(())
 }
 
+/// A whole replica session over `conn`, whatever answers on its other end: the replication
+/// handshake, then the payload as framed. Returns the payload.
+#[cfg(test)]
+pub(crate) async fn replicate_over<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    conn: C,
+) -> Result<Vec<u8>> {
+    let mut s = Session {
+        io: BufReader::with_capacity(READ_CHUNK, Box::new(conn)),
+        where_: "the test server".into(),
+    };
+    let framing = Redis::start_sync(&mut s).await?;
+    let (tx, mut rx) = tokio::io::duplex(64 << 10);
+    let read = async {
+        let mut v = Vec::new();
+        rx.read_to_end(&mut v).await.map(|_| v)
+    };
+    let (pumped, read) = tokio::join!(pump(s, framing, tx), read);
+    pumped?;
+    read.map_err(|e| Error::failed(format!("reading the pumped payload: {e}")))
+}
+
 /// What a Redis backup's fingerprint holds (`fingerprint.json.age`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
@@ -648,7 +669,7 @@ impl Source for Redis {
             .capture
         {
             RedisCapture::Replication => {
-                let framing = self.start_sync(&mut s).await?;
+                let framing = Self::start_sync(&mut s).await?;
                 tracing::debug!(source = %ctx.source, backup = %ctx.id, framing = ?framing, "Receiving the snapshot");
                 let (writer, reader) = tokio::io::duplex(PIPE_BUFFER);
                 let task = tokio::spawn(pump(s, framing, writer));
