@@ -564,7 +564,22 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
                     _ = tokio::time::sleep(Duration::from_secs(60)) => {}
                 }
                 for src in &agent.policy.sources {
-                    agent.evaluate_objectives(src);
+                    // The verifier runs elsewhere and the agent re-reads the repository after its
+                    // own runs only: a run waiting to retry, or no schedule at all, would leave
+                    // a newer verification unseen. Look again before calling an RPO breached.
+                    let st = agent
+                        .status_snapshot()
+                        .remove(&src.name)
+                        .unwrap_or_default();
+                    if rpo_lapsed(
+                        src.objectives.rpo,
+                        st.newest_verified.as_ref(),
+                        agent.clock.now(),
+                    ) {
+                        agent.refresh(src).await;
+                    } else {
+                        agent.evaluate_objectives(src);
+                    }
                 }
             }
         });
@@ -588,10 +603,36 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
     Ok(())
 }
 
+/// Whether the newest verified backup known is older than `rpo` (or there is none).
+fn rpo_lapsed(
+    rpo: Option<Duration>,
+    newest_verified: Option<&(String, DateTime<Utc>)>,
+    now: DateTime<Utc>,
+) -> bool {
+    match (rpo, newest_verified) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(rpo), Some((_, t))) => (now - *t).to_std().is_ok_and(|age| age > rpo),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn an_rpo_lapses_only_past_its_length() {
+        let now = Utc::now();
+        let rpo = Some(Duration::from_secs(120));
+        let at = |secs: i64| ("b".to_string(), now - chrono::Duration::seconds(secs));
+        assert!(!rpo_lapsed(None, None, now));
+        assert!(rpo_lapsed(rpo, None, now));
+        assert!(!rpo_lapsed(rpo, Some(&at(119)), now));
+        assert!(rpo_lapsed(rpo, Some(&at(121)), now));
+        // A backup from the future (clock skew between hosts) is not lapsed.
+        assert!(!rpo_lapsed(rpo, Some(&at(-30)), now));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn runs_fire_on_schedule_never_overlap_and_skip_missed_ticks() {
