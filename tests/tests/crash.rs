@@ -40,7 +40,10 @@ fn kill_9_at_any_point_never_leaves_a_partial_backup() {
     };
     let policy = write_policy(dir.path(), &repository, &key.recipient, &source("10m"));
     let p = policy.to_str().unwrap().to_string();
-    let env = s3.env();
+    let mut env = s3.env();
+    // Its own temp dir: what a killed run leaves there is checked below.
+    let tmp = tempfile::tempdir().unwrap();
+    env.push(("TMPDIR".into(), tmp.path().display().to_string()));
 
     // A good backup first, and how long one takes.
     let t = Instant::now();
@@ -112,6 +115,14 @@ fn kill_9_at_any_point_never_leaves_a_partial_backup() {
         lifeboat(dir.path(), &["backup", "--policy", &p], &env).code,
         0
     );
+    // The killed runs' password files are gone: the next run removed those of dead processes.
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("lifeboat-pgpass-"))
+        .collect();
+    assert!(left.is_empty(), "password files left behind: {left:?}");
     let v = verifier(
         dir.path(),
         &["verify", "--policy", &p, "--identity", &id],

@@ -330,9 +330,11 @@ impl Postgres {
         let passfile = match &c.password {
             None => None,
             Some(pw) => {
-                // tempfile creates the file with mode 0600.
+                sweep_passfiles();
+                // tempfile creates the file with mode 0600. The name carries this process's id
+                // so that a later run can remove it if this process dies before it does.
                 let mut f = tempfile::Builder::new()
-                    .prefix("lifeboat-pgpass-")
+                    .prefix(&format!("{PASSFILE_PREFIX}{}-", std::process::id()))
                     .tempfile()
                     .map_err(|e| Error::failed(format!("cannot create a passfile: {e}")))?;
                 let escaped = pw.expose().replace('\\', "\\\\").replace(':', "\\:");
@@ -344,6 +346,30 @@ impl Postgres {
             }
         };
         Ok((env, passfile))
+    }
+}
+
+const PASSFILE_PREFIX: &str = "lifeboat-pgpass-";
+
+/// Removes the passfiles that lifeboat processes which died without cleaning up (kill -9, the
+/// OOM killer) left in the temp dir: a password must not outlive the run that needed it.
+fn sweep_passfiles() {
+    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PASSFILE_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
