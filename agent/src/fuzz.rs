@@ -152,10 +152,10 @@ proptest! {
     #[test]
     fn replication_framing_and_rdb_payloads(line in inputs(b"$EOF:0123456789012345678901234567890123456789"), rdb in inputs(RDB)) {
         let _ = crate::source::redis::framing(&line);
-        let _ = crate::source::rdb::parse(&rdb[..]);
-        let mut crc = crate::source::rdb::Crc64Tail::default();
+        let _ = crate::source::redis::rdb::parse(&rdb[..]);
+        let mut crc = crate::source::redis::rdb::Crc64Tail::default();
         crc.update(&rdb);
         let _ = crc.finish();
-        let _ = crate::source::rdb::lzf_decompress(&rdb, line.len() * 8);
+        let _ = crate::source::redis::rdb::lzf_decompress(&rdb, line.len() * 8);
     }
 }

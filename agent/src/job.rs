@@ -44,8 +44,8 @@ pub async fn backup(
         id: id.clone(),
         cancel: cancel.child_token(),
     };
-    tracing::debug!(source = %name, backup = %id, kind = source.config.kind(), "Backup started");
-    let src = source::from_policy(source, policy.encryption.index_key.as_ref());
+    tracing::debug!(source = %name, backup = %id, kind = %source.config.kind(), "Backup started");
+    let src = source.config.source(&policy.encryption);
     let run = src.backup(&ctx);
     tokio::pin!(run);
     let result = tokio::select! {
@@ -120,7 +120,7 @@ async fn publish(
         format: layout::FORMAT_VERSION,
         id: id.to_string(),
         source: name.clone(),
-        kind: source.config.kind().to_string(),
+        kind: source.config.kind(),
         started_at: now,
         finished_at: Utc::now(),
         tool_version: tool_version(),

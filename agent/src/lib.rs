@@ -5,7 +5,6 @@
 //! source → [`pipeline`] (SHA-256 → zstd → age → SHA-256) → [`store`], with the manifest written last
 //! by [`job`]; see ARCHITECTURE.md.
 
-pub mod blobs;
 pub mod check;
 pub mod daemon;
 pub mod error;

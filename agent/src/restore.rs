@@ -1,4 +1,5 @@
-//! Reading backups back: fetch → check SHA-256 → decrypt → decompress.
+//! Reading backups back, for every kind: fetch → check SHA-256 → decrypt → decompress. Each kind's
+//! restore (in its folder under `source/`) builds on these.
 //!
 //! The guarantee, for the verifier and `lifeboat restore` alike: **every stored object is
 //! downloaded to a spool file and its SHA-256 and size checked against the manifest before a single
@@ -16,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
 use crate::repo::layout;
-use crate::repo::manifest::{Manifest, Part};
+use crate::repo::manifest::{Manifest, Part, Role};
 use crate::repo::Repository;
 
 /// Reports a long operation's phases and bytes (a progress bar on a terminal, lines otherwise).
@@ -34,6 +35,14 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn phase(&self, _what: &str, _total: Option<u64>) {}
     fn advance(&self, _bytes: u64) {}
+}
+
+/// Counts the bytes read through `inner` into `progress`.
+pub fn counting(
+    inner: Pin<Box<dyn AsyncRead + Send>>,
+    progress: std::sync::Arc<dyn Progress>,
+) -> Pin<Box<dyn AsyncRead + Send>> {
+    Box::pin(Counting { inner, progress })
 }
 
 /// Counts the bytes read through it into a [`Progress`].
@@ -238,7 +247,7 @@ impl Spooled {
 }
 
 /// The part of `manifest` with `role` (`database`, `snapshot`…); missing is an integrity failure.
-pub fn part<'a>(manifest: &'a Manifest, role: &str) -> Result<&'a Part> {
+pub fn part(manifest: &Manifest, role: Role) -> Result<&Part> {
     manifest
         .parts
         .iter()
@@ -291,371 +300,146 @@ pub async fn fingerprint(
         .map_err(|e| Error::new(ErrorKind::Integrity, format!("{key}: not JSON: {e}")))
 }
 
-/// The state of a restore target database.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TargetState {
-    /// The database name.
-    pub database: String,
-    /// Whether it exists.
-    pub exists: bool,
-    /// User relations in it (tables, views, sequences…), extension members excluded.
-    pub relations: i64,
-    /// Large objects in it.
-    pub large_objects: i64,
+/// What an operator asked to restore, and how: everything a kind needs to plan.
+pub struct Request<'a> {
+    /// The policy (a kind reads its source's settings from it, when the source is still there).
+    pub policy: &'a crate::policy::Policy,
+    /// The repository holding the backup.
+    pub repo: &'a Repository,
+    /// The backup.
+    pub entry: &'a crate::repo::catalog::Entry,
+    /// `--to`, as written.
+    pub to: &'a str,
+    /// The options, as given; a kind refuses those that do not apply to it.
+    pub options: &'a Options,
 }
 
-impl TargetState {
-    /// True when restoring would mix with data already there.
-    pub fn has_data(&self) -> bool {
-        self.exists && (self.relations > 0 || self.large_objects > 0)
-    }
-}
-
-/// Connection settings for a restore target given as a URL (`--to`).
-pub fn target_config(url: &str) -> Result<(crate::policy::PostgresConfig, String)> {
-    use std::str::FromStr;
-    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
-        Error::new(
-            ErrorKind::Invalid,
-            format!(
-                "--to `{}` is not a PostgreSQL URL: {e}",
-                crate::policy::redact_url(url)
-            ),
-        )
-    })?;
-    let db = cfg.get_dbname().map(str::to_string).ok_or_else(|| {
-        Error::new(
-            ErrorKind::Invalid,
-            "--to names no database; write postgresql://HOST/DBNAME",
-        )
-    })?;
-    Ok((
-        crate::policy::PostgresConfig {
-            url: crate::policy::Secret::new(url.to_string()),
-            url_redacted: crate::policy::redact_url(url),
-            password_file: None,
-            globals: false,
-            fingerprint: crate::policy::FingerprintMode::Counts,
-            bin_dir: None,
-            tls_ca_file: None,
-        },
-        db,
-    ))
-}
-
-/// Looks at the target database without changing anything.
-pub async fn inspect_target(
-    target: &crate::source::postgres::Postgres,
-    db: &str,
-) -> Result<TargetState> {
-    let maint = connect_maintenance(target).await?;
-    let exists = maint
-        .client
-        .query_opt("select 1 from pg_database where datname = $1", &[&db])
-        .await
-        .map_err(|e| Error::failed(format!("target: looking up database {db}: {e}")))?
-        .is_some();
-    let mut state = TargetState {
-        database: db.to_string(),
-        exists,
-        relations: 0,
-        large_objects: 0,
-    };
-    if exists {
-        let conn = target.connect().await?;
-        let row = conn
-            .client
-            .query_one(
-                "select (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
-                   where c.relkind in ('r', 'p', 'v', 'm', 'S', 'f') \
-                   and n.nspname not in ('pg_catalog', 'information_schema') \
-                   and n.nspname not like 'pg_toast%' and n.nspname not like 'pg_temp%' \
-                   and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass \
-                                   and d.objid = c.oid and d.deptype = 'e')), \
-                 (select count(*) from pg_largeobject_metadata)",
-                &[],
-            )
-            .await
-            .map_err(|e| Error::failed(format!("target: inspecting database {db}: {e}")))?;
-        state.relations = row.get(0);
-        state.large_objects = row.get(1);
-    }
-    Ok(state)
-}
-
-/// A connection to the target server's maintenance database (`postgres`, else `template1`).
-pub async fn connect_maintenance(
-    target: &crate::source::postgres::Postgres,
-) -> Result<crate::source::postgres::Connection> {
-    match target.connect_to(Some("postgres")).await {
-        Ok(c) => Ok(c),
-        Err(first) => target
-            .connect_to(Some("template1"))
-            .await
-            .map_err(|_| first),
-    }
-}
-
-/// How to restore.
-#[derive(Debug, Clone)]
-pub struct PgRestore {
-    /// Also replay roles.
-    pub with_globals: bool,
-    /// Parallel pg_restore jobs (spools the plaintext when above 1).
+/// Restore options. Each applies to some kinds only; the others refuse it (exit 2).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// PostgreSQL: parallel pg_restore jobs (the plaintext is spooled when above 1).
     pub jobs: u32,
-    /// Where spool files go.
-    pub spool_dir: std::path::PathBuf,
-    /// Skip ownership.
+    /// PostgreSQL: also replay roles.
+    pub with_globals: bool,
+    /// PostgreSQL: do not restore ownership.
     pub no_owner: bool,
+    /// Redis: FLUSHALL a live target first.
+    pub flush: bool,
+    /// Objects: delete what the snapshot does not hold.
+    pub delete_extra: bool,
+    /// Where downloaded objects (and a parallel restore's plaintext) are spooled.
+    pub spool_dir: std::path::PathBuf,
 }
 
-/// Restores a PostgreSQL backup into `db` on `target`: every object is spooled and checked first
-/// (exit 13, target untouched), then the database is created if missing, roles replayed if asked,
-/// and pg_restore runs. Returns whether the database was created.
-pub async fn restore_postgres(
-    repo: &Repository,
-    manifest: &Manifest,
-    target: &crate::source::postgres::Postgres,
-    db: &str,
-    how: &PgRestore,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-    progress: std::sync::Arc<dyn Progress>,
-) -> Result<bool> {
-    use crate::source::postgres::{quote_ident, RestoreInput, RestoreOptions};
-    let mut parts = Vec::new();
-    for part in &manifest.parts {
-        if part.role == "database" || (part.role == "globals" && how.with_globals) {
-            progress.phase(
-                &format!("downloading and checking {}", part.name),
-                Some(part.size_stored),
-            );
-            parts.push(spool(repo, manifest, part, &how.spool_dir, progress.as_ref()).await?);
-        }
-    }
-    let dump = parts
-        .iter()
-        .find(|p| p.part.role == "database")
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("backup {} has no database part", manifest.id),
-            )
-        })?;
-    // The identity must open every part before anything is created on the target: a wrong key
-    // is exit 12 with the target untouched, not an empty database left behind.
-    for p in &parts {
-        drop(p.plaintext(identities).await?);
-    }
-    if how.with_globals && !parts.iter().any(|p| p.part.role == "globals") {
-        return Err(Error::failed(format!(
-            "backup {} holds no globals (the source had globals = false)",
-            manifest.id
-        )));
-    }
-    let state = inspect_target(target, db).await?;
-    let maint = connect_maintenance(target).await?;
-    if let Some(g) = parts.iter().find(|p| p.part.role == "globals") {
-        progress.phase("replaying roles (globals)", None);
-        let errors = target
-            .replay_globals(&maint, g.plaintext(identities).await?, &[], true)
-            .await?;
-        if !errors.is_empty() {
-            return Err(Error::failed(format!(
-                "replaying roles failed: {}",
-                errors.join("; ")
-            )));
-        }
-    }
-    let created = !state.exists;
-    if created {
-        progress.phase(&format!("creating database {db}"), None);
-        maint
-            .client
-            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
-            .await
-            .map_err(|e| Error::failed(format!("creating database {db}: {e}")))?;
-    }
-    let conn = target.connect().await?;
-    let opts = RestoreOptions {
-        jobs: how.jobs,
-        no_owner: how.no_owner,
-        no_privileges: false,
-        no_tablespaces: false,
-        single_transaction: false,
-    };
-    let input = if how.jobs > 1 {
-        progress.phase(
-            &format!("decrypting to a spool file in {}", how.spool_dir.display()),
-            Some(dump.part.size_plain),
-        );
-        let file = dump
-            .plaintext_file(identities, &how.spool_dir, progress.clone())
-            .await?;
-        progress.phase(&format!("running pg_restore with {} jobs", how.jobs), None);
-        let r = target
-            .pg_restore(&conn, RestoreInput::File(file.path().to_path_buf()), &opts)
-            .await;
-        drop(file);
-        return r.map(|_| created);
-    } else {
-        progress.phase("restoring (pg_restore)", Some(dump.part.size_plain));
-        RestoreInput::Stream(Box::pin(Counting {
-            inner: dump.plaintext(identities).await?,
-            progress: progress.clone(),
-        }))
-    };
-    target.pg_restore(&conn, input, &opts).await?;
-    Ok(created)
+/// Why a restore must be confirmed: the target holds data. Without confirmation, `error` (exit 14).
+#[derive(Debug)]
+pub struct Refusal {
+    /// The refusal, with what to do instead.
+    pub error: Error,
+    /// What to ask on a terminal.
+    pub question: String,
+    /// What the operator must type to go on.
+    pub word: String,
 }
 
-/// Where a Redis backup goes.
-#[derive(Debug, Clone)]
-pub enum RedisDestination {
-    /// `DIR/dump.rdb`, for a server to load at start.
-    Dir(std::path::PathBuf),
-    /// A live server, key by key.
-    Live {
-        /// The server.
-        target: crate::source::redis_load::Target,
-        /// `FLUSHALL` first.
-        flush: bool,
-    },
+/// A restore, planned: what it will do, shown before anything changes. Planning only looks at the
+/// target; [`Plan::apply`] changes it.
+pub struct Plan {
+    /// The plan as one JSON document (`--json`).
+    pub document: serde_json::Value,
+    /// The backup's verification status, for people.
+    pub verification: String,
+    /// The target, for people (passwords redacted).
+    pub target: String,
+    /// What will happen.
+    pub action: String,
+    /// Further lines of the plan: (label, text).
+    pub details: Vec<(&'static str, String)>,
+    /// Set when the target holds data: the restore needs confirmation.
+    pub refusal: Option<Refusal>,
+    /// What an interruption leaves behind.
+    pub interrupted: &'static str,
+    apply: Box<dyn Apply>,
 }
 
-/// What a Redis restore did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RedisRestored {
-    /// The file written (`Dir`).
-    pub file: Option<std::path::PathBuf>,
-    /// Keys written per database and keys that had expired (`Live`).
-    pub moved: Option<crate::source::redis_load::Moved>,
+/// What a restore did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The plan document's `result` member (`--json`).
+    pub result: serde_json::Value,
+    /// What to tell the operator, line by line.
+    pub lines: Vec<String>,
 }
 
-/// Restores a Redis backup: the snapshot is spooled and checked first (exit 13, target untouched),
-/// then written to `DIR/dump.rdb` through a temp file, or loaded into an ephemeral redis-server
-/// whose keys move into the live target with `RESTORE … REPLACE`.
-pub async fn restore_redis(
-    repo: &Repository,
-    manifest: &Manifest,
-    destination: &RedisDestination,
-    redis_bin_dir: Option<&std::path::Path>,
-    spool_dir: &std::path::Path,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-    progress: std::sync::Arc<dyn Progress>,
-) -> Result<RedisRestored> {
-    use crate::source::redis_load;
-    let part = part(manifest, "snapshot")?;
-    progress.phase(
-        &format!("downloading and checking {}", part.name),
-        Some(part.size_stored),
-    );
-    let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
-    progress.phase("decrypting", Some(part.size_plain));
-    let plain = Counting {
-        inner: spooled.plaintext(identities).await?,
-        progress: progress.clone(),
-    };
-    match destination {
-        RedisDestination::Dir(dir) => {
-            let file = dir.join("dump.rdb");
-            redis_load::write_rdb(plain, &file).await?;
-            Ok(RedisRestored {
-                file: Some(file),
-                moved: None,
-            })
+/// A kind's apply step, holding what its plan found. Its future need not be `Send`: a restore
+/// runs on the caller's task.
+#[async_trait::async_trait(?Send)]
+pub trait Apply: Send + Sync {
+    /// Restores. Every object is checked before anything is applied.
+    async fn apply(
+        self: Box<Self>,
+        repo: &Repository,
+        identities: &[Box<dyn age::Identity + Send + Sync>],
+        progress: std::sync::Arc<dyn Progress>,
+    ) -> Result<Outcome>;
+}
+
+impl Plan {
+    /// A plan of `action` on `target`, carried out by `apply`.
+    pub fn new(
+        request: &Request<'_>,
+        target: String,
+        action: String,
+        details: serde_json::Map<String, serde_json::Value>,
+        apply: Box<dyn Apply>,
+    ) -> Plan {
+        let verification = verification_state(request.entry);
+        let m = &request.entry.manifest;
+        let mut document = serde_json::json!({
+            "backup": {
+                "id": m.id, "source": m.source, "kind": m.kind, "started_at": m.started_at,
+                "finished_at": m.finished_at, "size_plain": m.size_plain,
+                "size_stored": m.size_stored, "verification": verification,
+                "source_version": m.source_version,
+            },
+        });
+        for (k, v) in details {
+            document[k] = v;
         }
-        RedisDestination::Live { target, flush } => {
-            let scratch = redis_load::Scratch::start(redis_bin_dir, plain, false).await?;
-            let result = async {
-                let loaded = scratch.target().keyspace().await?;
-                if *flush {
-                    progress.phase(&format!("FLUSHALL on {}", target.shown), None);
-                    redis_load::flush_all(target).await?;
-                }
-                progress.phase(
-                    &format!("moving keys into {}", target.shown),
-                    Some(loaded.values().map(|v| v.0).sum()),
-                );
-                let dbs: Vec<u32> = loaded.keys().copied().collect();
-                let p = progress.clone();
-                redis_load::move_keys(scratch.target(), target, &dbs, &move |n| p.advance(n)).await
-            }
-            .await;
-            scratch.stop().await;
-            Ok(RedisRestored {
-                file: None,
-                moved: Some(result?),
-            })
+        document["action"] = serde_json::Value::String(action.clone());
+        Plan {
+            document,
+            verification,
+            target,
+            action,
+            details: Vec::new(),
+            refusal: None,
+            interrupted: "interrupted; the target may hold a partial restore",
+            apply,
         }
+    }
+
+    /// Restores, as planned.
+    pub async fn apply(
+        self,
+        repo: &Repository,
+        identities: &[Box<dyn age::Identity + Send + Sync>],
+        progress: std::sync::Arc<dyn Progress>,
+    ) -> Result<Outcome> {
+        self.apply.apply(repo, identities, progress).await
     }
 }
 
-/// Where an objects restore writes.
-pub enum ObjectsTarget {
-    /// A directory.
-    Dir(std::path::PathBuf),
-    /// A bucket and prefix, as a store; the string is how to show it.
-    Store(std::sync::Arc<dyn crate::store::ObjectStore>, String),
+/// Plans the restore of `request.entry` with its kind's code.
+pub async fn plan(request: &Request<'_>) -> Result<Plan> {
+    request.entry.manifest.kind.plan_restore(request).await
 }
 
-/// Restores an objects snapshot into `target`: the snapshot is spooled and checked first, then
-/// every file is written (through a temp file renamed into place, or an upload completed) only
-/// once its content hash matched (exit 13 on the first that does not; what is in place is whole).
-pub async fn restore_objects(
-    repo: &Repository,
-    manifest: &Manifest,
-    target: &ObjectsTarget,
-    delete_extra: bool,
-    spool_dir: &std::path::Path,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-    progress: std::sync::Arc<dyn Progress>,
-) -> Result<crate::source::objects::Restored> {
-    use crate::source::objects;
-    let part = part(manifest, "snapshot")?;
-    progress.phase(
-        "downloading and checking the snapshot",
-        Some(part.size_stored),
-    );
-    let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
-    let entries = objects::read_snapshot(&spooled, identities).await?;
-    let files = entries
-        .iter()
-        .filter(|e| e.kind == objects::EntryKind::File)
-        .count();
-    let shown = match target {
-        ObjectsTarget::Dir(d) => d.display().to_string(),
-        ObjectsTarget::Store(_, s) => s.clone(),
-    };
-    progress.phase(
-        &format!("restoring {files} file(s) into {shown}"),
-        Some(files as u64),
-    );
-    let p = progress.clone();
-    let advance = move |n| p.advance(n);
-    match target {
-        ObjectsTarget::Dir(dir) => {
-            objects::restore_to_dir(
-                repo.store.clone(),
-                &entries,
-                dir,
-                identities,
-                8,
-                delete_extra,
-                &advance,
-            )
-            .await
-        }
-        ObjectsTarget::Store(store, _) => {
-            objects::restore_to_store(
-                repo.store.clone(),
-                &entries,
-                store.clone(),
-                identities,
-                8,
-                delete_extra,
-                &advance,
-            )
-            .await
-        }
+/// `verified`, `LAST VERIFICATION FAILED` or `never verified`.
+pub fn verification_state(entry: &crate::repo::catalog::Entry) -> String {
+    match &entry.verification {
+        Some(v) if v.result == "pass" => "verified".to_string(),
+        Some(_) => "LAST VERIFICATION FAILED".to_string(),
+        None => "never verified".to_string(),
     }
 }

@@ -330,7 +330,7 @@ pub struct PruneReport {
     /// Stale unfinished uploads aborted.
     pub aborted_uploads: Vec<String>,
     /// Blob collection, after pruning an objects source.
-    pub blobs: Option<crate::blobs::Collection>,
+    pub blobs: Option<crate::source::objects::blobs::Collection>,
 }
 
 /// Interrupted runs and unfinished uploads younger than this are left alone: they may belong to
@@ -439,7 +439,7 @@ pub async fn prune(
     // Blobs last: only once the pruned snapshots are gone can their blobs be unreferenced.
     if objects {
         report.blobs = Some(
-            crate::blobs::collect(
+            crate::source::objects::blobs::collect(
                 repo,
                 policy.encryption.index_key.as_ref(),
                 now,

@@ -805,7 +805,7 @@ impl Redis {
             .arg("keyspace")
             .query(&mut self.conn(0, auth))
             .expect("INFO keyspace");
-        lifeboat::source::redis_load::parse_keyspace(&info)
+        lifeboat::source::redis::load::parse_keyspace(&info)
     }
 }
 

@@ -186,7 +186,7 @@ pub async fn sql_checks(client: &Client, checks: &[SqlCheck]) -> Vec<Check> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lifeboat::source::pgdump::{DumpSummary, SequenceValue, TableData};
+    use lifeboat::source::postgres::pgdump::{DumpSummary, SequenceValue, TableData};
     use std::collections::BTreeMap;
 
     fn table(name: &str, rows: u64, hash: &str) -> TableData {
@@ -203,8 +203,8 @@ mod tests {
     fn every_difference_is_a_failed_check_with_expected_and_found() {
         let expected = Fingerprint {
             format: 1,
-            kind: "postgres".into(),
-            mode: lifeboat::policy::FingerprintMode::Full,
+            kind: lifeboat::source::Kind::Postgres,
+            mode: lifeboat::source::postgres::FingerprintMode::Full,
             database: Some("app".into()),
             server_version: "15".into(),
             objects: BTreeMap::from([("views".to_string(), 2)]),

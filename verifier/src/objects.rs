@@ -26,9 +26,16 @@ pub async fn verify(
 ) -> Result<Report> {
     let (mut report, t0) = new_report(entry);
     report.scratch = "none: blobs are re-hashed in memory".into();
-    let (mut report, spooled, fp): (_, _, Fingerprint) =
-        spool_and_fingerprint(repo, entry, "snapshot", identities, cancel, report).await?;
-    let entries = match objects::read_snapshot(&spooled, identities).await {
+    let (mut report, spooled, fp): (_, _, Fingerprint) = spool_and_fingerprint(
+        repo,
+        entry,
+        lifeboat::repo::manifest::Role::Snapshot,
+        identities,
+        cancel,
+        report,
+    )
+    .await?;
+    let entries = match objects::restore::read_snapshot(&spooled, identities).await {
         Ok(e) => e,
         Err(e) => return Err(fail_and_store(repo, report, e).await),
     };
@@ -90,7 +97,7 @@ pub async fn verify(
         }
         let mut sink = tokio::io::sink();
         if let Err(e) =
-            objects::fetch_blob(repo.store.as_ref(), id, sha, identities, &mut sink).await
+            objects::restore::fetch_blob(repo.store.as_ref(), id, sha, identities, &mut sink).await
         {
             if e.kind == ErrorKind::Credential {
                 return Err(fail_and_store(repo, report, e).await);
@@ -125,7 +132,11 @@ async fn blob_list_check(
 ) -> Check {
     let name = "blob list names every blob of the snapshot";
     let want = format!("{} blobs", all.len());
-    let Some(part) = m.parts.iter().find(|p| p.role == objects::BLOB_LIST_ROLE) else {
+    let Some(part) = m
+        .parts
+        .iter()
+        .find(|p| p.role == lifeboat::repo::manifest::Role::BlobList)
+    else {
         return Check::failed(name, want, "no blob list in the manifest".to_string());
     };
     let object = lifeboat::repo::layout::backup_object(&m.source, &m.id, &part.name);

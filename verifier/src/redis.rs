@@ -13,11 +13,11 @@
 
 use std::time::Instant;
 
-use lifeboat::policy::RedisConfig;
 use lifeboat::repo::catalog::Entry;
 use lifeboat::repo::Repository;
+use lifeboat::source::redis::load::{self as redis_load, Scratch, Target};
 use lifeboat::source::redis::Fingerprint;
-use lifeboat::source::redis_load::{self, Scratch, Target};
+use lifeboat::source::redis::RedisConfig;
 use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
@@ -34,8 +34,15 @@ pub async fn verify(
     cancel: &CancellationToken,
 ) -> Result<Report> {
     let (report, t0) = new_report(entry);
-    let (mut report, spooled, fingerprint): (_, _, Fingerprint) =
-        spool_and_fingerprint(repo, entry, "snapshot", identities, cancel, report).await?;
+    let (mut report, spooled, fingerprint): (_, _, Fingerprint) = spool_and_fingerprint(
+        repo,
+        entry,
+        lifeboat::repo::manifest::Role::Snapshot,
+        identities,
+        cancel,
+        report,
+    )
+    .await?;
     report.timings.download_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let started = async {
@@ -144,7 +151,7 @@ async fn check(
 }
 
 /// Reads one sampled key: its type, and its length where the capture recorded it.
-async fn read_back(target: &Target, k: &lifeboat::source::rdb::SampleKey) -> Result<Check> {
+async fn read_back(target: &Target, k: &lifeboat::source::redis::rdb::SampleKey) -> Result<Check> {
     let key = hex::decode(&k.key_hex).map_err(|e| {
         Error::new(
             ErrorKind::Integrity,

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lifeboat::policy::{FingerprintMode, PostgresConfig, Secret};
+use lifeboat::policy::Secret;
+use lifeboat::source::postgres::{FingerprintMode, PostgresConfig};
 use lifeboat::{Error, Result};
 use tokio::process::{Child, ChildStdin, Command};
 
@@ -480,7 +481,7 @@ impl Scratch {
     pub async fn precreate_extensions(
         &self,
         db: &str,
-        wanted: &[lifeboat::source::pgdump::ArchiveExtension],
+        wanted: &[lifeboat::source::postgres::pgdump::ArchiveExtension],
     ) -> Result<Vec<String>> {
         const NEVER: &[&str] = &[
             "adminpack",

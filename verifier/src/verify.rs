@@ -15,11 +15,13 @@
 use std::time::Instant;
 
 use chrono::Utc;
-use lifeboat::policy::{PostgresConfig, Secret, SourceConfig, SourcePolicy};
+use lifeboat::policy::{Secret, SourceConfig, SourcePolicy};
 use lifeboat::repo::catalog::Entry;
 use lifeboat::repo::layout;
+use lifeboat::repo::manifest::Role;
 use lifeboat::repo::Repository;
 use lifeboat::restore;
+use lifeboat::source::postgres::PostgresConfig;
 use lifeboat::source::postgres::{self, Fingerprint, Postgres, RestoreInput, RestoreOptions};
 use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
@@ -149,7 +151,7 @@ pub async fn verify(
 pub(crate) async fn spool_and_fingerprint<F: serde::de::DeserializeOwned>(
     repo: &Repository,
     entry: &Entry,
-    role: &str,
+    role: Role,
     identities: &Identities,
     cancel: &CancellationToken,
     report: Report,
@@ -267,9 +269,9 @@ async fn restore_and_check(
 ) -> Result<()> {
     let dump = spooled
         .iter()
-        .find(|s| s.part.role == "database")
+        .find(|s| s.part.role == Role::Database)
         .ok_or_else(|| Error::new(ErrorKind::Integrity, "the backup has no database part"))?;
-    let globals = spooled.iter().find(|s| s.part.role == "globals");
+    let globals = spooled.iter().find(|s| s.part.role == Role::Globals);
     let (pg, opts) = match target {
         Target::Ephemeral(s) => {
             report.scratch = format!("ephemeral cluster ({})", s.bin.display());
@@ -420,7 +422,7 @@ async fn restore_and_check(
 /// stream is dropped). Empty when the head is not an archive: pg_restore will say so.
 async fn dump_extensions(
     mut plain: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
-) -> Vec<lifeboat::source::pgdump::ArchiveExtension> {
+) -> Vec<lifeboat::source::postgres::pgdump::ArchiveExtension> {
     use tokio::io::AsyncReadExt;
     // A TOC is ~200 bytes per object: this is a million objects.
     const LIMIT: usize = 256 << 20;
@@ -434,7 +436,7 @@ async fn dump_extensions(
         };
         head.extend_from_slice(&chunk[..n]);
         if n == 0 || head.len() >= attempt {
-            match lifeboat::source::pgdump::archive_extensions(&head) {
+            match lifeboat::source::postgres::pgdump::archive_extensions(&head) {
                 Some(Ok(v)) => return v,
                 Some(Err(_)) => return Vec::new(),
                 None if n == 0 || head.len() > LIMIT => return Vec::new(),

@@ -67,10 +67,15 @@ pub struct Digests {
 
 impl Digests {
     /// The manifest entry for the object these digests describe.
-    pub fn part(&self, name: &str, role: &str, format: &str) -> crate::repo::manifest::Part {
+    pub fn part(
+        &self,
+        name: &str,
+        role: crate::repo::manifest::Role,
+        format: &str,
+    ) -> crate::repo::manifest::Part {
         crate::repo::manifest::Part {
             name: name.to_string(),
-            role: role.to_string(),
+            role,
             format: format.to_string(),
             size_plain: self.size_plain,
             sha256_plain: self.sha256_plain.clone(),

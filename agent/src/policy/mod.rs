@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 pub mod schema;
 pub use env::Secret;
-pub use raw::{ChecksumMode, FingerprintMode, LockMode, LogFormat, NotifyFormat};
+pub use raw::{ChecksumMode, LockMode, LogFormat, NotifyFormat};
 pub use validate::*;
 
 use crate::error::{Error, ErrorKind};
@@ -187,39 +187,29 @@ pub fn parse(
                     .get("kind")
                     .and_then(|k| k.as_str())
                     .map(str::to_string);
-                match kind.as_deref() {
-                    Some("postgres") => {
+                match kind
+                    .as_deref()
+                    .map(|k| (k, crate::source::Kind::from_name(k)))
+                {
+                    Some((_, Some(kind))) => {
                         if let Some(s) =
-                            section::<raw::RawPostgresSource>(&path, item, &mut problems)
+                            crate::source::RawSource::deserialize(kind, &path, item, &mut problems)
                         {
-                            sources.push((i, raw::RawSource::Postgres(s)));
+                            sources.push((i, s));
                         }
                     }
-                    Some("redis") => {
-                        if let Some(s) = section::<raw::RawRedisSource>(&path, item, &mut problems)
-                        {
-                            sources.push((i, raw::RawSource::Redis(s)));
-                        }
-                    }
-                    Some("objects") => {
-                        if let Some(s) =
-                            section::<raw::RawObjectsSource>(&path, item, &mut problems)
-                        {
-                            sources.push((i, raw::RawSource::Objects(s)));
-                        }
-                    }
-                    Some(other) => problems.add(
+                    Some((other, None)) => problems.add(
                         format!("{path}.kind"),
                         format!(
                             "unknown kind `{other}`, expected one of {}",
-                            quoted_list(raw::SOURCE_KINDS)
+                            crate::source::Kind::names()
                         ),
                     ),
                     None => problems.add(
                         format!("{path}.kind"),
                         format!(
                             "missing: every source needs a kind, one of {}",
-                            quoted_list(raw::SOURCE_KINDS)
+                            crate::source::Kind::names()
                         ),
                     ),
                 }
@@ -250,7 +240,7 @@ pub fn parse(
 }
 
 /// Deserializes one section, recording a problem with the full field path on failure.
-fn section<T: DeserializeOwned>(
+pub(crate) fn section<T: DeserializeOwned>(
     path: &str,
     value: toml::Value,
     problems: &mut Problems,

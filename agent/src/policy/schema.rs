@@ -15,18 +15,15 @@ pub fn schema() -> Value {
     let encryption = sub(generator.subschema_for::<RawEncryption>());
     let agent = sub(generator.subschema_for::<RawAgent>());
     let defaults = sub(generator.subschema_for::<RawDefaults>());
-    let postgres = sub(generator.subschema_for::<RawPostgresSource>());
-    let redis = sub(generator.subschema_for::<RawRedisSource>());
-    let objects = sub(generator.subschema_for::<RawObjectsSource>());
+    let kinds = crate::source::Kind::raw_schemas(&mut generator);
     let notify = sub(generator.subschema_for::<RawNotify>());
     let mut defs = generator.take_definitions(true);
-    for (def, kind) in [
-        ("RawPostgresSource", "postgres"),
-        ("RawRedisSource", "redis"),
-        ("RawObjectsSource", "objects"),
-    ] {
+    let mut one_of = Vec::new();
+    for (kind, def, schema) in kinds {
+        let kind = kind.name();
+        one_of.push(sub(schema));
         if let Some(props) = defs
-            .get_mut(def)
+            .get_mut(&def)
             .and_then(|d| d.get_mut("properties"))
             .and_then(Value::as_object_mut)
         {
@@ -48,54 +45,54 @@ pub fn schema() -> Value {
             "encryption": encryption,
             "agent": agent,
             "defaults": defaults,
-            "sources": { "type": "array", "minItems": 1, "items": { "oneOf": [postgres, redis, objects] } },
+            "sources": { "type": "array", "minItems": 1, "items": { "oneOf": one_of } },
             "notify": { "type": "array", "items": notify },
         },
         "$defs": Value::Object(defs),
     })
 }
 
-/// The sections of the reference, in order: heading, definition name, how it is written.
-const SECTIONS: &[(&str, &str, &str)] = &[
-    ("[repository]", "RawRepository", "table"),
-    ("repository.object_lock", "RawObjectLock", "inline table"),
-    ("[encryption]", "RawEncryption", "table"),
-    ("[agent]", "RawAgent", "table"),
-    ("[defaults]", "RawDefaults", "table"),
-    (
-        "compression",
-        "RawCompression",
-        "inline table, in [defaults] or a source",
-    ),
-    (
-        "retention",
-        "RawRetention",
-        "inline table, in [defaults] or a source",
-    ),
-    (
-        "objectives",
-        "RawObjectives",
-        "inline table, in [defaults] or a source",
-    ),
-    (
-        "[[sources]] kind = \"postgres\"",
-        "RawPostgresSource",
-        "array of tables",
-    ),
-    (
-        "[[sources]] kind = \"redis\"",
-        "RawRedisSource",
-        "array of tables",
-    ),
-    (
-        "[[sources]] kind = \"objects\"",
-        "RawObjectsSource",
-        "array of tables",
-    ),
-    ("[sources.verify]", "RawVerify", "table under a source"),
-    ("verify.checks", "RawCheck", "array of inline tables"),
-    ("[[notify]]", "RawNotify", "array of tables"),
-];
+/// The sections of the reference, in order: heading, definition name, how it is written. Each
+/// kind's `[[sources]]` table comes after `objectives`, in the table of kinds' order.
+fn sections() -> Vec<(String, String, &'static str)> {
+    let fixed = |h: &str, d: &str, f: &'static str| (h.to_string(), d.to_string(), f);
+    let mut out = vec![
+        fixed("[repository]", "RawRepository", "table"),
+        fixed("repository.object_lock", "RawObjectLock", "inline table"),
+        fixed("[encryption]", "RawEncryption", "table"),
+        fixed("[agent]", "RawAgent", "table"),
+        fixed("[defaults]", "RawDefaults", "table"),
+        fixed(
+            "compression",
+            "RawCompression",
+            "inline table, in [defaults] or a source",
+        ),
+        fixed(
+            "retention",
+            "RawRetention",
+            "inline table, in [defaults] or a source",
+        ),
+        fixed(
+            "objectives",
+            "RawObjectives",
+            "inline table, in [defaults] or a source",
+        ),
+    ];
+    let mut generator = SchemaSettings::draft2020_12().into_generator();
+    for (kind, def, _) in crate::source::Kind::raw_schemas(&mut generator) {
+        out.push((
+            format!("[[sources]] kind = \"{kind}\""),
+            def,
+            "array of tables",
+        ));
+    }
+    out.extend([
+        fixed("[sources.verify]", "RawVerify", "table under a source"),
+        fixed("verify.checks", "RawCheck", "array of inline tables"),
+        fixed("[[notify]]", "RawNotify", "array of tables"),
+    ]);
+    out
+}
 
 /// policies/README.md: every key of every section, with its type and doc comment.
 pub fn reference() -> String {
@@ -110,8 +107,8 @@ pub fn reference() -> String {
          like `16MiB`. `lifeboat policy check FILE` validates a file and names every problem's field.\n\
          Examples: dev.toml, staging.toml, production.toml in this directory.\n",
     );
-    for (heading, def, form) in SECTIONS {
-        let Some(d) = defs.get(*def) else { continue };
+    for (heading, def, form) in sections() {
+        let Some(d) = defs.get(&def) else { continue };
         out.push_str(&format!("\n## `{heading}`\n\n"));
         if let Some(desc) = d.get("description").and_then(Value::as_str) {
             out.push_str(&format!("{} ({form})\n\n", one_line(desc)));
@@ -124,18 +121,9 @@ pub fn reference() -> String {
         let empty = Map::new();
         let props = d["properties"].as_object().unwrap_or(&empty);
         for (key, p) in props {
-            let desc = if def.ends_with("Source") {
-                if key == "kind" {
-                    let kind = def
-                        .trim_start_matches("Raw")
-                        .trim_end_matches("Source")
-                        .to_lowercase();
-                    format!("Always `{kind}`.")
-                } else {
-                    p["description"].as_str().map(one_line).unwrap_or_default()
-                }
-            } else {
-                p["description"].as_str().map(one_line).unwrap_or_default()
+            let desc = match p["const"].as_str() {
+                Some(kind) if key == "kind" => format!("Always `{kind}`."),
+                _ => p["description"].as_str().map(one_line).unwrap_or_default(),
             };
             out.push_str(&format!(
                 "| `{key}` | {} | {} | {} |\n",

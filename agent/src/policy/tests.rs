@@ -309,14 +309,14 @@ fn a_redis_source_validates_into_its_endpoint() {
     let SourceConfig::Redis(r) = &s.config else {
         panic!("the third source is redis")
     };
-    assert_eq!(s.config.kind(), "redis");
+    assert_eq!(s.config.kind().name(), "redis");
     assert_eq!(r.endpoint.host, "cache.internal");
     assert_eq!(r.endpoint.port, 6380);
     assert!(r.endpoint.tls);
     assert_eq!(r.endpoint.username.as_deref(), Some("backup"));
     assert_eq!(r.endpoint.password.as_ref().map(|p| p.expose()), Some("pw"));
     assert_eq!(r.url_redacted, "rediss://backup:***@cache.internal:6380");
-    assert_eq!(r.capture, RedisCapture::Replication);
+    assert_eq!(r.capture, crate::source::redis::RedisCapture::Replication);
     assert_eq!(
         s.retention.keep_last,
         Some(7),
@@ -391,7 +391,9 @@ fn an_objects_source_needs_the_index_key_and_rejects_typos() {
     let SourceConfig::Objects(o) = &p.sources[2].config else {
         panic!("the third source is objects")
     };
-    assert!(matches!(&o.from, ObjectsFrom::Dir(d) if d == std::path::Path::new("/data/uploads")));
+    assert!(
+        matches!(&o.from, crate::source::objects::ObjectsFrom::Dir(d) if d == std::path::Path::new("/data/uploads"))
+    );
     assert_eq!(o.max_shrink_percent, Some(50));
     let got = problems(&format!("{with_key}{}", src.replace("exclude", "exlude")));
     assert!(

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use super::env::Secret;
 use super::raw::*;
+use crate::source::RawSource;
+pub use crate::source::SourceConfig;
 
 /// One problem in a policy file, with the path of the field it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,6 +250,15 @@ pub struct SqlCheck {
     pub equals: Option<i64>,
 }
 
+/// What a kind's validation may read besides its own table.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceContext<'a> {
+    /// `[defaults]`, as written.
+    pub defaults: &'a RawDefaults,
+    /// `[encryption]`, validated (`None` when it is missing or did not parse).
+    pub encryption: Option<&'a EncryptionConfig>,
+}
+
 /// One source with its settings merged from `[defaults]`.
 #[derive(Debug, Clone)]
 pub struct SourcePolicy {
@@ -273,117 +284,6 @@ pub struct SourcePolicy {
     pub run_on_start: bool,
     /// What to back up.
     pub config: SourceConfig,
-}
-
-/// The registry of source kinds (one variant per file in `source/`).
-#[derive(Debug, Clone)]
-pub enum SourceConfig {
-    /// A PostgreSQL database.
-    Postgres(PostgresConfig),
-    /// A Redis server.
-    Redis(RedisConfig),
-    /// A directory tree or an S3 bucket.
-    Objects(ObjectsConfig),
-}
-
-impl SourceConfig {
-    /// The `kind` string.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SourceConfig::Postgres(_) => "postgres",
-            SourceConfig::Redis(_) => "redis",
-            SourceConfig::Objects(_) => "objects",
-        }
-    }
-}
-
-/// A PostgreSQL source.
-#[derive(Debug, Clone)]
-pub struct PostgresConfig {
-    /// The connection string, which may embed a password.
-    pub url: Secret,
-    /// The connection string with any password replaced by `***`.
-    pub url_redacted: String,
-    /// Password file.
-    pub password_file: Option<PathBuf>,
-    /// Dump roles and tablespaces too.
-    pub globals: bool,
-    /// Fingerprint depth.
-    pub fingerprint: FingerprintMode,
-    /// pg_dump location override.
-    pub bin_dir: Option<PathBuf>,
-    /// CA for verified TLS.
-    pub tls_ca_file: Option<PathBuf>,
-}
-
-/// Where an objects source reads from.
-#[derive(Debug, Clone)]
-pub enum ObjectsFrom {
-    /// A directory tree.
-    Dir(PathBuf),
-    /// A bucket and prefix.
-    S3(S3Config),
-}
-
-/// An objects source.
-#[derive(Debug, Clone)]
-pub struct ObjectsConfig {
-    /// What is backed up.
-    pub from: ObjectsFrom,
-    /// `from` as written.
-    pub from_shown: String,
-    /// Glob patterns to include (all when empty).
-    pub include: Vec<String>,
-    /// Glob patterns to leave out.
-    pub exclude: Vec<String>,
-    /// The shrink guard, in percent; `None` with `allow_shrink`.
-    pub max_shrink_percent: Option<u32>,
-    /// Objects handled at once.
-    pub concurrency: usize,
-}
-
-/// A Redis source.
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    /// Where the server is and how to log in.
-    pub endpoint: RedisEndpoint,
-    /// The URL with any password replaced by `***`.
-    pub url_redacted: String,
-    /// Password file.
-    pub password_file: Option<PathBuf>,
-    /// How the snapshot is taken.
-    pub capture: RedisCapture,
-    /// CA for verified TLS.
-    pub tls_ca_file: Option<PathBuf>,
-    /// Where redis-server and redis-check-rdb are; PATH when unset.
-    pub bin_dir: Option<PathBuf>,
-}
-
-/// A Redis server's address and login.
-#[derive(Debug, Clone)]
-pub struct RedisEndpoint {
-    /// Host name or IP address.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// `rediss://`: TLS, verified.
-    pub tls: bool,
-    /// ACL user (`AUTH user password`); the default user when unset.
-    pub username: Option<String>,
-    /// Password from the URL.
-    pub password: Option<Secret>,
-}
-
-/// How a Redis snapshot is taken.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisCapture {
-    /// As a replica, over the network.
-    Replication,
-    /// `BGSAVE`, then read this file.
-    File {
-        /// The server's RDB file, on a shared volume.
-        rdb_path: PathBuf,
-    },
 }
 
 /// Default listen address of the daemon.
@@ -452,15 +352,14 @@ pub(super) fn validate(
         }),
     };
 
+    let ctx = SourceContext {
+        defaults: &defaults,
+        encryption: encryption.as_ref(),
+    };
     let mut out = Vec::new();
     for (i, raw) in sources {
         let path = format!("sources[{i}]");
-        let source = match raw {
-            RawSource::Postgres(raw) => validate_postgres(&path, raw, &defaults, problems),
-            RawSource::Redis(raw) => validate_redis(&path, raw, &defaults, problems),
-            RawSource::Objects(raw) => validate_objects(&path, raw, &defaults, problems),
-        };
-        if let Some(s) = source {
+        if let Some(s) = raw.validate(&path, &ctx, problems) {
             if out.iter().any(|o: &SourcePolicy| o.name == s.name) {
                 problems.add(
                     format!("{path}.name"),
@@ -474,18 +373,6 @@ pub(super) fn validate(
         }
     }
 
-    if let Some(e) = &encryption {
-        if e.index_key.is_none() {
-            for (i, s) in out.iter().enumerate() {
-                if matches!(s.config, SourceConfig::Objects(_)) {
-                    problems.add(
-                        format!("sources[{i}].kind"),
-                        "objects sources need encryption.index_key: a secret (${VAR}, e.g. from `openssl rand -hex 32`) that keys blob ids",
-                    );
-                }
-            }
-        }
-    }
     if problems.0.is_empty() {
         Some(Policy {
             repository: repository?,
@@ -682,294 +569,8 @@ fn validate_agent(raw: RawAgent, p: &mut Problems) -> AgentConfig {
     }
 }
 
-fn validate_postgres(
-    path: &str,
-    raw: RawPostgresSource,
-    defaults: &RawDefaults,
-    p: &mut Problems,
-) -> Option<SourcePolicy> {
-    check_name(&format!("{path}.name"), &raw.name, p);
-    if raw.verify.as_ref().is_some_and(|v| v.cover_days.is_some()) {
-        p.add(
-            format!("{path}.verify.cover_days"),
-            "applies to objects sources; a PostgreSQL backup is always verified whole",
-        );
-    }
-    let config = tokio_postgres::Config::from_str(&raw.url);
-    let url_redacted = redact_url(&raw.url);
-    match &config {
-        Err(e) => p.add(
-            format!("{path}.url"),
-            format!("`{url_redacted}` is not a PostgreSQL connection string ({e}); write postgres://USER@HOST:PORT/DB"),
-        ),
-        Ok(c) => {
-            if c.get_dbname().is_none() {
-                p.add(
-                    format!("{path}.url"),
-                    format!("`{url_redacted}` names no database; add /DBNAME"),
-                );
-            }
-            if c.get_password().is_some() && raw.password_file.is_some() {
-                p.add(
-                    format!("{path}.password_file"),
-                    "the url already carries a password; keep one of the two",
-                );
-            }
-        }
-    }
-    let common = common_settings(path, common_raw!(raw), defaults, p);
-    common.into_source(
-        raw.name,
-        SourceConfig::Postgres(PostgresConfig {
-            url: Secret::new(raw.url),
-            url_redacted,
-            password_file: raw.password_file.map(PathBuf::from),
-            globals: raw.globals.unwrap_or(true),
-            fingerprint: raw.fingerprint.unwrap_or_default(),
-            bin_dir: raw.pg_bin_dir.map(PathBuf::from),
-            tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
-        }),
-    )
-}
-
-fn validate_redis(
-    path: &str,
-    raw: RawRedisSource,
-    defaults: &RawDefaults,
-    p: &mut Problems,
-) -> Option<SourcePolicy> {
-    check_name(&format!("{path}.name"), &raw.name, p);
-    let url_redacted = redact_url(&raw.url);
-    let endpoint = match url::Url::parse(&raw.url) {
-        Err(e) => {
-            p.add(
-                format!("{path}.url"),
-                format!("`{url_redacted}` is not a URL ({e}); write redis://HOST:PORT or rediss://HOST:PORT"),
-            );
-            None
-        }
-        Ok(u) if !matches!(u.scheme(), "redis" | "rediss") => {
-            p.add(
-                format!("{path}.url"),
-                format!("`{url_redacted}`: the scheme must be redis:// or rediss:// (TLS)"),
-            );
-            None
-        }
-        Ok(u) => match u.host_str() {
-            None | Some("") => {
-                p.add(
-                    format!("{path}.url"),
-                    format!("`{url_redacted}` names no host; write redis://HOST:PORT"),
-                );
-                None
-            }
-            Some(host) => {
-                let decode = |s: &str| {
-                    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                        .next()
-                        .map(|(_, v)| v.into_owned())
-                        .unwrap_or_default()
-                };
-                let password = u.password().map(|pw| Secret::new(decode(pw)));
-                if password.is_some() && raw.password_file.is_some() {
-                    p.add(
-                        format!("{path}.password_file"),
-                        "the url already carries a password; keep one of the two",
-                    );
-                }
-                Some(RedisEndpoint {
-                    host: host.trim_matches(['[', ']']).to_string(),
-                    port: u.port().unwrap_or(6379),
-                    tls: u.scheme() == "rediss",
-                    username: (!u.username().is_empty()).then(|| decode(u.username())),
-                    password,
-                })
-            }
-        },
-    };
-    let mode = match (raw.mode.unwrap_or_default(), raw.rdb_path) {
-        (RedisMode::Replication, None) => RedisCapture::Replication,
-        (RedisMode::Replication, Some(_)) => {
-            p.add(
-                format!("{path}.rdb_path"),
-                "is read only with mode = \"file\"; remove it, or set mode = \"file\"",
-            );
-            RedisCapture::Replication
-        }
-        (RedisMode::File, Some(rdb)) => RedisCapture::File {
-            rdb_path: PathBuf::from(rdb),
-        },
-        (RedisMode::File, None) => {
-            p.add(
-                format!("{path}.rdb_path"),
-                "mode = \"file\" needs rdb_path: the server's dump.rdb on a volume shared with this pod",
-            );
-            RedisCapture::Replication
-        }
-    };
-    if let Some(v) = &raw.verify {
-        if !v.checks.is_empty() {
-            p.add(
-                format!("{path}.verify.checks"),
-                "SQL checks apply to postgres sources; a Redis backup is verified by key counts and a sample of keys",
-            );
-        }
-        if v.scratch_url.is_some() {
-            p.add(
-                format!("{path}.verify.scratch_url"),
-                "Redis backups are verified in an ephemeral redis-server; remove scratch_url",
-            );
-        }
-        if v.postgres_bin_dir.is_some() {
-            p.add(
-                format!("{path}.verify.postgres_bin_dir"),
-                "applies to postgres sources; use redis_bin_dir on this source",
-            );
-        }
-        if v.scratch_max_size.is_some() || v.restore_as_superuser.is_some() {
-            p.add(
-                format!("{path}.verify"),
-                "scratch_max_size and restore_as_superuser apply to postgres sources; a Redis backup loads into an unprivileged redis-server",
-            );
-        }
-        if v.cover_days.is_some() {
-            p.add(
-                format!("{path}.verify.cover_days"),
-                "applies to objects sources; a Redis backup is always verified whole",
-            );
-        }
-    }
-    let common = common_settings(path, common_raw!(raw), defaults, p);
-    common.into_source(
-        raw.name,
-        SourceConfig::Redis(RedisConfig {
-            // No endpoint: either a problem was recorded, or the URL holds an unset ${VAR} and
-            // validation runs with --allow-missing-env; the source still counts.
-            endpoint: endpoint.unwrap_or(RedisEndpoint {
-                host: String::new(),
-                port: 6379,
-                tls: false,
-                username: None,
-                password: None,
-            }),
-            url_redacted,
-            password_file: raw.password_file.map(PathBuf::from),
-            capture: mode,
-            tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
-            bin_dir: raw.redis_bin_dir.map(PathBuf::from),
-        }),
-    )
-}
-
-fn validate_objects(
-    path: &str,
-    raw: RawObjectsSource,
-    defaults: &RawDefaults,
-    p: &mut Problems,
-) -> Option<SourcePolicy> {
-    check_name(&format!("{path}.name"), &raw.name, p);
-    let from = if let Some(dir) = raw.from.strip_prefix("dir://") {
-        if !dir.starts_with('/') {
-            p.add(
-                format!("{path}.from"),
-                format!(
-                    "`{}`: write an absolute path, dir:///data/uploads",
-                    raw.from
-                ),
-            );
-        }
-        if raw.endpoint.is_some() || raw.region.is_some() || raw.addressing.is_some() {
-            p.add(
-                format!("{path}.endpoint"),
-                "endpoint, region and addressing apply to s3:// sources only",
-            );
-        }
-        ObjectsFrom::Dir(PathBuf::from(dir))
-    } else if let Some(rest) = raw.from.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            p.add(
-                format!("{path}.from"),
-                "names no bucket: write s3://BUCKET/PREFIX/",
-            );
-        }
-        let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
-        ObjectsFrom::S3(S3Config {
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-            endpoint: raw.endpoint.clone(),
-            region: raw.region.clone().unwrap_or_else(default_region),
-            force_path_style,
-            checksums: ChecksumMode::WhenRequired,
-            storage_class: None,
-            object_lock: None,
-        })
-    } else {
-        p.add(
-            format!("{path}.from"),
-            format!(
-                "`{}` is neither dir:///PATH nor s3://BUCKET/PREFIX/",
-                raw.from
-            ),
-        );
-        ObjectsFrom::Dir(PathBuf::new())
-    };
-    for (field, globs) in [("include", &raw.include), ("exclude", &raw.exclude)] {
-        for (i, g) in globs.iter().enumerate() {
-            if let Err(e) = globset::Glob::new(g) {
-                p.add(
-                    format!("{path}.{field}[{i}]"),
-                    format!("`{g}` is not a glob: {e}"),
-                );
-            }
-        }
-    }
-    let shrink = raw.max_shrink_percent.unwrap_or(50);
-    if shrink > 100 {
-        p.add(
-            format!("{path}.max_shrink_percent"),
-            "is a percentage: 0–100 (allow_shrink = true turns the guard off)",
-        );
-    }
-    let concurrency = raw.concurrency.unwrap_or(8);
-    if !(1..=64).contains(&concurrency) {
-        p.add(format!("{path}.concurrency"), "must be 1–64");
-    }
-    if let Some(v) = &raw.verify {
-        if v.cover_days == Some(0) {
-            p.add(
-                format!("{path}.verify.cover_days"),
-                "must be at least 1; leave it out to re-hash every blob each time",
-            );
-        }
-        if !v.checks.is_empty()
-            || v.scratch_url.is_some()
-            || v.postgres_bin_dir.is_some()
-            || v.scratch_max_size.is_some()
-            || v.restore_as_superuser.is_some()
-        {
-            p.add(
-                format!("{path}.verify"),
-                "objects sources are verified by re-hashing their blobs; only `schedule`, `cover_days` and `timeout` apply",
-            );
-        }
-    }
-    let common = common_settings(path, common_raw!(raw), defaults, p);
-    common.into_source(
-        raw.name,
-        SourceConfig::Objects(ObjectsConfig {
-            from,
-            from_shown: raw.from,
-            include: raw.include,
-            exclude: raw.exclude,
-            max_shrink_percent: (!raw.allow_shrink.unwrap_or(false)).then_some(shrink.min(100)),
-            concurrency: concurrency.clamp(1, 64),
-        }),
-    )
-}
-
 /// Path-style addressing: `auto` means path-style with a custom endpoint, virtual-hosted on AWS.
-fn path_style(addressing: Option<Addressing>, custom_endpoint: bool) -> bool {
+pub(crate) fn path_style(addressing: Option<Addressing>, custom_endpoint: bool) -> bool {
     match addressing.unwrap_or(Addressing::Auto) {
         Addressing::Auto => custom_endpoint,
         Addressing::Path => true,
@@ -994,22 +595,22 @@ macro_rules! common_raw {
         }
     };
 }
-use common_raw;
+pub(crate) use common_raw;
 
 /// The settings every kind of source shares, as written.
-struct CommonRaw<'a> {
-    schedule: Option<&'a str>,
-    timeout: Option<&'a str>,
-    compression: Option<&'a RawCompression>,
-    retention: Option<&'a RawRetention>,
-    objectives: Option<&'a RawObjectives>,
-    verify: Option<&'a RawVerify>,
-    jitter: Option<&'a str>,
-    retries: Option<u32>,
-    run_on_start: Option<bool>,
+pub(crate) struct CommonRaw<'a> {
+    pub(crate) schedule: Option<&'a str>,
+    pub(crate) timeout: Option<&'a str>,
+    pub(crate) compression: Option<&'a RawCompression>,
+    pub(crate) retention: Option<&'a RawRetention>,
+    pub(crate) objectives: Option<&'a RawObjectives>,
+    pub(crate) verify: Option<&'a RawVerify>,
+    pub(crate) jitter: Option<&'a str>,
+    pub(crate) retries: Option<u32>,
+    pub(crate) run_on_start: Option<bool>,
 }
 
-struct Common {
+pub(crate) struct Common {
     schedule: Option<Schedule>,
     timeout: Duration,
     compression: Compression,
@@ -1022,7 +623,7 @@ struct Common {
 }
 
 impl Common {
-    fn into_source(self, name: String, config: SourceConfig) -> Option<SourcePolicy> {
+    pub(crate) fn into_source(self, name: String, config: SourceConfig) -> Option<SourcePolicy> {
         Some(SourcePolicy {
             name,
             schedule: self.schedule,
@@ -1039,7 +640,12 @@ impl Common {
     }
 }
 
-fn common_settings(path: &str, raw: CommonRaw<'_>, d: &RawDefaults, p: &mut Problems) -> Common {
+pub(crate) fn common_settings(
+    path: &str,
+    raw: CommonRaw<'_>,
+    d: &RawDefaults,
+    p: &mut Problems,
+) -> Common {
     let CommonRaw {
         schedule,
         timeout,
@@ -1242,7 +848,7 @@ fn validate_verify(path: &str, v: &RawVerify, p: &mut Problems) -> VerifyPolicy 
     }
 }
 
-fn check_name(path: &str, name: &str, p: &mut Problems) {
+pub(crate) fn check_name(path: &str, name: &str, p: &mut Problems) {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())

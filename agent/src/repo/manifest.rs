@@ -7,6 +7,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::source::Kind;
+
 /// A backup's manifest (`backups/<source>/<id>/manifest.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -16,8 +18,9 @@ pub struct Manifest {
     pub id: String,
     /// Source name.
     pub source: String,
-    /// Source kind (`postgres`).
-    pub kind: String,
+    /// Source kind (`postgres`, `redis`, `objects`); one this version does not know makes the
+    /// manifest unreadable, never another kind's backup.
+    pub kind: Kind,
     /// When the backup started.
     pub started_at: DateTime<Utc>,
     /// When the last data object was stored.
@@ -65,8 +68,8 @@ pub struct EncryptionInfo {
 pub struct Part {
     /// Object name within the backup, e.g. `database.dump.zst.age`.
     pub name: String,
-    /// What it holds: `database`, `globals`.
-    pub role: String,
+    /// What it holds.
+    pub role: Role,
     /// Plaintext format: `pg_dump-custom`, `sql`.
     pub format: String,
     /// Plaintext bytes.
@@ -77,6 +80,31 @@ pub struct Part {
     pub size_stored: u64,
     /// SHA-256 of the stored bytes, hex.
     pub sha256_stored: String,
+}
+
+/// What a part holds. Restore, the verifier and blob collection find parts by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// A database dump (`pg_dump -Fc`).
+    Database,
+    /// Roles and tablespaces (`pg_dumpall --globals-only`).
+    Globals,
+    /// The source's snapshot: an RDB file, an objects listing.
+    Snapshot,
+    /// The blob ids an objects snapshot names, sealed with the index key (for blob collection).
+    BlobList,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Database => "database",
+            Role::Globals => "globals",
+            Role::Snapshot => "snapshot",
+            Role::BlobList => "blob-list",
+        })
+    }
 }
 
 /// An object stored without compression (the fingerprint).
@@ -102,5 +130,59 @@ impl Manifest {
             out.push((f.name.as_str(), f.size_stored, f.sha256_stored.as_str()));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::catalog::parse_manifest;
+
+    const KEY: &str = "backups/db/20261127T101500Z-ab12/manifest.json";
+
+    fn manifest_json(kind: &str, role: &str) -> String {
+        format!(
+            r#"{{"format":1,"id":"20261127T101500Z-ab12","source":"db","kind":"{kind}","started_at":"2026-11-27T10:15:00Z","finished_at":"2026-11-27T10:16:00Z","tool_version":"lifeboat 0.1.0","source_version":null,"dump_tool_version":null,"compression":{{"algorithm":"zstd","level":3}},"encryption":{{"algorithm":"age-v1","recipients":["age1x"]}},"size_plain":10,"size_stored":20,"parts":[{{"name":"part.zst.age","role":"{role}","format":"x","size_plain":10,"sha256_plain":"aa","size_stored":20,"sha256_stored":"bb"}}],"fingerprint":null}}"#
+        )
+    }
+
+    #[test]
+    fn kinds_and_roles_read_and_write_as_their_names() {
+        for kind in Kind::ALL {
+            for (role, name) in [
+                (Role::Database, "database"),
+                (Role::Globals, "globals"),
+                (Role::Snapshot, "snapshot"),
+                (Role::BlobList, "blob-list"),
+            ] {
+                let text = manifest_json(kind.name(), name);
+                let m = parse_manifest(KEY, text.as_bytes(), "db", "20261127T101500Z-ab12")
+                    .expect("a well-formed manifest");
+                assert_eq!((m.kind, m.parts[0].role), (*kind, role));
+                assert_eq!(role.to_string(), name);
+                let again = serde_json::to_value(&m).unwrap();
+                assert_eq!(again["kind"], kind.name());
+                assert_eq!(again["parts"][0]["role"], name);
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_is_a_clear_error_never_another_kinds_backup() {
+        let text = manifest_json("mysql", "database");
+        let e = parse_manifest(KEY, text.as_bytes(), "db", "20261127T101500Z-ab12")
+            .expect_err("an unknown kind must not parse");
+        assert_eq!(e.kind, crate::ErrorKind::Integrity);
+        assert!(
+            e.message.contains("unknown source kind `mysql`")
+                && e.message.contains(&Kind::names())
+                && e.message.contains("upgrade lifeboat"),
+            "{}",
+            e.message
+        );
+        let text = manifest_json("postgres", "wal");
+        let e = parse_manifest(KEY, text.as_bytes(), "db", "20261127T101500Z-ab12")
+            .expect_err("an unknown role must not parse");
+        assert!(e.message.contains("unknown variant `wal`"), "{}", e.message);
     }
 }

@@ -21,8 +21,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::policy::Secret;
+use crate::repo::manifest::Role;
 use crate::repo::{layout, Repository};
-use crate::source::objects::{self, BLOB_LIST_ROLE};
+use crate::source::objects;
 
 /// Unreferenced blobs younger than this are left alone.
 pub const GRACE: std::time::Duration = crate::retention::GRACE;
@@ -157,7 +158,7 @@ async fn referenced(
     for e in listing
         .backups
         .iter()
-        .filter(|e| e.manifest.kind == "objects")
+        .filter(|e| e.manifest.kind == crate::source::Kind::Objects)
     {
         let m = &e.manifest;
         if ignoring.contains(&(m.source.clone(), m.id.clone())) {
@@ -168,7 +169,7 @@ async fn referenced(
                 "the policy sets no encryption.index_key, which blob lists are sealed with".into(),
             ));
         };
-        let Some(part) = m.parts.iter().find(|p| p.role == BLOB_LIST_ROLE) else {
+        let Some(part) = m.parts.iter().find(|p| p.role == Role::BlobList) else {
             return Ok(Err(format!(
                 "backup {}/{} has no blob list (written by an older version); collection resumes once it is pruned",
                 m.source, m.id

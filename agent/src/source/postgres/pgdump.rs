@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
+use super::FingerprintMode;
 use crate::pipeline::Observer;
-use crate::policy::FingerprintMode;
 
 const MAGIC: &[u8] = b"PGDMP";
 const BLK_DATA: u8 = 1;

@@ -3,9 +3,16 @@
 //!
 //! A tokio-postgres connection opens a REPEATABLE READ, READ ONLY transaction and exports its
 //! snapshot; `pg_dump --snapshot` dumps exactly that state while the transaction stays open. Row
-//! counts and content hashes come from the dump stream itself ([`super::pgdump`]), schema object
+//! counts and content hashes come from the dump stream itself ([`pgdump`]), schema object
 //! counts from catalog queries inside the snapshot, so the fingerprint adds no table scans.
 //! Passwords reach pg_dump through a 0600 passfile named by PGPASSFILE, never argv or logs.
+
+pub mod globals;
+pub mod pgdump;
+pub mod policy;
+pub mod restore;
+
+pub use policy::{FingerprintMode, PostgresConfig, RawPostgresSource};
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -21,15 +28,16 @@ use tokio::io::AsyncRead;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, NoTls};
 
-use super::child;
-use super::pgdump::{
+use self::pgdump::{
     DumpFingerprinter, DumpSummary, LargeObjectHasher, RowHasher, SequenceValue, TableData,
 };
+use super::child;
 use super::{BackupContext, Source, SourceBackup};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, NoObserver};
-use crate::policy::{FingerprintMode, PostgresConfig, Secret};
+use crate::policy::Secret;
 use crate::repo::layout;
+use crate::repo::manifest::Role;
 
 /// Object name of the database dump.
 pub const DUMP_OBJECT: &str = "database.dump.zst.age";
@@ -393,7 +401,7 @@ pub struct Fingerprint {
     /// Format version.
     pub format: u32,
     /// Always `postgres`.
-    pub kind: String,
+    pub kind: super::Kind,
     /// Detail recorded.
     pub mode: FingerprintMode,
     /// The database dumped.
@@ -625,7 +633,7 @@ impl Postgres {
     }
 
     /// Replays a globals script (roles) into the server `conn` points at, statement by statement
-    /// and only its role statements (see [`super::globals`]), with privileges on server
+    /// and only its role statements (see [`globals`]), with privileges on server
     /// parameters when `parameters`; statements naming a role in `protected` are refused. Returns what was refused or failed, other than "already exists".
     pub async fn replay_globals(
         &self,
@@ -650,7 +658,7 @@ impl Postgres {
             ));
         }
         let text = String::from_utf8_lossy(&text);
-        Ok(super::globals::replay(&conn.client, &text, protected, parameters).await)
+        Ok(globals::replay(&conn.client, &text, protected, parameters).await)
     }
 }
 
@@ -725,7 +733,7 @@ impl Source for Postgres {
             .batch_execute("COMMIT")
             .await
             .map_err(|e| self.query_error("closing the snapshot transaction", e))?;
-        let mut parts = vec![digests.part(DUMP_OBJECT, "database", "pg_dump-custom")];
+        let mut parts = vec![digests.part(DUMP_OBJECT, Role::Database, "pg_dump-custom")];
 
         if let Some(pg_dumpall) = pg_dumpall {
             let mut args: Vec<OsString> =
@@ -751,7 +759,7 @@ impl Source for Postgres {
                     .context("pg_dumpall")
                     .hint("the role needs to read pg_roles; or set globals = false for this source")
             })?;
-            parts.push(d.part(GLOBALS_OBJECT, "globals", "sql"));
+            parts.push(d.part(GLOBALS_OBJECT, Role::Globals, "sql"));
         }
 
         let summary = fingerprinter.finish();
@@ -760,7 +768,7 @@ impl Source for Postgres {
         }
         let fingerprint = serde_json::to_value(Fingerprint {
             format: 1,
-            kind: "postgres".into(),
+            kind: super::Kind::Postgres,
             mode: self.cfg.fingerprint,
             database: c.config.get_dbname().map(str::to_string),
             server_version: c.server_version.clone(),

@@ -5,13 +5,20 @@
 //! - The snapshot never touches the agent's disk: the replication payload goes from the socket into
 //!   the pipeline through a small in-memory pipe.
 //! - A backup is published only if the payload arrived whole (its length, or its end mark), starts
-//!   with an RDB header and ends with a matching CRC64 ([`super::rdb::Crc64Tail`]). Those checks
+//!   with an RDB header and ends with a matching CRC64 ([`rdb::Crc64Tail`]). Those checks
 //!   are the producer's verdict, so a short or damaged stream fails before the age stream is
 //!   finished and nothing becomes visible.
 //! - The fingerprint (keys and expiries per database, types, a sample of keys) is counted from the
-//!   snapshot's own bytes ([`super::rdb::parse`]) on a separate thread, so it is exact for the
+//!   snapshot's own bytes ([`rdb::parse`]) on a separate thread, so it is exact for the
 //!   snapshot and costs the server nothing.
 //! - Passwords never appear in argv, logs or errors.
+
+pub mod load;
+pub mod policy;
+pub mod rdb;
+pub mod restore;
+
+pub use policy::{RawRedisSource, RedisCapture, RedisConfig, RedisEndpoint, RedisMode};
 
 use std::io::Read;
 use std::pin::Pin;
@@ -24,12 +31,13 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 
-use super::rdb::{self, Crc64Tail, CrcVerdict, RdbError, RdbSummary};
+use self::rdb::{Crc64Tail, CrcVerdict, RdbError, RdbSummary};
 use super::{BackupContext, Source, SourceBackup};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, Observer};
-use crate::policy::{RedisCapture, RedisConfig, Secret};
+use crate::policy::Secret;
 use crate::repo::layout;
+use crate::repo::manifest::Role;
 
 /// Object name of the snapshot.
 pub const RDB_OBJECT: &str = "dump.rdb.zst.age";
@@ -627,7 +635,7 @@ pub struct Fingerprint {
     /// Format version.
     pub format: u32,
     /// Always `redis`.
-    pub kind: String,
+    pub kind: super::Kind,
     /// `replication` or `file`.
     pub mode: String,
     /// The server's version (from the snapshot's `redis-ver`).
@@ -729,7 +737,7 @@ impl Source for Redis {
         let server_version = summary.aux.get("redis-ver").cloned();
         let fingerprint = serde_json::to_value(Fingerprint {
             format: 1,
-            kind: "redis".into(),
+            kind: super::Kind::Redis,
             mode: mode.into(),
             server_version: server_version.clone(),
             crc64: match crc {
@@ -740,7 +748,7 @@ impl Source for Redis {
         })
         .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?;
         Ok(SourceBackup {
-            parts: vec![digests.part(RDB_OBJECT, "snapshot", "rdb")],
+            parts: vec![digests.part(RDB_OBJECT, Role::Snapshot, "rdb")],
             fingerprint,
             source_version: server_version.map(|v| format!("Redis {v}")),
             dump_tool_version: None,

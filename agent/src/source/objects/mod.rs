@@ -15,6 +15,12 @@
 //! - Guards: an empty listing, or one that shrank by more than `max_shrink_percent` since the
 //!   previous snapshot, fails the run instead of recording a snapshot of nothing.
 
+pub mod blobs;
+pub mod policy;
+pub mod restore;
+
+pub use policy::{ObjectsConfig, ObjectsFrom, RawObjectsSource};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -30,8 +36,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use super::{BackupContext, Source, SourceBackup};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, NoObserver};
-use crate::policy::{ObjectsConfig, ObjectsFrom, Secret};
+use crate::policy::Secret;
 use crate::repo::layout;
+use crate::repo::manifest::Role;
 use crate::store::{self, ObjectStore};
 
 /// Object name of the snapshot listing.
@@ -40,9 +47,6 @@ pub const SNAPSHOT_OBJECT: &str = "snapshot.jsonl.zst.age";
 /// Object name of a snapshot's blob list: every blob id it names, one per line, sorted, sealed
 /// with the index key so that the agent (which holds no identity) can collect unused blobs.
 pub const BLOB_LIST_OBJECT: &str = "blobs.txt.age";
-
-/// The manifest role of the blob list.
-pub const BLOB_LIST_ROLE: &str = "blob-list";
 
 /// What a snapshot records of one path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +87,7 @@ pub struct Fingerprint {
     /// Format version.
     pub format: u32,
     /// Always `objects`.
-    pub kind: String,
+    pub kind: super::Kind,
     /// The source as written in the policy.
     pub from: String,
     /// Files (objects).
@@ -783,7 +787,7 @@ impl Source for Objects {
         let list = seal(&key, list_plain.as_bytes())?;
         let list_part = crate::repo::manifest::Part {
             name: BLOB_LIST_OBJECT.into(),
-            role: BLOB_LIST_ROLE.into(),
+            role: Role::BlobList,
             format: "lifeboat-blob-ids+index-key".into(),
             size_plain: list_plain.len() as u64,
             sha256_plain: hex::encode(Sha256::digest(list_plain.as_bytes())),
@@ -810,7 +814,7 @@ impl Source for Objects {
         }
         let fingerprint = Fingerprint {
             format: 1,
-            kind: "objects".into(),
+            kind: super::Kind::Objects,
             from: self.cfg.from_shown.clone(),
             files: tally.files,
             dirs: tally.dirs,
@@ -822,7 +826,7 @@ impl Source for Objects {
         tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");
         Ok(SourceBackup {
             parts: vec![
-                digests.part(SNAPSHOT_OBJECT, "snapshot", "lifeboat-objects-jsonl"),
+                digests.part(SNAPSHOT_OBJECT, Role::Snapshot, "lifeboat-objects-jsonl"),
                 list_part,
             ],
             fingerprint: serde_json::to_value(&fingerprint)
@@ -957,377 +961,4 @@ mod tests {
         assert_ne!(blob_id(&k1, &sha), sha, "the id is not the content hash");
         assert!(blob_key(&blob_id(&k1, &sha)).starts_with("objects/"));
     }
-}
-
-/// Reads a snapshot from its spooled, checked object.
-pub async fn read_snapshot(
-    spooled: &crate::restore::Spooled,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-) -> Result<Vec<Entry>> {
-    let mut plain = Vec::new();
-    spooled
-        .plaintext(identities)
-        .await?
-        .read_to_end(&mut plain)
-        .await
-        .map_err(|e| Error::new(ErrorKind::Integrity, format!("{}: {e}", spooled.part.name)))?;
-    decode_snapshot(&plain)
-}
-
-/// Streams blob `id` decrypted into `out`, checking its SHA-256 against `sha256` at the end.
-/// Returns the bytes written. A missing blob or a different hash is an integrity error.
-pub async fn fetch_blob(
-    store: &dyn ObjectStore,
-    id: &str,
-    sha256: &str,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-    out: &mut (dyn tokio::io::AsyncWrite + Send + Unpin),
-) -> Result<u64> {
-    use tokio::io::AsyncWriteExt;
-    let key = blob_key(id);
-    let reader = store.open(&key).await.map_err(|e| match e {
-        store::StoreError::NotFound { .. } => Error::new(
-            ErrorKind::Integrity,
-            format!("blob {key} is missing"),
-        )
-        .hint("the snapshot names content the repository no longer holds; use another backup (RUNBOOK.md#integrity-failure)"),
-        other => Error::from(other).context(format!("reading {key}")),
-    })?;
-    let mut plain = pipeline::decrypt_stream(reader, identities)
-        .await
-        .map_err(|e| e.context(&key))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut n = 0u64;
-    loop {
-        let got = plain
-            .read(&mut buf)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Integrity, format!("{key}: {e}")))?;
-        if got == 0 {
-            break;
-        }
-        h.update(&buf[..got]);
-        n += got as u64;
-        out.write_all(&buf[..got])
-            .await
-            .map_err(|e| Error::failed(format!("writing {key}'s content: {e}")))?;
-    }
-    out.flush()
-        .await
-        .map_err(|e| Error::failed(format!("writing {key}'s content: {e}")))?;
-    let got = hex::encode(h.finalize());
-    if got != sha256 {
-        return Err(Error::new(
-            ErrorKind::Integrity,
-            format!("{key}: content SHA-256 {got}, the snapshot says {sha256}"),
-        )
-        .hint("the blob is damaged; use another backup and run the verifier (RUNBOOK.md#integrity-failure)"));
-    }
-    Ok(n)
-}
-
-/// What restoring a snapshot did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Restored {
-    /// Files written.
-    pub files: u64,
-    /// Directories created or kept.
-    pub dirs: u64,
-    /// Bytes written.
-    pub bytes: u64,
-    /// Paths removed because the snapshot does not hold them (`--delete-extra`).
-    pub deleted: u64,
-}
-
-/// Writes `entries` under `target`: directories, then every file through a temp file beside it
-/// that is renamed into place only after its content hash matched; modes and mtimes restored.
-/// Never writes through a symbolic link.
-pub async fn restore_to_dir(
-    store: Arc<dyn ObjectStore>,
-    entries: &[Entry],
-    target: &Path,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-    concurrency: usize,
-    delete_extra: bool,
-    progress: &(dyn Fn(u64) + Send + Sync),
-) -> Result<Restored> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut done = Restored::default();
-    tokio::fs::create_dir_all(target)
-        .await
-        .map_err(|e| Error::failed(format!("creating {}: {e}", target.display())))?;
-    for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-        let p = inside(target, &e.path)?;
-        tokio::fs::create_dir_all(&p)
-            .await
-            .map_err(|err| Error::failed(format!("creating {}: {err}", p.display())))?;
-        done.dirs += 1;
-    }
-    let files = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .map(|e| {
-            let store = store.clone();
-            async move {
-                let (sha, blob) = checked_entry(e)?;
-                let path = inside(target, &e.path)?;
-                let dir = path.parent().unwrap_or(target).to_path_buf();
-                tokio::fs::create_dir_all(&dir)
-                    .await
-                    .map_err(|err| Error::failed(format!("creating {}: {err}", dir.display())))?;
-                let tmp = tempfile::Builder::new()
-                    .prefix(".lifeboat-restore-")
-                    .tempfile_in(&dir)
-                    .map_err(|err| Error::failed(format!("writing in {}: {err}", dir.display())))?;
-                let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(|err| {
-                    Error::failed(format!("writing in {}: {err}", dir.display()))
-                })?);
-                let n = match blob {
-                    Some(blob) => {
-                        fetch_blob(store.as_ref(), blob, sha, identities, &mut out).await?
-                    }
-                    None => 0,
-                };
-                drop(out);
-                let file = tmp.persist(&path).map_err(|err| {
-                    Error::failed(format!("writing {}: {}", path.display(), err.error))
-                })?;
-                if let Some(ms) = e.mtime_ms {
-                    let t =
-                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-                    let _ = file.set_modified(t);
-                }
-                if let Some(mode) = e.mode {
-                    let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
-                } else {
-                    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
-                }
-                progress(1);
-                Ok::<u64, Error>(n)
-            }
-        });
-    (done.files, done.bytes) = run_writes(files, concurrency).await?;
-    if delete_extra {
-        let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
-        done.deleted = delete_extra_paths(target, target, &keep)?;
-    }
-    // Directory modes last: a read-only directory would have refused its files.
-    for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-        if let Some(mode) = e.mode {
-            let _ = std::fs::set_permissions(
-                inside(target, &e.path)?,
-                std::fs::Permissions::from_mode(mode),
-            );
-        }
-    }
-    Ok(done)
-}
-
-/// Writes the files of `entries` as objects of `target` (a bucket and prefix; directories have
-/// no objects there). Each object is completed only after its content hash matched: small ones
-/// are held in memory until then, larger ones go up as a multipart upload that is aborted on a
-/// mismatch. With `delete_extra`, objects under the prefix the snapshot does not hold go too.
-pub async fn restore_to_store(
-    store: Arc<dyn ObjectStore>,
-    entries: &[Entry],
-    target: Arc<dyn ObjectStore>,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-    concurrency: usize,
-    delete_extra: bool,
-    progress: &(dyn Fn(u64) + Send + Sync),
-) -> Result<Restored> {
-    let mut done = Restored::default();
-    let files = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .map(|e| {
-            let (store, target) = (store.clone(), target.clone());
-            async move {
-                let (sha, blob) = checked_entry(e)?;
-                let n = match blob {
-                    None => {
-                        target.put(&e.path, Bytes::new()).await.map_err(|err| {
-                            Error::from(err).context(format!("writing {}", e.path))
-                        })?;
-                        0
-                    }
-                    Some(blob) if e.size <= UPLOAD_PART as u64 => {
-                        let mut buf = Vec::with_capacity(e.size as usize);
-                        let n = fetch_blob(store.as_ref(), blob, sha, identities, &mut buf).await?;
-                        target.put(&e.path, Bytes::from(buf)).await.map_err(|err| {
-                            Error::from(err).context(format!("writing {}", e.path))
-                        })?;
-                        n
-                    }
-                    Some(blob) => {
-                        put_large(
-                            store.as_ref(),
-                            blob,
-                            sha,
-                            identities,
-                            target.as_ref(),
-                            &e.path,
-                        )
-                        .await?
-                    }
-                };
-                progress(1);
-                Ok::<u64, Error>(n)
-            }
-        });
-    (done.files, done.bytes) = run_writes(files, concurrency).await?;
-    if delete_extra {
-        let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
-        let present = target
-            .list("")
-            .await
-            .map_err(|e| Error::from(e).context("listing the target"))?;
-        for o in present.iter().filter(|o| !keep.contains(o.key.as_str())) {
-            target
-                .delete(&o.key)
-                .await
-                .map_err(|e| Error::from(e).context(format!("removing {}", o.key)))?;
-            done.deleted += 1;
-        }
-    }
-    Ok(done)
-}
-
-/// Runs a restore's per-file writes, `concurrency` at a time: (files, bytes) written.
-async fn run_writes(
-    writes: impl Iterator<Item = impl std::future::Future<Output = Result<u64>>>,
-    concurrency: usize,
-) -> Result<(u64, u64)> {
-    let written: Vec<u64> = futures::stream::iter(writes)
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await?;
-    Ok((written.len() as u64, written.iter().sum()))
-}
-
-/// Part size of a restore's multipart uploads (S3 wants at least 5 MiB).
-const UPLOAD_PART: usize = 8 << 20;
-
-/// Streams blob `blob` into a multipart upload of `key`, completed only if the hash matched.
-async fn put_large(
-    store: &dyn ObjectStore,
-    blob: &str,
-    sha: &str,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-    target: &dyn ObjectStore,
-    key: &str,
-) -> Result<u64> {
-    let upload = target
-        .start_upload(key)
-        .await
-        .map_err(|e| Error::from(e).context(format!("writing {key}")))?;
-    let (w, mut r) = tokio::io::duplex(1 << 20);
-    let fetch = async move {
-        let mut w = w;
-        fetch_blob(store, blob, sha, identities, &mut w).await
-    };
-    let send = async {
-        let (mut number, mut offset) = (0u32, 0u64);
-        loop {
-            let mut part = bytes::BytesMut::with_capacity(UPLOAD_PART);
-            while part.len() < UPLOAD_PART {
-                if r.read_buf(&mut part)
-                    .await
-                    .map_err(|e| Error::failed(format!("writing {key}: {e}")))?
-                    == 0
-                {
-                    break;
-                }
-            }
-            if part.is_empty() {
-                return Ok::<(), Error>(());
-            }
-            number += 1;
-            let len = part.len() as u64;
-            upload
-                .put_part(number, offset, part.freeze())
-                .await
-                .map_err(|e| Error::from(e).context(format!("writing {key}")))?;
-            offset += len;
-        }
-    };
-    let (fetched, sent) = tokio::join!(fetch, send);
-    let completed = match (fetched, sent) {
-        (Ok(n), Ok(())) => upload
-            .complete()
-            .await
-            .map(|_| n)
-            .map_err(|e| Error::from(e).context(format!("writing {key}"))),
-        (Err(e), _) | (_, Err(e)) => Err(e),
-    };
-    if completed.is_err() {
-        let _ = upload.abort().await;
-    }
-    completed
-}
-
-/// The content hash and blob of a file entry, or why the snapshot entry is unusable.
-fn checked_entry(e: &Entry) -> Result<(&str, Option<&str>)> {
-    let Some(sha) = &e.sha256 else {
-        return Err(Error::new(
-            ErrorKind::Integrity,
-            format!("snapshot entry {} has no content hash", e.path),
-        ));
-    };
-    if e.blob.is_none() && sha != EMPTY_SHA256 {
-        return Err(Error::new(
-            ErrorKind::Integrity,
-            format!("snapshot entry {} names no blob", e.path),
-        ));
-    }
-    Ok((sha, e.blob.as_deref()))
-}
-
-/// Removes what is under `dir` but not in `keep` (paths relative to `root`); never follows a
-/// symbolic link (a link itself is removed if the snapshot does not hold its path).
-fn delete_extra_paths(root: &Path, dir: &Path, keep: &HashSet<&str>) -> Result<u64> {
-    let mut n = 0;
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
-    for entry in entries.flatten() {
-        let p = entry.path();
-        let rel = p
-            .strip_prefix(root)
-            .map(|r| r.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if keep.contains(rel.as_str()) {
-            if is_dir {
-                n += delete_extra_paths(root, &p, keep)?;
-            }
-            continue;
-        }
-        let removed = if is_dir {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        removed.map_err(|e| Error::failed(format!("removing {}: {e}", p.display())))?;
-        n += 1;
-    }
-    Ok(n)
-}
-
-/// `target/path`, refusing any existing component that is a symbolic link.
-fn inside(target: &Path, path: &str) -> Result<PathBuf> {
-    let mut p = target.to_path_buf();
-    for c in path.split('/') {
-        p.push(c);
-        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(Error::new(
-                ErrorKind::Refused,
-                format!(
-                    "{} is a symbolic link: refusing to write through it",
-                    p.display()
-                ),
-            ));
-        }
-    }
-    Ok(p)
 }

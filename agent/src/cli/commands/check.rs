@@ -1,0 +1,72 @@
+//! `lifeboat check`: manifests against stored objects; `--read-data` re-hashes every stored byte.
+
+use std::path::Path;
+
+use lifeboat::human_bytes;
+use lifeboat::repo::Repository;
+use lifeboat::{check, Error, Result};
+
+use super::{load, note_unknown_source};
+
+pub async fn check_cmd(
+    path: &Path,
+    source: Option<&str>,
+    read_data: bool,
+    json: bool,
+) -> Result<()> {
+    let policy = load(path)?;
+    if let Some(s) = source {
+        note_unknown_source(&policy, s);
+    }
+    let repo = Repository::open(&policy).await?;
+    let report = check::check(&repo, source, read_data).await?;
+    if let lifeboat::policy::Location::S3(s3) = &policy.repository.location {
+        match (repo.store.lock_enabled().await, s3.object_lock) {
+            (Ok(Some(false)), Some(_)) => eprintln!(
+                "warning: repository.object_lock is set but the bucket {} has Object Lock disabled: backups will fail to upload; create the bucket with Object Lock or remove object_lock",
+                s3.bucket
+            ),
+            (Ok(Some(true)), None) => eprintln!(
+                "warning: the bucket {} has Object Lock enabled but the policy sets no object_lock: only the bucket's default retention, if any, protects backups; set repository.object_lock to make it explicit",
+                s3.bucket
+            ),
+            (Err(e), _) => eprintln!("warning: cannot read the bucket's Object Lock configuration: {e}"),
+            _ => {}
+        }
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::failed(format!("cannot encode the report: {e}")))?;
+        println!("{text}");
+    } else {
+        eprintln!(
+            "checked {} backup(s), {} object(s){}",
+            report.backups,
+            report.objects,
+            if read_data {
+                format!(", {} re-hashed", human_bytes(report.bytes_read))
+            } else {
+                String::new()
+            }
+        );
+        for i in &report.incomplete {
+            eprintln!("note: {i} has no manifest: an interrupted run, not a backup");
+        }
+        for u in &report.pending_uploads {
+            eprintln!("note: unfinished upload of {u}");
+        }
+    }
+    report.into_result().map(|r| {
+        if !json {
+            eprintln!(
+                "no problems found{}",
+                if read_data {
+                    ""
+                } else {
+                    " (sizes only; --read-data re-hashes)"
+                }
+            );
+        }
+        drop(r)
+    })
+}

@@ -1,0 +1,84 @@
+//! `lifeboat list`: backups, newest first, with their verification status.
+
+use std::io::Write;
+use std::path::Path;
+
+use lifeboat::human_bytes;
+use lifeboat::repo::Repository;
+use lifeboat::{Error, Result};
+
+use super::{load, note_unknown_source, print_error};
+
+pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
+    let policy = load(path)?;
+    if let Some(s) = source {
+        note_unknown_source(&policy, s);
+    }
+    let repo = Repository::open(&policy).await?;
+    let listing = repo.list(source).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let items: Vec<serde_json::Value> = listing
+            .backups
+            .iter()
+            .map(|e| {
+                let m = &e.manifest;
+                serde_json::json!({
+                    "id": m.id,
+                    "source": m.source,
+                    "kind": m.kind,
+                    "started_at": m.started_at,
+                    "finished_at": m.finished_at,
+                    "size_plain": m.size_plain,
+                    "size_stored": m.size_stored,
+                    "verified": e.verified(),
+                    "verification": e.verification,
+                    "source_version": m.source_version,
+                    "parts": m.parts.iter().map(|p| &p.name).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&items)
+            .map_err(|e| Error::failed(format!("cannot encode the listing: {e}")))?;
+        writeln!(out, "{text}").map_err(print_error)?;
+    } else {
+        writeln!(
+            out,
+            "{:<16} {:<24} {:<9} {:<20} {:>10} {:>10} {:<8}",
+            "SOURCE", "ID", "KIND", "STARTED (UTC)", "PLAIN", "STORED", "VERIFIED"
+        )
+        .map_err(print_error)?;
+        for e in &listing.backups {
+            let m = &e.manifest;
+            writeln!(
+                out,
+                "{:<16} {:<24} {:<9} {:<20} {:>10} {:>10} {:<8}",
+                m.source,
+                m.id,
+                m.kind,
+                m.started_at.format("%Y-%m-%d %H:%M:%S"),
+                human_bytes(m.size_plain),
+                human_bytes(m.size_stored),
+                match e.verification.as_ref().map(|v| v.result.as_str()) {
+                    Some("pass") => "yes",
+                    Some(_) => "FAILED",
+                    None => "no",
+                }
+            )
+            .map_err(print_error)?;
+        }
+        if listing.backups.is_empty() {
+            eprintln!("no backups yet");
+        }
+    }
+    if !listing.incomplete.is_empty() {
+        eprintln!(
+            "note: {} interrupted run(s) without a manifest (not backups; prune removes them)",
+            listing.incomplete.len()
+        );
+    }
+    for (s, id, why) in &listing.damaged {
+        eprintln!("warning: backup {id} of {s} is not listed: {why} (run `lifeboat check`)");
+    }
+    Ok(())
+}

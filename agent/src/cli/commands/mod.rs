@@ -1,0 +1,99 @@
+//! The commands: each file loads what it needs, calls the library and prints.
+
+mod backup;
+mod check;
+mod list;
+mod pin;
+mod policy;
+mod prune;
+mod restore;
+
+use std::path::Path;
+
+use lifeboat::policy::{LoadOptions, Policy};
+use lifeboat::{Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
+
+use super::{Command, PolicyCommand};
+
+/// Runs one command.
+pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
+    match command {
+        Command::Backup { policy, source } => backup::backup(&policy, &source, cancel).await,
+        Command::List {
+            policy,
+            source,
+            json,
+        } => list::list(&policy, source.as_deref(), json).await,
+        Command::Check {
+            policy,
+            source,
+            read_data,
+            json,
+        } => check::check_cmd(&policy, source.as_deref(), read_data, json).await,
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    files,
+                    allow_missing_env,
+                },
+        } => policy::policy_check(&files, allow_missing_env),
+        Command::Policy {
+            command: PolicyCommand::Schema,
+        } => policy::schema(),
+        Command::Keygen => policy::keygen(),
+        Command::Restore(args) => restore::restore(args, cancel).await,
+        Command::Agent { policy, listen } => {
+            let mut policy = load(&policy)?;
+            if let Some(addr) = listen {
+                policy.agent.listen = addr;
+            }
+            lifeboat::daemon::run(policy, cancel).await
+        }
+        Command::Prune {
+            policy,
+            source,
+            dry_run,
+            json,
+        } => prune::prune(&policy, source.as_deref(), dry_run, json).await,
+        Command::Pin {
+            policy,
+            source,
+            backup,
+        } => pin::pin(&policy, &source, &backup, true).await,
+        Command::Unpin {
+            policy,
+            source,
+            backup,
+        } => pin::pin(&policy, &source, &backup, false).await,
+    }
+}
+
+fn load(path: &Path) -> Result<Policy> {
+    Ok(lifeboat::policy::load(path, LoadOptions::default())?)
+}
+
+/// Sources no longer in the policy may still have backups: say so, but let the operator see them.
+fn note_unknown_source(policy: &Policy, name: &str) {
+    if policy.source(name).is_none() {
+        eprintln!("note: `{name}` is not a source in this policy; showing what the repository holds for it");
+    }
+}
+
+fn select_source(policy: &Policy, name: &str) -> Result<()> {
+    if policy.source(name).is_none() {
+        let names: Vec<&str> = policy.sources.iter().map(|s| s.name.as_str()).collect();
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "no source named `{name}` in the policy; it has: {}",
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn print_error(e: std::io::Error) -> Error {
+    Error::failed(format!("cannot write to stdout: {e}"))
+}

@@ -1,0 +1,109 @@
+//! `lifeboat prune`: the retention plan with a reason per backup, then (unless `--dry-run`) applied.
+
+use std::path::Path;
+
+use lifeboat::repo::Repository;
+use lifeboat::{Error, ErrorKind, Result};
+
+use super::{load, select_source};
+
+pub async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool) -> Result<()> {
+    let policy = load(path)?;
+    if let Some(s) = source {
+        select_source(&policy, s)?;
+    }
+    let repo = Repository::open(&policy).await?;
+    let now = chrono::Utc::now();
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for src in policy
+        .sources
+        .iter()
+        .filter(|s| source.is_none_or(|n| n == s.name))
+    {
+        match lifeboat::retention::prune(&repo, &policy, src, now, dry_run).await {
+            Ok(r) => {
+                if !json {
+                    eprintln!(
+                        "{}{}:",
+                        src.name,
+                        if dry_run {
+                            " (dry run: nothing deleted)"
+                        } else {
+                            ""
+                        }
+                    );
+                    for d in &r.decisions {
+                        eprintln!(
+                            "  {} {}  {}  {}",
+                            if d.keep { "keep  " } else { "delete" },
+                            d.id,
+                            d.started_at.format("%Y-%m-%d %H:%M"),
+                            d.reasons.join(", ")
+                        );
+                    }
+                    for id in &r.swept_incomplete {
+                        eprintln!(
+                            "  {} {id}  interrupted run older than a day",
+                            if dry_run { "sweep " } else { "swept " }
+                        );
+                    }
+                    for k in &r.aborted_uploads {
+                        eprintln!("  aborted unfinished upload {k}");
+                    }
+                    if let Some(b) = &r.blobs {
+                        print_collection(b, dry_run);
+                    }
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                failures.push(e);
+            }
+        }
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&reports)
+            .map_err(|e| Error::failed(format!("cannot encode: {e}")))?;
+        println!("{text}");
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 if reports.is_empty() => Err(failures.remove(0)),
+        n => Err(Error::new(
+            if reports.is_empty() {
+                failures[0].kind
+            } else {
+                ErrorKind::Partial
+            },
+            format!("{n} source(s) not pruned"),
+        )),
+    }
+}
+
+fn print_collection(b: &lifeboat::source::objects::blobs::Collection, dry_run: bool) {
+    if let Some(why) = &b.skipped {
+        eprintln!("  blobs: none collected: {why}");
+        return;
+    }
+    eprintln!(
+        "  blobs: {} stored, {} named by snapshots; {} {} ({}){}",
+        b.stored,
+        b.referenced,
+        if dry_run { "would delete" } else { "deleted" },
+        b.deleted,
+        indicatif::HumanBytes(b.deleted_bytes),
+        if b.young > 0 {
+            format!(", {} unreferenced but younger than a day kept", b.young)
+        } else {
+            String::new()
+        }
+    );
+    if b.missing > 0 {
+        eprintln!(
+            "  warning: {} blob(s) named by snapshots are not stored; run `lifeboat check --read-data`",
+            b.missing
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! The `kind = "objects"` policy section: as written, validated, and registered as a kind.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::policy::raw::{
+    Addressing, ChecksumMode, RawCompression, RawObjectives, RawRetention, RawVerify,
+};
+use crate::policy::validate::{
+    check_name, common_raw, common_settings, default_region, path_style, CommonRaw,
+};
+use crate::policy::{EncryptionConfig, Problems, S3Config, SourceContext, SourcePolicy};
+use crate::source::{Source, SourceConfig, SourceKind};
+
+/// `[[sources]]` with `kind = "objects"`.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawObjectsSource {
+    /// Unique name; used in object keys, metrics and commands.
+    pub name: String,
+    /// Always `objects` here.
+    pub kind: String,
+    /// `dir:///path` (a directory tree) or `s3://bucket/prefix/` (a bucket or part of one).
+    pub from: String,
+    /// S3-compatible endpoint of the source bucket (independent of the repository's).
+    pub endpoint: Option<String>,
+    /// Region of the source bucket; default `us-east-1`.
+    pub region: Option<String>,
+    /// `auto`, `path` or `virtual` addressing for the source bucket.
+    pub addressing: Option<Addressing>,
+    /// Glob patterns of paths (relative to `from`) to back up; everything when unset.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Glob patterns of paths to leave out, e.g. `**/*.tmp`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Fail a run whose source lost more than this share of its objects since the last snapshot; default 50.
+    pub max_shrink_percent: Option<u32>,
+    /// Record a snapshot even when the source is empty or shrank past `max_shrink_percent`.
+    pub allow_shrink: Option<bool>,
+    /// Objects read and stored at once; default 8.
+    pub concurrency: Option<usize>,
+    /// Cron expression; overrides `[defaults]`.
+    pub schedule: Option<String>,
+    /// Longest a run may take; overrides `[defaults]`.
+    pub timeout: Option<String>,
+    /// Overrides `[defaults]`.
+    pub compression: Option<RawCompression>,
+    /// Overrides `[defaults]`.
+    pub retention: Option<RawRetention>,
+    /// Overrides `[defaults]`.
+    pub objectives: Option<RawObjectives>,
+    /// Verification settings (`schedule` only).
+    pub verify: Option<RawVerify>,
+    /// Spread scheduled runs over up to this long, with a stable per-pod offset, e.g. `5m`.
+    pub jitter: Option<String>,
+    /// Attempts after a failed run, with backoff; default 2.
+    pub retries: Option<u32>,
+    /// Back up at agent start when the newest backup is older than the schedule's interval.
+    pub run_on_start: Option<bool>,
+}
+
+/// Where an objects source reads from.
+#[derive(Debug, Clone)]
+pub enum ObjectsFrom {
+    /// A directory tree.
+    Dir(PathBuf),
+    /// A bucket and prefix.
+    S3(S3Config),
+}
+
+/// An objects source.
+#[derive(Debug, Clone)]
+pub struct ObjectsConfig {
+    /// What is backed up.
+    pub from: ObjectsFrom,
+    /// `from` as written.
+    pub from_shown: String,
+    /// Glob patterns to include (all when empty).
+    pub include: Vec<String>,
+    /// Glob patterns to leave out.
+    pub exclude: Vec<String>,
+    /// The shrink guard, in percent; `None` with `allow_shrink`.
+    pub max_shrink_percent: Option<u32>,
+    /// Objects handled at once.
+    pub concurrency: usize,
+}
+
+#[async_trait::async_trait]
+impl SourceKind for ObjectsConfig {
+    const NAME: &'static str = "objects";
+    type Raw = RawObjectsSource;
+
+    fn validate(
+        path: &str,
+        raw: RawObjectsSource,
+        ctx: &SourceContext<'_>,
+        p: &mut Problems,
+    ) -> Option<SourcePolicy> {
+        if ctx.encryption.is_some_and(|e| e.index_key.is_none()) {
+            p.add(
+                format!("{path}.kind"),
+                "objects sources need encryption.index_key: a secret (${VAR}, e.g. from `openssl rand -hex 32`) that keys blob ids",
+            );
+        }
+        validate(path, raw, ctx, p)
+    }
+
+    fn source(&self, encryption: &EncryptionConfig) -> Box<dyn Source> {
+        Box::new(super::Objects::new(
+            self.clone(),
+            encryption.index_key.clone(),
+        ))
+    }
+
+    async fn plan_restore(
+        request: &crate::restore::Request<'_>,
+    ) -> crate::Result<crate::restore::Plan> {
+        super::restore::plan(request).await
+    }
+}
+
+fn validate(
+    path: &str,
+    raw: RawObjectsSource,
+    ctx: &SourceContext<'_>,
+    p: &mut Problems,
+) -> Option<SourcePolicy> {
+    check_name(&format!("{path}.name"), &raw.name, p);
+    let from = if let Some(dir) = raw.from.strip_prefix("dir://") {
+        if !dir.starts_with('/') {
+            p.add(
+                format!("{path}.from"),
+                format!(
+                    "`{}`: write an absolute path, dir:///data/uploads",
+                    raw.from
+                ),
+            );
+        }
+        if raw.endpoint.is_some() || raw.region.is_some() || raw.addressing.is_some() {
+            p.add(
+                format!("{path}.endpoint"),
+                "endpoint, region and addressing apply to s3:// sources only",
+            );
+        }
+        ObjectsFrom::Dir(PathBuf::from(dir))
+    } else if let Some(rest) = raw.from.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            p.add(
+                format!("{path}.from"),
+                "names no bucket: write s3://BUCKET/PREFIX/",
+            );
+        }
+        let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
+        ObjectsFrom::S3(S3Config {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: raw.endpoint.clone(),
+            region: raw.region.clone().unwrap_or_else(default_region),
+            force_path_style,
+            checksums: ChecksumMode::WhenRequired,
+            storage_class: None,
+            object_lock: None,
+        })
+    } else {
+        p.add(
+            format!("{path}.from"),
+            format!(
+                "`{}` is neither dir:///PATH nor s3://BUCKET/PREFIX/",
+                raw.from
+            ),
+        );
+        ObjectsFrom::Dir(PathBuf::new())
+    };
+    for (field, globs) in [("include", &raw.include), ("exclude", &raw.exclude)] {
+        for (i, g) in globs.iter().enumerate() {
+            if let Err(e) = globset::Glob::new(g) {
+                p.add(
+                    format!("{path}.{field}[{i}]"),
+                    format!("`{g}` is not a glob: {e}"),
+                );
+            }
+        }
+    }
+    let shrink = raw.max_shrink_percent.unwrap_or(50);
+    if shrink > 100 {
+        p.add(
+            format!("{path}.max_shrink_percent"),
+            "is a percentage: 0–100 (allow_shrink = true turns the guard off)",
+        );
+    }
+    let concurrency = raw.concurrency.unwrap_or(8);
+    if !(1..=64).contains(&concurrency) {
+        p.add(format!("{path}.concurrency"), "must be 1–64");
+    }
+    if let Some(v) = &raw.verify {
+        if v.cover_days == Some(0) {
+            p.add(
+                format!("{path}.verify.cover_days"),
+                "must be at least 1; leave it out to re-hash every blob each time",
+            );
+        }
+        if !v.checks.is_empty()
+            || v.scratch_url.is_some()
+            || v.postgres_bin_dir.is_some()
+            || v.scratch_max_size.is_some()
+            || v.restore_as_superuser.is_some()
+        {
+            p.add(
+                format!("{path}.verify"),
+                "objects sources are verified by re-hashing their blobs; only `schedule`, `cover_days` and `timeout` apply",
+            );
+        }
+    }
+    let common = common_settings(path, common_raw!(raw), ctx.defaults, p);
+    common.into_source(
+        raw.name,
+        SourceConfig::Objects(ObjectsConfig {
+            from,
+            from_shown: raw.from,
+            include: raw.include,
+            exclude: raw.exclude,
+            max_shrink_percent: (!raw.allow_shrink.unwrap_or(false)).then_some(shrink.min(100)),
+            concurrency: concurrency.clamp(1, 64),
+        }),
+    )
+}

@@ -1,0 +1,644 @@
+//! Restoring an objects snapshot: the snapshot object is spooled and checked first, then each
+//! file is written (a temp file renamed into place, or an upload completed) only once its
+//! content hash matched, so what is in place is always whole.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use sha2::Digest;
+use tokio::io::AsyncReadExt;
+
+use super::{blob_key, decode_snapshot, Entry, EntryKind};
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::manifest::{Manifest, Role};
+use crate::repo::Repository;
+use crate::restore::{part, spool, Progress};
+use crate::store::{self, ObjectStore};
+
+/// Where an objects restore writes.
+pub enum ObjectsTarget {
+    /// A directory.
+    Dir(std::path::PathBuf),
+    /// A bucket and prefix, as a store; the string is how to show it.
+    Store(std::sync::Arc<dyn crate::store::ObjectStore>, String),
+}
+
+/// Restores an objects snapshot into `target`: the snapshot is spooled and checked first, then
+/// every file is written (through a temp file renamed into place, or an upload completed) only
+/// once its content hash matched (exit 13 on the first that does not; what is in place is whole).
+pub async fn restore_objects(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &ObjectsTarget,
+    delete_extra: bool,
+    spool_dir: &std::path::Path,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    progress: std::sync::Arc<dyn Progress>,
+) -> Result<Restored> {
+    let part = part(manifest, Role::Snapshot)?;
+    progress.phase(
+        "downloading and checking the snapshot",
+        Some(part.size_stored),
+    );
+    let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
+    let entries = read_snapshot(&spooled, identities).await?;
+    let files = entries.iter().filter(|e| e.kind == EntryKind::File).count();
+    let shown = match target {
+        ObjectsTarget::Dir(d) => d.display().to_string(),
+        ObjectsTarget::Store(_, s) => s.clone(),
+    };
+    progress.phase(
+        &format!("restoring {files} file(s) into {shown}"),
+        Some(files as u64),
+    );
+    let p = progress.clone();
+    let advance = move |n| p.advance(n);
+    match target {
+        ObjectsTarget::Dir(dir) => {
+            restore_to_dir(
+                repo.store.clone(),
+                &entries,
+                dir,
+                identities,
+                8,
+                delete_extra,
+                &advance,
+            )
+            .await
+        }
+        ObjectsTarget::Store(store, _) => {
+            restore_to_store(
+                repo.store.clone(),
+                &entries,
+                store.clone(),
+                identities,
+                8,
+                delete_extra,
+                &advance,
+            )
+            .await
+        }
+    }
+}
+
+/// Reads a snapshot from its spooled, checked object.
+pub async fn read_snapshot(
+    spooled: &crate::restore::Spooled,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Vec<Entry>> {
+    let mut plain = Vec::new();
+    spooled
+        .plaintext(identities)
+        .await?
+        .read_to_end(&mut plain)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Integrity, format!("{}: {e}", spooled.part.name)))?;
+    decode_snapshot(&plain)
+}
+
+/// Streams blob `id` decrypted into `out`, checking its SHA-256 against `sha256` at the end.
+/// Returns the bytes written. A missing blob or a different hash is an integrity error.
+pub async fn fetch_blob(
+    store: &dyn ObjectStore,
+    id: &str,
+    sha256: &str,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    out: &mut (dyn tokio::io::AsyncWrite + Send + Unpin),
+) -> Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    let key = blob_key(id);
+    let reader = store.open(&key).await.map_err(|e| match e {
+        store::StoreError::NotFound { .. } => Error::new(
+            ErrorKind::Integrity,
+            format!("blob {key} is missing"),
+        )
+        .hint("the snapshot names content the repository no longer holds; use another backup (RUNBOOK.md#integrity-failure)"),
+        other => Error::from(other).context(format!("reading {key}")),
+    })?;
+    let mut plain = crate::pipeline::decrypt_stream(reader, identities)
+        .await
+        .map_err(|e| e.context(&key))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut n = 0u64;
+    loop {
+        let got = plain
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Integrity, format!("{key}: {e}")))?;
+        if got == 0 {
+            break;
+        }
+        h.update(&buf[..got]);
+        n += got as u64;
+        out.write_all(&buf[..got])
+            .await
+            .map_err(|e| Error::failed(format!("writing {key}'s content: {e}")))?;
+    }
+    out.flush()
+        .await
+        .map_err(|e| Error::failed(format!("writing {key}'s content: {e}")))?;
+    let got = hex::encode(h.finalize());
+    if got != sha256 {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("{key}: content SHA-256 {got}, the snapshot says {sha256}"),
+        )
+        .hint("the blob is damaged; use another backup and run the verifier (RUNBOOK.md#integrity-failure)"));
+    }
+    Ok(n)
+}
+
+/// What restoring a snapshot did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Restored {
+    /// Files written.
+    pub files: u64,
+    /// Directories created or kept.
+    pub dirs: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Paths removed because the snapshot does not hold them (`--delete-extra`).
+    pub deleted: u64,
+}
+
+/// Writes `entries` under `target`: directories, then every file through a temp file beside it
+/// that is renamed into place only after its content hash matched; modes and mtimes restored.
+/// Never writes through a symbolic link.
+pub async fn restore_to_dir(
+    store: Arc<dyn ObjectStore>,
+    entries: &[Entry],
+    target: &Path,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    concurrency: usize,
+    delete_extra: bool,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<Restored> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut done = Restored::default();
+    tokio::fs::create_dir_all(target)
+        .await
+        .map_err(|e| Error::failed(format!("creating {}: {e}", target.display())))?;
+    for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        let p = inside(target, &e.path)?;
+        tokio::fs::create_dir_all(&p)
+            .await
+            .map_err(|err| Error::failed(format!("creating {}: {err}", p.display())))?;
+        done.dirs += 1;
+    }
+    let files = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| {
+            let store = store.clone();
+            async move {
+                let (sha, blob) = checked_entry(e)?;
+                let path = inside(target, &e.path)?;
+                let dir = path.parent().unwrap_or(target).to_path_buf();
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(|err| Error::failed(format!("creating {}: {err}", dir.display())))?;
+                let tmp = tempfile::Builder::new()
+                    .prefix(".lifeboat-restore-")
+                    .tempfile_in(&dir)
+                    .map_err(|err| Error::failed(format!("writing in {}: {err}", dir.display())))?;
+                let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(|err| {
+                    Error::failed(format!("writing in {}: {err}", dir.display()))
+                })?);
+                let n = match blob {
+                    Some(blob) => {
+                        fetch_blob(store.as_ref(), blob, sha, identities, &mut out).await?
+                    }
+                    None => 0,
+                };
+                drop(out);
+                let file = tmp.persist(&path).map_err(|err| {
+                    Error::failed(format!("writing {}: {}", path.display(), err.error))
+                })?;
+                if let Some(ms) = e.mtime_ms {
+                    let t =
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+                    let _ = file.set_modified(t);
+                }
+                if let Some(mode) = e.mode {
+                    let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+                } else {
+                    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
+                }
+                progress(1);
+                Ok::<u64, Error>(n)
+            }
+        });
+    (done.files, done.bytes) = run_writes(files, concurrency).await?;
+    if delete_extra {
+        let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        done.deleted = delete_extra_paths(target, target, &keep)?;
+    }
+    // Directory modes last: a read-only directory would have refused its files.
+    for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        if let Some(mode) = e.mode {
+            let _ = std::fs::set_permissions(
+                inside(target, &e.path)?,
+                std::fs::Permissions::from_mode(mode),
+            );
+        }
+    }
+    Ok(done)
+}
+
+/// Writes the files of `entries` as objects of `target` (a bucket and prefix; directories have
+/// no objects there). Each object is completed only after its content hash matched: small ones
+/// are held in memory until then, larger ones go up as a multipart upload that is aborted on a
+/// mismatch. With `delete_extra`, objects under the prefix the snapshot does not hold go too.
+pub async fn restore_to_store(
+    store: Arc<dyn ObjectStore>,
+    entries: &[Entry],
+    target: Arc<dyn ObjectStore>,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    concurrency: usize,
+    delete_extra: bool,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<Restored> {
+    let mut done = Restored::default();
+    let files = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| {
+            let (store, target) = (store.clone(), target.clone());
+            async move {
+                let (sha, blob) = checked_entry(e)?;
+                let n = match blob {
+                    None => {
+                        target
+                            .put(&e.path, bytes::Bytes::new())
+                            .await
+                            .map_err(|err| {
+                                Error::from(err).context(format!("writing {}", e.path))
+                            })?;
+                        0
+                    }
+                    Some(blob) if e.size <= UPLOAD_PART as u64 => {
+                        let mut buf = Vec::with_capacity(e.size as usize);
+                        let n = fetch_blob(store.as_ref(), blob, sha, identities, &mut buf).await?;
+                        target
+                            .put(&e.path, bytes::Bytes::from(buf))
+                            .await
+                            .map_err(|err| {
+                                Error::from(err).context(format!("writing {}", e.path))
+                            })?;
+                        n
+                    }
+                    Some(blob) => {
+                        put_large(
+                            store.as_ref(),
+                            blob,
+                            sha,
+                            identities,
+                            target.as_ref(),
+                            &e.path,
+                        )
+                        .await?
+                    }
+                };
+                progress(1);
+                Ok::<u64, Error>(n)
+            }
+        });
+    (done.files, done.bytes) = run_writes(files, concurrency).await?;
+    if delete_extra {
+        let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        let present = target
+            .list("")
+            .await
+            .map_err(|e| Error::from(e).context("listing the target"))?;
+        for o in present.iter().filter(|o| !keep.contains(o.key.as_str())) {
+            target
+                .delete(&o.key)
+                .await
+                .map_err(|e| Error::from(e).context(format!("removing {}", o.key)))?;
+            done.deleted += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// Runs a restore's per-file writes, `concurrency` at a time: (files, bytes) written.
+async fn run_writes(
+    writes: impl Iterator<Item = impl std::future::Future<Output = Result<u64>>>,
+    concurrency: usize,
+) -> Result<(u64, u64)> {
+    let written: Vec<u64> = futures::stream::iter(writes)
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    Ok((written.len() as u64, written.iter().sum()))
+}
+
+/// Part size of a restore's multipart uploads (S3 wants at least 5 MiB).
+const UPLOAD_PART: usize = 8 << 20;
+
+/// Streams blob `blob` into a multipart upload of `key`, completed only if the hash matched.
+async fn put_large(
+    store: &dyn ObjectStore,
+    blob: &str,
+    sha: &str,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    target: &dyn ObjectStore,
+    key: &str,
+) -> Result<u64> {
+    let upload = target
+        .start_upload(key)
+        .await
+        .map_err(|e| Error::from(e).context(format!("writing {key}")))?;
+    let (w, mut r) = tokio::io::duplex(1 << 20);
+    let fetch = async move {
+        let mut w = w;
+        fetch_blob(store, blob, sha, identities, &mut w).await
+    };
+    let send = async {
+        let (mut number, mut offset) = (0u32, 0u64);
+        loop {
+            let mut part = bytes::BytesMut::with_capacity(UPLOAD_PART);
+            while part.len() < UPLOAD_PART {
+                if r.read_buf(&mut part)
+                    .await
+                    .map_err(|e| Error::failed(format!("writing {key}: {e}")))?
+                    == 0
+                {
+                    break;
+                }
+            }
+            if part.is_empty() {
+                return Ok::<(), Error>(());
+            }
+            number += 1;
+            let len = part.len() as u64;
+            upload
+                .put_part(number, offset, part.freeze())
+                .await
+                .map_err(|e| Error::from(e).context(format!("writing {key}")))?;
+            offset += len;
+        }
+    };
+    let (fetched, sent) = tokio::join!(fetch, send);
+    let completed = match (fetched, sent) {
+        (Ok(n), Ok(())) => upload
+            .complete()
+            .await
+            .map(|_| n)
+            .map_err(|e| Error::from(e).context(format!("writing {key}"))),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    if completed.is_err() {
+        let _ = upload.abort().await;
+    }
+    completed
+}
+
+/// The content hash and blob of a file entry, or why the snapshot entry is unusable.
+fn checked_entry(e: &Entry) -> Result<(&str, Option<&str>)> {
+    let Some(sha) = &e.sha256 else {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("snapshot entry {} has no content hash", e.path),
+        ));
+    };
+    if e.blob.is_none() && sha != super::EMPTY_SHA256 {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("snapshot entry {} names no blob", e.path),
+        ));
+    }
+    Ok((sha, e.blob.as_deref()))
+}
+
+/// Removes what is under `dir` but not in `keep` (paths relative to `root`); never follows a
+/// symbolic link (a link itself is removed if the snapshot does not hold its path).
+fn delete_extra_paths(root: &Path, dir: &Path, keep: &HashSet<&str>) -> Result<u64> {
+    let mut n = 0;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let p = entry.path();
+        let rel = p
+            .strip_prefix(root)
+            .map(|r| r.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if keep.contains(rel.as_str()) {
+            if is_dir {
+                n += delete_extra_paths(root, &p, keep)?;
+            }
+            continue;
+        }
+        let removed = if is_dir {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.map_err(|e| Error::failed(format!("removing {}: {e}", p.display())))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// `target/path`, refusing any existing component that is a symbolic link.
+fn inside(target: &Path, path: &str) -> Result<PathBuf> {
+    let mut p = target.to_path_buf();
+    for c in path.split('/') {
+        p.push(c);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "{} is a symbolic link: refusing to write through it",
+                    p.display()
+                ),
+            ));
+        }
+    }
+    Ok(p)
+}
+
+/// Plans a restore into a directory (`dir:///path` or a path) or a bucket (`s3://bucket/prefix/`):
+/// refuses options for other kinds, counts what the target holds, and asks for confirmation when
+/// it is not empty.
+pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::Plan> {
+    use crate::restore::{Plan, Refusal};
+    let o = req.options;
+    let m = &req.entry.manifest;
+    if o.jobs != 1 || o.with_globals || o.no_owner || o.flush {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "--jobs, --with-globals, --no-owner and --flush do not apply to objects restores",
+        ));
+    }
+    let (target, shown, existing) = match req.to.strip_prefix("s3://") {
+        Some(rest) => {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "--to {}: names no bucket; write s3://BUCKET/PREFIX/",
+                        req.to
+                    ),
+                ));
+            }
+            let cfg = restore_s3_config(req.policy, &m.source, bucket, prefix);
+            let store: Arc<dyn ObjectStore> = Arc::new(store::s3::S3Store::new(&cfg).await?);
+            let existing = store
+                .list("")
+                .await
+                .map_err(|e| Error::from(e).context(format!("listing {}", req.to)))?
+                .len();
+            let shown = req.to.to_string();
+            (ObjectsTarget::Store(store, shown.clone()), shown, existing)
+        }
+        None => {
+            let dir = match req.to.strip_prefix("dir://") {
+                Some(d) => PathBuf::from(d),
+                None if req.to.contains("://") => {
+                    return Err(Error::new(
+                        ErrorKind::Invalid,
+                        format!(
+                            "--to {}: objects restore into a directory (dir:///path or a path) or a bucket (s3://bucket/prefix/)",
+                            req.to
+                        ),
+                    ))
+                }
+                None => PathBuf::from(req.to),
+            };
+            let existing = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            let shown = dir.display().to_string();
+            (ObjectsTarget::Dir(dir), shown, existing)
+        }
+    };
+    let action = match (existing, o.delete_extra) {
+        (0, _) => format!("write the snapshot's files into {shown}"),
+        (_, false) => format!(
+            "{shown} holds {existing} entr(ies): files of the same path are replaced, others stay (--delete-extra removes them)"
+        ),
+        (_, true) => format!(
+            "{shown} holds {existing} entr(ies): files of the same path are replaced, and everything the snapshot does not hold is DELETED"
+        ),
+    };
+    let details = serde_json::json!({ "target": { "to": shown, "holds_data": existing > 0 } });
+    let apply = Box::new(Apply {
+        manifest: m.clone(),
+        target,
+        delete_extra: o.delete_extra,
+        spool_dir: o.spool_dir.clone(),
+        shown: shown.clone(),
+    });
+    let mut plan = Plan::new(
+        req,
+        shown.clone(),
+        action,
+        details.as_object().cloned().unwrap_or_default(),
+        apply,
+    );
+    plan.interrupted = "interrupted; the target may hold part of the files (each one whole)";
+    if existing > 0 {
+        plan.refusal = Some(Refusal {
+            error: Error::new(
+                ErrorKind::Refused,
+                format!("{shown} is not empty; refusing to restore into it (nothing was changed)"),
+            )
+            .hint("restore into a new directory or prefix, or pass --yes to replace same-named files (RUNBOOK.md#restore-objects)"),
+            question: "Type yes to restore into it anyway: ".into(),
+            word: "yes".into(),
+        });
+    }
+    Ok(plan)
+}
+
+/// What a planned objects restore carries to its apply step.
+struct Apply {
+    manifest: Manifest,
+    target: ObjectsTarget,
+    delete_extra: bool,
+    spool_dir: PathBuf,
+    shown: String,
+}
+
+#[async_trait::async_trait(?Send)]
+impl crate::restore::Apply for Apply {
+    async fn apply(
+        self: Box<Self>,
+        repo: &Repository,
+        identities: &[Box<dyn age::Identity + Send + Sync>],
+        progress: Arc<dyn Progress>,
+    ) -> Result<crate::restore::Outcome> {
+        let started = std::time::Instant::now();
+        let done = restore_objects(
+            repo,
+            &self.manifest,
+            &self.target,
+            self.delete_extra,
+            &self.spool_dir,
+            identities,
+            progress,
+        )
+        .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let line = format!(
+            "restored backup {} into {}: {} file(s), {} director(ies), {} in {seconds:.1} s{}",
+            self.manifest.id,
+            self.shown,
+            done.files,
+            done.dirs,
+            crate::human_bytes(done.bytes),
+            if self.delete_extra {
+                format!("; {} extra path(s) deleted", done.deleted)
+            } else {
+                String::new()
+            }
+        );
+        Ok(crate::restore::Outcome {
+            result: serde_json::json!({ "restored": done, "seconds": seconds }),
+            lines: vec![line],
+        })
+    }
+}
+
+/// The S3 settings for restoring into `bucket`/`prefix`: the source's own endpoint, region and
+/// addressing when it is an S3 source, else the repository's when that is S3; credentials come
+/// from the environment as for both.
+fn restore_s3_config(
+    policy: &crate::policy::Policy,
+    source: &str,
+    bucket: &str,
+    prefix: &str,
+) -> crate::policy::S3Config {
+    use crate::policy::{ChecksumMode, Location, S3Config};
+    let from_source = match policy.source(source).map(|s| &s.config) {
+        Some(crate::source::SourceConfig::Objects(o)) => match &o.from {
+            super::ObjectsFrom::S3(c) => Some(c.clone()),
+            super::ObjectsFrom::Dir(_) => None,
+        },
+        _ => None,
+    };
+    let base = from_source.or_else(|| match &policy.repository.location {
+        Location::S3(c) => Some(c.clone()),
+        _ => None,
+    });
+    let mut cfg = base.unwrap_or_else(|| S3Config {
+        bucket: String::new(),
+        prefix: String::new(),
+        endpoint: None,
+        region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        force_path_style: false,
+        checksums: ChecksumMode::WhenRequired,
+        storage_class: None,
+        object_lock: None,
+    });
+    cfg.bucket = bucket.to_string();
+    cfg.prefix = prefix.trim_matches('/').to_string();
+    cfg.storage_class = None;
+    cfg.object_lock = None;
+    cfg
+}
