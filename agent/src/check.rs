@@ -1,6 +1,9 @@
 //! `lifeboat check`: every manifest against the objects it names; with `read_data`, every stored
 //! byte re-hashed against the manifest's SHA-256.
 //!
+//! Each kind may look further than its manifest's objects (an objects backup's blobs: see
+//! `SourceKind::check_more`).
+//!
 //! A check never stops at the first problem: it reports every damaged backup, each with the object
 //! key, so an operator knows which backups are still good to restore.
 
@@ -40,6 +43,50 @@ pub struct CheckReport {
     pub incomplete: Vec<String>,
     /// Unfinished multipart uploads.
     pub pending_uploads: Vec<String>,
+    /// What could not be checked, and why (e.g. blobs without an identity).
+    pub notes: Vec<String>,
+}
+
+/// The keys a check may use beyond the stored bytes' hashes: with an identity an objects
+/// backup's snapshot is read and every blob it names re-hashed; with only the index key its
+/// blob list says which blobs must exist.
+#[derive(Default)]
+pub struct Keys {
+    /// age identities that decrypt the backups.
+    pub identities: Option<Vec<Box<dyn age::Identity + Send + Sync>>>,
+    /// The policy's `encryption.index_key`.
+    pub index_key: Option<crate::policy::Secret>,
+}
+
+/// What a kind's further check works with.
+pub struct Context<'a> {
+    /// The repository.
+    pub repo: &'a Repository,
+    /// Re-hash stored bytes, not only sizes.
+    pub read_data: bool,
+    /// The keys there are.
+    pub keys: &'a Keys,
+    /// What was found so far.
+    pub report: &'a mut CheckReport,
+    /// Shared objects already checked in this run (a blob named by many snapshots is read once).
+    pub seen: std::collections::HashSet<String>,
+}
+
+impl Context<'_> {
+    /// Records a problem with `object` of the backup `manifest`.
+    pub fn problem(
+        &mut self,
+        manifest: &crate::repo::manifest::Manifest,
+        object: String,
+        detail: String,
+    ) {
+        self.report.problems.push(Problem {
+            source: manifest.source.clone(),
+            backup: manifest.id.clone(),
+            object,
+            detail,
+        });
+    }
 }
 
 impl CheckReport {
@@ -71,6 +118,7 @@ pub async fn check(
     repo: &Repository,
     source: Option<&str>,
     read_data: bool,
+    keys: &Keys,
 ) -> Result<CheckReport> {
     let prefix = source
         .map(layout::source_prefix)
@@ -91,6 +139,7 @@ pub async fn check(
         }
     }
     let mut report = CheckReport::default();
+    let mut seen = std::collections::HashSet::new();
     for (s, id) in &dirs {
         if !with_manifest.contains(&(s.clone(), id.clone())) {
             report.incomplete.push(layout::backup_prefix(s, id));
@@ -110,43 +159,18 @@ pub async fn check(
             Err(e) => return Err(e),
         };
         report.backups += 1;
-        for (name, size, sha) in manifest.objects() {
-            let key = layout::backup_object(s, id, name);
-            report.objects += 1;
-            let problem = |detail: String| Problem {
-                source: s.clone(),
-                backup: id.clone(),
-                object: key.clone(),
-                detail,
-            };
-            match repo.store.size(&key).await.map_err(Error::from)? {
-                None => {
-                    report.problems.push(problem("missing".into()));
-                    continue;
-                }
-                Some(n) if n != size => {
-                    report
-                        .problems
-                        .push(problem(format!("size {n} bytes, the manifest says {size}")));
-                    continue;
-                }
-                Some(_) => {}
-            }
-            if read_data {
-                let (n, digest) = hash_object(repo, &key).await?;
-                report.bytes_read += n;
-                if digest != sha {
-                    report.problems.push(problem(format!(
-                        "SHA-256 {digest}, the manifest says {sha}"
-                    )));
-                } else if n != size {
-                    report
-                        .problems
-                        .push(problem(format!("read {n} bytes, the manifest says {size}")));
-                }
-            }
-        }
+        check_objects(repo, &manifest, read_data, &mut report).await?;
+        let mut ctx = Context {
+            repo,
+            read_data,
+            keys,
+            report: &mut report,
+            seen: std::mem::take(&mut seen),
+        };
+        manifest.kind.check_more(&mut ctx, &manifest).await?;
+        seen = ctx.seen;
     }
+    report.notes.dedup();
     report.pending_uploads = repo
         .store
         .pending_uploads()
@@ -156,6 +180,53 @@ pub async fn check(
         .map(|u| u.key)
         .collect();
     Ok(report)
+}
+
+/// Every object `manifest` names: present, of its size, and with `read_data` of its SHA-256.
+async fn check_objects(
+    repo: &Repository,
+    manifest: &crate::repo::manifest::Manifest,
+    read_data: bool,
+    report: &mut CheckReport,
+) -> Result<()> {
+    let (s, id) = (&manifest.source, &manifest.id);
+    for (name, size, sha) in manifest.objects() {
+        let key = layout::backup_object(s, id, name);
+        report.objects += 1;
+        let problem = |detail: String| Problem {
+            source: s.clone(),
+            backup: id.clone(),
+            object: key.clone(),
+            detail,
+        };
+        match repo.store.size(&key).await.map_err(Error::from)? {
+            None => {
+                report.problems.push(problem("missing".into()));
+                continue;
+            }
+            Some(n) if n != size => {
+                report
+                    .problems
+                    .push(problem(format!("size {n} bytes, the manifest says {size}")));
+                continue;
+            }
+            Some(_) => {}
+        }
+        if read_data {
+            let (n, digest) = hash_object(repo, &key).await?;
+            report.bytes_read += n;
+            if digest != sha {
+                report.problems.push(problem(format!(
+                    "SHA-256 {digest}, the manifest says {sha}"
+                )));
+            } else if n != size {
+                report
+                    .problems
+                    .push(problem(format!("read {n} bytes, the manifest says {size}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Streams an object and returns its size and SHA-256.

@@ -50,6 +50,15 @@ impl ErrorKind {
     }
 }
 
+/// What a caller may branch on beyond the exit code, instead of matching message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A disk or storage quota is full.
+    NoSpace,
+    /// The operation needs a database superuser (permission denied, must be owner…).
+    NeedsSuperuser,
+}
+
 /// An error as an operator sees it: what failed, on what, and what to do next.
 #[derive(Debug, Clone)]
 pub struct Error {
@@ -59,6 +68,8 @@ pub struct Error {
     pub message: String,
     /// What to do next, often pointing at a RUNBOOK.md section.
     pub hint: Option<String>,
+    /// Set where a caller may want to branch on the cause.
+    pub cause: Option<Cause>,
 }
 
 impl Error {
@@ -68,12 +79,19 @@ impl Error {
             kind,
             message: message.into(),
             hint: None,
+            cause: None,
         }
     }
 
     /// A plain operational failure (exit 1).
     pub fn failed(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Failed, message)
+    }
+
+    /// Records what caused it, for callers that branch on it.
+    pub fn cause(mut self, cause: Cause) -> Self {
+        self.cause = Some(cause);
+        self
     }
 
     /// Adds or replaces the hint.

@@ -19,6 +19,7 @@ pub mod retention;
 pub mod source;
 pub mod store;
 pub mod tls;
+pub mod verify;
 
 pub use error::{Error, ErrorKind, Result};
 

@@ -121,6 +121,263 @@ where
     out
 }
 
+/// What a prune did (or, dry, would do).
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneReport {
+    /// Source name.
+    pub source: String,
+    /// Every decision, newest first.
+    pub decisions: Vec<Decision>,
+    /// Whether anything was deleted.
+    pub applied: bool,
+    /// Objects deleted.
+    pub deleted_objects: Vec<String>,
+    /// Interrupted runs (no manifest) removed, older than the grace period.
+    pub swept_incomplete: Vec<String>,
+    /// Stale unfinished uploads aborted.
+    pub aborted_uploads: Vec<String>,
+    /// Blob collection, after pruning an objects source.
+    pub blobs: Option<crate::source::objects::blobs::Collection>,
+}
+
+/// Interrupted runs and unfinished uploads younger than this are left alone: they may belong to
+/// a backup that is running right now.
+pub const GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// A prune, planned: every decision with its reason, the interrupted runs to sweep and what the
+/// kind would collect. Nothing is deleted until [`apply_prune`].
+#[derive(Debug, Clone)]
+pub struct PrunePlan {
+    /// What the prune will do, as a report with nothing applied yet (`--dry-run` prints it).
+    pub report: PruneReport,
+    stale_incomplete: Vec<String>,
+    now: DateTime<Utc>,
+}
+
+/// Plans retention for `source` at `now`, reading the repository and deleting nothing.
+pub async fn plan_prune(
+    repo: &crate::repo::Repository,
+    policy: &crate::policy::Policy,
+    source: &crate::policy::SourcePolicy,
+    now: DateTime<Utc>,
+) -> crate::Result<PrunePlan> {
+    use crate::error::Error;
+    use crate::repo::layout;
+    let name = &source.name;
+    let listing = repo.list(Some(name)).await?;
+    refuse_lost_listing(repo, name, listing.backups.len()).await?;
+    let pins: std::collections::BTreeSet<String> = repo
+        .store
+        .list(&layout::pins_prefix(name))
+        .await
+        .map_err(|e| Error::from(e).context("listing pins"))?
+        .into_iter()
+        .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
+        .collect();
+    let candidates: Vec<Candidate> = listing
+        .backups
+        .iter()
+        .map(|e| Candidate {
+            id: e.manifest.id.clone(),
+            started_at: e.manifest.started_at,
+            verified: e.verification.as_ref().map(|v| v.result == "pass"),
+            pinned: pins.contains(&e.manifest.id),
+        })
+        .collect();
+    let mut decisions = plan(&candidates, &source.retention, &policy.timezone, now);
+    honour_object_lock(repo, name, &mut decisions).await?;
+    let grace = chrono::Duration::from_std(GRACE).unwrap_or_default();
+    let stale_incomplete: Vec<String> = listing
+        .incomplete
+        .iter()
+        .filter(|(_, id)| layout::id_time(id).is_some_and(|t| t < now - grace))
+        .map(|(_, id)| id.clone())
+        .collect();
+    let mut report = PruneReport {
+        source: name.clone(),
+        decisions,
+        applied: false,
+        deleted_objects: Vec::new(),
+        swept_incomplete: stale_incomplete.clone(),
+        aborted_uploads: Vec::new(),
+        blobs: None,
+    };
+    // What the kind would collect must not count the backups this prune deletes.
+    let doomed: std::collections::HashSet<(String, String)> = report
+        .decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| (name.clone(), d.id.clone()))
+        .collect();
+    report.blobs = source
+        .config
+        .plan_shared_collection(repo, policy, now, &doomed)
+        .await?
+        .map(|c| c.summary);
+    Ok(PrunePlan {
+        report,
+        stale_incomplete,
+        now,
+    })
+}
+
+/// Refuses to prune when the listing shows no backups but the last prune kept some: a wrong
+/// prefix or credentials look like that, and pruning "nothing" would record it as the truth.
+async fn refuse_lost_listing(
+    repo: &crate::repo::Repository,
+    name: &str,
+    listed: usize,
+) -> crate::Result<()> {
+    use crate::error::Error;
+    let state_key = crate::repo::layout::prune_state(name);
+    let before: Option<u64> = match repo.store.get(&state_key).await {
+        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
+            .ok()
+            .and_then(|v| v["backups"].as_u64()),
+        Err(crate::store::StoreError::NotFound { .. }) => None,
+        Err(e) => return Err(Error::from(e).context("reading the prune state")),
+    };
+    if listed == 0 && before.unwrap_or(0) > 0 {
+        return Err(Error::failed(format!(
+            "source {name}: the listing shows no backups, but the last prune saw {}; refusing to prune",
+            before.unwrap_or(0)
+        ))
+        .hint("check the repository url, prefix and credentials before anything else (RUNBOOK.md#prune-refused)"));
+    }
+    Ok(())
+}
+
+/// Object Lock outranks the rules: a backup still locked stays, and the plan says until when.
+async fn honour_object_lock(
+    repo: &crate::repo::Repository,
+    name: &str,
+    decisions: &mut [Decision],
+) -> crate::Result<()> {
+    use crate::error::Error;
+    for d in decisions.iter_mut().filter(|d| !d.keep) {
+        if let Some(until) = repo
+            .store
+            .locked_until(&crate::repo::layout::manifest(name, &d.id))
+            .await
+            .map_err(|e| Error::from(e).context("reading object lock retention"))?
+        {
+            d.keep = true;
+            d.reasons = vec![format!(
+                "object lock until {}",
+                until.format("%Y-%m-%d %H:%M UTC")
+            )];
+        }
+    }
+    Ok(())
+}
+
+/// Applies `plan`: each doomed backup's manifest first, then its objects and reports, then
+/// interrupted runs and unfinished uploads older than [`GRACE`], all under the `prune-<source>`
+/// lease checked before every deletion; then what the kind collects, planned again now that those
+/// backups are gone.
+pub async fn apply_prune(
+    repo: &crate::repo::Repository,
+    policy: &crate::policy::Policy,
+    source: &crate::policy::SourcePolicy,
+    plan: PrunePlan,
+) -> crate::Result<PruneReport> {
+    let PrunePlan {
+        mut report,
+        stale_incomplete,
+        now,
+    } = plan;
+    let grace = chrono::Duration::from_std(GRACE).unwrap_or_default();
+    let state_key = crate::repo::layout::prune_state(&source.name);
+    report.applied = true;
+    apply(
+        repo,
+        &source.name,
+        &mut report,
+        &stale_incomplete,
+        now - grace,
+        &state_key,
+        now,
+    )
+    .await?;
+    let none = std::collections::HashSet::new();
+    report.blobs = match source
+        .config
+        .plan_shared_collection(repo, policy, now, &none)
+        .await?
+    {
+        Some(c) => Some(crate::source::objects::blobs::apply(repo, c).await?),
+        None => None,
+    };
+    Ok(report)
+}
+
+/// Deletes what `report` decided, under the `prune-<source>` lease: each doomed backup's manifest
+/// first, then its objects and reports; then stale interrupted runs and unfinished uploads older
+/// than `cutoff`; then records how many backups are kept.
+async fn apply(
+    repo: &crate::repo::Repository,
+    name: &str,
+    report: &mut PruneReport,
+    stale_incomplete: &[String],
+    cutoff: DateTime<Utc>,
+    state_key: &str,
+    now: DateTime<Utc>,
+) -> crate::Result<()> {
+    use crate::error::Error;
+    use crate::repo::layout;
+    let mut lease = repo
+        .lease(
+            &format!("prune-{name}"),
+            "prune",
+            std::time::Duration::from_secs(600),
+        )
+        .await?;
+    let result = async {
+        let doomed: Vec<String> = report
+            .decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .map(|d| d.id.clone())
+            .collect();
+        for id in doomed.iter().chain(stale_incomplete.iter()) {
+            lease.check().await?;
+            // The manifest first: from then on the backup no longer exists for anyone.
+            let manifest = layout::manifest(name, id);
+            repo.store.delete(&manifest).await.map_err(Error::from)?;
+            report.deleted_objects.push(manifest);
+            let objects = repo
+                .store
+                .list(&layout::backup_prefix(name, id))
+                .await
+                .map_err(Error::from)?;
+            let reports = repo
+                .store
+                .list(&layout::backup_verifications_prefix(name, id))
+                .await
+                .map_err(Error::from)?;
+            for o in objects.into_iter().chain(reports) {
+                repo.store.delete(&o.key).await.map_err(Error::from)?;
+                report.deleted_objects.push(o.key);
+            }
+        }
+        report.aborted_uploads = crate::store::sweep_stale_uploads(repo.store.as_ref(), cutoff)
+            .await
+            .map_err(Error::from)?;
+        let kept = report.decisions.iter().filter(|d| d.keep).count();
+        let state = serde_json::json!({ "backups": kept, "pruned_at": now });
+        repo.store
+            .put(state_key, bytes::Bytes::from(state.to_string()))
+            .await
+            .map_err(Error::from)?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    let released = lease.release().await;
+    result?;
+    released?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,209 +569,4 @@ mod tests {
         assert_eq!(kept(&d), vec!["new", "old"]);
         assert!(d[1].reasons[0].contains("failed verification"));
     }
-}
-
-/// What a prune did (or, dry, would do).
-#[derive(Debug, Clone, Serialize)]
-pub struct PruneReport {
-    /// Source name.
-    pub source: String,
-    /// Every decision, newest first.
-    pub decisions: Vec<Decision>,
-    /// Whether anything was deleted.
-    pub applied: bool,
-    /// Objects deleted.
-    pub deleted_objects: Vec<String>,
-    /// Interrupted runs (no manifest) removed, older than the grace period.
-    pub swept_incomplete: Vec<String>,
-    /// Stale unfinished uploads aborted.
-    pub aborted_uploads: Vec<String>,
-    /// Blob collection, after pruning an objects source.
-    pub blobs: Option<crate::source::objects::blobs::Collection>,
-}
-
-/// Interrupted runs and unfinished uploads younger than this are left alone: they may belong to
-/// a backup that is running right now.
-pub const GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-
-/// Plans and (unless `dry_run`) applies retention for `source`: manifest first, then the data
-/// objects and reports of each deleted backup, then interrupted runs and unfinished uploads older
-/// than [`GRACE`]. Runs under the `prune-<source>` lease, checked before every deletion.
-pub async fn prune(
-    repo: &crate::repo::Repository,
-    policy: &crate::policy::Policy,
-    source: &crate::policy::SourcePolicy,
-    now: DateTime<Utc>,
-    dry_run: bool,
-) -> crate::Result<PruneReport> {
-    use crate::error::Error;
-    use crate::repo::layout;
-    let name = &source.name;
-    let listing = repo.list(Some(name)).await?;
-    let state_key = layout::prune_state(name);
-    let before: Option<u64> = match repo.store.get(&state_key).await {
-        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
-            .ok()
-            .and_then(|v| v["backups"].as_u64()),
-        Err(crate::store::StoreError::NotFound { .. }) => None,
-        Err(e) => return Err(Error::from(e).context("reading the prune state")),
-    };
-    if listing.backups.is_empty() && before.unwrap_or(0) > 0 {
-        return Err(Error::failed(format!(
-            "source {name}: the listing shows no backups, but the last prune saw {}; refusing to prune",
-            before.unwrap_or(0)
-        ))
-        .hint("check the repository url, prefix and credentials before anything else (RUNBOOK.md#prune-refused)"));
-    }
-    let pins: std::collections::BTreeSet<String> = repo
-        .store
-        .list(&layout::pins_prefix(name))
-        .await
-        .map_err(|e| Error::from(e).context("listing pins"))?
-        .into_iter()
-        .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
-        .collect();
-    let candidates: Vec<Candidate> = listing
-        .backups
-        .iter()
-        .map(|e| Candidate {
-            id: e.manifest.id.clone(),
-            started_at: e.manifest.started_at,
-            verified: e.verification.as_ref().map(|v| v.result == "pass"),
-            pinned: pins.contains(&e.manifest.id),
-        })
-        .collect();
-    let mut decisions = plan(&candidates, &source.retention, &policy.timezone, now);
-    // Object Lock outranks the rules: a backup still locked stays, and the plan says until when.
-    for d in decisions.iter_mut().filter(|d| !d.keep) {
-        if let Some(until) = repo
-            .store
-            .locked_until(&layout::manifest(name, &d.id))
-            .await
-            .map_err(|e| Error::from(e).context("reading object lock retention"))?
-        {
-            d.keep = true;
-            d.reasons = vec![format!(
-                "object lock until {}",
-                until.format("%Y-%m-%d %H:%M UTC")
-            )];
-        }
-    }
-    let grace = chrono::Duration::from_std(GRACE).unwrap_or_default();
-    let stale_incomplete: Vec<String> = listing
-        .incomplete
-        .iter()
-        .filter(|(_, id)| layout::id_time(id).is_some_and(|t| t < now - grace))
-        .map(|(_, id)| id.clone())
-        .collect();
-    let mut report = PruneReport {
-        source: name.clone(),
-        decisions,
-        applied: !dry_run,
-        deleted_objects: Vec::new(),
-        swept_incomplete: stale_incomplete.clone(),
-        aborted_uploads: Vec::new(),
-        blobs: None,
-    };
-    let objects = matches!(source.config, crate::policy::SourceConfig::Objects(_));
-    // A dry run's blob collection must not count the backups this prune would delete.
-    let doomed: std::collections::HashSet<(String, String)> = report
-        .decisions
-        .iter()
-        .filter(|d| !d.keep)
-        .map(|d| (name.clone(), d.id.clone()))
-        .collect();
-    if !dry_run {
-        apply(
-            repo,
-            name,
-            &mut report,
-            &stale_incomplete,
-            now - grace,
-            &state_key,
-            now,
-        )
-        .await?;
-    }
-    // Blobs last: only once the pruned snapshots are gone can their blobs be unreferenced.
-    if objects {
-        report.blobs = Some(
-            crate::source::objects::blobs::collect(
-                repo,
-                policy.encryption.index_key.as_ref(),
-                now,
-                dry_run,
-                &doomed,
-            )
-            .await?,
-        );
-    }
-    Ok(report)
-}
-
-/// Deletes what `report` decided, under the `prune-<source>` lease: each doomed backup's manifest
-/// first, then its objects and reports; then stale interrupted runs and unfinished uploads older
-/// than `cutoff`; then records how many backups are kept.
-async fn apply(
-    repo: &crate::repo::Repository,
-    name: &str,
-    report: &mut PruneReport,
-    stale_incomplete: &[String],
-    cutoff: DateTime<Utc>,
-    state_key: &str,
-    now: DateTime<Utc>,
-) -> crate::Result<()> {
-    use crate::error::Error;
-    use crate::repo::layout;
-    let mut lease = repo
-        .lease(
-            &format!("prune-{name}"),
-            "prune",
-            std::time::Duration::from_secs(600),
-        )
-        .await?;
-    let result = async {
-        let doomed: Vec<String> = report
-            .decisions
-            .iter()
-            .filter(|d| !d.keep)
-            .map(|d| d.id.clone())
-            .collect();
-        for id in doomed.iter().chain(stale_incomplete.iter()) {
-            lease.check().await?;
-            // The manifest first: from then on the backup no longer exists for anyone.
-            let manifest = layout::manifest(name, id);
-            repo.store.delete(&manifest).await.map_err(Error::from)?;
-            report.deleted_objects.push(manifest);
-            let objects = repo
-                .store
-                .list(&layout::backup_prefix(name, id))
-                .await
-                .map_err(Error::from)?;
-            let reports = repo
-                .store
-                .list(&format!("{}{id}/", layout::verifications_prefix(name)))
-                .await
-                .map_err(Error::from)?;
-            for o in objects.into_iter().chain(reports) {
-                repo.store.delete(&o.key).await.map_err(Error::from)?;
-                report.deleted_objects.push(o.key);
-            }
-        }
-        report.aborted_uploads = crate::store::sweep_stale_uploads(repo.store.as_ref(), cutoff)
-            .await
-            .map_err(Error::from)?;
-        let kept = report.decisions.iter().filter(|d| d.keep).count();
-        let state = serde_json::json!({ "backups": kept, "pruned_at": now });
-        repo.store
-            .put(state_key, bytes::Bytes::from(state.to_string()))
-            .await
-            .map_err(Error::from)?;
-        Ok::<(), Error>(())
-    }
-    .await;
-    let released = lease.release().await;
-    result?;
-    released?;
-    Ok(())
 }

@@ -1,7 +1,8 @@
 //! Objects sources against real directories and a real S3 server: snapshots restore exactly
 //! (nested paths, unicode and spaces, empty files and directories, modes, a 50 MB file, thousands
 //! of small files); a second run after one change uploads one blob; an older snapshot restores the
-//! older content; the shrink guard fires; a damaged blob is caught by restore and the verifier.
+//! older content; the shrink guard fires; a damaged blob is caught by restore, the verifier and
+//! check.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -247,6 +248,26 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     );
     let v = fx.verify(&second);
     assert_eq!(v.code, 13, "{}{}", v.stdout, v.stderr);
+
+    // check --read-data finds it too: with the identity every blob a snapshot names is re-hashed;
+    // with only the index key, blobs are checked for presence and the output says so.
+    let blob = victim.strip_prefix(fx.dir.path().join("repo")).unwrap();
+    let blob = blob.to_str().unwrap();
+    let identity = fx.key.identity.to_str().unwrap().to_string();
+    let r = fx.run(&["check", "--read-data", "--identity", &identity]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(r.stderr.contains(blob), "names the blob: {}", r.stderr);
+    let r = fx.run(&["check", "--read-data"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("presence only"), "{}", r.stderr);
+    std::fs::remove_file(&victim).unwrap();
+    let r = fx.run(&["check"]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(blob) && r.stderr.contains("missing (named by the snapshot)"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

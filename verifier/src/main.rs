@@ -1,11 +1,6 @@
 //! `lifeboat-verifier`: proves backups restore, by restoring them into scratch databases and
 //! comparing what comes back with the fingerprint taken at backup time.
 
-mod checks;
-mod objects;
-mod redis;
-mod report;
-mod scratch;
 mod verify;
 
 use std::path::PathBuf;
@@ -58,7 +53,7 @@ enum Command {
 fn identities(
     policy: &lifeboat::policy::Policy,
     identity: Option<PathBuf>,
-) -> Result<verify::Identities> {
+) -> Result<lifeboat::verify::Identities> {
     let identity = identity
         .or_else(|| policy.encryption.identity_file.clone())
         .ok_or_else(|| {
@@ -70,7 +65,7 @@ fn identities(
 }
 
 /// Prints a report's failed checks and its summary line.
-fn print_report(source: &str, report: &report::Report) {
+fn print_report(source: &str, report: &lifeboat::verify::Report) {
     for c in report.checks.iter().filter(|c| !c.passed) {
         eprintln!(
             "FAIL {}: expected {}, found {}",
@@ -131,7 +126,7 @@ async fn run_scheduled(
                 let outcome = async {
                     let repo = Repository::open(policy).await?;
                     let entry = repo.find(&src.name, "latest", None).await?;
-                    verify::verify(&repo, src, policy.encryption.index_key.as_ref(), &entry, identities, cancel).await
+                    verify::verify(&repo, policy, src, &entry, identities, cancel).await
                 }
                 .await;
                 match outcome {
@@ -233,15 +228,7 @@ async fn run(command: Command, cancel: CancellationToken) -> Result<i32> {
         let entry = repo.find(&src.name, &backup, None).await?;
         let m = &entry.manifest;
         tracing::info!(source = %src.name, backup = %m.id, "Verifying");
-        let report = verify::verify(
-            &repo,
-            src,
-            policy.encryption.index_key.as_ref(),
-            &entry,
-            &identities,
-            &cancel,
-        )
-        .await?;
+        let report = verify::verify(&repo, &policy, src, &entry, &identities, &cancel).await?;
         print_report(&src.name, &report);
         if report.result != "pass" {
             code = ErrorKind::VerificationMismatch.exit_code();

@@ -1,449 +1,89 @@
-//! Verifying one backup: integrity first, then a restore into scratch, then every check.
+//! The one verification skeleton, for every kind: integrity → scratch → restore → observe →
+//! checks → report. The kind supplies the steps (`SourceConfig::verify_steps`); timeout,
+//! cancellation, teardown and storing the report are written here, once.
 //!
-//! Order and guarantees:
-//! 1. Every stored object is downloaded to a spool file and its SHA-256 checked against the
-//!    manifest (exit 13 on any difference) before anything is decrypted; the fingerprint too.
-//! 2. A scratch database is made: an ephemeral cluster (default), or a `lifeboat_verify_<id>`
-//!    database on `verify.scratch_url` (refused if that is the source's own database).
-//! 3. Globals (roles, role statements only) are replayed into an ephemeral cluster and stripped
-//!    of superuser powers; pg_restore runs as the unprivileged restore role from the decrypted
-//!    stream, whose plaintext SHA-256 is checked at its end; any error fails. A guard stops it at
-//!    `verify.timeout`, past `verify.scratch_max_size`, or before the scratch disk fills.
-//! 4. The restored database is compared with the fingerprint, then the policy's SQL checks run.
-//! 5. The scratch is torn down, whatever happened; the report is stored.
+//! - `prepare` (integrity and scratch) runs under `verify.timeout`; its failure stores a failed
+//!   report and is returned (exit 13 for damage, 12 for keys, 1 otherwise).
+//! - `restore_and_check` runs under the same deadline and the kind's guard; a restore that fails,
+//!   times out or is stopped by the guard is a failed verification (exit 4).
+//! - The scratch is torn down whatever happened; an interruption stores no report.
 
-use std::time::Instant;
-
-use chrono::Utc;
-use lifeboat::policy::{Secret, SourceConfig, SourcePolicy};
+use lifeboat::policy::{Policy, SourcePolicy};
 use lifeboat::repo::catalog::Entry;
-use lifeboat::repo::layout;
-use lifeboat::repo::manifest::Role;
 use lifeboat::repo::Repository;
-use lifeboat::restore;
-use lifeboat::source::postgres::PostgresConfig;
-use lifeboat::source::postgres::{self, Fingerprint, Postgres, RestoreInput, RestoreOptions};
+use lifeboat::verify::{
+    conclude, fail_and_store, new_report, Check, Context, Identities, Report, Verdict,
+};
 use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
-
-use crate::checks::{self, Check};
-use crate::report::{Report, Timings};
-use crate::scratch::{self, Scratch};
-
-/// Identities that decrypt the backups.
-pub type Identities = Vec<Box<dyn age::Identity + Send + Sync>>;
-
-/// Where the restore goes.
-enum Target {
-    Ephemeral(Scratch),
-    Server {
-        maintenance: PostgresConfig,
-        db: String,
-    },
-}
 
 /// Verifies `entry` of `source`. Returns the stored report (pass or fail); an error only when
 /// verification could not run at all (integrity, keys, interruption).
 pub async fn verify(
     repo: &Repository,
+    policy: &Policy,
     source: &SourcePolicy,
-    index_key: Option<&lifeboat::policy::Secret>,
     entry: &Entry,
     identities: &Identities,
     cancel: &CancellationToken,
 ) -> Result<Report> {
-    let src_cfg = match &source.config {
-        SourceConfig::Postgres(c) => c,
-        SourceConfig::Redis(c) => {
-            return crate::redis::verify(repo, c, entry, identities, cancel).await
-        }
-        SourceConfig::Objects(_) => {
-            return crate::objects::verify(
-                repo,
-                source.verify.cover_days,
-                index_key,
-                entry,
-                identities,
-                cancel,
-            )
-            .await
-        }
+    let kind = entry.manifest.kind;
+    if kind != source.config.kind() {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "backup {} of {} is a {kind} backup, but the policy's source {} is {}",
+                entry.manifest.id,
+                entry.manifest.source,
+                source.name,
+                source.config.kind()
+            ),
+        )
+        .hint("verify with the policy that wrote it, or fix the source's kind"));
+    }
+    let ctx = Context {
+        repo,
+        policy,
+        source,
+        entry,
+        identities,
     };
-    let m = &entry.manifest;
+    let mut steps = source.config.verify_steps();
     let (mut report, t0) = new_report(entry);
-    let verify_id = report.verify_id.clone();
-
-    // 1 and 2 at once: the scratch starts while the objects download and are checked. Nothing
-    // is decrypted, let alone restored, until every check passed.
-    let source_major = m
-        .source_version
-        .as_deref()
-        .and_then(|v| v.split_whitespace().nth(1))
-        .and_then(|v| v.split('.').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let integrity = async {
-        let spool_dir = std::env::temp_dir();
-        let mut spooled = Vec::new();
-        for part in &m.parts {
-            spooled.push(restore::spool(repo, m, part, &spool_dir, &restore::NoProgress).await?);
-        }
-        let fingerprint: Fingerprint = typed_fingerprint(repo, m, identities).await?;
-        Ok::<_, Error>((spooled, fingerprint, t0.elapsed().as_secs_f64()))
-    };
-    let scratch = async {
-        match &source.verify.scratch_url {
-            Some(url) => scratch_server(src_cfg, url, &verify_id),
-            None => {
-                let bin = scratch::find_server_bin(
-                    source.verify.postgres_bin_dir.as_deref(),
-                    source_major,
-                )?;
-                Ok(Target::Ephemeral(Scratch::start(&bin).await?))
-            }
-        }
-    };
     let deadline = tokio::time::Instant::now() + source.verify.timeout;
-    let both = async { tokio::join!(integrity, scratch) };
-    let (checked, target) = tokio::select! {
-        r = both => r,
-        _ = tokio::time::sleep_until(deadline) => {
-            return Err(fail_and_store(repo, report, timed_out(source)).await)
-        }
-        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+    let prepared = tokio::select! {
+        r = steps.prepare(&ctx, &mut report) => r,
+        _ = tokio::time::sleep_until(deadline) => Err(timed_out(source)),
+        _ = cancel.cancelled() => Err(interrupted()),
     };
-    let ((spooled, fingerprint, download_seconds), target) = match (checked, target) {
-        (Ok(c), Ok(t)) => (c, t),
-        (Err(e), t) => {
-            if let Ok(t) = t {
-                teardown(t).await;
-            }
-            return Err(fail_and_store(repo, report, e).await);
-        }
-        (Ok(_), Err(e)) => return Err(fail_and_store(repo, report, e).await),
-    };
-    report.timings.download_seconds = download_seconds;
-    let t1 = Instant::now();
+    if let Err(e) = prepared {
+        steps.teardown().await;
+        return Err(fail_and_store(repo, report, e).await);
+    }
+    let guard = steps.guard(&ctx);
     let outcome = tokio::select! {
-        r = restore_and_check(&target, &spooled, &fingerprint, source, identities, &mut report, t1) => r,
-        e = guard(&target, source, deadline) => Err(e),
-        _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+        r = steps.restore_and_check(&ctx, &mut report) => r,
+        e = guard => Ok(Verdict::RestoreFailed(e)),
+        _ = tokio::time::sleep_until(deadline) => Ok(Verdict::RestoreFailed(timed_out(source))),
+        _ = cancel.cancelled() => Err(interrupted()),
     };
-    // 5. Teardown, whatever happened.
-    teardown(target).await;
-    drop(spooled);
-    if let Err(e) = outcome {
-        if e.kind == ErrorKind::Interrupted {
-            return Err(e);
+    steps.teardown().await;
+    match outcome {
+        Ok(Verdict::Checked) => {}
+        Ok(Verdict::RestoreFailed(e)) => {
+            let (name, expected) = steps.restore_check();
+            report
+                .checks
+                .push(Check::failed(name, expected, e.message.clone()));
+            report.error = Some(e.message);
         }
-        report.checks.push(Check::failed(
-            "restore",
-            "pg_restore without errors",
-            e.message.clone(),
-        ));
-        report.error = Some(e.message);
+        Err(e) => return Err(fail_and_store(repo, report, e).await),
     }
     conclude(repo, report, t0).await
 }
 
-/// Integrity first: downloads the part with `role` to a spool file (its SHA-256 checked) and reads
-/// the fingerprint. On failure the report is stored as failed and the error returned.
-pub(crate) async fn spool_and_fingerprint<F: serde::de::DeserializeOwned>(
-    repo: &Repository,
-    entry: &Entry,
-    role: Role,
-    identities: &Identities,
-    cancel: &CancellationToken,
-    report: Report,
-) -> Result<(Report, restore::Spooled, F)> {
-    let m = &entry.manifest;
-    let work = async {
-        let part = restore::part(m, role)?;
-        let spooled =
-            restore::spool(repo, m, part, &std::env::temp_dir(), &restore::NoProgress).await?;
-        let fingerprint: F = typed_fingerprint(repo, m, identities).await?;
-        Ok::<_, Error>((spooled, fingerprint))
-    };
-    tokio::select! {
-        r = work => match r {
-            Ok((spooled, fp)) => Ok((report, spooled, fp)),
-            Err(e) => Err(fail_and_store(repo, report, e).await),
-        },
-        _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
-    }
-}
-
-/// A failing report for `entry`, to be filled in, and the clock it started.
-pub(crate) fn new_report(entry: &Entry) -> (Report, Instant) {
-    let m = &entry.manifest;
-    let started_at = Utc::now();
-    let report = Report {
-        format: 1,
-        verify_id: layout::new_backup_id(started_at),
-        source: m.source.clone(),
-        backup_id: m.id.clone(),
-        result: "fail".into(),
-        error: None,
-        started_at,
-        finished_at: started_at,
-        timings: Timings::default(),
-        scratch: String::new(),
-        notes: Vec::new(),
-        versions: serde_json::json!({
-            "lifeboat": lifeboat::repo::tool_version(),
-            "source_server": m.source_version,
-            "dump_tool": m.dump_tool_version,
-        }),
-        checks: Vec::new(),
-    };
-    (report, Instant::now())
-}
-
-/// Sets the result from the checks and stores the report.
-pub(crate) async fn conclude(repo: &Repository, mut report: Report, t0: Instant) -> Result<Report> {
-    report.timings.total_seconds = t0.elapsed().as_secs_f64();
-    report.finished_at = Utc::now();
-    report.result = if report.error.is_none() && report.checks.iter().all(|c| c.passed) {
-        "pass".into()
-    } else {
-        "fail".into()
-    };
-    report.store(repo).await?;
-    Ok(report)
-}
-
-pub(crate) async fn fail_and_store(repo: &Repository, mut report: Report, e: Error) -> Error {
-    if e.kind != ErrorKind::Interrupted {
-        report.error = Some(e.message.clone());
-        report.finished_at = Utc::now();
-        if let Err(store_err) = report.store(repo).await {
-            tracing::warn!(error = %store_err, "Could not store the failed verification's report");
-        }
-    }
-    e
-}
-
-fn scratch_server(src: &PostgresConfig, url: &Secret, verify_id: &str) -> Result<Target> {
-    use std::str::FromStr;
-    let parse = |s: &str| tokio_postgres::Config::from_str(s).ok();
-    let (Some(a), Some(b)) = (parse(src.url.expose()), parse(url.expose())) else {
-        return Err(Error::new(
-            ErrorKind::Invalid,
-            "verify.scratch_url is not a PostgreSQL connection string",
-        ));
-    };
-    let same_server = a.get_hosts() == b.get_hosts() && a.get_ports() == b.get_ports();
-    if same_server && a.get_dbname() == b.get_dbname() {
-        return Err(Error::new(
-            ErrorKind::Refused,
-            "verify.scratch_url points at the source's own database; refusing to verify there",
-        )
-        .hint("point scratch_url at a scratch server (or its maintenance database), never at production"));
-    }
-    let db = format!(
-        "lifeboat_verify_{}",
-        verify_id.to_lowercase().replace('-', "_")
-    );
-    Ok(Target::Server {
-        maintenance: PostgresConfig {
-            url: url.clone(),
-            url_redacted: lifeboat::policy::redact_url(url.expose()),
-            password_file: None,
-            globals: false,
-            fingerprint: src.fingerprint,
-            bin_dir: None,
-            tls_ca_file: None,
-        },
-        db,
-    })
-}
-
-async fn restore_and_check(
-    target: &Target,
-    spooled: &[restore::Spooled],
-    fingerprint: &Fingerprint,
-    source: &SourcePolicy,
-    identities: &Identities,
-    report: &mut Report,
-    t1: Instant,
-) -> Result<()> {
-    let dump = spooled
-        .iter()
-        .find(|s| s.part.role == Role::Database)
-        .ok_or_else(|| Error::new(ErrorKind::Integrity, "the backup has no database part"))?;
-    let globals = spooled.iter().find(|s| s.part.role == Role::Globals);
-    let (pg, opts) = match target {
-        Target::Ephemeral(s) => {
-            report.scratch = format!("ephemeral cluster ({})", s.bin.display());
-            report.notes.push(match &s.shared_network {
-                None => {
-                    "the scratch cluster had no network (a network namespace of its own)".into()
-                }
-                Some(why) => format!("the scratch cluster shared the host's network: {why}"),
-            });
-            let maint = Postgres::new(s.config("postgres"));
-            let conn = maint.connect().await?;
-            if let Some(g) = globals {
-                let errors = maint
-                    .replay_globals(
-                        &conn,
-                        g.plaintext(identities).await?,
-                        &[scratch::SUPERUSER, scratch::RESTORER],
-                        false,
-                    )
-                    .await?;
-                report.checks.push(if errors.is_empty() {
-                    Check::eq("globals replayed", "no errors", "no errors")
-                } else {
-                    Check::failed("globals replayed", "no errors", errors.join("; "))
-                });
-            } else {
-                report.notes.push(
-                    "the backup holds no roles (globals = false): ownership and grants were not restored, so not verified".into(),
-                );
-            }
-            let as_superuser = source.verify.restore_as_superuser;
-            let user = if as_superuser {
-                report.notes.push(
-                    "restored as the scratch cluster's superuser (verify.restore_as_superuser = true)"
-                        .into(),
-                );
-                scratch::SUPERUSER
-            } else {
-                let notes = s.lock_down(&conn.client).await?;
-                report.notes.extend(notes);
-                if globals.is_some() {
-                    report.notes.push(format!(
-                        "restored as the unprivileged role {}, which owns every restored object: grants were restored, ownership was not verified",
-                        scratch::RESTORER
-                    ));
-                }
-                scratch::RESTORER
-            };
-            // Without the roles, owners and grants would name roles the scratch cluster lacks.
-            let roles = globals.is_some();
-            conn.client
-                .batch_execute(&format!(
-                    "CREATE DATABASE restored OWNER {}",
-                    postgres::quote_ident(user)
-                ))
-                .await
-                .map_err(|e| Error::failed(format!("scratch: creating the database: {e}")))?;
-            if !as_superuser {
-                let wanted = dump_extensions(dump.plaintext(identities).await?).await;
-                let created = s.precreate_extensions("restored", &wanted).await?;
-                if !created.is_empty() {
-                    report.notes.push(format!(
-                        "created by the verifier from the server's own files, as the dump's owner cannot: extension {}",
-                        created.join(", ")
-                    ));
-                }
-            }
-            (
-                Postgres::new(s.config_as("restored", user)),
-                RestoreOptions {
-                    jobs: 1,
-                    // Only a superuser may give objects to other roles as they are created.
-                    no_owner: !roles || !as_superuser,
-                    no_privileges: !roles,
-                    no_tablespaces: true,
-                    single_transaction: true,
-                },
-            )
-        }
-        Target::Server { maintenance, db } => {
-            report.scratch = format!("database {db} on {}", maintenance.url_redacted);
-            let maint = Postgres::new(maintenance.clone());
-            let conn = maint.connect().await?;
-            let superuser = conn
-                .client
-                .query_one("SELECT current_setting('is_superuser') = 'on'", &[])
-                .await
-                .map(|r| r.get::<_, bool>(0))
-                .unwrap_or(true);
-            if superuser {
-                report.notes.push(
-                    "verify.scratch_url connects as a superuser: a forged dump could run programs on that server; give the verifier a role with CREATEDB only".into(),
-                );
-            }
-            conn.client
-                .batch_execute(&format!("CREATE DATABASE {}", postgres::quote_ident(db)))
-                .await
-                .map_err(|e| Error::failed(format!("scratch server: creating {db}: {e}")))?;
-            let mut cfg = maintenance.clone();
-            cfg.url = Secret::new(with_dbname(maintenance.url.expose(), db));
-            // Roles are cluster-wide: a shared scratch server gets no globals, so no owners or grants.
-            report.notes.push(
-                "restored on a shared scratch server without roles: ownership and grants were not verified".into(),
-            );
-            (
-                Postgres::new(cfg),
-                RestoreOptions {
-                    jobs: 1,
-                    no_owner: true,
-                    no_privileges: true,
-                    no_tablespaces: true,
-                    single_transaction: true,
-                },
-            )
-        }
-    };
-    let conn = pg.connect().await?;
-    let unprivileged =
-        matches!(target, Target::Ephemeral(_)) && !source.verify.restore_as_superuser;
-    pg.pg_restore(
-        &conn,
-        RestoreInput::Stream(dump.plaintext(identities).await?),
-        &opts,
-    )
-    .await
-    .map_err(|e| match unprivileged && needs_superuser(&e.message) {
-        true => Error::failed(format!(
-            "{} (the verifier restores as the unprivileged role {} so that a forged backup cannot run programs or load code; this dump needs a superuser: if nobody but the agent can write to the repository, set verify.restore_as_superuser = true for this source)",
-            e.message,
-            scratch::RESTORER
-        )),
-        false => e,
-    })?;
-    report.timings.restore_seconds = t1.elapsed().as_secs_f64();
-    let t2 = Instant::now();
-    let observed = postgres::observe(&conn.client, fingerprint).await?;
-    report
-        .checks
-        .extend(checks::compare(fingerprint, &observed));
-    report
-        .checks
-        .extend(checks::sql_checks(&conn.client, &source.verify.checks).await);
-    report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
-    Ok(())
-}
-
-/// The extensions the dump creates, from the table of contents at its head (read, then the
-/// stream is dropped). Empty when the head is not an archive: pg_restore will say so.
-async fn dump_extensions(
-    mut plain: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
-) -> Vec<lifeboat::source::postgres::pgdump::ArchiveExtension> {
-    use tokio::io::AsyncReadExt;
-    // A TOC is ~200 bytes per object: this is a million objects.
-    const LIMIT: usize = 256 << 20;
-    let mut head = Vec::new();
-    let mut attempt = 64 << 10;
-    loop {
-        let mut chunk = vec![0u8; 64 << 10];
-        let n = match plain.read(&mut chunk).await {
-            Ok(n) => n,
-            Err(_) => return Vec::new(),
-        };
-        head.extend_from_slice(&chunk[..n]);
-        if n == 0 || head.len() >= attempt {
-            match lifeboat::source::postgres::pgdump::archive_extensions(&head) {
-                Some(Ok(v)) => return v,
-                Some(Err(_)) => return Vec::new(),
-                None if n == 0 || head.len() > LIMIT => return Vec::new(),
-                None => attempt = head.len() * 2,
-            }
-        }
-    }
+fn interrupted() -> Error {
+    Error::new(ErrorKind::Interrupted, "interrupted")
 }
 
 fn timed_out(source: &SourcePolicy) -> Error {
@@ -451,134 +91,4 @@ fn timed_out(source: &SourcePolicy) -> Error {
         "stopped after verify.timeout ({}): the restore or a check did not finish",
         humantime::format_duration(source.verify.timeout)
     ))
-}
-
-/// Returns (an error) when the restore must stop: `deadline` passed, or an ephemeral cluster
-/// grew past `verify.scratch_max_size` or nearly filled its filesystem, which a forged dump
-/// could try and a database too large for the scratch disk would do.
-async fn guard(target: &Target, source: &SourcePolicy, deadline: tokio::time::Instant) -> Error {
-    let dir = match target {
-        Target::Ephemeral(s) => Some(s.dir.clone()),
-        Target::Server { .. } => None,
-    };
-    let max = source.verify.scratch_max_size;
-    // Free space every 100 ms (a restore can write hundreds of MB a second), the directory's
-    // size, a walk over its files, every second.
-    let mut tick = 0u64;
-    loop {
-        tick += 1;
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => return timed_out(source),
-            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-        }
-        let Some(dir) = &dir else { continue };
-        let walk = max.is_some() && tick.is_multiple_of(10);
-        let probe = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || scratch::disk_use(&dir, walk)).await
-        };
-        let Ok(Ok(usage)) = probe else { continue };
-        if let Some(max) = max.filter(|_| walk) {
-            if usage.used > max {
-                return Error::failed(format!(
-                    "stopped: the scratch cluster grew past verify.scratch_max_size ({}); raise it if the database is that large, else the dump tried to fill the disk",
-                    lifeboat::human_bytes(max)
-                ));
-            }
-        }
-        if usage.available < usage.reserve {
-            return Error::failed(format!(
-                "stopped: the scratch filesystem had only {} free (the verifier keeps {} free); free space under TMPDIR or set verify.scratch_max_size",
-                lifeboat::human_bytes(usage.available),
-                lifeboat::human_bytes(usage.reserve)
-            ));
-        }
-    }
-}
-
-/// Whether pg_restore failed for want of a superuser.
-fn needs_superuser(message: &str) -> bool {
-    [
-        "permission denied",
-        "must be superuser",
-        "must be owner",
-        "only superuser",
-        "must have privileges of",
-    ]
-    .iter()
-    .any(|p| message.contains(p))
-}
-
-fn with_dbname(url: &str, db: &str) -> String {
-    if url.contains("://") {
-        let (base, query) = url
-            .split_once('?')
-            .map(|(b, q)| (b, Some(q)))
-            .unwrap_or((url, None));
-        let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-        let host_end = base[scheme_end..]
-            .find('/')
-            .map(|i| scheme_end + i)
-            .unwrap_or(base.len());
-        let mut out = format!("{}/{db}", &base[..host_end]);
-        if let Some(q) = query {
-            out.push('?');
-            out.push_str(q);
-        }
-        out
-    } else {
-        format!("{url} dbname={db}")
-    }
-}
-
-async fn teardown(target: Target) {
-    match target {
-        Target::Ephemeral(s) => s.stop().await,
-        Target::Server { maintenance, db } => {
-            let maint = Postgres::new(maintenance);
-            match maint.connect().await {
-                Ok(conn) => {
-                    let sql = format!(
-                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                        postgres::quote_ident(&db)
-                    );
-                    if let Err(e) = conn.client.batch_execute(&sql).await {
-                        tracing::warn!(database = %db, error = %e, "Could not drop the scratch database; drop it by hand");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(database = %db, error = %e, "Could not reach the scratch server to drop the database; drop it by hand")
-                }
-            }
-        }
-    }
-}
-
-/// A backup's fingerprint, decrypted (its stored SHA-256 checked first) and read as `F`.
-async fn typed_fingerprint<F: serde::de::DeserializeOwned>(
-    repo: &Repository,
-    m: &lifeboat::repo::manifest::Manifest,
-    identities: &Identities,
-) -> Result<F> {
-    serde_json::from_value(restore::fingerprint(repo, m, identities).await?).map_err(|e| {
-        Error::new(
-            ErrorKind::Integrity,
-            format!("fingerprint of {}: {e}", m.id),
-        )
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_dbname;
-
-    #[test]
-    fn dbname_is_replaced_in_both_url_forms() {
-        assert_eq!(
-            with_dbname("postgres://u:p@h:5/postgres?sslmode=disable", "v"),
-            "postgres://u:p@h:5/v?sslmode=disable"
-        );
-        assert_eq!(with_dbname("postgres://u@h", "v"), "postgres://u@h/v");
-        assert_eq!(with_dbname("host=h user=u", "v"), "host=h user=u dbname=v");
-    }
 }

@@ -62,6 +62,10 @@ enum Command {
         /// Download and re-hash every object.
         #[arg(long)]
         read_data: bool,
+        /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file):
+        /// with it, the blobs an objects backup's snapshot names are checked (and re-hashed).
+        #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
+        identity: Option<PathBuf>,
         /// One JSON document on stdout.
         #[arg(long)]
         json: bool,

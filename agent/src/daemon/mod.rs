@@ -402,7 +402,10 @@ impl Agent {
                     self.finished(src, "backup", at, took, Ok(sizes), Some(m.id.clone()), true);
                     let at = self.clock.now();
                     let started = std::time::Instant::now();
-                    let pruned = retention::prune(&repo, &self.policy, src, at, false).await;
+                    let pruned = match retention::plan_prune(&repo, &self.policy, src, at).await {
+                        Ok(plan) => retention::apply_prune(&repo, &self.policy, src, plan).await,
+                        Err(e) => Err(e),
+                    };
                     self.finished(
                         src,
                         "prune",

@@ -349,13 +349,15 @@ where
             r = zstd.write_all(chunk) => r.map_err(PipelineError::Encode)?,
         }
     }
-    if size == 0 {
-        return Err(PipelineError::Empty);
-    }
+    // The producer's verdict first: a pg_dump killed before its first byte is reported as
+    // killed, not as a source that had nothing to say.
     tokio::select! {
         biased;
         _ = cancel.cancelled() => return Err(PipelineError::Cancelled),
         v = verdict => v.map_err(PipelineError::Producer)?,
+    }
+    if size == 0 {
+        return Err(PipelineError::Empty);
     }
     // Only now: finish zstd's frame and the age stream, and hand over the last part.
     zstd.shutdown().await.map_err(PipelineError::Encode)?;

@@ -117,6 +117,28 @@ async fn empty_input_publishes_nothing() {
     assert!(store.list("").await.unwrap().is_empty());
 }
 
+/// A producer killed before its first byte is reported by its exit, not as empty output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_failed_before_any_output_says_so() {
+    let (_dir, store, _id, cfg) = setup();
+    let verdict = async { Err(Error::failed("pg_dump was killed by signal 9")) };
+    let r = run(
+        tokio::io::empty(),
+        verdict,
+        NoObserver,
+        store.clone(),
+        "b/obj".into(),
+        &cfg,
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&r, Err(PipelineError::Producer(e)) if e.message.contains("signal 9")),
+        "{r:?}"
+    );
+    assert!(store.list("").await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_error_mid_stream_publishes_nothing() {
     let (_dir, store, _id, cfg) = setup();

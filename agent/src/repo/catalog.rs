@@ -159,7 +159,7 @@ impl Repository {
     ) -> Result<BTreeMap<(String, String), Verification>> {
         let prefix = match source {
             Some(s) => layout::verifications_prefix(s),
-            None => "verifications/".to_string(),
+            None => layout::all_verifications_prefix(),
         };
         let objects = self
             .store
@@ -169,12 +169,7 @@ impl Repository {
         // Keys sort by verify id, which sorts by time: the last one per backup is the latest.
         let mut latest: BTreeMap<(String, String), String> = BTreeMap::new();
         for o in objects {
-            let mut it = o
-                .key
-                .strip_prefix("verifications/")
-                .unwrap_or("")
-                .splitn(3, '/');
-            if let (Some(s), Some(id), Some(_)) = (it.next(), it.next(), it.next()) {
+            if let Some((s, id)) = layout::parse_verification_key(&o.key) {
                 latest.insert((s.to_string(), id.to_string()), o.key.clone());
             }
         }

@@ -38,9 +38,58 @@ pub fn manifest(source: &str, id: &str) -> String {
     backup_object(source, id, MANIFEST)
 }
 
+/// `verifications/`.
+pub fn all_verifications_prefix() -> String {
+    "verifications/".to_string()
+}
+
 /// `verifications/<source>/`.
 pub fn verifications_prefix(source: &str) -> String {
     format!("verifications/{source}/")
+}
+
+/// `verifications/<source>/<id>/`: every verification report of one backup.
+pub fn backup_verifications_prefix(source: &str, id: &str) -> String {
+    format!("verifications/{source}/{id}/")
+}
+
+/// `verifications/<source>/<id>/<verify-id>.json`.
+pub fn verification(source: &str, id: &str, verify_id: &str) -> String {
+    format!("verifications/{source}/{id}/{verify_id}.json")
+}
+
+/// Splits `verifications/<source>/<id>/<report>` into (source, id).
+pub fn parse_verification_key(key: &str) -> Option<(&str, &str)> {
+    let mut it = key.strip_prefix("verifications/")?.splitn(3, '/');
+    match (it.next(), it.next(), it.next()) {
+        (Some(s), Some(id), Some(_)) => Some((s, id)),
+        _ => None,
+    }
+}
+
+/// `objects/`: every content-addressed blob of objects sources.
+pub fn blobs_prefix() -> String {
+    "objects/".to_string()
+}
+
+/// `objects/<2 hex>/<blob-id>.age`.
+pub fn blob(id: &str) -> String {
+    format!("objects/{}/{id}.age", &id[..2.min(id.len())])
+}
+
+/// `state/<source>/index.age`: an objects source's change index.
+pub fn change_index(source: &str) -> String {
+    format!("state/{source}/index.age")
+}
+
+/// `probe/<random>`: the small object a storage probe writes, reads and deletes.
+pub fn probe() -> String {
+    format!("probe/{}", random_suffix(12))
+}
+
+/// `locks/<name>.json`: a lease.
+pub fn lock(name: &str) -> String {
+    format!("locks/{name}.json")
 }
 
 /// `pins/<source>/`: one empty object per pinned backup id.
@@ -120,5 +169,22 @@ mod tests {
         );
         assert_eq!(parse_backup_key("backups/app-db/"), None);
         assert_eq!(parse_backup_key("objects/ab/cd.age"), None);
+        let v = verification(
+            "app-db",
+            "20261127T031500Z-3fa9c2",
+            "20261127T041500Z-aa11bb",
+        );
+        assert!(v.starts_with(&backup_verifications_prefix(
+            "app-db",
+            "20261127T031500Z-3fa9c2"
+        )));
+        assert!(v.starts_with(&verifications_prefix("app-db")));
+        assert_eq!(
+            parse_verification_key(&v),
+            Some(("app-db", "20261127T031500Z-3fa9c2"))
+        );
+        assert_eq!(parse_verification_key("verifications/app-db/"), None);
+        assert_eq!(blob("ab12cd"), "objects/ab/ab12cd.age");
+        assert!(blob("ab12cd").starts_with(&blobs_prefix()));
     }
 }

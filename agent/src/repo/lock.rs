@@ -49,7 +49,7 @@ fn owner() -> String {
 impl Repository {
     /// Takes the lease `name` for `ttl`; exit 11 when someone else holds it.
     pub async fn lease(&self, name: &str, purpose: &str, ttl: Duration) -> Result<Lease> {
-        let key = format!("locks/{name}.json");
+        let key = super::layout::lock(name);
         for _ in 0..3 {
             let now = Utc::now();
             let doc = LeaseDoc {

@@ -91,8 +91,29 @@ pub trait SourceKind: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
     ) -> Option<SourcePolicy>;
     /// The code that backs this source up.
     fn source(&self, encryption: &EncryptionConfig) -> Box<dyn Source>;
+    /// The verifier's steps for this source's backups (see `verify::Steps`).
+    fn verify_steps(&self) -> Box<dyn crate::verify::Steps>;
     /// Plans the restore of one of this kind's backups (see `restore::Plan`).
     async fn plan_restore(request: &crate::restore::Request<'_>) -> Result<crate::restore::Plan>;
+    /// What `check` reads of one of this kind's backups beyond the objects its manifest names
+    /// (an objects backup's blobs). Most kinds have nothing more.
+    async fn check_more(
+        _ctx: &mut crate::check::Context<'_>,
+        _manifest: &crate::repo::manifest::Manifest,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// What prune collects once backups are gone: content this kind shares between backups
+    /// (objects' blobs) that no published backup but those in `ignoring` (source, id) names.
+    /// Most kinds share nothing.
+    async fn plan_shared_collection(
+        _repo: &crate::repo::Repository,
+        _policy: &crate::policy::Policy,
+        _now: chrono::DateTime<chrono::Utc>,
+        _ignoring: &std::collections::HashSet<(String, String)>,
+    ) -> Result<Option<objects::blobs::CollectionPlan>> {
+        Ok(None)
+    }
 }
 
 /// The one table of kinds: a variant name and the typed settings that implement [`SourceKind`].
@@ -122,6 +143,17 @@ macro_rules! kinds {
             ) -> Result<crate::restore::Plan> {
                 match self {
                     $(Kind::$variant => <$config as SourceKind>::plan_restore(request).await,)+
+                }
+            }
+
+            /// What `check` reads of a backup of this kind beyond its manifest's objects.
+            pub async fn check_more(
+                self,
+                ctx: &mut crate::check::Context<'_>,
+                manifest: &crate::repo::manifest::Manifest,
+            ) -> Result<()> {
+                match self {
+                    $(Kind::$variant => <$config as SourceKind>::check_more(ctx, manifest).await,)+
                 }
             }
 
@@ -188,6 +220,28 @@ macro_rules! kinds {
             pub fn source(&self, encryption: &EncryptionConfig) -> Box<dyn Source> {
                 match self {
                     $(SourceConfig::$variant(c) => c.source(encryption),)+
+                }
+            }
+
+            /// The verifier's steps for this source's backups.
+            pub fn verify_steps(&self) -> Box<dyn crate::verify::Steps> {
+                match self {
+                    $(SourceConfig::$variant(c) => c.verify_steps(),)+
+                }
+            }
+
+            /// What prune collects for this kind once backups are gone (see [`SourceKind`]).
+            pub async fn plan_shared_collection(
+                &self,
+                repo: &crate::repo::Repository,
+                policy: &crate::policy::Policy,
+                now: chrono::DateTime<chrono::Utc>,
+                ignoring: &std::collections::HashSet<(String, String)>,
+            ) -> Result<Option<objects::blobs::CollectionPlan>> {
+                match self {
+                    $(SourceConfig::$variant(_) => {
+                        <$config as SourceKind>::plan_shared_collection(repo, policy, now, ignoring).await
+                    })+
                 }
             }
         }

@@ -68,9 +68,6 @@ fn is_temp(name: &str) -> bool {
     name.starts_with('.') && name.contains(TEMP_MARK)
 }
 
-/// How a write that the disk refused reads (the hint keys on it).
-pub const DISK_FULL: &str = "the repository's disk is full";
-
 fn classify(op: &'static str, key: &str, e: io::Error) -> StoreError {
     match e.kind() {
         io::ErrorKind::NotFound => StoreError::NotFound {
@@ -86,7 +83,11 @@ fn classify(op: &'static str, key: &str, e: io::Error) -> StoreError {
             StoreError::transient(op, key, e.to_string())
         }
         io::ErrorKind::StorageFull | io::ErrorKind::FileTooLarge | io::ErrorKind::QuotaExceeded => {
-            StoreError::permanent(op, key, format!("{e}: {DISK_FULL}"))
+            StoreError::Full {
+                op,
+                key: key.to_string(),
+                message: e.to_string(),
+            }
         }
         _ => StoreError::permanent(op, key, e.to_string()),
     }

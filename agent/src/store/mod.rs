@@ -55,6 +55,16 @@ pub enum StoreError {
         /// What the backend said.
         message: String,
     },
+    /// The storage has no room left (a full disk or quota): retrying will not help.
+    #[error("{op} {key}: {message}: the repository's disk is full")]
+    Full {
+        /// The operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// What the backend said.
+        message: String,
+    },
     /// The operation was cancelled.
     #[error("cancelled")]
     Cancelled,
@@ -101,11 +111,9 @@ impl From<StoreError> for Error {
                     "this server seems to reject checksum headers: set repository.checksums = \"when_required\" (RUNBOOK.md#storage-errors)",
                 )
             }
-            StoreError::Permanent { message, .. } if message.contains(fs::DISK_FULL) => {
-                Error::failed(e.to_string()).hint(
-                    "free space on the repository's disk, or point repository.url elsewhere; nothing was published (RUNBOOK.md#storage-errors)",
-                )
-            }
+            StoreError::Full { .. } => Error::failed(e.to_string()).cause(crate::error::Cause::NoSpace).hint(
+                "free space on the repository's disk, or point repository.url elsewhere; nothing was published (RUNBOOK.md#storage-errors)",
+            ),
             StoreError::Permanent { .. } => Error::failed(e.to_string())
                 .hint("check repository.url, endpoint and region (RUNBOOK.md#storage-errors)"),
             StoreError::Transient { .. } => Error::failed(e.to_string())
@@ -209,7 +217,7 @@ pub async fn open(config: &RepositoryConfig) -> Result<Arc<dyn ObjectStore>, Err
 /// Checks that the store accepts a write, a read and a delete under its root, the operations a
 /// backup needs, and says exactly which failed.
 pub async fn probe(store: &dyn ObjectStore) -> Result<(), Error> {
-    let key = format!("probe/{}", crate::repo::layout::random_suffix(12));
+    let key = crate::repo::layout::probe();
     let payload = Bytes::from_static(b"lifeboat probe\n");
     let place = store.describe();
     let step = |what: &str, e: StoreError| {

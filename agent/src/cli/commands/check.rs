@@ -8,10 +8,12 @@ use lifeboat::{check, Error, Result};
 
 use super::{load, note_unknown_source};
 
+/// Checks, and prints what it found (exit 13 naming every damaged object).
 pub async fn check_cmd(
     path: &Path,
     source: Option<&str>,
     read_data: bool,
+    identity: Option<std::path::PathBuf>,
     json: bool,
 ) -> Result<()> {
     let policy = load(path)?;
@@ -19,7 +21,25 @@ pub async fn check_cmd(
         note_unknown_source(&policy, s);
     }
     let repo = Repository::open(&policy).await?;
-    let report = check::check(&repo, source, read_data).await?;
+    // An identity given here must open; the policy's may be absent where check runs.
+    let mut unread = None;
+    let identities = match (identity, &policy.encryption.identity_file) {
+        (Some(f), _) => Some(lifeboat::pipeline::read_identities(&f)?),
+        (None, Some(f)) => match lifeboat::pipeline::read_identities(f) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                unread = Some(format!("encryption.identity_file not used: {e}"));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let keys = check::Keys {
+        identities,
+        index_key: policy.encryption.index_key.clone(),
+    };
+    let mut report = check::check(&repo, source, read_data, &keys).await?;
+    report.notes.extend(unread);
     if let lifeboat::policy::Location::S3(s3) = &policy.repository.location {
         match (repo.store.lock_enabled().await, s3.object_lock) {
             (Ok(Some(false)), Some(_)) => eprintln!(
@@ -54,6 +74,9 @@ pub async fn check_cmd(
         }
         for u in &report.pending_uploads {
             eprintln!("note: unfinished upload of {u}");
+        }
+        for n in &report.notes {
+            eprintln!("note: {n}");
         }
     }
     report.into_result().map(|r| {

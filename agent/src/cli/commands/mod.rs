@@ -29,8 +29,9 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
             policy,
             source,
             read_data,
+            identity,
             json,
-        } => check::check_cmd(&policy, source.as_deref(), read_data, json).await,
+        } => check::check_cmd(&policy, source.as_deref(), read_data, identity, json).await,
         Command::Policy {
             command:
                 PolicyCommand::Check {

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use lifeboat::repo::Repository;
+use lifeboat::retention;
 use lifeboat::{Error, ErrorKind, Result};
 
 use super::{load, select_source};
@@ -21,7 +22,12 @@ pub async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool)
         .iter()
         .filter(|s| source.is_none_or(|n| n == s.name))
     {
-        match lifeboat::retention::prune(&repo, &policy, src, now, dry_run).await {
+        let pruned = match retention::plan_prune(&repo, &policy, src, now).await {
+            Ok(plan) if dry_run => Ok(plan.report),
+            Ok(plan) => retention::apply_prune(&repo, &policy, src, plan).await,
+            Err(e) => Err(e),
+        };
+        match pruned {
             Ok(r) => {
                 if !json {
                     eprintln!(

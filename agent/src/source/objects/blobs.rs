@@ -47,31 +47,42 @@ pub struct Collection {
     pub skipped: Option<String>,
 }
 
-/// Collects the blobs no published objects backup names, except the backups in `ignoring`
-/// (source, id) — those a dry-run prune would delete.
-pub async fn collect(
+/// A collection, planned: what would go, and the keys to delete.
+#[derive(Debug, Clone, Default)]
+pub struct CollectionPlan {
+    /// What the collection would do.
+    pub summary: Collection,
+    doomed: Vec<String>,
+}
+
+/// Plans the collection of the blobs no published objects backup names, except the backups in
+/// `ignoring` (source, id): those a prune is about to delete. Deletes nothing.
+pub async fn plan(
     repo: &Repository,
     index_key: Option<&Secret>,
     now: DateTime<Utc>,
-    dry_run: bool,
     ignoring: &HashSet<(String, String)>,
-) -> Result<Collection> {
+) -> Result<CollectionPlan> {
     let mut out = Collection::default();
     let stored = repo
         .store
-        .list("objects/")
+        .list(&layout::blobs_prefix())
         .await
         .map_err(|e| Error::from(e).context("listing stored blobs"))?;
     out.stored = stored.len() as u64;
+    let nothing = |summary| CollectionPlan {
+        summary,
+        doomed: Vec::new(),
+    };
     if stored.is_empty() {
-        return Ok(out);
+        return Ok(nothing(out));
     }
     let referenced = match referenced(repo, index_key, ignoring).await? {
         Ok(r) => r,
         Err(why) => {
             tracing::warn!(reason = %why, "Blob collection skipped");
             out.skipped = Some(why);
-            return Ok(out);
+            return Ok(nothing(out));
         }
     };
     out.referenced = referenced.len() as u64;
@@ -111,9 +122,21 @@ pub async fn collect(
         ));
         out.deleted = 0;
         out.deleted_bytes = 0;
-        return Ok(out);
+        return Ok(nothing(out));
     }
-    if dry_run || doomed.is_empty() {
+    Ok(CollectionPlan {
+        summary: out,
+        doomed,
+    })
+}
+
+/// Deletes what `plan` found, under the `blobs` lease checked before every deletion.
+pub async fn apply(repo: &Repository, plan: CollectionPlan) -> Result<Collection> {
+    let CollectionPlan {
+        summary: out,
+        doomed,
+    } = plan;
+    if doomed.is_empty() {
         return Ok(out);
     }
     let mut lease = repo

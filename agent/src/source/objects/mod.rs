@@ -16,8 +16,10 @@
 //!   previous snapshot, fails the run instead of recording a snapshot of nothing.
 
 pub mod blobs;
+pub mod check;
 pub mod policy;
 pub mod restore;
+pub mod verify;
 
 pub use policy::{ObjectsConfig, ObjectsFrom, RawObjectsSource};
 
@@ -106,11 +108,6 @@ pub struct Fingerprint {
 
 /// SHA-256 of no bytes: an empty file needs no blob.
 pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-/// The key of blob `id`.
-pub fn blob_key(id: &str) -> String {
-    format!("objects/{}/{id}.age", &id[..2.min(id.len())])
-}
 
 /// The blob id of content with SHA-256 `sha` (hex), keyed by the index key.
 pub fn blob_id(index_key: &Secret, sha: &str) -> String {
@@ -356,7 +353,7 @@ impl Objects {
                         async { Ok(()) },
                         NoObserver,
                         ctx.store.clone(),
-                        blob_key(&id),
+                        layout::blob(&id),
                         &cfg,
                         ctx.cancel.clone(),
                     )
@@ -389,7 +386,7 @@ impl Objects {
     }
 
     fn index_object(source: &str) -> String {
-        format!("state/{source}/index.age")
+        layout::change_index(source)
     }
 
     /// The change index from the previous run, or an empty one. It is trusted only while the
@@ -959,6 +956,6 @@ mod tests {
         assert_eq!(blob_id(&k1, &sha), blob_id(&k1, &sha));
         assert_ne!(blob_id(&k1, &sha), blob_id(&k2, &sha));
         assert_ne!(blob_id(&k1, &sha), sha, "the id is not the content hash");
-        assert!(blob_key(&blob_id(&k1, &sha)).starts_with("objects/"));
+        assert!(layout::blob(&blob_id(&k1, &sha)).starts_with("objects/"));
     }
 }

@@ -114,10 +114,33 @@ impl SourceKind for ObjectsConfig {
         ))
     }
 
+    fn verify_steps(&self) -> Box<dyn crate::verify::Steps> {
+        Box::new(super::verify::ObjectsSteps::default())
+    }
+
     async fn plan_restore(
         request: &crate::restore::Request<'_>,
     ) -> crate::Result<crate::restore::Plan> {
         super::restore::plan(request).await
+    }
+
+    async fn check_more(
+        ctx: &mut crate::check::Context<'_>,
+        manifest: &crate::repo::manifest::Manifest,
+    ) -> crate::Result<()> {
+        super::check::check_blobs(ctx, manifest).await
+    }
+
+    async fn plan_shared_collection(
+        repo: &crate::repo::Repository,
+        policy: &crate::policy::Policy,
+        now: chrono::DateTime<chrono::Utc>,
+        ignoring: &std::collections::HashSet<(String, String)>,
+    ) -> crate::Result<Option<super::blobs::CollectionPlan>> {
+        let index_key = policy.encryption.index_key.as_ref();
+        Ok(Some(
+            super::blobs::plan(repo, index_key, now, ignoring).await?,
+        ))
     }
 }
 

@@ -11,8 +11,9 @@ use serde::Serialize;
 use sha2::Digest;
 use tokio::io::AsyncReadExt;
 
-use super::{blob_key, decode_snapshot, Entry, EntryKind};
+use super::{decode_snapshot, Entry, EntryKind};
 use crate::error::{Error, ErrorKind, Result};
+use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Role};
 use crate::repo::Repository;
 use crate::restore::{part, spool, Progress};
@@ -109,7 +110,7 @@ pub async fn fetch_blob(
     out: &mut (dyn tokio::io::AsyncWrite + Send + Unpin),
 ) -> Result<u64> {
     use tokio::io::AsyncWriteExt;
-    let key = blob_key(id);
+    let key = layout::blob(id);
     let reader = store.open(&key).await.map_err(|e| match e {
         store::StoreError::NotFound { .. } => Error::new(
             ErrorKind::Integrity,

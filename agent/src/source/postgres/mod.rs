@@ -7,10 +7,13 @@
 //! counts from catalog queries inside the snapshot, so the fingerprint adds no table scans.
 //! Passwords reach pg_dump through a 0600 passfile named by PGPASSFILE, never argv or logs.
 
+pub mod checks;
 pub mod globals;
 pub mod pgdump;
 pub mod policy;
 pub mod restore;
+pub mod scratch;
+pub mod verify;
 
 pub use policy::{FingerprintMode, PostgresConfig, RawPostgresSource};
 
@@ -618,18 +621,21 @@ impl Postgres {
         if opts.single_transaction && opts.jobs <= 1 {
             args.push("--single-transaction".into());
         }
-        match input {
+        let ran = match input {
             RestoreInput::Stream(reader) => {
-                child::run_with_input(&tool, &args, &env, "pg_restore".into(), Some(reader))
-                    .await?;
+                child::run_with_input(&tool, &args, &env, "pg_restore".into(), Some(reader)).await
             }
             RestoreInput::File(path) => {
                 args.push(format!("--jobs={}", opts.jobs.max(1)).into());
                 args.push(path.into_os_string());
-                child::run_with_input(&tool, &args, &env, "pg_restore".into(), None).await?;
+                child::run_with_input(&tool, &args, &env, "pg_restore".into(), None).await
             }
-        }
-        Ok(())
+        };
+        ran.map(drop)
+            .map_err(|e| match needs_superuser(&e.message) {
+                true => e.cause(crate::error::Cause::NeedsSuperuser),
+                false => e,
+            })
     }
 
     /// Replays a globals script (roles) into the server `conn` points at, statement by statement
@@ -660,6 +666,19 @@ impl Postgres {
         let text = String::from_utf8_lossy(&text);
         Ok(globals::replay(&conn.client, &text, protected, parameters).await)
     }
+}
+
+/// Whether pg_restore's error output says it lacked a superuser's powers.
+fn needs_superuser(stderr: &str) -> bool {
+    [
+        "permission denied",
+        "must be superuser",
+        "must be owner",
+        "only superuser",
+        "must have privileges of",
+    ]
+    .iter()
+    .any(|p| stderr.contains(p))
 }
 
 fn tool_major(version: &str) -> Option<u32> {

@@ -100,6 +100,10 @@ impl SourceKind for PostgresConfig {
         Box::new(super::Postgres::new(self.clone()))
     }
 
+    fn verify_steps(&self) -> Box<dyn crate::verify::Steps> {
+        Box::new(super::verify::PostgresSteps::new(self.clone()))
+    }
+
     async fn plan_restore(
         request: &crate::restore::Request<'_>,
     ) -> crate::Result<crate::restore::Plan> {

@@ -17,6 +17,7 @@ pub mod load;
 pub mod policy;
 pub mod rdb;
 pub mod restore;
+pub mod verify;
 
 pub use policy::{RawRedisSource, RedisCapture, RedisConfig, RedisEndpoint, RedisMode};
 

@@ -124,6 +124,10 @@ impl SourceKind for RedisConfig {
         Box::new(super::Redis::new(self.clone()))
     }
 
+    fn verify_steps(&self) -> Box<dyn crate::verify::Steps> {
+        Box::new(super::verify::RedisSteps::new(self.clone()))
+    }
+
     async fn plan_restore(
         request: &crate::restore::Request<'_>,
     ) -> crate::Result<crate::restore::Plan> {

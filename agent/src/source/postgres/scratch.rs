@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lifeboat::policy::Secret;
-use lifeboat::source::postgres::{FingerprintMode, PostgresConfig};
-use lifeboat::{Error, Result};
+use super::{FingerprintMode, PostgresConfig};
+use crate::error::{Error, Result};
+use crate::policy::Secret;
 use tokio::process::{Child, ChildStdin, Command};
 
 /// The scratch cluster's bootstrap superuser: the verifier's own connections.
@@ -342,7 +342,7 @@ impl Scratch {
         loop {
             if socket.exists() {
                 let cfg = self.config("postgres");
-                let pg = lifeboat::source::postgres::Postgres::new(cfg);
+                let pg = super::Postgres::new(cfg);
                 if pg.connect().await.is_ok() {
                     return Ok(());
                 }
@@ -389,7 +389,7 @@ impl Scratch {
     /// default privileges that name them restore, and may bypass row security to read every row.
     /// Returns a note for the report when a replayed role lost a power.
     pub async fn lock_down(&self, client: &tokio_postgres::Client) -> Result<Vec<String>> {
-        let ident = lifeboat::source::postgres::quote_ident;
+        let ident = super::quote_ident;
         client
             .batch_execute(&format!(
                 "CREATE ROLE {} LOGIN BYPASSRLS; ALTER ROLE ALL RESET ALL",
@@ -481,7 +481,7 @@ impl Scratch {
     pub async fn precreate_extensions(
         &self,
         db: &str,
-        wanted: &[lifeboat::source::postgres::pgdump::ArchiveExtension],
+        wanted: &[super::pgdump::ArchiveExtension],
     ) -> Result<Vec<String>> {
         const NEVER: &[&str] = &[
             "adminpack",
@@ -503,9 +503,7 @@ impl Scratch {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let conn = lifeboat::source::postgres::Postgres::new(self.config(db))
-            .connect()
-            .await?;
+        let conn = super::Postgres::new(self.config(db)).connect().await?;
         let untrusted = conn
             .client
             .query(
@@ -516,7 +514,7 @@ impl Scratch {
             )
             .await
             .map_err(|e| failed("listing extensions", e))?;
-        let ident = lifeboat::source::postgres::quote_ident;
+        let ident = super::quote_ident;
         let mut created = Vec::new();
         for row in untrusted {
             let name: String = row.get(0);
@@ -524,8 +522,8 @@ impl Scratch {
                 "CREATE EXTENSION {} WITH SCHEMA public; \
                  UPDATE pg_catalog.pg_extension SET extowner = {}::regrole WHERE extname = {}",
                 ident(&name),
-                lifeboat::source::postgres::quote_literal(RESTORER),
-                lifeboat::source::postgres::quote_literal(&name),
+                super::quote_literal(RESTORER),
+                super::quote_literal(&name),
             );
             conn.client
                 .batch_execute(&sql)

@@ -1,54 +1,11 @@
 //! Comparing a restored database with the fingerprint taken at backup time, and running the
 //! policy's own SQL assertions. Every comparison becomes a [`Check`] with expected and found.
 
-use lifeboat::policy::SqlCheck;
-use lifeboat::source::postgres::{Fingerprint, Observed};
-use serde::Serialize;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-/// One check's outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Check {
-    /// What was checked.
-    pub name: String,
-    /// Whether it held.
-    pub passed: bool,
-    /// What the backup (or the policy) says.
-    pub expected: String,
-    /// What the restored database holds.
-    pub found: String,
-}
-
-impl Check {
-    /// A check that passed when `expected == found`.
-    pub fn eq(
-        name: impl Into<String>,
-        expected: impl Into<String>,
-        found: impl Into<String>,
-    ) -> Check {
-        let (expected, found) = (expected.into(), found.into());
-        Check {
-            name: name.into(),
-            passed: expected == found,
-            expected,
-            found,
-        }
-    }
-
-    /// A check that failed outright.
-    pub fn failed(
-        name: impl Into<String>,
-        expected: impl Into<String>,
-        found: impl Into<String>,
-    ) -> Check {
-        Check {
-            name: name.into(),
-            passed: false,
-            expected: expected.into(),
-            found: found.into(),
-        }
-    }
-}
+use super::{Fingerprint, Observed};
+use crate::policy::SqlCheck;
+use crate::verify::Check;
 
 fn rows_and_hash(rows: u64, hash: &Option<String>) -> String {
     match hash {
@@ -186,7 +143,7 @@ pub async fn sql_checks(client: &Client, checks: &[SqlCheck]) -> Vec<Check> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lifeboat::source::postgres::pgdump::{DumpSummary, SequenceValue, TableData};
+    use crate::source::postgres::pgdump::{DumpSummary, SequenceValue, TableData};
     use std::collections::BTreeMap;
 
     fn table(name: &str, rows: u64, hash: &str) -> TableData {
@@ -203,8 +160,8 @@ mod tests {
     fn every_difference_is_a_failed_check_with_expected_and_found() {
         let expected = Fingerprint {
             format: 1,
-            kind: lifeboat::source::Kind::Postgres,
-            mode: lifeboat::source::postgres::FingerprintMode::Full,
+            kind: crate::source::Kind::Postgres,
+            mode: crate::source::postgres::FingerprintMode::Full,
             database: Some("app".into()),
             server_version: "15".into(),
             objects: BTreeMap::from([("views".to_string(), 2)]),

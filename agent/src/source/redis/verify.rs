@@ -1,7 +1,5 @@
-//! Verifying a Redis backup: integrity first, then `redis-check-rdb`, then an ephemeral
-//! `redis-server` that loads the snapshot, compared with the fingerprint taken at capture.
+//! Verifying a Redis backup, the steps the verifier's skeleton runs:
 //!
-//! Order and guarantees:
 //! 1. The snapshot object is downloaded to a spool file and its SHA-256 checked against the
 //!    manifest (exit 13) before anything is decrypted; the fingerprint too.
 //! 2. The plaintext is written into the scratch server's temp dir, its SHA-256 checked at its end.
@@ -9,83 +7,93 @@
 //! 4. The scratch server loads it as a replica of nothing, so keys whose TTL ran out since the
 //!    capture are kept and the counts must match exactly: keys and expiries per database. Then a
 //!    sample of keys of every type is read back: type and length.
-//! 5. The scratch server and its directory are removed, whatever happened; the report is stored.
+//! 5. The scratch server and its directory are removed, whatever happened.
 
 use std::time::Instant;
 
-use lifeboat::repo::catalog::Entry;
-use lifeboat::repo::Repository;
-use lifeboat::source::redis::load::{self as redis_load, Scratch, Target};
-use lifeboat::source::redis::Fingerprint;
-use lifeboat::source::redis::RedisConfig;
-use lifeboat::{Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
+use async_trait::async_trait;
 
-use crate::checks::Check;
-use crate::report::Report;
-use crate::verify::{conclude, new_report, spool_and_fingerprint, Identities};
+use super::load::{self as redis_load, Scratch, Target};
+use super::{Fingerprint, RedisConfig};
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::manifest::Role;
+use crate::restore::Spooled;
+use crate::verify::{spool_and_fingerprint, Check, Context, Report, Steps, Verdict};
 
-/// Verifies `entry` of a Redis source.
-pub async fn verify(
-    repo: &Repository,
-    cfg: &RedisConfig,
-    entry: &Entry,
-    identities: &Identities,
-    cancel: &CancellationToken,
-) -> Result<Report> {
-    let (report, t0) = new_report(entry);
-    let (mut report, spooled, fingerprint): (_, _, Fingerprint) = spool_and_fingerprint(
-        repo,
-        entry,
-        lifeboat::repo::manifest::Role::Snapshot,
-        identities,
-        cancel,
-        report,
-    )
-    .await?;
-    report.timings.download_seconds = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let started = async {
-        let plain = spooled.plaintext(identities).await?;
-        Scratch::start(cfg.bin_dir.as_deref(), plain, true).await
-    };
-    let scratch = tokio::select! {
-        r = started => r,
-        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
-    };
-    let scratch = match scratch {
-        Ok(s) => s,
-        Err(e) if e.kind == ErrorKind::Interrupted => return Err(e),
-        Err(e) => {
-            // A snapshot that does not load is a failed verification, not a failure to verify.
-            report.checks.push(Check::failed(
-                "loads into redis-server",
-                "loads",
-                e.message.clone(),
-            ));
-            report.error = Some(e.message);
-            return conclude(repo, report, t0).await;
-        }
-    };
-    report.timings.restore_seconds = t1.elapsed().as_secs_f64();
-    report.scratch = format!("ephemeral redis-server ({})", scratch.bin.display());
-    let t2 = Instant::now();
-    let outcome = tokio::select! {
-        r = check(&scratch, cfg, &fingerprint, &mut report) => r,
-        _ = cancel.cancelled() => Err(Error::new(ErrorKind::Interrupted, "interrupted")),
-    };
-    scratch.stop().await;
-    drop(spooled);
-    report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
-    if let Err(e) = outcome {
-        if e.kind == ErrorKind::Interrupted {
-            return Err(e);
-        }
-        report.error = Some(e.message);
-    }
-    conclude(repo, report, t0).await
+/// The Redis steps, and what they found.
+pub struct RedisSteps {
+    config: RedisConfig,
+    spooled: Option<(Spooled, Fingerprint)>,
+    scratch: Option<Scratch>,
 }
 
+impl RedisSteps {
+    /// Steps for a source with these settings.
+    pub fn new(config: RedisConfig) -> Self {
+        RedisSteps {
+            config,
+            spooled: None,
+            scratch: None,
+        }
+    }
+}
+
+#[async_trait(?Send)]
+impl Steps for RedisSteps {
+    fn restore_check(&self) -> (&'static str, &'static str) {
+        ("loads into redis-server", "loads")
+    }
+
+    async fn prepare(&mut self, ctx: &Context<'_>, report: &mut Report) -> Result<()> {
+        let t0 = Instant::now();
+        self.spooled = Some(spool_and_fingerprint(ctx, Role::Snapshot).await?);
+        report.timings.download_seconds = t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    async fn restore_and_check(
+        &mut self,
+        ctx: &Context<'_>,
+        report: &mut Report,
+    ) -> Result<Verdict> {
+        let Some((spooled, fingerprint)) = &self.spooled else {
+            return Err(Error::failed(
+                "verification steps out of order: nothing prepared",
+            ));
+        };
+        let t1 = Instant::now();
+        let started = async {
+            let plain = spooled.plaintext(ctx.identities).await?;
+            Scratch::start(self.config.bin_dir.as_deref(), plain, true).await
+        };
+        let scratch = match started.await {
+            Ok(s) => self.scratch.insert(s),
+            Err(e) if e.kind == ErrorKind::Interrupted => return Err(e),
+            // A snapshot that does not load is a failed verification, not a failure to verify.
+            Err(e) => return Ok(Verdict::RestoreFailed(e)),
+        };
+        report.timings.restore_seconds = t1.elapsed().as_secs_f64();
+        report.scratch = format!("ephemeral redis-server ({})", scratch.bin.display());
+        let t2 = Instant::now();
+        let outcome = check(scratch, &self.config, fingerprint, report).await;
+        report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => {}
+            Err(e) if e.kind == ErrorKind::Interrupted => return Err(e),
+            Err(e) => report.error = Some(e.message),
+        }
+        Ok(Verdict::Checked)
+    }
+
+    async fn teardown(&mut self) {
+        if let Some(s) = self.scratch.take() {
+            s.stop().await;
+        }
+        self.spooled = None;
+    }
+}
+
+/// The loaded snapshot against the fingerprint: redis-check-rdb, key counts, sampled keys.
 async fn check(
     scratch: &Scratch,
     cfg: &RedisConfig,
@@ -151,7 +159,7 @@ async fn check(
 }
 
 /// Reads one sampled key: its type, and its length where the capture recorded it.
-async fn read_back(target: &Target, k: &lifeboat::source::redis::rdb::SampleKey) -> Result<Check> {
+async fn read_back(target: &Target, k: &super::rdb::SampleKey) -> Result<Check> {
     let key = hex::decode(&k.key_hex).map_err(|e| {
         Error::new(
             ErrorKind::Integrity,

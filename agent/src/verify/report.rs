@@ -3,11 +3,54 @@
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use lifeboat::repo::Repository;
-use lifeboat::{Error, Result};
 use serde::Serialize;
 
-use crate::checks::Check;
+use crate::error::{Error, Result};
+use crate::repo::Repository;
+
+/// One check's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it held.
+    pub passed: bool,
+    /// What the backup (or the policy) says.
+    pub expected: String,
+    /// What the restored database holds.
+    pub found: String,
+}
+
+impl Check {
+    /// A check that passed when `expected == found`.
+    pub fn eq(
+        name: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> Check {
+        let (expected, found) = (expected.into(), found.into());
+        Check {
+            name: name.into(),
+            passed: expected == found,
+            expected,
+            found,
+        }
+    }
+
+    /// A check that failed outright.
+    pub fn failed(
+        name: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> Check {
+        Check {
+            name: name.into(),
+            passed: false,
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+}
 
 /// How long each phase took; `total_seconds` is the measured RTO.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -56,10 +99,7 @@ pub struct Report {
 impl Report {
     /// Stores the report in the repository and returns its key.
     pub async fn store(&self, repo: &Repository) -> Result<String> {
-        let key = format!(
-            "verifications/{}/{}/{}.json",
-            self.source, self.backup_id, self.verify_id
-        );
+        let key = crate::repo::layout::verification(&self.source, &self.backup_id, &self.verify_id);
         let body = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::failed(format!("cannot encode the report: {e}")))?;
         repo.store

@@ -1,45 +1,70 @@
-//! Verifying an objects backup: the snapshot's integrity first, then every blob it names is
-//! downloaded, decrypted and re-hashed against the snapshot, and the tree's hash against the
-//! fingerprint taken at capture. Nothing is written anywhere but the report.
+//! Verifying an objects backup, the steps the verifier's skeleton runs: the snapshot's integrity
+//! first, then every blob it names is downloaded, decrypted and re-hashed against the snapshot,
+//! and the tree's hash against the fingerprint taken at capture. Nothing is written anywhere but
+//! the report.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use lifeboat::repo::catalog::Entry;
-use lifeboat::repo::Repository;
-use lifeboat::source::objects::{self, EntryKind, Fingerprint};
-use lifeboat::{Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
+use async_trait::async_trait;
 
-use crate::checks::Check;
-use crate::report::Report;
-use crate::verify::{conclude, fail_and_store, new_report, spool_and_fingerprint, Identities};
+use super::{EntryKind, Fingerprint};
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::manifest::{Manifest, Role};
+use crate::repo::Repository;
+use crate::verify::{spool_and_fingerprint, Check, Context, Report, Steps, Verdict};
 
-/// Verifies `entry` of an objects source.
-pub async fn verify(
-    repo: &Repository,
-    cover_days: Option<u32>,
-    index_key: Option<&lifeboat::policy::Secret>,
-    entry: &Entry,
-    identities: &Identities,
-    cancel: &CancellationToken,
-) -> Result<Report> {
-    let (mut report, t0) = new_report(entry);
-    report.scratch = "none: blobs are re-hashed in memory".into();
-    let (mut report, spooled, fp): (_, _, Fingerprint) = spool_and_fingerprint(
-        repo,
-        entry,
-        lifeboat::repo::manifest::Role::Snapshot,
-        identities,
-        cancel,
-        report,
-    )
-    .await?;
-    let entries = match objects::restore::read_snapshot(&spooled, identities).await {
-        Ok(e) => e,
-        Err(e) => return Err(fail_and_store(repo, report, e).await),
-    };
-    report.timings.download_seconds = t0.elapsed().as_secs_f64();
+/// The objects steps, and what they found.
+#[derive(Default)]
+pub struct ObjectsSteps {
+    snapshot: Option<(Vec<super::Entry>, Fingerprint)>,
+}
+
+#[async_trait(?Send)]
+impl Steps for ObjectsSteps {
+    fn restore_check(&self) -> (&'static str, &'static str) {
+        ("blobs re-hashed", "every blob matches")
+    }
+
+    async fn prepare(&mut self, ctx: &Context<'_>, report: &mut Report) -> Result<()> {
+        let t0 = Instant::now();
+        report.scratch = "none: blobs are re-hashed in memory".into();
+        let (spooled, fp): (_, Fingerprint) = spool_and_fingerprint(ctx, Role::Snapshot).await?;
+        let entries = super::restore::read_snapshot(&spooled, ctx.identities).await?;
+        report.timings.download_seconds = t0.elapsed().as_secs_f64();
+        self.snapshot = Some((entries, fp));
+        Ok(())
+    }
+
+    async fn restore_and_check(
+        &mut self,
+        ctx: &Context<'_>,
+        report: &mut Report,
+    ) -> Result<Verdict> {
+        let Some((entries, fp)) = &self.snapshot else {
+            return Err(Error::failed(
+                "verification steps out of order: nothing prepared",
+            ));
+        };
+        rehash(ctx, entries, fp, report).await
+    }
+
+    async fn teardown(&mut self) {
+        self.snapshot = None;
+    }
+}
+
+/// Every blob the snapshot names (or the day's share of them) re-hashed, the snapshot's counts
+/// and tree hash against the fingerprint, and its blob list against the snapshot.
+async fn rehash(
+    ctx: &Context<'_>,
+    entries: &[super::Entry],
+    fp: &Fingerprint,
+    report: &mut Report,
+) -> Result<Verdict> {
+    let (repo, identities) = (ctx.repo, ctx.identities);
+    let cover_days = ctx.source.verify.cover_days;
+    let index_key = ctx.policy.encryption.index_key.as_ref();
     let files = entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64;
     report.checks.push(Check::eq(
         "files in the snapshot",
@@ -49,7 +74,7 @@ pub async fn verify(
     report.checks.push(Check::eq(
         "tree SHA-256",
         fp.tree_sha256.clone(),
-        objects::tree_sha256(&entries),
+        super::tree_sha256(entries),
     ));
     // Each distinct blob once, with the content hash the snapshot expects of it.
     let all: BTreeMap<&str, &str> = entries
@@ -59,7 +84,7 @@ pub async fn verify(
     // The blob list is what blob collection keeps: it must name every blob the snapshot needs.
     match index_key {
         Some(key) => {
-            let check = blob_list_check(repo, &entry.manifest, key, &all).await;
+            let check = blob_list_check(repo, &ctx.entry.manifest, key, &all).await;
             report.checks.push(check);
         }
         None => report
@@ -92,15 +117,12 @@ pub async fn verify(
     let t1 = Instant::now();
     let mut failed = Vec::new();
     for (id, sha) in &blobs {
-        if cancel.is_cancelled() {
-            return Err(Error::new(ErrorKind::Interrupted, "interrupted"));
-        }
         let mut sink = tokio::io::sink();
         if let Err(e) =
-            objects::restore::fetch_blob(repo.store.as_ref(), id, sha, identities, &mut sink).await
+            super::restore::fetch_blob(repo.store.as_ref(), id, sha, identities, &mut sink).await
         {
             if e.kind == ErrorKind::Credential {
-                return Err(fail_and_store(repo, report, e).await);
+                return Err(e);
             }
             failed.push(e.message);
         }
@@ -115,33 +137,29 @@ pub async fn verify(
         // Damaged stored content is an integrity failure (exit 13), as for any other object.
         let e = Error::new(ErrorKind::Integrity, failed.join("\n  "))
             .hint("restore from another backup; the damaged blobs are named above (RUNBOOK.md#integrity-failure)");
-        return Err(fail_and_store(repo, report, e).await);
+        return Err(e);
     }
     report
         .checks
         .push(Check::eq("blobs re-hashed", want.clone(), want));
-    conclude(repo, report, t0).await
+    Ok(Verdict::Checked)
 }
 
 /// The backup's blob list against the blobs its snapshot names.
 async fn blob_list_check(
     repo: &Repository,
-    m: &lifeboat::repo::manifest::Manifest,
-    key: &lifeboat::policy::Secret,
+    m: &Manifest,
+    key: &crate::policy::Secret,
     all: &BTreeMap<&str, &str>,
 ) -> Check {
     let name = "blob list names every blob of the snapshot";
     let want = format!("{} blobs", all.len());
-    let Some(part) = m
-        .parts
-        .iter()
-        .find(|p| p.role == lifeboat::repo::manifest::Role::BlobList)
-    else {
+    let Some(part) = m.parts.iter().find(|p| p.role == Role::BlobList) else {
         return Check::failed(name, want, "no blob list in the manifest".to_string());
     };
-    let object = lifeboat::repo::layout::backup_object(&m.source, &m.id, &part.name);
+    let object = crate::repo::layout::backup_object(&m.source, &m.id, &part.name);
     let listed = match repo.store.get(&object).await {
-        Ok(bytes) => objects::parse_blob_list(key, &bytes),
+        Ok(bytes) => super::parse_blob_list(key, &bytes),
         Err(e) => Err(e.to_string()),
     };
     match listed {
