@@ -974,3 +974,79 @@ impl Proxy {
         Proxy { port }
     }
 }
+
+/// Builds a policy file: a repository, a recipient, defaults, and sources, instead of TOML
+/// pasted into each test.
+pub struct PolicyBuilder {
+    repository: String,
+    recipient: String,
+    index_key: bool,
+    defaults: String,
+    sources: Vec<String>,
+}
+
+impl PolicyBuilder {
+    /// A policy with the local repository `./repo` (relative to where lifeboat runs).
+    pub fn new(recipient: &str) -> PolicyBuilder {
+        PolicyBuilder {
+            repository: "url = \"file://./repo\"".into(),
+            recipient: recipient.into(),
+            index_key: false,
+            defaults: "retention = { keep_last = 3 }\ncompression = { level = 3, workers = 0 }"
+                .into(),
+            sources: Vec::new(),
+        }
+    }
+
+    /// Sets `[repository]`'s lines.
+    pub fn repository(mut self, lines: &str) -> Self {
+        self.repository = lines.into();
+        self
+    }
+
+    /// Adds `encryption.index_key = "${LIFEBOAT_INDEX_KEY}"` (objects sources need it); see
+    /// [`index_key_env`].
+    pub fn index_key(mut self) -> Self {
+        self.index_key = true;
+        self
+    }
+
+    /// Adds a `[[sources]]` table named `name` of `kind`, with `fields` (TOML lines).
+    pub fn source(mut self, name: &str, kind: &str, fields: &str) -> Self {
+        self.sources.push(format!(
+            "[[sources]]\nname = \"{name}\"\nkind = \"{kind}\"\n{fields}\n"
+        ));
+        self
+    }
+
+    /// The policy's text.
+    pub fn text(&self) -> String {
+        let index_key = if self.index_key {
+            "index_key = \"${LIFEBOAT_INDEX_KEY}\"\n"
+        } else {
+            ""
+        };
+        format!(
+            "[repository]\n{}\n\n[encryption]\nrecipients = [\"{}\"]\n{index_key}\n[defaults]\n{}\n\n{}",
+            self.repository,
+            self.recipient,
+            self.defaults,
+            self.sources.join("\n")
+        )
+    }
+
+    /// Writes it into `dir` and returns its path.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let p = dir.join(format!("policy-{}.toml", suffix()));
+        std::fs::write(&p, self.text()).expect("write policy");
+        p
+    }
+}
+
+/// The environment a policy with [`PolicyBuilder::index_key`] needs.
+pub fn index_key_env() -> Vec<(String, String)> {
+    vec![(
+        "LIFEBOAT_INDEX_KEY".into(),
+        "0123456789abcdef0123456789abcdef-conformance".into(),
+    )]
+}

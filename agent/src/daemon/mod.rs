@@ -453,7 +453,55 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
     })?;
     tracing::info!(listen = %listen, sources = agent.policy.sources.len(), "Agent started");
 
-    // Housekeeping that must not stop the agent: S3 may be down right now.
+    sweep_on_start(&agent).await;
+
+    let http_stop = CancellationToken::new();
+    let server = {
+        let stop = http_stop.clone();
+        let app = http::router(agent.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(agent.policy.agent.max_concurrent));
+    let runs_cancel = CancellationToken::new();
+    for idx in 0..agent.policy.sources.len() {
+        tracker.spawn(source_loop(
+            agent.clone(),
+            idx,
+            shutdown.clone(),
+            runs_cancel.clone(),
+            slots.clone(),
+        ));
+    }
+    // Objectives age as time passes, even without runs.
+    tracker.spawn(objectives_loop(agent.clone(), shutdown.clone()));
+    tracker.close();
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = %humantime::format_duration(grace), "Shutting down: no new runs; waiting for running ones");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("Grace period over: cancelling running backups (uploads are aborted)");
+        runs_cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(60), tracker.wait()).await;
+    }
+    http_stop.cancel();
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+    }
+    tracing::info!("Agent stopped");
+    Ok(())
+}
+
+/// Aborts uploads left by a process that died (kill -9, OOM); never stops the agent: S3 may be
+/// down right now.
+async fn sweep_on_start(agent: &Agent) {
     match agent.repo().await {
         Ok(repo) => {
             // No run outlives its source's timeout (it is cancelled and its upload aborted), so
@@ -477,133 +525,109 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
             tracing::error!(error = %e.message, "The repository is not reachable; runs will fail until it is")
         }
     }
+}
 
-    let http_stop = CancellationToken::new();
-    let server = {
-        let stop = http_stop.clone();
-        let app = http::router(agent.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
+/// One source's schedule: a catch-up run at start if asked and due, then every tick, each run
+/// waiting for a free slot.
+async fn source_loop(
+    agent: Arc<Agent>,
+    idx: usize,
+    shutdown: CancellationToken,
+    runs_cancel: CancellationToken,
+    slots: Arc<Semaphore>,
+) {
+    let src = &agent.policy.sources[idx];
+    agent.refresh(src).await;
+    let Some(schedule) = &src.schedule else {
+        tracing::info!(source = %src.name, "No schedule: this source only runs with `lifeboat backup`");
+        return;
     };
-
-    let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(agent.policy.agent.max_concurrent));
-    let runs_cancel = CancellationToken::new();
-    for idx in 0..agent.policy.sources.len() {
-        let (agent, shutdown, runs_cancel, slots) = (
-            agent.clone(),
-            shutdown.clone(),
-            runs_cancel.clone(),
-            slots.clone(),
-        );
-        tracker.spawn(async move {
-            let src = &agent.policy.sources[idx];
-            agent.refresh(src).await;
-            let Some(schedule) = &src.schedule else {
-                tracing::info!(source = %src.name, "No schedule: this source only runs with `lifeboat backup`");
-                return;
-            };
-            let cron = match Cron::parse(&schedule.expression) {
-                Ok(c) => c,
-                Err(e) => {
-                    agent.alive.store(false, Ordering::Relaxed);
-                    tracing::error!(source = %src.name, error = %e.message, "Cannot schedule");
-                    return;
-                }
-            };
-            let tz = agent.policy.timezone;
-            if src.run_on_start {
-                let newest = agent.status_snapshot().get(&src.name).and_then(|s| s.newest_backup.clone());
-                let interval = cron.interval(&tz, agent.clock.now()).unwrap_or_default();
-                let stale = newest.is_none_or(|(_, t)| (agent.clock.now() - t).to_std().map(|a| a > interval).unwrap_or(false));
-                if stale {
-                    tracing::info!(source = %src.name, "Newest backup is older than the schedule's interval: backing up now");
-                    if let Ok(_permit) = slots.acquire().await {
-                        agent.run_source(src, &shutdown, &runs_cancel).await;
+    let cron = match Cron::parse(&schedule.expression) {
+        Ok(c) => c,
+        Err(e) => {
+            agent.alive.store(false, Ordering::Relaxed);
+            tracing::error!(source = %src.name, error = %e.message, "Cannot schedule");
+            return;
+        }
+    };
+    let tz = agent.policy.timezone;
+    if src.run_on_start {
+        let newest = agent
+            .status_snapshot()
+            .get(&src.name)
+            .and_then(|s| s.newest_backup.clone());
+        let interval = cron.interval(&tz, agent.clock.now()).unwrap_or_default();
+        let stale = newest.is_none_or(|(_, t)| {
+            (agent.clock.now() - t)
+                .to_std()
+                .map(|a| a > interval)
+                .unwrap_or(false)
+        });
+        if stale {
+            tracing::info!(source = %src.name, "Newest backup is older than the schedule's interval: backing up now");
+            if let Ok(_permit) = slots.acquire().await {
+                agent.run_source(src, &shutdown, &runs_cancel).await;
+            }
+        }
+    }
+    let jitter = schedule::jitter(src.jitter, &agent.pod, &src.name);
+    let name = src.name.clone();
+    schedule_loop(
+        agent.clock,
+        &cron,
+        tz,
+        jitter,
+        &shutdown,
+        |t| {
+            agent.telemetry.next_run(&name, t);
+            agent.update(&name, |s| s.next_run = Some(t));
+        },
+        |n| agent.telemetry.skipped(&name, n),
+        |tick| {
+            let (agent, slots, shutdown, runs_cancel) = (&agent, &slots, &shutdown, &runs_cancel);
+            async move {
+                let permit = tokio::select! {
+                    p = slots.acquire() => p.ok(),
+                    _ = shutdown.cancelled() => None,
+                };
+                if let Some(_permit) = permit {
+                    if agent.claim_slot(src, tick).await {
+                        agent.run_source(src, shutdown, runs_cancel).await;
                     }
                 }
             }
-            let jitter = schedule::jitter(src.jitter, &agent.pod, &src.name);
-            let name = src.name.clone();
-            schedule_loop(
-                agent.clock,
-                &cron,
-                tz,
-                jitter,
-                &shutdown,
-                |t| {
-                    agent.telemetry.next_run(&name, t);
-                    agent.update(&name, |s| s.next_run = Some(t));
-                },
-                |n| agent.telemetry.skipped(&name, n),
-                |tick| {
-                    let (agent, slots, shutdown, runs_cancel) = (&agent, &slots, &shutdown, &runs_cancel);
-                    async move {
-                    let permit = tokio::select! {
-                        p = slots.acquire() => p.ok(),
-                        _ = shutdown.cancelled() => None,
-                    };
-                    if let Some(_permit) = permit {
-                        if agent.claim_slot(src, tick).await {
-                            agent.run_source(src, shutdown, runs_cancel).await;
-                        }
-                    }
-                    }
-                },
-            )
-            .await;
-        });
-    }
-    // Objectives age as time passes, even without runs.
-    {
-        let (agent, shutdown) = (agent.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                }
-                for src in &agent.policy.sources {
-                    // The verifier runs elsewhere and the agent re-reads the repository after its
-                    // own runs only: a run waiting to retry, or no schedule at all, would leave
-                    // a newer verification unseen. Look again before calling an RPO breached.
-                    let st = agent
-                        .status_snapshot()
-                        .remove(&src.name)
-                        .unwrap_or_default();
-                    if rpo_lapsed(
-                        src.objectives.rpo,
-                        st.newest_verified.as_ref(),
-                        agent.clock.now(),
-                    ) {
-                        agent.refresh(src).await;
-                    } else {
-                        agent.evaluate_objectives(src);
-                    }
-                }
-            }
-        });
-    }
-    tracker.close();
+        },
+    )
+    .await;
+}
 
-    shutdown.cancelled().await;
-    tracing::info!(grace = %humantime::format_duration(grace), "Shutting down: no new runs; waiting for running ones");
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!("Grace period over: cancelling running backups (uploads are aborted)");
-        runs_cancel.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(60), tracker.wait()).await;
+/// Re-evaluates every source's objectives each minute, re-reading the repository before an RPO
+/// is called breached.
+async fn objectives_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        for src in &agent.policy.sources {
+            // The verifier runs elsewhere and the agent re-reads the repository after its
+            // own runs only: a run waiting to retry, or no schedule at all, would leave
+            // a newer verification unseen. Look again before calling an RPO breached.
+            let st = agent
+                .status_snapshot()
+                .remove(&src.name)
+                .unwrap_or_default();
+            if rpo_lapsed(
+                src.objectives.rpo,
+                st.newest_verified.as_ref(),
+                agent.clock.now(),
+            ) {
+                agent.refresh(src).await;
+            } else {
+                agent.evaluate_objectives(src);
+            }
+        }
     }
-    http_stop.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-        Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
-    }
-    tracing::info!("Agent stopped");
-    Ok(())
 }
 
 /// Whether the newest verified backup known is older than `rpo` (or there is none).

@@ -151,13 +151,39 @@ pub fn parse(
         .and_then(|v| section::<raw::RawDefaults>("defaults", v, &mut problems))
         .unwrap_or_default();
 
+    let notify = parse_notify(table.remove("notify"), &mut problems);
+    let sources = raw_sources(table.remove("sources"), &mut problems);
+
+    let policy = validate::validate(
+        repository,
+        encryption,
+        agent,
+        defaults,
+        sources,
+        opts.allow_missing_env,
+        &mut problems,
+    );
+    match policy {
+        Some(mut p) if problems.0.is_empty() => {
+            p.notify = notify;
+            missing_env.sort();
+            missing_env.dedup();
+            p.missing_env = missing_env;
+            Ok(p)
+        }
+        _ => Err(fail(problems.0)),
+    }
+}
+
+/// `[[notify]]`: each webhook checked on its own.
+fn parse_notify(value: Option<toml::Value>, problems: &mut Problems) -> Vec<Notify> {
     let mut notify = Vec::new();
-    match table.remove("notify") {
+    match value {
         None => {}
         Some(toml::Value::Array(items)) => {
             for (i, item) in items.into_iter().enumerate() {
                 let path = format!("notify[{i}]");
-                if let Some(n) = section::<raw::RawNotify>(&path, item, &mut problems) {
+                if let Some(n) = section::<raw::RawNotify>(&path, item, problems) {
                     if !(n.url.starts_with("https://")
                         || n.url.starts_with("http://")
                         || n.url.is_empty())
@@ -173,9 +199,17 @@ pub fn parse(
         }
         Some(_) => problems.add("notify", "must be an array of tables: write [[notify]]"),
     }
+    notify
+}
 
+/// `[[sources]]`: each table deserialized as its kind's own struct (from the table of kinds), so
+/// that its own fields are the ones an "unknown field" error lists.
+fn raw_sources(
+    value: Option<toml::Value>,
+    problems: &mut Problems,
+) -> Vec<(usize, crate::source::RawSource)> {
     let mut sources = Vec::new();
-    match table.remove("sources") {
+    match value {
         None => problems.add("sources", "no sources: add at least one [[sources]] table"),
         Some(toml::Value::Array(items)) => {
             if items.is_empty() {
@@ -193,7 +227,7 @@ pub fn parse(
                 {
                     Some((_, Some(kind))) => {
                         if let Some(s) =
-                            crate::source::RawSource::deserialize(kind, &path, item, &mut problems)
+                            crate::source::RawSource::deserialize(kind, &path, item, problems)
                         {
                             sources.push((i, s));
                         }
@@ -217,26 +251,7 @@ pub fn parse(
         }
         Some(_) => problems.add("sources", "must be an array of tables: write [[sources]]"),
     }
-
-    let policy = validate::validate(
-        repository,
-        encryption,
-        agent,
-        defaults,
-        sources,
-        opts.allow_missing_env,
-        &mut problems,
-    );
-    match policy {
-        Some(mut p) if problems.0.is_empty() => {
-            p.notify = notify;
-            missing_env.sort();
-            missing_env.dedup();
-            p.missing_env = missing_env;
-            Ok(p)
-        }
-        _ => Err(fail(problems.0)),
-    }
+    sources
 }
 
 /// Deserializes one section, recording a problem with the full field path on failure.

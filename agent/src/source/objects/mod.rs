@@ -385,6 +385,28 @@ impl Objects {
         }
     }
 
+    /// The shrink guard: an empty listing, or one that lost more than `max_shrink_percent` of
+    /// the last snapshot's objects, is refused rather than recorded.
+    fn shrink_guard(&self, files: usize, previous: usize) -> Result<()> {
+        if let Some(max) = self.cfg.max_shrink_percent {
+            if files == 0 {
+                return Err(Error::failed(format!(
+                "{} lists no objects: refusing to record an empty snapshot",
+                self.cfg.from_shown
+            ))
+            .hint("if the source really is empty now, set allow_shrink = true for one run (RUNBOOK.md#objects-shrink-guard)"));
+            }
+            if previous > 0 && files * 100 < previous * (100 - max as usize) {
+                return Err(Error::failed(format!(
+                "{} lists {files} objects, down from {previous} in the last snapshot (more than {max}% fewer): refusing to record it",
+                self.cfg.from_shown
+            ))
+            .hint("if the deletions are intended, set allow_shrink = true for one run (RUNBOOK.md#objects-shrink-guard)"));
+            }
+        }
+        Ok(())
+    }
+
     fn index_object(source: &str) -> String {
         layout::change_index(source)
     }
@@ -658,22 +680,7 @@ impl Source for Objects {
         let files = listed.iter().filter(|l| l.kind == EntryKind::File).count();
         let index = self.load_index(ctx.store.as_ref(), &ctx.source).await;
         let previous = index.len();
-        if let Some(max) = self.cfg.max_shrink_percent {
-            if files == 0 {
-                return Err(Error::failed(format!(
-                    "{} lists no objects: refusing to record an empty snapshot",
-                    self.cfg.from_shown
-                ))
-                .hint("if the source really is empty now, set allow_shrink = true for one run (RUNBOOK.md#objects-shrink-guard)"));
-            }
-            if previous > 0 && files * 100 < previous * (100 - max as usize) {
-                return Err(Error::failed(format!(
-                    "{} lists {files} objects, down from {previous} in the last snapshot (more than {max}% fewer): refusing to record it",
-                    self.cfg.from_shown
-                ))
-                .hint("if the deletions are intended, set allow_shrink = true for one run (RUNBOOK.md#objects-shrink-guard)"));
-            }
-        }
+        self.shrink_guard(files, previous)?;
         // Only blobs the last published snapshot names count as stored: blob collection never
         // removes those, while any other blob may be on its way out. Content found nowhere
         // else is uploaded again (which also renews an old copy's age).
@@ -780,35 +787,8 @@ impl Source for Objects {
         drop(entries);
         drop(index);
 
-        let list_plain: String = tally.blobs.iter().map(|b| hex::encode(b) + "\n").collect();
-        let list = seal(&key, list_plain.as_bytes())?;
-        let list_part = crate::repo::manifest::Part {
-            name: BLOB_LIST_OBJECT.into(),
-            role: Role::BlobList,
-            format: "lifeboat-blob-ids+index-key".into(),
-            size_plain: list_plain.len() as u64,
-            sha256_plain: hex::encode(Sha256::digest(list_plain.as_bytes())),
-            size_stored: list.len() as u64,
-            sha256_stored: hex::encode(Sha256::digest(&list)),
-        };
-        ctx.store
-            .put(
-                &layout::backup_object(&ctx.source, &ctx.id, BLOB_LIST_OBJECT),
-                Bytes::from(list),
-            )
-            .await
-            .map_err(|e| Error::from(e).context("storing the blob list"))?;
-        // The index is a cache of what this snapshot names, valid once its manifest exists.
-        let stored_index = async {
-            let sealed = seal(&key, &next_index)?;
-            ctx.store
-                .put(&Self::index_object(&ctx.source), Bytes::from(sealed))
-                .await
-                .map_err(|e| Error::from(e).context("storing the change index"))
-        };
-        if let Err(e) = stored_index.await {
-            tracing::warn!(source = %ctx.source, error = %e.message, "Could not store the change index; the next run reads every object");
-        }
+        let list_part = store_blob_list(ctx, &key, &tally).await?;
+        store_index(ctx, &key, &next_index).await;
         let fingerprint = Fingerprint {
             format: 1,
             kind: super::Kind::Objects,
@@ -831,6 +811,49 @@ impl Source for Objects {
             source_version: None,
             dump_tool_version: None,
         })
+    }
+}
+
+/// Stores the backup's blob list (every blob id it names, sealed with the index key, for blob
+/// collection) and returns its manifest part.
+async fn store_blob_list(
+    ctx: &BackupContext,
+    key: &Secret,
+    tally: &Tally,
+) -> Result<crate::repo::manifest::Part> {
+    let list_plain: String = tally.blobs.iter().map(|b| hex::encode(b) + "\n").collect();
+    let list = seal(key, list_plain.as_bytes())?;
+    let list_part = crate::repo::manifest::Part {
+        name: BLOB_LIST_OBJECT.into(),
+        role: Role::BlobList,
+        format: "lifeboat-blob-ids+index-key".into(),
+        size_plain: list_plain.len() as u64,
+        sha256_plain: hex::encode(Sha256::digest(list_plain.as_bytes())),
+        size_stored: list.len() as u64,
+        sha256_stored: hex::encode(Sha256::digest(&list)),
+    };
+    ctx.store
+        .put(
+            &layout::backup_object(&ctx.source, &ctx.id, BLOB_LIST_OBJECT),
+            Bytes::from(list),
+        )
+        .await
+        .map_err(|e| Error::from(e).context("storing the blob list"))?;
+    Ok(list_part)
+}
+
+/// Stores the next run's change index: a cache of what this snapshot names, valid once its
+/// manifest exists. Best effort: without it the next run reads every object.
+async fn store_index(ctx: &BackupContext, key: &Secret, next_index: &[u8]) {
+    let stored_index = async {
+        let sealed = seal(key, next_index)?;
+        ctx.store
+            .put(&Objects::index_object(&ctx.source), Bytes::from(sealed))
+            .await
+            .map_err(|e| Error::from(e).context("storing the change index"))
+    };
+    if let Err(e) = stored_index.await {
+        tracing::warn!(source = %ctx.source, error = %e.message, "Could not store the change index; the next run reads every object");
     }
 }
 

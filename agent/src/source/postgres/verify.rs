@@ -210,120 +210,8 @@ async fn restore_and_check(
         .ok_or_else(|| Error::new(ErrorKind::Integrity, "the backup has no database part"))?;
     let globals = spooled.iter().find(|s| s.part.role == Role::Globals);
     let (pg, opts) = match target {
-        Target::Ephemeral(s) => {
-            report.scratch = format!("ephemeral cluster ({})", s.bin.display());
-            report.notes.push(match &s.shared_network {
-                None => {
-                    "the scratch cluster had no network (a network namespace of its own)".into()
-                }
-                Some(why) => format!("the scratch cluster shared the host's network: {why}"),
-            });
-            let maint = Postgres::new(s.config("postgres"));
-            let conn = maint.connect().await?;
-            if let Some(g) = globals {
-                let errors = maint
-                    .replay_globals(
-                        &conn,
-                        g.plaintext(identities).await?,
-                        &[scratch::SUPERUSER, scratch::RESTORER],
-                        false,
-                    )
-                    .await?;
-                report.checks.push(if errors.is_empty() {
-                    Check::eq("globals replayed", "no errors", "no errors")
-                } else {
-                    Check::failed("globals replayed", "no errors", errors.join("; "))
-                });
-            } else {
-                report.notes.push(
-                    "the backup holds no roles (globals = false): ownership and grants were not restored, so not verified".into(),
-                );
-            }
-            let as_superuser = source.verify.restore_as_superuser;
-            let user = if as_superuser {
-                report.notes.push(
-                    "restored as the scratch cluster's superuser (verify.restore_as_superuser = true)"
-                        .into(),
-                );
-                scratch::SUPERUSER
-            } else {
-                let notes = s.lock_down(&conn.client).await?;
-                report.notes.extend(notes);
-                if globals.is_some() {
-                    report.notes.push(format!(
-                        "restored as the unprivileged role {}, which owns every restored object: grants were restored, ownership was not verified",
-                        scratch::RESTORER
-                    ));
-                }
-                scratch::RESTORER
-            };
-            // Without the roles, owners and grants would name roles the scratch cluster lacks.
-            let roles = globals.is_some();
-            conn.client
-                .batch_execute(&format!(
-                    "CREATE DATABASE restored OWNER {}",
-                    quote_ident(user)
-                ))
-                .await
-                .map_err(|e| Error::failed(format!("scratch: creating the database: {e}")))?;
-            if !as_superuser {
-                let wanted = dump_extensions(dump.plaintext(identities).await?).await;
-                let created = s.precreate_extensions("restored", &wanted).await?;
-                if !created.is_empty() {
-                    report.notes.push(format!(
-                        "created by the verifier from the server's own files, as the dump's owner cannot: extension {}",
-                        created.join(", ")
-                    ));
-                }
-            }
-            (
-                Postgres::new(s.config_as("restored", user)),
-                RestoreOptions {
-                    jobs: 1,
-                    // Only a superuser may give objects to other roles as they are created.
-                    no_owner: !roles || !as_superuser,
-                    no_privileges: !roles,
-                    no_tablespaces: true,
-                    single_transaction: true,
-                },
-            )
-        }
-        Target::Server { maintenance, db } => {
-            report.scratch = format!("database {db} on {}", maintenance.url_redacted);
-            let maint = Postgres::new(maintenance.clone());
-            let conn = maint.connect().await?;
-            let superuser = conn
-                .client
-                .query_one("SELECT current_setting('is_superuser') = 'on'", &[])
-                .await
-                .map(|r| r.get::<_, bool>(0))
-                .unwrap_or(true);
-            if superuser {
-                report.notes.push(
-                    "verify.scratch_url connects as a superuser: a forged dump could run programs on that server; give the verifier a role with CREATEDB only".into(),
-                );
-            }
-            conn.client
-                .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
-                .await
-                .map_err(|e| Error::failed(format!("scratch server: creating {db}: {e}")))?;
-            let mut cfg = maintenance.clone();
-            cfg.url = Secret::new(with_dbname(maintenance.url.expose(), db));
-            // Roles are cluster-wide: a shared scratch server gets no globals, so no owners or grants.
-            report.notes.push(
-                "restored on a shared scratch server without roles: ownership and grants were not verified".into(),
-            );
-            (
-                Postgres::new(cfg),
-                RestoreOptions {
-                    jobs: 1,
-                    no_owner: true,
-                    no_privileges: true,
-                    no_tablespaces: true,
-                    single_transaction: true,
-                },
-            )
-        }
+        Target::Ephemeral(s) => ephemeral(s, dump, globals, source, identities, report).await?,
+        Target::Server { maintenance, db } => server(maintenance, db, report).await?,
     };
     let conn = pg.connect().await?;
     let unprivileged =
@@ -353,6 +241,137 @@ async fn restore_and_check(
         .extend(super::checks::sql_checks(&conn.client, &source.verify.checks).await);
     report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
     Ok(())
+}
+
+/// Readies the ephemeral cluster: roles replayed and stripped of their powers (or, with
+/// `verify.restore_as_superuser`, restored as the superuser), the database created, untrusted
+/// extensions created for the dump. Returns whom to restore as, and how.
+async fn ephemeral(
+    s: &Scratch,
+    dump: &restore::Spooled,
+    globals: Option<&restore::Spooled>,
+    source: &SourcePolicy,
+    identities: &Identities,
+    report: &mut Report,
+) -> Result<(Postgres, RestoreOptions)> {
+    report.scratch = format!("ephemeral cluster ({})", s.bin.display());
+    report.notes.push(match &s.shared_network {
+        None => "the scratch cluster had no network (a network namespace of its own)".into(),
+        Some(why) => format!("the scratch cluster shared the host's network: {why}"),
+    });
+    let maint = Postgres::new(s.config("postgres"));
+    let conn = maint.connect().await?;
+    if let Some(g) = globals {
+        let errors = maint
+            .replay_globals(
+                &conn,
+                g.plaintext(identities).await?,
+                &[scratch::SUPERUSER, scratch::RESTORER],
+                false,
+            )
+            .await?;
+        report.checks.push(if errors.is_empty() {
+            Check::eq("globals replayed", "no errors", "no errors")
+        } else {
+            Check::failed("globals replayed", "no errors", errors.join("; "))
+        });
+    } else {
+        report.notes.push(
+            "the backup holds no roles (globals = false): ownership and grants were not restored, so not verified".into(),
+        );
+    }
+    let as_superuser = source.verify.restore_as_superuser;
+    let user = if as_superuser {
+        report.notes.push(
+            "restored as the scratch cluster's superuser (verify.restore_as_superuser = true)"
+                .into(),
+        );
+        scratch::SUPERUSER
+    } else {
+        let notes = s.lock_down(&conn.client).await?;
+        report.notes.extend(notes);
+        if globals.is_some() {
+            report.notes.push(format!(
+                "restored as the unprivileged role {}, which owns every restored object: grants were restored, ownership was not verified",
+                scratch::RESTORER
+            ));
+        }
+        scratch::RESTORER
+    };
+    // Without the roles, owners and grants would name roles the scratch cluster lacks.
+    let roles = globals.is_some();
+    conn.client
+        .batch_execute(&format!(
+            "CREATE DATABASE restored OWNER {}",
+            quote_ident(user)
+        ))
+        .await
+        .map_err(|e| Error::failed(format!("scratch: creating the database: {e}")))?;
+    if !as_superuser {
+        let wanted = dump_extensions(dump.plaintext(identities).await?).await;
+        let created = s.precreate_extensions("restored", &wanted).await?;
+        if !created.is_empty() {
+            report.notes.push(format!(
+                "created by the verifier from the server's own files, as the dump's owner cannot: extension {}",
+                created.join(", ")
+            ));
+        }
+    }
+    Ok((
+        Postgres::new(s.config_as("restored", user)),
+        RestoreOptions {
+            jobs: 1,
+            // Only a superuser may give objects to other roles as they are created.
+            no_owner: !roles || !as_superuser,
+            no_privileges: !roles,
+            no_tablespaces: true,
+            single_transaction: true,
+        },
+    ))
+}
+
+/// Readies a database on the shared scratch server (`verify.scratch_url`): no roles, so no
+/// owners or grants.
+async fn server(
+    maintenance: &PostgresConfig,
+    db: &str,
+    report: &mut Report,
+) -> Result<(Postgres, RestoreOptions)> {
+    report.scratch = format!("database {db} on {}", maintenance.url_redacted);
+    let maint = Postgres::new(maintenance.clone());
+    let conn = maint.connect().await?;
+    let superuser = conn
+        .client
+        .query_one("SELECT current_setting('is_superuser') = 'on'", &[])
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(true);
+    if superuser {
+        report.notes.push(
+            "verify.scratch_url connects as a superuser: a forged dump could run programs on that server; give the verifier a role with CREATEDB only".into(),
+        );
+    }
+    conn.client
+        .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
+        .await
+        .map_err(|e| Error::failed(format!("scratch server: creating {db}: {e}")))?;
+    let mut cfg = maintenance.clone();
+    cfg.url = Secret::new(with_dbname(maintenance.url.expose(), db));
+    // Roles are cluster-wide: a shared scratch server gets no globals, so no owners or grants.
+    report.notes.push(
+        "restored on a shared scratch server without roles: ownership and grants were not verified"
+            .into(),
+    );
+    Ok((
+        Postgres::new(cfg),
+        RestoreOptions {
+            jobs: 1,
+            no_owner: true,
+            no_privileges: true,
+            no_tablespaces: true,
+            single_transaction: true,
+        },
+    ))
 }
 
 /// The extensions the dump creates, from the table of contents at its head (read, then the
