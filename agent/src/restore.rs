@@ -342,6 +342,27 @@ pub struct Refusal {
     pub word: String,
 }
 
+impl Refusal {
+    /// Refuses because `what` (e.g. "database app" or "/restore/dir is not empty;"): "`what`;
+    /// refusing to restore into it (nothing was changed)", with `hint`; on a terminal the operator
+    /// may type `word` instead.
+    pub fn new(what: &str, hint: &str, word: &str) -> Refusal {
+        Refusal {
+            error: Error::new(
+                ErrorKind::Refused,
+                format!("{what}; refusing to restore into it (nothing was changed)"),
+            )
+            .hint(hint),
+            question: if word == "yes" {
+                "Type yes to restore into it anyway: ".to_string()
+            } else {
+                format!("Type the database name ({word}) to restore into it anyway: ")
+            },
+            word: word.to_string(),
+        }
+    }
+}
+
 /// A restore, planned: what it will do, shown before anything changes. Planning only looks at the
 /// target; [`Plan::apply`] changes it.
 pub struct Plan {

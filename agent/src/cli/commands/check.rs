@@ -40,20 +40,7 @@ pub async fn check_cmd(
     };
     let mut report = check::check(&repo, source, read_data, &keys).await?;
     report.notes.extend(unread);
-    if let lifeboat::policy::Location::S3(s3) = &policy.repository.location {
-        match (repo.store.lock_enabled().await, s3.object_lock) {
-            (Ok(Some(false)), Some(_)) => eprintln!(
-                "warning: repository.object_lock is set but the bucket {} has Object Lock disabled: backups will fail to upload; create the bucket with Object Lock or remove object_lock",
-                s3.bucket
-            ),
-            (Ok(Some(true)), None) => eprintln!(
-                "warning: the bucket {} has Object Lock enabled but the policy sets no object_lock: only the bucket's default retention, if any, protects backups; set repository.object_lock to make it explicit",
-                s3.bucket
-            ),
-            (Err(e), _) => eprintln!("warning: cannot read the bucket's Object Lock configuration: {e}"),
-            _ => {}
-        }
-    }
+    warn_object_lock(&policy, &repo).await;
     if json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| Error::failed(format!("cannot encode the report: {e}")))?;
@@ -92,4 +79,22 @@ pub async fn check_cmd(
         }
         drop(r)
     })
+}
+
+/// Warns when the policy's `object_lock` and the bucket's Object Lock disagree.
+async fn warn_object_lock(policy: &lifeboat::policy::Policy, repo: &Repository) {
+    if let lifeboat::policy::Location::S3(s3) = &policy.repository.location {
+        match (repo.store.lock_enabled().await, s3.object_lock) {
+            (Ok(Some(false)), Some(_)) => eprintln!(
+                "warning: repository.object_lock is set but the bucket {} has Object Lock disabled: backups will fail to upload; create the bucket with Object Lock or remove object_lock",
+                s3.bucket
+            ),
+            (Ok(Some(true)), None) => eprintln!(
+                "warning: the bucket {} has Object Lock enabled but the policy sets no object_lock: only the bucket's default retention, if any, protects backups; set repository.object_lock to make it explicit",
+                s3.bucket
+            ),
+            (Err(e), _) => eprintln!("warning: cannot read the bucket's Object Lock configuration: {e}"),
+            _ => {}
+        }
+    }
 }

@@ -544,15 +544,11 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
     );
     plan.interrupted = "interrupted; the target may hold part of the files (each one whole)";
     if existing > 0 {
-        plan.refusal = Some(Refusal {
-            error: Error::new(
-                ErrorKind::Refused,
-                format!("{shown} is not empty; refusing to restore into it (nothing was changed)"),
-            )
-            .hint("restore into a new directory or prefix, or pass --yes to replace same-named files (RUNBOOK.md#restore-objects)"),
-            question: "Type yes to restore into it anyway: ".into(),
-            word: "yes".into(),
-        });
+        plan.refusal = Some(Refusal::new(
+            &format!("{shown} is not empty"),
+            "restore into a new directory or prefix, or pass --yes to replace same-named files (RUNBOOK.md#restore-objects)",
+            "yes",
+        ));
     }
     Ok(plan)
 }

@@ -280,15 +280,11 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         ));
     }
     if state.has_data() {
-        plan.refusal = Some(Refusal {
-            error: Error::new(
-                ErrorKind::Refused,
-                format!("database {db} already holds data; refusing to restore into it (nothing was changed)"),
-            )
-            .hint("restore into a new database name, or pass --yes if mixing is really intended (RUNBOOK.md#restore)"),
-            question: format!("Type the database name ({db}) to restore into it anyway: "),
-            word: db,
-        });
+        plan.refusal = Some(Refusal::new(
+            &format!("database {db} already holds data"),
+            "restore into a new database name, or pass --yes if mixing is really intended (RUNBOOK.md#restore)",
+            &db,
+        ));
     }
     Ok(plan)
 }

@@ -162,15 +162,11 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         apply,
     );
     if existing > 0 {
-        plan.refusal = Some(Refusal {
-            error: Error::new(
-                ErrorKind::Refused,
-                format!("{shown} already holds data; refusing to restore into it (nothing was changed)"),
-            )
-            .hint("restore into an empty server or directory, or pass --yes (and --flush to delete what the server holds first) (RUNBOOK.md#restore)"),
-            question: "Type yes to restore into it anyway: ".into(),
-            word: "yes".into(),
-        });
+        plan.refusal = Some(Refusal::new(
+            &format!("{shown} already holds data"),
+            "restore into an empty server or directory, or pass --yes (and --flush to delete what the server holds first) (RUNBOOK.md#restore)",
+            "yes",
+        ));
     }
     Ok(plan)
 }
