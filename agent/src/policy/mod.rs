@@ -349,4 +349,4 @@ fn quoted_list(items: &[&str]) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,10 +1,11 @@
-//! Policy parsing and validation: every error case names its field.
+//! Policy parsing and validation: every error case names its field. Each kind's own section is
+//! tested in its folder (`source/<kind>/policy.rs`), with the helpers here.
 
 use super::*;
 
-const RECIPIENT: &str = "age1p88eqe4cmm30daedtyvnjzpxnze8jxzuzxdc7wyejc0ff2hz7f8smsrqmr";
+pub(crate) const RECIPIENT: &str = "age1p88eqe4cmm30daedtyvnjzpxnze8jxzuzxdc7wyejc0ff2hz7f8smsrqmr";
 
-fn env(name: &str) -> Option<String> {
+pub(crate) fn env(name: &str) -> Option<String> {
     match name {
         "PGPASSWORD" => Some("pw".into()),
         "BUCKET" => Some("backups-prod".into()),
@@ -12,7 +13,7 @@ fn env(name: &str) -> Option<String> {
     }
 }
 
-fn good() -> String {
+pub(crate) fn good() -> String {
     format!(
         r#"
 [repository]
@@ -48,7 +49,15 @@ compression = {{ level = 9, workers = 0 }}
     )
 }
 
-fn problems(text: &str) -> Vec<String> {
+/// The good policy plus a Redis source named `cache` with `source`'s fields.
+pub(crate) fn with_redis(source: &str) -> String {
+    format!(
+        "{}\n[[sources]]\nname = \"cache\"\nkind = \"redis\"\n{source}\n",
+        good()
+    )
+}
+
+pub(crate) fn problems(text: &str) -> Vec<String> {
     match parse(text, "p.toml", &env, LoadOptions::default()) {
         Ok(_) => panic!("expected problems"),
         Err(e) => e
@@ -292,131 +301,6 @@ fn the_error_display_lists_every_problem() {
       sources: no sources: add at least one [[sources]] table
       repository.url: `x` is neither file://PATH nor s3://BUCKET/PREFIX
     ");
-}
-
-fn with_redis(source: &str) -> String {
-    format!(
-        "{}\n[[sources]]\nname = \"cache\"\nkind = \"redis\"\n{source}\n",
-        good()
-    )
-}
-
-#[test]
-fn a_redis_source_validates_into_its_endpoint() {
-    let text = with_redis("url = \"rediss://backup:${PGPASSWORD}@cache.internal:6380\"\nredis_bin_dir = \"/opt/redis/bin\"");
-    let p = parse(&text, "p.toml", &env, LoadOptions::default()).unwrap();
-    let s = &p.sources[2];
-    let SourceConfig::Redis(r) = &s.config else {
-        panic!("the third source is redis")
-    };
-    assert_eq!(s.config.kind().name(), "redis");
-    assert_eq!(r.endpoint.host, "cache.internal");
-    assert_eq!(r.endpoint.port, 6380);
-    assert!(r.endpoint.tls);
-    assert_eq!(r.endpoint.username.as_deref(), Some("backup"));
-    assert_eq!(r.endpoint.password.as_ref().map(|p| p.expose()), Some("pw"));
-    assert_eq!(r.url_redacted, "rediss://backup:***@cache.internal:6380");
-    assert_eq!(r.capture, crate::source::redis::RedisCapture::Replication);
-    assert_eq!(
-        s.retention.keep_last,
-        Some(7),
-        "defaults apply to every kind"
-    );
-}
-
-#[test]
-fn a_typo_in_a_redis_source_is_rejected_with_its_path() {
-    let got = problems(&with_redis(
-        "url = \"redis://h\"\nrdb_pth = \"/data/dump.rdb\"",
-    ));
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert!(
-        got[0].starts_with("sources[2].rdb_pth: unknown field"),
-        "{got:?}"
-    );
-}
-
-#[test]
-fn redis_settings_that_do_not_fit_are_named() {
-    let got = problems(&with_redis(
-        "url = \"http://h:6379\"\nmode = \"file\"\n[sources.verify]\nchecks = [{ sql = \"select 1\", min = 1 }]",
-    ));
-    assert!(
-        got.iter()
-            .any(|p| p.starts_with("sources[2].url: `http://h:6379`: the scheme must be redis://")),
-        "{got:?}"
-    );
-    assert!(
-        got.iter()
-            .any(|p| p.starts_with("sources[2].rdb_path: mode = \"file\" needs rdb_path")),
-        "{got:?}"
-    );
-    assert!(
-        got.iter()
-            .any(|p| p.starts_with("sources[2].verify.checks: SQL checks apply to postgres")),
-        "{got:?}"
-    );
-    let got = problems(&with_redis(
-        "url = \"redis://h\"\nrdb_path = \"/data/dump.rdb\"",
-    ));
-    assert!(
-        got[0].starts_with("sources[2].rdb_path: is read only with mode = \"file\""),
-        "{got:?}"
-    );
-}
-
-#[test]
-fn an_objects_source_needs_the_index_key_and_rejects_typos() {
-    let src = "\n[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir:///data/uploads\"\nexclude = [\"**/*.tmp\"]\n";
-    let got = problems(&format!("{}{src}", good()));
-    assert!(
-        got.iter()
-            .any(|p| p.starts_with("sources[2].kind: objects sources need encryption.index_key")),
-        "{got:?}"
-    );
-    let with_key = good().replace(
-        &format!("recipients = [\"{RECIPIENT}\"]"),
-        &format!(
-            "recipients = [\"{RECIPIENT}\"]\nindex_key = \"{}\"",
-            "k".repeat(40)
-        ),
-    );
-    let p = parse(
-        &format!("{with_key}{src}"),
-        "p.toml",
-        &env,
-        LoadOptions::default(),
-    )
-    .unwrap();
-    let SourceConfig::Objects(o) = &p.sources[2].config else {
-        panic!("the third source is objects")
-    };
-    assert!(
-        matches!(&o.from, crate::source::objects::ObjectsFrom::Dir(d) if d == std::path::Path::new("/data/uploads"))
-    );
-    assert_eq!(o.max_shrink_percent, Some(50));
-    let got = problems(&format!("{with_key}{}", src.replace("exclude", "exlude")));
-    assert!(
-        got[0].starts_with("sources[2].exlude: unknown field"),
-        "{got:?}"
-    );
-    let got = problems(&format!(
-        "{with_key}{}",
-        src.replace("dir:///data/uploads", "ftp://x")
-    ));
-    assert!(
-        got[0].starts_with("sources[2].from: `ftp://x` is neither"),
-        "{got:?}"
-    );
-    let short = good().replace(
-        &format!("recipients = [\"{RECIPIENT}\"]"),
-        &format!("recipients = [\"{RECIPIENT}\"]\nindex_key = \"short\""),
-    );
-    let got = problems(&short);
-    assert!(
-        got[0].starts_with("encryption.index_key: must be at least 32"),
-        "{got:?}"
-    );
 }
 
 #[test]

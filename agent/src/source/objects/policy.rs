@@ -250,3 +250,65 @@ fn validate(
         }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::tests::{env, good, problems, RECIPIENT};
+    use crate::policy::{parse, LoadOptions};
+    use crate::source::SourceConfig;
+
+    #[test]
+    fn an_objects_source_needs_the_index_key_and_rejects_typos() {
+        let src = "\n[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir:///data/uploads\"\nexclude = [\"**/*.tmp\"]\n";
+        let got = problems(&format!("{}{src}", good()));
+        assert!(
+            got.iter().any(
+                |p| p.starts_with("sources[2].kind: objects sources need encryption.index_key")
+            ),
+            "{got:?}"
+        );
+        let with_key = good().replace(
+            &format!("recipients = [\"{RECIPIENT}\"]"),
+            &format!(
+                "recipients = [\"{RECIPIENT}\"]\nindex_key = \"{}\"",
+                "k".repeat(40)
+            ),
+        );
+        let p = parse(
+            &format!("{with_key}{src}"),
+            "p.toml",
+            &env,
+            LoadOptions::default(),
+        )
+        .unwrap();
+        let SourceConfig::Objects(o) = &p.sources[2].config else {
+            panic!("the third source is objects")
+        };
+        assert!(
+            matches!(&o.from, crate::source::objects::ObjectsFrom::Dir(d) if d == std::path::Path::new("/data/uploads"))
+        );
+        assert_eq!(o.max_shrink_percent, Some(50));
+        let got = problems(&format!("{with_key}{}", src.replace("exclude", "exlude")));
+        assert!(
+            got[0].starts_with("sources[2].exlude: unknown field"),
+            "{got:?}"
+        );
+        let got = problems(&format!(
+            "{with_key}{}",
+            src.replace("dir:///data/uploads", "ftp://x")
+        ));
+        assert!(
+            got[0].starts_with("sources[2].from: `ftp://x` is neither"),
+            "{got:?}"
+        );
+        let short = good().replace(
+            &format!("recipients = [\"{RECIPIENT}\"]"),
+            &format!("recipients = [\"{RECIPIENT}\"]\nindex_key = \"short\""),
+        );
+        let got = problems(&short);
+        assert!(
+            got[0].starts_with("encryption.index_key: must be at least 32"),
+            "{got:?}"
+        );
+    }
+}

@@ -263,3 +263,75 @@ fn validate(
         }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::tests::{env, problems, with_redis};
+    use crate::policy::{parse, LoadOptions};
+    use crate::source::SourceConfig;
+
+    #[test]
+    fn a_redis_source_validates_into_its_endpoint() {
+        let text = with_redis("url = \"rediss://backup:${PGPASSWORD}@cache.internal:6380\"\nredis_bin_dir = \"/opt/redis/bin\"");
+        let p = parse(&text, "p.toml", &env, LoadOptions::default()).unwrap();
+        let s = &p.sources[2];
+        let SourceConfig::Redis(r) = &s.config else {
+            panic!("the third source is redis")
+        };
+        assert_eq!(s.config.kind().name(), "redis");
+        assert_eq!(r.endpoint.host, "cache.internal");
+        assert_eq!(r.endpoint.port, 6380);
+        assert!(r.endpoint.tls);
+        assert_eq!(r.endpoint.username.as_deref(), Some("backup"));
+        assert_eq!(r.endpoint.password.as_ref().map(|p| p.expose()), Some("pw"));
+        assert_eq!(r.url_redacted, "rediss://backup:***@cache.internal:6380");
+        assert_eq!(r.capture, crate::source::redis::RedisCapture::Replication);
+        assert_eq!(
+            s.retention.keep_last,
+            Some(7),
+            "defaults apply to every kind"
+        );
+    }
+
+    #[test]
+    fn a_typo_in_a_redis_source_is_rejected_with_its_path() {
+        let got = problems(&with_redis(
+            "url = \"redis://h\"\nrdb_pth = \"/data/dump.rdb\"",
+        ));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("sources[2].rdb_pth: unknown field"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn redis_settings_that_do_not_fit_are_named() {
+        let got = problems(&with_redis(
+            "url = \"http://h:6379\"\nmode = \"file\"\n[sources.verify]\nchecks = [{ sql = \"select 1\", min = 1 }]",
+        ));
+        assert!(
+            got.iter()
+                .any(|p| p
+                    .starts_with("sources[2].url: `http://h:6379`: the scheme must be redis://")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|p| p.starts_with("sources[2].rdb_path: mode = \"file\" needs rdb_path")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|p| p.starts_with("sources[2].verify.checks: SQL checks apply to postgres")),
+            "{got:?}"
+        );
+        let got = problems(&with_redis(
+            "url = \"redis://h\"\nrdb_path = \"/data/dump.rdb\"",
+        ));
+        assert!(
+            got[0].starts_with("sources[2].rdb_path: is read only with mode = \"file\""),
+            "{got:?}"
+        );
+    }
+}
