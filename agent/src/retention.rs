@@ -144,8 +144,8 @@ pub struct PruneReport {
 /// a backup that is running right now.
 pub const GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-/// A prune, planned: every decision with its reason, the interrupted runs to sweep and what the
-/// kind would collect. Nothing is deleted until [`apply_prune`].
+/// A prune, planned: every decision with its reason and the interrupted runs to sweep. Nothing is
+/// deleted until [`apply_prune`]; [`PrunePlan::preview`] adds what the kind would collect.
 #[derive(Debug, Clone)]
 pub struct PrunePlan {
     /// What the prune will do, as a report with nothing applied yet (`--dry-run` prints it).
@@ -193,7 +193,7 @@ pub async fn plan_prune(
         .filter(|(_, id)| layout::id_time(id).is_some_and(|t| t < now - grace))
         .map(|(_, id)| id.clone())
         .collect();
-    let mut report = PruneReport {
+    let report = PruneReport {
         source: name.clone(),
         decisions,
         applied: false,
@@ -202,23 +202,37 @@ pub async fn plan_prune(
         aborted_uploads: Vec::new(),
         blobs: None,
     };
-    // What the kind would collect must not count the backups this prune deletes.
-    let doomed: std::collections::HashSet<(String, String)> = report
-        .decisions
-        .iter()
-        .filter(|d| !d.keep)
-        .map(|d| (name.clone(), d.id.clone()))
-        .collect();
-    report.blobs = source
-        .config
-        .plan_shared_collection(repo, policy, now, &doomed)
-        .await?
-        .map(|c| c.summary);
     Ok(PrunePlan {
         report,
         stale_incomplete,
         now,
     })
+}
+
+impl PrunePlan {
+    /// The report of a prune that is not applied (`--dry-run`), with what the kind would collect
+    /// once the backups this plan deletes are gone. Applying reads that afresh instead, after the
+    /// deletions, so a real prune reads the shared content once.
+    pub async fn preview(
+        self,
+        repo: &crate::repo::Repository,
+        policy: &crate::policy::Policy,
+        source: &crate::policy::SourcePolicy,
+    ) -> crate::Result<PruneReport> {
+        let mut report = self.report;
+        let doomed: std::collections::HashSet<(String, String)> = report
+            .decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .map(|d| (source.name.clone(), d.id.clone()))
+            .collect();
+        report.blobs = source
+            .config
+            .plan_shared_collection(repo, policy, self.now, &doomed)
+            .await?
+            .map(|c| c.summary);
+        Ok(report)
+    }
 }
 
 /// Refuses to prune when the listing shows no backups but the last prune kept some: a wrong

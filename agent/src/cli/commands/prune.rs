@@ -23,7 +23,7 @@ pub async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool)
         .filter(|s| source.is_none_or(|n| n == s.name))
     {
         let pruned = match retention::plan_prune(&repo, &policy, src, now).await {
-            Ok(plan) if dry_run => Ok(plan.report),
+            Ok(plan) if dry_run => plan.preview(&repo, &policy, src).await,
             Ok(plan) => retention::apply_prune(&repo, &policy, src, plan).await,
             Err(e) => Err(e),
         };
