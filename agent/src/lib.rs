@@ -6,6 +6,7 @@
 //! by [`job`]; see ARCHITECTURE.md.
 
 pub mod check;
+pub mod collect;
 pub mod daemon;
 pub mod error;
 #[cfg(test)]

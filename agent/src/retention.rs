@@ -136,8 +136,8 @@ pub struct PruneReport {
     pub swept_incomplete: Vec<String>,
     /// Stale unfinished uploads aborted.
     pub aborted_uploads: Vec<String>,
-    /// Blob collection, after pruning an objects source.
-    pub blobs: Option<crate::source::objects::blobs::Collection>,
+    /// What was collected of the content the kind shares between backups (objects' blobs).
+    pub collected: Option<crate::collect::Collection>,
 }
 
 /// Interrupted runs and unfinished uploads younger than this are left alone: they may belong to
@@ -200,7 +200,7 @@ pub async fn plan_prune(
         deleted_objects: Vec::new(),
         swept_incomplete: stale_incomplete.clone(),
         aborted_uploads: Vec::new(),
-        blobs: None,
+        collected: None,
     };
     Ok(PrunePlan {
         report,
@@ -226,7 +226,7 @@ impl PrunePlan {
             .filter(|d| !d.keep)
             .map(|d| (source.name.clone(), d.id.clone()))
             .collect();
-        report.blobs = source
+        report.collected = source
             .config
             .plan_shared_collection(repo, policy, self.now, &doomed)
             .await?
@@ -314,12 +314,12 @@ pub async fn apply_prune(
     )
     .await?;
     let none = std::collections::HashSet::new();
-    report.blobs = match source
+    report.collected = match source
         .config
         .plan_shared_collection(repo, policy, now, &none)
         .await?
     {
-        Some(c) => Some(crate::source::objects::blobs::apply(repo, c).await?),
+        Some(c) => Some(c.apply(repo).await?),
         None => None,
     };
     Ok(report)

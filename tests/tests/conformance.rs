@@ -22,6 +22,8 @@ struct Fixture {
     untouched: Box<dyn Fn() -> bool>,
     /// Environment for reaching the target (its password).
     env: Vec<(String, String)>,
+    /// Names that differ from run to run (a database's random suffix), for snapshots.
+    volatile: Vec<String>,
     /// Servers and directories the fixture keeps alive.
     _keep: Vec<Box<dyn std::any::Any>>,
 }
@@ -36,6 +38,7 @@ fn fixture(kind: Kind, dir: &Path) -> Fixture {
                 "create table t as select g, md5(g::text) from generate_series(1, 5000) g",
             );
             let target = pg.create_db("conf_target");
+            let volatile = vec![target.clone()];
             pg.psql(
                 &target,
                 "create table keep_me (x int); insert into keep_me values (7)",
@@ -44,6 +47,7 @@ fn fixture(kind: Kind, dir: &Path) -> Fixture {
             let closed = free_port();
             let url = pg.url(&target);
             Fixture {
+                volatile,
                 fields: format!("url = \"{}\"\npassword_file = \"{pw}\"", pg.url(&db)),
                 broken: format!(
                     "url = \"postgres://postgres@127.0.0.1:{closed}/{db}\"\nretries = 0"
@@ -77,6 +81,7 @@ fn fixture(kind: Kind, dir: &Path) -> Fixture {
             let url = target.url();
             let closed = free_port();
             Fixture {
+                volatile: Vec::new(),
                 fields: format!("url = \"{}\"", src.url()),
                 broken: format!("url = \"redis://127.0.0.1:{closed}\"\nretries = 0"),
                 target: url,
@@ -98,6 +103,7 @@ fn fixture(kind: Kind, dir: &Path) -> Fixture {
             std::fs::write(target.join("keep-me.txt"), "7\n").unwrap();
             let watched = target.clone();
             Fixture {
+                volatile: Vec::new(),
                 fields: format!("from = \"dir://{}\"", src.display()),
                 broken: format!(
                     "from = \"dir://{}\"\nretries = 0",
@@ -136,6 +142,84 @@ fn flip(path: &Path) -> Vec<u8> {
     b[i] ^= 0x01;
     std::fs::write(path, b).unwrap();
     pristine
+}
+
+/// Replaces what differs between runs (the backup id, the temp dir, times, digests, sizes,
+/// ports) with placeholders, so plans and messages can be compared with a snapshot.
+struct Stable {
+    id: String,
+    dir: String,
+    volatile: Vec<String>,
+}
+
+impl Stable {
+    fn new(id: &str, dir: &Path, volatile: &[String]) -> Stable {
+        Stable {
+            id: id.to_string(),
+            dir: dir.display().to_string(),
+            volatile: volatile.to_vec(),
+        }
+    }
+
+    fn text(&self, s: &str) -> String {
+        let mut s = s.replace(&self.id, "[id]").replace(&self.dir, "[dir]");
+        for v in &self.volatile {
+            s = s.replace(v, "[name]");
+        }
+        // The plan's human line: "(3s ago, never verified, 104.1 KiB stored)".
+        let s = s
+            .split('\n')
+            .map(|line| match (line.find(" ago, "), line.rfind(" stored)")) {
+                (Some(a), Some(b)) if line.contains("  backup ") => {
+                    let open = line[..a].rfind('(').unwrap_or(a);
+                    let size = line[..b].rfind(", ").unwrap_or(b);
+                    format!(
+                        "{}([age] ago{}, [size] stored)",
+                        &line[..open],
+                        &line[a + 4..size]
+                    )
+                }
+                _ => line.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut out = String::new();
+        for word in s.split_inclusive(|c: char| !c.is_ascii_alphanumeric() && c != '-') {
+            let core = word.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-');
+            let rest = &word[core.len()..];
+            if core.len() >= 4 && core.chars().all(|c| c.is_ascii_digit()) {
+                out.push_str("[n]");
+            } else if core.len() == 64 && core.chars().all(|c| c.is_ascii_hexdigit()) {
+                out.push_str("[sha256]");
+            } else {
+                out.push_str(core);
+            }
+            out.push_str(rest);
+        }
+        out
+    }
+
+    fn json(&self, v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m.iter_mut() {
+                    let volatile = k.starts_with("size")
+                        || k == "source_version"
+                        || k.ends_with("_at")
+                        || k.ends_with("bytes")
+                        || k.starts_with("sha256");
+                    if volatile && !v.is_null() {
+                        *v = serde_json::Value::String(format!("[{k}]"));
+                    } else {
+                        self.json(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|v| self.json(v)),
+            serde_json::Value::String(s) => *s = self.text(s),
+            _ => {}
+        }
+    }
 }
 
 fn conformance(kind: Kind) {
@@ -203,6 +287,31 @@ fn conformance(kind: Kind) {
     assert_eq!(r.code, 14, "{kind}: restore into data: {}", r.stderr);
     assert!(r.stderr.contains("refusing"), "{kind}: {}", r.stderr);
     assert!((fx.untouched)(), "{kind}: the target was changed");
+    let refusal = r.stderr.clone();
+
+    // The plan a dry run prints, and the refusal's words, are the operator's contract.
+    let r = run(&[
+        "restore",
+        "--policy",
+        p,
+        "--source",
+        "src",
+        "--to",
+        &fx.target,
+        "--identity",
+        identity,
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{kind}: dry run: {}", r.stderr);
+    let mut plan: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let stable = Stable::new(&id, dir.path(), &fx.volatile);
+    stable.json(&mut plan);
+    insta::assert_snapshot!(
+        format!("{kind}_restore_plan"),
+        serde_json::to_string_pretty(&plan).unwrap()
+    );
+    insta::assert_snapshot!(format!("{kind}_restore_refusal"), stable.text(&refusal));
 
     // check --read-data finds a flipped byte in every object the manifest names.
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();

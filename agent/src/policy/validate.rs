@@ -389,7 +389,40 @@ pub(super) fn validate(
 }
 
 fn validate_repository(raw: RawRepository, p: &mut Problems) -> Option<RepositoryConfig> {
-    let part_size = match raw.part_size.as_deref() {
+    let part_size = part_size(raw.part_size.as_deref(), p);
+    let parts_in_flight = match raw.parts_in_flight {
+        None => default_parts_in_flight(),
+        Some(n) if (1..=64).contains(&n) => n,
+        Some(_) => {
+            p.add("repository.parts_in_flight", "must be between 1 and 64");
+            default_parts_in_flight()
+        }
+    };
+    let location = if let Some(path) = raw.url.strip_prefix("file://") {
+        fs_location(path, &raw, p)?
+    } else if let Some(rest) = raw.url.strip_prefix("s3://") {
+        let rest = rest.to_string();
+        s3_location(&rest, raw, p)
+    } else {
+        p.add(
+            "repository.url",
+            format!(
+                "`{}` is neither file://PATH nor s3://BUCKET/PREFIX",
+                raw.url
+            ),
+        );
+        return None;
+    };
+    Some(RepositoryConfig {
+        location,
+        part_size,
+        parts_in_flight,
+    })
+}
+
+/// `repository.part_size`, within S3's limits for a part.
+fn part_size(raw: Option<&str>, p: &mut Problems) -> usize {
+    match raw {
         None => default_part_size(),
         Some(s) => match parse_size(s) {
             Some(n) if (5 << 20..=(5u64 << 30)).contains(&n) => n as usize,
@@ -408,93 +441,78 @@ fn validate_repository(raw: RawRepository, p: &mut Problems) -> Option<Repositor
                 default_part_size()
             }
         },
-    };
-    let parts_in_flight = match raw.parts_in_flight {
-        None => default_parts_in_flight(),
-        Some(n) if (1..=64).contains(&n) => n,
-        Some(_) => {
-            p.add("repository.parts_in_flight", "must be between 1 and 64");
-            default_parts_in_flight()
-        }
-    };
-    let location = if let Some(path) = raw.url.strip_prefix("file://") {
-        for (field, set) in [
-            ("endpoint", raw.endpoint.is_some()),
-            ("region", raw.region.is_some()),
-            ("addressing", raw.addressing.is_some()),
-            ("checksums", raw.checksums.is_some()),
-            ("storage_class", raw.storage_class.is_some()),
-            ("object_lock", raw.object_lock.is_some()),
-        ] {
-            if set {
-                p.add(
-                    format!("repository.{field}"),
-                    "applies to s3:// repositories only; remove it or use an s3:// url",
-                );
-            }
-        }
-        if path.is_empty() {
-            p.add("repository.url", "`file://` needs a path, e.g. `file://./lifeboat-repo` or `file:///var/backups/lifeboat`");
-            return None;
-        }
-        Location::Fs {
-            root: PathBuf::from(path),
-        }
-    } else if let Some(rest) = raw.url.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let valid_bucket = (3..=63).contains(&bucket.len())
-            && bucket
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-        if !valid_bucket {
+    }
+}
+
+/// A `file://` repository: no S3 settings apply.
+fn fs_location(path: &str, raw: &RawRepository, p: &mut Problems) -> Option<Location> {
+    for (field, set) in [
+        ("endpoint", raw.endpoint.is_some()),
+        ("region", raw.region.is_some()),
+        ("addressing", raw.addressing.is_some()),
+        ("checksums", raw.checksums.is_some()),
+        ("storage_class", raw.storage_class.is_some()),
+        ("object_lock", raw.object_lock.is_some()),
+    ] {
+        if set {
             p.add(
-                "repository.url",
-                format!("`{bucket}` is not a valid S3 bucket name (3–63 characters: a-z, 0-9, `-`, `.`)"),
+                format!("repository.{field}"),
+                "applies to s3:// repositories only; remove it or use an s3:// url",
             );
         }
-        if let Some(e) = &raw.endpoint {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                p.add(
-                    "repository.endpoint",
-                    format!("`{e}` must start with http:// or https://"),
-                );
-            }
-        }
-        let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
-        Location::S3(S3Config {
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-            endpoint: raw.endpoint,
-            region: raw.region.unwrap_or_else(default_region),
-            force_path_style,
-            checksums: raw.checksums.unwrap_or(ChecksumMode::WhenRequired),
-            storage_class: raw.storage_class,
-            object_lock: match raw.object_lock {
-                Some(l) if l.days == 0 => {
-                    p.add(
-                        "repository.object_lock.days",
-                        "must be at least 1; leave object_lock out to disable it",
-                    );
-                    None
-                }
-                Some(l) => Some((l.mode, l.days)),
-                None => None,
-            },
-        })
-    } else {
+    }
+    if path.is_empty() {
+        p.add("repository.url", "`file://` needs a path, e.g. `file://./lifeboat-repo` or `file:///var/backups/lifeboat`");
+        return None;
+    }
+    Some(Location::Fs {
+        root: PathBuf::from(path),
+    })
+}
+
+/// An `s3://BUCKET/PREFIX` repository (`rest` follows the scheme).
+fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if !valid_bucket {
         p.add(
             "repository.url",
             format!(
-                "`{}` is neither file://PATH nor s3://BUCKET/PREFIX",
-                raw.url
+                "`{bucket}` is not a valid S3 bucket name (3–63 characters: a-z, 0-9, `-`, `.`)"
             ),
         );
-        return None;
-    };
-    Some(RepositoryConfig {
-        location,
-        part_size,
-        parts_in_flight,
+    }
+    if let Some(e) = &raw.endpoint {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            p.add(
+                "repository.endpoint",
+                format!("`{e}` must start with http:// or https://"),
+            );
+        }
+    }
+    let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
+    Location::S3(S3Config {
+        bucket: bucket.to_string(),
+        prefix: prefix.trim_matches('/').to_string(),
+        endpoint: raw.endpoint,
+        region: raw.region.unwrap_or_else(default_region),
+        force_path_style,
+        checksums: raw.checksums.unwrap_or(ChecksumMode::WhenRequired),
+        storage_class: raw.storage_class,
+        object_lock: match raw.object_lock {
+            Some(l) if l.days == 0 => {
+                p.add(
+                    "repository.object_lock.days",
+                    "must be at least 1; leave object_lock out to disable it",
+                );
+                None
+            }
+            Some(l) => Some((l.mode, l.days)),
+            None => None,
+        },
     })
 }
 

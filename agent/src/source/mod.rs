@@ -111,7 +111,7 @@ pub trait SourceKind: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
         _policy: &crate::policy::Policy,
         _now: chrono::DateTime<chrono::Utc>,
         _ignoring: &std::collections::HashSet<(String, String)>,
-    ) -> Result<Option<objects::blobs::CollectionPlan>> {
+    ) -> Result<Option<crate::collect::CollectionPlan>> {
         Ok(None)
     }
 }
@@ -237,7 +237,7 @@ macro_rules! kinds {
                 policy: &crate::policy::Policy,
                 now: chrono::DateTime<chrono::Utc>,
                 ignoring: &std::collections::HashSet<(String, String)>,
-            ) -> Result<Option<objects::blobs::CollectionPlan>> {
+            ) -> Result<Option<crate::collect::CollectionPlan>> {
                 match self {
                     $(SourceConfig::$variant(_) => {
                         <$config as SourceKind>::plan_shared_collection(repo, policy, now, ignoring).await

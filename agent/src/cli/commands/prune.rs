@@ -57,7 +57,7 @@ pub async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool)
                     for k in &r.aborted_uploads {
                         eprintln!("  aborted unfinished upload {k}");
                     }
-                    if let Some(b) = &r.blobs {
+                    if let Some(b) = &r.collected {
                         print_collection(b, dry_run);
                     }
                 }
@@ -88,15 +88,17 @@ pub async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool)
     }
 }
 
-fn print_collection(b: &lifeboat::source::objects::blobs::Collection, dry_run: bool) {
+fn print_collection(b: &lifeboat::collect::Collection, dry_run: bool) {
     if let Some(why) = &b.skipped {
-        eprintln!("  blobs: none collected: {why}");
+        eprintln!("  {}: none collected: {why}", b.what);
         return;
     }
     eprintln!(
-        "  blobs: {} stored, {} named by snapshots; {} {} ({}){}",
+        "  {}: {} stored, {} {}; {} {} ({}){}",
+        b.what,
         b.stored,
         b.referenced,
+        b.referenced_as,
         if dry_run { "would delete" } else { "deleted" },
         b.deleted,
         indicatif::HumanBytes(b.deleted_bytes),
@@ -108,8 +110,8 @@ fn print_collection(b: &lifeboat::source::objects::blobs::Collection, dry_run: b
     );
     if b.missing > 0 {
         eprintln!(
-            "  warning: {} blob(s) named by snapshots are not stored; run `lifeboat check --read-data`",
-            b.missing
+            "  warning: {} of the {} {} are not stored; run `lifeboat check --read-data`",
+            b.missing, b.what, b.referenced_as
         );
     }
 }

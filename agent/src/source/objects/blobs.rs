@@ -16,9 +16,9 @@
 use std::collections::{BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::collect::{Collection, CollectionPlan};
 use crate::error::{Error, Result};
 use crate::policy::Secret;
 use crate::repo::manifest::Role;
@@ -28,33 +28,6 @@ use crate::source::objects;
 /// Unreferenced blobs younger than this are left alone.
 pub const GRACE: std::time::Duration = crate::retention::GRACE;
 
-/// What a collection did (or, dry, would do).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Collection {
-    /// Blobs stored.
-    pub stored: u64,
-    /// Distinct blobs the published snapshots name.
-    pub referenced: u64,
-    /// Blobs deleted (or, dry, to delete).
-    pub deleted: u64,
-    /// Their stored bytes.
-    pub deleted_bytes: u64,
-    /// Unreferenced blobs kept because they are younger than the grace period.
-    pub young: u64,
-    /// Named by a snapshot but not stored: damage `lifeboat check` should look at.
-    pub missing: u64,
-    /// Why nothing was collected, when nothing was.
-    pub skipped: Option<String>,
-}
-
-/// A collection, planned: what would go, and the keys to delete.
-#[derive(Debug, Clone, Default)]
-pub struct CollectionPlan {
-    /// What the collection would do.
-    pub summary: Collection,
-    doomed: Vec<String>,
-}
-
 /// Plans the collection of the blobs no published objects backup names, except the backups in
 /// `ignoring` (source, id): those a prune is about to delete. Deletes nothing.
 pub async fn plan(
@@ -63,17 +36,18 @@ pub async fn plan(
     now: DateTime<Utc>,
     ignoring: &HashSet<(String, String)>,
 ) -> Result<CollectionPlan> {
-    let mut out = Collection::default();
+    let mut out = Collection {
+        what: "blobs",
+        referenced_as: "named by snapshots",
+        ..Collection::default()
+    };
     let stored = repo
         .store
         .list(&layout::blobs_prefix())
         .await
         .map_err(|e| Error::from(e).context("listing stored blobs"))?;
     out.stored = stored.len() as u64;
-    let nothing = |summary| CollectionPlan {
-        summary,
-        doomed: Vec::new(),
-    };
+    let nothing = CollectionPlan::nothing;
     if stored.is_empty() {
         return Ok(nothing(out));
     }
@@ -124,45 +98,7 @@ pub async fn plan(
         out.deleted_bytes = 0;
         return Ok(nothing(out));
     }
-    Ok(CollectionPlan {
-        summary: out,
-        doomed,
-    })
-}
-
-/// Deletes what `plan` found, under the `blobs` lease checked before every deletion.
-pub async fn apply(repo: &Repository, plan: CollectionPlan) -> Result<Collection> {
-    let CollectionPlan {
-        summary: out,
-        doomed,
-    } = plan;
-    if doomed.is_empty() {
-        return Ok(out);
-    }
-    let mut lease = repo
-        .lease(
-            "blobs",
-            "blob collection",
-            std::time::Duration::from_secs(600),
-        )
-        .await?;
-    let result = async {
-        for key in &doomed {
-            lease.check().await?;
-            repo.store.delete(key).await.map_err(Error::from)?;
-        }
-        Ok::<(), Error>(())
-    }
-    .await;
-    let released = lease.release().await;
-    result?;
-    released?;
-    tracing::info!(
-        deleted = out.deleted,
-        bytes = out.deleted_bytes,
-        "Collected unreferenced blobs"
-    );
-    Ok(out)
+    Ok(CollectionPlan::new(out, doomed, "blobs"))
 }
 
 /// Every blob the published objects backups name, or why that cannot be known.

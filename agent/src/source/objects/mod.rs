@@ -295,96 +295,6 @@ impl Objects {
     /// snapshot already names that blob or this run stored it. An object whose content changes
     /// between the hashing read and the upload is read again (3 attempts).
     #[allow(clippy::too_many_arguments)]
-    async fn store_object(
-        &self,
-        ctx: &BackupContext,
-        l: &Listed,
-        key: &Secret,
-        s3: Option<&Arc<dyn ObjectStore>>,
-        known: &HashSet<[u8; 32]>,
-        claims: &Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<()>>>>,
-        uploaded: &std::sync::atomic::AtomicU64,
-    ) -> Result<Entry> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let (sha, size, kept) = first_read(self.open(s3, &l.path).await?)
-                .await
-                .map_err(|e| Error::failed(format!("reading {}: {e}", l.path)))?;
-            if size == 0 {
-                let mut e = entry(l, Some(sha), None);
-                e.size = 0;
-                return Ok(e);
-            }
-            let id = blob_id(key, &sha);
-            let raw = unhex32(&id).ok_or_else(|| Error::failed("blob id is not hex"))?;
-            if known.contains(&raw) {
-                let mut e = entry(l, Some(sha), Some(id));
-                e.size = size;
-                return Ok(e);
-            }
-            // One upload per blob: a second object with the same content waits for the first
-            // one's upload, and makes its own if that one failed.
-            let cell = claims
-                .lock()
-                .map_err(|_| Error::failed("blob claims poisoned"))?
-                .entry(raw)
-                .or_default()
-                .clone();
-            let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let stored_now = cell
-                .get_or_try_init(|| async {
-                    let input: Pin<Box<dyn AsyncRead + Send>> = match kept {
-                        Some(bytes) => Box::pin(std::io::Cursor::new(bytes)),
-                        None => Box::pin(ExpectSha256 {
-                            inner: self.open(s3, &l.path).await?,
-                            hasher: Sha256::new(),
-                            expected: sha.clone(),
-                            changed: changed.clone(),
-                        }),
-                    };
-                    // zstd's worker threads pay off only on large inputs.
-                    let mut cfg = ctx.pipeline.clone();
-                    if size < (4 << 20) {
-                        cfg.workers = 0;
-                    }
-                    pipeline::run(
-                        input,
-                        async { Ok(()) },
-                        NoObserver,
-                        ctx.store.clone(),
-                        layout::blob(&id),
-                        &cfg,
-                        ctx.cancel.clone(),
-                    )
-                    .await
-                    .map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?;
-                    uploaded.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    Ok::<(), Error>(())
-                })
-                .await;
-            match stored_now {
-                Ok(()) => {
-                    let mut e = entry(l, Some(sha), Some(id));
-                    e.size = size;
-                    return Ok(e);
-                }
-                // It changed between the two reads: nothing was stored; read it again.
-                Err(_) if changed.load(std::sync::atomic::Ordering::SeqCst) => {
-                    if attempt < 3 {
-                        continue;
-                    }
-                    return Err(Error::failed(format!(
-                        "{} kept changing while it was read ({attempt} attempts)",
-                        l.path
-                    ))
-                    .hint("back it up when it is not being written, or exclude it"));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     /// The shrink guard: an empty listing, or one that lost more than `max_shrink_percent` of
     /// the last snapshot's objects, is refused rather than recorded.
     fn shrink_guard(&self, files: usize, previous: usize) -> Result<()> {
@@ -651,6 +561,163 @@ impl AsyncRead for ExpectSha256 {
     }
 }
 
+/// Writes each entry as it comes, as one JSON line, into the snapshot's stream and into the
+/// next change index (zstd, in memory: a line per object, a fraction of the snapshot).
+async fn write_snapshot(
+    id: &str,
+    entries: &mut (impl futures::Stream<Item = Result<Entry>> + Unpin),
+    plain_w: &mut tokio::io::DuplexStream,
+) -> Result<(Tally, Vec<u8>)> {
+    use std::io::Write;
+    use tokio::io::AsyncWriteExt;
+    let io = |e: std::io::Error| Error::failed(format!("writing the snapshot: {e}"));
+    let mut next_index = zstd::stream::write::Encoder::new(Vec::new(), 3).map_err(io)?;
+    let header = serde_json::json!({ "index": INDEX_FORMAT, "backup": id });
+    writeln!(next_index, "{header}").map_err(io)?;
+    let mut t = Tally::default();
+    while let Some(e) = entries.try_next().await? {
+        let mut line = serde_json::to_vec(&e)
+            .map_err(|e| Error::failed(format!("cannot encode the snapshot: {e}")))?;
+        line.push(b'\n');
+        plain_w.write_all(&line).await.map_err(io)?;
+        next_index.write_all(&line).map_err(io)?;
+        t.add(&e);
+    }
+    plain_w.shutdown().await.map_err(io)?;
+    Ok((t, next_index.finish().map_err(io)?))
+}
+
+/// One backup run's shared state: what every entry's future reads or updates.
+struct Run<'a> {
+    objects: &'a Objects,
+    ctx: &'a BackupContext,
+    key: &'a Secret,
+    s3: Option<&'a Arc<dyn ObjectStore>>,
+    /// The previous run's change index.
+    index: &'a HashMap<String, Known>,
+    /// Blobs the last published snapshot names: stored, and safe from collection.
+    known: &'a HashSet<[u8; 32]>,
+    /// One upload per blob id.
+    claims: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<()>>>>,
+    uploaded: std::sync::atomic::AtomicU64,
+    semaphore: tokio::sync::Semaphore,
+}
+
+impl Run<'_> {
+    /// The snapshot entry for `l`: from the index when unchanged, else read and stored.
+    async fn entry(&self, l: &Listed) -> Result<Entry> {
+        if l.kind == EntryKind::Dir {
+            return Ok(entry(l, None, None));
+        }
+        if let Some(k) = self.index.get(&l.path).filter(|k| k.unchanged(l)) {
+            return Ok(entry(
+                l,
+                Some(hex::encode(k.sha256)),
+                k.blob.map(hex::encode),
+            ));
+        }
+        let _permit = self
+            .semaphore
+            .acquire()
+            .await
+            .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
+        self.store_object(l).await
+    }
+
+    /// Reads `l`, and stores its content as a blob unless a stored blob has it already.
+    async fn store_object(&self, l: &Listed) -> Result<Entry> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (sha, size, kept) = first_read(self.objects.open(self.s3, &l.path).await?)
+                .await
+                .map_err(|e| Error::failed(format!("reading {}: {e}", l.path)))?;
+            let sized = |blob| {
+                let mut e = entry(l, Some(sha.clone()), blob);
+                e.size = size;
+                e
+            };
+            if size == 0 {
+                return Ok(sized(None));
+            }
+            let id = blob_id(self.key, &sha);
+            let raw = unhex32(&id).ok_or_else(|| Error::failed("blob id is not hex"))?;
+            if self.known.contains(&raw) {
+                return Ok(sized(Some(id)));
+            }
+            // One upload per blob: a second object with the same content waits for the first
+            // one's upload, and makes its own if that one failed.
+            let cell = self
+                .claims
+                .lock()
+                .map_err(|_| Error::failed("blob claims poisoned"))?
+                .entry(raw)
+                .or_default()
+                .clone();
+            let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stored_now = cell
+                .get_or_try_init(|| self.upload(l, &id, &sha, size, kept, changed.clone()))
+                .await;
+            match stored_now {
+                Ok(()) => return Ok(sized(Some(id))),
+                // It changed between the two reads: nothing was stored; read it again.
+                Err(_) if changed.load(std::sync::atomic::Ordering::SeqCst) => {
+                    if attempt < 3 {
+                        continue;
+                    }
+                    return Err(Error::failed(format!(
+                        "{} kept changing while it was read ({attempt} attempts)",
+                        l.path
+                    ))
+                    .hint("back it up when it is not being written, or exclude it"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores blob `id`: the bytes kept from the first read, or a second read that must hash to
+    /// `sha` (else `changed` is set and nothing is stored).
+    async fn upload(
+        &self,
+        l: &Listed,
+        id: &str,
+        sha: &str,
+        size: u64,
+        kept: Option<bytes::Bytes>,
+        changed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<()> {
+        let input: Pin<Box<dyn AsyncRead + Send>> = match kept {
+            Some(bytes) => Box::pin(std::io::Cursor::new(bytes)),
+            None => Box::pin(ExpectSha256 {
+                inner: self.objects.open(self.s3, &l.path).await?,
+                hasher: Sha256::new(),
+                expected: sha.to_string(),
+                changed,
+            }),
+        };
+        // zstd's worker threads pay off only on large inputs.
+        let mut cfg = self.ctx.pipeline.clone();
+        if size < (4 << 20) {
+            cfg.workers = 0;
+        }
+        pipeline::run(
+            input,
+            async { Ok(()) },
+            NoObserver,
+            self.ctx.store.clone(),
+            layout::blob(id),
+            &cfg,
+            self.ctx.cancel.clone(),
+        )
+        .await
+        .map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?;
+        self.uploaded
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Source for Objects {
     async fn probe(&self) -> Result<()> {
@@ -679,60 +746,31 @@ impl Source for Objects {
         let listed = self.list(s3.as_ref()).await?;
         let files = listed.iter().filter(|l| l.kind == EntryKind::File).count();
         let index = self.load_index(ctx.store.as_ref(), &ctx.source).await;
-        let previous = index.len();
-        self.shrink_guard(files, previous)?;
+        self.shrink_guard(files, index.len())?;
         // Only blobs the last published snapshot names count as stored: blob collection never
         // removes those, while any other blob may be on its way out. Content found nowhere
         // else is uploaded again (which also renews an old copy's age).
         let known: HashSet<[u8; 32]> = index.values().filter_map(|k| k.blob).collect();
-        let claims: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<()>>>> = Mutex::default();
-        let uploaded = std::sync::atomic::AtomicU64::new(0);
-        let semaphore = tokio::sync::Semaphore::new(self.cfg.concurrency);
+        let run = Run {
+            objects: self,
+            ctx,
+            key: &key,
+            s3: s3.as_ref(),
+            index: &index,
+            known: &known,
+            claims: Mutex::default(),
+            uploaded: std::sync::atomic::AtomicU64::new(0),
+            semaphore: tokio::sync::Semaphore::new(self.cfg.concurrency),
+        };
         // Entries come out in path order: unchanged objects from the index at once, changed
         // ones read and stored, at most `concurrency` at a time. Nothing holds the whole
         // snapshot: each entry goes straight into the snapshot's stream and the next index.
         // By position and boxed: the futures borrow this run's state, which the Send-checked
         // trait method cannot express through a closure over `&Listed`. Made lazily.
-        let (all, index_ref, known_ref, claims_ref, uploaded_ref, semaphore_ref, key_ref, s3_ref) = (
-            &listed,
-            &index,
-            &known,
-            &claims,
-            &uploaded,
-            &semaphore,
-            &key,
-            s3.as_ref(),
-        );
+        let (all, run_ref) = (&listed, &run);
         let items =
             (0..listed.len()).map(move |i| -> futures::future::BoxFuture<'_, Result<Entry>> {
-                let l = &all[i];
-                let (index, known, claims, uploaded, semaphore, key, s3) = (
-                    index_ref,
-                    known_ref,
-                    claims_ref,
-                    uploaded_ref,
-                    semaphore_ref,
-                    key_ref,
-                    s3_ref,
-                );
-                Box::pin(async move {
-                    if l.kind == EntryKind::Dir {
-                        return Ok::<Entry, Error>(entry(l, None, None));
-                    }
-                    if let Some(k) = index.get(&l.path).filter(|k| k.unchanged(l)) {
-                        return Ok(entry(
-                            l,
-                            Some(hex::encode(k.sha256)),
-                            k.blob.map(hex::encode),
-                        ));
-                    }
-                    let _permit = semaphore
-                        .acquire()
-                        .await
-                        .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
-                    self.store_object(ctx, l, key, s3, known, claims, uploaded)
-                        .await
-                })
+                Box::pin(run_ref.entry(&all[i]))
             });
         let window = (self.cfg.concurrency * 32).max(64);
         let mut entries = futures::stream::iter(items).buffered(window);
@@ -754,27 +792,7 @@ impl Source for Objects {
         );
         let produce = async {
             let mut plain_w = plain_w;
-            let written = async {
-                use std::io::Write;
-                use tokio::io::AsyncWriteExt;
-                let io = |e: std::io::Error| Error::failed(format!("writing the snapshot: {e}"));
-                let mut next_index =
-                    zstd::stream::write::Encoder::new(Vec::new(), 3).map_err(io)?;
-                let header = serde_json::json!({ "index": INDEX_FORMAT, "backup": ctx.id });
-                writeln!(next_index, "{header}").map_err(io)?;
-                let mut t = Tally::default();
-                while let Some(e) = entries.try_next().await? {
-                    let mut line = serde_json::to_vec(&e)
-                        .map_err(|e| Error::failed(format!("cannot encode the snapshot: {e}")))?;
-                    line.push(b'\n');
-                    plain_w.write_all(&line).await.map_err(io)?;
-                    next_index.write_all(&line).map_err(io)?;
-                    t.add(&e);
-                }
-                plain_w.shutdown().await.map_err(io)?;
-                Ok::<_, Error>((t, next_index.finish().map_err(io)?))
-            }
-            .await;
+            let written = write_snapshot(&ctx.id, &mut entries, &mut plain_w).await;
             let _ = verdict_tx.send(match &written {
                 Ok(_) => Ok(()),
                 Err(_) => Err(Error::failed("the snapshot was not finished")),
@@ -785,6 +803,8 @@ impl Source for Objects {
         let (tally, next_index) = written?;
         let (digests, _) = stored.map_err(Error::from)?;
         drop(entries);
+        let uploaded = run.uploaded.load(std::sync::atomic::Ordering::SeqCst);
+        drop(run);
         drop(index);
 
         let list_part = store_blob_list(ctx, &key, &tally).await?;
@@ -797,7 +817,7 @@ impl Source for Objects {
             dirs: tally.dirs,
             bytes: tally.bytes,
             blobs: tally.blobs.len() as u64,
-            blobs_uploaded: uploaded.load(std::sync::atomic::Ordering::SeqCst),
+            blobs_uploaded: uploaded,
             tree_sha256: hex::encode(tally.tree.finalize()),
         };
         tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");

@@ -136,7 +136,7 @@ impl SourceKind for ObjectsConfig {
         policy: &crate::policy::Policy,
         now: chrono::DateTime<chrono::Utc>,
         ignoring: &std::collections::HashSet<(String, String)>,
-    ) -> crate::Result<Option<super::blobs::CollectionPlan>> {
+    ) -> crate::Result<Option<crate::collect::CollectionPlan>> {
         let index_key = policy.encryption.index_key.as_ref();
         Ok(Some(
             super::blobs::plan(repo, index_key, now, ignoring).await?,
@@ -151,52 +151,7 @@ fn validate(
     p: &mut Problems,
 ) -> Option<SourcePolicy> {
     check_name(&format!("{path}.name"), &raw.name, p);
-    let from = if let Some(dir) = raw.from.strip_prefix("dir://") {
-        if !dir.starts_with('/') {
-            p.add(
-                format!("{path}.from"),
-                format!(
-                    "`{}`: write an absolute path, dir:///data/uploads",
-                    raw.from
-                ),
-            );
-        }
-        if raw.endpoint.is_some() || raw.region.is_some() || raw.addressing.is_some() {
-            p.add(
-                format!("{path}.endpoint"),
-                "endpoint, region and addressing apply to s3:// sources only",
-            );
-        }
-        ObjectsFrom::Dir(PathBuf::from(dir))
-    } else if let Some(rest) = raw.from.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            p.add(
-                format!("{path}.from"),
-                "names no bucket: write s3://BUCKET/PREFIX/",
-            );
-        }
-        let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
-        ObjectsFrom::S3(S3Config {
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-            endpoint: raw.endpoint.clone(),
-            region: raw.region.clone().unwrap_or_else(default_region),
-            force_path_style,
-            checksums: ChecksumMode::WhenRequired,
-            storage_class: None,
-            object_lock: None,
-        })
-    } else {
-        p.add(
-            format!("{path}.from"),
-            format!(
-                "`{}` is neither dir:///PATH nor s3://BUCKET/PREFIX/",
-                raw.from
-            ),
-        );
-        ObjectsFrom::Dir(PathBuf::new())
-    };
+    let from = from(path, &raw, p);
     for (field, globs) in [("include", &raw.include), ("exclude", &raw.exclude)] {
         for (i, g) in globs.iter().enumerate() {
             if let Err(e) = globset::Glob::new(g) {
@@ -249,6 +204,56 @@ fn validate(
             concurrency: concurrency.clamp(1, 64),
         }),
     )
+}
+
+/// Where the objects are read from: a directory or an S3 bucket and prefix.
+fn from(path: &str, raw: &RawObjectsSource, p: &mut Problems) -> ObjectsFrom {
+    if let Some(dir) = raw.from.strip_prefix("dir://") {
+        if !dir.starts_with('/') {
+            p.add(
+                format!("{path}.from"),
+                format!(
+                    "`{}`: write an absolute path, dir:///data/uploads",
+                    raw.from
+                ),
+            );
+        }
+        if raw.endpoint.is_some() || raw.region.is_some() || raw.addressing.is_some() {
+            p.add(
+                format!("{path}.endpoint"),
+                "endpoint, region and addressing apply to s3:// sources only",
+            );
+        }
+        ObjectsFrom::Dir(PathBuf::from(dir))
+    } else if let Some(rest) = raw.from.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            p.add(
+                format!("{path}.from"),
+                "names no bucket: write s3://BUCKET/PREFIX/",
+            );
+        }
+        let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
+        ObjectsFrom::S3(S3Config {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: raw.endpoint.clone(),
+            region: raw.region.clone().unwrap_or_else(default_region),
+            force_path_style,
+            checksums: ChecksumMode::WhenRequired,
+            storage_class: None,
+            object_lock: None,
+        })
+    } else {
+        p.add(
+            format!("{path}.from"),
+            format!(
+                "`{}` is neither dir:///PATH nor s3://BUCKET/PREFIX/",
+                raw.from
+            ),
+        );
+        ObjectsFrom::Dir(PathBuf::new())
+    }
 }
 
 #[cfg(test)]

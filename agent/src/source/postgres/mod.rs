@@ -299,6 +299,38 @@ impl Postgres {
         )))
     }
 
+    /// The roles and tablespaces (`pg_dumpall --globals-only`, no passwords), as a part.
+    async fn store_globals(
+        &self,
+        ctx: &BackupContext,
+        c: &Connection,
+        pg_dumpall: &Path,
+        env: &ChildEnv,
+    ) -> Result<crate::repo::manifest::Part> {
+        let mut args: Vec<OsString> = vec!["--globals-only".into(), "--no-role-passwords".into()];
+        if let Some(db) = c.config.get_dbname() {
+            args.push(format!("--database={db}").into());
+        }
+        let running = child::spawn(pg_dumpall, &args, env, "pg_dumpall --globals-only".into())?;
+        let key = layout::backup_object(&ctx.source, &ctx.id, GLOBALS_OBJECT);
+        let (d, _) = pipeline::run(
+            running.stdout,
+            running.verdict,
+            NoObserver,
+            ctx.store.clone(),
+            key,
+            &ctx.pipeline,
+            ctx.cancel.clone(),
+        )
+        .await
+        .map_err(|e| {
+            Error::from(e)
+                .context("pg_dumpall")
+                .hint("the role needs to read pg_roles; or set globals = false for this source")
+        })?;
+        Ok(d.part(GLOBALS_OBJECT, Role::Globals, "sql"))
+    }
+
     /// libpq environment for a child, and the passfile holding the password (kept until the child is done).
     fn child_env(&self, c: &Connection) -> Result<(ChildEnv, Option<tempfile::NamedTempFile>)> {
         let cfg = &c.config;
@@ -457,14 +489,7 @@ pub fn quote_literal(s: &str) -> String {
 /// Measures a restored database against `expected`: COPY of every table with the same columns
 /// and text settings as the dump, sequences, large objects and schema object counts.
 pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed> {
-    let q = |what: &str, e: tokio_postgres::Error| {
-        Error::failed(format!(
-            "restored database: {what}: {}",
-            e.as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string())
-        ))
-    };
+    let q = query_error;
     client
         .batch_execute(TEXT_SETTINGS_SQL)
         .await
@@ -484,6 +509,53 @@ pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
+    let (tables, missing_tables) = observe_tables(client, expected, &present, full).await?;
+    let unexpected_tables = present
+        .iter()
+        .filter(|(s, n)| {
+            !expected
+                .dump
+                .tables
+                .iter()
+                .any(|t| &t.schema == s && &t.name == n)
+        })
+        .map(|(s, n)| format!("{}.{}", quote_ident(s), quote_ident(n)))
+        .collect();
+    let sequences = observe_sequences(client, expected).await?;
+    let (lo_count, lo_hash) = observe_large_objects(client).await?;
+    let counts = client
+        .query_one(OBJECT_COUNTS, &[])
+        .await
+        .map_err(|e| q("counting schema objects", e))?;
+    Ok(Observed {
+        tables,
+        missing_tables,
+        unexpected_tables,
+        sequences,
+        large_objects: lo_count,
+        large_objects_hash: full.then_some(lo_hash),
+        objects: object_counts(&counts),
+    })
+}
+
+/// A failed query of the restored database, named by `what`.
+fn query_error(what: &str, e: tokio_postgres::Error) -> Error {
+    Error::failed(format!(
+        "restored database: {what}: {}",
+        e.as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string())
+    ))
+}
+
+/// Row counts and hashes of the tables `expected` names, and those missing from the restore.
+async fn observe_tables(
+    client: &Client,
+    expected: &Fingerprint,
+    present: &[(String, String)],
+    full: bool,
+) -> Result<(Vec<TableData>, Vec<String>)> {
+    let q = query_error;
     let mut tables = Vec::new();
     let mut missing_tables = Vec::new();
     for t in &expected.dump.tables {
@@ -511,17 +583,15 @@ pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed
             hash,
         });
     }
-    let unexpected_tables = present
-        .iter()
-        .filter(|(s, n)| {
-            !expected
-                .dump
-                .tables
-                .iter()
-                .any(|t| &t.schema == s && &t.name == n)
-        })
-        .map(|(s, n)| format!("{}.{}", quote_ident(s), quote_ident(n)))
-        .collect();
+    Ok((tables, missing_tables))
+}
+
+/// The last value of each sequence `expected` names (`None`: not restored).
+async fn observe_sequences(
+    client: &Client,
+    expected: &Fingerprint,
+) -> Result<Vec<(String, Option<SequenceValue>)>> {
+    let q = query_error;
     let mut sequences = Vec::new();
     for seq in &expected.dump.sequences {
         let row = client
@@ -542,6 +612,12 @@ pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed
         });
         sequences.push((seq.name.clone(), found));
     }
+    Ok(sequences)
+}
+
+/// Count and hash of the large objects.
+async fn observe_large_objects(client: &Client) -> Result<(u64, String)> {
+    let q = query_error;
     let mut lo = LargeObjectHasher::default();
     let los = client
         .query(
@@ -555,20 +631,7 @@ pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed
         lo.feed(r.get::<_, &[u8]>(1));
         lo.end();
     }
-    let (lo_count, lo_hash) = lo.finish();
-    let counts = client
-        .query_one(OBJECT_COUNTS, &[])
-        .await
-        .map_err(|e| q("counting schema objects", e))?;
-    Ok(Observed {
-        tables,
-        missing_tables,
-        unexpected_tables,
-        sequences,
-        large_objects: lo_count,
-        large_objects_hash: full.then_some(lo_hash),
-        objects: object_counts(&counts),
-    })
+    Ok(lo.finish())
 }
 
 /// Where pg_restore reads the archive from.
@@ -755,30 +818,7 @@ impl Source for Postgres {
         let mut parts = vec![digests.part(DUMP_OBJECT, Role::Database, "pg_dump-custom")];
 
         if let Some(pg_dumpall) = pg_dumpall {
-            let mut args: Vec<OsString> =
-                vec!["--globals-only".into(), "--no-role-passwords".into()];
-            if let Some(db) = c.config.get_dbname() {
-                args.push(format!("--database={db}").into());
-            }
-            let running =
-                child::spawn(&pg_dumpall, &args, &env, "pg_dumpall --globals-only".into())?;
-            let key = layout::backup_object(&ctx.source, &ctx.id, GLOBALS_OBJECT);
-            let (d, _) = pipeline::run(
-                running.stdout,
-                running.verdict,
-                NoObserver,
-                ctx.store.clone(),
-                key,
-                &ctx.pipeline,
-                ctx.cancel.clone(),
-            )
-            .await
-            .map_err(|e| {
-                Error::from(e)
-                    .context("pg_dumpall")
-                    .hint("the role needs to read pg_roles; or set globals = false for this source")
-            })?;
-            parts.push(d.part(GLOBALS_OBJECT, Role::Globals, "sql"));
+            parts.push(self.store_globals(ctx, &c, &pg_dumpall, &env).await?);
         }
 
         let summary = fingerprinter.finish();

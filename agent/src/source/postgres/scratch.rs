@@ -210,25 +210,131 @@ pub fn find_server_bin(configured: Option<&Path>, source_major: u32) -> Result<P
     .hint("install postgresql-<major> beside the verifier, or set verify.postgres_bin_dir, or verify.scratch_url"))
 }
 
+/// A fresh directory for a scratch cluster, under a short path (socket paths are limited).
+fn scratch_dir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    let base = if base.as_os_str().len() > 60 {
+        PathBuf::from("/tmp")
+    } else {
+        base
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("lbv-")
+        .tempdir_in(&base)
+        .map_err(|e| {
+            Error::failed(format!(
+                "cannot create a scratch dir in {}: {e}",
+                base.display()
+            ))
+        })?
+        .keep();
+    Ok(dir)
+}
+
+/// Gives `dir` to the OS user the server runs as.
+fn hand_over(dir: &Path, user: &str) -> std::result::Result<(), String> {
+    let ok = std::process::Command::new("chown")
+        .arg(format!("{user}:"))
+        .arg(dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("cannot hand {} to user {user}", dir.display()))
+    }
+}
+
+/// Creates the cluster in `data`, its bootstrap superuser [`SUPERUSER`], trusted on the socket.
+async fn initdb(prefix: &[OsString], bin: &Path, data: &Path) -> std::result::Result<(), String> {
+    let mut initdb: Vec<OsString> = prefix.to_vec();
+    initdb.extend([
+        bin.join("initdb").into_os_string(),
+        "-D".into(),
+        data.as_os_str().to_os_string(),
+        "-U".into(),
+        SUPERUSER.into(),
+        "-A".into(),
+        "trust".into(),
+        "-E".into(),
+        "UTF8".into(),
+        "--locale=C.UTF-8".into(),
+        "--no-sync".into(),
+    ]);
+    let out = Command::new(&initdb[0])
+        .args(&initdb[1..])
+        .current_dir("/")
+        .output()
+        .await
+        .map_err(|e| format!("cannot run initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Starts the server under a shell that stops it and removes `dir` when its stdin closes, so
+/// the cluster goes even if the verifier is killed.
+fn spawn_server(
+    prefix: Vec<OsString>,
+    bin: &Path,
+    data: &Path,
+    dir: &Path,
+    port: u16,
+) -> std::result::Result<Child, String> {
+    let mut server: Vec<OsString> = prefix;
+    server.extend([
+        bin.join("postgres").into_os_string(),
+        "-D".into(),
+        data.as_os_str().to_os_string(),
+        "-p".into(),
+        port.to_string().into(),
+        "-k".into(),
+        dir.as_os_str().to_os_string(),
+        "-c".into(),
+        "listen_addresses=".into(),
+        "-c".into(),
+        "fsync=off".into(),
+        "-c".into(),
+        "full_page_writes=off".into(),
+        "-c".into(),
+        "synchronous_commit=off".into(),
+        // With minimal WAL, a table created and loaded in one transaction (pg_restore
+        // --single-transaction) is written once instead of twice.
+        "-c".into(),
+        "wal_level=minimal".into(),
+        "-c".into(),
+        "max_wal_senders=0".into(),
+        "-c".into(),
+        "max_wal_size=4GB".into(),
+        "-c".into(),
+        "checkpoint_timeout=30min".into(),
+        "-c".into(),
+        "unix_socket_permissions=0700".into(),
+    ]);
+    let script = r#"dir=$1; shift; "$@" >"$dir/log" 2>&1 & pid=$!; read _; kill -INT $pid 2>/dev/null; wait $pid; rm -rf "$dir""#;
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("lifeboat-scratch")
+        .arg(dir)
+        .args(&server)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .current_dir("/")
+        .spawn()
+        .map_err(|e| format!("cannot start the server: {e}"))
+}
+
 impl Scratch {
     /// Creates and starts a scratch cluster with the binaries in `bin`.
     pub async fn start(bin: &Path) -> Result<Scratch> {
-        let base = std::env::temp_dir();
-        let base = if base.as_os_str().len() > 60 {
-            PathBuf::from("/tmp")
-        } else {
-            base
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("lbv-")
-            .tempdir_in(&base)
-            .map_err(|e| {
-                Error::failed(format!(
-                    "cannot create a scratch dir in {}: {e}",
-                    base.display()
-                ))
-            })?
-            .keep();
+        let dir = scratch_dir()?;
         let fail = |what: String| {
             let _ = std::fs::remove_dir_all(&dir);
             Error::failed(format!("scratch cluster: {what}"))
@@ -236,93 +342,15 @@ impl Scratch {
         let isolation = isolation();
         let prefix = isolation.prefix;
         if let Some(user) = &isolation.user {
-            let ok = std::process::Command::new("chown")
-                .arg(format!("{user}:"))
-                .arg(&dir)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                return Err(fail(format!(
-                    "cannot hand {} to user {user}",
-                    dir.display()
-                )));
-            }
+            hand_over(&dir, user).map_err(fail)?;
         }
         let data = dir.join("data");
-        let mut initdb: Vec<OsString> = prefix.clone();
-        initdb.extend([
-            bin.join("initdb").into_os_string(),
-            "-D".into(),
-            data.clone().into_os_string(),
-            "-U".into(),
-            SUPERUSER.into(),
-            "-A".into(),
-            "trust".into(),
-            "-E".into(),
-            "UTF8".into(),
-            "--locale=C.UTF-8".into(),
-            "--no-sync".into(),
-        ]);
-        let out = Command::new(&initdb[0])
-            .args(&initdb[1..])
-            .current_dir("/")
-            .output()
-            .await
-            .map_err(|e| fail(format!("cannot run initdb: {e}")))?;
-        if !out.status.success() {
-            return Err(fail(format!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        initdb(&prefix, bin, &data).await.map_err(fail)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .map_err(|e| fail(format!("no free port: {e}")))?;
-        let mut server: Vec<OsString> = prefix;
-        server.extend([
-            bin.join("postgres").into_os_string(),
-            "-D".into(),
-            data.into_os_string(),
-            "-p".into(),
-            port.to_string().into(),
-            "-k".into(),
-            dir.clone().into_os_string(),
-            "-c".into(),
-            "listen_addresses=".into(),
-            "-c".into(),
-            "fsync=off".into(),
-            "-c".into(),
-            "full_page_writes=off".into(),
-            "-c".into(),
-            "synchronous_commit=off".into(),
-            // With minimal WAL, a table created and loaded in one transaction (pg_restore
-            // --single-transaction) is written once instead of twice.
-            "-c".into(),
-            "wal_level=minimal".into(),
-            "-c".into(),
-            "max_wal_senders=0".into(),
-            "-c".into(),
-            "max_wal_size=4GB".into(),
-            "-c".into(),
-            "checkpoint_timeout=30min".into(),
-            "-c".into(),
-            "unix_socket_permissions=0700".into(),
-        ]);
-        let script = r#"dir=$1; shift; "$@" >"$dir/log" 2>&1 & pid=$!; read _; kill -INT $pid 2>/dev/null; wait $pid; rm -rf "$dir""#;
-        let mut guard = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("lifeboat-scratch")
-            .arg(&dir)
-            .args(&server)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .current_dir("/")
-            .spawn()
-            .map_err(|e| fail(format!("cannot start the server: {e}")))?;
+        let mut guard = spawn_server(prefix, bin, &data, &dir, port).map_err(fail)?;
         let stdin = guard.stdin.take();
         let scratch = Scratch {
             dir,

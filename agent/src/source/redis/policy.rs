@@ -143,7 +143,48 @@ fn validate(
 ) -> Option<SourcePolicy> {
     check_name(&format!("{path}.name"), &raw.name, p);
     let url_redacted = redact_url(&raw.url);
-    let endpoint = match url::Url::parse(&raw.url) {
+    let endpoint = endpoint(
+        path,
+        &raw.url,
+        &url_redacted,
+        raw.password_file.is_some(),
+        p,
+    );
+    let mode = capture(path, raw.mode.unwrap_or_default(), raw.rdb_path, p);
+    if let Some(v) = &raw.verify {
+        reject_foreign_verify(path, v, p);
+    }
+    let common = common_settings(path, common_raw!(raw), ctx.defaults, p);
+    common.into_source(
+        raw.name,
+        SourceConfig::Redis(RedisConfig {
+            // No endpoint: either a problem was recorded, or the URL holds an unset ${VAR} and
+            // validation runs with --allow-missing-env; the source still counts.
+            endpoint: endpoint.unwrap_or(RedisEndpoint {
+                host: String::new(),
+                port: 6379,
+                tls: false,
+                username: None,
+                password: None,
+            }),
+            url_redacted,
+            password_file: raw.password_file.map(PathBuf::from),
+            capture: mode,
+            tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
+            bin_dir: raw.redis_bin_dir.map(PathBuf::from),
+        }),
+    )
+}
+
+/// The server to connect to, from `url` (`url_redacted` for messages).
+fn endpoint(
+    path: &str,
+    url: &str,
+    url_redacted: &str,
+    has_password_file: bool,
+    p: &mut Problems,
+) -> Option<RedisEndpoint> {
+    match url::Url::parse(url) {
         Err(e) => {
             p.add(
                 format!("{path}.url"),
@@ -174,7 +215,7 @@ fn validate(
                         .unwrap_or_default()
                 };
                 let password = u.password().map(|pw| Secret::new(decode(pw)));
-                if password.is_some() && raw.password_file.is_some() {
+                if password.is_some() && has_password_file {
                     p.add(
                         format!("{path}.password_file"),
                         "the url already carries a password; keep one of the two",
@@ -189,8 +230,17 @@ fn validate(
                 })
             }
         },
-    };
-    let mode = match (raw.mode.unwrap_or_default(), raw.rdb_path) {
+    }
+}
+
+/// How the snapshot is taken: the replication protocol, or a shared dump.rdb.
+fn capture(
+    path: &str,
+    mode: RedisMode,
+    rdb_path: Option<String>,
+    p: &mut Problems,
+) -> RedisCapture {
+    match (mode, rdb_path) {
         (RedisMode::Replication, None) => RedisCapture::Replication,
         (RedisMode::Replication, Some(_)) => {
             p.add(
@@ -209,59 +259,41 @@ fn validate(
             );
             RedisCapture::Replication
         }
-    };
-    if let Some(v) = &raw.verify {
-        if !v.checks.is_empty() {
-            p.add(
-                format!("{path}.verify.checks"),
-                "SQL checks apply to postgres sources; a Redis backup is verified by key counts and a sample of keys",
-            );
-        }
-        if v.scratch_url.is_some() {
-            p.add(
-                format!("{path}.verify.scratch_url"),
-                "Redis backups are verified in an ephemeral redis-server; remove scratch_url",
-            );
-        }
-        if v.postgres_bin_dir.is_some() {
-            p.add(
-                format!("{path}.verify.postgres_bin_dir"),
-                "applies to postgres sources; use redis_bin_dir on this source",
-            );
-        }
-        if v.scratch_max_size.is_some() || v.restore_as_superuser.is_some() {
-            p.add(
-                format!("{path}.verify"),
-                "scratch_max_size and restore_as_superuser apply to postgres sources; a Redis backup loads into an unprivileged redis-server",
-            );
-        }
-        if v.cover_days.is_some() {
-            p.add(
-                format!("{path}.verify.cover_days"),
-                "applies to objects sources; a Redis backup is always verified whole",
-            );
-        }
     }
-    let common = common_settings(path, common_raw!(raw), ctx.defaults, p);
-    common.into_source(
-        raw.name,
-        SourceConfig::Redis(RedisConfig {
-            // No endpoint: either a problem was recorded, or the URL holds an unset ${VAR} and
-            // validation runs with --allow-missing-env; the source still counts.
-            endpoint: endpoint.unwrap_or(RedisEndpoint {
-                host: String::new(),
-                port: 6379,
-                tls: false,
-                username: None,
-                password: None,
-            }),
-            url_redacted,
-            password_file: raw.password_file.map(PathBuf::from),
-            capture: mode,
-            tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
-            bin_dir: raw.redis_bin_dir.map(PathBuf::from),
-        }),
-    )
+}
+
+/// Verify settings of other kinds, each with what a Redis backup does instead.
+fn reject_foreign_verify(path: &str, v: &RawVerify, p: &mut Problems) {
+    if !v.checks.is_empty() {
+        p.add(
+            format!("{path}.verify.checks"),
+            "SQL checks apply to postgres sources; a Redis backup is verified by key counts and a sample of keys",
+        );
+    }
+    if v.scratch_url.is_some() {
+        p.add(
+            format!("{path}.verify.scratch_url"),
+            "Redis backups are verified in an ephemeral redis-server; remove scratch_url",
+        );
+    }
+    if v.postgres_bin_dir.is_some() {
+        p.add(
+            format!("{path}.verify.postgres_bin_dir"),
+            "applies to postgres sources; use redis_bin_dir on this source",
+        );
+    }
+    if v.scratch_max_size.is_some() || v.restore_as_superuser.is_some() {
+        p.add(
+            format!("{path}.verify"),
+            "scratch_max_size and restore_as_superuser apply to postgres sources; a Redis backup loads into an unprivileged redis-server",
+        );
+    }
+    if v.cover_days.is_some() {
+        p.add(
+            format!("{path}.verify.cover_days"),
+            "applies to objects sources; a Redis backup is always verified whole",
+        );
+    }
 }
 
 #[cfg(test)]
