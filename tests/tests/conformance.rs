@@ -273,36 +273,29 @@ fn conformance(kind: Kind) {
     assert_eq!(ids(dir.path(), &policy, &env), vec![id.clone()], "{kind}");
 
     // Restore refuses a target that holds data, and leaves it as it was.
-    let r = run(&[
-        "restore",
-        "--policy",
-        p,
-        "--source",
-        "src",
-        "--to",
-        &fx.target,
-        "--identity",
-        identity,
-    ]);
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "restore",
+            "--policy",
+            p,
+            "--source",
+            "src",
+            "--to",
+            &fx.target,
+            "--identity",
+            identity,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let r = restore(&[]);
     assert_eq!(r.code, 14, "{kind}: restore into data: {}", r.stderr);
     assert!(r.stderr.contains("refusing"), "{kind}: {}", r.stderr);
     assert!((fx.untouched)(), "{kind}: the target was changed");
     let refusal = r.stderr.clone();
 
     // The plan a dry run prints, and the refusal's words, are the operator's contract.
-    let r = run(&[
-        "restore",
-        "--policy",
-        p,
-        "--source",
-        "src",
-        "--to",
-        &fx.target,
-        "--identity",
-        identity,
-        "--dry-run",
-        "--json",
-    ]);
+    let r = restore(&["--dry-run", "--json"]);
     assert_eq!(r.code, 0, "{kind}: dry run: {}", r.stderr);
     let mut plan: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     let stable = Stable::new(&id, dir.path(), &fx.volatile);
