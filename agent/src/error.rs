@@ -88,6 +88,12 @@ impl Error {
         Error::new(ErrorKind::Failed, message)
     }
 
+    /// The same error, as another kind (a tool's failure that turns out to be a credential's).
+    pub fn kind(mut self, kind: ErrorKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
     /// Records what caused it, for callers that branch on it.
     pub fn cause(mut self, cause: Cause) -> Self {
         self.cause = Some(cause);

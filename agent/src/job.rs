@@ -138,6 +138,7 @@ async fn publish(
         size_stored: out.parts.iter().map(|p| p.size_stored).sum::<u64>() + fingerprint.size_stored,
         parts: out.parts,
         fingerprint: Some(fingerprint),
+        base_backup: out.base_backup,
     };
     let body = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::failed(format!("cannot encode the manifest: {e}")))?;

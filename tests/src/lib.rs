@@ -213,24 +213,6 @@ fn start_postgres() -> Postgres {
     let password = format!("pw-{}", suffix());
     std::fs::write(dir.join("pwfile"), format!("{password}\n")).expect("pwfile");
     let root = is_root();
-    let as_pg = |args: Vec<String>| -> Vec<String> {
-        if root {
-            let mut v: Vec<String> = [
-                "setpriv",
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            v.extend(args);
-            v
-        } else {
-            args
-        }
-    };
     if root {
         let ok = Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -241,20 +223,23 @@ fn start_postgres() -> Postgres {
         assert!(ok, "chown of {} to postgres failed", dir.display());
     }
     let data = dir.join("data");
-    let initdb = as_pg(vec![
-        bin.join("initdb").display().to_string(),
-        "-D".into(),
-        data.display().to_string(),
-        "-U".into(),
-        "postgres".into(),
-        "--auth-local=trust".into(),
-        "--auth-host=scram-sha-256".into(),
-        format!("--pwfile={}", dir.join("pwfile").display()),
-        "-E".into(),
-        "UTF8".into(),
-        "--locale=C.UTF-8".into(),
-        "--no-sync".into(),
-    ]);
+    let initdb = as_pg(
+        root,
+        vec![
+            bin.join("initdb").display().to_string(),
+            "-D".into(),
+            data.display().to_string(),
+            "-U".into(),
+            "postgres".into(),
+            "--auth-local=trust".into(),
+            "--auth-host=scram-sha-256".into(),
+            format!("--pwfile={}", dir.join("pwfile").display()),
+            "-E".into(),
+            "UTF8".into(),
+            "--locale=C.UTF-8".into(),
+            "--no-sync".into(),
+        ],
+    );
     let out = Command::new(&initdb[0])
         .args(&initdb[1..])
         .current_dir("/")
@@ -276,6 +261,41 @@ fn start_postgres() -> Postgres {
         format!("hostnossl all tlsuser 127.0.0.1/32 reject\nhostssl all tlsuser 127.0.0.1/32 scram-sha-256\n{original}"),
     )
     .expect("write pg_hba.conf");
+    let ca_file = tls.join("ca.crt");
+    let pg = serve(
+        dir,
+        &data,
+        bin,
+        password,
+        ca_file,
+        vec![
+            "ssl=on".into(),
+            format!("ssl_cert_file={}", tls.join("server.crt").display()),
+            format!("ssl_key_file={}", tls.join("server.key").display()),
+        ],
+    );
+    pg.psql(
+        "postgres",
+        &format!(
+            "create role tlsuser login superuser password '{}'",
+            pg.password
+        ),
+    );
+    pg
+}
+
+/// Starts a server on `data` (a cluster's directory inside `dir`, which goes when this process
+/// exits), listening on 127.0.0.1 at a random port, with `extra` settings; waits until it
+/// accepts queries as `postgres` with `password`.
+fn serve(
+    dir: PathBuf,
+    data: &Path,
+    bin: PathBuf,
+    password: String,
+    ca_file: PathBuf,
+    extra: Vec<String>,
+) -> Postgres {
+    let root = is_root();
     if root {
         Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -284,7 +304,7 @@ fn start_postgres() -> Postgres {
             .expect("chown");
     }
     let port = free_port();
-    let server = as_pg(vec![
+    let mut args = vec![
         bin.join("postgres").display().to_string(),
         "-D".into(),
         data.display().to_string(),
@@ -298,13 +318,12 @@ fn start_postgres() -> Postgres {
         "fsync=off".into(),
         "-c".into(),
         "max_connections=50".into(),
-        "-c".into(),
-        "ssl=on".into(),
-        "-c".into(),
-        format!("ssl_cert_file={}", tls.join("server.crt").display()),
-        "-c".into(),
-        format!("ssl_key_file={}", tls.join("server.key").display()),
-    ]);
+    ];
+    for e in extra {
+        args.push("-c".into());
+        args.push(e);
+    }
+    let server = as_pg(root, args);
     let log = dir.join("log");
     let guard = guarded(&dir, &server, &log);
     wait_for_port(port, "postgres", &log);
@@ -312,7 +331,7 @@ fn start_postgres() -> Postgres {
         port,
         password,
         bin,
-        ca_file: tls.join("ca.crt"),
+        ca_file,
         dir,
         _guard: guard,
     };
@@ -330,17 +349,43 @@ fn start_postgres() -> Postgres {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    pg.psql(
-        "postgres",
-        &format!(
-            "create role tlsuser login superuser password '{}'",
-            pg.password
-        ),
-    );
     pg
 }
 
+/// `args`, run as the OS user `postgres` when this process is root (the server refuses root).
+fn as_pg(root: bool, args: Vec<String>) -> Vec<String> {
+    if !root {
+        return args;
+    }
+    let mut v: Vec<String> = [
+        "setpriv",
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(args);
+    v
+}
+
 impl Postgres {
+    /// Starts a server on a restored copy of this cluster (`dir/data`, as `lifeboat restore` of a
+    /// base backup wrote it); the copy keeps this cluster's roles and password. `dir` goes when
+    /// this process exits.
+    pub fn start_restored(&self, dir: &Path) -> Postgres {
+        serve(
+            dir.to_path_buf(),
+            &dir.join("data"),
+            self.bin.clone(),
+            self.password.clone(),
+            self.ca_file.clone(),
+            Vec::new(),
+        )
+    }
+
     /// A URL without the password (give it through `password_file` or PGPASSWORD).
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)

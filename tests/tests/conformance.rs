@@ -67,6 +67,37 @@ fn fixture(kind: Kind, dir: &Path) -> Fixture {
                 _keep: Vec::new(),
             }
         }
+        Kind::PostgresPhysical => {
+            let pg = postgres();
+            let db = pg.create_db("conf_phys");
+            pg.psql(
+                &db,
+                "create table t as select g, md5(g::text) from generate_series(1, 5000) g",
+            );
+            let pw = pg.password_file(dir).display().to_string();
+            let closed = free_port();
+            let target = dir.join("data-dir");
+            std::fs::create_dir_all(&target).unwrap();
+            std::fs::write(target.join("keep-me.txt"), "7\n").unwrap();
+            let watched = target.clone();
+            Fixture {
+                volatile: Vec::new(),
+                fields: format!(
+                    "url = \"{}\"\npassword_file = \"{pw}\"\ncheckpoint = \"fast\"",
+                    pg.url("postgres")
+                ),
+                broken: format!(
+                    "url = \"postgres://postgres@127.0.0.1:{closed}/postgres\"\nretries = 0"
+                ),
+                target: target.display().to_string(),
+                untouched: Box::new(move || {
+                    files_under(&watched) == vec![watched.join("keep-me.txt")]
+                        && std::fs::read_to_string(watched.join("keep-me.txt")).unwrap() == "7\n"
+                }),
+                env: Vec::new(),
+                _keep: Vec::new(),
+            }
+        }
         Kind::Redis => {
             let src = Redis::start(&[]);
             fill_redis(&src, None);

@@ -1,10 +1,10 @@
 //! RUNBOOK.md's commands, run as written: every ```sh block, in order, in bash, against a
-//! throwaway PostgreSQL, two redis-servers and moto's S3, with backups of both kinds taken first.
+//! throwaway PostgreSQL, two redis-servers and moto's S3, with backups of every kind taken first.
 //!
 //! The variables the runbook tells the reader to set (`POLICY`, `LIFEBOAT_IDENTITY_FILE`,
-//! `TARGET_PG`, `TARGET_REDIS`, `RESTORE_DIR`, `BUCKET`, `PREFIX`, the PG* and AWS_* variables)
-//! come from this test; a line `export NAME=…` in a block is the reader's to fill in, so it is
-//! skipped here. Afterwards the restored data is compared with the source.
+//! `TARGET_PG`, `TARGET_REDIS`, `RESTORE_DIR`, `RESTORE_PG_DIR`, `BUCKET`, `PREFIX`, the PG* and
+//! AWS_* variables) come from this test; a line `export NAME=…` in a block is the reader's to fill
+//! in, so it is skipped here. Afterwards the restored data is compared with the source.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -92,11 +92,14 @@ fn every_runbook_command_works_as_written() {
              [encryption]\nrecipients = [\"{}\"]\nindex_key = \"runbook-index-key-0123456789abcdef\"\n\n\
              [defaults]\nretention = {{ keep_last = 3 }}\n\n\
              [[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n\n\
+             [[sources]]\nname = \"app-cluster\"\nkind = \"postgres-physical\"\nurl = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\n\n\
              [[sources]]\nname = \"sessions\"\nkind = \"redis\"\nurl = \"{}\"\n\n\
              [[sources]]\nname = \"uploads\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
             s3.endpoint,
             key.recipient,
             pg.url(&db),
+            pwfile.display(),
+            pg.url("postgres"),
             pwfile.display(),
             redis.url(),
             files.path().display()
@@ -131,6 +134,10 @@ fn every_runbook_command_works_as_written() {
         (
             "RESTORE_DIR".into(),
             dir.path().join("redis-restore").display().to_string(),
+        ),
+        (
+            "RESTORE_PG_DIR".into(),
+            dir.path().join("cluster-restore").display().to_string(),
         ),
         (
             "RESTORE_FILES_DIR".into(),
@@ -191,6 +198,10 @@ fn every_runbook_command_works_as_written() {
         "live Redis restore"
     );
     assert!(dir.path().join("redis-restore/dump.rdb").exists());
+    assert!(
+        dir.path().join("cluster-restore/backup_label").exists(),
+        "lifeboat restore of a base backup"
+    );
     let restored = dir.path().join("files-restore");
     assert_eq!(
         std::fs::read(restored.join("2026/11/invoice 42.pdf")).unwrap(),

@@ -43,6 +43,9 @@ pub struct Manifest {
     pub parts: Vec<Part>,
     /// The encrypted fingerprint object.
     pub fingerprint: Option<StoredObject>,
+    /// Physical PostgreSQL backups: where the base backup sits in the cluster's WAL history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_backup: Option<crate::source::postgres_physical::BaseBackupInfo>,
 }
 
 /// How data objects are compressed.
@@ -94,6 +97,8 @@ pub enum Role {
     Snapshot,
     /// The blob ids an objects snapshot names, sealed with the index key (for blob collection).
     BlobList,
+    /// A whole cluster's files (`pg_basebackup` tar).
+    Cluster,
 }
 
 impl std::fmt::Display for Role {
@@ -103,6 +108,7 @@ impl std::fmt::Display for Role {
             Role::Globals => "globals",
             Role::Snapshot => "snapshot",
             Role::BlobList => "blob-list",
+            Role::Cluster => "cluster",
         })
     }
 }

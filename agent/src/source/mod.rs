@@ -4,14 +4,16 @@
 //! a fingerprint of what those streams hold, taken at the same instant. The job writes the manifest
 //! only after every stream a source produced is stored.
 //!
-//! Everything that knows a kind lives in its folder (`postgres/`, `redis/`, `objects/`): its policy
-//! section, capture, restore and what its backups hold. The `kinds!` table below is the one place
-//! a kind is registered; it generates [`Kind`], [`RawSource`] and [`SourceConfig`] and every
-//! dispatch over them, so the compiler finds each place a new kind must fill.
+//! Everything that knows a kind lives in its folder (`postgres/`, `postgres_physical/`, `redis/`,
+//! `objects/`): its policy section, capture, restore and what its backups hold. The `kinds!` table
+//! below is the one place a kind is registered; it generates [`Kind`], [`RawSource`] and
+//! [`SourceConfig`] and every dispatch over them, so the compiler finds each place a new kind must
+//! fill.
 
 pub mod child;
 pub mod objects;
 pub mod postgres;
+pub mod postgres_physical;
 pub mod redis;
 
 use std::sync::Arc;
@@ -51,6 +53,8 @@ pub struct SourceBackup {
     pub source_version: Option<String>,
     /// The dump tool's version.
     pub dump_tool_version: Option<String>,
+    /// Physical PostgreSQL sources: the base backup's place in the WAL history.
+    pub base_backup: Option<postgres_physical::BaseBackupInfo>,
 }
 
 /// A kind of source.
@@ -251,6 +255,8 @@ macro_rules! kinds {
 kinds! {
     /// A PostgreSQL database: logical dumps.
     Postgres => postgres::PostgresConfig,
+    /// A PostgreSQL cluster: base backups.
+    PostgresPhysical => postgres_physical::PhysicalConfig,
     /// A Redis server.
     Redis => redis::RedisConfig,
     /// A directory tree or an S3 bucket.

@@ -830,6 +830,7 @@ impl Source for Objects {
                 .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?,
             source_version: None,
             dump_tool_version: None,
+            base_backup: None,
         })
     }
 }

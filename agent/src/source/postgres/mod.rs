@@ -91,7 +91,7 @@ const OBJECT_COUNT_NAMES: &[&str] = &[
 ];
 
 /// Environment variables for a child process.
-type ChildEnv = Vec<(String, OsString)>;
+pub(crate) type ChildEnv = Vec<(String, OsString)>;
 
 /// A PostgreSQL source.
 #[derive(Debug, Clone)]
@@ -232,7 +232,7 @@ impl Postgres {
         }
     }
 
-    fn query_error(&self, what: &str, e: tokio_postgres::Error) -> Error {
+    pub(crate) fn query_error(&self, what: &str, e: tokio_postgres::Error) -> Error {
         let detail = e
             .as_db_error()
             .map(|d| d.message().to_string())
@@ -332,7 +332,10 @@ impl Postgres {
     }
 
     /// libpq environment for a child, and the passfile holding the password (kept until the child is done).
-    fn child_env(&self, c: &Connection) -> Result<(ChildEnv, Option<tempfile::NamedTempFile>)> {
+    pub(crate) fn child_env(
+        &self,
+        c: &Connection,
+    ) -> Result<(ChildEnv, Option<tempfile::NamedTempFile>)> {
         let cfg = &c.config;
         let mut env: Vec<(String, OsString)> = Vec::new();
         let hosts: Vec<String> = cfg
@@ -840,6 +843,7 @@ impl Source for Postgres {
             fingerprint,
             source_version: Some(format!("PostgreSQL {}", c.server_version)),
             dump_tool_version: Some(dump_version),
+            base_backup: None,
         })
     }
 }

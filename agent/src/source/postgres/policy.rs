@@ -124,28 +124,7 @@ fn validate(
             "applies to objects sources; a PostgreSQL backup is always verified whole",
         );
     }
-    let config = tokio_postgres::Config::from_str(&raw.url);
-    let url_redacted = redact_url(&raw.url);
-    match &config {
-        Err(e) => p.add(
-            format!("{path}.url"),
-            format!("`{url_redacted}` is not a PostgreSQL connection string ({e}); write postgres://USER@HOST:PORT/DB"),
-        ),
-        Ok(c) => {
-            if c.get_dbname().is_none() {
-                p.add(
-                    format!("{path}.url"),
-                    format!("`{url_redacted}` names no database; add /DBNAME"),
-                );
-            }
-            if c.get_password().is_some() && raw.password_file.is_some() {
-                p.add(
-                    format!("{path}.password_file"),
-                    "the url already carries a password; keep one of the two",
-                );
-            }
-        }
-    }
+    let url_redacted = check_url(path, &raw.url, raw.password_file.is_some(), p);
     let common = common_settings(path, common_raw!(raw), ctx.defaults, p);
     common.into_source(
         raw.name,
@@ -159,4 +138,32 @@ fn validate(
             tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
         }),
     )
+}
+
+/// Checks `{path}.url`, a connection string that must name a database and carry no password when
+/// `password_file` is set too; returns it with any password redacted.
+pub(crate) fn check_url(path: &str, url: &str, password_file: bool, p: &mut Problems) -> String {
+    let config = tokio_postgres::Config::from_str(url);
+    let url_redacted = redact_url(url);
+    match &config {
+        Err(e) => p.add(
+            format!("{path}.url"),
+            format!("`{url_redacted}` is not a PostgreSQL connection string ({e}); write postgres://USER@HOST:PORT/DB"),
+        ),
+        Ok(c) => {
+            if c.get_dbname().is_none() {
+                p.add(
+                    format!("{path}.url"),
+                    format!("`{url_redacted}` names no database; add /DBNAME"),
+                );
+            }
+            if c.get_password().is_some() && password_file {
+                p.add(
+                    format!("{path}.password_file"),
+                    "the url already carries a password; keep one of the two",
+                );
+            }
+        }
+    }
+    url_redacted
 }

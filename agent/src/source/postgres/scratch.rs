@@ -34,6 +34,8 @@ pub struct Scratch {
     pub port: u16,
     /// Server binaries used.
     pub bin: PathBuf,
+    /// The superuser the verifier connects as.
+    pub superuser: String,
     /// Why the server shares the host's network (`None`: it has none).
     pub shared_network: Option<String>,
     guard: Option<Child>,
@@ -42,6 +44,7 @@ pub struct Scratch {
 
 /// How the scratch server is fenced off: the command prefix that starts it, the OS user it runs
 /// as (when the verifier is root), and whether it has a network namespace of its own.
+#[derive(Default)]
 struct Isolation {
     prefix: Vec<OsString>,
     user: Option<String>,
@@ -277,14 +280,28 @@ async fn initdb(prefix: &[OsString], bin: &Path, data: &Path) -> std::result::Re
     Ok(())
 }
 
+/// The settings of a fresh scratch cluster: nothing in it must survive, so durability is off, and
+/// minimal WAL (a table created and loaded in one transaction, as pg_restore
+/// --single-transaction does, is written once instead of twice).
+const FRESH_SETTINGS: &[&str] = &[
+    "fsync=off",
+    "full_page_writes=off",
+    "synchronous_commit=off",
+    "wal_level=minimal",
+    "max_wal_senders=0",
+    "max_wal_size=4GB",
+    "checkpoint_timeout=30min",
+];
+
 /// Starts the server under a shell that stops it and removes `dir` when its stdin closes, so
-/// the cluster goes even if the verifier is killed.
+/// the cluster goes even if the verifier is killed. `settings` are `name=value` pairs.
 fn spawn_server(
     prefix: Vec<OsString>,
     bin: &Path,
     data: &Path,
     dir: &Path,
     port: u16,
+    settings: &[String],
 ) -> std::result::Result<Child, String> {
     let mut server: Vec<OsString> = prefix;
     server.extend([
@@ -298,24 +315,12 @@ fn spawn_server(
         "-c".into(),
         "listen_addresses=".into(),
         "-c".into(),
-        "fsync=off".into(),
-        "-c".into(),
-        "full_page_writes=off".into(),
-        "-c".into(),
-        "synchronous_commit=off".into(),
-        // With minimal WAL, a table created and loaded in one transaction (pg_restore
-        // --single-transaction) is written once instead of twice.
-        "-c".into(),
-        "wal_level=minimal".into(),
-        "-c".into(),
-        "max_wal_senders=0".into(),
-        "-c".into(),
-        "max_wal_size=4GB".into(),
-        "-c".into(),
-        "checkpoint_timeout=30min".into(),
-        "-c".into(),
         "unix_socket_permissions=0700".into(),
     ]);
+    for s in settings {
+        server.push("-c".into());
+        server.push(s.into());
+    }
     let script = r#"dir=$1; shift; "$@" >"$dir/log" 2>&1 & pid=$!; read _; kill -INT $pid 2>/dev/null; wait $pid; rm -rf "$dir""#;
     Command::new("sh")
         .arg("-c")
@@ -329,6 +334,148 @@ fn spawn_server(
         .current_dir("/")
         .spawn()
         .map_err(|e| format!("cannot start the server: {e}"))
+}
+
+fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+}
+
+/// A scratch directory whose `data/` a caller fills with a cluster's files (a base backup) before
+/// a server starts on them. Dropped unstarted, it is removed.
+pub struct Unstarted {
+    dir: PathBuf,
+    isolation: Isolation,
+}
+
+impl Unstarted {
+    /// A fresh scratch directory with an empty `data/` (mode 0700).
+    pub fn new() -> Result<Unstarted> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch_dir()?;
+        let data = dir.join("data");
+        std::fs::create_dir(&data)
+            .and_then(|_| std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                Error::failed(format!(
+                    "scratch cluster: cannot create {}: {e}",
+                    data.display()
+                ))
+            })?;
+        Ok(Unstarted {
+            dir,
+            isolation: isolation(),
+        })
+    }
+
+    /// Where the cluster's files go.
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Starts a server on the files in [`Unstarted::data`], whose bootstrap superuser is
+    /// `superuser`, and waits up to `ready_within` for it to recover and accept connections. The
+    /// cluster's own configuration is set aside: the server reads a `postgresql.conf` and a
+    /// `pg_hba.conf` (trust on the socket, nothing else) written here, and `-c` settings turn off
+    /// what would reach outside (archiving, TLS files, preloaded libraries, replication).
+    pub async fn start(
+        self,
+        bin: &Path,
+        superuser: &str,
+        ready_within: Duration,
+    ) -> Result<Scratch> {
+        let mut this = self;
+        // Drop then has nothing to remove: from here the guard or `fail` does.
+        let dir = std::mem::take(&mut this.dir);
+        let isolation = std::mem::take(&mut this.isolation);
+        let guard_dir = dir.clone();
+        let fail = move |what: String| {
+            let _ = std::fs::remove_dir_all(&guard_dir);
+            Error::failed(format!("scratch cluster: {what}"))
+        };
+        let data = dir.join("data");
+        let conf = dir.join("postgresql.conf");
+        let hba = dir.join("pg_hba.conf");
+        let ident = dir.join("pg_ident.conf");
+        let written = std::fs::write(
+            &hba,
+            "local all all trust
+",
+        )
+        .and_then(|_| std::fs::write(&ident, ""))
+        .and_then(|_| {
+            std::fs::write(
+                &conf,
+                format!(
+                    "hba_file = '{}'\nident_file = '{}'\n",
+                    hba.display(),
+                    ident.display()
+                ),
+            )
+        });
+        written.map_err(|e| fail(format!("cannot write its configuration: {e}")))?;
+        // A backup of a standby carries its signal file; the scratch must open, not follow.
+        for f in ["standby.signal", "recovery.signal", "postmaster.pid"] {
+            let _ = std::fs::remove_file(data.join(f));
+        }
+        if let Some(user) = &isolation.user {
+            hand_over_all(&dir, user).map_err(&fail)?;
+        }
+        let port = free_port().map_err(|e| fail(format!("no free port: {e}")))?;
+        let settings: Vec<String> = [
+            format!("config_file={}", conf.display()),
+            "fsync=off".into(),
+            "synchronous_commit=off".into(),
+            "shared_preload_libraries=".into(),
+            "archive_mode=off".into(),
+            "ssl=off".into(),
+            "max_wal_senders=0".into(),
+            "max_replication_slots=0".into(),
+            "primary_conninfo=".into(),
+            "restore_command=".into(),
+        ]
+        .into();
+        let mut guard =
+            spawn_server(isolation.prefix, bin, &data, &dir, port, &settings).map_err(&fail)?;
+        let stdin = guard.stdin.take();
+        let scratch = Scratch {
+            dir,
+            port,
+            bin: bin.to_path_buf(),
+            superuser: superuser.to_string(),
+            shared_network: isolation.shared_network,
+            guard: Some(guard),
+            stdin,
+        };
+        scratch.wait_ready(ready_within).await?;
+        Ok(scratch)
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Gives `dir` and everything below it to the OS user the server runs as.
+fn hand_over_all(dir: &Path, user: &str) -> std::result::Result<(), String> {
+    let ok = std::process::Command::new("chown")
+        .arg("-R")
+        .arg(format!("{user}:"))
+        .arg(dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("cannot hand {} to user {user}", dir.display()))
+    }
 }
 
 impl Scratch {
@@ -346,30 +493,29 @@ impl Scratch {
         }
         let data = dir.join("data");
         initdb(&prefix, bin, &data).await.map_err(fail)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| fail(format!("no free port: {e}")))?;
-        let mut guard = spawn_server(prefix, bin, &data, &dir, port).map_err(fail)?;
+        let port = free_port().map_err(|e| fail(format!("no free port: {e}")))?;
+        let settings: Vec<String> = FRESH_SETTINGS.iter().map(|s| s.to_string()).collect();
+        let mut guard = spawn_server(prefix, bin, &data, &dir, port, &settings).map_err(fail)?;
         let stdin = guard.stdin.take();
         let scratch = Scratch {
             dir,
             port,
             bin: bin.to_path_buf(),
+            superuser: SUPERUSER.to_string(),
             shared_network: isolation.shared_network,
             guard: Some(guard),
             stdin,
         };
-        scratch.wait_ready().await?;
+        scratch.wait_ready(Duration::from_secs(60)).await?;
         Ok(scratch)
     }
 
-    async fn wait_ready(&self) -> Result<()> {
+    async fn wait_ready(&self, within: Duration) -> Result<()> {
         let socket = self.dir.join(format!(".s.PGSQL.{}", self.port));
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + within;
         loop {
             if socket.exists() {
-                let cfg = self.config("postgres");
+                let cfg = self.config("template1");
                 let pg = super::Postgres::new(cfg);
                 if pg.connect().await.is_ok() {
                     return Ok(());
@@ -378,7 +524,8 @@ impl Scratch {
             if Instant::now() > deadline {
                 let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
                 return Err(Error::failed(format!(
-                    "scratch cluster did not start within 60s: {}",
+                    "scratch cluster did not start within {}: {}",
+                    humantime::format_duration(within),
                     log.trim()
                 )));
             }
@@ -388,7 +535,7 @@ impl Scratch {
 
     /// Connection settings for database `db` of the scratch cluster, as its superuser.
     pub fn config(&self, db: &str) -> PostgresConfig {
-        self.config_as(db, SUPERUSER)
+        self.config_as(db, &self.superuser)
     }
 
     /// Connection settings for database `db` of the scratch cluster, as `user`.

@@ -405,7 +405,7 @@ async fn dump_extensions(
 /// Returns (an error) when the restore must stop: the ephemeral cluster in `dir` grew past
 /// `max` (`verify.scratch_max_size`) or nearly filled its filesystem, which a forged dump could
 /// try and a database too large for the scratch disk would do.
-async fn guard(dir: std::path::PathBuf, max: Option<u64>) -> Error {
+pub(crate) async fn guard(dir: std::path::PathBuf, max: Option<u64>) -> Error {
     // Free space every 100 ms (a restore can write hundreds of MB a second), the directory's
     // size, a walk over its files, every second.
     let mut tick = 0u64;

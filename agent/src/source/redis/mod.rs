@@ -753,6 +753,7 @@ impl Source for Redis {
             fingerprint,
             source_version: server_version.map(|v| format!("Redis {v}")),
             dump_tool_version: None,
+            base_backup: None,
         })
     }
 }

@@ -1,0 +1,236 @@
+//! The `kind = "postgres-physical"` policy section: as written, validated, and registered as a kind.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::policy::raw::{RawCompression, RawObjectives, RawRetention, RawVerify};
+use crate::policy::validate::{check_name, common_raw, common_settings, CommonRaw};
+use crate::policy::{EncryptionConfig, Problems, Secret, SourceContext, SourcePolicy};
+use crate::source::postgres::{FingerprintMode, PostgresConfig};
+use crate::source::{Source, SourceConfig, SourceKind};
+
+/// `[[sources]]` with `kind = "postgres-physical"`: the whole cluster, as base backups.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPhysicalSource {
+    /// Unique name; used in object keys, metrics and commands.
+    pub name: String,
+    /// Always `postgres-physical` here.
+    pub kind: String,
+    /// libpq URL of a role with REPLICATION; the database it names is where the verifier's SQL
+    /// checks run. `${VAR}` for secrets.
+    pub url: String,
+    /// File holding the password, instead of putting it in the URL.
+    pub password_file: Option<String>,
+    /// Cron expression of base backups; overrides `[defaults]`.
+    pub schedule: Option<String>,
+    /// Longest a base backup may take; overrides `[defaults]`.
+    pub timeout: Option<String>,
+    /// Overrides `[defaults]`.
+    pub compression: Option<RawCompression>,
+    /// Base backups kept; overrides `[defaults]`.
+    pub retention: Option<RawRetention>,
+    /// Overrides `[defaults]`.
+    pub objectives: Option<RawObjectives>,
+    /// How the server's checkpoint at the start of a base backup runs: `spread` (default: no I/O
+    /// spike, the backup starts once the checkpoint is done) or `fast` (at once, at full I/O).
+    pub checkpoint: Option<Checkpoint>,
+    /// Directory holding pg_basebackup; found automatically when unset.
+    pub pg_bin_dir: Option<String>,
+    /// PEM file of the CA that signed the server's certificate; makes TLS verified (verify-full).
+    pub tls_ca_file: Option<String>,
+    /// Verification settings.
+    pub verify: Option<RawVerify>,
+    /// Spread scheduled runs over up to this long, with a stable per-pod offset, e.g. `5m`.
+    pub jitter: Option<String>,
+    /// Attempts after a failed run, with backoff; default 2.
+    pub retries: Option<u32>,
+    /// Back up at agent start when the newest backup is older than the schedule's interval.
+    pub run_on_start: Option<bool>,
+}
+
+/// The checkpoint a base backup starts with.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Checkpoint {
+    /// Spread over `checkpoint_completion_target`, as the server's own checkpoints are.
+    #[default]
+    Spread,
+    /// Immediate, at full I/O.
+    Fast,
+}
+
+impl Checkpoint {
+    /// The `pg_basebackup --checkpoint` value.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Checkpoint::Spread => "spread",
+            Checkpoint::Fast => "fast",
+        }
+    }
+}
+
+/// A physical PostgreSQL source.
+#[derive(Debug, Clone)]
+pub struct PhysicalConfig {
+    /// How to reach the server: the same connection settings a logical source has.
+    pub connection: PostgresConfig,
+    /// The starting checkpoint.
+    pub checkpoint: Checkpoint,
+}
+
+#[async_trait::async_trait]
+impl SourceKind for PhysicalConfig {
+    const NAME: &'static str = "postgres-physical";
+    type Raw = RawPhysicalSource;
+
+    fn validate(
+        path: &str,
+        raw: RawPhysicalSource,
+        ctx: &SourceContext<'_>,
+        p: &mut Problems,
+    ) -> Option<SourcePolicy> {
+        validate(path, raw, ctx, p)
+    }
+
+    fn source(&self, _encryption: &EncryptionConfig) -> Box<dyn Source> {
+        Box::new(super::Physical::new(self.clone()))
+    }
+
+    fn verify_steps(&self) -> Box<dyn crate::verify::Steps> {
+        Box::new(super::verify::PhysicalSteps::new(self.clone()))
+    }
+
+    async fn plan_restore(
+        request: &crate::restore::Request<'_>,
+    ) -> crate::Result<crate::restore::Plan> {
+        super::restore::plan(request).await
+    }
+}
+
+fn validate(
+    path: &str,
+    raw: RawPhysicalSource,
+    ctx: &SourceContext<'_>,
+    p: &mut Problems,
+) -> Option<SourcePolicy> {
+    check_name(&format!("{path}.name"), &raw.name, p);
+    if let Some(v) = &raw.verify {
+        reject_foreign_verify(path, v, p);
+    }
+    let url_redacted =
+        crate::source::postgres::policy::check_url(path, &raw.url, raw.password_file.is_some(), p);
+    let common = common_settings(path, common_raw!(raw), ctx.defaults, p);
+    common.into_source(
+        raw.name,
+        SourceConfig::PostgresPhysical(PhysicalConfig {
+            connection: PostgresConfig {
+                url: Secret::new(raw.url),
+                url_redacted,
+                password_file: raw.password_file.map(PathBuf::from),
+                globals: false,
+                fingerprint: FingerprintMode::Counts,
+                bin_dir: raw.pg_bin_dir.map(PathBuf::from),
+                tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
+            },
+            checkpoint: raw.checkpoint.unwrap_or_default(),
+        }),
+    )
+}
+
+/// Verify settings that do not apply to a base backup, each with what it does instead.
+fn reject_foreign_verify(path: &str, v: &RawVerify, p: &mut Problems) {
+    if v.scratch_url.is_some() {
+        p.add(
+            format!("{path}.verify.scratch_url"),
+            "a base backup is the whole cluster: it is verified in an ephemeral cluster of its own; remove scratch_url",
+        );
+    }
+    if v.restore_as_superuser.is_some() {
+        p.add(
+            format!("{path}.verify.restore_as_superuser"),
+            "a base backup is not replayed statement by statement: the scratch server starts on the restored files; remove it",
+        );
+    }
+    if v.cover_days.is_some() {
+        p.add(
+            format!("{path}.verify.cover_days"),
+            "applies to objects sources; a base backup is always verified whole",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::tests::{env, good, problems};
+    use crate::policy::{parse, LoadOptions};
+    use crate::source::SourceConfig;
+
+    /// The good policy plus a physical source named `cluster` with `fields` added.
+    fn with_physical(fields: &str) -> String {
+        format!(
+            "{}\n[[sources]]\nname = \"cluster\"\nkind = \"postgres-physical\"\n\
+             url = \"postgres://replicator@127.0.0.1:5432/postgres\"\n{fields}\n",
+            good()
+        )
+    }
+
+    #[test]
+    fn a_physical_source_validates() {
+        let p = parse(
+            &with_physical("checkpoint = \"fast\""),
+            "p.toml",
+            &env,
+            LoadOptions::default(),
+        )
+        .unwrap();
+        let s = &p.sources[2];
+        let SourceConfig::PostgresPhysical(c) = &s.config else {
+            panic!("the third source is physical")
+        };
+        assert_eq!(s.config.kind().name(), "postgres-physical");
+        assert_eq!(c.checkpoint, super::Checkpoint::Fast);
+        assert_eq!(s.retention.keep_last, Some(7), "defaults apply");
+    }
+
+    #[test]
+    fn a_typo_is_rejected_with_its_path() {
+        let got = problems(&with_physical("checkpiont = \"fast\""));
+        assert!(
+            got.iter()
+                .any(|p| p.starts_with("sources[2]") && p.contains("checkpiont")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn verify_settings_of_other_kinds_are_refused_with_what_applies() {
+        let got = problems(&with_physical(
+            "[sources.verify]\nscratch_url = \"postgres://v@h/postgres\"\ncover_days = 7",
+        ));
+        assert!(
+            got.iter()
+                .any(|p| p.starts_with("sources[2].verify.scratch_url")
+                    && p.contains("ephemeral cluster of its own")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|p| p.starts_with("sources[2].verify.cover_days")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn the_url_must_name_a_database() {
+        let got = problems(&with_physical("").replace("5432/postgres", "5432"));
+        assert!(
+            got.iter()
+                .any(|p| p.starts_with("sources[2].url") && p.contains("names no database")),
+            "{got:?}"
+        );
+    }
+}

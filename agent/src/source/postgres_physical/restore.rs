@@ -1,0 +1,212 @@
+//! Restoring a base backup: spooled and its SHA-256 checked first (exit 13, nothing written), then
+//! unpacked into a data directory that a PostgreSQL server of the same major version starts on.
+//! The server recovers from `backup_label` with the WAL the backup carries in `pg_wal/`, and is
+//! consistent at the backup's stop LSN.
+//!
+//! The directory must be absent or empty; one that holds anything is refused (exit 14) unless the
+//! operator confirms, and then only what is inside it is deleted.
+
+use std::path::{Path, PathBuf};
+
+use super::BASE_OBJECT;
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::manifest::{Manifest, Role};
+use crate::repo::Repository;
+use crate::restore::{counting, part, spool, Outcome, Plan, Progress, Refusal, Request};
+
+/// Plans a restore into `--to DIR`: refuses options for other kinds and URLs, looks at the
+/// directory, and asks for confirmation when it holds anything.
+pub async fn plan(req: &Request<'_>) -> Result<Plan> {
+    let o = req.options;
+    let m = &req.entry.manifest;
+    if o.jobs != 1 || o.with_globals || o.no_owner || o.flush || o.delete_extra {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "--jobs, --with-globals, --no-owner, --flush and --delete-extra do not apply to a base backup: it restores the whole cluster into a directory",
+        ));
+    }
+    if req.to.contains("://") {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("--to {}: a base backup restores into a directory, not a server", req.to),
+        )
+        .hint("give an empty directory: --to /var/lib/postgresql/restore (RUNBOOK.md#restore-physical)"));
+    }
+    let dir = PathBuf::from(req.to);
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("--to {}: not a directory", dir.display()),
+        )
+        .hint("give an empty directory, or one that does not exist yet"));
+    }
+    let held = entries(&dir)?;
+    let part = part(m, Role::Cluster)?;
+    let action = if held > 0 {
+        format!(
+            "delete the {held} entr{} in {}, then unpack the cluster's files into it",
+            if held == 1 { "y" } else { "ies" },
+            dir.display()
+        )
+    } else {
+        format!("unpack the cluster's files into {}", dir.display())
+    };
+    let mut details = serde_json::json!({
+        "target": { "to": dir, "holds_data": held > 0 },
+        "size_plain": part.size_plain,
+    });
+    if let Some(b) = &m.base_backup {
+        details["base_backup"] = serde_json::to_value(b).unwrap_or_default();
+    }
+    let shown = dir.display().to_string();
+    let apply = Box::new(Apply {
+        manifest: m.clone(),
+        dir: dir.clone(),
+        spool_dir: o.spool_dir.clone(),
+    });
+    let mut plan = Plan::new(
+        req,
+        shown.clone(),
+        action,
+        details.as_object().cloned().unwrap_or_default(),
+        apply,
+    );
+    if let Some(b) = &m.base_backup {
+        plan.details.push((
+            "recovery",
+            format!(
+                "consistent at LSN {} on timeline {} (replay starts at {})",
+                b.stop_lsn, b.timeline, b.start_lsn
+            ),
+        ));
+    }
+    plan.interrupted = "interrupted; the directory holds a partial restore: remove what is in it";
+    if held > 0 {
+        plan.refusal = Some(Refusal::new(
+            &format!("{shown} is not empty"),
+            "restore into an empty or new directory, or pass --yes to delete what it holds first (RUNBOOK.md#restore-physical)",
+            "yes",
+        ));
+    }
+    Ok(plan)
+}
+
+/// How many entries `dir` holds (0 when it does not exist).
+fn entries(dir: &Path) -> Result<usize> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => Ok(rd.count()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::failed(format!(
+            "--to {}: cannot read it: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+/// Deletes what `dir` holds, and nothing outside it (symlinks are removed, not followed).
+fn empty(dir: &Path) -> Result<()> {
+    let fail =
+        |e: std::io::Error| Error::failed(format!("--to {}: cannot empty it: {e}", dir.display()));
+    for e in std::fs::read_dir(dir).map_err(fail)? {
+        let e = e.map_err(fail)?;
+        let kind = e.file_type().map_err(fail)?;
+        if kind.is_dir() {
+            std::fs::remove_dir_all(e.path()).map_err(fail)?;
+        } else {
+            std::fs::remove_file(e.path()).map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` (mode 0700, as the server demands) or empties it.
+fn ready_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.exists() {
+        empty(dir)?;
+    } else {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::failed(format!("--to {}: cannot create it: {e}", dir.display())))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::failed(format!("--to {}: cannot set mode 0700: {e}", dir.display())))
+}
+
+/// Downloads and checks the base backup, then unpacks it into `dir`, which must exist and be
+/// empty. Returns the number of entries written.
+pub async fn unpack_into(
+    repo: &Repository,
+    manifest: &Manifest,
+    dir: &Path,
+    spool_dir: &Path,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    progress: std::sync::Arc<dyn Progress>,
+) -> Result<u64> {
+    let part = part(manifest, Role::Cluster)?;
+    progress.phase(
+        &format!("downloading and checking {BASE_OBJECT}"),
+        Some(part.size_stored),
+    );
+    let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
+    progress.phase("decrypting and unpacking", Some(part.size_plain));
+    let plain = counting(spooled.plaintext(identities).await?, progress);
+    super::tar::unpack(plain, dir).await
+}
+
+/// What a planned base backup restore carries to its apply step.
+struct Apply {
+    manifest: Manifest,
+    dir: PathBuf,
+    spool_dir: PathBuf,
+}
+
+#[async_trait::async_trait(?Send)]
+impl crate::restore::Apply for Apply {
+    async fn apply(
+        self: Box<Self>,
+        repo: &Repository,
+        identities: &[Box<dyn age::Identity + Send + Sync>],
+        progress: std::sync::Arc<dyn Progress>,
+    ) -> Result<Outcome> {
+        let started = std::time::Instant::now();
+        ready_dir(&self.dir)?;
+        let files = unpack_into(
+            repo,
+            &self.manifest,
+            &self.dir,
+            &self.spool_dir,
+            identities,
+            progress,
+        )
+        .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let d = self.dir.display();
+        let mut lines = vec![
+            format!(
+                "restored base backup {} into {d} ({files} entries) in {seconds:.1} s",
+                self.manifest.id
+            ),
+            format!("  next: give it to the server's OS user (chown -R postgres: {d}), and start"),
+            format!("        a server of the same major version on it: pg_ctl -D {d} start"),
+            "        (copy postgresql.conf and pg_hba.conf in first if the source kept them outside"
+                .into(),
+            "        its data directory, as Debian does) (RUNBOOK.md#restore-physical)".into(),
+        ];
+        if let Some(b) = &self.manifest.base_backup {
+            lines.insert(
+                1,
+                format!(
+                    "  it recovers from backup_label with the WAL in pg_wal/ and is consistent at LSN {}",
+                    b.stop_lsn
+                ),
+            );
+        }
+        Ok(Outcome {
+            result: serde_json::json!({
+                "restored": true, "seconds": seconds, "dir": self.dir, "entries": files,
+                "base_backup": self.manifest.base_backup,
+            }),
+            lines,
+        })
+    }
+}

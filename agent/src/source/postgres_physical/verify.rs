@@ -1,0 +1,297 @@
+//! Verifying a base backup, the steps the verifier's skeleton runs:
+//!
+//! 1. The base backup is downloaded to a spool file and its SHA-256 checked against the manifest
+//!    (exit 13 on any difference) before anything is decrypted; the fingerprint too.
+//! 2. It is unpacked into a scratch directory, and `pg_verifybackup` checks every file against
+//!    the server's own `backup_manifest` and parses the WAL the backup needs.
+//! 3. A server starts on the files, as the unprivileged OS user, without network, with its own
+//!    configuration set aside: it must recover from `backup_label` and accept connections.
+//! 4. The restored cluster is compared with the fingerprint (system identifier, out of recovery,
+//!    every database there and readable), then the policy's SQL checks run in the url's database.
+//! 5. The scratch is torn down, whatever happened.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{Fingerprint, PhysicalConfig};
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::manifest::Role;
+use crate::restore;
+use crate::source::postgres::scratch::{self, Scratch, Unstarted};
+use crate::source::postgres::Postgres;
+use crate::verify::{typed_fingerprint, Check, Context, Report, Steps, Verdict};
+
+/// The longest a restored cluster may take to recover and open (the skeleton's
+/// `verify.timeout` bounds the whole verification as well).
+const RECOVERY_WITHIN: Duration = Duration::from_secs(3600);
+
+/// Where the scratch stands.
+enum Stage {
+    /// Its directory, being filled.
+    Unstarted(Unstarted),
+    /// The server running on the restored files.
+    Running(Box<Scratch>),
+}
+
+/// The physical steps, and what they found.
+pub struct PhysicalSteps {
+    config: PhysicalConfig,
+    spooled: Option<restore::Spooled>,
+    fingerprint: Option<Fingerprint>,
+    bin: Option<std::path::PathBuf>,
+    stage: Option<Stage>,
+}
+
+impl PhysicalSteps {
+    /// Steps for a source with these settings.
+    pub fn new(config: PhysicalConfig) -> Self {
+        PhysicalSteps {
+            config,
+            spooled: None,
+            fingerprint: None,
+            bin: None,
+            stage: None,
+        }
+    }
+}
+
+/// The major version in `PostgreSQL 15.18 (Debian …)`.
+fn source_major(version: Option<&str>) -> u32 {
+    version
+        .and_then(|v| v.split_whitespace().nth(1))
+        .and_then(|v| v.split('.').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[async_trait(?Send)]
+impl Steps for PhysicalSteps {
+    fn restore_check(&self) -> (&'static str, &'static str) {
+        (
+            "restore",
+            "the base backup unpacks, and a server recovers on it",
+        )
+    }
+
+    async fn prepare(&mut self, ctx: &Context<'_>, report: &mut Report) -> Result<()> {
+        let t0 = Instant::now();
+        let m = &ctx.entry.manifest;
+        let part = restore::part(m, Role::Cluster)?;
+        let spooled = restore::spool(
+            ctx.repo,
+            m,
+            part,
+            &std::env::temp_dir(),
+            &restore::NoProgress,
+        )
+        .await?;
+        let fingerprint: Fingerprint = typed_fingerprint(ctx.repo, m, ctx.identities).await?;
+        let major = source_major(m.source_version.as_deref());
+        let bin = same_major_bin(ctx.source.verify.postgres_bin_dir.as_deref(), major).await?;
+        self.stage = Some(Stage::Unstarted(Unstarted::new()?));
+        self.spooled = Some(spooled);
+        self.fingerprint = Some(fingerprint);
+        self.bin = Some(bin);
+        report.timings.download_seconds = t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    async fn restore_and_check(
+        &mut self,
+        ctx: &Context<'_>,
+        report: &mut Report,
+    ) -> Result<Verdict> {
+        let (Some(spooled), Some(fingerprint), Some(bin), Some(Stage::Unstarted(_))) =
+            (&self.spooled, &self.fingerprint, &self.bin, &self.stage)
+        else {
+            return Err(Error::failed(
+                "verification steps out of order: nothing prepared",
+            ));
+        };
+        let (fingerprint, bin) = (fingerprint.clone(), bin.clone());
+        let t1 = Instant::now();
+        let Some(Stage::Unstarted(dir)) = self.stage.take() else {
+            return Err(Error::failed("verification steps out of order"));
+        };
+        let data = dir.data();
+        let unpacked =
+            async { super::tar::unpack(spooled.plaintext(ctx.identities).await?, &data).await }
+                .await;
+        if let Err(e) = unpacked {
+            self.stage = Some(Stage::Unstarted(dir));
+            return match e.kind {
+                ErrorKind::Interrupted | ErrorKind::Integrity => Err(e),
+                _ => Ok(Verdict::RestoreFailed(e)),
+            };
+        }
+        report.checks.push(pg_verifybackup(&bin, &data).await);
+        report.scratch = format!(
+            "ephemeral cluster on the restored files ({})",
+            bin.display()
+        );
+        let started = dir
+            .start(&bin, &fingerprint.bootstrap_superuser, RECOVERY_WITHIN)
+            .await;
+        let s = match started {
+            Ok(s) => s,
+            Err(e) => return Ok(Verdict::RestoreFailed(e)),
+        };
+        report.notes.push(match &s.shared_network {
+            None => "the scratch cluster had no network (a network namespace of its own)".into(),
+            Some(why) => format!("the scratch cluster shared the host's network: {why}"),
+        });
+        report.notes.push(
+            "the cluster's own postgresql.conf, pg_hba.conf and preloaded libraries were set aside in the scratch".into(),
+        );
+        report.timings.restore_seconds = t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        let checked = observe(&s, &fingerprint, &self.config, ctx, report).await;
+        self.stage = Some(Stage::Running(Box::new(s)));
+        report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
+        match checked {
+            Ok(()) => Ok(Verdict::Checked),
+            Err(e) if e.kind == ErrorKind::Interrupted => Err(e),
+            Err(e) => Ok(Verdict::RestoreFailed(e)),
+        }
+    }
+
+    fn guard(&self, ctx: &Context<'_>) -> futures::future::LocalBoxFuture<'static, Error> {
+        let dir = match &self.stage {
+            Some(Stage::Unstarted(u)) => u.data(),
+            Some(Stage::Running(s)) => s.dir.clone(),
+            None => return Box::pin(std::future::pending()),
+        };
+        Box::pin(crate::source::postgres::verify::guard(
+            dir,
+            ctx.source.verify.scratch_max_size,
+        ))
+    }
+
+    async fn teardown(&mut self) {
+        if let Some(Stage::Running(s)) = self.stage.take() {
+            s.stop().await;
+        }
+        self.spooled = None;
+    }
+}
+
+/// Server binaries of exactly the source's major version: a data directory starts on no other.
+async fn same_major_bin(
+    configured: Option<&std::path::Path>,
+    major: u32,
+) -> Result<std::path::PathBuf> {
+    let bin = scratch::find_server_bin(configured, major)?;
+    let version = crate::source::child::output(&bin.join("postgres"), &["--version"])
+        .await
+        .unwrap_or_default();
+    // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+    let found = version
+        .split(") ")
+        .nth(1)
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse::<u32>().ok());
+    if found != Some(major) {
+        return Err(Error::failed(format!(
+            "the base backup is of PostgreSQL {major}; the server binaries in {} are {}",
+            bin.display(),
+            version.trim()
+        ))
+        .hint(format!(
+            "a data directory starts only on its own major version: install postgresql-{major} beside the verifier or set verify.postgres_bin_dir"
+        )));
+    }
+    Ok(bin)
+}
+
+/// `pg_verifybackup` over the unpacked files: every file against `backup_manifest`, and the
+/// WAL the backup needs parsed from `pg_wal/`.
+async fn pg_verifybackup(bin: &std::path::Path, data: &std::path::Path) -> Check {
+    const NAME: &str = "pg_verifybackup";
+    const EXPECTED: &str =
+        "every file as the server's backup_manifest lists it, and the WAL parses";
+    let out = tokio::process::Command::new(bin.join("pg_verifybackup"))
+        .arg("--quiet")
+        .arg(data)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => Check::eq(NAME, EXPECTED, EXPECTED),
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stderr);
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            Check::failed(
+                NAME,
+                EXPECTED,
+                tail.into_iter().rev().collect::<Vec<_>>().join("; "),
+            )
+        }
+        Err(e) => Check::failed(NAME, EXPECTED, format!("cannot run it: {e}")),
+    }
+}
+
+/// Compares the running restored cluster with the fingerprint and runs the policy's checks.
+async fn observe(
+    s: &Scratch,
+    fingerprint: &Fingerprint,
+    config: &PhysicalConfig,
+    ctx: &Context<'_>,
+    report: &mut Report,
+) -> Result<()> {
+    let conn = Postgres::new(s.config("template1")).connect().await?;
+    let row = conn
+        .client
+        .query_one(
+            "select system_identifier::text, pg_is_in_recovery() from pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::failed(format!("restored cluster: reading pg_control: {e}")))?;
+    report.checks.push(Check::eq(
+        "system identifier",
+        fingerprint.base.system_identifier.clone(),
+        row.get::<_, String>(0),
+    ));
+    report.checks.push(Check::eq(
+        "recovered",
+        "consistent and out of recovery",
+        if row.get::<_, bool>(1) {
+            "still in recovery"
+        } else {
+            "consistent and out of recovery"
+        },
+    ));
+    for db in &fingerprint.databases {
+        let found = match Postgres::new(s.config(db)).connect().await {
+            Err(e) => e.message,
+            Ok(c) => match c
+                .client
+                .query_one("select count(*) from pg_class", &[])
+                .await
+            {
+                Ok(_) => "present, catalog readable".to_string(),
+                Err(e) => format!("catalog unreadable: {e}"),
+            },
+        };
+        report.checks.push(Check::eq(
+            format!("database {db}"),
+            "present, catalog readable",
+            found,
+        ));
+    }
+    if !ctx.source.verify.checks.is_empty() {
+        let db = {
+            use std::str::FromStr;
+            tokio_postgres::Config::from_str(config.connection.url.expose())
+                .ok()
+                .and_then(|c| c.get_dbname().map(str::to_string))
+                .unwrap_or_else(|| "postgres".into())
+        };
+        let c = Postgres::new(s.config(&db)).connect().await?;
+        report.checks.extend(
+            crate::source::postgres::checks::sql_checks(&c.client, &ctx.source.verify.checks).await,
+        );
+    }
+    Ok(())
+}
