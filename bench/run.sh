@@ -4,9 +4,9 @@
 #   bench/run.sh quick   small sizes, one run each (a few minutes): CI runs it and fails if a
 #                        lifeboat command's peak RSS exceeds its budget (bench/budgets.json).
 #                        Results in target/bench-quick/; BENCHMARKS.md is left alone.
-#   bench/run.sh full    the published numbers: PostgreSQL ~1 GB backup and restore (3 runs),
-#                        Redis 1 M keys, objects 10k files, the idle agent for 10 minutes, and
-#                        the scaling runs (PostgreSQL ~100 MB/1 GB/4 GB; objects 1k/10k/100k).
+#   bench/run.sh full    the published numbers: PostgreSQL ~1 GB backup, restore and base
+#                        backup (3 runs), Redis 1 M keys, objects 10k files, the idle agent for
+#                        10 minutes, and the scaling runs (PostgreSQL ~100 MB/1 GB/4 GB; objects 1k/10k/100k).
 #                        Writes bench/results/<date>.json, bench/plots/*.png and the tables in
 #                        BENCHMARKS.md between their `<!-- bench:… -->` markers.
 # SCALING=0 leaves the scaling runs out of `full`.
@@ -21,6 +21,7 @@ case "$mode" in
     export BENCH_RESULTS=$out/parts RUNS=${RUNS:-1}
     bench/pg_backup.sh 300000
     bench/pg_restore.sh 300000
+    bench/pg_basebackup.sh 300000
     bench/redis.sh 100000
     OBJECTS_S3=0 bench/objects.sh 1000
     bench/agent_idle.sh 20
@@ -31,6 +32,7 @@ case "$mode" in
     export BENCH_RESULTS=target/bench-full-$stamp
     RUNS=${RUNS:-3} bench/pg_backup.sh 5500000
     RUNS=${RUNS:-3} bench/pg_restore.sh 5500000
+    RUNS=${RUNS:-3} bench/pg_basebackup.sh 5500000
     RUNS=${RUNS:-3} bench/redis.sh 1000000
     RUNS=${RUNS:-3} bench/objects.sh 10000
     bench/agent_idle.sh 600

@@ -202,6 +202,12 @@ pub fn postgres() -> &'static Postgres {
 }
 
 fn start_postgres() -> Postgres {
+    start_cluster(Vec::new())
+}
+
+/// A throwaway cluster of its own (not the shared one), with `extra` server settings
+/// (`wal_level=minimal`, …), torn down when this process exits.
+pub fn start_cluster(extra: Vec<String>) -> Postgres {
     let bin = pg_bin();
     assert!(
         bin.join("initdb").exists(),
@@ -268,11 +274,14 @@ fn start_postgres() -> Postgres {
         bin,
         password,
         ca_file,
-        vec![
+        [
             "ssl=on".into(),
             format!("ssl_cert_file={}", tls.join("server.crt").display()),
             format!("ssl_key_file={}", tls.join("server.key").display()),
-        ],
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect(),
     );
     pg.psql(
         "postgres",

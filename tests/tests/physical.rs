@@ -292,3 +292,98 @@ fn a_pg_hba_without_a_replication_line_is_named() {
     );
     assert!(fx.backups().is_empty(), "{:?}", fx.backups());
 }
+
+#[test]
+fn a_server_with_minimal_wal_is_told_what_to_set() {
+    let pg = start_cluster(vec!["wal_level=minimal".into(), "max_wal_senders=0".into()]);
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let policy = PolicyBuilder::new(&key.recipient)
+        .source(
+            "cluster",
+            "postgres-physical",
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\nretries = 0",
+                pg.url("postgres"),
+                pg.password_file(dir.path()).display()
+            ),
+        )
+        .write(dir.path());
+    let r = lifeboat(
+        dir.path(),
+        &["backup", "--policy", policy.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("wal_level is minimal") && r.stderr.contains("wal_level = replica"),
+        "{}",
+        r.stderr
+    );
+    assert!(files_under(&dir.path().join("repo/backups")).is_empty());
+}
+
+#[test]
+fn a_base_backup_killed_midway_leaves_nothing_visible_and_no_slot() {
+    let fx = setup("phys_kill");
+    // 1 MiB/s: the cluster takes tens of seconds, so the kill lands inside the backup.
+    let policy = {
+        let pw = fx.pg.password_file(fx.dir.path());
+        PolicyBuilder::new(&fx.key.recipient)
+            .source(
+                "cluster",
+                "postgres-physical",
+                &format!(
+                    "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nmax_rate = \"1MiB\"\nretries = 0",
+                    fx.pg.url(&fx.db),
+                    pw.display()
+                ),
+            )
+            .write(fx.dir.path())
+    };
+    let mut child = std::process::Command::new(lifeboat_bin())
+        .args(["backup", "--policy", policy.to_str().unwrap()])
+        .current_dir(fx.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let slots = || {
+        fx.pg.psql(
+            "postgres",
+            "select count(*) from pg_replication_slots where slot_name like 'lifeboat_base_%'",
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while slots() == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup never reserved its WAL"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the throttled backup ended too early for the kill"
+    );
+    child.kill().unwrap(); // SIGKILL: no cleanup runs
+    child.wait().unwrap();
+    let manifests: Vec<PathBuf> = fx
+        .backups()
+        .into_iter()
+        .filter(|f| f.ends_with("manifest.json"))
+        .collect();
+    assert!(manifests.is_empty(), "{manifests:?}");
+    let r = fx.run(&["list", "--policy", policy.to_str().unwrap(), "--json"]);
+    assert_eq!(r.stdout.trim(), "[]", "{}", r.stderr);
+    // The server drops the temporary slot once the killed session is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while slots() != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed backup's slot outlived it"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

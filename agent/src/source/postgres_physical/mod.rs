@@ -309,7 +309,7 @@ impl Source for Physical {
         let (tool, tool_version) = self.pg.find_tool("pg_basebackup", c.server_major).await?;
         self.hold_wal(&c, &ctx.id).await?;
         let (env, _passfile) = self.pg.child_env(&c)?;
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "--pgdata=-".into(),
             "--format=tar".into(),
             "--wal-method=fetch".into(),
@@ -317,6 +317,9 @@ impl Source for Physical {
             format!("--label=lifeboat {}", ctx.id).into(),
             "--no-password".into(),
         ];
+        if let Some(rate) = self.cfg.max_rate {
+            args.push(format!("--max-rate={}k", rate / 1024).into());
+        }
         tracing::debug!(source = %ctx.source, backup = %ctx.id, tool = %tool.display(), "Taking a base backup");
         let running = super::child::spawn(&tool, &args, &env, "pg_basebackup".into())?;
         let key = layout::backup_object(&ctx.source, &ctx.id, BASE_OBJECT);

@@ -36,6 +36,10 @@ pub struct RawPhysicalSource {
     /// How the server's checkpoint at the start of a base backup runs: `spread` (default: no I/O
     /// spike, the backup starts once the checkpoint is done) or `fast` (at once, at full I/O).
     pub checkpoint: Option<Checkpoint>,
+    /// Most the server reads and sends per second for a base backup, e.g. `50MiB` (32KiB to
+    /// 1GiB), so that a backup of a busy primary leaves its disks to the application;
+    /// unlimited when unset.
+    pub max_rate: Option<String>,
     /// Directory holding pg_basebackup; found automatically when unset.
     pub pg_bin_dir: Option<String>,
     /// PEM file of the CA that signed the server's certificate; makes TLS verified (verify-full).
@@ -80,6 +84,8 @@ pub struct PhysicalConfig {
     pub connection: PostgresConfig,
     /// The starting checkpoint.
     pub checkpoint: Checkpoint,
+    /// The transfer rate limit, in bytes per second.
+    pub max_rate: Option<u64>,
 }
 
 #[async_trait::async_trait]
@@ -123,6 +129,16 @@ fn validate(
     }
     let url_redacted =
         crate::source::postgres::policy::check_url(path, &raw.url, raw.password_file.is_some(), p);
+    let max_rate = raw.max_rate.as_deref().and_then(|r| {
+        let n = crate::policy::validate::parse_size(r);
+        if n.is_none_or(|n| !(32 << 10..=1 << 30).contains(&n)) {
+            p.add(
+                format!("{path}.max_rate"),
+                format!("`{r}` is not a rate from 32KiB to 1GiB (per second); write e.g. `50MiB`"),
+            );
+        }
+        n
+    });
     let common = common_settings(path, common_raw!(raw), ctx.defaults, p);
     common.into_source(
         raw.name,
@@ -137,6 +153,7 @@ fn validate(
                 tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
             },
             checkpoint: raw.checkpoint.unwrap_or_default(),
+            max_rate,
         }),
     )
 }
@@ -181,7 +198,7 @@ mod tests {
     #[test]
     fn a_physical_source_validates() {
         let p = parse(
-            &with_physical("checkpoint = \"fast\""),
+            &with_physical("checkpoint = \"fast\"\nmax_rate = \"50MiB\""),
             "p.toml",
             &env,
             LoadOptions::default(),
@@ -193,6 +210,7 @@ mod tests {
         };
         assert_eq!(s.config.kind().name(), "postgres-physical");
         assert_eq!(c.checkpoint, super::Checkpoint::Fast);
+        assert_eq!(c.max_rate, Some(50 << 20));
         assert_eq!(s.retention.keep_last, Some(7), "defaults apply");
     }
 
@@ -222,6 +240,18 @@ mod tests {
                 .any(|p| p.starts_with("sources[2].verify.cover_days")),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn a_rate_out_of_pg_basebackups_range_is_refused() {
+        for rate in ["16KiB", "2GiB", "fast"] {
+            let got = problems(&with_physical(&format!("max_rate = \"{rate}\"")));
+            assert!(
+                got.iter()
+                    .any(|p| p.starts_with("sources[2].max_rate") && p.contains("32KiB to 1GiB")),
+                "{rate}: {got:?}"
+            );
+        }
     }
 
     #[test]
