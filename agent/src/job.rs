@@ -30,16 +30,11 @@ pub async fn backup(
     let name = &source.name;
     let started = Instant::now();
     let id = layout::new_backup_id(now);
-    let recipients = pipeline::parse_recipients(&policy.encryption.recipients)?;
+    let pipeline = pipeline_config(policy, source)?;
+    let recipients = pipeline.recipients.clone();
     let ctx = BackupContext {
         store: repo.store.clone(),
-        pipeline: PipelineConfig {
-            level: source.compression.level,
-            workers: source.compression.workers,
-            recipients: recipients.clone(),
-            part_size: policy.repository.part_size,
-            parts_in_flight: policy.repository.parts_in_flight,
-        },
+        pipeline,
         source: name.clone(),
         id: id.clone(),
         cancel: cancel.child_token(),
@@ -89,6 +84,17 @@ pub async fn backup(
                 .with_default_hint("nothing was published; the previous backups are untouched (RUNBOOK.md#backup-failing)"))
         }
     }
+}
+
+/// How `source`'s streams are compressed, encrypted and uploaded.
+pub fn pipeline_config(policy: &Policy, source: &SourcePolicy) -> Result<PipelineConfig> {
+    Ok(PipelineConfig {
+        level: source.compression.level,
+        workers: source.compression.workers,
+        recipients: pipeline::parse_recipients(&policy.encryption.recipients)?,
+        part_size: policy.repository.part_size,
+        parts_in_flight: policy.repository.parts_in_flight,
+    })
 }
 
 async fn publish(

@@ -228,7 +228,7 @@ impl PrunePlan {
             .collect();
         report.collected = source
             .config
-            .plan_shared_collection(repo, policy, self.now, &doomed)
+            .plan_shared_collection(repo, &source.name, policy, self.now, &doomed)
             .await?
             .map(|c| c.summary);
         Ok(report)
@@ -316,7 +316,7 @@ pub async fn apply_prune(
     let none = std::collections::HashSet::new();
     report.collected = match source
         .config
-        .plan_shared_collection(repo, policy, now, &none)
+        .plan_shared_collection(repo, &source.name, policy, now, &none)
         .await?
     {
         Some(c) => Some(c.apply(repo).await?),

@@ -30,8 +30,8 @@ fn setup(prefix: &str) -> Fx {
 }
 
 impl Fx {
-    /// A policy with one physical source as `user`, whose verify section is `verify`.
-    fn policy(&self, user: &str, verify: &str) -> PathBuf {
+    /// A policy with one physical source as `user`, with `more` fields (or its verify section).
+    fn policy(&self, user: &str, more: &str) -> PathBuf {
         let pw = self.pg.password_file(self.dir.path());
         let url = format!("postgres://{user}@127.0.0.1:{}/{}", self.pg.port, self.db);
         PolicyBuilder::new(&self.key.recipient)
@@ -39,7 +39,7 @@ impl Fx {
                 "cluster",
                 "postgres-physical",
                 &format!(
-                    "url = \"{url}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nretries = 0\n{verify}",
+                    "url = \"{url}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nretries = 0\n{more}",
                     pw.display()
                 ),
             )
@@ -327,20 +327,7 @@ fn a_server_with_minimal_wal_is_told_what_to_set() {
 fn a_base_backup_killed_midway_leaves_nothing_visible_and_no_slot() {
     let fx = setup("phys_kill");
     // 1 MiB/s: the cluster takes tens of seconds, so the kill lands inside the backup.
-    let policy = {
-        let pw = fx.pg.password_file(fx.dir.path());
-        PolicyBuilder::new(&fx.key.recipient)
-            .source(
-                "cluster",
-                "postgres-physical",
-                &format!(
-                    "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nmax_rate = \"1MiB\"\nretries = 0",
-                    fx.pg.url(&fx.db),
-                    pw.display()
-                ),
-            )
-            .write(fx.dir.path())
-    };
+    let policy = fx.policy("postgres", "max_rate = \"1MiB\"");
     let mut child = std::process::Command::new(lifeboat_bin())
         .args(["backup", "--policy", policy.to_str().unwrap()])
         .current_dir(fx.dir.path())
@@ -386,4 +373,231 @@ fn a_base_backup_killed_midway_leaves_nothing_visible_and_no_slot() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// The end of the WAL stored under `wal/cluster/` in the repository at `repo`, as an LSN: each
+/// whole segment reaches its end, a partial one its length. With the keys seen.
+fn archived_end(repo: &Path) -> (u64, Vec<String>) {
+    let segment = 16u64 << 20;
+    let mut end = 0;
+    let mut keys = Vec::new();
+    for f in files_under(&repo.join("wal/cluster")) {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        keys.push(name.clone());
+        let Some(seg) = name.get(..24) else { continue };
+        let (Ok(log), Ok(n)) = (
+            u64::from_str_radix(&seg[8..16], 16),
+            u64::from_str_radix(&seg[16..24], 16),
+        ) else {
+            continue;
+        };
+        let start = (log << 32) + n * segment;
+        let parts: Vec<&str> = name.split('.').collect();
+        let reach = if parts.get(1) == Some(&"partial") {
+            start + u64::from_str_radix(parts[2], 16).unwrap()
+        } else {
+            start + segment
+        };
+        end = end.max(reach);
+    }
+    (end, keys)
+}
+
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// Whole segment objects under `wal/cluster/`, by file name.
+fn whole_segments(repo: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = files_under(&repo.join("wal/cluster"))
+        .into_iter()
+        .filter(|f| {
+            let n = f.file_name().unwrap().to_string_lossy().to_string();
+            n.split('.').count() == 4 && !n.contains(".history.")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn wal_streams_into_the_repository_within_the_flush_interval_under_writes() {
+    let fx = setup("phys_wal");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy(
+        "postgres",
+        &format!("retention = {{ keep_last = 1 }}\nwal = {{ slot = \"{slot}\", flush_interval = \"2s\" }}"),
+    );
+    let p = policy.to_str().unwrap();
+    let log = fx.dir.path().join("stream.log");
+    let mut child = std::process::Command::new(lifeboat_bin())
+        .args(["wal", "stream", "--policy", p, "--source", "cluster"])
+        .current_dir(fx.dir.path())
+        .env("LIFEBOAT_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let repo = fx.dir.path().join("repo");
+    let pg = fx.pg;
+    let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
+    // The streamer is up once the slot exists.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pg.psql(
+        "postgres",
+        &format!("select count(*) from pg_replication_slots where slot_name = '{slot}' and active"),
+    ) != "1"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never streamed:\n{}",
+            stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // A write load, with segment switches and two base backups on the way.
+    let mut last_write = 0;
+    for i in 0..30 {
+        pg.psql(
+            &fx.db,
+            &format!(
+                "insert into t (v) select md5(g::text || '{i}') from generate_series(1, 2000) g"
+            ),
+        );
+        if i == 5 || i == 20 {
+            pg.psql("postgres", "select pg_switch_wal()");
+        }
+        if i == 10 || i == 25 {
+            let r = fx.run(&["backup", "--policy", p]);
+            assert_eq!(r.code, 0, "base backup: {}", r.stderr);
+        }
+        last_write = lsn(&pg.psql("postgres", "select pg_current_wal_lsn()"));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // What a user measures as the RPO: the archive reaches the server's position of the last
+    // write within the flush interval and a few seconds.
+    let written_at = std::time::Instant::now();
+    let deadline = written_at + std::time::Duration::from_secs(2 + 5);
+    let (mut end, mut keys) = archived_end(&repo);
+    while end < last_write && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        (end, keys) = archived_end(&repo);
+    }
+    assert!(
+        end >= last_write,
+        "archived up to {end:X}, the last write was at {last_write:X}; keys {keys:?}\n{}",
+        stderr()
+    );
+    eprintln!(
+        "the archive reached the last write {:.1} s after it (flush_interval 2s); {} objects",
+        written_at.elapsed().as_secs_f64(),
+        keys.len()
+    );
+    // The slot is told only what is stored: its restart point never passes the archive.
+    let restart = lsn(&pg.psql(
+        "postgres",
+        &format!("select restart_lsn from pg_replication_slots where slot_name = '{slot}'"),
+    ));
+    let (end, _) = archived_end(&repo);
+    assert!(restart <= end, "slot at {restart:X}, archive at {end:X}");
+    assert!(restart > 0, "the slot moved");
+
+    // Stock tools read a stored partial segment: its name carries its length and SHA-256.
+    let partial = files_under(&repo.join("wal/cluster"))
+        .into_iter()
+        .filter(|f| f.to_string_lossy().contains(".partial."))
+        .max()
+        .expect("a partial segment");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; age -d -i {} {} | zstd -d | sha256sum",
+            fx.key.identity.display(),
+            partial.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let name = partial.file_name().unwrap().to_string_lossy().to_string();
+    let parts: Vec<&str> = name.split('.').collect();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        Some(parts[3]),
+        "{name}"
+    );
+
+    // SIGTERM stops it at a safe point.
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.code().is_some(), "{status:?}\n{}", stderr());
+    pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+
+    // check: the chain from each kept base backup is whole, and every object decrypts to the
+    // SHA-256 its name gives.
+    let id = fx.key.identity.to_str().unwrap();
+    let check = || fx.run(&["check", "--read-data", "--policy", p, "--identity", id]);
+    let r = check();
+    assert_eq!(r.code, 0, "check: {}", r.stderr);
+    // A missing segment is a gap, named by its LSN range (exit 13).
+    let segments = whole_segments(&repo);
+    assert!(segments.len() >= 3, "{segments:?}");
+    let victim = &segments[segments.len() - 2];
+    let kept = std::fs::read(victim).unwrap();
+    std::fs::remove_file(victim).unwrap();
+    let r = check();
+    assert_eq!(r.code, 13, "check with a segment gone: {}", r.stderr);
+    assert!(
+        r.stderr.contains("is not in the archive") && r.stderr.contains("wal/cluster/"),
+        "{}",
+        r.stderr
+    );
+    std::fs::write(victim, kept).unwrap();
+
+    // Prune keeps the newest base backup and the WAL from its start; older WAL goes.
+    let listed = |r: &Run| -> Vec<serde_json::Value> { serde_json::from_str(&r.stdout).unwrap() };
+    let before = whole_segments(&repo);
+    let r = fx.run(&["prune", "--policy", p]);
+    assert_eq!(r.code, 0, "prune: {}", r.stderr);
+    assert!(r.stderr.contains("WAL segments"), "{}", r.stderr);
+    let backups = listed(&fx.run(&["list", "--policy", p, "--json"]));
+    assert_eq!(backups.len(), 1);
+    let start = lsn(backups[0]["base_backup"]["start_lsn"].as_str().unwrap());
+    let after = whole_segments(&repo);
+    assert!(after.len() < before.len(), "{before:?} → {after:?}");
+    let first_kept = archived_end_of(&after[0]);
+    assert!(
+        first_kept > start - (start % (16 << 20)),
+        "the segment holding the kept backup's start stays: {after:?}"
+    );
+    let r = check();
+    assert_eq!(r.code, 0, "check after prune: {}", r.stderr);
+    // list shows the window a point-in-time recovery could reach.
+    let r = fx.run(&["list", "--policy", p]);
+    assert!(
+        r.stdout.contains("cluster: recoverable from ") && r.stdout.contains("WAL stored"),
+        "{}",
+        r.stdout
+    );
+    eprintln!("{}", r.stdout);
+}
+
+/// The end LSN of one whole segment object.
+fn archived_end_of(f: &Path) -> u64 {
+    let name = f.file_name().unwrap().to_string_lossy().to_string();
+    let log = u64::from_str_radix(&name[8..16], 16).unwrap();
+    let n = u64::from_str_radix(&name[16..24], 16).unwrap();
+    (log << 32) + (n + 1) * (16 << 20)
 }

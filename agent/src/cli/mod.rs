@@ -126,6 +126,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// WAL archiving of physical PostgreSQL sources.
+    Wal {
+        #[command(subcommand)]
+        command: WalCommand,
+    },
     /// Print a new age identity on stdout and its recipient on stderr.
     Keygen,
 }
@@ -179,6 +184,20 @@ pub(crate) struct RestoreArgs {
     /// Print the plan (and result) as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum WalCommand {
+    /// Stream a physical source's WAL into the repository until stopped (SIGTERM or Ctrl-C),
+    /// as the agent does; for a process of its own.
+    Stream {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// The `postgres-physical` source (with `wal = { … }`).
+        #[arg(long, short = 's')]
+        source: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

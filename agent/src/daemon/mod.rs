@@ -478,6 +478,10 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
             slots.clone(),
         ));
     }
+    // WAL streams all the time in between a physical source's base backups.
+    for idx in 0..agent.policy.sources.len() {
+        tracker.spawn(wal_loop(agent.clone(), idx, shutdown.clone()));
+    }
     // Objectives age as time passes, even without runs.
     tracker.spawn(objectives_loop(agent.clone(), shutdown.clone()));
     tracker.close();
@@ -529,6 +533,46 @@ async fn sweep_on_start(agent: &Agent) {
 
 /// One source's schedule: a catch-up run at start if asked and due, then every tick, each run
 /// waiting for a free slot.
+/// Streams a physical source's WAL (when it has `wal` settings) until shutdown. A failure no
+/// reconnect mends (a credential, an invalidated slot) is an error in the log, and streaming is
+/// tried again a minute later: it never stops silently.
+async fn wal_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
+    let src = &agent.policy.sources[idx];
+    let crate::source::SourceConfig::PostgresPhysical(cfg) = &src.config else {
+        return;
+    };
+    let Some(wal) = cfg.wal.clone() else {
+        return;
+    };
+    while !shutdown.is_cancelled() {
+        let streamed = async {
+            let repo = agent.repo().await?;
+            let pipeline = crate::job::pipeline_config(&agent.policy, src)?;
+            crate::source::postgres_physical::wal::Streamer::new(
+                repo,
+                &src.name,
+                cfg.clone(),
+                wal.clone(),
+                pipeline,
+            )
+            .run(shutdown.clone())
+            .await
+        }
+        .await;
+        match streamed {
+            Ok(()) => return,
+            Err(e) if e.kind == ErrorKind::Interrupted => return,
+            Err(e) => {
+                tracing::error!(source = %src.name, error = %e, "WAL streaming stopped; trying again in 60 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+            }
+        }
+    }
+}
+
 async fn source_loop(
     agent: Arc<Agent>,
     idx: usize,

@@ -117,6 +117,29 @@ pub fn slot(source: &str, tick: DateTime<Utc>) -> String {
     format!("slots/{source}/{}", tick.format("%Y%m%dT%H%M%SZ"))
 }
 
+/// `wal/<source>/`: a physical source's WAL archive.
+pub fn wal_prefix(source: &str) -> String {
+    format!("wal/{source}/")
+}
+
+/// `wal/<source>/<timeline>/<segment>.<sha256>.zst.age`: a whole WAL segment, named with the
+/// SHA-256 of its plaintext, so a reader tells it from a damaged one without another object.
+pub fn wal_segment(source: &str, timeline: u32, segment: &str, sha256: &str) -> String {
+    format!("wal/{source}/{timeline:08X}/{segment}.{sha256}.zst.age")
+}
+
+/// `wal/<source>/<timeline>/<segment>.partial.<bytes>.<sha256>.zst.age`: the first `bytes` of
+/// the segment still being written, superseded by the next upload of it.
+pub fn wal_partial(source: &str, timeline: u32, segment: &str, bytes: u64, sha256: &str) -> String {
+    format!("wal/{source}/{timeline:08X}/{segment}.partial.{bytes:08X}.{sha256}.zst.age")
+}
+
+/// `wal/<source>/<timeline>/<timeline>.history.zst.age`: the history file of a timeline after a
+/// promotion.
+pub fn wal_history(source: &str, timeline: u32) -> String {
+    format!("wal/{source}/{timeline:08X}/{timeline:08X}.history.zst.age")
+}
+
 /// The time encoded in a backup id, if it is one.
 pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
     let stamp = id.split('-').next()?;

@@ -107,11 +107,13 @@ pub trait SourceKind: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
     ) -> Result<()> {
         Ok(())
     }
-    /// What prune collects once backups are gone: content this kind shares between backups
-    /// (objects' blobs) that no published backup but those in `ignoring` (source, id) names.
+    /// What prune collects of `source` once backups are gone: content this kind shares between
+    /// backups (objects' blobs, a physical source's WAL) that no published backup but those in
+    /// `ignoring` (source, id) needs.
     /// Most kinds share nothing.
     async fn plan_shared_collection(
         _repo: &crate::repo::Repository,
+        _source: &str,
         _policy: &crate::policy::Policy,
         _now: chrono::DateTime<chrono::Utc>,
         _ignoring: &std::collections::HashSet<(String, String)>,
@@ -238,13 +240,14 @@ macro_rules! kinds {
             pub async fn plan_shared_collection(
                 &self,
                 repo: &crate::repo::Repository,
+                source: &str,
                 policy: &crate::policy::Policy,
                 now: chrono::DateTime<chrono::Utc>,
                 ignoring: &std::collections::HashSet<(String, String)>,
             ) -> Result<Option<crate::collect::CollectionPlan>> {
                 match self {
                     $(SourceConfig::$variant(_) => {
-                        <$config as SourceKind>::plan_shared_collection(repo, policy, now, ignoring).await
+                        <$config as SourceKind>::plan_shared_collection(repo, source, policy, now, ignoring).await
                     })+
                 }
             }

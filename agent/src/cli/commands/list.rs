@@ -35,6 +35,7 @@ pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
                     "verification": e.verification,
                     "source_version": m.source_version,
                     "parts": m.parts.iter().map(|p| &p.name).collect::<Vec<_>>(),
+                    "base_backup": m.base_backup,
                 })
             })
             .collect();
@@ -44,7 +45,7 @@ pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
     } else {
         writeln!(
             out,
-            "{:<16} {:<24} {:<9} {:<20} {:>10} {:>10} {:<8}",
+            "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}",
             "SOURCE", "ID", "KIND", "STARTED (UTC)", "PLAIN", "STORED", "VERIFIED"
         )
         .map_err(print_error)?;
@@ -52,7 +53,7 @@ pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
             let m = &e.manifest;
             writeln!(
                 out,
-                "{:<16} {:<24} {:<9} {:<20} {:>10} {:>10} {:<8}",
+                "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}",
                 m.source,
                 m.id,
                 m.kind,
@@ -70,6 +71,7 @@ pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
         if listing.backups.is_empty() {
             eprintln!("no backups yet");
         }
+        print_windows(&repo, &policy, source, &listing.backups, &mut out).await?;
     }
     if !listing.incomplete.is_empty() {
         eprintln!(
@@ -79,6 +81,46 @@ pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
     }
     for (s, id, why) in &listing.damaged {
         eprintln!("warning: backup {id} of {s} is not listed: {why} (run `lifeboat check`)");
+    }
+    Ok(())
+}
+
+/// Each physical source's recoverable window, below the table.
+async fn print_windows(
+    repo: &Repository,
+    policy: &lifeboat::policy::Policy,
+    only: Option<&str>,
+    backups: &[lifeboat::repo::catalog::Entry],
+    out: &mut impl Write,
+) -> Result<()> {
+    use lifeboat::source::postgres_physical::archive;
+    for s in &policy.sources {
+        if only.is_some_and(|o| o != s.name)
+            || s.config.kind() != lifeboat::source::Kind::PostgresPhysical
+        {
+            continue;
+        }
+        let Some(w) = archive::window(repo, &s.name, backups).await? else {
+            continue;
+        };
+        let lag = w
+            .stored_at
+            .map(|t| format!(", WAL stored {} ago", super::ago(t)))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "\n{}: recoverable from {} ({} UTC, backup {}) to {}{lag}{}",
+            s.name,
+            w.from_lsn,
+            w.from_time.format("%Y-%m-%d %H:%M:%S"),
+            w.oldest_backup,
+            w.to_lsn,
+            match w.gaps.len() {
+                0 => String::new(),
+                n => format!("; BROKEN by {n} gap(s) in the WAL: run `lifeboat check`"),
+            }
+        )
+        .map_err(print_error)?;
     }
     Ok(())
 }

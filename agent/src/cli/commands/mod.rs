@@ -7,6 +7,7 @@ mod pin;
 mod policy;
 mod prune;
 mod restore;
+mod wal;
 
 use std::path::Path;
 
@@ -14,7 +15,7 @@ use lifeboat::policy::{LoadOptions, Policy};
 use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
-use super::{Command, PolicyCommand};
+use super::{Command, PolicyCommand, WalCommand};
 
 /// Runs one command.
 pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
@@ -43,6 +44,9 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
             command: PolicyCommand::Schema,
         } => policy::schema(),
         Command::Keygen => policy::keygen(),
+        Command::Wal {
+            command: WalCommand::Stream { policy, source },
+        } => wal::stream(&policy, &source, cancel).await,
         Command::Restore(args) => restore::restore(args, cancel).await,
         Command::Agent { policy, listen } => {
             let mut policy = load(&policy)?;
@@ -97,4 +101,12 @@ fn select_source(policy: &Policy, name: &str) -> Result<()> {
 
 fn print_error(e: std::io::Error) -> Error {
     Error::failed(format!("cannot write to stdout: {e}"))
+}
+
+/// How long ago `t` was, for people: seconds under a minute, whole minutes after.
+fn ago(t: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = (chrono::Utc::now() - t).num_seconds().max(0) as u64;
+    // Whole minutes once it is a minute or more: seconds would be noise.
+    let secs = if secs >= 60 { secs - secs % 60 } else { secs };
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }

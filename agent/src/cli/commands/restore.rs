@@ -10,7 +10,7 @@ use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
 use super::super::RestoreArgs;
-use super::load;
+use super::{ago, load};
 
 /// Plans, confirms, applies.
 pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
@@ -118,13 +118,6 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
         ErrorKind::Invalid,
         format!("--before `{s}` is not a time; write 2026-11-27T03:00:00Z or \"2026-11-27 03:00:00\" (UTC)"),
     ))
-}
-
-fn ago(t: chrono::DateTime<chrono::Utc>) -> String {
-    let secs = (chrono::Utc::now() - t).num_seconds().max(0) as u64;
-    // Whole minutes once it is a minute or more: seconds would be noise.
-    let secs = if secs >= 60 { secs - secs % 60 } else { secs };
-    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
 /// Asks for `word` on a terminal; anywhere else (or with --json) refuses.

@@ -133,6 +133,7 @@ impl SourceKind for ObjectsConfig {
 
     async fn plan_shared_collection(
         repo: &crate::repo::Repository,
+        _source: &str,
         policy: &crate::policy::Policy,
         now: chrono::DateTime<chrono::Utc>,
         ignoring: &std::collections::HashSet<(String, String)>,

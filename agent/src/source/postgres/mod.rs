@@ -128,8 +128,9 @@ impl Postgres {
         format!("PostgreSQL at {}", self.cfg.url_redacted)
     }
 
-    /// Connects to the source's database (or `dbname` instead, e.g. `postgres` for maintenance).
-    pub async fn connect_to(&self, dbname: Option<&str>) -> Result<Connection> {
+    /// The connection settings with the password resolved (url, `password_file`, PGPASSWORD),
+    /// and the password apart, for connections lifeboat makes itself.
+    pub fn resolved_config(&self) -> Result<(tokio_postgres::Config, Option<Secret>)> {
         let mut config = tokio_postgres::Config::from_str(self.cfg.url.expose()).map_err(|e| {
             Error::new(
                 ErrorKind::Invalid,
@@ -138,9 +139,6 @@ impl Postgres {
         })?;
         if let Some(file) = &self.cfg.password_file {
             config.password(super::read_password_file(file)?.expose());
-        }
-        if let Some(db) = dbname {
-            config.dbname(db);
         }
         if config.get_password().is_none() {
             // libpq tools would read PGPASSWORD; the connection lifeboat makes itself does too.
@@ -157,6 +155,15 @@ impl Postgres {
         let password = config
             .get_password()
             .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
+        Ok((config, password))
+    }
+
+    /// Connects to the source's database (or `dbname` instead, e.g. `postgres` for maintenance).
+    pub async fn connect_to(&self, dbname: Option<&str>) -> Result<Connection> {
+        let (mut config, password) = self.resolved_config()?;
+        if let Some(db) = dbname {
+            config.dbname(db);
+        }
         let client = match self.tls()? {
             None => {
                 let (client, connection) = config
@@ -747,7 +754,17 @@ fn needs_superuser(stderr: &str) -> bool {
     .any(|p| stderr.contains(p))
 }
 
-fn tool_major(version: &str) -> Option<u32> {
+/// The major version in a manifest's `PostgreSQL 15.18 (Debian …)` (0 when unreadable).
+pub(crate) fn source_major(version: Option<&str>) -> u32 {
+    version
+        .and_then(|v| v.split_whitespace().nth(1))
+        .and_then(|v| v.split('.').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The major version in a tool's `--version` line.
+pub(crate) fn tool_major(version: &str) -> Option<u32> {
     // "pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
     let after = version.split(") ").nth(1)?;
     after

@@ -234,9 +234,10 @@ fn scratch_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Gives `dir` to the OS user the server runs as.
-fn hand_over(dir: &Path, user: &str) -> std::result::Result<(), String> {
+/// Gives `dir` (and everything below it, when `recursive`) to the OS user the server runs as.
+fn hand_over(dir: &Path, user: &str, recursive: bool) -> std::result::Result<(), String> {
     let ok = std::process::Command::new("chown")
+        .args(recursive.then_some("-R"))
         .arg(format!("{user}:"))
         .arg(dir)
         .status()
@@ -421,7 +422,7 @@ impl Unstarted {
             let _ = std::fs::remove_file(data.join(f));
         }
         if let Some(user) = &isolation.user {
-            hand_over_all(&dir, user).map_err(&fail)?;
+            hand_over(&dir, user, true).map_err(&fail)?;
         }
         let port = free_port().map_err(|e| fail(format!("no free port: {e}")))?;
         let settings: Vec<String> = [
@@ -462,22 +463,6 @@ impl Drop for Unstarted {
     }
 }
 
-/// Gives `dir` and everything below it to the OS user the server runs as.
-fn hand_over_all(dir: &Path, user: &str) -> std::result::Result<(), String> {
-    let ok = std::process::Command::new("chown")
-        .arg("-R")
-        .arg(format!("{user}:"))
-        .arg(dir)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("cannot hand {} to user {user}", dir.display()))
-    }
-}
-
 impl Scratch {
     /// Creates and starts a scratch cluster with the binaries in `bin`.
     pub async fn start(bin: &Path) -> Result<Scratch> {
@@ -489,7 +474,7 @@ impl Scratch {
         let isolation = isolation();
         let prefix = isolation.prefix;
         if let Some(user) = &isolation.user {
-            hand_over(&dir, user).map_err(fail)?;
+            hand_over(&dir, user, false).map_err(fail)?;
         }
         let data = dir.join("data");
         initdb(&prefix, bin, &data).await.map_err(fail)?;

@@ -63,13 +63,7 @@ impl Steps for PostgresSteps {
     async fn prepare(&mut self, ctx: &Context<'_>, report: &mut Report) -> Result<()> {
         let t0 = Instant::now();
         let m = &ctx.entry.manifest;
-        let source_major = m
-            .source_version
-            .as_deref()
-            .and_then(|v| v.split_whitespace().nth(1))
-            .and_then(|v| v.split('.').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let source_major = super::source_major(m.source_version.as_deref());
         // The scratch starts while the objects download and are checked. Nothing is decrypted,
         // let alone restored, until every check passed.
         let integrity = async {

@@ -12,12 +12,15 @@
 //! Connection settings, the passfile (never argv) and TLS are a logical source's
 //! ([`crate::source::postgres`]); a role with REPLICATION is needed.
 
+pub mod archive;
 pub mod policy;
+pub mod replication;
 pub mod restore;
 pub mod tar;
 pub mod verify;
+pub mod wal;
 
-pub use policy::{Checkpoint, PhysicalConfig, RawPhysicalSource};
+pub use policy::{Checkpoint, PhysicalConfig, RawPhysicalSource, WalSettings};
 
 use std::ffi::OsString;
 
@@ -35,7 +38,7 @@ use crate::repo::manifest::Role;
 pub const BASE_OBJECT: &str = "base.tar.zst.age";
 
 /// A WAL location, written as PostgreSQL does (`0/4000028`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
 
 impl std::fmt::Display for Lsn {
@@ -87,6 +90,13 @@ pub struct BaseBackupInfo {
     pub stop_lsn: Lsn,
     /// The first WAL segment the backup needs.
     pub start_wal_file: String,
+    /// The server's WAL segment size.
+    #[serde(default = "default_segment_size")]
+    pub wal_segment_size: u64,
+}
+
+fn default_segment_size() -> u64 {
+    16 << 20
 }
 
 /// What a base backup's fingerprint holds (`fingerprint.json.age`): what the verifier must find
@@ -127,6 +137,7 @@ struct Readiness {
     senders_in_use: i64,
     bootstrap_superuser: String,
     databases: Vec<String>,
+    wal_segment_size: u64,
 }
 
 impl Physical {
@@ -148,7 +159,8 @@ impl Physical {
                  current_setting('wal_level'), current_setting('max_wal_senders')::int8, \
                  (select count(*) from pg_stat_activity where backend_type = 'walsender'), \
                  (select rolname::text from pg_roles where oid = 10), \
-                 array(select datname::text from pg_database where not datistemplate order by 1)",
+                 array(select datname::text from pg_database where not datistemplate order by 1), \
+                 (select setting::int8 from pg_settings where name = 'wal_segment_size')",
                 &[],
             )
             .await
@@ -161,6 +173,7 @@ impl Physical {
             senders_in_use: row.get(4),
             bootstrap_superuser: row.get(5),
             databases: row.get(6),
+            wal_segment_size: row.get::<_, i64>(7) as u64,
         })
     }
 
@@ -254,7 +267,10 @@ fn label_field<'a>(label: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// The backup's place in history, from what the tar held.
-fn base_info(summary: &tar::TarSummary) -> std::result::Result<BaseBackupInfo, String> {
+fn base_info(
+    summary: &tar::TarSummary,
+    wal_segment_size: u64,
+) -> std::result::Result<BaseBackupInfo, String> {
     let label = summary
         .backup_label
         .as_deref()
@@ -290,6 +306,7 @@ fn base_info(summary: &tar::TarSummary) -> std::result::Result<BaseBackupInfo, S
         start_lsn: start_lsn.parse()?,
         stop_lsn: end.parse()?,
         start_wal_file: file.trim_end_matches(')').to_string(),
+        wal_segment_size,
     })
 }
 
@@ -339,7 +356,7 @@ impl Source for Physical {
                 "pg_basebackup's output is not a base backup: {why}"
             ))
         })?;
-        let base = base_info(&summary).map_err(|why| {
+        let base = base_info(&summary, ready.wal_segment_size).map_err(|why| {
             Error::failed(format!(
                 "pg_basebackup's output is not a base backup: {why}"
             ))
@@ -390,7 +407,7 @@ mod tests {
             bytes: 10,
             complete: true,
         };
-        let b = base_info(&summary).unwrap();
+        let b = base_info(&summary, 16 << 20).unwrap();
         assert_eq!(b.system_identifier, "7714702366018530437");
         assert_eq!(b.timeline, 1);
         assert_eq!(b.start_lsn.to_string(), "0/4000028");
@@ -398,7 +415,7 @@ mod tests {
         assert_eq!(b.start_wal_file, "000000010000000000000004");
         let mut no_manifest = summary.clone();
         no_manifest.manifest_tail = None;
-        assert!(base_info(&no_manifest)
+        assert!(base_info(&no_manifest, 16 << 20)
             .unwrap_err()
             .contains("backup_manifest"));
     }

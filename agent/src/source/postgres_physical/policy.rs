@@ -40,6 +40,8 @@ pub struct RawPhysicalSource {
     /// 1GiB), so that a backup of a busy primary leaves its disks to the application;
     /// unlimited when unset.
     pub max_rate: Option<String>,
+    /// Continuous WAL streaming from a physical replication slot, between base backups.
+    pub wal: Option<RawWal>,
     /// Directory holding pg_basebackup; found automatically when unset.
     pub pg_bin_dir: Option<String>,
     /// PEM file of the CA that signed the server's certificate; makes TLS verified (verify-full).
@@ -52,6 +54,74 @@ pub struct RawPhysicalSource {
     pub retries: Option<u32>,
     /// Back up at agent start when the newest backup is older than the schedule's interval.
     pub run_on_start: Option<bool>,
+}
+
+/// `wal = { … }`: WAL streamed from a replication slot into the repository.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawWal {
+    /// The physical replication slot streamed from; created if missing. Default `lifeboat`.
+    pub slot: Option<String>,
+    /// How often the growing segment is stored (what a crash can lose at most), e.g. `30s`;
+    /// default 30s, at least 1s.
+    pub flush_interval: Option<String>,
+    /// Warn when the slot holds more WAL than this on the server (the agent or the store is
+    /// behind), e.g. `20GiB`; default 20GiB.
+    pub max_slot_retained: Option<String>,
+}
+
+/// WAL streaming settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalSettings {
+    /// The slot.
+    pub slot: String,
+    /// How often the growing segment is stored.
+    pub flush_interval: std::time::Duration,
+    /// The retained bytes past which the agent warns.
+    pub max_slot_retained: u64,
+}
+
+fn validate_wal(path: &str, raw: &RawWal, p: &mut Problems) -> WalSettings {
+    let slot = raw.slot.clone().unwrap_or_else(|| "lifeboat".into());
+    let valid = !slot.is_empty()
+        && slot.len() <= 63
+        && slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !valid {
+        p.add(
+            format!("{path}.wal.slot"),
+            format!("`{slot}` is not a slot name: lower-case letters, digits and `_`, at most 63"),
+        );
+    }
+    let flush_interval = match raw.flush_interval.as_deref() {
+        None => std::time::Duration::from_secs(30),
+        Some(f) => {
+            let d = crate::policy::validate::duration(&format!("{path}.wal.flush_interval"), f, p);
+            if d < std::time::Duration::from_secs(1) {
+                p.add(
+                    format!("{path}.wal.flush_interval"),
+                    format!("`{f}` is under a second; write e.g. `30s`"),
+                );
+            }
+            d
+        }
+    };
+    let max_slot_retained = match raw.max_slot_retained.as_deref() {
+        None => 20 << 30,
+        Some(m) => crate::policy::validate::parse_size(m).unwrap_or_else(|| {
+            p.add(
+                format!("{path}.wal.max_slot_retained"),
+                format!("`{m}` is not a size; write e.g. `20GiB`"),
+            );
+            0
+        }),
+    };
+    WalSettings {
+        slot,
+        flush_interval,
+        max_slot_retained,
+    }
 }
 
 /// The checkpoint a base backup starts with.
@@ -86,6 +156,8 @@ pub struct PhysicalConfig {
     pub checkpoint: Checkpoint,
     /// The transfer rate limit, in bytes per second.
     pub max_rate: Option<u64>,
+    /// WAL streaming, when configured.
+    pub wal: Option<WalSettings>,
 }
 
 #[async_trait::async_trait]
@@ -115,6 +187,25 @@ impl SourceKind for PhysicalConfig {
     ) -> crate::Result<crate::restore::Plan> {
         super::restore::plan(request).await
     }
+
+    async fn check_more(
+        ctx: &mut crate::check::Context<'_>,
+        manifest: &crate::repo::manifest::Manifest,
+    ) -> crate::Result<()> {
+        super::archive::check_chain(ctx, manifest).await
+    }
+
+    async fn plan_shared_collection(
+        repo: &crate::repo::Repository,
+        source: &str,
+        _policy: &crate::policy::Policy,
+        _now: chrono::DateTime<chrono::Utc>,
+        ignoring: &std::collections::HashSet<(String, String)>,
+    ) -> crate::Result<Option<crate::collect::CollectionPlan>> {
+        Ok(Some(
+            super::archive::plan_collection(repo, source, ignoring).await?,
+        ))
+    }
 }
 
 fn validate(
@@ -139,6 +230,7 @@ fn validate(
         }
         n
     });
+    let wal = raw.wal.as_ref().map(|w| validate_wal(path, w, p));
     let common = common_settings(path, common_raw!(raw), ctx.defaults, p);
     common.into_source(
         raw.name,
@@ -154,6 +246,7 @@ fn validate(
             },
             checkpoint: raw.checkpoint.unwrap_or_default(),
             max_rate,
+            wal,
         }),
     )
 }
@@ -252,6 +345,36 @@ mod tests {
                 "{rate}: {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn wal_settings_validate_with_defaults_and_name_their_field() {
+        let p = parse(
+            &with_physical("wal = { flush_interval = \"10s\" }"),
+            "p.toml",
+            &env,
+            LoadOptions::default(),
+        )
+        .unwrap();
+        let SourceConfig::PostgresPhysical(c) = &p.sources[2].config else {
+            panic!("physical")
+        };
+        let wal = c.wal.as_ref().expect("wal settings");
+        assert_eq!(wal.slot, "lifeboat");
+        assert_eq!(wal.flush_interval, std::time::Duration::from_secs(10));
+        assert_eq!(wal.max_slot_retained, 20 << 30);
+        let got = problems(&with_physical(
+            "wal = { slot = \"Bad-Name\", flush_interval = \"0s\", max_slot_retained = \"lots\" }",
+        ));
+        for field in ["wal.slot", "wal.flush_interval", "wal.max_slot_retained"] {
+            assert!(
+                got.iter()
+                    .any(|p| p.starts_with(&format!("sources[2].{field}"))),
+                "{field}: {got:?}"
+            );
+        }
+        let got = problems(&with_physical("wal = { slott = \"x\" }"));
+        assert!(got.iter().any(|p| p.contains("slott")), "{got:?}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::repo::manifest::Role;
 use crate::restore;
 use crate::source::postgres::scratch::{self, Scratch, Unstarted};
 use crate::source::postgres::Postgres;
-use crate::verify::{typed_fingerprint, Check, Context, Report, Steps, Verdict};
+use crate::verify::{Check, Context, Report, Steps, Verdict};
 
 /// The longest a restored cluster may take to recover and open (the skeleton's
 /// `verify.timeout` bounds the whole verification as well).
@@ -56,15 +56,6 @@ impl PhysicalSteps {
     }
 }
 
-/// The major version in `PostgreSQL 15.18 (Debian …)`.
-fn source_major(version: Option<&str>) -> u32 {
-    version
-        .and_then(|v| v.split_whitespace().nth(1))
-        .and_then(|v| v.split('.').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[async_trait(?Send)]
 impl Steps for PhysicalSteps {
     fn restore_check(&self) -> (&'static str, &'static str) {
@@ -77,17 +68,9 @@ impl Steps for PhysicalSteps {
     async fn prepare(&mut self, ctx: &Context<'_>, report: &mut Report) -> Result<()> {
         let t0 = Instant::now();
         let m = &ctx.entry.manifest;
-        let part = restore::part(m, Role::Cluster)?;
-        let spooled = restore::spool(
-            ctx.repo,
-            m,
-            part,
-            &std::env::temp_dir(),
-            &restore::NoProgress,
-        )
-        .await?;
-        let fingerprint: Fingerprint = typed_fingerprint(ctx.repo, m, ctx.identities).await?;
-        let major = source_major(m.source_version.as_deref());
+        let (spooled, fingerprint): (_, Fingerprint) =
+            crate::verify::spool_and_fingerprint(ctx, Role::Cluster).await?;
+        let major = crate::source::postgres::source_major(m.source_version.as_deref());
         let bin = same_major_bin(ctx.source.verify.postgres_bin_dir.as_deref(), major).await?;
         self.stage = Some(Stage::Unstarted(Unstarted::new()?));
         self.spooled = Some(spooled);
@@ -185,12 +168,7 @@ async fn same_major_bin(
     let version = crate::source::child::output(&bin.join("postgres"), &["--version"])
         .await
         .unwrap_or_default();
-    // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
-    let found = version
-        .split(") ")
-        .nth(1)
-        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|v| v.parse::<u32>().ok());
+    let found = crate::source::postgres::tool_major(&version);
     if found != Some(major) {
         return Err(Error::failed(format!(
             "the base backup is of PostgreSQL {major}; the server binaries in {} are {}",

@@ -1,0 +1,481 @@
+//! Continuous WAL streaming into the repository, from a physical replication slot.
+//!
+//! The received WAL of the current segment goes into one spool file (a segment, 16 MiB by
+//! default: the only local state, bounded). A whole segment is stored as its own object; the
+//! growing one is stored every `flush_interval` as a partial object that supersedes the previous
+//! partial of it, so what a crash can lose is bounded by that interval. Each object is named with
+//! the SHA-256 of its plaintext (see `repo::layout::wal_segment`). The server is told a position
+//! is flushed only once the object holding it is stored, so the slot keeps on the server whatever
+//! the repository does not hold yet: a crash of the agent or an outage of the store loses nothing
+//! the slot still has. While an upload waits, the stream is not read: the server buffers, and the
+//! agent's disk never fills.
+
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::policy::WalSettings;
+use super::replication::{Event, Replication};
+use super::{Lsn, PhysicalConfig};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::{self, NoObserver, PipelineConfig};
+use crate::repo::{layout, Repository};
+use crate::source::postgres::Postgres;
+
+/// The name PostgreSQL gives the segment holding `lsn`: timeline, log and segment, 8 hex each.
+pub fn segment_name(timeline: u32, lsn: Lsn, segment_size: u64) -> String {
+    let segno = lsn.0 / segment_size;
+    let per_log = 0x1_0000_0000 / segment_size;
+    format!(
+        "{timeline:08X}{:08X}{:08X}",
+        segno / per_log,
+        segno % per_log
+    )
+}
+
+/// The segment being received.
+struct Segment {
+    timeline: u32,
+    start: Lsn,
+    /// The server's segment size.
+    size: u64,
+    file: tempfile::NamedTempFile,
+    handle: tokio::fs::File,
+    /// Bytes of it received.
+    written: u64,
+    /// Bytes of it stored in the repository.
+    stored: u64,
+    /// The partial object holding `stored` bytes, superseded by the next.
+    partial: Option<String>,
+}
+
+/// What streaming reports as it goes (for logs and metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The end of what is stored in the repository.
+    pub archived: Lsn,
+    /// The server's WAL end, as last reported.
+    pub server_end: Lsn,
+}
+
+/// Streams the WAL of one physical source until cancelled.
+pub struct Streamer {
+    repo: Repository,
+    source: String,
+    cfg: PhysicalConfig,
+    wal: WalSettings,
+    pipeline: PipelineConfig,
+    progress: tokio::sync::watch::Sender<Progress>,
+}
+
+impl Streamer {
+    /// A streamer of `source`'s WAL into `repo`.
+    pub fn new(
+        repo: Repository,
+        source: &str,
+        cfg: PhysicalConfig,
+        wal: WalSettings,
+        pipeline: PipelineConfig,
+    ) -> Streamer {
+        Streamer {
+            repo,
+            source: source.to_string(),
+            cfg,
+            wal,
+            pipeline,
+            progress: tokio::sync::watch::channel(Progress::default()).0,
+        }
+    }
+
+    /// Where streaming stands, updated after every store and keepalive.
+    pub fn progress(&self) -> tokio::sync::watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// Streams until `cancel` fires, reconnecting with backoff after a failure. A failure that
+    /// no retry mends (a credential, a lost slot) ends it.
+    pub async fn run(&self, cancel: CancellationToken) -> Result<()> {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let started = Instant::now();
+            match self.session(&cancel).await {
+                Ok(()) => return Ok(()),
+                Err(e) if cancel.is_cancelled() || e.kind == ErrorKind::Interrupted => {
+                    return Err(Error::new(ErrorKind::Interrupted, "interrupted"))
+                }
+                Err(e) if matches!(e.kind, ErrorKind::Credential | ErrorKind::Invalid) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_secs(1);
+                    }
+                    tracing::warn!(source = %self.source, error = %e, retry_in = ?backoff, "WAL streaming interrupted; reconnecting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    fn where_(&self) -> String {
+        format!("source {}: WAL slot {}", self.source, self.wal.slot)
+    }
+
+    /// The slot's restart point, the slot created (reserving WAL now) when missing. A lost slot
+    /// is an error: the server removed WAL the archive never got.
+    async fn slot_start(&self, pg: &Postgres) -> Result<(Lsn, u64)> {
+        let c = pg.connect().await?;
+        let q = |what: &str, e: tokio_postgres::Error| pg.query_error(what, e);
+        let size: i64 = c
+            .client
+            .query_one(
+                "select setting::int8 from pg_settings where name = 'wal_segment_size'",
+                &[],
+            )
+            .await
+            .map_err(|e| q("reading wal_segment_size", e))?
+            .get(0);
+        let read = "select restart_lsn::text, coalesce(wal_status, '') from pg_replication_slots \
+                    where slot_name = $1 and slot_type = 'physical'";
+        let mut row = c
+            .client
+            .query_opt(read, &[&self.wal.slot])
+            .await
+            .map_err(|e| q("reading the replication slot", e))?;
+        if row.is_none() {
+            tracing::info!(source = %self.source, slot = %self.wal.slot, "Creating the replication slot");
+            c.client
+                .query_one(
+                    "select pg_create_physical_replication_slot($1, true, false)",
+                    &[&self.wal.slot],
+                )
+                .await
+                .map_err(|e| q("creating the replication slot", e))?;
+            row = c
+                .client
+                .query_opt(read, &[&self.wal.slot])
+                .await
+                .map_err(|e| q("reading the replication slot", e))?;
+        }
+        let row =
+            row.ok_or_else(|| Error::failed(format!("{}: the slot vanished", self.where_())))?;
+        let status: String = row.get(1);
+        let restart: Option<String> = row.get(0);
+        if status == "lost" || restart.is_none() {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{}: the slot was invalidated (wal_status {status:?}): the server removed WAL the archive does not hold, so the chain has a gap",
+                    self.where_()
+                ),
+            )
+            .hint("drop the slot (SELECT pg_drop_replication_slot(…)) and take a base backup now; raise max_slot_wal_keep_size (RUNBOOK.md#wal-slot-lost)"));
+        }
+        let restart: Lsn = restart
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e: String| Error::failed(format!("{}: {e}", self.where_())))?;
+        Ok((restart, size as u64))
+    }
+
+    /// One replication session: from the slot's restart point until cancelled or broken.
+    async fn session(&self, cancel: &CancellationToken) -> Result<()> {
+        let pg = Postgres::new(self.cfg.connection.clone());
+        let (restart, segment_size) = self.slot_start(&pg).await?;
+        let (config, password) = pg.resolved_config()?;
+        let mut r = Replication::connect(
+            &config,
+            password.as_ref(),
+            &self.cfg.connection.url_redacted,
+        )
+        .await?;
+        let system = r.identify_system().await?;
+        let timeline = system.timeline;
+        if timeline > 1 {
+            let (_, history) = r.timeline_history(timeline).await?;
+            self.store_small(&layout::wal_history(&self.source, timeline), history)
+                .await?;
+        }
+        // From the start of the restart point's segment: the server keeps that whole segment,
+        // and each stored object is a segment's prefix.
+        let start = Lsn(restart.0 - restart.0 % segment_size);
+        r.start(&self.wal.slot, start, timeline).await?;
+        tracing::info!(source = %self.source, slot = %self.wal.slot, start = %start, timeline, "Streaming WAL");
+        let mut seg = self.new_segment(timeline, start, segment_size).await?;
+        let mut server_end = system.xlogpos;
+        let mut tick = tokio::time::interval(self.wal.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut warned = false;
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.store_partial(&mut seg, cancel).await?;
+                    let _ = r.status(self.received(&seg), self.archived(&seg), false).await;
+                    return Ok(());
+                }
+                _ = tick.tick() => {
+                    self.store_partial(&mut seg, cancel).await?;
+                    r.status(self.received(&seg), self.archived(&seg), false).await?;
+                    let retained = server_end.0.saturating_sub(self.archived(&seg).0);
+                    if retained > self.wal.max_slot_retained && !warned {
+                        warned = true;
+                        tracing::warn!(source = %self.source, retained, limit = self.wal.max_slot_retained, "The slot holds more WAL on the server than wal.max_slot_retained: the archive is behind");
+                    }
+                    continue;
+                }
+                e = r.next() => e?,
+            };
+            match event {
+                Event::Data {
+                    start,
+                    server_end: end,
+                    data,
+                } => {
+                    server_end = end;
+                    self.receive(&mut seg, start, &data, cancel, &mut r).await?;
+                    self.publish(&seg, server_end);
+                }
+                Event::Keepalive {
+                    server_end: end,
+                    reply,
+                } => {
+                    server_end = end;
+                    self.publish(&seg, server_end);
+                    if reply {
+                        r.status(self.received(&seg), self.archived(&seg), false)
+                            .await?;
+                    }
+                }
+                Event::EndOfTimeline {
+                    next_timeline,
+                    next_start,
+                } => {
+                    self.store_partial(&mut seg, cancel).await?;
+                    return Err(Error::failed(format!(
+                        "{}: timeline {timeline} ended; the server continues on timeline {next_timeline} at {next_start}",
+                        self.where_()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn received(&self, seg: &Segment) -> Lsn {
+        Lsn(seg.start.0 + seg.written)
+    }
+
+    fn archived(&self, seg: &Segment) -> Lsn {
+        Lsn(seg.start.0 + seg.stored)
+    }
+
+    fn publish(&self, seg: &Segment, server_end: Lsn) {
+        self.progress.send_replace(Progress {
+            archived: self.archived(seg),
+            server_end,
+        });
+    }
+
+    /// Writes `data` (from `start`) into the segment spool, storing each segment it completes.
+    async fn receive(
+        &self,
+        seg: &mut Segment,
+        start: Lsn,
+        mut data: &[u8],
+        cancel: &CancellationToken,
+        r: &mut Replication,
+    ) -> Result<()> {
+        if start != self.received(seg) {
+            return Err(Error::failed(format!(
+                "{}: the server sent WAL from {start}, expected {}",
+                self.where_(),
+                self.received(seg)
+            )));
+        }
+        while !data.is_empty() {
+            let room = (seg.size - seg.written) as usize;
+            let (now, rest) = data.split_at(room.min(data.len()));
+            seg.handle
+                .write_all(now)
+                .await
+                .map_err(|e| Error::failed(format!("writing the WAL spool: {e}")))?;
+            seg.written += now.len() as u64;
+            data = rest;
+            if seg.written == seg.size {
+                self.store_whole(seg, cancel).await?;
+                let next = Lsn(seg.start.0 + seg.size);
+                r.status(next, next, false).await?;
+                *seg = self.new_segment(seg.timeline, next, seg.size).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn new_segment(&self, timeline: u32, start: Lsn, size: u64) -> Result<Segment> {
+        let file = tempfile::Builder::new()
+            .prefix("lifeboat-wal-")
+            .tempfile()
+            .map_err(|e| Error::failed(format!("cannot create the WAL spool file: {e}")))?;
+        let handle = tokio::fs::File::from_std(
+            file.reopen()
+                .map_err(|e| Error::failed(format!("cannot open the WAL spool file: {e}")))?,
+        );
+        Ok(Segment {
+            timeline,
+            start,
+            size,
+            file,
+            handle,
+            written: 0,
+            stored: 0,
+            partial: None,
+        })
+    }
+
+    /// SHA-256 of the first `len` bytes of the spool.
+    async fn spool_sha(&self, seg: &mut Segment, len: u64) -> Result<String> {
+        seg.handle
+            .flush()
+            .await
+            .map_err(|e| Error::failed(format!("writing the WAL spool: {e}")))?;
+        let mut f = tokio::fs::File::open(seg.file.path())
+            .await
+            .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
+        f.seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
+        let mut f = f.take(len);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    /// Stores the spool's first `len` bytes under `key` through the pipeline.
+    async fn store_prefix(
+        &self,
+        seg: &Segment,
+        len: u64,
+        key: String,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let f = tokio::fs::File::open(seg.file.path())
+            .await
+            .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
+        pipeline::run(
+            f.take(len),
+            std::future::ready(Ok(())),
+            NoObserver,
+            self.repo.store.clone(),
+            key.clone(),
+            &self.pipeline,
+            cancel.child_token(),
+        )
+        .await
+        .map_err(|e| Error::from(e).context(format!("storing {key}")))?;
+        Ok(())
+    }
+
+    /// Stores what the segment holds beyond the last store, as its new partial object.
+    async fn store_partial(&self, seg: &mut Segment, cancel: &CancellationToken) -> Result<()> {
+        if seg.written == seg.stored {
+            return Ok(());
+        }
+        let len = seg.written;
+        let sha = self.spool_sha(seg, len).await?;
+        let name = segment_name(seg.timeline, seg.start, seg.size);
+        let key = layout::wal_partial(&self.source, seg.timeline, &name, len, &sha);
+        self.store_prefix(seg, len, key.clone(), cancel).await?;
+        self.supersede(seg.partial.replace(key)).await;
+        seg.stored = len;
+        tracing::debug!(source = %self.source, archived = %self.archived(seg), "Stored the growing WAL segment");
+        Ok(())
+    }
+
+    /// Stores the whole segment and drops its partial object.
+    async fn store_whole(&self, seg: &mut Segment, cancel: &CancellationToken) -> Result<()> {
+        let len = seg.written;
+        let sha = self.spool_sha(seg, len).await?;
+        let name = segment_name(seg.timeline, seg.start, seg.size);
+        let key = layout::wal_segment(&self.source, seg.timeline, &name, &sha);
+        self.store_prefix(seg, len, key, cancel).await?;
+        seg.partial = None;
+        // Every partial of it, also those an earlier session left.
+        let partials = format!(
+            "{}{:08X}/{name}.partial.",
+            layout::wal_prefix(&self.source),
+            seg.timeline
+        );
+        if let Ok(old) = self.repo.store.list(&partials).await {
+            for o in old {
+                self.supersede(Some(o.key)).await;
+            }
+        }
+        seg.stored = len;
+        tracing::debug!(source = %self.source, segment = %name, "Stored a WAL segment");
+        Ok(())
+    }
+
+    /// Deletes a superseded partial object, best effort: a leftover partial is older than the
+    /// object that replaced it, and readers take the longest.
+    async fn supersede(&self, old: Option<String>) {
+        if let Some(key) = old {
+            if let Err(e) = self.repo.store.delete(&key).await {
+                tracing::debug!(key = %key, error = %e, "Could not delete a superseded partial WAL object");
+            }
+        }
+    }
+
+    async fn store_small(&self, key: &str, plain: Vec<u8>) -> Result<()> {
+        let cancel = CancellationToken::new();
+        pipeline::run(
+            std::io::Cursor::new(plain),
+            std::future::ready(Ok(())),
+            NoObserver,
+            self.repo.store.clone(),
+            key.to_string(),
+            &self.pipeline,
+            cancel,
+        )
+        .await
+        .map_err(|e| Error::from(e).context(format!("storing {key}")))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_are_postgresqls() {
+        let mb16 = 16 << 20;
+        assert_eq!(
+            segment_name(1, "0/4000028".parse().unwrap(), mb16),
+            "000000010000000000000004"
+        );
+        assert_eq!(
+            segment_name(2, "1/FF000000".parse().unwrap(), mb16),
+            "0000000200000001000000FF"
+        );
+        assert_eq!(
+            segment_name(1, "0/40000000".parse().unwrap(), 1 << 30),
+            "000000010000000000000001"
+        );
+    }
+}
