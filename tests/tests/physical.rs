@@ -15,7 +15,11 @@ struct Fx {
 }
 
 fn setup(prefix: &str) -> Fx {
-    let pg = postgres();
+    setup_on(postgres(), prefix)
+}
+
+/// The fixture on `pg` instead of the cluster this binary shares.
+fn setup_on(pg: &'static Postgres, prefix: &str) -> Fx {
     let db = pg.create_db(prefix);
     pg.psql(
         &db,
@@ -600,4 +604,231 @@ fn archived_end_of(f: &Path) -> u64 {
     let log = u64::from_str_radix(&name[8..16], 16).unwrap();
     let n = u64::from_str_radix(&name[16..24], 16).unwrap();
     (log << 32) + (n + 1) * (16 << 20)
+}
+
+/// Starts `lifeboat wal stream` for `policy`, logging to `log`, and waits until its slot is
+/// active.
+fn start_streamer(fx: &Fx, policy: &Path, slot: &str, log: &Path) -> std::process::Child {
+    let child = std::process::Command::new(lifeboat_bin())
+        .args([
+            "wal",
+            "stream",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--source",
+            "cluster",
+        ])
+        .current_dir(fx.dir.path())
+        .env("LIFEBOAT_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fx.pg.psql(
+        "postgres",
+        &format!("select count(*) from pg_replication_slots where slot_name = '{slot}' and active"),
+    ) != "1"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never streamed:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child
+}
+
+fn write_some(fx: &Fx, rounds: usize, switch_at: Option<usize>) -> u64 {
+    let mut last = 0;
+    for i in 0..rounds {
+        fx.pg.psql(
+            &fx.db,
+            &format!(
+                "insert into t (v) select md5(g::text || '{i}') from generate_series(1, 2000) g"
+            ),
+        );
+        if Some(i) == switch_at {
+            fx.pg.psql("postgres", "select pg_switch_wal()");
+        }
+        last = lsn(&fx.pg.psql("postgres", "select pg_current_wal_lsn()"));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    last
+}
+
+fn wait_archived(repo: &Path, lsn: u64, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while archived_end(repo).0 < lsn {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    true
+}
+
+#[test]
+fn a_streamer_killed_9_resumes_from_its_slot_and_the_chain_stays_whole() {
+    let fx = setup("phys_wal_kill");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy(
+        "postgres",
+        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
+    );
+    let p = policy.to_str().unwrap();
+    let repo = fx.dir.path().join("repo");
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    let r = fx.run(&["backup", "--policy", p]);
+    assert_eq!(r.code, 0, "base backup: {}", r.stderr);
+    write_some(&fx, 10, Some(3));
+    child.kill().unwrap(); // SIGKILL mid-stream: nothing is cleaned up
+    child.wait().unwrap();
+    // Written while no streamer runs: the slot holds it on the server.
+    let during = write_some(&fx, 10, Some(5));
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    let last = write_some(&fx, 10, None).max(during);
+    assert!(
+        wait_archived(&repo, last, std::time::Duration::from_secs(10)),
+        "archived to {:X}, wrote to {last:X}:\n{}",
+        archived_end(&repo).0,
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let r = fx.run(&[
+        "check",
+        "--read-data",
+        "--policy",
+        p,
+        "--identity",
+        fx.key.identity.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "the chain is whole after the kill: {}", r.stderr);
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+}
+
+#[test]
+fn a_slot_dropped_by_an_operator_is_recreated_and_the_gap_is_reported() {
+    // A cluster of its own: another test's slot would keep the WAL this one needs gone.
+    let pg: &'static Postgres = Box::leak(Box::new(start_cluster(Vec::new())));
+    let fx = setup_on(pg, "phys_wal_drop");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy(
+        "postgres",
+        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
+    );
+    let p = policy.to_str().unwrap();
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    let r = fx.run(&["backup", "--policy", p]);
+    assert_eq!(r.code, 0, "base backup: {}", r.stderr);
+    write_some(&fx, 5, Some(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // An operator drops the slot; the WAL written meanwhile is gone from the server.
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+    for _ in 0..3 {
+        write_some(&fx, 3, Some(1));
+        fx.pg.psql("postgres", "select pg_switch_wal()");
+        fx.pg.psql("postgres", "checkpoint");
+    }
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    let last = write_some(&fx, 5, None);
+    assert!(wait_archived(
+        &fx.dir.path().join("repo"),
+        last,
+        std::time::Duration::from_secs(10)
+    ));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("WAL from") && logged.contains("is lost"),
+        "the streamer says what is lost:\n{logged}"
+    );
+    let r = fx.run(&["check", "--policy", p]);
+    assert_eq!(r.code, 13, "the gap is reported: {}", r.stderr);
+    assert!(r.stderr.contains("is not in the archive"), "{}", r.stderr);
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+}
+
+#[test]
+fn the_agent_streams_wal_and_exports_where_the_archive_stands() {
+    let fx = setup("phys_agent");
+    let slot = format!("lb_{}", suffix());
+    let port = free_port();
+    let pw = fx.pg.password_file(fx.dir.path());
+    let policy = fx.dir.path().join("agent.toml");
+    let base = PolicyBuilder::new(&fx.key.recipient)
+        .source(
+            "cluster",
+            "postgres-physical",
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nrun_on_start = true\nschedule = \"0 3 * * 0\"\nobjectives = {{ rpo = \"1m\" }}\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+                fx.pg.url(&fx.db),
+                pw.display()
+            ),
+        )
+        .text();
+    std::fs::write(
+        &policy,
+        format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n\n{base}"),
+    )
+    .unwrap();
+    let mut agent = std::process::Command::new(lifeboat_bin())
+        .args(["agent", "--policy", policy.to_str().unwrap()])
+        .current_dir(fx.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let last = write_some(&fx, 10, Some(4));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let archived: u64 = loop {
+        let body = http_get(port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let archived = metric(&body, "lifeboat_wal_archived_lsn", &[("source", "cluster")]);
+        let caught = metric(
+            &body,
+            "lifeboat_wal_caught_up_timestamp_seconds",
+            &[("source", "cluster")],
+        );
+        if let (Some(a), Some(_)) = (archived, caught) {
+            if a as u64 >= last {
+                break a as u64;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent's metrics never showed the archive at {last:X}:\n{body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert!(
+        archived_end(&fx.dir.path().join("repo")).0 >= archived,
+        "the metric never runs ahead of the repository"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .unwrap();
+    let status = agent.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "the agent stops cleanly on SIGTERM");
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
 }

@@ -131,6 +131,8 @@ pub struct SourceStatus {
     pub breaches: Vec<String>,
     /// The latest tick another replica took.
     pub last_slot_taken_elsewhere: Option<DateTime<Utc>>,
+    /// Physical sources streaming WAL: when the stored WAL last reached the server's position.
+    pub wal_caught_up: Option<DateTime<Utc>>,
 }
 
 /// The running agent's shared state.
@@ -261,9 +263,24 @@ impl Agent {
         let now = self.clock.now();
         let st = self.status_snapshot().remove(&src.name).unwrap_or_default();
         let mut breaches = Vec::new();
+        let streams_wal = matches!(&src.config, crate::source::SourceConfig::PostgresPhysical(c) if c.wal.is_some());
         if let Some(rpo) = src.objectives.rpo {
             let why = match &st.newest_verified {
                 None => Some("no verified backup".to_string()),
+                // With WAL archived, the recovery point is where the archive last caught up.
+                Some(_) if streams_wal => match st.wal_caught_up {
+                    None => Some(
+                        "the WAL archive has not caught up with the server since the agent started"
+                            .to_string(),
+                    ),
+                    Some(t) => (now - t).to_std().ok().filter(|age| *age > rpo).map(|age| {
+                        format!(
+                            "the WAL archive last caught up with the server {} ago, the RPO is {}",
+                            humantime::format_duration(Duration::from_secs(age.as_secs())),
+                            humantime::format_duration(rpo)
+                        )
+                    }),
+                },
                 Some((id, t)) => (now - *t)
                     .to_std()
                     .ok()
@@ -548,15 +565,17 @@ async fn wal_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
         let streamed = async {
             let repo = agent.repo().await?;
             let pipeline = crate::job::pipeline_config(&agent.policy, src)?;
-            crate::source::postgres_physical::wal::Streamer::new(
+            let streamer = crate::source::postgres_physical::wal::Streamer::new(
                 repo,
                 &src.name,
                 cfg.clone(),
                 wal.clone(),
                 pipeline,
-            )
-            .run(shutdown.clone())
-            .await
+            );
+            let watch = tokio::spawn(watch_wal(agent.clone(), idx, streamer.progress()));
+            let ran = streamer.run(shutdown.clone()).await;
+            watch.abort();
+            ran
         }
         .await;
         match streamed {
@@ -569,6 +588,25 @@ async fn wal_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
                     _ = tokio::time::sleep(Duration::from_secs(60)) => {}
                 }
             }
+        }
+    }
+}
+
+/// Reports a streamer's progress: metrics, and the source's status for its RPO.
+async fn watch_wal(
+    agent: Arc<Agent>,
+    idx: usize,
+    mut progress: tokio::sync::watch::Receiver<crate::source::postgres_physical::wal::Progress>,
+) {
+    let name = agent.policy.sources[idx].name.clone();
+    while progress.changed().await.is_ok() {
+        let p = *progress.borrow_and_update();
+        let caught_up = (p.archived >= p.server_end && p.archived.0 > 0).then(|| agent.clock.now());
+        agent
+            .telemetry
+            .wal_progress(&name, p.archived.0, p.server_end.0, caught_up);
+        if let Some(t) = caught_up {
+            agent.update(&name, |s| s.wal_caught_up = Some(t));
         }
     }
 }

@@ -71,6 +71,9 @@ pub struct Telemetry {
     backups: Family<SourceLabel, Gauge>,
     skipped: Family<SourceLabel, Counter>,
     breach: Family<SourceObjective, Gauge>,
+    wal_archived: Family<SourceLabel, Gauge>,
+    wal_lag: Family<SourceLabel, Gauge>,
+    wal_caught_up: Family<SourceLabel, FGauge>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -108,6 +111,9 @@ impl Telemetry {
             backups: Family::default(),
             skipped: Family::default(),
             breach: Family::default(),
+            wal_archived: Family::default(),
+            wal_lag: Family::default(),
+            wal_caught_up: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -165,6 +171,21 @@ impl Telemetry {
             "lifeboat_objective_breach",
             "1 while an objective (rpo, rto) is breached",
             t.breach.clone(),
+        );
+        registry.register(
+            "lifeboat_wal_archived_lsn",
+            "Physical sources: the end of the WAL stored in the repository, as a byte position",
+            t.wal_archived.clone(),
+        );
+        registry.register(
+            "lifeboat_wal_lag_bytes",
+            "Physical sources: WAL the server has and the repository not yet (what the slot holds for the archive)",
+            t.wal_lag.clone(),
+        );
+        registry.register(
+            "lifeboat_wal_caught_up_timestamp_seconds",
+            "Physical sources: when the stored WAL last reached the server's position (Unix time); now minus this is the archive's recovery point",
+            t.wal_caught_up.clone(),
         );
         let build: Family<Version, Gauge> = Family::default();
         build
@@ -302,6 +323,29 @@ impl Telemetry {
         if let Some(s) = last_restore {
             self.restore_duration.get_or_create(&sl(source)).set(s);
         }
+    }
+
+    /// Where a physical source's WAL archive stands: stored up to `archived` of the server's
+    /// `server_end`; `caught_up` when the two last met. Logged at debug (it changes every
+    /// flush interval).
+    pub fn wal_progress(
+        &self,
+        source: &str,
+        archived: u64,
+        server_end: u64,
+        caught_up: Option<DateTime<Utc>>,
+    ) {
+        let lag = server_end.saturating_sub(archived);
+        self.wal_archived
+            .get_or_create(&sl(source))
+            .set(archived as i64);
+        self.wal_lag.get_or_create(&sl(source)).set(lag as i64);
+        if let Some(t) = caught_up {
+            self.wal_caught_up
+                .get_or_create(&sl(source))
+                .set(t.timestamp_millis() as f64 / 1000.0);
+        }
+        tracing::debug!(source, archived, lag, "WAL archive progress");
     }
 
     /// Whether an objective is breached; logs when it changes, and returns true then.

@@ -30,7 +30,7 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
             ErrorKind::Invalid,
             format!("--to {}: a base backup restores into a directory, not a server", req.to),
         )
-        .hint("give an empty directory: --to /var/lib/postgresql/restore (RUNBOOK.md#restore-physical)"));
+        .hint("give an empty directory: --to /var/lib/postgresql/restore (RUNBOOK.md#restore-a-cluster)"));
     }
     let dir = PathBuf::from(req.to);
     if dir.exists() && !dir.is_dir() {
@@ -84,7 +84,7 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
     if held > 0 {
         plan.refusal = Some(Refusal::new(
             &format!("{shown} is not empty"),
-            "restore into an empty or new directory, or pass --yes to delete what it holds first (RUNBOOK.md#restore-physical)",
+            "restore into an empty or new directory, or pass --yes to delete what it holds first (RUNBOOK.md#restore-a-cluster)",
             "yes",
         ));
     }
@@ -190,7 +190,7 @@ impl crate::restore::Apply for Apply {
             format!("        a server of the same major version on it: pg_ctl -D {d} start"),
             "        (copy postgresql.conf and pg_hba.conf in first if the source kept them outside"
                 .into(),
-            "        its data directory, as Debian does) (RUNBOOK.md#restore-physical)".into(),
+            "        its data directory, as Debian does) (RUNBOOK.md#restore-a-cluster)".into(),
         ];
         if let Some(b) = &self.manifest.base_backup {
             lines.insert(

@@ -175,7 +175,7 @@ impl Streamer {
                     self.where_()
                 ),
             )
-            .hint("drop the slot (SELECT pg_drop_replication_slot(…)) and take a base backup now; raise max_slot_wal_keep_size (RUNBOOK.md#wal-slot-lost)"));
+            .hint("drop the slot (SELECT pg_drop_replication_slot(…)) and take a base backup now; raise max_slot_wal_keep_size (RUNBOOK.md#wal-slot)"));
         }
         let restart: Lsn = restart
             .unwrap_or_default()
@@ -202,10 +202,9 @@ impl Streamer {
             self.store_small(&layout::wal_history(&self.source, timeline), history)
                 .await?;
         }
-        // From the start of the restart point's segment: the server keeps that whole segment,
-        // and each stored object is a segment's prefix.
-        let start = Lsn(restart.0 - restart.0 % segment_size);
-        r.start(&self.wal.slot, start, timeline).await?;
+        let (start, mut pending) = self
+            .start_point(&pg, &mut r, restart, segment_size, timeline)
+            .await?;
         tracing::info!(source = %self.source, slot = %self.wal.slot, start = %start, timeline, "Streaming WAL");
         let mut seg = self.new_segment(timeline, start, segment_size).await?;
         let mut server_end = system.xlogpos;
@@ -214,7 +213,10 @@ impl Streamer {
         tick.tick().await;
         let mut warned = false;
         loop {
-            let event = tokio::select! {
+            let event = if let Some(first) = pending.take() {
+                first
+            } else {
+                tokio::select! {
                 _ = cancel.cancelled() => {
                     self.store_partial(&mut seg, cancel).await?;
                     let _ = r.status(self.received(&seg), self.archived(&seg), false).await;
@@ -223,6 +225,7 @@ impl Streamer {
                 _ = tick.tick() => {
                     self.store_partial(&mut seg, cancel).await?;
                     r.status(self.received(&seg), self.archived(&seg), false).await?;
+                    self.publish(&seg, server_end);
                     let retained = server_end.0.saturating_sub(self.archived(&seg).0);
                     if retained > self.wal.max_slot_retained && !warned {
                         warned = true;
@@ -231,6 +234,7 @@ impl Streamer {
                     continue;
                 }
                 e = r.next() => e?,
+                }
             };
             match event {
                 Event::Data {
@@ -265,6 +269,61 @@ impl Streamer {
                 }
             }
         }
+    }
+
+    /// Opens a replication connection.
+    async fn connect(&self, pg: &Postgres) -> Result<Replication> {
+        let (config, password) = pg.resolved_config()?;
+        Replication::connect(
+            &config,
+            password.as_ref(),
+            &self.cfg.connection.url_redacted,
+        )
+        .await
+    }
+
+    /// Starts the stream where the archive needs it; returns the start and the stream's first
+    /// event when it was read here. The start is that of the slot's restart segment (the server
+    /// keeps that whole segment, and each stored object is a segment's prefix), unless the
+    /// archive ends before it: a slot dropped and created again, or one that moved without this
+    /// streamer. Then from where the archive ends, if the server still has that WAL; if not, the
+    /// gap is logged as an error (and `check` reports it).
+    async fn start_point(
+        &self,
+        pg: &Postgres,
+        r: &mut Replication,
+        restart: Lsn,
+        segment_size: u64,
+        timeline: u32,
+    ) -> Result<(Lsn, Option<Event>)> {
+        let seg_start = |l: Lsn| Lsn(l.0 - l.0 % segment_size);
+        let archived = super::archive::Archive::read(&self.repo, &self.source, segment_size)
+            .await?
+            .end(segment_size);
+        if let Some(end) = archived.filter(|end| *end < seg_start(restart)) {
+            r.start(&self.wal.slot, seg_start(end), timeline).await?;
+            // The server says only once streaming began whether it still has that WAL.
+            match tokio::time::timeout(Duration::from_secs(10), r.next()).await {
+                Ok(Ok(first)) => {
+                    tracing::warn!(source = %self.source, archived = %end, slot = %restart, "The slot starts after the archive's end; the server still had the WAL in between");
+                    return Ok((seg_start(end), Some(first)));
+                }
+                Err(_) => return Ok((seg_start(end), None)),
+                Ok(Err(e)) if e.message.contains("has already been removed") => {
+                    tracing::error!(
+                        source = %self.source,
+                        slot = %self.wal.slot,
+                        "WAL from {end} to {} is lost: the server removed it before it was archived (the slot was dropped, or invalidated); take a base backup now (RUNBOOK.md#wal-slot)",
+                        seg_start(restart)
+                    );
+                    *r = self.connect(pg).await?;
+                }
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        r.start(&self.wal.slot, seg_start(restart), timeline)
+            .await?;
+        Ok((seg_start(restart), None))
     }
 
     fn received(&self, seg: &Segment) -> Lsn {
