@@ -32,8 +32,9 @@ def table(doc):
         "|---|---|---|---|---|",
     ]
     for name, r in doc["results"].items():
+        shown = name.replace("|", "\\|")  # a pipe in a command would end the cell
         lines.append(
-            f"| {name} | {r['wall_median_s']:.2f} s ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) "
+            f"| {shown} | {r['wall_median_s']:.2f} s ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) "
             f"| {r['cpu_median_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB | {r['wall_median_s'] / base:.2f} |"
         )
     runs = next(iter(doc["results"].values()))["runs"]

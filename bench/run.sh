@@ -22,6 +22,7 @@ case "$mode" in
     bench/pg_backup.sh 300000
     bench/pg_restore.sh 300000
     bench/pg_basebackup.sh 300000
+    bench/wal_stream.sh 20 2s
     bench/redis.sh 100000
     OBJECTS_S3=0 bench/objects.sh 1000
     bench/agent_idle.sh 20
@@ -33,6 +34,7 @@ case "$mode" in
     RUNS=${RUNS:-3} bench/pg_backup.sh 5500000
     RUNS=${RUNS:-3} bench/pg_restore.sh 5500000
     RUNS=${RUNS:-3} bench/pg_basebackup.sh 5500000
+    bench/wal_stream.sh 300 30s
     RUNS=${RUNS:-3} bench/redis.sh 1000000
     RUNS=${RUNS:-3} bench/objects.sh 10000
     bench/agent_idle.sh 600
