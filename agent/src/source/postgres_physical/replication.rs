@@ -238,17 +238,8 @@ impl Replication {
         }
     }
 
+    /// Answers the server's authentication requests until it is ready for queries.
     async fn authenticate(&mut self, user: &str, password: Option<&Secret>) -> Result<()> {
-        let need = |r: &Replication| {
-            Error::new(
-                ErrorKind::Credential,
-                format!(
-                    "{}: the server asks for a password and none is configured",
-                    r.shown
-                ),
-            )
-            .hint("set password_file on the source (RUNBOOK.md#source-unreachable)")
-        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let (tag, body) = self.message().await?;
@@ -261,75 +252,8 @@ impl Replication {
                         )));
                     }
                     let kind = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    let rest = &body[4..];
-                    match kind {
-                        0 => {}
-                        3 => {
-                            let pw = password.ok_or_else(|| need(self))?;
-                            frontend::password_message(pw.expose().as_bytes(), &mut self.wbuf)
-                                .map_err(|e| io_error(&self.shown, e))?;
-                            self.flush().await?;
-                        }
-                        5 => {
-                            let pw = password.ok_or_else(|| need(self))?;
-                            let salt: [u8; 4] = rest.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| {
-                                Error::failed(format!("{}: a short MD5 challenge", self.shown))
-                            })?;
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                user.as_bytes(),
-                                pw.expose().as_bytes(),
-                                salt,
-                            );
-                            frontend::password_message(hash.as_bytes(), &mut self.wbuf)
-                                .map_err(|e| io_error(&self.shown, e))?;
-                            self.flush().await?;
-                        }
-                        10 => {
-                            let pw = password.ok_or_else(|| need(self))?;
-                            let offered = rest
-                                .split(|b| *b == 0)
-                                .any(|m| m == b"SCRAM-SHA-256");
-                            if !offered {
-                                return Err(Error::new(
-                                    ErrorKind::Credential,
-                                    format!("{}: the server offers no SASL mechanism lifeboat speaks (SCRAM-SHA-256)", self.shown),
-                                ));
-                            }
-                            let s = ScramSha256::new(pw.expose().as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.wbuf)
-                                .map_err(|e| io_error(&self.shown, e))?;
-                            self.flush().await?;
-                            scram = Some(s);
-                        }
-                        11 => {
-                            let s = scram.as_mut().ok_or_else(|| {
-                                Error::failed(format!("{}: SASL out of order", self.shown))
-                            })?;
-                            s.update(rest).map_err(|e| {
-                                Error::new(ErrorKind::Credential, format!("{}: SCRAM: {e}", self.shown))
-                            })?;
-                            frontend::sasl_response(s.message(), &mut self.wbuf)
-                                .map_err(|e| io_error(&self.shown, e))?;
-                            self.flush().await?;
-                        }
-                        12 => {
-                            let s = scram.as_mut().ok_or_else(|| {
-                                Error::failed(format!("{}: SASL out of order", self.shown))
-                            })?;
-                            s.finish(rest).map_err(|e| {
-                                Error::new(
-                                    ErrorKind::Credential,
-                                    format!("{}: the server's SCRAM signature does not verify: {e}", self.shown),
-                                )
-                            })?;
-                        }
-                        other => {
-                            return Err(Error::new(
-                                ErrorKind::Credential,
-                                format!("{}: authentication method {other} is not supported (use scram-sha-256, md5 or password in pg_hba.conf)", self.shown),
-                            ))
-                        }
-                    }
+                    self.challenge(kind, &body[4..], user, password, &mut scram)
+                        .await?;
                 }
                 b'E' => return Err(self.server_error(&body)),
                 b'Z' => return Ok(()),
@@ -337,6 +261,83 @@ impl Replication {
                 _ => {}
             }
         }
+    }
+
+    /// Answers one authentication request of `kind` (0 ok, 3 password, 5 MD5, 10–12 SASL).
+    async fn challenge(
+        &mut self,
+        kind: u32,
+        rest: &[u8],
+        user: &str,
+        password: Option<&Secret>,
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<()> {
+        let shown = self.shown.clone();
+        let io = |e: std::io::Error| io_error(&shown, e);
+        let need = || {
+            Error::new(
+                ErrorKind::Credential,
+                format!("{shown}: the server asks for a password and none is configured"),
+            )
+            .hint("set password_file on the source (RUNBOOK.md#source-unreachable)")
+        };
+        let out_of_order = || Error::failed(format!("{shown}: SASL out of order"));
+        match kind {
+            0 => return Ok(()),
+            3 => {
+                let pw = password.ok_or_else(need)?;
+                frontend::password_message(pw.expose().as_bytes(), &mut self.wbuf).map_err(io)?;
+            }
+            5 => {
+                let pw = password.ok_or_else(need)?;
+                let salt: [u8; 4] = rest
+                    .get(..4)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or_else(|| Error::failed(format!("{shown}: a short MD5 challenge")))?;
+                let hash = postgres_protocol::authentication::md5_hash(
+                    user.as_bytes(),
+                    pw.expose().as_bytes(),
+                    salt,
+                );
+                frontend::password_message(hash.as_bytes(), &mut self.wbuf).map_err(io)?;
+            }
+            10 => {
+                let pw = password.ok_or_else(need)?;
+                if !rest.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256") {
+                    return Err(Error::new(
+                        ErrorKind::Credential,
+                        format!("{shown}: the server offers no SASL mechanism lifeboat speaks (SCRAM-SHA-256)"),
+                    ));
+                }
+                let s = ScramSha256::new(pw.expose().as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.wbuf)
+                    .map_err(io)?;
+                *scram = Some(s);
+            }
+            11 => {
+                let s = scram.as_mut().ok_or_else(out_of_order)?;
+                s.update(rest).map_err(|e| {
+                    Error::new(ErrorKind::Credential, format!("{shown}: SCRAM: {e}"))
+                })?;
+                frontend::sasl_response(s.message(), &mut self.wbuf).map_err(io)?;
+            }
+            12 => {
+                let s = scram.as_mut().ok_or_else(out_of_order)?;
+                return s.finish(rest).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Credential,
+                        format!("{shown}: the server's SCRAM signature does not verify: {e}"),
+                    )
+                });
+            }
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Credential,
+                    format!("{shown}: authentication method {other} is not supported (use scram-sha-256, md5 or password in pg_hba.conf)"),
+                ))
+            }
+        }
+        self.flush().await
     }
 
     /// Runs a replication command in the simple query protocol; returns its rows as text.

@@ -51,6 +51,15 @@ struct Segment {
     partial: Option<String>,
 }
 
+/// A session's state: the connection, the segment being received, the server's WAL end.
+struct Live {
+    r: Replication,
+    seg: Segment,
+    server_end: Lsn,
+    /// `max_slot_retained` was passed and said so.
+    warned: bool,
+}
+
 /// What streaming reports as it goes (for logs and metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -194,15 +203,37 @@ impl Streamer {
 
     /// One replication session: from the slot's restart point until cancelled or broken.
     async fn session(&self, cancel: &CancellationToken) -> Result<()> {
+        let (mut live, mut pending) = self.open().await?;
+        let mut tick = tokio::time::interval(self.wal.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            let event = match pending.take() {
+                Some(first) => first,
+                None => tokio::select! {
+                    _ = cancel.cancelled() => {
+                        self.store_partial(&mut live.seg, cancel).await?;
+                        let (received, archived) = (self.received(&live.seg), self.archived(&live.seg));
+                        let _ = live.r.status(received, archived, false).await;
+                        return Ok(());
+                    }
+                    _ = tick.tick() => {
+                        self.flush(&mut live, cancel).await?;
+                        continue;
+                    }
+                    e = live.r.next() => e?,
+                },
+            };
+            self.on_event(&mut live, event, cancel).await?;
+        }
+    }
+
+    /// Connects, finds where to start, and starts streaming; returns the stream's first event
+    /// when it was read already.
+    async fn open(&self) -> Result<(Live, Option<Event>)> {
         let pg = Postgres::new(self.cfg.connection.clone());
         let (restart, segment_size) = self.slot_start(&pg).await?;
-        let (config, password) = pg.resolved_config()?;
-        let mut r = Replication::connect(
-            &config,
-            password.as_ref(),
-            &self.cfg.connection.url_redacted,
-        )
-        .await?;
+        let mut r = self.connect(&pg).await?;
         let system = r.identify_system().await?;
         let timeline = system.timeline;
         if timeline > 1 {
@@ -210,73 +241,72 @@ impl Streamer {
             self.store_small(&layout::wal_history(&self.source, timeline), history)
                 .await?;
         }
-        let (start, mut pending) = self
+        let (start, pending) = self
             .start_point(&pg, &mut r, restart, segment_size, timeline)
             .await?;
         tracing::info!(source = %self.source, slot = %self.wal.slot, start = %start, timeline, "Streaming WAL");
-        let mut seg = self.new_segment(timeline, start, segment_size).await?;
-        let mut server_end = system.xlogpos;
-        let mut tick = tokio::time::interval(self.wal.flush_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        let mut warned = false;
-        loop {
-            let event = if let Some(first) = pending.take() {
-                first
-            } else {
-                tokio::select! {
-                _ = cancel.cancelled() => {
-                    self.store_partial(&mut seg, cancel).await?;
-                    let _ = r.status(self.received(&seg), self.archived(&seg), false).await;
-                    return Ok(());
-                }
-                _ = tick.tick() => {
-                    self.store_partial(&mut seg, cancel).await?;
-                    r.status(self.received(&seg), self.archived(&seg), false).await?;
-                    self.publish(&seg, server_end);
-                    let retained = server_end.0.saturating_sub(self.archived(&seg).0);
-                    if retained > self.wal.max_slot_retained && !warned {
-                        warned = true;
-                        tracing::warn!(source = %self.source, retained, limit = self.wal.max_slot_retained, "The slot holds more WAL on the server than wal.max_slot_retained: the archive is behind");
-                    }
-                    continue;
-                }
-                e = r.next() => e?,
-                }
-            };
-            match event {
-                Event::Data {
-                    start,
-                    server_end: end,
-                    data,
-                } => {
-                    server_end = end;
-                    self.receive(&mut seg, start, &data, cancel, &mut r).await?;
-                    self.publish(&seg, server_end);
-                }
-                Event::Keepalive {
-                    server_end: end,
-                    reply,
-                } => {
-                    server_end = end;
-                    self.publish(&seg, server_end);
-                    if reply {
-                        r.status(self.received(&seg), self.archived(&seg), false)
-                            .await?;
-                    }
-                }
-                Event::EndOfTimeline {
-                    next_timeline,
-                    next_start,
-                } => {
-                    self.store_partial(&mut seg, cancel).await?;
-                    return Err(Error::failed(format!(
-                        "{}: timeline {timeline} ended; the server continues on timeline {next_timeline} at {next_start}",
-                        self.where_()
-                    )));
+        let seg = self.new_segment(timeline, start, segment_size).await?;
+        let live = Live {
+            r,
+            seg,
+            server_end: system.xlogpos,
+            warned: false,
+        };
+        Ok((live, pending))
+    }
+
+    /// Every `flush_interval`: the growing segment stored, the server told, the slot watched.
+    async fn flush(&self, live: &mut Live, cancel: &CancellationToken) -> Result<()> {
+        self.store_partial(&mut live.seg, cancel).await?;
+        let (received, archived) = (self.received(&live.seg), self.archived(&live.seg));
+        live.r.status(received, archived, false).await?;
+        self.publish(&live.seg, live.server_end);
+        let retained = live.server_end.0.saturating_sub(archived.0);
+        if retained > self.wal.max_slot_retained && !live.warned {
+            live.warned = true;
+            tracing::warn!(source = %self.source, retained, limit = self.wal.max_slot_retained, "The slot holds more WAL on the server than wal.max_slot_retained: the archive is behind");
+        }
+        Ok(())
+    }
+
+    async fn on_event(
+        &self,
+        live: &mut Live,
+        event: Event,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        match event {
+            Event::Data {
+                start,
+                server_end,
+                data,
+            } => {
+                live.server_end = server_end;
+                self.receive(&mut live.seg, start, &data, cancel, &mut live.r)
+                    .await?;
+                self.publish(&live.seg, live.server_end);
+            }
+            Event::Keepalive { server_end, reply } => {
+                live.server_end = server_end;
+                self.publish(&live.seg, live.server_end);
+                if reply {
+                    let (received, archived) = (self.received(&live.seg), self.archived(&live.seg));
+                    live.r.status(received, archived, false).await?;
                 }
             }
+            Event::EndOfTimeline {
+                next_timeline,
+                next_start,
+            } => {
+                self.store_partial(&mut live.seg, cancel).await?;
+                return Err(Error::failed(format!(
+                    "{}: timeline {} ended; the server continues on timeline {next_timeline} at {next_start}",
+                    self.where_(),
+                    live.seg.timeline
+                )));
+            }
         }
+        Ok(())
     }
 
     /// Opens a replication connection.
