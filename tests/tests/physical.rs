@@ -435,31 +435,10 @@ fn wal_streams_into_the_repository_within_the_flush_interval_under_writes() {
     );
     let p = policy.to_str().unwrap();
     let log = fx.dir.path().join("stream.log");
-    let mut child = std::process::Command::new(lifeboat_bin())
-        .args(["wal", "stream", "--policy", p, "--source", "cluster"])
-        .current_dir(fx.dir.path())
-        .env("LIFEBOAT_LOG", "debug")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
     let repo = fx.dir.path().join("repo");
     let pg = fx.pg;
     let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
-    // The streamer is up once the slot exists.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while pg.psql(
-        "postgres",
-        &format!("select count(*) from pg_replication_slots where slot_name = '{slot}' and active"),
-    ) != "1"
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never streamed:\n{}",
-            stderr()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
     // A write load, with segment switches and two base backups on the way.
     let mut last_write = 0;
     for i in 0..30 {
