@@ -382,12 +382,19 @@ fn a_base_backup_killed_midway_leaves_nothing_visible_and_no_slot() {
 /// The end of the WAL stored under `wal/cluster/` in the repository at `repo`, as an LSN: each
 /// whole segment reaches its end, a partial one its length. With the keys seen.
 fn archived_end(repo: &Path) -> (u64, Vec<String>) {
+    let keys: Vec<String> = files_under(&repo.join("wal/cluster"))
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    (archived_end_of_names(&keys), keys)
+}
+
+/// The end of the WAL that objects named `names` (file names, no prefix) hold.
+fn archived_end_of_names(names: &[String]) -> u64 {
     let segment = 16u64 << 20;
     let mut end = 0;
-    let mut keys = Vec::new();
-    for f in files_under(&repo.join("wal/cluster")) {
-        let name = f.file_name().unwrap().to_string_lossy().to_string();
-        keys.push(name.clone());
+    for name in names {
+        let name = name.rsplit('/').next().unwrap_or(name);
         let Some(seg) = name.get(..24) else { continue };
         let (Ok(log), Ok(n)) = (
             u64::from_str_radix(&seg[8..16], 16),
@@ -404,7 +411,7 @@ fn archived_end(repo: &Path) -> (u64, Vec<String>) {
         };
         end = end.max(reach);
     }
-    (end, keys)
+    end
 }
 
 fn lsn(text: &str) -> u64 {
@@ -588,6 +595,17 @@ fn archived_end_of(f: &Path) -> u64 {
 /// Starts `lifeboat wal stream` for `policy`, logging to `log`, and waits until its slot is
 /// active.
 fn start_streamer(fx: &Fx, policy: &Path, slot: &str, log: &Path) -> std::process::Child {
+    start_streamer_with(fx, policy, slot, log, &[])
+}
+
+/// [`start_streamer`] with `env` set (an S3 repository's credentials).
+fn start_streamer_with(
+    fx: &Fx,
+    policy: &Path,
+    slot: &str,
+    log: &Path,
+    env: &[(String, String)],
+) -> std::process::Child {
     let child = std::process::Command::new(lifeboat_bin())
         .args([
             "wal",
@@ -597,6 +615,7 @@ fn start_streamer(fx: &Fx, policy: &Path, slot: &str, log: &Path) -> std::proces
             "--source",
             "cluster",
         ])
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(fx.dir.path())
         .env("LIFEBOAT_LOG", "debug")
         .stdout(std::process::Stdio::null())
@@ -806,6 +825,109 @@ fn the_agent_streams_wal_and_exports_where_the_archive_stands() {
         .unwrap();
     let status = agent.wait().unwrap();
     assert_eq!(status.code(), Some(0), "the agent stops cleanly on SIGTERM");
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+}
+
+#[test]
+fn an_s3_outage_while_streaming_loses_nothing_and_the_slot_waits() {
+    use lifeboat_tests::s3proxy::{HttpFault, Rule, S3Proxy};
+    let fx = setup("phys_wal_s3");
+    let s3 = s3();
+    let bucket = rt().block_on(s3.create_bucket());
+    let proxy = S3Proxy::start(&s3.endpoint);
+    let env = s3.env();
+    let slot = format!("lb_{}", suffix());
+    let pw = fx.pg.password_file(fx.dir.path());
+    let policy = PolicyBuilder::new(&fx.key.recipient)
+        .repository(&format!(
+            "url = \"s3://{bucket}/repo\"\nendpoint = \"{}\"",
+            proxy.endpoint
+        ))
+        .source(
+            "cluster",
+            "postgres-physical",
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nretries = 0\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+                fx.pg.url(&fx.db),
+                pw.display()
+            ),
+        )
+        .write(fx.dir.path());
+    let p = policy.to_str().unwrap();
+    let archived = || {
+        let keys = rt().block_on(s3.keys(&bucket, "repo/wal/cluster/"));
+        archived_end_of_names(&keys)
+    };
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer_with(&fx, &policy, &slot, &log, &env);
+    let r = lifeboat(fx.dir.path(), &["backup", "--policy", p], &env);
+    assert_eq!(r.code, 0, "base backup: {}", r.stderr);
+    write_some(&fx, 5, Some(2));
+    // The store refuses every write for a while.
+    proxy.add(Rule::new(
+        "PUT",
+        "/wal/",
+        HttpFault::Status(503, "SlowDown"),
+    ));
+    proxy.add(Rule::new(
+        "POST",
+        "/wal/",
+        HttpFault::Status(503, "SlowDown"),
+    ));
+    let outage = std::time::Instant::now();
+    let mut during = 0;
+    while outage.elapsed() < std::time::Duration::from_secs(15) {
+        during = write_some(&fx, 3, None);
+        // The server is told nothing beyond what is stored: the slot keeps the rest.
+        let restart = lsn(&fx.pg.psql(
+            "postgres",
+            &format!("select restart_lsn from pg_replication_slots where slot_name = '{slot}'"),
+        ));
+        let end = archived();
+        assert!(
+            restart <= end,
+            "slot at {restart:X} passed the archive at {end:X}"
+        );
+    }
+    assert!(archived() < during, "the outage held the archive back");
+    proxy.clear();
+    let last = write_some(&fx, 3, None).max(during);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while archived() < last {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the archive never caught up after the outage ({:X} < {last:X}):\n{}",
+            archived(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    eprintln!(
+        "caught up {:.1} s after the store came back",
+        (std::time::Instant::now() - outage).as_secs_f64() - 15.0
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let r = lifeboat(
+        fx.dir.path(),
+        &[
+            "check",
+            "--read-data",
+            "--policy",
+            p,
+            "--identity",
+            fx.key.identity.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(
+        r.code, 0,
+        "the chain is whole after the outage: {}",
+        r.stderr
+    );
     fx.pg.psql(
         "postgres",
         &format!("select pg_drop_replication_slot('{slot}')"),
