@@ -73,6 +73,8 @@ pub struct Archive {
     pub segments: BTreeMap<(u32, u64), WalObject>,
     /// Every WAL object, superseded partials too.
     pub all: Vec<WalObject>,
+    /// When the newest object was stored, when the store says.
+    pub newest: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Archive {
@@ -83,7 +85,10 @@ impl Archive {
             .list(&layout::wal_prefix(source))
             .await
             .map_err(|e| Error::from(e).context("listing the WAL archive"))?;
-        let mut archive = Archive::default();
+        let mut archive = Archive {
+            newest: listed.iter().filter_map(|o| o.modified).max(),
+            ..Archive::default()
+        };
         for o in listed {
             let Some(w) = parse_key(source, &o.key, o.size) else {
                 continue;
@@ -234,12 +239,6 @@ pub async fn window(
     };
     let (entry, base) = oldest;
     let size = base.wal_segment_size;
-    let listed = repo
-        .store
-        .list(&layout::wal_prefix(source))
-        .await
-        .map_err(|e| Error::from(e).context("listing the WAL archive"))?;
-    let stored_at = listed.iter().filter_map(|o| o.modified).max();
     let archive = Archive::read(repo, source, size).await?;
     let Some(to_lsn) = archive.end(size) else {
         return Ok(None);
@@ -249,7 +248,7 @@ pub async fn window(
         from_lsn: base.start_lsn,
         from_time: entry.manifest.started_at,
         to_lsn,
-        stored_at,
+        stored_at: archive.newest,
         gaps: archive.gaps(base.start_lsn, size),
     }))
 }

@@ -146,11 +146,7 @@ impl Replication {
                 ))
             }
         };
-        if !matches!(
-            config.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Disable
-        ) && config.get_ssl_mode() == tokio_postgres::config::SslMode::Require
-        {
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             return Err(Error::new(
                 ErrorKind::Invalid,
                 format!("{shown}: WAL streaming over TLS (sslmode=require) is not supported by this version"),

@@ -85,18 +85,17 @@ impl Steps for PhysicalSteps {
         ctx: &Context<'_>,
         report: &mut Report,
     ) -> Result<Verdict> {
-        let (Some(spooled), Some(fingerprint), Some(bin), Some(Stage::Unstarted(_))) =
-            (&self.spooled, &self.fingerprint, &self.bin, &self.stage)
-        else {
+        let (Some(spooled), Some(fingerprint), Some(bin), Some(Stage::Unstarted(dir))) = (
+            &self.spooled,
+            self.fingerprint.clone(),
+            self.bin.clone(),
+            self.stage.take(),
+        ) else {
             return Err(Error::failed(
                 "verification steps out of order: nothing prepared",
             ));
         };
-        let (fingerprint, bin) = (fingerprint.clone(), bin.clone());
         let t1 = Instant::now();
-        let Some(Stage::Unstarted(dir)) = self.stage.take() else {
-            return Err(Error::failed("verification steps out of order"));
-        };
         let data = dir.data();
         let unpacked =
             async { super::tar::unpack(spooled.plaintext(ctx.identities).await?, &data).await }

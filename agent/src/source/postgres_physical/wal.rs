@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::WalSettings;
@@ -45,6 +45,9 @@ struct Segment {
     handle: tokio::fs::File,
     /// Bytes of it received.
     written: u64,
+    /// SHA-256 of those bytes so far: a partial object's name needs the prefix's hash, so the
+    /// spool is never read twice.
+    hasher: Sha256,
     /// Bytes of it stored in the repository.
     stored: u64,
     /// The partial object holding `stored` bytes, superseded by the next.
@@ -203,7 +206,7 @@ impl Streamer {
 
     /// One replication session: from the slot's restart point until cancelled or broken.
     async fn session(&self, cancel: &CancellationToken) -> Result<()> {
-        let (mut live, mut pending) = self.open().await?;
+        let (mut live, mut pending) = self.open(cancel).await?;
         let mut tick = tokio::time::interval(self.wal.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -230,7 +233,7 @@ impl Streamer {
 
     /// Connects, finds where to start, and starts streaming; returns the stream's first event
     /// when it was read already.
-    async fn open(&self) -> Result<(Live, Option<Event>)> {
+    async fn open(&self, cancel: &CancellationToken) -> Result<(Live, Option<Event>)> {
         let pg = Postgres::new(self.cfg.connection.clone());
         let (restart, segment_size) = self.slot_start(&pg).await?;
         let mut r = self.connect(&pg).await?;
@@ -238,8 +241,12 @@ impl Streamer {
         let timeline = system.timeline;
         if timeline > 1 {
             let (_, history) = r.timeline_history(timeline).await?;
-            self.store_small(&layout::wal_history(&self.source, timeline), history)
-                .await?;
+            self.store_small(
+                &layout::wal_history(&self.source, timeline),
+                history,
+                cancel,
+            )
+            .await?;
         }
         let (start, pending) = self
             .start_point(&pg, &mut r, restart, segment_size, timeline)
@@ -402,6 +409,7 @@ impl Streamer {
                 .write_all(now)
                 .await
                 .map_err(|e| Error::failed(format!("writing the WAL spool: {e}")))?;
+            seg.hasher.update(now);
             seg.written += now.len() as u64;
             data = rest;
             if seg.written == seg.size {
@@ -430,37 +438,19 @@ impl Streamer {
             file,
             handle,
             written: 0,
+            hasher: Sha256::new(),
             stored: 0,
             partial: None,
         })
     }
 
-    /// SHA-256 of the first `len` bytes of the spool.
-    async fn spool_sha(&self, seg: &mut Segment, len: u64) -> Result<String> {
+    /// SHA-256 of what the spool holds, flushed to the file for the pipeline to read.
+    async fn spool_sha(&self, seg: &mut Segment) -> Result<String> {
         seg.handle
             .flush()
             .await
             .map_err(|e| Error::failed(format!("writing the WAL spool: {e}")))?;
-        let mut f = tokio::fs::File::open(seg.file.path())
-            .await
-            .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
-        f.seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
-        let mut f = f.take(len);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = f
-                .read(&mut buf)
-                .await
-                .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Ok(hex::encode(h.finalize()))
+        Ok(hex::encode(seg.hasher.clone().finalize()))
     }
 
     /// Stores the spool's first `len` bytes under `key` through the pipeline.
@@ -494,7 +484,7 @@ impl Streamer {
             return Ok(());
         }
         let len = seg.written;
-        let sha = self.spool_sha(seg, len).await?;
+        let sha = self.spool_sha(seg).await?;
         let name = segment_name(seg.timeline, seg.start, seg.size);
         let key = layout::wal_partial(&self.source, seg.timeline, &name, len, &sha);
         self.store_prefix(seg, len, key.clone(), cancel).await?;
@@ -507,7 +497,7 @@ impl Streamer {
     /// Stores the whole segment and drops its partial object.
     async fn store_whole(&self, seg: &mut Segment, cancel: &CancellationToken) -> Result<()> {
         let len = seg.written;
-        let sha = self.spool_sha(seg, len).await?;
+        let sha = self.spool_sha(seg).await?;
         let name = segment_name(seg.timeline, seg.start, seg.size);
         let key = layout::wal_segment(&self.source, seg.timeline, &name, &sha);
         self.store_prefix(seg, len, key, cancel).await?;
@@ -518,10 +508,14 @@ impl Streamer {
             layout::wal_prefix(&self.source),
             seg.timeline
         );
-        if let Ok(old) = self.repo.store.list(&partials).await {
-            for o in old {
-                self.supersede(Some(o.key)).await;
+        match self.repo.store.list(&partials).await {
+            Ok(old) => {
+                for o in old {
+                    self.supersede(Some(o.key)).await;
+                }
             }
+            // Best effort: a leftover partial is shorter than the whole segment beside it.
+            Err(e) => tracing::debug!(error = %e, "Could not list superseded partial WAL objects"),
         }
         seg.stored = len;
         tracing::debug!(source = %self.source, segment = %name, "Stored a WAL segment");
@@ -538,8 +532,12 @@ impl Streamer {
         }
     }
 
-    async fn store_small(&self, key: &str, plain: Vec<u8>) -> Result<()> {
-        let cancel = CancellationToken::new();
+    async fn store_small(
+        &self,
+        key: &str,
+        plain: Vec<u8>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
         pipeline::run(
             std::io::Cursor::new(plain),
             std::future::ready(Ok(())),
@@ -547,7 +545,7 @@ impl Streamer {
             self.repo.store.clone(),
             key.to_string(),
             &self.pipeline,
-            cancel,
+            cancel.child_token(),
         )
         .await
         .map_err(|e| Error::from(e).context(format!("storing {key}")))?;
