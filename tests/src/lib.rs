@@ -395,6 +395,59 @@ impl Postgres {
         )
     }
 
+    /// A hot standby of this cluster, streaming from it (`pg_basebackup -R`), on a port and in a
+    /// directory of its own that go when this process exits. It keeps this cluster's roles and
+    /// password; `select pg_promote()` on it starts a new timeline.
+    pub fn start_standby(&self) -> Postgres {
+        let dir = PathBuf::from(format!("/tmp/lbpg-{}", suffix()));
+        std::fs::create_dir(&dir).expect("cannot create the standby dir");
+        let root = is_root();
+        if root {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+        }
+        let args = as_pg(
+            root,
+            vec![
+                self.bin.join("pg_basebackup").display().to_string(),
+                "-D".into(),
+                dir.join("data").display().to_string(),
+                "-R".into(),
+                "-X".into(),
+                "stream".into(),
+                "--checkpoint=fast".into(),
+                "-h".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                self.port.to_string(),
+                "-U".into(),
+                "postgres".into(),
+            ],
+        );
+        let out = Command::new(&args[0])
+            .args(&args[1..])
+            .env("PGPASSWORD", &self.password)
+            .current_dir("/")
+            .output()
+            .expect("cannot run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup for the standby failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serve(
+            dir.clone(),
+            &dir.join("data"),
+            self.bin.clone(),
+            self.password.clone(),
+            self.ca_file.clone(),
+            vec!["hot_standby=on".into()],
+        )
+    }
+
     /// A URL without the password (give it through `password_file` or PGPASSWORD).
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
@@ -1135,4 +1188,53 @@ pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// A local webhook receiver: every POST body, as JSON.
+pub fn webhook() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            use std::io::{Read, Write};
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let body = loop {
+                let Ok(n) = stream.read(&mut chunk) else {
+                    break None;
+                };
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break Some(body[..len].to_string());
+                    }
+                }
+            };
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            if let Some(b) = body.and_then(|b| serde_json::from_str(&b).ok()) {
+                sink.lock().unwrap().push(b);
+            }
+        }
+    });
+    (port, got)
 }

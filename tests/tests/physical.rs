@@ -639,18 +639,24 @@ fn start_streamer_with(
 }
 
 fn write_some(fx: &Fx, rounds: usize, switch_at: Option<usize>) -> u64 {
+    write_on(fx.pg, &fx.db, rounds, switch_at)
+}
+
+/// `rounds` inserts into `db` on `pg` (a WAL switch after round `switch_at`); the server's WAL
+/// position after the last.
+fn write_on(pg: &Postgres, db: &str, rounds: usize, switch_at: Option<usize>) -> u64 {
     let mut last = 0;
     for i in 0..rounds {
-        fx.pg.psql(
-            &fx.db,
+        pg.psql(
+            db,
             &format!(
                 "insert into t (v) select md5(g::text || '{i}') from generate_series(1, 2000) g"
             ),
         );
         if Some(i) == switch_at {
-            fx.pg.psql("postgres", "select pg_switch_wal()");
+            pg.psql("postgres", "select pg_switch_wal()");
         }
-        last = lsn(&fx.pg.psql("postgres", "select pg_current_wal_lsn()"));
+        last = lsn(&pg.psql("postgres", "select pg_current_wal_lsn()"));
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     last
@@ -931,5 +937,403 @@ fn an_s3_outage_while_streaming_loses_nothing_and_the_slot_waits() {
     fx.pg.psql(
         "postgres",
         &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+}
+
+/// A cluster of its own with data, and a hot standby of it that the fixture points at: the
+/// streamer's slot lives on the standby, which survives its promotion.
+fn standby_fixture(prefix: &str) -> (&'static Postgres, Fx) {
+    let primary: &'static Postgres = Box::leak(Box::new(start_cluster(Vec::new())));
+    let Fx { db, dir, key, .. } = setup_on(primary, prefix);
+    let standby: &'static Postgres = Box::leak(Box::new(primary.start_standby()));
+    (
+        primary,
+        Fx {
+            pg: standby,
+            db,
+            dir,
+            key,
+        },
+    )
+}
+
+/// Waits until the archive holds WAL up to `last`, naming the streamer's log if it never does.
+fn assert_archived(fx: &Fx, last: u64, log: &Path) {
+    assert!(
+        wait_archived(
+            &fx.dir.path().join("repo"),
+            last,
+            std::time::Duration::from_secs(30)
+        ),
+        "archived to {:X}, wrote to {last:X}:\n{}",
+        archived_end(&fx.dir.path().join("repo")).0,
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// What the archive holds after a promotion: both timelines, the new one's history file, and
+/// a chain `check --read-data` finds whole.
+fn assert_both_timelines_whole(fx: &Fx, policy: &Path) {
+    let (_, keys) = archived_end(&fx.dir.path().join("repo"));
+    assert!(
+        keys.iter().any(|k| k == "00000002.history.zst.age"),
+        "the new timeline's history is archived: {keys:?}"
+    );
+    let on = |tli: &str| keys.iter().filter(|k| k.starts_with(tli)).count();
+    assert!(on("00000001") > 0 && on("00000002") > 1, "{keys:?}");
+    let r = fx.run(&[
+        "check",
+        "--read-data",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--identity",
+        fx.key.identity.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        r.code, 0,
+        "the chain across the switch is whole: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_promoted_standby_is_followed_onto_its_new_timeline_without_a_break() {
+    let (primary, fx) = standby_fixture("phys_promote");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy(
+        "postgres",
+        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
+    );
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    // A base backup taken from the standby, as many sites do.
+    fx.backup(&policy);
+    let before = write_on(primary, &fx.db, 6, Some(2));
+    assert_archived(&fx, before, &log);
+    assert_eq!(fx.pg.psql("postgres", "select pg_promote()"), "t");
+    let after = write_on(fx.pg, &fx.db, 6, Some(3));
+    assert_archived(&fx, after, &log);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("Following the server onto a new timeline"),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains("reconnecting"),
+        "the switch is followed within the session: {logged}"
+    );
+    assert_both_timelines_whole(&fx, &policy);
+}
+
+#[test]
+fn a_streamer_started_after_a_promotion_walks_the_history_it_missed() {
+    let (primary, fx) = standby_fixture("phys_promote_down");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy(
+        "postgres",
+        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
+    );
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    fx.backup(&policy);
+    let before = write_on(primary, &fx.db, 4, Some(1));
+    assert_archived(&fx, before, &log);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Written on the old timeline while nobody streams; then the standby is promoted and
+    // written to: the slot holds both.
+    let missed = write_on(primary, &fx.db, 4, Some(2));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while lsn(&fx.pg.psql("postgres", "select pg_last_wal_replay_lsn()")) < missed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby never replayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(fx.pg.psql("postgres", "select pg_promote()"), "t");
+    let after = write_on(fx.pg, &fx.db, 6, Some(3));
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    assert_archived(&fx, after, &log);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("Following the server onto a new timeline"),
+        "the restarted streamer began on the old timeline: {logged}"
+    );
+    assert_both_timelines_whole(&fx, &policy);
+}
+
+#[test]
+fn a_server_crash_while_streaming_loses_nothing() {
+    // A cluster of its own: the crash restarts every backend of it.
+    let pg: &'static Postgres = Box::leak(Box::new(start_cluster(Vec::new())));
+    let fx = setup_on(pg, "phys_wal_crash");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy(
+        "postgres",
+        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
+    );
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    fx.backup(&policy);
+    write_some(&fx, 4, Some(1));
+    // SIGKILL of the walsender: the postmaster takes it for a crash and restarts the server
+    // (crash recovery), dropping every connection.
+    let pid = fx.pg.psql(
+        "postgres",
+        &format!("select active_pid from pg_replication_slots where slot_name = '{slot}'"),
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -9 of walsender {pid}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::process::Command::new(fx.pg.bin.join("pg_isready"))
+        .args(["-q", "-h", "127.0.0.1", "-p", &fx.pg.port.to_string()])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+        || fx.pg.psql("postgres", "select 1") != "1"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let last = write_some(&fx, 6, Some(2));
+    assert_archived(&fx, last, &log);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("reconnecting"), "{logged}");
+    let r = fx.run(&[
+        "check",
+        "--read-data",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--identity",
+        fx.key.identity.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        r.code, 0,
+        "the chain is whole after the crash: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_second_streamer_on_the_same_slot_stands_by_and_takes_over() {
+    let fx = setup("phys_wal_standby");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy(
+        "postgres",
+        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
+    );
+    let (log_a, log_b) = (fx.dir.path().join("a.log"), fx.dir.path().join("b.log"));
+    let mut a = start_streamer(&fx, &policy, &slot, &log_a);
+    // Started while `a` holds the slot: the start helper sees the slot active at once.
+    let mut b = start_streamer(&fx, &policy, &slot, &log_b);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&log_b)
+        .unwrap_or_default()
+        .contains("standing by")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second streamer never said it stands by:\n{}",
+            std::fs::read_to_string(&log_b).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    write_some(&fx, 3, Some(1));
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let last = write_some(&fx, 4, Some(2));
+    assert_archived(&fx, last, &log_b);
+    b.kill().unwrap();
+    b.wait().unwrap();
+    let logged = std::fs::read_to_string(&log_b).unwrap_or_default();
+    assert!(logged.contains("Streaming WAL"), "b took over: {logged}");
+    assert!(
+        !logged.contains("ERROR"),
+        "standing by is no error: {logged}"
+    );
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+}
+
+#[test]
+fn wal_of_another_cluster_is_refused_and_nothing_is_archived() {
+    let fx = setup("phys_wal_other");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy("postgres", "");
+    fx.backup(&policy);
+    // The same source name and repository, pointed at a different cluster.
+    let other: &'static Postgres = Box::leak(Box::new(start_cluster(Vec::new())));
+    let pw = other.password_file(fx.dir.path());
+    let wrong = PolicyBuilder::new(&fx.key.recipient)
+        .source(
+            "cluster",
+            "postgres-physical",
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+                other.url("postgres"),
+                pw.display()
+            ),
+        )
+        .write(fx.dir.path());
+    let r = fx.run(&[
+        "wal",
+        "stream",
+        "--policy",
+        wrong.to_str().unwrap(),
+        "--source",
+        "cluster",
+    ]);
+    assert_eq!(
+        r.code, 13,
+        "another cluster's WAL is integrity damage: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("system identifier") && r.stderr.contains("new source name"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        files_under(&fx.dir.path().join("repo/wal")).is_empty(),
+        "nothing archived"
+    );
+    assert_eq!(
+        other.psql("postgres", "select count(*) from pg_replication_slots"),
+        "0",
+        "no slot is left holding WAL on the wrong server"
+    );
+}
+
+#[test]
+fn an_invalidated_slot_is_a_gap_the_agent_reports_and_answers_with_a_base_backup() {
+    // A cluster of its own whose slots may hold at most two segments.
+    let pg: &'static Postgres = Box::leak(Box::new(start_cluster(vec![
+        "max_slot_wal_keep_size=32MB".into(),
+    ])));
+    let fx = setup_on(pg, "phys_wal_lost");
+    let slot = format!("lb_{}", suffix());
+    let port = free_port();
+    let (hook_port, hooks) = webhook();
+    let pw = fx.pg.password_file(fx.dir.path());
+    let base = PolicyBuilder::new(&fx.key.recipient)
+        .source(
+            "cluster",
+            "postgres-physical",
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nschedule = \"0 3 * * 0\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+                fx.pg.url(&fx.db),
+                pw.display()
+            ),
+        )
+        .text();
+    let policy = fx.dir.path().join("agent.toml");
+    std::fs::write(
+        &policy,
+        format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n\n[[notify]]\nurl = \"http://127.0.0.1:{hook_port}/hook\"\n\n{base}"),
+    )
+    .unwrap();
+    let p = policy.to_str().unwrap();
+    let log = fx.dir.path().join("agent.log");
+    let start_agent = || {
+        std::process::Command::new(lifeboat_bin())
+            .args(["agent", "--policy", p])
+            .current_dir(fx.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap()
+    };
+    // A base backup, and WAL archived after it.
+    fx.backup(&policy);
+    let mut agent = start_agent();
+    let first = write_some(&fx, 3, Some(1));
+    assert_archived(&fx, first, &log);
+    let stop = |agent: &mut std::process::Child| {
+        std::process::Command::new("kill")
+            .args(["-TERM", &agent.id().to_string()])
+            .status()
+            .unwrap();
+        assert_eq!(agent.wait().unwrap().code(), Some(0));
+    };
+    stop(&mut agent);
+    // While the agent is down the server writes past what the slot may hold: it is invalidated.
+    for _ in 0..4 {
+        write_some(&fx, 2, Some(0));
+        fx.pg.psql("postgres", "select pg_switch_wal()");
+    }
+    fx.pg.psql("postgres", "checkpoint");
+    assert_eq!(
+        fx.pg.psql(
+            "postgres",
+            &format!("select wal_status from pg_replication_slots where slot_name = '{slot}'")
+        ),
+        "lost"
+    );
+    let mut agent = start_agent();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let backups = loop {
+        let r = fx.run(&["list", "--policy", p, "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap_or_default();
+        if list.len() >= 2 {
+            break list;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no base backup after the gap:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let body = http_get(port, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert_eq!(
+        metric(&body, "lifeboat_wal_gaps_total", &[("source", "cluster")]),
+        Some(1.0),
+        "{body}"
+    );
+    let last = write_some(&fx, 3, Some(1));
+    assert_archived(&fx, last, &log);
+    stop(&mut agent);
+    let got = hooks.lock().unwrap().clone();
+    assert!(
+        got.iter()
+            .any(|h| h["event"] == "gap" && h["message"].as_str().unwrap_or("").contains("lost")),
+        "a gap webhook: {got:?}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("invalidated"), "{logged}");
+    // The gap is named by check; the new base backup restores to the archive's end.
+    let r = fx.run(&["check", "--policy", p]);
+    assert_eq!(r.code, 13, "the gap is reported: {}", r.stderr);
+    assert!(r.stderr.contains("is not in the archive"), "{}", r.stderr);
+    let newest = backups[0]["base_backup"]["start_lsn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        lsn(&newest) > first,
+        "the new base backup starts after the gap"
     );
 }

@@ -147,6 +147,9 @@ pub struct Agent {
     /// This pod's name (hostname), for jitter and /status.
     pub pod: String,
     clock: Clock,
+    /// One per source: held by its run, so a run started out of schedule (after a WAL gap)
+    /// never overlaps a scheduled one.
+    runs: BTreeMap<String, tokio::sync::Mutex<()>>,
 }
 
 const KEEP_RUNS: usize = 10;
@@ -181,7 +184,13 @@ impl Agent {
             })
             .collect();
         let pod = pod_name();
+        let runs = policy
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), tokio::sync::Mutex::new(())))
+            .collect();
         Agent {
+            runs,
             telemetry: Telemetry::new(&objectives),
             notifier: Arc::new(notify::Notifier::new(policy.notify.clone(), pod.clone())),
             policy,
@@ -401,6 +410,10 @@ impl Agent {
         shutdown: &CancellationToken,
         cancel: &CancellationToken,
     ) {
+        let _running = match self.runs.get(&src.name) {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
         self.update(&src.name, |s| s.running = true);
         let mut attempt = 0u32;
         loop {
@@ -497,7 +510,13 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
     }
     // WAL streams all the time in between a physical source's base backups.
     for idx in 0..agent.policy.sources.len() {
-        tracker.spawn(wal_loop(agent.clone(), idx, shutdown.clone()));
+        tracker.spawn(wal_loop(
+            agent.clone(),
+            idx,
+            shutdown.clone(),
+            runs_cancel.clone(),
+            slots.clone(),
+        ));
     }
     // Objectives age as time passes, even without runs.
     tracker.spawn(objectives_loop(agent.clone(), shutdown.clone()));
@@ -548,12 +567,17 @@ async fn sweep_on_start(agent: &Agent) {
     }
 }
 
-/// One source's schedule: a catch-up run at start if asked and due, then every tick, each run
-/// waiting for a free slot.
 /// Streams a physical source's WAL (when it has `wal` settings) until shutdown. A failure no
-/// reconnect mends (a credential, an invalidated slot) is an error in the log, and streaming is
-/// tried again a minute later: it never stops silently.
-async fn wal_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
+/// reconnect mends (a credential, another cluster) is an error in the log, a failed `wal` run
+/// (metric, webhook), and streaming is tried again a minute later: it never stops silently. A
+/// gap the streamer finds is counted, notified, and answered with a base backup at once.
+async fn wal_loop(
+    agent: Arc<Agent>,
+    idx: usize,
+    shutdown: CancellationToken,
+    runs_cancel: CancellationToken,
+    slots: Arc<Semaphore>,
+) {
     let src = &agent.policy.sources[idx];
     let crate::source::SourceConfig::PostgresPhysical(cfg) = &src.config else {
         return;
@@ -562,6 +586,8 @@ async fn wal_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
         return;
     };
     while !shutdown.is_cancelled() {
+        let started_at = agent.clock.now();
+        let started = std::time::Instant::now();
         let streamed = async {
             let repo = agent.repo().await?;
             let pipeline = crate::job::pipeline_config(&agent.policy, src)?;
@@ -572,8 +598,16 @@ async fn wal_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
                 wal.clone(),
                 pipeline,
             );
-            let watch = tokio::spawn(watch_wal(agent.clone(), idx, streamer.progress()));
-            let ran = streamer.run(shutdown.clone()).await;
+            let (gap_tx, gap_rx) = tokio::sync::mpsc::channel(1);
+            let watch = tokio::spawn(watch_wal(agent.clone(), idx, streamer.progress(), gap_tx));
+            let done = shutdown.child_token();
+            let stream = async {
+                let ran = streamer.run(shutdown.clone()).await;
+                done.cancel();
+                ran
+            };
+            let backups = backups_after_gaps(&agent, src, gap_rx, &done, &runs_cancel, &slots);
+            let (ran, ()) = tokio::join!(stream, backups);
             watch.abort();
             ran
         }
@@ -582,6 +616,15 @@ async fn wal_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
             Ok(()) => return,
             Err(e) if e.kind == ErrorKind::Interrupted => return,
             Err(e) => {
+                agent.finished(
+                    src,
+                    "wal",
+                    started_at,
+                    started.elapsed(),
+                    Err(&e),
+                    None,
+                    true,
+                );
                 tracing::error!(source = %src.name, error = %e, "WAL streaming stopped; trying again in 60 s");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -592,25 +635,70 @@ async fn wal_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
     }
 }
 
-/// Reports a streamer's progress: metrics, and the source's status for its RPO.
+/// Takes a base backup of `src` after each gap the streamer reports, until `done`: the chain
+/// from older base backups stops at the gap, and a new one starts a whole chain again.
+async fn backups_after_gaps(
+    agent: &Agent,
+    src: &SourcePolicy,
+    mut gaps: tokio::sync::mpsc::Receiver<()>,
+    done: &CancellationToken,
+    runs_cancel: &CancellationToken,
+    slots: &Semaphore,
+) {
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            gap = gaps.recv() => if gap.is_none() { return },
+        }
+        tracing::warn!(source = %src.name, "Taking a base backup now: the WAL archive has a gap");
+        let permit = tokio::select! {
+            p = slots.acquire() => p.ok(),
+            _ = done.cancelled() => None,
+        };
+        if let Some(_permit) = permit {
+            agent.run_source(src, done, runs_cancel).await;
+        }
+    }
+}
+
+/// Reports a streamer's progress: metrics, the source's status for its RPO, and each new gap
+/// (a metric, a webhook, and a base backup asked of `gaps`).
 async fn watch_wal(
     agent: Arc<Agent>,
     idx: usize,
     mut progress: tokio::sync::watch::Receiver<crate::source::postgres_physical::wal::Progress>,
+    gaps: tokio::sync::mpsc::Sender<()>,
 ) {
     let name = agent.policy.sources[idx].name.clone();
+    let mut seen_gaps = 0;
     while progress.changed().await.is_ok() {
         let p = *progress.borrow_and_update();
+        if p.gaps > seen_gaps {
+            seen_gaps = p.gaps;
+            agent.telemetry.wal_gap(&name);
+            if let Some((from, to)) = p.last_gap {
+                agent.notifier.wal_gap(
+                    &name,
+                    format!("WAL of {name} from {from} to {to} was lost before it was archived; point-in-time recovery cannot cross it. A base backup is being taken now (RUNBOOK.md#wal-slot)"),
+                );
+            }
+            // One waiting request is enough: a backup that starts after it covers every gap.
+            let _ = gaps.try_send(());
+        }
         let caught_up = (p.archived >= p.server_end && p.archived.0 > 0).then(|| agent.clock.now());
         agent
             .telemetry
             .wal_progress(&name, p.archived.0, p.server_end.0, caught_up);
         if let Some(t) = caught_up {
             agent.update(&name, |s| s.wal_caught_up = Some(t));
+            // Streaming that had failed works again (sent only after a failure).
+            agent.notifier.run_result(&name, "wal", None);
         }
     }
 }
 
+/// One source's schedule: a catch-up run at start if asked and due, then every tick, each run
+/// waiting for a free slot.
 async fn source_loop(
     agent: Arc<Agent>,
     idx: usize,

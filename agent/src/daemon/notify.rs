@@ -28,6 +28,8 @@ pub enum Event {
     Breach,
     /// A breached objective is met again.
     Met,
+    /// WAL was lost before it was archived: point-in-time recovery cannot cross it.
+    Gap,
 }
 
 impl Event {
@@ -37,6 +39,7 @@ impl Event {
             Event::Recovery => "recovery",
             Event::Breach => "breach",
             Event::Met => "met",
+            Event::Gap => "gap",
         }
     }
 }
@@ -118,6 +121,11 @@ impl Notifier {
         self.send(event, source, objective, message);
     }
 
+    /// Notifies a gap in a physical source's WAL archive; every one, since each is news.
+    pub fn wal_gap(self: &Arc<Self>, source: &str, message: String) {
+        self.send(Event::Gap, source, "wal", message);
+    }
+
     fn send(self: &Arc<Self>, event: Event, source: &str, op: &str, message: String) {
         let Some(client) = self.client.clone() else {
             return;
@@ -134,7 +142,7 @@ impl Notifier {
                 }),
                 NotifyFormat::Slack => {
                     let icon = match event {
-                        Event::Failure | Event::Breach => ":rotating_light:",
+                        Event::Failure | Event::Breach | Event::Gap => ":rotating_light:",
                         Event::Recovery | Event::Met => ":white_check_mark:",
                     };
                     serde_json::json!({ "text": format!("{icon} lifeboat on {}: {message}", self.pod) })

@@ -74,6 +74,7 @@ pub struct Telemetry {
     wal_archived: Family<SourceLabel, Gauge>,
     wal_lag: Family<SourceLabel, Gauge>,
     wal_caught_up: Family<SourceLabel, FGauge>,
+    wal_gaps: Family<SourceLabel, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -114,6 +115,7 @@ impl Telemetry {
             wal_archived: Family::default(),
             wal_lag: Family::default(),
             wal_caught_up: Family::default(),
+            wal_gaps: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -186,6 +188,11 @@ impl Telemetry {
             "lifeboat_wal_caught_up_timestamp_seconds",
             "Physical sources: when the stored WAL last reached the server's position (Unix time); now minus this is the archive's recovery point",
             t.wal_caught_up.clone(),
+        );
+        registry.register(
+            "lifeboat_wal_gaps",
+            "Physical sources: gaps found in the WAL archive while streaming (WAL the server removed before it was stored); each triggers a base backup",
+            t.wal_gaps.clone(),
         );
         let build: Family<Version, Gauge> = Family::default();
         build
@@ -346,6 +353,12 @@ impl Telemetry {
                 .set(t.timestamp_millis() as f64 / 1000.0);
         }
         tracing::debug!(source, archived, lag, "WAL archive progress");
+    }
+
+    /// A gap in a physical source's WAL archive: WAL from `from` to `to` the server removed
+    /// before it was stored. The streamer logged it; this counts it.
+    pub fn wal_gap(&self, source: &str) {
+        self.wal_gaps.get_or_create(&sl(source)).inc();
     }
 
     /// Whether an objective is breached; logs when it changes, and returns true then.

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod replication;
 pub mod restore;
 pub mod tar;
+pub mod timeline;
 pub mod verify;
 pub mod wal;
 

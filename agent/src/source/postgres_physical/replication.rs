@@ -230,6 +230,8 @@ impl Replication {
         let e = Error::failed(format!("{}: {text}", self.shown));
         match code.as_str() {
             "28P01" | "28000" | "42501" => e.kind(ErrorKind::Credential),
+            // object_in_use: another walsender streams from the slot.
+            "55006" => e.kind(ErrorKind::LockHeld),
             _ => e,
         }
     }

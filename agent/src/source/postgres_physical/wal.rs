@@ -9,6 +9,13 @@
 //! the repository does not hold yet: a crash of the agent or an outage of the store loses nothing
 //! the slot still has. While an upload waits, the stream is not read: the server buffers, and the
 //! agent's disk never fills.
+//!
+//! A promotion ends the timeline being streamed: the rest of it is stored, the new timeline's
+//! history file too, and streaming goes on from the segment where the new timeline begins. After
+//! a restart the stream starts on the timeline that holds where the archive ends, so the server
+//! walks the streamer through every switch it missed. WAL the server removed before the archive
+//! got it (a dropped or invalidated slot) is a gap: logged, counted in [`Progress::gaps`] (the
+//! agent takes a base backup then), and named by `check`. WAL of another cluster is refused.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::WalSettings;
-use super::replication::{Event, Replication};
+use super::replication::{Event, Replication, System};
+use super::timeline::{self, Ended};
 use super::{Lsn, PhysicalConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, NoObserver, PipelineConfig};
@@ -52,6 +60,9 @@ struct Segment {
     stored: u64,
     /// The partial object holding `stored` bytes, superseded by the next.
     partial: Option<String>,
+    /// What earlier timelines' objects already hold: the first segment of a new timeline
+    /// repeats the old one's WAL up to the switch, and the archive never moves back.
+    floor: Lsn,
 }
 
 /// A session's state: the connection, the segment being received, the server's WAL end.
@@ -70,7 +81,14 @@ pub struct Progress {
     pub archived: Lsn,
     /// The server's WAL end, as last reported.
     pub server_end: Lsn,
+    /// Gaps found since the streamer started: WAL the server removed before it was archived.
+    pub gaps: u32,
+    /// The latest of them: from the archive's end to where streaming could resume.
+    pub last_gap: Option<(Lsn, Lsn)>,
 }
+
+/// How often a streamer whose slot another process streams from tries to take it over.
+const STANDBY_POLL: Duration = Duration::from_secs(5);
 
 /// Streams the WAL of one physical source until cancelled.
 pub struct Streamer {
@@ -125,8 +143,22 @@ impl Streamer {
                 Err(e) if cancel.is_cancelled() || e.kind == ErrorKind::Interrupted => {
                     return Err(Error::new(ErrorKind::Interrupted, "interrupted"))
                 }
-                Err(e) if matches!(e.kind, ErrorKind::Credential | ErrorKind::Invalid) => {
+                Err(e)
+                    if matches!(
+                        e.kind,
+                        ErrorKind::Credential | ErrorKind::Invalid | ErrorKind::Integrity
+                    ) =>
+                {
                     return Err(e)
+                }
+                // Another streamer (a replica of this agent) has the slot: stand by to take
+                // over when it stops. The server's own slot check is the lease.
+                Err(e) if e.kind == ErrorKind::LockHeld => {
+                    tracing::info!(source = %self.source, slot = %self.wal.slot, error = %e, "The slot is streaming to another process; standing by");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "interrupted")),
+                        _ = tokio::time::sleep(STANDBY_POLL) => {}
+                    }
                 }
                 Err(e) => {
                     if started.elapsed() > Duration::from_secs(60) {
@@ -168,6 +200,19 @@ impl Streamer {
             .query_opt(read, &[&self.wal.slot])
             .await
             .map_err(|e| q("reading the replication slot", e))?;
+        let lost = |r: &tokio_postgres::Row| {
+            r.get::<_, String>(1) == "lost" || r.get::<_, Option<String>>(0).is_none()
+        };
+        if row.as_ref().is_some_and(lost) {
+            // An invalidated slot never streams again; the WAL it lost is a gap that the
+            // start point finds and reports. A new slot holds WAL from now on.
+            tracing::error!(source = %self.source, slot = %self.wal.slot, "The slot was invalidated (max_slot_wal_keep_size): the server removed WAL the archive does not hold; creating it again (RUNBOOK.md#wal-slot)");
+            c.client
+                .query_one("select pg_drop_replication_slot($1)", &[&self.wal.slot])
+                .await
+                .map_err(|e| q("dropping the invalidated replication slot", e))?;
+            row = None;
+        }
         if row.is_none() {
             tracing::info!(source = %self.source, slot = %self.wal.slot, "Creating the replication slot");
             c.client
@@ -185,20 +230,11 @@ impl Streamer {
         }
         let row =
             row.ok_or_else(|| Error::failed(format!("{}: the slot vanished", self.where_())))?;
-        let status: String = row.get(1);
-        let restart: Option<String> = row.get(0);
-        if status == "lost" || restart.is_none() {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "{}: the slot was invalidated (wal_status {status:?}): the server removed WAL the archive does not hold, so the chain has a gap",
-                    self.where_()
-                ),
-            )
-            .hint("drop the slot (SELECT pg_drop_replication_slot(…)) and take a base backup now; raise max_slot_wal_keep_size (RUNBOOK.md#wal-slot)"));
-        }
-        let restart: Lsn = restart
-            .unwrap_or_default()
+        let restart: Lsn = row
+            .get::<_, Option<String>>(0)
+            .ok_or_else(|| {
+                Error::failed(format!("{}: the new slot reserved no WAL", self.where_()))
+            })?
             .parse()
             .map_err(|e: String| Error::failed(format!("{}: {e}", self.where_())))?;
         Ok((restart, size as u64))
@@ -216,8 +252,7 @@ impl Streamer {
                 None => tokio::select! {
                     _ = cancel.cancelled() => {
                         self.store_partial(&mut live.seg, cancel).await?;
-                        let (received, archived) = (self.received(&live.seg), self.archived(&live.seg));
-                        let _ = live.r.status(received, archived, false).await;
+                        let _ = self.report(&mut live, false).await;
                         return Ok(());
                     }
                     _ = tick.tick() => {
@@ -235,21 +270,21 @@ impl Streamer {
     /// when it was read already.
     async fn open(&self, cancel: &CancellationToken) -> Result<(Live, Option<Event>)> {
         let pg = Postgres::new(self.cfg.connection.clone());
-        let (restart, segment_size) = self.slot_start(&pg).await?;
         let mut r = self.connect(&pg).await?;
         let system = r.identify_system().await?;
-        let timeline = system.timeline;
-        if timeline > 1 {
-            let (_, history) = r.timeline_history(timeline).await?;
-            self.store_small(
-                &layout::wal_history(&self.source, timeline),
-                history,
-                cancel,
+        // Before the slot: another cluster must not be left holding WAL for nobody.
+        self.same_cluster(&system).await?;
+        let (restart, segment_size) = self.slot_start(&pg).await?;
+        let history = self.history(&mut r, system.timeline, cancel).await?;
+        let (start, timeline, pending) = self
+            .start_point(
+                &pg,
+                &mut r,
+                restart,
+                segment_size,
+                &history,
+                system.timeline,
             )
-            .await?;
-        }
-        let (start, pending) = self
-            .start_point(&pg, &mut r, restart, segment_size, timeline)
             .await?;
         tracing::info!(source = %self.source, slot = %self.wal.slot, start = %start, timeline, "Streaming WAL");
         let seg = self.new_segment(timeline, start, segment_size).await?;
@@ -262,12 +297,71 @@ impl Streamer {
         Ok((live, pending))
     }
 
+    /// Refuses a server that is another cluster than the source's newest base backup: its WAL
+    /// would never apply to the backups this archive serves, and its segment names would
+    /// collide with theirs.
+    async fn same_cluster(&self, system: &System) -> Result<()> {
+        let listing = self.repo.list(Some(&self.source)).await?;
+        let newest = listing
+            .backups
+            .iter()
+            .find_map(|e| e.manifest.base_backup.as_ref().map(|b| (e, b)));
+        match newest {
+            Some((e, b)) if b.system_identifier != system.system_identifier => Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{}: the server is the cluster with system identifier {}, but base backup {} of this source is of cluster {}: its WAL does not apply to them, so none is archived",
+                    self.where_(),
+                    system.system_identifier,
+                    e.manifest.id,
+                    b.system_identifier
+                ),
+            )
+            .hint("if the url points at the wrong server, correct it; if the cluster was created anew (initdb, pg_upgrade), give it a new source name so the old backups stay restorable (RUNBOOK.md#wal-slot)")),
+            _ => Ok(()),
+        }
+    }
+
+    /// The history of the server's timeline (empty on the first), its file stored in the
+    /// archive: recovery reads it to follow the switch.
+    async fn history(
+        &self,
+        r: &mut Replication,
+        timeline: u32,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Ended>> {
+        if timeline <= 1 {
+            return Ok(Vec::new());
+        }
+        let (_, content) = r.timeline_history(timeline).await?;
+        let parsed = timeline::parse(&String::from_utf8_lossy(&content)).map_err(|e| {
+            Error::failed(format!(
+                "{}: the server's history of timeline {timeline}: {e}",
+                self.where_()
+            ))
+        })?;
+        self.store_small(
+            &layout::wal_history(&self.source, timeline),
+            content,
+            cancel,
+        )
+        .await?;
+        Ok(parsed)
+    }
+
+    /// Tells the server what is received and what is stored (the slot may free WAL before it).
+    async fn report(&self, live: &mut Live, reply: bool) -> Result<()> {
+        let archived = self.archived(&live.seg);
+        let received = self.received(&live.seg).max(archived);
+        live.r.status(received, archived, reply).await
+    }
+
     /// Every `flush_interval`: the growing segment stored, the server told, the slot watched.
     async fn flush(&self, live: &mut Live, cancel: &CancellationToken) -> Result<()> {
         self.store_partial(&mut live.seg, cancel).await?;
-        let (received, archived) = (self.received(&live.seg), self.archived(&live.seg));
-        live.r.status(received, archived, false).await?;
+        self.report(live, false).await?;
         self.publish(&live.seg, live.server_end);
+        let archived = self.archived(&live.seg);
         let retained = live.server_end.0.saturating_sub(archived.0);
         if retained > self.wal.max_slot_retained && !live.warned {
             live.warned = true;
@@ -297,22 +391,47 @@ impl Streamer {
                 live.server_end = server_end;
                 self.publish(&live.seg, live.server_end);
                 if reply {
-                    let (received, archived) = (self.received(&live.seg), self.archived(&live.seg));
-                    live.r.status(received, archived, false).await?;
+                    self.report(live, false).await?;
                 }
             }
             Event::EndOfTimeline {
                 next_timeline,
                 next_start,
             } => {
-                self.store_partial(&mut live.seg, cancel).await?;
-                return Err(Error::failed(format!(
-                    "{}: timeline {} ended; the server continues on timeline {next_timeline} at {next_start}",
-                    self.where_(),
-                    live.seg.timeline
-                )));
+                self.next_timeline(live, next_timeline, next_start, cancel)
+                    .await?
             }
         }
+        Ok(())
+    }
+
+    /// The streamed timeline ended at `next_start` (a promotion): its rest is stored, then the
+    /// new timeline's history, and streaming goes on from the start of the segment where the
+    /// new timeline begins (its first segment repeats the old WAL up to the switch).
+    async fn next_timeline(
+        &self,
+        live: &mut Live,
+        next_timeline: u32,
+        next_start: Lsn,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let ended = live.seg.timeline;
+        self.store_partial(&mut live.seg, cancel).await?;
+        if self.received(&live.seg) != next_start {
+            return Err(Error::failed(format!(
+                "{}: timeline {ended} ended at {next_start}, but its WAL was received up to {}",
+                self.where_(),
+                self.received(&live.seg)
+            )));
+        }
+        let floor = self.archived(&live.seg);
+        self.history(&mut live.r, next_timeline, cancel).await?;
+        let size = live.seg.size;
+        let start = Lsn(next_start.0 - next_start.0 % size);
+        live.r.start(&self.wal.slot, start, next_timeline).await?;
+        tracing::info!(source = %self.source, ended, timeline = next_timeline, switch = %next_start, "Following the server onto a new timeline");
+        live.seg = self.new_segment(next_timeline, start, size).await?;
+        live.seg.floor = floor;
         Ok(())
     }
 
@@ -327,8 +446,9 @@ impl Streamer {
         .await
     }
 
-    /// Starts the stream where the archive needs it; returns the start and the stream's first
-    /// event when it was read here. The start is that of the slot's restart segment (the server
+    /// Starts the stream where the archive needs it, on the timeline of `history` (the server's
+    /// is `current`) that holds that point; returns the start, its timeline and the stream's
+    /// first event when it was read here. The start is that of the slot's restart segment (the server
     /// keeps that whole segment, and each stored object is a segment's prefix), unless the
     /// archive ends before it: a slot dropped and created again, or one that moved without this
     /// streamer. Then from where the archive ends, if the server still has that WAL; if not, the
@@ -339,36 +459,48 @@ impl Streamer {
         r: &mut Replication,
         restart: Lsn,
         segment_size: u64,
-        timeline: u32,
-    ) -> Result<(Lsn, Option<Event>)> {
+        history: &[Ended],
+        current: u32,
+    ) -> Result<(Lsn, u32, Option<Event>)> {
         let seg_start = |l: Lsn| Lsn(l.0 - l.0 % segment_size);
+        let on = |l: Lsn| timeline::timeline_of(history, l, current);
         let archived = super::archive::Archive::read(&self.repo, &self.source, segment_size)
             .await?
             .end(segment_size);
         if let Some(end) = archived.filter(|end| *end < seg_start(restart)) {
-            r.start(&self.wal.slot, seg_start(end), timeline).await?;
+            let from = seg_start(end);
+            r.start(&self.wal.slot, from, on(from)).await?;
             // The server says only once streaming began whether it still has that WAL.
             match tokio::time::timeout(Duration::from_secs(10), r.next()).await {
                 Ok(Ok(first)) => {
                     tracing::warn!(source = %self.source, archived = %end, slot = %restart, "The slot starts after the archive's end; the server still had the WAL in between");
-                    return Ok((seg_start(end), Some(first)));
+                    return Ok((from, on(from), Some(first)));
                 }
-                Err(_) => return Ok((seg_start(end), None)),
+                Err(_) => return Ok((from, on(from), None)),
                 Ok(Err(e)) if e.message.contains("has already been removed") => {
-                    tracing::error!(
-                        source = %self.source,
-                        slot = %self.wal.slot,
-                        "WAL from {end} to {} is lost: the server removed it before it was archived (the slot was dropped, or invalidated); take a base backup now (RUNBOOK.md#wal-slot)",
-                        seg_start(restart)
-                    );
+                    self.gap(end, seg_start(restart));
                     *r = self.connect(pg).await?;
                 }
                 Ok(Err(e)) => return Err(e),
             }
         }
-        r.start(&self.wal.slot, seg_start(restart), timeline)
-            .await?;
-        Ok((seg_start(restart), None))
+        let from = seg_start(restart);
+        r.start(&self.wal.slot, from, on(from)).await?;
+        Ok((from, on(from), None))
+    }
+
+    /// WAL from `from` to `to` is lost: said loudly, and counted so that the agent takes a base
+    /// backup (the chain from older base backups stops at `from`; `check` names the gap).
+    fn gap(&self, from: Lsn, to: Lsn) {
+        tracing::error!(
+            source = %self.source,
+            slot = %self.wal.slot,
+            "WAL from {from} to {to} is lost: the server removed it before it was archived (the slot was dropped, or invalidated); a new base backup is needed (RUNBOOK.md#wal-slot)"
+        );
+        self.progress.send_modify(|p| {
+            p.gaps += 1;
+            p.last_gap = Some((from, to));
+        });
     }
 
     fn received(&self, seg: &Segment) -> Lsn {
@@ -376,13 +508,14 @@ impl Streamer {
     }
 
     fn archived(&self, seg: &Segment) -> Lsn {
-        Lsn(seg.start.0 + seg.stored)
+        Lsn(seg.start.0 + seg.stored).max(seg.floor)
     }
 
     fn publish(&self, seg: &Segment, server_end: Lsn) {
-        self.progress.send_replace(Progress {
-            archived: self.archived(seg),
-            server_end,
+        let archived = self.archived(seg);
+        self.progress.send_modify(|p| {
+            p.archived = archived;
+            p.server_end = server_end;
         });
     }
 
@@ -441,6 +574,7 @@ impl Streamer {
             hasher: Sha256::new(),
             stored: 0,
             partial: None,
+            floor: Lsn(0),
         })
     }
 
