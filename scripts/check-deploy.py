@@ -86,7 +86,7 @@ def check_rules(known):
 def check_metrics(rules):
     code = (ROOT / "agent/src/daemon/telemetry.rs").read_text(encoding="utf-8")
     exported = set(re.findall(r'"(lifeboat_[a-z_]+)"', code))
-    counters = {"lifeboat_runs", "lifeboat_skipped_runs"}
+    counters = {"lifeboat_runs", "lifeboat_skipped_runs", "lifeboat_wal_gaps"}
     known = exported | {c + "_total" for c in counters}
     known |= {m + s for m in ("lifeboat_run_duration_seconds",) for s in ("_bucket", "_sum", "_count")}
     texts = [yaml.safe_dump(rules), DASHBOARD.read_text(encoding="utf-8")]
