@@ -1337,3 +1337,66 @@ fn an_invalidated_slot_is_a_gap_the_agent_reports_and_answers_with_a_base_backup
         "the new base backup starts after the gap"
     );
 }
+
+#[test]
+fn wal_streams_over_tls_and_the_servers_certificate_is_verified() {
+    let fx = setup("phys_wal_tls");
+    let slot = format!("lb_{}", suffix());
+    let policy = fx.policy(
+        "tlsuser",
+        &format!(
+            "tls_ca_file = \"{}\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+            fx.pg.ca_file.display()
+        ),
+    );
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    assert_eq!(
+        fx.pg.psql(
+            "postgres",
+            &format!("select ssl from pg_stat_ssl join pg_replication_slots on pid = active_pid where slot_name = '{slot}'"),
+        ),
+        "t",
+        "the walsender's connection is TLS"
+    );
+    let last = write_some(&fx, 4, Some(1));
+    assert_archived(&fx, last, &log);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+    // Without the CA that signed the server's certificate, nothing is streamed.
+    let pw = fx.pg.password_file(fx.dir.path());
+    let unverified = PolicyBuilder::new(&fx.key.recipient)
+        .source(
+            "cluster",
+            "postgres-physical",
+            &format!(
+                "url = \"postgres://tlsuser@127.0.0.1:{}/{}?sslmode=require\"\npassword_file = \"{}\"\nwal = {{ slot = \"{slot}\" }}",
+                fx.pg.port,
+                fx.db,
+                pw.display()
+            ),
+        )
+        .write(fx.dir.path());
+    let r = fx.run(&[
+        "wal",
+        "stream",
+        "--policy",
+        unverified.to_str().unwrap(),
+        "--source",
+        "cluster",
+    ]);
+    assert_eq!(
+        r.code, 12,
+        "an unverified certificate is refused: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("TLS handshake failed") && r.stderr.contains("tls_ca_file"),
+        "{}",
+        r.stderr
+    );
+}

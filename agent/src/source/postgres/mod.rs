@@ -200,13 +200,19 @@ impl Postgres {
     /// here: `sslmode=require` (or `prefer` with `tls_ca_file`) checks the server's certificate
     /// against `tls_ca_file`, else the system's roots; the children then get `verify-full` too.
     fn tls(&self) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>> {
+        Ok(self
+            .tls_config()?
+            .map(tokio_postgres_rustls::MakeRustlsConnect::new))
+    }
+
+    /// The TLS settings of lifeboat's own connections (see [`Postgres::tls`]); `None`: plain.
+    pub fn tls_config(&self) -> Result<Option<rustls::ClientConfig>> {
         let url = self.cfg.url.expose();
         let required = url.contains("sslmode=require");
         if url.contains("sslmode=disable") || (!required && self.cfg.tls_ca_file.is_none()) {
             return Ok(None);
         }
-        let config = crate::tls::client_config(self.cfg.tls_ca_file.as_deref())?;
-        Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+        crate::tls::client_config(self.cfg.tls_ca_file.as_deref()).map(Some)
     }
 
     /// Connects to the source's database.

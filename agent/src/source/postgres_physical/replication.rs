@@ -7,7 +7,8 @@
 //! query protocol; then the copy-both stream of `XLogData` and keepalives, answered with standby
 //! status updates that report what is safely stored (never what was merely received). Every
 //! message the server sends is length-checked before it is parsed; a malformed one is an error,
-//! never a panic.
+//! never a panic. TLS is as for a logical source's connections: `sslmode=require` or a
+//! `tls_ca_file`, the server's certificate always verified.
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -108,10 +109,12 @@ fn error_text(body: &[u8]) -> (String, String) {
 }
 
 impl Replication {
-    /// Opens a physical replication connection to the first host of `config` with `password`.
+    /// Opens a physical replication connection to the first host of `config` with `password`,
+    /// over TLS with `tls` (always verified) when given.
     pub async fn connect(
         config: &tokio_postgres::Config,
         password: Option<&Secret>,
+        tls: Option<rustls::ClientConfig>,
         shown: &str,
     ) -> Result<Replication> {
         let port = config.get_ports().first().copied().unwrap_or(5432);
@@ -129,7 +132,14 @@ impl Replication {
                 })?
                 .map_err(|e| io_error(shown, e))?;
                 s.set_nodelay(true).map_err(|e| io_error(shown, e))?;
-                Box::new(s)
+                match tls {
+                    Some(tls) => {
+                        let required =
+                            config.get_ssl_mode() == tokio_postgres::config::SslMode::Require;
+                        Self::tls(s, host, tls, required, shown).await?
+                    }
+                    None => Box::new(s),
+                }
             }
             Some(Host::Unix(dir)) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
@@ -146,13 +156,6 @@ impl Replication {
                 ))
             }
         };
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!("{shown}: WAL streaming over TLS (sslmode=require) is not supported by this version"),
-            )
-            .hint("stream over a private network or loopback with sslmode=disable or prefer"));
-        }
         let mut r = Replication {
             stream,
             rbuf: BytesMut::with_capacity(256 << 10),
@@ -176,6 +179,47 @@ impl Replication {
         r.flush().await?;
         r.authenticate(&user, password).await?;
         Ok(r)
+    }
+
+    /// PostgreSQL's TLS start: an SSLRequest, the server's one-byte answer, then the
+    /// handshake, the server's certificate verified against `tls`'s roots and `host`. A server
+    /// without TLS is refused when it is `required` (`sslmode=require`), else used as it is.
+    async fn tls(
+        mut tcp: tokio::net::TcpStream,
+        host: &str,
+        tls: rustls::ClientConfig,
+        required: bool,
+        shown: &str,
+    ) -> Result<Box<dyn Stream>> {
+        let mut request = BytesMut::new();
+        frontend::ssl_request(&mut request);
+        tcp.write_all(&request)
+            .await
+            .map_err(|e| io_error(shown, e))?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer)
+            .await
+            .map_err(|e| io_error(shown, e))?;
+        if answer[0] != b'S' && !required {
+            return Ok(Box::new(tcp));
+        }
+        if answer[0] != b'S' {
+            return Err(Error::new(
+                ErrorKind::Credential,
+                format!("{shown}: the server does not accept TLS connections (ssl = off)"),
+            )
+            .hint("turn ssl on in the server's settings, or use sslmode=disable on a trusted network (RUNBOOK.md#source-unreachable)"));
+        }
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| Error::new(ErrorKind::Invalid, format!("{shown}: host name: {e}")))?;
+        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::Credential, format!("{shown}: TLS handshake failed: {e}"))
+                    .hint("lifeboat verifies the server's certificate: set tls_ca_file to the CA that signed it (RUNBOOK.md#source-unreachable)")
+            })?;
+        Ok(Box::new(stream))
     }
 
     async fn flush(&mut self) -> Result<()> {

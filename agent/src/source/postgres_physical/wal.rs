@@ -441,6 +441,7 @@ impl Streamer {
         Replication::connect(
             &config,
             password.as_ref(),
+            pg.tls_config()?,
             &self.cfg.connection.url_redacted,
         )
         .await
