@@ -3,6 +3,11 @@
 
 mod verify;
 
+/// The allocator `lifeboat` uses, for the same reason (freed part buffers stayed resident in
+/// glibc's per-thread arenas).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
