@@ -1400,3 +1400,155 @@ fn wal_streams_over_tls_and_the_servers_certificate_is_verified() {
         r.stderr
     );
 }
+
+#[test]
+fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
+    let fx = setup("phys_pitr");
+    fx.pg.psql(
+        &fx.db,
+        "create table stamped (id serial primary key, batch int not null, at timestamptz not null default clock_timestamp())",
+    );
+    let slot = format!("lb_{}", suffix());
+    let repo = fx.dir.path().join("repo");
+    let pw = fx.pg.password_file(fx.dir.path());
+    // An absolute repository: the server runs restore_command in its data directory.
+    let policy = PolicyBuilder::new(&fx.key.recipient)
+        .repository(&format!("url = \"file://{}\"", repo.display()))
+        .source(
+            "cluster",
+            "postgres-physical",
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+                fx.pg.url(&fx.db),
+                pw.display()
+            ),
+        )
+        .write(fx.dir.path());
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    fx.backup(&policy);
+    let batch = |n: u32| {
+        fx.pg.psql(
+            &fx.db,
+            &format!("insert into stamped (batch) select {n} from generate_series(1, 100)"),
+        );
+    };
+    batch(1);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let target = fx.pg.psql("postgres", "select clock_timestamp()::text");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    batch(2);
+    let last = lsn(&fx.pg.psql("postgres", "select pg_current_wal_lsn()"));
+    assert_archived(&fx, last, &log);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+
+    let restored = fx.dir.path().join("restored");
+    let data = restored.join("data");
+    let identity = fx.key.identity.to_str().unwrap();
+    let r = fx.run(&[
+        "restore",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--source",
+        "cluster",
+        "--to",
+        data.to_str().unwrap(),
+        "--identity",
+        identity,
+    ]);
+    assert_eq!(r.code, 0, "restore: {}", r.stderr);
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.auto.conf"))
+        .unwrap();
+    use std::io::Write;
+    writeln!(
+        conf,
+        "restore_command = '{} wal fetch --policy {} --source cluster --identity {identity} %f %p'\nrecovery_target_time = '{target}'\nrecovery_target_action = 'promote'",
+        lifeboat_bin().display(),
+        policy.display(),
+    )
+    .unwrap();
+    std::fs::write(data.join("recovery.signal"), "").unwrap();
+    // The server's OS user runs restore_command: it reads the policy, the key and the repository.
+    for (path, recursive) in [
+        (fx.dir.path(), false),
+        (policy.as_path(), false),
+        (fx.key.identity.as_path(), false),
+        (repo.as_path(), true),
+    ] {
+        let mut chmod = std::process::Command::new("chmod");
+        if recursive {
+            chmod.arg("-R");
+        }
+        assert!(chmod.arg("a+rX").arg(path).status().unwrap().success());
+    }
+    let copy = fx.pg.start_restored(&restored);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while copy.psql("postgres", "select pg_is_in_recovery()") != "f" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovery never finished:\n{}",
+            std::fs::read_to_string(restored.join("log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        copy.psql(
+            &fx.db,
+            "select batch, count(*) from stamped group by batch order by batch"
+        ),
+        "1|100",
+        "exactly what was committed by {target}:\n{}",
+        std::fs::read_to_string(restored.join("log")).unwrap_or_default()
+    );
+    let server_log = std::fs::read_to_string(restored.join("log")).unwrap_or_default();
+    assert!(
+        server_log.contains("Fetched from the WAL archive")
+            || server_log.contains("restored log file"),
+        "{server_log}"
+    );
+    // A damaged object is never handed to recovery; a file the archive lacks is "not found".
+    let fetch = |file: &str, dest: &Path| {
+        fx.run(&[
+            "wal",
+            "fetch",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--source",
+            "cluster",
+            "--identity",
+            identity,
+            file,
+            dest.to_str().unwrap(),
+        ])
+    };
+    let whole = whole_segments(&repo)[0].clone();
+    let name = whole.file_name().unwrap().to_string_lossy()[..24].to_string();
+    let dest = fx.dir.path().join("fetched");
+    let r = fetch(&name, &dest);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 << 20);
+    std::fs::remove_file(&dest).unwrap();
+    let mut bytes = std::fs::read(&whole).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&whole, bytes).unwrap();
+    let r = fetch(&name, &dest);
+    assert_eq!(r.code, 13, "a flipped byte: {}", r.stderr);
+    assert!(r.stderr.contains(&name), "names the object: {}", r.stderr);
+    assert!(!dest.exists(), "nothing written for recovery to read");
+    let r = fetch("0000000100000009000000FF", &dest);
+    assert_eq!(r.code, 1, "not in the archive: {}", r.stderr);
+    assert!(
+        r.stderr.contains("not in cluster's WAL archive"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dest.exists());
+}

@@ -198,6 +198,24 @@ enum WalCommand {
         #[arg(long, short = 's')]
         source: String,
     },
+    /// Write one WAL file from the archive to DEST, checked against its SHA-256: PostgreSQL's
+    /// `restore_command` (`lifeboat wal fetch --policy P --source S %f %p`). Exit 1: not in the
+    /// archive (recovery's end); 13: damaged, nothing written.
+    Fetch {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// The `postgres-physical` source.
+        #[arg(long, short = 's')]
+        source: String,
+        /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
+        #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
+        identity: Option<PathBuf>,
+        /// The WAL file's name, as recovery asks for it (%f): a segment or a `.history` file.
+        file: String,
+        /// Where to write it (%p).
+        dest: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -47,6 +47,16 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
         Command::Wal {
             command: WalCommand::Stream { policy, source },
         } => wal::stream(&policy, &source, cancel).await,
+        Command::Wal {
+            command:
+                WalCommand::Fetch {
+                    policy,
+                    source,
+                    identity,
+                    file,
+                    dest,
+                },
+        } => wal::fetch(&policy, &source, identity.as_deref(), &file, &dest).await,
         Command::Restore(args) => restore::restore(args, cancel).await,
         Command::Agent { policy, listen } => {
             let mut policy = load(&policy)?;
@@ -109,4 +119,20 @@ fn ago(t: chrono::DateTime<chrono::Utc>) -> String {
     // Whole minutes once it is a minute or more: seconds would be noise.
     let secs = if secs >= 60 { secs - secs % 60 } else { secs };
     humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+}
+
+/// The age identity to decrypt with: `given` (`--identity` or LIFEBOAT_IDENTITY_FILE), else the
+/// policy's `encryption.identity_file`.
+pub(crate) fn identity_file(
+    given: Option<&std::path::Path>,
+    policy: &lifeboat::policy::Policy,
+) -> Result<std::path::PathBuf> {
+    given
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| policy.encryption.identity_file.clone())
+        .ok_or_else(|| {
+            Error::new(ErrorKind::Credential, "no age identity to decrypt with").hint(
+                "pass --identity FILE, set LIFEBOAT_IDENTITY_FILE or encryption.identity_file",
+            )
+        })
 }

@@ -3,7 +3,6 @@
 //! refuses (exit 14), then applies the plan and prints what it did.
 
 use lifeboat::human_bytes;
-use lifeboat::policy::Policy;
 use lifeboat::repo::Repository;
 use lifeboat::restore::{self as r, Plan};
 use lifeboat::{Error, ErrorKind, Result};
@@ -50,7 +49,10 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
             )?;
         }
     }
-    let identities = lifeboat::pipeline::read_identities(&identity_file(&a, &policy)?)?;
+    let identities = lifeboat::pipeline::read_identities(&super::identity_file(
+        a.identity.as_deref(),
+        &policy,
+    )?)?;
     let progress: std::sync::Arc<dyn r::Progress> = std::sync::Arc::new(CliProgress::new(a.json));
     let interrupted = plan.interrupted;
     let mut document = plan.document.clone();
@@ -138,17 +140,6 @@ fn confirm(json: bool, question: &str, word: &str, refusal: Error) -> Result<()>
         ));
     }
     Ok(())
-}
-
-fn identity_file(a: &RestoreArgs, policy: &Policy) -> Result<std::path::PathBuf> {
-    a.identity
-        .clone()
-        .or_else(|| policy.encryption.identity_file.clone())
-        .ok_or_else(|| {
-            Error::new(ErrorKind::Credential, "no age identity to decrypt with").hint(
-                "pass --identity FILE, set LIFEBOAT_IDENTITY_FILE or encryption.identity_file",
-            )
-        })
 }
 
 /// A progress bar on a terminal, one line per phase otherwise, nothing with --json.

@@ -1,30 +1,39 @@
-//! `lifeboat wal stream`: a physical source's WAL, streamed into the repository until stopped.
+//! `lifeboat wal stream`: a physical source's WAL, streamed into the repository until stopped;
+//! `lifeboat wal fetch`: one WAL file back out of it, for PostgreSQL's `restore_command`.
 
 use std::path::Path;
 
+use lifeboat::policy::{Policy, SourcePolicy};
 use lifeboat::repo::Repository;
 use lifeboat::source::postgres_physical::wal::Streamer;
+use lifeboat::source::postgres_physical::{fetch, PhysicalConfig};
 use lifeboat::source::SourceConfig;
 use lifeboat::{job, store, Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
-use super::{load, select_source};
+use super::{identity_file, load, select_source};
 
-pub async fn stream(path: &Path, name: &str, cancel: CancellationToken) -> Result<()> {
-    let policy = load(path)?;
-    select_source(&policy, name)?;
+/// The physical source `name` of `policy`.
+fn physical<'a>(policy: &'a Policy, name: &str) -> Result<(&'a SourcePolicy, &'a PhysicalConfig)> {
+    select_source(policy, name)?;
     let source = policy
         .source(name)
         .ok_or_else(|| Error::new(ErrorKind::Invalid, format!("no source {name}")))?;
-    let SourceConfig::PostgresPhysical(cfg) = &source.config else {
-        return Err(Error::new(
+    match &source.config {
+        SourceConfig::PostgresPhysical(cfg) => Ok((source, cfg)),
+        other => Err(Error::new(
             ErrorKind::Invalid,
             format!(
-                "source {name} is a {} source; WAL streams from postgres-physical sources",
-                source.config.kind()
+                "source {name} is a {} source; WAL belongs to postgres-physical sources",
+                other.kind()
             ),
-        ));
-    };
+        )),
+    }
+}
+
+pub async fn stream(path: &Path, name: &str, cancel: CancellationToken) -> Result<()> {
+    let policy = load(path)?;
+    let (source, cfg) = physical(&policy, name)?;
     let Some(wal) = cfg.wal.clone() else {
         return Err(Error::new(
             ErrorKind::Invalid,
@@ -37,4 +46,28 @@ pub async fn stream(path: &Path, name: &str, cancel: CancellationToken) -> Resul
     let pipeline = job::pipeline_config(&policy, source)?;
     let streamer = Streamer::new(repo, name, cfg.clone(), wal, pipeline);
     streamer.run(cancel).await
+}
+
+pub async fn fetch(
+    path: &Path,
+    name: &str,
+    identity: Option<&Path>,
+    file: &str,
+    dest: &Path,
+) -> Result<()> {
+    let policy = load(path)?;
+    physical(&policy, name)?;
+    let identities = lifeboat::pipeline::read_identities(&identity_file(identity, &policy)?)?;
+    let repo = Repository::open(&policy).await?;
+    // The cluster's segment size, from its base backups (16 MiB unless initdb chose another).
+    let segment_size = repo
+        .list(Some(name))
+        .await?
+        .backups
+        .iter()
+        .find_map(|e| e.manifest.base_backup.as_ref().map(|b| b.wal_segment_size))
+        .unwrap_or(16 << 20);
+    let got = fetch::fetch(&repo, name, file, dest, segment_size, &identities).await?;
+    tracing::info!(file, key = %got.key, bytes = got.bytes, archived = got.archived, "Fetched from the WAL archive");
+    Ok(())
 }

@@ -13,6 +13,7 @@
 //! ([`crate::source::postgres`]); a role with REPLICATION is needed.
 
 pub mod archive;
+pub mod fetch;
 pub mod policy;
 pub mod replication;
 pub mod restore;

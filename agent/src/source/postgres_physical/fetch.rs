@@ -1,0 +1,214 @@
+//! `lifeboat wal fetch FILE DEST`: PostgreSQL's `restore_command`, answered from the archive.
+//!
+//! Recovery asks for WAL files by name: segments (`<TLI><LOG><SEG>`, 24 hex digits) and history
+//! files (`<TLI>.history`). A segment comes from its whole object or, at the archive's end, from
+//! its longest partial object, padded with zeros to the segment size as PostgreSQL expects (replay
+//! ends where the valid records end). Every byte is checked before PostgreSQL sees it: the
+//! plaintext is written to a temp file beside `DEST`, its SHA-256 and length compared with what
+//! the object's name records, and only then renamed into place. A file the archive does not have
+//! is "not found" (exit 1), which recovery takes as the end of the archive; a damaged one is an
+//! integrity error (exit 13) and `DEST` is never written.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::archive::{parse_key, segment_number, WalObject};
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::{layout, Repository};
+
+/// What a fetch wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The object it came from.
+    pub key: String,
+    /// Bytes written to the destination (a padded partial segment counts its padding).
+    pub bytes: u64,
+    /// Bytes of it that came from the archive.
+    pub archived: u64,
+}
+
+/// What recovery asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted<'a> {
+    Segment { timeline: u32, name: &'a str },
+    History { timeline: u32 },
+}
+
+fn wanted(file: &str) -> Option<Wanted<'_>> {
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if file.len() == 24 && hex(file) {
+        let timeline = u32::from_str_radix(&file[..8], 16).ok()?;
+        return Some(Wanted::Segment {
+            timeline,
+            name: file,
+        });
+    }
+    let tli = file.strip_suffix(".history")?;
+    (tli.len() == 8 && hex(tli)).then_some(())?;
+    Some(Wanted::History {
+        timeline: u32::from_str_radix(tli, 16).ok()?,
+    })
+}
+
+fn not_found(source: &str, file: &str) -> Error {
+    Error::failed(format!("{file}: not in {source}'s WAL archive"))
+}
+
+/// Fetches `file` of `source`'s archive into `dest`, checked; `segment_size` is the cluster's.
+pub async fn fetch(
+    repo: &Repository,
+    source: &str,
+    file: &str,
+    dest: &Path,
+    segment_size: u64,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Fetched> {
+    match wanted(file) {
+        Some(Wanted::History { timeline }) => {
+            let key = layout::wal_history(source, timeline);
+            if repo
+                .store
+                .size(&key)
+                .await
+                .map_err(|e| Error::from(e).context(format!("looking for {key}")))?
+                .is_none()
+            {
+                return Err(not_found(source, file));
+            }
+            // History files carry no hash in their name: age's authentication is the check.
+            write_checked(repo, &key, dest, None, 0, identities).await
+        }
+        Some(Wanted::Segment { timeline, name }) => {
+            let w = find_segment(repo, source, timeline, name, segment_size)
+                .await?
+                .ok_or_else(|| not_found(source, file))?;
+            let expect = (w.sha256.as_str(), w.partial.unwrap_or(segment_size));
+            let pad = segment_size.saturating_sub(expect.1);
+            write_checked(repo, &w.key, dest, Some(expect), pad, identities).await
+        }
+        // `.partial`, `.backup` and anything else: the archive holds none.
+        None => Err(not_found(source, file)),
+    }
+}
+
+/// The whole object of segment `name`, else its longest partial.
+async fn find_segment(
+    repo: &Repository,
+    source: &str,
+    timeline: u32,
+    name: &str,
+    segment_size: u64,
+) -> Result<Option<WalObject>> {
+    let prefix = format!("{}{timeline:08X}/{name}.", layout::wal_prefix(source));
+    let listed = repo
+        .store
+        .list(&prefix)
+        .await
+        .map_err(|e| Error::from(e).context(format!("listing {prefix}")))?;
+    let best = listed
+        .iter()
+        .filter_map(|o| parse_key(source, &o.key, o.size))
+        .filter(|w| segment_number(&w.segment, segment_size).is_some())
+        .max_by_key(|w| w.partial.map_or(u64::MAX, |len| len));
+    Ok(best)
+}
+
+/// Decrypts `key` into a temp file beside `dest`, checks it against `expect` (SHA-256 and
+/// length of the plaintext), pads it with `pad` zeros and renames it to `dest`.
+async fn write_checked(
+    repo: &Repository,
+    key: &str,
+    dest: &Path,
+    expect: Option<(&str, u64)>,
+    pad: u64,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Fetched> {
+    let damaged = |what: String| {
+        Error::new(ErrorKind::Integrity, format!("{key}: {what}")).hint(
+            "recovery cannot pass this point from the archive; restore an older base backup or to an earlier target, and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)",
+        )
+    };
+    let dir = dest.parent().filter(|d| !d.as_os_str().is_empty());
+    let tmp = tempfile::Builder::new()
+        .prefix(".lifeboat-fetch-")
+        .tempfile_in(dir.unwrap_or(Path::new(".")))
+        .map_err(|e| Error::failed(format!("cannot write beside {}: {e}", dest.display())))?;
+    let stored = repo
+        .store
+        .open(key)
+        .await
+        .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+    let mut plain = crate::pipeline::decrypt_stream(stored, identities)
+        .await
+        .map_err(|e| e.context(key.to_string()))?;
+    let mut out = tokio::fs::File::from_std(
+        tmp.reopen()
+            .map_err(|e| Error::failed(format!("{}: {e}", tmp.path().display())))?,
+    );
+    let io = |e: std::io::Error| Error::failed(format!("writing {}: {e}", dest.display()));
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let k = plain
+            .read(&mut buf)
+            .await
+            .map_err(|e| damaged(format!("damaged: {e}")))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+        out.write_all(&buf[..k]).await.map_err(io)?;
+    }
+    if let Some((sha, len)) = expect {
+        let got = hex::encode(h.finalize());
+        if got != sha || n != len {
+            return Err(damaged(format!(
+                "plaintext SHA-256 {got} ({n} bytes), its name says {sha} ({len} bytes)"
+            )));
+        }
+    }
+    let zeros = vec![0u8; 64 << 10];
+    let mut left = pad;
+    while left > 0 {
+        let k = left.min(zeros.len() as u64) as usize;
+        out.write_all(&zeros[..k]).await.map_err(io)?;
+        left -= k as u64;
+    }
+    out.sync_all().await.map_err(io)?;
+    drop(out);
+    tmp.persist(dest)
+        .map_err(|e| Error::failed(format!("cannot move into {}: {e}", dest.display())))?;
+    Ok(Fetched {
+        key: key.to_string(),
+        bytes: n + pad,
+        archived: n,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_asks_for_segments_and_histories_only() {
+        assert_eq!(
+            wanted("00000002000000000000000A"),
+            Some(Wanted::Segment {
+                timeline: 2,
+                name: "00000002000000000000000A"
+            })
+        );
+        assert_eq!(
+            wanted("00000003.history"),
+            Some(Wanted::History { timeline: 3 })
+        );
+        assert_eq!(wanted("00000002000000000000000A.partial"), None);
+        assert_eq!(wanted("000000010000000000000002.00000028.backup"), None);
+        assert_eq!(wanted("../../etc/passwd"), None);
+        assert_eq!(wanted("0000000G.history"), None);
+    }
+}
