@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
@@ -82,7 +82,6 @@ pub async fn spool(
     dir: &std::path::Path,
     progress: &dyn Progress,
 ) -> Result<Spooled> {
-    use tokio::io::AsyncWriteExt;
     let key = layout::backup_object(&manifest.source, &manifest.id, &part.name);
     let file = tempfile::Builder::new()
         .prefix("lifeboat-spool-")
@@ -103,29 +102,15 @@ pub async fn spool(
         .open(&key)
         .await
         .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
-    let mut hasher = Sha256::new();
-    let mut n = 0u64;
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let got = r
-            .read(&mut buf)
-            .await
-            .map_err(|e| Error::failed(format!("reading {key}: {e}")))?;
-        if got == 0 {
-            break;
-        }
-        hasher.update(&buf[..got]);
-        n += got as u64;
-        progress.advance(got as u64);
-        out.write_all(&buf[..got]).await.map_err(|e| {
-            Error::failed(format!("writing the spool file in {}: {e}", dir.display()))
-                .hint("pass --spool-dir with room for the stored backup")
-        })?;
-    }
-    out.flush()
+    let (n, digest) = crate::pipeline::copy_hashed(&mut r, &mut out, |k| progress.advance(k))
         .await
-        .map_err(|e| Error::failed(format!("writing the spool file: {e}")))?;
-    let digest = hex::encode(hasher.finalize());
+        .map_err(|e| match e {
+            crate::pipeline::CopyError::Read(e) => Error::failed(format!("reading {key}: {e}")),
+            crate::pipeline::CopyError::Write(e) => {
+                Error::failed(format!("writing the spool file in {}: {e}", dir.display()))
+                    .hint("pass --spool-dir with room for the stored backup")
+            }
+        })?;
     if digest != part.sha256_stored || n != part.size_stored {
         return Err(Error::new(
             ErrorKind::Integrity,

@@ -219,15 +219,7 @@ pub fn start_cluster(extra: Vec<String>) -> Postgres {
     let password = format!("pw-{}", suffix());
     std::fs::write(dir.join("pwfile"), format!("{password}\n")).expect("pwfile");
     let root = is_root();
-    if root {
-        let ok = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "chown of {} to postgres failed", dir.display());
-    }
+    give_to_postgres(root, &dir);
     let data = dir.join("data");
     let initdb = as_pg(
         root,
@@ -305,13 +297,7 @@ fn serve(
     extra: Vec<String>,
 ) -> Postgres {
     let root = is_root();
-    if root {
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .expect("chown");
-    }
+    give_to_postgres(root, &dir);
     let port = free_port();
     let mut args = vec![
         bin.join("postgres").display().to_string(),
@@ -361,6 +347,20 @@ fn serve(
     pg
 }
 
+/// Makes `dir` the OS user `postgres`'s when this process is root (the server runs as it).
+fn give_to_postgres(root: bool, dir: &Path) {
+    if !root {
+        return;
+    }
+    let ok = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "chown of {} to postgres failed", dir.display());
+}
+
 /// `args`, run as the OS user `postgres` when this process is root (the server refuses root).
 fn as_pg(root: bool, args: Vec<String>) -> Vec<String> {
     if !root {
@@ -402,13 +402,7 @@ impl Postgres {
         let dir = PathBuf::from(format!("/tmp/lbpg-{}", suffix()));
         std::fs::create_dir(&dir).expect("cannot create the standby dir");
         let root = is_root();
-        if root {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .expect("chown");
-        }
+        give_to_postgres(root, &dir);
         let args = as_pg(
             root,
             vec![

@@ -50,6 +50,17 @@ impl Fx {
             .write(self.dir.path())
     }
 
+    /// A policy whose source streams WAL through a new slot, flushing every second: the slot
+    /// and the policy.
+    fn wal_policy(&self) -> (String, PathBuf) {
+        let slot = format!("lb_{}", suffix());
+        let policy = self.policy(
+            "postgres",
+            &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
+        );
+        (slot, policy)
+    }
+
     fn run(&self, args: &[&str]) -> Run {
         lifeboat(self.dir.path(), args, &[])
     }
@@ -638,6 +649,12 @@ fn start_streamer_with(
     child
 }
 
+/// Stops a streamer with SIGKILL: nothing is cleaned up.
+fn stop(child: &mut std::process::Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 fn write_some(fx: &Fx, rounds: usize, switch_at: Option<usize>) -> u64 {
     write_on(fx.pg, &fx.db, rounds, switch_at)
 }
@@ -676,11 +693,7 @@ fn wait_archived(repo: &Path, lsn: u64, within: std::time::Duration) -> bool {
 #[test]
 fn a_streamer_killed_9_resumes_from_its_slot_and_the_chain_stays_whole() {
     let fx = setup("phys_wal_kill");
-    let slot = format!("lb_{}", suffix());
-    let policy = fx.policy(
-        "postgres",
-        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
-    );
+    let (slot, policy) = fx.wal_policy();
     let p = policy.to_str().unwrap();
     let repo = fx.dir.path().join("repo");
     let log = fx.dir.path().join("stream.log");
@@ -700,8 +713,7 @@ fn a_streamer_killed_9_resumes_from_its_slot_and_the_chain_stays_whole() {
         archived_end(&repo).0,
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     let r = fx.run(&[
         "check",
         "--read-data",
@@ -722,19 +734,14 @@ fn a_slot_dropped_by_an_operator_is_recreated_and_the_gap_is_reported() {
     // A cluster of its own: another test's slot would keep the WAL this one needs gone.
     let pg: &'static Postgres = Box::leak(Box::new(start_cluster(Vec::new())));
     let fx = setup_on(pg, "phys_wal_drop");
-    let slot = format!("lb_{}", suffix());
-    let policy = fx.policy(
-        "postgres",
-        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
-    );
+    let (slot, policy) = fx.wal_policy();
     let p = policy.to_str().unwrap();
     let log = fx.dir.path().join("stream.log");
     let mut child = start_streamer(&fx, &policy, &slot, &log);
     let r = fx.run(&["backup", "--policy", p]);
     assert_eq!(r.code, 0, "base backup: {}", r.stderr);
     write_some(&fx, 5, Some(2));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     // An operator drops the slot; the WAL written meanwhile is gone from the server.
     fx.pg.psql(
         "postgres",
@@ -752,8 +759,7 @@ fn a_slot_dropped_by_an_operator_is_recreated_and_the_gap_is_reported() {
         last,
         std::time::Duration::from_secs(10)
     ));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         logged.contains("WAL from") && logged.contains("is lost"),
@@ -915,8 +921,7 @@ fn an_s3_outage_while_streaming_loses_nothing_and_the_slot_waits() {
         "caught up {:.1} s after the store came back",
         (std::time::Instant::now() - outage).as_secs_f64() - 15.0
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     let r = lifeboat(
         fx.dir.path(),
         &[
@@ -999,11 +1004,7 @@ fn assert_both_timelines_whole(fx: &Fx, policy: &Path) {
 #[test]
 fn a_promoted_standby_is_followed_onto_its_new_timeline_without_a_break() {
     let (primary, fx) = standby_fixture("phys_promote");
-    let slot = format!("lb_{}", suffix());
-    let policy = fx.policy(
-        "postgres",
-        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
-    );
+    let (slot, policy) = fx.wal_policy();
     let log = fx.dir.path().join("stream.log");
     let mut child = start_streamer(&fx, &policy, &slot, &log);
     // A base backup taken from the standby, as many sites do.
@@ -1013,8 +1014,7 @@ fn a_promoted_standby_is_followed_onto_its_new_timeline_without_a_break() {
     assert_eq!(fx.pg.psql("postgres", "select pg_promote()"), "t");
     let after = write_on(fx.pg, &fx.db, 6, Some(3));
     assert_archived(&fx, after, &log);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         logged.contains("Following the server onto a new timeline"),
@@ -1030,18 +1030,13 @@ fn a_promoted_standby_is_followed_onto_its_new_timeline_without_a_break() {
 #[test]
 fn a_streamer_started_after_a_promotion_walks_the_history_it_missed() {
     let (primary, fx) = standby_fixture("phys_promote_down");
-    let slot = format!("lb_{}", suffix());
-    let policy = fx.policy(
-        "postgres",
-        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
-    );
+    let (slot, policy) = fx.wal_policy();
     let log = fx.dir.path().join("stream.log");
     let mut child = start_streamer(&fx, &policy, &slot, &log);
     fx.backup(&policy);
     let before = write_on(primary, &fx.db, 4, Some(1));
     assert_archived(&fx, before, &log);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     // Written on the old timeline while nobody streams; then the standby is promoted and
     // written to: the slot holds both.
     let missed = write_on(primary, &fx.db, 4, Some(2));
@@ -1057,8 +1052,7 @@ fn a_streamer_started_after_a_promotion_walks_the_history_it_missed() {
     let after = write_on(fx.pg, &fx.db, 6, Some(3));
     let mut child = start_streamer(&fx, &policy, &slot, &log);
     assert_archived(&fx, after, &log);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         logged.contains("Following the server onto a new timeline"),
@@ -1072,11 +1066,7 @@ fn a_server_crash_while_streaming_loses_nothing() {
     // A cluster of its own: the crash restarts every backend of it.
     let pg: &'static Postgres = Box::leak(Box::new(start_cluster(Vec::new())));
     let fx = setup_on(pg, "phys_wal_crash");
-    let slot = format!("lb_{}", suffix());
-    let policy = fx.policy(
-        "postgres",
-        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
-    );
+    let (slot, policy) = fx.wal_policy();
     let log = fx.dir.path().join("stream.log");
     let mut child = start_streamer(&fx, &policy, &slot, &log);
     fx.backup(&policy);
@@ -1108,8 +1098,7 @@ fn a_server_crash_while_streaming_loses_nothing() {
     }
     let last = write_some(&fx, 6, Some(2));
     assert_archived(&fx, last, &log);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(logged.contains("reconnecting"), "{logged}");
     let r = fx.run(&[
@@ -1130,11 +1119,7 @@ fn a_server_crash_while_streaming_loses_nothing() {
 #[test]
 fn a_second_streamer_on_the_same_slot_stands_by_and_takes_over() {
     let fx = setup("phys_wal_standby");
-    let slot = format!("lb_{}", suffix());
-    let policy = fx.policy(
-        "postgres",
-        &format!("wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}"),
-    );
+    let (slot, policy) = fx.wal_policy();
     let (log_a, log_b) = (fx.dir.path().join("a.log"), fx.dir.path().join("b.log"));
     let mut a = start_streamer(&fx, &policy, &slot, &log_a);
     // Started while `a` holds the slot: the start helper sees the slot active at once.
@@ -1152,12 +1137,10 @@ fn a_second_streamer_on_the_same_slot_stands_by_and_takes_over() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     write_some(&fx, 3, Some(1));
-    a.kill().unwrap();
-    a.wait().unwrap();
+    stop(&mut a);
     let last = write_some(&fx, 4, Some(2));
     assert_archived(&fx, last, &log_b);
-    b.kill().unwrap();
-    b.wait().unwrap();
+    stop(&mut b);
     let logged = std::fs::read_to_string(&log_b).unwrap_or_default();
     assert!(logged.contains("Streaming WAL"), "b took over: {logged}");
     assert!(
@@ -1269,14 +1252,14 @@ fn an_invalidated_slot_is_a_gap_the_agent_reports_and_answers_with_a_base_backup
     let mut agent = start_agent();
     let first = write_some(&fx, 3, Some(1));
     assert_archived(&fx, first, &log);
-    let stop = |agent: &mut std::process::Child| {
+    let term = |agent: &mut std::process::Child| {
         std::process::Command::new("kill")
             .args(["-TERM", &agent.id().to_string()])
             .status()
             .unwrap();
         assert_eq!(agent.wait().unwrap().code(), Some(0));
     };
-    stop(&mut agent);
+    term(&mut agent);
     // While the agent is down the server writes past what the slot may hold: it is invalidated.
     for _ in 0..4 {
         write_some(&fx, 2, Some(0));
@@ -1315,7 +1298,7 @@ fn an_invalidated_slot_is_a_gap_the_agent_reports_and_answers_with_a_base_backup
     );
     let last = write_some(&fx, 3, Some(1));
     assert_archived(&fx, last, &log);
-    stop(&mut agent);
+    term(&mut agent);
     let got = hooks.lock().unwrap().clone();
     assert!(
         got.iter()
@@ -1361,8 +1344,7 @@ fn wal_streams_over_tls_and_the_servers_certificate_is_verified() {
     );
     let last = write_some(&fx, 4, Some(1));
     assert_archived(&fx, last, &log);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     fx.pg.psql(
         "postgres",
         &format!("select pg_drop_replication_slot('{slot}')"),
@@ -1440,8 +1422,7 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
     batch(2);
     let last = lsn(&fx.pg.psql("postgres", "select pg_current_wal_lsn()"));
     assert_archived(&fx, last, &log);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(&mut child);
     fx.pg.psql(
         "postgres",
         &format!("select pg_drop_replication_slot('{slot}')"),
@@ -1551,4 +1532,89 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
         r.stderr
     );
     assert!(!dest.exists());
+}
+
+#[test]
+fn object_lock_keeps_whole_wal_segments_and_leaves_partials_deletable() {
+    let fx = setup("phys_wal_lock");
+    let s3 = s3();
+    let bucket = format!("lbwallock-{}", suffix());
+    rt().block_on(async {
+        s3.client()
+            .await
+            .create_bucket()
+            .bucket(&bucket)
+            .object_lock_enabled_for_bucket(true)
+            .send()
+            .await
+            .expect("bucket with object lock")
+    });
+    let env = s3.env();
+    let slot = format!("lb_{}", suffix());
+    let pw = fx.pg.password_file(fx.dir.path());
+    let policy = PolicyBuilder::new(&fx.key.recipient)
+        .repository(&format!(
+            "url = \"s3://{bucket}/repo\"\nendpoint = \"{}\"\nobject_lock = {{ mode = \"governance\", days = 1 }}",
+            s3.endpoint
+        ))
+        .source(
+            "cluster",
+            "postgres-physical",
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+                fx.pg.url(&fx.db),
+                pw.display()
+            ),
+        )
+        .write(fx.dir.path());
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer_with(&fx, &policy, &slot, &log, &env);
+    let last = write_some(&fx, 6, Some(2));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let keys = loop {
+        let keys = rt().block_on(s3.keys(&bucket, "repo/wal/cluster/"));
+        if archived_end_of_names(&keys) >= last {
+            break keys;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never archived: {keys:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    stop(&mut child);
+    let lock_of = |key: &str| {
+        rt().block_on(async {
+            s3.client()
+                .await
+                .head_object()
+                .bucket(&bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap()
+                .object_lock_mode()
+                .map(|m| m.as_str().to_string())
+        })
+    };
+    let whole = keys
+        .iter()
+        .find(|k| !k.contains(".partial."))
+        .expect("a whole segment");
+    assert_eq!(lock_of(whole).as_deref(), Some("GOVERNANCE"), "{whole}");
+    let partial = keys
+        .iter()
+        .find(|k| k.contains(".partial."))
+        .expect("the growing segment");
+    assert_eq!(lock_of(partial), None, "{partial}");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !logged.contains("Could not delete a superseded partial"),
+        "superseded partials are deleted: {logged}"
+    );
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
 }

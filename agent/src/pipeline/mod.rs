@@ -433,6 +433,43 @@ pub async fn decrypt_stream(
 }
 
 /// Reads an age identity file (the output of `lifeboat keygen` or `age-keygen`).
+/// Where [`copy_hashed`] failed.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading: for a decrypted stream, damage (age's authentication failed) or a cut.
+    Read(io::Error),
+    /// Writing the destination.
+    Write(io::Error),
+}
+
+/// Copies `from` into `to` to its end, calling `each` with every chunk's length; returns the
+/// bytes copied and their SHA-256 (hex).
+pub async fn copy_hashed<R, W>(
+    from: &mut R,
+    to: &mut W,
+    mut each: impl FnMut(u64),
+) -> Result<(u64, String), CopyError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut hasher = Sha256::new();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; READ_BUFFER];
+    loop {
+        let got = from.read(&mut buf).await.map_err(CopyError::Read)?;
+        if got == 0 {
+            break;
+        }
+        hasher.update(&buf[..got]);
+        n += got as u64;
+        each(got as u64);
+        to.write_all(&buf[..got]).await.map_err(CopyError::Write)?;
+    }
+    to.flush().await.map_err(CopyError::Write)?;
+    Ok((n, hex::encode(hasher.finalize())))
+}
+
 pub fn read_identities(
     path: &std::path::Path,
 ) -> Result<Vec<Box<dyn age::Identity + Send + Sync>>, Error> {

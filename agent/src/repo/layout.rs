@@ -140,6 +140,13 @@ pub fn wal_history(source: &str, timeline: u32) -> String {
     format!("wal/{source}/{timeline:08X}/{timeline:08X}.history.zst.age")
 }
 
+/// Whether `key` is kept by the repository's Object Lock: what a restore reads (backups, whole
+/// WAL segments, history files). Leases, claims, probes and the partial WAL objects that the
+/// next upload supersedes stay deletable.
+pub fn locked_by_retention(key: &str) -> bool {
+    key.starts_with("backups/") || (key.starts_with("wal/") && !key.contains(".partial."))
+}
+
 /// The time encoded in a backup id, if it is one.
 pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
     let stamp = id.split('-').next()?;
@@ -180,6 +187,17 @@ mod tests {
         let b = new_backup_id(Utc.with_ymd_and_hms(2026, 11, 27, 3, 15, 1).unwrap());
         assert!(a.starts_with("20261127T031500Z-") && a.len() == 23, "{a}");
         assert!(a < b);
+    }
+
+    #[test]
+    fn object_lock_keeps_what_restores_read() {
+        let seg = "000000010000000000000004";
+        let sha = "a".repeat(64);
+        assert!(locked_by_retention(&manifest("db", "x")));
+        assert!(locked_by_retention(&wal_segment("c", 1, seg, &sha)));
+        assert!(locked_by_retention(&wal_history("c", 2)));
+        assert!(!locked_by_retention(&wal_partial("c", 1, seg, 4096, &sha)));
+        assert!(!locked_by_retention(&slot("c", Utc::now())));
     }
 
     #[test]

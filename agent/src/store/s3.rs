@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use super::{ObjectInfo, ObjectReader, ObjectStore, PendingUpload, StoreError, Upload};
 use crate::error::Error;
 use crate::policy::{ChecksumMode, LockMode, S3Config};
+use crate::repo::layout;
 
 /// A repository in an S3 bucket under a prefix.
 #[derive(Debug, Clone)]
@@ -139,11 +140,12 @@ impl S3Store {
             .then(|| aws_smithy_types::base64::encode(Sha256::digest(data)))
     }
 
-    /// The retention to set on `key`: backup objects only. Leases, claims and probes must stay
-    /// deletable.
+    /// The retention to set on `key`: what restores read (see
+    /// [`layout::locked_by_retention`]); leases, claims, probes and superseded partial WAL
+    /// objects must stay deletable.
     fn lock_for(&self, key: &str) -> Option<(ObjectLockMode, aws_smithy_types::DateTime)> {
         let (mode, days) = self.object_lock?;
-        if !key.starts_with("backups/") {
+        if !layout::locked_by_retention(key) {
             return None;
         }
         let until = chrono::Utc::now() + chrono::Duration::days(i64::from(days));

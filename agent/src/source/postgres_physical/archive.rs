@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use super::{BaseBackupInfo, Lsn};
 use crate::collect::{Collection, CollectionPlan};
 use crate::error::{Error, Result};
+use crate::pipeline::CopyError;
 use crate::repo::{layout, Repository};
 
 /// One stored WAL object, from its key.
@@ -320,8 +321,6 @@ async fn rehash(
     w: &WalObject,
     identities: &[Box<dyn age::Identity + Send + Sync>],
 ) -> Option<String> {
-    use sha2::Digest;
-    use tokio::io::AsyncReadExt;
     let stored = match repo.store.open(&w.key).await {
         Ok(r) => r,
         Err(e) => return Some(format!("cannot read it: {e}")),
@@ -330,20 +329,11 @@ async fn rehash(
         Ok(p) => p,
         Err(e) => return Some(e.message),
     };
-    let mut h = sha2::Sha256::new();
-    let mut n = 0u64;
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        match plain.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(k) => {
-                h.update(&buf[..k]);
-                n += k as u64;
-            }
-            Err(e) => return Some(format!("damaged: {e}")),
-        }
-    }
-    let got = hex::encode(h.finalize());
+    let copied = crate::pipeline::copy_hashed(&mut plain, &mut tokio::io::sink(), |_| {}).await;
+    let (n, got) = match copied {
+        Ok(v) => v,
+        Err(CopyError::Read(e) | CopyError::Write(e)) => return Some(format!("damaged: {e}")),
+    };
     if got != w.sha256 || w.partial.is_some_and(|len| len != n) {
         return Some(format!(
             "plaintext SHA-256 {got} ({n} bytes), its name says {}",

@@ -11,11 +11,11 @@
 
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::archive::{parse_key, segment_number, WalObject};
 use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::CopyError;
 use crate::repo::{layout, Repository};
 
 /// What a fetch wrote.
@@ -148,23 +148,13 @@ async fn write_checked(
             .map_err(|e| Error::failed(format!("{}: {e}", tmp.path().display())))?,
     );
     let io = |e: std::io::Error| Error::failed(format!("writing {}: {e}", dest.display()));
-    let mut h = Sha256::new();
-    let mut n = 0u64;
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let k = plain
-            .read(&mut buf)
-            .await
-            .map_err(|e| damaged(format!("damaged: {e}")))?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-        out.write_all(&buf[..k]).await.map_err(io)?;
-    }
+    let (n, got) = crate::pipeline::copy_hashed(&mut plain, &mut out, |_| {})
+        .await
+        .map_err(|e| match e {
+            CopyError::Read(e) => damaged(format!("damaged: {e}")),
+            CopyError::Write(e) => io(e),
+        })?;
     if let Some((sha, len)) = expect {
-        let got = hex::encode(h.finalize());
         if got != sha || n != len {
             return Err(damaged(format!(
                 "plaintext SHA-256 {got} ({n} bytes), its name says {sha} ({len} bytes)"
