@@ -644,6 +644,20 @@ impl S3 {
         .await
     }
 
+    /// Creates a bucket with a unique name and Object Lock enabled.
+    pub async fn create_locked_bucket(&self) -> String {
+        let name = format!("lblock-{}", suffix());
+        self.client()
+            .await
+            .create_bucket()
+            .bucket(&name)
+            .object_lock_enabled_for_bucket(true)
+            .send()
+            .await
+            .expect("bucket with object lock");
+        name
+    }
+
     /// Creates a bucket with a unique name.
     pub async fn create_bucket(&self) -> String {
         let name = format!("lb-{}", suffix());

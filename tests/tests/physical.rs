@@ -61,6 +61,18 @@ impl Fx {
         (slot, policy)
     }
 
+    /// `lifeboat check --read-data` with the identity: every stored byte re-hashed.
+    fn check_read_data(&self, policy: &Path) -> Run {
+        self.run(&[
+            "check",
+            "--read-data",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--identity",
+            self.key.identity.to_str().unwrap(),
+        ])
+    }
+
     fn run(&self, args: &[&str]) -> Run {
         lifeboat(self.dir.path(), args, &[])
     }
@@ -714,14 +726,7 @@ fn a_streamer_killed_9_resumes_from_its_slot_and_the_chain_stays_whole() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     stop(&mut child);
-    let r = fx.run(&[
-        "check",
-        "--read-data",
-        "--policy",
-        p,
-        "--identity",
-        fx.key.identity.to_str().unwrap(),
-    ]);
+    let r = fx.check_read_data(Path::new(p));
     assert_eq!(r.code, 0, "the chain is whole after the kill: {}", r.stderr);
     fx.pg.psql(
         "postgres",
@@ -986,14 +991,7 @@ fn assert_both_timelines_whole(fx: &Fx, policy: &Path) {
     );
     let on = |tli: &str| keys.iter().filter(|k| k.starts_with(tli)).count();
     assert!(on("00000001") > 0 && on("00000002") > 1, "{keys:?}");
-    let r = fx.run(&[
-        "check",
-        "--read-data",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--identity",
-        fx.key.identity.to_str().unwrap(),
-    ]);
+    let r = fx.check_read_data(policy);
     assert_eq!(
         r.code, 0,
         "the chain across the switch is whole: {}",
@@ -1101,14 +1099,7 @@ fn a_server_crash_while_streaming_loses_nothing() {
     stop(&mut child);
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(logged.contains("reconnecting"), "{logged}");
-    let r = fx.run(&[
-        "check",
-        "--read-data",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--identity",
-        fx.key.identity.to_str().unwrap(),
-    ]);
+    let r = fx.check_read_data(&policy);
     assert_eq!(
         r.code, 0,
         "the chain is whole after the crash: {}",
@@ -1538,17 +1529,7 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
 fn object_lock_keeps_whole_wal_segments_and_leaves_partials_deletable() {
     let fx = setup("phys_wal_lock");
     let s3 = s3();
-    let bucket = format!("lbwallock-{}", suffix());
-    rt().block_on(async {
-        s3.client()
-            .await
-            .create_bucket()
-            .bucket(&bucket)
-            .object_lock_enabled_for_bucket(true)
-            .send()
-            .await
-            .expect("bucket with object lock")
-    });
+    let bucket = rt().block_on(s3.create_locked_bucket());
     let env = s3.env();
     let slot = format!("lb_{}", suffix());
     let pw = fx.pg.password_file(fx.dir.path());

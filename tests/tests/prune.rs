@@ -287,17 +287,7 @@ fn object_locked_backups_are_kept_and_cannot_be_deleted_without_bypass() {
         .enable_all()
         .build()
         .unwrap();
-    let bucket = format!("lblock-{}", suffix());
-    rt.block_on(async {
-        s3.client()
-            .await
-            .create_bucket()
-            .bucket(&bucket)
-            .object_lock_enabled_for_bucket(true)
-            .send()
-            .await
-            .expect("bucket with object lock")
-    });
+    let bucket = rt.block_on(s3.create_locked_bucket());
     let db = pg.create_db("prlock");
     pg.psql(
         &db,
