@@ -1368,7 +1368,7 @@ fn wal_streams_over_tls_and_the_servers_certificate_is_verified() {
         r.stderr
     );
     assert!(
-        r.stderr.contains("TLS handshake failed") && r.stderr.contains("tls_ca_file"),
+        r.stderr.contains("TLS handshake") && r.stderr.contains("tls_ca_file"),
         "{}",
         r.stderr
     );
@@ -1593,6 +1593,32 @@ fn object_lock_keeps_whole_wal_segments_and_leaves_partials_deletable() {
     assert!(
         !logged.contains("Could not delete a superseded partial"),
         "superseded partials are deleted: {logged}"
+    );
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+}
+
+#[test]
+fn a_slot_made_by_hand_without_reserved_wal_is_made_to_reserve_it() {
+    let fx = setup("phys_wal_unreserved");
+    let (slot, policy) = fx.wal_policy();
+    // An operator's `pg_create_physical_replication_slot(name)`: no WAL reserved, not lost.
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_create_physical_replication_slot('{slot}')"),
+    );
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    let last = write_some(&fx, 3, Some(1));
+    assert_archived(&fx, last, &log);
+    stop(&mut child);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("reserves no WAL yet"), "{logged}");
+    assert!(
+        !logged.contains("invalidated"),
+        "not taken for a lost slot: {logged}"
     );
     fx.pg.psql(
         "postgres",

@@ -179,8 +179,34 @@ impl Streamer {
         format!("source {}: WAL slot {}", self.source, self.wal.slot)
     }
 
-    /// The slot's restart point, the slot created (reserving WAL now) when missing. A lost slot
-    /// is an error: the server removed WAL the archive never got.
+    /// Whether another process streams from the slot now (a replica of this agent): then this
+    /// one stands by, before it reads the repository or writes anything.
+    async fn slot_free(&self, pg: &Postgres) -> Result<()> {
+        let c = pg.connect().await?;
+        let active: Option<bool> = c
+            .client
+            .query_opt(
+                "select active from pg_replication_slots where slot_name = $1",
+                &[&self.wal.slot],
+            )
+            .await
+            .map_err(|e| pg.query_error("reading the replication slot", e))?
+            .map(|r| r.get(0));
+        if active == Some(true) {
+            return Err(Error::new(
+                ErrorKind::LockHeld,
+                format!(
+                    "{}: the slot is active (another process streams from it)",
+                    self.where_()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The slot's restart point, the slot created (reserving WAL now) when missing. A slot the
+    /// server invalidated is dropped and created again: the WAL it lost is a gap the start
+    /// point reports.
     async fn slot_start(&self, pg: &Postgres) -> Result<(Lsn, u64)> {
         let c = pg.connect().await?;
         let q = |what: &str, e: tokio_postgres::Error| pg.query_error(what, e);
@@ -200,13 +226,21 @@ impl Streamer {
             .query_opt(read, &[&self.wal.slot])
             .await
             .map_err(|e| q("reading the replication slot", e))?;
-        let lost = |r: &tokio_postgres::Row| {
-            r.get::<_, String>(1) == "lost" || r.get::<_, Option<String>>(0).is_none()
+        let status = |r: &tokio_postgres::Row| {
+            (
+                r.get::<_, String>(1) == "lost",
+                r.get::<_, Option<String>>(0).is_none(),
+            )
         };
-        if row.as_ref().is_some_and(lost) {
-            // An invalidated slot never streams again; the WAL it lost is a gap that the
-            // start point finds and reports. A new slot holds WAL from now on.
-            tracing::error!(source = %self.source, slot = %self.wal.slot, "The slot was invalidated (max_slot_wal_keep_size): the server removed WAL the archive does not hold; creating it again (RUNBOOK.md#wal-slot)");
+        if let Some((lost, _)) = row.as_ref().map(status).filter(|(l, u)| *l || *u) {
+            if lost {
+                // An invalidated slot never streams again; the WAL it lost is a gap that the
+                // start point finds and reports. A new slot holds WAL from now on.
+                tracing::error!(source = %self.source, slot = %self.wal.slot, "The slot was invalidated (max_slot_wal_keep_size): the server removed WAL the archive does not hold; creating it again (RUNBOOK.md#wal-slot)");
+            } else {
+                // Made by hand without reserving WAL: it holds nothing yet.
+                tracing::info!(source = %self.source, slot = %self.wal.slot, "The slot reserves no WAL yet; creating it again so that it does");
+            }
             c.client
                 .query_one("select pg_drop_replication_slot($1)", &[&self.wal.slot])
                 .await
@@ -270,6 +304,7 @@ impl Streamer {
     /// when it was read already.
     async fn open(&self, cancel: &CancellationToken) -> Result<(Live, Option<Event>)> {
         let pg = Postgres::new(self.cfg.connection.clone());
+        self.slot_free(&pg).await?;
         let mut r = self.connect(&pg).await?;
         let system = r.identify_system().await?;
         // Before the slot: another cluster must not be left holding WAL for nobody.
@@ -340,12 +375,17 @@ impl Streamer {
                 self.where_()
             ))
         })?;
-        self.store_small(
-            &layout::wal_history(&self.source, timeline),
-            content,
-            cancel,
-        )
-        .await?;
+        // A timeline's history never changes: stored once.
+        let key = layout::wal_history(&self.source, timeline);
+        let stored = self
+            .repo
+            .store
+            .size(&key)
+            .await
+            .map_err(|e| Error::from(e).context(format!("looking for {key}")))?;
+        if stored.is_none() {
+            self.store_small(&key, content, cancel).await?;
+        }
         Ok(parsed)
     }
 
