@@ -674,8 +674,9 @@ async fn watch_wal(
     while progress.changed().await.is_ok() {
         let p = *progress.borrow_and_update();
         if p.gaps > seen_gaps {
+            // The watch keeps only the latest value: count every gap found since the last look.
+            agent.telemetry.wal_gaps(&name, p.gaps - seen_gaps);
             seen_gaps = p.gaps;
-            agent.telemetry.wal_gap(&name);
             if let Some((from, to)) = p.last_gap {
                 agent.notifier.wal_gap(
                     &name,

@@ -355,10 +355,12 @@ impl Telemetry {
         tracing::debug!(source, archived, lag, "WAL archive progress");
     }
 
-    /// A gap in a physical source's WAL archive: WAL from `from` to `to` the server removed
-    /// before it was stored. The streamer logged it; this counts it.
-    pub fn wal_gap(&self, source: &str) {
-        self.wal_gaps.get_or_create(&sl(source)).inc();
+    /// `n` gaps in a physical source's WAL archive: WAL the server removed before it was
+    /// stored. The streamer logged each; this counts them.
+    pub fn wal_gaps(&self, source: &str, n: u32) {
+        self.wal_gaps
+            .get_or_create(&sl(source))
+            .inc_by(u64::from(n));
     }
 
     /// Whether an objective is breached; logs when it changes, and returns true then.

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use tokio::io::AsyncWriteExt;
 
-use super::archive::{parse_key, segment_number, WalObject};
+use super::archive::{parse_key, WalObject};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::CopyError;
 use crate::repo::{layout, Repository};
@@ -81,7 +81,7 @@ pub async fn fetch(
             write_checked(repo, &key, dest, None, 0, identities).await
         }
         Some(Wanted::Segment { timeline, name }) => {
-            let w = find_segment(repo, source, timeline, name, segment_size)
+            let w = find_segment(repo, source, timeline, name)
                 .await?
                 .ok_or_else(|| not_found(source, file))?;
             let expect = (w.sha256.as_str(), w.partial.unwrap_or(segment_size));
@@ -99,7 +99,6 @@ async fn find_segment(
     source: &str,
     timeline: u32,
     name: &str,
-    segment_size: u64,
 ) -> Result<Option<WalObject>> {
     let prefix = format!("{}{timeline:08X}/{name}.", layout::wal_prefix(source));
     let listed = repo
@@ -110,7 +109,6 @@ async fn find_segment(
     let best = listed
         .iter()
         .filter_map(|o| parse_key(source, &o.key, o.size))
-        .filter(|w| segment_number(&w.segment, segment_size).is_some())
         .max_by_key(|w| w.partial.map_or(u64::MAX, |len| len));
     Ok(best)
 }
