@@ -339,8 +339,9 @@ fn serve(
         }
         assert!(
             Instant::now() < deadline,
-            "postgres never accepted queries: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "postgres never accepted queries: {}\nits log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
