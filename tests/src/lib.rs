@@ -41,12 +41,27 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, below the kernel's ephemeral range.
+///
+/// A port from `bind(0)` is one the kernel hands out again: to the next `bind(0)` of any test
+/// in the suite and to every outgoing connection's local end. A server started on it moments later
+/// could find it taken and exit, while whatever took it answered the harness's readiness probe. A
+/// random port below the ephemeral range is only ever taken by another such pick.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on 127.0.0.1")
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10000u16, ephemeral_low.max(10001));
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(low..high);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {low}..{high}")
 }
 
 /// A random lowercase suffix.
