@@ -57,6 +57,8 @@ pub enum Cause {
     NoSpace,
     /// The operation needs a database superuser (permission denied, must be owner…).
     NeedsSuperuser,
+    /// The WAL file asked for is not in the archive: recovery's end of the archive.
+    NotArchived,
 }
 
 /// An error as an operator sees it: what failed, on what, and what to do next.

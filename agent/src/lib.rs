@@ -22,7 +22,7 @@ pub mod store;
 pub mod tls;
 pub mod verify;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Cause, Error, ErrorKind, Result};
 
 /// `n` bytes for people: `512 B`, `1.5 MiB`, `20.0 GiB`.
 pub fn human_bytes(n: u64) -> String {

@@ -314,6 +314,8 @@ pub struct Options {
     pub delete_extra: bool,
     /// Where downloaded objects (and a parallel restore's plaintext) are spooled.
     pub spool_dir: std::path::PathBuf,
+    /// Physical PostgreSQL: recover to a point in time from the WAL archive.
+    pub recovery: Option<crate::source::postgres_physical::pitr::Recovery>,
 }
 
 /// Why a restore must be confirmed: the target holds data. Without confirmation, `error` (exit 14).
@@ -438,7 +440,18 @@ impl Plan {
 
 /// Plans the restore of `request.entry` with its kind's code.
 pub async fn plan(request: &Request<'_>) -> Result<Plan> {
-    request.entry.manifest.kind.plan_restore(request).await
+    let kind = request.entry.manifest.kind;
+    if request.options.recovery.is_some() && kind != crate::source::Kind::PostgresPhysical {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "--time, --lsn, --latest and --timeline recover a physical PostgreSQL source from its WAL archive; {} is a {kind} source",
+                request.entry.manifest.source
+            ),
+        )
+        .hint("restore one of its backups by --backup ID or --before TIME instead"));
+    }
+    kind.plan_restore(request).await
 }
 
 /// `verified`, `LAST VERIFICATION FAILED` or `never verified`.

@@ -311,6 +311,19 @@ fn serve(
     ca_file: PathBuf,
     extra: Vec<String>,
 ) -> Postgres {
+    try_serve(dir, data, bin, password, ca_file, extra).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts a server and waits until it accepts queries; `Err` with its log when it never does
+/// or shuts down first (a failed recovery).
+fn try_serve(
+    dir: PathBuf,
+    data: &Path,
+    bin: PathBuf,
+    password: String,
+    ca_file: PathBuf,
+    extra: Vec<String>,
+) -> Result<Postgres, String> {
     let root = is_root();
     give_to_postgres(root, &dir);
     let port = free_port();
@@ -350,17 +363,17 @@ fn serve(
     loop {
         let out = pg.psql_raw("postgres", "select 1");
         if out.status.success() {
-            break;
+            return Ok(pg);
         }
-        assert!(
-            Instant::now() < deadline,
-            "postgres never accepted queries: {}\nits log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        if Instant::now() > deadline || logged.contains("database system is shut down") {
+            return Err(format!(
+                "postgres never accepted queries: {}\nits log:\n{logged}",
+                String::from_utf8_lossy(&out.stderr),
+            ));
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    pg
 }
 
 /// Makes `dir` the OS user `postgres`'s when this process is root (the server runs as it).
@@ -401,7 +414,14 @@ impl Postgres {
     /// base backup wrote it); the copy keeps this cluster's roles and password. `dir` goes when
     /// this process exits.
     pub fn start_restored(&self, dir: &Path) -> Postgres {
-        serve(
+        self.try_start_restored(dir)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Postgres::start_restored`], or the server's log when it never accepts queries (its
+    /// recovery failed).
+    pub fn try_start_restored(&self, dir: &Path) -> Result<Postgres, String> {
+        try_serve(
             dir.to_path_buf(),
             &dir.join("data"),
             self.bin.clone(),
@@ -471,7 +491,8 @@ impl Postgres {
         )
     }
 
-    fn psql_raw(&self, db: &str, sql: &str) -> std::process::Output {
+    /// `psql` as the superuser, its output whatever it is (the caller judges it).
+    pub fn psql_raw(&self, db: &str, sql: &str) -> std::process::Output {
         Command::new(self.bin.join("psql"))
             .args([
                 "-X",

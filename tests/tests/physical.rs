@@ -86,6 +86,56 @@ impl Fx {
         list[0]["id"].as_str().unwrap().to_string()
     }
 
+    /// A policy streaming WAL through a new slot into a repository at an absolute path (the
+    /// restored server runs restore_command in its data directory): slot, policy, repository.
+    fn recovery_policy(&self) -> (String, PathBuf, PathBuf) {
+        let slot = format!("lb_{}", suffix());
+        let repo = self.dir.path().join("repo");
+        let pw = self.pg.password_file(self.dir.path());
+        let policy = PolicyBuilder::new(&self.key.recipient)
+            .repository(&format!("url = \"file://{}\"", repo.display()))
+            .source(
+                "cluster",
+                "postgres-physical",
+                &format!(
+                    "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+                    self.pg.url(&self.db),
+                    pw.display()
+                ),
+            )
+            .write(self.dir.path());
+        (slot, policy, repo)
+    }
+
+    /// Starts a server on the cluster restored into `restored/data`, set to recover from the
+    /// archive, and waits until recovery has ended. The server's OS user runs restore_command:
+    /// it reads the policy, the key and the repository.
+    fn recover(&self, restored: &Path, policy: &Path, repo: &Path) -> Postgres {
+        for (path, recursive) in [
+            (self.dir.path(), false),
+            (policy, false),
+            (self.key.identity.as_path(), false),
+            (repo, true),
+        ] {
+            let mut chmod = std::process::Command::new("chmod");
+            if recursive {
+                chmod.arg("-R");
+            }
+            assert!(chmod.arg("a+rX").arg(path).status().unwrap().success());
+        }
+        let copy = self.pg.start_restored(restored);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while copy.psql("postgres", "select pg_is_in_recovery()") != "f" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "recovery never finished:\n{}",
+                std::fs::read_to_string(restored.join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        copy
+    }
+
     fn backups(&self) -> Vec<PathBuf> {
         files_under(&self.dir.path().join("repo/backups"))
     }
@@ -600,7 +650,8 @@ fn wal_streams_into_the_repository_within_the_flush_interval_under_writes() {
     // list shows the window a point-in-time recovery could reach.
     let r = fx.run(&["list", "--policy", p]);
     assert!(
-        r.stdout.contains("cluster: recoverable from ") && r.stdout.contains("WAL stored"),
+        r.stdout.contains("cluster: recoverable (WAL stored")
+            && r.stdout.contains("the archive's end"),
         "{}",
         r.stdout
     );
@@ -1381,22 +1432,7 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
         &fx.db,
         "create table stamped (id serial primary key, batch int not null, at timestamptz not null default clock_timestamp())",
     );
-    let slot = format!("lb_{}", suffix());
-    let repo = fx.dir.path().join("repo");
-    let pw = fx.pg.password_file(fx.dir.path());
-    // An absolute repository: the server runs restore_command in its data directory.
-    let policy = PolicyBuilder::new(&fx.key.recipient)
-        .repository(&format!("url = \"file://{}\"", repo.display()))
-        .source(
-            "cluster",
-            "postgres-physical",
-            &format!(
-                "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
-                fx.pg.url(&fx.db),
-                pw.display()
-            ),
-        )
-        .write(fx.dir.path());
+    let (slot, policy, repo) = fx.recovery_policy();
     let log = fx.dir.path().join("stream.log");
     let mut child = start_streamer(&fx, &policy, &slot, &log);
     fx.backup(&policy);
@@ -1447,29 +1483,7 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
     )
     .unwrap();
     std::fs::write(data.join("recovery.signal"), "").unwrap();
-    // The server's OS user runs restore_command: it reads the policy, the key and the repository.
-    for (path, recursive) in [
-        (fx.dir.path(), false),
-        (policy.as_path(), false),
-        (fx.key.identity.as_path(), false),
-        (repo.as_path(), true),
-    ] {
-        let mut chmod = std::process::Command::new("chmod");
-        if recursive {
-            chmod.arg("-R");
-        }
-        assert!(chmod.arg("a+rX").arg(path).status().unwrap().success());
-    }
-    let copy = fx.pg.start_restored(&restored);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while copy.psql("postgres", "select pg_is_in_recovery()") != "f" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "recovery never finished:\n{}",
-            std::fs::read_to_string(restored.join("log")).unwrap_or_default()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let copy = fx.recover(&restored, &policy, &repo);
     assert_eq!(
         copy.psql(
             &fx.db,
@@ -1512,7 +1526,9 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
     bytes[mid] ^= 0x01;
     std::fs::write(&whole, bytes).unwrap();
     let r = fetch(&name, &dest);
-    assert_eq!(r.code, 13, "a flipped byte: {}", r.stderr);
+    // Not 1, which recovery would read as the archive's end, opening a cluster short of its
+    // target: above 125 PostgreSQL stops recovery.
+    assert_eq!(r.code, 126, "a flipped byte: {}", r.stderr);
     assert!(r.stderr.contains(&name), "names the object: {}", r.stderr);
     assert!(!dest.exists(), "nothing written for recovery to read");
     let r = fetch("0000000100000009000000FF", &dest);
@@ -1629,4 +1645,171 @@ fn a_slot_made_by_hand_without_reserved_wal_is_made_to_reserve_it() {
         "postgres",
         &format!("select pg_drop_replication_slot('{slot}')"),
     );
+}
+
+/// `lifeboat restore --to DIR` with `args` (a target), as the fixture's key holder.
+fn restore_to(fx: &Fx, policy: &Path, dir: &Path, args: &[&str]) -> Run {
+    let mut all = vec![
+        "restore",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--source",
+        "cluster",
+        "--to",
+        dir.to_str().unwrap(),
+        "--identity",
+        fx.key.identity.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    fx.run(&all)
+}
+
+#[test]
+fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target() {
+    let fx = setup("phys_pitr_targets");
+    fx.pg.psql(
+        &fx.db,
+        "create table stamped (id serial primary key, batch int not null, at timestamptz not null default clock_timestamp())",
+    );
+    let (slot, policy, repo) = fx.recovery_policy();
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    let now = || fx.pg.psql("postgres", "select clock_timestamp()::text");
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(1200));
+    let batch = |n: u32| {
+        fx.pg.psql(
+            &fx.db,
+            &format!("insert into stamped (batch) select {n} from generate_series(1, 100)"),
+        );
+    };
+    let before_any = now();
+    pause();
+    let first = fx.backup(&policy);
+    batch(1);
+    pause();
+    let t1 = now();
+    pause();
+    batch(2);
+    let second = fx.backup(&policy);
+    batch(3);
+    let after_3 = fx.pg.psql("postgres", "select pg_current_wal_lsn()::text");
+    pause();
+    let t2 = now();
+    pause();
+    batch(4);
+    let last = lsn(&fx.pg.psql("postgres", "select pg_current_wal_lsn()"));
+    assert_archived(&fx, last, &log);
+    stop(&mut child);
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+
+    // The plan first: the base backup chosen, the replay and the window; nothing written.
+    let planned = fx.dir.path().join("planned");
+    let r = restore_to(&fx, &policy, &planned, &["--time", &t1, "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains(&first), "{}", r.stderr);
+    assert!(r.stderr.contains("recovery_target_time"), "{}", r.stderr);
+    assert!(r.stderr.contains("window"), "{}", r.stderr);
+    assert!(!planned.exists());
+
+    let rows = |copy: &Postgres| {
+        copy.psql(
+            &fx.db,
+            "select string_agg(batch || ':' || n, ' ' order by batch) from (select batch, count(*) n from stamped group by batch) b",
+        )
+    };
+    let cases: [(&str, Vec<&str>, &str, &str); 4] = [
+        ("t1", vec!["--time", &t1], &first, "1:100"),
+        ("t2", vec!["--time", &t2], &second, "1:100 2:100 3:100"),
+        ("lsn", vec!["--lsn", &after_3], &second, "1:100 2:100 3:100"),
+        (
+            "latest",
+            vec!["--latest"],
+            &second,
+            "1:100 2:100 3:100 4:100",
+        ),
+    ];
+    for (name, args, base, expected) in cases {
+        let restored = fx.dir.path().join(format!("restored-{name}"));
+        let mut args = args.clone();
+        args.push("--json");
+        let r = restore_to(&fx, &policy, &restored.join("data"), &args);
+        assert_eq!(r.code, 0, "{name}: {}", r.stderr);
+        let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(doc["backup"]["id"], *base, "{name}: {doc:#}");
+        assert!(restored.join("data/recovery.signal").exists(), "{name}");
+        let copy = fx.recover(&restored, &policy, &repo);
+        assert_eq!(
+            rows(&copy),
+            expected,
+            "{name}: exactly what was committed by the target:\n{}",
+            std::fs::read_to_string(restored.join("log")).unwrap_or_default()
+        );
+    }
+
+    // Targets outside the window are refused before anything is written, naming the window.
+    for (args, why) in [
+        (vec!["--time", before_any.as_str()], "before"),
+        (vec!["--lsn", "FF/0"], "not archived"),
+    ] {
+        let dir = fx.dir.path().join("refused");
+        let r = restore_to(&fx, &policy, &dir, &args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(why), "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("recoverable window"), "{}", r.stderr);
+        assert!(!dir.exists(), "nothing written");
+    }
+
+    // A damaged object on the way stops recovery: the cluster never opens short of its target.
+    let mut objects: Vec<PathBuf> = files_under(&repo.join("wal/cluster"))
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().contains(".history"))
+        .collect();
+    objects.sort_by_key(|p| p.file_name().unwrap().to_os_string());
+    let segment = objects
+        .last()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()[..24]
+        .to_string();
+    for object in objects
+        .iter()
+        .filter(|p| p.to_string_lossy().contains(&segment))
+    {
+        let mut bytes = std::fs::read(object).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        std::fs::write(object, bytes).unwrap();
+    }
+    let restored = fx.dir.path().join("restored-damaged");
+    let r = restore_to(&fx, &policy, &restored.join("data"), &["--latest"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // A hot standby accepts read-only queries from consistency on: wait for the end of recovery.
+    let log_file = restored.join("log");
+    let copy = fx.pg.try_start_restored(&restored).ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        if log.contains("database system is shut down") {
+            break log;
+        }
+        if let Some(copy) = &copy {
+            let open = copy.psql_raw("postgres", "select pg_is_in_recovery()");
+            assert!(
+                String::from_utf8_lossy(&open.stdout).trim() != "f",
+                "opened without the damaged segment {segment}: {}\n{log}",
+                rows(copy)
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovery neither stopped nor ended:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(log.contains(&segment), "the log names the segment: {log}");
+    assert!(log.contains("could not restore file"), "{log}");
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use lifeboat::policy::LogFormat;
-use lifeboat::{Error, ErrorKind};
+use lifeboat::{Cause, Error, ErrorKind};
 use tokio_util::sync::CancellationToken;
 
 /// Streamed, encrypted, verified backups of PostgreSQL (and soon Redis and object storage).
@@ -150,9 +150,24 @@ pub(crate) struct RestoreArgs {
     #[arg(long)]
     pub before: Option<String>,
     /// Target: a PostgreSQL URL (postgresql://user@host/db; password in PGPASSWORD), or for Redis
-    /// redis://[user@]host:port (password in REDISCLI_AUTH) or a directory to write dump.rdb into.
-    #[arg(long)]
+    /// redis://[user@]host:port (password in REDISCLI_AUTH) or a directory to write dump.rdb into;
+    /// for a physical source, the directory to restore the cluster's files into.
+    #[arg(long, visible_alias = "to-dir")]
     pub to: String,
+    /// Physical sources: recover to the last transaction committed at or before this time (RFC
+    /// 3339, or `YYYY-MM-DD HH:MM:SS` in UTC), from the newest base backup finished before it.
+    #[arg(long, group = "recovery_target")]
+    pub time: Option<String>,
+    /// Physical sources: recover to this WAL location (e.g. 0/5A000028).
+    #[arg(long, group = "recovery_target")]
+    pub lsn: Option<String>,
+    /// Physical sources: recover everything archived, from the newest base backup.
+    #[arg(long, group = "recovery_target")]
+    pub latest: bool,
+    /// Physical sources, with --time, --lsn or --latest: the timeline to recover along (default:
+    /// the newest, following every promotion in the archive).
+    #[arg(long, requires = "recovery_target")]
+    pub timeline: Option<u32>,
     /// Print the plan and stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -254,6 +269,12 @@ pub fn main() -> i32 {
         }
     }
     init_tracing(format);
+    let restore_command = matches!(
+        &cli.command,
+        Command::Wal {
+            command: WalCommand::Fetch { .. }
+        }
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -294,10 +315,19 @@ pub fn main() -> i32 {
         Ok(()) => 0,
         Err(e) => {
             report(&e);
-            e.kind.exit_code()
+            match e.cause {
+                // PostgreSQL reads exit 1 from restore_command as the end of the archive and
+                // ends recovery there; above 125 it stops recovery instead.
+                Some(Cause::NotArchived) => 1,
+                _ if restore_command => STOP_RECOVERY,
+                _ => e.kind.exit_code(),
+            }
         }
     }
 }
+
+/// `wal fetch`'s exit code for every failure but a file the archive does not hold.
+const STOP_RECOVERY: i32 = 126;
 
 fn report(e: &Error) {
     let label = match e.kind {

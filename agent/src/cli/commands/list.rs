@@ -85,7 +85,8 @@ pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Each physical source's recoverable window, below the table.
+/// Each physical source's recoverable windows (from a base backup's end to the archive's end or
+/// a gap), below the table.
 async fn print_windows(
     repo: &Repository,
     policy: &lifeboat::policy::Policy,
@@ -93,34 +94,38 @@ async fn print_windows(
     backups: &[lifeboat::repo::catalog::Entry],
     out: &mut impl Write,
 ) -> Result<()> {
-    use lifeboat::source::postgres_physical::archive;
+    use lifeboat::source::postgres_physical::{archive::Archive, pitr};
     for s in &policy.sources {
         if only.is_some_and(|o| o != s.name)
             || s.config.kind() != lifeboat::source::Kind::PostgresPhysical
         {
             continue;
         }
-        let Some(w) = archive::window(repo, &s.name, backups).await? else {
+        let Some(size) = backups
+            .iter()
+            .filter(|e| e.manifest.source == s.name)
+            .find_map(|e| e.manifest.base_backup.as_ref())
+            .map(|b| b.wal_segment_size)
+        else {
             continue;
         };
-        let lag = w
-            .stored_at
-            .map(|t| format!(", WAL stored {} ago", super::ago(t)))
+        let archive = Archive::read(repo, &s.name, size).await?;
+        let windows = pitr::windows(backups, &s.name, &archive);
+        let lag = archive
+            .newest
+            .map(|t| format!(" (WAL stored {} ago)", super::ago(t)))
             .unwrap_or_default();
-        writeln!(
-            out,
-            "\n{}: recoverable from {} ({} UTC, backup {}) to {}{lag}{}",
-            s.name,
-            w.from_lsn,
-            w.from_time.format("%Y-%m-%d %H:%M:%S"),
-            w.oldest_backup,
-            w.to_lsn,
-            match w.gaps.len() {
-                0 => String::new(),
-                n => format!("; BROKEN by {n} gap(s) in the WAL: run `lifeboat check`"),
-            }
-        )
-        .map_err(print_error)?;
+        writeln!(out, "\n{}: recoverable{lag}", s.name).map_err(print_error)?;
+        for w in &windows {
+            writeln!(out, "  {w}").map_err(print_error)?;
+        }
+        if windows.iter().any(|w| w.gap_after) {
+            writeln!(
+                out,
+                "  a gap in the WAL archive breaks the history: run `lifeboat check`"
+            )
+            .map_err(print_error)?;
+        }
     }
     Ok(())
 }

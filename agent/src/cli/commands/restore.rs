@@ -5,6 +5,7 @@
 use lifeboat::human_bytes;
 use lifeboat::repo::Repository;
 use lifeboat::restore::{self as r, Plan};
+use lifeboat::source::postgres_physical::pitr;
 use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
@@ -14,12 +15,33 @@ use super::{ago, load};
 /// Plans, confirms, applies.
 pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
     let policy = load(&a.policy)?;
-    let before = a.before.as_deref().map(parse_time).transpose()?;
+    let before = a
+        .before
+        .as_deref()
+        .map(|s| parse_time("--before", s))
+        .transpose()?;
     if a.jobs == 0 {
         return Err(Error::new(ErrorKind::Invalid, "--jobs must be at least 1"));
     }
+    let target = recovery_target(&a)?;
     let repo = Repository::open(&policy).await?;
-    let entry = repo.find(&a.source, &a.backup, before).await?;
+    let entry = match &target {
+        Some(t) if a.backup == "latest" && before.is_none() => {
+            let listing = repo.list(Some(&a.source)).await?;
+            pitr::choose(&repo, &listing.backups, &a.source, t)
+                .await?
+                .clone()
+        }
+        _ => repo.find(&a.source, &a.backup, before).await?,
+    };
+    let recovery = match target {
+        Some(target) => Some(pitr::Recovery {
+            target,
+            timeline: a.timeline,
+            restore_command: wal_fetch_command(&a, &policy)?,
+        }),
+        None => None,
+    };
     let options = r::Options {
         jobs: a.jobs,
         with_globals: a.with_globals,
@@ -27,6 +49,7 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         flush: a.flush,
         delete_extra: a.delete_extra,
         spool_dir: a.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+        recovery,
     };
     let request = r::Request {
         policy: &policy,
@@ -107,18 +130,79 @@ fn show_plan(a: &RestoreArgs, m: &lifeboat::repo::manifest::Manifest, plan: &Pla
     a.dry_run
 }
 
-fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+/// `--time`, `--lsn` or `--latest`, read.
+fn recovery_target(a: &RestoreArgs) -> Result<Option<pitr::Target>> {
+    if let Some(t) = &a.time {
+        return Ok(Some(pitr::Target::Time(parse_time("--time", t)?)));
+    }
+    if let Some(l) = &a.lsn {
+        let lsn = l
+            .parse()
+            .map_err(|why: String| Error::new(ErrorKind::Invalid, format!("--lsn: {why}")))?;
+        return Ok(Some(pitr::Target::Lsn(lsn)));
+    }
+    Ok(a.latest.then_some(pitr::Target::Latest))
+}
+
+/// The `restore_command` a restored cluster recovers with: this binary's `wal fetch`, with
+/// absolute paths (the server runs it in its data directory, as its own OS user).
+fn wal_fetch_command(a: &RestoreArgs, policy: &lifeboat::policy::Policy) -> Result<String> {
+    let absolute = |p: &std::path::Path, what: &str| {
+        std::fs::canonicalize(p).map_err(|e| Error::failed(format!("{what} {}: {e}", p.display())))
+    };
+    if let lifeboat::policy::Location::Fs { root } = &policy.repository.location {
+        if root.is_relative() {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "repository.url file://{} is relative, and the restored server runs its restore_command in its data directory, where it would find no archive",
+                    root.display()
+                ),
+            )
+            .hint("write the repository as an absolute path in the policy (file:///var/backups/lifeboat) and run the restore again (RUNBOOK.md#to-a-point-in-time)"));
+        }
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::failed(format!("cannot tell where this lifeboat binary is: {e}")))?;
+    let identity = super::identity_file(a.identity.as_deref(), policy)?;
+    let words = [
+        exe.display().to_string(),
+        "wal".into(),
+        "fetch".into(),
+        "--policy".into(),
+        absolute(&a.policy, "policy")?.display().to_string(),
+        "--source".into(),
+        a.source.clone(),
+        "--identity".into(),
+        absolute(&identity, "identity")?.display().to_string(),
+    ];
+    let mut command: Vec<String> = words.iter().map(|w| pitr::shell_word(w)).collect();
+    command.extend(["%f".into(), "%p".into()]);
+    Ok(command.join(" "))
+}
+
+fn parse_time(flag: &str, s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&chrono::Utc));
     }
-    for f in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"] {
+    // As PostgreSQL prints it (`select now()`): fractions, and an offset of hours only.
+    for f in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+        if let Ok(t) = chrono::DateTime::parse_from_str(s, f) {
+            return Ok(t.with_timezone(&chrono::Utc));
+        }
+    }
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+    ] {
         if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, f) {
             return Ok(t.and_utc());
         }
     }
     Err(Error::new(
         ErrorKind::Invalid,
-        format!("--before `{s}` is not a time; write 2026-11-27T03:00:00Z or \"2026-11-27 03:00:00\" (UTC)"),
+        format!("{flag} `{s}` is not a time; write 2026-11-27T03:00:00Z, \"2026-11-27 03:00:00\" (UTC) or \"2026-11-27 03:00:00.25+02\""),
     ))
 }
 
@@ -191,5 +275,28 @@ impl Drop for CliProgress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_operators_and_postgresql_write_them() {
+        let utc = |s: &str| parse_time("--time", s).unwrap().to_rfc3339();
+        assert_eq!(utc("2026-11-27T03:00:00Z"), "2026-11-27T03:00:00+00:00");
+        assert_eq!(utc("2026-11-27 03:00:00"), "2026-11-27T03:00:00+00:00");
+        assert_eq!(utc("2026-11-27 03:00"), "2026-11-27T03:00:00+00:00");
+        assert_eq!(
+            utc("2026-11-27 05:00:00.345316+02"),
+            "2026-11-27T03:00:00.345316+00:00"
+        );
+        assert_eq!(
+            utc("2026-11-27 03:00:00.5-01:30"),
+            "2026-11-27T04:30:00.500+00:00"
+        );
+        let e = parse_time("--time", "yesterday").unwrap_err();
+        assert!(e.message.starts_with("--time `yesterday`"), "{}", e.message);
     }
 }

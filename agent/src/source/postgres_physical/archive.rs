@@ -28,6 +28,8 @@ pub struct WalObject {
     pub partial: Option<u64>,
     /// SHA-256 of its plaintext, from its name.
     pub sha256: String,
+    /// When it was stored, when the store says.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Reads a WAL object's key: `wal/<source>/<TLI>/<SEG>.<sha>.zst.age` or
@@ -56,6 +58,7 @@ pub fn parse_key(source: &str, key: &str, size_stored: u64) -> Option<WalObject>
         segment: segment.to_string(),
         partial,
         sha256: sha.to_string(),
+        modified: None,
     })
 }
 
@@ -91,9 +94,10 @@ impl Archive {
             ..Archive::default()
         };
         for o in listed {
-            let Some(w) = parse_key(source, &o.key, o.size) else {
+            let Some(mut w) = parse_key(source, &o.key, o.size) else {
                 continue;
             };
+            w.modified = o.modified;
             let Some(n) = segment_number(&w.segment, segment_size) else {
                 continue;
             };
@@ -203,55 +207,6 @@ pub async fn plan_collection(
         doomed,
         format!("wal-collect-{source}"),
     ))
-}
-
-/// A physical source's recoverable window: from the oldest base backup's start to the end of
-/// the archived WAL.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Window {
-    /// The oldest base backup.
-    pub oldest_backup: String,
-    /// Where its replay starts.
-    pub from_lsn: Lsn,
-    /// When it started.
-    pub from_time: chrono::DateTime<chrono::Utc>,
-    /// The end of the archived WAL.
-    pub to_lsn: Lsn,
-    /// When the newest WAL object was stored.
-    pub stored_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// Gaps between the two: the window is broken at each.
-    pub gaps: Vec<(Lsn, Lsn)>,
-}
-
-/// The window of `source`, whose published backups are `backups`; `None` without a base
-/// backup or without archived WAL.
-pub async fn window(
-    repo: &Repository,
-    source: &str,
-    backups: &[crate::repo::catalog::Entry],
-) -> Result<Option<Window>> {
-    let Some(oldest) = backups
-        .iter()
-        .filter(|e| e.manifest.source == source)
-        .filter_map(|e| e.manifest.base_backup.as_ref().map(|b| (e, b)))
-        .min_by_key(|(_, b)| b.start_lsn)
-    else {
-        return Ok(None);
-    };
-    let (entry, base) = oldest;
-    let size = base.wal_segment_size;
-    let archive = Archive::read(repo, source, size).await?;
-    let Some(to_lsn) = archive.end(size) else {
-        return Ok(None);
-    };
-    Ok(Some(Window {
-        oldest_backup: entry.manifest.id.clone(),
-        from_lsn: base.start_lsn,
-        from_time: entry.manifest.started_at,
-        to_lsn,
-        stored_at: archive.newest,
-        gaps: archive.gaps(base.start_lsn, size),
-    }))
 }
 
 /// What `check` reads of a base backup's WAL: the chain from its start to the newest archived

@@ -6,15 +6,17 @@
 //! ends where the valid records end). Every byte is checked before PostgreSQL sees it: the
 //! plaintext is written to a temp file beside `DEST`, its SHA-256 and length compared with what
 //! the object's name records, and only then renamed into place. A file the archive does not have
-//! is "not found" (exit 1), which recovery takes as the end of the archive; a damaged one is an
-//! integrity error (exit 13) and `DEST` is never written.
+//! is "not found" (exit 1), which recovery takes as the end of the archive. Any other failure (a
+//! damaged object, an unreachable repository, a wrong key) must stop recovery instead, never end
+//! it early on a cluster that would then open missing everything after: the CLI exits 126 for
+//! those, which PostgreSQL treats as fatal. `DEST` is never written by a failed fetch.
 
 use std::path::Path;
 
 use tokio::io::AsyncWriteExt;
 
 use super::archive::{parse_key, WalObject};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::pipeline::CopyError;
 use crate::repo::{layout, Repository};
 
@@ -53,7 +55,7 @@ fn wanted(file: &str) -> Option<Wanted<'_>> {
 }
 
 fn not_found(source: &str, file: &str) -> Error {
-    Error::failed(format!("{file}: not in {source}'s WAL archive"))
+    Error::failed(format!("{file}: not in {source}'s WAL archive")).cause(Cause::NotArchived)
 }
 
 /// Fetches `file` of `source`'s archive into `dest`, checked; `segment_size` is the cluster's.

@@ -14,6 +14,7 @@
 
 pub mod archive;
 pub mod fetch;
+pub mod pitr;
 pub mod policy;
 pub mod replication;
 pub mod restore;

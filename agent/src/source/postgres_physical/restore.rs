@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::pitr::{self, Recovery, Replay, Target};
 use super::BASE_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::manifest::{Manifest, Role};
@@ -58,11 +59,31 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
     if let Some(b) = &m.base_backup {
         details["base_backup"] = serde_json::to_value(b).unwrap_or_default();
     }
+    let replay = match (&o.recovery, &m.base_backup) {
+        (Some(recovery), Some(base)) => {
+            let listing = req.repo.list(Some(&m.source)).await?;
+            let archive =
+                super::archive::Archive::read(req.repo, &m.source, base.wal_segment_size).await?;
+            let replay = pitr::plan(req.entry, &listing.backups, &archive, recovery)?;
+            details["recovery"] = serde_json::json!({
+                "target": recovery.target.to_string(),
+                "timeline": recovery.timeline,
+                "replay": replay,
+            });
+            Some((recovery.clone(), replay))
+        }
+        _ => None,
+    };
+    let action = match &replay {
+        Some((recovery, _)) => format!("{action}, set to recover to {}", recovery.target),
+        None => action,
+    };
     let shown = dir.display().to_string();
     let apply = Box::new(Apply {
         manifest: m.clone(),
         dir: dir.clone(),
         spool_dir: o.spool_dir.clone(),
+        recovery: replay.clone(),
     });
     let mut plan = Plan::new(
         req,
@@ -71,7 +92,9 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         details.as_object().cloned().unwrap_or_default(),
         apply,
     );
-    if let Some(b) = &m.base_backup {
+    if let Some((recovery, replay)) = &replay {
+        plan.details.extend(replay_lines(recovery, replay));
+    } else if let Some(b) = &m.base_backup {
         plan.details.push((
             "recovery",
             format!(
@@ -89,6 +112,48 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         ));
     }
     Ok(plan)
+}
+
+/// The plan's lines for a point-in-time restore.
+fn replay_lines(recovery: &Recovery, replay: &Replay) -> Vec<(&'static str, String)> {
+    let until = match &recovery.target {
+        Target::Time(_) if replay.to_end => format!(
+            "the end of the archive ({}): the target is after the newest WAL stored ({}), so every change archived is replayed and none after it exists in the repository",
+            replay.until_lsn,
+            replay
+                .reach
+                .to_time
+                .map_or("?".into(), |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+        ),
+        Target::Time(t) => format!(
+            "the last commit at or before {} (recovery_target_time)",
+            t.format("%Y-%m-%d %H:%M:%S%.3fZ")
+        ),
+        Target::Lsn(l) => format!("{l} (recovery_target_lsn)"),
+        Target::Latest => format!("the end of the archive ({})", replay.until_lsn),
+    };
+    let timeline = recovery
+        .timeline
+        .map_or("the newest (latest)".to_string(), |t| t.to_string());
+    let mut lines = vec![
+        ("recover", until),
+        (
+            "replay",
+            format!(
+                "WAL from {} (consistent at {}) up to {}: {} segment{} in the archive, {} stored; timeline {timeline}; then promote",
+                replay.from_lsn,
+                replay.consistent_at,
+                replay.until_lsn,
+                replay.segments,
+                if replay.segments == 1 { "" } else { "s" },
+                crate::human_bytes(replay.bytes_stored)
+            ),
+        ),
+    ];
+    for w in &replay.windows {
+        lines.push(("window", w.to_string()));
+    }
+    lines
 }
 
 /// How many entries `dir` holds (0 when it does not exist).
@@ -158,6 +223,7 @@ struct Apply {
     manifest: Manifest,
     dir: PathBuf,
     spool_dir: PathBuf,
+    recovery: Option<(Recovery, Replay)>,
 }
 
 #[async_trait::async_trait(?Send)]
@@ -179,6 +245,18 @@ impl crate::restore::Apply for Apply {
             progress,
         )
         .await?;
+        if let Some((recovery, replay)) = &self.recovery {
+            configure_recovery(&self.dir, recovery, replay)?;
+            let seconds = started.elapsed().as_secs_f64();
+            return Ok(recovery_outcome(
+                &self.dir,
+                &self.manifest,
+                recovery,
+                replay,
+                files,
+                seconds,
+            ));
+        }
         let seconds = started.elapsed().as_secs_f64();
         let d = self.dir.display();
         let mut lines = vec![
@@ -208,5 +286,63 @@ impl crate::restore::Apply for Apply {
             }),
             lines,
         })
+    }
+}
+
+/// Makes the restored cluster in `dir` recover to the target: `recovery.signal`, and the
+/// settings appended to `postgresql.auto.conf` (which the server reads last, so they win). A
+/// `standby.signal` from a backup of a standby goes: the cluster must recover and open.
+fn configure_recovery(dir: &Path, recovery: &Recovery, replay: &Replay) -> Result<()> {
+    use std::io::Write;
+    let fail = |what: &str, e: std::io::Error| {
+        Error::failed(format!("--to {}: cannot write {what}: {e}", dir.display()))
+    };
+    match std::fs::remove_file(dir.join("standby.signal")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(fail("standby.signal", e))
+        }
+        _ => {}
+    }
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join("postgresql.auto.conf"))
+        .map_err(|e| fail("postgresql.auto.conf", e))?;
+    conf.write_all(pitr::recovery_settings(recovery, replay).as_bytes())
+        .and_then(|_| conf.sync_all())
+        .map_err(|e| fail("postgresql.auto.conf", e))?;
+    // Last: only a directory whose settings are all written is declared recoverable.
+    std::fs::write(dir.join("recovery.signal"), "").map_err(|e| fail("recovery.signal", e))
+}
+
+/// What a point-in-time restore tells the operator.
+fn recovery_outcome(
+    dir: &Path,
+    manifest: &Manifest,
+    recovery: &Recovery,
+    replay: &Replay,
+    files: u64,
+    seconds: f64,
+) -> Outcome {
+    let d = dir.display();
+    let lines = vec![
+        format!(
+            "restored base backup {} into {d} ({files} entries) in {seconds:.1} s, set to recover to {}",
+            manifest.id, recovery.target
+        ),
+        "  recovery.signal and postgresql.auto.conf make the server fetch and check WAL from the".into(),
+        "  repository (lifeboat wal fetch) and replay it to the target, then promote".into(),
+        format!("  next: give it to the server's OS user (chown -R postgres: {d}), and start a server"),
+        format!("        of the same major version on it: pg_ctl -D {d} start"),
+        "        with the environment this command had (the repository's credentials), and wait for".into(),
+        "        `select pg_is_in_recovery()` to say f (RUNBOOK.md#to-a-point-in-time)".into(),
+    ];
+    Outcome {
+        result: serde_json::json!({
+            "restored": true, "seconds": seconds, "dir": dir, "entries": files,
+            "base_backup": manifest.base_backup,
+            "recovery": { "target": recovery.target.to_string(), "replay": replay },
+        }),
+        lines,
     }
 }
