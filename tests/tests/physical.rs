@@ -232,6 +232,16 @@ fn the_verifier_starts_a_server_on_the_backup_and_runs_the_policys_checks() {
         "[sources.verify]\nchecks = [{ sql = \"select count(*) from t\", equals = 5000 }]",
     );
     let id = fx.backup(&policy);
+    // A temp dir of its own, where the scratch must be gone afterwards (other tests' are not).
+    let tmp = tempfile::Builder::new()
+        .prefix("lbt-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let env = [("TMPDIR".to_string(), tmp.path().display().to_string())];
     let verify = |policy: &Path| {
         verifier(
             fx.dir.path(),
@@ -243,7 +253,7 @@ fn the_verifier_starts_a_server_on_the_backup_and_runs_the_policys_checks() {
                 fx.key.identity.to_str().unwrap(),
                 "--json",
             ],
-            &[],
+            &env,
         )
     };
     let r = verify(&policy);
@@ -275,13 +285,10 @@ fn the_verifier_starts_a_server_on_the_backup_and_runs_the_policys_checks() {
     );
     let r = verify(&wrong);
     assert_eq!(r.code, 4, "verify: {}{}", r.stdout, r.stderr);
-    let scratch_left = std::fs::read_dir(std::env::temp_dir())
+    let scratch_left = std::fs::read_dir(tmp.path())
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("lbv-"))
-        .filter(|e| {
-            e.path().join("data/backup_label").exists() || e.path().join("data/PG_VERSION").exists()
-        })
         .count();
     assert_eq!(scratch_left, 0, "the scratch cluster was torn down");
 }
@@ -1812,4 +1819,94 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
     };
     assert!(log.contains(&segment), "the log names the segment: {log}");
     assert!(log.contains("could not restore file"), "{log}");
+}
+
+#[test]
+fn the_verifier_replays_the_archived_wal_past_the_backup_and_names_a_damaged_or_missing_segment() {
+    let fx = setup("phys_drill");
+    let slot = format!("lb_{}", suffix());
+    // 5000 rows at the backup; 3 × 2000 written after it reach the restore only through WAL.
+    let policy = fx.policy(
+        "postgres",
+        &format!(
+            "wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}\n[sources.verify]\nchecks = [{{ sql = \"select count(*) from t\", equals = 11000 }}]"
+        ),
+    );
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    fx.backup(&policy);
+    let last = write_some(&fx, 3, Some(0));
+    assert_archived(&fx, last, &log);
+    stop(&mut child);
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+    let verify = || {
+        verifier(
+            fx.dir.path(),
+            &[
+                "verify",
+                "--policy",
+                policy.to_str().unwrap(),
+                "--identity",
+                fx.key.identity.to_str().unwrap(),
+                "--json",
+            ],
+            &[],
+        )
+    };
+    let r = verify();
+    assert_eq!(r.code, 0, "verify: {}{}", r.stdout, r.stderr);
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let checks = reports[0]["checks"].as_array().unwrap();
+    let replay = checks
+        .iter()
+        .find(|c| c["name"] == "WAL replay")
+        .unwrap_or_else(|| panic!("no replay check: {checks:#?}"));
+    assert_eq!(replay["expected"], replay["found"], "{replay:#}");
+    assert!(
+        reports[0]["notes"]
+            .to_string()
+            .contains("archived WAL segment"),
+        "{:#}",
+        reports[0]
+    );
+
+    // The newest object damaged: exit 13 naming it.
+    let mut objects = whole_segments(&fx.dir.path().join("repo"));
+    objects.extend(
+        files_under(&fx.dir.path().join("repo/wal/cluster"))
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".partial.")),
+    );
+    objects.sort_by_key(|p| p.file_name().unwrap().to_os_string());
+    let newest = objects.last().unwrap().clone();
+    let kept = std::fs::read(&newest).unwrap();
+    let mut bytes = kept.clone();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&newest, bytes).unwrap();
+    let r = verify();
+    let name = newest.file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(r.code, 13, "damaged: {}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains(&name[..24]) || r.stdout.contains(&name[..24]),
+        "names {name}: {}{}",
+        r.stdout,
+        r.stderr
+    );
+    std::fs::write(&newest, kept).unwrap();
+
+    // A segment between the backup and the end deleted: a gap, exit 13 naming its LSN range.
+    let before_newest = objects[objects.len() - 2].clone();
+    std::fs::remove_file(&before_newest).unwrap();
+    let r = verify();
+    assert_eq!(r.code, 13, "gap: {}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("is not in the archive") || r.stdout.contains("is not in the archive"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
 }

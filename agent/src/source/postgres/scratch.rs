@@ -387,6 +387,30 @@ impl Unstarted {
         superuser: &str,
         ready_within: Duration,
     ) -> Result<Scratch> {
+        self.start_with(bin, superuser, ready_within, None).await
+    }
+
+    /// [`Unstarted::start`], but the server first replays the WAL files in `wal` (a directory in
+    /// the scratch) to their end, then promotes: archive recovery with `restore_command` copying
+    /// from there, and no connections until it is over (`hot_standby=off`).
+    pub async fn start_replaying(
+        self,
+        bin: &Path,
+        superuser: &str,
+        ready_within: Duration,
+        wal: &Path,
+    ) -> Result<Scratch> {
+        self.start_with(bin, superuser, ready_within, Some(wal))
+            .await
+    }
+
+    async fn start_with(
+        self,
+        bin: &Path,
+        superuser: &str,
+        ready_within: Duration,
+        wal: Option<&Path>,
+    ) -> Result<Scratch> {
         let mut this = self;
         // Drop then has nothing to remove: from here the guard or `fail` does.
         let dir = std::mem::take(&mut this.dir);
@@ -421,11 +445,21 @@ impl Unstarted {
         for f in ["standby.signal", "recovery.signal", "postmaster.pid"] {
             let _ = std::fs::remove_file(data.join(f));
         }
+        let restore_command = match wal {
+            Some(wal) => {
+                std::fs::write(data.join("recovery.signal"), "")
+                    .map_err(|e| fail(format!("cannot write recovery.signal: {e}")))?;
+                let from =
+                    crate::source::postgres_physical::pitr::shell_word(&wal.display().to_string());
+                format!("restore_command=cp {from}/%f %p")
+            }
+            None => "restore_command=".into(),
+        };
         if let Some(user) = &isolation.user {
             hand_over(&dir, user, true).map_err(&fail)?;
         }
         let port = free_port().map_err(|e| fail(format!("no free port: {e}")))?;
-        let settings: Vec<String> = [
+        let mut settings: Vec<String> = [
             format!("config_file={}", conf.display()),
             "fsync=off".into(),
             "synchronous_commit=off".into(),
@@ -435,9 +469,16 @@ impl Unstarted {
             "max_wal_senders=0".into(),
             "max_replication_slots=0".into(),
             "primary_conninfo=".into(),
-            "restore_command=".into(),
+            restore_command,
         ]
         .into();
+        if wal.is_some() {
+            settings.extend([
+                "hot_standby=off".into(),
+                "recovery_target_action=promote".into(),
+                "recovery_target_timeline=latest".into(),
+            ]);
+        }
         let mut guard =
             spawn_server(isolation.prefix, bin, &data, &dir, port, &settings).map_err(&fail)?;
         let stdin = guard.stdin.take();
@@ -506,12 +547,22 @@ impl Scratch {
                     return Ok(());
                 }
             }
+            let log = || std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
                 return Err(Error::failed(format!(
                     "scratch cluster did not start within {}: {}",
                     humantime::format_duration(within),
-                    log.trim()
+                    log().trim()
+                )));
+            }
+            // A failed recovery shuts the server down: no use waiting for it.
+            let logged = log();
+            if logged.contains("database system is shut down") {
+                let tail: Vec<&str> = logged.lines().rev().take(12).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(Error::failed(format!(
+                    "scratch cluster shut down before accepting connections: {}",
+                    tail.join("\n")
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

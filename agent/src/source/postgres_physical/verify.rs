@@ -4,11 +4,15 @@
 //!    (exit 13 on any difference) before anything is decrypted; the fingerprint too.
 //! 2. It is unpacked into a scratch directory, and `pg_verifybackup` checks every file against
 //!    the server's own `backup_manifest` and parses the WAL the backup needs.
-//! 3. A server starts on the files, as the unprivileged OS user, without network, with its own
-//!    configuration set aside: it must recover from `backup_label` and accept connections.
-//! 4. The restored cluster is compared with the fingerprint (system identifier, out of recovery,
+//! 3. The drill: when the source's WAL archive reaches past the backup's end, the chain from
+//!    there to the archive's end must be whole (a gap is exit 13, naming it), and every segment
+//!    is fetched into the scratch, each checked against its name (exit 13 on damage).
+//! 4. A server starts on the files, as the unprivileged OS user, without network, with its own
+//!    configuration set aside: it must recover from `backup_label`, replay the fetched WAL to
+//!    its end, promote and accept connections. Where replay ended is a check.
+//! 5. The restored cluster is compared with the fingerprint (system identifier, out of recovery,
 //!    every database there and readable), then the policy's SQL checks run in the url's database.
-//! 5. The scratch is torn down, whatever happened.
+//! 6. The scratch is torn down, whatever happened.
 
 use std::time::{Duration, Instant};
 
@@ -112,9 +116,22 @@ impl Steps for PhysicalSteps {
             "ephemeral cluster on the restored files ({})",
             bin.display()
         );
-        let started = dir
-            .start(&bin, &fingerprint.bootstrap_superuser, RECOVERY_WITHIN)
-            .await;
+        let wal = data.with_file_name("wal");
+        let drill = match fetch_wal(ctx, &fingerprint.base, &wal, report).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.stage = Some(Stage::Unstarted(dir));
+                return Err(e);
+            }
+        };
+        let superuser = &fingerprint.bootstrap_superuser;
+        let started = match &drill {
+            Some(_) => {
+                dir.start_replaying(&bin, superuser, RECOVERY_WITHIN, &wal)
+                    .await
+            }
+            None => dir.start(&bin, superuser, RECOVERY_WITHIN).await,
+        };
         let s = match started {
             Ok(s) => s,
             Err(e) => return Ok(Verdict::RestoreFailed(e)),
@@ -127,6 +144,18 @@ impl Steps for PhysicalSteps {
             "the cluster's own postgresql.conf, pg_hba.conf and preloaded libraries were set aside in the scratch".into(),
         );
         report.timings.restore_seconds = t1.elapsed().as_secs_f64();
+        if let Some(d) = &drill {
+            report.checks.push(replayed(&s, d, &fingerprint.base));
+            report.notes.push(format!(
+                "replayed {} archived WAL segment{} ({}) from {} to {}; download, replay and start took {:.1} s",
+                d.segments,
+                if d.segments == 1 { "" } else { "s" },
+                crate::human_bytes(d.bytes),
+                fingerprint.base.stop_lsn,
+                d.end,
+                report.timings.restore_seconds
+            ));
+        }
         let t2 = Instant::now();
         let checked = observe(&s, &fingerprint, &self.config, ctx, report).await;
         self.stage = Some(Stage::Running(Box::new(s)));
@@ -271,4 +300,120 @@ async fn observe(
         );
     }
     Ok(())
+}
+
+/// WAL fetched into the scratch for the replay drill.
+struct Drill {
+    /// The end of the archive: where replay must get to.
+    end: super::Lsn,
+    /// Segments fetched.
+    segments: u64,
+    /// Their plaintext bytes.
+    bytes: u64,
+}
+
+/// Fetches, checked, every archived WAL file from `base`'s start to the archive's end into
+/// `wal`; `None` when the archive holds nothing past the backup's end (it replays only its own
+/// WAL then). A gap after the backup's end is an integrity failure naming it.
+async fn fetch_wal(
+    ctx: &Context<'_>,
+    base: &super::BaseBackupInfo,
+    wal: &std::path::Path,
+    report: &mut Report,
+) -> Result<Option<Drill>> {
+    use super::archive::Archive;
+    let size = base.wal_segment_size;
+    let source = &ctx.entry.manifest.source;
+    let archive = Archive::read(ctx.repo, source, size).await?;
+    let first_archived = archive.segments.keys().map(|(_, n)| *n).min();
+    let end = archive.end(size).unwrap_or_default();
+    let Some(first_archived) = first_archived.filter(|_| end > base.stop_lsn) else {
+        report.notes.push(format!(
+            "no WAL archived past the backup's end ({}): it replayed only the WAL it carries",
+            base.stop_lsn
+        ));
+        return Ok(None);
+    };
+    if first_archived > base.stop_lsn.0 / size {
+        report.notes.push(format!(
+            "the WAL archive starts after this backup's end ({}): it replayed only the WAL it carries",
+            base.stop_lsn
+        ));
+        return Ok(None);
+    }
+    if let Some((from, to)) = archive.gaps(base.stop_lsn, size).first() {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "{}{from}–{to}: WAL from {from} to {to} is not in the archive, so recovery from base backup {} cannot pass {from}",
+                crate::repo::layout::wal_prefix(source),
+                ctx.entry.manifest.id
+            ),
+        )
+        .hint("take a base backup now (`lifeboat backup --source …`): it starts a whole chain (RUNBOOK.md#alert-walarchivegap)"));
+    }
+    std::fs::create_dir_all(wal)
+        .map_err(|e| Error::failed(format!("scratch: cannot create {}: {e}", wal.display())))?;
+    let first = base.start_lsn.0 / size;
+    let mut drill = Drill {
+        end,
+        segments: 0,
+        bytes: 0,
+    };
+    let mut newest_timeline = base.timeline;
+    for ((timeline, n), w) in &archive.segments {
+        if *n < first {
+            continue;
+        }
+        let got = super::fetch::fetch(
+            ctx.repo,
+            source,
+            &w.segment,
+            &wal.join(&w.segment),
+            size,
+            ctx.identities,
+        )
+        .await?;
+        drill.segments += 1;
+        drill.bytes += got.archived;
+        newest_timeline = newest_timeline.max(*timeline);
+    }
+    for timeline in (base.timeline + 1)..=newest_timeline {
+        let file = format!("{timeline:08X}.history");
+        match super::fetch::fetch(
+            ctx.repo,
+            source,
+            &file,
+            &wal.join(&file),
+            size,
+            ctx.identities,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(e) if e.cause == Some(crate::error::Cause::NotArchived) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(drill))
+}
+
+/// Where replay ended (the server log's `redo done at`), against the archive's end: in its last
+/// segment, or past it.
+fn replayed(s: &Scratch, d: &Drill, base: &super::BaseBackupInfo) -> Check {
+    const NAME: &str = "WAL replay";
+    let size = base.wal_segment_size;
+    let last = d.end.0.saturating_sub(1) / size;
+    let expected = format!("to the archive's end ({})", d.end);
+    let log = std::fs::read_to_string(s.dir.join("log")).unwrap_or_default();
+    let done = log
+        .lines()
+        .filter_map(|l| l.split("redo done at ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<super::Lsn>().ok())
+        .next_back();
+    match done {
+        Some(at) if at.0 / size >= last => Check::eq(NAME, expected.clone(), expected),
+        Some(at) => Check::failed(NAME, expected, format!("redo ended at {at}")),
+        None => Check::failed(NAME, expected, "the server logged no end of redo"),
+    }
 }
