@@ -316,6 +316,9 @@ pub struct Options {
     pub spool_dir: std::path::PathBuf,
     /// Physical PostgreSQL: recover to a point in time from the WAL archive.
     pub recovery: Option<crate::source::postgres_physical::pitr::Recovery>,
+    /// Physical PostgreSQL, with `recovery`: start a server on this port and wait until it is
+    /// promoted.
+    pub start: Option<u16>,
 }
 
 /// Why a restore must be confirmed: the target holds data. Without confirmation, `error` (exit 14).

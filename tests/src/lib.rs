@@ -431,6 +431,49 @@ impl Postgres {
         )
     }
 
+    /// `psql` on a server this cluster's binaries run on `port` of 127.0.0.1 (one `lifeboat
+    /// restore --start` started), as this cluster's superuser.
+    pub fn psql_on(&self, port: u16, db: &str, sql: &str) -> std::process::Output {
+        Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-t", "-A", "-h", "127.0.0.1", "-U", "postgres"])
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-d")
+            .arg(db)
+            .arg("-c")
+            .arg(sql)
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .expect("cannot run psql")
+    }
+
+    /// Stops a server running on `data` that this harness did not start (`pg_ctl stop`, as the
+    /// OS user `postgres` when this process is root).
+    pub fn pg_ctl_stop(&self, data: &Path) {
+        let args = as_pg(
+            is_root(),
+            vec![
+                self.bin.join("pg_ctl").display().to_string(),
+                "-D".into(),
+                data.display().to_string(),
+                "-m".into(),
+                "fast".into(),
+                "-w".into(),
+                "stop".into(),
+            ],
+        );
+        let out = Command::new(&args[0])
+            .args(&args[1..])
+            .current_dir("/")
+            .output()
+            .expect("cannot run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A hot standby of this cluster, streaming from it (`pg_basebackup -R`), on a port and in a
     /// directory of its own that go when this process exits. It keeps this cluster's roles and
     /// password; `select pg_promote()` on it starts a new timeline.

@@ -269,6 +269,7 @@ fn the_verifier_starts_a_server_on_the_backup_and_runs_the_policys_checks() {
         .collect();
     for want in [
         "pg_verifybackup",
+        "pg_amcheck",
         "system identifier",
         "recovered",
         &format!("database {}", fx.db),
@@ -1060,7 +1061,7 @@ fn assert_both_timelines_whole(fx: &Fx, policy: &Path) {
 #[test]
 fn a_promoted_standby_is_followed_onto_its_new_timeline_without_a_break() {
     let (primary, fx) = standby_fixture("phys_promote");
-    let (slot, policy) = fx.wal_policy();
+    let (slot, policy, repo) = fx.recovery_policy();
     let log = fx.dir.path().join("stream.log");
     let mut child = start_streamer(&fx, &policy, &slot, &log);
     // A base backup taken from the standby, as many sites do.
@@ -1081,6 +1082,22 @@ fn a_promoted_standby_is_followed_onto_its_new_timeline_without_a_break() {
         "the switch is followed within the session: {logged}"
     );
     assert_both_timelines_whole(&fx, &policy);
+
+    // A point-in-time restore from the base backup on timeline 1 follows the archive across the
+    // switch: every row written on both timelines comes back.
+    let expected = fx.pg.psql(&fx.db, "select count(*) from t");
+    let restored = fx.dir.path().join("restored");
+    let r = restore_to(&fx, &policy, &restored.join("data"), &["--latest"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let copy = fx.recover(&restored, &policy, &repo);
+    assert_eq!(
+        copy.psql(&fx.db, "select count(*) from t"),
+        expected,
+        "{}",
+        std::fs::read_to_string(restored.join("log")).unwrap_or_default()
+    );
+    let server_log = std::fs::read_to_string(restored.join("log")).unwrap_or_default();
+    assert!(server_log.contains("00000002.history"), "{server_log}");
 }
 
 #[test]
@@ -1462,50 +1479,83 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
         &format!("select pg_drop_replication_slot('{slot}')"),
     );
 
-    let restored = fx.dir.path().join("restored");
-    let data = restored.join("data");
     let identity = fx.key.identity.to_str().unwrap();
-    let r = fx.run(&[
-        "restore",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--source",
-        "cluster",
-        "--to",
-        data.to_str().unwrap(),
-        "--identity",
-        identity,
-    ]);
-    assert_eq!(r.code, 0, "restore: {}", r.stderr);
-    let mut conf = std::fs::OpenOptions::new()
-        .append(true)
-        .open(data.join("postgresql.auto.conf"))
-        .unwrap();
-    use std::io::Write;
-    writeln!(
-        conf,
-        "restore_command = '{} wal fetch --policy {} --source cluster --identity {identity} %f %p'\nrecovery_target_time = '{target}'\nrecovery_target_action = 'promote'",
-        lifeboat_bin().display(),
-        policy.display(),
-    )
-    .unwrap();
-    std::fs::write(data.join("recovery.signal"), "").unwrap();
-    let copy = fx.recover(&restored, &policy, &repo);
-    assert_eq!(
-        copy.psql(
-            &fx.db,
-            "select batch, count(*) from stamped group by batch order by batch"
+    // RUNBOOK.md's stock-tools restore_command, exactly as written there.
+    let runbook =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../RUNBOOK.md"))
+            .unwrap();
+    let script = runbook
+        .split_once("cat > lifeboat-wal-get <<'EOF'\n")
+        .and_then(|(_, rest)| rest.split_once("\nEOF\n"))
+        .map(|(script, _)| format!("{script}\n"))
+        .expect("RUNBOOK.md holds the lifeboat-wal-get script");
+    let wal_get = fx.dir.path().join("lifeboat-wal-get");
+    std::fs::write(&wal_get, script).unwrap();
+    assert!(std::process::Command::new("chmod")
+        .arg("a+rx")
+        .arg(&wal_get)
+        .status()
+        .unwrap()
+        .success());
+    let commands = [
+        (
+            "wal-fetch",
+            format!(
+                "{} wal fetch --policy {} --source cluster --identity {identity} %f %p",
+                lifeboat_bin().display(),
+                policy.display()
+            ),
         ),
-        "1|100",
-        "exactly what was committed by {target}:\n{}",
-        std::fs::read_to_string(restored.join("log")).unwrap_or_default()
-    );
-    let server_log = std::fs::read_to_string(restored.join("log")).unwrap_or_default();
-    assert!(
-        server_log.contains("Fetched from the WAL archive")
-            || server_log.contains("restored log file"),
-        "{server_log}"
-    );
+        (
+            "stock-tools",
+            format!(
+                "LIFEBOAT_REPO={} LIFEBOAT_SOURCE=cluster LIFEBOAT_IDENTITY_FILE={identity} {} %f %p",
+                repo.display(),
+                wal_get.display()
+            ),
+        ),
+    ];
+    for (name, restore_command) in commands {
+        let restored = fx.dir.path().join(format!("restored-{name}"));
+        let data = restored.join("data");
+        let r = fx.run(&[
+            "restore",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--source",
+            "cluster",
+            "--to",
+            data.to_str().unwrap(),
+            "--identity",
+            identity,
+        ]);
+        assert_eq!(r.code, 0, "restore: {}", r.stderr);
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.auto.conf"))
+            .unwrap();
+        use std::io::Write;
+        writeln!(
+            conf,
+            "restore_command = '{restore_command}'\nrecovery_target_time = '{target}'\nrecovery_target_action = 'promote'",
+        )
+        .unwrap();
+        std::fs::write(data.join("recovery.signal"), "").unwrap();
+        let copy = fx.recover(&restored, &policy, &repo);
+        let server_log = std::fs::read_to_string(restored.join("log")).unwrap_or_default();
+        assert_eq!(
+            copy.psql(
+                &fx.db,
+                "select batch, count(*) from stamped group by batch order by batch"
+            ),
+            "1|100",
+            "{name}: exactly what was committed by {target}:\n{server_log}"
+        );
+        assert!(
+            server_log.contains("restored log file"),
+            "{name}: {server_log}"
+        );
+    }
     // A damaged object is never handed to recovery; a file the archive lacks is "not found".
     let fetch = |file: &str, dest: &Path| {
         fx.run(&[
@@ -1755,6 +1805,36 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
             std::fs::read_to_string(restored.join("log")).unwrap_or_default()
         );
     }
+
+    // --start: lifeboat starts the server and returns once recovery reached the target.
+    let started = fx.dir.path().join("restored-start").join("data");
+    let port = free_port();
+    let port_text = port.to_string();
+    let r = restore_to(
+        &fx,
+        &policy,
+        &started,
+        &["--time", &t1, "--start", "--port", &port_text],
+    );
+    assert_eq!(r.code, 0, "--start: {}", r.stderr);
+    assert!(
+        r.stderr.contains("recovery stopping before commit"),
+        "{}",
+        r.stderr
+    );
+    let out = fx.pg.psql_on(
+        port,
+        &fx.db,
+        "select pg_is_in_recovery()::text || ' ' || (select count(*) from stamped)",
+    );
+    let seen = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    fx.pg.pg_ctl_stop(&started);
+    assert_eq!(
+        seen,
+        "false 100",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Targets outside the window are refused before anything is written, naming the window.
     for (args, why) in [

@@ -168,6 +168,14 @@ pub(crate) struct RestoreArgs {
     /// the newest, following every promotion in the archive).
     #[arg(long, requires = "recovery_target")]
     pub timeline: Option<u32>,
+    /// Physical sources, with a target: start a server on the restored directory (as the
+    /// postgres OS user when run as root) and wait until recovery reached the target and the
+    /// cluster was promoted. It keeps running afterwards.
+    #[arg(long, requires = "recovery_target")]
+    pub start: bool,
+    /// The port for --start.
+    #[arg(long, requires = "start", default_value_t = 5432)]
+    pub port: u16,
     /// Print the plan and stop.
     #[arg(long)]
     pub dry_run: bool,

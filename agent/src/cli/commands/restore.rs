@@ -50,6 +50,7 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         delete_extra: a.delete_extra,
         spool_dir: a.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
         recovery,
+        start: a.start.then_some(a.port),
     };
     let request = r::Request {
         policy: &policy,

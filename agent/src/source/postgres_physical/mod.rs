@@ -18,6 +18,7 @@ pub mod pitr;
 pub mod policy;
 pub mod replication;
 pub mod restore;
+pub mod start;
 pub mod tar;
 pub mod timeline;
 pub mod verify;

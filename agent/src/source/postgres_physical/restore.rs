@@ -59,6 +59,7 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
     if let Some(b) = &m.base_backup {
         details["base_backup"] = serde_json::to_value(b).unwrap_or_default();
     }
+    let mut plan_start = None;
     let replay = match (&o.recovery, &m.base_backup) {
         (Some(recovery), Some(base)) => {
             let listing = req.repo.list(Some(&m.source)).await?;
@@ -74,6 +75,30 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         }
         _ => None,
     };
+    let start = match (o.start, &replay) {
+        (None, _) => None,
+        (Some(port), Some(_)) => {
+            let configured = req
+                .policy
+                .sources
+                .iter()
+                .find(|s| s.name == m.source)
+                .and_then(|s| s.verify.postgres_bin_dir.clone());
+            let major = crate::source::postgres::source_major(m.source_version.as_deref());
+            let bin = super::verify::same_major_bin(configured.as_deref(), major).await?;
+            plan_start = Some(format!(
+                "a server ({}) on port {port}, waiting until recovery reached the target and promoted",
+                bin.display()
+            ));
+            Some((bin, port))
+        }
+        (Some(_), None) => {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                "--start needs a recovery target: --time, --lsn or --latest",
+            ))
+        }
+    };
     let action = match &replay {
         Some((recovery, _)) => format!("{action}, set to recover to {}", recovery.target),
         None => action,
@@ -84,6 +109,7 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         dir: dir.clone(),
         spool_dir: o.spool_dir.clone(),
         recovery: replay.clone(),
+        start,
     });
     let mut plan = Plan::new(
         req,
@@ -94,6 +120,9 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
     );
     if let Some((recovery, replay)) = &replay {
         plan.details.extend(replay_lines(recovery, replay));
+        if let Some(start) = plan_start {
+            plan.details.push(("start", start));
+        }
     } else if let Some(b) = &m.base_backup {
         plan.details.push((
             "recovery",
@@ -224,6 +253,7 @@ struct Apply {
     dir: PathBuf,
     spool_dir: PathBuf,
     recovery: Option<(Recovery, Replay)>,
+    start: Option<(PathBuf, u16)>,
 }
 
 #[async_trait::async_trait(?Send)]
@@ -247,15 +277,33 @@ impl crate::restore::Apply for Apply {
         .await?;
         if let Some((recovery, replay)) = &self.recovery {
             configure_recovery(&self.dir, recovery, replay)?;
-            let seconds = started.elapsed().as_secs_f64();
-            return Ok(recovery_outcome(
+            let mut outcome = recovery_outcome(
                 &self.dir,
                 &self.manifest,
                 recovery,
                 replay,
                 files,
-                seconds,
-            ));
+                started.elapsed().as_secs_f64(),
+            );
+            if let Some((bin, port)) = &self.start {
+                let running = super::start::start(bin, &self.dir, *port).await?;
+                let d = self.dir.display();
+                outcome.lines.truncate(1);
+                outcome.lines.push(format!(
+                    "  recovered and promoted in {:.1} s in all; the server runs on port {port} (log: {})",
+                    started.elapsed().as_secs_f64(),
+                    running.log.display()
+                ));
+                outcome
+                    .lines
+                    .extend(running.recovery.iter().map(|l| format!("    {l}")));
+                outcome.lines.push(format!(
+                    "  connect: psql -h {d} -p {port} (the source's roles and passwords); stop: pg_ctl -D {d} stop"
+                ));
+                outcome.result["started"] = serde_json::to_value(&running).unwrap_or_default();
+                outcome.result["seconds"] = started.elapsed().as_secs_f64().into();
+            }
+            return Ok(outcome);
         }
         let seconds = started.elapsed().as_secs_f64();
         let d = self.dir.display();

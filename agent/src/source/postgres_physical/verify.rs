@@ -10,8 +10,9 @@
 //! 4. A server starts on the files, as the unprivileged OS user, without network, with its own
 //!    configuration set aside: it must recover from `backup_label`, replay the fetched WAL to
 //!    its end, promote and accept connections. Where replay ended is a check.
-//! 5. The restored cluster is compared with the fingerprint (system identifier, out of recovery,
-//!    every database there and readable), then the policy's SQL checks run in the url's database.
+//! 5. `pg_amcheck` reads every table and B-tree index of every database. The restored cluster
+//!    is compared with the fingerprint (system identifier, out of recovery, every database
+//!    there and readable), then the policy's SQL checks run in the url's database.
 //! 6. The scratch is torn down, whatever happened.
 
 use std::time::{Duration, Instant};
@@ -157,6 +158,7 @@ impl Steps for PhysicalSteps {
             ));
         }
         let t2 = Instant::now();
+        report.checks.push(pg_amcheck(&s).await);
         let checked = observe(&s, &fingerprint, &self.config, ctx, report).await;
         self.stage = Some(Stage::Running(Box::new(s)));
         report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
@@ -188,7 +190,7 @@ impl Steps for PhysicalSteps {
 }
 
 /// Server binaries of exactly the source's major version: a data directory starts on no other.
-async fn same_major_bin(
+pub(super) async fn same_major_bin(
     configured: Option<&std::path::Path>,
     major: u32,
 ) -> Result<std::path::PathBuf> {
@@ -232,6 +234,36 @@ async fn pg_verifybackup(bin: &std::path::Path, data: &std::path::Path) -> Check
                 EXPECTED,
                 tail.into_iter().rev().collect::<Vec<_>>().join("; "),
             )
+        }
+        Err(e) => Check::failed(NAME, EXPECTED, format!("cannot run it: {e}")),
+    }
+}
+
+/// `pg_amcheck` over every database of the restored cluster: every table's heap and every
+/// B-tree index read and checked (the amcheck extension installed where missing: it is scratch).
+async fn pg_amcheck(s: &Scratch) -> Check {
+    const NAME: &str = "pg_amcheck";
+    const EXPECTED: &str = "no corruption in any table or index of any database";
+    let out = tokio::process::Command::new(s.bin.join("pg_amcheck"))
+        .args(["--all", "--install-missing", "--no-password", "--host"])
+        .arg(&s.dir)
+        .arg("--port")
+        .arg(s.port.to_string())
+        .arg("--username")
+        .arg(&s.superuser)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => Check::eq(NAME, EXPECTED, EXPECTED),
+        Ok(o) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let head: Vec<&str> = text.lines().take(5).collect();
+            Check::failed(NAME, EXPECTED, head.join("; "))
         }
         Err(e) => Check::failed(NAME, EXPECTED, format!("cannot run it: {e}")),
     }

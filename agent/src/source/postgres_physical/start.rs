@@ -1,0 +1,165 @@
+//! `lifeboat restore … --start`: starts a server on a restored data directory that is set to
+//! recover to a target, and waits until recovery reached it and the cluster was promoted.
+//!
+//! The server is started with `pg_ctl`, so it keeps running after lifeboat exits, on the port
+//! given and with its socket in the data directory. As root, the directory is given to the
+//! `postgres` OS user and the server runs as it. The wait reads only the server's log (its
+//! messages in English, `lc_messages=C`) and `postmaster.pid`, so it needs no credentials for the
+//! restored cluster's roles.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The server's log, beside its files.
+pub const LOG: &str = "lifeboat-start.log";
+
+/// A server running on the restored directory, out of recovery.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Started {
+    /// Its port.
+    pub port: u16,
+    /// Its log.
+    pub log: PathBuf,
+    /// The OS user it runs as, when lifeboat ran as root.
+    pub user: Option<String>,
+    /// What recovery logged about where it stopped.
+    pub recovery: Vec<String>,
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn log_tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Starts the server in `bin` on `dir` at `port` and waits until it is promoted.
+pub async fn start(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
+    let user = running_as_root().then(|| "postgres".to_string());
+    let mut command: Vec<String> = Vec::new();
+    if let Some(u) = &user {
+        let chowned = std::process::Command::new("chown")
+            .arg("-R")
+            .arg(format!("{u}:"))
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !chowned {
+            return Err(Error::failed(format!(
+                "cannot give {} to the OS user {u}, whom the server must run as",
+                dir.display()
+            ))
+            .hint("create the postgres OS user (the server refuses to run as root), or run lifeboat as the server's own user"));
+        }
+        command.extend(
+            [
+                "setpriv",
+                &format!("--reuid={u}"),
+                &format!("--regid={u}"),
+                "--init-groups",
+                "--",
+            ]
+            .map(String::from),
+        );
+    }
+    let log = dir.join(LOG);
+    let socket_dir = super::pitr::shell_word(&dir.display().to_string());
+    command.extend([
+        bin.join("pg_ctl").display().to_string(),
+        "-D".into(),
+        dir.display().to_string(),
+        "-l".into(),
+        log.display().to_string(),
+        "-W".into(),
+        "-o".into(),
+        format!("-p {port} -k {socket_dir} -c lc_messages=C"),
+        "start".into(),
+    ]);
+    let out = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::failed(format!("cannot run {}: {e}", command[0])))?;
+    if !out.status.success() {
+        return Err(Error::failed(format!(
+            "pg_ctl start on {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let started = std::time::Instant::now();
+    let pid = dir.join("postmaster.pid");
+    let mut seen_pid = false;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("database system is ready to accept connections") {
+            let recovery = text
+                .lines()
+                .filter(|l| {
+                    [
+                        "recovery stopping",
+                        "redo done at",
+                        "last completed transaction",
+                        "selected new timeline ID",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .map(|l| l.split_once(":  ").map_or(l, |(_, m)| m).to_string())
+                .collect();
+            return Ok(Started {
+                port,
+                log,
+                user,
+                recovery,
+            });
+        }
+        seen_pid |= pid.exists();
+        let gone = if seen_pid {
+            !pid.exists()
+        } else {
+            started.elapsed() > Duration::from_secs(30)
+        };
+        if gone || text.contains("database system is shut down") {
+            return Err(failed_recovery(dir, &text));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The error for a server that stopped before it was promoted, from its log.
+fn failed_recovery(dir: &Path, log: &str) -> Error {
+    let tail = log_tail(log, 15);
+    let d = dir.display();
+    if log.contains("could not restore file") && log.contains("SHA-256") {
+        Error::new(
+            ErrorKind::Integrity,
+            format!("recovery on {d} stopped at a damaged WAL object; the server did not open:\n{tail}"),
+        )
+        .hint("restore again to a target before it (or from an older base backup), and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
+    } else if log.contains("recovery ended before configured recovery target was reached") {
+        Error::failed(format!(
+            "recovery on {d} reached the end of the archive before the target; the server did not open:\n{tail}"
+        ))
+        .hint("no commit after the target reached the archive: restore with --latest (RUNBOOK.md#to-a-point-in-time)")
+    } else {
+        Error::failed(format!(
+            "the server on {d} stopped before recovery ended:\n{tail}"
+        ))
+        .hint("its log says why; fix that and start it with pg_ctl, or restore again (RUNBOOK.md#to-a-point-in-time)")
+    }
+}
