@@ -48,10 +48,11 @@ stop="cd / && $as_pg '$PG_BIN/pg_ctl' -D '$work/copy' -m immediate stop > /dev/n
 cat > "$work/own.sh" <<SH
 set -euo pipefail
 cp -a '$work/base' '$work/copy'
+chmod 700 '$work/copy'
 touch '$work/copy/recovery.signal'
 echo "restore_command = 'cp $work/walplain/%f %p'" >> '$work/copy/postgresql.auto.conf'
 if [ -n '$as_pg' ]; then chown -R postgres: '$work/copy'; fi
-cd / && $as_pg '$PG_BIN/pg_ctl' -D '$work/copy' -l '$work/copy.log' -w -t 3600 -o '-p $port -k $work -c hot_standby=off' start
+cd / && $as_pg '$PG_BIN/pg_ctl' -D '$work/copy' -l '$work/copy/startup.log' -w -t 3600 -o '-p $port -k $work/copy -c hot_standby=off' start
 SH
 
 echo "== measuring ($runs runs each; $segments segments)" >&2
