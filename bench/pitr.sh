@@ -52,7 +52,12 @@ chmod 700 '$work/copy'
 touch '$work/copy/recovery.signal'
 echo "restore_command = 'cp $work/walplain/%f %p'" >> '$work/copy/postgresql.auto.conf'
 if [ -n '$as_pg' ]; then chown -R postgres: '$work/copy'; fi
-cd / && $as_pg '$PG_BIN/pg_ctl' -D '$work/copy' -l '$work/copy/startup.log' -w -t 3600 -o '-p $port -k $work/copy -c hot_standby=off' start
+cd / && $as_pg '$PG_BIN/pg_ctl' -D '$work/copy' -l '$work/copy/startup.log' -W -o '-p $port -k $work/copy -c lc_messages=C' start
+# Done when recovery ended and the cluster was promoted, as lifeboat restore --start waits.
+until grep -q 'database system is ready to accept connections' '$work/copy/startup.log' 2>/dev/null; do
+  if grep -q 'database system is shut down' '$work/copy/startup.log' 2>/dev/null; then exit 1; fi
+  sleep 0.05
+done
 SH
 
 echo "== measuring ($runs runs each; $segments segments)" >&2

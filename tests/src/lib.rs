@@ -253,16 +253,7 @@ pub fn start_cluster(extra: Vec<String>) -> Postgres {
             "--no-sync".into(),
         ],
     );
-    let out = Command::new(&initdb[0])
-        .args(&initdb[1..])
-        .current_dir("/")
-        .output()
-        .expect("cannot run initdb");
-    assert!(
-        out.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_checked(&initdb, &[]);
     // TLS: a throwaway CA, and a role that may only connect over TLS.
     let tls = dir.join("tls");
     std::fs::create_dir(&tls).expect("tls dir");
@@ -376,6 +367,22 @@ fn try_serve(
     }
 }
 
+/// Runs `args` (a command and its arguments, as [`as_pg`] makes them) in `/` with `env`, and
+/// fails the test with its stderr unless it succeeds.
+fn run_checked(args: &[String], env: &[(&str, &str)]) {
+    let out = Command::new(&args[0])
+        .args(&args[1..])
+        .envs(env.iter().copied())
+        .current_dir("/")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Makes `dir` the OS user `postgres`'s when this process is root (the server runs as it).
 fn give_to_postgres(root: bool, dir: &Path) {
     if !root {
@@ -462,16 +469,7 @@ impl Postgres {
                 "stop".into(),
             ],
         );
-        let out = Command::new(&args[0])
-            .args(&args[1..])
-            .current_dir("/")
-            .output()
-            .expect("cannot run pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl stop: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_checked(&args, &[]);
     }
 
     /// A hot standby of this cluster, streaming from it (`pg_basebackup -R`), on a port and in a
@@ -500,17 +498,7 @@ impl Postgres {
                 "postgres".into(),
             ],
         );
-        let out = Command::new(&args[0])
-            .args(&args[1..])
-            .env("PGPASSWORD", &self.password)
-            .current_dir("/")
-            .output()
-            .expect("cannot run pg_basebackup");
-        assert!(
-            out.status.success(),
-            "pg_basebackup for the standby failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_checked(&args, &[("PGPASSWORD", &self.password)]);
         serve(
             dir.clone(),
             &dir.join("data"),

@@ -184,17 +184,7 @@ fn a_base_backup_restores_into_a_directory_a_server_starts_on() {
 
     let restored = fx.dir.path().join("restored");
     let data = restored.join("data");
-    let r = fx.run(&[
-        "restore",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--source",
-        "cluster",
-        "--to",
-        data.to_str().unwrap(),
-        "--identity",
-        fx.key.identity.to_str().unwrap(),
-    ]);
+    let r = restore_to(&fx, &policy, &data, &[]);
     assert_eq!(r.code, 0, "restore: {}", r.stderr);
     assert!(
         r.stderr.contains("pg_ctl -D") && r.stderr.contains("consistent at LSN"),
@@ -1518,17 +1508,7 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
     for (name, restore_command) in commands {
         let restored = fx.dir.path().join(format!("restored-{name}"));
         let data = restored.join("data");
-        let r = fx.run(&[
-            "restore",
-            "--policy",
-            policy.to_str().unwrap(),
-            "--source",
-            "cluster",
-            "--to",
-            data.to_str().unwrap(),
-            "--identity",
-            identity,
-        ]);
+        let r = restore_to(&fx, &policy, &data, &[]);
         assert_eq!(r.code, 0, "restore: {}", r.stderr);
         let mut conf = std::fs::OpenOptions::new()
             .append(true)

@@ -137,7 +137,7 @@ pub async fn start(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
         if gone || text.contains("database system is shut down") {
             return Err(failed_recovery(dir, &text));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -224,18 +224,23 @@ async fn pg_verifybackup(bin: &std::path::Path, data: &std::path::Path) -> Check
         .stdin(std::process::Stdio::null())
         .output()
         .await;
+    tool_check(NAME, EXPECTED, out)
+}
+
+/// A check from a tool's run: passed when it exits 0, else its first lines of output.
+fn tool_check(name: &str, expected: &str, out: std::io::Result<std::process::Output>) -> Check {
     match out {
-        Ok(o) if o.status.success() => Check::eq(NAME, EXPECTED, EXPECTED),
+        Ok(o) if o.status.success() => Check::eq(name, expected, expected),
         Ok(o) => {
-            let text = String::from_utf8_lossy(&o.stderr);
-            let tail: Vec<&str> = text.lines().rev().take(5).collect();
-            Check::failed(
-                NAME,
-                EXPECTED,
-                tail.into_iter().rev().collect::<Vec<_>>().join("; "),
-            )
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let head: Vec<&str> = text.lines().take(5).collect();
+            Check::failed(name, expected, head.join("; "))
         }
-        Err(e) => Check::failed(NAME, EXPECTED, format!("cannot run it: {e}")),
+        Err(e) => Check::failed(name, expected, format!("cannot run it: {e}")),
     }
 }
 
@@ -254,19 +259,7 @@ async fn pg_amcheck(s: &Scratch) -> Check {
         .stdin(std::process::Stdio::null())
         .output()
         .await;
-    match out {
-        Ok(o) if o.status.success() => Check::eq(NAME, EXPECTED, EXPECTED),
-        Ok(o) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            let head: Vec<&str> = text.lines().take(5).collect();
-            Check::failed(NAME, EXPECTED, head.join("; "))
-        }
-        Err(e) => Check::failed(NAME, EXPECTED, format!("cannot run it: {e}")),
-    }
+    tool_check(NAME, EXPECTED, out)
 }
 
 /// Compares the running restored cluster with the fingerprint and runs the policy's checks.
