@@ -442,7 +442,8 @@ impl Postgres {
     /// restore --start` started), as this cluster's superuser.
     pub fn psql_on(&self, port: u16, db: &str, sql: &str) -> std::process::Output {
         Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-t", "-A", "-h", "127.0.0.1", "-U", "postgres"])
+            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
+            .args(["-h", "127.0.0.1", "-U", "postgres"])
             .arg("-p")
             .arg(port.to_string())
             .arg("-d")
@@ -524,28 +525,7 @@ impl Postgres {
 
     /// `psql` as the superuser, its output whatever it is (the caller judges it).
     pub fn psql_raw(&self, db: &str, sql: &str) -> std::process::Output {
-        Command::new(self.bin.join("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-t",
-                "-A",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-d")
-            .arg(db)
-            .arg("-c")
-            .arg(sql)
-            .env("PGPASSWORD", &self.password)
-            .output()
-            .expect("cannot run psql")
+        self.psql_on(self.port, db, sql)
     }
 
     /// Runs SQL and returns psql's unaligned output; panics on error.

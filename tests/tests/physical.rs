@@ -1439,16 +1439,24 @@ fn wal_streams_over_tls_and_the_servers_certificate_is_verified() {
     );
 }
 
-#[test]
-fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
-    let fx = setup("phys_pitr");
+/// For point-in-time tests: table `stamped` (each row with its commit's clock), a policy
+/// streaming WAL into a repository at an absolute path, and its streamer running: the fixture,
+/// slot, policy, repository, the streamer's log and the streamer.
+fn stamped_fixture(prefix: &str) -> (Fx, String, PathBuf, PathBuf, PathBuf, std::process::Child) {
+    let fx = setup(prefix);
     fx.pg.psql(
         &fx.db,
         "create table stamped (id serial primary key, batch int not null, at timestamptz not null default clock_timestamp())",
     );
     let (slot, policy, repo) = fx.recovery_policy();
     let log = fx.dir.path().join("stream.log");
-    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    let child = start_streamer(&fx, &policy, &slot, &log);
+    (fx, slot, policy, repo, log, child)
+}
+
+#[test]
+fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
+    let (fx, slot, policy, repo, log, mut child) = stamped_fixture("phys_pitr");
     fx.backup(&policy);
     let batch = |n: u32| {
         fx.pg.psql(
@@ -1703,14 +1711,7 @@ fn restore_to(fx: &Fx, policy: &Path, dir: &Path, args: &[&str]) -> Run {
 
 #[test]
 fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target() {
-    let fx = setup("phys_pitr_targets");
-    fx.pg.psql(
-        &fx.db,
-        "create table stamped (id serial primary key, batch int not null, at timestamptz not null default clock_timestamp())",
-    );
-    let (slot, policy, repo) = fx.recovery_policy();
-    let log = fx.dir.path().join("stream.log");
-    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    let (fx, slot, policy, repo, log, mut child) = stamped_fixture("phys_pitr_targets");
     let now = || fx.pg.psql("postgres", "select clock_timestamp()::text");
     let pause = || std::thread::sleep(std::time::Duration::from_millis(1200));
     let batch = |n: u32| {
