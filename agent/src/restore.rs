@@ -445,16 +445,20 @@ impl Plan {
 pub async fn plan(request: &Request<'_>) -> Result<Plan> {
     let kind = request.entry.manifest.kind;
     if request.options.recovery.is_some() && kind != crate::source::Kind::PostgresPhysical {
-        return Err(Error::new(
-            ErrorKind::Invalid,
-            format!(
-                "--time, --lsn, --latest and --timeline recover a physical PostgreSQL source from its WAL archive; {} is a {kind} source",
-                request.entry.manifest.source
-            ),
-        )
-        .hint("restore one of its backups by --backup ID or --before TIME instead"));
+        return Err(no_recovery_for(&request.entry.manifest.source, kind));
     }
     kind.plan_restore(request).await
+}
+
+/// A recovery target given for a source of `kind`, which has no WAL archive.
+pub fn no_recovery_for(source: &str, kind: crate::source::Kind) -> Error {
+    Error::new(
+        ErrorKind::Invalid,
+        format!(
+            "--time, --lsn, --latest and --timeline recover a physical PostgreSQL source from its WAL archive; {source} is a {kind} source"
+        ),
+    )
+    .hint("restore one of its backups by --backup ID or --before TIME instead")
 }
 
 /// `verified`, `LAST VERIFICATION FAILED` or `never verified`.

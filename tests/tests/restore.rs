@@ -118,6 +118,18 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
         .unwrap()
         .ends_with(&format!("/{target}")));
     assert!(!fx.exists(&target), "dry run created nothing");
+
+    // A point in time is a physical source's: a logical one says so (exit 2), whichever backup.
+    for args in [vec!["--latest"], vec!["--time", "2026-12-02 03:00:00"]] {
+        let r = fx.restore(&target, &args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("recover a physical PostgreSQL source"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    assert!(!fx.exists(&target));
 }
 
 #[test]

@@ -147,19 +147,24 @@ pub async fn choose<'a>(
         Target::Lsn(l) => b.stop_lsn <= *l,
         Target::Latest => true,
     });
-    match (found, all.first()) {
-        (Some((e, _)), _) => Ok(e),
-        (None, None) => Err(Error::failed(format!(
+    if let Some((e, _)) = found {
+        return Ok(e);
+    }
+    if let Some((_, newest)) = all.first() {
+        let archive = Archive::read(repo, source, newest.wal_segment_size).await?;
+        return Err(outside(
+            format!("{target} is before the oldest base backup of {source} was consistent"),
+            &windows(backups, source, &archive),
+        ));
+    }
+    match backups.iter().find(|e| e.manifest.source == source) {
+        Some(e) if e.manifest.kind != crate::source::Kind::PostgresPhysical => {
+            Err(crate::restore::no_recovery_for(source, e.manifest.kind))
+        }
+        _ => Err(Error::failed(format!(
             "no base backup of source {source}: there is nothing to recover from"
         ))
         .hint("take one with `lifeboat backup --source …` (RUNBOOK.md#to-a-point-in-time)")),
-        (None, Some((_, newest))) => {
-            let archive = Archive::read(repo, source, newest.wal_segment_size).await?;
-            Err(outside(
-                format!("{target} is before the oldest base backup of {source} was consistent"),
-                &windows(backups, source, &archive),
-            ))
-        }
     }
 }
 
