@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+# A clean CI clone builds once: incremental state would only add gigabytes to target/.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
 export MOTO_SERVER="$PWD/${MOTO_VENV:-target/moto-venv}/bin/moto_server"
 
 cargo fmt --all -- --check
