@@ -758,12 +758,25 @@ fn a_streamer_killed_9_resumes_from_its_slot_and_the_chain_stays_whole() {
     let p = policy.to_str().unwrap();
     let repo = fx.dir.path().join("repo");
     let log = fx.dir.path().join("stream.log");
-    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    // A temp dir of its own: the segment spool must not outlive the killed process.
+    let tmp = fx.dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let env = [("TMPDIR".to_string(), tmp.display().to_string())];
+    let mut child = start_streamer_with(&fx, &policy, &slot, &log, &env);
     let r = fx.run(&["backup", "--policy", p]);
     assert_eq!(r.code, 0, "base backup: {}", r.stderr);
     write_some(&fx, 10, Some(3));
     child.kill().unwrap(); // SIGKILL mid-stream: nothing is cleaned up
     child.wait().unwrap();
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the killed streamer left {left:?} in its TMPDIR"
+    );
     // Written while no streamer runs: the slot holds it on the server.
     let during = write_some(&fx, 10, Some(5));
     let mut child = start_streamer(&fx, &policy, &slot, &log);
@@ -1545,8 +1558,8 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
         );
     }
     // A damaged object is never handed to recovery; a file the archive lacks is "not found".
-    let fetch = |file: &str, dest: &Path| {
-        fx.run(&[
+    let fetch = |file: &str, dest: &Path, extra: &[&str]| {
+        let mut args = vec![
             "wal",
             "fetch",
             "--policy",
@@ -1555,28 +1568,38 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
             "cluster",
             "--identity",
             identity,
-            file,
-            dest.to_str().unwrap(),
-        ])
+        ];
+        args.extend(extra);
+        args.extend([file, dest.to_str().unwrap()]);
+        fx.run(&args)
     };
     let whole = whole_segments(&repo)[0].clone();
     let name = whole.file_name().unwrap().to_string_lossy()[..24].to_string();
     let dest = fx.dir.path().join("fetched");
-    let r = fetch(&name, &dest);
+    let r = fetch(&name, &dest, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 << 20);
     std::fs::remove_file(&dest).unwrap();
+    // The segment size as `lifeboat restore` passes it; a size no cluster has is refused (126,
+    // which stops recovery) before anything is written.
+    let r = fetch(&name, &dest, &["--segment-size", "16777216"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    std::fs::remove_file(&dest).unwrap();
+    let r = fetch(&name, &dest, &["--segment-size", "1000"]);
+    assert_eq!(r.code, 126, "{}", r.stderr);
+    assert!(r.stderr.contains("--segment-size 1000"), "{}", r.stderr);
+    assert!(!dest.exists());
     let mut bytes = std::fs::read(&whole).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&whole, bytes).unwrap();
-    let r = fetch(&name, &dest);
+    let r = fetch(&name, &dest, &[]);
     // Not 1, which recovery would read as the archive's end, opening a cluster short of its
     // target: above 125 PostgreSQL stops recovery.
     assert_eq!(r.code, 126, "a flipped byte: {}", r.stderr);
     assert!(r.stderr.contains(&name), "names the object: {}", r.stderr);
     assert!(!dest.exists(), "nothing written for recovery to read");
-    let r = fetch("0000000100000009000000FF", &dest);
+    let r = fetch("0000000100000009000000FF", &dest, &[]);
     assert_eq!(r.code, 1, "not in the archive: {}", r.stderr);
     assert!(
         r.stderr.contains("not in cluster's WAL archive"),
@@ -1750,6 +1773,11 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
     assert!(r.stderr.contains(&first), "{}", r.stderr);
     assert!(r.stderr.contains("recovery_target_time"), "{}", r.stderr);
     assert!(r.stderr.contains("window"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("never restored and replayed"),
+        "{}",
+        r.stderr
+    );
     assert!(!planned.exists());
 
     let rows = |copy: &Postgres| {
@@ -1890,7 +1918,7 @@ fn the_verifier_replays_the_archived_wal_past_the_backup_and_names_a_damaged_or_
     let policy = fx.policy(
         "postgres",
         &format!(
-            "wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}\n[sources.verify]\nchecks = [{{ sql = \"select count(*) from t\", equals = 11000 }}]"
+            "wal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}\nobjectives = {{ rto = \"1h\" }}\n[sources.verify]\nchecks = [{{ sql = \"select count(*) from t\", equals = 11000 }}]"
         ),
     );
     let log = fx.dir.path().join("stream.log");
@@ -1932,6 +1960,58 @@ fn the_verifier_replays_the_archived_wal_past_the_backup_and_names_a_damaged_or_
             .contains("archived WAL segment"),
         "{:#}",
         reports[0]
+    );
+    // Two replays: to a record chosen at random inside the window, stopping exactly there, then
+    // on to the archive's end; the report holds both, and the rate.
+    let drill = &reports[0]["replay"];
+    let targets = drill["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2, "{drill:#}");
+    let (point, end) = (&targets[0], &targets[1]);
+    assert_eq!(point["kind"], "random point in the window", "{drill:#}");
+    assert_eq!(point["reached"], point["target"], "{drill:#}");
+    let at = |v: &serde_json::Value| lsn(v.as_str().unwrap());
+    assert!(
+        at(&drill["from"]) < at(&point["target"])
+            && at(&point["target"]) < at(&drill["archive_end"]),
+        "{drill:#}"
+    );
+    assert_eq!(end["kind"], "archive end", "{drill:#}");
+    // Redo ends in the archive's last segment (16 MiB, the test cluster's).
+    let segment = 16 << 20;
+    assert!(
+        at(&end["reached"]) / segment >= (at(&drill["archive_end"]) - 1) / segment,
+        "{drill:#}"
+    );
+    assert!(drill["segments"].as_u64().unwrap() >= 1, "{drill:#}");
+    assert!(
+        drill["bytes_per_second"].as_f64().unwrap() > 0.0,
+        "{drill:#}"
+    );
+    let point_check = checks
+        .iter()
+        .find(|c| c["name"] == "WAL replay to a random point")
+        .unwrap_or_else(|| panic!("no random-point check: {checks:#?}"));
+    assert_eq!(point_check["passed"], true, "{point_check:#}");
+    // The measured RTO against the source's objective.
+    assert_eq!(reports[0]["rto_objective_seconds"], 3600.0);
+    assert_eq!(reports[0]["rto_met"], true);
+    // A point-in-time restore's plan names the newest drill (the server's restore_command needs
+    // the repository as an absolute path).
+    let absolute = fx.dir.path().join("absolute.toml");
+    let text = std::fs::read_to_string(&policy).unwrap().replace(
+        "file://./repo",
+        &format!("file://{}/repo", fx.dir.path().display()),
+    );
+    std::fs::write(&absolute, text).unwrap();
+    let planned = fx.dir.path().join("planned");
+    let r = restore_to(&fx, &absolute, &planned, &["--latest", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let id = reports[0]["verify_id"].as_str().unwrap();
+    assert!(
+        r.stderr
+            .contains(&format!("newest passed: verification {id}")),
+        "{}",
+        r.stderr
     );
 
     // The newest object damaged: exit 13 naming it.

@@ -77,8 +77,16 @@ fn print_report(source: &str, report: &lifeboat::verify::Report) {
             c.name, c.expected, c.found
         );
     }
+    let rto = match (report.rto_objective_seconds, report.rto_met) {
+        (Some(rto), Some(met)) => format!(
+            "; RTO objective {} {}",
+            humantime::format_duration(std::time::Duration::from_secs_f64(rto)),
+            if met { "met" } else { "MISSED" }
+        ),
+        _ => String::new(),
+    };
     eprintln!(
-        "{} {}: {} ({} checks, restore {:.1} s, total {:.1} s)",
+        "{} {}: {} ({} checks, restore {:.1} s, total {:.1} s{rto})",
         source,
         report.backup_id,
         if report.result == "pass" {

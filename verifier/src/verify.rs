@@ -49,7 +49,7 @@ pub async fn verify(
         identities,
     };
     let mut steps = source.config.verify_steps();
-    let (mut report, t0) = new_report(entry);
+    let (mut report, t0) = new_report(source, entry);
     let deadline = tokio::time::Instant::now() + source.verify.timeout;
     let prepared = tokio::select! {
         r = steps.prepare(&ctx, &mut report) => r,

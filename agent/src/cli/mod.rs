@@ -223,7 +223,8 @@ enum WalCommand {
     },
     /// Write one WAL file from the archive to DEST, checked against its SHA-256: PostgreSQL's
     /// `restore_command` (`lifeboat wal fetch --policy P --source S %f %p`). Exit 1: not in the
-    /// archive (recovery's end); 13: damaged, nothing written.
+    /// archive (recovery's end); 126: anything else (damaged, unreachable, no key), which stops
+    /// recovery; nothing is written to DEST then.
     Fetch {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
@@ -234,6 +235,10 @@ enum WalCommand {
         /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
         #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
         identity: Option<PathBuf>,
+        /// The cluster's WAL segment size in bytes (`lifeboat restore` passes it); else it is
+        /// read from the source's base backups, which lists them on every call.
+        #[arg(long, value_name = "BYTES")]
+        segment_size: Option<u64>,
         /// The WAL file's name, as recovery asks for it (%f): a segment or a `.history` file.
         file: String,
         /// Where to write it (%p).

@@ -209,6 +209,53 @@ pub async fn output(program: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// True when this process runs as root: a PostgreSQL server it starts must then run as another
+/// OS user (the server refuses root).
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The command prefix that runs what follows it as OS user `user`, with that user's groups.
+pub fn as_user(user: &str) -> Vec<OsString> {
+    [
+        "setpriv".to_string(),
+        format!("--reuid={user}"),
+        format!("--regid={user}"),
+        "--init-groups".into(),
+        "--".into(),
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect()
+}
+
+/// Gives `dir` (and everything below it, when `recursive`) to OS user `user`.
+pub fn hand_over(dir: &Path, user: &str, recursive: bool) -> std::result::Result<(), String> {
+    let ok = std::process::Command::new("chown")
+        .args(recursive.then_some("-R"))
+        .arg(format!("{user}:"))
+        .arg(dir)
+        .stdin(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot give {} to the OS user {user}",
+            dir.display()
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use chrono::Utc;
 
-pub use report::{Check, Report, Timings};
+pub use report::{Check, Replay, ReplayTarget, Report, Timings};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::policy::{Policy, SourcePolicy};
@@ -78,8 +78,8 @@ pub trait Steps {
     async fn teardown(&mut self);
 }
 
-/// A failing report for `entry`, to be filled in, and the clock it started.
-pub fn new_report(entry: &Entry) -> (Report, Instant) {
+/// A failing report for `entry` of `source`, to be filled in, and the clock it started.
+pub fn new_report(source: &SourcePolicy, entry: &Entry) -> (Report, Instant) {
     let m = &entry.manifest;
     let started_at = Utc::now();
     let report = Report {
@@ -100,6 +100,9 @@ pub fn new_report(entry: &Entry) -> (Report, Instant) {
             "dump_tool": m.dump_tool_version,
         }),
         checks: Vec::new(),
+        replay: None,
+        rto_objective_seconds: source.objectives.rto.map(|d| d.as_secs_f64()),
+        rto_met: None,
     };
     (report, Instant::now())
 }
@@ -107,6 +110,9 @@ pub fn new_report(entry: &Entry) -> (Report, Instant) {
 /// Sets the result from the checks and stores the report.
 pub async fn conclude(repo: &Repository, mut report: Report, t0: Instant) -> Result<Report> {
     report.timings.total_seconds = t0.elapsed().as_secs_f64();
+    report.rto_met = report
+        .rto_objective_seconds
+        .map(|rto| report.timings.total_seconds <= rto);
     report.finished_at = Utc::now();
     report.result = if report.error.is_none() && report.checks.iter().all(|c| c.passed) {
         "pass".into()

@@ -65,6 +65,41 @@ pub struct Timings {
     pub total_seconds: f64,
 }
 
+/// The WAL replay drill of a physical backup: what was replayed from the archive, to which
+/// targets, and how fast.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Replay {
+    /// Where the base backup ends: replay of archived WAL starts here.
+    pub from: String,
+    /// Where the archive ends.
+    pub archive_end: String,
+    /// Archived segments fetched (each checked against its SHA-256).
+    pub segments: u64,
+    /// Their plaintext bytes.
+    pub bytes: u64,
+    /// Fetching them into the scratch.
+    pub download_seconds: f64,
+    /// Every replay, from the first server start to the last promotion.
+    pub replay_seconds: f64,
+    /// WAL bytes replayed per second of `replay_seconds`.
+    pub bytes_per_second: f64,
+    /// The targets replayed to, in order.
+    pub targets: Vec<ReplayTarget>,
+}
+
+/// One target of the replay drill.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayTarget {
+    /// `random point in the window` or `archive end`.
+    pub kind: String,
+    /// The target LSN.
+    pub target: String,
+    /// Where the server's recovery stopped, from its log; absent when it did not say.
+    pub reached: Option<String>,
+    /// Server start to stop (a random point) or to promotion (the archive's end).
+    pub seconds: f64,
+}
+
 /// One verification of one backup.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -94,6 +129,15 @@ pub struct Report {
     pub versions: serde_json::Value,
     /// Every check, passed or not.
     pub checks: Vec<Check>,
+    /// The WAL replay drill (physical backups with an archive past their end).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<Replay>,
+    /// The source's recovery-time objective, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rto_objective_seconds: Option<f64>,
+    /// Whether `timings.total_seconds` (the measured RTO) was within it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rto_met: Option<bool>,
 }
 
 impl Report {

@@ -53,10 +53,18 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                     policy,
                     source,
                     identity,
+                    segment_size,
                     file,
                     dest,
                 },
-        } => wal::fetch(&policy, &source, identity.as_deref(), &file, &dest).await,
+        } => {
+            let at = wal::Fetch {
+                file: &file,
+                dest: &dest,
+                segment_size,
+            };
+            wal::fetch(&policy, &source, identity.as_deref(), at).await
+        }
         Command::Restore(args) => restore::restore(args, cancel).await,
         Command::Agent { policy, listen } => {
             let mut policy = load(&policy)?;

@@ -38,7 +38,7 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         Some(target) => Some(pitr::Recovery {
             target,
             timeline: a.timeline,
-            restore_command: wal_fetch_command(&a, &policy)?,
+            restore_command: wal_fetch_command(&a, &policy, &entry.manifest)?,
         }),
         None => None,
     };
@@ -146,8 +146,13 @@ fn recovery_target(a: &RestoreArgs) -> Result<Option<pitr::Target>> {
 }
 
 /// The `restore_command` a restored cluster recovers with: this binary's `wal fetch`, with
-/// absolute paths (the server runs it in its data directory, as its own OS user).
-fn wal_fetch_command(a: &RestoreArgs, policy: &lifeboat::policy::Policy) -> Result<String> {
+/// absolute paths (the server runs it in its data directory, as its own OS user), and the
+/// cluster's segment size, so that no fetch has to read the base backups to learn it.
+fn wal_fetch_command(
+    a: &RestoreArgs,
+    policy: &lifeboat::policy::Policy,
+    base: &lifeboat::repo::manifest::Manifest,
+) -> Result<String> {
     let absolute = |p: &std::path::Path, what: &str| {
         std::fs::canonicalize(p).map_err(|e| Error::failed(format!("{what} {}: {e}", p.display())))
     };
@@ -166,7 +171,7 @@ fn wal_fetch_command(a: &RestoreArgs, policy: &lifeboat::policy::Policy) -> Resu
     let exe = std::env::current_exe()
         .map_err(|e| Error::failed(format!("cannot tell where this lifeboat binary is: {e}")))?;
     let identity = super::identity_file(a.identity.as_deref(), policy)?;
-    let words = [
+    let mut words = vec![
         exe.display().to_string(),
         "wal".into(),
         "fetch".into(),
@@ -177,6 +182,9 @@ fn wal_fetch_command(a: &RestoreArgs, policy: &lifeboat::policy::Policy) -> Resu
         "--identity".into(),
         absolute(&identity, "identity")?.display().to_string(),
     ];
+    if let Some(b) = &base.base_backup {
+        words.extend(["--segment-size".into(), b.wal_segment_size.to_string()]);
+    }
     let mut command: Vec<String> = words.iter().map(|w| pitr::shell_word(w)).collect();
     command.extend(["%f".into(), "%p".into()]);
     Ok(command.join(" "))

@@ -48,25 +48,45 @@ pub async fn stream(path: &Path, name: &str, cancel: CancellationToken) -> Resul
     streamer.run(cancel).await
 }
 
-pub async fn fetch(
-    path: &Path,
-    name: &str,
-    identity: Option<&Path>,
-    file: &str,
-    dest: &Path,
-) -> Result<()> {
+/// What `wal fetch` is asked for.
+pub struct Fetch<'a> {
+    /// The WAL file's name (%f).
+    pub file: &'a str,
+    /// Where it goes (%p).
+    pub dest: &'a Path,
+    /// The cluster's segment size, when the caller knows it.
+    pub segment_size: Option<u64>,
+}
+
+pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'_>) -> Result<()> {
+    let Fetch {
+        file,
+        dest,
+        segment_size,
+    } = at;
     let policy = load(path)?;
     physical(&policy, name)?;
     let identities = lifeboat::pipeline::read_identities(&identity_file(identity, &policy)?)?;
     let repo = Repository::open(&policy).await?;
-    // The cluster's segment size, from its base backups (16 MiB unless initdb chose another).
-    let segment_size = repo
-        .list(Some(name))
-        .await?
-        .backups
-        .iter()
-        .find_map(|e| e.manifest.base_backup.as_ref().map(|b| b.wal_segment_size))
-        .unwrap_or(16 << 20);
+    // Else the cluster's segment size from its base backups (16 MiB unless initdb chose another).
+    let segment_size = match segment_size {
+        Some(size) if size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size) => size,
+        Some(size) => {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                "--segment-size {size}: a WAL segment size is a power of two from 1 MiB to 1 GiB"
+            ),
+            ))
+        }
+        None => repo
+            .list(Some(name))
+            .await?
+            .backups
+            .iter()
+            .find_map(|e| e.manifest.base_backup.as_ref().map(|b| b.wal_segment_size))
+            .unwrap_or(16 << 20),
+    };
     let got = fetch::fetch(&repo, name, file, dest, segment_size, &identities).await?;
     tracing::info!(file, key = %got.key, bytes = got.bytes, archived = got.archived, "Fetched from the WAL archive");
     Ok(())

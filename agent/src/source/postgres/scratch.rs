@@ -64,14 +64,7 @@ fn succeeds(cmd: &str, args: &[&str]) -> bool {
 }
 
 fn isolation() -> Isolation {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false);
+    let root = crate::source::child::running_as_root();
     // A network namespace of its own: whatever a restored dump makes the server do, it cannot
     // reach another host. The unix socket, a file, still connects the verifier to it.
     let unshare: &[&str] = if root {
@@ -106,17 +99,7 @@ fn isolation() -> Isolation {
         .into_iter()
         .find(|u| succeeds("id", &["-u", u]))
         .unwrap_or("nobody");
-    prefix.extend(
-        [
-            "setpriv",
-            &format!("--reuid={user}"),
-            &format!("--regid={user}"),
-            "--init-groups",
-            "--",
-        ]
-        .iter()
-        .map(OsString::from),
-    );
+    prefix.extend(crate::source::child::as_user(user));
     Isolation {
         prefix,
         user: Some(user.to_string()),
@@ -234,22 +217,6 @@ fn scratch_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Gives `dir` (and everything below it, when `recursive`) to the OS user the server runs as.
-fn hand_over(dir: &Path, user: &str, recursive: bool) -> std::result::Result<(), String> {
-    let ok = std::process::Command::new("chown")
-        .args(recursive.then_some("-R"))
-        .arg(format!("{user}:"))
-        .arg(dir)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("cannot hand {} to user {user}", dir.display()))
-    }
-}
-
 /// Creates the cluster in `data`, its bootstrap superuser [`SUPERUSER`], trusted on the socket.
 async fn initdb(prefix: &[OsString], bin: &Path, data: &Path) -> std::result::Result<(), String> {
     let mut initdb: Vec<OsString> = prefix.to_vec();
@@ -322,7 +289,8 @@ fn spawn_server(
         server.push("-c".into());
         server.push(s.into());
     }
-    let script = r#"dir=$1; shift; "$@" >"$dir/log" 2>&1 & pid=$!; read _; kill -INT $pid 2>/dev/null; wait $pid; rm -rf "$dir""#;
+    // `keep` on stdin (the server already down) leaves the directory for another start.
+    let script = r#"dir=$1; shift; "$@" >"$dir/log" 2>&1 & pid=$!; read cmd; kill -INT $pid 2>/dev/null; wait $pid; [ "$cmd" = keep ] || rm -rf "$dir""#;
     Command::new("sh")
         .arg("-c")
         .arg(script)
@@ -404,22 +372,74 @@ impl Unstarted {
             .await
     }
 
-    async fn start_with(
-        self,
+    /// Replays the WAL files in `wal` up to and including the record at `target` (an LSN),
+    /// then shuts the server down still in recovery, so that a later start replays on from
+    /// there. Returns where the server said recovery stopped (`recovery stopping after WAL
+    /// location`), with the log.
+    pub async fn replay_to(
+        &self,
         bin: &Path,
-        superuser: &str,
-        ready_within: Duration,
-        wal: Option<&Path>,
-    ) -> Result<Scratch> {
-        let mut this = self;
-        // Drop then has nothing to remove: from here the guard or `fail` does.
-        let dir = std::mem::take(&mut this.dir);
-        let isolation = std::mem::take(&mut this.isolation);
-        let guard_dir = dir.clone();
-        let fail = move |what: String| {
-            let _ = std::fs::remove_dir_all(&guard_dir);
-            Error::failed(format!("scratch cluster: {what}"))
-        };
+        wal: &Path,
+        target: &str,
+        within: Duration,
+    ) -> Result<(String, String)> {
+        let fail = |what: String| Error::failed(format!("scratch cluster: {what}"));
+        let mut settings = self.configure(Some(wal)).map_err(fail)?;
+        settings.extend([
+            format!("recovery_target_lsn={target}"),
+            "recovery_target_action=shutdown".into(),
+        ]);
+        let port = free_port().map_err(|e| fail(format!("no free port: {e}")))?;
+        let prefix = self.isolation.prefix.clone();
+        let mut guard =
+            spawn_server(prefix, bin, &self.data(), &self.dir, port, &settings).map_err(fail)?;
+        let log_file = self.dir.join("log");
+        let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
+        let deadline = Instant::now() + within;
+        while !log().contains("database system is shut down") {
+            if Instant::now() > deadline {
+                // Dropping the guard's stdin stops the server and removes the scratch.
+                return Err(fail(format!(
+                    "replay to {target} did not end within {}",
+                    humantime::format_duration(within)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The server is down: the guard leaves the directory for the next start.
+        if let Some(mut stdin) = guard.stdin.take() {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(b"keep\n").await;
+        }
+        let _ = guard.wait().await;
+        let logged = log();
+        let reached = logged
+            .lines()
+            .filter_map(|l| {
+                l.split("recovery stopping after WAL location (LSN) \"")
+                    .nth(1)
+            })
+            .filter_map(|rest| rest.split('"').next())
+            .next_back()
+            .map(str::to_string);
+        let _ = std::fs::rename(&log_file, self.dir.join(format!("log.{target}")));
+        match reached {
+            Some(at) => Ok((at, logged)),
+            None => {
+                let tail: Vec<&str> = logged.lines().rev().take(12).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                Err(fail(format!(
+                    "replay to {target} stopped without reaching it: {}",
+                    tail.join("\n")
+                )))
+            }
+        }
+    }
+
+    /// Writes the scratch's own configuration beside `data/` and readies the files for a server
+    /// start (replaying `wal` when given). Returns the server's `-c` settings.
+    fn configure(&self, wal: Option<&Path>) -> std::result::Result<Vec<String>, String> {
+        let dir = &self.dir;
         let data = dir.join("data");
         let conf = dir.join("postgresql.conf");
         let hba = dir.join("pg_hba.conf");
@@ -440,7 +460,7 @@ impl Unstarted {
                 ),
             )
         });
-        written.map_err(|e| fail(format!("cannot write its configuration: {e}")))?;
+        written.map_err(|e| format!("cannot write its configuration: {e}"))?;
         // A backup of a standby carries its signal file; the scratch must open, not follow.
         for f in ["standby.signal", "recovery.signal", "postmaster.pid"] {
             let _ = std::fs::remove_file(data.join(f));
@@ -448,17 +468,16 @@ impl Unstarted {
         let restore_command = match wal {
             Some(wal) => {
                 std::fs::write(data.join("recovery.signal"), "")
-                    .map_err(|e| fail(format!("cannot write recovery.signal: {e}")))?;
+                    .map_err(|e| format!("cannot write recovery.signal: {e}"))?;
                 let from =
                     crate::source::postgres_physical::pitr::shell_word(&wal.display().to_string());
                 format!("restore_command=cp {from}/%f %p")
             }
             None => "restore_command=".into(),
         };
-        if let Some(user) = &isolation.user {
-            hand_over(&dir, user, true).map_err(&fail)?;
+        if let Some(user) = &self.isolation.user {
+            crate::source::child::hand_over(dir, user, true)?;
         }
-        let port = free_port().map_err(|e| fail(format!("no free port: {e}")))?;
         let mut settings: Vec<String> = [
             format!("config_file={}", conf.display()),
             "fsync=off".into(),
@@ -475,10 +494,35 @@ impl Unstarted {
         if wal.is_some() {
             settings.extend([
                 "hot_standby=off".into(),
-                "recovery_target_action=promote".into(),
                 "recovery_target_timeline=latest".into(),
             ]);
         }
+        Ok(settings)
+    }
+
+    async fn start_with(
+        self,
+        bin: &Path,
+        superuser: &str,
+        ready_within: Duration,
+        wal: Option<&Path>,
+    ) -> Result<Scratch> {
+        let configured = self.configure(wal);
+        let mut this = self;
+        // Drop then has nothing to remove: from here the guard or `fail` does.
+        let dir = std::mem::take(&mut this.dir);
+        let isolation = std::mem::take(&mut this.isolation);
+        let guard_dir = dir.clone();
+        let fail = move |what: String| {
+            let _ = std::fs::remove_dir_all(&guard_dir);
+            Error::failed(format!("scratch cluster: {what}"))
+        };
+        let mut settings = configured.map_err(&fail)?;
+        if wal.is_some() {
+            settings.push("recovery_target_action=promote".into());
+        }
+        let data = dir.join("data");
+        let port = free_port().map_err(|e| fail(format!("no free port: {e}")))?;
         let mut guard =
             spawn_server(isolation.prefix, bin, &data, &dir, port, &settings).map_err(&fail)?;
         let stdin = guard.stdin.take();
@@ -515,7 +559,7 @@ impl Scratch {
         let isolation = isolation();
         let prefix = isolation.prefix;
         if let Some(user) = &isolation.user {
-            hand_over(&dir, user, false).map_err(fail)?;
+            crate::source::child::hand_over(&dir, user, false).map_err(fail)?;
         }
         let data = dir.join("data");
         initdb(&prefix, bin, &data).await.map_err(fail)?;

@@ -86,13 +86,25 @@ pub async fn fetch(
             let w = find_segment(repo, source, timeline, name)
                 .await?
                 .ok_or_else(|| not_found(source, file))?;
-            let expect = (w.sha256.as_str(), w.partial.unwrap_or(segment_size));
-            let pad = segment_size.saturating_sub(expect.1);
-            write_checked(repo, &w.key, dest, Some(expect), pad, identities).await
+            fetch_segment(repo, &w, dest, segment_size, identities).await
         }
         // `.partial`, `.backup` and anything else: the archive holds none.
         None => Err(not_found(source, file)),
     }
+}
+
+/// Fetches the segment object `w` (of a cluster whose segments are `segment_size` bytes) into
+/// `dest`, checked, a partial one padded to the whole segment.
+pub async fn fetch_segment(
+    repo: &Repository,
+    w: &WalObject,
+    dest: &Path,
+    segment_size: u64,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Fetched> {
+    let expect = (w.sha256.as_str(), w.partial.unwrap_or(segment_size));
+    let pad = segment_size.saturating_sub(expect.1);
+    write_checked(repo, &w.key, dest, Some(expect), pad, identities).await
 }
 
 /// The whole object of segment `name`, else its longest partial.

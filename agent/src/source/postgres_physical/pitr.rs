@@ -236,6 +236,27 @@ pub fn plan(
             format!("backup {} is not a base backup", m.id),
         )
     })?;
+    if let Some(n) = recovery.timeline {
+        let held: std::collections::BTreeSet<u32> = archive
+            .segments
+            .keys()
+            .map(|(t, _)| *t)
+            .chain([base.timeline])
+            .collect();
+        if n < base.timeline || !held.contains(&n) {
+            let held: Vec<String> = held.iter().map(u32::to_string).collect();
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "--timeline {n}: base backup {} is on timeline {}, and the archive holds WAL of timeline {}",
+                    m.id,
+                    base.timeline,
+                    held.join(", ")
+                ),
+            )
+            .hint("name a timeline the archive holds from the base backup's on, or leave --timeline out to follow the newest"));
+        }
+    }
     let windows = windows(backups, &m.source, archive);
     let reach = reach(entry, base, archive);
     let beyond = |what: &str| {
@@ -465,6 +486,19 @@ mod tests {
             conf.contains("recovery_target_timeline = 'latest'"),
             "{conf}"
         );
+
+        // A timeline the archive does not hold is refused, naming those it does.
+        let mut on = recovery(Target::Latest);
+        on.timeline = Some(2);
+        let e = plan(&backups[1], &backups, &a, &on).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert!(
+            e.message.contains("holds WAL of timeline 1"),
+            "{}",
+            e.message
+        );
+        on.timeline = Some(1);
+        assert!(plan(&backups[1], &backups, &a, &on).is_ok());
 
         // After everything stored: replay to the end, with no time set to stop it short.
         let late = recovery(Target::Time(at("03:00:00")));

@@ -66,12 +66,14 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
             let archive =
                 super::archive::Archive::read(req.repo, &m.source, base.wal_segment_size).await?;
             let replay = pitr::plan(req.entry, &listing.backups, &archive, recovery)?;
+            let drill = newest_drill(&listing.backups);
             details["recovery"] = serde_json::json!({
                 "target": recovery.target.to_string(),
                 "timeline": recovery.timeline,
                 "replay": replay,
+                "newest_drill": drill,
             });
-            Some((recovery.clone(), replay))
+            Some((recovery.clone(), replay, drill))
         }
         _ => None,
     };
@@ -100,7 +102,7 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         }
     };
     let action = match &replay {
-        Some((recovery, _)) => format!("{action}, set to recover to {}", recovery.target),
+        Some((recovery, ..)) => format!("{action}, set to recover to {}", recovery.target),
         None => action,
     };
     let shown = dir.display().to_string();
@@ -108,7 +110,9 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         manifest: m.clone(),
         dir: dir.clone(),
         spool_dir: o.spool_dir.clone(),
-        recovery: replay.clone(),
+        recovery: replay
+            .clone()
+            .map(|(recovery, replay, _)| (recovery, replay)),
         start,
     });
     let mut plan = Plan::new(
@@ -118,8 +122,9 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         details.as_object().cloned().unwrap_or_default(),
         apply,
     );
-    if let Some((recovery, replay)) = &replay {
+    if let Some((recovery, replay, drill)) = &replay {
         plan.details.extend(replay_lines(recovery, replay));
+        plan.details.push(("drill", drill_line(drill.as_ref())));
         if let Some(start) = plan_start {
             plan.details.push(("start", start));
         }
@@ -183,6 +188,41 @@ fn replay_lines(recovery: &Recovery, replay: &Replay) -> Vec<(&'static str, Stri
         lines.push(("window", w.to_string()));
     }
     lines
+}
+
+/// The newest verification of any of the source's backups: the last time a base backup of it
+/// was restored and its archived WAL replayed in scratch.
+fn newest_drill(backups: &[crate::repo::catalog::Entry]) -> Option<serde_json::Value> {
+    backups
+        .iter()
+        .filter_map(|e| Some((e, e.verification.as_ref()?)))
+        .max_by(|a, b| a.1.id.cmp(&b.1.id))
+        .map(|(e, v)| {
+            serde_json::json!({
+                "backup": e.manifest.id, "verification": v.id, "result": v.result,
+                "restore_seconds": v.restore_seconds,
+            })
+        })
+}
+
+fn drill_line(drill: Option<&serde_json::Value>) -> String {
+    let Some(d) = drill else {
+        return "none: this source was never restored and replayed by lifeboat-verifier (RUNBOOK.md#alert-verificationstale)".into();
+    };
+    let s = |k: &str| d[k].as_str().unwrap_or("?").to_string();
+    format!(
+        "newest {}: verification {} of base backup {}{}",
+        if d["result"] == "pass" {
+            "passed"
+        } else {
+            "FAILED"
+        },
+        s("verification"),
+        s("backup"),
+        d["restore_seconds"]
+            .as_f64()
+            .map_or(String::new(), |t| format!(", restore and replay {t:.1} s"))
+    )
 }
 
 /// How many entries `dir` holds (0 when it does not exist).

@@ -28,17 +28,6 @@ pub struct Started {
     pub recovery: Vec<String>,
 }
 
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn log_tail(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -46,45 +35,27 @@ fn log_tail(log: &str, n: usize) -> String {
 
 /// Starts the server in `bin` on `dir` at `port` and waits until it is promoted.
 pub async fn start(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
-    let user = running_as_root().then(|| "postgres".to_string());
-    let mut command: Vec<String> = Vec::new();
+    use crate::source::child;
+    let user = child::running_as_root().then(|| "postgres".to_string());
+    let mut command: Vec<std::ffi::OsString> = Vec::new();
     if let Some(u) = &user {
-        let chowned = std::process::Command::new("chown")
-            .arg("-R")
-            .arg(format!("{u}:"))
-            .arg(dir)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !chowned {
-            return Err(Error::failed(format!(
-                "cannot give {} to the OS user {u}, whom the server must run as",
-                dir.display()
-            ))
-            .hint("create the postgres OS user (the server refuses to run as root), or run lifeboat as the server's own user"));
-        }
-        command.extend(
-            [
-                "setpriv",
-                &format!("--reuid={u}"),
-                &format!("--regid={u}"),
-                "--init-groups",
-                "--",
-            ]
-            .map(String::from),
-        );
+        child::hand_over(dir, u, true).map_err(|why| {
+            Error::failed(format!("{why}, whom the server must run as"))
+            .hint("create the postgres OS user (the server refuses to run as root), or run lifeboat as the server's own user")
+        })?;
+        command.extend(child::as_user(u));
     }
     let log = dir.join(LOG);
     let socket_dir = super::pitr::shell_word(&dir.display().to_string());
     command.extend([
-        bin.join("pg_ctl").display().to_string(),
+        bin.join("pg_ctl").into_os_string(),
         "-D".into(),
-        dir.display().to_string(),
+        dir.as_os_str().to_owned(),
         "-l".into(),
-        log.display().to_string(),
+        log.as_os_str().to_owned(),
         "-W".into(),
         "-o".into(),
-        format!("-p {port} -k {socket_dir} -c lc_messages=C"),
+        format!("-p {port} -k {socket_dir} -c lc_messages=C").into(),
         "start".into(),
     ]);
     let out = tokio::process::Command::new(&command[0])
@@ -93,7 +64,7 @@ pub async fn start(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| Error::failed(format!("cannot run {}: {e}", command[0])))?;
+        .map_err(|e| Error::failed(format!("cannot run {}: {e}", command[0].to_string_lossy())))?;
     if !out.status.success() {
         return Err(Error::failed(format!(
             "pg_ctl start on {} failed: {}",

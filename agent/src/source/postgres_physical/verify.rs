@@ -8,13 +8,18 @@
 //!    there to the archive's end must be whole (a gap is exit 13, naming it), and every segment
 //!    is fetched into the scratch, each checked against its name (exit 13 on damage).
 //! 4. A server starts on the files, as the unprivileged OS user, without network, with its own
-//!    configuration set aside: it must recover from `backup_label`, replay the fetched WAL to
-//!    its end, promote and accept connections. Where replay ended is a check.
+//!    configuration set aside: it must recover from `backup_label` and replay the fetched WAL to
+//!    a record chosen at random inside the window (`pg_waldump` lists a random segment's
+//!    records), stop exactly there and shut down still in recovery; then start again, replay on
+//!    to the archive's end, promote and accept connections. Where each replay stopped is a
+//!    check, and the report's `replay` holds both targets, where they were reached, and the
+//!    replay rate. A point-in-time restore is exactly this with the operator's target.
 //! 5. `pg_amcheck` reads every table and B-tree index of every database. The restored cluster
 //!    is compared with the fingerprint (system identifier, out of recovery, every database
 //!    there and readable), then the policy's SQL checks run in the url's database.
 //! 6. The scratch is torn down, whatever happened.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -118,7 +123,7 @@ impl Steps for PhysicalSteps {
             bin.display()
         );
         let wal = data.with_file_name("wal");
-        let drill = match fetch_wal(ctx, &fingerprint.base, &wal, report).await {
+        let mut drill = match fetch_wal(ctx, &fingerprint.base, &wal, report).await {
             Ok(d) => d,
             Err(e) => {
                 self.stage = Some(Stage::Unstarted(dir));
@@ -126,13 +131,33 @@ impl Steps for PhysicalSteps {
             }
         };
         let superuser = &fingerprint.bootstrap_superuser;
-        let started = match &drill {
-            Some(_) => {
-                dir.start_replaying(&bin, superuser, RECOVERY_WITHIN, &wal)
-                    .await
+        let started = match &mut drill {
+            Some(d) => {
+                if let Err(e) = replay_to_random_point(&dir, &bin, &wal, d, report).await {
+                    return Ok(Verdict::RestoreFailed(e));
+                }
+                let t = Instant::now();
+                let s = dir
+                    .start_replaying(&bin, superuser, RECOVERY_WITHIN, &wal)
+                    .await;
+                d.replay.replay_seconds += t.elapsed().as_secs_f64();
+                d.replay.targets.push(crate::verify::ReplayTarget {
+                    kind: "archive end".into(),
+                    target: d.end.to_string(),
+                    reached: s.as_ref().ok().and_then(redo_done).map(|l| l.to_string()),
+                    seconds: t.elapsed().as_secs_f64(),
+                });
+                s
             }
             None => dir.start(&bin, superuser, RECOVERY_WITHIN).await,
         };
+        if let Some(d) = &mut drill {
+            let r = &mut d.replay;
+            if r.replay_seconds > 0.0 {
+                r.bytes_per_second = r.bytes as f64 / r.replay_seconds;
+            }
+            report.replay = Some(r.clone());
+        }
         let s = match started {
             Ok(s) => s,
             Err(e) => return Ok(Verdict::RestoreFailed(e)),
@@ -148,13 +173,15 @@ impl Steps for PhysicalSteps {
         if let Some(d) = &drill {
             report.checks.push(replayed(&s, d, &fingerprint.base));
             report.notes.push(format!(
-                "replayed {} archived WAL segment{} ({}) from {} to {}; download, replay and start took {:.1} s",
-                d.segments,
-                if d.segments == 1 { "" } else { "s" },
-                crate::human_bytes(d.bytes),
+                "replayed {} archived WAL segment{} ({}) from {} to {}; download {:.1} s, replay {:.1} s ({}/s)",
+                d.replay.segments,
+                if d.replay.segments == 1 { "" } else { "s" },
+                crate::human_bytes(d.replay.bytes),
                 fingerprint.base.stop_lsn,
                 d.end,
-                report.timings.restore_seconds
+                d.replay.download_seconds,
+                d.replay.replay_seconds,
+                crate::human_bytes(d.replay.bytes_per_second as u64),
             ));
         }
         let t2 = Instant::now();
@@ -329,12 +356,115 @@ async fn observe(
 
 /// WAL fetched into the scratch for the replay drill.
 struct Drill {
+    /// The base backup's end: replay of archived WAL starts there.
+    from: super::Lsn,
     /// The end of the archive: where replay must get to.
     end: super::Lsn,
-    /// Segments fetched.
-    segments: u64,
-    /// Their plaintext bytes.
-    bytes: u64,
+    /// The cluster's WAL segment size.
+    segment_size: u64,
+    /// The fetched segments past the backup's end, by number, on the newest timeline that has
+    /// each: where a random target is looked for.
+    after_backup: BTreeMap<u64, u32>,
+    /// What the report says of it.
+    replay: crate::verify::Replay,
+}
+
+/// The first replay of the drill: to a record chosen at random between the backup's end and the
+/// archive's end (`pg_waldump` lists the records of a random segment), stopping there with the
+/// server shut down still in recovery. Where the server said it stopped must be that record.
+async fn replay_to_random_point(
+    dir: &Unstarted,
+    bin: &std::path::Path,
+    wal: &std::path::Path,
+    d: &mut Drill,
+    report: &mut Report,
+) -> Result<()> {
+    const NAME: &str = "WAL replay to a random point";
+    let Some(target) = random_record(bin, wal, d).await else {
+        report.notes.push(format!(
+            "no WAL record past the backup's end to stop at; replayed only to the archive's end ({})",
+            d.end
+        ));
+        return Ok(());
+    };
+    let t = Instant::now();
+    let replayed = dir
+        .replay_to(bin, wal, &target.to_string(), RECOVERY_WITHIN)
+        .await;
+    let seconds = t.elapsed().as_secs_f64();
+    d.replay.replay_seconds += seconds;
+    let expected = format!("stops after the record at {target}");
+    let (reached, check) = match replayed {
+        Ok((at, _)) => {
+            let same = at.parse::<super::Lsn>().ok() == Some(target);
+            let found = format!("stops after the record at {at}");
+            let check = if same {
+                Check::eq(NAME, expected, found)
+            } else {
+                Check::failed(NAME, expected, found)
+            };
+            (Some(at), check)
+        }
+        Err(e) => (None, Check::failed(NAME, expected, e.message)),
+    };
+    d.replay.targets.push(crate::verify::ReplayTarget {
+        kind: "random point in the window".into(),
+        target: target.to_string(),
+        reached,
+        seconds,
+    });
+    let passed = check.passed;
+    report.checks.push(check);
+    if passed {
+        Ok(())
+    } else {
+        Err(Error::failed(format!(
+            "replay to {target}, a random point inside the recoverable window, failed"
+        )))
+    }
+}
+
+/// The start of a WAL record between the backup's end and the archive's end, picked at random:
+/// one of the first records `pg_waldump` finds in a random fetched segment.
+async fn random_record(
+    bin: &std::path::Path,
+    wal: &std::path::Path,
+    d: &Drill,
+) -> Option<super::Lsn> {
+    use rand::seq::IteratorRandom;
+    let (segno, timeline) = d
+        .after_backup
+        .iter()
+        .choose(&mut rand::rng())
+        .map(|(n, t)| (*n, *t))?;
+    let records = |start: super::Lsn| async move {
+        let out = tokio::process::Command::new(bin.join("pg_waldump"))
+            .arg("--path")
+            .arg(wal)
+            .args(["--timeline", &timeline.to_string()])
+            .args(["--start", &start.to_string(), "--limit", "200"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .ok()?;
+        // It exits 1 at the end of the WAL (the zeros after the last record): the records it
+        // printed before that are what counts.
+        let records: Vec<super::Lsn> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split("lsn: ").nth(1))
+            .filter_map(|rest| rest.split(',').next()?.trim().parse().ok())
+            .filter(|l| *l > d.from && *l < d.end)
+            .collect();
+        Some(records).filter(|r| !r.is_empty())
+    };
+    // A segment can hold no record that starts in the window (one long record, or the backup's
+    // end at its end): then the first records after the backup's end.
+    let start = super::Lsn((segno * d.segment_size).max(d.from.0));
+    let found = match records(start).await {
+        Some(r) => r,
+        None => records(d.from).await?,
+    };
+    found.into_iter().choose(&mut rand::rng())
 }
 
 /// Fetches, checked, every archived WAL file from `base`'s start to the archive's end into
@@ -380,27 +510,30 @@ async fn fetch_wal(
     std::fs::create_dir_all(wal)
         .map_err(|e| Error::failed(format!("scratch: cannot create {}: {e}", wal.display())))?;
     let first = base.start_lsn.0 / size;
+    let t = Instant::now();
     let mut drill = Drill {
+        from: base.stop_lsn,
         end,
-        segments: 0,
-        bytes: 0,
+        segment_size: size,
+        after_backup: BTreeMap::new(),
+        replay: crate::verify::Replay {
+            from: base.stop_lsn.to_string(),
+            archive_end: end.to_string(),
+            ..Default::default()
+        },
     };
     let mut newest_timeline = base.timeline;
     for ((timeline, n), w) in &archive.segments {
         if *n < first {
             continue;
         }
-        let got = super::fetch::fetch(
-            ctx.repo,
-            source,
-            &w.segment,
-            &wal.join(&w.segment),
-            size,
-            ctx.identities,
-        )
-        .await?;
-        drill.segments += 1;
-        drill.bytes += got.archived;
+        let dest = wal.join(&w.segment);
+        let got = super::fetch::fetch_segment(ctx.repo, w, &dest, size, ctx.identities).await?;
+        drill.replay.segments += 1;
+        drill.replay.bytes += got.archived;
+        if *n >= base.stop_lsn.0 / size {
+            drill.after_backup.insert(*n, *timeline);
+        }
         newest_timeline = newest_timeline.max(*timeline);
     }
     for timeline in (base.timeline + 1)..=newest_timeline {
@@ -420,6 +553,7 @@ async fn fetch_wal(
             Err(e) => return Err(e),
         }
     }
+    drill.replay.download_seconds = t.elapsed().as_secs_f64();
     Ok(Some(drill))
 }
 
@@ -430,15 +564,18 @@ fn replayed(s: &Scratch, d: &Drill, base: &super::BaseBackupInfo) -> Check {
     let size = base.wal_segment_size;
     let last = d.end.0.saturating_sub(1) / size;
     let expected = format!("to the archive's end ({})", d.end);
-    let log = std::fs::read_to_string(s.dir.join("log")).unwrap_or_default();
-    let done = log
-        .lines()
-        .filter_map(|l| l.split("redo done at ").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse::<super::Lsn>().ok())
-        .next_back();
-    match done {
+    match redo_done(s) {
         Some(at) if at.0 / size >= last => Check::eq(NAME, expected.clone(), expected),
         Some(at) => Check::failed(NAME, expected, format!("redo ended at {at}")),
         None => Check::failed(NAME, expected, "the server logged no end of redo"),
     }
+}
+
+/// Where redo ended, from the server log's last `redo done at`.
+fn redo_done(s: &Scratch) -> Option<super::Lsn> {
+    let log = std::fs::read_to_string(s.dir.join("log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| l.split("redo done at ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<super::Lsn>().ok())
+        .next_back()
 }

@@ -1,7 +1,8 @@
 //! Continuous WAL streaming into the repository, from a physical replication slot.
 //!
 //! The received WAL of the current segment goes into one spool file (a segment, 16 MiB by
-//! default: the only local state, bounded). A whole segment is stored as its own object; the
+//! default: the only local state, bounded; its name is removed as soon as it is open, so a killed
+//! agent leaves nothing behind). A whole segment is stored as its own object; the
 //! growing one is stored every `flush_interval` as a partial object that supersedes the previous
 //! partial of it, so what a crash can lose is bounded by that interval. Each object is named with
 //! the SHA-256 of its plaintext (see `repo::layout::wal_segment`). The server is told a position
@@ -20,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::WalSettings;
@@ -49,7 +50,9 @@ struct Segment {
     start: Lsn,
     /// The server's segment size.
     size: u64,
-    file: tempfile::NamedTempFile,
+    /// The spool, open for reading from the start; its name is already gone.
+    spool: std::fs::File,
+    /// The spool, open for appending what is received.
     handle: tokio::fs::File,
     /// Bytes of it received.
     written: u64,
@@ -601,15 +604,19 @@ impl Streamer {
             .prefix("lifeboat-wal-")
             .tempfile()
             .map_err(|e| Error::failed(format!("cannot create the WAL spool file: {e}")))?;
-        let handle = tokio::fs::File::from_std(
+        let open = || {
             file.reopen()
-                .map_err(|e| Error::failed(format!("cannot open the WAL spool file: {e}")))?,
-        );
+                .map_err(|e| Error::failed(format!("cannot open the WAL spool file: {e}")))
+        };
+        let (spool, handle) = (open()?, tokio::fs::File::from_std(open()?));
+        // Both handles live on after the name is gone: nothing outlives the process.
+        file.close()
+            .map_err(|e| Error::failed(format!("cannot unlink the WAL spool file: {e}")))?;
         Ok(Segment {
             timeline,
             start,
             size,
-            file,
+            spool,
             handle,
             written: 0,
             hasher: Sha256::new(),
@@ -636,7 +643,13 @@ impl Streamer {
         key: String,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        let f = tokio::fs::File::open(seg.file.path())
+        // The clone shares the read handle's offset; stores of a segment run one at a time.
+        let mut f = seg
+            .spool
+            .try_clone()
+            .map(tokio::fs::File::from_std)
+            .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
+        f.seek(std::io::SeekFrom::Start(0))
             .await
             .map_err(|e| Error::failed(format!("reading the WAL spool: {e}")))?;
         pipeline::run(
