@@ -5,6 +5,7 @@
 #     from a local directory (restore_command = 'cp DIR/%f %p') until it promotes
 #   lifeboat restore --latest --start: download and check, decrypt and unpack the base backup,
 #     then the server replays with `lifeboat wal fetch` (each segment checked) until it promotes
+#   lifeboat-verifier verify: the daily replay drill of the same backup and archive
 # Usage: bench/pitr.sh [ROWS] [WAL_MIB]   (default 5500000 rows ≈ 1 GB cluster, 1024 MiB of WAL; RUNS=3)
 . "$(dirname "$0")/lib.sh"
 bench_setup "${1:-5500000}"
@@ -64,5 +65,9 @@ echo "== measuring ($runs runs each; $segments segments)" >&2
 measure "PostgreSQL: copy the base, replay from a local directory (cp)" "bash '$work/own.sh'" "$stop"
 measure "lifeboat restore --latest --start" \
   "'$lifeboat' restore --policy '$work/pitr.toml' --source bench --to '$work/copy' --latest --start --port $port" "$stop"
+# The daily drill on the same backup and archive: download, unpack, pg_verifybackup, replay to a
+# random point and on to the end, pg_amcheck over every table and index, the checks.
+measure "lifeboat-verifier verify (the replay drill)" \
+  "'$verifier' verify --policy '$work/pitr.toml' --source bench" "rm -rf '$work/repo/verifications'"
 summarize "PostgreSQL: copy the base, replay from a local directory (cp)" pitr \
   "$segments WAL segments after the base backup ($((wal_bytes / 1048576)) MiB stored)"

@@ -209,6 +209,12 @@ pub async fn output(program: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The last `n` lines of `text` (a server log, a tool's output), for an error message.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// True when this process runs as root: a PostgreSQL server it starts must then run as another
 /// OS user (the server refuses root).
 pub fn running_as_root() -> bool {

@@ -289,6 +289,13 @@ fn spawn_server(
         server.push("-c".into());
         server.push(s.into());
     }
+    // A log left by an earlier start would be read as this server's until the shell truncates it.
+    match std::fs::remove_file(dir.join("log")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("cannot remove the earlier server log: {e}"))
+        }
+        _ => {}
+    }
     // `keep` on stdin (the server already down) leaves the directory for another start.
     let script = r#"dir=$1; shift; "$@" >"$dir/log" 2>&1 & pid=$!; read cmd; kill -INT $pid 2>/dev/null; wait $pid; [ "$cmd" = keep ] || rm -rf "$dir""#;
     Command::new("sh")
@@ -310,6 +317,27 @@ fn free_port() -> std::io::Result<u16> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
 }
+
+/// The scratch server's `restore_command` (`sh wal-get.sh WALDIR %f %p`, run in the data
+/// directory). A feeder fills WALDIR while recovery runs: `.queue` names every segment it will
+/// deliver, in order, each file appears whole (renamed into place), `.end` says all were
+/// delivered and `.failed` that one could not be. A segment is moved, not copied, so the
+/// scratch holds only what is fetched ahead; recovery keeps what it restored in `pg_wal` (until a
+/// restartpoint), and after a restart reads it there. History files are all there before the
+/// start. Exit 1 is "not in the archive" (recovery's end); 126 stops recovery.
+pub const WAL_GET: &str = r#"w=$1 f=$2 p=$3
+case "$f" in
+  *.history) [ -e "$w/$f" ] && exec cp "$w/$f" "$p"; exit 1 ;;
+esac
+grep -qxF "$f" "$w/.queue" 2>/dev/null || exit 1
+while :; do
+  [ -e "$w/$f" ] && exec mv "$w/$f" "$p"
+  [ -e "pg_wal/$f" ] && exit 1
+  [ -e "$w/.failed" ] && exit 126
+  [ -e "$w/.end" ] && exit 1
+  sleep 0.05
+done
+"#;
 
 /// A scratch directory whose `data/` a caller fills with a cluster's files (a base backup) before
 /// a server starts on them. Dropped unstarted, it is removed.
@@ -344,6 +372,11 @@ impl Unstarted {
         self.dir.join("data")
     }
 
+    /// The OS user the server will run as, when it is not this process's.
+    pub fn server_user(&self) -> Option<&str> {
+        self.isolation.user.as_deref()
+    }
+
     /// Starts a server on the files in [`Unstarted::data`], whose bootstrap superuser is
     /// `superuser`, and waits up to `ready_within` for it to recover and accept connections. The
     /// cluster's own configuration is set aside: the server reads a `postgresql.conf` and a
@@ -358,9 +391,9 @@ impl Unstarted {
         self.start_with(bin, superuser, ready_within, None).await
     }
 
-    /// [`Unstarted::start`], but the server first replays the WAL files in `wal` (a directory in
-    /// the scratch) to their end, then promotes: archive recovery with `restore_command` copying
-    /// from there, and no connections until it is over (`hot_standby=off`).
+    /// [`Unstarted::start`], but the server first replays the WAL in `wal` (a directory in the
+    /// scratch, see [`WAL_GET`]) to its end, then promotes: archive recovery, and no connections
+    /// until it is over (`hot_standby=off`).
     pub async fn start_replaying(
         self,
         bin: &Path,
@@ -422,17 +455,14 @@ impl Unstarted {
             .filter_map(|rest| rest.split('"').next())
             .next_back()
             .map(str::to_string);
-        let _ = std::fs::rename(&log_file, self.dir.join(format!("log.{target}")));
+        // Kept for a look afterwards; the next start writes a log of its own.
+        let _ = std::fs::rename(&log_file, self.dir.join("log.point"));
         match reached {
             Some(at) => Ok((at, logged)),
-            None => {
-                let tail: Vec<&str> = logged.lines().rev().take(12).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                Err(fail(format!(
-                    "replay to {target} stopped without reaching it: {}",
-                    tail.join("\n")
-                )))
-            }
+            None => Err(fail(format!(
+                "replay to {target} stopped without reaching it: {}",
+                crate::source::child::last_lines(&logged, 12)
+            ))),
         }
     }
 
@@ -469,9 +499,13 @@ impl Unstarted {
             Some(wal) => {
                 std::fs::write(data.join("recovery.signal"), "")
                     .map_err(|e| format!("cannot write recovery.signal: {e}"))?;
-                let from =
-                    crate::source::postgres_physical::pitr::shell_word(&wal.display().to_string());
-                format!("restore_command=cp {from}/%f %p")
+                let script = dir.join("wal-get.sh");
+                std::fs::write(&script, WAL_GET)
+                    .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+                let word = |p: &Path| {
+                    crate::source::postgres_physical::pitr::shell_word(&p.display().to_string())
+                };
+                format!("restore_command=sh {} {} %f %p", word(&script), word(wal))
             }
             None => "restore_command=".into(),
         };
@@ -602,11 +636,9 @@ impl Scratch {
             // A failed recovery shuts the server down: no use waiting for it.
             let logged = log();
             if logged.contains("database system is shut down") {
-                let tail: Vec<&str> = logged.lines().rev().take(12).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 return Err(Error::failed(format!(
                     "scratch cluster shut down before accepting connections: {}",
-                    tail.join("\n")
+                    crate::source::child::last_lines(&logged, 12)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

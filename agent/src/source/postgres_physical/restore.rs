@@ -312,7 +312,7 @@ impl crate::restore::Apply for Apply {
             &self.dir,
             &self.spool_dir,
             identities,
-            progress,
+            progress.clone(),
         )
         .await?;
         if let Some((recovery, replay)) = &self.recovery {
@@ -326,7 +326,21 @@ impl crate::restore::Apply for Apply {
                 started.elapsed().as_secs_f64(),
             );
             if let Some((bin, port)) = &self.start {
-                let running = super::start::start(bin, &self.dir, *port).await?;
+                let size = self
+                    .manifest
+                    .base_backup
+                    .as_ref()
+                    .map_or(16 << 20, |b| b.wal_segment_size);
+                progress.phase(
+                    &format!(
+                        "replaying WAL from the archive ({} segment{} to the target)",
+                        replay.segments,
+                        if replay.segments == 1 { "" } else { "s" }
+                    ),
+                    Some(replay.segments * size),
+                );
+                let running =
+                    super::start::start(bin, &self.dir, *port, progress.as_ref(), size).await?;
                 let d = self.dir.display();
                 outcome.lines.truncate(1);
                 outcome.lines.push(format!(

@@ -28,13 +28,15 @@ pub struct Started {
     pub recovery: Vec<String>,
 }
 
-fn log_tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Starts the server in `bin` on `dir` at `port` and waits until it is promoted.
-pub async fn start(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
+/// Starts the server in `bin` on `dir` at `port` and waits until it is promoted, telling
+/// `progress` of each segment of `segment_size` bytes the server restored from the archive.
+pub async fn start(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    progress: &dyn crate::restore::Progress,
+    segment_size: u64,
+) -> Result<Started> {
     use crate::source::child;
     let user = child::running_as_root().then(|| "postgres".to_string());
     let mut command: Vec<std::ffi::OsString> = Vec::new();
@@ -75,8 +77,12 @@ pub async fn start(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
     let started = std::time::Instant::now();
     let pid = dir.join("postmaster.pid");
     let mut seen_pid = false;
+    let mut restored = 0;
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let now = text.matches("restored log file \"").count() as u64;
+        progress.advance(now.saturating_sub(restored) * segment_size);
+        restored = restored.max(now);
         if text.contains("database system is ready to accept connections") {
             let recovery = text
                 .lines()
@@ -114,7 +120,7 @@ pub async fn start(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
 
 /// The error for a server that stopped before it was promoted, from its log.
 fn failed_recovery(dir: &Path, log: &str) -> Error {
-    let tail = log_tail(log, 15);
+    let tail = crate::source::child::last_lines(log, 15);
     let d = dir.display();
     if log.contains("could not restore file") && log.contains("SHA-256") {
         Error::new(

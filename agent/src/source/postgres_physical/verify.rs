@@ -5,10 +5,12 @@
 //! 2. It is unpacked into a scratch directory, and `pg_verifybackup` checks every file against
 //!    the server's own `backup_manifest` and parses the WAL the backup needs.
 //! 3. The drill: when the source's WAL archive reaches past the backup's end, the chain from
-//!    there to the archive's end must be whole (a gap is exit 13, naming it), and every segment
-//!    is fetched into the scratch, each checked against its name (exit 13 on damage).
+//!    there to the archive's end must be whole (a gap is exit 13, naming it). While the server
+//!    replays, a feeder fetches each segment into the scratch a few ahead of it, each checked
+//!    against its name (exit 13 on damage, and recovery stops), and recovery takes each one
+//!    away as it reads it: the scratch never holds the whole archive.
 //! 4. A server starts on the files, as the unprivileged OS user, without network, with its own
-//!    configuration set aside: it must recover from `backup_label` and replay the fetched WAL to
+//!    configuration set aside: it must recover from `backup_label` and replay the archived WAL to
 //!    a record chosen at random inside the window (`pg_waldump` lists a random segment's
 //!    records), stop exactly there and shut down still in recovery; then start again, replay on
 //!    to the archive's end, promote and accept connections. Where each replay stopped is a
@@ -123,7 +125,7 @@ impl Steps for PhysicalSteps {
             bin.display()
         );
         let wal = data.with_file_name("wal");
-        let mut drill = match fetch_wal(ctx, &fingerprint.base, &wal, report).await {
+        let mut drill = match plan_wal(ctx, &fingerprint.base, &data, &wal, report).await {
             Ok(d) => d,
             Err(e) => {
                 self.stage = Some(Stage::Unstarted(dir));
@@ -133,33 +135,37 @@ impl Steps for PhysicalSteps {
         let superuser = &fingerprint.bootstrap_superuser;
         let started = match &mut drill {
             Some(d) => {
-                if let Err(e) = replay_to_random_point(&dir, &bin, &wal, d, report).await {
-                    return Ok(Verdict::RestoreFailed(e));
+                let fed = Fed::default();
+                let queue = d.queue.clone();
+                let user = dir.server_user().map(str::to_string);
+                let (started, feeding) = {
+                    let feeder = feed(ctx, &queue, &wal, d.segment_size, user.as_deref(), &fed);
+                    let replay = drill_replays(ctx, dir, &bin, superuser, &wal, d, report);
+                    let (feeder, replay) = (std::pin::pin!(feeder), std::pin::pin!(replay));
+                    match futures::future::select(feeder, replay).await {
+                        futures::future::Either::Left((fed, replay)) => (replay.await, Some(fed)),
+                        futures::future::Either::Right((started, _)) => (started, None),
+                    }
+                };
+                d.replay.segments = fed.segments.get();
+                d.replay.bytes = fed.bytes.get();
+                d.replay.download_seconds = fed.seconds.get();
+                let r = &mut d.replay;
+                if r.replay_seconds > 0.0 {
+                    r.bytes_per_second = r.bytes as f64 / r.replay_seconds;
                 }
-                let t = Instant::now();
-                let s = dir
-                    .start_replaying(&bin, superuser, RECOVERY_WITHIN, &wal)
-                    .await;
-                d.replay.replay_seconds += t.elapsed().as_secs_f64();
-                d.replay.targets.push(crate::verify::ReplayTarget {
-                    kind: "archive end".into(),
-                    target: d.end.to_string(),
-                    reached: s.as_ref().ok().and_then(redo_done).map(|l| l.to_string()),
-                    seconds: t.elapsed().as_secs_f64(),
-                });
-                s
+                report.replay = Some(r.clone());
+                // A segment that could not be fetched stopped recovery: that is the error.
+                if let Some(Err(e)) = feeding {
+                    return Err(e);
+                }
+                started
             }
             None => dir.start(&bin, superuser, RECOVERY_WITHIN).await,
         };
-        if let Some(d) = &mut drill {
-            let r = &mut d.replay;
-            if r.replay_seconds > 0.0 {
-                r.bytes_per_second = r.bytes as f64 / r.replay_seconds;
-            }
-            report.replay = Some(r.clone());
-        }
         let s = match started {
             Ok(s) => s,
+            Err(e) if e.kind == ErrorKind::Integrity => return Err(e),
             Err(e) => return Ok(Verdict::RestoreFailed(e)),
         };
         report.notes.push(match &s.shared_network {
@@ -362,17 +368,43 @@ struct Drill {
     end: super::Lsn,
     /// The cluster's WAL segment size.
     segment_size: u64,
-    /// The fetched segments past the backup's end, by number, on the newest timeline that has
-    /// each: where a random target is looked for.
-    after_backup: BTreeMap<u64, u32>,
+    /// What replay reads, in order: each segment from the backup's start, on the newest
+    /// timeline holding it.
+    queue: Vec<super::archive::WalObject>,
     /// What the report says of it.
     replay: crate::verify::Replay,
+}
+
+/// The drill's two replays on one unpacked backup: to a random point, then on to the end.
+async fn drill_replays(
+    ctx: &Context<'_>,
+    dir: Unstarted,
+    bin: &std::path::Path,
+    superuser: &str,
+    wal: &std::path::Path,
+    d: &mut Drill,
+    report: &mut Report,
+) -> Result<Scratch> {
+    replay_to_random_point(ctx, &dir, bin, wal, d, report).await?;
+    let t = Instant::now();
+    let s = dir
+        .start_replaying(bin, superuser, RECOVERY_WITHIN, wal)
+        .await;
+    d.replay.replay_seconds += t.elapsed().as_secs_f64();
+    d.replay.targets.push(crate::verify::ReplayTarget {
+        kind: "archive end".into(),
+        target: d.end.to_string(),
+        reached: s.as_ref().ok().and_then(redo_done).map(|l| l.to_string()),
+        seconds: t.elapsed().as_secs_f64(),
+    });
+    s
 }
 
 /// The first replay of the drill: to a record chosen at random between the backup's end and the
 /// archive's end (`pg_waldump` lists the records of a random segment), stopping there with the
 /// server shut down still in recovery. Where the server said it stopped must be that record.
 async fn replay_to_random_point(
+    ctx: &Context<'_>,
     dir: &Unstarted,
     bin: &std::path::Path,
     wal: &std::path::Path,
@@ -380,7 +412,8 @@ async fn replay_to_random_point(
     report: &mut Report,
 ) -> Result<()> {
     const NAME: &str = "WAL replay to a random point";
-    let Some(target) = random_record(bin, wal, d).await else {
+    let pick = wal.with_file_name("pick");
+    let Some(target) = random_record(ctx, bin, &pick, d).await? else {
         report.notes.push(format!(
             "no WAL record past the backup's end to stop at; replayed only to the archive's end ({})",
             d.end
@@ -425,54 +458,71 @@ async fn replay_to_random_point(
 }
 
 /// The start of a WAL record between the backup's end and the archive's end, picked at random:
-/// one of the first records `pg_waldump` finds in a random fetched segment.
+/// one of the first records `pg_waldump` finds in a random segment of the window, fetched for
+/// it into `pick` (then removed).
 async fn random_record(
+    ctx: &Context<'_>,
     bin: &std::path::Path,
-    wal: &std::path::Path,
+    pick: &std::path::Path,
     d: &Drill,
-) -> Option<super::Lsn> {
+) -> Result<Option<super::Lsn>> {
     use rand::seq::IteratorRandom;
-    let (segno, timeline) = d
-        .after_backup
-        .iter()
-        .choose(&mut rand::rng())
-        .map(|(n, t)| (*n, *t))?;
-    let records = |start: super::Lsn| async move {
-        let out = tokio::process::Command::new(bin.join("pg_waldump"))
-            .arg("--path")
-            .arg(wal)
-            .args(["--timeline", &timeline.to_string()])
-            .args(["--start", &start.to_string(), "--limit", "200"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .ok()?;
-        // It exits 1 at the end of the WAL (the zeros after the last record): the records it
-        // printed before that are what counts.
-        let records: Vec<super::Lsn> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split("lsn: ").nth(1))
-            .filter_map(|rest| rest.split(',').next()?.trim().parse().ok())
-            .filter(|l| *l > d.from && *l < d.end)
-            .collect();
-        Some(records).filter(|r| !r.is_empty())
+    let size = d.segment_size;
+    let in_window = |w: &&super::archive::WalObject| {
+        super::archive::segment_number(&w.segment, size).is_some_and(|n| n >= d.from.0 / size)
     };
-    // A segment can hold no record that starts in the window (one long record, or the backup's
-    // end at its end): then the first records after the backup's end.
-    let start = super::Lsn((segno * d.segment_size).max(d.from.0));
-    let found = match records(start).await {
-        Some(r) => r,
-        None => records(d.from).await?,
+    let Some(w) = d.queue.iter().filter(in_window).choose(&mut rand::rng()) else {
+        return Ok(None);
     };
-    found.into_iter().choose(&mut rand::rng())
+    std::fs::create_dir_all(pick)
+        .map_err(|e| Error::failed(format!("scratch: cannot create {}: {e}", pick.display())))?;
+    let records = |w: &super::archive::WalObject| {
+        let w = w.clone();
+        async move {
+            let n = super::archive::segment_number(&w.segment, size).unwrap_or_default();
+            super::fetch::fetch_segment(ctx.repo, &w, &pick.join(&w.segment), size, ctx.identities)
+                .await?;
+            let start = super::Lsn((n * size).max(d.from.0));
+            let out = tokio::process::Command::new(bin.join("pg_waldump"))
+                .arg("--path")
+                .arg(pick)
+                .args(["--timeline", &w.timeline.to_string()])
+                .args(["--start", &start.to_string(), "--limit", "200"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .map_err(|e| Error::failed(format!("cannot run pg_waldump: {e}")))?;
+            // It exits 1 where the segment's WAL ends (in the next segment, or the zeros after
+            // the last record): the records it printed before that are what counts.
+            let records: Vec<super::Lsn> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split("lsn: ").nth(1))
+                .filter_map(|rest| rest.split(',').next()?.trim().parse().ok())
+                .filter(|l| *l > d.from && *l < d.end)
+                .collect();
+            Ok::<_, Error>(records)
+        }
+    };
+    let mut found = records(w).await?;
+    // A segment can hold no record that starts in the window (one long record): then the
+    // records right after the backup's end.
+    if found.is_empty() {
+        if let Some(first) = d.queue.iter().find(in_window) {
+            found = records(first).await?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(pick);
+    Ok(found.into_iter().choose(&mut rand::rng()))
 }
 
-/// Fetches, checked, every archived WAL file from `base`'s start to the archive's end into
-/// `wal`; `None` when the archive holds nothing past the backup's end (it replays only its own
-/// WAL then). A gap after the backup's end is an integrity failure naming it.
-async fn fetch_wal(
+/// Plans the drill: the chain from the backup's end to the archive's end must be whole (a gap is
+/// an integrity failure naming it); what replay reads, in order, is queued (`wal/.queue`, see
+/// [`scratch::WAL_GET`]) and every history file fetched. `None` when the archive holds nothing
+/// past the backup's end (it replays only its own WAL then).
+async fn plan_wal(
     ctx: &Context<'_>,
     base: &super::BaseBackupInfo,
+    data: &std::path::Path,
     wal: &std::path::Path,
     report: &mut Report,
 ) -> Result<Option<Drill>> {
@@ -507,35 +557,30 @@ async fn fetch_wal(
         )
         .hint("take a base backup now (`lifeboat backup --source …`): it starts a whole chain (RUNBOOK.md#alert-walarchivegap)"));
     }
-    std::fs::create_dir_all(wal)
-        .map_err(|e| Error::failed(format!("scratch: cannot create {}: {e}", wal.display())))?;
-    let first = base.start_lsn.0 / size;
-    let t = Instant::now();
-    let mut drill = Drill {
-        from: base.stop_lsn,
-        end,
-        segment_size: size,
-        after_backup: BTreeMap::new(),
-        replay: crate::verify::Replay {
-            from: base.stop_lsn.to_string(),
-            archive_end: end.to_string(),
-            ..Default::default()
-        },
+    let scratch_error = |what: &str, e: std::io::Error| {
+        Error::failed(format!(
+            "scratch: cannot write {what} in {}: {e}",
+            wal.display()
+        ))
     };
-    let mut newest_timeline = base.timeline;
-    for ((timeline, n), w) in &archive.segments {
-        if *n < first {
-            continue;
+    std::fs::create_dir_all(wal).map_err(|e| scratch_error("the WAL directory", e))?;
+    // Each segment from the one the backup starts in, on the newest timeline holding it: the
+    // one recovery following the newest timeline reads. What the backup carries stays out.
+    let first = base.start_lsn.0 / size;
+    let mut newest: BTreeMap<u64, &super::archive::WalObject> = BTreeMap::new();
+    for ((_, n), w) in &archive.segments {
+        if *n >= first && !data.join("pg_wal").join(&w.segment).exists() {
+            newest.insert(*n, w);
         }
-        let dest = wal.join(&w.segment);
-        let got = super::fetch::fetch_segment(ctx.repo, w, &dest, size, ctx.identities).await?;
-        drill.replay.segments += 1;
-        drill.replay.bytes += got.archived;
-        if *n >= base.stop_lsn.0 / size {
-            drill.after_backup.insert(*n, *timeline);
-        }
-        newest_timeline = newest_timeline.max(*timeline);
     }
+    let queue: Vec<super::archive::WalObject> = newest.into_values().cloned().collect();
+    let names: String = queue.iter().map(|w| format!("{}\n", w.segment)).collect();
+    std::fs::write(wal.join(".queue"), names).map_err(|e| scratch_error(".queue", e))?;
+    let newest_timeline = queue
+        .iter()
+        .map(|w| w.timeline)
+        .max()
+        .unwrap_or(base.timeline);
     for timeline in (base.timeline + 1)..=newest_timeline {
         let file = format!("{timeline:08X}.history");
         match super::fetch::fetch(
@@ -553,8 +598,84 @@ async fn fetch_wal(
             Err(e) => return Err(e),
         }
     }
-    drill.replay.download_seconds = t.elapsed().as_secs_f64();
-    Ok(Some(drill))
+    Ok(Some(Drill {
+        from: base.stop_lsn,
+        end,
+        segment_size: size,
+        queue,
+        replay: crate::verify::Replay {
+            from: base.stop_lsn.to_string(),
+            archive_end: end.to_string(),
+            ..Default::default()
+        },
+    }))
+}
+
+/// The most segments fetched ahead of replay: with what recovery keeps in `pg_wal` until its
+/// next restartpoint, all the WAL the scratch holds at once.
+const AHEAD: usize = 8;
+
+/// What the feeder did, read when the drill ends however it ended.
+#[derive(Default)]
+struct Fed {
+    segments: std::cell::Cell<u64>,
+    bytes: std::cell::Cell<u64>,
+    seconds: std::cell::Cell<f64>,
+}
+
+/// Feeds the scratch server's `restore_command` ([`scratch::WAL_GET`]): fetches each queued
+/// segment, checked, into `wal`, at most [`AHEAD`] not yet taken by recovery, and gives it to
+/// the server's OS user. `.end` when all are there; `.failed` (recovery stops) on an error,
+/// which is returned.
+async fn feed(
+    ctx: &Context<'_>,
+    queue: &[super::archive::WalObject],
+    wal: &std::path::Path,
+    segment_size: u64,
+    user: Option<&str>,
+    fed: &Fed,
+) -> Result<()> {
+    let waiting = |wal: &std::path::Path| {
+        std::fs::read_dir(wal)
+            .map(|rd| rd.flatten().filter(|e| e.file_name().len() == 24).count())
+            .unwrap_or(0)
+    };
+    // Fetched and given to the server's user there, then renamed into `wal`: recovery never
+    // sees a file it cannot read.
+    let incoming = wal.with_file_name("wal-incoming");
+    let fed_all = async {
+        std::fs::create_dir_all(&incoming).map_err(|e| {
+            Error::failed(format!(
+                "scratch: cannot create {}: {e}",
+                incoming.display()
+            ))
+        })?;
+        for w in queue {
+            while waiting(wal) >= AHEAD {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let t = Instant::now();
+            let fetched = incoming.join(&w.segment);
+            let got =
+                super::fetch::fetch_segment(ctx.repo, w, &fetched, segment_size, ctx.identities)
+                    .await?;
+            if let Some(user) = user {
+                crate::source::child::hand_over(&fetched, user, false).map_err(Error::failed)?;
+            }
+            std::fs::rename(&fetched, wal.join(&w.segment)).map_err(|e| {
+                Error::failed(format!("scratch: cannot move {}: {e}", fetched.display()))
+            })?;
+            fed.segments.set(fed.segments.get() + 1);
+            fed.bytes.set(fed.bytes.get() + got.archived);
+            fed.seconds
+                .set(fed.seconds.get() + t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    };
+    let result: Result<()> = fed_all.await;
+    let marker = if result.is_ok() { ".end" } else { ".failed" };
+    let _ = std::fs::write(wal.join(marker), "");
+    result
 }
 
 /// Where replay ended (the server log's `redo done at`), against the archive's end: in its last
