@@ -1751,6 +1751,16 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
     pause();
     let first = fx.backup(&policy);
     batch(1);
+    // Made after the base backup: they come back only through WAL.
+    let role = format!("pitr_{}", suffix());
+    let other_db = format!("{}_other", fx.db);
+    fx.pg.psql("postgres", &format!("create role {role} login"));
+    fx.pg
+        .psql("postgres", &format!("create database {other_db}"));
+    fx.pg.psql(
+        &fx.db,
+        "select lo_from_bytea(0, 'written after the backup')",
+    );
     pause();
     let t1 = now();
     pause();
@@ -1847,7 +1857,25 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
         "select pg_is_in_recovery()::text || ' ' || (select count(*) from stamped)",
     );
     let seen = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // The whole cluster: a role, a database and a large object made after the base backup.
+    let query = |db: &str, sql: &str| {
+        let out = fx.pg.psql_on(port, db, sql);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let made_after = (
+        query("postgres", &format!("select count(*) from pg_roles where rolname = '{role}'")),
+        query(&other_db, "select current_database()"),
+        query(&fx.db, "select string_agg(convert_from(lo_get(oid), 'UTF8'), ',' order by oid) from pg_largeobject_metadata"),
+    );
     fx.pg.pg_ctl_stop(&started);
+    assert_eq!(
+        made_after,
+        (
+            "1".to_string(),
+            other_db.clone(),
+            "large object,written after the backup".to_string()
+        )
+    );
     assert_eq!(
         seen,
         "false 100",
