@@ -84,7 +84,7 @@ const MANIFEST: &[u8] = br#"{"format":1,"id":"20261127T101500Z-ab12","source":"d
 
 const SNAPSHOT: &[u8] = b"{\"path\":\"a/b.txt\",\"type\":\"file\",\"size\":3,\"mtime_ms\":1,\"mode\":420,\"etag\":null,\"sha256\":\"e3b0\",\"blob\":\"ab01\"}\n{\"path\":\"a\",\"type\":\"dir\",\"size\":0,\"mtime_ms\":null,\"mode\":493,\"etag\":null,\"sha256\":null,\"blob\":null}\n";
 
-const POLICY: &[u8] = b"[repository]\nurl = \"s3://bucket/p\"\nendpoint = \"http://127.0.0.1:9000\"\n\n[encryption]\nrecipients = [\"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\"]\n\n[defaults]\nschedule = \"0 3 * * *\"\nretention = { keep_last = 3, keep_daily = 7 }\n\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n\n[[sources]]\nname = \"cache\"\nkind = \"redis\"\nurl = \"redis://u:pw@h:6379\"\nmode = \"file\"\nrdb_path = \"/d/dump.rdb\"\n";
+const POLICY: &[u8] = b"[repository]\nurl = \"s3://bucket/p\"\nendpoint = \"http://127.0.0.1:9000\"\n\n[encryption]\nrecipients = [\"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\"]\n\n[defaults]\nschedule = \"0 3 * * *\"\nretention = { keep_last = 3, keep_daily = 7 }\n\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n\n[[sources]]\nname = \"cache\"\nkind = \"redis\"\nurl = \"redis://u@h:6379\"\nmode = \"file\"\nrdb_path = \"/d/dump.rdb\"\n";
 
 /// An RDB header, a string key with an expiry, a hash, the end marker and a CRC.
 /// What a Redis 7 master says to a diskless replica: three REPLCONF answers, FULLRESYNC, two

@@ -515,14 +515,6 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// A URL with the password in it.
-    pub fn url_with_password(&self, db: &str) -> String {
-        format!(
-            "postgres://postgres:{}@127.0.0.1:{}/{db}",
-            self.password, self.port
-        )
-    }
-
     /// `psql` as the superuser, its output whatever it is (the caller judges it).
     pub fn psql_raw(&self, db: &str, sql: &str) -> std::process::Output {
         self.psql_on(self.port, db, sql)

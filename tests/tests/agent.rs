@@ -72,7 +72,7 @@ fn scheduled_runs_report_success_and_failure_per_source() {
     let (hook_port, hooks) = webhook();
     let sources = format!(
         "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n\
-         [[notify]]\nurl = \"http://127.0.0.1:{hook_port}/hook?token=s3cr3t\"\n\n\
+         [[notify]]\nurl = \"http://127.0.0.1:{hook_port}/hook?token=${{HOOK_TOKEN}}\"\n\n\
          [[sources]]\nname = \"good\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\nobjectives = {{ rpo = \"1h\" }}\n\n\
          [[sources]]\nname = \"bad\"\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{}/x\"\nschedule = \"*/2 * * * * *\"\nretries = 0\nobjectives = {{ rpo = \"1h\" }}\n",
         pg.url(&db),
@@ -85,6 +85,8 @@ fn scheduled_runs_report_success_and_failure_per_source() {
         &key.recipient,
         &sources,
     );
+    // The webhook's token comes from the environment, as a policy must take it.
+    let hook_env = [("HOOK_TOKEN".to_string(), "s3cr3t".to_string())];
     // One verified backup before the agent starts: its report feeds the verify metrics.
     let r = lifeboat(
         dir.path(),
@@ -95,7 +97,7 @@ fn scheduled_runs_report_success_and_failure_per_source() {
             "--source",
             "good",
         ],
-        &[],
+        &hook_env,
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = verifier(
@@ -109,10 +111,10 @@ fn scheduled_runs_report_success_and_failure_per_source() {
             "--identity",
             key.identity.to_str().unwrap(),
         ],
-        &[],
+        &hook_env,
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let child = start_agent(dir.path(), &policy, &[]);
+    let child = start_agent(dir.path(), &policy, &hook_env);
 
     wait_until("/healthz", 30, || {
         http_get(port, "/healthz").is_some_and(|(s, _)| s == 200)
@@ -493,7 +495,7 @@ fn secrets_never_reach_logs_status_metrics_notifications_or_the_repository() {
     let closed = free_port();
     let sources = format!(
         "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\nlog_format = \"json\"\n\n\
-         [[notify]]\nurl = \"http://127.0.0.1:{hook_port}/hook?token={HOOK_CANARY}\"\n\n\
+         [[notify]]\nurl = \"http://127.0.0.1:{hook_port}/hook?token=${{HOOK_TOKEN}}\"\n\n\
          [[sources]]\nname = \"good\"\nkind = \"postgres\"\nurl = \"postgres://{role}@127.0.0.1:{}/{db}\"\npassword_file = \"{}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n\n\
          [[sources]]\nname = \"badpg\"\nkind = \"postgres\"\nurl = \"${{BAD_PG_URL}}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n\n\
          [[sources]]\nname = \"badredis\"\nkind = \"redis\"\nurl = \"${{BAD_REDIS_URL}}\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n\n\
@@ -523,6 +525,7 @@ fn secrets_never_reach_logs_status_metrics_notifications_or_the_repository() {
             format!("redis://:{REDIS_CANARY}@127.0.0.1:{closed}"),
         ),
         ("LIFEBOAT_INDEX_KEY".to_string(), INDEX_CANARY.to_string()),
+        ("HOOK_TOKEN".to_string(), HOOK_CANARY.to_string()),
         // Everything lifeboat logs, debug included, in the sidecar's JSON format.
         (
             "LIFEBOAT_LOG".to_string(),

@@ -779,12 +779,31 @@ fn bad_input_gets_one_clear_error_and_its_exit_code() {
 
     // Nothing listens on this port.
     let port = free_port();
-    let src = format!("[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres:hunter2secret@127.0.0.1:{port}/x\"\n");
+    let literal = format!("[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres:hunter2secret@127.0.0.1:{port}/x\"\n");
+    // Written out in the policy, a password is refused before anything runs: exit 2, the field
+    // named, the fix given, the password not repeated.
+    let policy = write_policy(dir.path(), fs_repo, &key.recipient, &literal);
+    for args in [
+        vec!["policy", "check", policy.to_str().unwrap()],
+        vec!["backup", "--policy", policy.to_str().unwrap()],
+    ] {
+        let r = lifeboat(dir.path(), &args, &[]);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("sources[0].url") && r.stderr.contains("password_file"),
+            "{}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("hunter2secret"), "{}", r.stderr);
+    }
+    // From the environment it is allowed, and still never shown.
+    let src = format!("[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres:${{APP_DB_PW}}@127.0.0.1:{port}/x\"\n");
+    let pw_env = [("APP_DB_PW".to_string(), "hunter2secret".to_string())];
     let policy = write_policy(dir.path(), fs_repo, &key.recipient, &src);
     let r = lifeboat(
         dir.path(),
         &["backup", "--policy", policy.to_str().unwrap()],
-        &[],
+        &pw_env,
     );
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
@@ -802,12 +821,12 @@ fn bad_input_gets_one_clear_error_and_its_exit_code() {
     assert!(r.stderr.contains("hint:"), "{}", r.stderr);
 
     // Wrong password: a credential error, exit 12, password not shown.
-    let src = format!("[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres:wrong-pw-xyz@127.0.0.1:{}/{db}\"\n", pg.port);
+    let src = format!("[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"postgres://postgres:${{APP_DB_PW}}@127.0.0.1:{}/{db}\"\n", pg.port);
     let policy = write_policy(dir.path(), fs_repo, &key.recipient, &src);
     let r = lifeboat(
         dir.path(),
         &["backup", "--policy", policy.to_str().unwrap()],
-        &[],
+        &[("APP_DB_PW".to_string(), "wrong-pw-xyz".to_string())],
     );
     assert_eq!(r.code, 12, "{}", r.stderr);
     assert!(

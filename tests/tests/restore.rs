@@ -130,6 +130,13 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
         );
     }
     assert!(!fx.exists(&target));
+
+    // The help speaks of every kind, not of PostgreSQL databases only.
+    let r = lifeboat(fx.dir.path(), &["restore", "--help"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for kind in ["PostgreSQL server", "point in time", "Redis", "objects"] {
+        assert!(r.stdout.contains(kind), "{kind}: {}", r.stdout);
+    }
 }
 
 #[test]

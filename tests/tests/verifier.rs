@@ -51,16 +51,17 @@ impl Fx {
     }
 
     fn backup(&self, policy: &Path) -> String {
+        let env = [("SCRATCH_PW".to_string(), self.pg.password.clone())];
         let r = lifeboat(
             self.dir.path(),
             &["backup", "--policy", policy.to_str().unwrap()],
-            &[],
+            &env,
         );
         assert_eq!(r.code, 0, "backup failed: {}", r.stderr);
         let r = lifeboat(
             self.dir.path(),
             &["list", "--policy", policy.to_str().unwrap(), "--json"],
-            &[],
+            &env,
         );
         let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
         list[0]["id"].as_str().unwrap().to_string()
@@ -74,7 +75,10 @@ impl Fx {
         let r = verifier(
             self.dir.path(),
             &args,
-            &[("TMPDIR".into(), self.tmp.display().to_string())],
+            &[
+                ("TMPDIR".into(), self.tmp.display().to_string()),
+                ("SCRATCH_PW".into(), self.pg.password.clone()),
+            ],
         );
         self.assert_scratch_gone();
         r
@@ -329,7 +333,14 @@ fn a_scratch_server_gets_a_throwaway_database_and_never_the_source() {
         &fx.db,
         "create table t as select generate_series(1, 100) as id",
     );
-    let scratch = fx.pg.url_with_password("postgres");
+    // The password from the environment (SCRATCH_PW, which `verify` sets): never written out.
+    let with_pw = |db: &str| {
+        format!(
+            "postgres://postgres:${{SCRATCH_PW}}@127.0.0.1:{}/{db}",
+            fx.pg.port
+        )
+    };
+    let scratch = with_pw("postgres");
     let policy = fx.policy(&format!("scratch_url = \"{scratch}\""));
     fx.backup(&policy);
     let r = fx.verify(&policy, &["--json"]);
@@ -347,7 +358,7 @@ fn a_scratch_server_gets_a_throwaway_database_and_never_the_source() {
     );
     assert_eq!(left, "0", "the scratch database was dropped");
 
-    let own = fx.pg.url_with_password(&fx.db);
+    let own = with_pw(&fx.db);
     let policy = fx.policy(&format!("scratch_url = \"{own}\""));
     let r = fx.verify(&policy, &[]);
     assert_eq!(r.code, 14, "{}", r.stderr);

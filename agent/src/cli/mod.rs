@@ -70,7 +70,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Restore a backup into a PostgreSQL database (plan first; refuses a target with data).
+    /// Restore a backup of any kind: a database into a PostgreSQL server, a cluster into a
+    /// directory (to a point in time with --time/--lsn/--latest), Redis data into a server or a
+    /// dump.rdb, objects into a directory or an S3 prefix. The plan comes first; a target holding
+    /// data is refused unless --yes.
     Restore(RestoreArgs),
     /// Run the sidecar: scheduled backups and prunes, /healthz, /metrics and /status.
     Agent {
@@ -151,7 +154,8 @@ pub(crate) struct RestoreArgs {
     pub before: Option<String>,
     /// Target: a PostgreSQL URL (postgresql://user@host/db; password in PGPASSWORD), or for Redis
     /// redis://[user@]host:port (password in REDISCLI_AUTH) or a directory to write dump.rdb into;
-    /// for a physical source, the directory to restore the cluster's files into.
+    /// for a physical source, the directory to restore the cluster's files into; for objects, a
+    /// directory or s3://bucket/prefix/.
     #[arg(long, visible_alias = "to-dir")]
     pub to: String,
     /// Physical sources: recover to the last transaction committed at or before this time (RFC

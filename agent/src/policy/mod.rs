@@ -299,6 +299,16 @@ fn interpolate_value(
     problems: &mut Problems,
 ) {
     match value {
+        toml::Value::String(s) if is_url_field(path) && validate::literal_secret(s).is_some() => {
+            let what = validate::literal_secret(s).unwrap_or_default();
+            problems.add(
+                path,
+                format!(
+                    "holds a credential written out ({what}): secrets are never written in a policy; give the password in password_file, or write ${{VAR}} in its place (postgres://backup:${{PGPASSWORD}}@db/app) and set VAR in the environment"
+                ),
+            );
+            problems.unresolved(path);
+        }
         toml::Value::String(s) => match env::interpolate(s, lookup, allow_missing) {
             Ok((out, missing)) => {
                 *s = out;
@@ -338,6 +348,19 @@ fn interpolate_value(
         }
         _ => {}
     }
+}
+
+/// The policy fields that hold a URL a credential could be written into: a source's `url` and
+/// `verify.scratch_url`, and a `[[notify]]` url.
+fn is_url_field(path: &str) -> bool {
+    let in_list = |list: &str| {
+        path.strip_prefix(list)
+            .and_then(|rest| rest.strip_prefix('['))
+            .and_then(|rest| rest.split_once("]."))
+            .map(|(_, field)| field)
+    };
+    matches!(in_list("sources"), Some("url" | "verify.scratch_url"))
+        || in_list("notify") == Some("url")
 }
 
 fn quoted_list(items: &[&str]) -> String {

@@ -946,6 +946,70 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
+/// Query parameters that carry a credential.
+const SECRET_PARAMS: &[&str] = &[
+    "password",
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "key",
+    "secret",
+    "sig",
+    "signature",
+];
+
+/// Webhook services whose URL path is itself the credential.
+const SECRET_PATH_HOSTS: &[&str] = &["hooks.slack.com", "discord.com", "discordapp.com"];
+
+/// What in `raw`, a URL as written in the policy (before `${VAR}` interpolation), is a
+/// credential written out literally: a password in the user info, a credential query parameter
+/// (or `password=` in key=value form), or a webhook URL whose path is its secret. `None` when
+/// every credential comes from the environment (`${VAR}`) or there is none.
+pub fn literal_secret(raw: &str) -> Option<&'static str> {
+    let from_env = |value: &str| value.replace("$${", "").contains("${");
+    if raw.trim_start().starts_with("${") && !raw.contains("://") {
+        return None;
+    }
+    let Some(scheme_end) = raw.find("://") else {
+        let literal = raw
+            .split_whitespace()
+            .filter_map(|kv| kv.strip_prefix("password="))
+            .any(|v| !v.is_empty() && !from_env(v));
+        return literal.then_some("its password= setting");
+    };
+    let rest = &raw[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if let Some((_, password)) = userinfo.split_once(':') {
+            if !password.is_empty() && !from_env(password) {
+                return Some("the password in its user info (user:PASSWORD@)");
+            }
+        }
+    }
+    if let Some((_, query)) = rest.split_once('?') {
+        for pair in query.split(['&', '#']) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if SECRET_PARAMS.contains(&name.to_ascii_lowercase().as_str())
+                && !value.is_empty()
+                && !from_env(value)
+            {
+                return Some("a credential in its query (password=, token=, …)");
+            }
+        }
+    }
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    let host = host.split(':').next().unwrap_or(host).to_ascii_lowercase();
+    let path = &rest[authority_end..];
+    let secret_path =
+        SECRET_PATH_HOSTS.contains(&host.as_str()) || host.ends_with(".webhook.office.com");
+    if secret_path && path.len() > 1 && !from_env(path) {
+        return Some("a webhook address whose path is its secret");
+    }
+    None
+}
+
 /// A connection URL with its password replaced by `***` (both URL and key=value forms).
 pub fn redact_url(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
@@ -984,6 +1048,34 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literal_credentials_are_found_and_environment_ones_pass() {
+        for raw in [
+            "postgresql://postgres:hunter2@db/app",
+            "redis://:hunter2@cache:6379",
+            "postgres://u@h/db?sslmode=require&password=pw",
+            "host=h user=u password=pw dbname=d",
+            "https://alerts.example/hook?token=abc",
+            "https://hooks.slack.com/services/T000/B000/XXXX",
+            "postgres://u:pre${X}post@h/db?password=literal",
+        ] {
+            assert!(literal_secret(raw).is_some(), "{raw}");
+        }
+        for raw in [
+            "postgres://backup:${PGPASSWORD}@127.0.0.1:5432/app",
+            "postgres://backup@db/app",
+            "redis://:${REDIS_PW}@cache:6379",
+            "${DATABASE_URL}",
+            "https://alerts.example/lifeboat",
+            "https://hooks.slack.com/services/${SLACK_PATH}",
+            "http://relay:8080/hook?format=json",
+            "host=h user=u dbname=d",
+            "postgres://u@h/db?password=${PW}",
+        ] {
+            assert_eq!(literal_secret(raw), None, "{raw}");
+        }
+    }
 
     #[test]
     fn sizes() {
