@@ -1811,6 +1811,7 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
             "1:100 2:100 3:100 4:100",
         ),
     ];
+    let mut prefetched = 0;
     for (name, args, base, expected) in cases {
         let restored = fx.dir.path().join(format!("restored-{name}"));
         let mut args = args.clone();
@@ -1821,13 +1822,16 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
         assert_eq!(doc["backup"]["id"], *base, "{name}: {doc:#}");
         assert!(restored.join("data/recovery.signal").exists(), "{name}");
         let copy = fx.recover(&restored, &policy, &repo);
+        let server_log = std::fs::read_to_string(restored.join("log")).unwrap_or_default();
         assert_eq!(
             rows(&copy),
             expected,
-            "{name}: exactly what was committed by the target:\n{}",
-            std::fs::read_to_string(restored.join("log")).unwrap_or_default()
+            "{name}: exactly what was committed by the target:\n{server_log}"
         );
+        prefetched += server_log.matches("(prefetched, checked)").count();
     }
+    // While the server replayed a segment, the next whole ones were fetched (and checked).
+    assert!(prefetched > 0, "no segment came from the prefetch");
 
     // --start: lifeboat starts the server and returns once recovery reached the target.
     let started = fx.dir.path().join("restored-start").join("data");
@@ -1844,6 +1848,10 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
         r.stderr.contains("recovery stopping before commit"),
         "{}",
         r.stderr
+    );
+    assert!(
+        !started.join("lifeboat-prefetch").exists(),
+        "what was fetched ahead is gone once the server is promoted"
     );
     // Not a terminal: each phase is a plain line, the replay's among them.
     assert!(

@@ -243,10 +243,31 @@ enum WalCommand {
         /// read from the source's base backups, which lists them on every call.
         #[arg(long, value_name = "BYTES")]
         segment_size: Option<u64>,
+        /// Fetch up to N whole segments after this one in the background, into
+        /// `lifeboat-prefetch/` in the data directory, while the server replays this one
+        /// (`lifeboat restore` passes 8). Each is checked as this one is.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        prefetch: u32,
         /// The WAL file's name, as recovery asks for it (%f): a segment or a `.history` file.
         file: String,
         /// Where to write it (%p).
         dest: PathBuf,
+    },
+    /// The background half of `wal fetch --prefetch`.
+    #[command(hide = true)]
+    Prefetch {
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        #[arg(long, short = 's')]
+        source: String,
+        #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
+        identity: Option<PathBuf>,
+        #[arg(long, value_name = "BYTES")]
+        segment_size: u64,
+        #[arg(long)]
+        after: String,
+        #[arg(long)]
+        count: u32,
     },
 }
 

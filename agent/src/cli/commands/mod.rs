@@ -54,6 +54,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                     source,
                     identity,
                     segment_size,
+                    prefetch,
                     file,
                     dest,
                 },
@@ -62,8 +63,27 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                 file: &file,
                 dest: &dest,
                 segment_size,
+                prefetch,
             };
             wal::fetch(&policy, &source, identity.as_deref(), at).await
+        }
+        Command::Wal {
+            command:
+                WalCommand::Prefetch {
+                    policy,
+                    source,
+                    identity,
+                    segment_size,
+                    after,
+                    count,
+                },
+        } => {
+            let ahead = wal::Ahead {
+                after: &after,
+                count,
+                segment_size,
+            };
+            wal::prefetch(&policy, &source, identity.as_deref(), ahead).await
         }
         Command::Restore(args) => restore::restore(args, cancel).await,
         Command::Agent { policy, listen } => {

@@ -145,6 +145,9 @@ fn recovery_target(a: &RestoreArgs) -> Result<Option<pitr::Target>> {
     Ok(a.latest.then_some(pitr::Target::Latest))
 }
 
+/// Segments `wal fetch` fetches ahead of recovery.
+const PREFETCH: u32 = 8;
+
 /// The `restore_command` a restored cluster recovers with: this binary's `wal fetch`, with
 /// absolute paths (the server runs it in its data directory, as its own OS user), and the
 /// cluster's segment size, so that no fetch has to read the base backups to learn it.
@@ -185,6 +188,8 @@ fn wal_fetch_command(
     if let Some(b) = &base.base_backup {
         words.extend(["--segment-size".into(), b.wal_segment_size.to_string()]);
     }
+    // While the server replays one segment, the next ones are fetched and checked.
+    words.extend(["--prefetch".into(), PREFETCH.to_string()]);
     let mut command: Vec<String> = words.iter().map(|w| pitr::shell_word(w)).collect();
     command.extend(["%f".into(), "%p".into()]);
     Ok(command.join(" "))

@@ -56,6 +56,45 @@ pub struct Fetch<'a> {
     pub dest: &'a Path,
     /// The cluster's segment size, when the caller knows it.
     pub segment_size: Option<u64>,
+    /// Whole segments to fetch ahead in the background (0: none).
+    pub prefetch: u32,
+}
+
+/// What a background prefetcher is asked for.
+pub struct Ahead<'a> {
+    /// The segment recovery took last.
+    pub after: &'a str,
+    /// How many after it.
+    pub count: u32,
+    /// The cluster's segment size.
+    pub segment_size: u64,
+}
+
+/// `wal prefetch`: fetches ahead of recovery into [`fetch::PREFETCH_DIR`] (see `wal fetch
+/// --prefetch`). Its failures only mean `wal fetch` fetches those segments itself.
+pub async fn prefetch(
+    path: &Path,
+    name: &str,
+    identity: Option<&Path>,
+    ahead: Ahead<'_>,
+) -> Result<()> {
+    let policy = load(path)?;
+    physical(&policy, name)?;
+    let identities = lifeboat::pipeline::read_identities(&identity_file(identity, &policy)?)?;
+    let repo = Repository::open(&policy).await?;
+    let spool = Path::new(fetch::PREFETCH_DIR);
+    let n = fetch::prefetch(
+        &repo,
+        name,
+        ahead.after,
+        ahead.count,
+        spool,
+        ahead.segment_size,
+        &identities,
+    )
+    .await?;
+    tracing::debug!(after = ahead.after, fetched = n, "Prefetched");
+    Ok(())
 }
 
 pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'_>) -> Result<()> {
@@ -63,6 +102,7 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
         file,
         dest,
         segment_size,
+        prefetch,
     } = at;
     let policy = load(path)?;
     physical(&policy, name)?;
@@ -87,7 +127,54 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
             .find_map(|e| e.manifest.base_backup.as_ref().map(|b| b.wal_segment_size))
             .unwrap_or(16 << 20),
     };
-    let got = fetch::fetch(&repo, name, file, dest, segment_size, &identities).await?;
-    tracing::info!(file, key = %got.key, bytes = got.bytes, archived = got.archived, "Fetched from the WAL archive");
+    let spool = Path::new(fetch::PREFETCH_DIR);
+    if prefetch > 0 && fetch::take_prefetched(spool, file, dest).await {
+        tracing::info!(file, "Fetched from the WAL archive (prefetched, checked)");
+    } else {
+        let got = fetch::fetch(&repo, name, file, dest, segment_size, &identities).await?;
+        tracing::info!(file, key = %got.key, bytes = got.bytes, archived = got.archived, "Fetched from the WAL archive");
+    }
+    if prefetch > 0
+        && fetch::next_segment(file, segment_size).is_some()
+        && !fetch::prefetcher_running(spool)
+    {
+        spawn_prefetcher(path, name, identity, file, prefetch, segment_size);
+    }
     Ok(())
+}
+
+/// Starts `wal prefetch` for the segments after `file`, detached: recovery goes on while it
+/// fetches. Not starting is no failure (each segment is then fetched when asked for).
+fn spawn_prefetcher(
+    policy: &Path,
+    name: &str,
+    identity: Option<&Path>,
+    file: &str,
+    count: u32,
+    segment_size: u64,
+) {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(["wal", "prefetch", "--policy"])
+        .arg(policy)
+        .args(["--source", name, "--after", file])
+        .args(["--count", &count.to_string()])
+        .args(["--segment-size", &segment_size.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if let Some(identity) = identity {
+        command.arg("--identity").arg(identity);
+    }
+    match command.spawn() {
+        Ok(child) => {
+            let _ = fetch::claim_prefetch(Path::new(fetch::PREFETCH_DIR), child.id());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not start fetching ahead; each segment is fetched when asked for")
+        }
+    }
 }

@@ -191,6 +191,136 @@ async fn write_checked(
     })
 }
 
+/// Where `wal fetch --prefetch` keeps the segments it fetched ahead, relative to the data
+/// directory (the server runs `restore_command` there).
+pub const PREFETCH_DIR: &str = "lifeboat-prefetch";
+
+/// The file in `spool` naming the running prefetcher's process id.
+const PREFETCHER: &str = ".prefetcher";
+
+/// The segment after `name` on its timeline, in a cluster of `segment_size` segments.
+pub fn next_segment(name: &str, segment_size: u64) -> Option<String> {
+    let Some(Wanted::Segment { timeline, name }) = wanted(name) else {
+        return None;
+    };
+    let n = super::archive::segment_number(name, segment_size)? + 1;
+    Some(super::wal::segment_name(
+        timeline,
+        super::Lsn(n * segment_size),
+        segment_size,
+    ))
+}
+
+/// The process id of the prefetcher working on `spool`, while it is alive.
+fn prefetcher(spool: &Path) -> Option<u32> {
+    std::fs::read_to_string(spool.join(PREFETCHER))
+        .ok()
+        .and_then(|pid| pid.trim().parse::<u32>().ok())
+        .filter(|pid| alive(*pid))
+}
+
+/// True when process `pid` runs (exists and is not a zombie no one reaped yet).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // `pid (comm) state …`: the state follows the last parenthesis.
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// True while a prefetcher works on `spool`.
+pub fn prefetcher_running(spool: &Path) -> bool {
+    prefetcher(spool).is_some()
+}
+
+/// Names process `pid` as `spool`'s prefetcher: written by `wal fetch` as it starts one, so
+/// that the next `wal fetch` waits for what it fetches even before it is up.
+pub fn claim_prefetch(spool: &Path, pid: u32) -> std::io::Result<()> {
+    std::fs::create_dir_all(spool)?;
+    std::fs::write(spool.join(PREFETCHER), pid.to_string())
+}
+
+/// Moves segment `file` from `spool` to `dest` when a prefetcher put it there (already checked
+/// against its SHA-256), waiting while one is still at work on it. Segments before `file` are
+/// no longer wanted and are removed. False when it is not there: fetch it.
+pub async fn take_prefetched(spool: &Path, file: &str, dest: &Path) -> bool {
+    let Some(Wanted::Segment { .. }) = wanted(file) else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let here = spool.join(file);
+    while !here.exists() && prefetcher_running(spool) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let taken = std::fs::rename(&here, dest).is_ok();
+    if let Ok(rd) = std::fs::read_dir(spool) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if wanted(&name).is_some() && name.as_str() < file {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    taken
+}
+
+/// Fetches ahead of recovery: up to `count` whole segments after `after`, each checked, into
+/// `spool`, stopping at the first the archive does not hold whole (a growing segment is left
+/// for `wal fetch` to take at its longest). One prefetcher per spool. Returns how many it
+/// fetched.
+pub async fn prefetch(
+    repo: &Repository,
+    source: &str,
+    after: &str,
+    count: u32,
+    spool: &Path,
+    segment_size: u64,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<u32> {
+    let me = std::process::id();
+    if prefetcher(spool).is_some_and(|pid| pid != me) {
+        return Ok(0);
+    }
+    let marker = spool.join(PREFETCHER);
+    claim_prefetch(spool, me)
+        .map_err(|e| Error::failed(format!("cannot write {}: {e}", marker.display())))?;
+    let fetched = async {
+        let mut name = after.to_string();
+        let mut fetched = 0;
+        for _ in 0..count {
+            let Some(next) = next_segment(&name, segment_size) else {
+                break;
+            };
+            name = next;
+            if spool.join(&name).exists() {
+                continue;
+            }
+            let Some(Wanted::Segment { timeline, .. }) = wanted(&name) else {
+                break;
+            };
+            match find_segment(repo, source, timeline, &name).await? {
+                Some(w) if w.partial.is_none() => {
+                    fetch_segment(repo, &w, &spool.join(&name), segment_size, identities).await?;
+                    fetched += 1;
+                }
+                _ => break,
+            }
+        }
+        Ok::<_, Error>(fetched)
+    }
+    .await;
+    let _ = std::fs::remove_file(&marker);
+    fetched
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +342,19 @@ mod tests {
         assert_eq!(wanted("000000010000000000000002.00000028.backup"), None);
         assert_eq!(wanted("../../etc/passwd"), None);
         assert_eq!(wanted("0000000G.history"), None);
+    }
+
+    #[test]
+    fn the_next_segment_stays_on_its_timeline_and_crosses_log_files() {
+        let mb16 = 16 << 20;
+        assert_eq!(
+            next_segment("00000002000000000000000A", mb16).as_deref(),
+            Some("00000002000000000000000B")
+        );
+        assert_eq!(
+            next_segment("0000000100000000000000FF", mb16).as_deref(),
+            Some("000000010000000100000000")
+        );
+        assert_eq!(next_segment("00000002.history", mb16), None);
     }
 }

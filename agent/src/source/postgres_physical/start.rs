@@ -84,6 +84,8 @@ pub async fn start(
         progress.advance(now.saturating_sub(restored) * segment_size);
         restored = restored.max(now);
         if text.contains("database system is ready to accept connections") {
+            // Recovery is over: what `wal fetch --prefetch` fetched ahead is not needed.
+            let _ = std::fs::remove_dir_all(dir.join(super::fetch::PREFETCH_DIR));
             let recovery = text
                 .lines()
                 .filter(|l| {
