@@ -1956,6 +1956,48 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
     assert!(log.contains("could not restore file"), "{log}");
 }
 
+/// Replaces the whole segment object `object` with one of "another cluster": its plaintext with
+/// the header's system identifier changed, sealed again (zstd, age) under a name with the new
+/// hash, as a writer with the recipient could. The forged object's path and the segment's name.
+fn reseal_as_other_cluster(fx: &Fx, object: &Path) -> (PathBuf, String) {
+    use sha2::Digest;
+    let name = object.file_name().unwrap().to_string_lossy()[..24].to_string();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "age -d -i '{}' '{}' | zstd -dc",
+            fx.key.identity.display(),
+            object.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut plain = out.stdout;
+    let id = u64::from_le_bytes(plain[24..32].try_into().unwrap());
+    plain[24..32].copy_from_slice(&(id ^ 0x5a5a).to_le_bytes());
+    let sha = hex::encode(sha2::Sha256::digest(&plain));
+    let forged = object.with_file_name(format!("{name}.{sha}.zst.age"));
+    let plain_file = fx.dir.path().join("other-cluster.plain");
+    std::fs::write(&plain_file, &plain).unwrap();
+    let sealed = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "zstd -qc '{}' | age -r '{}' > '{}'",
+            plain_file.display(),
+            fx.key.recipient,
+            forged.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(sealed.success());
+    std::fs::remove_file(object).unwrap();
+    (forged, name)
+}
+
 #[test]
 fn the_verifier_replays_the_archived_wal_past_the_backup_and_names_a_damaged_or_missing_segment() {
     let fx = setup("phys_drill");
@@ -2093,6 +2135,45 @@ fn the_verifier_replays_the_archived_wal_past_the_backup_and_names_a_damaged_or_
         r.stderr
     );
     std::fs::write(&newest, kept).unwrap();
+
+    // A segment of another cluster under a right name and hash (its header's system identifier
+    // changed, the object re-sealed): exit 13 naming it, and `wal fetch` stops recovery (126).
+    let mut wholes = whole_segments(&fx.dir.path().join("repo"));
+    wholes.sort_by_key(|p| p.file_name().unwrap().to_os_string());
+    let planted = wholes[wholes.len() - 3].clone();
+    let original = std::fs::read(&planted).unwrap();
+    let (forged, name) = reseal_as_other_cluster(&fx, &planted);
+    let r = verify();
+    assert_eq!(r.code, 13, "another cluster's: {}{}", r.stdout, r.stderr);
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        out.contains("WAL of another cluster") && out.contains(&name),
+        "{out}"
+    );
+    let system_id = fx.pg.psql(
+        "postgres",
+        "select system_identifier from pg_control_system()",
+    );
+    let r = fx.run(&[
+        "wal",
+        "fetch",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--source",
+        "cluster",
+        "--identity",
+        fx.key.identity.to_str().unwrap(),
+        "--segment-size",
+        "16777216",
+        "--system-id",
+        &system_id,
+        &name,
+        fx.dir.path().join("fetched-other").to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 126, "{}", r.stderr);
+    assert!(r.stderr.contains("WAL of another cluster"), "{}", r.stderr);
+    std::fs::remove_file(&forged).unwrap();
+    std::fs::write(&planted, original).unwrap();
 
     // A segment between the backup and the end deleted: a gap, exit 13 naming its LSN range.
     let before_newest = objects[objects.len() - 2].clone();

@@ -243,6 +243,11 @@ enum WalCommand {
         /// read from the source's base backups, which lists them on every call.
         #[arg(long, value_name = "BYTES")]
         segment_size: Option<u64>,
+        /// The cluster's system identifier (`lifeboat restore` passes the base backup's): a
+        /// segment whose header names another cluster is refused like a damaged one. Read from
+        /// the source's base backups when --segment-size is not given either.
+        #[arg(long, value_name = "ID")]
+        system_id: Option<u64>,
         /// Fetch up to N whole segments after this one in the background, into
         /// `lifeboat-prefetch/` in the data directory, while the server replays this one
         /// (`lifeboat restore` passes 8). Each is checked as this one is.
@@ -264,6 +269,8 @@ enum WalCommand {
         identity: Option<PathBuf>,
         #[arg(long, value_name = "BYTES")]
         segment_size: u64,
+        #[arg(long, value_name = "ID")]
+        system_id: Option<u64>,
         #[arg(long)]
         after: String,
         #[arg(long)]

@@ -54,6 +54,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                     source,
                     identity,
                     segment_size,
+                    system_id,
                     prefetch,
                     file,
                     dest,
@@ -63,6 +64,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                 file: &file,
                 dest: &dest,
                 segment_size,
+                system_id,
                 prefetch,
             };
             wal::fetch(&policy, &source, identity.as_deref(), at).await
@@ -74,6 +76,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                     source,
                     identity,
                     segment_size,
+                    system_id,
                     after,
                     count,
                 },
@@ -81,7 +84,10 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
             let ahead = wal::Ahead {
                 after: &after,
                 count,
-                segment_size,
+                cluster: lifeboat::source::postgres_physical::fetch::Cluster {
+                    segment_size,
+                    system_id,
+                },
             };
             wal::prefetch(&policy, &source, identity.as_deref(), ahead).await
         }

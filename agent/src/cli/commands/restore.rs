@@ -187,6 +187,7 @@ fn wal_fetch_command(
     ];
     if let Some(b) = &base.base_backup {
         words.extend(["--segment-size".into(), b.wal_segment_size.to_string()]);
+        words.extend(["--system-id".into(), b.system_identifier.clone()]);
     }
     // While the server replays one segment, the next ones are fetched and checked.
     words.extend(["--prefetch".into(), PREFETCH.to_string()]);

@@ -56,6 +56,8 @@ pub struct Fetch<'a> {
     pub dest: &'a Path,
     /// The cluster's segment size, when the caller knows it.
     pub segment_size: Option<u64>,
+    /// The cluster's system identifier, when the caller knows it.
+    pub system_id: Option<u64>,
     /// Whole segments to fetch ahead in the background (0: none).
     pub prefetch: u32,
 }
@@ -66,8 +68,8 @@ pub struct Ahead<'a> {
     pub after: &'a str,
     /// How many after it.
     pub count: u32,
-    /// The cluster's segment size.
-    pub segment_size: u64,
+    /// The cluster they are of.
+    pub cluster: fetch::Cluster,
 }
 
 /// `wal prefetch`: fetches ahead of recovery into [`fetch::PREFETCH_DIR`] (see `wal fetch
@@ -89,7 +91,7 @@ pub async fn prefetch(
         ahead.after,
         ahead.count,
         spool,
-        ahead.segment_size,
+        ahead.cluster,
         &identities,
     )
     .await?;
@@ -102,15 +104,22 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
         file,
         dest,
         segment_size,
+        system_id,
         prefetch,
     } = at;
     let policy = load(path)?;
     physical(&policy, name)?;
     let identities = lifeboat::pipeline::read_identities(&identity_file(identity, &policy)?)?;
     let repo = Repository::open(&policy).await?;
-    // Else the cluster's segment size from its base backups (16 MiB unless initdb chose another).
-    let segment_size = match segment_size {
-        Some(size) if size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size) => size,
+    // Else the cluster's segment size and system identifier from its base backups (16 MiB
+    // unless initdb chose another).
+    let cluster = match segment_size {
+        Some(size) if size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size) => {
+            fetch::Cluster {
+                segment_size: size,
+                system_id,
+            }
+        }
         Some(size) => {
             return Err(Error::new(
                 ErrorKind::Invalid,
@@ -124,21 +133,28 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
             .await?
             .backups
             .iter()
-            .find_map(|e| e.manifest.base_backup.as_ref().map(|b| b.wal_segment_size))
-            .unwrap_or(16 << 20),
+            .find_map(|e| e.manifest.base_backup.as_ref().map(fetch::Cluster::of))
+            .map(|c| fetch::Cluster {
+                system_id: system_id.or(c.system_id),
+                ..c
+            })
+            .unwrap_or(fetch::Cluster {
+                segment_size: 16 << 20,
+                system_id,
+            }),
     };
     let spool = Path::new(fetch::PREFETCH_DIR);
     if prefetch > 0 && fetch::take_prefetched(spool, file, dest).await {
         tracing::info!(file, "Fetched from the WAL archive (prefetched, checked)");
     } else {
-        let got = fetch::fetch(&repo, name, file, dest, segment_size, &identities).await?;
+        let got = fetch::fetch(&repo, name, file, dest, cluster, &identities).await?;
         tracing::info!(file, key = %got.key, bytes = got.bytes, archived = got.archived, "Fetched from the WAL archive");
     }
     if prefetch > 0
-        && fetch::next_segment(file, segment_size).is_some()
+        && fetch::next_segment(file, cluster.segment_size).is_some()
         && !fetch::prefetcher_running(spool)
     {
-        spawn_prefetcher(path, name, identity, file, prefetch, segment_size);
+        spawn_prefetcher(path, name, identity, file, prefetch, cluster);
     }
     Ok(())
 }
@@ -151,7 +167,7 @@ fn spawn_prefetcher(
     identity: Option<&Path>,
     file: &str,
     count: u32,
-    segment_size: u64,
+    cluster: fetch::Cluster,
 ) {
     let Ok(exe) = std::env::current_exe() else {
         return;
@@ -162,12 +178,15 @@ fn spawn_prefetcher(
         .arg(policy)
         .args(["--source", name, "--after", file])
         .args(["--count", &count.to_string()])
-        .args(["--segment-size", &segment_size.to_string()])
+        .args(["--segment-size", &cluster.segment_size.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     if let Some(identity) = identity {
         command.arg("--identity").arg(identity);
+    }
+    if let Some(id) = cluster.system_id {
+        command.args(["--system-id", &id.to_string()]);
     }
     match command.spawn() {
         Ok(child) => {

@@ -58,13 +58,33 @@ fn not_found(source: &str, file: &str) -> Error {
     Error::failed(format!("{file}: not in {source}'s WAL archive")).cause(Cause::NotArchived)
 }
 
-/// Fetches `file` of `source`'s archive into `dest`, checked; `segment_size` is the cluster's.
+/// What a fetched segment must be of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cluster {
+    /// Its WAL segment size.
+    pub segment_size: u64,
+    /// Its system identifier, when known: a segment whose header names another cluster is
+    /// damage, not WAL to replay.
+    pub system_id: Option<u64>,
+}
+
+impl Cluster {
+    /// The cluster a base backup is of.
+    pub fn of(base: &super::BaseBackupInfo) -> Cluster {
+        Cluster {
+            segment_size: base.wal_segment_size,
+            system_id: base.system_identifier.parse().ok(),
+        }
+    }
+}
+
+/// Fetches `file` of `source`'s archive into `dest`, checked, for `cluster`.
 pub async fn fetch(
     repo: &Repository,
     source: &str,
     file: &str,
     dest: &Path,
-    segment_size: u64,
+    cluster: Cluster,
     identities: &[Box<dyn age::Identity + Send + Sync>],
 ) -> Result<Fetched> {
     match wanted(file) {
@@ -86,25 +106,48 @@ pub async fn fetch(
             let w = find_segment(repo, source, timeline, name)
                 .await?
                 .ok_or_else(|| not_found(source, file))?;
-            fetch_segment(repo, &w, dest, segment_size, identities).await
+            fetch_segment(repo, &w, dest, cluster, identities).await
         }
         // `.partial`, `.backup` and anything else: the archive holds none.
         None => Err(not_found(source, file)),
     }
 }
 
-/// Fetches the segment object `w` (of a cluster whose segments are `segment_size` bytes) into
-/// `dest`, checked, a partial one padded to the whole segment.
+/// Fetches the segment object `w` of `cluster` into `dest`, checked (its SHA-256 and length,
+/// and the cluster its header names), a partial one padded to the whole segment.
 pub async fn fetch_segment(
     repo: &Repository,
     w: &WalObject,
     dest: &Path,
-    segment_size: u64,
+    cluster: Cluster,
     identities: &[Box<dyn age::Identity + Send + Sync>],
 ) -> Result<Fetched> {
-    let expect = (w.sha256.as_str(), w.partial.unwrap_or(segment_size));
-    let pad = segment_size.saturating_sub(expect.1);
+    let expect = Expect {
+        sha256: &w.sha256,
+        len: w.partial.unwrap_or(cluster.segment_size),
+        system_id: cluster.system_id,
+    };
+    let pad = cluster.segment_size.saturating_sub(expect.len);
     write_checked(repo, &w.key, dest, Some(expect), pad, identities).await
+}
+
+/// What a segment's plaintext must be.
+struct Expect<'a> {
+    sha256: &'a str,
+    len: u64,
+    system_id: Option<u64>,
+}
+
+/// The system identifier a segment's first page header names (its long header: magic, info,
+/// timeline, page address, remaining length, then the identifier at byte 24, little-endian as
+/// the server writes it on the platforms lifeboat runs on).
+fn header_system_id(first: &[u8]) -> Option<u64> {
+    const XLP_LONG_HEADER: u16 = 0x0002;
+    let info = u16::from_le_bytes(first.get(2..4)?.try_into().ok()?);
+    if info & XLP_LONG_HEADER == 0 {
+        return None;
+    }
+    Some(u64::from_le_bytes(first.get(24..32)?.try_into().ok()?))
 }
 
 /// The whole object of segment `name`, else its longest partial.
@@ -133,7 +176,7 @@ async fn write_checked(
     repo: &Repository,
     key: &str,
     dest: &Path,
-    expect: Option<(&str, u64)>,
+    expect: Option<Expect<'_>>,
     pad: u64,
     identities: &[Box<dyn age::Identity + Send + Sync>],
 ) -> Result<Fetched> {
@@ -166,11 +209,32 @@ async fn write_checked(
             CopyError::Read(e) => damaged(format!("damaged: {e}")),
             CopyError::Write(e) => io(e),
         })?;
-    if let Some((sha, len)) = expect {
-        if got != sha || n != len {
+    if let Some(Expect {
+        sha256,
+        len,
+        system_id,
+    }) = expect
+    {
+        if got != sha256 || n != len {
             return Err(damaged(format!(
-                "plaintext SHA-256 {got} ({n} bytes), its name says {sha} ({len} bytes)"
+                "plaintext SHA-256 {got} ({n} bytes), its name says {sha256} ({len} bytes)"
             )));
+        }
+        if let Some(want) = system_id {
+            let mut first = [0u8; 32];
+            let read = {
+                use std::io::Read;
+                tmp.reopen().and_then(|mut f| f.read(&mut first))
+            }
+            .map_err(|e| Error::failed(format!("{}: {e}", tmp.path().display())))?;
+            match header_system_id(&first[..read]) {
+                Some(found) if found != want => {
+                    return Err(damaged(format!(
+                        "WAL of another cluster: its header names system identifier {found}, the base backup's is {want}"
+                    )))
+                }
+                _ => {}
+            }
         }
     }
     let zeros = vec![0u8; 64 << 10];
@@ -282,9 +346,10 @@ pub async fn prefetch(
     after: &str,
     count: u32,
     spool: &Path,
-    segment_size: u64,
+    cluster: Cluster,
     identities: &[Box<dyn age::Identity + Send + Sync>],
 ) -> Result<u32> {
+    let segment_size = cluster.segment_size;
     let me = std::process::id();
     if prefetcher(spool).is_some_and(|pid| pid != me) {
         return Ok(0);
@@ -308,7 +373,7 @@ pub async fn prefetch(
             };
             match find_segment(repo, source, timeline, &name).await? {
                 Some(w) if w.partial.is_none() => {
-                    fetch_segment(repo, &w, &spool.join(&name), segment_size, identities).await?;
+                    fetch_segment(repo, &w, &spool.join(&name), cluster, identities).await?;
                     fetched += 1;
                 }
                 _ => break,
@@ -342,6 +407,19 @@ mod tests {
         assert_eq!(wanted("000000010000000000000002.00000028.backup"), None);
         assert_eq!(wanted("../../etc/passwd"), None);
         assert_eq!(wanted("0000000G.history"), None);
+    }
+
+    #[test]
+    fn a_segments_header_names_its_cluster() {
+        // PostgreSQL 15's first page of a segment: magic, XLP_LONG_HEADER, timeline 1, …
+        let mut page = vec![0u8; 40];
+        page[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+        page[2..4].copy_from_slice(&0x0002u16.to_le_bytes());
+        page[24..32].copy_from_slice(&7_441_234_567_890_123_456u64.to_le_bytes());
+        assert_eq!(header_system_id(&page), Some(7_441_234_567_890_123_456));
+        page[2..4].copy_from_slice(&0u16.to_le_bytes());
+        assert_eq!(header_system_id(&page), None, "a short header names none");
+        assert_eq!(header_system_id(&[0u8; 10]), None);
     }
 
     #[test]

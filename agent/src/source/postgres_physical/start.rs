@@ -124,7 +124,8 @@ pub async fn start(
 fn failed_recovery(dir: &Path, log: &str) -> Error {
     let tail = crate::source::child::last_lines(log, 15);
     let d = dir.display();
-    if log.contains("could not restore file") && log.contains("SHA-256") {
+    let damaged = log.contains("SHA-256") || log.contains("WAL of another cluster");
+    if log.contains("could not restore file") && damaged {
         Error::new(
             ErrorKind::Integrity,
             format!("recovery on {d} stopped at a damaged WAL object; the server did not open:\n{tail}"),

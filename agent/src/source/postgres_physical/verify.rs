@@ -139,7 +139,7 @@ impl Steps for PhysicalSteps {
                 let queue = d.queue.clone();
                 let user = dir.server_user().map(str::to_string);
                 let (started, feeding) = {
-                    let feeder = feed(ctx, &queue, &wal, d.segment_size, user.as_deref(), &fed);
+                    let feeder = feed(ctx, &queue, &wal, d.cluster, user.as_deref(), &fed);
                     let replay = drill_replays(ctx, dir, &bin, superuser, &wal, d, report);
                     let (feeder, replay) = (std::pin::pin!(feeder), std::pin::pin!(replay));
                     match futures::future::select(feeder, replay).await {
@@ -368,6 +368,8 @@ struct Drill {
     end: super::Lsn,
     /// The cluster's WAL segment size.
     segment_size: u64,
+    /// What each segment must be of.
+    cluster: super::fetch::Cluster,
     /// What replay reads, in order: each segment from the backup's start, on the newest
     /// timeline holding it.
     queue: Vec<super::archive::WalObject>,
@@ -480,8 +482,14 @@ async fn random_record(
         let w = w.clone();
         async move {
             let n = super::archive::segment_number(&w.segment, size).unwrap_or_default();
-            super::fetch::fetch_segment(ctx.repo, &w, &pick.join(&w.segment), size, ctx.identities)
-                .await?;
+            super::fetch::fetch_segment(
+                ctx.repo,
+                &w,
+                &pick.join(&w.segment),
+                d.cluster,
+                ctx.identities,
+            )
+            .await?;
             let start = super::Lsn((n * size).max(d.from.0));
             let out = tokio::process::Command::new(bin.join("pg_waldump"))
                 .arg("--path")
@@ -588,7 +596,7 @@ async fn plan_wal(
             source,
             &file,
             &wal.join(&file),
-            size,
+            super::fetch::Cluster::of(base),
             ctx.identities,
         )
         .await
@@ -602,6 +610,7 @@ async fn plan_wal(
         from: base.stop_lsn,
         end,
         segment_size: size,
+        cluster: super::fetch::Cluster::of(base),
         queue,
         replay: crate::verify::Replay {
             from: base.stop_lsn.to_string(),
@@ -631,7 +640,7 @@ async fn feed(
     ctx: &Context<'_>,
     queue: &[super::archive::WalObject],
     wal: &std::path::Path,
-    segment_size: u64,
+    cluster: super::fetch::Cluster,
     user: Option<&str>,
     fed: &Fed,
 ) -> Result<()> {
@@ -657,8 +666,7 @@ async fn feed(
             let t = Instant::now();
             let fetched = incoming.join(&w.segment);
             let got =
-                super::fetch::fetch_segment(ctx.repo, w, &fetched, segment_size, ctx.identities)
-                    .await?;
+                super::fetch::fetch_segment(ctx.repo, w, &fetched, cluster, ctx.identities).await?;
             if let Some(user) = user {
                 crate::source::child::hand_over(&fetched, user, false).map_err(Error::failed)?;
             }
