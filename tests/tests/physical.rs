@@ -574,29 +574,13 @@ fn wal_streams_into_the_repository_within_the_flush_interval_under_writes() {
         .filter(|f| f.to_string_lossy().contains(".partial."))
         .max()
         .expect("a partial segment");
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "set -o pipefail; age -d -i {} {} | zstd -d | sha256sum",
-            fx.key.identity.display(),
-            partial.display()
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(plaintext_of(&fx, &partial)))
+    };
     let name = partial.file_name().unwrap().to_string_lossy().to_string();
     let parts: Vec<&str> = name.split('.').collect();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next(),
-        Some(parts[3]),
-        "{name}"
-    );
+    assert_eq!(sha, parts[3], "{name}");
 
     // SIGTERM stops it at a safe point.
     std::process::Command::new("kill")
@@ -1956,16 +1940,12 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
     assert!(log.contains("could not restore file"), "{log}");
 }
 
-/// Replaces the whole segment object `object` with one of "another cluster": its plaintext with
-/// the header's system identifier changed, sealed again (zstd, age) under a name with the new
-/// hash, as a writer with the recipient could. The forged object's path and the segment's name.
-fn reseal_as_other_cluster(fx: &Fx, object: &Path) -> (PathBuf, String) {
-    use sha2::Digest;
-    let name = object.file_name().unwrap().to_string_lossy()[..24].to_string();
-    let out = std::process::Command::new("sh")
+/// A stored object's plaintext, read with the stock tools (age, zstd).
+fn plaintext_of(fx: &Fx, object: &Path) -> Vec<u8> {
+    let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "age -d -i '{}' '{}' | zstd -dc",
+            "set -o pipefail; age -d -i '{}' '{}' | zstd -dc",
             fx.key.identity.display(),
             object.display()
         ))
@@ -1976,7 +1956,16 @@ fn reseal_as_other_cluster(fx: &Fx, object: &Path) -> (PathBuf, String) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut plain = out.stdout;
+    out.stdout
+}
+
+/// Replaces the whole segment object `object` with one of "another cluster": its plaintext with
+/// the header's system identifier changed, sealed again (zstd, age) under a name with the new
+/// hash, as a writer with the recipient could. The forged object's path and the segment's name.
+fn reseal_as_other_cluster(fx: &Fx, object: &Path) -> (PathBuf, String) {
+    use sha2::Digest;
+    let name = object.file_name().unwrap().to_string_lossy()[..24].to_string();
+    let mut plain = plaintext_of(fx, object);
     let id = u64::from_le_bytes(plain[24..32].try_into().unwrap());
     plain[24..32].copy_from_slice(&(id ^ 0x5a5a).to_le_bytes());
     let sha = hex::encode(sha2::Sha256::digest(&plain));
