@@ -1,11 +1,16 @@
 //! Reading backups back, for every kind: fetch → check SHA-256 → decrypt → decompress. Each kind's
 //! restore (in its folder under `source/`) builds on these.
 //!
-//! The guarantee, for the verifier and `lifeboat restore` alike: **every stored object is
-//! downloaded to a spool file and its SHA-256 and size checked against the manifest before a single
-//! byte is decrypted or applied.** The spool holds ciphertext only. While the plaintext streams into
-//! pg_restore its SHA-256 is checked as well; age authenticates every 64 KiB chunk, so a plaintext
-//! that differs can only come from a manifest that lies, and it stops the restore with exit 13.
+//! The guarantee, for the verifier and `lifeboat restore` alike: **nothing is applied from an
+//! object whose SHA-256 does not match the manifest.** Where applying cannot be undone (pg_restore
+//! into a server, a Redis dataset, files written over a target), the object is downloaded to a
+//! spool file and its SHA-256 and size checked before a single byte is decrypted ([`spool`]); the
+//! spool holds ciphertext only. Where what is written can be removed again, as a physical base
+//! backup unpacked into a directory restore created or emptied, the object streams
+//! ([`stream_plaintext`]) and its stored SHA-256 is checked at its end; the caller removes what
+//! it wrote when the end says it was damaged. Either way the plaintext's SHA-256 is checked as
+//! well; age authenticates every 64 KiB chunk, so a plaintext that differs can only come from a
+//! manifest that lies, and it stops the restore with exit 13.
 
 use std::io;
 use std::pin::Pin;
@@ -127,18 +132,33 @@ pub async fn spool(
     })
 }
 
-/// Checks the plaintext SHA-256 and size at EOF; a mismatch is a read error, so a consumer such as
-/// pg_restore is stopped instead of finishing on the wrong data.
-struct PlainCheck<R> {
+/// Checks the SHA-256 and size of what is read through it at EOF; a mismatch is a read error
+/// (InvalidData), so a consumer such as pg_restore is stopped instead of finishing on the wrong
+/// data.
+struct Checked<R> {
     inner: R,
     hasher: Sha256,
     size: u64,
     want_sha: String,
     want_size: u64,
+    /// What is read, for the error: "base.tar.zst.age: plaintext", "KEY: stored".
     name: String,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for PlainCheck<R> {
+impl<R> Checked<R> {
+    fn new(inner: R, name: String, want_sha: &str, want_size: u64) -> Self {
+        Checked {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+            want_sha: want_sha.to_string(),
+            want_size,
+            name,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Checked<R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -154,15 +174,15 @@ impl<R: AsyncRead + Unpin> AsyncRead for PlainCheck<R> {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::InvalidData,
                             format!(
-                                "{}: plaintext SHA-256 {digest} ({} bytes), the manifest says {} ({} bytes)",
+                                "{} SHA-256 {digest} ({} bytes), the manifest says {} ({} bytes)",
                                 self.name, self.size, self.want_sha, self.want_size
                             ),
                         )));
                     }
                 } else {
-                    let chunk = buf.filled()[before..].to_vec();
-                    self.hasher.update(&chunk);
-                    self.size += new_len as u64;
+                    let this = &mut *self;
+                    this.hasher.update(&buf.filled()[before..]);
+                    this.size += new_len as u64;
                 }
                 Poll::Ready(Ok(()))
             }
@@ -186,14 +206,7 @@ impl Spooled {
         )
         .await
         .map_err(|e| e.context(&self.part.name))?;
-        Ok(Box::pin(PlainCheck {
-            inner: reader,
-            hasher: Sha256::new(),
-            size: 0,
-            want_sha: self.part.sha256_plain.clone(),
-            want_size: self.part.size_plain,
-            name: self.part.name.clone(),
-        }))
+        Ok(Box::pin(plain_checked(reader, &self.part)))
     }
 
     /// Writes the checked plaintext to a file in `dir` (for parallel pg_restore).
@@ -229,6 +242,46 @@ impl Spooled {
         })?;
         Ok(file)
     }
+}
+
+fn plain_checked<R>(plain: R, part: &Part) -> Checked<R> {
+    Checked::new(
+        plain,
+        format!("{}: plaintext", part.name),
+        &part.sha256_plain,
+        part.size_plain,
+    )
+}
+
+/// The plaintext of `part`, streamed from the repository: decrypted and decompressed as it
+/// arrives, its stored and its plaintext SHA-256 and size checked at the end (a mismatch is a
+/// read error of kind InvalidData). Only for a consumer that removes what it wrote when the
+/// stream ends in an error; else [`spool`] first.
+pub async fn stream_plaintext(
+    repo: &Repository,
+    manifest: &Manifest,
+    part: &Part,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
+    let key = layout::backup_object(&manifest.source, &manifest.id, &part.name);
+    let stored = repo
+        .store
+        .open(&key)
+        .await
+        .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+    let stored = Checked::new(
+        stored,
+        format!("{key}: stored"),
+        &part.sha256_stored,
+        part.size_stored,
+    );
+    let reader = pipeline::decrypt_stream(
+        Box::pin(tokio::io::BufReader::with_capacity(256 << 10, stored)),
+        identities,
+    )
+    .await
+    .map_err(|e| e.context(&part.name))?;
+    Ok(Box::pin(plain_checked(reader, part)))
 }
 
 /// The part of `manifest` with `role` (`database`, `snapshot`…); missing is an integrity failure.

@@ -212,6 +212,34 @@ fn a_base_backup_restores_into_a_directory_a_server_starts_on() {
         ),
         system_id
     );
+
+    // The base backup unpacks as it downloads; damage found on the way, or only at its end
+    // (a byte flipped near the end, a byte appended), is exit 13 naming the object, and the
+    // directory is emptied again: no partial cluster is left to start.
+    let object = fx
+        .dir
+        .path()
+        .join(format!("repo/backups/cluster/{id}/base.tar.zst.age"));
+    let good = std::fs::read(&object).unwrap();
+    let mut flipped = good.clone();
+    let at = flipped.len() - 100;
+    flipped[at] ^= 0x01;
+    let mut longer = good.clone();
+    longer.push(0);
+    for (what, bytes) in [("a flipped byte", flipped), ("an appended byte", longer)] {
+        std::fs::write(&object, bytes).unwrap();
+        let damaged = fx.dir.path().join("damaged");
+        let r = restore_to(&fx, &policy, &damaged, &[]);
+        assert_eq!(r.code, 13, "{what}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("error: base backup base.tar.zst.age:"),
+            "{what}: {}",
+            r.stderr
+        );
+        let left: Vec<_> = std::fs::read_dir(&damaged).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{what}: {left:?} left in the directory");
+    }
+    std::fs::write(&object, good).unwrap();
 }
 
 #[test]

@@ -196,7 +196,9 @@ pub(crate) struct RestoreArgs {
     /// Parallel pg_restore jobs; above 1 the plaintext is spooled to --spool-dir.
     #[arg(long, default_value_t = 1)]
     pub jobs: u32,
-    /// Where downloaded (encrypted) objects and a parallel restore's plaintext are spooled.
+    /// Where downloaded (encrypted) objects and a parallel restore's plaintext are spooled
+    /// (default: the temp directory). A physical base backup is not spooled: it unpacks as it
+    /// downloads, and the directory is emptied again if its end proves it damaged.
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
     /// Also replay roles (pg_dumpall --globals-only) into the target server.

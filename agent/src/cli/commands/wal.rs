@@ -107,6 +107,22 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
         system_id,
         prefetch,
     } = at;
+    let segment_size = segment_size.map(checked_segment_size).transpose()?;
+    let spool = Path::new(fetch::PREFETCH_DIR);
+    // Recovery runs this once per segment: a segment already fetched ahead (and checked) is
+    // taken without reading the policy or the key or opening the repository, which would cost
+    // more than replaying it.
+    if let (true, Some(segment_size)) = (prefetch > 0, segment_size) {
+        if fetch::take_prefetched(spool, file, dest).await {
+            tracing::info!(file, "Fetched from the WAL archive (prefetched, checked)");
+            let cluster = fetch::Cluster {
+                segment_size,
+                system_id,
+            };
+            keep_ahead(path, name, identity, file, prefetch, cluster);
+            return Ok(());
+        }
+    }
     let policy = load(path)?;
     physical(&policy, name)?;
     let identities = lifeboat::pipeline::read_identities(&identity_file(identity, &policy)?)?;
@@ -114,20 +130,10 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
     // Else the cluster's segment size and system identifier from its base backups (16 MiB
     // unless initdb chose another).
     let cluster = match segment_size {
-        Some(size) if size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size) => {
-            fetch::Cluster {
-                segment_size: size,
-                system_id,
-            }
-        }
-        Some(size) => {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!(
-                "--segment-size {size}: a WAL segment size is a power of two from 1 MiB to 1 GiB"
-            ),
-            ))
-        }
+        Some(segment_size) => fetch::Cluster {
+            segment_size,
+            system_id,
+        },
         None => repo
             .list(Some(name))
             .await?
@@ -143,20 +149,45 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
                 system_id,
             }),
     };
-    let spool = Path::new(fetch::PREFETCH_DIR);
-    if prefetch > 0 && fetch::take_prefetched(spool, file, dest).await {
+    // (Taken above when the segment size was given.)
+    let spooled = prefetch > 0 && segment_size.is_none();
+    if spooled && fetch::take_prefetched(spool, file, dest).await {
         tracing::info!(file, "Fetched from the WAL archive (prefetched, checked)");
     } else {
         let got = fetch::fetch(&repo, name, file, dest, cluster, &identities).await?;
         tracing::info!(file, key = %got.key, bytes = got.bytes, archived = got.archived, "Fetched from the WAL archive");
     }
-    if prefetch > 0
-        && fetch::next_segment(file, cluster.segment_size).is_some()
-        && !fetch::prefetcher_running(spool)
-    {
-        spawn_prefetcher(path, name, identity, file, prefetch, cluster);
+    if prefetch > 0 {
+        keep_ahead(path, name, identity, file, prefetch, cluster);
     }
     Ok(())
+}
+
+fn checked_segment_size(size: u64) -> Result<u64> {
+    if size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size) {
+        return Ok(size);
+    }
+    Err(Error::new(
+        ErrorKind::Invalid,
+        format!("--segment-size {size}: a WAL segment size is a power of two from 1 MiB to 1 GiB"),
+    ))
+}
+
+/// Starts a prefetcher for the segments after `file` unless one is at work.
+fn keep_ahead(
+    policy: &Path,
+    name: &str,
+    identity: Option<&Path>,
+    file: &str,
+    count: u32,
+    cluster: fetch::Cluster,
+) {
+    let spool = Path::new(fetch::PREFETCH_DIR);
+    if fetch::next_segment(file, cluster.segment_size).is_some()
+        && !fetch::prefetcher_running(spool)
+    {
+        spawn_prefetcher(policy, name, identity, file, count, cluster);
+    }
 }
 
 /// Starts `wal prefetch` for the segments after `file`, detached: recovery goes on while it

@@ -13,7 +13,7 @@ use super::BASE_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::manifest::{Manifest, Role};
 use crate::repo::Repository;
-use crate::restore::{counting, part, spool, Outcome, Plan, Progress, Refusal, Request};
+use crate::restore::{counting, part, stream_plaintext, Outcome, Plan, Progress, Refusal, Request};
 
 /// Plans a restore into `--to DIR`: refuses options for other kinds and URLs, looks at the
 /// directory, and asks for confirmation when it holds anything.
@@ -109,7 +109,6 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
     let apply = Box::new(Apply {
         manifest: m.clone(),
         dir: dir.clone(),
-        spool_dir: o.spool_dir.clone(),
         recovery: replay
             .clone()
             .map(|(recovery, replay, _)| (recovery, replay)),
@@ -266,32 +265,43 @@ fn ready_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::failed(format!("--to {}: cannot set mode 0700: {e}", dir.display())))
 }
 
-/// Downloads and checks the base backup, then unpacks it into `dir`, which must exist and be
-/// empty. Returns the number of entries written.
+/// Unpacks the base backup into `dir`, which must exist and be empty, as it downloads: the
+/// stored and the plaintext SHA-256 are checked at the end, and on any failure `dir` is emptied
+/// again, so nothing short of a whole, checked base backup is left there. Returns the number of
+/// entries written.
 pub async fn unpack_into(
     repo: &Repository,
     manifest: &Manifest,
     dir: &Path,
-    spool_dir: &Path,
     identities: &[Box<dyn age::Identity + Send + Sync>],
     progress: std::sync::Arc<dyn Progress>,
 ) -> Result<u64> {
     let part = part(manifest, Role::Cluster)?;
     progress.phase(
-        &format!("downloading and checking {BASE_OBJECT}"),
-        Some(part.size_stored),
+        &format!("downloading, checking and unpacking {BASE_OBJECT}"),
+        Some(part.size_plain),
     );
-    let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
-    progress.phase("decrypting and unpacking", Some(part.size_plain));
-    let plain = counting(spooled.plaintext(identities).await?, progress);
-    super::tar::unpack(plain, dir).await
+    let unpacked = async {
+        let plain = stream_plaintext(repo, manifest, part, identities).await?;
+        super::tar::unpack(counting(plain, progress), dir).await
+    }
+    .await;
+    if let Err(mut e) = unpacked {
+        if let Err(left) = empty(dir) {
+            e.message = format!(
+                "{}; {} holds part of a base backup: remove it before starting a server there",
+                e.message, left.message
+            );
+        }
+        return Err(e);
+    }
+    unpacked
 }
 
 /// What a planned base backup restore carries to its apply step.
 struct Apply {
     manifest: Manifest,
     dir: PathBuf,
-    spool_dir: PathBuf,
     recovery: Option<(Recovery, Replay)>,
     start: Option<(PathBuf, u16)>,
 }
@@ -310,7 +320,6 @@ impl crate::restore::Apply for Apply {
             repo,
             &self.manifest,
             &self.dir,
-            &self.spool_dir,
             identities,
             progress.clone(),
         )

@@ -7,8 +7,9 @@
 //! whatever the cluster's size. The stream comes from the server: a header that does not parse
 //! is recorded as an error, never a panic, and fails the backup.
 //!
-//! [`unpack`] writes a checked plaintext tar into a directory (no entry may leave it), in a
-//! blocking task.
+//! [`unpack`] writes a checked plaintext tar into a directory (no entry may leave it): the
+//! plaintext is read (downloaded, decrypted, decompressed, hashed) on the runtime while a blocking
+//! task writes the files, so the two halves use two cores.
 
 use std::path::Path;
 
@@ -315,13 +316,41 @@ impl crate::pipeline::Observer for TarObserver {
 /// `dir` (absolute paths, `..`, links out of it) fail the unpack. A read error (a plaintext
 /// SHA-256 mismatch at the end of the stream) is an integrity failure.
 pub async fn unpack(
-    plain: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    mut plain: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
     dir: &Path,
 ) -> Result<u64> {
+    use tokio::io::AsyncReadExt;
+    const CHUNK: usize = 256 << 10;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
+    let pump = async move {
+        loop {
+            let mut buf = bytes::BytesMut::with_capacity(CHUNK);
+            let mut end = false;
+            while buf.len() < CHUNK / 2 && !end {
+                match plain.read_buf(&mut buf).await {
+                    Ok(0) => end = true,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+            // A send fails when the writer stopped on an error of its own.
+            if !buf.is_empty() && tx.send(Ok(buf.freeze())).await.is_err() {
+                return;
+            }
+            if end {
+                return;
+            }
+        }
+    };
     let dir = dir.to_path_buf();
-    let reader = tokio_util::io::SyncIoBridge::new(plain);
-    tokio::task::spawn_blocking(move || {
-        let mut archive = tar::Archive::new(reader);
+    let write = tokio::task::spawn_blocking(move || {
+        let mut archive = tar::Archive::new(Chunks {
+            rx,
+            at: bytes::Bytes::new(),
+        });
         archive.set_preserve_permissions(true);
         archive.set_overwrite(true);
         let mut files = 0u64;
@@ -342,18 +371,53 @@ pub async fn unpack(
             }
             files += 1;
         }
+        // Read past the end-of-archive blocks to the stream's end: only there are the
+        // checksums compared.
+        std::io::copy(&mut archive.into_inner(), &mut std::io::sink())
+            .map_err(|e| read_error(&dir, e))?;
         Ok(files)
-    })
-    .await
-    .map_err(|e| Error::failed(format!("unpacking the base backup: {e}")))?
+    });
+    let ((), written) = tokio::join!(pump, write);
+    written.map_err(|e| Error::failed(format!("unpacking the base backup: {e}")))?
+}
+
+/// The plaintext's chunks, read by the blocking half of [`unpack`].
+struct Chunks {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    at: bytes::Bytes,
+}
+
+impl std::io::Read for Chunks {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.at = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.at.len());
+        out[..n].copy_from_slice(&self.at.split_to(n));
+        Ok(n)
+    }
 }
 
 fn read_error(dir: &Path, e: std::io::Error) -> Error {
-    // The plaintext check reports a mismatch as InvalidData, possibly wrapped by tar.
-    let text = e.to_string();
+    // tar wraps what the reader said ("failed to unpack `FILE`…") and keeps it as the source.
+    let mut text = e.to_string();
+    let mut innermost = text.clone();
+    let mut source = std::error::Error::source(&e);
+    while let Some(inner) = source {
+        innermost = inner.to_string();
+        text = format!("{text}: {innermost}");
+        source = inner.source();
+    }
+    // The checks report a mismatch as InvalidData, age its failed authentication the same.
     if e.kind() == std::io::ErrorKind::InvalidData || text.contains("SHA-256") {
-        Error::new(ErrorKind::Integrity, format!("base backup: {text}"))
-            .hint("the directory holds a partial restore: remove it; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
+        Error::new(
+            ErrorKind::Integrity,
+            format!("base backup {}: {innermost}", super::BASE_OBJECT),
+        )
+        .hint("use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
     } else {
         Error::failed(format!(
             "unpacking the base backup into {}: {text}",
