@@ -422,7 +422,7 @@ pub struct Plan {
     /// Set when the target holds data: the restore needs confirmation.
     pub refusal: Option<Refusal>,
     /// What an interruption leaves behind.
-    pub interrupted: &'static str,
+    pub interrupted: String,
     apply: Box<dyn Apply>,
 }
 
@@ -478,7 +478,7 @@ impl Plan {
             action,
             details: Vec::new(),
             refusal: None,
-            interrupted: "interrupted; the target may hold a partial restore",
+            interrupted: "interrupted; the target may hold a partial restore".into(),
             apply,
         }
     }

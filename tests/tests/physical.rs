@@ -245,9 +245,15 @@ fn a_base_backup_restores_into_a_directory_a_server_starts_on() {
 #[test]
 fn the_verifier_starts_a_server_on_the_backup_and_runs_the_policys_checks() {
     let fx = setup("phys_verify");
+    // Checks in the url's database, in one named, and in every one.
+    let every = "select count(*) from pg_database where datname = current_database()";
     let policy = fx.policy(
         "postgres",
-        "[sources.verify]\nchecks = [{ sql = \"select count(*) from t\", equals = 5000 }]",
+        &format!(
+            "[sources.verify]\nchecks = [{{ sql = \"select count(*) from t\", equals = 5000 }}, \
+             {{ sql = \"select count(*) from pg_roles where rolname = 'postgres'\", equals = 1, database = \"postgres\" }}, \
+             {{ sql = \"{every}\", equals = 1, database = \"*\" }}]"
+        ),
     );
     let id = fx.backup(&policy);
     // A temp dir of its own, where the scratch must be gone afterwards (other tests' are not).
@@ -293,17 +299,51 @@ fn the_verifier_starts_a_server_on_the_backup_and_runs_the_policys_checks() {
         &format!("database {}", fx.db),
         "database postgres",
         "sql: select count(*) from t",
+        "sql: select count(*) from pg_roles where rolname = 'postgres' (in postgres)",
+        &format!("sql: {every} (in {})", fx.db),
+        &format!("sql: {every} (in postgres)"),
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
+    let databases = names.iter().filter(|n| n.starts_with("database ")).count();
+    let everywhere = names
+        .iter()
+        .filter(|n| n.starts_with(&format!("sql: {every}")))
+        .count();
+    assert_eq!(everywhere, databases, "one check per database: {names:?}");
 
     // The policy's check runs in the restored cluster: a wrong expectation fails (exit 4).
+    // A database the backup lacks fails its check, naming it.
     let wrong = fx.policy(
         "postgres",
-        "[sources.verify]\nchecks = [{ sql = \"select count(*) from t\", equals = 5001 }]",
+        "[sources.verify]\nchecks = [{ sql = \"select count(*) from t\", equals = 5001 }, \
+         { sql = \"select 1\", equals = 1, database = \"nosuchdb\" }]",
     );
     let r = verify(&wrong);
     assert_eq!(r.code, 4, "verify: {}{}", r.stdout, r.stderr);
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let failed: Vec<String> = reports[0]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["passed"] == false)
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c["name"].as_str().unwrap(),
+                c["found"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "sql: select count(*) from t: 5000",
+            "sql: select 1 (in nosuchdb): the backup has no database nosuchdb"
+        ],
+        "{}",
+        r.stdout
+    );
     let scratch_left = std::fs::read_dir(tmp.path())
         .unwrap()
         .flatten()

@@ -222,6 +222,10 @@ pub struct RawCheck {
     pub max: Option<i64>,
     /// The result must equal this.
     pub equals: Option<i64>,
+    /// postgres-physical: the database it runs in, or `"*"` for every database of the restored
+    /// cluster (each its own check); default the url's. A postgres source's checks run in the
+    /// restored database.
+    pub database: Option<String>,
 }
 
 /// `[[notify]]`: a webhook called on failure and on recovery.

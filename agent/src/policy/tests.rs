@@ -234,6 +234,16 @@ fn bad_values_are_named() {
             "sources[0].verify.checks[0]: a check needs",
         ),
         (
+            "min = 1 }",
+            "min = 1, database = \"shop\" }",
+            "sources[0].verify.checks[0].database: applies to postgres-physical sources",
+        ),
+        (
+            "min = 1 }",
+            "min = 1, database = \" \" }",
+            "sources[0].verify.checks[0].database: is empty",
+        ),
+        (
             "password_file = \"/secrets/pg\"",
             "password_file = \"/secrets/pg\"\nfingerprint = \"everything\"",
             "sources[1].fingerprint: unknown variant `everything`",

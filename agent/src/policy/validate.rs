@@ -248,6 +248,17 @@ pub struct SqlCheck {
     pub max: Option<i64>,
     /// Exact value.
     pub equals: Option<i64>,
+    /// Where it runs (postgres-physical): a database, or every one.
+    pub database: Option<CheckDatabase>,
+}
+
+/// The database of the restored cluster a physical source's check runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckDatabase {
+    /// This one.
+    Named(String),
+    /// Each database of the cluster, as a check of its own.
+    Every,
 }
 
 /// What a kind's validation may read besides its own table.
@@ -833,11 +844,24 @@ fn validate_verify(path: &str, v: &RawVerify, p: &mut Problems) -> VerifyPolicy 
         if c.sql.trim().is_empty() {
             p.add(format!("{path}.checks[{i}].sql"), "is empty");
         }
+        let database = match c.database.as_deref().map(str::trim) {
+            None => None,
+            Some("*") => Some(CheckDatabase::Every),
+            Some("") => {
+                p.add(
+                    format!("{path}.checks[{i}].database"),
+                    "is empty: name a database, or \"*\" for every one; leave it out for the url's",
+                );
+                None
+            }
+            Some(name) => Some(CheckDatabase::Named(name.to_string())),
+        };
         checks.push(SqlCheck {
             sql: c.sql.clone(),
             min: c.min,
             max: c.max,
             equals: c.equals,
+            database,
         });
     }
     VerifyPolicy {

@@ -78,7 +78,7 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         &policy,
     )?)?;
     let progress: std::sync::Arc<dyn r::Progress> = std::sync::Arc::new(CliProgress::new(a.json));
-    let interrupted = plan.interrupted;
+    let interrupted = plan.interrupted.clone();
     let mut document = plan.document.clone();
     let outcome = tokio::select! {
         res = plan.apply(&repo, &identities, progress.clone()) => res?,

@@ -542,7 +542,7 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
         details.as_object().cloned().unwrap_or_default(),
         apply,
     );
-    plan.interrupted = "interrupted; the target may hold part of the files (each one whole)";
+    plan.interrupted = "interrupted; the target may hold part of the files (each one whole)".into();
     if existing > 0 {
         plan.refusal = Some(Refusal::new(
             &format!("{shown} is not empty"),

@@ -90,22 +90,30 @@ pub fn compare(expected: &Fingerprint, observed: &Observed) -> Vec<Check> {
     out
 }
 
+/// What `c` expects: ">= 1 and <= 9".
+fn expected(c: &SqlCheck) -> String {
+    let mut expected = Vec::new();
+    if let Some(v) = c.min {
+        expected.push(format!(">= {v}"));
+    }
+    if let Some(v) = c.max {
+        expected.push(format!("<= {v}"));
+    }
+    if let Some(v) = c.equals {
+        expected.push(format!("= {v}"));
+    }
+    expected.join(" and ")
+}
+
+/// A check that could not run, failed with `why`.
+pub fn not_run(c: &SqlCheck, why: &str) -> Check {
+    Check::failed(format!("sql: {}", c.sql), expected(c), why)
+}
+
 /// Runs the policy's assertions: each query returns one number, compared with min, max, equals.
 pub async fn sql_checks(client: &Client, checks: &[SqlCheck]) -> Vec<Check> {
     let mut out = Vec::new();
     for c in checks {
-        let mut expected = Vec::new();
-        if let Some(v) = c.min {
-            expected.push(format!(">= {v}"));
-        }
-        if let Some(v) = c.max {
-            expected.push(format!("<= {v}"));
-        }
-        if let Some(v) = c.equals {
-            expected.push(format!("= {v}"));
-        }
-        let expected = expected.join(" and ");
-        let name = format!("sql: {}", c.sql);
         let value = match client.simple_query(&c.sql).await {
             Err(e) => Err(e
                 .as_db_error()
@@ -126,13 +134,13 @@ pub async fn sql_checks(client: &Client, checks: &[SqlCheck]) -> Vec<Check> {
                 }),
         };
         out.push(match value {
-            Err(e) => Check::failed(name, expected, e),
+            Err(e) => not_run(c, &e),
             Ok(v) => Check {
-                name,
+                name: format!("sql: {}", c.sql),
                 passed: c.min.is_none_or(|m| v >= m)
                     && c.max.is_none_or(|m| v <= m)
                     && c.equals.is_none_or(|m| v == m),
-                expected,
+                expected: expected(c),
                 found: v.to_string(),
             },
         });

@@ -124,6 +124,17 @@ fn validate(
             "applies to objects sources; a PostgreSQL backup is always verified whole",
         );
     }
+    let checks = raw.verify.as_ref().map_or(&[][..], |v| &v.checks[..]);
+    for (i, _) in checks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.database.is_some())
+    {
+        p.add(
+            format!("{path}.verify.checks[{i}].database"),
+            "applies to postgres-physical sources; a postgres source's checks run in the restored database",
+        );
+    }
     let url_redacted = check_url(path, &raw.url, raw.password_file.is_some(), p);
     let common = common_settings(path, common_raw!(raw), ctx.defaults, p);
     common.into_source(

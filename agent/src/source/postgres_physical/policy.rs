@@ -19,7 +19,7 @@ pub struct RawPhysicalSource {
     /// Always `postgres-physical` here.
     pub kind: String,
     /// libpq URL of a role with REPLICATION; the database it names is where the verifier's SQL
-    /// checks run. `${VAR}` for secrets.
+    /// checks run unless a check names its `database`. `${VAR}` for secrets.
     pub url: String,
     /// File holding the password, instead of putting it in the URL.
     pub password_file: Option<String>,

@@ -136,7 +136,15 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
             ),
         ));
     }
-    plan.interrupted = "interrupted; the directory holds a partial restore: remove what is in it";
+    plan.interrupted = match o.start {
+        Some(_) => format!(
+            "interrupted; if the server had started on {shown}, it goes on recovering on its own \
+             (its log: {shown}/{}; stop it with pg_ctl -D {shown} stop); else the directory holds \
+             a partial restore: remove what is in it",
+            super::start::LOG
+        ),
+        None => "interrupted; the directory holds a partial restore: remove what is in it".into(),
+    };
     if held > 0 {
         plan.refusal = Some(Refusal::new(
             &format!("{shown} is not empty"),

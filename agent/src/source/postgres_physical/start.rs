@@ -78,10 +78,24 @@ pub async fn start(
     let pid = dir.join("postmaster.pid");
     let mut seen_pid = false;
     let mut restored = 0;
+    // A recovery that restores nothing for this long is said to be stalled (it may only be
+    // replaying a heavy segment): the operator is told where to look, and the wait goes on.
+    const STALL: Duration = Duration::from_secs(300);
+    let mut moved = std::time::Instant::now();
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let now = text.matches("restored log file \"").count() as u64;
         progress.advance(now.saturating_sub(restored) * segment_size);
+        if now > restored {
+            moved = std::time::Instant::now();
+        } else if moved.elapsed() >= STALL {
+            tracing::warn!(
+                log = %log.display(),
+                restored = now,
+                "No WAL restored from the archive for 5 minutes; still waiting (Ctrl-C stops the wait, not the server). The server's log says what it does"
+            );
+            moved = std::time::Instant::now();
+        }
         restored = restored.max(now);
         if text.contains("database system is ready to accept connections") {
             // Recovery is over: what `wal fetch --prefetch` fetched ahead is not needed.

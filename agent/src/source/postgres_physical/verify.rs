@@ -18,7 +18,8 @@
 //!    replay rate. A point-in-time restore is exactly this with the operator's target.
 //! 5. `pg_amcheck` reads every table and B-tree index of every database. The restored cluster
 //!    is compared with the fingerprint (system identifier, out of recovery, every database
-//!    there and readable), then the policy's SQL checks run in the url's database.
+//!    there and readable), then the policy's SQL checks run: each in the url's database, the
+//!    one it names, or (`database = "*"`) in every database of the cluster.
 //! 6. The scratch is torn down, whatever happened.
 
 use std::collections::BTreeMap;
@@ -28,8 +29,10 @@ use async_trait::async_trait;
 
 use super::{Fingerprint, PhysicalConfig};
 use crate::error::{Error, ErrorKind, Result};
+use crate::policy::{CheckDatabase, SqlCheck};
 use crate::repo::manifest::Role;
 use crate::restore;
+use crate::source::postgres::checks::{not_run, sql_checks};
 use crate::source::postgres::scratch::{self, Scratch, Unstarted};
 use crate::source::postgres::Postgres;
 use crate::verify::{Check, Context, Report, Steps, Verdict};
@@ -344,18 +347,44 @@ async fn observe(
             found,
         ));
     }
-    if !ctx.source.verify.checks.is_empty() {
-        let db = {
-            use std::str::FromStr;
-            tokio_postgres::Config::from_str(config.connection.url.expose())
-                .ok()
-                .and_then(|c| c.get_dbname().map(str::to_string))
-                .unwrap_or_else(|| "postgres".into())
+    let url_db = {
+        use std::str::FromStr;
+        tokio_postgres::Config::from_str(config.connection.url.expose())
+            .ok()
+            .and_then(|c| c.get_dbname().map(str::to_string))
+            .unwrap_or_else(|| "postgres".into())
+    };
+    // Each check in its database: the url's, the one it names, or every one.
+    let mut runs: Vec<(String, Vec<SqlCheck>)> = Vec::new();
+    for c in &ctx.source.verify.checks {
+        let dbs = match &c.database {
+            None => vec![url_db.clone()],
+            Some(CheckDatabase::Named(db)) => vec![db.clone()],
+            Some(CheckDatabase::Every) => fingerprint.databases.clone(),
         };
-        let c = Postgres::new(s.config(&db)).connect().await?;
-        report.checks.extend(
-            crate::source::postgres::checks::sql_checks(&c.client, &ctx.source.verify.checks).await,
-        );
+        for db in dbs {
+            match runs.iter_mut().find(|(d, _)| *d == db) {
+                Some((_, checks)) => checks.push(c.clone()),
+                None => runs.push((db, vec![c.clone()])),
+            }
+        }
+    }
+    for (db, checks) in runs {
+        let done = if !fingerprint.databases.contains(&db) {
+            Err(format!("the backup has no database {db}"))
+        } else {
+            match Postgres::new(s.config(&db)).connect().await {
+                Ok(c) => Ok(sql_checks(&c.client, &checks).await),
+                Err(e) => Err(e.message),
+            }
+        };
+        let done = done.unwrap_or_else(|e| checks.iter().map(|c| not_run(c, &e)).collect());
+        for (c, mut check) in checks.iter().zip(done) {
+            if c.database.is_some() {
+                check.name = format!("{} (in {db})", check.name);
+            }
+            report.checks.push(check);
+        }
     }
     Ok(())
 }
