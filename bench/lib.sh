@@ -76,9 +76,12 @@ TOML
 
 aws() { "$root/$venv/bin/aws" --endpoint-url "$endpoint" "$@"; }
 
+# MEASURE_RUNS=1 takes one run, for benchmarks that interleave their commands' runs.
 measure() {
   local name=$1 cmd=$2 after=${3:-true}
-  for i in $(seq 1 "$runs"); do
+  for i in $(seq 1 "${MEASURE_RUNS:-$runs}"); do
+    # The previous run's dirty pages are written out before, not during, this one.
+    sync
     /usr/bin/time -f '%e %U %S %M' -o "$work/time" bash -c "set -o pipefail; $cmd" >/dev/null 2>"$work/err" \
       || { echo "$name failed:" >&2; cat "$work/err" >&2; exit 1; }
     printf '%s\t%s\t%s\n' "$name" "$i" "$(tail -n 1 "$work/time" | tr ' ' '\t')" >> "$work/results.tsv"

@@ -61,13 +61,16 @@ until grep -q 'database system is ready to accept connections' '$work/copy/start
 done
 SH
 
-echo "== measuring ($runs runs each; $segments segments)" >&2
-measure "PostgreSQL: copy the base, replay from a local directory (cp)" "bash '$work/own.sh'" "$stop"
-measure "lifeboat restore --latest --start" \
-  "'$lifeboat' restore --policy '$work/pitr.toml' --source bench --to '$work/copy' --latest --start --port $port" "$stop"
-# The daily drill on the same backup and archive: download, unpack, pg_verifybackup, replay to a
-# random point and on to the end, pg_amcheck over every table and index, the checks.
-measure "lifeboat-verifier verify (the replay drill)" \
-  "'$verifier' verify --policy '$work/pitr.toml' --source bench" "rm -rf '$work/repo/verifications'"
+echo "== measuring ($runs runs each, interleaved; $segments segments)" >&2
+# One run of each in turn, so that the machine's slow moments fall on all three alike.
+for _ in $(seq 1 "$runs"); do
+  MEASURE_RUNS=1 measure "PostgreSQL: copy the base, replay from a local directory (cp)" "bash '$work/own.sh'" "$stop"
+  MEASURE_RUNS=1 measure "lifeboat restore --latest --start" \
+    "'$lifeboat' restore --policy '$work/pitr.toml' --source bench --to '$work/copy' --latest --start --port $port" "$stop"
+  # The daily drill on the same backup and archive: download, unpack, pg_verifybackup, replay
+  # to a random point and on to the end, pg_amcheck over every table and index, the checks.
+  MEASURE_RUNS=1 measure "lifeboat-verifier verify (the replay drill)" \
+    "'$verifier' verify --policy '$work/pitr.toml' --source bench" "rm -rf '$work/repo/verifications'"
+done
 summarize "PostgreSQL: copy the base, replay from a local directory (cp)" pitr \
   "$segments WAL segments after the base backup ($((wal_bytes / 1048576)) MiB stored)"

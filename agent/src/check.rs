@@ -14,6 +14,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{layout, Repository};
+use crate::store::StoreError;
 
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -43,6 +44,10 @@ pub struct CheckReport {
     pub incomplete: Vec<String>,
     /// Unfinished multipart uploads.
     pub pending_uploads: Vec<String>,
+    /// Why unfinished uploads could not be listed (a server without ListMultipartUploads);
+    /// absent when they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploads_unlisted: Option<String>,
     /// What could not be checked, and why (e.g. blobs without an identity).
     pub notes: Vec<String>,
 }
@@ -171,14 +176,16 @@ pub async fn check(
         seen = ctx.seen;
     }
     report.notes.dedup();
-    report.pending_uploads = repo
-        .store
-        .pending_uploads()
-        .await
-        .map_err(|e| Error::from(e).context("listing unfinished uploads"))?
-        .into_iter()
-        .map(|u| u.key)
-        .collect();
+    // Only the sweep needs this listing: a server that cannot give it leaves the rest checked.
+    match repo.store.pending_uploads().await {
+        Ok(uploads) => report.pending_uploads = uploads.into_iter().map(|u| u.key).collect(),
+        Err(StoreError::Permanent {
+            message,
+            credential: false,
+            ..
+        }) => report.uploads_unlisted = Some(message),
+        Err(e) => return Err(Error::from(e).context("listing unfinished uploads")),
+    }
     Ok(report)
 }
 

@@ -280,6 +280,61 @@ fn a_manifest_that_cannot_be_written_publishes_nothing_and_cleans_up() {
 }
 
 #[test]
+fn a_server_without_list_multipart_uploads_is_still_checked() {
+    let mut fx = setup("nolistmpu");
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    fx.proxy.add(Rule::new(
+        "GET",
+        "?uploads",
+        HttpFault::Status(501, "NotImplemented"),
+    ));
+    let r = fx.run(&["check", "--read-data", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["backups"], 1, "{report:#}");
+    assert!(report["bytes_read"].as_u64().unwrap() > 0, "{report:#}");
+    assert!(
+        report["uploads_unlisted"]
+            .as_str()
+            .is_some_and(|w| w.contains("NotImplemented (HTTP 501)")),
+        "{report:#}"
+    );
+    // A 501 is permanent: asked once, not retried.
+    let asked = fx.proxy.fired().iter().filter(|f| f.contains("?uploads")).count();
+    assert_eq!(asked, 1, "{:?}", fx.proxy.fired());
+    let r = fx.run(&["check"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("warning: unfinished uploads were not listed, the server refused"),
+        "{}",
+        r.stderr
+    );
+    // Damage is still found.
+    fx.proxy.clear();
+    let manifest = fx
+        .keys()
+        .into_iter()
+        .find(|k| k.ends_with("/manifest.json"))
+        .unwrap();
+    let object = manifest.replace("manifest.json", "database.dump.zst.age");
+    rt().block_on(async {
+        let client = s3().client().await;
+        let del = client.delete_object().bucket(&fx.bucket).key(&object);
+        del.send().await.unwrap();
+    });
+    fx.proxy.add(Rule::new(
+        "GET",
+        "?uploads",
+        HttpFault::Status(501, "NotImplemented"),
+    ));
+    let r = fx.run(&["check"]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(r.stderr.contains("database.dump.zst.age"), "{}", r.stderr);
+    fx.proxy.clear();
+}
+
+#[test]
 fn a_listing_that_fails_makes_prune_delete_nothing() {
     let mut fx = setup("listing");
     for _ in 0..2 {

@@ -1614,21 +1614,8 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
         );
     }
     // A damaged object is never handed to recovery; a file the archive lacks is "not found".
-    let fetch = |file: &str, dest: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "wal",
-            "fetch",
-            "--policy",
-            policy.to_str().unwrap(),
-            "--source",
-            "cluster",
-            "--identity",
-            identity,
-        ];
-        args.extend(extra);
-        args.extend([file, dest.to_str().unwrap()]);
-        fx.run(&args)
-    };
+    let fetch =
+        |file: &str, dest: &Path, extra: &[&str]| wal_fetch(&fx, &policy, file, dest, extra);
     let whole = whole_segments(&repo)[0].clone();
     let name = whole.file_name().unwrap().to_string_lossy()[..24].to_string();
     let dest = fx.dir.path().join("fetched");
@@ -1769,6 +1756,24 @@ fn a_slot_made_by_hand_without_reserved_wal_is_made_to_reserve_it() {
         "postgres",
         &format!("select pg_drop_replication_slot('{slot}')"),
     );
+}
+
+/// `lifeboat wal fetch FILE DEST` of the source `cluster`, with `extra` options, as the
+/// fixture's key holder.
+fn wal_fetch(fx: &Fx, policy: &Path, file: &str, dest: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "wal",
+        "fetch",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--source",
+        "cluster",
+        "--identity",
+        fx.key.identity.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    args.extend([file, dest.to_str().unwrap()]);
+    fx.run(&args)
 }
 
 /// `lifeboat restore --to DIR` with `args` (a target), as the fixture's key holder.
@@ -2211,22 +2216,9 @@ fn the_verifier_replays_the_archived_wal_past_the_backup_and_names_a_damaged_or_
         "postgres",
         "select system_identifier from pg_control_system()",
     );
-    let r = fx.run(&[
-        "wal",
-        "fetch",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--source",
-        "cluster",
-        "--identity",
-        fx.key.identity.to_str().unwrap(),
-        "--segment-size",
-        "16777216",
-        "--system-id",
-        &system_id,
-        &name,
-        fx.dir.path().join("fetched-other").to_str().unwrap(),
-    ]);
+    let other = fx.dir.path().join("fetched-other");
+    let at = ["--segment-size", "16777216", "--system-id", &system_id];
+    let r = wal_fetch(&fx, &policy, &name, &other, &at);
     assert_eq!(r.code, 126, "{}", r.stderr);
     assert!(r.stderr.contains("WAL of another cluster"), "{}", r.stderr);
     std::fs::remove_file(&forged).unwrap();

@@ -64,12 +64,6 @@ impl Fx {
         let mut v: Vec<String> = std::fs::read_dir(self.repo().join("backups/app-db"))
             .map(|d| {
                 d.flatten()
-                    .filter(|e| {
-                        e.path()
-                            .read_dir()
-                            .map(|mut r| r.next().is_some())
-                            .unwrap_or(false)
-                    })
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
             })
@@ -109,7 +103,22 @@ fn prune_deletes_exactly_the_plan_and_leaves_no_orphans() {
     kept.sort();
     let mut dirs = fx.backup_dirs();
     dirs.sort();
-    assert_eq!(dirs, kept, "no objects of deleted backups remain");
+    assert_eq!(
+        dirs, kept,
+        "no objects or directories of deleted backups remain"
+    );
+    fn empty_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+        let entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        if entries.is_empty() {
+            out.push(dir.to_path_buf());
+        }
+        for e in entries.iter().filter(|e| e.path().is_dir()) {
+            empty_dirs(&e.path(), out);
+        }
+    }
+    let mut empty = Vec::new();
+    empty_dirs(&fx.repo(), &mut empty);
+    assert!(empty.is_empty(), "empty directories left: {empty:?}");
     let r = fx.run(&["check", "--read-data"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(

@@ -232,15 +232,8 @@ enum WalCommand {
     /// archive (recovery's end); 126: anything else (damaged, unreachable, no key), which stops
     /// recovery; nothing is written to DEST then.
     Fetch {
-        /// The policy file.
-        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
-        policy: PathBuf,
-        /// The `postgres-physical` source.
-        #[arg(long, short = 's')]
-        source: String,
-        /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
-        #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
-        identity: Option<PathBuf>,
+        #[command(flatten)]
+        archive: WalArchive,
         /// The cluster's WAL segment size in bytes (`lifeboat restore` passes it); else it is
         /// read from the source's base backups, which lists them on every call.
         #[arg(long, value_name = "BYTES")]
@@ -263,12 +256,8 @@ enum WalCommand {
     /// The background half of `wal fetch --prefetch`.
     #[command(hide = true)]
     Prefetch {
-        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
-        policy: PathBuf,
-        #[arg(long, short = 's')]
-        source: String,
-        #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
-        identity: Option<PathBuf>,
+        #[command(flatten)]
+        archive: WalArchive,
         #[arg(long, value_name = "BYTES")]
         segment_size: u64,
         #[arg(long, value_name = "ID")]
@@ -278,6 +267,20 @@ enum WalCommand {
         #[arg(long)]
         count: u32,
     },
+}
+
+/// Whose WAL archive `wal fetch` reads, and with which key.
+#[derive(Debug, clap::Args)]
+struct WalArchive {
+    /// The policy file.
+    #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+    policy: PathBuf,
+    /// The `postgres-physical` source.
+    #[arg(long, short = 's')]
+    source: String,
+    /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
+    #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
+    identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -262,6 +262,27 @@ pub fn hand_over(dir: &Path, user: &str, recursive: bool) -> std::result::Result
     }
 }
 
+/// The uid and gid of OS user `user` (`id -u`, `id -g`), for a caller that gives it many files:
+/// [`std::os::unix::fs::chown`] then needs no process per file.
+pub fn ids_of(user: &str) -> std::result::Result<(u32, u32), String> {
+    let id = |flag: &str| {
+        std::process::Command::new("id")
+            .args([flag, user])
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+            .ok_or_else(|| format!("no OS user {user}"))
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

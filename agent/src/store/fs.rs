@@ -105,10 +105,9 @@ fn write_via_temp(
     publish: fn(&Path, &Path) -> io::Result<()>,
 ) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
     let tmp = temp_path(path);
     let result = (|| {
-        let f = std::fs::File::create(&tmp)?;
+        let f = create_beside(&tmp)?;
         f.write_all_at(data, 0)?;
         f.sync_all()?;
         publish(&tmp, path)?;
@@ -117,6 +116,20 @@ fn write_via_temp(
     // After a rename the temp name is gone already; after a link or a failure it must go.
     let _ = std::fs::remove_file(&tmp);
     result
+}
+
+/// Creates file `path` and the directories it needs. A delete may remove a directory it found
+/// empty between the two steps (see `delete`): then it is created again.
+fn create_beside(path: &Path) -> io::Result<std::fs::File> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tries = 0;
+    loop {
+        std::fs::create_dir_all(dir)?;
+        match std::fs::File::create(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 3 => tries += 1,
+            other => return other,
+        }
+    }
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
@@ -229,22 +242,34 @@ impl ObjectStore for FsStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        match tokio::fs::remove_file(self.path(key)?).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(classify("delete", key, e)),
+        let path = self.path(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(classify("delete", key, e)),
         }
+        // A pruned backup's directory goes with its last object, and so does each parent left
+        // empty: `rmdir` removes only an empty directory, atomically, so a writer's file is
+        // never lost (a writer that finds its directory gone creates it again).
+        let root = self.root.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut dir = path.parent();
+            while let Some(d) = dir.filter(|d| *d != root && d.starts_with(&root)) {
+                if std::fs::remove_dir(d).is_err() {
+                    break;
+                }
+                dir = d.parent();
+            }
+        })
+        .await;
+        Ok(())
     }
 
     async fn start_upload(&self, key: &str) -> Result<Arc<dyn Upload>, StoreError> {
         let path = self.path(key)?;
         let tmp = temp_path(&path);
         let tmp2 = tmp.clone();
-        let file = blocking("start upload", key, move || {
-            std::fs::create_dir_all(tmp2.parent().unwrap_or(Path::new(".")))?;
-            std::fs::File::create(&tmp2)
-        })
-        .await?;
+        let file = blocking("start upload", key, move || create_beside(&tmp2)).await?;
         Ok(Arc::new(FsUpload {
             key: key.to_string(),
             path,

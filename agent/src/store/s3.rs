@@ -212,6 +212,9 @@ where
                     message,
                     credential: true,
                 },
+                // The server does not have this operation (S3-compatible servers without
+                // ListMultipartUploads): asking again will not give it one.
+                (501, _) | (_, "NotImplemented") => StoreError::permanent(op, key, message),
                 (500..=599, _) | (_, "SlowDown" | "RequestTimeout" | "InternalError") => {
                     StoreError::transient(op, key, message)
                 }

@@ -62,6 +62,9 @@ pub async fn check_cmd(
         for u in &report.pending_uploads {
             eprintln!("note: unfinished upload of {u}");
         }
+        if let Some(why) = &report.uploads_unlisted {
+            eprintln!("warning: unfinished uploads were not listed, the server refused: {why} (RUNBOOK.md#storage-errors)");
+        }
         for n in &report.notes {
             eprintln!("note: {n}");
         }

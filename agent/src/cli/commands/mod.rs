@@ -50,9 +50,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
         Command::Wal {
             command:
                 WalCommand::Fetch {
-                    policy,
-                    source,
-                    identity,
+                    archive,
                     segment_size,
                     system_id,
                     prefetch,
@@ -67,14 +65,13 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                 system_id,
                 prefetch,
             };
-            wal::fetch(&policy, &source, identity.as_deref(), at).await
+            let identity = archive.identity.as_deref();
+            wal::fetch(&archive.policy, &archive.source, identity, at).await
         }
         Command::Wal {
             command:
                 WalCommand::Prefetch {
-                    policy,
-                    source,
-                    identity,
+                    archive,
                     segment_size,
                     system_id,
                     after,
@@ -89,7 +86,8 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                     system_id,
                 },
             };
-            wal::prefetch(&policy, &source, identity.as_deref(), ahead).await
+            let identity = archive.identity.as_deref();
+            wal::prefetch(&archive.policy, &archive.source, identity, ahead).await
         }
         Command::Restore(args) => restore::restore(args, cancel).await,
         Command::Agent { policy, listen } => {

@@ -25,20 +25,21 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
     }
     let target = recovery_target(&a)?;
     let repo = Repository::open(&policy).await?;
-    let entry = match &target {
+    // The newest base backup before the target, from one listing the plan reuses.
+    let (entry, backups) = match &target {
         Some(t) if a.backup == "latest" && before.is_none() => {
-            let listing = repo.list(Some(&a.source)).await?;
-            pitr::choose(&repo, &listing.backups, &a.source, t)
-                .await?
-                .clone()
+            let backups = repo.list(Some(&a.source)).await?.backups;
+            let entry = pitr::choose(&repo, &backups, &a.source, t).await?.clone();
+            (entry, backups)
         }
-        _ => repo.find(&a.source, &a.backup, before).await?,
+        _ => (repo.find(&a.source, &a.backup, before).await?, Vec::new()),
     };
     let recovery = match target {
         Some(target) => Some(pitr::Recovery {
             target,
             timeline: a.timeline,
             restore_command: wal_fetch_command(&a, &policy, &entry.manifest)?,
+            backups,
         }),
         None => None,
     };

@@ -203,6 +203,15 @@ fn spawn_prefetcher(
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
+    // What it says (why a segment could not be fetched ahead) is kept beside what it fetches;
+    // `wal fetch` then fetches that segment itself and reports its own failure to recovery.
+    let spool = Path::new(fetch::PREFETCH_DIR);
+    let said = std::fs::create_dir_all(spool).and_then(|_| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spool.join(fetch::PREFETCH_LOG))
+    });
     let mut command = std::process::Command::new(exe);
     command
         .args(["wal", "prefetch", "--policy"])
@@ -212,7 +221,7 @@ fn spawn_prefetcher(
         .args(["--segment-size", &cluster.segment_size.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stderr(said.map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from));
     if let Some(identity) = identity {
         command.arg("--identity").arg(identity);
     }

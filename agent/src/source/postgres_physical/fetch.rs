@@ -259,6 +259,9 @@ async fn write_checked(
 /// directory (the server runs `restore_command` there).
 pub const PREFETCH_DIR: &str = "lifeboat-prefetch";
 
+/// The prefetchers' log in the spool: why a segment was not fetched ahead.
+pub const PREFETCH_LOG: &str = "prefetch.log";
+
 /// The file in `spool` naming the running prefetcher's process id.
 const PREFETCHER: &str = ".prefetcher";
 

@@ -29,7 +29,7 @@ pub enum Target {
 }
 
 /// `--time`, `--lsn` or `--latest`, and `--timeline`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Recovery {
     /// Where to stop.
     pub target: Target,
@@ -37,6 +37,9 @@ pub struct Recovery {
     pub timeline: Option<u32>,
     /// The shell command the restored server fetches WAL with (`%f %p` at its end).
     pub restore_command: String,
+    /// The source's backups, when they were listed already to choose the base backup (empty:
+    /// the plan lists them).
+    pub backups: Vec<Entry>,
 }
 
 impl std::fmt::Display for Target {
@@ -438,6 +441,7 @@ mod tests {
             target,
             timeline: None,
             restore_command: "lifeboat wal fetch --policy '/p q.toml' %f %p".into(),
+            backups: Vec::new(),
         }
     }
 

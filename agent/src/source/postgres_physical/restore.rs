@@ -62,11 +62,17 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
     let mut plan_start = None;
     let replay = match (&o.recovery, &m.base_backup) {
         (Some(recovery), Some(base)) => {
-            let listing = req.repo.list(Some(&m.source)).await?;
+            let listed;
+            let backups = if recovery.backups.is_empty() {
+                listed = req.repo.list(Some(&m.source)).await?.backups;
+                &listed
+            } else {
+                &recovery.backups
+            };
             let archive =
                 super::archive::Archive::read(req.repo, &m.source, base.wal_segment_size).await?;
-            let replay = pitr::plan(req.entry, &listing.backups, &archive, recovery)?;
-            let drill = newest_drill(&listing.backups);
+            let replay = pitr::plan(req.entry, backups, &archive, recovery)?;
+            let drill = newest_drill(backups);
             details["recovery"] = serde_json::json!({
                 "target": recovery.target.to_string(),
                 "timeline": recovery.timeline,

@@ -136,7 +136,17 @@ pub async fn start(
 
 /// The error for a server that stopped before it was promoted, from its log.
 fn failed_recovery(dir: &Path, log: &str) -> Error {
-    let tail = crate::source::child::last_lines(log, 15);
+    let mut tail = crate::source::child::last_lines(log, 15);
+    let ahead = dir
+        .join(super::fetch::PREFETCH_DIR)
+        .join(super::fetch::PREFETCH_LOG);
+    if let Some(said) = std::fs::read_to_string(&ahead)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        let said = crate::source::child::last_lines(&said, 5);
+        tail = format!("{tail}\nfetching ahead ({}):\n{said}", ahead.display());
+    }
     let d = dir.display();
     let damaged = log.contains("SHA-256") || log.contains("WAL of another cluster");
     if log.contains("could not restore file") && damaged {

@@ -146,6 +146,14 @@ impl Steps for PhysicalSteps {
                     let replay = drill_replays(ctx, dir, &bin, superuser, &wal, d, report);
                     let (feeder, replay) = (std::pin::pin!(feeder), std::pin::pin!(replay));
                     match futures::future::select(feeder, replay).await {
+                        // The server stops at `.failed`; were it not written (a full scratch
+                        // disk), recovery would wait for its segment until the timeout: the
+                        // replay, and with it the server, is dropped instead.
+                        futures::future::Either::Left((Err(e), _))
+                            if !wal.join(".failed").exists() =>
+                        {
+                            (Err(e.clone()), Some(Err(e)))
+                        }
                         futures::future::Either::Left((fed, replay)) => (replay.await, Some(fed)),
                         futures::future::Either::Right((started, _)) => (started, None),
                     }
@@ -688,6 +696,10 @@ async fn feed(
                 incoming.display()
             ))
         })?;
+        let owner = user
+            .map(crate::source::child::ids_of)
+            .transpose()
+            .map_err(|e| Error::failed(format!("scratch: {e}, whom the server runs as")))?;
         for w in queue {
             while waiting(wal) >= AHEAD {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -696,8 +708,13 @@ async fn feed(
             let fetched = incoming.join(&w.segment);
             let got =
                 super::fetch::fetch_segment(ctx.repo, w, &fetched, cluster, ctx.identities).await?;
-            if let Some(user) = user {
-                crate::source::child::hand_over(&fetched, user, false).map_err(Error::failed)?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&fetched, Some(uid), Some(gid)).map_err(|e| {
+                    Error::failed(format!(
+                        "scratch: cannot give {} to the server's OS user: {e}",
+                        fetched.display()
+                    ))
+                })?;
             }
             std::fs::rename(&fetched, wal.join(&w.segment)).map_err(|e| {
                 Error::failed(format!("scratch: cannot move {}: {e}", fetched.display()))
