@@ -109,7 +109,8 @@ def kubectl():
 
 
 def render(kubectl_bin, directory):
-    out = subprocess.run([kubectl_bin, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(directory)],
+    # As Argo CD, Flux and `kubectl apply -k` render it: no flags, nothing read from outside.
+    out = subprocess.run([kubectl_bin, "kustomize", str(directory)],
                          capture_output=True, text=True)
     if out.returncode != 0:
         problems.append(f"kustomize {directory}: {out.stderr.strip()}")
@@ -163,7 +164,8 @@ def check_overlay(name, docs):
     else:
         env_file = ROOT / "policies" / f"{name}.toml"
         if policy["data"]["policy.toml"] != env_file.read_text(encoding="utf-8"):
-            problems.append(f"{name}: the policy ConfigMap is not policies/{name}.toml")
+            problems.append(f"{name}: the overlay's policy.toml is not policies/{name}.toml: "
+                            f"cp policies/{name}.toml deploy/kubernetes/overlays/{name}/policy.toml")
     if name != "dev":
         cron = next((d for d in docs if d["kind"] == "CronJob"), None)
         if cron is None or cron["spec"].get("concurrencyPolicy") != "Forbid":

@@ -300,7 +300,12 @@ fn a_server_without_list_multipart_uploads_is_still_checked() {
         "{report:#}"
     );
     // A 501 is permanent: asked once, not retried.
-    let asked = fx.proxy.fired().iter().filter(|f| f.contains("?uploads")).count();
+    let asked = fx
+        .proxy
+        .fired()
+        .iter()
+        .filter(|f| f.contains("?uploads"))
+        .count();
     assert_eq!(asked, 1, "{:?}", fx.proxy.fired());
     let r = fx.run(&["check"]);
     assert_eq!(r.code, 0, "{}", r.stderr);

@@ -143,9 +143,6 @@ fn every_runbook_command_works_as_written() {
             "RESTORE_FILES_DIR".into(),
             dir.path().join("files-restore").display().to_string(),
         ),
-        ("BUCKET".into(), bucket.clone()),
-        ("PREFIX".into(), "production".into()),
-        ("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()),
         ("NO_COLOR".into(), "1".into()),
     ]);
     let r = lifeboat(
@@ -155,6 +152,18 @@ fn every_runbook_command_works_as_written() {
     );
     assert_eq!(r.code, 0, "backup: {}", r.stderr);
 
+    // An interrupted run after the backup: an id with objects but no manifest.json. The
+    // runbook's "newest backup" must pass over it.
+    rt().block_on(async {
+        let client = s3.client().await;
+        let put = client
+            .put_object()
+            .bucket(&bucket)
+            .key("production/backups/app-db/29991231T235959Z-ffffff/database.dump.zst.age")
+            .body(b"an interrupted upload".to_vec().into());
+        put.send().await.unwrap();
+    });
+
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../RUNBOOK.md"))
         .unwrap();
     let blocks = sh_blocks(&text);
@@ -163,8 +172,17 @@ fn every_runbook_command_works_as_written() {
         "RUNBOOK.md has {} sh blocks",
         blocks.len()
     );
+    // "Restore without lifeboat" finds the bucket, prefix, endpoint and region in the policy and
+    // writes them to lifeboat-s3.env, which the reader sources in each shell after it: the
+    // blocks after that one run with it sourced, and nothing else tells them where S3 is.
+    let s3_env = dir.path().join("lifeboat-s3.env");
     for (i, block) in blocks.iter().enumerate() {
-        let script = format!("set -euo pipefail\n{}", runnable(block, &env));
+        let sourced = if s3_env.exists() {
+            format!("set -a; . '{}'; set +a\n", s3_env.display())
+        } else {
+            String::new()
+        };
+        let script = format!("set -euo pipefail\n{sourced}{}", runnable(block, &env));
         let cwd = tempfile::tempdir().unwrap();
         let out = Command::new("bash")
             .arg("-c")
@@ -181,7 +199,20 @@ fn every_runbook_command_works_as_written() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if block.contains("> lifeboat-s3.env") {
+            std::fs::copy(cwd.path().join("lifeboat-s3.env"), &s3_env).unwrap();
+            let written = std::fs::read_to_string(&s3_env).unwrap();
+            for want in [
+                format!("BUCKET={bucket}\n"),
+                "PREFIX=production\n".to_string(),
+                format!("AWS_ENDPOINT_URL={}\n", s3.endpoint),
+                "AWS_DEFAULT_REGION=us-east-1\n".to_string(),
+            ] {
+                assert!(written.contains(&want), "{want} not in:\n{written}");
+            }
+        }
     }
+    assert!(s3_env.exists(), "no block wrote lifeboat-s3.env");
 
     // What the blocks restored is what the sources hold.
     let count = "select count(*) || ':' || md5(string_agg(name, ',' order by id)) from users";

@@ -321,9 +321,17 @@ fn damage_is_caught_before_restore_with_its_exit_code() {
         "{}",
         r.stderr
     );
-    // The first backup still verifies.
+    // The first backup still verifies, and the output says what it proved, table by table.
     let r = fx.verify(&policy, &["--backup", &first]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l.starts_with("  ok   table public.t: ")
+                && l.ends_with(" rows, content hash matched")),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -69,8 +69,30 @@ fn identities(
     pipeline::read_identities(&identity)
 }
 
-/// Prints a report's failed checks and its summary line.
+/// How many passed checks the human output shows (every one is in `--json`).
+const SHOWN: usize = 12;
+
+/// Prints what a report proved (the first passed checks: tables with their rows, keys, files),
+/// its failed checks, and its summary line.
 fn print_report(source: &str, report: &lifeboat::verify::Report) {
+    let passed: Vec<_> = report.checks.iter().filter(|c| c.passed).collect();
+    for c in passed.iter().take(SHOWN) {
+        // A table's content hash matched when the check passed: say so instead of the hash.
+        let found = match c.found.split_once(", content ") {
+            Some((rows, _)) => format!("{rows}, content hash matched"),
+            None if c.found.chars().count() > 80 => {
+                format!("{}…", c.found.chars().take(79).collect::<String>())
+            }
+            None => c.found.clone(),
+        };
+        eprintln!("  ok   {}: {found}", c.name);
+    }
+    if passed.len() > SHOWN {
+        eprintln!(
+            "  ok   … and {} more (--json lists every check)",
+            passed.len() - SHOWN
+        );
+    }
     for c in report.checks.iter().filter(|c| !c.passed) {
         eprintln!(
             "FAIL {}: expected {}, found {}",
