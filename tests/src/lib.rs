@@ -680,6 +680,7 @@ impl S3 {
             checksums: lifeboat::policy::ChecksumMode::WhenRequired,
             storage_class: None,
             object_lock: None,
+            server_side_encryption: None,
         })
         .await
     }

@@ -36,6 +36,8 @@ pub struct Rule {
     pub target: String,
     /// A substring the target must NOT contain (e.g. `partNumber` to tell PUT object from UploadPart).
     pub not_target: Option<&'static str>,
+    /// Only requests without this header and value (as a bucket policy demands a header).
+    pub without_header: Option<(&'static str, &'static str)>,
     /// Matching requests let through before the fault starts.
     pub skip: usize,
     /// How many matching requests get the fault (`usize::MAX`: all).
@@ -51,6 +53,7 @@ impl Rule {
             method,
             target: target.to_string(),
             not_target: None,
+            without_header: None,
             skip: 0,
             times: usize::MAX,
             fault,
@@ -66,6 +69,12 @@ impl Rule {
     /// Let the first `n` matches through.
     pub fn skip(mut self, n: usize) -> Rule {
         self.skip = n;
+        self
+    }
+
+    /// Only requests that lack header `name` with `value`.
+    pub fn without_header(mut self, name: &'static str, value: &'static str) -> Rule {
+        self.without_header = Some((name, value));
         self
     }
 
@@ -234,7 +243,10 @@ fn serve(client: TcpStream, upstream_port: u16, state: Arc<Mutex<State>>) {
             for (rule, seen) in st.rules.iter_mut() {
                 let matches = (rule.method == method || rule.method == "*")
                     && target.contains(&rule.target)
-                    && !rule.not_target.is_some_and(|n| target.contains(n));
+                    && !rule.not_target.is_some_and(|n| target.contains(n))
+                    && rule
+                        .without_header
+                        .is_none_or(|(n, v)| header(&head, n).as_deref() != Some(v));
                 if !matches {
                     continue;
                 }

@@ -280,6 +280,64 @@ fn a_manifest_that_cannot_be_written_publishes_nothing_and_cleans_up() {
 }
 
 #[test]
+fn a_bucket_that_requires_sse_kms_gets_it_on_every_write() {
+    let mut fx = setup("ssekms");
+    // The bucket's policy, as the proxy enforces it: PutObject and CreateMultipartUpload without
+    // `x-amz-server-side-encryption: aws:kms` are refused.
+    let sse = ("x-amz-server-side-encryption", "aws:kms");
+    fx.proxy.add(
+        Rule::new("PUT", "", HttpFault::Status(403, "AccessDenied"))
+            .unless("partNumber")
+            .without_header(sse.0, sse.1),
+    );
+    fx.proxy.add(
+        Rule::new("POST", "?uploads", HttpFault::Status(403, "AccessDenied"))
+            .without_header(sse.0, sse.1),
+    );
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 12, "without the header: {}", r.stderr);
+    assert!(r.stderr.contains("AccessDenied"), "{}", r.stderr);
+    assert_eq!(fx.manifests(), 0);
+    assert!(fx.pending().is_empty(), "{:?}", fx.pending());
+
+    let text = std::fs::read_to_string(&fx.policy).unwrap();
+    let with = text.replacen(
+        "part_size = \"5MiB\"",
+        "part_size = \"5MiB\"\nserver_side_encryption = \"aws:kms\"\nkms_key_id = \"alias/lifeboat\"",
+        1,
+    );
+    std::fs::write(&fx.policy, with).unwrap();
+    let refused = fx.proxy.fired().len();
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "with server_side_encryption: {}", r.stderr);
+    assert_eq!(fx.proxy.fired().len(), refused, "{:?}", fx.proxy.fired());
+    assert_eq!(fx.manifests(), 1);
+    // Multipart and single-put objects alike are stored under the key asked for.
+    let keys = fx.keys();
+    rt().block_on(async {
+        let client = s3().client().await;
+        for key in keys {
+            let head = client.head_object().bucket(&fx.bucket).key(&key);
+            let head = head.send().await.unwrap();
+            assert_eq!(
+                head.server_side_encryption().map(|s| s.as_str()),
+                Some("aws:kms"),
+                "{key}"
+            );
+            assert!(
+                head.ssekms_key_id()
+                    .is_some_and(|k| k.contains("alias/lifeboat")),
+                "{key}: {:?}",
+                head.ssekms_key_id()
+            );
+        }
+    });
+    fx.proxy.clear();
+    let r = fx.run(&["check", "--read-data"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
 fn a_server_without_list_multipart_uploads_is_still_checked() {
     let mut fx = setup("nolistmpu");
     assert_eq!(fx.run(&["backup"]).code, 0);

@@ -160,6 +160,7 @@ async fn s3_store(checksums: ChecksumMode, prefix: &str) -> Arc<dyn ObjectStore>
             checksums,
             storage_class: None,
             object_lock: None,
+            server_side_encryption: None,
         }),
         part_size: 5 << 20,
         parts_in_flight: 2,

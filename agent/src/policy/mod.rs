@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 pub mod schema;
 pub use env::Secret;
-pub use raw::{ChecksumMode, LockMode, LogFormat, NotifyFormat};
+pub use raw::{ChecksumMode, LockMode, LogFormat, NotifyFormat, ServerSideEncryption};
 pub use validate::*;
 
 use crate::error::{Error, ErrorKind};

@@ -39,6 +39,23 @@ pub struct RawRepository {
     pub parts_in_flight: Option<usize>,
     /// S3 Object Lock retention set on every backup object written, e.g. `{ mode = "governance", days = 30 }`.
     pub object_lock: Option<RawObjectLock>,
+    /// Server-side encryption asked for on every object written: `aws:kms` or `AES256` (for a
+    /// bucket whose policy requires the header); lifeboat's own age encryption is always on.
+    pub server_side_encryption: Option<ServerSideEncryption>,
+    /// With `aws:kms`: the KMS key (id, ARN or `alias/NAME`); unset means the bucket's or the
+    /// account's default key.
+    pub kms_key_id: Option<String>,
+}
+
+/// `repository.server_side_encryption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+pub enum ServerSideEncryption {
+    /// SSE-KMS.
+    #[serde(rename = "aws:kms")]
+    AwsKms,
+    /// SSE-S3.
+    #[serde(rename = "AES256")]
+    Aes256,
 }
 
 /// `repository.object_lock`.

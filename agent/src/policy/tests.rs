@@ -254,6 +254,16 @@ fn bad_values_are_named() {
             "repository.endpoint: `127.0.0.1:9000` must start with http",
         ),
         (
+            "endpoint = \"http://127.0.0.1:9000\"",
+            "endpoint = \"http://127.0.0.1:9000\"\nkms_key_id = \"alias/x\"",
+            "repository.kms_key_id: applies with server_side_encryption = \"aws:kms\" only",
+        ),
+        (
+            "endpoint = \"http://127.0.0.1:9000\"",
+            "endpoint = \"http://127.0.0.1:9000\"\nserver_side_encryption = \"aws:kms:dsse\"",
+            "repository.server_side_encryption: unknown variant `aws:kms:dsse`",
+        ),
+        (
             "[defaults]",
             "[defaults]\ntimezone = \"Mars/Olympus\"",
             "defaults.timezone: `Mars/Olympus` is not an IANA time zone",

@@ -124,6 +124,8 @@ pub struct S3Config {
     pub storage_class: Option<String>,
     /// Object Lock on backup objects: mode and days.
     pub object_lock: Option<(LockMode, u32)>,
+    /// Server-side encryption sent on every write, with the KMS key for `aws:kms`.
+    pub server_side_encryption: Option<(ServerSideEncryption, Option<String>)>,
 }
 
 /// Encryption settings.
@@ -464,6 +466,11 @@ fn fs_location(path: &str, raw: &RawRepository, p: &mut Problems) -> Option<Loca
         ("checksums", raw.checksums.is_some()),
         ("storage_class", raw.storage_class.is_some()),
         ("object_lock", raw.object_lock.is_some()),
+        (
+            "server_side_encryption",
+            raw.server_side_encryption.is_some(),
+        ),
+        ("kms_key_id", raw.kms_key_id.is_some()),
     ] {
         if set {
             p.add(
@@ -505,6 +512,17 @@ fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
         }
     }
     let force_path_style = path_style(raw.addressing, raw.endpoint.is_some());
+    let server_side_encryption = match (raw.server_side_encryption, raw.kms_key_id.clone()) {
+        (Some(ServerSideEncryption::AwsKms), key) => Some((ServerSideEncryption::AwsKms, key)),
+        (sse, Some(_)) => {
+            p.add(
+                "repository.kms_key_id",
+                "applies with server_side_encryption = \"aws:kms\" only; set that, or remove kms_key_id",
+            );
+            sse.map(|m| (m, None))
+        }
+        (sse, None) => sse.map(|m| (m, None)),
+    };
     Location::S3(S3Config {
         bucket: bucket.to_string(),
         prefix: prefix.trim_matches('/').to_string(),
@@ -512,6 +530,7 @@ fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
         region: raw.region.unwrap_or_else(default_region),
         force_path_style,
         checksums: raw.checksums.unwrap_or(ChecksumMode::WhenRequired),
+        server_side_encryption,
         storage_class: raw.storage_class,
         object_lock: match raw.object_lock {
             Some(l) if l.days == 0 => {

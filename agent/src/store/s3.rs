@@ -16,7 +16,8 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode, StorageClass,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode,
+    ServerSideEncryption, StorageClass,
 };
 use aws_sdk_s3::Client;
 use aws_smithy_http_client::tls;
@@ -38,6 +39,8 @@ pub struct S3Store {
     checksums: ChecksumMode,
     storage_class: Option<StorageClass>,
     object_lock: Option<(LockMode, u32)>,
+    /// Server-side encryption asked for on each write, and the KMS key.
+    sse: Option<(ServerSideEncryption, Option<String>)>,
 }
 
 /// Builds an S3 client for `config` with the default credential chain (environment, profile, web
@@ -91,7 +94,22 @@ impl S3Store {
             checksums: config.checksums,
             storage_class: config.storage_class.as_deref().map(StorageClass::from),
             object_lock: config.object_lock,
+            sse: config.server_side_encryption.clone().map(|(mode, key)| {
+                let mode = match mode {
+                    crate::policy::ServerSideEncryption::AwsKms => ServerSideEncryption::AwsKms,
+                    crate::policy::ServerSideEncryption::Aes256 => ServerSideEncryption::Aes256,
+                };
+                (mode, key)
+            }),
         })
+    }
+
+    fn sse_mode(&self) -> Option<ServerSideEncryption> {
+        self.sse.as_ref().map(|(mode, _)| mode.clone())
+    }
+
+    fn sse_key(&self) -> Option<String> {
+        self.sse.as_ref().and_then(|(_, key)| key.clone())
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -256,6 +274,8 @@ impl ObjectStore for S3Store {
             .key(&full)
             .set_checksum_sha256(self.sha256_b64(&data))
             .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse_mode())
+            .set_ssekms_key_id(self.sse_key())
             .body(ByteStream::from(data));
         if self.sends_checksums() {
             req = req.checksum_algorithm(ChecksumAlgorithm::Sha256);
@@ -348,7 +368,9 @@ impl ObjectStore for S3Store {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&full)
-            .set_storage_class(self.storage_class.clone());
+            .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse_mode())
+            .set_ssekms_key_id(self.sse_key());
         if self.sends_checksums() {
             req = req.checksum_algorithm(ChecksumAlgorithm::Sha256);
         }
@@ -384,6 +406,8 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(&full)
             .if_none_match("*")
+            .set_server_side_encryption(self.sse_mode())
+            .set_ssekms_key_id(self.sse_key())
             .body(ByteStream::from(data))
             .send()
             .await;

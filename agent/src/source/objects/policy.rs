@@ -244,6 +244,7 @@ fn from(path: &str, raw: &RawObjectsSource, p: &mut Problems) -> ObjectsFrom {
             checksums: ChecksumMode::WhenRequired,
             storage_class: None,
             object_lock: None,
+            server_side_encryption: None,
         })
     } else {
         p.add(

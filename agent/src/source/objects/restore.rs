@@ -632,10 +632,12 @@ fn restore_s3_config(
         checksums: ChecksumMode::WhenRequired,
         storage_class: None,
         object_lock: None,
+        server_side_encryption: None,
     });
     cfg.bucket = bucket.to_string();
     cfg.prefix = prefix.trim_matches('/').to_string();
     cfg.storage_class = None;
     cfg.object_lock = None;
+    cfg.server_side_encryption = None;
     cfg
 }
