@@ -26,11 +26,15 @@ pub async fn backup(
     source: &SourcePolicy,
     now: DateTime<Utc>,
     cancel: CancellationToken,
+    meter: Option<std::sync::Arc<pipeline::Meter>>,
 ) -> Result<Manifest> {
     let name = &source.name;
     let started = Instant::now();
     let id = layout::new_backup_id(now);
-    let pipeline = pipeline_config(policy, source)?;
+    let pipeline = PipelineConfig {
+        meter,
+        ..pipeline_config(policy, source)?
+    };
     let recipients = pipeline.recipients.clone();
     let ctx = BackupContext {
         store: repo.store.clone(),
@@ -94,6 +98,7 @@ pub fn pipeline_config(policy: &Policy, source: &SourcePolicy) -> Result<Pipelin
         recipients: pipeline::parse_recipients(&policy.encryption.recipients)?,
         part_size: policy.repository.part_size,
         parts_in_flight: policy.repository.parts_in_flight,
+        meter: None,
     })
 }
 

@@ -273,6 +273,28 @@ fn fs_round_trip_restores_with_stock_tools_table_by_table() {
             .any(|s| s["name"] == "public.standalone_seq" && s["value"] == 101),
         "{seqs:?}"
     );
+
+    // --json: one result per source. On a terminal, a live line says what was read and stored.
+    let r = lifeboat(dir.path(), &["backup", "--policy", p, "--json"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let results: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(results.len(), 1, "{}", r.stdout);
+    assert_eq!(results[0]["source"], "app-db");
+    assert!(results[0]["backup_id"].as_str().is_some_and(|b| b != id));
+    assert!(results[0]["size_stored"].as_u64().unwrap() > 0);
+    let command = format!("{} backup --policy {p}", lifeboat_bin().display());
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{shown}");
+    assert!(
+        shown.contains("app-db: read ") && shown.contains(", stored "),
+        "no progress line on a terminal: {shown}"
+    );
+    assert!(shown.contains("app-db: backup "), "{shown}");
 }
 
 fn quote_ident(s: &str) -> String {

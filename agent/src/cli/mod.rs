@@ -38,6 +38,10 @@ enum Command {
         /// Only these sources (repeatable).
         #[arg(long, short = 's')]
         source: Vec<String>,
+        /// Print each source's result (the backup's id and sizes, or its error) as one JSON
+        /// document on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// List backups, newest first.
     List {

@@ -421,7 +421,7 @@ impl Agent {
             let started = std::time::Instant::now();
             let result = async {
                 let repo = self.repo().await?;
-                let m = job::backup(&repo, &self.policy, src, at, cancel.clone()).await?;
+                let m = job::backup(&repo, &self.policy, src, at, cancel.clone(), None).await?;
                 Ok::<_, Error>((repo, m))
             }
             .await;

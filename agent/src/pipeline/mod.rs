@@ -50,6 +50,28 @@ pub struct PipelineConfig {
     pub part_size: usize,
     /// Parts uploading at once.
     pub parts_in_flight: usize,
+    /// Counts the bytes read and stored, for a progress display (`lifeboat backup` on a terminal).
+    pub meter: Option<Arc<Meter>>,
+}
+
+/// Bytes through the pipelines of one backup so far: read from the producer, and handed to the
+/// upload after compression and encryption.
+#[derive(Debug, Default)]
+pub struct Meter {
+    /// Plaintext bytes read.
+    pub read: std::sync::atomic::AtomicU64,
+    /// Stored bytes.
+    pub stored: std::sync::atomic::AtomicU64,
+}
+
+impl Meter {
+    fn add(meter: &Option<Arc<Meter>>, read: u64, stored: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(m) = meter {
+            m.read.fetch_add(read, Relaxed);
+            m.stored.fetch_add(stored, Relaxed);
+        }
+    }
 }
 
 /// Sizes and SHA-256 digests of what went in and what was stored.
@@ -155,6 +177,7 @@ struct PartSink {
     /// Set once the last part is handed over; until then, dropping the sink aborts the upload.
     finished: bool,
     abort: CancellationToken,
+    meter: Option<Arc<Meter>>,
 }
 
 impl Drop for PartSink {
@@ -195,6 +218,7 @@ impl AsyncWrite for PartSink {
             .map_err(|_| io::Error::other("digest state poisoned"))?;
         d.hasher.update(&data[..n]);
         d.size += n as u64;
+        Meter::add(&this.meter, 0, n as u64);
         Poll::Ready(Ok(n))
     }
 
@@ -250,6 +274,7 @@ where
         digest: digest.clone(),
         finished: false,
         abort: upload_cancel.clone(),
+        meter: config.meter.clone(),
     };
     let handle = tokio::runtime::Handle::current();
     let cfg = config.clone();
@@ -342,6 +367,7 @@ where
         hasher.update(chunk);
         observer.observe(chunk);
         size += n as u64;
+        Meter::add(&config.meter, n as u64, 0);
         // A plain write loop, not io::copy: copy flushes, and every flush would cut zstd's jobs short.
         tokio::select! {
             biased;

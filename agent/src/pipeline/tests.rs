@@ -19,6 +19,7 @@ fn setup() -> (
         recipients: vec![id.to_public()],
         part_size: 64 << 10,
         parts_in_flight: 2,
+        meter: None,
     };
     (dir, store, id, cfg)
 }

@@ -20,7 +20,11 @@ use super::{Command, PolicyCommand, WalCommand};
 /// Runs one command.
 pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
     match command {
-        Command::Backup { policy, source } => backup::backup(&policy, &source, cancel).await,
+        Command::Backup {
+            policy,
+            source,
+            json,
+        } => backup::backup(&policy, &source, json, cancel).await,
         Command::List {
             policy,
             source,
