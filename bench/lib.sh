@@ -2,6 +2,7 @@
 #   bench_setup ROWS [s3]   deps, release build, a tuned throwaway PostgreSQL with the benchmark
 #                           table in database `bench`, a key; with `s3` also moto + awscli
 #   measure NAME CMD [AFTER]  runs CMD $RUNS times under GNU time, AFTER after each run
+#   measure_own NAME CMD [AFTER]  one run; the peak RSS is CMD's own process, children excluded
 #   summarize BASELINE KIND NOTE  median wall, CPU, peak RSS and ratios to BASELINE → JSON in
 #                           $BENCH_RESULTS (default bench/results) + a Markdown table
 set -euo pipefail
@@ -88,6 +89,32 @@ measure() {
     echo "   $name run $i: $(tail -n 1 "$work/time")" >&2
     eval "$after"
   done
+}
+
+# Like measure, for one run, but the peak RSS is that of the process CMD starts alone (its
+# VmHWM, polled), not of its children too: `lifeboat backup` without the pg_dump it runs.
+measure_own() {
+  local name=$1 cmd=$2 after=${3:-true}
+  sync
+  local start end peak=0 ticks=0 v t hz
+  hz=$(getconf CLK_TCK)
+  start=$(date +%s.%N)
+  bash -c "exec $cmd" >/dev/null 2>"$work/err" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    v=$(awk '/^VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+    [ -n "$v" ] && peak=$v
+    # utime and stime (its own, as far as the last poll saw them).
+    t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || true)
+    [ -n "$t" ] && ticks=$t
+    sleep 0.02
+  done
+  wait "$pid" || { echo "$name failed:" >&2; cat "$work/err" >&2; exit 1; }
+  end=$(date +%s.%N)
+  printf '%s\t1\t%s\t%s\t0\t%s\n' "$name" "$(echo "$end - $start" | bc)" \
+    "$(echo "scale=2; $ticks / $hz" | bc)" "$peak" >> "$work/results.tsv"
+  echo "   $name: $(echo "$end - $start" | bc) s, own peak RSS $peak KiB" >&2
+  eval "$after"
 }
 
 summarize() {

@@ -6,6 +6,7 @@
 #   pg_dump | gzip > file; aws s3 cp file    the seed-style script
 #   pg_dump | restic backup --stdin          restic into a local repository
 #   lifeboat backup → S3 (moto), → local directory
+# then, on its own table: one row of a 64 MiB bytea and a 64 MiB text value, lifeboat's own peak RSS
 # Usage: bench/pg_backup.sh [ROWS]   (default 5500000 rows ≈ 1 GB of realistic table data; RUNS=3)
 . "$(dirname "$0")/lib.sh"
 bench_setup "${1:-5500000}" s3
@@ -34,3 +35,16 @@ measure "lifeboat backup → S3 (moto)" "'$lifeboat' backup --policy '$work/s3.t
 measure "lifeboat backup → local directory" "'$lifeboat' backup --policy '$work/fs.toml'" "rm -rf '$work/repo'"
 summarize "pg_dump -Fc -Z0 > /dev/null" pg_backup \
   "pg_dump -Fc -Z0 $((dump_size / 1048576)) MiB, stored by lifeboat $((stored / 1048576)) MiB"
+
+# Memory must not follow the largest row: one row with a 64 MiB bytea and a 64 MiB text value.
+echo "== one row of 128 MiB" >&2
+: > "$work/results.tsv"
+pg_psql -d postgres -c "create database bigrow" > /dev/null
+pg_psql -d bigrow -c "create table big (b bytea, t text); insert into big select convert_to(repeat('x', 64 << 20), 'UTF8'), repeat('y', 64 << 20)" > /dev/null
+sed -e "s|/bench\"$|/bigrow\"|" "$work/fs.toml" > "$work/bigrow.toml"
+measure "pg_dump -Fc -Z0 > /dev/null (one 128 MiB row)" "${pg_dump_cmd% bench} bigrow"
+# GNU time's peak RSS counts pg_dump, which holds the row (~400 MiB): lifeboat's own is polled.
+measure_own "lifeboat backup → local directory (one 128 MiB row; lifeboat's own RSS)" \
+  "'$lifeboat' backup --policy '$work/bigrow.toml'" "rm -rf '$work/repo'"
+summarize "pg_dump -Fc -Z0 > /dev/null (one 128 MiB row)" pg_backup_bigrow \
+  "one row: a 64 MiB bytea and a 64 MiB text value"

@@ -104,14 +104,25 @@ enum State {
 }
 
 /// Counts and hashes COPY text rows fed in arbitrary chunks: what the dump stream carries, and
-/// what `COPY … TO STDOUT` of a restored table gives back.
-#[derive(Debug, Default)]
+/// what `COPY … TO STDOUT` of a restored table gives back. A row is hashed as it streams, never
+/// held: a 1 GB field costs no more memory than a small one.
+#[derive(Default)]
 pub struct RowHasher {
     full: bool,
     rows: u64,
     hash: u128,
-    line: Vec<u8>,
+    /// The row being read: its hash so far, its length and its first bytes (to tell `\.`).
+    row: Option<(Xxh3, u64, [u8; 3])>,
     terminated: bool,
+}
+
+impl std::fmt::Debug for RowHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowHasher")
+            .field("rows", &self.rows)
+            .field("terminated", &self.terminated)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RowHasher {
@@ -123,46 +134,60 @@ impl RowHasher {
         }
     }
 
+    /// Adds `piece` to the row being read.
+    fn extend(&mut self, piece: &[u8]) {
+        let (hasher, len, head) = self.row.get_or_insert_with(|| (Xxh3::new(), 0, [0; 3]));
+        for (i, b) in piece.iter().take(3).enumerate() {
+            let at = *len as usize + i;
+            if at < 3 {
+                head[at] = *b;
+            }
+        }
+        if self.full {
+            hasher.update(piece);
+        }
+        *len += piece.len() as u64;
+    }
+
+    /// Ends the row being read.
+    fn end_row(&mut self) {
+        let (hasher, len, head) = self.row.take().unwrap_or_else(|| (Xxh3::new(), 0, [0; 3]));
+        // `\.` ends COPY data in a dump; a row holding that text would be escaped as `\\.`.
+        if len == 2 && head[..2] == *b"\\." {
+            self.terminated = true;
+            return;
+        }
+        self.rows += 1;
+        if self.full {
+            self.hash = self.hash.wrapping_add(hasher.digest128());
+        }
+    }
+
     /// Feeds the next bytes of COPY text.
     pub fn feed(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
-        while let Some(nl) = memchr::memchr(b'\n', rest) {
-            let piece = &rest[..nl];
-            rest = &rest[nl + 1..];
-            if self.terminated {
-                continue;
-            }
-            let line: &[u8] = if self.line.is_empty() {
-                piece
-            } else {
-                self.line.extend_from_slice(piece);
-                &self.line
-            };
-            // `\.` ends COPY data in a dump; a row holding that text would be escaped as `\\.`.
-            if line == b"\\." {
-                self.terminated = true;
-            } else {
-                self.rows += 1;
-                if self.full {
-                    self.hash = self.hash.wrapping_add(xxh3_128(line));
+        while !self.terminated {
+            match memchr::memchr(b'\n', rest) {
+                Some(nl) => {
+                    self.extend(&rest[..nl]);
+                    rest = &rest[nl + 1..];
+                    self.end_row();
+                }
+                None => {
+                    if !rest.is_empty() {
+                        self.extend(rest);
+                    }
+                    return;
                 }
             }
-            self.line.clear();
-        }
-        if !self.terminated {
-            self.line.extend_from_slice(rest);
         }
     }
 
     /// Row count and content hash (hex; `None` when only counting).
     pub fn finish(mut self) -> (u64, Option<String>) {
-        if !self.line.is_empty() && !self.terminated {
+        if self.row.is_some() && !self.terminated {
             // A last row without its newline still counts.
-            let line = std::mem::take(&mut self.line);
-            self.rows += 1;
-            if self.full {
-                self.hash = self.hash.wrapping_add(xxh3_128(&line));
-            }
+            self.end_row();
         }
         (self.rows, self.full.then(|| format!("{:032x}", self.hash)))
     }
@@ -900,6 +925,26 @@ mod tests {
             f.observe(&b);
             let _ = f.finish();
         }
+    }
+
+    #[test]
+    fn rows_stream_through_the_hasher_at_any_chunk_boundaries() {
+        let big = vec![b'x'; 300_000];
+        let mut text = b"1\ta\n\n".to_vec();
+        text.extend_from_slice(&big);
+        text.extend_from_slice(b"\n\\.\nafter the end\n");
+        let want = rows_hash([&b"1\ta"[..], b"", &big]);
+        for size in [1, 2, 3, 7, 4096, 1 << 20] {
+            let mut h = RowHasher::new(true);
+            for chunk in text.chunks(size) {
+                h.feed(chunk);
+            }
+            assert_eq!(h.finish(), (3, Some(want.clone())), "chunks of {size}");
+        }
+        // A last row without its newline counts; a row that only starts like `\.` is a row.
+        let mut h = RowHasher::new(true);
+        h.feed(b"\\.x\nlast");
+        assert_eq!(h.finish(), (2, Some(rows_hash([&b"\\.x"[..], b"last"]))));
     }
 
     #[test]
