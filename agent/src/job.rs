@@ -150,6 +150,7 @@ async fn publish(
         parts: out.parts,
         fingerprint: Some(fingerprint),
         base_backup: out.base_backup,
+        database: out.database,
     };
     let body = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::failed(format!("cannot encode the manifest: {e}")))?;

@@ -688,3 +688,83 @@ fn a_row_of_many_megabytes_is_fingerprinted_as_it_streams_and_verifies() {
     let r = fx.verify(&policy, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+#[test]
+fn a_latin1_database_verifies_and_restores_with_its_encoding_and_locale() {
+    let mut fx = setup("vlatin");
+    let db = format!("latin_{}", suffix());
+    fx.pg.psql(
+        "postgres",
+        &format!("create database {db} template template0 encoding 'LATIN1' locale 'C'"),
+    );
+    fx.db = db.clone();
+    fx.pg.psql(
+        &db,
+        // Unicode escapes: the text is the same whatever psql's client encoding.
+        "create table t (id int primary key, name text);
+         insert into t values (1, U&'caf\\00E9'), (2, U&'\\00C6r\\00F8sk\\00F8bing'),
+           (3, U&'na\\00EFve fa\\00E7ade'), (4, 'plain');
+         create index on t (name);",
+    );
+    let policy = fx.policy(
+        "checks = [{ sql = \"select count(*) from t where name like U&'%\\\\00E9%'\", equals = 1 }]",
+    );
+    let id = fx.backup(&policy);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.object(&id, "manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["database"]["encoding"], "LATIN1", "{manifest:#}");
+    assert_eq!(manifest["database"]["collate"], "C", "{manifest:#}");
+
+    // The scratch database is LATIN1 too, and the content hashes match.
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("  ok   table public.t: 4 rows, content hash matched"),
+        "{}",
+        r.stderr
+    );
+
+    // A restore into a database that does not exist creates it as the source was.
+    let target = format!("latin_restored_{}", suffix());
+    let key = fx.key.identity.to_str().unwrap().to_string();
+    let to = fx.pg.url(&target);
+    let r = lifeboat(
+        fx.dir.path(),
+        &[
+            "restore",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--source",
+            "app-db",
+            "--to",
+            &to,
+            "--identity",
+            &key,
+        ],
+        &[("PGPASSWORD".into(), fx.pg.password.clone())],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let q = |name: &str| {
+        fx.pg.psql(
+            "postgres",
+            &format!(
+                "select pg_encoding_to_char(encoding) || ' ' || datcollate || ' ' || datctype \
+                 from pg_database where datname = '{name}'"
+            ),
+        )
+    };
+    assert_eq!(q(&target), "LATIN1 C C");
+    let rows = "select encode(convert_to(string_agg(name, ',' order by id), 'UTF8'), 'hex') from t";
+    let want: String = "café,Ærøskøbing,naïve façade,plain"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(fx.pg.psql(&db, rows), want, "the source holds the text");
+    assert_eq!(
+        fx.pg.psql(&target, rows),
+        want,
+        "the restore holds the text"
+    );
+    assert_eq!(fx.pg.digest(&target), fx.pg.digest(&db));
+}

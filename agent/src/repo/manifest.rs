@@ -46,6 +46,20 @@ pub struct Manifest {
     /// Physical PostgreSQL backups: where the base backup sits in the cluster's WAL history.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_backup: Option<crate::source::postgres_physical::BaseBackupInfo>,
+    /// PostgreSQL dumps: the database's encoding and locale, which a restore recreates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseInfo>,
+}
+
+/// A dumped database's encoding and locale (`pg_database`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseInfo {
+    /// Server encoding, e.g. `UTF8`, `LATIN1`.
+    pub encoding: String,
+    /// `LC_COLLATE`.
+    pub collate: String,
+    /// `LC_CTYPE`.
+    pub ctype: String,
 }
 
 /// How data objects are compressed.

@@ -55,6 +55,8 @@ pub struct SourceBackup {
     pub dump_tool_version: Option<String>,
     /// Physical PostgreSQL sources: the base backup's place in the WAL history.
     pub base_backup: Option<postgres_physical::BaseBackupInfo>,
+    /// PostgreSQL dumps: the database's encoding and locale.
+    pub database: Option<crate::repo::manifest::DatabaseInfo>,
 }
 
 /// A kind of source.

@@ -831,6 +831,7 @@ impl Source for Objects {
             source_version: None,
             dump_tool_version: None,
             base_backup: None,
+            database: None,
         })
     }
 }

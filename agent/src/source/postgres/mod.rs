@@ -493,6 +493,36 @@ pub struct Observed {
 }
 
 /// Quotes an identifier for SQL.
+/// `CREATE DATABASE name` as the dumped database was: its encoding and locale (from template0,
+/// as a database of another encoding must be), or the server's defaults when the backup did not
+/// record them. `locale = false` keeps the encoding but takes `C` for collation and ctype, which
+/// every server has and which fits every encoding.
+pub fn create_database(
+    name: &str,
+    like: Option<&crate::repo::manifest::DatabaseInfo>,
+    owner: Option<&str>,
+    locale: bool,
+) -> String {
+    let mut sql = format!("CREATE DATABASE {}", quote_ident(name));
+    if let Some(owner) = owner {
+        sql.push_str(&format!(" OWNER {}", quote_ident(owner)));
+    }
+    if let Some(d) = like {
+        let (collate, ctype) = if locale {
+            (d.collate.as_str(), d.ctype.as_str())
+        } else {
+            ("C", "C")
+        };
+        sql.push_str(&format!(
+            " TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
+            quote_literal(&d.encoding),
+            quote_literal(collate),
+            quote_literal(ctype)
+        ));
+    }
+    sql
+}
+
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
@@ -814,6 +844,20 @@ impl Source for Postgres {
             .await
             .map_err(|e| self.query_error("counting schema objects", e))?;
         let objects = object_counts(&counts_row);
+        let db_row = c
+            .client
+            .query_one(
+                "select pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text \
+                 from pg_database where datname = current_database()",
+                &[],
+            )
+            .await
+            .map_err(|e| self.query_error("reading the database's encoding", e))?;
+        let database = crate::repo::manifest::DatabaseInfo {
+            encoding: db_row.get(0),
+            collate: db_row.get(1),
+            ctype: db_row.get(2),
+        };
 
         let (env, _passfile) = self.child_env(&c)?;
         tracing::debug!(source = %ctx.source, backup = %ctx.id, tool = %pg_dump.display(), "Dumping database");
@@ -821,6 +865,10 @@ impl Source for Postgres {
             format!("--snapshot={snapshot}").into(),
             "--format=custom".into(),
             "--compress=0".into(),
+            // Whatever the database's encoding, the dump (and so its content fingerprint) is
+            // UTF-8, as the verifier reads the restored tables back; a restore converts it to
+            // the target's encoding.
+            "--encoding=UTF8".into(),
             "--no-sync".into(),
         ];
         let running = child::spawn(&pg_dump, &args, &env, "pg_dump".into())?;
@@ -867,6 +915,7 @@ impl Source for Postgres {
             source_version: Some(format!("PostgreSQL {}", c.server_version)),
             dump_tool_version: Some(dump_version),
             base_backup: None,
+            database: Some(database),
         })
     }
 }

@@ -2,7 +2,7 @@
 //! (exit 13, target untouched), the identity must open every part, and only then is the database
 //! created, roles replayed if asked, and pg_restore run.
 
-use super::{quote_ident, RestoreInput, RestoreOptions};
+use super::{RestoreInput, RestoreOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::manifest::{Manifest, Role};
 use crate::repo::Repository;
@@ -180,11 +180,24 @@ pub async fn restore_postgres(
     let created = !state.exists;
     if created {
         progress.phase(&format!("creating database {db}"), None);
+        let like = manifest.database.as_ref();
         maint
             .client
-            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
+            .batch_execute(&super::create_database(db, like, None, true))
             .await
-            .map_err(|e| Error::failed(format!("creating database {db}: {e}")))?;
+            .map_err(|e| {
+                let e = e
+                    .as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string());
+                let err = Error::failed(format!("creating database {db}: {e}"));
+                match like {
+                    Some(d) => err.hint(format!(
+                        "the backup's database is {} with collation {} and ctype {}: install that locale on the target server, or create the database yourself (createdb -E {} --locale=… {db}) and restore into it",
+                        d.encoding, d.collate, d.ctype, d.encoding
+                    )),
+                    None => err,
+                }
+            })?;
     }
     let conn = target.connect().await?;
     let opts = RestoreOptions {

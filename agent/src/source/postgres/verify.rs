@@ -21,7 +21,7 @@ use super::scratch::{self, Scratch};
 use super::{quote_ident, Fingerprint, Postgres, PostgresConfig, RestoreInput, RestoreOptions};
 use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::policy::{Secret, SourcePolicy};
-use crate::repo::manifest::Role;
+use crate::repo::manifest::{DatabaseInfo, Role};
 use crate::restore;
 use crate::verify::{typed_fingerprint, Check, Context, Identities, Report, Steps, Verdict};
 
@@ -117,15 +117,14 @@ impl Steps for PostgresSteps {
                 "verification steps out of order: nothing prepared",
             ));
         };
-        let t1 = Instant::now();
         let done = restore_and_check(
             target,
             &self.spooled,
             fingerprint,
+            ctx.entry.manifest.database.as_ref(),
             ctx.source,
             ctx.identities,
             report,
-            t1,
         )
         .await;
         match done {
@@ -193,19 +192,22 @@ async fn restore_and_check(
     target: &Target,
     spooled: &[restore::Spooled],
     fingerprint: &Fingerprint,
+    like: Option<&DatabaseInfo>,
     source: &SourcePolicy,
     identities: &Identities,
     report: &mut Report,
-    t1: Instant,
 ) -> Result<()> {
+    let t1 = Instant::now();
     let dump = spooled
         .iter()
         .find(|s| s.part.role == Role::Database)
         .ok_or_else(|| Error::new(ErrorKind::Integrity, "the backup has no database part"))?;
     let globals = spooled.iter().find(|s| s.part.role == Role::Globals);
     let (pg, opts) = match target {
-        Target::Ephemeral(s) => ephemeral(s, dump, globals, source, identities, report).await?,
-        Target::Server { maintenance, db } => server(maintenance, db, report).await?,
+        Target::Ephemeral(s) => {
+            ephemeral(s, dump, globals, source, identities, like, report).await?
+        }
+        Target::Server { maintenance, db } => server(maintenance, db, like, report).await?,
     };
     let conn = pg.connect().await?;
     let unprivileged =
@@ -237,6 +239,43 @@ async fn restore_and_check(
     Ok(())
 }
 
+/// Creates database `name` as the dumped one was: its encoding, collation and ctype. Where the
+/// scratch server lacks that locale, with the encoding and collation `C`, and a note says so
+/// (sort order may differ; the rows and their content do not).
+async fn create_like(
+    client: &tokio_postgres::Client,
+    name: &str,
+    like: Option<&DatabaseInfo>,
+    owner: Option<&str>,
+    report: &mut Report,
+) -> Result<()> {
+    let failed = |e: tokio_postgres::Error| {
+        let e = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_string());
+        Error::failed(format!("creating the database {name}: {e}"))
+    };
+    let exact = client
+        .batch_execute(&super::create_database(name, like, owner, true))
+        .await;
+    match (exact, like) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Some(d)) => {
+            let why = failed(e).message;
+            client
+                .batch_execute(&super::create_database(name, like, owner, false))
+                .await
+                .map_err(failed)?;
+            report.notes.push(format!(
+                "restored with encoding {} and collation C, as the scratch has no locale {}/{} ({why}): checks that depend on sort order may differ",
+                d.encoding, d.collate, d.ctype
+            ));
+            Ok(())
+        }
+        (Err(e), None) => Err(failed(e)),
+    }
+}
+
 /// Readies the ephemeral cluster: roles replayed and stripped of their powers (or, with
 /// `verify.restore_as_superuser`, restored as the superuser), the database created, untrusted
 /// extensions created for the dump. Returns whom to restore as, and how.
@@ -246,6 +285,7 @@ async fn ephemeral(
     globals: Option<&restore::Spooled>,
     source: &SourcePolicy,
     identities: &Identities,
+    like: Option<&DatabaseInfo>,
     report: &mut Report,
 ) -> Result<(Postgres, RestoreOptions)> {
     report.scratch = format!("ephemeral cluster ({})", s.bin.display());
@@ -294,13 +334,9 @@ async fn ephemeral(
     };
     // Without the roles, owners and grants would name roles the scratch cluster lacks.
     let roles = globals.is_some();
-    conn.client
-        .batch_execute(&format!(
-            "CREATE DATABASE restored OWNER {}",
-            quote_ident(user)
-        ))
+    create_like(&conn.client, "restored", like, Some(user), report)
         .await
-        .map_err(|e| Error::failed(format!("scratch: creating the database: {e}")))?;
+        .map_err(|e| e.context("scratch"))?;
     if !as_superuser {
         let wanted = dump_extensions(dump.plaintext(identities).await?).await;
         let created = s.precreate_extensions("restored", &wanted).await?;
@@ -329,6 +365,7 @@ async fn ephemeral(
 async fn server(
     maintenance: &PostgresConfig,
     db: &str,
+    like: Option<&DatabaseInfo>,
     report: &mut Report,
 ) -> Result<(Postgres, RestoreOptions)> {
     report.scratch = format!("database {db} on {}", maintenance.url_redacted);
@@ -345,10 +382,9 @@ async fn server(
             "verify.scratch_url connects as a superuser: a forged dump could run programs on that server; give the verifier a role with CREATEDB only".into(),
         );
     }
-    conn.client
-        .batch_execute(&format!("CREATE DATABASE {}", quote_ident(db)))
+    create_like(&conn.client, db, like, None, report)
         .await
-        .map_err(|e| Error::failed(format!("scratch server: creating {db}: {e}")))?;
+        .map_err(|e| e.context("scratch server"))?;
     let mut cfg = maintenance.clone();
     cfg.url = Secret::new(with_dbname(maintenance.url.expose(), db));
     // Roles are cluster-wide: a shared scratch server gets no globals, so no owners or grants.

@@ -383,6 +383,7 @@ impl Source for Physical {
             source_version: Some(format!("PostgreSQL {}", c.server_version)),
             dump_tool_version: Some(tool_version),
             base_backup: Some(base),
+            database: None,
         })
     }
 }

@@ -754,6 +754,7 @@ impl Source for Redis {
             source_version: server_version.map(|v| format!("Redis {v}")),
             dump_tool_version: None,
             base_backup: None,
+            database: None,
         })
     }
 }
