@@ -161,7 +161,7 @@ async fn run_scheduled(
                 let outcome = async {
                     let repo = Repository::open(policy).await?;
                     let entry = repo.find(&src.name, "latest", None).await?;
-                    verify::verify(&repo, policy, src, &entry, identities, cancel).await
+                    verify::verify(&repo, policy, src, &entry, identities, cancel, &verify::Phases::none()).await
                 }
                 .await;
                 match outcome {
@@ -263,7 +263,10 @@ async fn run(command: Command, cancel: CancellationToken) -> Result<i32> {
         let entry = repo.find(&src.name, &backup, None).await?;
         let m = &entry.manifest;
         tracing::info!(source = %src.name, backup = %m.id, "Verifying");
-        let report = verify::verify(&repo, &policy, src, &entry, &identities, &cancel).await?;
+        let phases = verify::Phases::on_terminal(&src.name);
+        let report =
+            verify::verify(&repo, &policy, src, &entry, &identities, &cancel, &phases).await?;
+        drop(phases);
         print_report(&src.name, &report);
         if report.result != "pass" {
             code = ErrorKind::VerificationMismatch.exit_code();

@@ -17,6 +17,48 @@ use lifeboat::verify::{
 use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
+/// A verification's phases on a terminal: a spinner with the phase and the time so far.
+pub struct Phases(Option<indicatif::ProgressBar>);
+
+impl Phases {
+    /// A spinner for `source` when stderr is a terminal; else nothing is shown.
+    pub fn on_terminal(source: &str) -> Phases {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return Phases(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "  {spinner} {prefix}: {msg} [{elapsed_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_prefix(source.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Phases(Some(bar))
+    }
+
+    /// Shows nothing (the scheduled verifier, which logs).
+    pub fn none() -> Phases {
+        Phases(None)
+    }
+
+    fn set(&self, what: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(what.to_string());
+        }
+    }
+}
+
+impl Drop for Phases {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// Verifies `entry` of `source`. Returns the stored report (pass or fail); an error only when
 /// verification could not run at all (integrity, keys, interruption).
 pub async fn verify(
@@ -26,6 +68,7 @@ pub async fn verify(
     entry: &Entry,
     identities: &Identities,
     cancel: &CancellationToken,
+    phases: &Phases,
 ) -> Result<Report> {
     let kind = entry.manifest.kind;
     if kind != source.config.kind() {
@@ -51,6 +94,7 @@ pub async fn verify(
     let mut steps = source.config.verify_steps();
     let (mut report, t0) = new_report(source, entry);
     let deadline = tokio::time::Instant::now() + source.verify.timeout;
+    phases.set("downloading and checking every object");
     let prepared = tokio::select! {
         r = steps.prepare(&ctx, &mut report) => r,
         _ = tokio::time::sleep_until(deadline) => Err(timed_out(source)),
@@ -61,12 +105,14 @@ pub async fn verify(
         return Err(fail_and_store(repo, report, e).await);
     }
     let guard = steps.guard(&ctx);
+    phases.set("restoring into a scratch server and checking what it holds");
     let outcome = tokio::select! {
         r = steps.restore_and_check(&ctx, &mut report) => r,
         e = guard => Ok(Verdict::RestoreFailed(e)),
         _ = tokio::time::sleep_until(deadline) => Ok(Verdict::RestoreFailed(timed_out(source))),
         _ = cancel.cancelled() => Err(interrupted()),
     };
+    phases.set("tearing the scratch down and storing the report");
     steps.teardown().await;
     match outcome {
         Ok(Verdict::Checked) => {}
