@@ -24,6 +24,17 @@ pub mod verify;
 
 pub use error::{Cause, Error, ErrorKind, Result};
 
+/// A spinner line on stderr for a long run of `what` (a source): `  ⠋ what: MESSAGE [00:01:02]`.
+pub fn spinner(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("  {spinner} {prefix}: {msg} [{elapsed_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
 /// `n` bytes for people: `512 B`, `1.5 MiB`, `20.0 GiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

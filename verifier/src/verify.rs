@@ -27,14 +27,7 @@ impl Phases {
         if !std::io::stderr().is_terminal() {
             return Phases(None);
         }
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "  {spinner} {prefix}: {msg} [{elapsed_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        bar.set_prefix(source.to_string());
+        let bar = lifeboat::spinner(source);
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         Phases(Some(bar))
     }

@@ -123,14 +123,7 @@ impl Shown {
             };
         }
         let meter = Arc::new(Meter::default());
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "  {spinner} {prefix}: {msg} [{elapsed_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        bar.set_prefix(source.to_string());
+        let bar = lifeboat::spinner(source);
         let (m, b) = (meter.clone(), bar.clone());
         let started = std::time::Instant::now();
         let task = tokio::spawn(async move {

@@ -173,7 +173,9 @@ fn checked_segment_size(size: u64) -> Result<u64> {
     ))
 }
 
-/// Starts a prefetcher for the segments after `file` unless one is at work.
+/// Starts `wal prefetch` for the segments after `file`, detached, unless one is at work:
+/// recovery goes on while it fetches. Not starting is no failure (each segment is then fetched
+/// when asked for).
 fn keep_ahead(
     policy: &Path,
     name: &str,
@@ -183,29 +185,15 @@ fn keep_ahead(
     cluster: fetch::Cluster,
 ) {
     let spool = Path::new(fetch::PREFETCH_DIR);
-    if fetch::next_segment(file, cluster.segment_size).is_some()
-        && !fetch::prefetcher_running(spool)
+    if fetch::next_segment(file, cluster.segment_size).is_none() || fetch::prefetcher_running(spool)
     {
-        spawn_prefetcher(policy, name, identity, file, count, cluster);
+        return;
     }
-}
-
-/// Starts `wal prefetch` for the segments after `file`, detached: recovery goes on while it
-/// fetches. Not starting is no failure (each segment is then fetched when asked for).
-fn spawn_prefetcher(
-    policy: &Path,
-    name: &str,
-    identity: Option<&Path>,
-    file: &str,
-    count: u32,
-    cluster: fetch::Cluster,
-) {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
     // What it says (why a segment could not be fetched ahead) is kept beside what it fetches;
     // `wal fetch` then fetches that segment itself and reports its own failure to recovery.
-    let spool = Path::new(fetch::PREFETCH_DIR);
     let said = std::fs::create_dir_all(spool).and_then(|_| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -230,7 +218,7 @@ fn spawn_prefetcher(
     }
     match command.spawn() {
         Ok(child) => {
-            let _ = fetch::claim_prefetch(Path::new(fetch::PREFETCH_DIR), child.id());
+            let _ = fetch::claim_prefetch(spool, child.id());
         }
         Err(e) => {
             tracing::warn!(error = %e, "Could not start fetching ahead; each segment is fetched when asked for")
