@@ -136,6 +136,10 @@ pub struct PruneReport {
     pub swept_incomplete: Vec<String>,
     /// Stale unfinished uploads aborted.
     pub aborted_uploads: Vec<String>,
+    /// Why unfinished uploads could not be listed (a server without ListMultipartUploads);
+    /// absent when they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploads_unlisted: Option<String>,
     /// What was collected of the content the kind shares between backups (objects' blobs).
     pub collected: Option<crate::collect::Collection>,
 }
@@ -200,6 +204,7 @@ pub async fn plan_prune(
         deleted_objects: Vec::new(),
         swept_incomplete: stale_incomplete.clone(),
         aborted_uploads: Vec::new(),
+        uploads_unlisted: None,
         collected: None,
     };
     Ok(PrunePlan {
@@ -374,9 +379,20 @@ async fn apply(
                 report.deleted_objects.push(o.key);
             }
         }
-        report.aborted_uploads = crate::store::sweep_stale_uploads(repo.store.as_ref(), cutoff)
-            .await
-            .map_err(Error::from)?;
+        // A server that cannot list unfinished uploads leaves them to its own lifecycle rule;
+        // the prune itself is done.
+        match crate::store::sweep_stale_uploads(repo.store.as_ref(), cutoff).await {
+            Ok(aborted) => report.aborted_uploads = aborted,
+            Err(crate::store::StoreError::Permanent {
+                message,
+                credential: false,
+                ..
+            }) => {
+                tracing::warn!(source = %name, error = %message, "Unfinished uploads cannot be listed; none were swept");
+                report.uploads_unlisted = Some(message);
+            }
+            Err(e) => return Err(Error::from(e)),
+        }
         let kept = report.decisions.iter().filter(|d| d.keep).count();
         let state = serde_json::json!({ "backups": kept, "pruned_at": now });
         repo.store

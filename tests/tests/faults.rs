@@ -373,6 +373,15 @@ fn a_server_without_list_multipart_uploads_is_still_checked() {
         "{}",
         r.stderr
     );
+    // Prune prunes, and says the sweep was not done.
+    let r = fx.run(&["prune"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("warning: unfinished uploads were not listed, the server refused"),
+        "{}",
+        r.stderr
+    );
     // Damage is still found.
     fx.proxy.clear();
     let manifest = fx

@@ -57,6 +57,9 @@ pub async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool)
                     for k in &r.aborted_uploads {
                         eprintln!("  aborted unfinished upload {k}");
                     }
+                    if let Some(why) = &r.uploads_unlisted {
+                        eprintln!("  warning: unfinished uploads were not listed, the server refused: {why} (RUNBOOK.md#storage-errors)");
+                    }
                     if let Some(b) = &r.collected {
                         print_collection(b, dry_run);
                     }
