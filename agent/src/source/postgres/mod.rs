@@ -861,16 +861,19 @@ impl Source for Postgres {
 
         let (env, _passfile) = self.child_env(&c)?;
         tracing::debug!(source = %ctx.source, backup = %ctx.id, tool = %pg_dump.display(), "Dumping database");
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             format!("--snapshot={snapshot}").into(),
             "--format=custom".into(),
             "--compress=0".into(),
-            // Whatever the database's encoding, the dump (and so its content fingerprint) is
-            // UTF-8, as the verifier reads the restored tables back; a restore converts it to
-            // the target's encoding.
-            "--encoding=UTF8".into(),
             "--no-sync".into(),
         ];
+        // Whatever the database's encoding, the dump (and so its content fingerprint) is UTF-8,
+        // as the verifier reads the restored tables back; a restore converts it to the target's
+        // encoding. Not for SQL_ASCII, whose bytes need not be UTF-8: a dump that says UTF-8
+        // would then be refused by the server it is restored into.
+        if database.encoding != "SQL_ASCII" {
+            args.push("--encoding=UTF8".into());
+        }
         let running = child::spawn(&pg_dump, &args, &env, "pg_dump".into())?;
         let key = layout::backup_object(&ctx.source, &ctx.id, DUMP_OBJECT);
         let (digests, fingerprinter) = pipeline::run(
