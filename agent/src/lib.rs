@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod collect;
+pub mod copy;
 pub mod daemon;
 pub mod error;
 #[cfg(test)]

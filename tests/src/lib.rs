@@ -600,6 +600,19 @@ pub fn s3() -> &'static S3 {
     S3_SERVER.get_or_init(start_s3)
 }
 
+impl S3 {
+    /// A moto server of the test's own, which it may stop (a region going away).
+    pub fn start() -> S3 {
+        start_s3()
+    }
+
+    /// Stops the server; what it stored is gone with it.
+    pub fn stop(mut self) {
+        drop(self._guard.stdin.take());
+        let _ = self._guard.wait();
+    }
+}
+
 fn workspace_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -675,6 +688,7 @@ impl S3 {
             bucket: String::new(),
             prefix: String::new(),
             endpoint: Some(self.endpoint.clone()),
+            credentials_profile: None,
             region: "us-east-1".into(),
             force_path_style: true,
             checksums: lifeboat::policy::ChecksumMode::WhenRequired,
@@ -1139,6 +1153,7 @@ pub struct PolicyBuilder {
     index_key: bool,
     defaults: String,
     sources: Vec<String>,
+    copies: Vec<String>,
 }
 
 impl PolicyBuilder {
@@ -1151,6 +1166,7 @@ impl PolicyBuilder {
             defaults: "retention = { keep_last = 3 }\ncompression = { level = 3, workers = 0 }"
                 .into(),
             sources: Vec::new(),
+            copies: Vec::new(),
         }
     }
 
@@ -1183,12 +1199,20 @@ impl PolicyBuilder {
             ""
         };
         format!(
-            "[repository]\n{}\n\n[encryption]\nrecipients = [\"{}\"]\n{index_key}\n[defaults]\n{}\n\n{}",
+            "[repository]\n{}\n\n[encryption]\nrecipients = [\"{}\"]\n{index_key}\n[defaults]\n{}\n\n{}\n{}",
             self.repository,
             self.recipient,
             self.defaults,
-            self.sources.join("\n")
+            self.sources.join("\n"),
+            self.copies.join("\n")
         )
+    }
+
+    /// Adds a `[[copies]]` table named `name` with `fields` (TOML lines).
+    pub fn copy(mut self, name: &str, fields: &str) -> Self {
+        self.copies
+            .push(format!("[[copies]]\nname = \"{name}\"\n{fields}\n"));
+        self
     }
 
     /// Writes it into `dir` and returns its path.

@@ -36,7 +36,8 @@ pub struct Rule {
     pub target: String,
     /// A substring the target must NOT contain (e.g. `partNumber` to tell PUT object from UploadPart).
     pub not_target: Option<&'static str>,
-    /// Only requests without this header and value (as a bucket policy demands a header).
+    /// Only requests without this header, or whose value lacks this text (as a bucket policy
+    /// demands a header, or a server one access key).
     pub without_header: Option<(&'static str, &'static str)>,
     /// Matching requests let through before the fault starts.
     pub skip: usize,
@@ -72,7 +73,7 @@ impl Rule {
         self
     }
 
-    /// Only requests that lack header `name` with `value`.
+    /// Only requests that lack header `name`, or whose value does not contain `value`.
     pub fn without_header(mut self, name: &'static str, value: &'static str) -> Rule {
         self.without_header = Some((name, value));
         self
@@ -246,7 +247,7 @@ fn serve(client: TcpStream, upstream_port: u16, state: Arc<Mutex<State>>) {
                     && !rule.not_target.is_some_and(|n| target.contains(n))
                     && rule
                         .without_header
-                        .is_none_or(|(n, v)| header(&head, n).as_deref() != Some(v));
+                        .is_none_or(|(n, v)| !header(&head, n).is_some_and(|h| h.contains(v)));
                 if !matches {
                     continue;
                 }

@@ -155,6 +155,7 @@ async fn s3_store(checksums: ChecksumMode, prefix: &str) -> Arc<dyn ObjectStore>
             bucket,
             prefix: prefix.into(),
             endpoint: Some(server.endpoint.clone()),
+            credentials_profile: None,
             region: "us-east-1".into(),
             force_path_style: true,
             checksums,

@@ -11,7 +11,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use lifeboat::policy::{self, LoadOptions};
+use lifeboat::policy;
 use lifeboat::repo::Repository;
 use lifeboat::{pipeline, Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,10 @@ enum Command {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
         policy: PathBuf,
+        /// Verify from this copy (a `[[copies]]` name) alone instead of [repository]: proves the
+        /// copy restores by itself, with the primary unreachable.
+        #[arg(long, value_name = "NAME")]
+        repository: Option<String>,
         /// Only this source.
         #[arg(long, short = 's')]
         source: Option<String>,
@@ -49,6 +53,10 @@ enum Command {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
         policy: PathBuf,
+        /// Verify from this copy (a `[[copies]]` name) alone instead of [repository]: proves the
+        /// copy restores by itself, with the primary unreachable.
+        #[arg(long, value_name = "NAME")]
+        repository: Option<String>,
         /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
         #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
         identity: Option<PathBuf>,
@@ -125,11 +133,12 @@ fn print_report(source: &str, report: &lifeboat::verify::Report) {
 /// The scheduled verifier: one loop per source with a verify schedule, one verification at a time.
 async fn run_scheduled(
     policy: PathBuf,
+    repository: Option<String>,
     identity: Option<PathBuf>,
     cancel: CancellationToken,
 ) -> Result<i32> {
     use lifeboat::daemon::{schedule::Cron, schedule_loop, Clock};
-    let policy = policy::load(&policy, LoadOptions::default())?;
+    let policy = policy::load_at(&policy, repository.as_deref())?;
     let identities = identities(&policy, identity)?;
     // A daemon outlives a repository that is not there yet (the first backup has not run) or
     // not reachable right now: each tick opens it afresh, and says why it could not.
@@ -235,17 +244,22 @@ fn main() {
 }
 
 async fn run(command: Command, cancel: CancellationToken) -> Result<i32> {
-    let (policy, source, backup, identity, json) = match command {
+    let (policy, source, backup, identity, json, repository) = match command {
         Command::Verify {
             policy,
+            repository,
             source,
             backup,
             identity,
             json,
-        } => (policy, source, backup, identity, json),
-        Command::Run { policy, identity } => return run_scheduled(policy, identity, cancel).await,
+        } => (policy, source, backup, identity, json, repository),
+        Command::Run {
+            policy,
+            repository,
+            identity,
+        } => return run_scheduled(policy, repository, identity, cancel).await,
     };
-    let policy = policy::load(&policy, LoadOptions::default())?;
+    let policy = policy::load_at(&policy, repository.as_deref())?;
     let identities = identities(&policy, identity)?;
     let repo = Repository::open(&policy).await?;
     let sources: Vec<_> = match &source {

@@ -48,6 +48,8 @@ enum Command {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
         policy: PathBuf,
+        #[command(flatten)]
+        at: Place,
         /// Only this source.
         #[arg(long, short = 's')]
         source: Option<String>,
@@ -60,6 +62,8 @@ enum Command {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
         policy: PathBuf,
+        #[command(flatten)]
+        at: Place,
         /// Only this source.
         #[arg(long, short = 's')]
         source: Option<String>,
@@ -79,6 +83,24 @@ enum Command {
     /// dump.rdb, objects into a directory or an S3 prefix. The plan comes first; a target holding
     /// data is refused unless --yes.
     Restore(RestoreArgs),
+    /// Copy to the policy's `[[copies]]` (or to the one named) whatever they are missing of the
+    /// primary's backups and WAL, as stored: no key is needed. Each object is checked against
+    /// its manifest as it is read, and read back at the copy; the manifest goes last. The agent
+    /// does the same after each backup and every `copy_interval`.
+    Copy {
+        /// The policy file.
+        #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
+        policy: PathBuf,
+        /// Only this copy.
+        #[arg(long, value_name = "NAME")]
+        repository: Option<String>,
+        /// Only these sources (repeatable).
+        #[arg(long, short = 's')]
+        source: Vec<String>,
+        /// One JSON document per copy on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the sidecar: scheduled backups and prunes, /healthz, /metrics and /status.
     Agent {
         /// The policy file.
@@ -94,6 +116,8 @@ enum Command {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
         policy: PathBuf,
+        #[command(flatten)]
+        at: Place,
         /// Only this source.
         #[arg(long, short = 's')]
         source: Option<String>,
@@ -109,6 +133,8 @@ enum Command {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
         policy: PathBuf,
+        #[command(flatten)]
+        at: Place,
         /// The source.
         #[arg(long, short = 's')]
         source: String,
@@ -121,6 +147,8 @@ enum Command {
         /// The policy file.
         #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
         policy: PathBuf,
+        #[command(flatten)]
+        at: Place,
         /// The source.
         #[arg(long, short = 's')]
         source: String,
@@ -147,6 +175,8 @@ pub(crate) struct RestoreArgs {
     /// The policy file.
     #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
     pub policy: PathBuf,
+    #[command(flatten)]
+    pub at: Place,
     /// The source whose backup to restore.
     #[arg(long, short = 's')]
     pub source: String,
@@ -273,18 +303,29 @@ enum WalCommand {
     },
 }
 
+/// Which repository a command works against.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Place {
+    /// Work against this copy (a `[[copies]]` name) alone instead of [repository]: for when
+    /// the primary's region is down, or to inspect the copy.
+    #[arg(long = "repository", value_name = "NAME")]
+    pub copy: Option<String>,
+}
+
 /// Whose WAL archive `wal fetch` reads, and with which key.
 #[derive(Debug, clap::Args)]
-struct WalArchive {
+pub(crate) struct WalArchive {
     /// The policy file.
     #[arg(long, short = 'p', env = "LIFEBOAT_POLICY")]
-    policy: PathBuf,
+    pub policy: PathBuf,
+    #[command(flatten)]
+    pub at: Place,
     /// The `postgres-physical` source.
     #[arg(long, short = 's')]
-    source: String,
+    pub source: String,
     /// The age identity file (else LIFEBOAT_IDENTITY_FILE, else encryption.identity_file).
     #[arg(long, env = "LIFEBOAT_IDENTITY_FILE")]
-    identity: Option<PathBuf>,
+    pub identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

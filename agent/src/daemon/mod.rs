@@ -150,6 +150,9 @@ pub struct Agent {
     /// One per source: held by its run, so a run started out of schedule (after a WAL gap)
     /// never overlaps a scheduled one.
     runs: BTreeMap<String, tokio::sync::Mutex<()>>,
+    /// One per copy, in policy order: rung when a backup is published, so the copy catches up
+    /// at once.
+    copy_nudges: Vec<tokio::sync::Notify>,
 }
 
 const KEEP_RUNS: usize = 10;
@@ -183,6 +186,7 @@ impl Agent {
                 )
             })
             .collect();
+        let copies: Vec<String> = policy.copies.iter().map(|c| c.name.clone()).collect();
         let pod = pod_name();
         let runs = policy
             .sources
@@ -191,7 +195,12 @@ impl Agent {
             .collect();
         Agent {
             runs,
-            telemetry: Telemetry::new(&objectives),
+            telemetry: Telemetry::new(&objectives, &copies),
+            copy_nudges: policy
+                .copies
+                .iter()
+                .map(|_| tokio::sync::Notify::new())
+                .collect(),
             notifier: Arc::new(notify::Notifier::new(policy.notify.clone(), pod.clone())),
             policy,
             status: Mutex::new(status),
@@ -430,6 +439,9 @@ impl Agent {
                 Ok((repo, m)) => {
                     let sizes = Some((m.size_plain, m.size_stored));
                     self.finished(src, "backup", at, took, Ok(sizes), Some(m.id.clone()), true);
+                    for nudge in &self.copy_nudges {
+                        nudge.notify_one();
+                    }
                     let at = self.clock.now();
                     let started = std::time::Instant::now();
                     let pruned = match retention::plan_prune(&repo, &self.policy, src, at).await {
@@ -517,6 +529,10 @@ pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
             runs_cancel.clone(),
             slots.clone(),
         ));
+    }
+    // Copies catch up on their own, so a slow or unreachable copy never holds up a backup.
+    for idx in 0..agent.policy.copies.len() {
+        tracker.spawn(copy_loop(agent.clone(), idx, shutdown.clone()));
     }
     // Objectives age as time passes, even without runs.
     tracker.spawn(objectives_loop(agent.clone(), shutdown.clone()));
@@ -770,6 +786,60 @@ async fn source_loop(
         },
     )
     .await;
+}
+
+/// Keeps one copy caught up until shutdown: at start, right after each published backup, and
+/// every `copy_interval`. A failed catch-up is reported (log, metrics, webhook) and tried again
+/// at the next of those. Shutdown stops a catch-up at once: its upload is aborted, and the next
+/// start copies it again.
+async fn copy_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
+    let copy = &agent.policy.copies[idx];
+    let sources: Vec<&SourcePolicy> = agent.policy.sources.iter().collect();
+    let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    loop {
+        let started = std::time::Instant::now();
+        let result = match crate::copy::Copier::open(&agent.policy, copy, shutdown.clone()).await {
+            Ok(copier) => {
+                copier
+                    .catch_up(&agent.policy, &sources, agent.clock.now())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match &result {
+            Err(e) if e.kind == ErrorKind::Interrupted => return,
+            // Nothing to copy before the first backup made the primary.
+            Err(e) if e.kind == ErrorKind::RepositoryMissing => {
+                tracing::debug!(copy = %copy.name, "No primary repository yet; nothing to copy")
+            }
+            _ => {
+                let op = format!("copy to {}", copy.name);
+                agent.telemetry.copy_finished(
+                    &copy.name,
+                    &names,
+                    result.as_ref(),
+                    started.elapsed(),
+                    agent.clock.now(),
+                );
+                for name in &names {
+                    let error = match &result {
+                        Ok(r) => r
+                            .sources
+                            .iter()
+                            .find(|s| s.source == *name)
+                            .and_then(|s| s.error.clone()),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    agent.notifier.run_result(name, &op, error.as_deref());
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = agent.copy_nudges[idx].notified() => {}
+            _ = tokio::time::sleep(copy.interval) => {}
+        }
+    }
 }
 
 /// Re-evaluates every source's objectives each minute, re-reading the repository before an RPO

@@ -49,6 +49,24 @@ struct SourceObjective {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CopyLabel {
+    copy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CopySource {
+    copy: String,
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CopySourceResult {
+    copy: String,
+    source: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Version {
     version: String,
 }
@@ -75,6 +93,14 @@ pub struct Telemetry {
     wal_lag: Family<SourceLabel, Gauge>,
     wal_caught_up: Family<SourceLabel, FGauge>,
     wal_gaps: Family<SourceLabel, Counter>,
+    copy_runs: Family<CopySourceResult, Counter>,
+    copy_last_success: Family<CopySource, FGauge>,
+    copy_last_failure: Family<CopySource, FGauge>,
+    copy_newest: Family<CopySource, FGauge>,
+    copy_point: Family<CopySource, FGauge>,
+    copy_lag: Family<CopySource, FGauge>,
+    copy_objects: Family<CopyLabel, Counter>,
+    copy_bytes: Family<CopyLabel, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -97,7 +123,10 @@ fn sl(source: &str) -> SourceLabel {
 
 impl Telemetry {
     /// Metrics for these sources, every counter at 0; objectives from the policy.
-    pub fn new(sources: &[(String, Option<Duration>, Option<Duration>)]) -> Telemetry {
+    pub fn new(
+        sources: &[(String, Option<Duration>, Option<Duration>)],
+        copies: &[String],
+    ) -> Telemetry {
         let mut registry = Registry::default();
         let t = Telemetry {
             last_success: Family::default(),
@@ -116,6 +145,14 @@ impl Telemetry {
             wal_lag: Family::default(),
             wal_caught_up: Family::default(),
             wal_gaps: Family::default(),
+            copy_runs: Family::default(),
+            copy_last_success: Family::default(),
+            copy_last_failure: Family::default(),
+            copy_newest: Family::default(),
+            copy_point: Family::default(),
+            copy_lag: Family::default(),
+            copy_objects: Family::default(),
+            copy_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -194,6 +231,46 @@ impl Telemetry {
             "Physical sources: gaps found in the WAL archive while streaming (WAL the server removed before it was stored); each triggers a base backup",
             t.wal_gaps.clone(),
         );
+        registry.register(
+            "lifeboat_copy_runs",
+            "Copies: catch-ups of a source to a copy, by result",
+            t.copy_runs.clone(),
+        );
+        registry.register(
+            "lifeboat_copy_last_success_timestamp_seconds",
+            "Copies: when a catch-up of the source to the copy last succeeded (Unix time)",
+            t.copy_last_success.clone(),
+        );
+        registry.register(
+            "lifeboat_copy_last_failure_timestamp_seconds",
+            "Copies: when a catch-up of the source to the copy last failed (Unix time)",
+            t.copy_last_failure.clone(),
+        );
+        registry.register(
+            "lifeboat_copy_newest_backup_timestamp_seconds",
+            "Copies: when the newest backup the copy holds started (Unix time)",
+            t.copy_newest.clone(),
+        );
+        registry.register(
+            "lifeboat_copy_recovery_point_timestamp_seconds",
+            "Copies: the newest point of the primary's data the copy holds (a backup's end, a WAL upload; Unix time)",
+            t.copy_point.clone(),
+        );
+        registry.register(
+            "lifeboat_copy_lag_seconds",
+            "Copies: how far the copy trailed the primary at its last catch-up: what losing the primary's region would have lost",
+            t.copy_lag.clone(),
+        );
+        registry.register(
+            "lifeboat_copy_objects",
+            "Copies: objects written to the copy",
+            t.copy_objects.clone(),
+        );
+        registry.register(
+            "lifeboat_copy_bytes",
+            "Copies: bytes written to the copy",
+            t.copy_bytes.clone(),
+        );
         let build: Family<Version, Gauge> = Family::default();
         build
             .get_or_create(&Version {
@@ -220,6 +297,23 @@ impl Telemetry {
             }
             if let Some(r) = rto {
                 t.rto.get_or_create(&sl(name)).set(r.as_secs_f64());
+            }
+        }
+        for copy in copies {
+            let _ = t
+                .copy_objects
+                .get_or_create(&CopyLabel { copy: copy.clone() });
+            let _ = t
+                .copy_bytes
+                .get_or_create(&CopyLabel { copy: copy.clone() });
+            for (name, _, _) in sources {
+                for result in ["success", "failure"] {
+                    let _ = t.copy_runs.get_or_create(&CopySourceResult {
+                        copy: copy.clone(),
+                        source: name.clone(),
+                        result: result.to_string(),
+                    });
+                }
             }
         }
         Telemetry { registry, ..t }
@@ -361,6 +455,82 @@ impl Telemetry {
         self.wal_gaps
             .get_or_create(&sl(source))
             .inc_by(u64::from(n));
+    }
+
+    /// A catch-up of `copy` ended: one line per source and the copy's metrics. `Err` is a
+    /// failure before any source was copied (the copy could not be opened).
+    pub fn copy_finished(
+        &self,
+        copy: &str,
+        sources: &[&str],
+        result: std::result::Result<&crate::copy::CopyReport, &crate::Error>,
+        took: Duration,
+        at: DateTime<Utc>,
+    ) {
+        let ts = |t: DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
+        let cs = |source: &str| CopySource {
+            copy: copy.to_string(),
+            source: source.to_string(),
+        };
+        let ran = |source: &str, ok: bool| {
+            self.copy_runs
+                .get_or_create(&CopySourceResult {
+                    copy: copy.to_string(),
+                    source: source.to_string(),
+                    result: if ok { "success" } else { "failure" }.to_string(),
+                })
+                .inc();
+            let family = if ok {
+                &self.copy_last_success
+            } else {
+                &self.copy_last_failure
+            };
+            family.get_or_create(&cs(source)).set(ts(at));
+        };
+        let report = match result {
+            Ok(r) => r,
+            Err(e) => {
+                for source in sources {
+                    ran(source, false);
+                }
+                tracing::warn!(copy, seconds = took.as_secs_f64(), error = %e, "Copy failed; backups go on, and the next catch-up tries again");
+                return;
+            }
+        };
+        let label = CopyLabel {
+            copy: copy.to_string(),
+        };
+        for s in &report.sources {
+            self.copy_objects.get_or_create(&label).inc_by(s.objects);
+            self.copy_bytes.get_or_create(&label).inc_by(s.bytes);
+            ran(&s.source, s.error.is_none());
+            if let Some(t) = s.newest_at {
+                self.copy_newest.get_or_create(&cs(&s.source)).set(ts(t));
+            }
+            if let Some(t) = s.copy_point {
+                self.copy_point.get_or_create(&cs(&s.source)).set(ts(t));
+            }
+            if let Some(lag) = s.lag_seconds() {
+                self.copy_lag.get_or_create(&cs(&s.source)).set(lag);
+            }
+            match &s.error {
+                None => tracing::info!(
+                    copy,
+                    source = %s.source,
+                    copied = s.copied.len(),
+                    repaired = s.repaired.len(),
+                    shared = s.shared,
+                    objects = s.objects,
+                    bytes = s.bytes,
+                    lag_seconds = s.lag_seconds().unwrap_or(0.0),
+                    seconds = took.as_secs_f64(),
+                    "Copy caught up"
+                ),
+                Some(e) => {
+                    tracing::warn!(copy, source = %s.source, error = %e, "Copy failed; backups go on, and the next catch-up tries again")
+                }
+            }
+        }
     }
 
     /// Whether an objective is breached; logs when it changes, and returns true then.

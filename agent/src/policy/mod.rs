@@ -79,6 +79,16 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Policy, PolicyError> {
     parse(&text, &file, &|name| std::env::var(name).ok(), opts)
 }
 
+/// Reads and validates a policy file as seen from `repository`: the copy of that name alone
+/// (`--repository NAME`), or the primary when `None`.
+pub fn load_at(path: &Path, repository: Option<&str>) -> Result<Policy, Error> {
+    let policy = load(path, LoadOptions::default())?;
+    match repository {
+        Some(name) => policy.for_repository(name),
+        None => Ok(policy),
+    }
+}
+
 /// Validates policy text. `lookup` resolves `${VAR}`.
 pub fn parse(
     text: &str,
@@ -152,17 +162,18 @@ pub fn parse(
         .unwrap_or_default();
 
     let notify = parse_notify(table.remove("notify"), &mut problems);
+    let copies = parse_copies(table.remove("copies"), &mut problems);
     let sources = raw_sources(table.remove("sources"), &mut problems);
 
-    let policy = validate::validate(
+    let raw = validate::RawSections {
         repository,
         encryption,
         agent,
         defaults,
         sources,
-        opts.allow_missing_env,
-        &mut problems,
-    );
+        copies,
+    };
+    let policy = validate::validate(raw, opts.allow_missing_env, &mut problems);
     match policy {
         Some(mut p) if problems.0.is_empty() => {
             p.notify = notify;
@@ -200,6 +211,41 @@ fn parse_notify(value: Option<toml::Value>, problems: &mut Problems) -> Vec<Noti
         Some(_) => problems.add("notify", "must be an array of tables: write [[notify]]"),
     }
     notify
+}
+
+/// `[[copies]]`: each table split into the copy's own keys and its `[repository]` keys, each
+/// deserialized on its own so that an unknown key is named with its path.
+fn parse_copies(
+    value: Option<toml::Value>,
+    problems: &mut Problems,
+) -> Vec<(usize, raw::RawCopy, raw::RawRepository)> {
+    let mut copies = Vec::new();
+    match value {
+        None => {}
+        Some(toml::Value::Array(items)) => {
+            for (i, item) in items.into_iter().enumerate() {
+                let path = format!("copies[{i}]");
+                let toml::Value::Table(mut table) = item else {
+                    problems.add(path, "must be a table: write [[copies]]");
+                    continue;
+                };
+                let mut own = toml::Table::new();
+                for key in raw::COPY_KEYS {
+                    if let Some(v) = table.remove(*key) {
+                        own.insert(key.to_string(), v);
+                    }
+                }
+                let copy = section::<raw::RawCopy>(&path, toml::Value::Table(own), problems);
+                let repo =
+                    section::<raw::RawRepository>(&path, toml::Value::Table(table), problems);
+                if let (Some(c), Some(r)) = (copy, repo) {
+                    copies.push((i, c, r));
+                }
+            }
+        }
+        Some(_) => problems.add("copies", "must be an array of tables: write [[copies]]"),
+    }
+    copies
 }
 
 /// `[[sources]]`: each table deserialized as its kind's own struct (from the table of kinds), so

@@ -15,6 +15,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "defaults",
     "sources",
     "notify",
+    "copies",
 ];
 
 /// `[repository]`: where backups are stored.
@@ -45,7 +46,28 @@ pub struct RawRepository {
     /// With `aws:kms`: the KMS key (id, ARN or `alias/NAME`); unset means the bucket's or the
     /// account's default key.
     pub kms_key_id: Option<String>,
+    /// The AWS profile (in `~/.aws/config` / `AWS_CONFIG_FILE`) whose credentials this repository
+    /// uses; unset means the default chain (environment, web identity / IRSA, instance role).
+    pub credentials_profile: Option<String>,
 }
+
+/// `[[copies]]`: a second repository (another region or account) every backup is copied to, as
+/// stored. Besides these keys, a copy takes every `[repository]` key (`url`, `endpoint`,
+/// `region`, `credentials_profile`, …), which describe the copy's own bucket.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCopy {
+    /// The copy's name, for `--repository NAME` and in metrics (letters, digits, `-`, `_`).
+    pub name: String,
+    /// The copy's own retention, applied by `lifeboat prune --repository NAME`; unset means each
+    /// source's own rules.
+    pub retention: Option<RawRetention>,
+    /// How often the agent catches up on what the copy is missing; default `10m`.
+    pub copy_interval: Option<String>,
+}
+
+/// The keys of `[[copies]]` that are the copy's own; every other key is a `[repository]` key.
+pub const COPY_KEYS: &[&str] = &["name", "retention", "copy_interval"];
 
 /// `repository.server_side_encryption`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]

@@ -17,7 +17,9 @@ pub fn schema() -> Value {
     let defaults = sub(generator.subschema_for::<RawDefaults>());
     let kinds = crate::source::Kind::raw_schemas(&mut generator);
     let notify = sub(generator.subschema_for::<RawNotify>());
+    let _ = generator.subschema_for::<RawCopy>();
     let mut defs = generator.take_definitions(true);
+    let copies = copy_schema(&defs);
     let mut one_of = Vec::new();
     for (kind, def, schema) in kinds {
         let kind = kind.name();
@@ -47,8 +49,27 @@ pub fn schema() -> Value {
             "defaults": defaults,
             "sources": { "type": "array", "minItems": 1, "items": { "oneOf": one_of } },
             "notify": { "type": "array", "items": notify },
+            "copies": { "type": "array", "items": copies },
         },
         "$defs": Value::Object(defs),
+    })
+}
+
+/// A `[[copies]]` table: the copy's own keys and every `[repository]` key, in one object (the
+/// parser splits them; a schema with two closed objects could accept neither).
+fn copy_schema(defs: &Map<String, Value>) -> Value {
+    let mut props = Map::new();
+    for def in ["RawCopy", "RawRepository"] {
+        if let Some(p) = defs[def]["properties"].as_object() {
+            props.extend(p.clone());
+        }
+    }
+    json!({
+        "type": "object",
+        "description": defs["RawCopy"]["description"],
+        "additionalProperties": false,
+        "required": ["name", "url"],
+        "properties": props,
     })
 }
 
@@ -90,6 +111,7 @@ fn sections() -> Vec<(String, String, &'static str)> {
         fixed("[sources.verify]", "RawVerify", "table under a source"),
         fixed("verify.checks", "RawCheck", "array of inline tables"),
         fixed("[[notify]]", "RawNotify", "array of tables"),
+        fixed("[[copies]]", "RawCopy", "array of tables"),
     ]);
     out
 }

@@ -368,3 +368,118 @@ fn verification_limits_are_read_and_checked() {
         "{got:?}"
     );
 }
+
+fn with_copies(copies: &str) -> String {
+    format!("{}\n{copies}", good())
+}
+
+#[test]
+fn a_copy_is_a_repository_of_its_own_with_its_own_retention() {
+    let text = with_copies(
+        r#"
+[[copies]]
+name = "dr-west"
+url = "s3://acme-backups-dr/production"
+region = "us-west-2"
+credentials_profile = "dr-writer"
+retention = { keep_daily = 30, keep_monthly = 12 }
+copy_interval = "2m"
+"#,
+    );
+    let p = parse(&text, "p.toml", &env, LoadOptions::default()).expect("valid");
+    let copy = p.copy("dr-west").expect("the copy");
+    assert_eq!(copy.interval, std::time::Duration::from_secs(120));
+    let Location::S3(s3) = &copy.repository.location else {
+        panic!("an s3 copy: {:?}", copy.repository.location)
+    };
+    assert_eq!(
+        (
+            s3.bucket.as_str(),
+            s3.region.as_str(),
+            s3.credentials_profile.as_deref()
+        ),
+        ("acme-backups-dr", "us-west-2", Some("dr-writer"))
+    );
+    let there = p.for_repository("dr-west").expect("the copy's view");
+    assert!(matches!(&there.repository.location, Location::S3(c) if c.bucket == "acme-backups-dr"));
+    assert!(there.copies.is_empty());
+    for s in &there.sources {
+        assert_eq!(
+            (
+                s.retention.keep_daily,
+                s.retention.keep_monthly,
+                s.retention.keep_last
+            ),
+            (Some(30), Some(12), None),
+            "{}: the copy's rules replace the source's",
+            s.name
+        );
+    }
+    let e = p.for_repository("dr-east").expect_err("no such copy");
+    assert_eq!(e.kind, crate::ErrorKind::Invalid);
+    assert!(
+        e.message.contains("`dr-east`") && e.message.contains("dr-west"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn copy_mistakes_are_named_with_their_path() {
+    let got = problems(&with_copies(
+        r#"
+[[copies]]
+name = "dr west"
+url = "s3://${BUCKET}/lifeboat"
+endpoint = "http://127.0.0.1:9000"
+retention = { keep_daily = 0 }
+copy_interval = "soon"
+regoin = "us-west-2"
+
+[[copies]]
+name = "b"
+url = "file://./b"
+region = "us-west-2"
+"#,
+    ));
+    for want in [
+        "copies[0].regoin: unknown field",
+        "copies[1].region: applies to s3:// repositories only",
+    ] {
+        assert!(
+            got.iter().any(|g| g.starts_with(want)),
+            "{want} in {got:#?}"
+        );
+    }
+    let got = problems(&with_copies(
+        r#"
+[[copies]]
+name = "dr-1"
+url = "s3://${BUCKET}/lifeboat"
+endpoint = "http://127.0.0.1:9000"
+retention = { keep_daily = 0 }
+copy_interval = "soon"
+
+[[copies]]
+name = "dr-1"
+url = "file://./b"
+
+[[copies]]
+name = "dr west"
+url = "file://./b"
+"#,
+    ));
+    for want in [
+        "copies[0].retention.keep_daily: 0 is not allowed",
+        "copies[0].copy_interval:",
+        "copies[0].url: is the same place as [repository]",
+        "copies[1].name: `dr-1` is used by another copy",
+        "copies[2].name: `dr west` is not a copy name",
+        "copies[2].url: is the same place as [repository] or another copy",
+    ] {
+        assert!(
+            got.iter().any(|g| g.starts_with(want)),
+            "{want} in {got:#?}"
+        );
+    }
+}

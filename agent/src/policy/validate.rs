@@ -62,6 +62,8 @@ pub struct Policy {
     pub sources: Vec<SourcePolicy>,
     /// Webhooks for failures and recoveries.
     pub notify: Vec<Notify>,
+    /// Second repositories every backup is copied to.
+    pub copies: Vec<CopyConfig>,
     /// Variables that were missing (only with `allow_missing_env`).
     pub missing_env: Vec<String>,
 }
@@ -80,6 +82,58 @@ impl Policy {
     pub fn source(&self, name: &str) -> Option<&SourcePolicy> {
         self.sources.iter().find(|s| s.name == name)
     }
+
+    /// The copy named `name`.
+    pub fn copy(&self, name: &str) -> Option<&CopyConfig> {
+        self.copies.iter().find(|c| c.name == name)
+    }
+
+    /// This policy as seen from the copy `name` alone (`--repository NAME`): the copy is the
+    /// repository, its retention rules replace the sources' own, and it has no copies.
+    pub fn for_repository(&self, name: &str) -> Result<Policy, crate::Error> {
+        let copy = self.copy(name).ok_or_else(|| {
+            let names: Vec<&str> = self.copies.iter().map(|c| c.name.as_str()).collect();
+            crate::Error::new(
+                crate::ErrorKind::Invalid,
+                format!(
+                    "no repository named `{name}`: the policy's [[copies]] are {}",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            )
+            .hint("name one of the policy's [[copies]], or leave --repository out for [repository]")
+        })?;
+        let mut policy = self.clone();
+        policy.repository = copy.repository.clone();
+        if let Some(rules) = &copy.retention {
+            for s in &mut policy.sources {
+                s.retention = rules.clone();
+            }
+        }
+        policy.copies.clear();
+        Ok(policy)
+    }
+}
+
+/// `[[copies]]`: a second repository.
+#[derive(Debug, Clone)]
+pub struct CopyConfig {
+    /// Its name (`--repository NAME`, metrics).
+    pub name: String,
+    /// Where it is and how to write to it.
+    pub repository: RepositoryConfig,
+    /// Its own retention rules; `None`: each source's own.
+    pub retention: Option<Retention>,
+    /// How often the agent catches up.
+    pub interval: Duration,
+}
+
+/// Default `copy_interval`.
+pub fn default_copy_interval() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// Repository location and upload tuning.
@@ -114,6 +168,8 @@ pub struct S3Config {
     pub prefix: String,
     /// Custom endpoint for S3-compatible servers.
     pub endpoint: Option<String>,
+    /// The AWS profile whose credentials to use; `None`: the default chain.
+    pub credentials_profile: Option<String>,
     /// Region.
     pub region: String,
     /// Path-style addressing.
@@ -341,17 +397,39 @@ pub fn default_keep_last_verified() -> u32 {
     1
 }
 
-/// Validates a raw policy. `sources` are the already-typed raw sources with their index.
+/// A policy's sections as parsed, each on its own (a missing or broken one is `None` or left
+/// out, its problems already recorded).
+pub(super) struct RawSections {
+    /// `[repository]`.
+    pub repository: Option<RawRepository>,
+    /// `[encryption]`.
+    pub encryption: Option<RawEncryption>,
+    /// `[agent]`.
+    pub agent: RawAgent,
+    /// `[defaults]`.
+    pub defaults: RawDefaults,
+    /// `[[sources]]`, already typed by kind, with their index.
+    pub sources: Vec<(usize, RawSource)>,
+    /// `[[copies]]`, with their index: each copy's own keys and its repository keys.
+    pub copies: Vec<(usize, RawCopy, RawRepository)>,
+}
+
+/// Validates a raw policy.
 pub(super) fn validate(
-    repository: Option<RawRepository>,
-    encryption: Option<RawEncryption>,
-    agent: RawAgent,
-    defaults: RawDefaults,
-    sources: Vec<(usize, RawSource)>,
+    raw: RawSections,
     allow_missing_env: bool,
     problems: &mut Problems,
 ) -> Option<Policy> {
-    let repository = repository.and_then(|r| validate_repository(r, problems));
+    let RawSections {
+        repository,
+        encryption,
+        agent,
+        defaults,
+        sources,
+        copies,
+    } = raw;
+    let repository = repository.and_then(|r| validate_repository("repository", r, problems));
+    let copies = validate_copies(copies, repository.as_ref(), problems);
     let encryption = encryption.map(|e| validate_encryption(e, allow_missing_env, problems));
     let agent = validate_agent(agent, problems);
     let timezone = match defaults.timezone.as_deref() {
@@ -394,6 +472,7 @@ pub(super) fn validate(
             timezone,
             sources: out,
             notify: Vec::new(),
+            copies,
             missing_env: Vec::new(),
         })
     } else {
@@ -401,24 +480,28 @@ pub(super) fn validate(
     }
 }
 
-fn validate_repository(raw: RawRepository, p: &mut Problems) -> Option<RepositoryConfig> {
-    let part_size = part_size(raw.part_size.as_deref(), p);
+pub(super) fn validate_repository(
+    at: &str,
+    raw: RawRepository,
+    p: &mut Problems,
+) -> Option<RepositoryConfig> {
+    let part_size = part_size(at, raw.part_size.as_deref(), p);
     let parts_in_flight = match raw.parts_in_flight {
         None => default_parts_in_flight(),
         Some(n) if (1..=64).contains(&n) => n,
         Some(_) => {
-            p.add("repository.parts_in_flight", "must be between 1 and 64");
+            p.add(format!("{at}.parts_in_flight"), "must be between 1 and 64");
             default_parts_in_flight()
         }
     };
     let location = if let Some(path) = raw.url.strip_prefix("file://") {
-        fs_location(path, &raw, p)?
+        fs_location(at, path, &raw, p)?
     } else if let Some(rest) = raw.url.strip_prefix("s3://") {
         let rest = rest.to_string();
-        s3_location(&rest, raw, p)
+        s3_location(at, &rest, raw, p)
     } else {
         p.add(
-            "repository.url",
+            format!("{at}.url"),
             format!(
                 "`{}` is neither file://PATH nor s3://BUCKET/PREFIX",
                 raw.url
@@ -434,21 +517,21 @@ fn validate_repository(raw: RawRepository, p: &mut Problems) -> Option<Repositor
 }
 
 /// `repository.part_size`, within S3's limits for a part.
-fn part_size(raw: Option<&str>, p: &mut Problems) -> usize {
+fn part_size(at: &str, raw: Option<&str>, p: &mut Problems) -> usize {
     match raw {
         None => default_part_size(),
         Some(s) => match parse_size(s) {
             Some(n) if (5 << 20..=(5u64 << 30)).contains(&n) => n as usize,
             Some(_) => {
                 p.add(
-                    "repository.part_size",
+                    format!("{at}.part_size"),
                     "must be between 5MiB and 5GiB (S3's limits for a part)",
                 );
                 default_part_size()
             }
             None => {
                 p.add(
-                    "repository.part_size",
+                    format!("{at}.part_size"),
                     format!("`{s}` is not a size; write e.g. `8MiB` or `64MiB`"),
                 );
                 default_part_size()
@@ -458,7 +541,7 @@ fn part_size(raw: Option<&str>, p: &mut Problems) -> usize {
 }
 
 /// A `file://` repository: no S3 settings apply.
-fn fs_location(path: &str, raw: &RawRepository, p: &mut Problems) -> Option<Location> {
+fn fs_location(at: &str, path: &str, raw: &RawRepository, p: &mut Problems) -> Option<Location> {
     for (field, set) in [
         ("endpoint", raw.endpoint.is_some()),
         ("region", raw.region.is_some()),
@@ -471,16 +554,17 @@ fn fs_location(path: &str, raw: &RawRepository, p: &mut Problems) -> Option<Loca
             raw.server_side_encryption.is_some(),
         ),
         ("kms_key_id", raw.kms_key_id.is_some()),
+        ("credentials_profile", raw.credentials_profile.is_some()),
     ] {
         if set {
             p.add(
-                format!("repository.{field}"),
+                format!("{at}.{field}"),
                 "applies to s3:// repositories only; remove it or use an s3:// url",
             );
         }
     }
     if path.is_empty() {
-        p.add("repository.url", "`file://` needs a path, e.g. `file://./lifeboat-repo` or `file:///var/backups/lifeboat`");
+        p.add(format!("{at}.url"), "`file://` needs a path, e.g. `file://./lifeboat-repo` or `file:///var/backups/lifeboat`");
         return None;
     }
     Some(Location::Fs {
@@ -489,7 +573,7 @@ fn fs_location(path: &str, raw: &RawRepository, p: &mut Problems) -> Option<Loca
 }
 
 /// An `s3://BUCKET/PREFIX` repository (`rest` follows the scheme).
-fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
+fn s3_location(at: &str, rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     let valid_bucket = (3..=63).contains(&bucket.len())
         && bucket
@@ -497,7 +581,7 @@ fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
     if !valid_bucket {
         p.add(
-            "repository.url",
+            format!("{at}.url"),
             format!(
                 "`{bucket}` is not a valid S3 bucket name (3–63 characters: a-z, 0-9, `-`, `.`)"
             ),
@@ -506,7 +590,7 @@ fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
     if let Some(e) = &raw.endpoint {
         if !(e.starts_with("http://") || e.starts_with("https://")) {
             p.add(
-                "repository.endpoint",
+                format!("{at}.endpoint"),
                 format!("`{e}` must start with http:// or https://"),
             );
         }
@@ -516,7 +600,7 @@ fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
         (Some(ServerSideEncryption::AwsKms), key) => Some((ServerSideEncryption::AwsKms, key)),
         (sse, Some(_)) => {
             p.add(
-                "repository.kms_key_id",
+                format!("{at}.kms_key_id"),
                 "applies with server_side_encryption = \"aws:kms\" only; set that, or remove kms_key_id",
             );
             sse.map(|m| (m, None))
@@ -527,6 +611,7 @@ fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
         bucket: bucket.to_string(),
         prefix: prefix.trim_matches('/').to_string(),
         endpoint: raw.endpoint,
+        credentials_profile: raw.credentials_profile,
         region: raw.region.unwrap_or_else(default_region),
         force_path_style,
         checksums: raw.checksums.unwrap_or(ChecksumMode::WhenRequired),
@@ -535,7 +620,7 @@ fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
         object_lock: match raw.object_lock {
             Some(l) if l.days == 0 => {
                 p.add(
-                    "repository.object_lock.days",
+                    format!("{at}.object_lock.days"),
                     "must be at least 1; leave object_lock out to disable it",
                 );
                 None
@@ -544,6 +629,81 @@ fn s3_location(rest: &str, raw: RawRepository, p: &mut Problems) -> Location {
             None => None,
         },
     })
+}
+
+/// `[[copies]]`: each a repository of its own, named uniquely, never the primary itself.
+fn validate_copies(
+    copies: Vec<(usize, RawCopy, RawRepository)>,
+    primary: Option<&RepositoryConfig>,
+    p: &mut Problems,
+) -> Vec<CopyConfig> {
+    let mut out: Vec<CopyConfig> = Vec::new();
+    for (i, own, raw) in copies {
+        let at = format!("copies[{i}]");
+        let name_ok = !own.name.is_empty()
+            && own.name.len() <= 64
+            && own
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            p.add(
+                format!("{at}.name"),
+                format!(
+                    "`{}` is not a copy name: 1–64 letters, digits, `-` or `_`",
+                    own.name
+                ),
+            );
+        } else if out.iter().any(|c| c.name == own.name) {
+            p.add(
+                format!("{at}.name"),
+                format!(
+                    "`{}` is used by another copy; names must be unique",
+                    own.name
+                ),
+            );
+        }
+        let retention = own
+            .retention
+            .as_ref()
+            .and_then(|r| validate_retention(&format!("{at}.retention"), r, p));
+        let interval = own
+            .copy_interval
+            .as_deref()
+            .map(|s| duration(&format!("{at}.copy_interval"), s, p))
+            .unwrap_or_else(default_copy_interval);
+        let Some(repository) = validate_repository(&at, raw, p) else {
+            continue;
+        };
+        if primary.is_some_and(|p| same_place(&repository.location, &p.location))
+            || out
+                .iter()
+                .any(|c| same_place(&c.repository.location, &repository.location))
+        {
+            p.add(
+                format!("{at}.url"),
+                "is the same place as [repository] or another copy: a copy must be another bucket, prefix or directory",
+            );
+        }
+        out.push(CopyConfig {
+            name: own.name,
+            repository,
+            retention,
+            interval,
+        });
+    }
+    out
+}
+
+/// Whether two locations are one repository.
+fn same_place(a: &Location, b: &Location) -> bool {
+    match (a, b) {
+        (Location::Fs { root: x }, Location::Fs { root: y }) => x == y,
+        (Location::S3(x), Location::S3(y)) => {
+            x.bucket == y.bucket && x.prefix == y.prefix && x.endpoint == y.endpoint
+        }
+        _ => false,
+    }
 }
 
 fn validate_encryption(

@@ -109,6 +109,16 @@ pub trait SourceKind: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
     ) -> Result<()> {
         Ok(())
     }
+    /// What a copy of `source` needs besides its backups' own objects, for the backups it keeps
+    /// (`keeping`): the content this kind shares between backups (an objects backup's blobs, a
+    /// physical source's WAL from the oldest kept base backup on). Most kinds share nothing.
+    async fn shared_for_copy(
+        _repo: &crate::repo::Repository,
+        _source: &str,
+        _keeping: &[&crate::repo::manifest::Manifest],
+    ) -> Result<Option<crate::copy::Shared>> {
+        Ok(None)
+    }
     /// What prune collects of `source` once backups are gone: content this kind shares between
     /// backups (objects' blobs, a physical source's WAL) that no published backup but those in
     /// `ignoring` (source, id) needs.
@@ -235,6 +245,20 @@ macro_rules! kinds {
             pub fn verify_steps(&self) -> Box<dyn crate::verify::Steps> {
                 match self {
                     $(SourceConfig::$variant(c) => c.verify_steps(),)+
+                }
+            }
+
+            /// What a copy needs of this kind's shared content (see [`SourceKind`]).
+            pub async fn shared_for_copy(
+                &self,
+                repo: &crate::repo::Repository,
+                source: &str,
+                keeping: &[&crate::repo::manifest::Manifest],
+            ) -> Result<Option<crate::copy::Shared>> {
+                match self {
+                    $(SourceConfig::$variant(_) => {
+                        <$config as SourceKind>::shared_for_copy(repo, source, keeping).await
+                    })+
                 }
             }
 

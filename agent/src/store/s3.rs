@@ -57,12 +57,26 @@ pub async fn client(config: &S3Config) -> Client {
         .operation_attempt_timeout(Duration::from_secs(600))
         .build();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(http)
+        .http_client(http.clone())
         .region(Region::new(config.region.clone()))
         .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
         .timeout_config(timeouts);
     if let Some(endpoint) = &config.endpoint {
         loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(profile) = &config.credentials_profile {
+        // The profile's own credentials, never the environment's: a copy in another account
+        // must not write with the primary's keys.
+        let provider = aws_config::provider_config::ProviderConfig::without_region()
+            .with_http_client(http.clone())
+            .with_region(Some(Region::new(config.region.clone())));
+        let credentials = aws_config::profile::ProfileFileCredentialsProvider::builder()
+            .configure(&provider)
+            .profile_name(profile)
+            .build();
+        loader = loader
+            .profile_name(profile)
+            .credentials_provider(credentials);
     }
     let shared = loader.load().await;
     let (request, response) = match config.checksums {
@@ -199,6 +213,18 @@ where
         _ => DisplayErrorContext(&err).to_string(),
     };
     match &err {
+        // No credentials could be loaded (a profile that is not there, a web identity refused):
+        // the request was never sent, and sending it again will not load them.
+        SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_)
+            if message.contains("credentials error") || message.contains("no credentials") =>
+        {
+            StoreError::Permanent {
+                op,
+                key: key.to_string(),
+                message,
+                credential: true,
+            }
+        }
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             StoreError::transient(op, key, message)
         }

@@ -1,22 +1,19 @@
 //! `lifeboat check`: manifests against stored objects; `--read-data` re-hashes every stored byte.
 
-use std::path::Path;
-
 use lifeboat::human_bytes;
 use lifeboat::repo::Repository;
 use lifeboat::{check, Error, Result};
 
-use super::{load, note_unknown_source};
+use super::note_unknown_source;
 
 /// Checks, and prints what it found (exit 13 naming every damaged object).
 pub async fn check_cmd(
-    path: &Path,
+    policy: lifeboat::policy::Policy,
     source: Option<&str>,
     read_data: bool,
     identity: Option<std::path::PathBuf>,
     json: bool,
 ) -> Result<()> {
-    let policy = load(path)?;
     if let Some(s) = source {
         note_unknown_source(&policy, s);
     }

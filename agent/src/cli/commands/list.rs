@@ -7,15 +7,30 @@ use lifeboat::human_bytes;
 use lifeboat::repo::Repository;
 use lifeboat::{Error, Result};
 
-use super::{load, note_unknown_source, print_error};
+use super::{load_at, note_unknown_source, print_error, Place};
 
-pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
-    let policy = load(path)?;
+pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> Result<()> {
+    let policy = load_at(path, at)?;
     if let Some(s) = source {
         note_unknown_source(&policy, s);
     }
     let repo = Repository::open(&policy).await?;
     let listing = repo.list(source).await?;
+    let copies = lifeboat::copy::held_by_copies(&policy, source).await;
+    for (name, held) in &copies {
+        if let Err(e) = held {
+            eprintln!("warning: copy `{name}` cannot be read, so where backups exist is not known for it: {e}");
+        }
+    }
+    // The copies holding a backup, by name.
+    let held_by = |m: &lifeboat::repo::manifest::Manifest| -> Vec<&str> {
+        let key = (m.source.clone(), m.id.clone());
+        copies
+            .iter()
+            .filter(|(_, held)| held.as_ref().is_ok_and(|h| h.contains(&key)))
+            .map(|(name, _)| name.as_str())
+            .collect()
+    };
     let mut out = std::io::stdout().lock();
     if json {
         let items: Vec<serde_json::Value> = listing
@@ -36,6 +51,7 @@ pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
                     "source_version": m.source_version,
                     "parts": m.parts.iter().map(|p| &p.name).collect::<Vec<_>>(),
                     "base_backup": m.base_backup,
+                    "copies": held_by(m),
                 })
             })
             .collect();
@@ -43,17 +59,24 @@ pub async fn list(path: &Path, source: Option<&str>, json: bool) -> Result<()> {
             .map_err(|e| Error::failed(format!("cannot encode the listing: {e}")))?;
         writeln!(out, "{text}").map_err(print_error)?;
     } else {
+        let where_ = if copies.is_empty() { "" } else { " COPIES" };
         writeln!(
             out,
-            "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}",
+            "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{where_}",
             "SOURCE", "ID", "KIND", "STARTED (UTC)", "PLAIN", "STORED", "VERIFIED"
         )
         .map_err(print_error)?;
         for e in &listing.backups {
             let m = &e.manifest;
+            let held = held_by(m);
+            let where_ = match (copies.is_empty(), held.is_empty()) {
+                (true, _) => String::new(),
+                (false, true) => " -".to_string(),
+                (false, false) => format!(" {}", held.join(",")),
+            };
             writeln!(
                 out,
-                "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}",
+                "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{where_}",
                 m.source,
                 m.id,
                 m.kind,

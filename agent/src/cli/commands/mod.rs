@@ -2,6 +2,7 @@
 
 mod backup;
 mod check;
+mod copy;
 mod list;
 mod pin;
 mod policy;
@@ -15,7 +16,7 @@ use lifeboat::policy::{LoadOptions, Policy};
 use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
-use super::{Command, PolicyCommand, WalCommand};
+use super::{Command, Place, PolicyCommand, WalCommand};
 
 /// Runs one command.
 pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
@@ -27,16 +28,21 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
         } => backup::backup(&policy, &source, json, cancel).await,
         Command::List {
             policy,
+            at,
             source,
             json,
-        } => list::list(&policy, source.as_deref(), json).await,
+        } => list::list(&policy, &at, source.as_deref(), json).await,
         Command::Check {
             policy,
+            at,
             source,
             read_data,
             identity,
             json,
-        } => check::check_cmd(&policy, source.as_deref(), read_data, identity, json).await,
+        } => {
+            let policy = load_at(&policy, &at)?;
+            check::check_cmd(policy, source.as_deref(), read_data, identity, json).await
+        }
         Command::Policy {
             command:
                 PolicyCommand::Check {
@@ -69,8 +75,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                 system_id,
                 prefetch,
             };
-            let identity = archive.identity.as_deref();
-            wal::fetch(&archive.policy, &archive.source, identity, at).await
+            wal::fetch(&archive, at).await
         }
         Command::Wal {
             command:
@@ -90,8 +95,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
                     system_id,
                 },
             };
-            let identity = archive.identity.as_deref();
-            wal::prefetch(&archive.policy, &archive.source, identity, ahead).await
+            wal::prefetch(&archive, ahead).await
         }
         Command::Restore(args) => restore::restore(args, cancel).await,
         Command::Agent { policy, listen } => {
@@ -103,25 +107,49 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
         }
         Command::Prune {
             policy,
+            at,
             source,
             dry_run,
             json,
-        } => prune::prune(&policy, source.as_deref(), dry_run, json).await,
+        } => prune::prune(load_at(&policy, &at)?, source.as_deref(), dry_run, json).await,
         Command::Pin {
             policy,
+            at,
             source,
             backup,
-        } => pin::pin(&policy, &source, &backup, true).await,
+        } => pin::pin(load_at(&policy, &at)?, &source, &backup, true).await,
         Command::Unpin {
             policy,
+            at,
             source,
             backup,
-        } => pin::pin(&policy, &source, &backup, false).await,
+        } => pin::pin(load_at(&policy, &at)?, &source, &backup, false).await,
+        Command::Copy {
+            policy,
+            repository,
+            source,
+            json,
+        } => {
+            copy::copy(
+                &load(&policy)?,
+                repository.as_deref(),
+                &source,
+                json,
+                cancel,
+            )
+            .await
+        }
     }
 }
 
 fn load(path: &Path) -> Result<Policy> {
     Ok(lifeboat::policy::load(path, LoadOptions::default())?)
+}
+
+/// The policy as seen from the repository `--repository` names: the copy alone, or else the
+/// primary.
+fn load_at(path: &Path, at: &Place) -> Result<Policy> {
+    lifeboat::policy::load_at(path, at.copy.as_deref())
 }
 
 /// Sources no longer in the policy may still have backups: say so, but let the operator see them.

@@ -1,14 +1,11 @@
 //! `lifeboat pin|unpin`: keep a backup whatever the retention rules say, or let them decide again.
 
-use std::path::Path;
+use lifeboat::policy::Policy;
 
 use lifeboat::repo::Repository;
 use lifeboat::{Error, Result};
 
-use super::load;
-
-pub async fn pin(path: &Path, source: &str, backup: &str, on: bool) -> Result<()> {
-    let policy = load(path)?;
+pub async fn pin(policy: Policy, source: &str, backup: &str, on: bool) -> Result<()> {
     let repo = Repository::open(&policy).await?;
     let entry = repo.find(source, backup, None).await?;
     let key = lifeboat::repo::layout::pin(source, &entry.manifest.id);

@@ -1,15 +1,14 @@
 //! `lifeboat prune`: the retention plan with a reason per backup, then (unless `--dry-run`) applied.
 
-use std::path::Path;
-
 use lifeboat::repo::Repository;
 use lifeboat::retention;
 use lifeboat::{Error, ErrorKind, Result};
 
-use super::{load, select_source};
+use lifeboat::policy::Policy;
 
-pub async fn prune(path: &Path, source: Option<&str>, dry_run: bool, json: bool) -> Result<()> {
-    let policy = load(path)?;
+use super::select_source;
+
+pub async fn prune(policy: Policy, source: Option<&str>, dry_run: bool, json: bool) -> Result<()> {
     if let Some(s) = source {
         select_source(&policy, s)?;
     }

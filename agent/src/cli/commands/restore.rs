@@ -10,11 +10,11 @@ use lifeboat::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
 use super::super::RestoreArgs;
-use super::{ago, load};
+use super::{ago, load_at};
 
 /// Plans, confirms, applies.
 pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
-    let policy = load(&a.policy)?;
+    let policy = load_at(&a.policy, &a.at)?;
     let before = a
         .before
         .as_deref()
@@ -183,9 +183,14 @@ fn wal_fetch_command(
         absolute(&a.policy, "policy")?.display().to_string(),
         "--source".into(),
         a.source.clone(),
+    ];
+    if let Some(copy) = &a.at.copy {
+        words.extend(["--repository".into(), copy.clone()]);
+    }
+    words.extend([
         "--identity".into(),
         absolute(&identity, "identity")?.display().to_string(),
-    ];
+    ]);
     if let Some(b) = &base.base_backup {
         words.extend(["--segment-size".into(), b.wal_segment_size.to_string()]);
         words.extend(["--system-id".into(), b.system_identifier.clone()]);

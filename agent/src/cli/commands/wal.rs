@@ -11,7 +11,8 @@ use lifeboat::source::SourceConfig;
 use lifeboat::{job, store, Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
-use super::{identity_file, load, select_source};
+use super::super::WalArchive;
+use super::{identity_file, load, load_at, select_source};
 
 /// The physical source `name` of `policy`.
 fn physical<'a>(policy: &'a Policy, name: &str) -> Result<(&'a SourcePolicy, &'a PhysicalConfig)> {
@@ -74,13 +75,10 @@ pub struct Ahead<'a> {
 
 /// `wal prefetch`: fetches ahead of recovery into [`fetch::PREFETCH_DIR`] (see `wal fetch
 /// --prefetch`). Its failures only mean `wal fetch` fetches those segments itself.
-pub async fn prefetch(
-    path: &Path,
-    name: &str,
-    identity: Option<&Path>,
-    ahead: Ahead<'_>,
-) -> Result<()> {
-    let policy = load(path)?;
+pub async fn prefetch(archive: &WalArchive, ahead: Ahead<'_>) -> Result<()> {
+    let name = archive.source.as_str();
+    let identity = archive.identity.as_deref();
+    let policy = load_at(&archive.policy, &archive.at)?;
     physical(&policy, name)?;
     let identities = lifeboat::pipeline::read_identities(&identity_file(identity, &policy)?)?;
     let repo = Repository::open(&policy).await?;
@@ -99,7 +97,9 @@ pub async fn prefetch(
     Ok(())
 }
 
-pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'_>) -> Result<()> {
+pub async fn fetch(archive: &WalArchive, at: Fetch<'_>) -> Result<()> {
+    let name = archive.source.as_str();
+    let identity = archive.identity.as_deref();
     let Fetch {
         file,
         dest,
@@ -119,11 +119,11 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
                 segment_size,
                 system_id,
             };
-            keep_ahead(path, name, identity, file, prefetch, cluster);
+            keep_ahead(archive, file, prefetch, cluster);
             return Ok(());
         }
     }
-    let policy = load(path)?;
+    let policy = load_at(&archive.policy, &archive.at)?;
     physical(&policy, name)?;
     let identities = lifeboat::pipeline::read_identities(&identity_file(identity, &policy)?)?;
     let repo = Repository::open(&policy).await?;
@@ -158,7 +158,7 @@ pub async fn fetch(path: &Path, name: &str, identity: Option<&Path>, at: Fetch<'
         tracing::info!(file, key = %got.key, bytes = got.bytes, archived = got.archived, "Fetched from the WAL archive");
     }
     if prefetch > 0 {
-        keep_ahead(path, name, identity, file, prefetch, cluster);
+        keep_ahead(archive, file, prefetch, cluster);
     }
     Ok(())
 }
@@ -176,14 +176,7 @@ fn checked_segment_size(size: u64) -> Result<u64> {
 /// Starts `wal prefetch` for the segments after `file`, detached, unless one is at work:
 /// recovery goes on while it fetches. Not starting is no failure (each segment is then fetched
 /// when asked for).
-fn keep_ahead(
-    policy: &Path,
-    name: &str,
-    identity: Option<&Path>,
-    file: &str,
-    count: u32,
-    cluster: fetch::Cluster,
-) {
+fn keep_ahead(archive: &WalArchive, file: &str, count: u32, cluster: fetch::Cluster) {
     let spool = Path::new(fetch::PREFETCH_DIR);
     if fetch::next_segment(file, cluster.segment_size).is_none() || fetch::prefetcher_running(spool)
     {
@@ -203,15 +196,18 @@ fn keep_ahead(
     let mut command = std::process::Command::new(exe);
     command
         .args(["wal", "prefetch", "--policy"])
-        .arg(policy)
-        .args(["--source", name, "--after", file])
+        .arg(&archive.policy)
+        .args(["--source", &archive.source, "--after", file])
         .args(["--count", &count.to_string()])
         .args(["--segment-size", &cluster.segment_size.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(said.map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from));
-    if let Some(identity) = identity {
+    if let Some(identity) = &archive.identity {
         command.arg("--identity").arg(identity);
+    }
+    if let Some(copy) = &archive.at.copy {
+        command.args(["--repository", copy]);
     }
     if let Some(id) = cluster.system_id {
         command.args(["--system-id", &id.to_string()]);

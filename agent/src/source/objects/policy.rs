@@ -131,6 +131,22 @@ impl SourceKind for ObjectsConfig {
         super::check::check_blobs(ctx, manifest).await
     }
 
+    async fn shared_for_copy(
+        repo: &crate::repo::Repository,
+        _source: &str,
+        keeping: &[&crate::repo::manifest::Manifest],
+    ) -> crate::Result<Option<crate::copy::Shared>> {
+        // Blobs are shared by every objects source and named by their content: a copy takes
+        // those it lacks. Which blobs a snapshot names is sealed with the index key, which a copy
+        // does not need; blobs no kept snapshot names are collected by the copy's own prune.
+        if keeping.is_empty() {
+            return Ok(None);
+        }
+        crate::copy::Shared::listed(repo, crate::repo::layout::blobs_prefix(), |_| true)
+            .await
+            .map(Some)
+    }
+
     async fn plan_shared_collection(
         repo: &crate::repo::Repository,
         _source: &str,
@@ -239,6 +255,7 @@ fn from(path: &str, raw: &RawObjectsSource, p: &mut Problems) -> ObjectsFrom {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint: raw.endpoint.clone(),
+            credentials_profile: None,
             region: raw.region.clone().unwrap_or_else(default_region),
             force_path_style,
             checksums: ChecksumMode::WhenRequired,

@@ -627,6 +627,7 @@ fn restore_s3_config(
         bucket: String::new(),
         prefix: String::new(),
         endpoint: None,
+        credentials_profile: None,
         region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
         force_path_style: false,
         checksums: ChecksumMode::WhenRequired,

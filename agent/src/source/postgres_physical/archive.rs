@@ -209,6 +209,37 @@ pub async fn plan_collection(
     ))
 }
 
+/// What a copy needs of `source`'s WAL: every history file, and each segment from the start of
+/// the oldest base backup the copy keeps on, whole, or its longest partial while it has no whole
+/// object. A copy that keeps no base backup needs none.
+pub async fn shared_for_copy(
+    repo: &Repository,
+    source: &str,
+    keeping: &[&crate::repo::manifest::Manifest],
+) -> Result<Option<crate::copy::Shared>> {
+    let Some(oldest) = keeping
+        .iter()
+        .filter_map(|m| m.base_backup.as_ref())
+        .min_by_key(|b| b.start_lsn)
+    else {
+        return Ok(None);
+    };
+    let size = oldest.wal_segment_size;
+    let first_needed = oldest.start_lsn.0 / size;
+    let archive = Archive::read(repo, source, size).await?;
+    let wanted: HashSet<&str> = archive
+        .segments
+        .iter()
+        .filter(|((_, n), _)| *n >= first_needed)
+        .map(|(_, w)| w.key.as_str())
+        .collect();
+    let shared = crate::copy::Shared::listed(repo, layout::wal_prefix(source), |key| {
+        wanted.contains(key) || key.ends_with(".history.zst.age")
+    })
+    .await?;
+    Ok(Some(shared))
+}
+
 /// What `check` reads of a base backup's WAL: the chain from its start to the newest archived
 /// segment, each gap a problem named by its LSN range (exit 13); with `--read-data` and an
 /// identity, every object decrypted and its plaintext SHA-256 compared with its name. Each gap

@@ -195,6 +195,14 @@ impl SourceKind for PhysicalConfig {
         super::archive::check_chain(ctx, manifest).await
     }
 
+    async fn shared_for_copy(
+        repo: &crate::repo::Repository,
+        source: &str,
+        keeping: &[&crate::repo::manifest::Manifest],
+    ) -> crate::Result<Option<crate::copy::Shared>> {
+        super::archive::shared_for_copy(repo, source, keeping).await
+    }
+
     async fn plan_shared_collection(
         repo: &crate::repo::Repository,
         source: &str,

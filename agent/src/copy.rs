@@ -1,0 +1,549 @@
+//! Copies to a second repository (DESIGN.md "Second repositories"): the stored bytes as they are,
+//! so no key is needed and nothing is re-encrypted.
+//!
+//! What must hold:
+//! - A backup becomes visible at a copy only once every object it names is there and checked.
+//!   Each object is hashed as it is read from the primary and must match its manifest; it is
+//!   written to the copy, read back there and hashed again; the manifest (the primary's own
+//!   bytes) is written last. Shared content (blobs, WAL) goes before the manifests that need it.
+//! - A copy holds what its own retention keeps: a backup its rules would not keep is not copied,
+//!   so catching up never brings back what the copy's prune deleted. Nothing here deletes, so the
+//!   copy's writer needs no delete permission.
+//! - An interrupted copy aborts its multipart upload; objects already written stay invisible (no
+//!   manifest) until the next catch-up completes them, or the copy's prune sweeps them.
+//! - Damage a listing shows at the copy (an object missing, of the wrong size, or rewritten after
+//!   its manifest) is copied again by the next catch-up, and the manifest written last again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::policy::{CopyConfig, Policy, SourcePolicy};
+use crate::repo::catalog::Entry;
+use crate::repo::{layout, Repository};
+use crate::retention::{self, Candidate};
+use crate::store::{self, ObjectInfo};
+
+/// How long `lifeboat list` waits for a copy to say what it holds.
+const LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Small objects (blobs, WAL segments) copied at once.
+const SHARED_AT_ONCE: usize = 4;
+
+/// Content a kind shares between backups that a copy needs: the objects under `prefix` to copy.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Where they are (`objects/`, `wal/<source>/`); the copy is listed there once.
+    pub prefix: String,
+    /// The primary's objects the copy must hold.
+    pub objects: Vec<ObjectInfo>,
+}
+
+impl Shared {
+    /// The objects under `prefix` at `repo` whose key `wanted` accepts.
+    pub async fn listed(
+        repo: &Repository,
+        prefix: String,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Shared> {
+        let objects = repo
+            .store
+            .list(&prefix)
+            .await
+            .map_err(|e| Error::from(e).context(format!("listing {prefix}")))?
+            .into_iter()
+            .filter(|o| wanted(&o.key))
+            .collect();
+        Ok(Shared { prefix, objects })
+    }
+}
+
+/// What one catch-up did for one source.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceCopy {
+    /// The source.
+    pub source: String,
+    /// Backups copied now, oldest first.
+    pub copied: Vec<String>,
+    /// Objects of backups already at the copy that were missing or damaged there and were
+    /// copied again.
+    pub repaired: Vec<String>,
+    /// Backups the copy already held intact.
+    pub present: usize,
+    /// The primary's backups the copy's retention does not keep (not copied).
+    pub not_kept: usize,
+    /// Shared objects copied (WAL segments, blobs).
+    pub shared: u64,
+    /// Objects written to the copy.
+    pub objects: u64,
+    /// Bytes written to the copy.
+    pub bytes: u64,
+    /// The newest backup the copy holds.
+    pub newest: Option<String>,
+    /// When it started.
+    pub newest_at: Option<DateTime<Utc>>,
+    /// The newest point of the primary's data (backup end or WAL upload) the copy holds.
+    pub copy_point: Option<DateTime<Utc>>,
+    /// The newest point of the primary's data.
+    pub primary_point: Option<DateTime<Utc>>,
+    /// What failed, if anything did.
+    pub error: Option<String>,
+    #[serde(skip)]
+    /// The failure, for the exit code.
+    pub failure: Option<Error>,
+}
+
+impl SourceCopy {
+    /// How far the copy trails the primary: what would be lost if the primary went away now.
+    pub fn lag_seconds(&self) -> Option<f64> {
+        match (self.primary_point, self.copy_point) {
+            (Some(p), Some(c)) => Some((p - c).num_milliseconds().max(0) as f64 / 1000.0),
+            (Some(p), None) => Some((Utc::now() - p).num_milliseconds().max(0) as f64 / 1000.0),
+            _ => None,
+        }
+    }
+}
+
+/// What one catch-up did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CopyReport {
+    /// The copy's name.
+    pub repository: String,
+    /// Where the copy is.
+    pub location: String,
+    /// Per source, in policy order.
+    pub sources: Vec<SourceCopy>,
+}
+
+impl CopyReport {
+    /// The first failure, if any source failed.
+    pub fn failure(&self) -> Option<&Error> {
+        self.sources.iter().find_map(|s| s.failure.as_ref())
+    }
+}
+
+/// The primary and one copy, opened.
+#[derive(Debug, Clone)]
+pub struct Copier {
+    name: String,
+    from: Repository,
+    to: Repository,
+    part_size: usize,
+    in_flight: usize,
+    cancel: CancellationToken,
+}
+
+impl Copier {
+    /// Opens the primary (which must exist) and the copy `copy` (created if empty).
+    pub async fn open(
+        policy: &Policy,
+        copy: &CopyConfig,
+        cancel: CancellationToken,
+    ) -> Result<Self> {
+        let from = Repository::open(policy).await?;
+        let there = policy.for_repository(&copy.name)?;
+        let to = Repository::open_or_init(&there)
+            .await
+            .map_err(|e| e.context(format!("opening copy `{}`", copy.name)))?;
+        Ok(Copier {
+            name: copy.name.clone(),
+            from,
+            to,
+            part_size: copy.repository.part_size,
+            in_flight: copy.repository.parts_in_flight,
+            cancel,
+        })
+    }
+
+    /// The copy's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Copies to the copy whatever it is missing of `sources` and its retention keeps.
+    pub async fn catch_up(
+        &self,
+        policy: &Policy,
+        sources: &[&SourcePolicy],
+        now: DateTime<Utc>,
+    ) -> Result<CopyReport> {
+        let there = policy.for_repository(&self.name)?;
+        let mut report = CopyReport {
+            repository: self.name.clone(),
+            location: self.to.store.describe(),
+            sources: Vec::new(),
+        };
+        for source in sources {
+            if self.cancel.is_cancelled() {
+                return Err(Error::new(ErrorKind::Interrupted, "cancelled"));
+            }
+            let rules = there.source(&source.name).unwrap_or(source);
+            let mut done = SourceCopy {
+                source: source.name.clone(),
+                ..SourceCopy::default()
+            };
+            if let Err(e) = self.source(policy, source, rules, now, &mut done).await {
+                if e.kind == ErrorKind::Interrupted {
+                    return Err(e);
+                }
+                tracing::warn!(copy = %self.name, source = %source.name, error = %e, "Copy failed");
+                done.error = Some(e.to_string());
+                done.failure = Some(e);
+            }
+            report.sources.push(done);
+        }
+        Ok(report)
+    }
+
+    /// Catches up one source: shared content first, then each missing backup, manifest last.
+    async fn source(
+        &self,
+        policy: &Policy,
+        source: &SourcePolicy,
+        rules: &SourcePolicy,
+        now: DateTime<Utc>,
+        done: &mut SourceCopy,
+    ) -> Result<()> {
+        let name = &source.name;
+        let primary = self.from.list(Some(name)).await?;
+        let copy = self
+            .to
+            .list(Some(name))
+            .await
+            .map_err(|e| e.context(format!("listing copy `{}`", self.name)))?;
+        let kept = kept_by_copy(&primary.backups, &copy.backups, rules, policy, now);
+        let keeping: Vec<&crate::repo::manifest::Manifest> = primary
+            .backups
+            .iter()
+            .filter(|e| kept.contains(&e.manifest.id))
+            .map(|e| &e.manifest)
+            .collect();
+        done.not_kept = primary.backups.len() - keeping.len();
+        done.primary_point = primary.backups.first().map(|e| e.manifest.finished_at);
+
+        if let Some(shared) = source
+            .config
+            .shared_for_copy(&self.from, name, &keeping)
+            .await?
+        {
+            let newest = shared.objects.iter().filter_map(|o| o.modified).max();
+            done.primary_point = done.primary_point.max(newest);
+            self.shared(&shared, done).await?;
+            done.copy_point = newest;
+        }
+
+        let at_copy = self
+            .to
+            .store
+            .list(&layout::source_prefix(name))
+            .await
+            .map_err(|e| Error::from(e).context(format!("listing copy `{}`", self.name)))?;
+        let at_copy: HashMap<&str, &ObjectInfo> =
+            at_copy.iter().map(|o| (o.key.as_str(), o)).collect();
+        // Oldest first: a catch-up cut short leaves the copy's history without holes at its start.
+        for manifest in keeping.iter().rev() {
+            let id = &manifest.id;
+            let manifest_key = layout::manifest(name, id);
+            let published = at_copy.get(manifest_key.as_str()).map(|o| o.modified);
+            let damaged: Vec<(&str, u64, &str)> = manifest
+                .objects()
+                .into_iter()
+                .filter(|(object, size, _)| {
+                    let key = layout::backup_object(name, id, object);
+                    match (at_copy.get(key.as_str()), published) {
+                        (Some(o), Some(p)) => o.size != *size || o.modified > p,
+                        (Some(o), None) => o.size != *size,
+                        (None, _) => true,
+                    }
+                })
+                .collect();
+            if published.is_some() && damaged.is_empty() {
+                done.present += 1;
+                continue;
+            }
+            for (object, size, sha) in &damaged {
+                let key = layout::backup_object(name, id, object);
+                let bytes = self.copy_object(&key, Some((*size, sha))).await?;
+                done.objects += 1;
+                done.bytes += bytes;
+                if published.is_some() {
+                    done.repaired.push(key);
+                }
+            }
+            let body = self
+                .from
+                .store
+                .get(&manifest_key)
+                .await
+                .map_err(|e| Error::from(e).context(format!("reading {manifest_key}")))?;
+            done.bytes += body.len() as u64;
+            self.to
+                .store
+                .put(&manifest_key, body)
+                .await
+                .map_err(|e| self.writing(&manifest_key, e.into()))?;
+            done.objects += 1;
+            if published.is_none() {
+                tracing::info!(copy = %self.name, source = %name, backup = %id, "Copied backup");
+                done.copied.push(id.clone());
+            }
+        }
+        self.reports(name, &kept, done).await?;
+        if let Some(newest) = keeping.first() {
+            done.newest = Some(newest.id.clone());
+            done.newest_at = Some(newest.started_at);
+            done.copy_point = done.copy_point.max(Some(newest.finished_at));
+        }
+        Ok(())
+    }
+
+    /// Copies the shared objects the copy lacks (or holds at another size).
+    async fn shared(&self, shared: &Shared, done: &mut SourceCopy) -> Result<()> {
+        let there: HashMap<String, u64> = self
+            .to
+            .store
+            .list(&shared.prefix)
+            .await
+            .map_err(|e| Error::from(e).context(format!("listing copy `{}`", self.name)))?
+            .into_iter()
+            .map(|o| (o.key, o.size))
+            .collect();
+        let missing: Vec<&ObjectInfo> = shared
+            .objects
+            .iter()
+            .filter(|o| there.get(&o.key) != Some(&o.size))
+            .collect();
+        // Owned futures, made before the stream: a lazily mapped stream that borrows `self`
+        // makes the agent's task not `Send`.
+        let copies: Vec<_> = missing
+            .into_iter()
+            .map(|o| {
+                let (this, key) = (self.clone(), o.key.clone());
+                async move { this.copy_object(&key, None).await }
+            })
+            .collect();
+        let mut copies = futures::stream::iter(copies).buffer_unordered(SHARED_AT_ONCE);
+        while let Some(copied) = copies.next().await {
+            done.bytes += copied?;
+            done.objects += 1;
+            done.shared += 1;
+        }
+        Ok(())
+    }
+
+    /// Copies the verification reports of the backups the copy keeps that it lacks, so its
+    /// listing and its retention know which backups were proven.
+    async fn reports(
+        &self,
+        source: &str,
+        kept: &HashSet<String>,
+        done: &mut SourceCopy,
+    ) -> Result<()> {
+        let prefix = layout::verifications_prefix(source);
+        let list = |repo: &Repository| {
+            let store = repo.store.clone();
+            let prefix = prefix.clone();
+            async move {
+                store
+                    .list(&prefix)
+                    .await
+                    .map_err(|e| Error::from(e).context(format!("listing {prefix}")))
+            }
+        };
+        let there: HashSet<String> = list(&self.to).await?.into_iter().map(|o| o.key).collect();
+        for report in list(&self.from).await? {
+            let Some((_, id)) = layout::parse_verification_key(&report.key) else {
+                continue;
+            };
+            if !kept.contains(id) || there.contains(&report.key) {
+                continue;
+            }
+            let body = self
+                .from
+                .store
+                .get(&report.key)
+                .await
+                .map_err(|e| Error::from(e).context(format!("reading {}", report.key)))?;
+            done.bytes += body.len() as u64;
+            self.to
+                .store
+                .put(&report.key, body)
+                .await
+                .map_err(|e| self.writing(&report.key, e.into()))?;
+            done.objects += 1;
+        }
+        Ok(())
+    }
+
+    /// Streams one object from the primary to the copy, a few parts in flight, and checks it:
+    /// what was read must match `expect` (stored size and SHA-256, from the manifest), and what
+    /// the copy holds afterwards must read back the same. Returns the bytes copied.
+    async fn copy_object(&self, key: &str, expect: Option<(u64, &str)>) -> Result<u64> {
+        let mut reader = self
+            .from
+            .store
+            .open(key)
+            .await
+            .map_err(|e| Error::from(e).context(format!("reading {key} at the primary")))?;
+        let stop = self.cancel.child_token();
+        let (tx, rx) = mpsc::channel::<Bytes>(1);
+        let upload = tokio::spawn(store::upload_parts(
+            self.to.store.clone(),
+            key.to_string(),
+            rx,
+            self.in_flight,
+            stop.clone(),
+        ));
+        let read = async {
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            loop {
+                let mut part = BytesMut::with_capacity(self.part_size);
+                while part.len() < self.part_size {
+                    let got = tokio::select! {
+                        _ = self.cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "cancelled")),
+                        got = reader.read_buf(&mut part) => got,
+                    }
+                    .map_err(|e| Error::failed(format!("reading {key} at the primary: {e}")))?;
+                    if got == 0 {
+                        break;
+                    }
+                }
+                if part.is_empty() {
+                    break;
+                }
+                hasher.update(&part);
+                size += part.len() as u64;
+                let last = part.len() < self.part_size;
+                if tx.send(part.freeze()).await.is_err() || last {
+                    break;
+                }
+            }
+            Ok((size, hex::encode(hasher.finalize())))
+        }
+        .await;
+        let checked = read.and_then(|(size, sha)| match expect {
+            Some((want_size, want_sha)) if size != want_size || sha != want_sha => Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{key} at the primary does not match its manifest ({size} bytes, SHA-256 {sha}; the manifest says {want_size} bytes, {want_sha}): it was not copied"
+                ),
+            )
+            .hint("run `lifeboat check --read-data` on the primary; the copy keeps what it had (RUNBOOK.md#integrity-failure)")),
+            _ => Ok((size, sha)),
+        });
+        let (size, sha) = match checked {
+            Ok(read) => read,
+            Err(e) => {
+                stop.cancel();
+                drop(tx);
+                let _ = upload.await;
+                return Err(e);
+            }
+        };
+        drop(tx);
+        let uploaded = if size == 0 {
+            // Nothing reached the upload, which refuses an empty stream: write the empty object.
+            stop.cancel();
+            let _ = upload.await;
+            self.to.store.put(key, Bytes::new()).await
+        } else {
+            upload
+                .await
+                .map_err(|e| Error::failed(format!("copying {key}: the upload task failed: {e}")))?
+        };
+        uploaded.map_err(|e| self.writing(key, e.into()))?;
+        let (back_size, back_sha) = crate::check::hash_object(&self.to, key)
+            .await
+            .map_err(|e| e.context(format!("reading {key} back from copy `{}`", self.name)))?;
+        if (back_size, back_sha.as_str()) != (size, sha.as_str()) {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{key} reads back from copy `{}` as {back_size} bytes, SHA-256 {back_sha}, not the {size} bytes, {sha} written: nothing that needs it was published there",
+                    self.name
+                ),
+            )
+            .hint("the copy's storage altered the object; the next catch-up copies it again (RUNBOOK.md#copy-failing)"));
+        }
+        Ok(size)
+    }
+
+    fn writing(&self, key: &str, e: Error) -> Error {
+        e.context(format!("writing {key} to copy `{}`", self.name))
+    }
+}
+
+/// Which backups each copy holds (by source and id, published there): for `lifeboat list`'s
+/// "where" column. A copy that cannot be read is given with why.
+pub async fn held_by_copies(
+    policy: &Policy,
+    source: Option<&str>,
+) -> Vec<(String, Result<HashSet<(String, String)>>)> {
+    let prefix = match source {
+        Some(s) => layout::source_prefix(s),
+        None => layout::backups_prefix(),
+    };
+    let mut out = Vec::new();
+    for copy in &policy.copies {
+        let held = async {
+            let repo = Repository::open(&policy.for_repository(&copy.name)?).await?;
+            let listed = repo.store.list(&prefix).await.map_err(Error::from)?;
+            Ok(listed
+                .iter()
+                .filter_map(|o| layout::parse_backup_key(&o.key))
+                .filter(|(_, _, name)| *name == layout::MANIFEST)
+                .map(|(s, id, _)| (s.to_string(), id.to_string()))
+                .collect())
+        };
+        // A copy's region may be the one that is down: the primary's listing must not wait on it.
+        let held = tokio::time::timeout(LIST_WAIT, held)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::failed(format!(
+                    "no answer within {} s",
+                    LIST_WAIT.as_secs()
+                )))
+            });
+        out.push((copy.name.clone(), held));
+    }
+    out
+}
+
+/// The primary's backups (by id) the copy keeps: its retention rules, applied to what it holds
+/// and what the primary holds together, decide. A backup the copy's prune deleted is thus not
+/// copied again while the primary still holds it.
+fn kept_by_copy(
+    primary: &[Entry],
+    copy: &[Entry],
+    rules: &SourcePolicy,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> HashSet<String> {
+    let mut all: BTreeMap<&str, Candidate> = BTreeMap::new();
+    for e in copy.iter().chain(primary) {
+        let verified = e.verification.as_ref().map(|v| v.result == "pass");
+        let c = all.entry(&e.manifest.id).or_insert_with(|| Candidate {
+            id: e.manifest.id.clone(),
+            started_at: e.manifest.started_at,
+            verified,
+            pinned: false,
+        });
+        c.verified = c.verified.or(verified);
+    }
+    let candidates: Vec<Candidate> = all.into_values().collect();
+    let primary_ids: HashSet<&str> = primary.iter().map(|e| e.manifest.id.as_str()).collect();
+    retention::plan(&candidates, &rules.retention, &policy.timezone, now)
+        .into_iter()
+        .filter(|d| d.keep && primary_ids.contains(d.id.as_str()))
+        .map(|d| d.id)
+        .collect()
+}

@@ -1,0 +1,623 @@
+//! Copies to a second repository, between two real S3 servers (moto) with different
+//! credentials: the copy's server (behind the fault proxy) answers only requests signed with the
+//! copy's own access key, from its `credentials_profile`, while the primary's come from the
+//! environment. Every kind restores and verifies from the copy alone with the primary's server
+//! stopped; a copy catches up after it was down, repairs damage `check` finds, and an
+//! interrupted copy publishes nothing.
+
+use std::path::{Path, PathBuf};
+
+use lifeboat_tests::s3proxy::{HttpFault, Rule, S3Proxy};
+use lifeboat_tests::*;
+
+/// The copy's access key: the copy's server refuses every other.
+const COPY_KEY: &str = "drwriterkey";
+
+struct Fx {
+    dir: tempfile::TempDir,
+    key: Key,
+    primary_bucket: String,
+    copy_bucket: String,
+    /// In front of the shared moto server, which holds the copies.
+    proxy: S3Proxy,
+    env: Vec<(String, String)>,
+}
+
+fn setup() -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let copy_bucket = rt().block_on(s3().create_bucket());
+    let proxy = S3Proxy::start(&s3().endpoint);
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile dr-writer]\naws_access_key_id = {COPY_KEY}\naws_secret_access_key = drsecret\n\n\
+             [profile dr-wrong]\naws_access_key_id = notthekey\naws_secret_access_key = drsecret\n"
+        ),
+    )
+    .unwrap();
+    let mut env = s3().env();
+    env.push(("AWS_CONFIG_FILE".into(), aws_config.display().to_string()));
+    let credentials = dir.path().join("aws-credentials");
+    std::fs::write(&credentials, "").unwrap();
+    env.push((
+        "AWS_SHARED_CREDENTIALS_FILE".into(),
+        credentials.display().to_string(),
+    ));
+    env.extend(index_key_env());
+    let fx = Fx {
+        dir,
+        key,
+        primary_bucket: String::new(),
+        copy_bucket,
+        proxy,
+        env,
+    };
+    fx.copy_server_up();
+    fx
+}
+
+impl Fx {
+    /// A policy: the primary on `primary` (an endpoint), `sources`, and the copy `dr-west`
+    /// written with `profile`'s credentials.
+    fn policy(&self, primary: &str, profile: &str, sources: &[(&str, &str, String)]) -> PathBuf {
+        self.builder(primary, profile, sources)
+            .write(self.dir.path())
+    }
+
+    fn builder(
+        &self,
+        primary: &str,
+        profile: &str,
+        sources: &[(&str, &str, String)],
+    ) -> PolicyBuilder {
+        let mut b = PolicyBuilder::new(&self.key.recipient)
+            .repository(&format!(
+                "url = \"s3://{}/prod\"\nendpoint = \"{primary}\"",
+                self.primary_bucket
+            ))
+            .index_key()
+            .copy(
+                "dr-west",
+                &format!(
+                    "url = \"s3://{}/prod\"\nendpoint = \"{}\"\nregion = \"us-west-2\"\ncredentials_profile = \"{profile}\"\nretention = {{ keep_last = 5 }}",
+                    self.copy_bucket, self.proxy.endpoint
+                ),
+            );
+        for (name, kind, fields) in sources {
+            b = b.source(name, kind, fields);
+        }
+        b
+    }
+
+    /// The copy's server answers only the copy's own access key.
+    fn copy_server_up(&self) {
+        self.proxy.clear();
+        self.proxy.add(
+            Rule::new("*", "", HttpFault::Status(403, "InvalidAccessKeyId"))
+                .without_header("authorization", "Credential=drwriterkey/"),
+        );
+    }
+
+    /// The copy's region is down.
+    fn copy_server_down(&self) {
+        self.proxy.clear();
+        self.proxy.add(Rule::new(
+            "*",
+            "",
+            HttpFault::Status(503, "ServiceUnavailable"),
+        ));
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        lifeboat(self.dir.path(), args, &self.env)
+    }
+
+    fn ok(&self, args: &[&str]) -> Run {
+        let r = self.run(args);
+        assert_eq!(r.code, 0, "lifeboat {args:?}: {}", r.stderr);
+        r
+    }
+
+    fn identity(&self) -> &str {
+        self.key.identity.to_str().unwrap()
+    }
+
+    /// `lifeboat copy --json`: the report of the one copy.
+    fn copy(&self, policy: &Path) -> serde_json::Value {
+        let r = self.ok(&["copy", "--policy", policy.to_str().unwrap(), "--json"]);
+        serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+    }
+
+    /// The backups `list --repository dr-west` shows.
+    fn copied(&self, policy: &Path) -> Vec<serde_json::Value> {
+        let r = self.ok(&[
+            "list",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--repository",
+            "dr-west",
+            "--json",
+        ]);
+        serde_json::from_str(&r.stdout).unwrap()
+    }
+}
+
+fn source_report<'a>(report: &'a serde_json::Value, source: &str) -> &'a serde_json::Value {
+    report["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == source)
+        .unwrap_or_else(|| panic!("no {source} in {report}"))
+}
+
+#[test]
+fn every_kind_restores_and_verifies_from_the_copy_alone_with_the_primary_stopped() {
+    let mut fx = setup();
+    let primary = S3::start();
+    fx.primary_bucket = rt().block_on(primary.create_bucket());
+
+    let pg = postgres();
+    let db = pg.create_db("copy_logical");
+    pg.psql(
+        &db,
+        "create table t (id int primary key, v text); insert into t select g, md5(g::text) from generate_series(1, 2000) g;",
+    );
+    let cluster_db = pg.create_db("copy_physical");
+    pg.psql(
+        &cluster_db,
+        "create table w (id serial primary key, v text); insert into w (v) select md5(g::text) from generate_series(1, 1000) g;",
+    );
+    let redis = Redis::start(&[]);
+    fill_redis(&redis, None);
+    let files = fx.dir.path().join("files");
+    std::fs::create_dir_all(files.join("sub")).unwrap();
+    std::fs::write(files.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(files.join("sub/b.bin"), vec![7u8; 300_000]).unwrap();
+    let pw = pg.password_file(fx.dir.path());
+    let slot = format!("lb_{}", suffix());
+    let sources = [
+        (
+            "app",
+            "postgres",
+            format!("url = \"{}\"\npassword_file = \"{}\"", pg.url(&db), pw.display()),
+        ),
+        ("cache", "redis", format!("url = \"{}\"", redis.url())),
+        ("files", "objects", format!("from = \"dir://{}\"", files.display())),
+        (
+            "cluster",
+            "postgres-physical",
+            format!(
+                "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+                pg.url(&cluster_db),
+                pw.display()
+            ),
+        ),
+    ];
+    let policy = fx.policy(&primary.endpoint, "dr-writer", &sources);
+    let p = policy.to_str().unwrap();
+
+    // WAL streams while the backups are taken, and after them.
+    let log = fx.dir.path().join("stream.log");
+    let mut streamer = std::process::Command::new(lifeboat_bin())
+        .args(["wal", "stream", "--policy", p, "--source", "cluster"])
+        .envs(fx.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(fx.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    fx.ok(&["backup", "--policy", p]);
+    pg.psql(
+        &cluster_db,
+        "insert into w (v) select 'after the base backup' from generate_series(1, 500); select pg_switch_wal();",
+    );
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    streamer.kill().unwrap();
+    streamer.wait().unwrap();
+    pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+
+    let report = fx.copy(&policy);
+    for name in ["app", "cache", "files", "cluster"] {
+        let s = source_report(&report, name);
+        assert_eq!(s["copied"].as_array().unwrap().len(), 1, "{name}: {report}");
+        assert!(s["error"].is_null(), "{name}: {report}");
+    }
+    for shared in ["files", "cluster"] {
+        assert!(
+            source_report(&report, shared)["shared"].as_u64().unwrap() > 0,
+            "{shared}'s blobs or WAL were copied: {report}"
+        );
+    }
+    // Caught up: a second run writes nothing.
+    let again = fx.copy(&policy);
+    for s in again["sources"].as_array().unwrap() {
+        assert_eq!(
+            (
+                s["copied"].as_array().unwrap().len(),
+                s["present"].as_u64(),
+                s["objects"].as_u64()
+            ),
+            (0, Some(1), Some(0)),
+            "{again}"
+        );
+    }
+    // `list` says where each backup exists.
+    let r = fx.ok(&["list", "--policy", p]);
+    assert!(r.stdout.contains("COPIES"), "{}", r.stdout);
+    assert_eq!(r.stdout.matches(" dr-west").count(), 4, "{}", r.stdout);
+
+    // The primary's region is gone.
+    primary.stop();
+    let copied = fx.copied(&policy);
+    assert_eq!(copied.len(), 4, "{copied:?}");
+    let r = fx.run(&["list", "--policy", p]);
+    assert_ne!(r.code, 0, "the primary is unreachable: {}", r.stderr);
+    fx.ok(&[
+        "check",
+        "--policy",
+        p,
+        "--repository",
+        "dr-west",
+        "--read-data",
+        "--identity",
+        fx.identity(),
+    ]);
+
+    // A database, a Redis dump, the files and a cluster restore from the copy.
+    let into = pg.create_db("copy_restored");
+    fx.env.push(("PGPASSWORD".into(), pg.password.clone()));
+    fx.ok(&[
+        "restore",
+        "--policy",
+        p,
+        "--repository",
+        "dr-west",
+        "--source",
+        "app",
+        "--to",
+        &pg.url(&into),
+        "--identity",
+        fx.identity(),
+    ]);
+    assert_eq!(pg.digest(&into), pg.digest(&db));
+    let rdb_dir = fx.dir.path().join("rdb");
+    std::fs::create_dir(&rdb_dir).unwrap();
+    fx.ok(&[
+        "restore",
+        "--policy",
+        p,
+        "--repository",
+        "dr-west",
+        "--source",
+        "cache",
+        "--to",
+        rdb_dir.to_str().unwrap(),
+        "--identity",
+        fx.identity(),
+    ]);
+    assert!(std::fs::metadata(rdb_dir.join("dump.rdb")).unwrap().len() > 1000);
+    let out = fx.dir.path().join("files-restored");
+    fx.ok(&[
+        "restore",
+        "--policy",
+        p,
+        "--repository",
+        "dr-west",
+        "--source",
+        "files",
+        "--to",
+        out.to_str().unwrap(),
+        "--identity",
+        fx.identity(),
+    ]);
+    assert_eq!(
+        std::fs::read(out.join("sub/b.bin")).unwrap(),
+        vec![7u8; 300_000]
+    );
+    let data = fx.dir.path().join("cluster-restored");
+    fx.ok(&[
+        "restore",
+        "--policy",
+        p,
+        "--repository",
+        "dr-west",
+        "--source",
+        "cluster",
+        "--latest",
+        "--to",
+        data.to_str().unwrap(),
+        "--identity",
+        fx.identity(),
+    ]);
+    let conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        conf.contains("--repository dr-west"),
+        "recovery fetches WAL from the copy too: {conf}"
+    );
+
+    // The verifier proves every kind from the copy: the cluster by replaying the copied WAL.
+    let v = verifier(
+        fx.dir.path(),
+        &[
+            "verify",
+            "--policy",
+            p,
+            "--repository",
+            "dr-west",
+            "--identity",
+            fx.identity(),
+            "--json",
+        ],
+        &fx.env,
+    );
+    assert_eq!(v.code, 0, "verify from the copy: {}", v.stderr);
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&v.stdout).unwrap();
+    assert_eq!(reports.len(), 4, "{}", v.stdout);
+    assert!(
+        reports.iter().all(|r| r["result"] == "pass"),
+        "{}",
+        v.stdout
+    );
+}
+
+#[test]
+fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backup() {
+    let mut fx = setup();
+    fx.primary_bucket = rt().block_on(s3().create_bucket());
+    let pg = postgres();
+    let db = pg.create_db("copy_outage");
+    pg.psql(
+        &db,
+        "create table t as select g from generate_series(1, 500) g",
+    );
+    let pw = pg.password_file(fx.dir.path());
+    let sources = [(
+        "app",
+        "postgres",
+        format!(
+            "url = \"{}\"\npassword_file = \"{}\"",
+            pg.url(&db),
+            pw.display()
+        ),
+    )];
+    let policy = fx.policy(&s3().endpoint, "dr-writer", &sources);
+    let p = policy.to_str().unwrap();
+
+    // The copy's region is down: backups go on; the copy fails, naming the copy.
+    fx.copy_server_down();
+    fx.ok(&["backup", "--policy", p]);
+    let r = fx.run(&["copy", "--policy", p]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("dr-west"), "{}", r.stderr);
+    fx.ok(&["backup", "--policy", p]);
+
+    // Back up: the next catch-up copies both.
+    fx.copy_server_up();
+    let report = fx.copy(&policy);
+    assert_eq!(
+        source_report(&report, "app")["copied"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "{report}"
+    );
+    assert_eq!(fx.copied(&policy).len(), 2);
+
+    // A byte flipped at the copy: check finds it, the next catch-up copies it again.
+    let newest = fx.copied(&policy)[0]["id"].as_str().unwrap().to_string();
+    let object = format!("prod/backups/app/{newest}/database.dump.zst.age");
+    // Rewritten after its manifest (listings give times to the second) is how a catch-up
+    // tells a changed object without reading it.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let mut bytes = rt().block_on(s3().get(&fx.copy_bucket, &object));
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    rt().block_on(async {
+        s3().client()
+            .await
+            .put_object()
+            .bucket(&fx.copy_bucket)
+            .key(&object)
+            .body(bytes.into())
+            .send()
+            .await
+            .expect("damage the copy")
+    });
+    let check = [
+        "check",
+        "--policy",
+        p,
+        "--repository",
+        "dr-west",
+        "--read-data",
+    ];
+    let r = fx.run(&check);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(r.stderr.contains("database.dump.zst.age"), "{}", r.stderr);
+    let report = fx.copy(&policy);
+    let repaired = source_report(&report, "app")["repaired"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(repaired.len(), 1, "{report}");
+    assert!(repaired[0]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("{newest}/database.dump.zst.age")));
+    fx.ok(&check);
+
+    // kill -9 while the copy writes a manifest: nothing is visible, the next run completes it.
+    fx.ok(&["backup", "--policy", p]);
+    fx.proxy.clear();
+    fx.proxy.add(Rule::new(
+        "PUT",
+        "manifest.json",
+        HttpFault::Delay(std::time::Duration::from_secs(60)),
+    ));
+    let mut child = std::process::Command::new(lifeboat_bin())
+        .args(["copy", "--policy", p])
+        .envs(fx.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(fx.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !fx.proxy.fired().iter().any(|f| f.contains("manifest.json")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            fx.proxy.requests()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    fx.copy_server_up();
+    assert_eq!(
+        fx.copied(&policy).len(),
+        2,
+        "the interrupted backup is not visible"
+    );
+    let r = fx.ok(&["list", "--policy", p, "--repository", "dr-west"]);
+    assert!(r.stderr.contains("interrupted run"), "{}", r.stderr);
+    let report = fx.copy(&policy);
+    assert_eq!(
+        source_report(&report, "app")["copied"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "{report}"
+    );
+    assert_eq!(fx.copied(&policy).len(), 3);
+
+    // Wrong credentials for the copy: exit 12, naming the copy; backups go on.
+    let wrong = fx.policy(&s3().endpoint, "dr-wrong", &sources);
+    let r = fx.run(&["copy", "--policy", wrong.to_str().unwrap()]);
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(r.stderr.contains("dr-west"), "{}", r.stderr);
+    let missing = fx.policy(&s3().endpoint, "no-such-profile", &sources);
+    let r = fx.run(&["copy", "--policy", missing.to_str().unwrap()]);
+    assert_eq!(r.code, 12, "a profile that is not there: {}", r.stderr);
+    fx.ok(&["backup", "--policy", wrong.to_str().unwrap()]);
+}
+
+#[test]
+fn the_agent_copies_each_backup_backs_up_while_the_copy_is_down_and_reports_the_lag() {
+    let mut fx = setup();
+    fx.primary_bucket = rt().block_on(s3().create_bucket());
+    let pg = postgres();
+    let db = pg.create_db("copy_agent");
+    pg.psql(
+        &db,
+        "create table t as select g from generate_series(1, 100) g",
+    );
+    let pw = pg.password_file(fx.dir.path());
+    let port = free_port();
+    let sources = [(
+        "app",
+        "postgres",
+        format!(
+            "url = \"{}\"\npassword_file = \"{}\"\nschedule = \"*/3 * * * * *\"\nretries = 0",
+            pg.url(&db),
+            pw.display()
+        ),
+    )];
+    let text = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n{}",
+        fx.builder(&s3().endpoint, "dr-writer", &sources).text()
+    );
+    let policy = fx.dir.path().join("agent.toml");
+    std::fs::write(&policy, text).unwrap();
+    let metrics = || {
+        http_get(port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    let copy_runs = |result: &str| {
+        metric(
+            &metrics(),
+            "lifeboat_copy_runs_total",
+            &[("copy", "dr-west"), ("source", "app"), ("result", result)],
+        )
+        .unwrap_or(0.0)
+    };
+    let backups = || {
+        metric(
+            &metrics(),
+            "lifeboat_runs_total",
+            &[("source", "app"), ("op", "backup"), ("result", "success")],
+        )
+        .unwrap_or(0.0)
+    };
+
+    // The copy's region is down: backups go on, the copy's failures are counted.
+    fx.copy_server_down();
+    let mut agent = std::process::Command::new(lifeboat_bin())
+        .args(["agent", "--policy", policy.to_str().unwrap()])
+        .envs(fx.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(fx.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                metrics()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    wait("two backups and a failed copy", &|| {
+        backups() >= 2.0 && copy_runs("failure") >= 1.0
+    });
+    assert_eq!(copy_runs("success"), 0.0);
+
+    // Back: the next backup's copy catches up on everything, and the lag is small.
+    fx.copy_server_up();
+    wait("a copy", &|| copy_runs("success") >= 1.0);
+    let body = metrics();
+    let lag = metric(
+        &body,
+        "lifeboat_copy_lag_seconds",
+        &[("copy", "dr-west"), ("source", "app")],
+    )
+    .expect("the copy's lag");
+    assert!((0.0..30.0).contains(&lag), "lag {lag}:\n{body}");
+    assert!(
+        metric(
+            &body,
+            "lifeboat_copy_newest_backup_timestamp_seconds",
+            &[("copy", "dr-west"), ("source", "app")]
+        )
+        .unwrap_or(0.0)
+            > 1.7e9
+    );
+    assert!(
+        metric(&body, "lifeboat_copy_bytes_total", &[("copy", "dr-west")]).unwrap_or(0.0) > 0.0
+    );
+    let copied = fx.copied(&policy).len();
+    assert!(
+        copied >= 2,
+        "the backups taken while the copy was down were copied: {copied}"
+    );
+
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(agent.wait().unwrap().code(), Some(0));
+}
