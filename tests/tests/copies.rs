@@ -621,3 +621,106 @@ fn the_agent_copies_each_backup_backs_up_while_the_copy_is_down_and_reports_the_
         .success());
     assert_eq!(agent.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn the_agent_copies_wal_as_it_is_archived_between_backups() {
+    let mut fx = setup();
+    fx.primary_bucket = rt().block_on(s3().create_bucket());
+    let pg = postgres();
+    let db = pg.create_db("copy_wal");
+    pg.psql(&db, "create table w (id serial primary key, v text)");
+    let pw = pg.password_file(fx.dir.path());
+    let slot = format!("lb_{}", suffix());
+    let port = free_port();
+    let sources = [(
+        "cluster",
+        "postgres-physical",
+        format!(
+            "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
+            pg.url(&db),
+            pw.display()
+        ),
+    )];
+    let text = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n{}",
+        fx.builder(&s3().endpoint, "dr-writer", &sources).text()
+    );
+    let policy = fx.dir.path().join("agent.toml");
+    std::fs::write(&policy, text).unwrap();
+    fx.ok(&["backup", "--policy", policy.to_str().unwrap()]);
+    let copied_wal = || {
+        rt().block_on(s3().keys(&fx.copy_bucket, "prod/wal/cluster/"))
+            .into_iter()
+            .filter(|k| !k.contains(".partial.") && !k.contains(".history"))
+            .count()
+    };
+    let mut agent = std::process::Command::new(lifeboat_bin())
+        .args(["agent", "--policy", policy.to_str().unwrap()])
+        .envs(fx.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(fx.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    // The start's catch-up copies the base backup.
+    wait("the base backup at the copy", &|| {
+        let r = fx.run(&[
+            "list",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--repository",
+            "dr-west",
+            "--json",
+        ]);
+        r.code == 0 && r.stdout.contains("\"cluster\"")
+    });
+    // No backup runs (the source has no schedule): WAL alone reaches the copy, segment by segment.
+    let before = copied_wal();
+    for round in 0..3 {
+        pg.psql(
+            &db,
+            &format!("insert into w (v) select 'round {round}' from generate_series(1, 1000); select pg_switch_wal();"),
+        );
+        let want = before + round + 1;
+        wait("a switched segment at the copy", &|| copied_wal() >= want);
+    }
+    assert_eq!(fx.copied(&policy).len(), 1, "no backup was taken meanwhile");
+    let body = http_get(port, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let point = metric(
+        &body,
+        "lifeboat_copy_recovery_point_timestamp_seconds",
+        &[("copy", "dr-west"), ("source", "cluster")],
+    )
+    .unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        now - point < 30.0,
+        "the copy's recovery point is recent: {point} vs {now}\n{body}"
+    );
+
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(agent.wait().unwrap().code(), Some(0));
+    pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+}

@@ -153,6 +153,8 @@ pub struct Agent {
     /// One per copy, in policy order: rung when a backup is published, so the copy catches up
     /// at once.
     copy_nudges: Vec<tokio::sync::Notify>,
+    /// One per copy: rung when a physical source's WAL archive grew.
+    wal_nudges: Vec<tokio::sync::Notify>,
 }
 
 const KEEP_RUNS: usize = 10;
@@ -196,11 +198,8 @@ impl Agent {
         Agent {
             runs,
             telemetry: Telemetry::new(&objectives, &copies),
-            copy_nudges: policy
-                .copies
-                .iter()
-                .map(|_| tokio::sync::Notify::new())
-                .collect(),
+            copy_nudges: policy.copies.iter().map(|_| Default::default()).collect(),
+            wal_nudges: policy.copies.iter().map(|_| Default::default()).collect(),
             notifier: Arc::new(notify::Notifier::new(policy.notify.clone(), pod.clone())),
             policy,
             status: Mutex::new(status),
@@ -383,6 +382,33 @@ impl Agent {
                 backup,
             },
         );
+    }
+
+    /// The one place a catch-up of `copy` is reported: log lines and metrics, and a webhook per
+    /// source whose copying failed or works again. `quiet`: a WAL pass, logged at debug.
+    fn copied(
+        &self,
+        copy: &crate::policy::CopyConfig,
+        sources: &[&SourcePolicy],
+        result: std::result::Result<&crate::copy::CopyReport, &Error>,
+        took: Duration,
+        quiet: bool,
+    ) {
+        let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+        self.telemetry
+            .copy_finished(&copy.name, &names, result, took, self.clock.now(), quiet);
+        let op = format!("copy to {}", copy.name);
+        for name in &names {
+            let error = match result {
+                Ok(r) => match r.sources.iter().find(|s| s.source == *name) {
+                    Some(s) => s.error.clone(),
+                    // Not in this pass (a WAL pass covers physical sources only).
+                    None => continue,
+                },
+                Err(e) => Some(e.to_string()),
+            };
+            self.notifier.run_result(name, &op, error.as_deref());
+        }
     }
 
     /// Several replicas may carry the same policy: the first to write `slots/<source>/<tick>`
@@ -687,6 +713,7 @@ async fn watch_wal(
 ) {
     let name = agent.policy.sources[idx].name.clone();
     let mut seen_gaps = 0;
+    let mut archived = crate::source::postgres_physical::Lsn(0);
     while progress.changed().await.is_ok() {
         let p = *progress.borrow_and_update();
         if p.gaps > seen_gaps {
@@ -701,6 +728,12 @@ async fn watch_wal(
             }
             // One waiting request is enough: a backup that starts after it covers every gap.
             let _ = gaps.try_send(());
+        }
+        if p.archived > archived {
+            archived = p.archived;
+            for nudge in &agent.wal_nudges {
+                nudge.notify_one();
+            }
         }
         let caught_up = (p.archived >= p.server_end && p.archived.0 > 0).then(|| agent.clock.now());
         agent
@@ -788,56 +821,47 @@ async fn source_loop(
     .await;
 }
 
-/// Keeps one copy caught up until shutdown: at start, right after each published backup, and
-/// every `copy_interval`. A failed catch-up is reported (log, metrics, webhook) and tried again
-/// at the next of those. Shutdown stops a catch-up at once: its upload is aborted, and the next
-/// start copies it again.
+/// Keeps one copy caught up until shutdown: a whole catch-up at start, right after each
+/// published backup, and every `copy_interval`; and, as a physical source's WAL is archived, a
+/// pass over the WAL alone, so the copy's recovery point trails the primary's by about one upload.
+/// A failed catch-up is reported (log, metrics, webhook) and tried again at the next of those.
+/// Shutdown stops a catch-up at once: its upload is aborted, and the next start copies it again.
 async fn copy_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
     let copy = &agent.policy.copies[idx];
     let sources: Vec<&SourcePolicy> = agent.policy.sources.iter().collect();
-    let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    let mut copier: Option<crate::copy::Copier> = None;
+    let mut whole = true;
     loop {
         let started = std::time::Instant::now();
-        let result = match crate::copy::Copier::open(&agent.policy, copy, shutdown.clone()).await {
-            Ok(copier) => {
+        if copier.is_none() {
+            match crate::copy::Copier::open(&agent.policy, copy, shutdown.clone()).await {
+                Ok(c) => copier = Some(c),
+                Err(e) if e.kind == ErrorKind::Interrupted => return,
+                // Nothing to copy before the first backup made the primary.
+                Err(e) if e.kind == ErrorKind::RepositoryMissing => {
+                    tracing::debug!(copy = %copy.name, "No primary repository yet; nothing to copy")
+                }
+                Err(e) => agent.copied(copy, &sources, Err(&e), started.elapsed(), false),
+            }
+        }
+        if let Some(copier) = &copier {
+            let result = if whole {
                 copier
                     .catch_up(&agent.policy, &sources, agent.clock.now())
                     .await
-            }
-            Err(e) => Err(e),
-        };
-        match &result {
-            Err(e) if e.kind == ErrorKind::Interrupted => return,
-            // Nothing to copy before the first backup made the primary.
-            Err(e) if e.kind == ErrorKind::RepositoryMissing => {
-                tracing::debug!(copy = %copy.name, "No primary repository yet; nothing to copy")
-            }
-            _ => {
-                let op = format!("copy to {}", copy.name);
-                agent.telemetry.copy_finished(
-                    &copy.name,
-                    &names,
-                    result.as_ref(),
-                    started.elapsed(),
-                    agent.clock.now(),
-                );
-                for name in &names {
-                    let error = match &result {
-                        Ok(r) => r
-                            .sources
-                            .iter()
-                            .find(|s| s.source == *name)
-                            .and_then(|s| s.error.clone()),
-                        Err(e) => Some(e.to_string()),
-                    };
-                    agent.notifier.run_result(name, &op, error.as_deref());
-                }
+            } else {
+                copier.catch_up_shared_all(&sources).await
+            };
+            match result {
+                Err(e) if e.kind == ErrorKind::Interrupted => return,
+                result => agent.copied(copy, &sources, result.as_ref(), started.elapsed(), !whole),
             }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = agent.copy_nudges[idx].notified() => {}
-            _ = tokio::time::sleep(copy.interval) => {}
+            _ = agent.copy_nudges[idx].notified() => whole = true,
+            _ = agent.wal_nudges[idx].notified() => whole = copier.is_none(),
+            _ = tokio::time::sleep(copy.interval) => whole = true,
         }
     }
 }

@@ -307,6 +307,13 @@ impl Telemetry {
                 .copy_bytes
                 .get_or_create(&CopyLabel { copy: copy.clone() });
             for (name, _, _) in sources {
+                let label = CopySource {
+                    copy: copy.clone(),
+                    source: name.clone(),
+                };
+                // At 0 from the start, so "failed since it last succeeded" holds before a success.
+                let _ = t.copy_last_success.get_or_create(&label);
+                let _ = t.copy_last_failure.get_or_create(&label);
                 for result in ["success", "failure"] {
                     let _ = t.copy_runs.get_or_create(&CopySourceResult {
                         copy: copy.clone(),
@@ -458,7 +465,8 @@ impl Telemetry {
     }
 
     /// A catch-up of `copy` ended: one line per source and the copy's metrics. `Err` is a
-    /// failure before any source was copied (the copy could not be opened).
+    /// failure before any source was copied (the copy could not be opened); `quiet` logs a
+    /// success at debug (the passes that follow the WAL archive).
     pub fn copy_finished(
         &self,
         copy: &str,
@@ -466,6 +474,7 @@ impl Telemetry {
         result: std::result::Result<&crate::copy::CopyReport, &crate::Error>,
         took: Duration,
         at: DateTime<Utc>,
+        quiet: bool,
     ) {
         let ts = |t: DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
         let cs = |source: &str| CopySource {
@@ -514,6 +523,13 @@ impl Telemetry {
                 self.copy_lag.get_or_create(&cs(&s.source)).set(lag);
             }
             match &s.error {
+                None if quiet => tracing::debug!(
+                    copy,
+                    source = %s.source,
+                    shared = s.shared,
+                    bytes = s.bytes,
+                    "Copy caught up with the WAL archive"
+                ),
                 None => tracing::info!(
                     copy,
                     source = %s.source,
