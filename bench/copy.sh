@@ -34,9 +34,9 @@ stored=$(aws s3 ls --recursive --summarize s3://bench/lifeboat/backups/ | awk '/
 
 echo "== measuring ($runs runs each)" >&2
 hand="set -e; for k in $(echo $keys); do '$root/$venv/bin/aws' --endpoint-url $endpoint s3 cp --quiet s3://bench/\$k - | '$root/$venv/bin/aws' --endpoint-url $endpoint2 s3 cp --quiet - s3://dr-bench/hand/\$k; done"
-measure "aws s3 cp s3://a/… - | aws s3 cp - s3://b/… (per object)" "$hand" \
+measure "aws s3 cp from server A to stdout, into server B (per object)" "$hand" \
   "aws2 s3 rm --quiet --recursive s3://dr-bench/hand/"
 measure "lifeboat copy" "'$lifeboat' copy --policy '$work/s3.toml'" \
   "aws2 s3 rm --quiet --recursive s3://dr-bench/lifeboat/"
-summarize "aws s3 cp s3://a/… - | aws s3 cp - s3://b/… (per object)" copy \
+summarize "aws s3 cp from server A to stdout, into server B (per object)" copy \
   "one PostgreSQL backup ($((stored / 1048576)) MiB stored) from one local S3 server (moto) to another"

@@ -473,6 +473,17 @@ impl Copier {
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             loop {
+                // A part is read only once the upload has taken the previous one: no part waits
+                // in the channel while another is read, which bounds memory to the parts in
+                // flight plus two.
+                let permit = tokio::select! {
+                    _ = self.cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "cancelled")),
+                    permit = tx.reserve() => permit,
+                };
+                let Ok(permit) = permit else {
+                    // The upload gave up; its error is the one reported.
+                    break;
+                };
                 let mut part = BytesMut::with_capacity(self.part_size);
                 while part.len() < self.part_size {
                     let got = tokio::select! {
@@ -490,7 +501,8 @@ impl Copier {
                 hasher.update(&part);
                 size += part.len() as u64;
                 let last = part.len() < self.part_size;
-                if tx.send(part.freeze()).await.is_err() || last {
+                permit.send(part.freeze());
+                if last {
                     break;
                 }
             }
@@ -613,4 +625,70 @@ fn kept_by_copy(
         .filter(|d| d.keep && primary_ids.contains(d.id.as_str()))
         .map(|d| d.id)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, started: &str) -> Entry {
+        let m = serde_json::json!({
+            "format": 1, "id": id, "source": "db", "kind": "postgres",
+            "started_at": started, "finished_at": started, "tool_version": "t",
+            "source_version": null, "dump_tool_version": null,
+            "compression": { "algorithm": "zstd", "level": 3 },
+            "encryption": { "algorithm": "age-v1", "recipients": [] },
+            "size_plain": 1, "size_stored": 1, "parts": [], "fingerprint": null,
+        });
+        Entry {
+            manifest: serde_json::from_value(m).expect("a manifest"),
+            verification: None,
+        }
+    }
+
+    fn day(d: u32) -> Entry {
+        entry(
+            &format!("202611{d:02}T030000Z-aaaaaa"),
+            &format!("2026-11-{d:02}T03:00:00Z"),
+        )
+    }
+
+    fn kept(primary: &[Entry], copy: &[Entry], rules: &str) -> Vec<String> {
+        let text = format!(
+            "{}\n[[copies]]\nname = \"dr\"\nurl = \"file:///dr\"\nretention = {rules}\n",
+            crate::policy::tests::good()
+        );
+        let policy = crate::policy::parse(
+            &text,
+            "p.toml",
+            &crate::policy::tests::env,
+            crate::policy::LoadOptions::default(),
+        )
+        .expect("valid")
+        .for_repository("dr")
+        .expect("the copy");
+        let now = "2026-11-30T12:00:00Z".parse().expect("a time");
+        let mut ids: Vec<String> = kept_by_copy(primary, copy, &policy.sources[0], &policy, now)
+            .into_iter()
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn a_copy_takes_what_its_own_rules_keep_and_never_what_its_prune_deleted() {
+        let primary: Vec<Entry> = (20..=29).map(day).collect();
+        // An empty copy with a shorter history takes only what its rules keep.
+        let ids = kept(&primary, &[], "{ keep_last = 3 }");
+        assert_eq!(ids, [day(27), day(28), day(29)].map(|e| e.manifest.id));
+        // Its prune deleted days 20–26 while the primary kept them: they are not copied again,
+        // whatever the primary still holds.
+        let copy: Vec<Entry> = (27..=29).map(day).collect();
+        let primary: Vec<Entry> = (20..=30).map(day).collect();
+        let ids = kept(&primary, &copy, "{ keep_last = 3 }");
+        assert_eq!(ids, [day(28), day(29), day(30)].map(|e| e.manifest.id));
+        // A copy that keeps longer than the primary takes all the primary has.
+        let ids = kept(&primary[5..], &copy, "{ keep_daily = 60 }");
+        assert_eq!(ids.len(), 6, "{ids:?}");
+    }
 }

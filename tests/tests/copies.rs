@@ -81,7 +81,7 @@ impl Fx {
             .copy(
                 "dr-west",
                 &format!(
-                    "url = \"s3://{}/prod\"\nendpoint = \"{}\"\nregion = \"us-west-2\"\ncredentials_profile = \"{profile}\"\nretention = {{ keep_last = 5 }}",
+                    "url = \"s3://{}/prod\"\nendpoint = \"{}\"\nregion = \"us-west-2\"\ncredentials_profile = \"{profile}\"\nretention = {{ keep_last = 5 }}\npart_size = \"5MiB\"",
                     self.copy_bucket, self.proxy.endpoint
                 ),
             );
@@ -176,6 +176,17 @@ fn every_kind_restores_and_verifies_from_the_copy_alone_with_the_primary_stopped
     std::fs::create_dir_all(files.join("sub")).unwrap();
     std::fs::write(files.join("a.txt"), "alpha\n").unwrap();
     std::fs::write(files.join("sub/b.bin"), vec![7u8; 300_000]).unwrap();
+    // Incompressible and larger than two of the copy's 5 MiB parts: copied as a multipart upload.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let big: Vec<u8> = (0..(11 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(files.join("big.bin"), &big).unwrap();
     let pw = pg.password_file(fx.dir.path());
     let slot = format!("lb_{}", suffix());
     let sources = [
@@ -234,6 +245,13 @@ fn every_kind_restores_and_verifies_from_the_copy_alone_with_the_primary_stopped
             "{shared}'s blobs or WAL were copied: {report}"
         );
     }
+    assert!(
+        fx.proxy
+            .requests()
+            .iter()
+            .any(|r| r.contains("partNumber=3")),
+        "the big blob went up in parts"
+    );
     // Caught up: a second run writes nothing.
     let again = fx.copy(&policy);
     for s in again["sources"].as_array().unwrap() {
@@ -320,6 +338,7 @@ fn every_kind_restores_and_verifies_from_the_copy_alone_with_the_primary_stopped
         std::fs::read(out.join("sub/b.bin")).unwrap(),
         vec![7u8; 300_000]
     );
+    assert!(std::fs::read(out.join("big.bin")).unwrap() == big);
     let data = fx.dir.path().join("cluster-restored");
     fx.ok(&[
         "restore",
@@ -508,6 +527,40 @@ fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backu
     let r = fx.run(&["copy", "--policy", missing.to_str().unwrap()]);
     assert_eq!(r.code, 12, "a profile that is not there: {}", r.stderr);
     fx.ok(&["backup", "--policy", wrong.to_str().unwrap()]);
+
+    // The primary's prune (keep_last = 3) deletes its oldest backup; the copy's rules (keep_last
+    // = 5) keep it there, and its own prune keeps it too.
+    let oldest = fx.copied(&policy).last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fx.ok(&["prune", "--policy", p]);
+    let r = fx.ok(&["list", "--policy", p, "--json"]);
+    assert!(
+        !r.stdout.contains(&oldest),
+        "pruned at the primary: {}",
+        r.stdout
+    );
+    let report = fx.copy(&policy);
+    assert_eq!(
+        source_report(&report, "app")["copied"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "{report}"
+    );
+    let copied = fx.copied(&policy);
+    assert_eq!(copied.len(), 4);
+    assert!(copied.iter().any(|b| b["id"] == oldest.as_str()));
+    let r = fx.ok(&["prune", "--policy", p, "--repository", "dr-west"]);
+    assert!(
+        fx.copied(&policy)
+            .iter()
+            .any(|b| b["id"] == oldest.as_str()),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -695,6 +748,29 @@ fn the_agent_copies_wal_as_it_is_archived_between_backups() {
         wait("a switched segment at the copy", &|| copied_wal() >= want);
     }
     assert_eq!(fx.copied(&policy).len(), 1, "no backup was taken meanwhile");
+    // The copy keeps each partial it was given (its writer deletes nothing); the copy's prune
+    // collects those a whole segment superseded.
+    let superseded = || {
+        let keys = rt().block_on(s3().keys(&fx.copy_bucket, "prod/wal/cluster/"));
+        let segment = |k: &str| k.rsplit('/').next().unwrap_or("")[..24].to_string();
+        let whole: std::collections::HashSet<String> = keys
+            .iter()
+            .filter(|k| !k.contains(".partial.") && !k.contains(".history"))
+            .map(|k| segment(k))
+            .collect();
+        keys.iter()
+            .filter(|k| k.contains(".partial.") && whole.contains(&segment(k)))
+            .count()
+    };
+    assert!(superseded() > 0, "partials were copied as WAL was archived");
+    fx.ok(&[
+        "prune",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--repository",
+        "dr-west",
+    ]);
+    assert_eq!(superseded(), 0);
     let body = http_get(port, "/metrics")
         .map(|(_, b)| b)
         .unwrap_or_default();

@@ -164,8 +164,8 @@ impl Archive {
 }
 
 /// What prune may collect of `source`'s WAL: every segment that ends before the start of the
-/// oldest base backup kept (the published ones but those in `ignoring`). With no base backup
-/// kept, nothing goes.
+/// oldest base backup kept (the published ones but those in `ignoring`), and every partial
+/// object a whole one or a longer partial supersedes. With no base backup kept, nothing goes.
 pub async fn plan_collection(
     repo: &Repository,
     source: &str,
@@ -193,8 +193,15 @@ pub async fn plan_collection(
     let mut doomed = Vec::new();
     for w in &archive.all {
         summary.stored += 1;
-        match segment_number(&w.segment, size) {
-            Some(n) if n < first_needed => {
+        let n = segment_number(&w.segment, size);
+        // A partial object that a whole one or a longer partial of its segment supersedes is
+        // read by nobody: the streamer deletes it at once, but a copy (whose writer deletes
+        // nothing) keeps every partial it was given until this prune.
+        let superseded = w.partial.is_some()
+            && n.and_then(|n| archive.segments.get(&(w.timeline, n)))
+                .is_some_and(|best| best.key != w.key);
+        match n {
+            Some(n) if n < first_needed || superseded => {
                 summary.deleted += 1;
                 summary.deleted_bytes += w.size_stored;
                 doomed.push(w.key.clone());
