@@ -110,6 +110,29 @@ impl Fx {
         ));
     }
 
+    /// A policy with `[agent]` listening on `port`, written as `agent.toml`.
+    fn agent_policy(&self, port: u16, sources: &[(&str, &str, String)]) -> PathBuf {
+        let text = format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n{}",
+            self.builder(&s3().endpoint, "dr-writer", sources).text()
+        );
+        let policy = self.dir.path().join("agent.toml");
+        std::fs::write(&policy, text).unwrap();
+        policy
+    }
+
+    /// Starts `lifeboat ARGS` in the background, with the test's environment.
+    fn spawn(&self, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(lifeboat_bin())
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     fn run(&self, args: &[&str]) -> Run {
         lifeboat(self.dir.path(), args, &self.env)
     }
@@ -118,6 +141,21 @@ impl Fx {
         let r = self.run(args);
         assert_eq!(r.code, 0, "lifeboat {args:?}: {}", r.stderr);
         r
+    }
+
+    /// `lifeboat restore --repository dr-west --source SOURCE --to TO EXTRA…`.
+    fn restore_from_copy(&self, policy: &str, source: &str, to: &str, extra: &[&str]) {
+        let mut args = vec!["restore", "--policy", policy, "--repository", "dr-west"];
+        args.extend([
+            "--source",
+            source,
+            "--to",
+            to,
+            "--identity",
+            self.identity(),
+        ]);
+        args.extend(extra);
+        self.ok(&args);
     }
 
     fn identity(&self) -> &str {
@@ -130,18 +168,79 @@ impl Fx {
         serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
     }
 
+    /// `lifeboat copy`: how many of `source`'s backups it copied.
+    fn copied_now(&self, policy: &Path, source: &str) -> usize {
+        let report = self.copy(policy);
+        let copied = source_report(&report, source)["copied"]
+            .as_array()
+            .map(Vec::len);
+        copied.unwrap_or_else(|| panic!("{report}"))
+    }
+
     /// The backups `list --repository dr-west` shows.
     fn copied(&self, policy: &Path) -> Vec<serde_json::Value> {
-        let r = self.ok(&[
-            "list",
-            "--policy",
-            policy.to_str().unwrap(),
-            "--repository",
-            "dr-west",
-            "--json",
-        ]);
-        serde_json::from_str(&r.stdout).unwrap()
+        self.try_copied(policy)
+            .unwrap_or_else(|e| panic!("list --repository dr-west: {e}"))
     }
+
+    /// [`Fx::copied`], or why the copy cannot be listed (yet).
+    fn try_copied(&self, policy: &Path) -> Result<Vec<serde_json::Value>, String> {
+        let p = policy.to_str().unwrap();
+        let r = self.run(&["list", "--policy", p, "--repository", "dr-west", "--json"]);
+        match r.code {
+            0 => Ok(serde_json::from_str(&r.stdout).unwrap()),
+            _ => Err(r.stderr),
+        }
+    }
+}
+
+/// The shared primary and a database of `rows` rows as a logical source `app` (with `extra`
+/// fields).
+fn on_shared_primary(
+    fx: &mut Fx,
+    db: &str,
+    rows: u32,
+    extra: &str,
+) -> [(&'static str, &'static str, String); 1] {
+    fx.primary_bucket = rt().block_on(s3().create_bucket());
+    let pg = postgres();
+    let db = pg.create_db(db);
+    pg.psql(
+        &db,
+        &format!("create table t as select g from generate_series(1, {rows}) g"),
+    );
+    let pw = pg.password_file(fx.dir.path());
+    [(
+        "app",
+        "postgres",
+        format!(
+            "url = \"{}\"\npassword_file = \"{}\"\n{extra}",
+            pg.url(&db),
+            pw.display()
+        ),
+    )]
+}
+
+/// Waits up to a minute for `f`.
+fn wait_for(what: &str, f: &dyn Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// SIGTERM, and the agent's exit 0.
+fn stop_agent(mut agent: std::process::Child) {
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(agent.wait().unwrap().code(), Some(0));
 }
 
 fn source_report<'a>(report: &'a serde_json::Value, source: &str) -> &'a serde_json::Value {
@@ -290,70 +389,21 @@ fn every_kind_restores_and_verifies_from_the_copy_alone_with_the_primary_stopped
     // A database, a Redis dump, the files and a cluster restore from the copy.
     let into = pg.create_db("copy_restored");
     fx.env.push(("PGPASSWORD".into(), pg.password.clone()));
-    fx.ok(&[
-        "restore",
-        "--policy",
-        p,
-        "--repository",
-        "dr-west",
-        "--source",
-        "app",
-        "--to",
-        &pg.url(&into),
-        "--identity",
-        fx.identity(),
-    ]);
+    fx.restore_from_copy(p, "app", &pg.url(&into), &[]);
     assert_eq!(pg.digest(&into), pg.digest(&db));
     let rdb_dir = fx.dir.path().join("rdb");
     std::fs::create_dir(&rdb_dir).unwrap();
-    fx.ok(&[
-        "restore",
-        "--policy",
-        p,
-        "--repository",
-        "dr-west",
-        "--source",
-        "cache",
-        "--to",
-        rdb_dir.to_str().unwrap(),
-        "--identity",
-        fx.identity(),
-    ]);
+    fx.restore_from_copy(p, "cache", rdb_dir.to_str().unwrap(), &[]);
     assert!(std::fs::metadata(rdb_dir.join("dump.rdb")).unwrap().len() > 1000);
     let out = fx.dir.path().join("files-restored");
-    fx.ok(&[
-        "restore",
-        "--policy",
-        p,
-        "--repository",
-        "dr-west",
-        "--source",
-        "files",
-        "--to",
-        out.to_str().unwrap(),
-        "--identity",
-        fx.identity(),
-    ]);
+    fx.restore_from_copy(p, "files", out.to_str().unwrap(), &[]);
     assert_eq!(
         std::fs::read(out.join("sub/b.bin")).unwrap(),
         vec![7u8; 300_000]
     );
     assert!(std::fs::read(out.join("big.bin")).unwrap() == big);
     let data = fx.dir.path().join("cluster-restored");
-    fx.ok(&[
-        "restore",
-        "--policy",
-        p,
-        "--repository",
-        "dr-west",
-        "--source",
-        "cluster",
-        "--latest",
-        "--to",
-        data.to_str().unwrap(),
-        "--identity",
-        fx.identity(),
-    ]);
+    fx.restore_from_copy(p, "cluster", data.to_str().unwrap(), &["--latest"]);
     let conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
     assert!(
         conf.contains("--repository dr-west"),
@@ -388,23 +438,7 @@ fn every_kind_restores_and_verifies_from_the_copy_alone_with_the_primary_stopped
 #[test]
 fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backup() {
     let mut fx = setup();
-    fx.primary_bucket = rt().block_on(s3().create_bucket());
-    let pg = postgres();
-    let db = pg.create_db("copy_outage");
-    pg.psql(
-        &db,
-        "create table t as select g from generate_series(1, 500) g",
-    );
-    let pw = pg.password_file(fx.dir.path());
-    let sources = [(
-        "app",
-        "postgres",
-        format!(
-            "url = \"{}\"\npassword_file = \"{}\"",
-            pg.url(&db),
-            pw.display()
-        ),
-    )];
+    let sources = on_shared_primary(&mut fx, "copy_outage", 500, "");
     let policy = fx.policy(&s3().endpoint, "dr-writer", &sources);
     let p = policy.to_str().unwrap();
 
@@ -418,15 +452,7 @@ fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backu
 
     // Back up: the next catch-up copies both.
     fx.copy_server_up();
-    let report = fx.copy(&policy);
-    assert_eq!(
-        source_report(&report, "app")["copied"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2,
-        "{report}"
-    );
+    assert_eq!(fx.copied_now(&policy, "app"), 2);
     assert_eq!(fx.copied(&policy).len(), 2);
 
     // A byte flipped at the copy: check finds it, the next catch-up copies it again.
@@ -480,23 +506,10 @@ fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backu
         "manifest.json",
         HttpFault::Delay(std::time::Duration::from_secs(60)),
     ));
-    let mut child = std::process::Command::new(lifeboat_bin())
-        .args(["copy", "--policy", p])
-        .envs(fx.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(fx.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !fx.proxy.fired().iter().any(|f| f.contains("manifest.json")) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:?}",
-            fx.proxy.requests()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut child = fx.spawn(&["copy", "--policy", p]);
+    wait_for("the manifest's write", &|| {
+        fx.proxy.fired().iter().any(|f| f.contains("manifest.json"))
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     fx.copy_server_up();
@@ -507,15 +520,7 @@ fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backu
     );
     let r = fx.ok(&["list", "--policy", p, "--repository", "dr-west"]);
     assert!(r.stderr.contains("interrupted run"), "{}", r.stderr);
-    let report = fx.copy(&policy);
-    assert_eq!(
-        source_report(&report, "app")["copied"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1,
-        "{report}"
-    );
+    assert_eq!(fx.copied_now(&policy, "app"), 1);
     assert_eq!(fx.copied(&policy).len(), 3);
 
     // Wrong credentials for the copy: exit 12, naming the copy; backups go on.
@@ -541,15 +546,7 @@ fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backu
         "pruned at the primary: {}",
         r.stdout
     );
-    let report = fx.copy(&policy);
-    assert_eq!(
-        source_report(&report, "app")["copied"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1,
-        "{report}"
-    );
+    assert_eq!(fx.copied_now(&policy, "app"), 1);
     let copied = fx.copied(&policy);
     assert_eq!(copied.len(), 4);
     assert!(copied.iter().any(|b| b["id"] == oldest.as_str()));
@@ -566,30 +563,14 @@ fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backu
 #[test]
 fn the_agent_copies_each_backup_backs_up_while_the_copy_is_down_and_reports_the_lag() {
     let mut fx = setup();
-    fx.primary_bucket = rt().block_on(s3().create_bucket());
-    let pg = postgres();
-    let db = pg.create_db("copy_agent");
-    pg.psql(
-        &db,
-        "create table t as select g from generate_series(1, 100) g",
+    let sources = on_shared_primary(
+        &mut fx,
+        "copy_agent",
+        100,
+        "schedule = \"*/3 * * * * *\"\nretries = 0",
     );
-    let pw = pg.password_file(fx.dir.path());
     let port = free_port();
-    let sources = [(
-        "app",
-        "postgres",
-        format!(
-            "url = \"{}\"\npassword_file = \"{}\"\nschedule = \"*/3 * * * * *\"\nretries = 0",
-            pg.url(&db),
-            pw.display()
-        ),
-    )];
-    let text = format!(
-        "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n{}",
-        fx.builder(&s3().endpoint, "dr-writer", &sources).text()
-    );
-    let policy = fx.dir.path().join("agent.toml");
-    std::fs::write(&policy, text).unwrap();
+    let policy = fx.agent_policy(port, &sources);
     let metrics = || {
         http_get(port, "/metrics")
             .map(|(_, b)| b)
@@ -614,33 +595,15 @@ fn the_agent_copies_each_backup_backs_up_while_the_copy_is_down_and_reports_the_
 
     // The copy's region is down: backups go on, the copy's failures are counted.
     fx.copy_server_down();
-    let mut agent = std::process::Command::new(lifeboat_bin())
-        .args(["agent", "--policy", policy.to_str().unwrap()])
-        .envs(fx.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(fx.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let wait = |what: &str, f: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !f() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}:\n{}",
-                metrics()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    };
-    wait("two backups and a failed copy", &|| {
+    let agent = fx.spawn(&["agent", "--policy", policy.to_str().unwrap()]);
+    wait_for("two backups and a failed copy", &|| {
         backups() >= 2.0 && copy_runs("failure") >= 1.0
     });
     assert_eq!(copy_runs("success"), 0.0);
 
     // Back: the next backup's copy catches up on everything, and the lag is small.
     fx.copy_server_up();
-    wait("a copy", &|| copy_runs("success") >= 1.0);
+    wait_for("a copy", &|| copy_runs("success") >= 1.0);
     let body = metrics();
     let lag = metric(
         &body,
@@ -667,12 +630,7 @@ fn the_agent_copies_each_backup_backs_up_while_the_copy_is_down_and_reports_the_
         "the backups taken while the copy was down were copied: {copied}"
     );
 
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    assert_eq!(agent.wait().unwrap().code(), Some(0));
+    stop_agent(agent);
 }
 
 #[test]
@@ -694,12 +652,7 @@ fn the_agent_copies_wal_as_it_is_archived_between_backups() {
             pw.display()
         ),
     )];
-    let text = format!(
-        "[agent]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\n{}",
-        fx.builder(&s3().endpoint, "dr-writer", &sources).text()
-    );
-    let policy = fx.dir.path().join("agent.toml");
-    std::fs::write(&policy, text).unwrap();
+    let policy = fx.agent_policy(port, &sources);
     fx.ok(&["backup", "--policy", policy.to_str().unwrap()]);
     let copied_wal = || {
         rt().block_on(s3().keys(&fx.copy_bucket, "prod/wal/cluster/"))
@@ -707,35 +660,10 @@ fn the_agent_copies_wal_as_it_is_archived_between_backups() {
             .filter(|k| !k.contains(".partial.") && !k.contains(".history"))
             .count()
     };
-    let mut agent = std::process::Command::new(lifeboat_bin())
-        .args(["agent", "--policy", policy.to_str().unwrap()])
-        .envs(fx.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(fx.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let wait = |what: &str, f: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !f() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    };
+    let agent = fx.spawn(&["agent", "--policy", policy.to_str().unwrap()]);
     // The start's catch-up copies the base backup.
-    wait("the base backup at the copy", &|| {
-        let r = fx.run(&[
-            "list",
-            "--policy",
-            policy.to_str().unwrap(),
-            "--repository",
-            "dr-west",
-            "--json",
-        ]);
-        r.code == 0 && r.stdout.contains("\"cluster\"")
+    wait_for("the base backup at the copy", &|| {
+        fx.try_copied(&policy).is_ok_and(|b| b.len() == 1)
     });
     // No backup runs (the source has no schedule): WAL alone reaches the copy, segment by segment.
     let before = copied_wal();
@@ -745,7 +673,7 @@ fn the_agent_copies_wal_as_it_is_archived_between_backups() {
             &format!("insert into w (v) select 'round {round}' from generate_series(1, 1000); select pg_switch_wal();"),
         );
         let want = before + round + 1;
-        wait("a switched segment at the copy", &|| copied_wal() >= want);
+        wait_for("a switched segment at the copy", &|| copied_wal() >= want);
     }
     assert_eq!(fx.copied(&policy).len(), 1, "no backup was taken meanwhile");
     // The copy keeps each partial it was given (its writer deletes nothing); the copy's prune
@@ -789,12 +717,7 @@ fn the_agent_copies_wal_as_it_is_archived_between_backups() {
         "the copy's recovery point is recent: {point} vs {now}\n{body}"
     );
 
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    assert_eq!(agent.wait().unwrap().code(), Some(0));
+    stop_agent(agent);
     pg.psql(
         "postgres",
         &format!("select pg_drop_replication_slot('{slot}')"),
