@@ -29,10 +29,14 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, ErrorKind, Result};
 use crate::policy::{CopyConfig, Policy, SourcePolicy};
 use crate::repo::catalog::Entry;
+use crate::repo::lock::Lease;
 use crate::repo::manifest::Manifest;
 use crate::repo::{layout, Repository};
 use crate::retention::{self, Candidate};
 use crate::store::{self, ObjectInfo};
+
+/// How long a copy's lease lasts unless renewed (it is, before each manifest written).
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How long `lifeboat list` waits for a copy to say what it holds.
 const LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -187,26 +191,48 @@ impl Copier {
             location: self.to.store.describe(),
             sources: Vec::new(),
         };
-        for source in sources {
-            if self.cancel.is_cancelled() {
-                return Err(Error::new(ErrorKind::Interrupted, "cancelled"));
-            }
-            let rules = there.source(&source.name).unwrap_or(source);
-            let mut done = SourceCopy {
-                source: source.name.clone(),
-                ..SourceCopy::default()
-            };
-            if let Err(e) = self.source(policy, source, rules, now, &mut done).await {
-                if e.kind == ErrorKind::Interrupted {
-                    return Err(e);
+        let mut lease = self.lease().await?;
+        let copied = async {
+            for source in sources {
+                if self.cancel.is_cancelled() {
+                    return Err(Error::new(ErrorKind::Interrupted, "cancelled"));
                 }
-                tracing::warn!(copy = %self.name, source = %source.name, error = %e, "Copy failed");
-                done.error = Some(e.to_string());
-                done.failure = Some(e);
+                let rules = there.source(&source.name).unwrap_or(source);
+                let mut done = SourceCopy {
+                    source: source.name.clone(),
+                    ..SourceCopy::default()
+                };
+                let copied = self
+                    .source(policy, source, rules, now, &mut lease, &mut done)
+                    .await;
+                if let Err(e) = copied {
+                    if matches!(e.kind, ErrorKind::Interrupted | ErrorKind::LockHeld) {
+                        return Err(e);
+                    }
+                    tracing::warn!(copy = %self.name, source = %source.name, error = %e, "Copy failed");
+                    done.error = Some(e.to_string());
+                    done.failure = Some(e);
+                }
+                report.sources.push(done);
             }
-            report.sources.push(done);
+            Ok(())
         }
-        Ok(report)
+        .await;
+        // Given up however the catch-up ended, so a restart need not wait for its expiry.
+        release(lease).await;
+        copied.map(|()| report)
+    }
+
+    /// The lease `copy-<name>` in the primary: one catch-up of a copy at a time, whichever
+    /// replica or operator runs it (exit 11 for the others).
+    async fn lease(&self) -> Result<Lease> {
+        self.from
+            .lease(
+                &format!("copy-{}", self.name),
+                &format!("copying to {}", self.name),
+                LEASE_TTL,
+            )
+            .await
     }
 
     /// Catches up one source: shared content first, then each missing backup, manifest last.
@@ -216,6 +242,7 @@ impl Copier {
         source: &SourcePolicy,
         rules: &SourcePolicy,
         now: DateTime<Utc>,
+        lease: &mut Lease,
         done: &mut SourceCopy,
     ) -> Result<()> {
         let name = &source.name;
@@ -259,18 +286,21 @@ impl Copier {
             let id = &manifest.id;
             let manifest_key = layout::manifest(name, id);
             let published = at_copy.get(manifest_key.as_str()).map(|o| o.modified);
-            let damaged: Vec<(&str, u64, &str)> = manifest
-                .objects()
-                .into_iter()
-                .filter(|(object, size, _)| {
-                    let key = layout::backup_object(name, id, object);
-                    match (at_copy.get(key.as_str()), published) {
-                        (Some(o), Some(p)) => o.size != *size || o.modified > p,
-                        (Some(o), None) => o.size != *size,
-                        (None, _) => true,
-                    }
-                })
-                .collect();
+            let mut damaged: Vec<(&str, u64, &str)> = Vec::new();
+            for (object, size, sha) in manifest.objects() {
+                let key = layout::backup_object(name, id, object);
+                let intact = match (at_copy.get(key.as_str()), published) {
+                    (Some(o), Some(p)) => o.size == size && o.modified <= p,
+                    // Left by an interrupted catch-up: kept if it reads back as the manifest says.
+                    (Some(o), None) if o.size == size => crate::check::hash_object(&self.to, &key)
+                        .await
+                        .is_ok_and(|(n, h)| n == size && h == sha),
+                    _ => false,
+                };
+                if !intact {
+                    damaged.push((object, size, sha));
+                }
+            }
             if published.is_some() && damaged.is_empty() {
                 done.present += 1;
                 continue;
@@ -284,6 +314,7 @@ impl Copier {
                     done.repaired.push(key);
                 }
             }
+            lease.check().await?;
             let body = self
                 .from
                 .store
@@ -356,6 +387,7 @@ impl Copier {
             location: self.to.store.describe(),
             sources: Vec::new(),
         };
+        let lease = self.lease().await?;
         for source in sources {
             match self.catch_up_shared(source).await {
                 Ok(Some(done)) => report.sources.push(done),
@@ -369,6 +401,7 @@ impl Copier {
                 }),
             }
         }
+        release(lease).await;
         Ok(report)
     }
 
@@ -558,6 +591,13 @@ impl Copier {
 
     fn writing(&self, key: &str, e: Error) -> Error {
         e.context(format!("writing {key} to copy `{}`", self.name))
+    }
+}
+
+/// Gives a lease up; one left behind lapses at its expiry.
+async fn release(lease: Lease) {
+    if let Err(e) = lease.release().await {
+        tracing::debug!(error = %e, "Could not release the copy's lease; it lapses at its expiry");
     }
 }
 

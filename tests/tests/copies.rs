@@ -513,6 +513,22 @@ fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backu
     child.kill().unwrap();
     child.wait().unwrap();
     fx.copy_server_up();
+    // Its lease on copying to dr-west would lapse in 10 minutes: while it is held, another copy
+    // is refused (exit 11). Here it lapses at once.
+    let r = fx.run(&["copy", "--policy", p]);
+    assert_eq!(r.code, 11, "{}", r.stderr);
+    assert!(r.stderr.contains("copy-dr-west"), "{}", r.stderr);
+    let lock = "prod/locks/copy-dr-west.json";
+    rt().block_on(async {
+        s3().client()
+            .await
+            .delete_object()
+            .bucket(&fx.primary_bucket)
+            .key(lock)
+            .send()
+            .await
+            .expect("the lease lapses")
+    });
     assert_eq!(
         fx.copied(&policy).len(),
         2,
@@ -624,6 +640,13 @@ fn the_agent_copies_each_backup_backs_up_while_the_copy_is_down_and_reports_the_
     assert!(
         metric(&body, "lifeboat_copy_bytes_total", &[("copy", "dr-west")]).unwrap_or(0.0) > 0.0
     );
+    let (_, status) = http_get(port, "/status").expect("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let copy = &status["sources"]["app"]["copies"]["dr-west"];
+    assert!(
+        copy["error"].is_null() && copy["newest_backup"].is_string(),
+        "{status}"
+    );
     let copied = fx.copied(&policy).len();
     assert!(
         copied >= 2,
@@ -665,7 +688,17 @@ fn the_agent_copies_wal_as_it_is_archived_between_backups() {
     wait_for("the base backup at the copy", &|| {
         fx.try_copied(&policy).is_ok_and(|b| b.len() == 1)
     });
-    // No backup runs (the source has no schedule): WAL alone reaches the copy, segment by segment.
+    // No backup runs (the source has no schedule): WAL alone reaches the copy, the growing
+    // segment as partial objects, then each segment whole.
+    pg.psql(
+        &db,
+        "insert into w (v) select 'partial' from generate_series(1, 1000)",
+    );
+    wait_for("a partial segment at the copy", &|| {
+        rt().block_on(s3().keys(&fx.copy_bucket, "prod/wal/cluster/"))
+            .iter()
+            .any(|k| k.contains(".partial."))
+    });
     let before = copied_wal();
     for round in 0..3 {
         pg.psql(

@@ -133,6 +133,21 @@ pub struct SourceStatus {
     pub last_slot_taken_elsewhere: Option<DateTime<Utc>>,
     /// Physical sources streaming WAL: when the stored WAL last reached the server's position.
     pub wal_caught_up: Option<DateTime<Utc>>,
+    /// Per copy, where its last catch-up left it.
+    pub copies: BTreeMap<String, CopyStatus>,
+}
+
+/// What /status shows of a source in one copy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CopyStatus {
+    /// When the last catch-up ended.
+    pub at: Option<DateTime<Utc>>,
+    /// Its error, if it failed.
+    pub error: Option<String>,
+    /// The newest backup the copy holds.
+    pub newest_backup: Option<String>,
+    /// How far the copy trailed the primary then, in seconds.
+    pub lag_seconds: Option<f64>,
 }
 
 /// The running agent's shared state.
@@ -398,16 +413,35 @@ impl Agent {
         self.telemetry
             .copy_finished(&copy.name, &names, result, took, self.clock.now(), quiet);
         let op = format!("copy to {}", copy.name);
+        let now = self.clock.now();
         for name in &names {
-            let error = match result {
+            let state = match result {
                 Ok(r) => match r.sources.iter().find(|s| s.source == *name) {
-                    Some(s) => s.error.clone(),
+                    Some(s) => CopyStatus {
+                        at: Some(now),
+                        error: s.error.clone(),
+                        newest_backup: s.newest.clone(),
+                        lag_seconds: s.lag_seconds(),
+                    },
                     // Not in this pass (a WAL pass covers physical sources only).
                     None => continue,
                 },
-                Err(e) => Some(e.to_string()),
+                Err(e) => CopyStatus {
+                    at: Some(now),
+                    error: Some(e.to_string()),
+                    ..CopyStatus::default()
+                },
             };
-            self.notifier.run_result(name, &op, error.as_deref());
+            self.notifier.run_result(name, &op, state.error.as_deref());
+            self.update(name, |st| {
+                let was = st.copies.entry(copy.name.clone()).or_default();
+                // A failed pass knows nothing new of what the copy holds.
+                let newest = state.newest_backup.clone().or(was.newest_backup.take());
+                *was = CopyStatus {
+                    newest_backup: newest,
+                    ..state
+                };
+            });
         }
     }
 
@@ -854,6 +888,9 @@ async fn copy_loop(agent: Arc<Agent>, idx: usize, shutdown: CancellationToken) {
             };
             match result {
                 Err(e) if e.kind == ErrorKind::Interrupted => return,
+                Err(e) if e.kind == ErrorKind::LockHeld => {
+                    tracing::debug!(copy = %copy.name, reason = %e.message, "Another replica is copying");
+                }
                 result => agent.copied(copy, &sources, result.as_ref(), started.elapsed(), !whole),
             }
         }
