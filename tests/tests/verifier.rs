@@ -782,3 +782,58 @@ fn a_latin1_database_verifies_and_restores_with_its_encoding_and_locale() {
     );
     assert_eq!(fx.pg.digest(&target), fx.pg.digest(&db));
 }
+
+#[test]
+fn a_sql_ascii_database_with_bytes_in_no_encoding_verifies_and_restores_them() {
+    let mut fx = setup("vascii");
+    let db = format!("ascii_{}", suffix());
+    fx.pg.psql(
+        "postgres",
+        &format!("create database {db} template template0 encoding 'SQL_ASCII' locale 'C'"),
+    );
+    fx.db = db.clone();
+    // 0xe9 is no UTF-8 character: the bytes are stored as they are.
+    fx.pg.psql(
+        &db,
+        "create table s as select g as id, convert_from('\\x636166e9'::bytea, 'SQL_ASCII') || g as name          from generate_series(1, 20) g",
+    );
+    let policy = fx.policy("");
+    let id = fx.backup(&policy);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.object(&id, "manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["database"]["encoding"], "SQL_ASCII",
+        "{manifest:#}"
+    );
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("  ok   table public.s: 20 rows, content hash matched"),
+        "{}",
+        r.stderr
+    );
+    let target = format!("ascii_restored_{}", suffix());
+    let key = fx.key.identity.to_str().unwrap().to_string();
+    let to = fx.pg.url(&target);
+    let r = lifeboat(
+        fx.dir.path(),
+        &[
+            "restore",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--source",
+            "app-db",
+            "--to",
+            &to,
+            "--identity",
+            &key,
+        ],
+        &[("PGPASSWORD".into(), fx.pg.password.clone())],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let bytes =
+        "select encode(convert_to(string_agg(name, ',' order by id), 'SQL_ASCII'), 'hex') from s";
+    assert_eq!(fx.pg.psql(&target, bytes), fx.pg.psql(&db, bytes));
+    assert!(fx.pg.psql(&db, bytes).starts_with("636166e931"));
+}

@@ -540,6 +540,20 @@ pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed
         .batch_execute(TEXT_SETTINGS_SQL)
         .await
         .map_err(|e| q("setting the text format", e))?;
+    // A SQL_ASCII database holds bytes in no encoding, and its dump (taken in that encoding)
+    // carries them as they are. The server refuses to send bytes that are not UTF-8 to a UTF-8
+    // client, so COPY reads them as they are too.
+    let encoding: String = client
+        .query_one("SHOW server_encoding", &[])
+        .await
+        .map_err(|e| q("reading the server encoding", e))?
+        .get(0);
+    if encoding == "SQL_ASCII" {
+        client
+            .batch_execute("SET client_encoding = 'SQL_ASCII'")
+            .await
+            .map_err(|e| q("setting the client encoding", e))?;
+    }
     let full = expected.mode == FingerprintMode::Full;
     let present: Vec<(String, String)> = client
         .query(
