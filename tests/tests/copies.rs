@@ -442,6 +442,13 @@ fn a_copy_catches_up_after_an_outage_repairs_damage_and_never_shows_half_a_backu
     let policy = fx.policy(&s3().endpoint, "dr-writer", &sources);
     let p = policy.to_str().unwrap();
 
+    let r = fx.ok(&["policy", "check", p]);
+    assert!(
+        r.stderr.contains("ok, 1 source(s), copied to dr-west"),
+        "{}",
+        r.stderr
+    );
+
     // The copy's region is down: backups go on; the copy fails, naming the copy.
     fx.copy_server_down();
     fx.ok(&["backup", "--policy", p]);

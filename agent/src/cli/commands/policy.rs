@@ -24,8 +24,15 @@ pub fn policy_check(files: &[std::path::PathBuf], allow_missing_env: bool) -> Re
                 } else {
                     format!(" (unset here: {})", p.missing_env.join(", "))
                 };
+                let copies = match p.copies.len() {
+                    0 => String::new(),
+                    _ => {
+                        let names: Vec<&str> = p.copies.iter().map(|c| c.name.as_str()).collect();
+                        format!(", copied to {}", names.join(", "))
+                    }
+                };
                 eprintln!(
-                    "{}: ok, {} source(s){missing}",
+                    "{}: ok, {} source(s){copies}{missing}",
                     f.display(),
                     p.sources.len()
                 );
