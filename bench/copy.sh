@@ -40,3 +40,42 @@ measure "lifeboat copy" "'$lifeboat' copy --policy '$work/s3.toml'" \
   "aws2 s3 rm --quiet --recursive s3://dr-bench/lifeboat/"
 summarize "aws s3 cp from server A to stdout, into server B (per object)" copy \
   "one PostgreSQL backup ($((stored / 1048576)) MiB stored) from one local S3 server (moto) to another"
+
+# The copy's lag under a steady load: the agent backs up every LAG_EVERY seconds for LAG_SECONDS
+# and copies each backup as it publishes it; each backup's lag is from its end (the manifest's
+# finished_at) to its manifest's time at the copy (LastModified, to the second).
+[ "${COPY_LAG:-1}" = 1 ] || exit 0
+every=${LAG_EVERY:-15}
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+{
+  printf '[agent]\nlisten = "127.0.0.1:%s"\n\n' "$port"
+  sed -e "s|^name = \"bench\"|name = \"bench\"\nschedule = \"*/$every * * * * *\"\nretention = { keep_last = 100 }|" "$work/s3.toml"
+} > "$work/agent.toml"
+aws s3 rm --quiet --recursive s3://bench/lifeboat/
+aws2 s3 rm --quiet --recursive s3://dr-bench/lifeboat/
+echo "== the copy's lag: the agent backs up every ${every} s for ${LAG_SECONDS:-120} s" >&2
+"$lifeboat" agent --policy "$work/agent.toml" 2>"$work/agent.log" &
+agent_pid=$!
+sleep "${LAG_SECONDS:-120}"
+kill -TERM "$agent_pid"
+wait "$agent_pid" || true
+: > "$work/results.tsv"
+"$lifeboat" list --policy "$work/s3.toml" --json > "$work/list.json"
+aws2 s3api list-objects-v2 --bucket dr-bench --prefix lifeboat/backups/ > "$work/copied.json"
+python3 - "$work/list.json" "$work/copied.json" "$work/results.tsv" "$every" <<'PY'
+import datetime, json, sys
+backups, copied, out, every = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3], sys.argv[4]
+at = {o["Key"]: o["LastModified"] for o in copied.get("Contents", [])}
+t = lambda s: datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))
+with open(out, "a") as f:
+    for i, b in enumerate(sorted(backups, key=lambda b: b["finished_at"])):
+        key = f"lifeboat/backups/bench/{b['id']}/manifest.json"
+        if key not in at:
+            print(f"   backup {b['id']} never reached the copy", file=sys.stderr)
+            continue
+        # To the second: a copy within the same second counts as 0.01 s.
+        lag = max(0.01, (t(at[key]) - t(b["finished_at"])).total_seconds())
+        f.write(f"copy lag after a backup (agent backing up every {every} s)\t{i + 1}\t{lag:.2f}\t0\t0\t0\n")
+PY
+summarize "copy lag after a backup (agent backing up every $every s)" copy_lag \
+  "seconds from each backup's end to its manifest at the copy (moto's times, to the second), the agent backing up the benchmark database every $every s"

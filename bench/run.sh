@@ -22,7 +22,7 @@ case "$mode" in
     bench/pg_backup.sh 300000
     bench/pg_restore.sh 300000
     bench/pg_basebackup.sh 300000
-    bench/copy.sh 300000
+    LAG_SECONDS=30 bench/copy.sh 300000
     bench/wal_stream.sh 20 2s
     bench/redis.sh 100000
     OBJECTS_S3=0 bench/objects.sh 1000
