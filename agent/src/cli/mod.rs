@@ -370,6 +370,16 @@ pub fn main() -> i32 {
             command: WalCommand::Fetch { .. }
         }
     );
+    if restore_command {
+        // A panic must stop recovery like every other failure: Rust's exit code for one (101)
+        // would read to PostgreSQL as "not in the archive", and it would promote short of the
+        // target.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            std::process::exit(STOP_RECOVERY);
+        }));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
