@@ -209,7 +209,6 @@ impl Copier {
                     if matches!(e.kind, ErrorKind::Interrupted | ErrorKind::LockHeld) {
                         return Err(e);
                     }
-                    tracing::warn!(copy = %self.name, source = %source.name, error = %e, "Copy failed");
                     done.error = Some(e.to_string());
                     done.failure = Some(e);
                 }

@@ -67,6 +67,27 @@ impl Fx {
         list[0]["id"].as_str().unwrap().to_string()
     }
 
+    /// `lifeboat restore` of the newest backup into the database `target` (created by it).
+    fn restore_into(&self, policy: &Path, target: &str) {
+        let key = self.key.identity.to_str().unwrap();
+        let to = self.pg.url(target);
+        let p = policy.to_str().unwrap();
+        let args = [
+            "restore",
+            "--policy",
+            p,
+            "--source",
+            "app-db",
+            "--to",
+            &to,
+            "--identity",
+            key,
+        ];
+        let env = [("PGPASSWORD".into(), self.pg.password.clone())];
+        let r = lifeboat(self.dir.path(), &args, &env);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+
     fn verify(&self, policy: &Path, extra: &[&str]) -> Run {
         let mut args = vec!["verify", "--policy", policy.to_str().unwrap(), "--identity"];
         let id = self.key.identity.to_str().unwrap().to_string();
@@ -741,24 +762,7 @@ fn a_latin1_database_verifies_and_restores_with_its_encoding_and_locale() {
 
     // A restore into a database that does not exist creates it as the source was.
     let target = format!("latin_restored_{}", suffix());
-    let key = fx.key.identity.to_str().unwrap().to_string();
-    let to = fx.pg.url(&target);
-    let r = lifeboat(
-        fx.dir.path(),
-        &[
-            "restore",
-            "--policy",
-            policy.to_str().unwrap(),
-            "--source",
-            "app-db",
-            "--to",
-            &to,
-            "--identity",
-            &key,
-        ],
-        &[("PGPASSWORD".into(), fx.pg.password.clone())],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    fx.restore_into(&policy, &target);
     let q = |name: &str| {
         fx.pg.psql(
             "postgres",
@@ -814,24 +818,7 @@ fn a_sql_ascii_database_with_bytes_in_no_encoding_verifies_and_restores_them() {
         r.stderr
     );
     let target = format!("ascii_restored_{}", suffix());
-    let key = fx.key.identity.to_str().unwrap().to_string();
-    let to = fx.pg.url(&target);
-    let r = lifeboat(
-        fx.dir.path(),
-        &[
-            "restore",
-            "--policy",
-            policy.to_str().unwrap(),
-            "--source",
-            "app-db",
-            "--to",
-            &to,
-            "--identity",
-            &key,
-        ],
-        &[("PGPASSWORD".into(), fx.pg.password.clone())],
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    fx.restore_into(&policy, &target);
     let bytes =
         "select encode(convert_to(string_agg(name, ',' order by id), 'SQL_ASCII'), 'hex') from s";
     assert_eq!(fx.pg.psql(&target, bytes), fx.pg.psql(&db, bytes));

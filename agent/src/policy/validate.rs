@@ -83,15 +83,9 @@ impl Policy {
         self.sources.iter().find(|s| s.name == name)
     }
 
-    /// The copy named `name`.
-    pub fn copy(&self, name: &str) -> Option<&CopyConfig> {
-        self.copies.iter().find(|c| c.name == name)
-    }
-
-    /// This policy as seen from the copy `name` alone (`--repository NAME`): the copy is the
-    /// repository, its retention rules replace the sources' own, and it has no copies.
-    pub fn for_repository(&self, name: &str) -> Result<Policy, crate::Error> {
-        let copy = self.copy(name).ok_or_else(|| {
+    /// The copy named `name`, or an error naming the policy's copies.
+    pub fn copy(&self, name: &str) -> Result<&CopyConfig, crate::Error> {
+        self.copies.iter().find(|c| c.name == name).ok_or_else(|| {
             let names: Vec<&str> = self.copies.iter().map(|c| c.name.as_str()).collect();
             crate::Error::new(
                 crate::ErrorKind::Invalid,
@@ -105,7 +99,13 @@ impl Policy {
                 ),
             )
             .hint("name one of the policy's [[copies]], or leave --repository out for [repository]")
-        })?;
+        })
+    }
+
+    /// This policy as seen from the copy `name` alone (`--repository NAME`): the copy is the
+    /// repository, its retention rules replace the sources' own, and it has no copies.
+    pub fn for_repository(&self, name: &str) -> Result<Policy, crate::Error> {
+        let copy = self.copy(name)?;
         let mut policy = self.clone();
         policy.repository = copy.repository.clone();
         if let Some(rules) = &copy.retention {

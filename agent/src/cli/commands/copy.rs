@@ -22,12 +22,7 @@ pub async fn copy(
         select_source(policy, s)?;
     }
     let copies: Vec<&CopyConfig> = match only {
-        Some(name) => vec![policy.copy(name).ok_or_else(|| {
-            policy
-                .for_repository(name)
-                .err()
-                .unwrap_or_else(|| Error::new(ErrorKind::Invalid, format!("no copy `{name}`")))
-        })?],
+        Some(name) => vec![policy.copy(name)?],
         None => policy.copies.iter().collect(),
     };
     if copies.is_empty() {

@@ -89,6 +89,11 @@ impl Archive {
             .list(&layout::wal_prefix(source))
             .await
             .map_err(|e| Error::from(e).context("listing the WAL archive"))?;
+        Ok(Archive::of(source, &listed, segment_size))
+    }
+
+    /// The archive a listing of `wal/<source>/` shows.
+    pub fn of(source: &str, listed: &[crate::store::ObjectInfo], segment_size: u64) -> Archive {
         let mut archive = Archive {
             newest: listed.iter().filter_map(|o| o.modified).max(),
             ..Archive::default()
@@ -114,7 +119,7 @@ impl Archive {
                 archive.segments.insert((w.timeline, n), w);
             }
         }
-        Ok(archive)
+        archive
     }
 
     /// The end of the archived WAL: the highest LSN every object up to it holds.
@@ -233,18 +238,25 @@ pub async fn shared_for_copy(
     };
     let size = oldest.wal_segment_size;
     let first_needed = oldest.start_lsn.0 / size;
-    let archive = Archive::read(repo, source, size).await?;
+    let prefix = layout::wal_prefix(source);
+    let listed = repo
+        .store
+        .list(&prefix)
+        .await
+        .map_err(|e| Error::from(e).context("listing the WAL archive"))?;
+    let archive = Archive::of(source, &listed, size);
     let wanted: HashSet<&str> = archive
         .segments
         .iter()
         .filter(|((_, n), _)| *n >= first_needed)
         .map(|(_, w)| w.key.as_str())
         .collect();
-    let shared = crate::copy::Shared::listed(repo, layout::wal_prefix(source), |key| {
-        wanted.contains(key) || key.ends_with(".history.zst.age")
-    })
-    .await?;
-    Ok(Some(shared))
+    let objects = listed
+        .iter()
+        .filter(|o| wanted.contains(o.key.as_str()) || o.key.ends_with(".history.zst.age"))
+        .cloned()
+        .collect();
+    Ok(Some(crate::copy::Shared { prefix, objects }))
 }
 
 /// What `check` reads of a base backup's WAL: the chain from its start to the newest archived
