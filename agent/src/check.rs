@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::repo::signing::Seal;
 use crate::repo::{layout, Repository};
 use crate::store::StoreError;
 
@@ -40,6 +41,8 @@ pub struct CheckReport {
     pub bytes_read: u64,
     /// Damaged objects and manifests.
     pub problems: Vec<Problem>,
+    /// Manifests stored unsigned before `signing.unsigned_before`: restorable, marked `unsigned`.
+    pub unsigned: Vec<String>,
     /// Backup directories without a manifest (interrupted runs; invisible, swept by prune).
     pub incomplete: Vec<String>,
     /// Unfinished multipart uploads.
@@ -134,24 +137,29 @@ pub async fn check(
         .await
         .map_err(|e| Error::from(e).context("listing backups"))?;
     let mut dirs: BTreeSet<(String, String)> = BTreeSet::new();
-    let mut with_manifest: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut with_manifest = std::collections::BTreeMap::new();
     for o in &objects {
         if let Some((s, id, name)) = layout::parse_backup_key(&o.key) {
             dirs.insert((s.to_string(), id.to_string()));
             if name == layout::MANIFEST {
-                with_manifest.insert((s.to_string(), id.to_string()));
+                with_manifest.insert((s.to_string(), id.to_string()), o.modified);
             }
         }
     }
     let mut report = CheckReport::default();
     let mut seen = std::collections::HashSet::new();
     for (s, id) in &dirs {
-        if !with_manifest.contains(&(s.clone(), id.clone())) {
+        let Some(stored) = with_manifest.get(&(s.clone(), id.clone())) else {
             report.incomplete.push(layout::backup_prefix(s, id));
             continue;
-        }
-        let manifest = match repo.manifest(s, id).await {
-            Ok(m) => m,
+        };
+        let manifest = match repo.sealed_manifest(s, id, *stored).await {
+            Ok((m, seal)) => {
+                if seal == Seal::Legacy {
+                    report.unsigned.push(layout::manifest(s, id));
+                }
+                m
+            }
             Err(e) if e.kind == ErrorKind::Integrity => {
                 report.problems.push(Problem {
                     source: s.clone(),
@@ -174,6 +182,15 @@ pub async fn check(
         };
         manifest.kind.check_more(&mut ctx, &manifest).await?;
         seen = ctx.seen;
+    }
+    for (key, detail) in repo.verifications(source).await?.1 {
+        let (s, id) = layout::parse_verification_key(&key).unwrap_or_default();
+        report.problems.push(Problem {
+            source: s.to_string(),
+            backup: id.to_string(),
+            object: key.clone(),
+            detail,
+        });
     }
     report.notes.dedup();
     // Only the sweep needs this listing: a server that cannot give it leaves the rest checked.

@@ -31,7 +31,7 @@ use crate::policy::{CopyConfig, Policy, SourcePolicy};
 use crate::repo::catalog::Entry;
 use crate::repo::lock::Lease;
 use crate::repo::manifest::Manifest;
-use crate::repo::{layout, Repository};
+use crate::repo::{layout, signing, Repository};
 use crate::retention::{self, Candidate};
 use crate::store::{self, ObjectInfo};
 
@@ -314,19 +314,7 @@ impl Copier {
                 }
             }
             lease.check().await?;
-            let body = self
-                .from
-                .store
-                .get(&manifest_key)
-                .await
-                .map_err(|e| Error::from(e).context(format!("reading {manifest_key}")))?;
-            done.bytes += body.len() as u64;
-            self.to
-                .store
-                .put(&manifest_key, body)
-                .await
-                .map_err(|e| self.writing(&manifest_key, e.into()))?;
-            done.objects += 1;
+            self.publish(&manifest_key, done).await?;
             if published.is_none() {
                 tracing::info!(copy = %self.name, source = %name, backup = %id, "Copied backup");
                 done.copied.push(id.clone());
@@ -459,26 +447,56 @@ impl Copier {
         };
         let there: HashSet<String> = list(&self.to).await?.into_iter().map(|o| o.key).collect();
         for report in list(&self.from).await? {
+            if signing::is_signature(&report.key) {
+                continue;
+            }
             let Some((_, id)) = layout::parse_verification_key(&report.key) else {
                 continue;
             };
             if !kept.contains(id) || there.contains(&report.key) {
                 continue;
             }
-            let body = self
+            match self.publish(&report.key, done).await {
+                Err(e) if e.kind == ErrorKind::Integrity => {
+                    tracing::warn!(copy = %self.name, report = %report.key, error = %e.message, "Not copying a verification report no trusted key signed");
+                }
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a manifest or a report, its signature first, if the primary trusts it: what no
+    /// trusted key signed is never carried into a copy.
+    async fn publish(&self, key: &str, done: &mut SourceCopy) -> Result<()> {
+        let (body, seal) = self
+            .from
+            .read_signed(key, None)
+            .await
+            .map_err(|e| Error::from(e).context(format!("reading {key} at the primary")))?;
+        if matches!(seal, signing::Seal::Signed { .. }) {
+            let sig_key = signing::signature_key(key);
+            let sig = self
                 .from
                 .store
-                .get(&report.key)
+                .get(&sig_key)
                 .await
-                .map_err(|e| Error::from(e).context(format!("reading {}", report.key)))?;
-            done.bytes += body.len() as u64;
+                .map_err(|e| Error::from(e).context(format!("reading {sig_key}")))?;
+            done.bytes += sig.len() as u64;
             self.to
                 .store
-                .put(&report.key, body)
+                .put(&sig_key, sig)
                 .await
-                .map_err(|e| self.writing(&report.key, e.into()))?;
+                .map_err(|e| self.writing(&sig_key, e.into()))?;
             done.objects += 1;
         }
+        done.bytes += body.len() as u64;
+        self.to
+            .store
+            .put(key, body)
+            .await
+            .map_err(|e| self.writing(key, e.into()))?;
+        done.objects += 1;
         Ok(())
     }
 
@@ -682,6 +700,7 @@ mod tests {
         Entry {
             manifest: serde_json::from_value(m).expect("a manifest"),
             verification: None,
+            seal: crate::repo::signing::Seal::Unchecked,
         }
     }
 

@@ -36,6 +36,11 @@ pub async fn backup(
         ..pipeline_config(policy, source)?
     };
     let recipients = pipeline.recipients.clone();
+    // Before anything is stored: a writer whose manifests every reader would refuse stops here.
+    let signer = repo
+        .trust
+        .signer()
+        .map_err(|e| e.context(format!("source {name}")))?;
     let ctx = BackupContext {
         store: repo.store.clone(),
         pipeline,
@@ -61,7 +66,13 @@ pub async fn backup(
         }
     };
     let published = match result {
-        Ok(out) => publish(repo, source, &id, now, &recipients, policy, out).await,
+        Ok(out) => {
+            let signed = Signed {
+                recipients: &recipients,
+                signer: signer.as_ref(),
+            };
+            publish(repo, source, &id, now, signed, policy, out).await
+        }
         Err(e) => Err(e),
     };
     match published {
@@ -102,12 +113,18 @@ pub fn pipeline_config(policy: &Policy, source: &SourcePolicy) -> Result<Pipelin
     })
 }
 
+/// Who can read a backup, and who vouches for it.
+struct Signed<'a> {
+    recipients: &'a [age::x25519::Recipient],
+    signer: Option<&'a crate::repo::signing::Signer>,
+}
+
 async fn publish(
     repo: &Repository,
     source: &SourcePolicy,
     id: &str,
     now: DateTime<Utc>,
-    recipients: &[age::x25519::Recipient],
+    Signed { recipients, signer }: Signed<'_>,
     policy: &Policy,
     out: source::SourceBackup,
 ) -> Result<Manifest> {
@@ -154,11 +171,9 @@ async fn publish(
     };
     let body = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::failed(format!("cannot encode the manifest: {e}")))?;
-    // Last: from this write on, the backup exists.
-    repo.store
-        .put(&layout::manifest(name, id), Bytes::from(body))
-        .await
-        .map_err(|e| Error::from(e).context("storing the manifest"))?;
+    // Last (its signature just before): from this write on, the backup exists.
+    repo.publish(&layout::manifest(name, id), Bytes::from(body), signer)
+        .await?;
     Ok(manifest)
 }
 

@@ -871,6 +871,59 @@ pub fn keygen(dir: &Path) -> Key {
     }
 }
 
+/// A signing key made with `lifeboat keygen --signing`.
+pub struct SigningKey {
+    /// The secret key file.
+    pub file: PathBuf,
+    /// Its public key (`RW…`).
+    pub public: String,
+    /// The secret key's own line, to look for where it must never appear.
+    pub secret_line: String,
+}
+
+impl SigningKey {
+    /// `[signing]` lines: this key signs, and `trusted` (public keys) are trusted.
+    pub fn signs(&self, trusted: &[&str]) -> String {
+        let list: Vec<String> = trusted.iter().map(|k| format!("\"{k}\"")).collect();
+        format!(
+            "key_file = \"{}\"\ntrusted = [{}]",
+            self.file.display(),
+            list.join(", ")
+        )
+    }
+}
+
+/// Makes a signing key in `dir` (file `name`) with `lifeboat keygen --signing`.
+pub fn signing_keygen(dir: &Path, name: &str) -> SigningKey {
+    let r = lifeboat(dir, &["keygen", "--signing"], &[]);
+    assert_eq!(r.code, 0, "keygen --signing failed: {}", r.stderr);
+    let public = r
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Public key: "))
+        .expect("keygen --signing prints the public key on stderr")
+        .trim()
+        .to_string();
+    let secret_line = r
+        .stdout
+        .lines()
+        .nth(1)
+        .expect("a minisign secret key")
+        .to_string();
+    assert!(r.stdout.starts_with("untrusted comment: ") && r.stdout.contains(&public));
+    assert!(
+        !r.stderr.contains(&secret_line),
+        "the secret never goes to stderr"
+    );
+    let file = dir.join(name);
+    std::fs::write(&file, &r.stdout).expect("write the signing key");
+    SigningKey {
+        file,
+        public,
+        secret_line,
+    }
+}
+
 /// Writes a policy file with one Postgres source and returns its path.
 pub fn write_policy(dir: &Path, repository: &str, recipient: &str, sources: &str) -> PathBuf {
     let text = format!(
@@ -1154,6 +1207,7 @@ pub struct PolicyBuilder {
     defaults: String,
     sources: Vec<String>,
     copies: Vec<String>,
+    signing: Option<String>,
 }
 
 impl PolicyBuilder {
@@ -1167,7 +1221,14 @@ impl PolicyBuilder {
                 .into(),
             sources: Vec::new(),
             copies: Vec::new(),
+            signing: None,
         }
+    }
+
+    /// Sets `[signing]`'s lines.
+    pub fn signing(mut self, lines: &str) -> Self {
+        self.signing = Some(lines.into());
+        self
     }
 
     /// Sets `[repository]`'s lines.
@@ -1198,8 +1259,13 @@ impl PolicyBuilder {
         } else {
             ""
         };
+        let signing = self
+            .signing
+            .as_ref()
+            .map(|s| format!("[signing]\n{s}\n\n"))
+            .unwrap_or_default();
         format!(
-            "[repository]\n{}\n\n[encryption]\nrecipients = [\"{}\"]\n{index_key}\n[defaults]\n{}\n\n{}\n{}",
+            "[repository]\n{}\n\n[encryption]\nrecipients = [\"{}\"]\n{index_key}\n{signing}[defaults]\n{}\n\n{}\n{}",
             self.repository,
             self.recipient,
             self.defaults,

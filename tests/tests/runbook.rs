@@ -1,7 +1,7 @@
 //! RUNBOOK.md's commands, run as written: every ```sh block, in order, in bash, against a
 //! throwaway PostgreSQL, two redis-servers and moto's S3, with backups of every kind taken first.
 //!
-//! The variables the runbook tells the reader to set (`POLICY`, `LIFEBOAT_IDENTITY_FILE`,
+//! The variables the runbook tells the reader to set (`POLICY`, `LIFEBOAT_IDENTITY_FILE`, `LIFEBOAT_SIGNING_PUBLIC_KEY`,
 //! `TARGET_PG`, `TARGET_REDIS`, `RESTORE_DIR`, `RESTORE_PG_DIR`, `BUCKET`, `PREFIX`, the PG* and
 //! AWS_* variables) come from this test; a line `export NAME=…` in a block is the reader's to fill
 //! in, so it is skipped here. Afterwards the restored data is compared with the source.
@@ -78,6 +78,7 @@ fn every_runbook_command_works_as_written() {
 
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
+    let signing = signing_keygen(dir.path(), "signing.key");
     let pwfile = pg.password_file(dir.path());
     let files = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(files.path().join("2026/11")).unwrap();
@@ -90,6 +91,7 @@ fn every_runbook_command_works_as_written() {
         format!(
             "[repository]\nurl = \"s3://{bucket}/production\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n\n\
              [encryption]\nrecipients = [\"{}\"]\nindex_key = \"runbook-index-key-0123456789abcdef\"\n\n\
+             [signing]\n{}\n\n\
              [defaults]\nretention = {{ keep_last = 3 }}\n\n\
              [[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n\n\
              [[sources]]\nname = \"app-cluster\"\nkind = \"postgres-physical\"\nurl = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\n\n\
@@ -97,6 +99,7 @@ fn every_runbook_command_works_as_written() {
              [[sources]]\nname = \"uploads\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
             s3.endpoint,
             key.recipient,
+            signing.signs(&[&signing.public]),
             pg.url(&db),
             pwfile.display(),
             pg.url("postgres"),
@@ -143,6 +146,7 @@ fn every_runbook_command_works_as_written() {
             "RESTORE_FILES_DIR".into(),
             dir.path().join("files-restore").display().to_string(),
         ),
+        ("LIFEBOAT_SIGNING_PUBLIC_KEY".into(), signing.public.clone()),
         ("NO_COLOR".into(), "1".into()),
     ]);
     let r = lifeboat(

@@ -140,6 +140,8 @@ async fn run_scheduled(
     use lifeboat::daemon::{schedule::Cron, schedule_loop, Clock};
     let policy = policy::load_at(&policy, repository.as_deref())?;
     let identities = identities(&policy, identity)?;
+    // It signs its reports: a verifier whose reports every reader would refuse stops here.
+    lifeboat::repo::signing::Trust::new(policy.signing.as_ref()).signer()?;
     // A daemon outlives a repository that is not there yet (the first backup has not run) or
     // not reachable right now: each tick opens it afresh, and says why it could not.
     if let Err(e) = Repository::open(&policy).await {
@@ -261,6 +263,8 @@ async fn run(command: Command, cancel: CancellationToken) -> Result<i32> {
     };
     let policy = policy::load_at(&policy, repository.as_deref())?;
     let identities = identities(&policy, identity)?;
+    // It signs its reports: a verifier whose reports every reader would refuse stops here.
+    lifeboat::repo::signing::Trust::new(policy.signing.as_ref()).signer()?;
     let repo = Repository::open(&policy).await?;
     let sources: Vec<_> = match &source {
         Some(name) => vec![policy.source(name).ok_or_else(|| {

@@ -166,8 +166,13 @@ enum Command {
         #[command(subcommand)]
         command: WalCommand,
     },
-    /// Print a new age identity on stdout and its recipient on stderr.
-    Keygen,
+    /// Print a new age identity on stdout and its recipient on stderr; with --signing, a signing
+    /// key (minisign format) and its public key, for `[signing]`.
+    Keygen {
+        /// A signing key for `signing.key_file` instead; its public key goes in `signing.trusted`.
+        #[arg(long)]
+        signing: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -220,6 +225,10 @@ pub(crate) struct RestoreArgs {
     /// Restore into a database that already holds data, without asking.
     #[arg(long)]
     pub yes: bool,
+    /// Break glass: also offer a backup no trusted key signed (`[signing]`), e.g. after the
+    /// signing key was lost. The plan says so. Never for a backup you cannot vouch for.
+    #[arg(long)]
+    pub allow_unsigned: bool,
     /// Redis: delete every key on the target (FLUSHALL) before restoring, instead of replacing
     /// only the keys the backup holds.
     #[arg(long)]

@@ -548,6 +548,10 @@ impl Agent {
 pub async fn run(policy: Policy, shutdown: CancellationToken) -> Result<()> {
     let listen = policy.agent.listen;
     let grace = policy.agent.shutdown_grace;
+    // Every backup it publishes is signed: an agent without a key readers trust never starts.
+    if let Some(signer) = crate::repo::signing::Trust::new(policy.signing.as_ref()).signer()? {
+        tracing::info!(key = %signer.id(), "Signing with key");
+    }
     let agent = Arc::new(Agent::new(policy, Clock::System));
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         Error::failed(format!("cannot listen on {listen} (agent.listen): {e}"))

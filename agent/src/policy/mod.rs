@@ -152,6 +152,9 @@ pub fn parse(
         }
         Some(v) => section::<raw::RawEncryption>("encryption", v, &mut problems),
     };
+    let signing = table
+        .remove("signing")
+        .and_then(|v| section::<raw::RawSigning>("signing", v, &mut problems));
     let agent = table
         .remove("agent")
         .and_then(|v| section::<raw::RawAgent>("agent", v, &mut problems))
@@ -168,6 +171,7 @@ pub fn parse(
     let raw = validate::RawSections {
         repository,
         encryption,
+        signing,
         agent,
         defaults,
         sources,

@@ -11,6 +11,7 @@ use serde::Deserialize;
 pub const TOP_LEVEL_KEYS: &[&str] = &[
     "repository",
     "encryption",
+    "signing",
     "agent",
     "defaults",
     "sources",
@@ -133,6 +134,23 @@ pub struct RawEncryption {
     /// A secret (`${VAR}`, at least 32 characters) that keys object blob ids and encrypts the
     /// agent's change index; needed by `kind = "objects"` sources, where backups are taken.
     pub index_key: Option<String>,
+}
+
+/// `[signing]`: who may publish backups. Writers sign every manifest and verification report;
+/// readers refuse what no trusted key signed (exit 13). Without this section nothing is signed or
+/// checked.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSigning {
+    /// Public keys (minisign, `RW…`) whose signatures are trusted; several during a key rotation.
+    /// `lifeboat keygen --signing` prints one.
+    pub trusted: Vec<String>,
+    /// The signing key (an unencrypted minisign secret key), only where backups or verification
+    /// reports are written: the agent and the verifier. Its public key must be in `trusted`.
+    pub key_file: Option<String>,
+    /// Unsigned backups and reports the repository stored before this time (RFC 3339) were taken
+    /// before signing existed: they stay listed and restorable, marked `unsigned`.
+    pub unsigned_before: Option<String>,
 }
 
 /// `[agent]`: the sidecar daemon.

@@ -13,6 +13,7 @@ pub fn schema() -> Value {
     let sub = |v: schemars::Schema| serde_json::to_value(v).unwrap_or(Value::Null);
     let repository = sub(generator.subschema_for::<RawRepository>());
     let encryption = sub(generator.subschema_for::<RawEncryption>());
+    let signing = sub(generator.subschema_for::<RawSigning>());
     let agent = sub(generator.subschema_for::<RawAgent>());
     let defaults = sub(generator.subschema_for::<RawDefaults>());
     let kinds = crate::source::Kind::raw_schemas(&mut generator);
@@ -45,6 +46,7 @@ pub fn schema() -> Value {
         "properties": {
             "repository": repository,
             "encryption": encryption,
+            "signing": signing,
             "agent": agent,
             "defaults": defaults,
             "sources": { "type": "array", "minItems": 1, "items": { "oneOf": one_of } },
@@ -81,6 +83,7 @@ fn sections() -> Vec<(String, String, &'static str)> {
         fixed("[repository]", "RawRepository", "table"),
         fixed("repository.object_lock", "RawObjectLock", "inline table"),
         fixed("[encryption]", "RawEncryption", "table"),
+        fixed("[signing]", "RawSigning", "table"),
         fixed("[agent]", "RawAgent", "table"),
         fixed("[defaults]", "RawDefaults", "table"),
         fixed(

@@ -483,3 +483,55 @@ url = "file://./b"
         );
     }
 }
+
+#[test]
+fn signing_keys_are_parsed_and_mistakes_named() {
+    let public = crate::repo::signing::generate().unwrap().1;
+    let text = format!(
+        "{}\n[signing]\ntrusted = [\"{public}\"]\nkey_file = \"/secrets/signing.key\"\nunsigned_before = \"2026-12-03T00:00:00Z\"\n",
+        good()
+    );
+    let p = parse(&text, "p.toml", &env, LoadOptions::default()).unwrap();
+    let s = p.signing.expect("[signing]");
+    assert_eq!(s.trusted, vec![public]);
+    assert_eq!(
+        s.key_file.unwrap(),
+        std::path::PathBuf::from("/secrets/signing.key")
+    );
+    assert_eq!(
+        s.unsigned_before.unwrap().to_rfc3339(),
+        "2026-12-03T00:00:00+00:00"
+    );
+    assert!(parse(&good(), "p.toml", &env, LoadOptions::default())
+        .unwrap()
+        .signing
+        .is_none());
+
+    let bad = format!(
+        "{}\n[signing]\ntrusted = [\"age1notakey\"]\nunsigned_before = \"yesterday\"\nkey = \"x\"\n",
+        good()
+    );
+    let got = problems(&bad);
+    assert!(got.iter().any(|p| p.starts_with("signing.key:")), "{got:?}");
+    let bad = format!(
+        "{}\n[signing]\ntrusted = [\"age1notakey\"]\nunsigned_before = \"yesterday\"\n",
+        good()
+    );
+    let got = problems(&bad);
+    assert!(
+        got.iter().any(|p| p.starts_with("signing.trusted[0]:")
+            && p.contains("not a minisign public key")
+            && p.contains("keygen --signing")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("signing.unsigned_before:")),
+        "{got:?}"
+    );
+    let got = problems(&format!("{}\n[signing]\ntrusted = []\n", good()));
+    assert!(
+        got.iter().any(|p| p.starts_with("signing.trusted:")),
+        "{got:?}"
+    );
+}

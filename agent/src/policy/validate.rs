@@ -54,6 +54,8 @@ pub struct Policy {
     pub repository: RepositoryConfig,
     /// Who can read them.
     pub encryption: EncryptionConfig,
+    /// Who may publish them (`None`: nothing is signed or checked).
+    pub signing: Option<SigningConfig>,
     /// Daemon settings.
     pub agent: AgentConfig,
     /// Time zone for schedules and retention.
@@ -193,6 +195,17 @@ pub struct EncryptionConfig {
     pub identity_file: Option<PathBuf>,
     /// Keys blob ids and encrypts the agent's change index (objects sources).
     pub index_key: Option<Secret>,
+}
+
+/// `[signing]`, validated.
+#[derive(Debug, Clone)]
+pub struct SigningConfig {
+    /// Trusted public keys (`RW…`), each parsed.
+    pub trusted: Vec<String>,
+    /// The writer's secret key file.
+    pub key_file: Option<PathBuf>,
+    /// Unsigned objects stored before this are accepted, marked.
+    pub unsigned_before: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Daemon settings.
@@ -404,6 +417,8 @@ pub(super) struct RawSections {
     pub repository: Option<RawRepository>,
     /// `[encryption]`.
     pub encryption: Option<RawEncryption>,
+    /// `[signing]`.
+    pub signing: Option<RawSigning>,
     /// `[agent]`.
     pub agent: RawAgent,
     /// `[defaults]`.
@@ -423,11 +438,13 @@ pub(super) fn validate(
     let RawSections {
         repository,
         encryption,
+        signing,
         agent,
         defaults,
         sources,
         copies,
     } = raw;
+    let signing = signing.map(|s| validate_signing(s, allow_missing_env, problems));
     let repository = repository.and_then(|r| validate_repository("repository", r, problems));
     let copies = validate_copies(copies, repository.as_ref(), problems);
     let encryption = encryption.map(|e| validate_encryption(e, allow_missing_env, problems));
@@ -468,6 +485,7 @@ pub(super) fn validate(
         Some(Policy {
             repository: repository?,
             encryption: encryption?,
+            signing,
             agent,
             timezone,
             sources: out,
@@ -742,6 +760,43 @@ fn validate_encryption(
         recipients: raw.recipients,
         identity_file: raw.identity_file.map(PathBuf::from),
         index_key: raw.index_key.map(Secret::new),
+    }
+}
+
+fn validate_signing(raw: RawSigning, allow_missing_env: bool, p: &mut Problems) -> SigningConfig {
+    if raw.trusted.is_empty() {
+        p.add(
+            "signing.trusted",
+            "at least one public key is needed; `lifeboat keygen --signing` prints one",
+        );
+    }
+    for (i, k) in raw.trusted.iter().enumerate() {
+        if k.is_empty() && allow_missing_env {
+            continue;
+        }
+        if let Err(why) = crate::repo::signing::parse_public(k) {
+            p.add(
+                format!("signing.trusted[{i}]"),
+                format!("{why}; `lifeboat keygen --signing` prints one"),
+            );
+        }
+    }
+    let unsigned_before = raw.unsigned_before.as_deref().and_then(|t| {
+        match chrono::DateTime::parse_from_rfc3339(t) {
+            Ok(t) => Some(t.with_timezone(&chrono::Utc)),
+            Err(_) => {
+                p.add(
+                    "signing.unsigned_before",
+                    format!("`{t}` is not an RFC 3339 time such as `2026-12-03T00:00:00Z`"),
+                );
+                None
+            }
+        }
+    });
+    SigningConfig {
+        trusted: raw.trusted,
+        key_file: raw.key_file.filter(|f| !f.is_empty()).map(PathBuf::from),
+        unsigned_before,
     }
 }
 

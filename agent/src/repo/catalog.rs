@@ -3,8 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+
 use super::layout;
 use super::manifest::Manifest;
+use super::signing::{self, Seal};
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -26,6 +29,8 @@ pub struct Entry {
     pub manifest: Manifest,
     /// Its latest verification, if any.
     pub verification: Option<Verification>,
+    /// Who published it.
+    pub seal: Seal,
 }
 
 impl Entry {
@@ -47,6 +52,8 @@ pub struct Listing {
     /// Backups whose manifest is damaged: (source, id, what is wrong). Not offered for restore;
     /// `lifeboat check` names them, and the rest of the listing stays usable.
     pub damaged: Vec<(String, String, String)>,
+    /// Verification reports no trusted key signed: (key, why). Never counted.
+    pub untrusted_reports: Vec<(String, String)>,
 }
 
 impl Repository {
@@ -61,21 +68,27 @@ impl Repository {
             .list(&prefix)
             .await
             .map_err(|e| Error::from(e).context("listing backups"))?;
-        let mut dirs: BTreeMap<(String, String), bool> = BTreeMap::new();
+        // (source, id) → when its manifest was stored, if it has one.
+        let mut dirs: BTreeMap<(String, String), Option<Option<DateTime<Utc>>>> = BTreeMap::new();
         for o in &objects {
             if let Some((s, id, name)) = layout::parse_backup_key(&o.key) {
-                let has = dirs.entry((s.to_string(), id.to_string())).or_insert(false);
-                *has |= name == layout::MANIFEST;
+                let has = dirs.entry((s.to_string(), id.to_string())).or_insert(None);
+                if name == layout::MANIFEST {
+                    *has = Some(o.modified);
+                }
             }
         }
-        let mut verifications = self.verifications(source).await?;
-        let mut listing = Listing::default();
-        for ((s, id), has_manifest) in dirs {
-            if !has_manifest {
+        let (mut verifications, untrusted_reports) = self.verifications(source).await?;
+        let mut listing = Listing {
+            untrusted_reports,
+            ..Listing::default()
+        };
+        for ((s, id), stored) in dirs {
+            let Some(stored) = stored else {
                 listing.incomplete.push((s, id));
                 continue;
-            }
-            let manifest = match self.manifest(&s, &id).await {
+            };
+            let (manifest, seal) = match self.sealed_manifest(&s, &id, stored).await {
                 Ok(m) => m,
                 Err(e) if e.kind == ErrorKind::Integrity => {
                     listing.damaged.push((s, id, e.message));
@@ -87,6 +100,7 @@ impl Repository {
             listing.backups.push(Entry {
                 manifest,
                 verification,
+                seal,
             });
         }
         listing.backups.sort_by(|a, b| {
@@ -95,18 +109,33 @@ impl Repository {
         Ok(listing)
     }
 
-    /// Reads and parses one manifest; its object names must be plain names inside the backup.
+    /// Reads and parses one manifest; its object names must be plain names inside the backup,
+    /// and a trusted key must have signed it (when the policy has `[signing]`).
     pub async fn manifest(&self, source: &str, id: &str) -> Result<Manifest> {
+        Ok(self.sealed_manifest(source, id, None).await?.0)
+    }
+
+    /// [`Repository::manifest`], with who published it. `stored` is when the repository stored
+    /// the manifest, when a listing said.
+    pub async fn sealed_manifest(
+        &self,
+        source: &str,
+        id: &str,
+        stored: Option<DateTime<Utc>>,
+    ) -> Result<(Manifest, Seal)> {
         let key = layout::manifest(source, id);
-        let bytes = self.store.get(&key).await.map_err(|e| match e {
-            crate::store::StoreError::NotFound { .. } => Error::new(
+        let (bytes, seal) = self.read_signed(&key, stored).await.map_err(|e| match e {
+            super::ReadSignedError::Store(crate::store::StoreError::NotFound { .. }) => Error::new(
                 ErrorKind::Failed,
                 format!("no backup {id} of source {source} (no {key})"),
             )
             .hint("`lifeboat list` shows the backups there are"),
-            other => Error::from(other).context(format!("reading {key}")),
+            super::ReadSignedError::Store(other) => {
+                Error::from(other).context(format!("reading {key}"))
+            }
+            super::ReadSignedError::Judged(e) => e,
         })?;
-        parse_manifest(&key, &bytes, source, id)
+        Ok((parse_manifest(&key, &bytes, source, id)?, seal))
     }
 
     /// Finds a backup of `source`: `latest`, an id, or the newest started before `before`.
@@ -152,11 +181,15 @@ impl Repository {
         Err(Error::failed(what).hint("`lifeboat list` shows the backups there are"))
     }
 
-    /// The latest verification of every backup of `source` (or all), by (source, id).
-    async fn verifications(
+    /// The latest trusted verification of every backup of `source` (or all), by (source, id),
+    /// and the reports no trusted key signed, with why.
+    pub async fn verifications(
         &self,
         source: Option<&str>,
-    ) -> Result<BTreeMap<(String, String), Verification>> {
+    ) -> Result<(
+        BTreeMap<(String, String), Verification>,
+        Vec<(String, String)>,
+    )> {
         let prefix = match source {
             Some(s) => layout::verifications_prefix(s),
             None => layout::all_verifications_prefix(),
@@ -166,16 +199,38 @@ impl Repository {
             .list(&prefix)
             .await
             .map_err(|e| Error::from(e).context("listing verification reports"))?;
-        // Keys sort by verify id, which sorts by time: the last one per backup is the latest.
-        let mut latest: BTreeMap<(String, String), String> = BTreeMap::new();
-        for o in objects {
+        // Keys sort by verify id, which sorts by time: the last trusted one per backup is the
+        // latest.
+        let mut reports: BTreeMap<(String, String), Vec<&crate::store::ObjectInfo>> =
+            BTreeMap::new();
+        for o in &objects {
+            if signing::is_signature(&o.key) {
+                continue;
+            }
             if let Some((s, id)) = layout::parse_verification_key(&o.key) {
-                latest.insert((s.to_string(), id.to_string()), o.key.clone());
+                reports
+                    .entry((s.to_string(), id.to_string()))
+                    .or_default()
+                    .push(o);
             }
         }
         let mut out = BTreeMap::new();
-        for (k, key) in latest {
-            let report = self.store.get(&key).await.map_err(Error::from)?;
+        let mut untrusted = Vec::new();
+        for (k, keys) in reports {
+            let mut trusted = None;
+            for o in keys.iter().rev() {
+                match self.read_signed(&o.key, o.modified).await {
+                    Ok((body, _)) => {
+                        trusted = Some(body);
+                        break;
+                    }
+                    Err(super::ReadSignedError::Judged(e)) if e.kind == ErrorKind::Integrity => {
+                        untrusted.push((o.key.clone(), e.message));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let Some(report) = trusted else { continue };
             let v: serde_json::Value = serde_json::from_slice(&report).unwrap_or_default();
             out.insert(
                 k,
@@ -186,7 +241,7 @@ impl Repository {
                 },
             );
         }
-        Ok(out)
+        Ok((out, untrusted))
     }
 }
 

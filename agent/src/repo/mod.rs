@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod layout;
 pub mod lock;
 pub mod manifest;
+pub mod signing;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, ErrorKind, Result};
 use crate::policy::Policy;
 use crate::store::{self, ObjectStore, StoreError};
+use signing::{Seal, Signer, Trust};
 
 /// The repository marker's content.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +36,32 @@ pub struct Marker {
 pub struct Repository {
     /// The store, with retries.
     pub store: Arc<dyn ObjectStore>,
+    /// Whose signatures its readers accept (the policy's `[signing]`).
+    pub trust: Arc<Trust>,
+}
+
+/// Why [`Repository::read_signed`] failed: the store (e.g. not found), or the judgement.
+#[derive(Debug)]
+pub enum ReadSignedError {
+    /// Reading the object failed.
+    Store(StoreError),
+    /// Not trusted, or its signature could not be read.
+    Judged(Error),
+}
+
+impl From<Error> for ReadSignedError {
+    fn from(e: Error) -> Self {
+        ReadSignedError::Judged(e)
+    }
+}
+
+impl From<ReadSignedError> for Error {
+    fn from(e: ReadSignedError) -> Self {
+        match e {
+            ReadSignedError::Store(e) => e.into(),
+            ReadSignedError::Judged(e) => e,
+        }
+    }
 }
 
 /// `lifeboat <version>`.
@@ -45,7 +73,10 @@ impl Repository {
     /// Opens an existing repository; exit 10 if there is none.
     pub async fn open(policy: &Policy) -> Result<Self> {
         let store = store::open(&policy.repository).await?;
-        let repo = Repository { store };
+        let repo = Repository {
+            store,
+            trust: Arc::new(Trust::new(policy.signing.as_ref())),
+        };
         repo.read_marker().await?.ok_or_else(|| {
             Error::new(
                 ErrorKind::RepositoryMissing,
@@ -59,7 +90,10 @@ impl Repository {
     /// Opens the repository, creating its marker if the location is empty.
     pub async fn open_or_init(policy: &Policy) -> Result<Self> {
         let store = store::open(&policy.repository).await?;
-        let repo = Repository { store };
+        let repo = Repository {
+            store,
+            trust: Arc::new(Trust::new(policy.signing.as_ref())),
+        };
         if repo.read_marker().await?.is_none() {
             let marker = Marker {
                 format: layout::FORMAT_VERSION,
@@ -75,6 +109,73 @@ impl Repository {
             tracing::info!(repository = %repo.store.describe(), "Created repository");
         }
         Ok(repo)
+    }
+
+    /// The same repository, offering what no trusted key signed, marked (`--allow-unsigned`).
+    pub fn allowing_unsigned(mut self) -> Self {
+        let mut trust = (*self.trust).clone();
+        trust.allow_unsigned = true;
+        self.trust = Arc::new(trust);
+        self
+    }
+
+    /// Stores `body` at `key`, its signature first when `signer` is given: once the object is
+    /// visible, so is what vouches for it.
+    pub async fn publish(&self, key: &str, body: Bytes, signer: Option<&Signer>) -> Result<()> {
+        if let Some(signer) = signer {
+            let sig = signer.sign(key, &body)?;
+            let sig_key = signing::signature_key(key);
+            self.store
+                .put(&sig_key, sig)
+                .await
+                .map_err(|e| Error::from(e).context(format!("storing {sig_key}")))?;
+        }
+        self.store
+            .put(key, body)
+            .await
+            .map_err(|e| Error::from(e).context(format!("storing {key}")))
+    }
+
+    /// Reads `key` and judges who published it (see [`Trust::judge`]). `stored` is when the
+    /// repository stored it, when a listing already said; otherwise it is asked only if needed.
+    pub async fn read_signed(
+        &self,
+        key: &str,
+        stored: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> std::result::Result<(Bytes, Seal), ReadSignedError> {
+        let body = self.store.get(key).await.map_err(ReadSignedError::Store)?;
+        let seal = self.judge(key, &body, stored).await?;
+        Ok((body, seal))
+    }
+
+    /// Judges `body`, read from `key`, by its signature object.
+    pub async fn judge(
+        &self,
+        key: &str,
+        body: &[u8],
+        stored: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Seal> {
+        if !self.trust.enabled() {
+            return Ok(Seal::Unchecked);
+        }
+        let sig_key = signing::signature_key(key);
+        let sig = match self.store.get(&sig_key).await {
+            Ok(b) => Some(b),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(Error::from(e).context(format!("reading {sig_key}"))),
+        };
+        let stored = match (&sig, stored) {
+            (None, None) => self
+                .store
+                .list(key)
+                .await
+                .map_err(|e| Error::from(e).context(format!("listing {key}")))?
+                .into_iter()
+                .find(|o| o.key == key)
+                .and_then(|o| o.modified),
+            (_, s) => s,
+        };
+        self.trust.judge(key, body, sig.as_deref(), stored)
     }
 
     async fn read_marker(&self) -> Result<Option<Marker>> {

@@ -141,15 +141,15 @@ pub struct Report {
 }
 
 impl Report {
-    /// Stores the report in the repository and returns its key.
+    /// Stores the report in the repository, signed when the policy has `[signing]`, and returns
+    /// its key.
     pub async fn store(&self, repo: &Repository) -> Result<String> {
         let key = crate::repo::layout::verification(&self.source, &self.backup_id, &self.verify_id);
         let body = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::failed(format!("cannot encode the report: {e}")))?;
-        repo.store
-            .put(&key, Bytes::from(body))
-            .await
-            .map_err(|e| Error::from(e).context(format!("storing {key}")))?;
+        let signer = repo.trust.signer()?;
+        repo.publish(&key, Bytes::from(body), signer.as_ref())
+            .await?;
         Ok(key)
     }
 }

@@ -53,6 +53,9 @@ pub async fn check_cmd(
                 String::new()
             }
         );
+        for u in &report.unsigned {
+            eprintln!("note: {u} is unsigned, stored before signing.unsigned_before: taken before signing existed");
+        }
         for i in &report.incomplete {
             eprintln!("note: {i} has no manifest: an interrupted run, not a backup");
         }

@@ -52,6 +52,7 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
                     "parts": m.parts.iter().map(|p| &p.name).collect::<Vec<_>>(),
                     "base_backup": m.base_backup,
                     "copies": held_by(m),
+                    "seal": e.seal,
                 })
             })
             .collect();
@@ -60,12 +61,14 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
         writeln!(out, "{text}").map_err(print_error)?;
     } else {
         let where_ = if copies.is_empty() { "" } else { " COPIES" };
-        writeln!(
-            out,
-            "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{where_}",
+        // With [signing], who published each backup: `signed`, or `unsigned` from before signing.
+        let signed = repo.trust.enabled();
+        let seal_head = if signed { " SIGNED  " } else { "" };
+        let head = format!(
+            "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{seal_head}{where_}",
             "SOURCE", "ID", "KIND", "STARTED (UTC)", "PLAIN", "STORED", "VERIFIED"
-        )
-        .map_err(print_error)?;
+        );
+        writeln!(out, "{}", head.trim_end()).map_err(print_error)?;
         for e in &listing.backups {
             let m = &e.manifest;
             let held = held_by(m);
@@ -74,12 +77,16 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
                 (false, true) => " -".to_string(),
                 (false, false) => format!(" {}", held.join(",")),
             };
-            writeln!(
-                out,
-                "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{where_}",
+            let seal = if signed {
+                format!(" {:<8}", e.seal.word())
+            } else {
+                String::new()
+            };
+            let line = format!(
+                "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{seal}{where_}",
                 m.source,
                 m.id,
-                m.kind,
+                m.kind.to_string(),
                 m.started_at.format("%Y-%m-%d %H:%M:%S"),
                 human_bytes(m.size_plain),
                 human_bytes(m.size_stored),
@@ -88,8 +95,8 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
                     Some(_) => "FAILED",
                     None => "no",
                 }
-            )
-            .map_err(print_error)?;
+            );
+            writeln!(out, "{}", line.trim_end()).map_err(print_error)?;
         }
         if listing.backups.is_empty() {
             eprintln!("no backups yet");
@@ -104,6 +111,9 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
     }
     for (s, id, why) in &listing.damaged {
         eprintln!("warning: backup {id} of {s} is not listed: {why} (run `lifeboat check`)");
+    }
+    for (key, why) in &listing.untrusted_reports {
+        eprintln!("warning: verification report {key} is not counted: {why} (RUNBOOK.md#untrusted-backup)");
     }
     Ok(())
 }

@@ -53,7 +53,7 @@ pub async fn run(command: Command, cancel: CancellationToken) -> Result<()> {
         Command::Policy {
             command: PolicyCommand::Schema,
         } => policy::schema(),
-        Command::Keygen => policy::keygen(),
+        Command::Keygen { signing } => policy::keygen(signing),
         Command::Wal {
             command: WalCommand::Stream { policy, source },
         } => wal::stream(&policy, &source, cancel).await,

@@ -31,8 +31,12 @@ pub fn policy_check(files: &[std::path::PathBuf], allow_missing_env: bool) -> Re
                         format!(", copied to {}", names.join(", "))
                     }
                 };
+                let signing = match &p.signing {
+                    None => ", unsigned (no [signing])".to_string(),
+                    Some(s) => format!(", signed ({} trusted key(s))", s.trusted.len()),
+                };
                 eprintln!(
-                    "{}: ok, {} source(s){copies}{missing}",
+                    "{}: ok, {} source(s){copies}{signing}{missing}",
                     f.display(),
                     p.sources.len()
                 );
@@ -52,8 +56,14 @@ pub fn policy_check(files: &[std::path::PathBuf], allow_missing_env: bool) -> Re
     Ok(())
 }
 
-pub fn keygen() -> Result<()> {
+pub fn keygen(signing: bool) -> Result<()> {
     use age::secrecy::ExposeSecret;
+    if signing {
+        let (secret, public) = lifeboat::repo::signing::generate()?;
+        write!(std::io::stdout().lock(), "{secret}").map_err(print_error)?;
+        eprintln!("Public key: {public}");
+        return Ok(());
+    }
     let identity = age::x25519::Identity::generate();
     let recipient = identity.to_public().to_string();
     let mut out = std::io::stdout().lock();

@@ -3,6 +3,7 @@
 //! refuses (exit 14), then applies the plan and prints what it did.
 
 use lifeboat::human_bytes;
+use lifeboat::repo::signing::Seal;
 use lifeboat::repo::Repository;
 use lifeboat::restore::{self as r, Plan};
 use lifeboat::source::postgres_physical::pitr;
@@ -24,7 +25,10 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         return Err(Error::new(ErrorKind::Invalid, "--jobs must be at least 1"));
     }
     let target = recovery_target(&a)?;
-    let repo = Repository::open(&policy).await?;
+    let mut repo = Repository::open(&policy).await?;
+    if a.allow_unsigned {
+        repo = repo.allowing_unsigned();
+    }
     // The newest base backup before the target, from one listing the plan reuses.
     let (entry, backups) = match &target {
         Some(t) if a.backup == "latest" && before.is_none() => {
@@ -60,7 +64,11 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         to: &a.to,
         options: &options,
     };
-    let plan = r::plan(&request).await?;
+    let mut plan = r::plan(&request).await?;
+    plan.document["seal"] = serde_json::json!(entry.seal);
+    if let Some(line) = seal_line(&entry.seal) {
+        plan.details.insert(0, ("signed", line));
+    }
     if show_plan(&a, &entry.manifest, &plan) {
         return Ok(());
     }
@@ -98,6 +106,20 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The plan's line on who published the backup, unless nothing is checked.
+fn seal_line(seal: &Seal) -> Option<String> {
+    match seal {
+        Seal::Unchecked => None,
+        Seal::Signed { key } => Some(format!("yes, by trusted key {key}")),
+        Seal::Legacy => Some(
+            "NO: stored before signing.unsigned_before, taken before signing existed".into(),
+        ),
+        Seal::Untrusted { why } => Some(format!(
+            "NO, restoring only because of --allow-unsigned: the manifest {why}; no trusted key vouches for what it restores"
+        )),
+    }
 }
 
 /// Prints a restore plan (human lines unless `json`); with --dry-run also the JSON plan, and

@@ -413,6 +413,7 @@ mod tests {
         Entry {
             manifest: serde_json::from_value(m).unwrap(),
             verification: None,
+            seal: crate::repo::signing::Seal::Unchecked,
         }
     }
 
