@@ -166,12 +166,54 @@ def check_overlay(name, docs):
         if policy["data"]["policy.toml"] != env_file.read_text(encoding="utf-8"):
             problems.append(f"{name}: the overlay's policy.toml is not policies/{name}.toml: "
                             f"cp policies/{name}.toml deploy/kubernetes/overlays/{name}/policy.toml")
+    check_containment(name, docs)
     if name != "dev":
         cron = next((d for d in docs if d["kind"] == "CronJob"), None)
         if cron is None or cron["spec"].get("concurrencyPolicy") != "Forbid":
             problems.append(f"{name}: the verifier CronJob must exist with concurrencyPolicy: Forbid")
         if "PrometheusRule" not in kinds:
             problems.append(f"{name}: no PrometheusRule (components/monitoring)")
+
+
+PRIVATE = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"}
+
+
+def check_containment(name, docs):
+    """Every verifier pod is under a NetworkPolicy that admits nothing and lets out only DNS and
+    TCP 443 beyond the private and link-local ranges (ARCHITECTURE.md, containment)."""
+    for cron in (d for d in docs if d["kind"] == "CronJob"):
+        labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels", {})
+        covering = [
+            p for p in docs
+            if p["kind"] == "NetworkPolicy"
+            and all(labels.get(k) == v for k, v in p["spec"].get("podSelector", {}).get("matchLabels", {}).items())
+            and p["spec"].get("podSelector", {}).get("matchLabels")
+        ]
+        if not covering:
+            problems.append(f"{name}: the verifier CronJob {cron['metadata']['name']} has no NetworkPolicy selecting its pods")
+            continue
+        for p in covering:
+            spec = p["spec"]
+            where = f"{name}: NetworkPolicy {p['metadata']['name']}"
+            if set(spec.get("policyTypes", [])) != {"Ingress", "Egress"}:
+                problems.append(f"{where}: policyTypes must be Ingress and Egress")
+            if spec.get("ingress"):
+                problems.append(f"{where}: the verifier must admit no ingress")
+            for rule in spec.get("egress", []):
+                ports = {(x.get("protocol", "TCP"), x.get("port")) for x in rule.get("ports", [])}
+                if not ports:
+                    problems.append(f"{where}: an egress rule without ports lets everything out")
+                elif ports <= {("UDP", 53), ("TCP", 53)}:
+                    continue
+                elif ports == {("TCP", 443)}:
+                    for peer in rule.get("to", []):
+                        block = peer.get("ipBlock")
+                        if block and block.get("cidr") == "0.0.0.0/0" and not PRIVATE <= set(block.get("except", [])):
+                            problems.append(f"{where}: 443 to 0.0.0.0/0 must except {sorted(PRIVATE)}")
+                        if not block and not peer:
+                            problems.append(f"{where}: 443 to anywhere")
+                else:
+                    problems.append(f"{where}: egress on {sorted(ports)}: only DNS and TCP 443 may leave")
 
 
 def check_kubernetes():

@@ -403,25 +403,28 @@ impl Copier {
             .into_iter()
             .map(|o| (o.key, o.size))
             .collect();
-        let missing: Vec<&ObjectInfo> = shared
+        let (signatures, objects): (Vec<&ObjectInfo>, Vec<&ObjectInfo>) = shared
             .objects
             .iter()
             .filter(|o| there.get(&o.key) != Some(&o.size))
-            .collect();
-        // Owned futures, made before the stream: a lazily mapped stream that borrows `self`
-        // makes the agent's task not `Send`.
-        let copies: Vec<_> = missing
-            .into_iter()
-            .map(|o| {
-                let (this, key) = (self.clone(), o.key.clone());
-                async move { this.copy_object(&key, None).await }
-            })
-            .collect();
-        let mut copies = futures::stream::iter(copies).buffer_unordered(SHARED_AT_ONCE);
-        while let Some(copied) = copies.next().await {
-            done.bytes += copied?;
-            done.objects += 1;
-            done.shared += 1;
+            .partition(|o| signing::is_signature(&o.key));
+        // Signatures first: an object shows at the copy with what vouches for it.
+        for group in [signatures, objects] {
+            // Owned futures, made before the stream: a lazily mapped stream that borrows `self`
+            // makes the agent's task not `Send`.
+            let copies: Vec<_> = group
+                .into_iter()
+                .map(|o| {
+                    let (this, key) = (self.clone(), o.key.clone());
+                    async move { this.copy_object(&key, None).await }
+                })
+                .collect();
+            let mut copies = futures::stream::iter(copies).buffer_unordered(SHARED_AT_ONCE);
+            while let Some(copied) = copies.next().await {
+                done.bytes += copied?;
+                done.objects += 1;
+                done.shared += 1;
+            }
         }
         Ok(())
     }

@@ -871,6 +871,18 @@ pub fn keygen(dir: &Path) -> Key {
     }
 }
 
+/// A copy of `policy` whose agent listens on `port` (`[agent] listen`), written beside it.
+pub fn listening(policy: &Path, port: u16) -> PathBuf {
+    let text = std::fs::read_to_string(policy).expect("read the policy");
+    let out = policy.with_file_name(format!("listening-{}.toml", suffix()));
+    std::fs::write(
+        &out,
+        format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n\n{text}"),
+    )
+    .expect("write the policy");
+    out
+}
+
 /// A signing key made with `lifeboat keygen --signing`.
 pub struct SigningKey {
     /// The secret key file.

@@ -50,6 +50,17 @@ impl Fx {
             .write(self.dir.path())
     }
 
+    /// A physical source's fields as `postgres`, streaming WAL through `slot` and flushing every
+    /// second, with `more` fields.
+    fn wal_fields(&self, slot: &str, more: &str) -> String {
+        let pw = self.pg.password_file(self.dir.path());
+        format!(
+            "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nretries = 0\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}\n{more}",
+            self.pg.url(&self.db),
+            pw.display()
+        )
+    }
+
     /// A policy whose source streams WAL through a new slot, flushing every second: the slot
     /// and the policy.
     fn wal_policy(&self) -> (String, PathBuf) {
@@ -534,8 +545,9 @@ fn archived_end_of_names(names: &[String]) -> u64 {
     let mut end = 0;
     for name in names {
         let name = name.rsplit('/').next().unwrap_or(name);
-        // An upload in progress (`.SEGMENT….tmp-…` in a directory repository) holds nothing yet.
-        if name.starts_with('.') {
+        // An upload in progress (`.SEGMENT….tmp-…` in a directory repository) holds nothing yet,
+        // and a signature (stored before its object) holds no WAL.
+        if name.starts_with('.') || name.ends_with(".minisig") {
             continue;
         }
         let Some(seg) = name.get(..24) else { continue };
@@ -975,21 +987,12 @@ fn an_s3_outage_while_streaming_loses_nothing_and_the_slot_waits() {
     let proxy = S3Proxy::start(&s3.endpoint);
     let env = s3.env();
     let slot = format!("lb_{}", suffix());
-    let pw = fx.pg.password_file(fx.dir.path());
     let policy = PolicyBuilder::new(&fx.key.recipient)
         .repository(&format!(
             "url = \"s3://{bucket}/repo\"\nendpoint = \"{}\"",
             proxy.endpoint
         ))
-        .source(
-            "cluster",
-            "postgres-physical",
-            &format!(
-                "url = \"{}\"\npassword_file = \"{}\"\ncheckpoint = \"fast\"\nretries = 0\nwal = {{ slot = \"{slot}\", flush_interval = \"1s\" }}",
-                fx.pg.url(&fx.db),
-                pw.display()
-            ),
-        )
+        .source("cluster", "postgres-physical", &fx.wal_fields(&slot, ""))
         .write(fx.dir.path());
     let p = policy.to_str().unwrap();
     let archived = || {
@@ -2235,4 +2238,131 @@ fn the_verifier_replays_the_archived_wal_past_the_backup_and_names_a_damaged_or_
         r.stdout,
         r.stderr
     );
+}
+
+#[test]
+fn streamed_wal_is_signed_and_a_planted_segment_is_never_replayed() {
+    let fx = setup("phys_signed");
+    let signing = signing_keygen(fx.dir.path(), "signing.key");
+    let slot = format!("lb_{}", suffix());
+    let policy = PolicyBuilder::new(&fx.key.recipient)
+        .signing(&signing.signs(&[&signing.public]))
+        .copy("dr", "url = \"file://./copy\"")
+        .source("cluster", "postgres-physical", &fx.wal_fields(&slot, ""))
+        .write(fx.dir.path());
+    let log = fx.dir.path().join("stream.log");
+    let mut child = start_streamer(&fx, &policy, &slot, &log);
+    fx.backup(&policy);
+    write_some(&fx, 2, Some(0));
+    let last = write_some(&fx, 2, Some(0));
+    assert_archived(&fx, last, &log);
+    stop(&mut child);
+    fx.pg.psql(
+        "postgres",
+        &format!("select pg_drop_replication_slot('{slot}')"),
+    );
+    let repo = fx.dir.path().join("repo");
+    let wal: Vec<PathBuf> = files_under(&repo.join("wal/cluster"))
+        .into_iter()
+        .filter(|f| !f.to_string_lossy().ends_with(".minisig"))
+        .collect();
+    assert!(!wal.is_empty());
+    for f in &wal {
+        let sig = PathBuf::from(format!("{}.minisig", f.display()));
+        assert!(sig.exists(), "{} has no signature", f.display());
+    }
+    let r = fx.check_read_data(&policy);
+    assert_eq!(r.code, 0, "a signed archive checks clean: {}", r.stderr);
+
+    let segment = whole_segments(&repo).pop().expect("a whole segment");
+    let file = segment.file_name().unwrap().to_string_lossy().to_string();
+    let name = file[..24].to_string();
+
+    // A copy takes each WAL object with its signature, and recovery fetches from it alone.
+    let r = fx.run(&["copy", "--policy", policy.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "copy: {}", r.stderr);
+    let at_copy = fx
+        .dir
+        .path()
+        .join("copy")
+        .join(segment.strip_prefix(&repo).unwrap());
+    assert!(at_copy.exists(), "{} not copied", at_copy.display());
+    assert!(PathBuf::from(format!("{}.minisig", at_copy.display())).exists());
+    let r = wal_fetch(
+        &fx,
+        &policy,
+        &name,
+        &fx.dir.path().join("from-copy"),
+        &["--repository", "dr"],
+    );
+    assert_eq!(r.code, 0, "wal fetch from the copy: {}", r.stderr);
+    let fetch = |dest: &str| wal_fetch(&fx, &policy, &name, &fx.dir.path().join(dest), &[]);
+    // A bucket writer plants another "whole" object of that segment, sorting first.
+    let planted = segment.with_file_name(format!("{name}.{}.zst.age", "0".repeat(64)));
+    std::fs::copy(&segment, &planted).unwrap();
+    let r = fetch("fetched-1");
+    assert_eq!(
+        r.code, 0,
+        "the signed object is fetched, the planted one passed over: {}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::metadata(fx.dir.path().join("fetched-1"))
+            .unwrap()
+            .len(),
+        16 << 20
+    );
+    let r = fx.check_read_data(&policy);
+    assert_eq!(r.code, 13, "check names the planted object: {}", r.stderr);
+    let planted_key = format!(
+        "wal/cluster/00000001/{}",
+        planted.file_name().unwrap().to_string_lossy()
+    );
+    let problems: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("  wal/"))
+        .collect();
+    assert_eq!(problems.len(), 1, "the planted object only: {}", r.stderr);
+    assert!(
+        problems[0].starts_with(&format!("  {planted_key}: "))
+            && problems[0].contains("is not signed"),
+        "{}",
+        r.stderr
+    );
+
+    // Only an unsigned object left for the segment: recovery stops (126), never ends early.
+    std::fs::remove_file(&planted).unwrap();
+    let sig = PathBuf::from(format!("{}.minisig", segment.display()));
+    let kept = std::fs::read(&sig).unwrap();
+    std::fs::remove_file(&sig).unwrap();
+    let r = fetch("fetched-2");
+    assert_eq!(r.code, 126, "{}", r.stderr);
+    assert!(r.stderr.contains("is not signed"), "{}", r.stderr);
+    assert!(!fx.dir.path().join("fetched-2").exists());
+    let r = fx.check_read_data(&policy);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&file),
+        "check names the segment: {}",
+        r.stderr
+    );
+
+    // Another segment's signature: made for another object, refused.
+    let moved = whole_segments(&repo)
+        .into_iter()
+        .find(|f| *f != segment)
+        .map(|f| PathBuf::from(format!("{}.minisig", f.display())))
+        .expect("two whole segments");
+    std::fs::copy(&moved, &sig).unwrap();
+    let r = fetch("fetched-3");
+    assert_eq!(r.code, 126, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("does not match its bytes"),
+        "{}",
+        r.stderr
+    );
+    std::fs::write(&sig, kept).unwrap();
+    let r = fetch("fetched-4");
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }

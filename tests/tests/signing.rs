@@ -47,6 +47,23 @@ impl Fx {
         lifeboat(self.dir.path(), &all, &[])
     }
 
+    /// `restore --dry-run` of `backup` (an id or `latest`): the plan only.
+    fn plan(&self, policy: &Path, backup: &str, extra: &[&str]) -> Run {
+        let to = self.dir.path().join("plan-target");
+        let mut args = vec![
+            "restore",
+            "--source",
+            SOURCE,
+            "--backup",
+            backup,
+            "--to",
+            to.to_str().unwrap(),
+            "--dry-run",
+        ];
+        args.extend_from_slice(extra);
+        self.run(policy, &args)
+    }
+
     fn verify(&self, policy: &Path, args: &[&str]) -> Run {
         let mut all = vec![
             "verify",
@@ -229,38 +246,14 @@ fn forged_backups_are_refused_everywhere_and_never_move_prune() {
         assert!(r.stderr.contains(why), "{}", r.stderr);
         assert!(!to.join("dump.rdb").exists());
     }
-    let r = fx.run(
-        &writer,
-        &[
-            "restore",
-            "--source",
-            SOURCE,
-            "--to",
-            fx.dir.path().join("plan-target").to_str().unwrap(),
-            "--dry-run",
-            "--json",
-        ],
-    );
+    let r = fx.plan(&writer, "latest", &["--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let plan: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(plan["backup"]["id"], b2.as_str());
     assert_eq!(plan["seal"]["status"], "signed");
 
     // Break glass: offered, and the plan says in words that nobody vouches for it.
-    let r = fx.run(
-        &writer,
-        &[
-            "restore",
-            "--source",
-            SOURCE,
-            "--backup",
-            &unsigned,
-            "--to",
-            fx.dir.path().join("plan-target").to_str().unwrap(),
-            "--dry-run",
-            "--allow-unsigned",
-        ],
-    );
+    let r = fx.plan(&writer, &unsigned, &["--allow-unsigned"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stderr
@@ -381,19 +374,7 @@ fn rotation_keeps_old_backups_trusted_and_pre_signing_backups_stay_restorable_ma
         "a backup signed by the old key verifies: {}",
         v.stderr
     );
-    let r = fx.run(
-        &p2,
-        &[
-            "restore",
-            "--source",
-            SOURCE,
-            "--backup",
-            &b0,
-            "--to",
-            fx.dir.path().join("plan-target").to_str().unwrap(),
-            "--dry-run",
-        ],
-    );
+    let r = fx.plan(&p2, &b0, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stderr
@@ -458,12 +439,7 @@ fn a_writer_without_a_trusted_key_stops_before_storing_and_the_key_never_shows()
         .signing(&stranger.signs(&[&good.public]))
         .source(SOURCE, "redis", &format!("url = \"{}\"", fx.redis.url()))
         .write(fx.dir.path());
-    let text = std::fs::read_to_string(&p).unwrap();
-    std::fs::write(
-        &p,
-        format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n\n{text}"),
-    )
-    .unwrap();
+    let p = listening(&p, port);
     let r = fx.run(&p, &["agent"]);
     assert_eq!(r.code, 12, "the agent refuses to start: {}", r.stderr);
     outputs += &r.stderr;
@@ -477,12 +453,7 @@ fn a_writer_without_a_trusted_key_stops_before_storing_and_the_key_never_shows()
             &format!("url = \"{}\"\nschedule = \"* * * * * *\"", fx.redis.url()),
         )
         .write(fx.dir.path());
-    let text = std::fs::read_to_string(&p).unwrap();
-    std::fs::write(
-        &p,
-        format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n\n{text}"),
-    )
-    .unwrap();
+    let p = listening(&p, port);
     let agent = std::process::Command::new(lifeboat_bin())
         .args(["agent", "--policy", p.to_str().unwrap()])
         .env("LIFEBOAT_LOG", "debug")

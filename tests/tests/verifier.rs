@@ -89,18 +89,21 @@ impl Fx {
     }
 
     fn verify(&self, policy: &Path, extra: &[&str]) -> Run {
+        self.verify_with(policy, extra, &[])
+    }
+
+    /// [`Fx::verify`] with more environment.
+    fn verify_with(&self, policy: &Path, extra: &[&str], env: &[(String, String)]) -> Run {
         let mut args = vec!["verify", "--policy", policy.to_str().unwrap(), "--identity"];
         let id = self.key.identity.to_str().unwrap().to_string();
         args.push(&id);
         args.extend_from_slice(extra);
-        let r = verifier(
-            self.dir.path(),
-            &args,
-            &[
-                ("TMPDIR".into(), self.tmp.display().to_string()),
-                ("SCRATCH_PW".into(), self.pg.password.clone()),
-            ],
-        );
+        let mut all = vec![
+            ("TMPDIR".to_string(), self.tmp.display().to_string()),
+            ("SCRATCH_PW".to_string(), self.pg.password.clone()),
+        ];
+        all.extend_from_slice(env);
+        let r = verifier(self.dir.path(), &args, &all);
         self.assert_scratch_gone();
         r
     }
@@ -823,4 +826,83 @@ fn a_sql_ascii_database_with_bytes_in_no_encoding_verifies_and_restores_them() {
         "select encode(convert_to(string_agg(name, ',' order by id), 'SQL_ASCII'), 'hex') from s";
     assert_eq!(fx.pg.psql(&target, bytes), fx.pg.psql(&db, bytes));
     assert!(fx.pg.psql(&db, bytes).starts_with("636166e931"));
+}
+
+#[test]
+fn a_verification_without_a_network_namespace_is_shown_as_uncontained() {
+    let fx = setup("vuncontained");
+    fx.pg.psql(
+        &fx.db,
+        "create table t as select generate_series(1, 10) as id",
+    );
+    let policy = fx.policy("");
+    let id = fx.backup(&policy);
+    let r = fx.verify(&policy, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(fx.reports(&id)[0]["contained"], true);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+
+    // As in a pod without CAP_SYS_ADMIN: `unshare` is refused.
+    let bin = fx.dir.path().join("no-unshare");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::write(bin.join("unshare"), "#!/bin/sh\nexit 1\n").unwrap();
+    assert!(std::process::Command::new("chmod")
+        .args(["+x"])
+        .arg(bin.join("unshare"))
+        .status()
+        .unwrap()
+        .success());
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let r = fx.verify_with(&policy, &[], &[("PATH".into(), path)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let latest = fx.reports(&id).pop().unwrap();
+    assert_eq!(latest["contained"], false);
+    assert!(
+        latest["notes"]
+            .to_string()
+            .contains("shared the host's network"),
+        "{latest}"
+    );
+
+    // list says so, in words and in --json.
+    let p = policy.to_str().unwrap();
+    let r = lifeboat(fx.dir.path(), &["list", "--policy", p], &[]);
+    assert!(
+        r.stderr.contains(&format!(
+            "the latest verification of app-db {id} ran uncontained"
+        )),
+        "{}",
+        r.stderr
+    );
+    let r = lifeboat(fx.dir.path(), &["list", "--policy", p, "--json"], &[]);
+    let list: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(list[0]["verification"]["contained"], false);
+
+    // And the agent's /metrics.
+    let port = free_port();
+    let with_agent = listening(&policy, port);
+    let mut agent = std::process::Command::new(lifeboat_bin())
+        .args(["agent", "--policy", with_agent.to_str().unwrap()])
+        .current_dir(fx.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let contained = loop {
+        let got = http_get(port, "/metrics").and_then(|(_, body)| {
+            metric(
+                &body,
+                "lifeboat_verification_contained",
+                &[("source", "app-db")],
+            )
+        });
+        if got.is_some() || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(contained, Some(0.0));
 }

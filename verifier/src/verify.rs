@@ -83,6 +83,7 @@ pub async fn verify(
         source,
         entry,
         identities,
+        guard_notes: Default::default(),
     };
     let mut steps = source.config.verify_steps();
     let (mut report, t0) = new_report(source, entry);
@@ -107,6 +108,7 @@ pub async fn verify(
     };
     phases.set("tearing the scratch down and storing the report");
     steps.teardown().await;
+    report.notes.extend(ctx.guard_notes.borrow_mut().drain(..));
     match outcome {
         Ok(Verdict::Checked) => {}
         Ok(Verdict::RestoreFailed(e)) => {

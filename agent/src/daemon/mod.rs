@@ -270,8 +270,12 @@ impl Agent {
                         .max_by(|a, b| a.id.cmp(&b.id))
                     {
                         if let Some(at) = crate::repo::layout::id_time(&v.id) {
-                            self.telemetry
-                                .verification(&src.name, v.result == "pass", at);
+                            self.telemetry.verification(
+                                &src.name,
+                                v.result == "pass",
+                                at,
+                                v.contained,
+                            );
                         }
                     }
                     self.update(&src.name, |st| {

@@ -86,6 +86,7 @@ pub struct Telemetry {
     rpo: Family<SourceLabel, FGauge>,
     rto: Family<SourceLabel, FGauge>,
     restore_duration: Family<SourceLabel, FGauge>,
+    contained: Family<SourceLabel, Gauge>,
     backups: Family<SourceLabel, Gauge>,
     skipped: Family<SourceLabel, Counter>,
     breach: Family<SourceObjective, Gauge>,
@@ -138,6 +139,7 @@ impl Telemetry {
             rpo: Family::default(),
             rto: Family::default(),
             restore_duration: Family::default(),
+            contained: Family::default(),
             backups: Family::default(),
             skipped: Family::default(),
             breach: Family::default(),
@@ -195,6 +197,11 @@ impl Telemetry {
             "lifeboat_last_restore_duration_seconds",
             "Measured restore time of the latest verification",
             t.restore_duration.clone(),
+        );
+        registry.register(
+            "lifeboat_verification_contained",
+            "1 if the latest verification's scratch server ran without network (a namespace of its own), 0 if it shared the host's",
+            t.contained.clone(),
         );
         registry.register(
             "lifeboat_repository_backups",
@@ -414,8 +421,18 @@ impl Telemetry {
         }
     }
 
-    /// The latest verification (from the verifier's report in the repository): pass or fail, when.
-    pub fn verification(&self, source: &str, passed: bool, at: DateTime<Utc>) {
+    /// The latest verification (from the verifier's report in the repository): pass or fail,
+    /// when, and whether its scratch server was contained (when it started one).
+    pub fn verification(
+        &self,
+        source: &str,
+        passed: bool,
+        at: DateTime<Utc>,
+        contained: Option<bool>,
+    ) {
+        if let Some(c) = contained {
+            self.contained.get_or_create(&sl(source)).set(i64::from(c));
+        }
         let ts = at.timestamp_millis() as f64 / 1000.0;
         let family = if passed {
             &self.last_success

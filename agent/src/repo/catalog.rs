@@ -20,6 +20,8 @@ pub struct Verification {
     pub id: String,
     /// Measured restore time (the RTO), seconds.
     pub restore_seconds: Option<f64>,
+    /// Whether its scratch server ran without network; `Some(false)`: it ran uncontained.
+    pub contained: Option<bool>,
 }
 
 /// One backup as listed.
@@ -238,6 +240,7 @@ impl Repository {
                     result: v["result"].as_str().unwrap_or("unreadable").to_string(),
                     id: v["verify_id"].as_str().unwrap_or("").to_string(),
                     restore_seconds: v["timings"]["restore_seconds"].as_f64(),
+                    contained: v["contained"].as_bool(),
                 },
             );
         }

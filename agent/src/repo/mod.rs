@@ -122,18 +122,25 @@ impl Repository {
     /// Stores `body` at `key`, its signature first when `signer` is given: once the object is
     /// visible, so is what vouches for it.
     pub async fn publish(&self, key: &str, body: Bytes, signer: Option<&Signer>) -> Result<()> {
-        if let Some(signer) = signer {
-            let sig = signer.sign(key, &body)?;
-            let sig_key = signing::signature_key(key);
-            self.store
-                .put(&sig_key, sig)
-                .await
-                .map_err(|e| Error::from(e).context(format!("storing {sig_key}")))?;
-        }
+        self.vouch(key, &body, signer).await?;
         self.store
             .put(key, body)
             .await
             .map_err(|e| Error::from(e).context(format!("storing {key}")))
+    }
+
+    /// Stores the signature of `signed` (the object's bytes, or what stands for them) for the
+    /// object at `key`, before the object itself; nothing without a `signer`.
+    pub async fn vouch(&self, key: &str, signed: &[u8], signer: Option<&Signer>) -> Result<()> {
+        let Some(signer) = signer else {
+            return Ok(());
+        };
+        let sig = signer.sign(key, signed)?;
+        let sig_key = signing::signature_key(key);
+        self.store
+            .put(&sig_key, sig)
+            .await
+            .map_err(|e| Error::from(e).context(format!("storing {sig_key}")))
     }
 
     /// Reads `key` and judges who published it (see [`Trust::judge`]). `stored` is when the

@@ -31,6 +31,13 @@ pub fn is_signature(key: &str) -> bool {
     key.ends_with(SIGNATURE_SUFFIX)
 }
 
+/// What a WAL object's signature covers: its key and its plaintext's SHA-256 (which a segment's
+/// key already names; a history file's does not). Its stored bytes are not signed: age
+/// encryption is not deterministic, and the plaintext hash is what `wal fetch` checks.
+pub fn wal_statement(key: &str, sha256: &str) -> Vec<u8> {
+    format!("{key}\nplaintext sha256 {sha256}\n").into_bytes()
+}
+
 /// The trusted comment a signature of `key` carries.
 fn comment(key: &str) -> String {
     format!("lifeboat {key}")

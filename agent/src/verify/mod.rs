@@ -37,7 +37,12 @@ pub struct Context<'a> {
     pub entry: &'a Entry,
     /// Keys to decrypt it.
     pub identities: &'a Identities,
+    /// What the guard could not watch (e.g. the scratch disk's free space), for the report.
+    pub guard_notes: GuardNotes,
 }
+
+/// Notes the guard leaves for the report: it runs beside the restore and owns nothing of it.
+pub type GuardNotes = std::rc::Rc<std::cell::RefCell<Vec<String>>>;
 
 /// How a restore-and-observe step ended, when it could run.
 #[derive(Debug)]
@@ -103,6 +108,7 @@ pub fn new_report(source: &SourcePolicy, entry: &Entry) -> (Report, Instant) {
         replay: None,
         rto_objective_seconds: source.objectives.rto.map(|d| d.as_secs_f64()),
         rto_met: None,
+        contained: None,
     };
     (report, Instant::now())
 }

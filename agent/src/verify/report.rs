@@ -125,6 +125,10 @@ pub struct Report {
     pub scratch: String,
     /// What this verification could not cover, and why.
     pub notes: Vec<String>,
+    /// Whether the scratch server ran without network (a namespace of its own); absent where
+    /// the verifier does not start one (a shared scratch server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contained: Option<bool>,
     /// Versions involved.
     pub versions: serde_json::Value,
     /// Every check, passed or not.

@@ -112,6 +112,14 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
     for (s, id, why) in &listing.damaged {
         eprintln!("warning: backup {id} of {s} is not listed: {why} (run `lifeboat check`)");
     }
+    for e in &listing.backups {
+        if e.verification.as_ref().and_then(|v| v.contained) == Some(false) {
+            eprintln!(
+                "warning: the latest verification of {} {} ran uncontained: its scratch server shared the host's network (ARCHITECTURE.md, containment)",
+                e.manifest.source, e.manifest.id
+            );
+        }
+    }
     for (key, why) in &listing.untrusted_reports {
         eprintln!("warning: verification report {key} is not counted: {why} (RUNBOOK.md#untrusted-backup)");
     }

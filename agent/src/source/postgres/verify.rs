@@ -136,9 +136,11 @@ impl Steps for PostgresSteps {
 
     fn guard(&self, ctx: &Context<'_>) -> futures::future::LocalBoxFuture<'static, Error> {
         match &self.target {
-            Some(Target::Ephemeral(s)) => {
-                Box::pin(guard(s.dir.clone(), ctx.source.verify.scratch_max_size))
-            }
+            Some(Target::Ephemeral(s)) => Box::pin(guard(
+                s.dir.clone(),
+                ctx.source.verify.scratch_max_size,
+                ctx.guard_notes.clone(),
+            )),
             _ => Box::pin(std::future::pending()),
         }
     }
@@ -289,6 +291,7 @@ async fn ephemeral(
     report: &mut Report,
 ) -> Result<(Postgres, RestoreOptions)> {
     report.scratch = format!("ephemeral cluster ({})", s.bin.display());
+    report.contained = Some(s.shared_network.is_none());
     report.notes.push(match &s.shared_network {
         None => "the scratch cluster had no network (a network namespace of its own)".into(),
         Some(why) => format!("the scratch cluster shared the host's network: {why}"),
@@ -434,8 +437,13 @@ async fn dump_extensions(
 
 /// Returns (an error) when the restore must stop: the ephemeral cluster in `dir` grew past
 /// `max` (`verify.scratch_max_size`) or nearly filled its filesystem, which a forged dump could
-/// try and a database too large for the scratch disk would do.
-pub(crate) async fn guard(dir: std::path::PathBuf, max: Option<u64>) -> Error {
+/// try and a database too large for the scratch disk would do. When it cannot measure, it says
+/// so once in `notes` (the report's) and keeps trying.
+pub(crate) async fn guard(
+    dir: std::path::PathBuf,
+    max: Option<u64>,
+    notes: crate::verify::GuardNotes,
+) -> Error {
     // Free space every 100 ms (a restore can write hundreds of MB a second), the directory's
     // size, a walk over its files, every second.
     let mut tick = 0u64;
@@ -447,7 +455,20 @@ pub(crate) async fn guard(dir: std::path::PathBuf, max: Option<u64>) -> Error {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || super::scratch::disk_use(&dir, walk)).await
         };
-        let Ok(Ok(usage)) = probe else { continue };
+        let usage = match probe {
+            Ok(Ok(usage)) => usage,
+            Ok(Err(e)) => {
+                unwatched(
+                    &notes,
+                    format!("cannot read the scratch filesystem's free space ({e})"),
+                );
+                continue;
+            }
+            Err(e) => {
+                unwatched(&notes, format!("its probe failed ({e})"));
+                continue;
+            }
+        };
         if let Some(max) = max.filter(|_| walk) {
             if usage.used > max {
                 return Error::failed(format!(
@@ -463,6 +484,16 @@ pub(crate) async fn guard(dir: std::path::PathBuf, max: Option<u64>) -> Error {
                 crate::human_bytes(usage.reserve)
             ));
         }
+    }
+}
+
+/// Notes once that the disk guard is blind: the restore goes on, unwatched for a full disk.
+fn unwatched(notes: &crate::verify::GuardNotes, why: String) {
+    let mut notes = notes.borrow_mut();
+    if !notes.iter().any(|n| n.starts_with("disk guard:")) {
+        notes.push(format!(
+            "disk guard: {why}; this restore was not watched for a full scratch disk (verify.scratch_max_size was not enforced)"
+        ));
     }
 }
 
@@ -520,5 +551,25 @@ mod tests {
         );
         assert_eq!(with_dbname("postgres://u@h", "v"), "postgres://u@h/v");
         assert_eq!(with_dbname("host=h user=u", "v"), "host=h user=u dbname=v");
+    }
+
+    #[tokio::test]
+    async fn a_guard_that_cannot_measure_the_disk_says_so_once_and_keeps_watching() {
+        let notes = crate::verify::GuardNotes::default();
+        let gone = std::path::PathBuf::from("/nonexistent/lifeboat-scratch");
+        let watching = tokio::time::timeout(
+            std::time::Duration::from_millis(450),
+            super::guard(gone, Some(1 << 30), notes.clone()),
+        )
+        .await;
+        assert!(watching.is_err(), "it does not stop the restore");
+        let notes = notes.borrow();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("disk guard: cannot read the scratch filesystem's free space")
+                && notes[0].contains("not watched for a full scratch disk"),
+            "{}",
+            notes[0]
+        );
     }
 }

@@ -11,7 +11,7 @@ use super::{BaseBackupInfo, Lsn};
 use crate::collect::{Collection, CollectionPlan};
 use crate::error::{Error, Result};
 use crate::pipeline::CopyError;
-use crate::repo::{layout, Repository};
+use crate::repo::{layout, signing, Repository};
 
 /// One stored WAL object, from its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +79,8 @@ pub struct Archive {
     pub all: Vec<WalObject>,
     /// When the newest object was stored, when the store says.
     pub newest: Option<chrono::DateTime<chrono::Utc>>,
+    /// The signature objects beside them (`<key>.minisig`).
+    pub signatures: HashSet<String>,
 }
 
 impl Archive {
@@ -96,8 +98,14 @@ impl Archive {
     pub fn of(source: &str, listed: &[crate::store::ObjectInfo], segment_size: u64) -> Archive {
         let mut archive = Archive {
             newest: listed.iter().filter_map(|o| o.modified).max(),
+            signatures: listed
+                .iter()
+                .filter(|o| signing::is_signature(&o.key))
+                .map(|o| o.key.clone())
+                .collect(),
             ..Archive::default()
         };
+        let signed = |w: &WalObject| archive.signatures.contains(&signing::signature_key(&w.key));
         for o in listed {
             let Some(mut w) = parse_key(source, &o.key, o.size) else {
                 continue;
@@ -107,12 +115,15 @@ impl Archive {
                 continue;
             };
             archive.all.push(w.clone());
+            // Whole over partial, longer over shorter, and then a signed object over one
+            // planted beside it.
             let better = match archive.segments.get(&(w.timeline, n)) {
                 None => true,
                 Some(have) => match (have.partial, w.partial) {
                     (Some(_), None) => true,
-                    (Some(a), Some(b)) => b > a,
-                    _ => false,
+                    (Some(a), Some(b)) if a != b => b > a,
+                    (None, Some(_)) => false,
+                    _ => signed(&w) && !signed(have),
                 },
             };
             if better {
@@ -210,6 +221,11 @@ pub async fn plan_collection(
                 summary.deleted += 1;
                 summary.deleted_bytes += w.size_stored;
                 doomed.push(w.key.clone());
+                // After the object: a signature without its object vouches for nothing.
+                let sig = signing::signature_key(&w.key);
+                if archive.signatures.contains(&sig) {
+                    doomed.push(sig);
+                }
             }
             _ => summary.referenced += 1,
         }
@@ -251,9 +267,16 @@ pub async fn shared_for_copy(
         .filter(|((_, n), _)| *n >= first_needed)
         .map(|(_, w)| w.key.as_str())
         .collect();
+    let wanted = |key: &str| wanted.contains(key) || key.ends_with(".history.zst.age");
     let objects = listed
         .iter()
-        .filter(|o| wanted.contains(o.key.as_str()) || o.key.ends_with(".history.zst.age"))
+        .filter(|o| {
+            wanted(
+                o.key
+                    .strip_suffix(signing::SIGNATURE_SUFFIX)
+                    .unwrap_or(&o.key),
+            )
+        })
         .cloned()
         .collect();
     Ok(Some(crate::copy::Shared { prefix, objects }))
@@ -297,6 +320,23 @@ pub async fn check_chain(
                     "WAL from {from} to {to} is not in the archive: recovery from this base backup cannot pass {from}"
                 ),
             );
+        }
+    }
+    // Who stored each object of the chain from this base backup on: one planted beside a
+    // signed segment is named too.
+    let first = base.start_lsn.0 / size;
+    for w in &archive.all {
+        let n = segment_number(&w.segment, size).unwrap_or_default();
+        if n < first || !ctx.seen.insert(format!("wal-signed:{}", w.key)) {
+            continue;
+        }
+        let statement = signing::wal_statement(&w.key, &w.sha256);
+        match ctx.repo.judge(&w.key, &statement, w.modified).await {
+            Ok(_) => {}
+            Err(e) if e.kind == crate::error::ErrorKind::Integrity => {
+                ctx.problem(manifest, w.key.clone(), e.message)
+            }
+            Err(e) => return Err(e),
         }
     }
     if ctx.read_data {

@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use super::archive::{parse_key, WalObject};
 use crate::error::{Cause, Error, ErrorKind, Result};
 use crate::pipeline::CopyError;
-use crate::repo::{layout, Repository};
+use crate::repo::{layout, signing, Repository};
 
 /// What a fetch wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,23 +99,59 @@ pub async fn fetch(
             {
                 return Err(not_found(source, file));
             }
-            // History files carry no hash in their name: age's authentication is the check.
+            // History files carry no hash in their name: the signature covers the plaintext's.
             write_checked(repo, &key, dest, None, 0, identities).await
         }
         Some(Wanted::Segment { timeline, name }) => {
-            let w = find_segment(repo, source, timeline, name)
-                .await?
-                .ok_or_else(|| not_found(source, file))?;
-            fetch_segment(repo, &w, dest, cluster, identities).await
+            // The best object a trusted writer stored: one planted beside it is passed over.
+            let mut refused = None;
+            for w in find_segment(repo, source, timeline, name).await? {
+                match vouched(repo, &w).await {
+                    Ok(()) => return fetch_vouched(repo, &w, dest, cluster, identities).await,
+                    Err(e) if e.kind == ErrorKind::Integrity => {
+                        refused.get_or_insert(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            // Only untrusted objects: recovery must stop here, never take it as the end.
+            Err(refused.unwrap_or_else(|| not_found(source, file)))
         }
         // `.partial`, `.backup` and anything else: the archive holds none.
         None => Err(not_found(source, file)),
     }
 }
 
-/// Fetches the segment object `w` of `cluster` into `dest`, checked (its SHA-256 and length,
-/// and the cluster its header names), a partial one padded to the whole segment.
+/// Fetches the segment object `w` of `cluster` into `dest`, checked (a trusted writer's
+/// signature, its SHA-256 and length, and the cluster its header names), a partial one padded to
+/// the whole segment.
 pub async fn fetch_segment(
+    repo: &Repository,
+    w: &WalObject,
+    dest: &Path,
+    cluster: Cluster,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Fetched> {
+    vouched(repo, w).await?;
+    fetch_vouched(repo, w, dest, cluster, identities).await
+}
+
+/// Whether a trusted writer stored WAL object `w` (see `repo::signing::wal_statement`).
+async fn vouched(repo: &Repository, w: &WalObject) -> Result<()> {
+    repo.judge(
+        &w.key,
+        &signing::wal_statement(&w.key, &w.sha256),
+        w.modified,
+    )
+    .await
+    .map(drop)
+    .map_err(|e| {
+        e.hint("recovery cannot pass this point from the archive; restore an older base backup or to an earlier target (RUNBOOK.md#untrusted-backup)")
+    })
+}
+
+/// [`fetch_segment`], its writer already vouched for.
+async fn fetch_vouched(
     repo: &Repository,
     w: &WalObject,
     dest: &Path,
@@ -150,24 +186,29 @@ fn header_system_id(first: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(first.get(24..32)?.try_into().ok()?))
 }
 
-/// The whole object of segment `name`, else its longest partial.
+/// The objects of segment `name`, best first: whole ones, then partials longest first.
 async fn find_segment(
     repo: &Repository,
     source: &str,
     timeline: u32,
     name: &str,
-) -> Result<Option<WalObject>> {
+) -> Result<Vec<WalObject>> {
     let prefix = format!("{}{timeline:08X}/{name}.", layout::wal_prefix(source));
     let listed = repo
         .store
         .list(&prefix)
         .await
         .map_err(|e| Error::from(e).context(format!("listing {prefix}")))?;
-    let best = listed
+    let mut found: Vec<WalObject> = listed
         .iter()
-        .filter_map(|o| parse_key(source, &o.key, o.size))
-        .max_by_key(|w| w.partial.map_or(u64::MAX, |len| len));
-    Ok(best)
+        .filter_map(|o| {
+            let mut w = parse_key(source, &o.key, o.size)?;
+            w.modified = o.modified;
+            Some(w)
+        })
+        .collect();
+    found.sort_by_key(|w| std::cmp::Reverse(w.partial.map_or(u64::MAX, |len| len)));
+    Ok(found)
 }
 
 /// Decrypts `key` into a temp file beside `dest`, checks it against `expect` (SHA-256 and
@@ -209,6 +250,11 @@ async fn write_checked(
             CopyError::Read(e) => damaged(format!("damaged: {e}")),
             CopyError::Write(e) => io(e),
         })?;
+    if expect.is_none() {
+        // A history file's name carries no hash: its signature covers the plaintext's.
+        repo.judge(key, &signing::wal_statement(key, &got), None)
+            .await?;
+    }
     if let Some(Expect {
         sha256,
         len,
@@ -374,9 +420,9 @@ pub async fn prefetch(
             let Some(Wanted::Segment { timeline, .. }) = wanted(&name) else {
                 break;
             };
-            match find_segment(repo, source, timeline, &name).await? {
+            match find_segment(repo, source, timeline, &name).await?.first() {
                 Some(w) if w.partial.is_none() => {
-                    fetch_segment(repo, &w, &spool.join(&name), cluster, identities).await?;
+                    fetch_segment(repo, w, &spool.join(&name), cluster, identities).await?;
                     fetched += 1;
                 }
                 _ => break,

@@ -179,6 +179,7 @@ impl Steps for PhysicalSteps {
             Err(e) if e.kind == ErrorKind::Integrity => return Err(e),
             Err(e) => return Ok(Verdict::RestoreFailed(e)),
         };
+        report.contained = Some(s.shared_network.is_none());
         report.notes.push(match &s.shared_network {
             None => "the scratch cluster had no network (a network namespace of its own)".into(),
             Some(why) => format!("the scratch cluster shared the host's network: {why}"),
@@ -222,6 +223,7 @@ impl Steps for PhysicalSteps {
         Box::pin(crate::source::postgres::verify::guard(
             dir,
             ctx.source.verify.scratch_max_size,
+            ctx.guard_notes.clone(),
         ))
     }
 

@@ -30,6 +30,7 @@ use super::timeline::{self, Ended};
 use super::{Lsn, PhysicalConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, NoObserver, PipelineConfig};
+use crate::repo::signing::{self, Signer};
 use crate::repo::{layout, Repository};
 use crate::source::postgres::Postgres;
 
@@ -101,6 +102,8 @@ pub struct Streamer {
     wal: WalSettings,
     pipeline: PipelineConfig,
     progress: tokio::sync::watch::Sender<Progress>,
+    /// The key each stored object's signature is made with, loaded when streaming starts.
+    signer: std::sync::OnceLock<Option<Signer>>,
 }
 
 impl Streamer {
@@ -127,6 +130,7 @@ impl Streamer {
             wal,
             pipeline,
             progress: tokio::sync::watch::channel(Progress::default()).0,
+            signer: std::sync::OnceLock::new(),
         }
     }
 
@@ -138,6 +142,13 @@ impl Streamer {
     /// Streams until `cancel` fires, reconnecting with backoff after a failure. A failure that
     /// no retry mends (a credential, a lost slot) ends it.
     pub async fn run(&self, cancel: CancellationToken) -> Result<()> {
+        // Before a byte is stored: WAL no trusted key signed would stop every recovery.
+        let signer = self
+            .repo
+            .trust
+            .signer()
+            .map_err(|e| e.context(format!("source {}", self.source)))?;
+        let _ = self.signer.set(signer);
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = Instant::now();
@@ -635,14 +646,25 @@ impl Streamer {
         Ok(hex::encode(seg.hasher.clone().finalize()))
     }
 
-    /// Stores the spool's first `len` bytes under `key` through the pipeline.
+    /// Stores the signature of WAL object `key`, whose plaintext has SHA-256 `sha`.
+    async fn vouch(&self, key: &str, sha: &str) -> Result<()> {
+        let signer = self.signer.get().and_then(Option::as_ref);
+        self.repo
+            .vouch(key, &signing::wal_statement(key, sha), signer)
+            .await
+    }
+
+    /// Stores the spool's first `len` bytes (whose plaintext SHA-256 is `sha`) under `key`
+    /// through the pipeline, its signature first.
     async fn store_prefix(
         &self,
         seg: &Segment,
         len: u64,
         key: String,
+        sha: &str,
         cancel: &CancellationToken,
     ) -> Result<()> {
+        self.vouch(&key, sha).await?;
         // The clone shares the read handle's offset; stores of a segment run one at a time.
         let mut f = seg
             .spool
@@ -675,7 +697,8 @@ impl Streamer {
         let sha = self.spool_sha(seg).await?;
         let name = segment_name(seg.timeline, seg.start, seg.size);
         let key = layout::wal_partial(&self.source, seg.timeline, &name, len, &sha);
-        self.store_prefix(seg, len, key.clone(), cancel).await?;
+        self.store_prefix(seg, len, key.clone(), &sha, cancel)
+            .await?;
         self.supersede(seg.partial.replace(key)).await;
         seg.stored = len;
         tracing::debug!(source = %self.source, archived = %self.archived(seg), "Stored the growing WAL segment");
@@ -688,7 +711,7 @@ impl Streamer {
         let sha = self.spool_sha(seg).await?;
         let name = segment_name(seg.timeline, seg.start, seg.size);
         let key = layout::wal_segment(&self.source, seg.timeline, &name, &sha);
-        self.store_prefix(seg, len, key, cancel).await?;
+        self.store_prefix(seg, len, key, &sha, cancel).await?;
         seg.partial = None;
         // Every partial of it, also those an earlier session left.
         let partials = format!(
@@ -698,7 +721,7 @@ impl Streamer {
         );
         match self.repo.store.list(&partials).await {
             Ok(old) => {
-                for o in old {
+                for o in old.into_iter().filter(|o| !signing::is_signature(&o.key)) {
                     self.supersede(Some(o.key)).await;
                 }
             }
@@ -714,8 +737,11 @@ impl Streamer {
     /// object that replaced it, and readers take the longest.
     async fn supersede(&self, old: Option<String>) {
         if let Some(key) = old {
-            if let Err(e) = self.repo.store.delete(&key).await {
-                tracing::debug!(key = %key, error = %e, "Could not delete a superseded partial WAL object");
+            // The object first: a signature without its object vouches for nothing.
+            for key in [key.clone(), signing::signature_key(&key)] {
+                if let Err(e) = self.repo.store.delete(&key).await {
+                    tracing::debug!(key = %key, error = %e, "Could not delete a superseded partial WAL object");
+                }
             }
         }
     }
@@ -726,6 +752,8 @@ impl Streamer {
         plain: Vec<u8>,
         cancel: &CancellationToken,
     ) -> Result<()> {
+        self.vouch(key, &hex::encode(Sha256::digest(&plain)))
+            .await?;
         pipeline::run(
             std::io::Cursor::new(plain),
             std::future::ready(Ok(())),
