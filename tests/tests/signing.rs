@@ -253,6 +253,17 @@ fn forged_backups_are_refused_everywhere_and_never_move_prune() {
     assert_eq!(plan["seal"]["status"], "signed");
 
     // Break glass: offered, and the plan says in words that nobody vouches for it.
+    let r = fx.plan(&writer, "latest", &["--allow-unsigned"]);
+    assert_eq!(
+        r.code, 2,
+        "break glass never picks the newest for you: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("--allow-unsigned needs --backup ID"),
+        "{}",
+        r.stderr
+    );
     let r = fx.plan(&writer, &unsigned, &["--allow-unsigned"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(

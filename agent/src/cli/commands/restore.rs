@@ -25,6 +25,14 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         return Err(Error::new(ErrorKind::Invalid, "--jobs must be at least 1"));
     }
     let target = recovery_target(&a)?;
+    if a.allow_unsigned && (a.backup == "latest" || before.is_some()) {
+        // A forged backup is usually the newest: break glass only for the one named.
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            "--allow-unsigned needs --backup ID: it never picks a backup for you",
+        )
+        .hint("`lifeboat list` and `lifeboat check` name the backups; pick the one you can vouch for (RUNBOOK.md#untrusted-backup)"));
+    }
     let mut repo = Repository::open(&policy).await?;
     if a.allow_unsigned {
         repo = repo.allowing_unsigned();
