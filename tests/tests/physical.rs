@@ -1550,23 +1550,7 @@ fn recovery_through_wal_fetch_reaches_exactly_the_target_time() {
     );
 
     let identity = fx.key.identity.to_str().unwrap();
-    // RUNBOOK.md's stock-tools restore_command, exactly as written there.
-    let runbook =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../RUNBOOK.md"))
-            .unwrap();
-    let script = runbook
-        .split_once("cat > lifeboat-wal-get <<'EOF'\n")
-        .and_then(|(_, rest)| rest.split_once("\nEOF\n"))
-        .map(|(script, _)| format!("{script}\n"))
-        .expect("RUNBOOK.md holds the lifeboat-wal-get script");
-    let wal_get = fx.dir.path().join("lifeboat-wal-get");
-    std::fs::write(&wal_get, script).unwrap();
-    assert!(std::process::Command::new("chmod")
-        .arg("a+rx")
-        .arg(&wal_get)
-        .status()
-        .unwrap()
-        .success());
+    let wal_get = runbook_wal_get(fx.dir.path());
     let commands = [
         (
             "wal-fetch",
@@ -1759,6 +1743,27 @@ fn a_slot_made_by_hand_without_reserved_wal_is_made_to_reserve_it() {
         "postgres",
         &format!("select pg_drop_replication_slot('{slot}')"),
     );
+}
+
+/// RUNBOOK.md's stock-tools restore_command, exactly as written there, installed in `dir`.
+fn runbook_wal_get(dir: &Path) -> PathBuf {
+    let runbook =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../RUNBOOK.md"))
+            .unwrap();
+    let script = runbook
+        .split_once("cat > lifeboat-wal-get <<'EOF'\n")
+        .and_then(|(_, rest)| rest.split_once("\nEOF\n"))
+        .map(|(script, _)| format!("{script}\n"))
+        .expect("RUNBOOK.md holds the lifeboat-wal-get script");
+    let wal_get = dir.join("lifeboat-wal-get");
+    std::fs::write(&wal_get, script).unwrap();
+    assert!(std::process::Command::new("chmod")
+        .arg("a+rx")
+        .arg(&wal_get)
+        .status()
+        .unwrap()
+        .success());
+    wal_get
 }
 
 /// `lifeboat wal fetch FILE DEST` of the source `cluster`, with `extra` options, as the
@@ -2297,6 +2302,31 @@ fn streamed_wal_is_signed_and_a_planted_segment_is_never_replayed() {
     );
     assert_eq!(r.code, 0, "wal fetch from the copy: {}", r.stderr);
     let fetch = |dest: &str| wal_fetch(&fx, &policy, &name, &fx.dir.path().join(dest), &[]);
+    // RUNBOOK.md's stock-tools script, with the public key: minisign checks the same signature.
+    let wal_get = runbook_wal_get(fx.dir.path());
+    let stock = |dest: &str| {
+        std::process::Command::new(&wal_get)
+            .args([name.as_str(), dest])
+            .current_dir(fx.dir.path())
+            .env("LIFEBOAT_REPO", &repo)
+            .env("LIFEBOAT_SOURCE", "cluster")
+            .env("LIFEBOAT_IDENTITY_FILE", &fx.key.identity)
+            .env("LIFEBOAT_SIGNING_PUBLIC_KEY", &signing.public)
+            .output()
+            .unwrap()
+    };
+    let out = stock("stock-1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(fx.dir.path().join("stock-1"))
+            .unwrap()
+            .len(),
+        16 << 20
+    );
     // A bucket writer plants another "whole" object of that segment, sorting first.
     let planted = segment.with_file_name(format!("{name}.{}.zst.age", "0".repeat(64)));
     std::fs::copy(&segment, &planted).unwrap();
@@ -2339,6 +2369,10 @@ fn streamed_wal_is_signed_and_a_planted_segment_is_never_replayed() {
     let r = fetch("fetched-2");
     assert_eq!(r.code, 126, "{}", r.stderr);
     assert!(r.stderr.contains("is not signed"), "{}", r.stderr);
+    let out = stock("stock-2");
+    assert_eq!(out.status.code(), Some(126));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no trusted signature"));
+    assert!(!fx.dir.path().join("stock-2").exists());
     assert!(!fx.dir.path().join("fetched-2").exists());
     let r = fx.check_read_data(&policy);
     assert_eq!(r.code, 13, "{}", r.stderr);
