@@ -704,6 +704,7 @@ mod tests {
             manifest: serde_json::from_value(m).expect("a manifest"),
             verification: None,
             seal: crate::repo::signing::Seal::Unchecked,
+            lineage: crate::repo::origin::Lineage::Unrecorded,
         }
     }
 

@@ -168,6 +168,7 @@ async fn publish(
         fingerprint: Some(fingerprint),
         base_backup: out.base_backup,
         database: out.database,
+        origin: out.origin,
     };
     let body = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::failed(format!("cannot encode the manifest: {e}")))?;

@@ -72,6 +72,13 @@ impl Fx {
             .collect()
     }
 
+    /// What `list --json` says backup `id` was taken from.
+    fn origin(&self, id: &str) -> serde_json::Value {
+        let r = self.run(&["list", "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+        list.into_iter().find(|b| b["id"] == id).unwrap()["origin"].clone()
+    }
+
     fn fingerprint(&self, id: &str) -> serde_json::Value {
         let out = std::process::Command::new("age")
             .args(["-d", "-i"])
@@ -173,6 +180,10 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     );
     std::fs::write(src.path().join("scratch.tmp"), "left out").unwrap();
     let first = fx.backup();
+    assert_eq!(
+        fx.origin(&first)["identity"],
+        format!("directory {}", src.path().display())
+    );
     let fp = fx.fingerprint(&first);
     assert_eq!(fp["files"], 10_000 + 6, "{fp}");
     // The duplicate is stored once, the empty file needs no blob.
@@ -317,6 +328,9 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
     let r = fx.run(&["backup"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let first = fx.ids()[0].clone();
+    let origin = fx.origin(&first);
+    assert_eq!(origin["identity"], format!("s3://{source_bucket}/uploads"));
+    assert_eq!(origin["details"]["endpoint"], s3.endpoint.as_str());
     let out = fx.dir.path().join("restored");
     let r = fx.restore(&["--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);

@@ -508,3 +508,244 @@ fn a_writer_without_a_trusted_key_stops_before_storing_and_the_key_never_shows()
         );
     }
 }
+
+/// Runs `backup --json` for `policy` and returns the id of the one backup of `source` it added.
+fn backup_of(fx: &Fx, policy: &Path, source: &str) -> String {
+    let listed = |fx: &Fx| -> Vec<String> {
+        let r = fx.run(policy, &["list", "--json", "--source", source]);
+        if r.code == 10 {
+            return Vec::new(); // No repository yet: the first backup makes it.
+        }
+        assert_eq!(r.code, 0, "list: {}", r.stderr);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+        ids(&list).into_iter().map(str::to_string).collect()
+    };
+    let before = listed(fx);
+    let r = fx.run(policy, &["backup", "--json", "--source", source]);
+    assert_eq!(r.code, 0, "backup: {}", r.stderr);
+    let new: Vec<String> = listed(fx)
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert_eq!(new.len(), 1, "one new backup of {source}: {new:?}");
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    new.into_iter().next().unwrap()
+}
+
+#[test]
+fn a_backup_taken_from_another_system_is_marked_fails_verification_and_the_plan_says_so() {
+    let fx = Fx::new();
+    let pg = postgres();
+    let (a, b) = (pg.create_db("origin_a"), pg.create_db("origin_b"));
+    for db in [&a, &b] {
+        pg.psql(db, "create table t as select generate_series(1, 100) as i");
+    }
+    let password = pg.password_file(fx.dir.path());
+    let app = |db: &str, extra: &str| {
+        PolicyBuilder::new(&fx.key.recipient)
+            .source(
+                "app",
+                "postgres",
+                &format!(
+                    "url = \"{}\"\npassword_file = \"{}\"\nglobals = false\n{extra}",
+                    pg.url(db),
+                    password.display()
+                ),
+            )
+            .write(fx.dir.path())
+    };
+    let (on_a, on_b) = (app(&a, ""), app(&b, ""));
+    let a1 = backup_of(&fx, &on_a, "app");
+    let a2 = backup_of(&fx, &on_a, "app");
+    // A second policy reusing the source name (or staging pointed at production's prefix).
+    let b1 = backup_of(&fx, &on_b, "app");
+    let system = pg.psql(
+        "postgres",
+        "select system_identifier from pg_control_system()",
+    );
+
+    let r = fx.run(&on_a, &["list", "--json", "--source", "app"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let by_id = |id: &str| list.iter().find(|e| e["id"] == id).unwrap().clone();
+    assert_eq!(
+        by_id(&a1)["origin"]["identity"],
+        format!("postgresql system {system} database {a}")
+    );
+    assert_eq!(by_id(&a1)["lineage"]["state"], "first");
+    assert_eq!(by_id(&a2)["lineage"]["state"], "same");
+    assert!(by_id(&a2)["origin_change"].is_null());
+    let change = &by_id(&b1)["origin_change"];
+    assert_eq!(change["previous"], a2.as_str());
+    assert_eq!(
+        change["from"],
+        format!("postgresql system {system} database {a}")
+    );
+    assert_eq!(
+        change["to"],
+        format!("postgresql system {system} database {b}")
+    );
+    assert!(change["moved"].is_null());
+    // On a terminal's table: an ORIGIN column marks it, and a warning says it in words.
+    let r = fx.run(&on_a, &["list", "--source", "app"]);
+    assert!(
+        r.stdout.lines().next().unwrap().contains("ORIGIN"),
+        "{}",
+        r.stdout
+    );
+    let row = r.stdout.lines().find(|l| l.contains(&b1)).unwrap();
+    assert!(row.contains(" changed"), "{row}");
+    let row = r.stdout.lines().find(|l| l.contains(&a2)).unwrap();
+    assert!(!row.contains("changed"), "{row}");
+    assert!(
+        r.stderr.contains(&format!("backup {b1} of app was taken from postgresql system {system} database {b}, but the backup before it ({a2})"))
+            && r.stderr.contains("RUNBOOK.md#source-changed"),
+        "{}",
+        r.stderr
+    );
+
+    // The verifier restores it (the dump is sound) but fails it on the identity.
+    let r = fx.verify(&on_a, &["--source", "app", "--backup", &b1]);
+    assert_eq!(r.code, 4, "verify of the changed backup: {}", r.stderr);
+    let report: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()[0].clone();
+    let checks = report["checks"].as_array().unwrap();
+    let identity = checks
+        .iter()
+        .find(|c| c["name"] == "source identity")
+        .expect("a source identity check");
+    assert_eq!(identity["passed"], false);
+    assert!(identity["found"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("database {b}")));
+    assert!(
+        checks
+            .iter()
+            .filter(|c| c["name"] != "source identity")
+            .all(|c| c["passed"] == true),
+        "only the identity fails: {checks:?}"
+    );
+    let r = fx.verify(&on_a, &["--source", "app", "--backup", &a2]);
+    assert_eq!(
+        r.code, 0,
+        "verify of a backup that carries on: {}",
+        r.stderr
+    );
+
+    // The restore plan says it in words before anything is applied.
+    let target = pg.create_db("origin_target");
+    let r = lifeboat(
+        fx.dir.path(),
+        &[
+            "restore",
+            "--policy",
+            on_a.to_str().unwrap(),
+            "--source",
+            "app",
+            "--backup",
+            &b1,
+            "--to",
+            &pg.url(&target),
+            "--dry-run",
+        ],
+        &[("PGPASSWORD".into(), pg.password.clone())],
+    );
+    assert_eq!(r.code, 0, "plan: {}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("origin   WARNING: taken from postgresql system {system} database {b}, but the backup before it ({a2}) from postgresql system {system} database {a}")),
+        "{}",
+        r.stderr
+    );
+
+    // The source moved: with moved_at between the two backups the change is expected.
+    let started = by_id(&b1)["started_at"].as_str().unwrap().to_string();
+    let moved = app(&b, &format!("moved_at = \"{started}\""));
+    let r = fx.run(&moved, &["list", "--json", "--source", "app"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let change = &list.iter().find(|e| e["id"] == b1.as_str()).unwrap()["origin_change"];
+    assert!(change["moved"].is_string(), "{change}");
+    assert!(
+        !r.stderr.contains("RUNBOOK.md#source-changed"),
+        "{}",
+        r.stderr
+    );
+    let r = fx.verify(&moved, &["--source", "app", "--backup", &b1]);
+    assert_eq!(r.code, 0, "verify of an expected move: {}", r.stderr);
+    let report: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()[0].clone();
+    assert!(
+        report["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("the source moved at")),
+        "{report}"
+    );
+    // The next backup carries on from the new system.
+    let b2 = backup_of(&fx, &moved, "app");
+    let r = fx.run(&moved, &["list", "--json", "--source", "app"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let entry = list.iter().find(|e| e["id"] == b2.as_str()).unwrap();
+    assert_eq!(entry["lineage"]["state"], "same", "{entry}");
+}
+
+#[test]
+fn a_redis_backup_records_its_server_and_another_server_is_a_note_not_a_failure() {
+    let fx = Fx::new();
+    let policy = fx.policy(&fx.redis, None, 10);
+    let r1 = fx.backup(&policy);
+    let r2 = fx.backup(&policy);
+    let info = |redis: &Redis, section: &str, field: &str| -> String {
+        let text: String = redis::cmd("INFO")
+            .arg(section)
+            .query(&mut redis.conn(0, None))
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (list, _) = fx.list(&policy);
+    let origin = &list.iter().find(|e| e["id"] == r1.as_str()).unwrap()["origin"];
+    assert_eq!(
+        origin["identity"],
+        format!("redis run {}", info(&fx.redis, "server", "run_id"))
+    );
+    assert!(
+        origin["history"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(format!(
+                "redis replication {}",
+                info(&fx.redis, "replication", "master_replid")
+            ))),
+        "{origin}"
+    );
+    let second = list.iter().find(|e| e["id"] == r2.as_str()).unwrap();
+    assert_eq!(second["lineage"]["state"], "same", "{second}");
+
+    // Another server under the same source name: marked, and a note in the verification.
+    let other = Redis::start(&[]);
+    fill_redis(&other, None);
+    let r3 = fx.backup(&fx.policy(&other, None, 10));
+    let (list, stderr) = fx.list(&policy);
+    let third = list.iter().find(|e| e["id"] == r3.as_str()).unwrap();
+    assert_eq!(third["origin_change"]["previous"], r2.as_str(), "{third}");
+    assert!(
+        stderr.contains(&format!("backup {r3} of cache was taken from redis run")),
+        "{stderr}"
+    );
+    let r = fx.verify(&policy, &["--backup", &r3]);
+    assert_eq!(r.code, 0, "a Redis origin change is a note: {}", r.stderr);
+    let report: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()[0].clone();
+    assert!(
+        report["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("replication history")),
+        "{report}"
+    );
+}

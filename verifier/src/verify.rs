@@ -87,6 +87,7 @@ pub async fn verify(
     };
     let mut steps = source.config.verify_steps();
     let (mut report, t0) = new_report(source, entry);
+    judge_origin(source, entry, &mut report);
     let deadline = tokio::time::Instant::now() + source.verify.timeout;
     phases.set("downloading and checking every object");
     let prepared = tokio::select! {
@@ -121,6 +122,35 @@ pub async fn verify(
         Err(e) => return Err(fail_and_store(repo, report, e).await),
     }
     conclude(repo, report, t0).await
+}
+
+/// A backup taken from another system than the backup before it fails its verification, unless
+/// the source's `moved_at` expects the change (then a note says so). For kinds whose ids a restart
+/// renews (Redis), the change is a note.
+fn judge_origin(source: &SourcePolicy, entry: &Entry, report: &mut Report) {
+    let Some(change) = entry.origin_change(source.moved_at) else {
+        return;
+    };
+    let stable = entry.manifest.kind.origin_is_stable();
+    if change.moved.is_none() && stable {
+        report.checks.push(Check::failed(
+            "source identity",
+            format!("the system backup {} was taken from: {}", change.previous, change.from),
+            format!(
+                "{}: another system, or the source moved (set the source's moved_at if it did; RUNBOOK.md#source-changed)",
+                change.to
+            ),
+        ));
+    } else if change.moved.is_none() {
+        report.notes.push(format!(
+            "source identity: {}; a restart that lost the server's replication history looks the same (RUNBOOK.md#source-changed)",
+            change.words()
+        ));
+    } else {
+        report
+            .notes
+            .push(format!("source identity: {}", change.words()));
+    }
 }
 
 fn interrupted() -> Error {

@@ -364,6 +364,8 @@ pub struct SourcePolicy {
     pub retries: u32,
     /// Back up at start when the newest backup is older than the schedule's interval.
     pub run_on_start: bool,
+    /// When the source moved to another system: the origin change across it is expected.
+    pub moved_at: Option<chrono::DateTime<chrono::Utc>>,
     /// What to back up.
     pub config: SourceConfig,
 }
@@ -781,18 +783,10 @@ fn validate_signing(raw: RawSigning, allow_missing_env: bool, p: &mut Problems) 
             );
         }
     }
-    let unsigned_before = raw.unsigned_before.as_deref().and_then(|t| {
-        match chrono::DateTime::parse_from_rfc3339(t) {
-            Ok(t) => Some(t.with_timezone(&chrono::Utc)),
-            Err(_) => {
-                p.add(
-                    "signing.unsigned_before",
-                    format!("`{t}` is not an RFC 3339 time such as `2026-12-03T00:00:00Z`"),
-                );
-                None
-            }
-        }
-    });
+    let unsigned_before = raw
+        .unsigned_before
+        .as_deref()
+        .and_then(|t| rfc3339("signing.unsigned_before", t, p));
     SigningConfig {
         trusted: raw.trusted,
         key_file: raw.key_file.filter(|f| !f.is_empty()).map(PathBuf::from),
@@ -855,6 +849,7 @@ macro_rules! common_raw {
             jitter: $raw.jitter.as_deref(),
             retries: $raw.retries,
             run_on_start: $raw.run_on_start,
+            moved_at: $raw.moved_at.as_deref(),
         }
     };
 }
@@ -871,6 +866,7 @@ pub(crate) struct CommonRaw<'a> {
     pub(crate) jitter: Option<&'a str>,
     pub(crate) retries: Option<u32>,
     pub(crate) run_on_start: Option<bool>,
+    pub(crate) moved_at: Option<&'a str>,
 }
 
 pub(crate) struct Common {
@@ -883,6 +879,7 @@ pub(crate) struct Common {
     jitter: Option<Duration>,
     retries: u32,
     run_on_start: bool,
+    moved_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Common {
@@ -893,6 +890,7 @@ impl Common {
             jitter: self.jitter,
             retries: self.retries,
             run_on_start: self.run_on_start,
+            moved_at: self.moved_at,
             timeout: self.timeout,
             compression: self.compression,
             retention: self.retention?,
@@ -919,7 +917,9 @@ pub(crate) fn common_settings(
         jitter,
         retries,
         run_on_start,
+        moved_at,
     } = raw;
+    let moved_at = moved_at.and_then(|t| rfc3339(&format!("{path}.moved_at"), t, p));
     let jitter = jitter.map(|j| duration(&format!("{path}.jitter"), j, p));
     if retries.is_some_and(|r| r > 10) {
         p.add(
@@ -984,6 +984,21 @@ pub(crate) fn common_settings(
         jitter,
         retries: retries.unwrap_or_else(default_retries),
         run_on_start: run_on_start.unwrap_or(false),
+        moved_at,
+    }
+}
+
+/// An RFC 3339 time at `path`.
+fn rfc3339(path: &str, t: &str, p: &mut Problems) -> Option<chrono::DateTime<chrono::Utc>> {
+    match chrono::DateTime::parse_from_rfc3339(t) {
+        Ok(t) => Some(t.with_timezone(&chrono::Utc)),
+        Err(_) => {
+            p.add(
+                path,
+                format!("`{t}` is not an RFC 3339 time such as `2026-12-03T00:00:00Z`"),
+            );
+            None
+        }
     }
 }
 

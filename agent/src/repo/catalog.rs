@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::layout;
 use super::manifest::Manifest;
+use super::origin::{Change, Lineage};
 use super::signing::{self, Seal};
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
@@ -33,6 +34,8 @@ pub struct Entry {
     pub verification: Option<Verification>,
     /// Who published it.
     pub seal: Seal,
+    /// Whether it was taken from the same source as the backup before it.
+    pub lineage: Lineage,
 }
 
 impl Entry {
@@ -41,6 +44,13 @@ impl Entry {
         self.verification
             .as_ref()
             .is_some_and(|v| v.result == "pass")
+    }
+
+    /// A change of origin from the backup before it, judged against the source's `moved_at`.
+    pub fn origin_change(&self, moved_at: Option<DateTime<Utc>>) -> Option<Change> {
+        let m = &self.manifest;
+        self.lineage
+            .change(m.origin.as_ref(), m.started_at, moved_at)
     }
 }
 
@@ -103,11 +113,13 @@ impl Repository {
                 manifest,
                 verification,
                 seal,
+                lineage: Lineage::Unrecorded,
             });
         }
         listing.backups.sort_by(|a, b| {
             (b.manifest.started_at, &b.manifest.id).cmp(&(a.manifest.started_at, &a.manifest.id))
         });
+        trace_lineage(&mut listing.backups);
         Ok(listing)
     }
 
@@ -245,6 +257,27 @@ impl Repository {
             );
         }
         Ok((out, untrusted))
+    }
+}
+
+/// Sets each backup's lineage: its origin against the one before it of the same source, over
+/// backups sorted newest first.
+fn trace_lineage(backups: &mut [Entry]) {
+    let mut by_source: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, e) in backups.iter().enumerate().rev() {
+        by_source
+            .entry(e.manifest.source.clone())
+            .or_default()
+            .push(i);
+    }
+    for oldest_first in by_source.values() {
+        let lineage = Lineage::of(oldest_first.iter().map(|&i| {
+            let m = &backups[i].manifest;
+            (m.id.as_str(), m.started_at, m.origin.as_ref())
+        }));
+        for (&i, l) in oldest_first.iter().zip(lineage) {
+            backups[i].lineage = l;
+        }
     }
 }
 

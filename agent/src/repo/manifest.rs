@@ -49,6 +49,9 @@ pub struct Manifest {
     /// PostgreSQL dumps: the database's encoding and locale, which a restore recreates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<DatabaseInfo>,
+    /// What the backup was taken from, compared with the source's earlier backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<super::origin::Origin>,
 }
 
 /// A dumped database's encoding and locale (`pg_database`).

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod layout;
 pub mod lock;
 pub mod manifest;
+pub mod origin;
 pub mod signing;
 
 use std::sync::Arc;

@@ -57,6 +57,8 @@ pub struct SourceBackup {
     pub base_backup: Option<postgres_physical::BaseBackupInfo>,
     /// PostgreSQL dumps: the database's encoding and locale.
     pub database: Option<crate::repo::manifest::DatabaseInfo>,
+    /// What the backup was taken from.
+    pub origin: Option<crate::repo::origin::Origin>,
 }
 
 /// A kind of source.
@@ -86,6 +88,10 @@ pub fn read_password_file(file: &std::path::Path) -> Result<Secret> {
 pub trait SourceKind: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
     /// The `kind` written in policies and manifests.
     const NAME: &'static str;
+    /// Whether a change of origin between two backups means another system (the verifier fails
+    /// it unless the source's `moved_at` expects it). Not for Redis, whose ids a restart that
+    /// loses its replication history renews: there the change is a note.
+    const ORIGIN_IS_STABLE: bool = true;
     /// Its `[[sources]]` table as written: serde, unknown keys rejected.
     type Raw: serde::de::DeserializeOwned + schemars::JsonSchema + Clone + std::fmt::Debug;
     /// Validates a `[[sources]]` table at `path` (e.g. `sources[2]`), recording every problem.
@@ -151,6 +157,13 @@ macro_rules! kinds {
             pub fn name(self) -> &'static str {
                 match self {
                     $(Kind::$variant => <$config as SourceKind>::NAME,)+
+                }
+            }
+
+            /// Whether a change of origin means another system (see `SourceKind::ORIGIN_IS_STABLE`).
+            pub fn origin_is_stable(self) -> bool {
+                match self {
+                    $(Kind::$variant => <$config as SourceKind>::ORIGIN_IS_STABLE,)+
                 }
             }
 

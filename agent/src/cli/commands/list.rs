@@ -31,6 +31,10 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
             .map(|(name, _)| name.as_str())
             .collect()
     };
+    // A backup taken from another system than the one before it, judged by its source's moved_at.
+    let change = |e: &lifeboat::repo::catalog::Entry| {
+        e.origin_change(policy.source(&e.manifest.source).and_then(|s| s.moved_at))
+    };
     let mut out = std::io::stdout().lock();
     if json {
         let items: Vec<serde_json::Value> = listing
@@ -53,6 +57,9 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
                     "base_backup": m.base_backup,
                     "copies": held_by(m),
                     "seal": e.seal,
+                    "origin": m.origin,
+                    "lineage": e.lineage,
+                    "origin_change": change(e),
                 })
             })
             .collect();
@@ -61,11 +68,14 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
         writeln!(out, "{text}").map_err(print_error)?;
     } else {
         let where_ = if copies.is_empty() { "" } else { " COPIES" };
+        // Only when a backup's origin changed: `changed` (or `moved`, as the policy expects).
+        let origins = listing.backups.iter().any(|e| change(e).is_some());
+        let origin_head = if origins { " ORIGIN " } else { "" };
         // With [signing], who published each backup: `signed`, or `unsigned` from before signing.
         let signed = repo.trust.enabled();
         let seal_head = if signed { " SIGNED  " } else { "" };
         let head = format!(
-            "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{seal_head}{where_}",
+            "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{seal_head}{origin_head}{where_}",
             "SOURCE", "ID", "KIND", "STARTED (UTC)", "PLAIN", "STORED", "VERIFIED"
         );
         writeln!(out, "{}", head.trim_end()).map_err(print_error)?;
@@ -82,8 +92,13 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
             } else {
                 String::new()
             };
+            let origin = match (origins, change(e)) {
+                (false, _) => String::new(),
+                (true, None) => format!(" {:<7}", "-"),
+                (true, Some(c)) => format!(" {:<7}", c.word()),
+            };
             let line = format!(
-                "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{seal}{where_}",
+                "{:<16} {:<24} {:<17} {:<20} {:>10} {:>10} {:<8}{seal}{origin}{where_}",
                 m.source,
                 m.id,
                 m.kind.to_string(),
@@ -117,6 +132,16 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
             eprintln!(
                 "warning: the latest verification of {} {} ran uncontained: its scratch server shared the host's network (ARCHITECTURE.md, containment)",
                 e.manifest.source, e.manifest.id
+            );
+        }
+    }
+    for e in &listing.backups {
+        if let Some(c) = change(e).filter(|c| c.moved.is_none()) {
+            eprintln!(
+                "warning: backup {} of {} was {} (RUNBOOK.md#source-changed)",
+                e.manifest.id,
+                e.manifest.source,
+                c.words()
             );
         }
     }

@@ -77,6 +77,17 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
     if let Some(line) = seal_line(&entry.seal) {
         plan.details.insert(0, ("signed", line));
     }
+    plan.document["origin"] = serde_json::json!(entry.manifest.origin);
+    if let Some(change) = entry.origin_change(policy.source(&a.source).and_then(|s| s.moved_at)) {
+        let warning = if change.moved.is_some() {
+            String::new()
+        } else {
+            "WARNING: ".to_string()
+        };
+        plan.details
+            .insert(0, ("origin", format!("{warning}{}", change.words())));
+        plan.document["origin_change"] = serde_json::json!(change);
+    }
     if show_plan(&a, &entry.manifest, &plan) {
         return Ok(());
     }

@@ -41,6 +41,7 @@ use crate::pipeline::{self, NoObserver};
 use crate::policy::Secret;
 use crate::repo::layout;
 use crate::repo::manifest::Role;
+use crate::repo::origin::Origin;
 use crate::store::{self, ObjectStore};
 
 /// Object name of the snapshot listing.
@@ -198,6 +199,24 @@ impl Objects {
     /// The source for `cfg`; `index_key` from `[encryption]`.
     pub fn new(cfg: ObjectsConfig, index_key: Option<Secret>) -> Self {
         Objects { cfg, index_key }
+    }
+
+    /// What a snapshot is taken from: the bucket and prefix (its endpoint a detail), or the
+    /// directory's absolute path.
+    fn origin(&self) -> Origin {
+        match &self.cfg.from {
+            ObjectsFrom::S3(s3) => {
+                let origin = Origin::new(format!("s3://{}/{}", s3.bucket, s3.prefix));
+                match &s3.endpoint {
+                    Some(e) => origin.detail("endpoint", e.clone()),
+                    None => origin,
+                }
+            }
+            ObjectsFrom::Dir(dir) => {
+                let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+                Origin::new(format!("directory {}", dir.display()))
+            }
+        }
     }
 
     fn key(&self) -> Result<&Secret> {
@@ -832,6 +851,7 @@ impl Source for Objects {
             dump_tool_version: None,
             base_backup: None,
             database: None,
+            origin: Some(self.origin()),
         })
     }
 }

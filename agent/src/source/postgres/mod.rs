@@ -41,6 +41,7 @@ use crate::pipeline::{self, NoObserver};
 use crate::policy::Secret;
 use crate::repo::layout;
 use crate::repo::manifest::Role;
+use crate::repo::origin::Origin;
 
 /// Object name of the database dump.
 pub const DUMP_OBJECT: &str = "database.dump.zst.age";
@@ -861,7 +862,9 @@ impl Source for Postgres {
         let db_row = c
             .client
             .query_one(
-                "select pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text \
+                "select pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text, \
+                 datname::text, (select system_identifier::text from pg_control_system()), \
+                 (select timeline_id::text from pg_control_checkpoint()) \
                  from pg_database where datname = current_database()",
                 &[],
             )
@@ -872,6 +875,14 @@ impl Source for Postgres {
             collate: db_row.get(1),
             ctype: db_row.get(2),
         };
+        // The cluster (its system identifier, kept by replicas and restored copies) and the
+        // database: what the source's backups are compared by.
+        let origin = Origin::new(format!(
+            "postgresql system {} database {}",
+            db_row.get::<_, String>(4),
+            db_row.get::<_, String>(3)
+        ))
+        .detail("timeline", db_row.get::<_, String>(5));
 
         let (env, _passfile) = self.child_env(&c)?;
         tracing::debug!(source = %ctx.source, backup = %ctx.id, tool = %pg_dump.display(), "Dumping database");
@@ -933,6 +944,7 @@ impl Source for Postgres {
             dump_tool_version: Some(dump_version),
             base_backup: None,
             database: Some(database),
+            origin: Some(origin),
         })
     }
 }

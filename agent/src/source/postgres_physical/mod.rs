@@ -37,6 +37,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
 use crate::repo::layout;
 use crate::repo::manifest::Role;
+use crate::repo::origin::Origin;
 
 /// Object name of the base backup.
 pub const BASE_OBJECT: &str = "base.tar.zst.age";
@@ -382,6 +383,10 @@ impl Source for Physical {
             fingerprint,
             source_version: Some(format!("PostgreSQL {}", c.server_version)),
             dump_tool_version: Some(tool_version),
+            origin: Some(
+                Origin::new(format!("postgresql system {}", base.system_identifier))
+                    .detail("timeline", base.timeline.to_string()),
+            ),
             base_backup: Some(base),
             database: None,
         })

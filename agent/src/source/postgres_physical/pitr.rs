@@ -414,6 +414,7 @@ mod tests {
             manifest: serde_json::from_value(m).unwrap(),
             verification: None,
             seal: crate::repo::signing::Seal::Unchecked,
+            lineage: crate::repo::origin::Lineage::Unrecorded,
         }
     }
 

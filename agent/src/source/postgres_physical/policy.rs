@@ -54,6 +54,9 @@ pub struct RawPhysicalSource {
     pub retries: Option<u32>,
     /// Back up at agent start when the newest backup is older than the schedule's interval.
     pub run_on_start: Option<bool>,
+    /// When the source moved to another system (RFC 3339): a backup after it whose origin
+    /// differs from the one before it is expected, not a failed verification.
+    pub moved_at: Option<String>,
 }
 
 /// `wal = { … }`: WAL streamed from a replication slot into the repository.

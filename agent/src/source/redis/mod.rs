@@ -39,6 +39,7 @@ use crate::pipeline::{self, Observer};
 use crate::policy::Secret;
 use crate::repo::layout;
 use crate::repo::manifest::Role;
+use crate::repo::origin::Origin;
 
 /// Object name of the snapshot.
 pub const RDB_OBJECT: &str = "dump.rdb.zst.age";
@@ -647,6 +648,28 @@ pub struct Fingerprint {
     pub rdb: RdbSummary,
 }
 
+impl Redis {
+    /// What a snapshot is taken from: the server's run id and its replication ids (its history,
+    /// which a restart from its RDB or a promoted replica carries on). `None` when INFO is
+    /// refused.
+    async fn origin(&self) -> Option<Origin> {
+        let mut s = self.connect().await.ok()?;
+        let server = s.info("server").await.ok()?;
+        let replication = s.info("replication").await.ok()?;
+        let run = field(&server, "run_id")?;
+        let mut origin = Origin::new(format!("redis run {run}"));
+        for id in ["master_replid", "master_replid2"] {
+            match field(&replication, id) {
+                Some(r) if r.bytes().any(|b| b != b'0') => {
+                    origin.history.push(format!("redis replication {r}"));
+                }
+                _ => {}
+            }
+        }
+        Some(origin.detail("role", field(&replication, "role").unwrap_or("unknown")))
+    }
+}
+
 #[async_trait]
 impl Source for Redis {
     async fn probe(&self) -> Result<()> {
@@ -736,6 +759,12 @@ impl Source for Redis {
             tracing::warn!(source = %ctx.source, backup = %ctx.id, "The server saves without a checksum (rdbchecksum no): damage in transit cannot be detected");
         }
         let server_version = summary.aux.get("redis-ver").cloned();
+        // Read after the capture: the ids it was taken under (a server that made a replication
+        // backlog for it has new ones).
+        let origin = self.origin().await;
+        if origin.is_none() {
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, "INFO was refused: the backup records no origin (give the ACL user +info)");
+        }
         let fingerprint = serde_json::to_value(Fingerprint {
             format: 1,
             kind: super::Kind::Redis,
@@ -755,6 +784,7 @@ impl Source for Redis {
             dump_tool_version: None,
             base_backup: None,
             database: None,
+            origin,
         })
     }
 }

@@ -47,6 +47,9 @@ pub struct RawRedisSource {
     pub retries: Option<u32>,
     /// Back up at agent start when the newest backup is older than the schedule's interval.
     pub run_on_start: Option<bool>,
+    /// When the source moved to another system (RFC 3339): a backup after it whose origin
+    /// differs from the one before it is expected, not a failed verification.
+    pub moved_at: Option<String>,
 }
 
 /// How a Redis snapshot is taken.
@@ -109,6 +112,7 @@ pub enum RedisCapture {
 #[async_trait::async_trait]
 impl SourceKind for RedisConfig {
     const NAME: &'static str = "redis";
+    const ORIGIN_IS_STABLE: bool = false;
     type Raw = RawRedisSource;
 
     fn validate(
