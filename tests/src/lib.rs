@@ -1006,6 +1006,35 @@ impl Redis {
         Redis { port, dir, guard }
     }
 
+    /// Starts a Sentinel (`redis-server --sentinel`) monitoring the primary on `primary_port` as
+    /// `name`, with quorum 1 and short timeouts, so that `SENTINEL FAILOVER` completes in seconds.
+    pub fn sentinel(primary_port: u16, name: &str) -> Redis {
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("lb-sentinel-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {primary_port} 1\nsentinel down-after-milliseconds {name} 2000\nsentinel failover-timeout {name} 10000\n",
+                dir.display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let cmd: Vec<String> = vec![
+            redis_bin("redis-server").display().to_string(),
+            conf.display().to_string(),
+            "--sentinel".into(),
+        ];
+        let log = dir.join("log");
+        let guard = guarded(&dir, &cmd, &log);
+        wait_for_port(port, "redis-server --sentinel", &log);
+        Redis { port, dir, guard }
+    }
+
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)

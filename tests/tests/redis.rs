@@ -500,3 +500,143 @@ fn rediss_is_verified_against_the_configured_ca() {
     assert!(r.stderr.contains("tls_ca_file"), "{}", r.stderr);
     assert!(fx.backups().is_empty());
 }
+
+/// Waits up to 30 s for `done`, panicking with `what`.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn info_field(r: &Redis, section: &str, field: &str) -> String {
+    let text: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut r.conn(0, None))
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The primary's port as `sentinel` names it now.
+fn named_primary(sentinel: &Redis, name: &str) -> Option<u16> {
+    let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+        .arg("GET-MASTER-ADDR-BY-NAME")
+        .arg(name)
+        .query(&mut sentinel.conn(0, None))
+        .ok()?;
+    addr.and_then(|(_, port)| port.parse().ok())
+}
+
+#[test]
+fn sentinel_names_the_server_to_capture_and_a_failover_between_runs_just_works() {
+    let primary = Redis::start(&[]);
+    fill_redis(&primary, None);
+    let replica = Redis::start(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    wait_until("the replica is in sync", || {
+        info_field(&replica, "replication", "master_link_status") == "up"
+            && replica.keyspace(None) == primary.keyspace(None)
+    });
+    let sentinel = Redis::sentinel(primary.port, "cache-main");
+    wait_until("the sentinel knows a healthy replica", || {
+        let replicas: Vec<Vec<String>> = redis::cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg("cache-main")
+            .query(&mut sentinel.conn(0, None))
+            .unwrap_or_default();
+        replicas.iter().any(|r| {
+            r.chunks(2)
+                .any(|kv| kv[0] == "master-link-status" && kv[1] == "ok")
+        })
+    });
+    // The first sentinel listed is down: the next one is asked.
+    let sentinels = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), sentinel.port);
+    let fx = setup(&source(
+        &format!("redis+sentinel://{sentinels}/cache-main"),
+        "",
+    ));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "backup through sentinel: {}", r.stderr);
+    let first = fx.backups()[0].clone();
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(
+        first["origin"]["identity"],
+        format!("redis run {}", info_field(&primary, "server", "run_id")),
+        "the primary was captured"
+    );
+    assert_eq!(
+        fingerprint_keys(&fx.fingerprint(id)),
+        expected_keys(&primary, None)
+    );
+
+    // role=replica captures the replica, sparing the primary.
+    let from_replica = setup(&source(
+        &format!(
+            "redis+sentinel://127.0.0.1:{}/cache-main?role=replica",
+            sentinel.port
+        ),
+        "",
+    ));
+    let r = from_replica.run(&["backup"]);
+    assert_eq!(r.code, 0, "backup of a replica: {}", r.stderr);
+    let b = from_replica.backups()[0].clone();
+    assert_eq!(
+        b["origin"]["identity"],
+        format!("redis run {}", info_field(&replica, "server", "run_id"))
+    );
+    assert_eq!(b["origin"]["details"]["role"], "slave");
+
+    // A failover between runs: the next backup captures the new primary, and carries on the
+    // same history (the promoted replica keeps the old replication id as its second).
+    let _: () = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg("cache-main")
+        .query(&mut sentinel.conn(0, None))
+        .expect("SENTINEL FAILOVER");
+    wait_until("the sentinel names the promoted replica", || {
+        named_primary(&sentinel, "cache-main") == Some(replica.port)
+            && info_field(&replica, "replication", "role") == "master"
+    });
+    let _: () = redis::cmd("SET")
+        .arg("written-after-failover")
+        .arg(1)
+        .query(&mut replica.conn(0, None))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "backup after the failover: {}", r.stderr);
+    let after = fx.backups()[0].clone();
+    assert_ne!(after["id"], first["id"]);
+    assert_eq!(
+        after["origin"]["identity"],
+        format!("redis run {}", info_field(&replica, "server", "run_id"))
+    );
+    assert_eq!(
+        after["lineage"]["state"], "same",
+        "a failover is not another system: {after}"
+    );
+    assert_eq!(
+        fingerprint_keys(&fx.fingerprint(after["id"].as_str().unwrap())),
+        expected_keys(&replica, None)
+    );
+
+    // A name no sentinel monitors: a clear error naming it, nothing published.
+    let wrong = setup(&source(
+        &format!("redis+sentinel://127.0.0.1:{}/cache-mian", sentinel.port),
+        "retries = 0",
+    ));
+    let r = wrong.run(&["backup"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("no sentinel named a primary of cache-mian")
+            && r.stderr.contains("it monitors no primary named cache-mian"),
+        "{}",
+        r.stderr
+    );
+    assert!(wrong.backups().is_empty());
+}

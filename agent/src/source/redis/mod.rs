@@ -19,8 +19,9 @@ pub mod rdb;
 pub mod restore;
 pub mod verify;
 
-pub use policy::{RawRedisSource, RedisCapture, RedisConfig, RedisEndpoint, RedisMode};
+pub use policy::{RawRedisSource, RedisCapture, RedisConfig, RedisEndpoint, RedisMode, Sentinel};
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::pin::Pin;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -76,6 +77,20 @@ pub enum Reply {
     Int(i64),
     /// `$…` (`None`: the null bulk string).
     Bulk(Option<Vec<u8>>),
+    /// `*…` (`None`: the null array).
+    Array(Option<Vec<Reply>>),
+}
+
+impl Reply {
+    /// A string, integer or bulk reply as text.
+    fn text(&self) -> Option<String> {
+        match self {
+            Reply::Status(s) => Some(s.clone()),
+            Reply::Int(i) => Some(i.to_string()),
+            Reply::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        }
+    }
 }
 
 /// An open, authenticated connection.
@@ -165,7 +180,49 @@ impl Session {
                 v.truncate(n as usize);
                 Ok(Reply::Bulk(Some(v)))
             }
+            b'*' => {
+                let n: i64 = text.parse().map_err(|_| self.protocol(&line))?;
+                if n < 0 {
+                    return Ok(Reply::Array(None));
+                }
+                if n > 1 << 16 {
+                    return Err(self.protocol(&line));
+                }
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(Box::pin(self.reply()).await?);
+                }
+                Ok(Reply::Array(Some(items)))
+            }
             _ => Err(self.protocol(&line)),
+        }
+    }
+
+    /// The next reply as an array of strings (`None`: null).
+    async fn strings(&mut self) -> Result<Option<Vec<String>>> {
+        match self.reply().await? {
+            Reply::Array(Some(items)) => Ok(Some(items.iter().filter_map(Reply::text).collect())),
+            Reply::Array(None) | Reply::Bulk(None) => Ok(None),
+            Reply::Error(e) => Err(Error::failed(e)),
+            other => Err(Error::failed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// The next reply as an array of field/value arrays (`SENTINEL REPLICAS`).
+    async fn maps(&mut self) -> Result<Vec<HashMap<String, String>>> {
+        match self.reply().await? {
+            Reply::Array(Some(items)) => Ok(items
+                .iter()
+                .map(|item| match item {
+                    Reply::Array(Some(kv)) => kv
+                        .chunks(2)
+                        .filter_map(|pair| Some((pair.first()?.text()?, pair.get(1)?.text()?)))
+                        .collect(),
+                    _ => HashMap::new(),
+                })
+                .collect()),
+            Reply::Error(e) => Err(Error::failed(e)),
+            other => Err(Error::failed(format!("unexpected answer {other:?}"))),
         }
     }
 
@@ -217,6 +274,39 @@ impl Session {
     }
 }
 
+/// The first replica `SENTINEL REPLICAS` lists as up and linked to its primary.
+fn healthy_replica(replicas: &[HashMap<String, String>]) -> Option<(String, u16)> {
+    replicas.iter().find_map(|r| {
+        let flags = r.get("flags")?;
+        let down = ["s_down", "o_down", "disconnected"]
+            .iter()
+            .any(|f| flags.split(',').any(|g| g == *f));
+        if down || r.get("master-link-status").map(String::as_str) != Some("ok") {
+            return None;
+        }
+        Some((r.get("ip")?.clone(), r.get("port")?.parse().ok()?))
+    })
+}
+
+/// Checks that the server the sentinels named has the role asked for: a failover under way can
+/// leave a sentinel's answer stale. A server that refuses `ROLE` is taken as named.
+async fn check_role(s: &mut Session, sentinel: &Sentinel) -> Result<()> {
+    let role = match s.call(&[b"ROLE"]).await {
+        Ok(Reply::Array(Some(items))) => items.first().and_then(Reply::text),
+        _ => None,
+    };
+    let want = if sentinel.replica { "slave" } else { "master" };
+    match role {
+        Some(r) if r != want => Err(Error::failed(format!(
+            "{}: the sentinels named it, but it is now a {}: a failover is under way",
+            s.where_,
+            if r == "master" { "primary" } else { "replica" }
+        ))
+        .hint("the next attempt asks the sentinels again (retries)")),
+        _ => Ok(()),
+    }
+}
+
 fn field<'a>(info: &'a [(String, String)], name: &str) -> Option<&'a str> {
     info.iter()
         .find(|(k, _)| k == name)
@@ -265,13 +355,44 @@ impl Redis {
             .transpose()
     }
 
-    /// Connects, with TLS for `rediss://`, and authenticates.
+    /// Connects, with TLS for `rediss://`, and authenticates: to the server the url names, or to
+    /// the one the sentinels name now.
     pub async fn connect(&self) -> Result<Session> {
         let ep = &self.cfg.endpoint;
-        let where_ = self.where_();
+        let (host, port, where_) = match &ep.sentinel {
+            None => (ep.host.clone(), ep.port, self.where_()),
+            Some(sentinel) => {
+                let (host, port) = self.ask_sentinels(sentinel).await?;
+                let role = if sentinel.replica {
+                    "replica"
+                } else {
+                    "primary"
+                };
+                let where_ = format!(
+                    "{} ({role} {host}:{port} of {})",
+                    self.where_(),
+                    sentinel.master
+                );
+                (host, port, where_)
+            }
+        };
+        let conn = self.open(&host, port, &where_).await?;
+        let mut s = Session {
+            io: BufReader::with_capacity(READ_CHUNK, conn),
+            where_,
+        };
+        self.login(&mut s).await?;
+        if let Some(sentinel) = &ep.sentinel {
+            check_role(&mut s, sentinel).await?;
+        }
+        Ok(s)
+    }
+
+    /// A TCP connection to `host:port`, with TLS for `rediss://`.
+    async fn open(&self, host: &str, port: u16, where_: &str) -> Result<Box<dyn Conn>> {
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)),
+            tokio::net::TcpStream::connect((host, port)),
         )
         .await
         .map_err(|_| {
@@ -285,25 +406,82 @@ impl Redis {
                 .hint("is the server up and reachable from here? check the url's host and port (RUNBOOK.md#source-unreachable)")
         })?;
         let _ = tcp.set_nodelay(true);
-        let conn: Box<dyn Conn> = if ep.tls {
-            let config = crate::tls::client_config(self.cfg.tls_ca_file.as_deref())?;
-            let name = rustls::pki_types::ServerName::try_from(ep.host.clone())
-                .map_err(|e| Error::new(ErrorKind::Invalid, format!("{where_}: host name: {e}")))?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
-                .await
-                .map_err(|e| {
-                    Error::new(ErrorKind::Credential, format!("{where_}: TLS handshake failed: {e}"))
-                        .hint("lifeboat verifies the server's certificate: set tls_ca_file to the CA that signed it (RUNBOOK.md#source-unreachable)")
-                })?;
-            Box::new(tls)
-        } else {
-            Box::new(tcp)
-        };
-        let mut s = Session {
-            io: BufReader::with_capacity(READ_CHUNK, conn),
-            where_,
-        };
+        if !self.cfg.endpoint.tls {
+            return Ok(Box::new(tcp));
+        }
+        let config = crate::tls::client_config(self.cfg.tls_ca_file.as_deref())?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| Error::new(ErrorKind::Invalid, format!("{where_}: host name: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::Credential, format!("{where_}: TLS handshake failed: {e}"))
+                    .hint("lifeboat verifies the server's certificate: set tls_ca_file to the CA that signed it (RUNBOOK.md#source-unreachable)")
+            })?;
+        Ok(Box::new(tls))
+    }
+
+    /// Asks each sentinel in turn for the server to capture: the primary, or a healthy replica.
+    async fn ask_sentinels(&self, sentinel: &Sentinel) -> Result<(String, u16)> {
+        let mut why = Vec::new();
+        for (host, port) in &sentinel.sentinels {
+            let where_ = format!("sentinel {host}:{port}");
+            let asked = async {
+                let conn = self.open(host, *port, &where_).await?;
+                let mut s = Session {
+                    io: BufReader::with_capacity(READ_CHUNK, conn),
+                    where_: where_.clone(),
+                };
+                if sentinel.replica {
+                    s.send(&[b"SENTINEL", b"REPLICAS", sentinel.master.as_bytes()])
+                        .await?;
+                    let replicas = s.maps().await?;
+                    healthy_replica(&replicas).ok_or_else(|| {
+                        Error::failed(format!(
+                            "it knows no healthy replica of {}",
+                            sentinel.master
+                        ))
+                    })
+                } else {
+                    s.send(&[
+                        b"SENTINEL",
+                        b"GET-MASTER-ADDR-BY-NAME",
+                        sentinel.master.as_bytes(),
+                    ])
+                    .await?;
+                    match s.strings().await?.as_deref() {
+                        Some([host, port]) => port
+                            .parse()
+                            .map(|p| (host.clone(), p))
+                            .map_err(|_| Error::failed(format!("it answered the port `{port}`"))),
+                        _ => Err(Error::failed(format!(
+                            "it monitors no primary named {}",
+                            sentinel.master
+                        ))),
+                    }
+                }
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT * 2, asked).await {
+                Ok(Ok(found)) => return Ok(found),
+                Ok(Err(e)) => why.push(format!("{where_}: {}", e.message)),
+                Err(_) => why.push(format!("{where_}: no answer")),
+            }
+        }
+        Err(Error::failed(format!(
+            "{}: no sentinel named a {} of {}: {}",
+            self.where_(),
+            if sentinel.replica { "replica" } else { "primary" },
+            sentinel.master,
+            why.join("; ")
+        ))
+        .hint("check the url's sentinels and the name the sentinels monitor (SENTINEL MASTERS) (RUNBOOK.md#source-unreachable)"))
+    }
+
+    /// Authenticates `s` with the url's login or the password file, then pings.
+    async fn login(&self, s: &mut Session) -> Result<()> {
+        let ep = &self.cfg.endpoint;
+
         if let Some(pw) = self.password()? {
             let pw = pw.expose().as_bytes().to_vec();
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
@@ -321,7 +499,7 @@ impl Redis {
             }
         }
         s.call(&[b"PING"]).await?;
-        Ok(s)
+        Ok(())
     }
 
     /// Opens a replication stream and returns the payload's framing.

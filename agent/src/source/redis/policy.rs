@@ -17,7 +17,9 @@ pub struct RawRedisSource {
     pub name: String,
     /// Always `redis` here.
     pub kind: String,
-    /// `redis://[USER[:PASSWORD]@]HOST[:PORT]` or `rediss://…` for TLS; `${VAR}` for secrets.
+    /// `redis://[USER[:PASSWORD]@]HOST[:PORT]` or `rediss://…` for TLS; `${VAR}` for secrets. Or
+    /// `redis+sentinel://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]/MASTER[?role=replica]`:
+    /// the primary (or a healthy replica) the sentinels name at each run.
     pub url: String,
     /// File holding the password, instead of putting it in the URL.
     pub password_file: Option<String>,
@@ -95,6 +97,20 @@ pub struct RedisEndpoint {
     pub username: Option<String>,
     /// Password from the URL.
     pub password: Option<Secret>,
+    /// `redis+sentinel://`: the server is whichever the sentinels name (`host` and `port` are
+    /// the first sentinel's).
+    pub sentinel: Option<Sentinel>,
+}
+
+/// Where Sentinel is asked for the server to capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sentinel {
+    /// The sentinels, asked in turn (host, port; 26379 by default).
+    pub sentinels: Vec<(String, u16)>,
+    /// The monitored primary's name (the URL's path).
+    pub master: String,
+    /// `?role=replica`: capture a healthy replica of it instead of the primary.
+    pub replica: bool,
 }
 
 /// How a Redis snapshot is taken.
@@ -170,6 +186,7 @@ fn validate(
                 tls: false,
                 username: None,
                 password: None,
+                sentinel: None,
             }),
             url_redacted,
             password_file: raw.password_file.map(PathBuf::from),
@@ -188,6 +205,11 @@ fn endpoint(
     has_password_file: bool,
     p: &mut Problems,
 ) -> Option<RedisEndpoint> {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some(data_scheme) = scheme.strip_suffix("+sentinel") {
+            return sentinel_endpoint(path, data_scheme, rest, url_redacted, has_password_file, p);
+        }
+    }
     match url::Url::parse(url) {
         Err(e) => {
             p.add(
@@ -231,10 +253,97 @@ fn endpoint(
                     tls: u.scheme() == "rediss",
                     username: (!u.username().is_empty()).then(|| decode(u.username())),
                     password,
+                    sentinel: None,
                 })
             }
         },
     }
+}
+
+/// `redis+sentinel://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]/MASTER[?role=replica]` (or
+/// `rediss+sentinel://`, TLS to sentinels and servers alike): the login is the server's.
+fn sentinel_endpoint(
+    path: &str,
+    data_scheme: &str,
+    rest: &str,
+    url_redacted: &str,
+    has_password_file: bool,
+    p: &mut Problems,
+) -> Option<RedisEndpoint> {
+    let field = format!("{path}.url");
+    let form = "write redis+sentinel://HOST:26379[,HOST:26379…]/MASTER_NAME";
+    if !matches!(data_scheme, "redis" | "rediss") {
+        p.add(
+            field,
+            format!("`{url_redacted}`: the scheme must be redis+sentinel:// or rediss+sentinel://"),
+        );
+        return None;
+    }
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',') {
+        match url::Url::parse(&format!("redis://{host}")) {
+            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => sentinels.push((
+                u.host_str()
+                    .unwrap_or_default()
+                    .trim_matches(['[', ']'])
+                    .to_string(),
+                u.port().unwrap_or(26379),
+            )),
+            _ => {
+                p.add(
+                    field,
+                    format!("`{url_redacted}`: `{host}` is not a sentinel's HOST:PORT; {form}"),
+                );
+                return None;
+            }
+        }
+    }
+    let Ok(rest_url) = url::Url::parse(&format!("redis://x{tail}")) else {
+        p.add(field, format!("`{url_redacted}` is not a URL; {form}"));
+        return None;
+    };
+    let master = rest_url.path().trim_matches('/').to_string();
+    if master.is_empty() || master.contains('/') {
+        p.add(
+            field,
+            format!("`{url_redacted}` names no monitored primary; {form} (the name in `SENTINEL MONITOR`)"),
+        );
+        return None;
+    }
+    let mut replica = false;
+    for (k, v) in rest_url.query_pairs() {
+        match (k.as_ref(), v.as_ref()) {
+            ("role", "replica") => replica = true,
+            ("role", "primary") => replica = false,
+            _ => {
+                p.add(
+                    field,
+                    format!("`{url_redacted}`: unknown parameter `{k}={v}`; only role=primary (default) or role=replica"),
+                );
+                return None;
+            }
+        }
+    }
+    let (first_host, first_port) = sentinels[0].clone();
+    let mut ep = endpoint(
+        path,
+        &format!("{data_scheme}://{userinfo}{first_host}:{first_port}"),
+        url_redacted,
+        has_password_file,
+        p,
+    )?;
+    ep.sentinel = Some(Sentinel {
+        sentinels,
+        master,
+        replica,
+    });
+    Some(ep)
 }
 
 /// How the snapshot is taken: the replication protocol, or a shared dump.rdb.
@@ -327,6 +436,48 @@ mod tests {
             Some(7),
             "defaults apply to every kind"
         );
+    }
+
+    #[test]
+    fn a_sentinel_url_names_the_sentinels_the_primary_and_the_login() {
+        let text = with_redis(
+            "url = \"redis+sentinel://backup:${PGPASSWORD}@s1.internal,[::1]:26380/cache-main?role=replica\"",
+        );
+        let p = parse(&text, "p.toml", &env, LoadOptions::default()).unwrap();
+        let SourceConfig::Redis(r) = &p.sources[2].config else {
+            panic!("the third source is redis")
+        };
+        let s = r.endpoint.sentinel.as_ref().expect("a sentinel endpoint");
+        assert_eq!(
+            s.sentinels,
+            vec![("s1.internal".into(), 26379), ("::1".into(), 26380)]
+        );
+        assert_eq!((s.master.as_str(), s.replica), ("cache-main", true));
+        assert_eq!(r.endpoint.username.as_deref(), Some("backup"));
+        assert_eq!(r.endpoint.password.as_ref().map(|p| p.expose()), Some("pw"));
+        assert!(!r.endpoint.tls);
+        assert_eq!(
+            r.url_redacted,
+            "redis+sentinel://backup:***@s1.internal,[::1]:26380/cache-main?role=replica"
+        );
+        for (url, says) in [
+            ("redis+sentinel://s1:26379", "names no monitored primary"),
+            (
+                "redis+sentinel://s1:26379/m?role=leader",
+                "unknown parameter `role=leader`",
+            ),
+            (
+                "redis+sentinel://s1:26379,:1/m",
+                "is not a sentinel's HOST:PORT",
+            ),
+            ("http+sentinel://s1/m", "must be redis+sentinel://"),
+        ] {
+            let got = problems(&with_redis(&format!("url = \"{url}\"")));
+            assert!(
+                got.len() == 1 && got[0].starts_with("sources[2].url: ") && got[0].contains(says),
+                "{url}: {got:?}"
+            );
+        }
     }
 
     #[test]
