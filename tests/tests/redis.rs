@@ -640,3 +640,156 @@ fn sentinel_names_the_server_to_capture_and_a_failover_between_runs_just_works()
     );
     assert!(wrong.backups().is_empty());
 }
+
+/// The names of the Redis Functions libraries `r` holds, sorted.
+fn libraries(r: &Redis) -> Vec<String> {
+    let list: Vec<Vec<redis::Value>> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query(&mut r.conn(0, None))
+        .unwrap();
+    let mut names: Vec<String> = list
+        .iter()
+        .filter_map(|lib| {
+            let i = lib
+                .iter()
+                .position(|v| matches!(v, redis::Value::BulkString(b) if b == b"library_name"))?;
+            match &lib[i + 1] {
+                redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            }
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn load_library(r: &Redis, name: &str, function: &str) {
+    let code = format!(
+        "#!lua name={name}\nredis.register_function('{function}', function(keys, args) return '{name}:' .. args[1] end)"
+    );
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(code)
+        .query(&mut r.conn(0, None))
+        .unwrap();
+}
+
+#[test]
+fn redis_functions_are_counted_verified_and_restored_into_a_live_server() {
+    let src = Redis::start(&[]);
+    fill_redis(&src, None);
+    load_library(&src, "billing", "charge");
+    let fx = setup(&source(&src.url(), ""));
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    let b = fx.backups()[0].clone();
+    let id = b["id"].as_str().unwrap();
+    assert_eq!(fx.fingerprint(id)["rdb"]["functions"], 1);
+
+    // The verifier compares the libraries its scratch server loaded with the capture's count.
+    let r = verifier(
+        fx.dir.path(),
+        &[
+            "verify",
+            "--policy",
+            fx.policy.to_str().unwrap(),
+            "--identity",
+            &fx.identity(),
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 0, "verify: {}", r.stderr);
+    let reports: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let check = reports[0]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "Redis Functions libraries")
+        .cloned()
+        .expect("a functions check");
+    assert_eq!(
+        (check["expected"].as_str(), check["found"].as_str()),
+        (Some("1"), Some("1"))
+    );
+
+    // A live restore carries them: before, only the keys arrived.
+    let target = Redis::start(&[]);
+    let restore = |extra: &[&str]| {
+        let (to, identity) = (target.url(), fx.identity());
+        let mut args = vec!["restore", "--source", "cache", "--to", &to];
+        args.extend_from_slice(&["--identity", &identity]);
+        args.extend_from_slice(extra);
+        fx.run(&args)
+    };
+    let r = restore(&["--dry-run"]);
+    assert!(
+        r.stderr
+            .contains("Redis Functions libraries it holds (FUNCTION RESTORE)")
+            && r.stderr
+                .contains("Not restored: ACL users and configuration"),
+        "the plan says what a live restore carries and what not: {}",
+        r.stderr
+    );
+    let r = restore(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("and 1 Redis Functions library"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(libraries(&target), vec!["billing"]);
+    let called: String = redis::cmd("FCALL")
+        .arg("charge")
+        .arg(0)
+        .arg("42")
+        .query(&mut target.conn(0, None))
+        .unwrap();
+    assert_eq!(called, "billing:42");
+    assert_eq!(target.digest(None), src.digest(None));
+
+    // A target with libraries of its own holds data: refused without --yes, kept with --yes
+    // (same-named ones replaced), deleted with --flush.
+    let fresh = Redis::start(&[]);
+    load_library(&fresh, "audit", "log");
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "cache",
+        "--to",
+        &fresh.url(),
+        "--identity",
+        &fx.identity(),
+    ]);
+    assert_eq!(
+        r.code, 14,
+        "a target holding only libraries holds data: {}",
+        r.stderr
+    );
+    assert_eq!(libraries(&fresh), vec!["audit"]);
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "cache",
+        "--to",
+        &fresh.url(),
+        "--identity",
+        &fx.identity(),
+        "--yes",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(libraries(&fresh), vec!["audit", "billing"]);
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "cache",
+        "--to",
+        &fresh.url(),
+        "--identity",
+        &fx.identity(),
+        "--yes",
+        "--flush",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(libraries(&fresh), vec!["billing"]);
+}

@@ -4,7 +4,8 @@
 //! The ephemeral server listens on a unix socket in its own temp dir only (no TCP port, nothing to
 //! collide with, nothing reachable from outside), never persists, and is killed when dropped. Keys
 //! move with `DUMP` and `RESTORE … REPLACE`, which carries every type (streams with their consumer
-//! groups, HyperLogLogs, module types) byte for byte, and the remaining time to live.
+//! groups, HyperLogLogs, module types) byte for byte, and the remaining time to live; Redis
+//! Functions libraries follow with `FUNCTION DUMP` / `FUNCTION RESTORE`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -380,6 +381,8 @@ impl Target {
 pub struct Moved {
     /// Keys written, per database.
     pub keys: BTreeMap<u32, u64>,
+    /// Redis Functions libraries written.
+    pub functions: u64,
     /// Keys that expired before they could be written.
     pub expired: u64,
 }
@@ -466,6 +469,46 @@ pub async fn move_keys(
         }
     }
     Ok(moved)
+}
+
+/// The Redis Functions libraries `target` holds (`FUNCTION LIST`); 0 on a server without
+/// Functions (before 7.0).
+pub async fn function_libraries(target: &Target) -> Result<u64> {
+    let mut con = target.connect(0).await?;
+    match redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query_async::<Vec<redis::Value>>(&mut con)
+        .await
+    {
+        Ok(libraries) => Ok(libraries.len() as u64),
+        Err(e) if e.to_string().contains("unknown command") => Ok(0),
+        Err(e) => Err(target.error("FUNCTION LIST", e)),
+    }
+}
+
+/// Copies the Redis Functions libraries of `from` into `to` (`FUNCTION DUMP` / `FUNCTION
+/// RESTORE`): with `flush` the target's own libraries are deleted first, else libraries of the
+/// same name are replaced and the others stay, as keys are. Returns how many were copied.
+pub async fn move_functions(from: &Target, to: &Target, flush: bool) -> Result<u64> {
+    let count = function_libraries(from).await?;
+    if count == 0 {
+        return Ok(0);
+    }
+    let mut src = from.connect(0).await?;
+    let payload: Vec<u8> = redis::cmd("FUNCTION")
+        .arg("DUMP")
+        .query_async(&mut src)
+        .await
+        .map_err(|e| from.error("FUNCTION DUMP", e))?;
+    let mut dst = to.connect(0).await?;
+    redis::cmd("FUNCTION")
+        .arg("RESTORE")
+        .arg(payload)
+        .arg(if flush { "FLUSH" } else { "REPLACE" })
+        .query_async::<()>(&mut dst)
+        .await
+        .map_err(|e| to.error("FUNCTION RESTORE", e))?;
+    Ok(count)
 }
 
 /// Deletes everything on `target` (`FLUSHALL`), for `restore --flush`.

@@ -75,7 +75,10 @@ pub async fn restore_redis(
                 );
                 let dbs: Vec<u32> = loaded.keys().copied().collect();
                 let p = progress.clone();
-                load::move_keys(scratch.target(), target, &dbs, &move |n| p.advance(n)).await
+                let mut moved =
+                    load::move_keys(scratch.target(), target, &dbs, &move |n| p.advance(n)).await?;
+                moved.functions = load::move_functions(scratch.target(), target, *flush).await?;
+                Ok::<_, Error>(moved)
             }
             .await;
             scratch.stop().await;
@@ -107,11 +110,21 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
         let target = load::Target::parse(req.to)?;
         let keyspace = target.keyspace().await?;
         let keys: u64 = keyspace.values().map(|v| v.0).sum();
-        let action = match (keys, o.flush) {
+        let libraries = load::function_libraries(&target).await?;
+        let mut action = match (keys, o.flush) {
             (0, _) => "load the snapshot into a scratch redis-server, then copy every key with its TTL (RESTORE … REPLACE)".to_string(),
             (n, true) => format!("FLUSHALL: delete the {n} key(s) the target holds, then copy every key of the backup with its TTL"),
             (n, false) => format!("the target holds {n} key(s): keys of the same name are replaced, the others stay (--flush deletes them first)"),
         };
+        action.push_str(&match (libraries, o.flush) {
+            (0, _) => "; then any Redis Functions libraries it holds (FUNCTION RESTORE)".to_string(),
+            (n, true) => format!("; then any Redis Functions libraries it holds, deleting the target's {n} first (FUNCTION RESTORE FLUSH)"),
+            (n, false) => format!("; then any Redis Functions libraries it holds: the target holds {n}, those of the same name are replaced (FUNCTION RESTORE REPLACE)"),
+        });
+        action.push_str(
+            ". Not restored: ACL users and configuration, which live outside the snapshot",
+        );
+        let keys = keys + libraries;
         let shown = target.shown.clone();
         let destination = RedisDestination::Live {
             target,
@@ -222,9 +235,13 @@ impl crate::restore::Apply for Apply {
             (None, Some(moved)) => {
                 let total: u64 = moved.keys.values().sum();
                 vec![format!(
-                    "restored backup {id} into {}: {total} key(s) in {} database(s) in {seconds:.1} s{}",
+                    "restored backup {id} into {}: {total} key(s) in {} database(s){} in {seconds:.1} s{}",
                     self.shown,
                     moved.keys.len(),
+                    match moved.functions {
+                        0 => String::new(),
+                        n => format!(" and {n} Redis Functions librar{}", if n == 1 { "y" } else { "ies" }),
+                    },
                     if moved.expired > 0 {
                         format!(", {} key(s) skipped because their TTL had run out", moved.expired)
                     } else {

@@ -141,6 +141,11 @@ async fn check(
             ));
         }
     }
+    report.checks.push(Check::eq(
+        "Redis Functions libraries",
+        fp.rdb.functions.to_string(),
+        redis_load::function_libraries(target).await?.to_string(),
+    ));
     let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
     let mut skipped = 0;
     for k in &fp.rdb.sample {
