@@ -493,7 +493,63 @@ fn rediss_is_verified_against_the_configured_ca() {
         expected_keys(&src, None)
     );
 
-    // Without the CA the certificate is not trusted: a credential error, nothing stored.
+    // A live restore into a TLS server, its certificate checked against the same CA.
+    let target_port = free_port().to_string();
+    let target = Redis::start(&[
+        "--tls-port",
+        &target_port,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let to = format!("rediss://localhost:{target_port}");
+    let identity = fx.identity();
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "cache",
+        "--to",
+        &to,
+        "--identity",
+        &identity,
+    ]);
+    assert_eq!(r.code, 0, "restore into rediss://: {}", r.stderr);
+    assert_eq!(target.digest(None), src.digest(None));
+
+    // The same repository read with a policy whose source has no CA: the target's certificate is
+    // not trusted, and nothing is written.
+    let no_ca = write_policy(
+        fx.dir.path(),
+        "url = \"file://./repo\"",
+        &fx.key.recipient,
+        &source(&url, ""),
+    );
+    let r = lifeboat(
+        fx.dir.path(),
+        &[
+            "restore",
+            "--source",
+            "cache",
+            "--to",
+            &to,
+            "--identity",
+            &identity,
+            "--yes",
+            "--policy",
+            no_ca.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 12, "a target whose CA is not trusted: {}", r.stderr);
+    assert!(r.stderr.contains("tls_ca_file"), "{}", r.stderr);
+    assert_eq!(target.digest(None), src.digest(None));
+
+    // Without the CA the source's certificate is not trusted: a credential error, nothing stored.
     let fx = setup(&source(&url, ""));
     let r = fx.run(&["backup"]);
     assert_eq!(r.code, 12, "{}", r.stderr);

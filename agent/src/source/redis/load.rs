@@ -33,14 +33,19 @@ pub struct Target {
     addr: ConnectionAddr,
     username: Option<String>,
     password: Option<Secret>,
+    /// `rediss://`: the PEM CA certificates its certificate is checked against (the system's
+    /// roots when `None`).
+    tls_ca: Option<Vec<u8>>,
     /// For messages: the address, no secret.
     pub shown: String,
 }
 
 impl Target {
-    /// A `redis://[USER@]HOST[:PORT]` target. The password comes from `REDISCLI_AUTH` (as for
-    /// redis-cli), never from the URL, which would show it in the process list.
-    pub fn parse(url: &str) -> Result<Target> {
+    /// A `redis://[USER@]HOST[:PORT]` target, or `rediss://…` over TLS, its certificate checked
+    /// against `tls_ca_file` (the source's) or the system's roots. The password comes from
+    /// `REDISCLI_AUTH` (as for redis-cli), never from the URL, which would show it in the process
+    /// list.
+    pub fn parse(url: &str, tls_ca_file: Option<&Path>) -> Result<Target> {
         let bad = |why: &str| {
             Error::new(
                 ErrorKind::Invalid,
@@ -48,9 +53,15 @@ impl Target {
             )
         };
         let u = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-        if u.scheme() != "redis" {
-            return Err(bad("restore into a live server takes redis://HOST:PORT (TLS targets: restore --to DIR and load the file)"));
-        }
+        let tls = match u.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            _ => {
+                return Err(bad(
+                    "restore into a live server takes redis://HOST:PORT or rediss://HOST:PORT",
+                ))
+            }
+        };
         if u.password().is_some() {
             return Err(bad("a password in --to would show in the process list")
                 .hint("put the password in the REDISCLI_AUTH environment variable instead"));
@@ -62,11 +73,30 @@ impl Target {
             .trim_matches(['[', ']'])
             .to_string();
         let port = u.port().unwrap_or(6379);
+        let tls_ca = match tls_ca_file {
+            Some(f) if tls => Some(std::fs::read(f).map_err(|e| {
+                Error::new(
+                    ErrorKind::Credential,
+                    format!("tls_ca_file {}: cannot read it: {e}", f.display()),
+                )
+            })?),
+            _ => None,
+        };
         Ok(Target {
-            shown: format!("redis://{host}:{port}"),
-            addr: ConnectionAddr::Tcp(host, port),
+            shown: format!("{}://{host}:{port}", u.scheme()),
+            addr: if tls {
+                ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(host, port)
+            },
             username: (!u.username().is_empty()).then(|| u.username().to_string()),
             password: std::env::var("REDISCLI_AUTH").ok().map(Secret::new),
+            tls_ca,
         })
     }
 
@@ -75,6 +105,7 @@ impl Target {
             addr: ConnectionAddr::Unix(path.to_path_buf()),
             username: None,
             password: None,
+            tls_ca: None,
             shown: format!("scratch redis-server ({})", path.display()),
         }
     }
@@ -94,7 +125,17 @@ impl Target {
             .into_connection_info()
             .map_err(|e| self.error("connecting", e))?
             .set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|e| self.error("connecting", e))?;
+        let client = match &self.tls_ca {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| self.error("connecting", e))?;
         client
             .get_multiplexed_async_connection_with_config(
                 &AsyncConnectionConfig::new()
@@ -112,6 +153,9 @@ impl Target {
         if text.contains("WRONGPASS") || text.contains("NOAUTH") || text.contains("NOPERM") {
             Error::new(ErrorKind::Credential, message)
                 .hint("set the password in REDISCLI_AUTH, and the user in the URL (redis://USER@HOST:PORT)")
+        } else if text.contains("certificate") || text.contains("UnknownIssuer") {
+            Error::new(ErrorKind::Credential, message)
+                .hint("a rediss:// target's certificate is checked against the source's tls_ca_file (else the system's roots): set it to the CA that signed the target's certificate")
         } else {
             Error::failed(message)
         }
@@ -536,10 +580,17 @@ mod tests {
 
     #[test]
     fn target_passwords_stay_out_of_argv() {
-        let e = Target::parse("redis://u:secret@h:6379").unwrap_err();
+        let e = Target::parse("redis://u:secret@h:6379", None).unwrap_err();
         assert!(!e.message.contains("secret"), "{e}");
         assert!(e.hint.unwrap().contains("REDISCLI_AUTH"));
-        assert_eq!(Target::parse("redis://h").unwrap().shown, "redis://h:6379");
-        assert!(Target::parse("rediss://h").is_err());
+        assert_eq!(
+            Target::parse("redis://h", None).unwrap().shown,
+            "redis://h:6379"
+        );
+        assert_eq!(
+            Target::parse("rediss://h", None).unwrap().shown,
+            "rediss://h:6379"
+        );
+        assert!(Target::parse("http://h", None).is_err());
     }
 }

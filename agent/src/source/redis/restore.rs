@@ -95,9 +95,9 @@ pub async fn restore_redis(
 pub async fn plan(req: &Request<'_>) -> Result<Plan> {
     let o = req.options;
     let m = &req.entry.manifest;
-    let bin_dir = match req.policy.source(&m.source).map(|s| &s.config) {
-        Some(SourceConfig::Redis(c)) => c.bin_dir.clone(),
-        _ => None,
+    let (bin_dir, tls_ca_file) = match req.policy.source(&m.source).map(|s| &s.config) {
+        Some(SourceConfig::Redis(c)) => (c.bin_dir.clone(), c.tls_ca_file.clone()),
+        _ => (None, None),
     };
     if o.jobs != 1 || o.with_globals || o.no_owner {
         return Err(Error::new(
@@ -107,7 +107,7 @@ pub async fn plan(req: &Request<'_>) -> Result<Plan> {
     }
     let live = req.to.starts_with("redis://") || req.to.starts_with("rediss://");
     let (destination, shown, existing, action) = if live {
-        let target = load::Target::parse(req.to)?;
+        let target = load::Target::parse(req.to, tls_ca_file.as_deref())?;
         let keyspace = target.keyspace().await?;
         let keys: u64 = keyspace.values().map(|v| v.0).sum();
         let libraries = load::function_libraries(&target).await?;
