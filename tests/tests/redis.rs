@@ -849,3 +849,84 @@ fn redis_functions_are_counted_verified_and_restored_into_a_live_server() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(libraries(&fresh), vec!["billing"]);
 }
+
+#[test]
+fn scan_mode_writes_a_real_rdb_where_sync_psync_and_bgsave_are_refused() {
+    // The way managed services are set up: the backup user may not replicate or save.
+    let src = Redis::start(&[
+        "--user",
+        "backup",
+        "on",
+        ">s3cret-backup",
+        "~*",
+        "&*",
+        "+@all",
+        "-sync",
+        "-psync",
+        "-bgsave",
+    ]);
+    fill_redis(&src, None);
+    load_library(&src, "billing", "charge");
+    let dir = tempfile::tempdir().unwrap();
+    let pwfile = dir.path().join("redis-password");
+    std::fs::write(&pwfile, "s3cret-backup\n").unwrap();
+    let url = format!("redis://backup@127.0.0.1:{}", src.port);
+    let password = format!("password_file = \"{}\"", pwfile.display());
+
+    // Replication is refused, as on a managed service...
+    let fx = setup(&source(&url, &format!("{password}\nretries = 0")));
+    let r = fx.run(&["backup"]);
+    assert_ne!(r.code, 0, "replication must be refused: {}", r.stderr);
+    assert!(fx.backups().is_empty());
+
+    // ...and a scan takes the snapshot.
+    let fx = setup(&source(
+        &url,
+        &format!("{password}\nmode = \"scan\"\nscan_rate = 100000"),
+    ));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "scan backup: {}", r.stderr);
+    let id = fx.backups()[0]["id"].as_str().unwrap().to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.backup_dir(&id).join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["parts"][0]["format"], "rdb-scan-not-point-in-time");
+    let fp = fx.fingerprint(&id);
+    assert_eq!(fp["mode"], "scan");
+    assert_eq!(fp["scan"]["vanished"], 0, "{fp}");
+    assert_eq!(fp["rdb"]["functions"], 1, "{fp}");
+    assert_eq!(fingerprint_keys(&fp), expected_keys(&src, None));
+
+    // The stock tools read what was stored, and a stock server loads it with the same digest.
+    let out = tempfile::tempdir().unwrap();
+    let rdb = fx.stock_decrypt(&id, out.path());
+    check_rdb(&rdb);
+    let loaded = load(&rdb);
+    assert_eq!(loaded.digest(None), src.digest(None));
+    assert_eq!(libraries(&loaded), vec!["billing"]);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("session:1")
+        .query(&mut loaded.conn(0, None))
+        .unwrap();
+    assert!((3500..=3600).contains(&ttl), "the TTL is kept: {ttl}");
+
+    // The verifier treats it like any other snapshot.
+    let r = verifier(
+        fx.dir.path(),
+        &[
+            "verify",
+            "--policy",
+            fx.policy.to_str().unwrap(),
+            "--identity",
+            &fx.identity(),
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 0, "verify of a scanned snapshot: {}", r.stderr);
+
+    // scan_rate belongs to scan mode.
+    let fx = setup(&source(&url, &format!("{password}\nscan_rate = 10")));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("scan_rate"), "{}", r.stderr);
+}

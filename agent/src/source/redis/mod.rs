@@ -17,6 +17,7 @@ pub mod load;
 pub mod policy;
 pub mod rdb;
 pub mod restore;
+pub mod scan;
 pub mod verify;
 
 pub use policy::{RawRedisSource, RedisCapture, RedisConfig, RedisEndpoint, RedisMode, Sentinel};
@@ -101,14 +102,28 @@ pub struct Session {
 
 impl Session {
     async fn send(&mut self, args: &[&[u8]]) -> Result<()> {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
+        let mut out = Vec::new();
+        encode(&mut out, args);
+        self.write(&out).await
+    }
+
+    /// Sends `commands` at once and reads their replies, error replies included.
+    async fn pipeline(&mut self, commands: &[Vec<&[u8]>]) -> Result<Vec<Reply>> {
+        let mut out = Vec::new();
+        for args in commands {
+            encode(&mut out, args);
         }
+        self.write(&out).await?;
+        let mut replies = Vec::with_capacity(commands.len());
+        for _ in commands {
+            replies.push(self.reply().await?);
+        }
+        Ok(replies)
+    }
+
+    async fn write(&mut self, out: &[u8]) -> Result<()> {
         let io = self.io.get_mut();
-        let written = match io.write_all(&out).await {
+        let written = match io.write_all(out).await {
             Ok(()) => io.flush().await,
             Err(e) => Err(e),
         };
@@ -170,7 +185,10 @@ impl Session {
                     return Ok(Reply::Bulk(None));
                 }
                 if n > 64 << 20 {
-                    return Err(self.protocol(&line));
+                    return Err(Error::failed(format!(
+                        "{}: a reply of {n} bytes is larger than the 64 MiB lifeboat reads at once",
+                        self.where_
+                    )));
                 }
                 let mut v = vec![0u8; n as usize + 2];
                 self.io
@@ -271,6 +289,16 @@ impl Session {
                 self.where_
             ))),
         }
+    }
+}
+
+/// A command in RESP.
+fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -816,8 +844,11 @@ pub struct Fingerprint {
     pub format: u32,
     /// Always `redis`.
     pub kind: super::Kind,
-    /// `replication` or `file`.
+    /// `replication`, `file` or `scan`.
     pub mode: String,
+    /// `scan`: keys stored and keys that vanished during the walk (not a point in time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<scan::ScanOutcome>,
     /// The server's version (from the snapshot's `redis-ver`).
     pub server_version: Option<String>,
     /// The snapshot's CRC64, hex; `None` when the server saves without one.
@@ -856,6 +887,9 @@ impl Source for Redis {
             RedisCapture::Replication => {
                 s.call(&[b"REPLCONF", b"listening-port", b"0"]).await?;
             }
+            RedisCapture::Scan { .. } => {
+                s.call(&[b"SCAN", b"0", b"COUNT", b"1"]).await?;
+            }
             RedisCapture::File { rdb_path } => {
                 s.info("persistence").await?;
                 let dir = rdb_path.parent().unwrap_or(std::path::Path::new("."));
@@ -874,6 +908,7 @@ impl Source for Redis {
     async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
         let mut s = self.connect().await?;
         let key = layout::backup_object(&ctx.source, &ctx.id, RDB_OBJECT);
+        let scanned: Arc<Mutex<Option<scan::ScanOutcome>>> = Arc::default();
         let (mode, input, framed): (&str, Pin<Box<dyn AsyncRead + Send>>, Verdict) = match &self
             .cfg
             .capture
@@ -888,6 +923,21 @@ impl Source for Redis {
                         .map_err(|e| Error::failed(format!("snapshot reader failed: {e}")))?
                 });
                 ("replication", Box::pin(reader), verdict)
+            }
+            RedisCapture::Scan { rate } => {
+                let (writer, reader) = tokio::io::duplex(PIPE_BUFFER);
+                let task = tokio::spawn(scan::scan_into(s, writer, *rate, ctx.cancel.clone()));
+                let done = scanned.clone();
+                let verdict: Verdict = Box::pin(async move {
+                    let outcome = task
+                        .await
+                        .map_err(|e| Error::failed(format!("snapshot scan failed: {e}")))??;
+                    if let Ok(mut d) = done.lock() {
+                        *d = Some(outcome);
+                    }
+                    Ok(())
+                });
+                ("scan", Box::pin(reader), verdict)
             }
             RedisCapture::File { rdb_path } => {
                 let saved_at = self.bgsave(&mut s, &ctx.cancel).await?;
@@ -943,10 +993,15 @@ impl Source for Redis {
         if origin.is_none() {
             tracing::warn!(source = %ctx.source, backup = %ctx.id, "INFO was refused: the backup records no origin (give the ACL user +info)");
         }
+        let scan_outcome = scanned.lock().ok().and_then(|mut s| s.take());
+        if let Some(o) = scan_outcome.as_ref().filter(|o| o.vanished > 0) {
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, vanished = o.vanished, "Keys were deleted or expired while the scan read them; the snapshot is not a point in time");
+        }
         let fingerprint = serde_json::to_value(Fingerprint {
             format: 1,
             kind: super::Kind::Redis,
             mode: mode.into(),
+            scan: scan_outcome,
             server_version: server_version.clone(),
             crc64: match crc {
                 CrcVerdict::Ok(v) => Some(format!("{v:016x}")),
@@ -956,7 +1011,16 @@ impl Source for Redis {
         })
         .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?;
         Ok(SourceBackup {
-            parts: vec![digests.part(RDB_OBJECT, Role::Snapshot, "rdb")],
+            // A scan is an RDB file too, but not of one instant: the manifest says so.
+            parts: vec![digests.part(
+                RDB_OBJECT,
+                Role::Snapshot,
+                if mode == "scan" {
+                    "rdb-scan-not-point-in-time"
+                } else {
+                    "rdb"
+                },
+            )],
             fingerprint,
             source_version: server_version.map(|v| format!("Redis {v}")),
             dump_tool_version: None,

@@ -23,8 +23,13 @@ pub struct RawRedisSource {
     pub url: String,
     /// File holding the password, instead of putting it in the URL.
     pub password_file: Option<String>,
-    /// `replication` (default: connect as a replica) or `file` (BGSAVE, then read `rdb_path`).
+    /// `replication` (default: connect as a replica), `file` (BGSAVE, then read `rdb_path`) or
+    /// `scan` (SCAN + DUMP every key into an RDB file, for managed services that refuse both;
+    /// not a point in time).
     pub mode: Option<RedisMode>,
+    /// `mode = "scan"`: most keys read per second, so that production latency is not hurt;
+    /// default 20000.
+    pub scan_rate: Option<u32>,
     /// The server's RDB file on a shared volume (`mode = "file"` only).
     pub rdb_path: Option<String>,
     /// PEM file of the CA that signed the server's certificate (`rediss://`).
@@ -65,6 +70,8 @@ pub enum RedisMode {
     Replication,
     /// `BGSAVE`, then read the RDB file from a shared volume.
     File,
+    /// `SCAN`, `DUMP` and `PTTL` every key, and write an RDB file from the payloads.
+    Scan,
 }
 
 /// A Redis source.
@@ -123,6 +130,11 @@ pub enum RedisCapture {
         /// The server's RDB file, on a shared volume.
         rdb_path: PathBuf,
     },
+    /// `SCAN` + `DUMP`, at most `rate` keys a second.
+    Scan {
+        /// Keys per second.
+        rate: u32,
+    },
 }
 
 #[async_trait::async_trait]
@@ -170,7 +182,19 @@ fn validate(
         raw.password_file.is_some(),
         p,
     );
-    let mode = capture(path, raw.mode.unwrap_or_default(), raw.rdb_path, p);
+    let mut mode = capture(path, raw.mode.unwrap_or_default(), raw.rdb_path, p);
+    match (&mut mode, raw.scan_rate) {
+        (RedisCapture::Scan { rate }, Some(r)) if r > 0 => *rate = r,
+        (RedisCapture::Scan { .. }, Some(_)) => p.add(
+            format!("{path}.scan_rate"),
+            "must be at least 1 key per second",
+        ),
+        (_, Some(_)) => p.add(
+            format!("{path}.scan_rate"),
+            "is read only with mode = \"scan\"; remove it, or set mode = \"scan\"",
+        ),
+        _ => {}
+    }
     if let Some(v) = &raw.verify {
         reject_foreign_verify(path, v, p);
     }
@@ -346,7 +370,10 @@ fn sentinel_endpoint(
     Some(ep)
 }
 
-/// How the snapshot is taken: the replication protocol, or a shared dump.rdb.
+/// Keys a scan reads per second unless `scan_rate` says.
+pub const DEFAULT_SCAN_RATE: u32 = 20_000;
+
+/// How the snapshot is taken: the replication protocol, a shared dump.rdb, or a scan.
 fn capture(
     path: &str,
     mode: RedisMode,
@@ -354,6 +381,18 @@ fn capture(
     p: &mut Problems,
 ) -> RedisCapture {
     match (mode, rdb_path) {
+        (RedisMode::Scan, None) => RedisCapture::Scan {
+            rate: DEFAULT_SCAN_RATE,
+        },
+        (RedisMode::Scan, Some(_)) => {
+            p.add(
+                format!("{path}.rdb_path"),
+                "is read only with mode = \"file\"; remove it",
+            );
+            RedisCapture::Scan {
+                rate: DEFAULT_SCAN_RATE,
+            }
+        }
         (RedisMode::Replication, None) => RedisCapture::Replication,
         (RedisMode::Replication, Some(_)) => {
             p.add(

@@ -30,7 +30,7 @@ const SAMPLE_KEY_MAX: usize = 256;
 /// Largest encoded blob (listpack, ziplist, intset) read into memory to learn a sampled key's length.
 const BLOB_MAX: u64 = 16 << 20;
 
-static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_REDIS);
+pub(crate) static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_REDIS);
 
 /// The CRC-64 of a whole RDB stream but its last eight bytes, which hold the expected value.
 pub struct Crc64Tail {
