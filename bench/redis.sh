@@ -2,6 +2,7 @@
 # Redis capture benchmark, in one run on a throwaway local redis-server:
 #   redis-cli --rdb FILE                    the reference: the same replication capture, no compression
 #   lifeboat backup → local directory       capture + RDB checks + zstd + age + store
+#   lifeboat backup (scan) → local directory  mode = "scan": SCAN + DUMP + PTTL written as an RDB file
 # Dataset: KEYS string keys (DEBUG POPULATE, 100-byte values) plus 5% hashes of random hex.
 # Usage: bench/redis.sh [KEYS]   (default 1000000; RUNS=3)
 . "$(dirname "$0")/lib.sh"
@@ -40,6 +41,9 @@ name = "cache"
 kind = "redis"
 url = "redis://127.0.0.1:$REDIS_PORT"
 TOML
+# The same source read with SCAN + DUMP (mode = "scan", for managed services), unthrottled.
+sed -e 's/^kind = "redis"$/kind = "redis"\nmode = "scan"\nscan_rate = 100000000/' \
+  -e "s|file://$work/repo|file://$work/repo-scan|" "$work/redis.toml" > "$work/redis-scan.toml"
 redis-cli -p "$REDIS_PORT" --rdb "$work/dump.rdb" >/dev/null 2>&1
 db_size=$(stat -c %s "$work/dump.rdb")
 : > "$work/results.tsv"
@@ -47,5 +51,7 @@ echo "== measuring ($runs runs each)" >&2
 measure "redis-cli --rdb FILE" "redis-cli -p $REDIS_PORT --rdb '$work/dump.rdb'" "rm -f '$work/dump.rdb'"
 measure "lifeboat backup → local directory" "'$lifeboat' backup --policy '$work/redis.toml'" \
   "stored=\$(du -sb '$work/repo/backups' | cut -f1); rm -rf '$work/repo'"
+measure "lifeboat backup (scan) → local directory" "'$lifeboat' backup --policy '$work/redis-scan.toml'" \
+  "rm -rf '$work/repo-scan'"
 summarize "redis-cli --rdb FILE" redis \
   "Redis 7, $(redis-cli -p "$REDIS_PORT" DBSIZE) keys, RDB $((db_size / 1048576)) MiB, stored by lifeboat $((stored / 1048576)) MiB"

@@ -1052,6 +1052,19 @@ impl Redis {
             .expect("connect to the test redis-server")
     }
 
+    /// One field of `INFO section` (e.g. `server`, `run_id`); empty when absent.
+    pub fn info(&self, section: &str, field: &str) -> String {
+        let text: String = redis::cmd("INFO")
+            .arg(section)
+            .query(&mut self.conn(0, None))
+            .expect("INFO");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
     /// `DEBUG DIGEST`: one hash of the whole dataset (keys, values, types, which keys expire).
     pub fn digest(&self, auth: Option<(&str, &str)>) -> String {
         redis::cmd("DEBUG")

@@ -193,15 +193,7 @@ fn restore_into_a_live_server_reproduces_every_type_and_ttl() {
 
     let target = Redis::start(&[]);
     let to = target.url();
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "cache",
-        "--to",
-        &to,
-        "--identity",
-        &id,
-    ]);
+    let r = fx.restore_to(&to, &[]);
     assert_eq!(r.code, 0, "restore failed: {}", r.stderr);
     assert_eq!(target.digest(None), src.digest(None));
     let ttl: i64 = redis::cmd("TTL")
@@ -226,44 +218,17 @@ fn restore_into_a_live_server_reproduces_every_type_and_ttl() {
         .arg("1")
         .query(&mut target.conn(0, None))
         .unwrap();
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "cache",
-        "--to",
-        &to,
-        "--identity",
-        &id,
-    ]);
+    let r = fx.restore_to(&to, &[]);
     assert_eq!(r.code, 14, "{}", r.stderr);
     assert!(r.stderr.contains("already holds data"), "{}", r.stderr);
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "cache",
-        "--to",
-        &to,
-        "--identity",
-        &id,
-        "--yes",
-    ]);
+    let r = fx.restore_to(&to, &["--yes"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_ne!(
         target.digest(None),
         src.digest(None),
         "without --flush other keys stay"
     );
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "cache",
-        "--to",
-        &to,
-        "--identity",
-        &id,
-        "--yes",
-        "--flush",
-    ]);
+    let r = fx.restore_to(&to, &["--yes", "--flush"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         target.digest(None),
@@ -288,6 +253,40 @@ fn restore_into_a_live_server_reproduces_every_type_and_ttl() {
 impl Fx {
     fn identity(&self) -> String {
         self.key.identity.to_str().unwrap().to_string()
+    }
+
+    /// `lifeboat-verifier verify --json` of the newest backup: its report.
+    fn verify(&self) -> (Run, serde_json::Value) {
+        let identity = self.identity();
+        let policy = self.policy.to_str().unwrap();
+        let args = [
+            "verify",
+            "--policy",
+            policy,
+            "--identity",
+            &identity,
+            "--json",
+        ];
+        let r = verifier(self.dir.path(), &args, &[]);
+        let reports: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+        let report = reports[0].clone();
+        (r, report)
+    }
+
+    /// `restore --source cache --to TO --identity … EXTRA`.
+    fn restore_to(&self, to: &str, extra: &[&str]) -> Run {
+        let identity = self.identity();
+        let mut args = vec![
+            "restore",
+            "--source",
+            "cache",
+            "--to",
+            to,
+            "--identity",
+            &identity,
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
     }
 }
 
@@ -459,26 +458,33 @@ fn a_server_that_refuses_replication_says_to_use_file_mode() {
     assert!(fx.backups().is_empty());
 }
 
+/// A redis-server with TLS on `tls_port`, its certificate from `certs` (see `make_certs`).
+fn tls_redis(tls_port: &str, certs: &Path, extra: &[&str]) -> Redis {
+    let file = |f: &str| certs.join(f).to_str().unwrap().to_string();
+    let (cert, key, ca) = (file("server.crt"), file("server.key"), file("ca.crt"));
+    let mut args = vec![
+        "--tls-port",
+        tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ];
+    args.extend_from_slice(extra);
+    Redis::start(&args)
+}
+
 #[test]
 fn rediss_is_verified_against_the_configured_ca() {
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
-    let [ca, cert, key] = ["ca.crt", "server.crt", "server.key"].map(|f| certs.path().join(f));
+    let ca = certs.path().join("ca.crt");
     let tls_port = free_port().to_string();
-    let src = Redis::start(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        cert.to_str().unwrap(),
-        "--tls-key-file",
-        key.to_str().unwrap(),
-        "--tls-ca-cert-file",
-        ca.to_str().unwrap(),
-        "--tls-auth-clients",
-        "no",
-        "--tls-replication",
-        "yes",
-    ]);
+    let src = tls_redis(&tls_port, certs.path(), &["--tls-replication", "yes"]);
     fill_redis(&src, None);
     let url = format!("rediss://localhost:{tls_port}");
     let fx = setup(&source(
@@ -495,29 +501,10 @@ fn rediss_is_verified_against_the_configured_ca() {
 
     // A live restore into a TLS server, its certificate checked against the same CA.
     let target_port = free_port().to_string();
-    let target = Redis::start(&[
-        "--tls-port",
-        &target_port,
-        "--tls-cert-file",
-        cert.to_str().unwrap(),
-        "--tls-key-file",
-        key.to_str().unwrap(),
-        "--tls-ca-cert-file",
-        ca.to_str().unwrap(),
-        "--tls-auth-clients",
-        "no",
-    ]);
+    let target = tls_redis(&target_port, certs.path(), &[]);
     let to = format!("rediss://localhost:{target_port}");
     let identity = fx.identity();
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "cache",
-        "--to",
-        &to,
-        "--identity",
-        &identity,
-    ]);
+    let r = fx.restore_to(&to, &[]);
     assert_eq!(r.code, 0, "restore into rediss://: {}", r.stderr);
     assert_eq!(target.digest(None), src.digest(None));
 
@@ -566,18 +553,6 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn info_field(r: &Redis, section: &str, field: &str) -> String {
-    let text: String = redis::cmd("INFO")
-        .arg(section)
-        .query(&mut r.conn(0, None))
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 /// The primary's port as `sentinel` names it now.
 fn named_primary(sentinel: &Redis, name: &str) -> Option<u16> {
     let addr: Option<(String, String)> = redis::cmd("SENTINEL")
@@ -594,7 +569,7 @@ fn sentinel_names_the_server_to_capture_and_a_failover_between_runs_just_works()
     fill_redis(&primary, None);
     let replica = Redis::start(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
     wait_until("the replica is in sync", || {
-        info_field(&replica, "replication", "master_link_status") == "up"
+        replica.info("replication", "master_link_status") == "up"
             && replica.keyspace(None) == primary.keyspace(None)
     });
     let sentinel = Redis::sentinel(primary.port, "cache-main");
@@ -621,7 +596,7 @@ fn sentinel_names_the_server_to_capture_and_a_failover_between_runs_just_works()
     let id = first["id"].as_str().unwrap();
     assert_eq!(
         first["origin"]["identity"],
-        format!("redis run {}", info_field(&primary, "server", "run_id")),
+        format!("redis run {}", primary.info("server", "run_id")),
         "the primary was captured"
     );
     assert_eq!(
@@ -642,7 +617,7 @@ fn sentinel_names_the_server_to_capture_and_a_failover_between_runs_just_works()
     let b = from_replica.backups()[0].clone();
     assert_eq!(
         b["origin"]["identity"],
-        format!("redis run {}", info_field(&replica, "server", "run_id"))
+        format!("redis run {}", replica.info("server", "run_id"))
     );
     assert_eq!(b["origin"]["details"]["role"], "slave");
 
@@ -655,7 +630,7 @@ fn sentinel_names_the_server_to_capture_and_a_failover_between_runs_just_works()
         .expect("SENTINEL FAILOVER");
     wait_until("the sentinel names the promoted replica", || {
         named_primary(&sentinel, "cache-main") == Some(replica.port)
-            && info_field(&replica, "replication", "role") == "master"
+            && replica.info("replication", "role") == "master"
     });
     let _: () = redis::cmd("SET")
         .arg("written-after-failover")
@@ -669,7 +644,7 @@ fn sentinel_names_the_server_to_capture_and_a_failover_between_runs_just_works()
     assert_ne!(after["id"], first["id"]);
     assert_eq!(
         after["origin"]["identity"],
-        format!("redis run {}", info_field(&replica, "server", "run_id"))
+        format!("redis run {}", replica.info("server", "run_id"))
     );
     assert_eq!(
         after["lineage"]["state"], "same",
@@ -743,21 +718,9 @@ fn redis_functions_are_counted_verified_and_restored_into_a_live_server() {
     assert_eq!(fx.fingerprint(id)["rdb"]["functions"], 1);
 
     // The verifier compares the libraries its scratch server loaded with the capture's count.
-    let r = verifier(
-        fx.dir.path(),
-        &[
-            "verify",
-            "--policy",
-            fx.policy.to_str().unwrap(),
-            "--identity",
-            &fx.identity(),
-            "--json",
-        ],
-        &[],
-    );
+    let (r, report) = fx.verify();
     assert_eq!(r.code, 0, "verify: {}", r.stderr);
-    let reports: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let check = reports[0]["checks"]
+    let check = report["checks"]
         .as_array()
         .unwrap()
         .iter()
@@ -771,13 +734,8 @@ fn redis_functions_are_counted_verified_and_restored_into_a_live_server() {
 
     // A live restore carries them: before, only the keys arrived.
     let target = Redis::start(&[]);
-    let restore = |extra: &[&str]| {
-        let (to, identity) = (target.url(), fx.identity());
-        let mut args = vec!["restore", "--source", "cache", "--to", &to];
-        args.extend_from_slice(&["--identity", &identity]);
-        args.extend_from_slice(extra);
-        fx.run(&args)
-    };
+    let to = target.url();
+    let restore = |extra: &[&str]| fx.restore_to(&to, extra);
     let r = restore(&["--dry-run"]);
     assert!(
         r.stderr
@@ -808,44 +766,17 @@ fn redis_functions_are_counted_verified_and_restored_into_a_live_server() {
     // (same-named ones replaced), deleted with --flush.
     let fresh = Redis::start(&[]);
     load_library(&fresh, "audit", "log");
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "cache",
-        "--to",
-        &fresh.url(),
-        "--identity",
-        &fx.identity(),
-    ]);
+    let r = fx.restore_to(&fresh.url(), &[]);
     assert_eq!(
         r.code, 14,
         "a target holding only libraries holds data: {}",
         r.stderr
     );
     assert_eq!(libraries(&fresh), vec!["audit"]);
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "cache",
-        "--to",
-        &fresh.url(),
-        "--identity",
-        &fx.identity(),
-        "--yes",
-    ]);
+    let r = fx.restore_to(&fresh.url(), &["--yes"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(libraries(&fresh), vec!["audit", "billing"]);
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "cache",
-        "--to",
-        &fresh.url(),
-        "--identity",
-        &fx.identity(),
-        "--yes",
-        "--flush",
-    ]);
+    let r = fx.restore_to(&fresh.url(), &["--yes", "--flush"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(libraries(&fresh), vec!["billing"]);
 }
@@ -911,17 +842,7 @@ fn scan_mode_writes_a_real_rdb_where_sync_psync_and_bgsave_are_refused() {
     assert!((3500..=3600).contains(&ttl), "the TTL is kept: {ttl}");
 
     // The verifier treats it like any other snapshot.
-    let r = verifier(
-        fx.dir.path(),
-        &[
-            "verify",
-            "--policy",
-            fx.policy.to_str().unwrap(),
-            "--identity",
-            &fx.identity(),
-        ],
-        &[],
-    );
+    let (r, _) = fx.verify();
     assert_eq!(r.code, 0, "verify of a scanned snapshot: {}", r.stderr);
 
     // scan_rate belongs to scan mode.

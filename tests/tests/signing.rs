@@ -509,6 +509,19 @@ fn a_writer_without_a_trusted_key_stops_before_storing_and_the_key_never_shows()
     }
 }
 
+/// The one report `lifeboat-verifier verify --json` printed.
+fn only_report(r: &Run) -> serde_json::Value {
+    let reports: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    reports[0].clone()
+}
+
+/// Whether `report` has a note containing `text`.
+fn noted(report: &serde_json::Value, text: &str) -> bool {
+    report["notes"]
+        .as_array()
+        .is_some_and(|n| n.iter().any(|n| n.as_str().unwrap_or("").contains(text)))
+}
+
 /// Runs `backup --json` for `policy` and returns the id of the one backup of `source` it added.
 fn backup_of(fx: &Fx, policy: &Path, source: &str) -> String {
     let listed = |fx: &Fx| -> Vec<String> {
@@ -606,8 +619,7 @@ fn a_backup_taken_from_another_system_is_marked_fails_verification_and_the_plan_
     // The verifier restores it (the dump is sound) but fails it on the identity.
     let r = fx.verify(&on_a, &["--source", "app", "--backup", &b1]);
     assert_eq!(r.code, 4, "verify of the changed backup: {}", r.stderr);
-    let report: serde_json::Value =
-        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()[0].clone();
+    let report = only_report(&r);
     let checks = report["checks"].as_array().unwrap();
     let identity = checks
         .iter()
@@ -671,16 +683,8 @@ fn a_backup_taken_from_another_system_is_marked_fails_verification_and_the_plan_
     );
     let r = fx.verify(&moved, &["--source", "app", "--backup", &b1]);
     assert_eq!(r.code, 0, "verify of an expected move: {}", r.stderr);
-    let report: serde_json::Value =
-        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()[0].clone();
-    assert!(
-        report["notes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n.as_str().unwrap().contains("the source moved at")),
-        "{report}"
-    );
+    let report = only_report(&r);
+    assert!(noted(&report, "the source moved at"), "{report}");
     // The next backup carries on from the new system.
     let b2 = backup_of(&fx, &moved, "app");
     let r = fx.run(&moved, &["list", "--json", "--source", "app"]);
@@ -695,22 +699,11 @@ fn a_redis_backup_records_its_server_and_another_server_is_a_note_not_a_failure(
     let policy = fx.policy(&fx.redis, None, 10);
     let r1 = fx.backup(&policy);
     let r2 = fx.backup(&policy);
-    let info = |redis: &Redis, section: &str, field: &str| -> String {
-        let text: String = redis::cmd("INFO")
-            .arg(section)
-            .query(&mut redis.conn(0, None))
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
     let (list, _) = fx.list(&policy);
     let origin = &list.iter().find(|e| e["id"] == r1.as_str()).unwrap()["origin"];
     assert_eq!(
         origin["identity"],
-        format!("redis run {}", info(&fx.redis, "server", "run_id"))
+        format!("redis run {}", fx.redis.info("server", "run_id"))
     );
     assert!(
         origin["history"]
@@ -718,7 +711,7 @@ fn a_redis_backup_records_its_server_and_another_server_is_a_note_not_a_failure(
             .unwrap()
             .contains(&serde_json::json!(format!(
                 "redis replication {}",
-                info(&fx.redis, "replication", "master_replid")
+                fx.redis.info("replication", "master_replid")
             ))),
         "{origin}"
     );
@@ -738,14 +731,6 @@ fn a_redis_backup_records_its_server_and_another_server_is_a_note_not_a_failure(
     );
     let r = fx.verify(&policy, &["--backup", &r3]);
     assert_eq!(r.code, 0, "a Redis origin change is a note: {}", r.stderr);
-    let report: serde_json::Value =
-        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()[0].clone();
-    assert!(
-        report["notes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n.as_str().unwrap().contains("replication history")),
-        "{report}"
-    );
+    let report = only_report(&r);
+    assert!(noted(&report, "replication history"), "{report}");
 }
