@@ -797,12 +797,21 @@ fn scan_mode_writes_a_real_rdb_where_sync_psync_and_bgsave_are_refused() {
         "-bgsave",
     ]);
     fill_redis(&src, None);
-    load_library(&src, "billing", "charge");
     let dir = tempfile::tempdir().unwrap();
     let pwfile = dir.path().join("redis-password");
     std::fs::write(&pwfile, "s3cret-backup\n").unwrap();
     let url = format!("redis://backup@127.0.0.1:{}", src.port);
     let password = format!("password_file = \"{}\"", pwfile.display());
+    let scan = format!("{password}\nmode = \"scan\"\nscan_rate = 100000");
+
+    // A server without Functions libraries.
+    let fx = setup(&source(&url, &scan));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "scan backup without libraries: {}", r.stderr);
+    let fp = fx.fingerprint(fx.backups()[0]["id"].as_str().unwrap());
+    assert_eq!(fp["rdb"]["functions"], 0, "{fp}");
+    assert_eq!(fingerprint_keys(&fp), expected_keys(&src, None));
+    load_library(&src, "billing", "charge");
 
     // Replication is refused, as on a managed service...
     let fx = setup(&source(&url, &format!("{password}\nretries = 0")));
@@ -811,10 +820,7 @@ fn scan_mode_writes_a_real_rdb_where_sync_psync_and_bgsave_are_refused() {
     assert!(fx.backups().is_empty());
 
     // ...and a scan takes the snapshot.
-    let fx = setup(&source(
-        &url,
-        &format!("{password}\nmode = \"scan\"\nscan_rate = 100000"),
-    ));
+    let fx = setup(&source(&url, &scan));
     let r = fx.run(&["backup"]);
     assert_eq!(r.code, 0, "scan backup: {}", r.stderr);
     let id = fx.backups()[0]["id"].as_str().unwrap().to_string();

@@ -78,6 +78,15 @@ impl<W: AsyncWrite + Unpin> RdbWriter<W> {
         expires_at_ms: Option<u64>,
     ) -> Result<()> {
         let (body, version) = unwrap_payload(payload)?;
+        if body.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "the DUMP payload of {:?} holds no value",
+                    String::from_utf8_lossy(key)
+                ),
+            ));
+        }
         self.begin(version).await?;
         let mut buf = Vec::with_capacity(body.len() + key.len() + 16);
         if self.db != Some(db) {
@@ -116,7 +125,8 @@ fn unwrap_payload(payload: &[u8]) -> Result<(&[u8], u16)> {
         )
         .hint("nothing was published; retry the backup")
     };
-    if payload.len() < 11 {
+    // `FUNCTION DUMP` of a server without libraries is the footer alone.
+    if payload.len() < 10 {
         return Err(damaged("shorter than its footer"));
     }
     let (signed, crc) = payload.split_at(payload.len() - 8);
@@ -303,6 +313,11 @@ mod tests {
         p[2] ^= 1;
         let e = unwrap_payload(&p).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Integrity);
+        // FUNCTION DUMP of a server without libraries: the footer alone.
+        let mut footer = vec![10, 0];
+        footer.extend_from_slice(&CRC64.checksum(&footer).to_le_bytes());
+        assert_eq!(unwrap_payload(&footer).unwrap(), (&[][..], 10));
+        assert!(unwrap_payload(&footer[1..]).is_err());
     }
 
     #[test]
