@@ -1094,6 +1094,196 @@ impl Drop for Redis {
     }
 }
 
+/// A Redis Cluster of real redis-server processes: `primaries` shards splitting the 16384 slots
+/// evenly, each with `replicas` replicas, formed with `CLUSTER ADDSLOTSRANGE`, `MEET` and
+/// `REPLICATE` (any number of shards, where `redis-cli --cluster create` wants three or more).
+pub struct RedisCluster {
+    /// Every node, primaries first (`nodes[i]` owns the i-th slot range).
+    pub nodes: Vec<Redis>,
+    /// Shards.
+    pub primaries: usize,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, forms the cluster, and waits until every node sees it whole and every
+    /// replica is in sync.
+    pub fn start(primaries: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
+        let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+        args.extend_from_slice(extra);
+        let nodes: Vec<Redis> = (0..primaries * (1 + replicas))
+            .map(|_| Redis::start(&args))
+            .collect();
+        let c = RedisCluster { nodes, primaries };
+        let per = 16384 / primaries;
+        for (i, node) in c.nodes[..primaries].iter().enumerate() {
+            let first = i * per;
+            let last = if i + 1 == primaries {
+                16383
+            } else {
+                first + per - 1
+            };
+            let _: () = redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .query(&mut node.conn(0, None))
+                .expect("CLUSTER ADDSLOTSRANGE");
+        }
+        for node in &c.nodes[1..] {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(node.port)
+                .query(&mut c.nodes[0].conn(0, None))
+                .expect("CLUSTER MEET");
+        }
+        c.wait_until(|n| n.cluster_info("cluster_known_nodes") == c.nodes.len().to_string());
+        for (i, node) in c.nodes[primaries..].iter().enumerate() {
+            let id = c.nodes[i % primaries].node_id();
+            let _: () = redis::cmd("CLUSTER")
+                .arg("REPLICATE")
+                .arg(id)
+                .query(&mut node.conn(0, None))
+                .expect("CLUSTER REPLICATE");
+        }
+        c.wait_whole();
+        c
+    }
+
+    /// Waits until every node reports cluster_state:ok and knows every replica as one, and
+    /// every replica's link is up.
+    pub fn wait_whole(&self) {
+        let replicas = self.nodes.len() - self.primaries;
+        self.wait_until(|n| {
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query(&mut n.conn(0, None))
+                .expect("CLUSTER NODES");
+            nodes.matches("slave").count() == replicas
+                && n.cluster_info("cluster_state") == "ok"
+                && (n.info("replication", "role") == "master"
+                    || n.info("replication", "master_link_status") == "up")
+        });
+    }
+
+    fn wait_until(&self, ok: impl Fn(&Redis) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !self.nodes.iter().all(&ok) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the test cluster did not form in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `redis+cluster://` naming two of its nodes.
+    pub fn url(&self) -> String {
+        format!(
+            "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
+            self.nodes[0].port, self.nodes[1].port
+        )
+    }
+
+    /// A connection that routes each command to the node owning its key.
+    pub fn client(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(vec![self.nodes[0].url()])
+            .and_then(|c| c.get_connection())
+            .expect("connect to the test cluster")
+    }
+
+    /// The nodes that are primaries now.
+    pub fn current_primaries(&self) -> Vec<&Redis> {
+        self.nodes
+            .iter()
+            .filter(|n| n.info("replication", "role") == "master")
+            .collect()
+    }
+
+    /// Writes `n` keys of every type (a tenth with a TTL, some sharing a `{hash tag}`) and a
+    /// Redis Functions library on every primary. Returns the number of keys.
+    pub fn fill(&self, n: usize) -> u64 {
+        let mut c = self.client();
+        for i in 0..n {
+            let key = match i % 7 {
+                0 => format!("{{user:{}}}:profile:{i}", i % 13),
+                _ => format!("key:{i}"),
+            };
+            let _: () = match i % 5 {
+                0 => redis::cmd("HSET").arg(&key).arg("f").arg(i).query(&mut c),
+                1 => redis::cmd("RPUSH").arg(&key).arg(&["a", "b"]).query(&mut c),
+                2 => redis::cmd("SADD").arg(&key).arg(i).query(&mut c),
+                3 => redis::cmd("ZADD").arg(&key).arg(1.5).arg("m").query(&mut c),
+                _ => redis::cmd("SET")
+                    .arg(&key)
+                    .arg(format!("value {i}"))
+                    .query(&mut c),
+            }
+            .expect("write a key");
+            if i % 10 == 3 {
+                let _: () = redis::cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(3600)
+                    .query(&mut c)
+                    .expect("EXPIRE");
+            }
+        }
+        for p in self.current_primaries() {
+            let _: () = redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg("#!lua name=clusterlib\nredis.register_function('hello', function() return 'hi' end)")
+                .query(&mut p.conn(0, None))
+                .expect("FUNCTION LOAD");
+        }
+        n as u64
+    }
+}
+
+impl Redis {
+    /// One field of `CLUSTER INFO`.
+    pub fn cluster_info(&self, field: &str) -> String {
+        let text: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query(&mut self.conn(0, None))
+            .expect("CLUSTER INFO");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// `CLUSTER MYID`.
+    pub fn node_id(&self) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.conn(0, None))
+            .expect("CLUSTER MYID")
+    }
+}
+
+/// Every key of database 0 on `servers`, with `DEBUG DIGEST-VALUE` of its value and whether it
+/// has a TTL: equal maps mean equal data, whatever the shape of the servers holding it.
+pub fn key_digests(servers: &[&Redis]) -> std::collections::BTreeMap<Vec<u8>, (String, bool)> {
+    let mut all = std::collections::BTreeMap::new();
+    for r in servers {
+        let mut c = r.conn(0, None);
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut c).expect("KEYS");
+        for k in keys {
+            let digest: Vec<String> = redis::cmd("DEBUG")
+                .arg("DIGEST-VALUE")
+                .arg(&k)
+                .query(&mut c)
+                .expect("DEBUG DIGEST-VALUE");
+            let ttl: i64 = redis::cmd("PTTL").arg(&k).query(&mut c).expect("PTTL");
+            let had = all.insert(k.clone(), (digest.concat(), ttl > 0));
+            assert!(had.is_none(), "key {k:?} is on two servers");
+        }
+    }
+    all
+}
+
 /// Fills `r` with every type: strings (binary key, integer, a 2 MiB value), lists, sets, sorted
 /// sets and hashes in both their small and large encodings, a stream with a consumer group and
 /// pending entries, a HyperLogLog, keys with TTLs, and keys in databases 0, 1 and 5.

@@ -857,3 +857,157 @@ fn scan_mode_writes_a_real_rdb_where_sync_psync_and_bgsave_are_refused() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("scan_rate"), "{}", r.stderr);
 }
+
+/// The key slot the way Redis Cluster computes it (`CLUSTER KEYSLOT`).
+fn key_slot(r: &Redis, key: &[u8]) -> u16 {
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(&mut r.conn(0, None))
+        .expect("CLUSTER KEYSLOT")
+}
+
+#[test]
+fn a_cluster_is_captured_whole_with_its_slot_map_and_verified_shard_by_shard() {
+    let cluster = RedisCluster::start(3, 1, &[]);
+    let keys = cluster.fill(3000);
+    let fx = setup(&source(&cluster.url(), "prefer_replica = true"));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "cluster backup failed: {}", r.stderr);
+    let id = fx.backups()[0]["id"].as_str().unwrap().to_string();
+    let fp = fx.fingerprint(&id);
+    let shards = fp["cluster"].as_array().expect("a cluster fingerprint");
+    assert_eq!(shards.len(), 3, "{fp:#}");
+    let replicas: Vec<u16> = cluster.nodes[3..].iter().map(|n| n.port).collect();
+    let mut total = 0;
+    let scratch = tempfile::tempdir().unwrap();
+    for (i, s) in shards.iter().enumerate() {
+        assert_eq!(s["name"], format!("shard-{i}"));
+        assert_eq!(s["role"], "replica", "prefer_replica: {}", r.stderr);
+        let port: u16 = s["node"]
+            .as_str()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(replicas.contains(&port), "{s:#}");
+        total += s["rdb"]["databases"]["0"]["keys"].as_u64().unwrap();
+        // Each shard is a plain RDB file the stock tools read, holding only its own slots.
+        let object = fx.backup_dir(&id).join(s["object"].as_str().unwrap());
+        let out = scratch.path().join(format!("{i}.rdb"));
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg("age -d -i \"$1\" \"$2\" | zstd -d -q -o \"$3\"")
+            .args([
+                "sh",
+                &fx.identity(),
+                object.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        check_rdb(&out);
+        let loaded = load(&out);
+        let ranges: Vec<(u16, u16)> = serde_json::from_value(s["slots"].clone()).unwrap();
+        let found: Vec<Vec<u8>> = redis::cmd("KEYS")
+            .arg("*")
+            .query(&mut loaded.conn(0, None))
+            .unwrap();
+        assert_eq!(
+            found.len() as u64,
+            s["rdb"]["databases"]["0"]["keys"].as_u64().unwrap()
+        );
+        for k in found.iter().take(200) {
+            let slot = key_slot(&cluster.nodes[0], k);
+            assert!(
+                ranges.iter().any(|&(a, b)| (a..=b).contains(&slot)),
+                "{k:?} in slot {slot} is outside {ranges:?}"
+            );
+        }
+    }
+    assert_eq!(total, keys, "every key is in exactly one shard");
+    assert_eq!(fp["rdb"]["databases"]["0"]["keys"].as_u64(), Some(keys));
+    let (v, report) = fx.verify();
+    assert_eq!(v.code, 0, "verify failed: {}\n{report:#}", v.stderr);
+    assert_eq!(report["result"], "pass", "{report:#}");
+    let checks = report["checks"].to_string();
+    for want in ["slot map", "shard-2 keys in its slots", "shard-0 db0 keys"] {
+        assert!(checks.contains(want), "no check {want:?}: {report:#}");
+    }
+}
+
+#[test]
+fn a_cluster_backup_restores_into_a_cluster_of_any_shape_a_single_server_or_a_directory() {
+    let source_cluster = RedisCluster::start(3, 0, &[]);
+    source_cluster.fill(2000);
+    let want = key_digests(&source_cluster.current_primaries());
+    let fx = setup(&source(&source_cluster.url(), ""));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "cluster backup failed: {}", r.stderr);
+
+    // The same shape: every node ends up with exactly its own data.
+    let same = RedisCluster::start(3, 0, &[]);
+    let r = fx.restore_to(&same.url(), &[]);
+    assert_eq!(r.code, 0, "restore into a 3-shard cluster: {}", r.stderr);
+    assert!(r.stderr.contains("2000 key(s)"), "{}", r.stderr);
+    for (a, b) in source_cluster.nodes.iter().zip(&same.nodes) {
+        assert_eq!(a.digest(None), b.digest(None), "DEBUG DIGEST per node");
+        assert_eq!(
+            libraries(b),
+            vec!["clusterlib".to_string()],
+            "Functions on every primary"
+        );
+    }
+
+    // Another shape: two shards, keys routed by slot.
+    let two = RedisCluster::start(2, 0, &[]);
+    let r = fx.restore_to(&two.url(), &[]);
+    assert_eq!(r.code, 0, "restore into a 2-shard cluster: {}", r.stderr);
+    assert_eq!(key_digests(&two.current_primaries()), want);
+
+    // It now holds data: a second restore is refused until --yes, and --flush empties it first.
+    let _: () = redis::cmd("SET")
+        .arg("stray")
+        .arg("x")
+        .query(&mut two.client())
+        .unwrap();
+    let r = fx.restore_to(&two.url(), &[]);
+    assert_ne!(
+        r.code, 0,
+        "a cluster holding data is not written without --yes"
+    );
+    assert!(r.stderr.contains("already holds data"), "{}", r.stderr);
+    let r = fx.restore_to(&two.url(), &["--yes", "--flush"]);
+    assert_eq!(r.code, 0, "restore --yes --flush: {}", r.stderr);
+    assert_eq!(
+        key_digests(&two.current_primaries()),
+        want,
+        "the stray key is gone"
+    );
+
+    // A single server: every shard merged.
+    let single = Redis::start(&[]);
+    let r = fx.restore_to(&single.url(), &[]);
+    assert_eq!(r.code, 0, "restore into one server: {}", r.stderr);
+    assert_eq!(key_digests(&[&single]), want);
+    assert_eq!(libraries(&single), vec!["clusterlib".to_string()]);
+
+    // A directory: one dump.rdb per shard for stock loading, and the slot map.
+    let dir = fx.dir.path().join("restored");
+    let r = fx.restore_to(dir.to_str().unwrap(), &[]);
+    assert_eq!(r.code, 0, "restore into a directory: {}", r.stderr);
+    let map: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("slots.json")).unwrap()).unwrap();
+    let mut loaded = Vec::new();
+    for (i, shard) in map.as_array().unwrap().iter().enumerate() {
+        assert_eq!(shard["shard"], format!("shard-{i}"));
+        let file = dir.join(format!("shard-{i}/dump.rdb"));
+        check_rdb(&file);
+        loaded.push(load(&file));
+    }
+    assert_eq!(loaded.len(), 3);
+    assert_eq!(key_digests(&loaded.iter().collect::<Vec<_>>()), want);
+}

@@ -36,6 +36,9 @@ pub struct Target {
     /// `rediss://`: the PEM CA certificates its certificate is checked against (the system's
     /// roots when `None`).
     tls_ca: Option<Vec<u8>>,
+    /// `redis+cluster://`: the nodes given, asked for the cluster's primaries (`addr` is the
+    /// first).
+    cluster: Option<Vec<(String, u16)>>,
     /// For messages: the address, no secret.
     pub shown: String,
 }
@@ -45,6 +48,9 @@ impl Target {
     /// against `tls_ca_file` (the source's) or the system's roots. The password comes from
     /// `REDISCLI_AUTH` (as for redis-cli), never from the URL, which would show it in the process
     /// list.
+    ///
+    /// `redis+cluster://[USER@]HOST[:PORT][,HOST[:PORT]…]` (or `rediss+cluster://`) is a cluster:
+    /// each key goes to the node owning its slot.
     pub fn parse(url: &str, tls_ca_file: Option<&Path>) -> Result<Target> {
         let bad = |why: &str| {
             Error::new(
@@ -52,27 +58,43 @@ impl Target {
                 format!("--to {}: {why}", crate::policy::redact_url(url)),
             )
         };
-        let u = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-        let tls = match u.scheme() {
-            "redis" => false,
-            "rediss" => true,
+        let (scheme, rest) = url.split_once("://").unwrap_or((url, ""));
+        let (tls, cluster) = match scheme {
+            "redis" => (false, false),
+            "rediss" => (true, false),
+            "redis+cluster" => (false, true),
+            "rediss+cluster" => (true, true),
             _ => {
                 return Err(bad(
-                    "restore into a live server takes redis://HOST:PORT or rediss://HOST:PORT",
+                    "restore into a live server takes redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT[,HOST:PORT…]",
                 ))
             }
         };
-        if u.password().is_some() {
-            return Err(bad("a password in --to would show in the process list")
-                .hint("put the password in the REDISCLI_AUTH environment variable instead"));
+        let plain = if tls { "rediss" } else { "redis" };
+        let (login, hosts) = match rest.split_once('@') {
+            Some((login, hosts)) => (format!("{login}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let mut nodes = Vec::new();
+        for host in hosts.trim_end_matches('/').split(',') {
+            let u = url::Url::parse(&format!("{plain}://{login}{host}"))
+                .map_err(|e| bad(&e.to_string()))?;
+            if u.password().is_some() {
+                return Err(bad("a password in --to would show in the process list")
+                    .hint("put the password in the REDISCLI_AUTH environment variable instead"));
+            }
+            if !cluster && !nodes.is_empty() {
+                return Err(bad("a single server takes one HOST:PORT; a cluster is redis+cluster://HOST:PORT,HOST:PORT…"));
+            }
+            let host = u
+                .host_str()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| bad("no host"))?
+                .trim_matches(['[', ']'])
+                .to_string();
+            nodes.push((host, u.port().unwrap_or(6379), u.username().to_string()));
         }
-        let host = u
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| bad("no host"))?
-            .trim_matches(['[', ']'])
-            .to_string();
-        let port = u.port().unwrap_or(6379);
+        let (host, port, username) = nodes[0].clone();
         let tls_ca = match tls_ca_file {
             Some(f) if tls => Some(std::fs::read(f).map_err(|e| {
                 Error::new(
@@ -82,22 +104,113 @@ impl Target {
             })?),
             _ => None,
         };
+        let shown = nodes
+            .iter()
+            .map(|(h, p, _)| format!("{h}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
         Ok(Target {
-            shown: format!("{}://{host}:{port}", u.scheme()),
-            addr: if tls {
-                ConnectionAddr::TcpTls {
-                    host,
-                    port,
-                    insecure: false,
-                    tls_params: None,
-                }
-            } else {
-                ConnectionAddr::Tcp(host, port)
-            },
-            username: (!u.username().is_empty()).then(|| u.username().to_string()),
+            shown: format!("{scheme}://{shown}"),
+            addr: node_addr(&host, port, tls),
+            username: (!username.is_empty()).then_some(username),
             password: std::env::var("REDISCLI_AUTH").ok().map(Secret::new),
             tls_ca,
+            cluster: cluster.then(|| nodes.into_iter().map(|(h, p, _)| (h, p)).collect()),
         })
+    }
+
+    /// True for a `redis+cluster://` target.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// The servers keys are written to: a cluster's primaries (asked of its nodes now), or this
+    /// server.
+    pub async fn primaries(&self) -> Result<Vec<Target>> {
+        let Some(seeds) = &self.cluster else {
+            return Ok(vec![self.clone()]);
+        };
+        let tls = matches!(self.addr, ConnectionAddr::TcpTls { .. });
+        let mut why = Vec::new();
+        for (host, port) in seeds {
+            let node = self.node(host, *port);
+            let asked = async {
+                let mut con = node.connect(0).await?;
+                let reply: redis::Value = redis::cmd("CLUSTER")
+                    .arg("SHARDS")
+                    .query_async(&mut con)
+                    .await
+                    .map_err(|e| node.error("CLUSTER SHARDS", e))?;
+                super::cluster::Topology::from_shards(&reply_of(&reply), tls).map_err(|m| {
+                    Error::failed(format!("{}: its slot map is unreadable: {m}", node.shown))
+                })
+            };
+            match asked.await {
+                Ok(t) if !t.shards.is_empty() => {
+                    return Ok(t
+                        .shards
+                        .iter()
+                        .map(|s| self.node(&s.primary.host, s.primary.port))
+                        .collect())
+                }
+                Ok(_) => why.push(format!("{}: it serves no slots", node.shown)),
+                Err(e) => why.push(e.message),
+            }
+        }
+        Err(Error::failed(format!(
+            "{}: no node described the cluster: {}",
+            self.shown,
+            why.join("; ")
+        ))
+        .hint("check the nodes in --to, and that they run with cluster-enabled yes"))
+    }
+
+    /// The node `host:port` of this cluster, with the same login and TLS.
+    fn node(&self, host: &str, port: u16) -> Target {
+        let tls = matches!(self.addr, ConnectionAddr::TcpTls { .. });
+        Target {
+            addr: node_addr(host, port, tls),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            tls_ca: self.tls_ca.clone(),
+            cluster: None,
+            shown: format!("{}://{host}:{port}", if tls { "rediss" } else { "redis" }),
+        }
+    }
+
+    /// A connection that sends each key's command to the node owning its slot, following
+    /// `MOVED` and `ASK`.
+    async fn cluster_connection(&self) -> Result<redis::cluster_async::ClusterConnection> {
+        let seeds = self.cluster.as_deref().unwrap_or_default();
+        let tls = matches!(self.addr, ConnectionAddr::TcpTls { .. });
+        let infos: Vec<ConnectionInfo> = seeds
+            .iter()
+            .map(|(h, p)| node_addr(h, *p, tls).into_connection_info())
+            .collect::<redis::RedisResult<_>>()
+            .map_err(|e| self.error("connecting", e))?;
+        let mut b = redis::cluster::ClusterClientBuilder::new(infos)
+            .connection_timeout(Duration::from_secs(10))
+            .response_timeout(RESPONSE_TIMEOUT);
+        if let Some(u) = &self.username {
+            b = b.username(u);
+        }
+        if let Some(p) = &self.password {
+            b = b.password(p.expose());
+        }
+        if tls {
+            b = b.tls(redis::TlsMode::Secure);
+            if let Some(pem) = &self.tls_ca {
+                b = b.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                });
+            }
+        }
+        b.build()
+            .map_err(|e| self.error("connecting", e))?
+            .get_async_connection()
+            .await
+            .map_err(|e| self.error("connecting", e))
     }
 
     fn unix(path: &Path) -> Target {
@@ -106,6 +219,7 @@ impl Target {
             username: None,
             password: None,
             tls_ca: None,
+            cluster: None,
             shown: format!("scratch redis-server ({})", path.display()),
         }
     }
@@ -161,15 +275,58 @@ impl Target {
         }
     }
 
-    /// What the server holds, from `INFO keyspace`.
+    /// What the server holds, from `INFO keyspace` (a cluster's: its primaries' summed).
     pub async fn keyspace(&self) -> Result<Keyspace> {
-        let mut con = self.connect(0).await?;
-        let info: String = redis::cmd("INFO")
-            .arg("keyspace")
-            .query_async(&mut con)
-            .await
-            .map_err(|e| self.error("INFO keyspace", e))?;
-        Ok(parse_keyspace(&info))
+        let mut all = Keyspace::new();
+        for t in self.primaries().await? {
+            let mut con = t.connect(0).await?;
+            let info: String = redis::cmd("INFO")
+                .arg("keyspace")
+                .query_async(&mut con)
+                .await
+                .map_err(|e| t.error("INFO keyspace", e))?;
+            for (db, (keys, expires)) in parse_keyspace(&info) {
+                let into = all.entry(db).or_default();
+                into.0 += keys;
+                into.1 += expires;
+            }
+        }
+        Ok(all)
+    }
+}
+
+fn node_addr(host: &str, port: u16, tls: bool) -> ConnectionAddr {
+    if tls {
+        ConnectionAddr::TcpTls {
+            host: host.to_string(),
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host.to_string(), port)
+    }
+}
+
+/// A `redis` crate reply as lifeboat's own, for the cluster map parser.
+fn reply_of(v: &redis::Value) -> super::Reply {
+    use super::Reply;
+    match v {
+        redis::Value::Nil => Reply::Bulk(None),
+        redis::Value::Int(i) => Reply::Int(*i),
+        redis::Value::BulkString(b) => Reply::Bulk(Some(b.clone())),
+        redis::Value::SimpleString(s) => Reply::Status(s.clone()),
+        redis::Value::Okay => Reply::Status("OK".into()),
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            Reply::Array(Some(items.iter().map(reply_of).collect()))
+        }
+        redis::Value::Map(pairs) => Reply::Array(Some(
+            pairs
+                .iter()
+                .flat_map(|(k, v)| [reply_of(k), reply_of(v)])
+                .collect(),
+        )),
+        other => Reply::Status(format!("{other:?}")),
     }
 }
 
@@ -440,9 +597,19 @@ pub async fn move_keys(
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Moved> {
     let mut moved = Moved::default();
+    if let Some(db) = dbs.iter().find(|&&db| db != 0).filter(|_| to.is_cluster()) {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("the backup holds keys in database {db}, and a cluster has database 0 only"),
+        )
+        .hint("restore into a single server (redis://…) or a directory instead"));
+    }
     for &db in dbs {
         let mut src = from.connect(db).await?;
-        let mut dst = to.connect(db).await?;
+        let mut dst = match to.is_cluster() {
+            true => Writer::Cluster(to.cluster_connection().await?),
+            false => Writer::One(to.connect(db).await?),
+        };
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
@@ -461,8 +628,7 @@ pub async fn move_keys(
                     .query_async(&mut src)
                     .await
                     .map_err(|e| from.error("DUMP", e))?;
-                let mut write = redis::pipe();
-                let mut n = 0u64;
+                let mut write = Vec::with_capacity(keys.len());
                 for (k, pair) in keys.iter().zip(values.chunks(2)) {
                     let (payload, ttl) = match (&pair[0], &pair[1]) {
                         (redis::Value::BulkString(p), redis::Value::Int(t)) => (p, t),
@@ -484,17 +650,17 @@ pub async fn move_keys(
                         moved.expired += 1;
                         continue;
                     }
-                    write
-                        .cmd("RESTORE")
+                    let mut restore = redis::cmd("RESTORE");
+                    restore
                         .arg(k)
                         .arg((*ttl).max(0))
                         .arg(payload.as_slice())
-                        .arg("REPLACE")
-                        .ignore();
-                    n += 1;
+                        .arg("REPLACE");
+                    write.push(restore);
                 }
+                let n = write.len() as u64;
                 if n > 0 {
-                    let () = write.query_async(&mut dst).await.map_err(|e| {
+                    dst.run(write).await.map_err(|e| {
                         let err = to.error("RESTORE", e);
                         if err.message.contains("payload version") {
                             err.hint("the target runs an older Redis than the snapshot's: restore --to DIR and load the file with a server of the source's version")
@@ -515,9 +681,50 @@ pub async fn move_keys(
     Ok(moved)
 }
 
+/// Where moved keys are written.
+enum Writer {
+    /// One server: each batch in one pipeline.
+    One(MultiplexedConnection),
+    /// A cluster: each command to the node owning its key, many at a time.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Writer {
+    async fn run(&mut self, commands: Vec<redis::Cmd>) -> redis::RedisResult<()> {
+        match self {
+            Writer::One(con) => {
+                let mut pipe = redis::pipe();
+                for c in commands {
+                    pipe.add_command(c).ignore();
+                }
+                pipe.query_async(con).await
+            }
+            Writer::Cluster(con) => {
+                use futures::{StreamExt, TryStreamExt};
+                futures::stream::iter(commands)
+                    .map(|c| {
+                        let mut con = con.clone();
+                        async move { c.query_async::<()>(&mut con).await }
+                    })
+                    .buffer_unordered(64)
+                    .try_collect()
+                    .await
+            }
+        }
+    }
+}
+
 /// The Redis Functions libraries `target` holds (`FUNCTION LIST`); 0 on a server without
-/// Functions (before 7.0).
+/// Functions (before 7.0). A cluster's: the most any primary holds.
 pub async fn function_libraries(target: &Target) -> Result<u64> {
+    let mut most = 0;
+    for t in target.primaries().await? {
+        most = most.max(server_function_libraries(&t).await?);
+    }
+    Ok(most)
+}
+
+async fn server_function_libraries(target: &Target) -> Result<u64> {
     let mut con = target.connect(0).await?;
     match redis::cmd("FUNCTION")
         .arg("LIST")
@@ -534,7 +741,7 @@ pub async fn function_libraries(target: &Target) -> Result<u64> {
 /// RESTORE`): with `flush` the target's own libraries are deleted first, else libraries of the
 /// same name are replaced and the others stay, as keys are. Returns how many were copied.
 pub async fn move_functions(from: &Target, to: &Target, flush: bool) -> Result<u64> {
-    let count = function_libraries(from).await?;
+    let count = server_function_libraries(from).await?;
     if count == 0 {
         return Ok(0);
     }
@@ -544,24 +751,31 @@ pub async fn move_functions(from: &Target, to: &Target, flush: bool) -> Result<u
         .query_async(&mut src)
         .await
         .map_err(|e| from.error("FUNCTION DUMP", e))?;
-    let mut dst = to.connect(0).await?;
-    redis::cmd("FUNCTION")
-        .arg("RESTORE")
-        .arg(payload)
-        .arg(if flush { "FLUSH" } else { "REPLACE" })
-        .query_async::<()>(&mut dst)
-        .await
-        .map_err(|e| to.error("FUNCTION RESTORE", e))?;
+    // Every primary of a cluster runs the scripts: each gets the libraries.
+    for t in to.primaries().await? {
+        let mut dst = t.connect(0).await?;
+        redis::cmd("FUNCTION")
+            .arg("RESTORE")
+            .arg(&payload)
+            .arg(if flush { "FLUSH" } else { "REPLACE" })
+            .query_async::<()>(&mut dst)
+            .await
+            .map_err(|e| t.error("FUNCTION RESTORE", e))?;
+    }
     Ok(count)
 }
 
-/// Deletes everything on `target` (`FLUSHALL`), for `restore --flush`.
+/// Deletes everything on `target` (`FLUSHALL`; on each primary of a cluster), for
+/// `restore --flush`.
 pub async fn flush_all(target: &Target) -> Result<()> {
-    let mut con = target.connect(0).await?;
-    redis::cmd("FLUSHALL")
-        .query_async::<()>(&mut con)
-        .await
-        .map_err(|e| target.error("FLUSHALL", e))
+    for t in target.primaries().await? {
+        let mut con = t.connect(0).await?;
+        redis::cmd("FLUSHALL")
+            .query_async::<()>(&mut con)
+            .await
+            .map_err(|e| t.error("FLUSHALL", e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

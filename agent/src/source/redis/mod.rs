@@ -13,6 +13,7 @@
 //!   snapshot and costs the server nothing.
 //! - Passwords never appear in argv, logs or errors.
 
+pub mod cluster;
 pub mod load;
 pub mod policy;
 pub mod rdb;
@@ -404,15 +405,26 @@ impl Redis {
                 (host, port, where_)
             }
         };
-        let conn = self.open(&host, port, &where_).await?;
+        let mut s = self.connect_node(&host, port, where_).await?;
+        if let Some(sentinel) = &ep.sentinel {
+            check_role(&mut s, sentinel).await?;
+        }
+        Ok(s)
+    }
+
+    /// A session with the server at `host:port`, logged in (`where_` names it in messages).
+    pub(crate) async fn connect_node(
+        &self,
+        host: &str,
+        port: u16,
+        where_: String,
+    ) -> Result<Session> {
+        let conn = self.open(host, port, &where_).await?;
         let mut s = Session {
             io: BufReader::with_capacity(READ_CHUNK, conn),
             where_,
         };
         self.login(&mut s).await?;
-        if let Some(sentinel) = &ep.sentinel {
-            check_role(&mut s, sentinel).await?;
-        }
         Ok(s)
     }
 
@@ -853,8 +865,11 @@ pub struct Fingerprint {
     pub server_version: Option<String>,
     /// The snapshot's CRC64, hex; `None` when the server saves without one.
     pub crc64: Option<String>,
-    /// What the snapshot holds.
+    /// What the snapshot holds (a cluster's: every shard's together).
     pub rdb: RdbSummary,
+    /// `redis+cluster://`: each shard's snapshot and the slots it owned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Vec<cluster::ShardRecord>>,
 }
 
 impl Redis {
@@ -906,8 +921,77 @@ impl Source for Redis {
     }
 
     async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
-        let mut s = self.connect().await?;
+        if self.cfg.endpoint.cluster.is_some() {
+            return cluster::backup(self, ctx).await;
+        }
+        let s = self.connect().await?;
         let key = layout::backup_object(&ctx.source, &ctx.id, RDB_OBJECT);
+        let captured = self
+            .capture(s, key, RDB_OBJECT, ctx, ctx.cancel.clone())
+            .await?;
+        // Read after the capture: the ids it was taken under (a server that made a replication
+        // backlog for it has new ones).
+        let origin = self.origin().await;
+        if origin.is_none() {
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, "INFO was refused: the backup records no origin (give the ACL user +info)");
+        }
+        let server_version = captured.server_version();
+        let fingerprint = serde_json::to_value(Fingerprint {
+            format: 1,
+            kind: super::Kind::Redis,
+            mode: captured.mode.into(),
+            scan: captured.scan,
+            server_version: server_version.clone(),
+            crc64: captured.crc64,
+            rdb: captured.summary,
+            cluster: None,
+        })
+        .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?;
+        Ok(SourceBackup {
+            parts: vec![captured.part],
+            fingerprint,
+            source_version: server_version.map(|v| format!("Redis {v}")),
+            dump_tool_version: None,
+            base_backup: None,
+            database: None,
+            origin,
+        })
+    }
+}
+
+/// One server's snapshot, stored and checked.
+pub(crate) struct Captured {
+    /// The stored object.
+    pub part: crate::repo::manifest::Part,
+    /// `replication`, `file` or `scan`.
+    pub mode: &'static str,
+    /// The snapshot's CRC64, hex; `None` when the server saves without one.
+    pub crc64: Option<String>,
+    /// What the snapshot holds.
+    pub summary: RdbSummary,
+    /// `scan`: keys stored and keys that vanished.
+    pub scan: Option<scan::ScanOutcome>,
+}
+
+impl Captured {
+    /// The server's version, from the snapshot's `redis-ver`.
+    pub fn server_version(&self) -> Option<String> {
+        self.summary.aux.get("redis-ver").cloned()
+    }
+}
+
+impl Redis {
+    /// Takes the snapshot of the server `s` is logged in to, the policy's way, and streams it
+    /// through the pipeline into `key` (`name` in the manifest), checking it as it passes.
+    pub(crate) async fn capture(
+        &self,
+        mut s: Session,
+        key: String,
+        name: &str,
+        ctx: &BackupContext,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Result<Captured> {
+        let where_ = s.where_.clone();
         let scanned: Arc<Mutex<Option<scan::ScanOutcome>>> = Arc::default();
         let (mode, input, framed): (&str, Pin<Box<dyn AsyncRead + Send>>, Verdict) = match &self
             .cfg
@@ -915,7 +999,7 @@ impl Source for Redis {
         {
             RedisCapture::Replication => {
                 let framing = Self::start_sync(&mut s).await?;
-                tracing::debug!(source = %ctx.source, backup = %ctx.id, framing = ?framing, "Receiving the snapshot");
+                tracing::debug!(source = %ctx.source, backup = %ctx.id, server = %where_, framing = ?framing, "Receiving the snapshot");
                 let (writer, reader) = tokio::io::duplex(PIPE_BUFFER);
                 let task = tokio::spawn(pump(s, framing, writer));
                 let verdict: Verdict = Box::pin(async move {
@@ -926,7 +1010,7 @@ impl Source for Redis {
             }
             RedisCapture::Scan { rate } => {
                 let (writer, reader) = tokio::io::duplex(PIPE_BUFFER);
-                let task = tokio::spawn(scan::scan_into(s, writer, *rate, ctx.cancel.clone()));
+                let task = tokio::spawn(scan::scan_into(s, writer, *rate, cancel.clone()));
                 let done = scanned.clone();
                 let verdict: Verdict = Box::pin(async move {
                     let outcome = task
@@ -940,7 +1024,7 @@ impl Source for Redis {
                 ("scan", Box::pin(reader), verdict)
             }
             RedisCapture::File { rdb_path } => {
-                let saved_at = self.bgsave(&mut s, &ctx.cancel).await?;
+                let saved_at = self.bgsave(&mut s, &cancel).await?;
                 let file = tokio::fs::File::open(rdb_path).await.map_err(|e| {
                         Error::failed(format!("rdb_path {}: {e}", rdb_path.display()))
                             .hint("point rdb_path at the server's dir/dbfilename (CONFIG GET dir) on a volume shared with this pod")
@@ -962,7 +1046,7 @@ impl Source for Redis {
                 ("file", Box::pin(file), Box::pin(async { Ok(()) }))
             }
         };
-        let (observer, verdict) = watch(framed, self.where_());
+        let (observer, verdict) = watch(framed, where_.clone());
         let (digests, observer) = pipeline::run(
             input,
             verdict,
@@ -970,7 +1054,7 @@ impl Source for Redis {
             ctx.store.clone(),
             key,
             &ctx.pipeline,
-            ctx.cancel.clone(),
+            cancel,
         )
         .await
         .map_err(Error::from)?;
@@ -981,52 +1065,33 @@ impl Source for Redis {
             .and_then(|mut st| st.outcome.take())
             .ok_or_else(|| Error::failed("the snapshot's checks left no result"))?;
         if let Some(why) = &summary.incomplete {
-            tracing::warn!(source = %ctx.source, backup = %ctx.id, reason = %why, "Snapshot stored, but its key counts are incomplete");
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, server = %where_, reason = %why, "Snapshot stored, but its key counts are incomplete");
         }
         if crc == CrcVerdict::Disabled {
-            tracing::warn!(source = %ctx.source, backup = %ctx.id, "The server saves without a checksum (rdbchecksum no): damage in transit cannot be detected");
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, server = %where_, "The server saves without a checksum (rdbchecksum no): damage in transit cannot be detected");
         }
-        let server_version = summary.aux.get("redis-ver").cloned();
-        // Read after the capture: the ids it was taken under (a server that made a replication
-        // backlog for it has new ones).
-        let origin = self.origin().await;
-        if origin.is_none() {
-            tracing::warn!(source = %ctx.source, backup = %ctx.id, "INFO was refused: the backup records no origin (give the ACL user +info)");
+        let scan = scanned.lock().ok().and_then(|mut s| s.take());
+        if let Some(o) = scan.as_ref().filter(|o| o.vanished > 0) {
+            tracing::warn!(source = %ctx.source, backup = %ctx.id, server = %where_, vanished = o.vanished, "Keys were deleted or expired while the scan read them; the snapshot is not a point in time");
         }
-        let scan_outcome = scanned.lock().ok().and_then(|mut s| s.take());
-        if let Some(o) = scan_outcome.as_ref().filter(|o| o.vanished > 0) {
-            tracing::warn!(source = %ctx.source, backup = %ctx.id, vanished = o.vanished, "Keys were deleted or expired while the scan read them; the snapshot is not a point in time");
-        }
-        let fingerprint = serde_json::to_value(Fingerprint {
-            format: 1,
-            kind: super::Kind::Redis,
-            mode: mode.into(),
-            scan: scan_outcome,
-            server_version: server_version.clone(),
-            crc64: match crc {
-                CrcVerdict::Ok(v) => Some(format!("{v:016x}")),
-                CrcVerdict::Disabled => None,
-            },
-            rdb: summary,
-        })
-        .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?;
-        Ok(SourceBackup {
+        Ok(Captured {
             // A scan is an RDB file too, but not of one instant: the manifest says so.
-            parts: vec![digests.part(
-                RDB_OBJECT,
+            part: digests.part(
+                name,
                 Role::Snapshot,
                 if mode == "scan" {
                     "rdb-scan-not-point-in-time"
                 } else {
                     "rdb"
                 },
-            )],
-            fingerprint,
-            source_version: server_version.map(|v| format!("Redis {v}")),
-            dump_tool_version: None,
-            base_backup: None,
-            database: None,
-            origin,
+            ),
+            mode,
+            crc64: match crc {
+                CrcVerdict::Ok(v) => Some(format!("{v:016x}")),
+                CrcVerdict::Disabled => None,
+            },
+            summary,
+            scan,
         })
     }
 }

@@ -19,7 +19,9 @@ pub struct RawRedisSource {
     pub kind: String,
     /// `redis://[USER[:PASSWORD]@]HOST[:PORT]` or `rediss://…` for TLS; `${VAR}` for secrets. Or
     /// `redis+sentinel://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]/MASTER[?role=replica]`:
-    /// the primary (or a healthy replica) the sentinels name at each run.
+    /// the primary (or a healthy replica) the sentinels name at each run. Or
+    /// `redis+cluster://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]`: every shard of the
+    /// cluster these nodes belong to, in one backup.
     pub url: String,
     /// File holding the password, instead of putting it in the URL.
     pub password_file: Option<String>,
@@ -32,6 +34,9 @@ pub struct RawRedisSource {
     pub scan_rate: Option<u32>,
     /// The server's RDB file on a shared volume (`mode = "file"` only).
     pub rdb_path: Option<String>,
+    /// `redis+cluster://`: capture each shard from a healthy replica where it has one, sparing
+    /// the primaries; default false.
+    pub prefer_replica: Option<bool>,
     /// PEM file of the CA that signed the server's certificate (`rediss://`).
     pub tls_ca_file: Option<String>,
     /// Directory holding redis-server and redis-check-rdb, for verify and restore; PATH when unset.
@@ -89,6 +94,8 @@ pub struct RedisConfig {
     pub tls_ca_file: Option<PathBuf>,
     /// Where redis-server and redis-check-rdb are; PATH when unset.
     pub bin_dir: Option<PathBuf>,
+    /// `redis+cluster://`: capture shards from their replicas where healthy.
+    pub prefer_replica: bool,
 }
 
 /// A Redis server's address and login.
@@ -107,6 +114,9 @@ pub struct RedisEndpoint {
     /// `redis+sentinel://`: the server is whichever the sentinels name (`host` and `port` are
     /// the first sentinel's).
     pub sentinel: Option<Sentinel>,
+    /// `redis+cluster://`: the nodes asked for the cluster's shards (`host` and `port` are the
+    /// first's).
+    pub cluster: Option<Vec<(String, u16)>>,
 }
 
 /// Where Sentinel is asked for the server to capture.
@@ -195,6 +205,19 @@ fn validate(
         ),
         _ => {}
     }
+    let cluster = endpoint.as_ref().is_some_and(|e| e.cluster.is_some());
+    if cluster && matches!(mode, RedisCapture::File { .. }) {
+        p.add(
+            format!("{path}.mode"),
+            "mode = \"file\" reads one server's dump.rdb; a cluster is captured with mode = \"replication\" (default) or \"scan\"",
+        );
+    }
+    if raw.prefer_replica.is_some() && !cluster && endpoint.is_some() {
+        p.add(
+            format!("{path}.prefer_replica"),
+            "applies to redis+cluster:// urls; with Sentinel add ?role=replica to the url",
+        );
+    }
     if let Some(v) = &raw.verify {
         reject_foreign_verify(path, v, p);
     }
@@ -211,12 +234,14 @@ fn validate(
                 username: None,
                 password: None,
                 sentinel: None,
+                cluster: None,
             }),
             url_redacted,
             password_file: raw.password_file.map(PathBuf::from),
             capture: mode,
             tls_ca_file: raw.tls_ca_file.map(PathBuf::from),
             bin_dir: raw.redis_bin_dir.map(PathBuf::from),
+            prefer_replica: raw.prefer_replica.unwrap_or(false),
         }),
     )
 }
@@ -232,6 +257,9 @@ fn endpoint(
     if let Some((scheme, rest)) = url.split_once("://") {
         if let Some(data_scheme) = scheme.strip_suffix("+sentinel") {
             return sentinel_endpoint(path, data_scheme, rest, url_redacted, has_password_file, p);
+        }
+        if let Some(data_scheme) = scheme.strip_suffix("+cluster") {
+            return cluster_endpoint(path, data_scheme, rest, url_redacted, has_password_file, p);
         }
     }
     match url::Url::parse(url) {
@@ -278,6 +306,7 @@ fn endpoint(
                     username: (!u.username().is_empty()).then(|| decode(u.username())),
                     password,
                     sentinel: None,
+                    cluster: None,
                 })
             }
         },
@@ -303,31 +332,17 @@ fn sentinel_endpoint(
         );
         return None;
     }
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((u, h)) => (format!("{u}@"), h),
-        None => (String::new(), authority),
-    };
-    let mut sentinels = Vec::new();
-    for host in hosts.split(',') {
-        match url::Url::parse(&format!("redis://{host}")) {
-            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => sentinels.push((
-                u.host_str()
-                    .unwrap_or_default()
-                    .trim_matches(['[', ']'])
-                    .to_string(),
-                u.port().unwrap_or(26379),
-            )),
-            _ => {
-                p.add(
-                    field,
-                    format!("`{url_redacted}`: `{host}` is not a sentinel's HOST:PORT; {form}"),
-                );
-                return None;
-            }
+    let (userinfo, hosts, tail) = split_authority(rest);
+    let sentinels = match host_list(hosts, 26379) {
+        Ok(s) => s,
+        Err(host) => {
+            p.add(
+                field,
+                format!("`{url_redacted}`: `{host}` is not a sentinel's HOST:PORT; {form}"),
+            );
+            return None;
         }
-    }
+    };
     let Ok(rest_url) = url::Url::parse(&format!("redis://x{tail}")) else {
         p.add(field, format!("`{url_redacted}` is not a URL; {form}"));
         return None;
@@ -354,10 +369,9 @@ fn sentinel_endpoint(
             }
         }
     }
-    let (first_host, first_port) = sentinels[0].clone();
     let mut ep = endpoint(
         path,
-        &format!("{data_scheme}://{userinfo}{first_host}:{first_port}"),
+        &first_url(data_scheme, &userinfo, &sentinels[0]),
         url_redacted,
         has_password_file,
         p,
@@ -368,6 +382,90 @@ fn sentinel_endpoint(
         replica,
     });
     Some(ep)
+}
+
+/// `redis+cluster://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]` (or `rediss+cluster://`): any
+/// nodes of the cluster, asked in turn for its shards at each run; the login is every node's.
+fn cluster_endpoint(
+    path: &str,
+    data_scheme: &str,
+    rest: &str,
+    url_redacted: &str,
+    has_password_file: bool,
+    p: &mut Problems,
+) -> Option<RedisEndpoint> {
+    let field = format!("{path}.url");
+    let form = "write redis+cluster://HOST:PORT[,HOST:PORT…] (any nodes of the cluster)";
+    if !matches!(data_scheme, "redis" | "rediss") {
+        p.add(
+            field,
+            format!("`{url_redacted}`: the scheme must be redis+cluster:// or rediss+cluster://"),
+        );
+        return None;
+    }
+    let (userinfo, hosts, tail) = split_authority(rest);
+    if !tail.trim_matches('/').is_empty() {
+        p.add(
+            field,
+            format!("`{url_redacted}`: a cluster has database 0 only and the url takes no path or parameters; {form}"),
+        );
+        return None;
+    }
+    let seeds = match host_list(hosts, 6379) {
+        Ok(s) => s,
+        Err(host) => {
+            p.add(
+                field,
+                format!("`{url_redacted}`: `{host}` is not a node's HOST:PORT; {form}"),
+            );
+            return None;
+        }
+    };
+    let mut ep = endpoint(
+        path,
+        &first_url(data_scheme, &userinfo, &seeds[0]),
+        url_redacted,
+        has_password_file,
+        p,
+    )?;
+    ep.cluster = Some(seeds);
+    Some(ep)
+}
+
+/// The login (`USER:PASSWORD@`, or empty), the hosts, and the rest of a many-host url.
+fn split_authority(rest: &str) -> (String, &str, &str) {
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h, tail),
+        None => (String::new(), authority, tail),
+    }
+}
+
+/// `HOST[:PORT],HOST[:PORT]…` as (host, port) pairs; `Err` names the host that is not one.
+fn host_list(hosts: &str, default_port: u16) -> Result<Vec<(String, u16)>, String> {
+    hosts
+        .split(',')
+        .map(|host| match url::Url::parse(&format!("redis://{host}")) {
+            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok((
+                u.host_str()
+                    .unwrap_or_default()
+                    .trim_matches(['[', ']'])
+                    .to_string(),
+                u.port().unwrap_or(default_port),
+            )),
+            _ => Err(host.to_string()),
+        })
+        .collect()
+}
+
+/// A plain url for the first of many hosts, carrying the login.
+fn first_url(scheme: &str, userinfo: &str, (host, port): &(String, u16)) -> String {
+    if host.contains(':') {
+        format!("{scheme}://{userinfo}[{host}]:{port}")
+    } else {
+        format!("{scheme}://{userinfo}{host}:{port}")
+    }
 }
 
 /// Keys a scan reads per second unless `scan_rate` says.
@@ -515,6 +613,47 @@ mod tests {
             assert!(
                 got.len() == 1 && got[0].starts_with("sources[2].url: ") && got[0].contains(says),
                 "{url}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cluster_url_names_its_nodes_and_takes_no_file_mode() {
+        let text = with_redis(
+            "url = \"rediss+cluster://backup:${PGPASSWORD}@n1.internal,[::1]:7001\"\nprefer_replica = true",
+        );
+        let p = parse(&text, "p.toml", &env, LoadOptions::default()).unwrap();
+        let SourceConfig::Redis(r) = &p.sources[2].config else {
+            panic!("the third source is redis")
+        };
+        assert_eq!(
+            r.endpoint.cluster,
+            Some(vec![("n1.internal".into(), 6379), ("::1".into(), 7001)])
+        );
+        assert!(r.endpoint.tls && r.prefer_replica);
+        assert_eq!(r.endpoint.password.as_ref().map(|p| p.expose()), Some("pw"));
+        assert_eq!(
+            r.url_redacted,
+            "rediss+cluster://backup:***@n1.internal,[::1]:7001"
+        );
+        for (extra, says) in [
+            (
+                "url = \"redis+cluster://n1/0\"",
+                "sources[2].url: `redis+cluster://n1/0`: a cluster has database 0 only",
+            ),
+            (
+                "url = \"redis+cluster://n1\"\nmode = \"file\"\nrdb_path = \"/d/dump.rdb\"",
+                "sources[2].mode: mode = \"file\" reads one server's dump.rdb",
+            ),
+            (
+                "url = \"redis://n1\"\nprefer_replica = true",
+                "sources[2].prefer_replica: applies to redis+cluster:// urls",
+            ),
+        ] {
+            let got = problems(&with_redis(extra));
+            assert!(
+                got.len() == 1 && got[0].starts_with(says),
+                "{extra}: {got:?}"
             );
         }
     }

@@ -14,16 +14,18 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::load::{self as redis_load, Scratch, Target};
-use super::{Fingerprint, RedisConfig};
+use super::rdb::RdbSummary;
+use super::{cluster, Fingerprint, RedisConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::manifest::Role;
-use crate::restore::Spooled;
-use crate::verify::{spool_and_fingerprint, Check, Context, Report, Steps, Verdict};
+use crate::restore::{self, Spooled};
+use crate::verify::{typed_fingerprint, Check, Context, Report, Steps, Verdict};
 
 /// The Redis steps, and what they found.
 pub struct RedisSteps {
     config: RedisConfig,
-    spooled: Option<(Spooled, Fingerprint)>,
+    /// The snapshot (a cluster's: none yet, each shard is spooled in turn) and fingerprint.
+    spooled: Option<(Option<Spooled>, Fingerprint)>,
     scratch: Option<Scratch>,
 }
 
@@ -46,7 +48,13 @@ impl Steps for RedisSteps {
 
     async fn prepare(&mut self, ctx: &Context<'_>, report: &mut Report) -> Result<()> {
         let t0 = Instant::now();
-        self.spooled = Some(spool_and_fingerprint(ctx, Role::Snapshot).await?);
+        let m = &ctx.entry.manifest;
+        let fingerprint: Fingerprint = typed_fingerprint(ctx.repo, m, ctx.identities).await?;
+        let spooled = match fingerprint.cluster {
+            Some(_) => None,
+            None => Some(spool_part(ctx, restore::part(m, Role::Snapshot)?).await?),
+        };
+        self.spooled = Some((spooled, fingerprint));
         report.timings.download_seconds = t0.elapsed().as_secs_f64();
         Ok(())
     }
@@ -56,10 +64,13 @@ impl Steps for RedisSteps {
         ctx: &Context<'_>,
         report: &mut Report,
     ) -> Result<Verdict> {
-        let Some((spooled, fingerprint)) = &self.spooled else {
+        let Some((spooled, fingerprint)) = self.spooled.take() else {
             return Err(Error::failed(
                 "verification steps out of order: nothing prepared",
             ));
+        };
+        let Some(spooled) = spooled else {
+            return self.check_cluster(ctx, &fingerprint, report).await;
         };
         let t1 = Instant::now();
         let started = async {
@@ -75,7 +86,7 @@ impl Steps for RedisSteps {
         report.timings.restore_seconds = t1.elapsed().as_secs_f64();
         report.scratch = format!("ephemeral redis-server ({})", scratch.bin.display());
         let t2 = Instant::now();
-        let outcome = check(scratch, &self.config, fingerprint, report).await;
+        let outcome = check(scratch, &self.config, &fingerprint.rdb, "", report).await;
         report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
         match outcome {
             Ok(()) => {}
@@ -93,33 +104,173 @@ impl Steps for RedisSteps {
     }
 }
 
-/// The loaded snapshot against the fingerprint: redis-check-rdb, key counts, sampled keys.
+impl RedisSteps {
+    /// A cluster backup: the slot map covers every slot once; then each shard in turn is
+    /// spooled, loaded and checked like a single server's snapshot, and every key it holds must
+    /// hash to a slot it owned.
+    async fn check_cluster(
+        &mut self,
+        ctx: &Context<'_>,
+        fp: &Fingerprint,
+        report: &mut Report,
+    ) -> Result<Verdict> {
+        let shards = fp.cluster.as_deref().unwrap_or_default();
+        let whole = format!("{} slots, each owned by one shard", cluster::SLOTS);
+        let found =
+            cluster::slot_map_problem(shards.iter().map(|s| (s.name.as_str(), s.slots.as_slice())));
+        report
+            .checks
+            .push(Check::eq("slot map", whole.clone(), found.unwrap_or(whole)));
+        let m = &ctx.entry.manifest;
+        for shard in shards {
+            let t0 = Instant::now();
+            let part = m
+                .parts
+                .iter()
+                .find(|p| p.name == shard.object)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Integrity,
+                        format!(
+                            "backup {} has no object {} for {}",
+                            m.id, shard.object, shard.name
+                        ),
+                    )
+                })?;
+            let spooled = spool_part(ctx, part).await?;
+            report.timings.download_seconds += t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let started = async {
+                let plain = spooled.plaintext(ctx.identities).await?;
+                Scratch::start(self.config.bin_dir.as_deref(), plain, true).await
+            };
+            let scratch = match started.await {
+                Ok(s) => self.scratch.insert(s),
+                Err(e) if e.kind == ErrorKind::Interrupted => return Err(e),
+                Err(e) => return Ok(Verdict::RestoreFailed(e.context(shard.name.clone()))),
+            };
+            drop(spooled);
+            report.timings.restore_seconds += t1.elapsed().as_secs_f64();
+            report.scratch = format!(
+                "ephemeral redis-server per shard ({})",
+                scratch.bin.display()
+            );
+            let t2 = Instant::now();
+            let prefix = format!("{} ", shard.name);
+            let mut outcome = check(scratch, &self.config, &shard.rdb, &prefix, report).await;
+            if outcome.is_ok() {
+                outcome = in_slots(scratch, shard, report).await;
+            }
+            report.timings.fingerprint_seconds += t2.elapsed().as_secs_f64();
+            if let Some(s) = self.scratch.take() {
+                s.stop().await;
+            }
+            match outcome {
+                Ok(()) => {}
+                Err(e) if e.kind == ErrorKind::Interrupted => return Err(e),
+                Err(e) => {
+                    report.error = Some(format!("{}: {}", shard.name, e.message));
+                    break;
+                }
+            }
+        }
+        Ok(Verdict::Checked)
+    }
+}
+
+/// Downloads one part to a spool file, its stored SHA-256 checked (exit 13).
+async fn spool_part(ctx: &Context<'_>, part: &crate::repo::manifest::Part) -> Result<Spooled> {
+    restore::spool(
+        ctx.repo,
+        &ctx.entry.manifest,
+        part,
+        &std::env::temp_dir(),
+        &restore::NoProgress,
+    )
+    .await
+}
+
+/// Every key of a loaded shard hashes to a slot the shard owned at capture time.
+async fn in_slots(
+    scratch: &Scratch,
+    shard: &cluster::ShardRecord,
+    report: &mut Report,
+) -> Result<()> {
+    let target = scratch.target();
+    let mut con = target.connect(0).await?;
+    let owned = |slot: u16| shard.slots.iter().any(|&(a, b)| (a..=b).contains(&slot));
+    let (mut keys, mut outside, mut first_outside) = (0u64, 0u64, None);
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| target.error("SCAN", e))?;
+        for k in batch {
+            keys += 1;
+            let slot = cluster::key_slot(&k);
+            if !owned(slot) {
+                outside += 1;
+                first_outside.get_or_insert_with(|| {
+                    format!("{:?} (slot {slot})", String::from_utf8_lossy(&k))
+                });
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    report.checks.push(Check::eq(
+        format!("{} keys in its slots", shard.name),
+        format!("all {keys}"),
+        match first_outside {
+            None => format!("all {keys}"),
+            Some(k) => format!("{outside} of {keys} outside, e.g. {k}"),
+        },
+    ));
+    Ok(())
+}
+
+/// The loaded snapshot against what the capture counted (`fp`): redis-check-rdb, key counts,
+/// sampled keys; each check's name starts with `prefix` (a cluster's shard).
 async fn check(
     scratch: &Scratch,
     cfg: &RedisConfig,
-    fp: &Fingerprint,
+    fp: &RdbSummary,
+    prefix: &str,
     report: &mut Report,
 ) -> Result<()> {
     let checked = redis_load::check_rdb(cfg.bin_dir.as_deref(), &scratch.rdb_path()).await;
     report.checks.push(match checked {
         Ok(summary) => {
-            report.notes.push(format!("redis-check-rdb: {summary}"));
-            Check::eq("redis-check-rdb", "accepts the file", "accepts the file")
+            report
+                .notes
+                .push(format!("{prefix}redis-check-rdb: {summary}"));
+            Check::eq(
+                format!("{prefix}redis-check-rdb"),
+                "accepts the file",
+                "accepts the file",
+            )
         }
-        Err(e) if e.kind == ErrorKind::Integrity => {
-            Check::failed("redis-check-rdb", "accepts the file", e.message)
-        }
+        Err(e) if e.kind == ErrorKind::Integrity => Check::failed(
+            format!("{prefix}redis-check-rdb"),
+            "accepts the file",
+            e.message,
+        ),
         Err(e) => return Err(e),
     });
     let target = scratch.target();
     let found = target.keyspace().await?;
-    if let Some(why) = &fp.rdb.incomplete {
+    if let Some(why) = &fp.incomplete {
         report.notes.push(format!(
-            "the capture could not count every key ({why}): key counts were not compared"
+            "{prefix}the capture could not count every key ({why}): key counts were not compared"
         ));
     } else {
         let dbs: std::collections::BTreeSet<u32> = fp
-            .rdb
             .databases
             .iter()
             .filter(|(_, d)| d.keys > 0)
@@ -127,37 +278,39 @@ async fn check(
             .chain(found.keys().copied())
             .collect();
         for db in dbs {
-            let want = fp.rdb.databases.get(&db).cloned().unwrap_or_default();
+            let want = fp.databases.get(&db).cloned().unwrap_or_default();
             let (keys, expires) = found.get(&db).copied().unwrap_or((0, 0));
             report.checks.push(Check::eq(
-                format!("db{db} keys"),
+                format!("{prefix}db{db} keys"),
                 want.keys.to_string(),
                 keys.to_string(),
             ));
             report.checks.push(Check::eq(
-                format!("db{db} keys with a TTL"),
+                format!("{prefix}db{db} keys with a TTL"),
                 want.expires.to_string(),
                 expires.to_string(),
             ));
         }
     }
     report.checks.push(Check::eq(
-        "Redis Functions libraries",
-        fp.rdb.functions.to_string(),
+        format!("{prefix}Redis Functions libraries"),
+        fp.functions.to_string(),
         redis_load::function_libraries(target).await?.to_string(),
     ));
     let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
     let mut skipped = 0;
-    for k in &fp.rdb.sample {
+    for k in &fp.sample {
         if k.expires_at_ms.is_some_and(|t| t <= now_ms + 60_000) {
             skipped += 1;
             continue;
         }
-        report.checks.push(read_back(target, k).await?);
+        let mut c = read_back(target, k).await?;
+        c.name = format!("{prefix}{}", c.name);
+        report.checks.push(c);
     }
     if skipped > 0 {
         report.notes.push(format!(
-            "{skipped} sampled key(s) were not read back: their TTL has run out (or nearly)"
+            "{prefix}{skipped} sampled key(s) were not read back: their TTL has run out (or nearly)"
         ));
     }
     Ok(())
