@@ -169,6 +169,7 @@ async fn publish(
         base_backup: out.base_backup,
         database: out.database,
         origin: out.origin,
+        shards: out.shards,
     };
     let body = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::failed(format!("cannot encode the manifest: {e}")))?;

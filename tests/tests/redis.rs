@@ -937,6 +937,66 @@ fn a_cluster_is_captured_whole_with_its_slot_map_and_verified_shard_by_shard() {
     for want in ["slot map", "shard-2 keys in its slots", "shard-0 db0 keys"] {
         assert!(checks.contains(want), "no check {want:?}: {report:#}");
     }
+    // list shows each shard of the newest backup, without the key.
+    let r = fx.run(&["list"]);
+    assert!(
+        r.stdout
+            .contains(&format!("cache: 3 shards in backup {id}")),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("shard-0   slots 0-5460"), "{}", r.stdout);
+    let listed = &fx.backups()[0]["shards"];
+    assert_eq!(listed[2]["slots"], "10922-16383", "{listed:#}");
+    assert_eq!(
+        listed[2]["keys"],
+        shards[2]["rdb"]["databases"]["0"]["keys"]
+    );
+    assert!(listed[2]["size_stored"].as_u64().unwrap() > 0);
+
+    // The agent's /metrics: each shard's keys and sizes.
+    let port = free_port();
+    let agent_source = format!(
+        "[agent]\nlisten = \"127.0.0.1:{port}\"\n\n{}schedule = \"*/2 * * * * *\"\n",
+        source(&cluster.url(), "")
+    );
+    let ax = setup(&agent_source);
+    let mut agent = Command::new(lifeboat_bin())
+        .args(["agent", "--policy", ax.policy.to_str().unwrap()])
+        .current_dir(ax.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut body = String::new();
+    wait_until("per-shard metrics", || {
+        body = http_get(port, "/metrics").map(|x| x.1).unwrap_or_default();
+        body.contains("lifeboat_last_backup_shard_keys")
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let shard_keys = |name: &str| {
+        metric(
+            &body,
+            "lifeboat_last_backup_shard_keys",
+            &[("source", "cache"), ("shard", name)],
+        )
+    };
+    let sum: f64 = ["shard-0", "shard-1", "shard-2"]
+        .iter()
+        .map(|s| shard_keys(s).unwrap_or(-1e9))
+        .sum();
+    assert_eq!(sum as u64, keys, "{body}");
+    let stored = metric(
+        &body,
+        "lifeboat_last_backup_shard_bytes",
+        &[
+            ("source", "cache"),
+            ("shard", "shard-1"),
+            ("stage", "stored"),
+        ],
+    );
+    assert!(stored.is_some_and(|b| b > 0.0), "{body}");
 }
 
 #[test]
@@ -1010,4 +1070,87 @@ fn a_cluster_backup_restores_into_a_cluster_of_any_shape_a_single_server_or_a_di
     }
     assert_eq!(loaded.len(), 3);
     assert_eq!(key_digests(&loaded.iter().collect::<Vec<_>>()), want);
+}
+
+/// Stops a server at once, the way a crash would (no save, no waiting for replicas).
+fn crash(r: &Redis) {
+    let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN")
+        .arg("NOSAVE")
+        .arg("NOW")
+        .arg("FORCE")
+        .query(&mut r.conn(0, None));
+}
+
+#[test]
+fn a_shard_that_fails_over_during_its_capture_is_captured_again_and_one_that_is_gone_publishes_nothing(
+) {
+    // Primaries wait 3 s before sending a snapshot: long enough to crash one mid-capture.
+    let cluster = RedisCluster::start(3, 1, &["--repl-diskless-sync-delay", "3"]);
+    let keys = cluster.fill(1500);
+    let fx = setup(&source(&cluster.url(), ""));
+    let victim = &cluster.nodes[0];
+    let replica_port = cluster.nodes[3].port;
+    let r = std::thread::scope(|s| {
+        let run = s.spawn(|| fx.run(&["backup"]));
+        wait_until("the capture to wait for shard-0's snapshot", || {
+            victim.info("replication", "connected_slaves") == "2"
+        });
+        crash(victim);
+        run.join().unwrap()
+    });
+    assert_eq!(r.code, 0, "backup across a failover: {}", r.stderr);
+    assert!(r.stderr.contains("capturing it once more"), "{}", r.stderr);
+    let id = fx.backups()[0]["id"].as_str().unwrap().to_string();
+    let fp = fx.fingerprint(&id);
+    let shard0 = &fp["cluster"][0];
+    assert_eq!(shard0["retried"], true, "{shard0:#}");
+    assert_eq!(
+        shard0["node"],
+        format!("127.0.0.1:{replica_port}"),
+        "the promoted replica"
+    );
+    assert_eq!(shard0["role"], "primary");
+    assert_eq!(fp["rdb"]["databases"]["0"]["keys"].as_u64(), Some(keys));
+    let (v, report) = fx.verify();
+    assert_eq!(v.code, 0, "verify: {}\n{report:#}", v.stderr);
+    assert_eq!(report["result"], "pass", "{report:#}");
+
+    // A shard with no replica to take over: the backup fails naming it, and nothing is left.
+    let small = RedisCluster::start(3, 0, &[]);
+    small.fill(300);
+    let fx = setup(&source(&small.url(), ""));
+    crash(&small.nodes[2]);
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let port = small.nodes[2].port;
+    assert!(
+        r.stderr
+            .contains(&format!("shard-2, primary 127.0.0.1:{port}"))
+            && r.stderr.contains("cannot connect"),
+        "{}",
+        r.stderr
+    );
+    assert!(fx.backups().is_empty());
+    let stored: Vec<_> = walkdir(&fx.dir.path().join("repo/backups"));
+    assert!(
+        stored.is_empty(),
+        "objects of the failed backup remain: {stored:?}"
+    );
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -43,6 +43,19 @@ struct SourceStage {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceShard {
+    source: String,
+    shard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceShardStage {
+    source: String,
+    shard: String,
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceObjective {
     source: String,
     objective: String,
@@ -82,6 +95,8 @@ pub struct Telemetry {
     runs: Family<SourceOpResult, Counter>,
     duration: HistFamily,
     bytes: Family<SourceStage, Gauge>,
+    shard_keys: Family<SourceShard, Gauge>,
+    shard_bytes: Family<SourceShardStage, Gauge>,
     next_run: Family<SourceLabel, FGauge>,
     rpo: Family<SourceLabel, FGauge>,
     rto: Family<SourceLabel, FGauge>,
@@ -135,6 +150,8 @@ impl Telemetry {
             runs: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
             bytes: Family::default(),
+            shard_keys: Family::default(),
+            shard_bytes: Family::default(),
             next_run: Family::default(),
             rpo: Family::default(),
             rto: Family::default(),
@@ -177,6 +194,16 @@ impl Telemetry {
             "lifeboat_last_backup_bytes",
             "Size of the last backup (stage plain or stored)",
             t.bytes.clone(),
+        );
+        registry.register(
+            "lifeboat_last_backup_shard_keys",
+            "Keys in each shard of the last backup of a Redis Cluster",
+            t.shard_keys.clone(),
+        );
+        registry.register(
+            "lifeboat_last_backup_shard_bytes",
+            "Size of each shard of the last backup of a Redis Cluster (stage plain or stored)",
+            t.shard_bytes.clone(),
         );
         registry.register(
             "lifeboat_next_run_timestamp_seconds",
@@ -397,6 +424,29 @@ impl Telemetry {
             Err(e) => {
                 self.last_failure.get_or_create(&so(source, op)).set(ts);
                 tracing::error!(source, op, result = outcome, seconds = took.as_secs_f64(), error = %e.message, "Run failed");
+            }
+        }
+    }
+
+    /// A backup of a Redis Cluster was stored: each shard's keys and sizes.
+    pub fn shards(&self, m: &crate::repo::manifest::Manifest) {
+        for shard in &m.shards {
+            let label = SourceShard {
+                source: m.source.clone(),
+                shard: shard.name.clone(),
+            };
+            self.shard_keys.get_or_create(&label).set(shard.keys as i64);
+            let Some(part) = m.parts.iter().find(|p| p.name == shard.object) else {
+                continue;
+            };
+            for (stage, v) in [("plain", part.size_plain), ("stored", part.size_stored)] {
+                self.shard_bytes
+                    .get_or_create(&SourceShardStage {
+                        source: m.source.clone(),
+                        shard: shard.name.clone(),
+                        stage: stage.to_string(),
+                    })
+                    .set(v as i64);
             }
         }
     }

@@ -52,6 +52,9 @@ pub struct Manifest {
     /// What the backup was taken from, compared with the source's earlier backups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<super::origin::Origin>,
+    /// A Redis Cluster's shards: what `list` and the metrics show of each without the key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardSummary>,
 }
 
 /// A dumped database's encoding and locale (`pg_database`).
@@ -100,6 +103,23 @@ pub struct Part {
     pub size_stored: u64,
     /// SHA-256 of the stored bytes, hex.
     pub sha256_stored: String,
+}
+
+/// One shard of a Redis Cluster backup, as the manifest shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSummary {
+    /// `shard-0`, `shard-1`…, in slot order.
+    pub name: String,
+    /// Its part's object name.
+    pub object: String,
+    /// The slots it owned, e.g. `0-5460` or `0-99,200-5460`.
+    pub slots: String,
+    /// The node captured (`HOST:PORT`).
+    pub node: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    /// Keys in its snapshot.
+    pub keys: u64,
 }
 
 /// What a part holds. Restore, the verifier and blob collection find parts by role.

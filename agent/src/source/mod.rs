@@ -59,6 +59,8 @@ pub struct SourceBackup {
     pub database: Option<crate::repo::manifest::DatabaseInfo>,
     /// What the backup was taken from.
     pub origin: Option<crate::repo::origin::Origin>,
+    /// A Redis Cluster's shards (none for other sources).
+    pub shards: Vec<crate::repo::manifest::ShardSummary>,
 }
 
 /// A kind of source.

@@ -60,6 +60,18 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
                     "origin": m.origin,
                     "lineage": e.lineage,
                     "origin_change": change(e),
+                    "shards": m.shards.iter().map(|s| {
+                        let part = m.parts.iter().find(|p| p.name == s.object);
+                        serde_json::json!({
+                            "name": s.name,
+                            "slots": s.slots,
+                            "node": s.node,
+                            "role": s.role,
+                            "keys": s.keys,
+                            "size_plain": part.map(|p| p.size_plain),
+                            "size_stored": part.map(|p| p.size_stored),
+                        })
+                    }).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -117,6 +129,7 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
             eprintln!("no backups yet");
         }
         print_windows(&repo, &policy, source, &listing.backups, &mut out).await?;
+        print_shards(&listing.backups, &mut out)?;
     }
     if !listing.incomplete.is_empty() {
         eprintln!(
@@ -147,6 +160,40 @@ pub async fn list(path: &Path, at: &Place, source: Option<&str>, json: bool) -> 
     }
     for (key, why) in &listing.untrusted_reports {
         eprintln!("warning: verification report {key} is not counted: {why} (RUNBOOK.md#untrusted-backup)");
+    }
+    Ok(())
+}
+
+/// The shards of each Redis Cluster source's newest backup, below the table.
+fn print_shards(backups: &[lifeboat::repo::catalog::Entry], out: &mut impl Write) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for e in backups {
+        let m = &e.manifest;
+        if m.shards.is_empty() || !seen.insert(m.source.as_str()) {
+            continue; // newest first: only the newest of each source
+        }
+        writeln!(
+            out,
+            "\n{}: {} shards in backup {}",
+            m.source,
+            m.shards.len(),
+            m.id
+        )
+        .map_err(print_error)?;
+        for s in &m.shards {
+            let (plain, stored) = m
+                .parts
+                .iter()
+                .find(|p| p.name == s.object)
+                .map(|p| (human_bytes(p.size_plain), human_bytes(p.size_stored)))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "  {:<9} slots {:<16} {:>9} keys {:>10} plain {:>10} stored  from {} {}",
+                s.name, s.slots, s.keys, plain, stored, s.role, s.node
+            )
+            .map_err(print_error)?;
+        }
     }
     Ok(())
 }

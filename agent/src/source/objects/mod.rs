@@ -850,6 +850,7 @@ impl Source for Objects {
             source_version: None,
             dump_tool_version: None,
             base_backup: None,
+            shards: Vec::new(),
             database: None,
             origin: Some(self.origin()),
         })

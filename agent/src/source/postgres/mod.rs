@@ -943,6 +943,7 @@ impl Source for Postgres {
             source_version: Some(format!("PostgreSQL {}", c.server_version)),
             dump_tool_version: Some(dump_version),
             base_backup: None,
+            shards: Vec::new(),
             database: Some(database),
             origin: Some(origin),
         })

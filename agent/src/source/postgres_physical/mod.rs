@@ -388,6 +388,7 @@ impl Source for Physical {
                     .detail("timeline", base.timeline.to_string()),
             ),
             base_backup: Some(base),
+            shards: Vec::new(),
             database: None,
         })
     }

@@ -367,11 +367,12 @@ impl Redis {
     }
 
     /// Waits for the cluster to fail `shard` over from its primary, which stopped answering: the
-    /// shard as it is then, or `None` when the primary still answers or no failover came.
+    /// shard as it is then, or `None` when the primary still answers, has no replica to take
+    /// over, or no failover came.
     async fn failed_over(&self, shard: &Shard) -> Option<Shard> {
         let p = &shard.primary;
         let probe = format!("cluster node {}:{}", p.host, p.port);
-        if self.connect_node(&p.host, p.port, probe).await.is_ok() {
+        if shard.replicas.is_empty() || self.connect_node(&p.host, p.port, probe).await.is_ok() {
             return None;
         }
         let deadline = Instant::now() + FAILOVER_WAIT;
@@ -502,6 +503,32 @@ fn merged(shards: &[ShardRecord]) -> RdbSummary {
     all
 }
 
+/// What the manifest shows of each shard.
+fn summaries(shards: &[ShardRecord]) -> Vec<crate::repo::manifest::ShardSummary> {
+    shards
+        .iter()
+        .map(|s| crate::repo::manifest::ShardSummary {
+            name: s.name.clone(),
+            object: s.object.clone(),
+            slots: s
+                .slots
+                .iter()
+                .map(|(a, b)| {
+                    if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}-{b}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            node: s.node.clone(),
+            role: s.role.clone(),
+            keys: s.rdb.keys(),
+        })
+        .collect()
+}
+
 /// A cluster's origin: any of its nodes, so that backups sharing one carry on one history.
 fn origin(t: &Topology) -> Option<Origin> {
     let mut ids: Vec<&str> = t
@@ -586,7 +613,7 @@ pub(crate) async fn backup(redis: &Redis, ctx: &BackupContext) -> Result<SourceB
         server_version: server_version.clone(),
         crc64: None,
         rdb,
-        cluster: Some(shards),
+        cluster: Some(shards.clone()),
     })
     .map_err(|e| Error::failed(format!("cannot encode the fingerprint: {e}")))?;
     Ok(SourceBackup {
@@ -595,6 +622,7 @@ pub(crate) async fn backup(redis: &Redis, ctx: &BackupContext) -> Result<SourceB
         source_version: server_version.map(|v| format!("Redis {v} cluster")),
         dump_tool_version: None,
         base_backup: None,
+        shards: summaries(&shards),
         database: None,
         origin: origin(&after),
     })

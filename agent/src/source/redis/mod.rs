@@ -953,6 +953,7 @@ impl Source for Redis {
             source_version: server_version.map(|v| format!("Redis {v}")),
             dump_tool_version: None,
             base_backup: None,
+            shards: Vec::new(),
             database: None,
             origin,
         })
