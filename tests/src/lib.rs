@@ -1102,18 +1102,75 @@ pub struct RedisCluster {
     pub nodes: Vec<Redis>,
     /// Shards.
     pub primaries: usize,
+    /// Each node's TLS port, when the cluster speaks TLS (clients, bus and replication).
+    pub tls_ports: Vec<u16>,
 }
 
 impl RedisCluster {
     /// Starts the nodes, forms the cluster, and waits until every node sees it whole and every
     /// replica is in sync.
     pub fn start(primaries: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
-        let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
-        args.extend_from_slice(extra);
-        let nodes: Vec<Redis> = (0..primaries * (1 + replicas))
-            .map(|_| Redis::start(&args))
+        Self::form(primaries, replicas, extra, None)
+    }
+
+    /// The same, every node also on a TLS port with `certs` (see [`make_certs`]), the cluster bus
+    /// and replication over TLS too.
+    pub fn start_tls(primaries: usize, replicas: usize, certs: &Path) -> RedisCluster {
+        Self::form(primaries, replicas, &[], Some(certs))
+    }
+
+    fn form(
+        primaries: usize,
+        replicas: usize,
+        extra: &[&str],
+        certs: Option<&Path>,
+    ) -> RedisCluster {
+        let mut nodes = Vec::new();
+        let mut tls_ports = Vec::new();
+        for _ in 0..primaries * (1 + replicas) {
+            // The bus port too is picked, not left at port + 10000, which another test may hold.
+            let bus = free_port().to_string();
+            let mut args: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+            ]
+            .iter()
+            .map(|a| a.to_string())
             .collect();
-        let c = RedisCluster { nodes, primaries };
+            if let Some(certs) = certs {
+                let tls = free_port();
+                tls_ports.push(tls);
+                let file = |f: &str| certs.join(f).display().to_string();
+                args.extend([
+                    "--tls-port".into(),
+                    tls.to_string(),
+                    "--tls-cert-file".into(),
+                    file("server.crt"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.crt"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                    "--tls-cluster".into(),
+                    "yes".into(),
+                    "--tls-replication".into(),
+                    "yes".into(),
+                ]);
+            }
+            args.extend(extra.iter().map(|a| a.to_string()));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            nodes.push(Redis::start(&refs));
+        }
+        let c = RedisCluster {
+            nodes,
+            primaries,
+            tls_ports,
+        };
         let per = 16384 / primaries;
         for (i, node) in c.nodes[..primaries].iter().enumerate() {
             let first = i * per;
@@ -1129,11 +1186,20 @@ impl RedisCluster {
                 .query(&mut node.conn(0, None))
                 .expect("CLUSTER ADDSLOTSRANGE");
         }
-        for node in &c.nodes[1..] {
+        for (i, node) in c.nodes.iter().enumerate().skip(1) {
+            let bus: String = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("cluster-port")
+                .query::<Vec<String>>(&mut node.conn(0, None))
+                .expect("CONFIG GET cluster-port")
+                .pop()
+                .unwrap_or_default();
+            let port = c.tls_ports.get(i).copied().unwrap_or(node.port);
             let _: () = redis::cmd("CLUSTER")
                 .arg("MEET")
                 .arg("127.0.0.1")
-                .arg(node.port)
+                .arg(port)
+                .arg(bus)
                 .query(&mut c.nodes[0].conn(0, None))
                 .expect("CLUSTER MEET");
         }
@@ -1177,12 +1243,16 @@ impl RedisCluster {
         }
     }
 
-    /// `redis+cluster://` naming two of its nodes.
+    /// `redis+cluster://` naming two of its nodes (`rediss+cluster://` and their TLS ports for a
+    /// TLS cluster).
     pub fn url(&self) -> String {
-        format!(
-            "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
-            self.nodes[0].port, self.nodes[1].port
-        )
+        match self.tls_ports.as_slice() {
+            [a, b, ..] => format!("rediss+cluster://127.0.0.1:{a},127.0.0.1:{b}"),
+            _ => format!(
+                "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
+                self.nodes[0].port, self.nodes[1].port
+            ),
+        }
     }
 
     /// A connection that routes each command to the node owning its key.

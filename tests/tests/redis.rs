@@ -1154,3 +1154,53 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_tls_cluster_is_captured_and_restored_over_tls_and_scan_mode_reads_every_shard() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let tls = format!(
+        "tls_ca_file = \"{}\"",
+        certs.path().join("ca.crt").display()
+    );
+    let cluster = RedisCluster::start_tls(3, 0, certs.path());
+    let keys = cluster.fill(1000);
+    let want = key_digests(&cluster.current_primaries());
+    let fx = setup(&source(&cluster.url(), &tls));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "TLS cluster backup: {}", r.stderr);
+    let id = fx.backups()[0]["id"].as_str().unwrap().to_string();
+    let fp = fx.fingerprint(&id);
+    for (s, port) in fp["cluster"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&cluster.tls_ports)
+    {
+        assert_eq!(
+            s["node"],
+            format!("127.0.0.1:{port}"),
+            "captured over TLS: {s:#}"
+        );
+    }
+    let (v, report) = fx.verify();
+    assert_eq!(v.code, 0, "verify: {}\n{report:#}", v.stderr);
+    assert_eq!(report["result"], "pass", "{report:#}");
+
+    let target = RedisCluster::start_tls(2, 0, certs.path());
+    let r = fx.restore_to(&target.url(), &[]);
+    assert_eq!(r.code, 0, "restore into a TLS cluster: {}", r.stderr);
+    assert_eq!(key_digests(&target.current_primaries()), want);
+
+    // Managed services refuse SYNC: a scan reads every shard instead.
+    let fx = setup(&source(&cluster.url(), &format!("{tls}\nmode = \"scan\"")));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "cluster scan: {}", r.stderr);
+    let b = &fx.backups()[0];
+    let fp = fx.fingerprint(b["id"].as_str().unwrap());
+    assert_eq!(fp["mode"], "scan");
+    assert_eq!(fp["rdb"]["databases"]["0"]["keys"].as_u64(), Some(keys));
+    let (v, report) = fx.verify();
+    assert_eq!(v.code, 0, "verify the scan: {}\n{report:#}", v.stderr);
+    assert_eq!(report["result"], "pass", "{report:#}");
+}
