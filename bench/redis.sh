@@ -55,3 +55,62 @@ measure "lifeboat backup (scan) → local directory" "'$lifeboat' backup --polic
   "rm -rf '$work/repo-scan'"
 summarize "redis-cli --rdb FILE" redis \
   "Redis 7, $(redis-cli -p "$REDIS_PORT" DBSIZE) keys, RDB $((db_size / 1048576)) MiB, stored by lifeboat $((stored / 1048576)) MiB"
+
+# A 3-shard Redis Cluster, KEYS keys per shard: lifeboat's one backup of every shard (3 captured
+# at a time) against three `redis-cli --rdb` run in parallel, the same replication capture.
+echo "== a 3-shard Redis Cluster, $keys keys per shard" >&2
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+cluster_ports=() cluster_dirs=() cluster_bus=()
+cluster_stop() {
+  local d pid
+  for d in "${cluster_dirs[@]}"; do
+    pid=$(cat "$d/pid" 2>/dev/null || true)
+    if [ -n "$pid" ]; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    fi
+    rm -rf "$d"
+  done
+}
+trap 'redis_stop; cluster_stop' EXIT
+for i in 0 1 2; do
+  d=$(mktemp -d /tmp/lifeboat-rcluster.XXXXXX) p=$(free_port) b=$(free_port)
+  redis-server --port "$p" --cluster-port "$b" --bind 127.0.0.1 --dir "$d" --save '' --appendonly no \
+    --daemonize yes --pidfile "$d/pid" --logfile "$d/log" --repl-diskless-sync-delay 0 \
+    --cluster-enabled yes --enable-debug-command yes
+  cluster_ports+=("$p") cluster_dirs+=("$d") cluster_bus+=("$b")
+done
+for p in "${cluster_ports[@]}"; do
+  for _ in $(seq 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.05; done
+done
+redis-cli -p "${cluster_ports[0]}" CLUSTER ADDSLOTSRANGE 0 5460 >/dev/null
+redis-cli -p "${cluster_ports[1]}" CLUSTER ADDSLOTSRANGE 5461 10921 >/dev/null
+redis-cli -p "${cluster_ports[2]}" CLUSTER ADDSLOTSRANGE 10922 16383 >/dev/null
+for i in 1 2; do
+  redis-cli -p "${cluster_ports[0]}" CLUSTER MEET 127.0.0.1 "${cluster_ports[$i]}" "${cluster_bus[$i]}" >/dev/null
+done
+for p in "${cluster_ports[@]}"; do
+  for _ in $(seq 300); do
+    redis-cli -p "$p" CLUSTER INFO | grep -q '^cluster_state:ok' && break
+    sleep 0.1
+  done
+  redis-cli -p "$p" CLUSTER INFO | grep -q '^cluster_state:ok' || { echo "the benchmark cluster did not form" >&2; exit 1; }
+done
+for i in 0 1 2; do
+  redis-cli -p "${cluster_ports[$i]}" DEBUG POPULATE "$keys" "s$i:key" 100 >/dev/null
+done
+sed -e "s|^url = \"redis://.*|url = \"redis+cluster://127.0.0.1:${cluster_ports[0]},127.0.0.1:${cluster_ports[1]}\"|" \
+  -e "s|file://$work/repo|file://$work/repo-cluster|" "$work/redis.toml" > "$work/cluster.toml"
+rdb_each() {
+  local i
+  for i in 0 1 2; do printf "redis-cli -p %s --rdb '%s/shard-%s.rdb' & p%s=\$!; " "${cluster_ports[$i]}" "$work" "$i" "$i"; done
+  printf 'wait $p0 && wait $p1 && wait $p2'
+}
+eval "$(rdb_each)" >/dev/null 2>&1
+db_size=$(cat "$work"/shard-*.rdb | wc -c)
+: > "$work/results.tsv"
+measure "3 × redis-cli --rdb, in parallel" "$(rdb_each)" "rm -f '$work'/shard-*.rdb"
+measure "lifeboat backup (3-shard cluster) → local directory" "'$lifeboat' backup --policy '$work/cluster.toml'" \
+  "rm -rf '$work/repo-cluster'"
+summarize "3 × redis-cli --rdb, in parallel" redis_cluster \
+  "Redis 7 cluster, 3 shards × $keys keys, RDB $((db_size / 1048576)) MiB in all"

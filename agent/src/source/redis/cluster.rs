@@ -447,7 +447,14 @@ impl Redis {
         let object = format!("{name}.{}", super::RDB_OBJECT.trim_start_matches("dump."));
         let key = layout::backup_object(&ctx.source, &ctx.id, &object);
         let c = self
-            .capture(open.session, key, &object, ctx, cancel.clone())
+            .capture(
+                open.session,
+                key,
+                &object,
+                ctx,
+                &shard_pipeline(ctx),
+                cancel.clone(),
+            )
             .await?;
         let server_version = c.server_version();
         let record = ShardRecord {
@@ -503,6 +510,22 @@ fn merged(shards: &[ShardRecord]) -> RdbSummary {
     all
 }
 
+/// The pipeline of one shard among [`SHARDS_AT_ONCE`]: compression inline (the shards are the
+/// parallelism), one part uploading, parts of 5 MiB (S3's least) unless the policy's are smaller,
+/// so that the capture's memory stays under 64 MiB whatever the number of shards. A shard's
+/// object can then reach 10,000 × 5 MiB (48 GiB) compressed.
+fn shard_pipeline(ctx: &BackupContext) -> crate::pipeline::PipelineConfig {
+    crate::pipeline::PipelineConfig {
+        workers: 0,
+        parts_in_flight: 1,
+        part_size: ctx.pipeline.part_size.min(SHARD_PART_SIZE),
+        ..ctx.pipeline.clone()
+    }
+}
+
+/// A shard's upload part size.
+const SHARD_PART_SIZE: usize = 5 << 20;
+
 /// What the manifest shows of each shard.
 fn summaries(shards: &[ShardRecord]) -> Vec<crate::repo::manifest::ShardSummary> {
     shards
@@ -550,6 +573,20 @@ fn origin(t: &Topology) -> Option<Origin> {
         "nodes",
         format!("{} ({})", ids.len(), &hex::encode(digest)[..12]),
     ))
+}
+
+/// Checks that the cluster is whole and that each shard's node serves a capture.
+pub(crate) async fn probe(redis: &Redis) -> Result<()> {
+    let topology = redis.discover().await?;
+    for (i, shard) in topology.shards.iter().enumerate() {
+        let name = format!("shard-{i}");
+        let open = redis.open_shard(&name, shard).await?;
+        redis
+            .probe_session(open.session)
+            .await
+            .map_err(|e| e.context(name))?;
+    }
+    Ok(())
 }
 
 /// Backs up every shard of the cluster the url names, as one backup.

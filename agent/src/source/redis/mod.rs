@@ -897,27 +897,11 @@ impl Redis {
 #[async_trait]
 impl Source for Redis {
     async fn probe(&self) -> Result<()> {
-        let mut s = self.connect().await?;
-        match &self.cfg.capture {
-            RedisCapture::Replication => {
-                s.call(&[b"REPLCONF", b"listening-port", b"0"]).await?;
-            }
-            RedisCapture::Scan { .. } => {
-                s.call(&[b"SCAN", b"0", b"COUNT", b"1"]).await?;
-            }
-            RedisCapture::File { rdb_path } => {
-                s.info("persistence").await?;
-                let dir = rdb_path.parent().unwrap_or(std::path::Path::new("."));
-                if !dir.is_dir() {
-                    return Err(Error::failed(format!(
-                        "rdb_path {}: the directory does not exist here",
-                        rdb_path.display()
-                    ))
-                    .hint("mount the server's data volume into this pod and point rdb_path at its dump.rdb"));
-                }
-            }
+        if self.cfg.endpoint.cluster.is_some() {
+            return cluster::probe(self).await;
         }
-        Ok(())
+        let s = self.connect().await?;
+        self.probe_session(s).await
     }
 
     async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
@@ -927,7 +911,7 @@ impl Source for Redis {
         let s = self.connect().await?;
         let key = layout::backup_object(&ctx.source, &ctx.id, RDB_OBJECT);
         let captured = self
-            .capture(s, key, RDB_OBJECT, ctx, ctx.cancel.clone())
+            .capture(s, key, RDB_OBJECT, ctx, &ctx.pipeline, ctx.cancel.clone())
             .await?;
         // Read after the capture: the ids it was taken under (a server that made a replication
         // backlog for it has new ones).
@@ -957,6 +941,32 @@ impl Source for Redis {
             database: None,
             origin,
         })
+    }
+}
+
+impl Redis {
+    /// Checks that the server `s` is logged in to serves a capture the policy's way.
+    pub(crate) async fn probe_session(&self, mut s: Session) -> Result<()> {
+        match &self.cfg.capture {
+            RedisCapture::Replication => {
+                s.call(&[b"REPLCONF", b"listening-port", b"0"]).await?;
+            }
+            RedisCapture::Scan { .. } => {
+                s.call(&[b"SCAN", b"0", b"COUNT", b"1"]).await?;
+            }
+            RedisCapture::File { rdb_path } => {
+                s.info("persistence").await?;
+                let dir = rdb_path.parent().unwrap_or(std::path::Path::new("."));
+                if !dir.is_dir() {
+                    return Err(Error::failed(format!(
+                        "rdb_path {}: the directory does not exist here",
+                        rdb_path.display()
+                    ))
+                    .hint("mount the server's data volume into this pod and point rdb_path at its dump.rdb"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -990,6 +1000,7 @@ impl Redis {
         key: String,
         name: &str,
         ctx: &BackupContext,
+        pipeline: &pipeline::PipelineConfig,
         cancel: tokio_util::sync::CancellationToken,
     ) -> Result<Captured> {
         let where_ = s.where_.clone();
@@ -1054,7 +1065,7 @@ impl Redis {
             observer,
             ctx.store.clone(),
             key,
-            &ctx.pipeline,
+            pipeline,
             cancel,
         )
         .await
