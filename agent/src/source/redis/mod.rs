@@ -99,6 +99,8 @@ impl Reply {
 pub struct Session {
     io: BufReader<Box<dyn Conn>>,
     where_: String,
+    /// The server's host and port.
+    node: (String, u16),
 }
 
 impl Session {
@@ -423,6 +425,7 @@ impl Redis {
         let mut s = Session {
             io: BufReader::with_capacity(READ_CHUNK, conn),
             where_,
+            node: (host.to_string(), port),
         };
         self.login(&mut s).await?;
         Ok(s)
@@ -472,6 +475,7 @@ impl Redis {
                 let mut s = Session {
                     io: BufReader::with_capacity(READ_CHUNK, conn),
                     where_: where_.clone(),
+                    node: (host.clone(), *port),
                 };
                 if sentinel.replica {
                     s.send(&[b"SENTINEL", b"REPLICAS", sentinel.master.as_bytes()])
@@ -837,6 +841,7 @@ pub(crate) async fn replicate_over<C: AsyncRead + AsyncWrite + Unpin + Send + 's
     let mut s = Session {
         io: BufReader::with_capacity(READ_CHUNK, Box::new(conn)),
         where_: "the test server".into(),
+        node: (String::new(), 0),
     };
     let framing = Redis::start_sync(&mut s).await?;
     let (tx, mut rx) = tokio::io::duplex(64 << 10);
@@ -874,13 +879,18 @@ pub struct Fingerprint {
 
 impl Redis {
     /// What a snapshot is taken from: the server's run id and its replication ids (its history,
-    /// which a restart from its RDB or a promoted replica carries on). `None` when INFO is
-    /// refused.
-    async fn origin(&self) -> Option<Origin> {
-        let mut s = self.connect().await.ok()?;
-        let server = s.info("server").await.ok()?;
-        let replication = s.info("replication").await.ok()?;
-        let run = field(&server, "run_id")?;
+    /// which a restart from its RDB or a promoted replica carries on). Read after the capture,
+    /// on a new connection: the capture's own ends with its payload, and a server that made a
+    /// replication backlog for it has new ids. `(host, port)`: the server captured, not whichever
+    /// the sentinels name by now.
+    async fn origin(&self, (host, port): &(String, u16)) -> Result<Origin> {
+        let mut s = self
+            .connect_node(host, *port, format!("{} ({host}:{port})", self.where_()))
+            .await?;
+        let server = s.info("server").await?;
+        let replication = s.info("replication").await?;
+        let run = field(&server, "run_id")
+            .ok_or_else(|| Error::failed(format!("{}: INFO server has no run_id", s.where_)))?;
         let mut origin = Origin::new(format!("redis run {run}"));
         for id in ["master_replid", "master_replid2"] {
             match field(&replication, id) {
@@ -890,7 +900,7 @@ impl Redis {
                 _ => {}
             }
         }
-        Some(origin.detail("role", field(&replication, "role").unwrap_or("unknown")))
+        Ok(origin.detail("role", field(&replication, "role").unwrap_or("unknown")))
     }
 }
 
@@ -909,16 +919,20 @@ impl Source for Redis {
             return cluster::backup(self, ctx).await;
         }
         let s = self.connect().await?;
+        let node = s.node.clone();
         let key = layout::backup_object(&ctx.source, &ctx.id, RDB_OBJECT);
         let captured = self
             .capture(s, key, RDB_OBJECT, ctx, &ctx.pipeline, ctx.cancel.clone())
             .await?;
         // Read after the capture: the ids it was taken under (a server that made a replication
         // backlog for it has new ones).
-        let origin = self.origin().await;
-        if origin.is_none() {
-            tracing::warn!(source = %ctx.source, backup = %ctx.id, "INFO was refused: the backup records no origin (give the ACL user +info)");
-        }
+        let origin = match self.origin(&node).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(source = %ctx.source, backup = %ctx.id, error = %e, "The backup records no origin: the server's ids could not be read (an ACL user needs +info)");
+                None
+            }
+        };
         let server_version = captured.server_version();
         let fingerprint = serde_json::to_value(Fingerprint {
             format: 1,
