@@ -1058,11 +1058,7 @@ impl Redis {
             .arg(section)
             .query(&mut self.conn(0, None))
             .expect("INFO");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
+        info_field(&text, field)
     }
 
     /// `DEBUG DIGEST`: one hash of the whole dataset (keys, values, types, which keys expire).
@@ -1317,11 +1313,7 @@ impl Redis {
             .arg("INFO")
             .query(&mut self.conn(0, None))
             .expect("CLUSTER INFO");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
+        info_field(&text, field)
     }
 
     /// `CLUSTER MYID`.
@@ -1331,6 +1323,15 @@ impl Redis {
             .query(&mut self.conn(0, None))
             .expect("CLUSTER MYID")
     }
+}
+
+/// The value of `field:` in an `INFO`-style reply; empty when absent.
+fn info_field(text: &str, field: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Every key of database 0 on `servers`, with `DEBUG DIGEST-VALUE` of its value and whether it

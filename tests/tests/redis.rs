@@ -1131,28 +1131,11 @@ fn a_shard_that_fails_over_during_its_capture_is_captured_again_and_one_that_is_
         r.stderr
     );
     assert!(fx.backups().is_empty());
-    let stored: Vec<_> = walkdir(&fx.dir.path().join("repo/backups"));
+    let stored = files_under(&fx.dir.path().join("repo/backups"));
     assert!(
         stored.is_empty(),
         "objects of the failed backup remain: {stored:?}"
     );
-}
-
-/// Every file under `dir` (none when it does not exist).
-fn walkdir(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walkdir(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]

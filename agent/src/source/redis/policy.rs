@@ -255,11 +255,12 @@ fn endpoint(
     p: &mut Problems,
 ) -> Option<RedisEndpoint> {
     if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some(data_scheme) = scheme.strip_suffix("+sentinel") {
-            return sentinel_endpoint(path, data_scheme, rest, url_redacted, has_password_file, p);
-        }
-        if let Some(data_scheme) = scheme.strip_suffix("+cluster") {
-            return cluster_endpoint(path, data_scheme, rest, url_redacted, has_password_file, p);
+        if let Some(many) = many_hosts(path, scheme, rest, url_redacted, has_password_file, p) {
+            return match many {
+                Some(m) if scheme.ends_with("+sentinel") => sentinel_endpoint(m, url_redacted, p),
+                Some(m) => cluster_endpoint(m, url_redacted, p),
+                None => None,
+            };
         }
     }
     match url::Url::parse(url) {
@@ -313,36 +314,106 @@ fn endpoint(
     }
 }
 
-/// `redis+sentinel://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]/MASTER[?role=replica]` (or
-/// `rediss+sentinel://`, TLS to sentinels and servers alike): the login is the server's.
-fn sentinel_endpoint(
+/// A `redis+sentinel://` or `redis+cluster://` url, its hosts parsed.
+struct ManyHosts<'r> {
+    /// The first host's endpoint, with the login (every host's).
+    ep: RedisEndpoint,
+    /// Every host.
+    hosts: Vec<(String, u16)>,
+    /// What follows the hosts (path and query).
+    tail: &'r str,
+    /// `{path}.url`.
+    field: String,
+    /// How to write the url, for messages.
+    form: &'static str,
+}
+
+/// `redis+sentinel://…` and `redis+cluster://…` (`rediss+…` for TLS): the scheme's suffix,
+/// whose `HOST:PORT` each host is, the default port, and how to write the url.
+const MANY_HOST_FORMS: [(&str, &str, u16, &str); 2] = [
+    (
+        "sentinel",
+        "a sentinel's",
+        26379,
+        "write redis+sentinel://HOST:26379[,HOST:26379…]/MASTER_NAME",
+    ),
+    (
+        "cluster",
+        "a node's",
+        6379,
+        "write redis+cluster://HOST:PORT[,HOST:PORT…] (any nodes of the cluster)",
+    ),
+];
+
+/// Parses `scheme://rest` if the scheme is one of [`MANY_HOST_FORMS`]: `None` if it is not,
+/// `Some(None)` once a problem is recorded.
+fn many_hosts<'r>(
     path: &str,
-    data_scheme: &str,
-    rest: &str,
+    scheme: &str,
+    rest: &'r str,
     url_redacted: &str,
     has_password_file: bool,
     p: &mut Problems,
-) -> Option<RedisEndpoint> {
+) -> Option<Option<ManyHosts<'r>>> {
+    let (suffix, whose, default_port, form) = MANY_HOST_FORMS
+        .into_iter()
+        .find(|(suffix, ..)| scheme.ends_with(&format!("+{suffix}")))?;
+    let data_scheme = &scheme[..scheme.len() - suffix.len() - 1];
     let field = format!("{path}.url");
-    let form = "write redis+sentinel://HOST:26379[,HOST:26379…]/MASTER_NAME";
     if !matches!(data_scheme, "redis" | "rediss") {
         p.add(
             field,
-            format!("`{url_redacted}`: the scheme must be redis+sentinel:// or rediss+sentinel://"),
+            format!("`{url_redacted}`: the scheme must be redis+{suffix}:// or rediss+{suffix}://"),
         );
-        return None;
+        return Some(None);
     }
-    let (userinfo, hosts, tail) = split_authority(rest);
-    let sentinels = match host_list(hosts, 26379) {
-        Ok(s) => s,
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    let hosts = match host_list(hosts, default_port) {
+        Ok(list) => list,
         Err(host) => {
             p.add(
                 field,
-                format!("`{url_redacted}`: `{host}` is not a sentinel's HOST:PORT; {form}"),
+                format!("`{url_redacted}`: `{host}` is not {whose} HOST:PORT; {form}"),
             );
-            return None;
+            return Some(None);
         }
     };
+    let (host, port) = &hosts[0];
+    let first = if host.contains(':') {
+        format!("{data_scheme}://{userinfo}[{host}]:{port}")
+    } else {
+        format!("{data_scheme}://{userinfo}{host}:{port}")
+    };
+    Some(
+        endpoint(path, &first, url_redacted, has_password_file, p).map(|ep| ManyHosts {
+            ep,
+            hosts,
+            tail,
+            field,
+            form,
+        }),
+    )
+}
+
+/// `redis+sentinel://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]/MASTER[?role=replica]` (or
+/// `rediss+sentinel://`, TLS to sentinels and servers alike): the login is the server's.
+fn sentinel_endpoint(
+    m: ManyHosts<'_>,
+    url_redacted: &str,
+    p: &mut Problems,
+) -> Option<RedisEndpoint> {
+    let ManyHosts {
+        mut ep,
+        hosts,
+        tail,
+        field,
+        form,
+    } = m;
     let Ok(rest_url) = url::Url::parse(&format!("redis://x{tail}")) else {
         p.add(field, format!("`{url_redacted}` is not a URL; {form}"));
         return None;
@@ -369,15 +440,8 @@ fn sentinel_endpoint(
             }
         }
     }
-    let mut ep = endpoint(
-        path,
-        &first_url(data_scheme, &userinfo, &sentinels[0]),
-        url_redacted,
-        has_password_file,
-        p,
-    )?;
     ep.sentinel = Some(Sentinel {
-        sentinels,
+        sentinels: hosts,
         master,
         replica,
     });
@@ -387,59 +451,23 @@ fn sentinel_endpoint(
 /// `redis+cluster://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]` (or `rediss+cluster://`): any
 /// nodes of the cluster, asked in turn for its shards at each run; the login is every node's.
 fn cluster_endpoint(
-    path: &str,
-    data_scheme: &str,
-    rest: &str,
+    m: ManyHosts<'_>,
     url_redacted: &str,
-    has_password_file: bool,
     p: &mut Problems,
 ) -> Option<RedisEndpoint> {
-    let field = format!("{path}.url");
-    let form = "write redis+cluster://HOST:PORT[,HOST:PORT…] (any nodes of the cluster)";
-    if !matches!(data_scheme, "redis" | "rediss") {
+    if !m.tail.trim_matches('/').is_empty() {
         p.add(
-            field,
-            format!("`{url_redacted}`: the scheme must be redis+cluster:// or rediss+cluster://"),
+            m.field,
+            format!(
+                "`{url_redacted}`: a cluster has database 0 only and the url takes no path or parameters; {}",
+                m.form
+            ),
         );
         return None;
     }
-    let (userinfo, hosts, tail) = split_authority(rest);
-    if !tail.trim_matches('/').is_empty() {
-        p.add(
-            field,
-            format!("`{url_redacted}`: a cluster has database 0 only and the url takes no path or parameters; {form}"),
-        );
-        return None;
-    }
-    let seeds = match host_list(hosts, 6379) {
-        Ok(s) => s,
-        Err(host) => {
-            p.add(
-                field,
-                format!("`{url_redacted}`: `{host}` is not a node's HOST:PORT; {form}"),
-            );
-            return None;
-        }
-    };
-    let mut ep = endpoint(
-        path,
-        &first_url(data_scheme, &userinfo, &seeds[0]),
-        url_redacted,
-        has_password_file,
-        p,
-    )?;
-    ep.cluster = Some(seeds);
+    let mut ep = m.ep;
+    ep.cluster = Some(m.hosts);
     Some(ep)
-}
-
-/// The login (`USER:PASSWORD@`, or empty), the hosts, and the rest of a many-host url.
-fn split_authority(rest: &str) -> (String, &str, &str) {
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((u, h)) => (format!("{u}@"), h, tail),
-        None => (String::new(), authority, tail),
-    }
 }
 
 /// `HOST[:PORT],HOST[:PORT]…` as (host, port) pairs; `Err` names the host that is not one.
@@ -457,15 +485,6 @@ fn host_list(hosts: &str, default_port: u16) -> Result<Vec<(String, u16)>, Strin
             _ => Err(host.to_string()),
         })
         .collect()
-}
-
-/// A plain url for the first of many hosts, carrying the login.
-fn first_url(scheme: &str, userinfo: &str, (host, port): &(String, u16)) -> String {
-    if host.contains(':') {
-        format!("{scheme}://{userinfo}[{host}]:{port}")
-    } else {
-        format!("{scheme}://{userinfo}{host}:{port}")
-    }
 }
 
 /// Keys a scan reads per second unless `scan_rate` says.

@@ -73,14 +73,9 @@ impl Steps for RedisSteps {
             return self.check_cluster(ctx, &fingerprint, report).await;
         };
         let t1 = Instant::now();
-        let started = async {
-            let plain = spooled.plaintext(ctx.identities).await?;
-            Scratch::start(self.config.bin_dir.as_deref(), plain, true).await
-        };
-        let scratch = match started.await {
-            Ok(s) => self.scratch.insert(s),
-            Err(e) if e.kind == ErrorKind::Interrupted => return Err(e),
-            // A snapshot that does not load is a failed verification, not a failure to verify.
+        let bin_dir = self.config.bin_dir.as_deref();
+        let scratch = match load(&mut self.scratch, bin_dir, ctx, &spooled).await? {
+            Ok(s) => s,
             Err(e) => return Ok(Verdict::RestoreFailed(e)),
         };
         report.timings.restore_seconds = t1.elapsed().as_secs_f64();
@@ -140,13 +135,9 @@ impl RedisSteps {
             let spooled = spool_part(ctx, part).await?;
             report.timings.download_seconds += t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
-            let started = async {
-                let plain = spooled.plaintext(ctx.identities).await?;
-                Scratch::start(self.config.bin_dir.as_deref(), plain, true).await
-            };
-            let scratch = match started.await {
-                Ok(s) => self.scratch.insert(s),
-                Err(e) if e.kind == ErrorKind::Interrupted => return Err(e),
+            let bin_dir = self.config.bin_dir.as_deref();
+            let scratch = match load(&mut self.scratch, bin_dir, ctx, &spooled).await? {
+                Ok(s) => s,
                 Err(e) => return Ok(Verdict::RestoreFailed(e.context(shard.name.clone()))),
             };
             drop(spooled);
@@ -175,6 +166,25 @@ impl RedisSteps {
             }
         }
         Ok(Verdict::Checked)
+    }
+}
+
+/// Starts a scratch server (kept in `slot`) on a spooled snapshot. `Ok(Err(_))`: it does not
+/// load, a failed verification rather than a failure to verify.
+async fn load<'s>(
+    slot: &'s mut Option<Scratch>,
+    bin_dir: Option<&std::path::Path>,
+    ctx: &Context<'_>,
+    spooled: &Spooled,
+) -> Result<std::result::Result<&'s Scratch, Error>> {
+    let started = async {
+        let plain = spooled.plaintext(ctx.identities).await?;
+        Scratch::start(bin_dir, plain, true).await
+    };
+    match started.await {
+        Ok(s) => Ok(Ok(slot.insert(s))),
+        Err(e) if e.kind == ErrorKind::Interrupted => Err(e),
+        Err(e) => Ok(Err(e)),
     }
 }
 
