@@ -561,3 +561,86 @@ fn find_blob(dir: &Path, min: u64) -> PathBuf {
         .find(|p| std::fs::metadata(p).unwrap().len() > min)
         .expect("a blob")
 }
+
+#[test]
+fn symlinks_are_stored_with_their_targets_and_restored_and_what_is_not_a_file_is_named() {
+    use std::os::unix::fs::symlink;
+    let src = tempfile::tempdir().unwrap();
+    let root = src.path();
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("sub/real.txt"), "the real file\n").unwrap();
+    symlink("sub/real.txt", root.join("link")).unwrap();
+    symlink("nowhere/gone.txt", root.join("dangling")).unwrap();
+    symlink("sub", root.join("sub-link")).unwrap();
+    symlink("/etc/hostname", root.join("sub/absolute")).unwrap();
+    let fifo = root.join("a-fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let _socket = std::os::unix::net::UnixListener::bind(root.join("a-socket")).unwrap();
+    let fx = setup(
+        "url = \"file://./repo\"",
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
+            root.display()
+        ),
+        Vec::new(),
+    );
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a-fifo (a FIFO)"),
+        "the run names what it left out: {}",
+        r.stderr
+    );
+    let id = fx.ids()[0].clone();
+    let fp = fx.fingerprint(&id);
+    assert_eq!(fp["files"], 1, "{fp}");
+    assert_eq!(fp["symlinks"], 4, "{fp}");
+    assert_eq!(
+        fp["skipped"],
+        serde_json::json!(["a-fifo (a FIFO)", "a-socket (a socket)"]),
+        "{fp}"
+    );
+    let r = fx.verify(&id);
+    assert_eq!(r.code, 0, "verify: {}{}", r.stdout, r.stderr);
+
+    // Restored as links to the same targets, never followed (the dangling one too).
+    let out = fx.dir.path().join("restored");
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("4 symlink(s)"), "{}", r.stderr);
+    for (link, to) in [
+        ("link", "sub/real.txt"),
+        ("dangling", "nowhere/gone.txt"),
+        ("sub-link", "sub"),
+        ("sub/absolute", "/etc/hostname"),
+    ] {
+        let p = out.join(link);
+        assert!(
+            std::fs::symlink_metadata(&p)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "{link}"
+        );
+        assert_eq!(std::fs::read_link(&p).unwrap(), PathBuf::from(to), "{link}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("link")).unwrap(),
+        "the real file\n"
+    );
+    assert!(!out.join("a-fifo").exists());
+
+    // Restoring again over it (--yes) replaces the links; a link changed since is put back.
+    std::fs::remove_file(out.join("link")).unwrap();
+    symlink("elsewhere", out.join("link")).unwrap();
+    let r = fx.restore(&["--to", out.to_str().unwrap(), "--yes"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_link(out.join("link")).unwrap(),
+        PathBuf::from("sub/real.txt")
+    );
+}

@@ -72,6 +72,9 @@ pub struct Entry {
     pub sha256: Option<String>,
     /// The blob holding the content (files).
     pub blob: Option<String>,
+    /// What the link points to, as the link holds it (symlinks; never followed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 /// The kind of a snapshot entry.
@@ -82,6 +85,8 @@ pub enum EntryKind {
     File,
     /// A directory (kept so that empty ones are restored too).
     Dir,
+    /// A symbolic link (directory sources): its target is recorded, never followed.
+    Symlink,
 }
 
 /// What an objects backup's fingerprint holds.
@@ -103,8 +108,16 @@ pub struct Fingerprint {
     pub blobs: u64,
     /// Blobs this run uploaded (the rest were already stored).
     pub blobs_uploaded: u64,
-    /// SHA-256 over every `path NUL sha256 LF` in path order: the whole tree's content.
+    /// SHA-256 over every `path NUL sha256 LF` (a symlink's: `path NUL -> target LF`) in path
+    /// order: the whole tree's content.
     pub tree_sha256: String,
+    /// Symbolic links.
+    #[serde(default)]
+    pub symlinks: u64,
+    /// What the walk found and did not store, by name and why (sockets, devices, FIFOs, a link
+    /// whose target is not UTF-8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 /// SHA-256 of no bytes: an empty file needs no blob.
@@ -120,16 +133,28 @@ pub fn blob_id(index_key: &Secret, sha: &str) -> String {
     hex::encode(h.finalize())
 }
 
-/// SHA-256 over the tree: each file's path and content hash, in path order.
+/// SHA-256 over the tree: each file's path and content hash, and each symlink's path and
+/// target, in path order.
 pub fn tree_sha256(entries: &[Entry]) -> String {
     let mut h = Sha256::new();
-    for e in entries.iter().filter(|e| e.kind == EntryKind::File) {
-        h.update(e.path.as_bytes());
-        h.update(b"\0");
-        h.update(e.sha256.as_deref().unwrap_or("").as_bytes());
-        h.update(b"\n");
+    for e in entries {
+        tree_line(&mut h, e);
     }
     hex::encode(h.finalize())
+}
+
+/// Adds `e` to a tree hash: `path NUL sha256 LF` for a file, `path NUL -> target LF` for a
+/// symlink, nothing for a directory.
+fn tree_line(h: &mut Sha256, e: &Entry) {
+    let value = match e.kind {
+        EntryKind::Dir => return,
+        EntryKind::File => e.sha256.as_deref().unwrap_or("").to_string(),
+        EntryKind::Symlink => format!("-> {}", e.target.as_deref().unwrap_or("")),
+    };
+    h.update(e.path.as_bytes());
+    h.update(b"\0");
+    h.update(value.as_bytes());
+    h.update(b"\n");
 }
 
 /// Serializes a snapshot as JSON lines.
@@ -187,6 +212,8 @@ struct Listed {
     mtime_ms: Option<i64>,
     mode: Option<u32>,
     etag: Option<String>,
+    /// A symlink's target.
+    target: Option<String>,
 }
 
 /// An objects source.
@@ -254,16 +281,22 @@ impl Objects {
         }
     }
 
-    /// Lists the source, filtered.
-    async fn list(&self, s3: Option<&Arc<dyn ObjectStore>>) -> Result<Vec<Listed>> {
+    /// Lists the source, filtered, and what it holds that is not stored (by name and why).
+    async fn list(&self, s3: Option<&Arc<dyn ObjectStore>>) -> Result<(Vec<Listed>, Vec<String>)> {
         let (include, exclude) = self.filter()?;
         let wanted = |p: &str| (include.is_empty() || include.is_match(p)) && !exclude.is_match(p);
+        let mut skipped = Vec::new();
         let mut out = match (&self.cfg.from, s3) {
             (ObjectsFrom::Dir(root), _) => {
                 let root = root.clone();
-                tokio::task::spawn_blocking(move || walk_dir(&root))
-                    .await
-                    .map_err(|e| Error::failed(format!("listing failed: {e}")))??
+                let (listed, found) = tokio::task::spawn_blocking(move || {
+                    let mut skipped = Vec::new();
+                    walk_dir(&root, &mut skipped).map(|l| (l, skipped))
+                })
+                .await
+                .map_err(|e| Error::failed(format!("listing failed: {e}")))??;
+                skipped = found;
+                listed
             }
             (ObjectsFrom::S3(_), Some(s3)) => s3
                 .list("")
@@ -278,13 +311,16 @@ impl Objects {
                     mtime_ms: None,
                     mode: None,
                     etag: o.etag,
+                    target: None,
                 })
                 .collect(),
             (ObjectsFrom::S3(_), None) => Vec::new(),
         };
         out.retain(|l| l.kind == EntryKind::Dir && !exclude.is_match(&l.path) || wanted(&l.path));
         out.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(out)
+        skipped.retain(|s| wanted(s.rsplit_once(" (").map_or(s.as_str(), |(p, _)| p)));
+        skipped.sort();
+        Ok((out, skipped))
     }
 
     async fn open(
@@ -452,7 +488,9 @@ pub fn parse_blob_list(key: &Secret, sealed: &[u8]) -> std::result::Result<Vec<S
 /// passphrase, so stretching it buys nothing.
 const INDEX_WORK_FACTOR: u8 = 10;
 
-fn walk_dir(root: &Path) -> Result<Vec<Listed>> {
+/// Every directory, file and symlink under `root`; what is none of those goes into `skipped`,
+/// by name and why.
+fn walk_dir(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Listed>> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(root).map_err(|e| {
         Error::failed(format!("{}: {e}", root.display()))
@@ -492,27 +530,45 @@ fn walk_dir(root: &Path) -> Result<Vec<Listed>> {
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_millis() as i64);
             let mode = Some(m.permissions().mode() & 0o7777);
-            if m.is_dir() {
-                out.push(Listed {
-                    path,
-                    kind: EntryKind::Dir,
-                    size: 0,
-                    mtime_ms,
-                    mode,
-                    etag: None,
-                });
+            let listed = |kind, size, target| Listed {
+                path: path.clone(),
+                kind,
+                size,
+                mtime_ms,
+                mode,
+                etag: None,
+                target,
+            };
+            let t = m.file_type();
+            if t.is_dir() {
+                out.push(listed(EntryKind::Dir, 0, None));
                 stack.push(child);
-            } else if m.is_file() {
-                out.push(Listed {
-                    path,
-                    kind: EntryKind::File,
-                    size: m.len(),
-                    mtime_ms,
-                    mode,
-                    etag: None,
-                });
+            } else if t.is_file() {
+                out.push(listed(EntryKind::File, m.len(), None));
+            } else if t.is_symlink() {
+                let link = dir.join(name);
+                let target = std::fs::read_link(&link)
+                    .map_err(|e| Error::failed(format!("{}: {e}", link.display())))?;
+                match target.to_str() {
+                    Some(to) => out.push(Listed {
+                        mode: None,
+                        ..listed(EntryKind::Symlink, 0, Some(to.to_string()))
+                    }),
+                    None => skipped.push(format!("{path} (a symlink whose target is not UTF-8)")),
+                }
+            } else {
+                use std::os::unix::fs::FileTypeExt;
+                let what = if t.is_socket() {
+                    "a socket"
+                } else if t.is_fifo() {
+                    "a FIFO"
+                } else if t.is_block_device() || t.is_char_device() {
+                    "a device"
+                } else {
+                    "not a file, directory or symlink"
+                };
+                skipped.push(format!("{path} ({what})"));
             }
-            // Symlinks, sockets and devices are not content: skipped.
         }
     }
     Ok(out)
@@ -625,7 +681,7 @@ struct Run<'a> {
 impl Run<'_> {
     /// The snapshot entry for `l`: from the index when unchanged, else read and stored.
     async fn entry(&self, l: &Listed) -> Result<Entry> {
-        if l.kind == EntryKind::Dir {
+        if l.kind != EntryKind::File {
             return Ok(entry(l, None, None));
         }
         if let Some(k) = self.index.get(&l.path).filter(|k| k.unchanged(l)) {
@@ -762,7 +818,11 @@ impl Source for Objects {
     async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
         let key = self.key()?.clone();
         let s3 = self.source_store().await?;
-        let listed = self.list(s3.as_ref()).await?;
+        let (listed, skipped) = self.list(s3.as_ref()).await?;
+        if !skipped.is_empty() {
+            let shown: Vec<&str> = skipped.iter().take(10).map(String::as_str).collect();
+            tracing::warn!(source = %ctx.source, skipped = skipped.len(), first = %shown.join(", "), "Not stored: neither files, directories nor symlinks (the snapshot's fingerprint lists them all)");
+        }
         let files = listed.iter().filter(|l| l.kind == EntryKind::File).count();
         let index = self.load_index(ctx.store.as_ref(), &ctx.source).await;
         self.shrink_guard(files, index.len())?;
@@ -838,6 +898,8 @@ impl Source for Objects {
             blobs: tally.blobs.len() as u64,
             blobs_uploaded: uploaded,
             tree_sha256: hex::encode(tally.tree.finalize()),
+            symlinks: tally.symlinks,
+            skipped,
         };
         tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");
         Ok(SourceBackup {
@@ -905,6 +967,7 @@ async fn store_index(ctx: &BackupContext, key: &Secret, next_index: &[u8]) {
 struct Tally {
     files: u64,
     dirs: u64,
+    symlinks: u64,
     bytes: u64,
     blobs: std::collections::BTreeSet<[u8; 32]>,
     /// [`tree_sha256`], incrementally.
@@ -913,20 +976,18 @@ struct Tally {
 
 impl Tally {
     fn add(&mut self, e: &Entry) {
-        if e.kind == EntryKind::Dir {
-            self.dirs += 1;
-            return;
+        tree_line(&mut self.tree, e);
+        match e.kind {
+            EntryKind::Dir => self.dirs += 1,
+            EntryKind::Symlink => self.symlinks += 1,
+            EntryKind::File => {
+                self.files += 1;
+                self.bytes += e.size;
+                if let Some(b) = e.blob.as_deref().and_then(unhex32) {
+                    self.blobs.insert(b);
+                }
+            }
         }
-        self.files += 1;
-        self.bytes += e.size;
-        if let Some(b) = e.blob.as_deref().and_then(unhex32) {
-            self.blobs.insert(b);
-        }
-        self.tree.update(e.path.as_bytes());
-        self.tree.update(b"\0");
-        self.tree
-            .update(e.sha256.as_deref().unwrap_or("").as_bytes());
-        self.tree.update(b"\n");
     }
 }
 
@@ -985,6 +1046,7 @@ fn entry(l: &Listed, sha256: Option<String>, blob: Option<String>) -> Entry {
         etag: l.etag.clone(),
         sha256,
         blob,
+        target: l.target.clone(),
     }
 }
 

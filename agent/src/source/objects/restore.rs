@@ -164,6 +164,10 @@ pub struct Restored {
     pub bytes: u64,
     /// Paths removed because the snapshot does not hold them (`--delete-extra`).
     pub deleted: u64,
+    /// Symbolic links made.
+    pub symlinks: u64,
+    /// Symbolic links not restored: a bucket has none.
+    pub symlinks_skipped: u64,
 }
 
 /// Writes `entries` under `target`: directories, then every file through a temp file beside it
@@ -234,6 +238,11 @@ pub async fn restore_to_dir(
             }
         });
     (done.files, done.bytes) = run_writes(files, concurrency).await?;
+    // Links after every file: nothing is ever written through one.
+    for e in entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
+        make_symlink(target, e)?;
+        done.symlinks += 1;
+    }
     if delete_extra {
         let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         done.deleted = delete_extra_paths(target, target, &keep)?;
@@ -263,7 +272,13 @@ pub async fn restore_to_store(
     delete_extra: bool,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Restored> {
-    let mut done = Restored::default();
+    let mut done = Restored {
+        symlinks_skipped: entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Symlink)
+            .count() as u64,
+        ..Restored::default()
+    };
     let files = entries
         .iter()
         .filter(|e| e.kind == EntryKind::File)
@@ -446,6 +461,38 @@ fn delete_extra_paths(root: &Path, dir: &Path, keep: &HashSet<&str>) -> Result<u
     Ok(n)
 }
 
+/// Makes the symlink `e` under `target`, pointing where it pointed (never followed), replacing a
+/// file or link of that name (a directory there is an error).
+fn make_symlink(target: &Path, e: &Entry) -> Result<()> {
+    let (parent, name) = match e.path.rsplit_once('/') {
+        Some((dir, name)) => (inside(target, dir)?, name),
+        None => (target.to_path_buf(), e.path.as_str()),
+    };
+    let to = e.target.as_deref().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Integrity,
+            format!("snapshot: the symlink {} has no target", e.path),
+        )
+    })?;
+    std::fs::create_dir_all(&parent)
+        .map_err(|err| Error::failed(format!("creating {}: {err}", parent.display())))?;
+    let path = parent.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => {
+            return Err(Error::failed(format!(
+                "{} is a directory where the snapshot has a symlink",
+                path.display()
+            ))
+            .hint("restore into an empty directory, or remove it"))
+        }
+        Ok(_) => std::fs::remove_file(&path)
+            .map_err(|err| Error::failed(format!("replacing {}: {err}", path.display())))?,
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(to, &path)
+        .map_err(|err| Error::failed(format!("making the symlink {}: {err}", path.display())))
+}
+
 /// `target/path`, refusing any existing component that is a symbolic link.
 fn inside(target: &Path, path: &str) -> Result<PathBuf> {
     let mut p = target.to_path_buf();
@@ -583,11 +630,15 @@ impl crate::restore::Apply for Apply {
         .await?;
         let seconds = started.elapsed().as_secs_f64();
         let line = format!(
-            "restored backup {} into {}: {} file(s), {} director(ies), {} in {seconds:.1} s{}",
+            "restored backup {} into {}: {} file(s), {} director(ies), {}{} in {seconds:.1} s{}",
             self.manifest.id,
             self.shown,
             done.files,
             done.dirs,
+            match done.symlinks {
+                0 => String::new(),
+                n => format!("{n} symlink(s), "),
+            },
             crate::human_bytes(done.bytes),
             if self.delete_extra {
                 format!("; {} extra path(s) deleted", done.deleted)
@@ -595,9 +646,16 @@ impl crate::restore::Apply for Apply {
                 String::new()
             }
         );
+        let mut lines = vec![line];
+        if done.symlinks_skipped > 0 {
+            lines.push(format!(
+                "  {} symlink(s) not restored: a bucket has no symlinks (restore into a directory to get them)",
+                done.symlinks_skipped
+            ));
+        }
         Ok(crate::restore::Outcome {
             result: serde_json::json!({ "restored": done, "seconds": seconds }),
-            lines: vec![line],
+            lines,
         })
     }
 }

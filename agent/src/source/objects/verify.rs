@@ -72,6 +72,15 @@ async fn rehash(
         files.to_string(),
     ));
     report.checks.push(Check::eq(
+        "symlinks in the snapshot",
+        fp.symlinks.to_string(),
+        entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Symlink)
+            .count()
+            .to_string(),
+    ));
+    report.checks.push(Check::eq(
         "tree SHA-256",
         fp.tree_sha256.clone(),
         super::tree_sha256(entries),
