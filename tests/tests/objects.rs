@@ -563,7 +563,7 @@ fn find_blob(dir: &Path, min: u64) -> PathBuf {
 }
 
 #[test]
-fn symlinks_are_stored_with_their_targets_and_restored_and_what_is_not_a_file_is_named() {
+fn symlinks_and_odd_names_are_stored_exactly_and_what_cannot_be_is_named() {
     use std::os::unix::fs::symlink;
     let src = tempfile::tempdir().unwrap();
     let root = src.path();
@@ -580,6 +580,14 @@ fn symlinks_are_stored_with_their_targets_and_restored_and_what_is_not_a_file_is
         .unwrap();
     assert!(made.success());
     let _socket = std::os::unix::net::UnixListener::bind(root.join("a-socket")).unwrap();
+    // A name with a newline is stored exactly; one that is not UTF-8 cannot be, and is named.
+    std::fs::write(root.join("two\nlines.txt"), "a newline in the name\n").unwrap();
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::write(
+        root.join(std::ffi::OsStr::from_bytes(b"bad-\xff-name")),
+        "x",
+    )
+    .unwrap();
     let fx = setup(
         "url = \"file://./repo\"",
         &format!(
@@ -597,11 +605,15 @@ fn symlinks_are_stored_with_their_targets_and_restored_and_what_is_not_a_file_is
     );
     let id = fx.ids()[0].clone();
     let fp = fx.fingerprint(&id);
-    assert_eq!(fp["files"], 1, "{fp}");
+    assert_eq!(fp["files"], 2, "{fp}");
     assert_eq!(fp["symlinks"], 4, "{fp}");
     assert_eq!(
         fp["skipped"],
-        serde_json::json!(["a-fifo (a FIFO)", "a-socket (a socket)"]),
+        serde_json::json!([
+            "a-fifo (a FIFO)",
+            "a-socket (a socket)",
+            "bad-\u{fffd}-name (a name that is not UTF-8)"
+        ]),
         "{fp}"
     );
     let r = fx.verify(&id);
@@ -633,6 +645,10 @@ fn symlinks_are_stored_with_their_targets_and_restored_and_what_is_not_a_file_is
         "the real file\n"
     );
     assert!(!out.join("a-fifo").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("two\nlines.txt")).unwrap(),
+        "a newline in the name\n"
+    );
 
     // Restoring again over it (--yes) replaces the links; a link changed since is put back.
     std::fs::remove_file(out.join("link")).unwrap();

@@ -506,24 +506,35 @@ fn walk_dir(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Listed>> {
     let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Removed since its parent was listed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.as_os_str().is_empty() => {
+                skipped.push(format!("{} (removed during the walk)", rel.display()));
+                continue;
+            }
+            Err(e) => return Err(Error::failed(format!("listing {}: {e}", dir.display()))),
+        };
         for entry in entries {
             let entry =
                 entry.map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else {
-                return Err(Error::failed(format!(
-                    "{}: a file name is not UTF-8: {:?}",
-                    dir.display(),
-                    name
-                )));
+                // Paths are text in a snapshot (and in S3): such a name cannot be stored exactly.
+                let shown = rel.join(&name).to_string_lossy().into_owned();
+                skipped.push(format!("{shown} (a name that is not UTF-8)"));
+                continue;
             };
             let child = rel.join(name);
             let path = child.to_string_lossy().to_string();
-            let m = entry
-                .metadata()
-                .map_err(|e| Error::failed(format!("{}: {e}", dir.join(name).display())))?;
+            let m = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    skipped.push(format!("{path} (removed during the walk)"));
+                    continue;
+                }
+                Err(e) => return Err(Error::failed(format!("{}: {e}", dir.join(name).display()))),
+            };
             let mtime_ms = m
                 .modified()
                 .ok()
