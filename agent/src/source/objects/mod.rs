@@ -346,6 +346,17 @@ impl Objects {
         }
     }
 
+    /// True when `path` no longer exists in the source.
+    async fn gone(&self, s3: Option<&Arc<dyn ObjectStore>>, path: &str) -> bool {
+        match (&self.cfg.from, s3) {
+            (ObjectsFrom::Dir(root), _) => tokio::fs::symlink_metadata(root.join(path))
+                .await
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound),
+            (_, Some(s3)) => matches!(s3.size(path).await, Ok(None)),
+            _ => false,
+        }
+    }
+
     /// Reads a new or changed object, and stores its content as a blob unless the last published
     /// snapshot already names that blob or this run stored it. An object whose content changes
     /// between the hashing read and the upload is read again (3 attempts).
@@ -651,7 +662,7 @@ impl AsyncRead for ExpectSha256 {
 /// next change index (zstd, in memory: a line per object, a fraction of the snapshot).
 async fn write_snapshot(
     id: &str,
-    entries: &mut (impl futures::Stream<Item = Result<Entry>> + Unpin),
+    entries: &mut (impl futures::Stream<Item = Result<Option<Entry>>> + Unpin),
     plain_w: &mut tokio::io::DuplexStream,
 ) -> Result<(Tally, Vec<u8>)> {
     use std::io::Write;
@@ -662,6 +673,9 @@ async fn write_snapshot(
     writeln!(next_index, "{header}").map_err(io)?;
     let mut t = Tally::default();
     while let Some(e) = entries.try_next().await? {
+        let Some(e) = e else {
+            continue; // gone since it was listed
+        };
         let mut line = serde_json::to_vec(&e)
             .map_err(|e| Error::failed(format!("cannot encode the snapshot: {e}")))?;
         line.push(b'\n');
@@ -687,27 +701,41 @@ struct Run<'a> {
     claims: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<()>>>>,
     uploaded: std::sync::atomic::AtomicU64,
     semaphore: tokio::sync::Semaphore,
+    /// Objects listed, then gone before they could be read.
+    vanished: Mutex<Vec<String>>,
 }
 
 impl Run<'_> {
-    /// The snapshot entry for `l`: from the index when unchanged, else read and stored.
-    async fn entry(&self, l: &Listed) -> Result<Entry> {
+    /// The snapshot entry for `l`: from the index when unchanged, else read and stored; `None`
+    /// when it was deleted since the listing (recorded in `vanished`).
+    async fn entry(&self, l: &Listed) -> Result<Option<Entry>> {
         if l.kind != EntryKind::File {
-            return Ok(entry(l, None, None));
+            return Ok(Some(entry(l, None, None)));
         }
         if let Some(k) = self.index.get(&l.path).filter(|k| k.unchanged(l)) {
-            return Ok(entry(
+            return Ok(Some(entry(
                 l,
                 Some(hex::encode(k.sha256)),
                 k.blob.map(hex::encode),
-            ));
+            )));
         }
         let _permit = self
             .semaphore
             .acquire()
             .await
             .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
-        self.store_object(l).await
+        match self.store_object(l).await {
+            Ok(e) => Ok(Some(e)),
+            Err(e) if self.objects.gone(self.s3, &l.path).await => {
+                tracing::debug!(path = %l.path, error = %e, "Deleted since it was listed");
+                self.vanished
+                    .lock()
+                    .map_err(|_| Error::failed("vanished list poisoned"))?
+                    .push(format!("{} (deleted before it could be read)", l.path));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads `l`, and stores its content as a blob unless a stored blob has it already.
@@ -851,6 +879,7 @@ impl Source for Objects {
             claims: Mutex::default(),
             uploaded: std::sync::atomic::AtomicU64::new(0),
             semaphore: tokio::sync::Semaphore::new(self.cfg.concurrency),
+            vanished: Mutex::default(),
         };
         // Entries come out in path order: unchanged objects from the index at once, changed
         // ones read and stored, at most `concurrency` at a time. Nothing holds the whole
@@ -858,10 +887,11 @@ impl Source for Objects {
         // By position and boxed: the futures borrow this run's state, which the Send-checked
         // trait method cannot express through a closure over `&Listed`. Made lazily.
         let (all, run_ref) = (&listed, &run);
-        let items =
-            (0..listed.len()).map(move |i| -> futures::future::BoxFuture<'_, Result<Entry>> {
+        let items = (0..listed.len()).map(
+            move |i| -> futures::future::BoxFuture<'_, Result<Option<Entry>>> {
                 Box::pin(run_ref.entry(&all[i]))
-            });
+            },
+        );
         let window = (self.cfg.concurrency * 32).max(64);
         let mut entries = futures::stream::iter(items).buffered(window);
 
@@ -894,7 +924,19 @@ impl Source for Objects {
         let (digests, _) = stored.map_err(Error::from)?;
         drop(entries);
         let uploaded = run.uploaded.load(std::sync::atomic::Ordering::SeqCst);
+        let vanished = std::mem::take(
+            &mut *run
+                .vanished
+                .lock()
+                .map_err(|_| Error::failed("vanished list poisoned"))?,
+        );
         drop(run);
+        if !vanished.is_empty() {
+            tracing::warn!(source = %ctx.source, vanished = vanished.len(), first = %vanished[0], "Deleted between the listing and its read: not in the snapshot");
+        }
+        let mut skipped = skipped;
+        skipped.extend(vanished);
+        skipped.sort();
         drop(index);
 
         let list_part = store_blob_list(ctx, &key, &tally).await?;
