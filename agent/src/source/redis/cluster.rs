@@ -369,7 +369,7 @@ impl Redis {
     /// Waits for the cluster to fail `shard` over from its primary, which stopped answering: the
     /// shard as it is then, or `None` when the primary still answers, has no replica to take
     /// over, or no failover came.
-    async fn failed_over(&self, shard: &Shard) -> Option<Shard> {
+    async fn failed_over(&self, shard: &Shard, cancel: &CancellationToken) -> Option<Shard> {
         let p = &shard.primary;
         let probe = format!("cluster node {}:{}", p.host, p.port);
         if shard.replicas.is_empty() || self.connect_node(&p.host, p.port, probe).await.is_ok() {
@@ -377,7 +377,10 @@ impl Redis {
         }
         let deadline = Instant::now() + FAILOVER_WAIT;
         while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
             let Ok(now) = self.discover().await else {
                 continue;
             };
@@ -413,11 +416,19 @@ impl Redis {
         };
         let e = match first {
             Ok(r) => return Ok(r),
-            Err(e) if e.kind == ErrorKind::Interrupted || cancel.is_cancelled() => return Err(e),
+            // Wrong login, a damaged snapshot: no failover cures those.
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::Interrupted | ErrorKind::Credential | ErrorKind::Integrity
+                ) || cancel.is_cancelled() =>
+            {
+                return Err(e.context(name))
+            }
             Err(e) => e,
         };
         let now = if from_primary {
-            match self.failed_over(shard).await {
+            match self.failed_over(shard, cancel).await {
                 Some(now) => now,
                 None => return Err(e.context(name)),
             }
