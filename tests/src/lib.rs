@@ -794,7 +794,29 @@ pub fn lifeboat_bin() -> PathBuf {
         "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
         bin.display()
     );
+    static THROUGH: OnceLock<()> = OnceLock::new();
+    THROUGH.get_or_init(|| let_others_through(&bin));
     bin
+}
+
+/// Servers run as the OS user `postgres` when the tests run as root, and a restored cluster's
+/// `restore_command` runs this binary: every directory above it must let others through, as
+/// /usr/local/bin does, even in a checkout under a private directory (`mktemp -d` makes 0700).
+fn let_others_through(bin: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        return;
+    }
+    for dir in bin.ancestors().skip(1) {
+        let Ok(m) = std::fs::metadata(dir) else {
+            continue;
+        };
+        let mode = m.permissions().mode();
+        if mode & 0o001 == 0 {
+            let through = std::fs::Permissions::from_mode(mode | 0o001);
+            let _ = std::fs::set_permissions(dir, through);
+        }
+    }
 }
 
 /// The `lifeboat-verifier` binary beside `lifeboat`.
