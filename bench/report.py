@@ -77,11 +77,18 @@ def gate(docs, budgets):
         if kind.startswith(skipped):
             continue
         for name, r in d["results"].items():
-            for prefix, limit in budgets["peak_rss_mib"].items():
-                if name.startswith(prefix):
-                    checked.append(f"{kind}: {name}: {r['peak_rss_mib']:.0f} MiB (budget {limit})")
-                    if r["peak_rss_mib"] > limit:
-                        over.append(checked[-1])
+            # The longest matching key is the budget: a row may have its own, as "KIND: NAME".
+            matching = [
+                k for k in budgets["peak_rss_mib"]
+                if name.startswith(k) or f"{kind}: {name}".startswith(k)
+            ]
+            if not matching:
+                continue
+            prefix = max(matching, key=len)
+            limit = budgets["peak_rss_mib"][prefix]
+            checked.append(f"{kind}: {name}: {r['peak_rss_mib']:.0f} MiB (budget {limit})")
+            if r["peak_rss_mib"] > limit:
+                over.append(checked[-1])
     return checked, over
 
 
