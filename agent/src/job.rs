@@ -110,6 +110,7 @@ pub fn pipeline_config(policy: &Policy, source: &SourcePolicy) -> Result<Pipelin
         part_size: policy.repository.part_size,
         parts_in_flight: policy.repository.parts_in_flight,
         meter: None,
+        index_key: None,
     })
 }
 

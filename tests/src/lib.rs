@@ -838,6 +838,9 @@ pub struct Run {
     pub stdout: String,
     /// Standard error.
     pub stderr: String,
+    /// Peak resident memory of the process, in KiB (its `VmHWM`, read every few milliseconds
+    /// while it ran).
+    pub peak_rss_kib: u64,
 }
 
 /// Runs lifeboat with `args` and extra environment, in `cwd`.
@@ -846,19 +849,46 @@ pub fn lifeboat(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Run {
 }
 
 fn run_bin(bin: &Path, cwd: &Path, args: &[&str], env: &[(String, String)]) -> Run {
-    let out = Command::new(bin)
+    let child = Command::new(bin)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("NO_COLOR", "1")
         .current_dir(cwd)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("cannot run lifeboat");
+    let peak = watch_peak_rss(child.id());
+    let out = child.wait_with_output().expect("cannot run lifeboat");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        peak_rss_kib: peak.join().unwrap_or(0),
     }
+}
+
+/// Reads process `pid`'s high-water mark of resident memory (KiB) every 5 ms until it exits;
+/// the thread returns the last value read.
+fn watch_peak_rss(pid: u32) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        loop {
+            let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                });
+            match hwm {
+                Some(kib) => peak = kib,
+                None => return peak, // exited (a zombie has no memory left to report)
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
 }
 
 /// An age key made with `lifeboat keygen`.

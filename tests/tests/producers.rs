@@ -132,6 +132,7 @@ fn limited(bin: &Path, dir: &Path, kib: u64, args: &[&str], env: &[(String, Stri
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        peak_rss_kib: 0, // not watched
     }
 }
 

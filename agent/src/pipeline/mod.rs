@@ -52,6 +52,34 @@ pub struct PipelineConfig {
     pub parts_in_flight: usize,
     /// Counts the bytes read and stored, for a progress display (`lifeboat backup` on a terminal).
     pub meter: Option<Arc<Meter>>,
+    /// When set, the stream is sealed with this key (age's scrypt recipient) instead of to the
+    /// recipients: state that only the agent, which holds no identity, reads back.
+    pub index_key: Option<crate::policy::Secret>,
+}
+
+/// S3's smallest upload part, and the part size of [`PipelineConfig::small`].
+const SMALL_PART_SIZE: usize = 5 << 20;
+
+impl PipelineConfig {
+    /// The same settings for a stream that is never CPU-bound, or one of several at once:
+    /// single-threaded zstd, one part in flight, parts of 5 MiB (S3's least) unless the policy's
+    /// are smaller. About 12 MiB of buffers; an object can still reach 10,000 × 5 MiB.
+    pub fn small(&self) -> PipelineConfig {
+        PipelineConfig {
+            workers: 0,
+            parts_in_flight: 1,
+            part_size: self.part_size.min(SMALL_PART_SIZE),
+            ..self.clone()
+        }
+    }
+
+    /// The same settings, sealing with `key` (see [`PipelineConfig::index_key`]).
+    pub fn sealed_with(&self, key: &crate::policy::Secret) -> PipelineConfig {
+        PipelineConfig {
+            index_key: Some(key.clone()),
+            ..self.clone()
+        }
+    }
 }
 
 /// Bytes through the pipelines of one backup so far: read from the producer, and handed to the
@@ -334,9 +362,14 @@ where
     V: Future<Output = Result<(), Error>>,
     O: Observer,
 {
-    let encryptor =
-        age::Encryptor::with_recipients(config.recipients.iter().map(|r| r as &dyn age::Recipient))
-            .map_err(|e| PipelineError::Encode(io::Error::other(e.to_string())))?;
+    let scrypt = config.index_key.as_ref().map(index_recipient);
+    let encryptor = match &scrypt {
+        Some(r) => age::Encryptor::with_recipients(std::iter::once(r as &dyn age::Recipient)),
+        None => age::Encryptor::with_recipients(
+            config.recipients.iter().map(|r| r as &dyn age::Recipient),
+        ),
+    }
+    .map_err(|e| PipelineError::Encode(io::Error::other(e.to_string())))?;
     let age_writer = encryptor
         .wrap_async_output(sink.compat_write())
         .await
@@ -388,6 +421,34 @@ where
     // Only now: finish zstd's frame and the age stream, and hand over the last part.
     zstd.shutdown().await.map_err(PipelineError::Encode)?;
     Ok(((size, hex::encode(hasher.finalize())), observer))
+}
+
+/// scrypt work factor of what is sealed with the index key: the key is a high-entropy secret,
+/// not a passphrase, so stretching it buys nothing.
+const INDEX_WORK_FACTOR: u8 = 10;
+
+/// The age recipient of what is sealed with the index key.
+pub fn index_recipient(key: &crate::policy::Secret) -> age::scrypt::Recipient {
+    let mut r = age::scrypt::Recipient::new(key.expose().to_string().into());
+    r.set_work_factor(INDEX_WORK_FACTOR);
+    r
+}
+
+/// The age identity that opens what [`index_recipient`] sealed.
+pub fn index_identity(key: &crate::policy::Secret) -> age::scrypt::Identity {
+    let mut id = age::scrypt::Identity::new(key.expose().to_string().into());
+    id.set_max_work_factor(INDEX_WORK_FACTOR + 2);
+    id
+}
+
+/// What [`run`] would store for `plain`, made in memory in one go: for contents small enough
+/// to hold, where zstd sized to the input keeps its tables small.
+pub fn seal_whole(plain: &[u8], config: &PipelineConfig) -> Result<Bytes, Error> {
+    let compressed = zstd::bulk::compress(plain, config.level)
+        .map_err(|e| Error::failed(format!("compressing failed: {e}")))?;
+    let sealed = encrypt_small(&config.recipients, &compressed)?;
+    Meter::add(&config.meter, plain.len() as u64, sealed.len() as u64);
+    Ok(Bytes::from(sealed))
 }
 
 /// Encrypts a small in-memory document (a fingerprint) to the recipients.

@@ -20,6 +20,7 @@ fn setup() -> (
         part_size: 64 << 10,
         parts_in_flight: 2,
         meter: None,
+        index_key: None,
     };
     (dir, store, id, cfg)
 }

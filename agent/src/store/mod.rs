@@ -147,6 +147,9 @@ pub struct PendingUpload {
     pub initiated: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// Objects in a page of [`ObjectStore::list_page`]: S3's own page size.
+pub const LIST_PAGE: usize = 1000;
+
 /// A readable object body.
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -165,6 +168,22 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError>;
     /// Every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+    /// The objects under `prefix` whose keys sort after `start_after`, in key order: one page of
+    /// them, and whether more follow. Listing page by page holds one page, however many objects
+    /// there are (S3 returns up to 1,000 a page; this default lists everything once per page).
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<(Vec<ObjectInfo>, bool), StoreError> {
+        let mut all = self.list(prefix).await?;
+        if let Some(after) = start_after {
+            all.retain(|o| o.key.as_str() > after);
+        }
+        let more = all.len() > LIST_PAGE;
+        all.truncate(LIST_PAGE);
+        Ok((all, more))
+    }
     /// Deletes an object; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Writes a small object only if none exists at `key` (S3 `If-None-Match: *`, fs `link`).

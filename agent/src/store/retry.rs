@@ -99,6 +99,15 @@ impl ObjectStore for Retry {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         self.backoff.run(|| self.inner.list(prefix)).await
     }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<(Vec<ObjectInfo>, bool), StoreError> {
+        self.backoff
+            .run(|| self.inner.list_page(prefix, start_after))
+            .await
+    }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.backoff.run(|| self.inner.delete(key)).await
     }

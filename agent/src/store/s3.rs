@@ -134,6 +134,18 @@ impl S3Store {
         }
     }
 
+    /// What a listing says of one object (keyless entries are skipped).
+    fn info(&self, o: &aws_sdk_s3::types::Object) -> Option<ObjectInfo> {
+        Some(ObjectInfo {
+            key: self.relative(o.key()?).to_string(),
+            size: o.size().unwrap_or(0).max(0) as u64,
+            etag: o.e_tag().map(|t| t.trim_matches('"').to_string()),
+            modified: o
+                .last_modified()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+        })
+    }
+
     fn relative<'a>(&self, full: &'a str) -> &'a str {
         if self.prefix.is_empty() {
             full
@@ -355,21 +367,34 @@ impl ObjectStore for S3Store {
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify("list", &full, e))?;
-            for o in page.contents() {
-                if let Some(k) = o.key() {
-                    out.push(ObjectInfo {
-                        key: self.relative(k).to_string(),
-                        size: o.size().unwrap_or(0).max(0) as u64,
-                        etag: o.e_tag().map(|t| t.trim_matches('"').to_string()),
-                        modified: o.last_modified().and_then(|t| {
-                            chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
-                        }),
-                    });
-                }
-            }
+            out.extend(page.contents().iter().filter_map(|o| self.info(o)));
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<(Vec<ObjectInfo>, bool), StoreError> {
+        let full = self.full_key(prefix);
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .set_start_after(start_after.map(|k| self.full_key(k)))
+            .max_keys(super::LIST_PAGE as i32)
+            .send()
+            .await
+            .map_err(|e| classify("list", &full, e))?;
+        let out = page
+            .contents()
+            .iter()
+            .filter_map(|o| self.info(o))
+            .collect();
+        Ok((out, page.is_truncated().unwrap_or(false)))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -10,21 +10,29 @@
 //! - A run reads only what changed: the agent keeps a change index (`state/<source>/index.age`,
 //!   encrypted with the index key, because the agent holds no identity to read its snapshots).
 //!   An object whose size and mtime (or ETag) match the index is not read again.
+//! - A run holds no list of the objects: the listing ([`listing`]) and the previous index
+//!   ([`index`]) are merged as two streams in path order, entries are written as they come, and
+//!   the sets that grow with the object count (blob ids) are sorted on the temp disk ([`ids`]).
 //! - Every blob is uploaded before the snapshot that names it; the content uploaded must hash to
 //!   what the first pass read, or the object changed while being read and is retried, then reported.
 //! - Guards: an empty listing, or one that shrank by more than `max_shrink_percent` since the
-//!   previous snapshot, fails the run instead of recording a snapshot of nothing.
+//!   previous snapshot, fails the run instead of recording a snapshot of nothing. It is judged
+//!   when the listing ends, before the snapshot is finished.
 
 pub mod blobs;
 pub mod check;
+mod ids;
+mod index;
+mod listing;
 pub mod policy;
 pub mod restore;
 pub mod verify;
 
 pub use policy::{ObjectsConfig, ObjectsFrom, RawObjectsSource};
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use index::Known;
+
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -118,6 +126,13 @@ pub struct Fingerprint {
     /// whose target is not UTF-8).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
+    /// Not stored either, beyond the first 1,000 named in `skipped`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_more: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// SHA-256 of no bytes: an empty file needs no blob.
@@ -281,48 +296,6 @@ impl Objects {
         }
     }
 
-    /// Lists the source, filtered, and what it holds that is not stored (by name and why).
-    async fn list(&self, s3: Option<&Arc<dyn ObjectStore>>) -> Result<(Vec<Listed>, Vec<String>)> {
-        let (include, exclude) = self.filter()?;
-        let wanted = |p: &str| (include.is_empty() || include.is_match(p)) && !exclude.is_match(p);
-        let mut skipped = Vec::new();
-        let mut out = match (&self.cfg.from, s3) {
-            (ObjectsFrom::Dir(root), _) => {
-                let root = root.clone();
-                let (listed, found) = tokio::task::spawn_blocking(move || {
-                    let mut skipped = Vec::new();
-                    walk_dir(&root, &mut skipped).map(|l| (l, skipped))
-                })
-                .await
-                .map_err(|e| Error::failed(format!("listing failed: {e}")))??;
-                skipped = found;
-                listed
-            }
-            (ObjectsFrom::S3(_), Some(s3)) => s3
-                .list("")
-                .await
-                .map_err(|e| Error::from(e).context(format!("listing {}", self.cfg.from_shown)))?
-                .into_iter()
-                .filter(|o| !o.key.ends_with('/'))
-                .map(|o| Listed {
-                    path: o.key,
-                    kind: EntryKind::File,
-                    size: o.size,
-                    mtime_ms: None,
-                    mode: None,
-                    etag: o.etag,
-                    target: None,
-                })
-                .collect(),
-            (ObjectsFrom::S3(_), None) => Vec::new(),
-        };
-        out.retain(|l| l.kind == EntryKind::Dir && !exclude.is_match(&l.path) || wanted(&l.path));
-        out.sort_by(|a, b| a.path.cmp(&b.path));
-        skipped.retain(|s| wanted(s.rsplit_once(" (").map_or(s.as_str(), |(p, _)| p)));
-        skipped.sort();
-        Ok((out, skipped))
-    }
-
     async fn open(
         &self,
         s3: Option<&Arc<dyn ObjectStore>>,
@@ -363,7 +336,7 @@ impl Objects {
     #[allow(clippy::too_many_arguments)]
     /// The shrink guard: an empty listing, or one that lost more than `max_shrink_percent` of
     /// the last snapshot's objects, is refused rather than recorded.
-    fn shrink_guard(&self, files: usize, previous: usize) -> Result<()> {
+    fn shrink_guard(&self, files: u64, previous: u64) -> Result<()> {
         if let Some(max) = self.cfg.max_shrink_percent {
             if files == 0 {
                 return Err(Error::failed(format!(
@@ -372,7 +345,7 @@ impl Objects {
             ))
             .hint("if the source really is empty now, set allow_shrink = true for one run (RUNBOOK.md#objects-shrink-guard)"));
             }
-            if previous > 0 && files * 100 < previous * (100 - max as usize) {
+            if previous > 0 && files * 100 < previous * (100 - u64::from(max)) {
                 return Err(Error::failed(format!(
                 "{} lists {files} objects, down from {previous} in the last snapshot (more than {max}% fewer): refusing to record it",
                 self.cfg.from_shown
@@ -382,82 +355,16 @@ impl Objects {
         }
         Ok(())
     }
-
-    fn index_object(source: &str) -> String {
-        layout::change_index(source)
-    }
-
-    /// The change index from the previous run, or an empty one. It is trusted only while the
-    /// backup it describes is published: a run whose manifest never appeared (or a backup since
-    /// pruned) may name blobs that blob collection has removed.
-    async fn load_index(&self, repo: &dyn ObjectStore, source: &str) -> HashMap<String, Known> {
-        use std::io::BufRead;
-        let Ok(key) = self.key() else {
-            return HashMap::new();
-        };
-        let Ok(bytes) = repo.get(&Self::index_object(source)).await else {
-            return HashMap::new();
-        };
-        let Some(packed) = unseal(key, &bytes) else {
-            tracing::debug!(source, "No readable change index: every object is read");
-            return HashMap::new();
-        };
-        drop(bytes);
-        let Ok(decoder) = zstd::stream::read::Decoder::new(&packed[..]) else {
-            return HashMap::new();
-        };
-        let mut lines = std::io::BufReader::new(decoder).split(b'\n');
-        let backup = lines
-            .next()
-            .and_then(|l| l.ok())
-            .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
-            .filter(|h| h["index"] == INDEX_FORMAT)
-            .and_then(|h| h["backup"].as_str().map(str::to_string));
-        let Some(backup) = backup else {
-            tracing::debug!(
-                source,
-                "Change index of another format: every object is read"
-            );
-            return HashMap::new();
-        };
-        if !matches!(
-            repo.size(&layout::manifest(source, &backup)).await,
-            Ok(Some(_))
-        ) {
-            tracing::info!(
-                source,
-                backup,
-                "The change index describes a backup that is not published: every object is read"
-            );
-            return HashMap::new();
-        }
-        let mut out = HashMap::new();
-        for line in lines {
-            let Some(e) = line
-                .ok()
-                .and_then(|l| serde_json::from_slice::<Entry>(&l).ok())
-            else {
-                tracing::debug!(source, "Damaged change index: every object is read");
-                return HashMap::new();
-            };
-            let path = e.path.clone();
-            if let Some(k) = Known::from_entry(e) {
-                out.insert(path, k);
-            }
-        }
-        out
-    }
 }
 
-/// Version of the change index: a header line, then the snapshot's lines, zstd, sealed.
-const INDEX_FORMAT: u32 = 3;
+/// The first bytes of a zstd frame (never those of a hex line).
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// Encrypts `plain` with the index key (age, scrypt recipient).
 pub fn seal(key: &Secret, plain: &[u8]) -> Result<Vec<u8>> {
     let fail =
         |e: &dyn std::fmt::Display| Error::failed(format!("encrypting with the index key: {e}"));
-    let mut r = age::scrypt::Recipient::new(key.expose().to_string().into());
-    r.set_work_factor(INDEX_WORK_FACTOR);
+    let r = pipeline::index_recipient(key);
     let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
         .map_err(|e| fail(&e))?;
     let mut out = Vec::new();
@@ -470,8 +377,7 @@ pub fn seal(key: &Secret, plain: &[u8]) -> Result<Vec<u8>> {
 
 /// Decrypts what [`seal`] wrote; `None` for a wrong key or damaged bytes.
 pub fn unseal(key: &Secret, sealed: &[u8]) -> Option<Vec<u8>> {
-    let mut id = age::scrypt::Identity::new(key.expose().to_string().into());
-    id.set_max_work_factor(INDEX_WORK_FACTOR + 2);
+    let id = pipeline::index_identity(key);
     let mut r = age::Decryptor::new(sealed)
         .ok()?
         .decrypt(std::iter::once(&id as &dyn age::Identity))
@@ -484,6 +390,11 @@ pub fn unseal(key: &Secret, sealed: &[u8]) -> Option<Vec<u8>> {
 /// Reads a blob list written by a backup: the ids, or why it cannot be read.
 pub fn parse_blob_list(key: &Secret, sealed: &[u8]) -> std::result::Result<Vec<String>, String> {
     let plain = unseal(key, sealed).ok_or("it does not open with this policy's index key")?;
+    let plain = if plain.starts_with(&ZSTD_MAGIC) {
+        zstd::stream::decode_all(&plain[..]).map_err(|_| "its zstd stream is damaged")?
+    } else {
+        plain
+    };
     let text = String::from_utf8(plain).map_err(|_| "it is not text")?;
     let ids: Vec<String> = text.lines().map(str::to_string).collect();
     if ids
@@ -495,108 +406,6 @@ pub fn parse_blob_list(key: &Secret, sealed: &[u8]) -> std::result::Result<Vec<S
     Ok(ids)
 }
 
-/// scrypt work factor of the index encryption: the key is a high-entropy secret, not a
-/// passphrase, so stretching it buys nothing.
-const INDEX_WORK_FACTOR: u8 = 10;
-
-/// Every directory, file and symlink under `root`; what is none of those goes into `skipped`,
-/// by name and why.
-fn walk_dir(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Listed>> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(root).map_err(|e| {
-        Error::failed(format!("{}: {e}", root.display()))
-            .hint("is the volume mounted here? check `from`")
-    })?;
-    if !meta.is_dir() {
-        return Err(Error::failed(format!(
-            "{} is not a directory",
-            root.display()
-        )));
-    }
-    let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = root.join(&rel);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            // Removed since its parent was listed.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.as_os_str().is_empty() => {
-                skipped.push(format!("{} (removed during the walk)", rel.display()));
-                continue;
-            }
-            Err(e) => return Err(Error::failed(format!("listing {}: {e}", dir.display()))),
-        };
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                // Paths are text in a snapshot (and in S3): such a name cannot be stored exactly.
-                let shown = rel.join(&name).to_string_lossy().into_owned();
-                skipped.push(format!("{shown} (a name that is not UTF-8)"));
-                continue;
-            };
-            let child = rel.join(name);
-            let path = child.to_string_lossy().to_string();
-            let m = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    skipped.push(format!("{path} (removed during the walk)"));
-                    continue;
-                }
-                Err(e) => return Err(Error::failed(format!("{}: {e}", dir.join(name).display()))),
-            };
-            let mtime_ms = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as i64);
-            let mode = Some(m.permissions().mode() & 0o7777);
-            let listed = |kind, size, target| Listed {
-                path: path.clone(),
-                kind,
-                size,
-                mtime_ms,
-                mode,
-                etag: None,
-                target,
-            };
-            let t = m.file_type();
-            if t.is_dir() {
-                out.push(listed(EntryKind::Dir, 0, None));
-                stack.push(child);
-            } else if t.is_file() {
-                out.push(listed(EntryKind::File, m.len(), None));
-            } else if t.is_symlink() {
-                let link = dir.join(name);
-                let target = std::fs::read_link(&link)
-                    .map_err(|e| Error::failed(format!("{}: {e}", link.display())))?;
-                match target.to_str() {
-                    Some(to) => out.push(Listed {
-                        mode: None,
-                        ..listed(EntryKind::Symlink, 0, Some(to.to_string()))
-                    }),
-                    None => skipped.push(format!("{path} (a symlink whose target is not UTF-8)")),
-                }
-            } else {
-                use std::os::unix::fs::FileTypeExt;
-                let what = if t.is_socket() {
-                    "a socket"
-                } else if t.is_fifo() {
-                    "a FIFO"
-                } else if t.is_block_device() || t.is_char_device() {
-                    "a device"
-                } else {
-                    "not a file, directory or symlink"
-                };
-                skipped.push(format!("{path} ({what})"));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// SHA-256 and size of a stream.
 /// Contents up to this size are read once and kept in memory for the upload; larger ones are
 /// read a second time to upload them.
 const KEEP_IN_MEMORY: usize = 1 << 20;
@@ -658,20 +467,142 @@ impl AsyncRead for ExpectSha256 {
     }
 }
 
+/// Finished uploads a run remembers, to store a content that several objects share once.
+const CLAIMS_KEPT: usize = 16 * 1024;
+
+/// Names of what a run did not store, kept for the fingerprint: the first [`SKIPPED_NAMED`] in
+/// path order, and a count of the rest.
+#[derive(Default)]
+struct Skipped {
+    named: Vec<String>,
+    more: u64,
+}
+
+/// Skipped paths named in a fingerprint; the rest are counted.
+const SKIPPED_NAMED: usize = 1000;
+
+impl Skipped {
+    fn add(&mut self, what: String) {
+        if self.named.len() < SKIPPED_NAMED {
+            self.named.push(what);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn merge(&mut self, other: Skipped) {
+        self.more += other.more;
+        for what in other.named {
+            self.add(what);
+        }
+        self.named.sort();
+    }
+}
+
+/// What the merge of the listing with the previous index learnt.
+struct Merged {
+    /// Files the previous snapshot named (for the shrink guard).
+    previous_files: u64,
+    skipped: Skipped,
+}
+
+/// Merges the listing with the previous change index, both in path order: each listed object,
+/// filtered, goes to `work` with what the index knows of it.
+async fn merge(
+    mut listing: tokio::sync::mpsc::Receiver<Result<listing::Found>>,
+    mut previous: Option<index::Previous>,
+    (include, exclude): (globset::GlobSet, globset::GlobSet),
+    work: tokio::sync::mpsc::Sender<(Listed, Option<Known>)>,
+) -> Result<Merged> {
+    let wanted = |p: &str| (include.is_empty() || include.is_match(p)) && !exclude.is_match(p);
+    let mut skipped = Skipped::default();
+    let mut last = String::new();
+    while let Some(found) = listing.recv().await {
+        let l = match found {
+            Ok(listing::Found::Entry(l)) => l,
+            Ok(listing::Found::Skipped(what)) => {
+                if wanted(what.rsplit_once(" (").map_or(what.as_str(), |(p, _)| p)) {
+                    skipped.add(what);
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if l.path <= last {
+            return Err(Error::failed(format!(
+                "the source listed {:?} after {last:?}: a listing must come in key order",
+                l.path
+            )));
+        }
+        last.clone_from(&l.path);
+        if !(l.kind == EntryKind::Dir && !exclude.is_match(&l.path) || wanted(&l.path)) {
+            continue;
+        }
+        let known = match &mut previous {
+            Some(p) if l.kind == EntryKind::File => p.find(&l.path).await,
+            _ => None,
+        };
+        if work.send((l, known)).await.is_err() {
+            break; // the run failed, and says why
+        }
+    }
+    let previous_files = match previous {
+        Some(p) => p.finish().await,
+        None => 0,
+    };
+    Ok(Merged {
+        previous_files,
+        skipped,
+    })
+}
+
+/// The blob list of `backup` (the last published snapshot), sorted in a temp file; `None` when
+/// there is none or it cannot be read, and then every content read is stored again.
+async fn known_blobs(
+    ctx: &BackupContext,
+    key: &Secret,
+    backup: Option<&str>,
+) -> Option<ids::SortedFile> {
+    let backup = backup?;
+    let object = layout::backup_object(&ctx.source, backup, BLOB_LIST_OBJECT);
+    let io = |e: std::io::Error| Error::failed(e.to_string());
+    let read = async {
+        let stored = ctx.store.open(&object).await.map_err(Error::from)?;
+        let identities: Vec<Box<dyn age::Identity + Send + Sync>> =
+            vec![Box::new(pipeline::index_identity(key))];
+        let plain = pipeline::decrypt_stream(stored, &identities).await?;
+        let mut lines = tokio::io::AsyncBufReadExt::split(tokio::io::BufReader::new(plain), b'\n');
+        let mut file = ids::SortedWriter::new().map_err(io)?;
+        while let Some(line) = lines.next_segment().await.map_err(io)? {
+            let id = std::str::from_utf8(&line)
+                .ok()
+                .and_then(unhex32)
+                .ok_or_else(|| Error::failed("a line that is not a blob id"))?;
+            file.push(id).map_err(io)?;
+        }
+        file.finish().map_err(io)
+    };
+    match read.await {
+        Ok(file) => Some(file),
+        Err(e) => {
+            tracing::info!(source = %ctx.source, object, error = %e.message, "The last snapshot's blob list cannot be read: contents it names are stored again");
+            None
+        }
+    }
+}
+
 /// Writes each entry as it comes, as one JSON line, into the snapshot's stream and into the
-/// next change index (zstd, in memory: a line per object, a fraction of the snapshot).
+/// next change index's (best effort: a failed index only costs the next run a full read).
 async fn write_snapshot(
     id: &str,
     entries: &mut (impl futures::Stream<Item = Result<Option<Entry>>> + Unpin),
     plain_w: &mut tokio::io::DuplexStream,
-) -> Result<(Tally, Vec<u8>)> {
-    use std::io::Write;
+    index_w: &mut Option<tokio::io::DuplexStream>,
+) -> Result<Tally> {
     use tokio::io::AsyncWriteExt;
     let io = |e: std::io::Error| Error::failed(format!("writing the snapshot: {e}"));
-    let mut next_index = zstd::stream::write::Encoder::new(Vec::new(), 3).map_err(io)?;
-    let header = serde_json::json!({ "index": INDEX_FORMAT, "backup": id });
-    writeln!(next_index, "{header}").map_err(io)?;
     let mut t = Tally::default();
+    write_index(index_w, index::header(id).as_bytes()).await;
     while let Some(e) = entries.try_next().await? {
         let Some(e) = e else {
             continue; // gone since it was listed
@@ -680,11 +611,25 @@ async fn write_snapshot(
             .map_err(|e| Error::failed(format!("cannot encode the snapshot: {e}")))?;
         line.push(b'\n');
         plain_w.write_all(&line).await.map_err(io)?;
-        next_index.write_all(&line).map_err(io)?;
-        t.add(&e);
+        write_index(index_w, &line).await;
+        t.add(&e)
+            .map_err(|e| Error::failed(format!("sorting blob ids on the temp disk: {e}")))?;
     }
     plain_w.shutdown().await.map_err(io)?;
-    Ok((t, next_index.finish().map_err(io)?))
+    if let Some(w) = index_w {
+        let _ = w.shutdown().await;
+    }
+    Ok(t)
+}
+
+/// Writes into the next index, and gives it up at its first failure.
+async fn write_index(index_w: &mut Option<tokio::io::DuplexStream>, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    if let Some(w) = index_w {
+        if w.write_all(bytes).await.is_err() {
+            *index_w = None;
+        }
+    }
 }
 
 /// One backup run's shared state: what every entry's future reads or updates.
@@ -693,26 +638,27 @@ struct Run<'a> {
     ctx: &'a BackupContext,
     key: &'a Secret,
     s3: Option<&'a Arc<dyn ObjectStore>>,
-    /// The previous run's change index.
-    index: &'a HashMap<String, Known>,
+    /// The backup the previous run's index describes: its snapshot is the last published.
+    previous_backup: Option<&'a str>,
     /// Blobs the last published snapshot names: stored, and safe from collection.
-    known: &'a HashSet<[u8; 32]>,
+    known: tokio::sync::OnceCell<Option<ids::SortedFile>>,
     /// One upload per blob id.
-    claims: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<()>>>>,
+    claims: Mutex<HashMap<ids::Id, Arc<tokio::sync::OnceCell<()>>>>,
     uploaded: std::sync::atomic::AtomicU64,
     semaphore: tokio::sync::Semaphore,
     /// Objects listed, then gone before they could be read.
-    vanished: Mutex<Vec<String>>,
+    vanished: Mutex<Skipped>,
 }
 
 impl Run<'_> {
     /// The snapshot entry for `l`: from the index when unchanged, else read and stored; `None`
     /// when it was deleted since the listing (recorded in `vanished`).
-    async fn entry(&self, l: &Listed) -> Result<Option<Entry>> {
+    async fn entry(&self, l: Listed, known: Option<Known>) -> Result<Option<Entry>> {
+        let l = &l;
         if l.kind != EntryKind::File {
             return Ok(Some(entry(l, None, None)));
         }
-        if let Some(k) = self.index.get(&l.path).filter(|k| k.unchanged(l)) {
+        if let Some(k) = known.filter(|k| k.unchanged(l)) {
             return Ok(Some(entry(
                 l,
                 Some(hex::encode(k.sha256)),
@@ -731,7 +677,7 @@ impl Run<'_> {
                 self.vanished
                     .lock()
                     .map_err(|_| Error::failed("vanished list poisoned"))?
-                    .push(format!("{} (deleted before it could be read)", l.path));
+                    .add(format!("{} (deleted before it could be read)", l.path));
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -756,18 +702,10 @@ impl Run<'_> {
             }
             let id = blob_id(self.key, &sha);
             let raw = unhex32(&id).ok_or_else(|| Error::failed("blob id is not hex"))?;
-            if self.known.contains(&raw) {
+            if self.known(&raw).await {
                 return Ok(sized(Some(id)));
             }
-            // One upload per blob: a second object with the same content waits for the first
-            // one's upload, and makes its own if that one failed.
-            let cell = self
-                .claims
-                .lock()
-                .map_err(|_| Error::failed("blob claims poisoned"))?
-                .entry(raw)
-                .or_default()
-                .clone();
+            let cell = self.claim(raw)?;
             let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let stored_now = cell
                 .get_or_try_init(|| self.upload(l, &id, &sha, size, kept, changed.clone()))
@@ -790,6 +728,38 @@ impl Run<'_> {
         }
     }
 
+    /// Whether the last published snapshot names blob `id` (its blob list, fetched into a temp
+    /// file at the first question: a run where nothing new is read never fetches it).
+    async fn known(&self, id: &ids::Id) -> bool {
+        let list = self
+            .known
+            .get_or_init(|| known_blobs(self.ctx, self.key, self.previous_backup))
+            .await;
+        match list.as_ref().map(|l| l.contains(id)) {
+            Some(Ok(found)) => found,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "Blob list lookup failed: the content is stored again");
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The one upload of blob `id` in this run: a second object with the same content waits for
+    /// the first one's upload, and makes its own if that one failed. Finished uploads are
+    /// forgotten past [`CLAIMS_KEPT`] (a later copy of one is stored again, harmlessly), so
+    /// that a first run over millions of objects keeps no map of them all.
+    fn claim(&self, id: ids::Id) -> Result<Arc<tokio::sync::OnceCell<()>>> {
+        let mut claims = self
+            .claims
+            .lock()
+            .map_err(|_| Error::failed("blob claims poisoned"))?;
+        if claims.len() >= CLAIMS_KEPT {
+            claims.retain(|_, cell| !cell.initialized());
+        }
+        Ok(claims.entry(id).or_default().clone())
+    }
+
     /// Stores blob `id`: the bytes kept from the first read, or a second read that must hash to
     /// `sha` (else `changed` is set and nothing is stored).
     async fn upload(
@@ -802,7 +772,24 @@ impl Run<'_> {
         changed: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<()> {
         let input: Pin<Box<dyn AsyncRead + Send>> = match kept {
-            Some(bytes) => Box::pin(std::io::Cursor::new(bytes)),
+            // Small content, already in memory: sealed whole and stored with one PUT. zstd
+            // sized to the content keeps its tables small, which a stream cannot know to do.
+            Some(bytes) => {
+                let cfg = self.ctx.pipeline.clone();
+                let sealed =
+                    tokio::task::spawn_blocking(move || pipeline::seal_whole(&bytes, &cfg))
+                        .await
+                        .map_err(|e| Error::failed(format!("sealing {}: {e}", l.path)))??;
+                let object = layout::blob(id);
+                let put = self.ctx.store.put(&object, sealed);
+                tokio::select! {
+                    _ = self.ctx.cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "cancelled")),
+                    r = put => r.map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?,
+                }
+                self.uploaded
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Ok(());
+            }
             None => Box::pin(ExpectSha256 {
                 inner: self.objects.open(self.s3, &l.path).await?,
                 hasher: Sha256::new(),
@@ -845,7 +832,7 @@ impl Source for Objects {
                 })?;
             }
             (_, Some(s)) => {
-                s.list("").await.map_err(|e| {
+                s.list_page("", None).await.map_err(|e| {
                     Error::from(e).context(format!("listing {}", self.cfg.from_shown))
                 })?;
             }
@@ -856,45 +843,52 @@ impl Source for Objects {
 
     async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
         let key = self.key()?.clone();
+        let filter = self.filter()?;
         let s3 = self.source_store().await?;
-        let (listed, skipped) = self.list(s3.as_ref()).await?;
-        if !skipped.is_empty() {
-            let shown: Vec<&str> = skipped.iter().take(10).map(String::as_str).collect();
-            tracing::warn!(source = %ctx.source, skipped = skipped.len(), first = %shown.join(", "), "Not stored: neither files, directories nor symlinks (the snapshot's fingerprint lists them all)");
-        }
-        let files = listed.iter().filter(|l| l.kind == EntryKind::File).count();
-        let index = self.load_index(ctx.store.as_ref(), &ctx.source).await;
-        self.shrink_guard(files, index.len())?;
+        let listing = match (&self.cfg.from, &s3) {
+            (ObjectsFrom::Dir(root), _) => listing::walk(root),
+            (_, Some(s3)) => listing::pages(s3.clone(), self.cfg.from_shown.clone()),
+            (ObjectsFrom::S3(_), None) => return Err(Error::failed("no source store")),
+        };
+        let previous = index::Previous::open(ctx.store.as_ref(), &ctx.source, &key).await;
+        let previous_backup = previous.as_ref().map(|p| p.backup.clone());
         // Only blobs the last published snapshot names count as stored: blob collection never
         // removes those, while any other blob may be on its way out. Content found nowhere
         // else is uploaded again (which also renews an old copy's age).
-        let known: HashSet<[u8; 32]> = index.values().filter_map(|k| k.blob).collect();
         let run = Run {
             objects: self,
             ctx,
             key: &key,
             s3: s3.as_ref(),
-            index: &index,
-            known: &known,
+            previous_backup: previous_backup.as_deref(),
+            known: tokio::sync::OnceCell::new(),
             claims: Mutex::default(),
             uploaded: std::sync::atomic::AtomicU64::new(0),
             semaphore: tokio::sync::Semaphore::new(self.cfg.concurrency),
             vanished: Mutex::default(),
         };
-        // Entries come out in path order: unchanged objects from the index at once, changed
-        // ones read and stored, at most `concurrency` at a time. Nothing holds the whole
-        // snapshot: each entry goes straight into the snapshot's stream and the next index.
-        // By position and boxed: the futures borrow this run's state, which the Send-checked
-        // trait method cannot express through a closure over `&Listed`. Made lazily.
-        let (all, run_ref) = (&listed, &run);
-        let items = (0..listed.len()).map(
-            move |i| -> futures::future::BoxFuture<'_, Result<Option<Entry>>> {
-                Box::pin(run_ref.entry(&all[i]))
-            },
-        );
+        // The listing and the previous index are merged as two streams in path order; entries
+        // come out in that order: unchanged objects from the index at once, changed ones read
+        // and stored, at most `concurrency` at a time. Nothing holds the whole snapshot: each
+        // entry goes straight into the snapshot's stream and the next index's.
         let window = (self.cfg.concurrency * 32).max(64);
-        let mut entries = futures::stream::iter(items).buffered(window);
+        let (work_tx, work_rx) = tokio::sync::mpsc::channel(window);
+        let merged = merge(listing, previous, filter, work_tx);
+        let run_ref = &run;
+        let mut work_rx = work_rx;
+        let work = futures::stream::poll_fn(move |cx| work_rx.poll_recv(cx));
+        // Boxed: the futures borrow this run's state, which the Send-checked trait method
+        // cannot express through a closure's anonymous future.
+        let mut entries = work
+            .map(
+                move |(l, k)| -> futures::future::BoxFuture<'_, Result<Option<Entry>>> {
+                    Box::pin(run_ref.entry(l, k))
+                },
+            )
+            .buffered(window);
 
+        let small = ctx.pipeline.small();
+        let sealed = small.sealed_with(&key);
         let (plain_w, plain_r) = tokio::io::duplex(256 << 10);
         let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let snapshot = pipeline::run(
@@ -907,21 +901,56 @@ impl Source for Objects {
             NoObserver,
             ctx.store.clone(),
             layout::backup_object(&ctx.source, &ctx.id, SNAPSHOT_OBJECT),
-            &ctx.pipeline,
+            &small,
+            ctx.cancel.clone(),
+        );
+        // The next change index, stored only once the snapshot is.
+        let (index_w, index_r) = tokio::io::duplex(256 << 10);
+        let (stored_tx, stored_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+        let next_index = pipeline::run(
+            index_r,
+            async move {
+                stored_rx
+                    .await
+                    .unwrap_or_else(|_| Err(Error::failed("the snapshot was not stored")))
+            },
+            NoObserver,
+            ctx.store.clone(),
+            layout::change_index(&ctx.source),
+            &sealed,
             ctx.cancel.clone(),
         );
         let produce = async {
-            let mut plain_w = plain_w;
-            let written = write_snapshot(&ctx.id, &mut entries, &mut plain_w).await;
-            let _ = verdict_tx.send(match &written {
+            let (mut plain_w, mut index_w) = (plain_w, Some(index_w));
+            let (merged, written) = tokio::join!(
+                merged,
+                write_snapshot(&ctx.id, &mut entries, &mut plain_w, &mut index_w)
+            );
+            let done = merged.and_then(|m| {
+                let tally = written?;
+                self.shrink_guard(tally.files, m.previous_files)?;
+                Ok((m, tally))
+            });
+            let _ = verdict_tx.send(match &done {
                 Ok(_) => Ok(()),
                 Err(_) => Err(Error::failed("the snapshot was not finished")),
             });
-            written
+            done
         };
-        let (written, stored) = tokio::join!(produce, snapshot);
-        let (tally, next_index) = written?;
+        let snapshot = async {
+            let stored = snapshot.await;
+            let _ = stored_tx.send(match &stored {
+                Ok(_) => Ok(()),
+                Err(_) => Err(Error::failed("the snapshot was not stored")),
+            });
+            stored
+        };
+        let (done, stored, index_stored) = tokio::join!(produce, snapshot, next_index);
+        let (merged, tally) = done?;
         let (digests, _) = stored.map_err(Error::from)?;
+        if let Err(e) = index_stored {
+            tracing::warn!(source = %ctx.source, error = %Error::from(e).message, "Could not store the change index; the next run reads every object");
+        }
         drop(entries);
         let uploaded = run.uploaded.load(std::sync::atomic::Ordering::SeqCst);
         let vanished = std::mem::take(
@@ -931,16 +960,16 @@ impl Source for Objects {
                 .map_err(|_| Error::failed("vanished list poisoned"))?,
         );
         drop(run);
-        if !vanished.is_empty() {
-            tracing::warn!(source = %ctx.source, vanished = vanished.len(), first = %vanished[0], "Deleted between the listing and its read: not in the snapshot");
+        let mut skipped = merged.skipped;
+        if !skipped.named.is_empty() {
+            tracing::warn!(source = %ctx.source, skipped = skipped.named.len() as u64 + skipped.more, first = %skipped.named.iter().take(10).cloned().collect::<Vec<_>>().join(", "), "Not stored: neither files, directories nor symlinks (the snapshot's fingerprint names them)");
         }
-        let mut skipped = skipped;
-        skipped.extend(vanished);
-        skipped.sort();
-        drop(index);
+        if !vanished.named.is_empty() {
+            tracing::warn!(source = %ctx.source, vanished = vanished.named.len() as u64 + vanished.more, first = %vanished.named[0], "Deleted between the listing and its read: not in the snapshot");
+        }
+        skipped.merge(vanished);
 
-        let list_part = store_blob_list(ctx, &key, &tally).await?;
-        store_index(ctx, &key, &next_index).await;
+        let (list_part, blobs) = store_blob_list(ctx, &key, tally.blobs).await?;
         let fingerprint = Fingerprint {
             format: 1,
             kind: super::Kind::Objects,
@@ -948,11 +977,12 @@ impl Source for Objects {
             files: tally.files,
             dirs: tally.dirs,
             bytes: tally.bytes,
-            blobs: tally.blobs.len() as u64,
+            blobs,
             blobs_uploaded: uploaded,
             tree_sha256: hex::encode(tally.tree.finalize()),
             symlinks: tally.symlinks,
-            skipped,
+            skipped: skipped.named,
+            skipped_more: skipped.more,
         };
         tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");
         Ok(SourceBackup {
@@ -971,48 +1001,86 @@ impl Source for Objects {
         })
     }
 }
+/// Format of a blob list written as a stream: hex ids, one a line, sorted, zstd inside age
+/// sealed with the index key. An empty list is sealed plain text ([`seal`]), as lists were
+/// before; [`parse_blob_list`] reads both.
+const BLOB_LIST_FORMAT: &str = "lifeboat-blob-ids+zstd+index-key";
 
 /// Stores the backup's blob list (every blob id it names, sealed with the index key, for blob
-/// collection) and returns its manifest part.
+/// collection), streamed from the sorted runs; returns its manifest part and how many ids.
 async fn store_blob_list(
     ctx: &BackupContext,
     key: &Secret,
-    tally: &Tally,
-) -> Result<crate::repo::manifest::Part> {
-    let list_plain: String = tally.blobs.iter().map(|b| hex::encode(b) + "\n").collect();
-    let list = seal(key, list_plain.as_bytes())?;
-    let list_part = crate::repo::manifest::Part {
-        name: BLOB_LIST_OBJECT.into(),
-        role: Role::BlobList,
-        format: "lifeboat-blob-ids+index-key".into(),
-        size_plain: list_plain.len() as u64,
-        sha256_plain: hex::encode(Sha256::digest(list_plain.as_bytes())),
-        size_stored: list.len() as u64,
-        sha256_stored: hex::encode(Sha256::digest(&list)),
-    };
-    ctx.store
-        .put(
-            &layout::backup_object(&ctx.source, &ctx.id, BLOB_LIST_OBJECT),
-            Bytes::from(list),
-        )
-        .await
-        .map_err(|e| Error::from(e).context("storing the blob list"))?;
-    Ok(list_part)
-}
-
-/// Stores the next run's change index: a cache of what this snapshot names, valid once its
-/// manifest exists. Best effort: without it the next run reads every object.
-async fn store_index(ctx: &BackupContext, key: &Secret, next_index: &[u8]) {
-    let stored_index = async {
-        let sealed = seal(key, next_index)?;
+    blobs: ids::Sorter,
+) -> Result<(crate::repo::manifest::Part, u64)> {
+    let sort_failed =
+        |e: std::io::Error| Error::failed(format!("sorting blob ids on the temp disk: {e}"));
+    let object = layout::backup_object(&ctx.source, &ctx.id, BLOB_LIST_OBJECT);
+    let mut merged = blobs.merged().map_err(sort_failed)?.peekable();
+    if merged.peek().is_none() {
+        let list = seal(key, b"")?;
+        let part = crate::repo::manifest::Part {
+            name: BLOB_LIST_OBJECT.into(),
+            role: Role::BlobList,
+            format: "lifeboat-blob-ids+index-key".into(),
+            size_plain: 0,
+            sha256_plain: hex::encode(Sha256::digest(b"")),
+            size_stored: list.len() as u64,
+            sha256_stored: hex::encode(Sha256::digest(&list)),
+        };
         ctx.store
-            .put(&Objects::index_object(&ctx.source), Bytes::from(sealed))
+            .put(&object, Bytes::from(list))
             .await
-            .map_err(|e| Error::from(e).context("storing the change index"))
-    };
-    if let Err(e) = stored_index.await {
-        tracing::warn!(source = %ctx.source, error = %e.message, "Could not store the change index; the next run reads every object");
+            .map_err(|e| Error::from(e).context("storing the blob list"))?;
+        return Ok((part, 0));
     }
+    let (mut w, r) = tokio::io::duplex(64 << 10);
+    let sealed = ctx.pipeline.small().sealed_with(key);
+    let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    let stored = pipeline::run(
+        r,
+        async move {
+            verdict_rx
+                .await
+                .unwrap_or_else(|_| Err(Error::failed("the blob list was not finished")))
+        },
+        NoObserver,
+        ctx.store.clone(),
+        object,
+        &sealed,
+        ctx.cancel.clone(),
+    );
+    let write = async {
+        use tokio::io::AsyncWriteExt;
+        let mut n = 0u64;
+        let mut line = [0u8; 65];
+        line[64] = b'\n';
+        let written = async {
+            for id in merged {
+                hex::encode_to_slice(id.map_err(sort_failed)?, &mut line[..64])
+                    .map_err(|e| Error::failed(e.to_string()))?;
+                w.write_all(&line)
+                    .await
+                    .map_err(|e| Error::failed(format!("writing the blob list: {e}")))?;
+                n += 1;
+            }
+            let _ = w.shutdown().await;
+            Ok::<_, Error>(n)
+        }
+        .await;
+        let _ = verdict_tx.send(match &written {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::failed("the blob list was not finished")),
+        });
+        written
+    };
+    let (n, stored) = tokio::join!(write, stored);
+    let n = n?;
+    let (digests, _) = stored.map_err(|e| Error::from(e).context("storing the blob list"))?;
+    Ok((
+        digests.part(BLOB_LIST_OBJECT, Role::BlobList, BLOB_LIST_FORMAT),
+        n,
+    ))
 }
 
 /// What a snapshot adds up to, counted as its entries pass in path order.
@@ -1022,13 +1090,14 @@ struct Tally {
     dirs: u64,
     symlinks: u64,
     bytes: u64,
-    blobs: std::collections::BTreeSet<[u8; 32]>,
+    /// Every blob id named, sorted on the temp disk.
+    blobs: ids::Sorter,
     /// [`tree_sha256`], incrementally.
     tree: Sha256,
 }
 
 impl Tally {
-    fn add(&mut self, e: &Entry) {
+    fn add(&mut self, e: &Entry) -> std::io::Result<()> {
         tree_line(&mut self.tree, e);
         match e.kind {
             EntryKind::Dir => self.dirs += 1,
@@ -1037,49 +1106,11 @@ impl Tally {
                 self.files += 1;
                 self.bytes += e.size;
                 if let Some(b) = e.blob.as_deref().and_then(unhex32) {
-                    self.blobs.insert(b);
+                    self.blobs.push(b)?;
                 }
             }
         }
-    }
-}
-
-/// What the change index remembers of an object: enough to know it unchanged and to name its
-/// content without reading it (about a third of a full entry in memory).
-struct Known {
-    size: u64,
-    mtime_ms: Option<i64>,
-    etag: Option<Box<str>>,
-    sha256: [u8; 32],
-    blob: Option<[u8; 32]>,
-}
-
-impl Known {
-    fn from_entry(e: Entry) -> Option<Known> {
-        if e.kind != EntryKind::File {
-            return None;
-        }
-        let blob = match &e.blob {
-            Some(b) => Some(unhex32(b)?),
-            None if e.size == 0 => None,
-            None => return None,
-        };
-        Some(Known {
-            size: e.size,
-            mtime_ms: e.mtime_ms,
-            etag: e.etag.map(String::into_boxed_str),
-            sha256: unhex32(e.sha256.as_deref()?)?,
-            blob,
-        })
-    }
-
-    /// Same size, and the same ETag (S3) or modification time (directories).
-    fn unchanged(&self, l: &Listed) -> bool {
-        self.size == l.size
-            && match (&l.etag, &self.etag) {
-                (Some(a), Some(b)) => a.as_str() == &**b,
-                _ => l.mtime_ms.is_some() && self.mtime_ms == l.mtime_ms,
-            }
+        Ok(())
     }
 }
 

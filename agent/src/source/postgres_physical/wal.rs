@@ -117,12 +117,7 @@ impl Streamer {
     ) -> Streamer {
         // A trickle of objects of at most a segment: single-threaded zstd, one part in flight
         // and S3's smallest part keep the streamer's memory small; the stream is never CPU-bound.
-        let pipeline = PipelineConfig {
-            workers: 0,
-            parts_in_flight: 1,
-            part_size: pipeline.part_size.min(5 << 20),
-            ..pipeline
-        };
+        let pipeline = pipeline.small();
         Streamer {
             repo,
             source: source.to_string(),

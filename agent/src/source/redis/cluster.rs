@@ -526,16 +526,8 @@ fn merged(shards: &[ShardRecord]) -> RdbSummary {
 /// so that the capture's memory stays under 64 MiB whatever the number of shards. A shard's
 /// object can then reach 10,000 × 5 MiB (48 GiB) compressed.
 fn shard_pipeline(ctx: &BackupContext) -> crate::pipeline::PipelineConfig {
-    crate::pipeline::PipelineConfig {
-        workers: 0,
-        parts_in_flight: 1,
-        part_size: ctx.pipeline.part_size.min(SHARD_PART_SIZE),
-        ..ctx.pipeline.clone()
-    }
+    ctx.pipeline.small()
 }
-
-/// A shard's upload part size.
-const SHARD_PART_SIZE: usize = 5 << 20;
 
 /// What the manifest shows of each shard.
 fn summaries(shards: &[ShardRecord]) -> Vec<crate::repo::manifest::ShardSummary> {
