@@ -15,9 +15,10 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, PipelineConfig};
 use crate::policy::{Policy, SourcePolicy};
 use crate::repo::layout;
-use crate::repo::manifest::{CompressionInfo, EncryptionInfo, Manifest, StoredObject};
+use crate::repo::manifest::{CompressionInfo, EncryptionInfo, Manifest, RunRequests, StoredObject};
 use crate::repo::{tool_version, Repository};
 use crate::source::{self, BackupContext};
+use crate::store::counted::{Counted, Requests};
 
 /// Takes one backup of `source` into `repo`. `now` becomes the backup's start time and id.
 pub async fn backup(
@@ -41,8 +42,13 @@ pub async fn backup(
         .trust
         .signer()
         .map_err(|e| e.context(format!("source {name}")))?;
+    // The run's requests for its data objects (the fingerprint and the manifest follow).
+    let repo_requests = std::sync::Arc::new(Requests::default());
+    let source_requests = std::sync::Arc::new(Requests::default());
+    let counted = std::sync::Arc::new(Counted::new(repo.store.clone(), repo_requests.clone()));
     let ctx = BackupContext {
-        store: repo.store.clone(),
+        store: counted,
+        source_requests: source_requests.clone(),
         pipeline,
         source: name.clone(),
         id: id.clone(),
@@ -67,9 +73,14 @@ pub async fn backup(
     };
     let published = match result {
         Ok(out) => {
+            let source_requests = source_requests.counts();
             let signed = Signed {
                 recipients: &recipients,
                 signer: signer.as_ref(),
+                requests: RunRequests {
+                    repository: repo_requests.counts(),
+                    source: (!source_requests.is_empty()).then_some(source_requests),
+                },
             };
             publish(repo, source, &id, now, signed, policy, out).await
         }
@@ -114,10 +125,11 @@ pub fn pipeline_config(policy: &Policy, source: &SourcePolicy) -> Result<Pipelin
     })
 }
 
-/// Who can read a backup, and who vouches for it.
+/// Who can read a backup, who vouches for it, and what the run asked of the stores.
 struct Signed<'a> {
     recipients: &'a [age::x25519::Recipient],
     signer: Option<&'a crate::repo::signing::Signer>,
+    requests: RunRequests,
 }
 
 async fn publish(
@@ -125,7 +137,11 @@ async fn publish(
     source: &SourcePolicy,
     id: &str,
     now: DateTime<Utc>,
-    Signed { recipients, signer }: Signed<'_>,
+    Signed {
+        recipients,
+        signer,
+        requests,
+    }: Signed<'_>,
     policy: &Policy,
     out: source::SourceBackup,
 ) -> Result<Manifest> {
@@ -171,6 +187,7 @@ async fn publish(
         database: out.database,
         origin: out.origin,
         shards: out.shards,
+        requests: Some(requests),
     };
     let body = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::failed(format!("cannot encode the manifest: {e}")))?;

@@ -365,6 +365,9 @@ pub struct Options {
     pub flush: bool,
     /// Objects: delete what the snapshot does not hold.
     pub delete_extra: bool,
+    /// Objects: restore only this path (a file, or a directory and what is under it), to the
+    /// same place under the target.
+    pub path: Option<String>,
     /// Where downloaded objects (and a parallel restore's plaintext) are spooled.
     pub spool_dir: std::path::PathBuf,
     /// Physical PostgreSQL: recover to a point in time from the WAL archive.
@@ -499,6 +502,15 @@ pub async fn plan(request: &Request<'_>) -> Result<Plan> {
     let kind = request.entry.manifest.kind;
     if request.options.recovery.is_some() && kind != crate::source::Kind::PostgresPhysical {
         return Err(no_recovery_for(&request.entry.manifest.source, kind));
+    }
+    if request.options.path.is_some() && kind != crate::source::Kind::Objects {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "--path picks files out of an objects snapshot; {} is a {kind} source",
+                request.entry.manifest.source
+            ),
+        ));
     }
     kind.plan_restore(request).await
 }

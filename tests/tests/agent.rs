@@ -153,6 +153,13 @@ fn scheduled_runs_report_success_and_failure_per_source() {
     };
     assert!(runs("good", "backup", "success").unwrap() >= 1.0, "{body}");
     assert!(runs("bad", "backup", "failure").unwrap() >= 1.0, "{body}");
+    // The repository requests of its backups: the dump and the fingerprint at least.
+    let puts = metric(
+        &body,
+        "lifeboat_requests_total",
+        &[("source", "good"), ("target", "repository"), ("op", "put")],
+    );
+    assert!(puts.unwrap_or(0.0) >= 2.0, "{body}");
     assert_eq!(
         runs("good", "verify", "success"),
         Some(0.0),

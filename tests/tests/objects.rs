@@ -201,6 +201,51 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     want.remove("scratch.tmp");
     assert_eq!(tree(&out), want);
 
+    // One directory of it, or one file, at the same place under the target.
+    let part = fx.dir.path().join("part");
+    let r = fx.restore(&[
+        "--backup",
+        &first,
+        "--to",
+        part.to_str().unwrap(),
+        "--path",
+        "docs/",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let docs: BTreeMap<_, _> = want
+        .iter()
+        .filter(|(p, _)| p.starts_with("docs/"))
+        .map(|(p, v)| (p.clone(), v.clone()))
+        .collect();
+    let mut got = tree(&part);
+    assert_eq!(got.remove("docs").map(|d| d.0), Some("dir".to_string()));
+    assert_eq!(got, docs);
+    let one = fx.dir.path().join("one");
+    let r = fx.restore(&["--to", one.to_str().unwrap(), "--path", "docs/run.sh"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(files_under(&one), vec![one.join("docs/run.sh")]);
+    let r = fx.restore(&["--to", one.to_str().unwrap(), "--path", "doc", "--yes"]);
+    assert_eq!(
+        r.code, 2,
+        "a prefix of a name is not its path: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("holds nothing at \"doc\""),
+        "{}",
+        r.stderr
+    );
+    let r = fx.restore(&[
+        "--to",
+        one.to_str().unwrap(),
+        "--path",
+        "docs",
+        "--yes",
+        "--delete-extra",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("outside the path"), "{}", r.stderr);
+
     // One change: the next run reads and stores only that file.
     std::fs::write(src.path().join("docs/naïve café ☕.txt"), "changed\n").unwrap();
     let second = fx.backup();
@@ -353,7 +398,23 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
             .await
             .unwrap();
     });
-    assert_eq!(fx.run(&["backup"]).code, 0);
+    let r = fx.run(&["backup", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The requests of that run: of the source, one listing page and one GET (the changed
+    // object, read once); of the repository, one PUT per object it wrote.
+    let result: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let requests = &result[0]["requests"];
+    assert_eq!(
+        requests["source"],
+        serde_json::json!({"list": 1, "get": 1, "head": 0, "put": 0, "delete": 0}),
+        "{result}"
+    );
+    let repository = &requests["repository"];
+    assert_eq!(repository["delete"], 0, "{result}");
+    // The blob, the snapshot, the change index and the blob list (then the fingerprint and the
+    // manifest, not counted).
+    assert_eq!(repository["put"], 4, "{result}");
+    assert!(repository["get"].as_u64().unwrap() >= 2, "{result}");
     let blobs = rt.block_on(s3.keys(&repo_bucket, "lb/objects/"));
     assert_eq!(
         blobs.len(),

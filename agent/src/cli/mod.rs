@@ -236,6 +236,10 @@ pub(crate) struct RestoreArgs {
     /// Objects: also delete files in the target directory that the snapshot does not hold.
     #[arg(long)]
     pub delete_extra: bool,
+    /// Objects: restore only this path of the snapshot (a file, or a directory with everything
+    /// under it), at the same place under --to.
+    #[arg(long, value_name = "PREFIX")]
+    pub path: Option<String>,
     /// Parallel pg_restore jobs; above 1 the plaintext is spooled to --spool-dir.
     #[arg(long, default_value_t = 1)]
     pub jobs: u32,

@@ -503,6 +503,7 @@ impl Agent {
                 Ok((repo, m)) => {
                     let sizes = Some((m.size_plain, m.size_stored));
                     self.telemetry.shards(&m);
+                    self.telemetry.requests(&m);
                     self.finished(src, "backup", at, took, Ok(sizes), Some(m.id.clone()), true);
                     for nudge in &self.copy_nudges {
                         nudge.notify_one();

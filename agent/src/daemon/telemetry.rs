@@ -49,6 +49,14 @@ struct SourceShard {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceTargetOp {
+    source: String,
+    /// `repository` or `source`.
+    target: String,
+    op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceShardStage {
     source: String,
     shard: String,
@@ -97,6 +105,7 @@ pub struct Telemetry {
     bytes: Family<SourceStage, Gauge>,
     shard_keys: Family<SourceShard, Gauge>,
     shard_bytes: Family<SourceShardStage, Gauge>,
+    requests: Family<SourceTargetOp, Counter>,
     next_run: Family<SourceLabel, FGauge>,
     rpo: Family<SourceLabel, FGauge>,
     rto: Family<SourceLabel, FGauge>,
@@ -152,6 +161,7 @@ impl Telemetry {
             bytes: Family::default(),
             shard_keys: Family::default(),
             shard_bytes: Family::default(),
+            requests: Family::default(),
             next_run: Family::default(),
             rpo: Family::default(),
             rto: Family::default(),
@@ -204,6 +214,11 @@ impl Telemetry {
             "lifeboat_last_backup_shard_bytes",
             "Size of each shard of the last backup of a Redis Cluster (stage plain or stored)",
             t.shard_bytes.clone(),
+        );
+        registry.register(
+            "lifeboat_requests",
+            "Requests backups made of the repository and of object-store sources, by S3 class (list, get, head, put, delete)",
+            t.requests.clone(),
         );
         registry.register(
             "lifeboat_next_run_timestamp_seconds",
@@ -424,6 +439,25 @@ impl Telemetry {
             Err(e) => {
                 self.last_failure.get_or_create(&so(source, op)).set(ts);
                 tracing::error!(source, op, result = outcome, seconds = took.as_secs_f64(), error = %e.message, "Run failed");
+            }
+        }
+    }
+
+    /// A backup was stored: the requests it made, added to the counters.
+    pub fn requests(&self, m: &crate::repo::manifest::Manifest) {
+        let Some(r) = &m.requests else {
+            return;
+        };
+        let targets = [("repository", Some(r.repository)), ("source", r.source)];
+        for (target, counts) in targets {
+            for (op, n) in counts.iter().flat_map(|c| c.by_op()) {
+                self.requests
+                    .get_or_create(&SourceTargetOp {
+                        source: m.source.clone(),
+                        target: target.to_string(),
+                        op: op.to_string(),
+                    })
+                    .inc_by(n);
             }
         }
     }

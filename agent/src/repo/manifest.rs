@@ -55,6 +55,20 @@ pub struct Manifest {
     /// A Redis Cluster's shards: what `list` and the metrics show of each without the key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardSummary>,
+    /// The requests the run made of the repository (for its data objects: the fingerprint and
+    /// the manifest follow) and of an object-store source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<RunRequests>,
+}
+
+/// The requests of one backup run, by class (see `store::counted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRequests {
+    /// Of the repository.
+    pub repository: crate::store::counted::RequestCounts,
+    /// Of the source, when it is an object store (an S3 objects source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::store::counted::RequestCounts>,
 }
 
 /// A dumped database's encoding and locale (`pg_database`).

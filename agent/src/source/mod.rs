@@ -40,6 +40,9 @@ pub struct BackupContext {
     pub id: String,
     /// Fires on timeout, shutdown or Ctrl-C.
     pub cancel: CancellationToken,
+    /// Counts the requests made of the source, when it is an object store (the repository's
+    /// are counted by `store`).
+    pub source_requests: Arc<crate::store::counted::Requests>,
 }
 
 /// What a source stored.

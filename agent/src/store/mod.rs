@@ -7,6 +7,7 @@
 //! becomes a visible object. Small objects (manifests, markers) use [`ObjectStore::put`], which is
 //! atomic on every backend.
 
+pub mod counted;
 pub mod fs;
 pub mod retry;
 pub mod s3;

@@ -67,6 +67,7 @@ pub async fn backup(
                     "size_plain": m.size_plain,
                     "size_stored": m.size_stored,
                     "seconds": (m.finished_at - m.started_at).num_milliseconds() as f64 / 1000.0,
+                    "requests": m.requests,
                 }));
             }
             Err(e) => {

@@ -61,6 +61,7 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
         no_owner: a.no_owner,
         flush: a.flush,
         delete_extra: a.delete_extra,
+        path: a.path.clone(),
         spool_dir: a.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
         recovery,
         start: a.start.then_some(a.port),

@@ -283,13 +283,20 @@ impl Objects {
         Ok((build(&self.cfg.include)?, build(&self.cfg.exclude)?))
     }
 
-    async fn source_store(&self) -> Result<Option<Arc<dyn ObjectStore>>> {
+    /// The S3 source's store, its requests counted into `requests`.
+    async fn source_store(
+        &self,
+        requests: Arc<store::counted::Requests>,
+    ) -> Result<Option<Arc<dyn ObjectStore>>> {
         match &self.cfg.from {
             ObjectsFrom::S3(cfg) => {
                 let inner: Arc<dyn ObjectStore> = Arc::new(store::s3::S3Store::new(cfg).await?);
-                Ok(Some(Arc::new(store::retry::Retry::new(
+                let retried = Arc::new(store::retry::Retry::new(
                     inner,
                     store::retry::Backoff::default(),
+                ));
+                Ok(Some(Arc::new(store::counted::Counted::new(
+                    retried, requests,
                 ))))
             }
             ObjectsFrom::Dir(_) => Ok(None),
@@ -823,7 +830,7 @@ impl Run<'_> {
 impl Source for Objects {
     async fn probe(&self) -> Result<()> {
         self.key()?;
-        let s3 = self.source_store().await?;
+        let s3 = self.source_store(Arc::default()).await?;
         match (&self.cfg.from, &s3) {
             (ObjectsFrom::Dir(root), _) => {
                 std::fs::read_dir(root).map_err(|e| {
@@ -844,7 +851,7 @@ impl Source for Objects {
     async fn backup(&self, ctx: &BackupContext) -> Result<SourceBackup> {
         let key = self.key()?.clone();
         let filter = self.filter()?;
-        let s3 = self.source_store().await?;
+        let s3 = self.source_store(ctx.source_requests.clone()).await?;
         let listing = match (&self.cfg.from, &s3) {
             (ObjectsFrom::Dir(root), _) => listing::walk(root),
             (_, Some(s3)) => listing::pages(s3.clone(), self.cfg.from_shown.clone()),

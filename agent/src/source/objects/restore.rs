@@ -27,6 +27,14 @@ pub enum ObjectsTarget {
     Store(std::sync::Arc<dyn crate::store::ObjectStore>, String),
 }
 
+/// What of a snapshot a restore writes, and whether it deletes the rest of the target.
+pub struct Pick<'a> {
+    /// Only this path (a file, or a directory and everything under it).
+    pub only: Option<&'a str>,
+    /// Delete what the target holds that the snapshot does not (never with `only`).
+    pub delete_extra: bool,
+}
+
 /// Restores an objects snapshot into `target`: the snapshot is spooled and checked first, then
 /// every file is written (through a temp file renamed into place, or an upload completed) only
 /// once its content hash matched (exit 13 on the first that does not; what is in place is whole).
@@ -34,7 +42,7 @@ pub async fn restore_objects(
     repo: &Repository,
     manifest: &Manifest,
     target: &ObjectsTarget,
-    delete_extra: bool,
+    Pick { only, delete_extra }: Pick<'_>,
     spool_dir: &std::path::Path,
     identities: &[Box<dyn age::Identity + Send + Sync>],
     progress: std::sync::Arc<dyn Progress>,
@@ -45,7 +53,20 @@ pub async fn restore_objects(
         Some(part.size_stored),
     );
     let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
-    let entries = read_snapshot(&spooled, identities).await?;
+    let mut entries = read_snapshot(&spooled, identities).await?;
+    if let Some(path) = only {
+        entries.retain(|e| under(&e.path, path));
+        if entries.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "backup {} holds nothing at {path:?}",
+                    manifest.id
+                ),
+            )
+            .hint("paths are relative to the source's root, `/`-separated, as `lifeboat list` shows the source; nothing was written"));
+        }
+    }
     let files = entries.iter().filter(|e| e.kind == EntryKind::File).count();
     let shown = match target {
         ObjectsTarget::Dir(d) => d.display().to_string(),
@@ -83,6 +104,12 @@ pub async fn restore_objects(
             .await
         }
     }
+}
+
+/// Whether snapshot path `path` is `prefix` or under it.
+fn under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// Reads a snapshot from its spooled, checked object.
@@ -524,6 +551,33 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
             "--jobs, --with-globals, --no-owner and --flush do not apply to objects restores",
         ));
     }
+    let only = match o.path.as_deref().map(|p| p.trim_end_matches('/')) {
+        None => None,
+        Some(p)
+            if p.is_empty()
+                || p.starts_with('/')
+                || p.split('/').any(|c| c.is_empty() || c == "." || c == "..") =>
+        {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "--path {:?}: not a path of the snapshot",
+                    o.path.as_deref().unwrap_or_default()
+                ),
+            )
+            .hint(
+                "write it relative to the source's root, `/`-separated, e.g. --path reports/2026",
+            ))
+        }
+        Some(_) if o.delete_extra => {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                "--delete-extra with --path would delete everything outside the path",
+            )
+            .hint("restore the path without --delete-extra, or the whole snapshot with it"))
+        }
+        Some(p) => Some(p.to_string()),
+    };
     let (target, shown, existing) = match req.to.strip_prefix("s3://") {
         Some(rest) => {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -565,8 +619,12 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
             (ObjectsTarget::Dir(dir), shown, existing)
         }
     };
+    let what = match &only {
+        Some(p) => format!("the snapshot's files at {p:?}"),
+        None => "the snapshot's files".to_string(),
+    };
     let action = match (existing, o.delete_extra) {
-        (0, _) => format!("write the snapshot's files into {shown}"),
+        (0, _) => format!("write {what} into {shown}"),
         (_, false) => format!(
             "{shown} holds {existing} entr(ies): files of the same path are replaced, others stay (--delete-extra removes them)"
         ),
@@ -574,10 +632,14 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
             "{shown} holds {existing} entr(ies): files of the same path are replaced, and everything the snapshot does not hold is DELETED"
         ),
     };
-    let details = serde_json::json!({ "target": { "to": shown, "holds_data": existing > 0 } });
+    let mut details = serde_json::json!({ "target": { "to": shown, "holds_data": existing > 0 } });
+    if let Some(p) = &only {
+        details["path"] = p.as_str().into();
+    }
     let apply = Box::new(Apply {
         manifest: m.clone(),
         target,
+        only: only.clone(),
         delete_extra: o.delete_extra,
         spool_dir: o.spool_dir.clone(),
         shown: shown.clone(),
@@ -604,6 +666,7 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
 struct Apply {
     manifest: Manifest,
     target: ObjectsTarget,
+    only: Option<String>,
     delete_extra: bool,
     spool_dir: PathBuf,
     shown: String,
@@ -622,7 +685,10 @@ impl crate::restore::Apply for Apply {
             repo,
             &self.manifest,
             &self.target,
-            self.delete_extra,
+            Pick {
+                only: self.only.as_deref(),
+                delete_extra: self.delete_extra,
+            },
             &self.spool_dir,
             identities,
             progress,
