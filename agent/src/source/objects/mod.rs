@@ -896,36 +896,18 @@ impl Source for Objects {
 
         let small = ctx.pipeline.small();
         let sealed = small.sealed_with(&key);
-        let (plain_w, plain_r) = tokio::io::duplex(256 << 10);
-        let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel::<Result<()>>();
-        let snapshot = pipeline::run(
-            plain_r,
-            async move {
-                verdict_rx
-                    .await
-                    .unwrap_or_else(|_| Err(Error::failed("the snapshot was not finished")))
-            },
-            NoObserver,
-            ctx.store.clone(),
+        let (plain_w, verdict_tx, snapshot) = piped(
+            ctx,
             layout::backup_object(&ctx.source, &ctx.id, SNAPSHOT_OBJECT),
             &small,
-            ctx.cancel.clone(),
+            "the snapshot",
         );
         // The next change index, stored only once the snapshot is.
-        let (index_w, index_r) = tokio::io::duplex(256 << 10);
-        let (stored_tx, stored_rx) = tokio::sync::oneshot::channel::<Result<()>>();
-        let next_index = pipeline::run(
-            index_r,
-            async move {
-                stored_rx
-                    .await
-                    .unwrap_or_else(|_| Err(Error::failed("the snapshot was not stored")))
-            },
-            NoObserver,
-            ctx.store.clone(),
+        let (index_w, stored_tx, next_index) = piped(
+            ctx,
             layout::change_index(&ctx.source),
             &sealed,
-            ctx.cancel.clone(),
+            "the change index",
         );
         let produce = async {
             let (mut plain_w, mut index_w) = (plain_w, Some(index_w));
@@ -938,18 +920,12 @@ impl Source for Objects {
                 self.shrink_guard(tally.files, m.previous_files)?;
                 Ok((m, tally))
             });
-            let _ = verdict_tx.send(match &done {
-                Ok(_) => Ok(()),
-                Err(_) => Err(Error::failed("the snapshot was not finished")),
-            });
+            let _ = verdict_tx.send(done.is_ok());
             done
         };
         let snapshot = async {
             let stored = snapshot.await;
-            let _ = stored_tx.send(match &stored {
-                Ok(_) => Ok(()),
-                Err(_) => Err(Error::failed("the snapshot was not stored")),
-            });
+            let _ = stored_tx.send(stored.is_ok());
             stored
         };
         let (done, stored, index_stored) = tokio::join!(produce, snapshot, next_index);
@@ -1008,6 +984,40 @@ impl Source for Objects {
         })
     }
 }
+/// A pipeline into object `key`, fed through the returned writer. The object is completed only
+/// once `true` is sent on the returned sender; `false`, or dropping it, abandons the upload.
+fn piped<'a>(
+    ctx: &'a BackupContext,
+    key: String,
+    config: &'a pipeline::PipelineConfig,
+    what: &'static str,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::sync::oneshot::Sender<bool>,
+    impl std::future::Future<
+            Output = std::result::Result<(pipeline::Digests, NoObserver), pipeline::PipelineError>,
+        > + 'a,
+) {
+    let (w, r) = tokio::io::duplex(256 << 10);
+    let (finish, finished) = tokio::sync::oneshot::channel::<bool>();
+    let verdict = async move {
+        match finished.await {
+            Ok(true) => Ok(()),
+            _ => Err(Error::failed(format!("{what} was not finished"))),
+        }
+    };
+    let stored = pipeline::run(
+        r,
+        verdict,
+        NoObserver,
+        ctx.store.clone(),
+        key,
+        config,
+        ctx.cancel.clone(),
+    );
+    (w, finish, stored)
+}
+
 /// Format of a blob list written as a stream: hex ids, one a line, sorted, zstd inside age
 /// sealed with the index key. An empty list is sealed plain text ([`seal`]), as lists were
 /// before; [`parse_blob_list`] reads both.
@@ -1041,22 +1051,8 @@ async fn store_blob_list(
             .map_err(|e| Error::from(e).context("storing the blob list"))?;
         return Ok((part, 0));
     }
-    let (mut w, r) = tokio::io::duplex(64 << 10);
     let sealed = ctx.pipeline.small().sealed_with(key);
-    let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel::<Result<()>>();
-    let stored = pipeline::run(
-        r,
-        async move {
-            verdict_rx
-                .await
-                .unwrap_or_else(|_| Err(Error::failed("the blob list was not finished")))
-        },
-        NoObserver,
-        ctx.store.clone(),
-        object,
-        &sealed,
-        ctx.cancel.clone(),
-    );
+    let (mut w, verdict_tx, stored) = piped(ctx, object, &sealed, "the blob list");
     let write = async {
         use tokio::io::AsyncWriteExt;
         let mut n = 0u64;
@@ -1075,10 +1071,7 @@ async fn store_blob_list(
             Ok::<_, Error>(n)
         }
         .await;
-        let _ = verdict_tx.send(match &written {
-            Ok(_) => Ok(()),
-            Err(_) => Err(Error::failed("the blob list was not finished")),
-        });
+        let _ = verdict_tx.send(written.is_ok());
         written
     };
     let (n, stored) = tokio::join!(write, stored);

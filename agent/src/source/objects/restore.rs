@@ -64,7 +64,7 @@ pub async fn restore_objects(
                     manifest.id
                 ),
             )
-            .hint("paths are relative to the source's root, `/`-separated, as `lifeboat list` shows the source; nothing was written"));
+            .hint("a path is relative to the source's root, `/`-separated: a directory or one file; nothing was written"));
         }
     }
     let files = entries.iter().filter(|e| e.kind == EntryKind::File).count();
