@@ -13,7 +13,6 @@
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 use super::{Entry, EntryKind, Listed};
-use crate::pipeline;
 use crate::policy::Secret;
 use crate::repo::layout;
 use crate::store::ObjectStore;
@@ -83,18 +82,14 @@ pub(super) struct Previous {
 impl Previous {
     /// The index of `source`'s last run, if there is one to trust.
     pub(super) async fn open(repo: &dyn ObjectStore, source: &str, key: &Secret) -> Option<Self> {
-        let stored = repo.open(&layout::change_index(source)).await.ok()?;
-        let identities: Vec<Box<dyn age::Identity + Send + Sync>> =
-            vec![Box::new(pipeline::index_identity(key))];
-        let plain = match pipeline::decrypt_stream(stored, &identities).await {
+        let plain = match super::open_sealed(repo, &layout::change_index(source), key).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(source, error = %e.message, "No readable change index: every object is read");
                 return None;
             }
         };
-        let boxed: Box<dyn AsyncRead + Send + Unpin> = Box::new(plain);
-        let mut lines = BufReader::with_capacity(64 << 10, boxed).split(b'\n');
+        let mut lines = BufReader::with_capacity(64 << 10, plain).split(b'\n');
         let backup = lines
             .next_segment()
             .await

@@ -394,6 +394,20 @@ pub fn unseal(key: &Secret, sealed: &[u8]) -> Option<Vec<u8>> {
     Some(v)
 }
 
+/// Opens `object`, which a run streamed sealed with the index key, as its plaintext.
+pub(crate) async fn open_sealed(
+    store: &dyn ObjectStore,
+    object: &str,
+    key: &Secret,
+) -> Result<Box<dyn AsyncRead + Send + Unpin>> {
+    let stored = store.open(object).await.map_err(Error::from)?;
+    let identities: Vec<Box<dyn age::Identity + Send + Sync>> =
+        vec![Box::new(pipeline::index_identity(key))];
+    Ok(Box::new(
+        pipeline::decrypt_stream(stored, &identities).await?,
+    ))
+}
+
 /// Reads a blob list written by a backup: the ids, or why it cannot be read.
 pub fn parse_blob_list(key: &Secret, sealed: &[u8]) -> std::result::Result<Vec<String>, String> {
     let plain = unseal(key, sealed).ok_or("it does not open with this policy's index key")?;
@@ -574,10 +588,7 @@ async fn known_blobs(
     let object = layout::backup_object(&ctx.source, backup, BLOB_LIST_OBJECT);
     let io = |e: std::io::Error| Error::failed(e.to_string());
     let read = async {
-        let stored = ctx.store.open(&object).await.map_err(Error::from)?;
-        let identities: Vec<Box<dyn age::Identity + Send + Sync>> =
-            vec![Box::new(pipeline::index_identity(key))];
-        let plain = pipeline::decrypt_stream(stored, &identities).await?;
+        let plain = open_sealed(ctx.store.as_ref(), &object, key).await?;
         let mut lines = tokio::io::AsyncBufReadExt::split(tokio::io::BufReader::new(plain), b'\n');
         let mut file = ids::SortedWriter::new().map_err(io)?;
         while let Some(line) = lines.next_segment().await.map_err(io)? {
