@@ -76,8 +76,12 @@ pub struct Context<'a> {
     pub keys: &'a Keys,
     /// What was found so far.
     pub report: &'a mut CheckReport,
-    /// Shared objects already checked in this run (a blob named by many snapshots is read once).
+    /// Shared objects already checked in this run (a WAL segment named by many backups is
+    /// read once).
     pub seen: std::collections::HashSet<String>,
+    /// Blobs already checked in this run (a blob named by many snapshots is read once), sorted
+    /// on the temp disk.
+    pub blobs_checked: Option<crate::sorted::SortedFile>,
 }
 
 impl Context<'_> {
@@ -148,6 +152,7 @@ pub async fn check(
     }
     let mut report = CheckReport::default();
     let mut seen = std::collections::HashSet::new();
+    let mut blobs_checked = None;
     for (s, id) in &dirs {
         let Some(stored) = with_manifest.get(&(s.clone(), id.clone())) else {
             report.incomplete.push(layout::backup_prefix(s, id));
@@ -179,9 +184,10 @@ pub async fn check(
             keys,
             report: &mut report,
             seen: std::mem::take(&mut seen),
+            blobs_checked: blobs_checked.take(),
         };
         manifest.kind.check_more(&mut ctx, &manifest).await?;
-        seen = ctx.seen;
+        (seen, blobs_checked) = (ctx.seen, ctx.blobs_checked);
     }
     for (key, detail) in repo.verifications(source).await?.1 {
         let (s, id) = layout::parse_verification_key(&key).unwrap_or_default();

@@ -18,6 +18,7 @@ pub mod policy;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod sorted;
 pub mod source;
 pub mod store;
 pub mod tls;

@@ -9,6 +9,26 @@ use lifeboat_tests::s3;
 use lifeboat_tests::CancellationToken;
 use tokio::io::AsyncReadExt;
 
+/// Puts (`put`) or deletes `keys`, 32 at a time.
+async fn put_or_delete(store: &Arc<dyn ObjectStore>, keys: &[String], put: bool) {
+    for chunk in keys.chunks(32) {
+        let mut all = tokio::task::JoinSet::new();
+        for k in chunk {
+            let (store, k) = (store.clone(), k.clone());
+            all.spawn(async move {
+                if put {
+                    store.put(&k, Bytes::from_static(b"x")).await
+                } else {
+                    store.delete(&k).await
+                }
+            });
+        }
+        while let Some(r) = all.join_next().await {
+            r.unwrap().unwrap();
+        }
+    }
+}
+
 async fn conformance(store: Arc<dyn ObjectStore>) {
     let what = store.describe();
     // put / get / size / open
@@ -69,6 +89,43 @@ async fn conformance(store: Arc<dyn ObjectStore>) {
         .map(|o| o.key)
         .collect();
     assert_eq!(all, vec!["a/b/two", "a/one", "ab/three"], "{what}");
+    // list_page: pages of LIST_PAGE in key order, resumed after a key, with a directory's keys
+    // sorting as `name/` (after `name.x`), the same keys as one list
+    let keys: Vec<String> = (0..store::LIST_PAGE + 10)
+        .map(|i| format!("p/d{}/k{i:05}", i % 3))
+        .chain(["p/d0.x".to_string(), "p/d2a".to_string(), "pq".to_string()])
+        .collect();
+    put_or_delete(&store, &keys, true).await;
+    let listed: Vec<String> = store
+        .list("p/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(listed.len(), store::LIST_PAGE + 12, "{what}");
+    let (mut paged, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let (page, more) = store.list_page("p/", after.as_deref()).await.unwrap();
+        pages += 1;
+        assert!(page.len() <= store::LIST_PAGE, "{what}");
+        paged.extend(page.into_iter().map(|o| o.key));
+        after = paged.last().cloned();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(pages, 2, "{what}");
+    assert_eq!(paged, listed, "{what}");
+    let (tail, more) = store.list_page("p/", Some("p/d1")).await.unwrap();
+    assert!(!more, "{what}");
+    let want: Vec<&String> = listed.iter().filter(|k| k.as_str() > "p/d1").collect();
+    assert_eq!(
+        tail.iter().map(|o| &o.key).collect::<Vec<_>>(),
+        want,
+        "{what}"
+    );
+    put_or_delete(&store, &keys, false).await;
     // delete, also of a missing object
     store.delete("a/one").await.unwrap();
     store.delete("a/one").await.unwrap();

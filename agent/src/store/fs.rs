@@ -141,10 +141,12 @@ fn write_exclusive(path: &Path, data: &[u8]) -> io::Result<()> {
     write_via_temp(path, data, |tmp, path| std::fs::hard_link(tmp, path))
 }
 
+/// Every file under `dir`: objects go to `out` when it is given (their metadata read), the
+/// temp files of unfinished writes to `temps`.
 fn walk(
     root: &Path,
     dir: &Path,
-    out: &mut Vec<ObjectInfo>,
+    mut out: Option<&mut Vec<ObjectInfo>>,
     temps: &mut Vec<String>,
 ) -> io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
@@ -156,24 +158,83 @@ fn walk(
         let entry = entry?;
         let path = entry.path();
         let ft = entry.file_type()?;
-        let rel = path
-            .strip_prefix(root)
-            .map(|p| p.to_string_lossy().replace('\\', "/"))
-            .unwrap_or_default();
+        let rel = || {
+            path.strip_prefix(root)
+                .map(|p| p.to_string_lossy().replace('\\', "/"))
+                .unwrap_or_default()
+        };
         if ft.is_dir() {
-            walk(root, &path, out, temps)?;
+            walk(root, &path, out.as_deref_mut(), temps)?;
         } else if ft.is_file() {
             if is_temp(&entry.file_name().to_string_lossy()) {
-                temps.push(rel);
-            } else {
+                temps.push(rel());
+            } else if let Some(out) = out.as_deref_mut() {
                 let meta = entry.metadata()?;
                 out.push(ObjectInfo {
-                    key: rel,
+                    key: rel(),
                     size: meta.len(),
                     etag: None,
                     modified: meta.modified().ok().map(chrono::DateTime::from),
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// One page of keys under `prefix` after `after`, in byte order: directories are read sorted
+/// (a directory's name sorting as `name/`, as its keys do) and those wholly at or before
+/// `after` are not entered, so a page costs about one directory read, not a walk of the tree.
+fn walk_page(
+    root: &Path,
+    dir: &Path,
+    prefix: &str,
+    after: Option<&str>,
+    out: &mut Vec<ObjectInfo>,
+    limit: usize,
+) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut sorted = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        if !ft.is_dir() && !ft.is_file() {
+            continue;
+        }
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .map(|p| p.to_string_lossy().replace('\\', "/"))
+            .unwrap_or_default();
+        let key = if ft.is_dir() { format!("{rel}/") } else { rel };
+        sorted.push((key, entry));
+    }
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, entry) in sorted {
+        if out.len() >= limit {
+            break;
+        }
+        if key.ends_with('/') {
+            let before = after.is_some_and(|a| a > key.as_str() && !a.starts_with(&key));
+            let outside = !key.starts_with(prefix) && !prefix.starts_with(&key);
+            if !before && !outside {
+                walk_page(root, &entry.path(), prefix, after, out, limit)?;
+            }
+        } else if key.starts_with(prefix)
+            && after.is_none_or(|a| key.as_str() > a)
+            && !is_temp(&entry.file_name().to_string_lossy())
+        {
+            let meta = entry.metadata()?;
+            out.push(ObjectInfo {
+                key,
+                size: meta.len(),
+                etag: None,
+                modified: meta.modified().ok().map(chrono::DateTime::from),
+            });
         }
     }
     Ok(())
@@ -233,10 +294,31 @@ impl ObjectStore for FsStore {
         blocking("list", prefix, move || {
             let mut out = Vec::new();
             let mut temps = Vec::new();
-            walk(&root, &start, &mut out, &mut temps)?;
+            walk(&root, &start, Some(&mut out), &mut temps)?;
             out.retain(|o| o.key.starts_with(&prefix_owned));
             out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
+        })
+        .await
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<(Vec<ObjectInfo>, bool), StoreError> {
+        let root = self.root.clone();
+        let dir_part = prefix.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        let start = root.join(dir_part);
+        let (prefix, after) = (prefix.to_string(), start_after.map(str::to_string));
+        let shown = prefix.clone();
+        blocking("list", &shown, move || {
+            let mut out = Vec::new();
+            let limit = super::LIST_PAGE + 1;
+            walk_page(&root, &start, &prefix, after.as_deref(), &mut out, limit)?;
+            let more = out.len() > super::LIST_PAGE;
+            out.truncate(super::LIST_PAGE);
+            Ok((out, more))
         })
         .await
     }
@@ -293,9 +375,8 @@ impl ObjectStore for FsStore {
     async fn pending_uploads(&self) -> Result<Vec<PendingUpload>, StoreError> {
         let root = self.root.clone();
         blocking("list", "", move || {
-            let mut out = Vec::new();
             let mut temps = Vec::new();
-            walk(&root, &root, &mut out, &mut temps)?;
+            walk(&root, &root, None, &mut temps)?;
             Ok(temps
                 .into_iter()
                 .map(|t| {

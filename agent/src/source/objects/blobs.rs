@@ -13,16 +13,15 @@
 //!   old enough to collect is one no running backup relies on.
 //! - Deletions run under the `blobs` lease, checked before each one.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 
 use crate::collect::{Collection, CollectionPlan};
 use crate::error::{Error, Result};
 use crate::policy::Secret;
-use crate::repo::manifest::Role;
 use crate::repo::{layout, Repository};
+use crate::sorted;
 use crate::source::objects;
 
 /// Unreferenced blobs younger than this are left alone.
@@ -30,6 +29,9 @@ pub const GRACE: std::time::Duration = crate::retention::GRACE;
 
 /// Plans the collection of the blobs no published objects backup names, except the backups in
 /// `ignoring` (source, id): those a prune is about to delete. Deletes nothing.
+///
+/// Memory stays bounded: the blob lists are sorted together on the temp disk, and merged in one
+/// pass with the stored blobs, listed page by page in the same (key, hence id) order.
 pub async fn plan(
     repo: &Repository,
     index_key: Option<&Secret>,
@@ -41,14 +43,19 @@ pub async fn plan(
         referenced_as: "named by snapshots",
         ..Collection::default()
     };
-    let stored = repo
-        .store
-        .list(&layout::blobs_prefix())
-        .await
-        .map_err(|e| Error::from(e).context("listing stored blobs"))?;
-    out.stored = stored.len() as u64;
+    let prefix = layout::blobs_prefix();
+    let list = |after: Option<String>| {
+        let prefix = &prefix;
+        async move {
+            repo.store
+                .list_page(prefix, after.as_deref())
+                .await
+                .map_err(|e| Error::from(e).context("listing stored blobs"))
+        }
+    };
+    let (mut page, mut more) = list(None).await?;
     let nothing = CollectionPlan::nothing;
-    if stored.is_empty() {
+    if page.is_empty() {
         return Ok(nothing(out));
     }
     let referenced = match referenced(repo, index_key, ignoring).await? {
@@ -59,36 +66,59 @@ pub async fn plan(
             return Ok(nothing(out));
         }
     };
-    out.referenced = referenced.len() as u64;
+    let sort_failed =
+        |e: std::io::Error| Error::failed(format!("sorting blob ids on the temp disk: {e}"));
+    let mut referenced =
+        sorted::Cursor::new(referenced.iter().map_err(sort_failed)?).map_err(sort_failed)?;
     let cutoff = now - chrono::Duration::from_std(GRACE).unwrap_or_default();
     let mut doomed = Vec::new();
-    let mut present = HashSet::new();
-    for o in &stored {
-        let Some(id) = o
-            .key
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.strip_suffix(".age"))
-        else {
-            continue;
-        };
-        present.insert(id);
-        if referenced.contains(id) {
-            continue;
+    let mut last = None;
+    loop {
+        for o in &page {
+            out.stored += 1;
+            let Some(id) = o
+                .key
+                .rsplit('/')
+                .next()
+                .and_then(|n| n.strip_suffix(".age"))
+                .and_then(objects::unhex32)
+            else {
+                continue;
+            };
+            // Only keys this layout writes, in the order the merge relies on: anything else
+            // is never deleted, and a listing out of order stops the collection.
+            if o.key != layout::blob(&hex::encode(id)) {
+                continue;
+            }
+            if last.is_some_and(|l| l >= id) {
+                out.skipped = Some(format!(
+                    "the repository listed {} out of order; nothing was collected",
+                    o.key
+                ));
+                out.deleted = 0;
+                out.deleted_bytes = 0;
+                return Ok(nothing(out));
+            }
+            last = Some(id);
+            if referenced.holds(&id).map_err(sort_failed)? {
+                out.referenced += 1;
+            } else if o.modified.is_some_and(|m| m < cutoff) {
+                out.deleted += 1;
+                out.deleted_bytes += o.size;
+                doomed.push(o.key.clone());
+            } else {
+                out.young += 1;
+            }
         }
-        if o.modified.is_some_and(|m| m < cutoff) {
-            out.deleted += 1;
-            out.deleted_bytes += o.size;
-            doomed.push(o.key.clone());
-        } else {
-            out.young += 1;
+        match (more, page.last()) {
+            (true, Some(last)) => (page, more) = list(Some(last.key.clone())).await?,
+            _ => break,
         }
     }
-    out.missing = referenced
-        .iter()
-        .filter(|id| !present.contains(id.as_str()))
-        .count() as u64;
-    if referenced.is_empty() && !doomed.is_empty() {
+    // Named but never listed: missing.
+    out.missing = referenced.finish().map_err(sort_failed)?;
+    out.referenced += out.missing;
+    if out.referenced == 0 && !doomed.is_empty() {
         // Blobs but no snapshot naming any: a listing that came back wrong looks the same.
         out.skipped = Some(format!(
             "{} blobs are stored but no published objects backup names any; refusing to delete them all",
@@ -101,19 +131,25 @@ pub async fn plan(
     Ok(CollectionPlan::new(out, doomed, "blobs"))
 }
 
-/// Every blob the published objects backups name, or why that cannot be known.
+/// Every blob the published objects backups name, sorted on the temp disk, each once; or why
+/// that cannot be known. The lists are added one backup at a time to a sorted union, so the
+/// temp disk holds each distinct id once (twice while a list is added), not once per backup.
 async fn referenced(
     repo: &Repository,
     index_key: Option<&Secret>,
     ignoring: &HashSet<(String, String)>,
-) -> Result<std::result::Result<BTreeSet<String>, String>> {
+) -> Result<std::result::Result<sorted::SortedFile, String>> {
+    let sort_failed =
+        |e: std::io::Error| Error::failed(format!("sorting blob ids on the temp disk: {e}"));
     let listing = repo.list(None).await?;
     if let Some((source, id, why)) = listing.damaged.first() {
         return Ok(Err(format!(
             "the manifest of {source}/{id} cannot be read ({why}); run `lifeboat check`"
         )));
     }
-    let mut all = BTreeSet::new();
+    let mut all = sorted::SortedWriter::new()
+        .and_then(sorted::SortedWriter::finish)
+        .map_err(sort_failed)?;
     for e in listing
         .backups
         .iter()
@@ -128,29 +164,17 @@ async fn referenced(
                 "the policy sets no encryption.index_key, which blob lists are sealed with".into(),
             ));
         };
-        let Some(part) = m.parts.iter().find(|p| p.role == Role::BlobList) else {
+        let mut list = sorted::Sorter::default();
+        if let Err(why) = objects::read_blob_list(repo, m, key, |id| list.push(id)).await? {
             return Ok(Err(format!(
-                "backup {}/{} has no blob list (written by an older version); collection resumes once it is pruned",
-                m.source, m.id
-            )));
-        };
-        let object = layout::backup_object(&m.source, &m.id, &part.name);
-        let bytes = match repo.store.get(&object).await {
-            Ok(b) => b,
-            Err(crate::store::StoreError::NotFound { .. }) => {
-                return Ok(Err(format!("{object} is missing; run `lifeboat check`")))
-            }
-            Err(e) => return Err(Error::from(e).context(format!("reading {object}"))),
-        };
-        if hex::encode(Sha256::digest(&bytes)) != part.sha256_stored {
-            return Ok(Err(format!(
-                "{object} does not match its manifest; run `lifeboat check`"
+                "{why}; collection resumes once `lifeboat check` passes or that backup is pruned"
             )));
         }
-        match objects::parse_blob_list(key, &bytes) {
-            Ok(ids) => all.extend(ids),
-            Err(why) => return Ok(Err(format!("{object}: {why}"))),
+        let mut union = sorted::Union::new(Some(&all)).map_err(sort_failed)?;
+        for id in list.merged().map_err(sort_failed)? {
+            union.add(id.map_err(sort_failed)?).map_err(sort_failed)?;
         }
+        all = union.finish().map_err(sort_failed)?;
     }
     Ok(Ok(all))
 }

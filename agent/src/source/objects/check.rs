@@ -3,16 +3,20 @@
 //! stored (and, with `--read-data`, decrypt to its recorded SHA-256); with only the index key, the
 //! blob list says which blobs must be stored. A blob named by several snapshots is read once.
 
-use super::{parse_blob_list, BLOB_LIST_OBJECT};
+use futures::{StreamExt, TryStreamExt};
+
 use crate::check::Context;
 use crate::error::{ErrorKind, Result};
 use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Role};
 use crate::restore::{self, NoProgress};
+use crate::sorted;
 
-/// Checks the blobs `manifest`'s snapshot names, recording each damaged or missing one.
+/// Checks the blobs `manifest`'s snapshot names, recording each damaged or missing one. The
+/// names come sorted from the temp disk and are merged with those checked for earlier backups
+/// (also sorted there): memory does not grow with the number of blobs.
 pub async fn check_blobs(ctx: &mut Context<'_>, manifest: &Manifest) -> Result<()> {
-    let Some(blobs) = named_blobs(ctx, manifest).await? else {
+    let Some(named) = named_blobs(ctx, manifest).await? else {
         return Ok(());
     };
     if ctx.read_data && ctx.keys.identities.is_none() {
@@ -20,50 +24,117 @@ pub async fn check_blobs(ctx: &mut Context<'_>, manifest: &Manifest) -> Result<(
             "objects blobs were checked for presence only: re-hashing them needs the identity (--identity or LIFEBOAT_IDENTITY_FILE)".into(),
         );
     }
-    for (id, sha) in blobs {
-        if !ctx.seen.insert(id.clone()) {
+    let sort_failed =
+        |e: std::io::Error| crate::Error::failed(format!("sorting blob ids on the temp disk: {e}"));
+    // The union of what earlier backups named and what this one names, for the next.
+    let earlier = ctx.blobs_checked.take();
+    let mut union = sorted::Union::new(earlier.as_ref()).map_err(sort_failed)?;
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut rehash = true;
+    let mut last = None;
+    for named in named {
+        let named: Named = named.map_err(sort_failed)?;
+        let id: sorted::Id = named[..32].try_into().unwrap_or_default();
+        if last == Some(id) {
             continue;
         }
-        let key = layout::blob(&id);
+        last = Some(id);
+        if !union.add(id).map_err(sort_failed)? {
+            continue;
+        }
+        let sha = named[32..]
+            .iter()
+            .any(|b| *b != 0)
+            .then(|| hex::encode(&named[32..]));
+        batch.push((hex::encode(id), sha));
+        if batch.len() == BATCH {
+            check_batch(ctx, manifest, &mut batch, &mut rehash).await?;
+        }
+    }
+    check_batch(ctx, manifest, &mut batch, &mut rehash).await?;
+    ctx.blobs_checked = Some(union.finish().map_err(sort_failed)?);
+    Ok(())
+}
+
+/// Blobs checked at a time, [`CONCURRENCY`] at once: a store's latency is paid in parallel.
+const BATCH: usize = 256;
+
+/// Blobs checked at once.
+const CONCURRENCY: usize = 8;
+
+/// What checking one blob found.
+enum Found {
+    Missing,
+    /// Stored, of this size; and, when it was read, what reading it said.
+    Stored(u64, Option<Result<u64>>),
+}
+
+/// Checks the blobs of `batch` (id, content SHA-256 when known), emptying it: each must be
+/// stored and, with `--read-data` and an identity, decrypt to its SHA-256. `rehash` turns false
+/// when the identity does not open a blob (the rest are checked for presence only).
+async fn check_batch(
+    ctx: &mut Context<'_>,
+    manifest: &Manifest,
+    batch: &mut Vec<(String, Option<String>)>,
+    rehash: &mut bool,
+) -> Result<()> {
+    let store = ctx.repo.store.as_ref();
+    let identities = ctx
+        .keys
+        .identities
+        .as_deref()
+        .filter(|_| ctx.read_data && *rehash);
+    let found: Vec<Result<(String, Found)>> = futures::stream::iter(batch.drain(..))
+        .map(|(id, sha)| async move {
+            let key = layout::blob(&id);
+            let Some(size) = store.size(&key).await.map_err(crate::Error::from)? else {
+                return Ok((key, Found::Missing));
+            };
+            let read = match (identities, sha) {
+                (Some(identities), Some(sha)) => {
+                    let mut sink = tokio::io::sink();
+                    Some(super::restore::fetch_blob(store, &id, &sha, identities, &mut sink).await)
+                }
+                _ => None,
+            };
+            Ok((key, Found::Stored(size, read)))
+        })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await;
+    for f in found {
+        let (key, found) = f?;
         ctx.report.objects += 1;
-        let Some(size) = ctx
-            .repo
-            .store
-            .size(&key)
-            .await
-            .map_err(crate::Error::from)?
-        else {
-            ctx.problem(manifest, key, "missing (named by the snapshot)".into());
-            continue;
-        };
-        let (Some(identities), Some(sha), true) = (&ctx.keys.identities, sha, ctx.read_data) else {
-            continue;
-        };
-        let mut sink = tokio::io::sink();
-        match super::restore::fetch_blob(ctx.repo.store.as_ref(), &id, &sha, identities, &mut sink)
-            .await
-        {
-            Ok(_) => ctx.report.bytes_read += size,
-            Err(e) if e.kind == ErrorKind::Credential => {
-                ctx.report.notes.push(format!(
-                    "backup {} of {}: the identity does not open blob {key}; its blobs were not re-hashed",
-                    manifest.id, manifest.source
-                ));
-                return Ok(());
+        match found {
+            Found::Missing => ctx.problem(manifest, key, "missing (named by the snapshot)".into()),
+            Found::Stored(_, None) => {}
+            Found::Stored(size, Some(Ok(_))) => ctx.report.bytes_read += size,
+            Found::Stored(_, Some(Err(e))) if e.kind == ErrorKind::Credential => {
+                if *rehash {
+                    ctx.report.notes.push(format!(
+                        "backup {} of {}: the identity does not open blob {key}; its blobs were not re-hashed",
+                        manifest.id, manifest.source
+                    ));
+                }
+                *rehash = false;
             }
-            Err(e) => ctx.problem(manifest, key, e.message),
+            Found::Stored(_, Some(Err(e))) => ctx.problem(manifest, key, e.message),
         }
     }
     Ok(())
 }
 
+/// A blob id and the content SHA-256 the snapshot expects of it (zeros when only the blob list
+/// was read), raw.
+type Named = [u8; 64];
+
 /// The blobs the backup names, with their content SHA-256 when the snapshot could be read;
 /// `None` (with a note or a problem recorded) when neither key is there or what names them is
 /// damaged.
-async fn named_blobs(
-    ctx: &mut Context<'_>,
-    m: &Manifest,
-) -> Result<Option<Vec<(String, Option<String>)>>> {
+async fn named_blobs(ctx: &mut Context<'_>, m: &Manifest) -> Result<Option<sorted::Merged<64>>> {
+    let sort_failed =
+        |e: std::io::Error| crate::Error::failed(format!("sorting blob ids on the temp disk: {e}"));
+    let mut named = sorted::Sorter::<64>::default();
     if let Some(identities) = &ctx.keys.identities {
         let Ok(part) = restore::part(m, Role::Snapshot) else {
             ctx.problem(
@@ -76,15 +147,32 @@ async fn named_blobs(
         let read = async {
             let spooled =
                 restore::spool(ctx.repo, m, part, &std::env::temp_dir(), &NoProgress).await?;
-            super::restore::read_snapshot(&spooled, identities).await
+            let snapshot = super::restore::Snapshot::new(spooled, identities, None);
+            let mut entries = std::pin::pin!(snapshot.entries());
+            while let Some(e) = entries.try_next().await? {
+                let Some(blob) = &e.blob else {
+                    continue;
+                };
+                let mut pair = [0u8; 64];
+                let hex_ok = hex::decode_to_slice(blob, &mut pair[..32]).is_ok()
+                    && e.sha256
+                        .as_ref()
+                        .is_none_or(|sha| hex::decode_to_slice(sha, &mut pair[32..]).is_ok());
+                if !hex_ok {
+                    return Err(crate::Error::new(
+                        ErrorKind::Integrity,
+                        format!(
+                            "snapshot entry {}: a blob id or SHA-256 that is not hex",
+                            e.path
+                        ),
+                    ));
+                }
+                named.push(pair).map_err(sort_failed)?;
+            }
+            Ok(())
         };
         return match read.await {
-            Ok(entries) => Ok(Some(
-                entries
-                    .into_iter()
-                    .filter_map(|e| e.blob.map(|b| (b, e.sha256)))
-                    .collect(),
-            )),
+            Ok(()) => Ok(Some(named.merged().map_err(sort_failed)?)),
             Err(e) if e.kind == ErrorKind::Credential => {
                 ctx.report.notes.push(format!(
                     "backup {} of {}: the identity does not open its snapshot (another policy's keys?); its blobs were not checked",
@@ -105,16 +193,17 @@ async fn named_blobs(
         );
         return Ok(None);
     };
-    let key = layout::backup_object(&m.source, &m.id, BLOB_LIST_OBJECT);
-    let listed = match ctx.repo.store.get(&key).await {
-        Ok(bytes) => parse_blob_list(index_key, &bytes),
-        Err(e) => Err(e.to_string()),
-    };
+    let listed = super::read_blob_list(ctx.repo, m, index_key, |id| {
+        let mut pair = [0u8; 64];
+        pair[..32].copy_from_slice(&id);
+        named.push(pair)
+    })
+    .await?;
     match listed {
-        Ok(ids) => Ok(Some(ids.into_iter().map(|id| (id, None)).collect())),
+        Ok(_) => Ok(Some(named.merged().map_err(sort_failed)?)),
         Err(why) => {
-            // Present and of its recorded hash (checked with the manifest's objects): a list
-            // sealed with another policy's index key, most likely.
+            // A list sealed with another policy's index key, most likely; a damaged one is
+            // named by the manifest's own check.
             ctx.report.notes.push(format!(
                 "backup {} of {}: its blob list cannot be read ({why}); its blobs were not checked",
                 m.id, m.source

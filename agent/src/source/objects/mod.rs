@@ -21,7 +21,6 @@
 
 pub mod blobs;
 pub mod check;
-mod ids;
 mod index;
 mod listing;
 pub mod policy;
@@ -50,6 +49,7 @@ use crate::policy::Secret;
 use crate::repo::layout;
 use crate::repo::manifest::Role;
 use crate::repo::origin::Origin;
+use crate::sorted;
 use crate::store::{self, ObjectStore};
 
 /// Object name of the snapshot listing.
@@ -185,30 +185,65 @@ pub fn encode_snapshot(entries: &[Entry]) -> Result<Vec<u8>> {
 
 /// Parses a snapshot; every path must stay inside the target (no `..`, not absolute).
 pub fn decode_snapshot(bytes: &[u8]) -> Result<Vec<Entry>> {
-    let mut out = Vec::new();
-    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
-        if line.is_empty() {
-            continue;
-        }
-        let e: Entry = serde_json::from_slice(line).map_err(|e| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("snapshot line {}: {e}", i + 1),
-            )
-        })?;
-        if !safe_path(&e.path) {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "snapshot line {}: the path {:?} leaves the target",
-                    i + 1,
-                    e.path
-                ),
-            ));
-        }
-        out.push(e);
+    bytes
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.is_empty())
+        .map(|(i, line)| decode_line(i + 1, line))
+        .collect()
+}
+
+/// Parses line `n` of a snapshot.
+fn decode_line(n: usize, line: &[u8]) -> Result<Entry> {
+    let e: Entry = serde_json::from_slice(line)
+        .map_err(|e| Error::new(ErrorKind::Integrity, format!("snapshot line {n}: {e}")))?;
+    if !safe_path(&e.path) {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!("snapshot line {n}: the path {:?} leaves the target", e.path),
+        ));
     }
-    Ok(out)
+    Ok(e)
+}
+
+/// A snapshot's entries read one at a time from its plaintext, each checked as
+/// [`decode_snapshot`] checks them: a snapshot of any size is never held whole.
+pub struct SnapshotReader<R> {
+    r: R,
+    line: Vec<u8>,
+    n: usize,
+}
+
+impl<R: tokio::io::AsyncBufRead + Unpin> SnapshotReader<R> {
+    /// Reads the snapshot `r` holds.
+    pub fn new(r: R) -> Self {
+        SnapshotReader {
+            r,
+            line: Vec::new(),
+            n: 0,
+        }
+    }
+
+    /// The next entry, `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Entry>> {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            self.line.clear();
+            let got = self
+                .r
+                .read_until(b'\n', &mut self.line)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Integrity, format!("the snapshot: {e}")))?;
+            if got == 0 {
+                return Ok(None);
+            }
+            self.n += 1;
+            let line = self.line.strip_suffix(b"\n").unwrap_or(&self.line);
+            if !line.is_empty() {
+                return decode_line(self.n, line).map(Some);
+            }
+        }
+    }
 }
 
 fn safe_path(p: &str) -> bool {
@@ -408,6 +443,86 @@ pub(crate) async fn open_sealed(
     ))
 }
 
+/// Calls `each` with every id of a blob list's plaintext, in its order; returns how many.
+async fn each_id(
+    plain: impl AsyncRead + Unpin,
+    mut each: impl FnMut(sorted::Id) -> std::io::Result<()>,
+) -> Result<u64> {
+    let io = |e: std::io::Error| Error::failed(format!("reading the blob list: {e}"));
+    let mut lines = tokio::io::AsyncBufReadExt::split(tokio::io::BufReader::new(plain), b'\n');
+    let mut n = 0;
+    while let Some(line) = lines.next_segment().await.map_err(io)? {
+        let id = std::str::from_utf8(&line)
+            .ok()
+            .and_then(unhex32)
+            .ok_or_else(|| Error::new(ErrorKind::Integrity, "a line that is not a blob id"))?;
+        each(id).map_err(|e| Error::failed(format!("sorting blob ids on the temp disk: {e}")))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Reads the blob list of backup `m` as a stream (checked against the manifest, decrypted with
+/// the index key), calling `each` with every id; returns how many. `Ok(Err(why))` when the list
+/// is missing, damaged or sealed with another key; `Err` when the repository cannot be read.
+pub(crate) async fn read_blob_list(
+    repo: &crate::repo::Repository,
+    m: &crate::repo::manifest::Manifest,
+    key: &Secret,
+    mut each: impl FnMut(sorted::Id) -> std::io::Result<()>,
+) -> Result<std::result::Result<u64, String>> {
+    let Some(part) = m.parts.iter().find(|p| p.role == Role::BlobList) else {
+        return Ok(Err(format!(
+            "backup {}/{} has no blob list (written by an older version)",
+            m.source, m.id
+        )));
+    };
+    let object = layout::backup_object(&m.source, &m.id, &part.name);
+    match repo.store.size(&object).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Ok(Err(format!("{object} is missing"))),
+        Err(e) => return Err(Error::from(e).context(format!("reading {object}"))),
+    }
+    // What reading it found wrong with it (the message names it), or an error of the repository.
+    let unreadable = |e: Error| match e.kind {
+        ErrorKind::Integrity | ErrorKind::Credential => Ok(Err(e.message)),
+        _ => Err(e.context(format!("reading {object}"))),
+    };
+    if !part.format.contains("zstd") {
+        // An empty list, or one written whole by an older version: read whole.
+        let bytes = match repo.store.get(&object).await {
+            Ok(b) => b,
+            Err(e) => return unreadable(Error::from(e).context(&object)),
+        };
+        if hex::encode(Sha256::digest(&bytes)) != part.sha256_stored {
+            return Ok(Err(format!("{object} does not match its manifest")));
+        }
+        return Ok(match parse_blob_list(key, &bytes) {
+            Ok(ids) => {
+                for id in &ids {
+                    each(unhex32(id).unwrap_or_default())
+                        .map_err(|e| Error::failed(format!("sorting blob ids: {e}")))?;
+                }
+                Ok(ids.len() as u64)
+            }
+            Err(why) => Err(format!("{object}: {why}")),
+        });
+    }
+    let dir = std::env::temp_dir();
+    let spooled =
+        match crate::restore::spool(repo, m, part, &dir, &crate::restore::NoProgress).await {
+            Ok(s) => s,
+            Err(e) => return unreadable(e),
+        };
+    let identities: Vec<Box<dyn age::Identity + Send + Sync>> =
+        vec![Box::new(pipeline::index_identity(key))];
+    let read = async { each_id(spooled.plaintext(&identities).await?, each).await };
+    match read.await {
+        Ok(n) => Ok(Ok(n)),
+        Err(e) => unreadable(e.context(&object)),
+    }
+}
+
 /// Reads a blob list written by a backup: the ids, or why it cannot be read.
 pub fn parse_blob_list(key: &Secret, sealed: &[u8]) -> std::result::Result<Vec<String>, String> {
     let plain = unseal(key, sealed).ok_or("it does not open with this policy's index key")?;
@@ -583,21 +698,14 @@ async fn known_blobs(
     ctx: &BackupContext,
     key: &Secret,
     backup: Option<&str>,
-) -> Option<ids::SortedFile> {
+) -> Option<sorted::SortedFile> {
     let backup = backup?;
     let object = layout::backup_object(&ctx.source, backup, BLOB_LIST_OBJECT);
     let io = |e: std::io::Error| Error::failed(e.to_string());
     let read = async {
         let plain = open_sealed(ctx.store.as_ref(), &object, key).await?;
-        let mut lines = tokio::io::AsyncBufReadExt::split(tokio::io::BufReader::new(plain), b'\n');
-        let mut file = ids::SortedWriter::new().map_err(io)?;
-        while let Some(line) = lines.next_segment().await.map_err(io)? {
-            let id = std::str::from_utf8(&line)
-                .ok()
-                .and_then(unhex32)
-                .ok_or_else(|| Error::failed("a line that is not a blob id"))?;
-            file.push(id).map_err(io)?;
-        }
+        let mut file = sorted::SortedWriter::new().map_err(io)?;
+        each_id(plain, |id| file.push(id)).await?;
         file.finish().map_err(io)
     };
     match read.await {
@@ -659,9 +767,9 @@ struct Run<'a> {
     /// The backup the previous run's index describes: its snapshot is the last published.
     previous_backup: Option<&'a str>,
     /// Blobs the last published snapshot names: stored, and safe from collection.
-    known: tokio::sync::OnceCell<Option<ids::SortedFile>>,
+    known: tokio::sync::OnceCell<Option<sorted::SortedFile>>,
     /// One upload per blob id.
-    claims: Mutex<HashMap<ids::Id, Arc<tokio::sync::OnceCell<()>>>>,
+    claims: Mutex<HashMap<sorted::Id, Arc<tokio::sync::OnceCell<()>>>>,
     uploaded: std::sync::atomic::AtomicU64,
     semaphore: tokio::sync::Semaphore,
     /// Objects listed, then gone before they could be read.
@@ -748,7 +856,7 @@ impl Run<'_> {
 
     /// Whether the last published snapshot names blob `id` (its blob list, fetched into a temp
     /// file at the first question: a run where nothing new is read never fetches it).
-    async fn known(&self, id: &ids::Id) -> bool {
+    async fn known(&self, id: &sorted::Id) -> bool {
         let list = self
             .known
             .get_or_init(|| known_blobs(self.ctx, self.key, self.previous_backup))
@@ -767,7 +875,7 @@ impl Run<'_> {
     /// the first one's upload, and makes its own if that one failed. Finished uploads are
     /// forgotten past [`CLAIMS_KEPT`] (a later copy of one is stored again, harmlessly), so
     /// that a first run over millions of objects keeps no map of them all.
-    fn claim(&self, id: ids::Id) -> Result<Arc<tokio::sync::OnceCell<()>>> {
+    fn claim(&self, id: sorted::Id) -> Result<Arc<tokio::sync::OnceCell<()>>> {
         let mut claims = self
             .claims
             .lock()
@@ -1039,7 +1147,7 @@ const BLOB_LIST_FORMAT: &str = "lifeboat-blob-ids+zstd+index-key";
 async fn store_blob_list(
     ctx: &BackupContext,
     key: &Secret,
-    blobs: ids::Sorter,
+    blobs: sorted::Sorter,
 ) -> Result<(crate::repo::manifest::Part, u64)> {
     let sort_failed =
         |e: std::io::Error| Error::failed(format!("sorting blob ids on the temp disk: {e}"));
@@ -1102,7 +1210,7 @@ struct Tally {
     symlinks: u64,
     bytes: u64,
     /// Every blob id named, sorted on the temp disk.
-    blobs: ids::Sorter,
+    blobs: sorted::Sorter,
     /// [`tree_sha256`], incrementally.
     tree: Sha256,
 }
@@ -1125,7 +1233,7 @@ impl Tally {
     }
 }
 
-fn unhex32(s: &str) -> Option<[u8; 32]> {
+pub(crate) fn unhex32(s: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)

@@ -2,21 +2,21 @@
 //! file is written (a temp file renamed into place, or an upload completed) only once its
 //! content hash matched, so what is in place is always whole.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use serde::Serialize;
-use sha2::Digest;
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
-use super::{decode_snapshot, Entry, EntryKind};
+use super::{Entry, EntryKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Role};
 use crate::repo::Repository;
 use crate::restore::{part, spool, Progress};
+use crate::sorted;
 use crate::store::{self, ObjectStore};
 
 /// Where an objects restore writes.
@@ -35,9 +35,93 @@ pub struct Pick<'a> {
     pub delete_extra: bool,
 }
 
+/// How many entries of each kind a snapshot holds.
+#[derive(Default)]
+struct Counts {
+    files: u64,
+    symlinks: u64,
+    all: u64,
+}
+
+/// A spooled, checked snapshot, read from its start as often as a restore needs (each pass
+/// decrypts it again: nothing of it is held), filtered to the restored path.
+pub struct Snapshot<'a> {
+    spooled: crate::restore::Spooled,
+    identities: &'a [Box<dyn age::Identity + Send + Sync>],
+    only: Option<&'a str>,
+}
+
+impl<'a> Snapshot<'a> {
+    /// The snapshot `spooled` holds, all of it or what is at `only`.
+    pub fn new(
+        spooled: crate::restore::Spooled,
+        identities: &'a [Box<dyn age::Identity + Send + Sync>],
+        only: Option<&'a str>,
+    ) -> Self {
+        Snapshot {
+            spooled,
+            identities,
+            only,
+        }
+    }
+
+    /// Its entries, in the order they were written.
+    pub fn entries(&self) -> impl futures::Stream<Item = Result<Entry>> + Send + '_ {
+        futures::stream::once(async move {
+            let plain = self.spooled.plaintext(self.identities).await?;
+            let r =
+                super::SnapshotReader::new(tokio::io::BufReader::with_capacity(64 << 10, plain));
+            Ok::<_, Error>(futures::stream::try_unfold(r, |mut r| async move {
+                Ok(r.next().await?.map(|e| (e, r)))
+            }))
+        })
+        .try_flatten()
+        .try_filter(move |e| futures::future::ready(self.only.is_none_or(|p| under(&e.path, p))))
+    }
+
+    /// Its entries of `kind`.
+    fn of(&self, kind: EntryKind) -> impl futures::Stream<Item = Result<Entry>> + Send + '_ {
+        self.entries()
+            .try_filter(move |e| futures::future::ready(e.kind == kind))
+    }
+
+    /// Counts its entries, reading it once.
+    async fn counts(&self) -> Result<Counts> {
+        self.entries()
+            .try_fold(Counts::default(), |mut c, e| {
+                c.all += 1;
+                match e.kind {
+                    EntryKind::File => c.files += 1,
+                    EntryKind::Symlink => c.symlinks += 1,
+                    EntryKind::Dir => {}
+                }
+                futures::future::ready(Ok(c))
+            })
+            .await
+    }
+
+    /// The paths it holds, for the lookups of `--delete-extra`: their SHA-256s sorted on the
+    /// temp disk.
+    async fn paths(&self) -> Result<sorted::SortedFile> {
+        let io = |e: std::io::Error| Error::failed(format!("sorting paths on the temp disk: {e}"));
+        let mut sorter = sorted::Sorter::default();
+        let mut all = std::pin::pin!(self.entries());
+        while let Some(e) = all.try_next().await? {
+            sorter.push(path_id(&e.path)).map_err(io)?;
+        }
+        sorter.into_file().map_err(io)
+    }
+}
+
+/// The SHA-256 of a path, as `--delete-extra` looks it up.
+fn path_id(path: &str) -> sorted::Id {
+    Sha256::digest(path.as_bytes()).into()
+}
+
 /// Restores an objects snapshot into `target`: the snapshot is spooled and checked first, then
 /// every file is written (through a temp file renamed into place, or an upload completed) only
 /// once its content hash matched (exit 13 on the first that does not; what is in place is whole).
+/// The snapshot is read as a stream, once per pass: memory does not grow with its size.
 pub async fn restore_objects(
     repo: &Repository,
     manifest: &Manifest,
@@ -53,78 +137,59 @@ pub async fn restore_objects(
         Some(part.size_stored),
     );
     let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
-    let mut entries = read_snapshot(&spooled, identities).await?;
-    if let Some(path) = only {
-        entries.retain(|e| under(&e.path, path));
-        if entries.is_empty() {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!(
-                    "backup {} holds nothing at {path:?}",
-                    manifest.id
-                ),
-            )
-            .hint("a path is relative to the source's root, `/`-separated: a directory or one file; nothing was written"));
-        }
+    let snapshot = Snapshot::new(spooled, identities, only);
+    let counts = snapshot.counts().await?;
+    if let (Some(path), 0) = (only, counts.all) {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("backup {} holds nothing at {path:?}", manifest.id),
+        )
+        .hint("a path is relative to the source's root, `/`-separated: a directory or one file; nothing was written"));
     }
-    let files = entries.iter().filter(|e| e.kind == EntryKind::File).count();
     let shown = match target {
         ObjectsTarget::Dir(d) => d.display().to_string(),
         ObjectsTarget::Store(_, s) => s.clone(),
     };
     progress.phase(
-        &format!("restoring {files} file(s) into {shown}"),
-        Some(files as u64),
+        &format!("restoring {} file(s) into {shown}", counts.files),
+        Some(counts.files),
     );
     let p = progress.clone();
     let advance = move |n| p.advance(n);
-    match target {
+    let mut done = match target {
         ObjectsTarget::Dir(dir) => {
             restore_to_dir(
                 repo.store.clone(),
-                &entries,
+                &snapshot,
                 dir,
-                identities,
                 8,
                 delete_extra,
                 &advance,
             )
-            .await
+            .await?
         }
         ObjectsTarget::Store(store, _) => {
             restore_to_store(
                 repo.store.clone(),
-                &entries,
+                &snapshot,
                 store.clone(),
-                identities,
                 8,
                 delete_extra,
                 &advance,
             )
-            .await
+            .await?
         }
+    };
+    if matches!(target, ObjectsTarget::Store(..)) {
+        done.symlinks_skipped = counts.symlinks;
     }
+    Ok(done)
 }
 
 /// Whether snapshot path `path` is `prefix` or under it.
 fn under(path: &str, prefix: &str) -> bool {
     path.strip_prefix(prefix)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
-/// Reads a snapshot from its spooled, checked object.
-pub async fn read_snapshot(
-    spooled: &crate::restore::Spooled,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
-) -> Result<Vec<Entry>> {
-    let mut plain = Vec::new();
-    spooled
-        .plaintext(identities)
-        .await?
-        .read_to_end(&mut plain)
-        .await
-        .map_err(|e| Error::new(ErrorKind::Integrity, format!("{}: {e}", spooled.part.name)))?;
-    decode_snapshot(&plain)
 }
 
 /// Streams blob `id` decrypted into `out`, checking its SHA-256 against `sha256` at the end.
@@ -149,7 +214,7 @@ pub async fn fetch_blob(
     let mut plain = crate::pipeline::decrypt_stream(reader, identities)
         .await
         .map_err(|e| e.context(&key))?;
-    let mut h = sha2::Sha256::new();
+    let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut n = 0u64;
     loop {
@@ -197,85 +262,80 @@ pub struct Restored {
     pub symlinks_skipped: u64,
 }
 
-/// Writes `entries` under `target`: directories, then every file through a temp file beside it
-/// that is renamed into place only after its content hash matched; modes and mtimes restored.
-/// Never writes through a symbolic link.
+/// Writes the snapshot's entries under `target`: directories, then every file through a temp
+/// file beside it that is renamed into place only after its content hash matched, then links;
+/// modes and mtimes restored. Never writes through a symbolic link.
 pub async fn restore_to_dir(
     store: Arc<dyn ObjectStore>,
-    entries: &[Entry],
+    snapshot: &Snapshot<'_>,
     target: &Path,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
     concurrency: usize,
     delete_extra: bool,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Restored> {
     use std::os::unix::fs::PermissionsExt;
     let mut done = Restored::default();
+    let identities = snapshot.identities;
     tokio::fs::create_dir_all(target)
         .await
         .map_err(|e| Error::failed(format!("creating {}: {e}", target.display())))?;
-    for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+    let mut dirs = std::pin::pin!(snapshot.of(EntryKind::Dir));
+    while let Some(e) = dirs.try_next().await? {
         let p = inside(target, &e.path)?;
         tokio::fs::create_dir_all(&p)
             .await
             .map_err(|err| Error::failed(format!("creating {}: {err}", p.display())))?;
         done.dirs += 1;
     }
-    let files = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .map(|e| {
-            let store = store.clone();
-            async move {
-                let (sha, blob) = checked_entry(e)?;
-                let path = inside(target, &e.path)?;
-                let dir = path.parent().unwrap_or(target).to_path_buf();
-                tokio::fs::create_dir_all(&dir)
-                    .await
-                    .map_err(|err| Error::failed(format!("creating {}: {err}", dir.display())))?;
-                let tmp = tempfile::Builder::new()
-                    .prefix(".lifeboat-restore-")
-                    .tempfile_in(&dir)
-                    .map_err(|err| Error::failed(format!("writing in {}: {err}", dir.display())))?;
-                let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(|err| {
+    let files = snapshot.of(EntryKind::File).map_ok(|e| {
+        let store = store.clone();
+        async move {
+            let (sha, blob) = checked_entry(&e)?;
+            let path = inside(target, &e.path)?;
+            let dir = path.parent().unwrap_or(target).to_path_buf();
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|err| Error::failed(format!("creating {}: {err}", dir.display())))?;
+            let tmp = tempfile::Builder::new()
+                .prefix(".lifeboat-restore-")
+                .tempfile_in(&dir)
+                .map_err(|err| Error::failed(format!("writing in {}: {err}", dir.display())))?;
+            let mut out =
+                tokio::fs::File::from_std(tmp.reopen().map_err(|err| {
                     Error::failed(format!("writing in {}: {err}", dir.display()))
                 })?);
-                let n = match blob {
-                    Some(blob) => {
-                        fetch_blob(store.as_ref(), blob, sha, identities, &mut out).await?
-                    }
-                    None => 0,
-                };
-                drop(out);
-                let file = tmp.persist(&path).map_err(|err| {
-                    Error::failed(format!("writing {}: {}", path.display(), err.error))
-                })?;
-                if let Some(ms) = e.mtime_ms {
-                    let t =
-                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-                    let _ = file.set_modified(t);
-                }
-                if let Some(mode) = e.mode {
-                    let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
-                } else {
-                    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
-                }
-                progress(1);
-                Ok::<u64, Error>(n)
+            let n = match blob {
+                Some(blob) => fetch_blob(store.as_ref(), blob, sha, identities, &mut out).await?,
+                None => 0,
+            };
+            drop(out);
+            let file = tmp.persist(&path).map_err(|err| {
+                Error::failed(format!("writing {}: {}", path.display(), err.error))
+            })?;
+            if let Some(ms) = e.mtime_ms {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+                let _ = file.set_modified(t);
             }
-        });
+            let mode = e.mode.unwrap_or(0o644);
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+            progress(1);
+            Ok::<u64, Error>(n)
+        }
+    });
     (done.files, done.bytes) = run_writes(files, concurrency).await?;
     // Links after every file: nothing is ever written through one.
-    for e in entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
-        make_symlink(target, e)?;
+    let mut links = std::pin::pin!(snapshot.of(EntryKind::Symlink));
+    while let Some(e) = links.try_next().await? {
+        make_symlink(target, &e)?;
         done.symlinks += 1;
     }
     if delete_extra {
-        let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        let keep = snapshot.paths().await?;
         done.deleted = delete_extra_paths(target, target, &keep)?;
     }
     // Directory modes last: a read-only directory would have refused its files.
-    for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+    let mut dirs = std::pin::pin!(snapshot.of(EntryKind::Dir));
+    while let Some(e) = dirs.try_next().await? {
         if let Some(mode) = e.mode {
             let _ = std::fs::set_permissions(
                 inside(target, &e.path)?,
@@ -286,83 +346,81 @@ pub async fn restore_to_dir(
     Ok(done)
 }
 
-/// Writes the files of `entries` as objects of `target` (a bucket and prefix; directories have
+/// Writes the snapshot's files as objects of `target` (a bucket and prefix; directories have
 /// no objects there). Each object is completed only after its content hash matched: small ones
 /// are held in memory until then, larger ones go up as a multipart upload that is aborted on a
 /// mismatch. With `delete_extra`, objects under the prefix the snapshot does not hold go too.
 pub async fn restore_to_store(
     store: Arc<dyn ObjectStore>,
-    entries: &[Entry],
+    snapshot: &Snapshot<'_>,
     target: Arc<dyn ObjectStore>,
-    identities: &[Box<dyn age::Identity + Send + Sync>],
     concurrency: usize,
     delete_extra: bool,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Restored> {
-    let mut done = Restored {
-        symlinks_skipped: entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Symlink)
-            .count() as u64,
-        ..Restored::default()
-    };
-    let files = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .map(|e| {
-            let (store, target) = (store.clone(), target.clone());
-            async move {
-                let (sha, blob) = checked_entry(e)?;
-                let n = match blob {
-                    None => {
-                        target
-                            .put(&e.path, bytes::Bytes::new())
-                            .await
-                            .map_err(|err| {
-                                Error::from(err).context(format!("writing {}", e.path))
-                            })?;
-                        0
-                    }
-                    Some(blob) if e.size <= UPLOAD_PART as u64 => {
-                        let mut buf = Vec::with_capacity(e.size as usize);
-                        let n = fetch_blob(store.as_ref(), blob, sha, identities, &mut buf).await?;
-                        target
-                            .put(&e.path, bytes::Bytes::from(buf))
-                            .await
-                            .map_err(|err| {
-                                Error::from(err).context(format!("writing {}", e.path))
-                            })?;
-                        n
-                    }
-                    Some(blob) => {
-                        put_large(
-                            store.as_ref(),
-                            blob,
-                            sha,
-                            identities,
-                            target.as_ref(),
-                            &e.path,
-                        )
-                        .await?
-                    }
-                };
-                progress(1);
-                Ok::<u64, Error>(n)
-            }
-        });
+    let mut done = Restored::default();
+    let identities = snapshot.identities;
+    let files = snapshot.of(EntryKind::File).map_ok(|e| {
+        let (store, target) = (store.clone(), target.clone());
+        async move {
+            let (sha, blob) = checked_entry(&e)?;
+            let n = match blob {
+                None => {
+                    target
+                        .put(&e.path, bytes::Bytes::new())
+                        .await
+                        .map_err(|err| Error::from(err).context(format!("writing {}", e.path)))?;
+                    0
+                }
+                Some(blob) if e.size <= UPLOAD_PART as u64 => {
+                    let mut buf = Vec::with_capacity(e.size as usize);
+                    let n = fetch_blob(store.as_ref(), blob, sha, identities, &mut buf).await?;
+                    target
+                        .put(&e.path, bytes::Bytes::from(buf))
+                        .await
+                        .map_err(|err| Error::from(err).context(format!("writing {}", e.path)))?;
+                    n
+                }
+                Some(blob) => {
+                    put_large(
+                        store.as_ref(),
+                        blob,
+                        sha,
+                        identities,
+                        target.as_ref(),
+                        &e.path,
+                    )
+                    .await?
+                }
+            };
+            progress(1);
+            Ok::<u64, Error>(n)
+        }
+    });
     (done.files, done.bytes) = run_writes(files, concurrency).await?;
     if delete_extra {
-        let keep: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
-        let present = target
-            .list("")
-            .await
-            .map_err(|e| Error::from(e).context("listing the target"))?;
-        for o in present.iter().filter(|o| !keep.contains(o.key.as_str())) {
-            target
-                .delete(&o.key)
+        let keep = snapshot.paths().await?;
+        let sort_failed = |e: std::io::Error| Error::failed(format!("reading sorted paths: {e}"));
+        let mut after: Option<String> = None;
+        loop {
+            let (page, more) = target
+                .list_page("", after.as_deref())
                 .await
-                .map_err(|e| Error::from(e).context(format!("removing {}", o.key)))?;
-            done.deleted += 1;
+                .map_err(|e| Error::from(e).context("listing the target"))?;
+            for o in &page {
+                if keep.contains(&path_id(&o.key)).map_err(sort_failed)? {
+                    continue;
+                }
+                target
+                    .delete(&o.key)
+                    .await
+                    .map_err(|e| Error::from(e).context(format!("removing {}", o.key)))?;
+                done.deleted += 1;
+            }
+            match (more, page.last()) {
+                (true, Some(last)) => after = Some(last.key.clone()),
+                _ => break,
+            }
         }
     }
     Ok(done)
@@ -370,14 +428,15 @@ pub async fn restore_to_store(
 
 /// Runs a restore's per-file writes, `concurrency` at a time: (files, bytes) written.
 async fn run_writes(
-    writes: impl Iterator<Item = impl std::future::Future<Output = Result<u64>>>,
+    writes: impl futures::Stream<Item = Result<impl std::future::Future<Output = Result<u64>>>>,
     concurrency: usize,
 ) -> Result<(u64, u64)> {
-    let written: Vec<u64> = futures::stream::iter(writes)
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await?;
-    Ok((written.len() as u64, written.iter().sum()))
+    writes
+        .try_buffer_unordered(concurrency.max(1))
+        .try_fold((0, 0), |(files, bytes), n| {
+            futures::future::ready(Ok((files + 1, bytes + n)))
+        })
+        .await
 }
 
 /// Part size of a restore's multipart uploads (S3 wants at least 5 MiB).
@@ -460,7 +519,7 @@ fn checked_entry(e: &Entry) -> Result<(&str, Option<&str>)> {
 
 /// Removes what is under `dir` but not in `keep` (paths relative to `root`); never follows a
 /// symbolic link (a link itself is removed if the snapshot does not hold its path).
-fn delete_extra_paths(root: &Path, dir: &Path, keep: &HashSet<&str>) -> Result<u64> {
+fn delete_extra_paths(root: &Path, dir: &Path, keep: &sorted::SortedFile) -> Result<u64> {
     let mut n = 0;
     let entries = std::fs::read_dir(dir)
         .map_err(|e| Error::failed(format!("listing {}: {e}", dir.display())))?;
@@ -471,7 +530,10 @@ fn delete_extra_paths(root: &Path, dir: &Path, keep: &HashSet<&str>) -> Result<u
             .map(|r| r.to_string_lossy().to_string())
             .unwrap_or_default();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if keep.contains(rel.as_str()) {
+        let kept = keep
+            .contains(&path_id(&rel))
+            .map_err(|e| Error::failed(format!("reading sorted paths: {e}")))?;
+        if kept {
             if is_dir {
                 n += delete_extra_paths(root, &p, keep)?;
             }
@@ -592,11 +654,15 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
             }
             let cfg = restore_s3_config(req.policy, &m.source, bucket, prefix);
             let store: Arc<dyn ObjectStore> = Arc::new(store::s3::S3Store::new(&cfg).await?);
-            let existing = store
-                .list("")
+            // One page tells whether it is empty; a bucket is never listed whole here.
+            let (page, more) = store
+                .list_page("", None)
                 .await
-                .map_err(|e| Error::from(e).context(format!("listing {}", req.to)))?
-                .len();
+                .map_err(|e| Error::from(e).context(format!("listing {}", req.to)))?;
+            let existing = match (page.len(), more) {
+                (n, false) => n.to_string(),
+                (n, true) => format!("{n} or more"),
+            };
             let shown = req.to.to_string();
             (ObjectsTarget::Store(store, shown.clone()), shown, existing)
         }
@@ -614,7 +680,10 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
                 }
                 None => PathBuf::from(req.to),
             };
-            let existing = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            let existing = std::fs::read_dir(&dir)
+                .map(|d| d.count())
+                .unwrap_or(0)
+                .to_string();
             let shown = dir.display().to_string();
             (ObjectsTarget::Dir(dir), shown, existing)
         }
@@ -623,16 +692,17 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
         Some(p) => format!("the snapshot's files at {p:?}"),
         None => "the snapshot's files".to_string(),
     };
-    let action = match (existing, o.delete_extra) {
-        (0, _) => format!("write {what} into {shown}"),
-        (_, false) => format!(
+    let empty = existing == "0";
+    let action = match (empty, o.delete_extra) {
+        (true, _) => format!("write {what} into {shown}"),
+        (false, false) => format!(
             "{shown} holds {existing} entr(ies): files of the same path are replaced, others stay (--delete-extra removes them)"
         ),
-        (_, true) => format!(
+        (false, true) => format!(
             "{shown} holds {existing} entr(ies): files of the same path are replaced, and everything the snapshot does not hold is DELETED"
         ),
     };
-    let mut details = serde_json::json!({ "target": { "to": shown, "holds_data": existing > 0 } });
+    let mut details = serde_json::json!({ "target": { "to": shown, "holds_data": !empty } });
     if let Some(p) = &only {
         details["path"] = p.as_str().into();
     }
@@ -652,7 +722,7 @@ pub async fn plan(req: &crate::restore::Request<'_>) -> Result<crate::restore::P
         apply,
     );
     plan.interrupted = "interrupted; the target may hold part of the files (each one whole)".into();
-    if existing > 0 {
+    if !empty {
         plan.refusal = Some(Refusal::new(
             &format!("{shown} is not empty"),
             "restore into a new directory or prefix, or pass --yes to replace same-named files (RUNBOOK.md#restore-objects)",

@@ -3,21 +3,25 @@
 //! and the tree's hash against the fingerprint taken at capture. Nothing is written anywhere but
 //! the report.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
 
+use super::restore::Snapshot;
 use super::{EntryKind, Fingerprint};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::manifest::{Manifest, Role};
 use crate::repo::Repository;
+use crate::restore::Spooled;
+use crate::sorted;
 use crate::verify::{spool_and_fingerprint, Check, Context, Report, Steps, Verdict};
 
 /// The objects steps, and what they found.
 #[derive(Default)]
 pub struct ObjectsSteps {
-    snapshot: Option<(Vec<super::Entry>, Fingerprint)>,
+    snapshot: Option<(Spooled, Fingerprint)>,
 }
 
 #[async_trait(?Send)]
@@ -30,9 +34,8 @@ impl Steps for ObjectsSteps {
         let t0 = Instant::now();
         report.scratch = "none: blobs are re-hashed in memory".into();
         let (spooled, fp): (_, Fingerprint) = spool_and_fingerprint(ctx, Role::Snapshot).await?;
-        let entries = super::restore::read_snapshot(&spooled, ctx.identities).await?;
         report.timings.download_seconds = t0.elapsed().as_secs_f64();
-        self.snapshot = Some((entries, fp));
+        self.snapshot = Some((spooled, fp));
         Ok(())
     }
 
@@ -41,12 +44,13 @@ impl Steps for ObjectsSteps {
         ctx: &Context<'_>,
         report: &mut Report,
     ) -> Result<Verdict> {
-        let Some((entries, fp)) = &self.snapshot else {
+        let Some((spooled, fp)) = self.snapshot.take() else {
             return Err(Error::failed(
                 "verification steps out of order: nothing prepared",
             ));
         };
-        rehash(ctx, entries, fp, report).await
+        let snapshot = Snapshot::new(spooled, ctx.identities, None);
+        rehash(ctx, &snapshot, &fp, report).await
     }
 
     async fn teardown(&mut self) {
@@ -54,97 +58,166 @@ impl Steps for ObjectsSteps {
     }
 }
 
+/// A blob id and the content SHA-256 the snapshot expects of it, raw: sorted on the temp disk.
+type Named = [u8; 64];
+
+/// What one read of the snapshot finds: its counts, its tree hash, and each blob it names.
+struct Read {
+    files: u64,
+    symlinks: u64,
+    tree: Sha256,
+    blobs: sorted::Sorter<64>,
+}
+
+/// Reads the snapshot once, as a stream.
+async fn read(snapshot: &Snapshot<'_>) -> Result<Read> {
+    let mut r = Read {
+        files: 0,
+        symlinks: 0,
+        tree: Sha256::new(),
+        blobs: sorted::Sorter::default(),
+    };
+    let mut entries = std::pin::pin!(snapshot.entries());
+    while let Some(e) = entries.try_next().await? {
+        super::tree_line(&mut r.tree, &e);
+        match e.kind {
+            EntryKind::File => r.files += 1,
+            EntryKind::Symlink => r.symlinks += 1,
+            EntryKind::Dir => {}
+        }
+        let (Some(blob), Some(sha)) = (&e.blob, &e.sha256) else {
+            continue;
+        };
+        let mut named = [0u8; 64];
+        let (id, content) = named.split_at_mut(32);
+        if hex::decode_to_slice(blob, id).is_err() || hex::decode_to_slice(sha, content).is_err() {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "snapshot entry {}: a blob id or SHA-256 that is not hex",
+                    e.path
+                ),
+            ));
+        }
+        r.blobs
+            .push(named)
+            .map_err(|e| Error::failed(format!("sorting blob ids on the temp disk: {e}")))?;
+    }
+    Ok(r)
+}
+
 /// Every blob the snapshot names (or the day's share of them) re-hashed, the snapshot's counts
-/// and tree hash against the fingerprint, and its blob list against the snapshot.
+/// and tree hash against the fingerprint, and its blob list against the snapshot. The snapshot
+/// is read once as a stream, and its blobs come back from the temp disk sorted, each once.
 async fn rehash(
     ctx: &Context<'_>,
-    entries: &[super::Entry],
+    snapshot: &Snapshot<'_>,
     fp: &Fingerprint,
     report: &mut Report,
 ) -> Result<Verdict> {
-    let (repo, identities) = (ctx.repo, ctx.identities);
+    let repo = ctx.repo;
     let cover_days = ctx.source.verify.cover_days;
     let index_key = ctx.policy.encryption.index_key.as_ref();
-    let files = entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64;
+    let read = read(snapshot).await?;
     report.checks.push(Check::eq(
         "files in the snapshot",
         fp.files.to_string(),
-        files.to_string(),
+        read.files.to_string(),
     ));
     report.checks.push(Check::eq(
         "symlinks in the snapshot",
         fp.symlinks.to_string(),
-        entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Symlink)
-            .count()
-            .to_string(),
+        read.symlinks.to_string(),
     ));
     report.checks.push(Check::eq(
         "tree SHA-256",
         fp.tree_sha256.clone(),
-        super::tree_sha256(entries),
+        hex::encode(read.tree.finalize()),
     ));
-    // Each distinct blob once, with the content hash the snapshot expects of it.
-    let all: BTreeMap<&str, &str> = entries
-        .iter()
-        .filter_map(|e| Some((e.blob.as_deref()?, e.sha256.as_deref()?)))
-        .collect();
+    let sort_failed =
+        |e: std::io::Error| Error::failed(format!("sorting blob ids on the temp disk: {e}"));
     // The blob list is what blob collection keeps: it must name every blob the snapshot needs.
-    match index_key {
-        Some(key) => {
-            let check = blob_list_check(repo, &ctx.entry.manifest, key, &all).await;
-            report.checks.push(check);
+    let mut listed = match index_key {
+        Some(key) => Some(blob_list(repo, &ctx.entry.manifest, key).await?),
+        None => {
+            report
+                .notes
+                .push("blob list not checked: the policy has no encryption.index_key".into());
+            None
         }
-        None => report
-            .notes
-            .push("blob list not checked: the policy has no encryption.index_key".into()),
-    }
+    };
     // A rolling sample: blob ids are uniform, so their first 32 bits split them into
     // `cover_days` even groups, and today's group is re-hashed; every blob once per cycle.
-    let blobs: BTreeMap<&str, &str> = match cover_days {
-        Some(n) if n > 1 => {
-            let today = (chrono::Utc::now().timestamp() / 86_400) as u64 % u64::from(n);
-            let picked: BTreeMap<&str, &str> = all
-                .iter()
-                .filter(|(id, _)| {
-                    u64::from_str_radix(id.get(..8).unwrap_or("0"), 16).unwrap_or(0) % u64::from(n)
-                        == today
-                })
-                .map(|(k, v)| (*k, *v))
-                .collect();
-            report.notes.push(format!(
-                "rolling sample, day {} of {n}: {} of {} blobs re-hashed; every blob is covered every {n} days",
-                today + 1,
-                picked.len(),
-                all.len()
-            ));
-            picked
-        }
-        _ => all,
-    };
+    let sample = cover_days.filter(|n| *n > 1).map(|n| {
+        let today = (chrono::Utc::now().timestamp() / 86_400) as u64 % u64::from(n);
+        (u64::from(n), today)
+    });
     let t1 = Instant::now();
-    let mut failed = Vec::new();
-    for (id, sha) in &blobs {
-        let mut sink = tokio::io::sink();
-        if let Err(e) =
-            super::restore::fetch_blob(repo.store.as_ref(), id, sha, identities, &mut sink).await
-        {
-            if e.kind == ErrorKind::Credential {
-                return Err(e);
+    let (mut all, mut picked, mut missing) = (0u64, 0u64, 0u64);
+    let mut failed = Failed::default();
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut last: Option<[u8; 32]> = None;
+    for named in read.blobs.merged().map_err(sort_failed)? {
+        let named: Named = named.map_err(sort_failed)?;
+        let id: [u8; 32] = named[..32].try_into().unwrap_or_default();
+        // A blob named with two content hashes comes twice: both are re-hashed (one fails).
+        if last != Some(id) {
+            last = Some(id);
+            all += 1;
+            if let Some(Ok(list)) = &mut listed {
+                if !list.holds(&id).map_err(sort_failed)? {
+                    missing += 1;
+                }
             }
-            failed.push(e.message);
+        }
+        let first32 = u64::from(u32::from_be_bytes([id[0], id[1], id[2], id[3]]));
+        if sample.is_some_and(|(n, today)| first32 % n != today) {
+            continue;
+        }
+        picked += 1;
+        batch.push((hex::encode(id), hex::encode(&named[32..])));
+        if batch.len() == BATCH {
+            rehash_batch(ctx, &mut batch, &mut failed).await?;
         }
     }
+    rehash_batch(ctx, &mut batch, &mut failed).await?;
     report.timings.restore_seconds = t1.elapsed().as_secs_f64();
-    let want = format!("{} of {} match", blobs.len(), blobs.len());
-    if !failed.is_empty() {
-        let found = format!("{} of {} match", blobs.len() - failed.len(), blobs.len());
+    if let Some(listed) = listed {
+        let (name, want) = (
+            "blob list names every blob of the snapshot",
+            format!("{all} blobs"),
+        );
+        report.checks.push(match listed {
+            Ok(_) if missing == 0 => Check::eq(name, want.clone(), want),
+            Ok(_) => Check::failed(
+                name,
+                want,
+                format!("{missing} of them not in the blob list"),
+            ),
+            Err(why) => Check::failed(name, want, why),
+        });
+    }
+    if let Some((n, today)) = sample {
+        report.notes.push(format!(
+            "rolling sample, day {} of {n}: {picked} of {all} blobs re-hashed; every blob is covered every {n} days",
+            today + 1,
+        ));
+    }
+    let want = format!("{picked} of {picked} match");
+    if failed.count > 0 {
+        let found = format!("{} of {picked} match", picked - failed.count);
         report
             .checks
             .push(Check::failed("blobs re-hashed", want, found));
+        let mut named = failed.named;
+        if failed.count > named.len() as u64 {
+            named.push(format!(
+                "and {} more blob(s)",
+                failed.count - named.len() as u64
+            ));
+        }
         // Damaged stored content is an integrity failure (exit 13), as for any other object.
-        let e = Error::new(ErrorKind::Integrity, failed.join("\n  "))
+        let e = Error::new(ErrorKind::Integrity, named.join("\n  "))
             .hint("restore from another backup; the damaged blobs are named above (RUNBOOK.md#integrity-failure)");
         return Err(e);
     }
@@ -154,33 +227,63 @@ async fn rehash(
     Ok(Verdict::Checked)
 }
 
-/// The backup's blob list against the blobs its snapshot names.
-async fn blob_list_check(
+/// Blobs re-hashed at a time: fetched [`CONCURRENCY`] at once, so that the stores' latency is
+/// paid in parallel, and never more than this many held.
+const BATCH: usize = 256;
+
+/// Blobs fetched at once.
+const CONCURRENCY: usize = 8;
+
+/// Re-hash failures: the first [`FAILED_NAMED`] named, all counted.
+#[derive(Default)]
+struct Failed {
+    named: Vec<String>,
+    count: u64,
+}
+
+/// Failures named in the report; the rest are counted.
+const FAILED_NAMED: usize = 100;
+
+/// Re-hashes the blobs of `batch` (id, content SHA-256), emptying it; a credential error (the
+/// identity does not open them) ends the verification.
+async fn rehash_batch(
+    ctx: &Context<'_>,
+    batch: &mut Vec<(String, String)>,
+    failed: &mut Failed,
+) -> Result<()> {
+    let (store, identities) = (ctx.repo.store.as_ref(), ctx.identities);
+    let results: Vec<Result<u64>> = futures::stream::iter(batch.drain(..))
+        .map(|(id, sha)| async move {
+            let mut sink = tokio::io::sink();
+            super::restore::fetch_blob(store, &id, &sha, identities, &mut sink).await
+        })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await;
+    for e in results.into_iter().filter_map(Result::err) {
+        if e.kind == ErrorKind::Credential {
+            return Err(e);
+        }
+        failed.count += 1;
+        if failed.named.len() < FAILED_NAMED {
+            failed.named.push(e.message);
+        }
+    }
+    Ok(())
+}
+
+/// The backup's blob list, sorted on the temp disk, or why it cannot be read.
+async fn blob_list(
     repo: &Repository,
     m: &Manifest,
     key: &crate::policy::Secret,
-    all: &BTreeMap<&str, &str>,
-) -> Check {
-    let name = "blob list names every blob of the snapshot";
-    let want = format!("{} blobs", all.len());
-    let Some(part) = m.parts.iter().find(|p| p.role == Role::BlobList) else {
-        return Check::failed(name, want, "no blob list in the manifest".to_string());
-    };
-    let object = crate::repo::layout::backup_object(&m.source, &m.id, &part.name);
-    let listed = match repo.store.get(&object).await {
-        Ok(bytes) => super::parse_blob_list(key, &bytes),
-        Err(e) => Err(e.to_string()),
-    };
-    match listed {
-        Ok(ids) => {
-            let ids: std::collections::BTreeSet<&str> = ids.iter().map(String::as_str).collect();
-            let missing = all.keys().filter(|id| !ids.contains(*id)).count();
-            if missing == 0 {
-                Check::eq(name, want.clone(), want)
-            } else {
-                Check::failed(name, want, format!("{missing} of them not in {object}"))
-            }
-        }
-        Err(why) => Check::failed(name, want, format!("{object}: {why}")),
+) -> Result<std::result::Result<sorted::Cursor<sorted::Merged>, String>> {
+    let sort_failed =
+        |e: std::io::Error| Error::failed(format!("sorting blob ids on the temp disk: {e}"));
+    let mut sorter = sorted::Sorter::default();
+    if let Err(why) = super::read_blob_list(repo, m, key, |id| sorter.push(id)).await? {
+        return Ok(Err(why));
     }
+    let merged = sorter.merged().map_err(sort_failed)?;
+    Ok(Ok(sorted::Cursor::new(merged).map_err(sort_failed)?))
 }
