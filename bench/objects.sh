@@ -4,6 +4,9 @@
 #     aws s3 sync DIR s3://mirror/            (size + mtime comparison, no content hashes)
 #     lifeboat backup (kind = "objects")      (snapshot, change index, keyed blobs, zstd + age)
 #   and the same from an S3 prefix (aws s3 sync s3://src s3://mirror vs lifeboat from s3://src).
+#   Then the last backup of the directory comes back whole (against aws s3 sync from the mirror),
+#   is verified, checked with --read-data and pruned (blob collection over every backup): with
+#   their peak RSS, which bench/budgets.json gates.
 # Usage: bench/objects.sh [N]   (default 10000; RUNS=3; OBJECTS_S3=0 leaves out the S3 source)
 . "$(dirname "$0")/lib.sh"
 n=${1:-10000}
@@ -89,5 +92,12 @@ for r in $(seq 1 "$runs"); do
   timed "aws s3 sync s3://src s3://mirror2 (1 % changed)" "'$root/$venv/bin/aws' --endpoint-url $endpoint s3 sync --quiet s3://src/data/ s3://mirror2/data/"
   timed "lifeboat backup, S3 source (1 % changed)" "'$lifeboat' backup --policy '$work/s3.toml'"
 done
+echo "== the last backup restored, verified, checked and pruned" >&2
+timed "aws s3 sync s3://mirror DIR (the whole copy back)" "'$root/$venv/bin/aws' --endpoint-url $endpoint s3 sync --quiet s3://mirror/data/ '$work/back-aws'"
+timed "lifeboat restore, the whole snapshot into a directory" "'$lifeboat' restore --policy '$work/dir.toml' --source files --identity '$work/key.txt' --to '$work/back'"
+diff -r "$work/data" "$work/back" >/dev/null || { echo "the restored tree differs from the source" >&2; exit 1; }
+timed "lifeboat-verifier verify, every blob re-hashed" "'$root/target/release/lifeboat-verifier' verify --policy '$work/dir.toml' --source files --identity '$work/key.txt'"
+timed "lifeboat check --read-data" "'$lifeboat' check --policy '$work/dir.toml' --identity '$work/key.txt' --read-data"
+timed "lifeboat prune, blob collection over every backup" "'$lifeboat' prune --policy '$work/dir.toml'"
 summarize "aws s3 sync DIR s3://mirror (1 % changed)" "objects${BENCH_KIND_SUFFIX:-}" \
   "$n files, 1 % changed per run, local S3 (moto); lifeboat re-hashes nothing unchanged and stores changed content zstd + age"
