@@ -91,13 +91,11 @@ pub async fn plan(
                 continue;
             }
             if last.is_some_and(|l| l >= id) {
-                out.skipped = Some(format!(
+                let why = format!(
                     "the repository listed {} out of order; nothing was collected",
                     o.key
-                ));
-                out.deleted = 0;
-                out.deleted_bytes = 0;
-                return Ok(nothing(out));
+                );
+                return Ok(refuse(out, why));
             }
             last = Some(id);
             if referenced.holds(&id).map_err(sort_failed)? {
@@ -120,15 +118,21 @@ pub async fn plan(
     out.referenced += out.missing;
     if out.referenced == 0 && !doomed.is_empty() {
         // Blobs but no snapshot naming any: a listing that came back wrong looks the same.
-        out.skipped = Some(format!(
+        let why = format!(
             "{} blobs are stored but no published objects backup names any; refusing to delete them all",
             out.stored
-        ));
-        out.deleted = 0;
-        out.deleted_bytes = 0;
-        return Ok(nothing(out));
+        );
+        return Ok(refuse(out, why));
     }
     Ok(CollectionPlan::new(out, doomed, "blobs"))
+}
+
+/// A plan that deletes nothing, saying why.
+fn refuse(mut out: Collection, why: String) -> CollectionPlan {
+    out.skipped = Some(why);
+    out.deleted = 0;
+    out.deleted_bytes = 0;
+    CollectionPlan::nothing(out)
 }
 
 /// Every blob the published objects backups name, sorted on the temp disk, each once; or why
