@@ -33,6 +33,8 @@ pub struct Problem {
 /// What a check found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CheckReport {
+    /// The requests made of the repository, by S3 billing class.
+    pub requests: crate::store::counted::RequestCounts,
     /// Backups whose manifest was read.
     pub backups: usize,
     /// Objects checked.

@@ -142,6 +142,9 @@ pub struct PruneReport {
     pub uploads_unlisted: Option<String>,
     /// What was collected of the content the kind shares between backups (objects' blobs).
     pub collected: Option<crate::collect::Collection>,
+    /// The requests made of the repository for this source, by S3 billing class (set by the
+    /// command that ran the prune).
+    pub requests: crate::store::counted::RequestCounts,
 }
 
 /// Interrupted runs and unfinished uploads younger than this are left alone: they may belong to
@@ -206,6 +209,7 @@ pub async fn plan_prune(
         aborted_uploads: Vec::new(),
         uploads_unlisted: None,
         collected: None,
+        requests: Default::default(),
     };
     Ok(PrunePlan {
         report,

@@ -793,11 +793,28 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
 
     // The snapshot names exactly the source's contents, and every blob it names is stored.
     assert_eq!(fp2["tree_sha256"], tree_sha256(src.path()), "{fp2}");
-    within("check", &|| fx.run(&["check"]));
+    let r = within("check", &|| fx.run(&["check", "--json"]));
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    // A HEAD for each distinct blob the two backups name, each once.
+    let heads = report["requests"]["head"].as_u64().unwrap();
+    assert!(
+        (n as u64 + 999..n as u64 + 1100).contains(&heads),
+        "{report}"
+    );
 
     // Restoring, verifying and collecting blobs stream the snapshot and the blob lists too.
     let to = fx.dir.path().join("restored");
-    within("restore", &|| fx.restore(&["--to", to.to_str().unwrap()]));
+    let r = within("restore", &|| {
+        fx.restore(&["--to", to.to_str().unwrap(), "--json"])
+    });
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    // The snapshot, then one GET per file.
+    let gets = done["requests"]["get"].as_u64().unwrap();
+    assert!(
+        (n as u64 + 1..n as u64 + 3).contains(&gets),
+        "{}",
+        done["requests"]
+    );
     assert!(tree(&to) == tree(src.path()), "the restored tree differs");
     within("verify", &|| fx.verify(&id2));
     // The first backup goes; the 1,000 contents only it named are unreferenced (and younger than

@@ -71,6 +71,18 @@ pub fn tool_version() -> String {
 }
 
 impl Repository {
+    /// The same repository, with its requests counted into the returned counter (what a
+    /// command made of it goes into its `--json` report).
+    pub fn counted(&self) -> (Repository, Arc<crate::store::counted::Requests>) {
+        let requests = Arc::new(crate::store::counted::Requests::default());
+        let store = crate::store::counted::Counted::new(self.store.clone(), requests.clone());
+        let repo = Repository {
+            store: Arc::new(store),
+            trust: self.trust.clone(),
+        };
+        (repo, requests)
+    }
+
     /// Opens an existing repository; exit 10 if there is none.
     pub async fn open(policy: &Policy) -> Result<Self> {
         let store = store::open(&policy.repository).await?;

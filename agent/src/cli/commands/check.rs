@@ -17,7 +17,7 @@ pub async fn check_cmd(
     if let Some(s) = source {
         note_unknown_source(&policy, s);
     }
-    let repo = Repository::open(&policy).await?;
+    let (repo, requests) = Repository::open(&policy).await?.counted();
     // An identity given here must open; the policy's may be absent where check runs.
     let mut unread = None;
     let identities = match (identity, &policy.encryption.identity_file) {
@@ -36,6 +36,7 @@ pub async fn check_cmd(
         index_key: policy.encryption.index_key.clone(),
     };
     let mut report = check::check(&repo, source, read_data, &keys).await?;
+    report.requests = requests.counts();
     report.notes.extend(unread);
     warn_object_lock(&policy, &repo).await;
     if json {

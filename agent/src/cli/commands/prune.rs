@@ -21,11 +21,16 @@ pub async fn prune(policy: Policy, source: Option<&str>, dry_run: bool, json: bo
         .iter()
         .filter(|s| source.is_none_or(|n| n == s.name))
     {
+        let (repo, requests) = repo.counted();
         let pruned = match retention::plan_prune(&repo, &policy, src, now).await {
             Ok(plan) if dry_run => plan.preview(&repo, &policy, src).await,
             Ok(plan) => retention::apply_prune(&repo, &policy, src, plan).await,
             Err(e) => Err(e),
-        };
+        }
+        .map(|mut r| {
+            r.requests = requests.counts();
+            r
+        });
         match pruned {
             Ok(r) => {
                 if !json {

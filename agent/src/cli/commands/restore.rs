@@ -109,6 +109,8 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
     let progress: std::sync::Arc<dyn r::Progress> = std::sync::Arc::new(CliProgress::new(a.json));
     let interrupted = plan.interrupted.clone();
     let mut document = plan.document.clone();
+    // What the restore itself asks of the repository, for the JSON result.
+    let (repo, requests) = repo.counted();
     let outcome = tokio::select! {
         res = plan.apply(&repo, &identities, progress.clone()) => res?,
         _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, interrupted)),
@@ -116,6 +118,7 @@ pub async fn restore(a: RestoreArgs, cancel: CancellationToken) -> Result<()> {
     drop(progress);
     if a.json {
         document["result"] = outcome.result;
+        document["requests"] = serde_json::json!(requests.counts());
         println!(
             "{}",
             serde_json::to_string_pretty(&document).unwrap_or_default()
