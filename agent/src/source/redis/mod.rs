@@ -586,16 +586,34 @@ impl Redis {
         s: &mut Session,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<i64> {
-        let before = s.info("persistence").await?;
-        let saves_before = field(&before, "rdb_saves").and_then(|v| v.parse::<u64>().ok());
-        let last_before = field(&before, "rdb_last_save_time")
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0);
+        let counts = |info: &[(String, String)]| {
+            let saves = field(info, "rdb_saves").and_then(|v| v.parse::<u64>().ok());
+            let last = field(info, "rdb_last_save_time")
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0);
+            (saves, last)
+        };
+        let (mut saves_before, mut last_before) = counts(&s.info("persistence").await?);
         // SCHEDULE: if an AOF rewrite runs, the save starts when it ends instead of failing.
-        match s.call(&[b"BGSAVE", b"SCHEDULE"]).await {
-            Ok(_) => {}
-            Err(e) if e.message.contains("already in progress") => {}
-            Err(e) => return Err(e),
+        // "Already in progress" may be a replica's sync, which writes no file and counts no
+        // save: wait for that child to end, then ask again, so that the save waited for is one.
+        loop {
+            match s.call(&[b"BGSAVE", b"SCHEDULE"]).await {
+                Ok(_) => break,
+                Err(e) if e.message.contains("already in progress") => loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "cancelled")),
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    let now = s.info("persistence").await?;
+                    if field(&now, "rdb_bgsave_in_progress") != Some("1") {
+                        // What that child saved is not ours.
+                        (saves_before, last_before) = counts(&now);
+                        break;
+                    }
+                },
+                Err(e) => return Err(e),
+            }
         }
         let started = std::time::Instant::now();
         let mut waiting_since = started;
@@ -606,10 +624,7 @@ impl Redis {
             }
             let now = s.info("persistence").await?;
             let in_progress = field(&now, "rdb_bgsave_in_progress") == Some("1");
-            let saves = field(&now, "rdb_saves").and_then(|v| v.parse::<u64>().ok());
-            let last = field(&now, "rdb_last_save_time")
-                .and_then(|v| v.parse::<i64>().ok())
-                .unwrap_or(0);
+            let (saves, last) = counts(&now);
             let moved = match (saves_before, saves) {
                 (Some(a), Some(b)) => b > a,
                 // Older servers: LASTSAVE has one-second resolution.
