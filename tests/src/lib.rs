@@ -46,8 +46,12 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// A port from `bind(0)` is one the kernel hands out again: to the next `bind(0)` of any test
 /// in the suite and to every outgoing connection's local end. A server started on it moments later
 /// could find it taken and exit, while whatever took it answered the harness's readiness probe. A
-/// random port below the ephemeral range is only ever taken by another such pick.
+/// random port below the ephemeral range is only ever taken by another such pick, and a pick is
+/// never handed out twice in one test binary (tests run in parallel, and a picked port stays
+/// unbound until its server starts).
 pub fn free_port() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     use rand::Rng;
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -57,7 +61,12 @@ pub fn free_port() -> u16 {
     let mut rng = rand::rng();
     for _ in 0..200 {
         let port = rng.random_range(low..high);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && HANDED_OUT
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(port)
+        {
             return port;
         }
     }
