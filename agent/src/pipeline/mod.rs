@@ -441,6 +441,26 @@ pub fn index_identity(key: &crate::policy::Secret) -> age::scrypt::Identity {
     id
 }
 
+/// The X25519 identity derived from the index key (a keyed SHA-256 as its secret scalar).
+/// Streams the agent must read back and the recipients must read too (an objects snapshot) are
+/// sealed to its recipient beside theirs: an scrypt recipient cannot share a file with others.
+pub fn index_x25519(key: &crate::policy::Secret) -> age::x25519::Identity {
+    use age::secrecy::ExposeSecret;
+    let mut h = Sha256::new();
+    h.update(b"lifeboat index-key x25519 v1\0");
+    h.update(key.expose().as_bytes());
+    let secret: [u8; 32] = h.finalize().into();
+    let hrp = bech32::Hrp::parse_unchecked("age-secret-key-");
+    let mut encoded =
+        bech32::encode::<bech32::Bech32>(hrp, &secret).expect("32 bytes fit in a Bech32 string");
+    encoded.make_ascii_uppercase();
+    let encoded = age::secrecy::SecretString::from(encoded);
+    encoded
+        .expose_secret()
+        .parse()
+        .expect("a Bech32 X25519 secret key is an age identity")
+}
+
 /// What [`run`] would store for `plain`, made in memory in one go: for contents small enough
 /// to hold, where zstd sized to the input keeps its tables small.
 pub fn seal_whole(plain: &[u8], config: &PipelineConfig) -> Result<Bytes, Error> {

@@ -175,3 +175,35 @@ fn small_documents_decrypt_with_the_stock_format() {
     std::io::Read::read_to_end(&mut r, &mut out).unwrap();
     assert_eq!(out, b"{\"tables\":[]}");
 }
+
+#[test]
+fn the_index_key_derives_one_x25519_identity_that_opens_what_is_sealed_to_it_beside_others() {
+    let key = crate::policy::Secret::new("an index key of at least thirty-two characters");
+    let other = crate::policy::Secret::new("another index key of thirty-two characters");
+    let derived = index_x25519(&key);
+    assert_eq!(
+        derived.to_public().to_string(),
+        index_x25519(&key).to_public().to_string(),
+        "the same key derives the same identity"
+    );
+    assert_ne!(
+        derived.to_public().to_string(),
+        index_x25519(&other).to_public().to_string()
+    );
+    let user = age::x25519::Identity::generate();
+    let enc = encrypt_small(&[user.to_public(), derived.to_public()], b"snapshot").unwrap();
+    for id in [&user as &dyn age::Identity, &derived] {
+        let mut r = age::Decryptor::new(&enc[..])
+            .unwrap()
+            .decrypt(std::iter::once(id))
+            .unwrap();
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut out).unwrap();
+        assert_eq!(out, b"snapshot");
+    }
+    let wrong = index_x25519(&other);
+    assert!(age::Decryptor::new(&enc[..])
+        .unwrap()
+        .decrypt(std::iter::once(&wrong as &dyn age::Identity))
+        .is_err());
+}

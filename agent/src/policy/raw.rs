@@ -131,8 +131,9 @@ pub struct RawEncryption {
     pub recipients: Vec<String>,
     /// The age identity file, only where verify or restore run.
     pub identity_file: Option<String>,
-    /// A secret (`${VAR}`, at least 32 characters) that keys object blob ids and encrypts the
-    /// agent's change index; needed by `kind = "objects"` sources, where backups are taken.
+    /// A secret (`${VAR}`, at least 32 characters) that keys object blob ids and lets the agent
+    /// read its last snapshot back as its change index; needed by `kind = "objects"` sources,
+    /// where backups are taken.
     pub index_key: Option<String>,
 }
 

@@ -193,7 +193,7 @@ pub struct EncryptionConfig {
     pub recipients: Vec<String>,
     /// Identity file for decryption.
     pub identity_file: Option<PathBuf>,
-    /// Keys blob ids and encrypts the agent's change index (objects sources).
+    /// Keys blob ids and opens the last snapshot as the agent's change index (objects sources).
     pub index_key: Option<Secret>,
 }
 

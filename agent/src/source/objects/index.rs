@@ -2,11 +2,16 @@
 //! order beside the listing, so that an unchanged object is not read again.
 //!
 //! What must hold:
-//! - The index is `state/<source>/index.age`: a header line (`{"index": 3, "backup": ID}`),
-//!   then the snapshot's lines, zstd inside age sealed with the index key (the agent holds no
-//!   identity to read its snapshots).
-//! - It is trusted only while the backup it describes is published: a run whose manifest never
-//!   appeared (or a backup since pruned) may name blobs that blob collection has removed.
+//! - The index is the source's last published snapshot: it is sealed to an X25519 recipient
+//!   derived from the index key as well as to the policy's recipients, so the agent (which holds
+//!   no identity) reads it back. One stream serves both: no second copy is written.
+//! - Only a published snapshot is trusted: a run whose manifest never appeared may name blobs
+//!   that blob collection has removed. The last published one is the greatest backup id with a
+//!   manifest (ids sort by time).
+//! - Snapshots stored before the derived recipient cannot be opened so; for them the separate
+//!   index an older run kept (`state/<source>/index.age`: a header line naming its backup, then
+//!   the snapshot's lines, sealed with the index key) is read instead, if it describes that same
+//!   backup. The next run's snapshot replaces it, and it is deleted.
 //! - It is read as it is merged: one entry is held at a time. A damaged index stops matching
 //!   where the damage is; the objects after it are read again.
 
@@ -17,13 +22,9 @@ use crate::policy::Secret;
 use crate::repo::layout;
 use crate::store::ObjectStore;
 
-/// Version of the change index: a header line, then the snapshot's lines, zstd, sealed.
-pub(super) const INDEX_FORMAT: u32 = 3;
-
-/// The header line of the index written for backup `id`.
-pub(super) fn header(id: &str) -> String {
-    serde_json::json!({ "index": INDEX_FORMAT, "backup": id }).to_string() + "\n"
-}
+/// Version of the separate change index older runs kept: a header line, then the snapshot's
+/// lines, zstd, sealed.
+const INDEX_FORMAT: u32 = 3;
 
 /// What the change index remembers of an object: enough to know it unchanged and to name its
 /// content without reading it.
@@ -67,11 +68,13 @@ impl Known {
 
 /// The previous run's index, open for a merge in path order.
 pub(super) struct Previous {
-    lines: tokio::io::Split<BufReader<Box<dyn AsyncRead + Send + Unpin>>>,
+    lines: Lines,
     /// The entry read and not yet matched.
     pending: Option<Entry>,
     /// The backup it describes.
     pub(super) backup: String,
+    /// Read from that backup's snapshot (not from an older run's separate index).
+    pub(super) from_snapshot: bool,
     /// Files it names, counted as it is read.
     files: u64,
     /// Where it stopped being readable, once it has.
@@ -80,46 +83,32 @@ pub(super) struct Previous {
 }
 
 impl Previous {
-    /// The index of `source`'s last run, if there is one to trust.
+    /// The snapshot of `source`'s last published backup, if there is one to read.
     pub(super) async fn open(repo: &dyn ObjectStore, source: &str, key: &Secret) -> Option<Self> {
-        let plain = match super::open_sealed(repo, &layout::change_index(source), key).await {
-            Ok(p) => p,
+        let backup = match last_published(repo, source).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
             Err(e) => {
-                tracing::debug!(source, error = %e.message, "No readable change index: every object is read");
+                tracing::info!(source, error = %e.message, "Cannot list the source's backups: every object is read");
                 return None;
             }
         };
-        let mut lines = BufReader::with_capacity(64 << 10, plain).split(b'\n');
-        let backup = lines
-            .next_segment()
-            .await
-            .ok()
-            .flatten()
-            .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
-            .filter(|h| h["index"] == INDEX_FORMAT)
-            .and_then(|h| h["backup"].as_str().map(str::to_string));
-        let Some(backup) = backup else {
-            tracing::debug!(
-                source,
-                "Change index unreadable or of another format: every object is read"
-            );
-            return None;
+        let snapshot = layout::backup_object(source, &backup, super::SNAPSHOT_OBJECT);
+        let (lines, from_snapshot) = match super::open_sealed(repo, &snapshot, key).await {
+            Ok(plain) => (lines(plain), true),
+            Err(e) => match older_index(repo, source, key, &backup).await {
+                Some(lines) => (lines, false),
+                None => {
+                    tracing::info!(source, backup, error = %e.message, "The last snapshot cannot be read as the change index (a changed index key, or damage), nor does an older change index describe it: every object is read");
+                    return None;
+                }
+            },
         };
-        if !matches!(
-            repo.size(&layout::manifest(source, &backup)).await,
-            Ok(Some(_))
-        ) {
-            tracing::info!(
-                source,
-                backup,
-                "The change index describes a backup that is not published: every object is read"
-            );
-            return None;
-        }
         Some(Previous {
             lines,
             pending: None,
             backup,
+            from_snapshot,
             files: 0,
             broken: false,
             source: source.to_string(),
@@ -171,5 +160,160 @@ impl Previous {
         tracing::info!(source = %self.source, error = %e, "Damaged change index: the objects after the damage are read again");
         self.broken = true;
         None
+    }
+}
+
+type Lines = tokio::io::Split<BufReader<Box<dyn AsyncRead + Send + Unpin>>>;
+
+fn lines(plain: Box<dyn AsyncRead + Send + Unpin>) -> Lines {
+    BufReader::with_capacity(64 << 10, plain).split(b'\n')
+}
+
+/// The greatest backup id of `source` with a manifest, listed a page at a time.
+async fn last_published(
+    repo: &dyn ObjectStore,
+    source: &str,
+) -> crate::error::Result<Option<String>> {
+    let prefix = layout::source_prefix(source);
+    let mut last = None;
+    let mut after: Option<String> = None;
+    loop {
+        let page = repo
+            .list_page(&prefix, after.as_deref())
+            .await
+            .map_err(crate::error::Error::from)?;
+        for o in &page.0 {
+            if let Some((_, id, name)) = layout::parse_backup_key(&o.key) {
+                if name == layout::MANIFEST && last.as_deref().is_none_or(|l: &str| id > l) {
+                    last = Some(id.to_string());
+                }
+            }
+        }
+        match page.0.last() {
+            Some(o) if page.1 => after = Some(o.key.clone()),
+            _ => return Ok(last),
+        }
+    }
+}
+
+/// The separate change index an older run kept, when it describes `backup`: its lines, past
+/// the header line that names that backup.
+async fn older_index(
+    repo: &dyn ObjectStore,
+    source: &str,
+    key: &Secret,
+    backup: &str,
+) -> Option<Lines> {
+    let plain = super::open_sealed(repo, &layout::change_index(source), key)
+        .await
+        .ok()?;
+    let mut lines = lines(plain);
+    let described = lines
+        .next_segment()
+        .await
+        .ok()
+        .flatten()
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+        .filter(|h| h["index"] == INDEX_FORMAT)
+        .and_then(|h| h["backup"].as_str().map(str::to_string));
+    if described.as_deref() != Some(backup) {
+        tracing::info!(
+            source,
+            backup,
+            "The change index does not describe the last published backup: every object is read"
+        );
+        return None;
+    }
+    Some(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline;
+    use crate::store::fs::FsStore;
+
+    const LINE: &str = r#"{"path":"a.txt","type":"file","size":3,"mtime_ms":1,"sha256":"0000000000000000000000000000000000000000000000000000000000000000","blob":"1111111111111111111111111111111111111111111111111111111111111111"}"#;
+
+    fn sealed(recipients: &[age::x25519::Recipient], plain: &str) -> bytes::Bytes {
+        let z = zstd::bulk::compress(plain.as_bytes(), 3).unwrap();
+        pipeline::encrypt_small(recipients, &z).unwrap().into()
+    }
+
+    async fn publish(store: &FsStore, id: &str, snapshot: bytes::Bytes) {
+        let put = |k: String, b: bytes::Bytes| async move { store.put(&k, b).await.unwrap() };
+        put(
+            layout::backup_object("s", id, super::super::SNAPSHOT_OBJECT),
+            snapshot,
+        )
+        .await;
+        put(layout::manifest("s", id), "{}".into()).await;
+    }
+
+    #[tokio::test]
+    async fn the_last_published_snapshot_is_the_index_and_an_older_runs_index_only_for_its_own_backup(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path().to_path_buf());
+        let key = Secret::new("an index key of at least thirty-two characters");
+        let user = age::x25519::Identity::generate().to_public();
+        let derived = pipeline::index_x25519(&key).to_public();
+        assert!(Previous::open(&store, "s", &key).await.is_none());
+
+        // A snapshot stored before the derived recipient, and the index its run kept.
+        let id1 = "20261201T000000Z-aaaa";
+        publish(&store, id1, sealed(std::slice::from_ref(&user), LINE)).await;
+        let index = |backup: &str| {
+            let plain = format!("{{\"index\":3,\"backup\":\"{backup}\"}}\n{LINE}\n");
+            bytes::Bytes::from(
+                super::super::seal(&key, &zstd::bulk::compress(plain.as_bytes(), 3).unwrap())
+                    .unwrap(),
+            )
+        };
+        store
+            .put(&layout::change_index("s"), index(id1))
+            .await
+            .unwrap();
+        let mut p = Previous::open(&store, "s", &key)
+            .await
+            .expect("the older index");
+        assert!(!p.from_snapshot);
+        assert_eq!(p.backup, id1);
+        assert_eq!(p.find("a.txt").await.map(|k| k.size), Some(3));
+
+        // An index describing another backup is not trusted.
+        store
+            .put(&layout::change_index("s"), index("20261130T000000Z-bbbb"))
+            .await
+            .unwrap();
+        assert!(Previous::open(&store, "s", &key).await.is_none());
+
+        // A snapshot sealed to the derived recipient is read itself.
+        let id2 = "20261202T000000Z-cccc";
+        publish(&store, id2, sealed(&[user.clone(), derived.clone()], LINE)).await;
+        let mut p = Previous::open(&store, "s", &key)
+            .await
+            .expect("the snapshot");
+        assert!(p.from_snapshot);
+        assert_eq!(p.backup, id2);
+        assert_eq!(p.find("a.txt").await.map(|k| k.size), Some(3));
+        assert_eq!(p.finish().await, 1);
+
+        // A newer run that never got its manifest is not the last published.
+        store
+            .put(
+                &layout::backup_object("s", "20261203T000000Z-dddd", super::super::SNAPSHOT_OBJECT),
+                sealed(&[user, derived], LINE),
+            )
+            .await
+            .unwrap();
+        let p = Previous::open(&store, "s", &key)
+            .await
+            .expect("the snapshot");
+        assert_eq!(p.backup, id2);
+
+        // Another index key opens nothing.
+        let other = Secret::new("another index key of thirty-two characters");
+        assert!(Previous::open(&store, "s", &other).await.is_none());
     }
 }

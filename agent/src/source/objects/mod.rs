@@ -7,12 +7,12 @@
 //!   content to whoever holds the bucket, and the same content is stored once.
 //! - The snapshot (every path, size, mtime or ETag, mode, SHA-256 and blob id; directories too) is
 //!   the backup's data object; the job writes the manifest after it, as for every source.
-//! - A run reads only what changed: the agent keeps a change index (`state/<source>/index.age`,
-//!   encrypted with the index key, because the agent holds no identity to read its snapshots).
-//!   An object whose size and mtime (or ETag) match the index is not read again.
-//! - A run holds no list of the objects: the listing ([`listing`]) and the previous index
-//!   ([`index`]) are merged as two streams in path order, entries are written as they come, and
-//!   the sets that grow with the object count (blob ids) are sorted on the temp disk ([`ids`]).
+//! - A run reads only what changed: the last published snapshot is its change index ([`index`]).
+//!   The agent holds no identity, so a snapshot is also sealed to an X25519 recipient derived
+//!   from the index key. An object whose size and mtime (or ETag) match it is not read again.
+//! - A run holds no list of the objects: the listing ([`listing`]) and the previous snapshot
+//!   are merged as two streams in path order, entries are written as they come, and the sets
+//!   that grow with the object count (blob ids) are sorted on the temp disk ([`crate::sorted`]).
 //! - Every blob is uploaded before the snapshot that names it; the content uploaded must hash to
 //!   what the first pass read, or the object changed while being read and is retried, then reported.
 //! - Guards: an empty listing, or one that shrank by more than `max_shrink_percent` since the
@@ -429,15 +429,18 @@ pub fn unseal(key: &Secret, sealed: &[u8]) -> Option<Vec<u8>> {
     Some(v)
 }
 
-/// Opens `object`, which a run streamed sealed with the index key, as its plaintext.
+/// Opens `object`, which a run streamed sealed with the index key (its scrypt recipient, or
+/// the X25519 recipient derived from it beside the policy's), as its plaintext.
 pub(crate) async fn open_sealed(
     store: &dyn ObjectStore,
     object: &str,
     key: &Secret,
 ) -> Result<Box<dyn AsyncRead + Send + Unpin>> {
     let stored = store.open(object).await.map_err(Error::from)?;
-    let identities: Vec<Box<dyn age::Identity + Send + Sync>> =
-        vec![Box::new(pipeline::index_identity(key))];
+    let identities: Vec<Box<dyn age::Identity + Send + Sync>> = vec![
+        Box::new(pipeline::index_x25519(key)),
+        Box::new(pipeline::index_identity(key)),
+    ];
     Ok(Box::new(
         pipeline::decrypt_stream(stored, &identities).await?,
     ))
@@ -717,18 +720,14 @@ async fn known_blobs(
     }
 }
 
-/// Writes each entry as it comes, as one JSON line, into the snapshot's stream and into the
-/// next change index's (best effort: a failed index only costs the next run a full read).
+/// Writes each entry as it comes, as one JSON line, into the snapshot's stream.
 async fn write_snapshot(
-    id: &str,
     entries: &mut (impl futures::Stream<Item = Result<Option<Entry>>> + Unpin),
     plain_w: &mut tokio::io::DuplexStream,
-    index_w: &mut Option<tokio::io::DuplexStream>,
 ) -> Result<Tally> {
     use tokio::io::AsyncWriteExt;
     let io = |e: std::io::Error| Error::failed(format!("writing the snapshot: {e}"));
     let mut t = Tally::default();
-    write_index(index_w, index::header(id).as_bytes()).await;
     while let Some(e) = entries.try_next().await? {
         let Some(e) = e else {
             continue; // gone since it was listed
@@ -737,25 +736,11 @@ async fn write_snapshot(
             .map_err(|e| Error::failed(format!("cannot encode the snapshot: {e}")))?;
         line.push(b'\n');
         plain_w.write_all(&line).await.map_err(io)?;
-        write_index(index_w, &line).await;
         t.add(&e)
             .map_err(|e| Error::failed(format!("sorting blob ids on the temp disk: {e}")))?;
     }
     plain_w.shutdown().await.map_err(io)?;
-    if let Some(w) = index_w {
-        let _ = w.shutdown().await;
-    }
     Ok(t)
-}
-
-/// Writes into the next index, and gives it up at its first failure.
-async fn write_index(index_w: &mut Option<tokio::io::DuplexStream>, bytes: &[u8]) {
-    use tokio::io::AsyncWriteExt;
-    if let Some(w) = index_w {
-        if w.write_all(bytes).await.is_err() {
-            *index_w = None;
-        }
-    }
 }
 
 /// One backup run's shared state: what every entry's future reads or updates.
@@ -978,6 +963,7 @@ impl Source for Objects {
         };
         let previous = index::Previous::open(ctx.store.as_ref(), &ctx.source, &key).await;
         let previous_backup = previous.as_ref().map(|p| p.backup.clone());
+        let older_index = !previous.as_ref().is_some_and(|p| p.from_snapshot);
         // Only blobs the last published snapshot names count as stored: blob collection never
         // removes those, while any other blob may be on its way out. Content found nowhere
         // else is uploaded again (which also renews an old copy's age).
@@ -996,7 +982,7 @@ impl Source for Objects {
         // The listing and the previous index are merged as two streams in path order; entries
         // come out in that order: unchanged objects from the index at once, changed ones read
         // and stored, at most `concurrency` at a time. Nothing holds the whole snapshot: each
-        // entry goes straight into the snapshot's stream and the next index's.
+        // entry goes straight into the snapshot's stream.
         let window = (self.cfg.concurrency * 32).max(64);
         let (work_tx, work_rx) = tokio::sync::mpsc::channel(window);
         let merged = merge(listing, previous, filter, work_tx);
@@ -1013,27 +999,22 @@ impl Source for Objects {
             )
             .buffered(window);
 
-        let small = ctx.pipeline.small();
-        let sealed = small.sealed_with(&key);
+        // The snapshot is the next run's change index too: the agent reads it back with the
+        // X25519 identity derived from the index key, so it is sealed to that recipient as well.
+        let mut small = ctx.pipeline.small();
+        small
+            .recipients
+            .push(pipeline::index_x25519(&key).to_public());
         let (plain_w, verdict_tx, snapshot) = piped(
             ctx,
             layout::backup_object(&ctx.source, &ctx.id, SNAPSHOT_OBJECT),
             &small,
             "the snapshot",
         );
-        // The next change index, stored only once the snapshot is.
-        let (index_w, stored_tx, next_index) = piped(
-            ctx,
-            layout::change_index(&ctx.source),
-            &sealed,
-            "the change index",
-        );
         let produce = async {
-            let (mut plain_w, mut index_w) = (plain_w, Some(index_w));
-            let (merged, written) = tokio::join!(
-                merged,
-                write_snapshot(&ctx.id, &mut entries, &mut plain_w, &mut index_w)
-            );
+            let mut plain_w = plain_w;
+            let (merged, written) =
+                tokio::join!(merged, write_snapshot(&mut entries, &mut plain_w));
             let done = merged.and_then(|m| {
                 let tally = written?;
                 self.shrink_guard(tally.files, m.previous_files)?;
@@ -1042,16 +1023,14 @@ impl Source for Objects {
             let _ = verdict_tx.send(done.is_ok());
             done
         };
-        let snapshot = async {
-            let stored = snapshot.await;
-            let _ = stored_tx.send(stored.is_ok());
-            stored
-        };
-        let (done, stored, index_stored) = tokio::join!(produce, snapshot, next_index);
+        let (done, stored) = tokio::join!(produce, snapshot);
         let (merged, tally) = done?;
         let (digests, _) = stored.map_err(Error::from)?;
-        if let Err(e) = index_stored {
-            tracing::warn!(source = %ctx.source, error = %Error::from(e).message, "Could not store the change index; the next run reads every object");
+        if older_index {
+            // This snapshot replaces the separate change index an older run may have kept.
+            if let Err(e) = ctx.store.delete(&layout::change_index(&ctx.source)).await {
+                tracing::debug!(source = %ctx.source, error = %Error::from(e).message, "Could not delete the older change index");
+            }
         }
         drop(entries);
         let uploaded = run.uploaded.load(std::sync::atomic::Ordering::SeqCst);
