@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 
 use super::layout;
 use super::manifest::Manifest;
@@ -11,6 +12,15 @@ use super::origin::{Change, Lineage};
 use super::signing::{self, Seal};
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
+
+/// (source, backup id).
+type BackupKey = (String, String);
+
+/// An object's key, and when the repository stored it.
+type Stored = (String, Option<DateTime<Utc>>);
+
+/// Manifests and verification reports read at once while listing.
+const READS_AT_ONCE: usize = 32;
 
 /// The latest verification of a backup.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -80,6 +90,26 @@ impl Repository {
             .list(&prefix)
             .await
             .map_err(|e| Error::from(e).context("listing backups"))?;
+        let reports = self.list_verifications(source).await?;
+        // Manifests and reports are read through the sources' catalog caches.
+        let reads = std::sync::Arc::new(
+            super::cache::Reads::load(self.store.as_ref(), &[&objects, &reports]).await,
+        );
+        let this = self.reading_through(reads.clone());
+        let listing = this.list_read(objects, reports).await;
+        drop(this);
+        if let Some(reads) = std::sync::Arc::into_inner(reads) {
+            reads.save(self.store.as_ref()).await;
+        }
+        listing
+    }
+
+    /// [`Repository::list`] over what was listed.
+    async fn list_read(
+        &self,
+        objects: Vec<crate::store::ObjectInfo>,
+        reports: Vec<crate::store::ObjectInfo>,
+    ) -> Result<Listing> {
         // (source, id) → when its manifest was stored, if it has one.
         let mut dirs: BTreeMap<(String, String), Option<Option<DateTime<Utc>>>> = BTreeMap::new();
         for o in &objects {
@@ -90,23 +120,37 @@ impl Repository {
                 }
             }
         }
-        let (mut verifications, untrusted_reports) = self.verifications(source).await?;
+        let (mut verifications, untrusted_reports) = self.judge_verifications(&reports).await?;
         let mut listing = Listing {
             untrusted_reports,
             ..Listing::default()
         };
-        for ((s, id), stored) in dirs {
-            let Some(stored) = stored else {
-                listing.incomplete.push((s, id));
-                continue;
-            };
-            let (manifest, seal) = match self.sealed_manifest(&s, &id, stored).await {
-                Ok(m) => m,
-                Err(e) if e.kind == ErrorKind::Integrity => {
+        // Manifests are read [`READS_AT_ONCE`] at a time: one after another, a source with
+        // thousands of backups took a minute to list from S3 (a round trip each).
+        let mut read = futures::stream::iter(dirs)
+            .map(|((s, id), stored)| -> futures::future::BoxFuture<'_, _> {
+                // Boxed: the daemon's spawned loops must be Send for every lifetime.
+                Box::pin(async move {
+                    let read = match stored {
+                        Some(stored) => Some(self.sealed_manifest(&s, &id, stored).await),
+                        None => None,
+                    };
+                    (s, id, read)
+                })
+            })
+            .buffered(READS_AT_ONCE);
+        while let Some((s, id, read)) = read.next().await {
+            let (manifest, seal) = match read {
+                None => {
+                    listing.incomplete.push((s, id));
+                    continue;
+                }
+                Some(Ok(m)) => m,
+                Some(Err(e)) if e.kind == ErrorKind::Integrity => {
                     listing.damaged.push((s, id, e.message));
                     continue;
                 }
-                Err(e) => return Err(e),
+                Some(Err(e)) => return Err(e),
             };
             let verification = verifications.remove(&(s.clone(), id.clone()));
             listing.backups.push(Entry {
@@ -204,20 +248,38 @@ impl Repository {
         BTreeMap<(String, String), Verification>,
         Vec<(String, String)>,
     )> {
+        let reports = self.list_verifications(source).await?;
+        self.judge_verifications(&reports).await
+    }
+
+    /// The verification reports of `source` (or of every source), as listed.
+    async fn list_verifications(
+        &self,
+        source: Option<&str>,
+    ) -> Result<Vec<crate::store::ObjectInfo>> {
         let prefix = match source {
             Some(s) => layout::verifications_prefix(s),
             None => layout::all_verifications_prefix(),
         };
-        let objects = self
-            .store
+        self.store
             .list(&prefix)
             .await
-            .map_err(|e| Error::from(e).context("listing verification reports"))?;
+            .map_err(|e| Error::from(e).context("listing verification reports"))
+    }
+
+    /// The latest trusted report of each backup among `objects`, and those no trusted key
+    /// signed.
+    async fn judge_verifications(
+        &self,
+        objects: &[crate::store::ObjectInfo],
+    ) -> Result<(
+        BTreeMap<(String, String), Verification>,
+        Vec<(String, String)>,
+    )> {
         // Keys sort by verify id, which sorts by time: the last trusted one per backup is the
         // latest.
-        let mut reports: BTreeMap<(String, String), Vec<&crate::store::ObjectInfo>> =
-            BTreeMap::new();
-        for o in &objects {
+        let mut reports: BTreeMap<BackupKey, Vec<Stored>> = BTreeMap::new();
+        for o in objects {
             if signing::is_signature(&o.key) {
                 continue;
             }
@@ -225,25 +287,35 @@ impl Repository {
                 reports
                     .entry((s.to_string(), id.to_string()))
                     .or_default()
-                    .push(o);
+                    .push((o.key.clone(), o.modified));
             }
         }
         let mut out = BTreeMap::new();
         let mut untrusted = Vec::new();
-        for (k, keys) in reports {
-            let mut trusted = None;
-            for o in keys.iter().rev() {
-                match self.read_signed(&o.key, o.modified).await {
-                    Ok((body, _)) => {
-                        trusted = Some(body);
-                        break;
+        // Each backup's reports newest first, until one is trusted; backups READS_AT_ONCE at a
+        // time.
+        let mut read = futures::stream::iter(reports)
+            .map(|(k, keys)| -> futures::future::BoxFuture<'_, _> {
+                Box::pin(async move {
+                    let mut untrusted = Vec::new();
+                    for (key, modified) in keys.into_iter().rev() {
+                        match self.read_signed(&key, modified).await {
+                            Ok((body, _)) => return Ok((k, Some(body), untrusted)),
+                            Err(super::ReadSignedError::Judged(e))
+                                if e.kind == ErrorKind::Integrity =>
+                            {
+                                untrusted.push((key, e.message));
+                            }
+                            Err(e) => return Err(Error::from(e)),
+                        }
                     }
-                    Err(super::ReadSignedError::Judged(e)) if e.kind == ErrorKind::Integrity => {
-                        untrusted.push((o.key.clone(), e.message));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+                    Ok((k, None, untrusted))
+                })
+            })
+            .buffered(READS_AT_ONCE);
+        while let Some(r) = read.next().await {
+            let (k, trusted, mut rejected) = r?;
+            untrusted.append(&mut rejected);
             let Some(report) = trusted else { continue };
             let v: serde_json::Value = serde_json::from_slice(&report).unwrap_or_default();
             out.insert(

@@ -82,6 +82,12 @@ pub fn change_index(source: &str) -> String {
     format!("state/{source}/index.age")
 }
 
+/// `state/<source>/catalog.json.zst`: a cache of the source's manifests and verification
+/// reports, for listings (see `repo::cache`).
+pub fn catalog_cache(source: &str) -> String {
+    format!("state/{source}/catalog.json.zst")
+}
+
 /// `probe/<random>`: the small object a storage probe writes, reads and deletes.
 pub fn probe() -> String {
     format!("probe/{}", random_suffix(12))

@@ -4,6 +4,7 @@
 //! operator who mistyped a bucket is told so instead of being shown an empty list;
 //! [`Repository::open_or_init`] writes the marker on a backup's first run.
 
+pub mod cache;
 pub mod catalog;
 pub mod layout;
 pub mod lock;
@@ -39,6 +40,8 @@ pub struct Repository {
     pub store: Arc<dyn ObjectStore>,
     /// Whose signatures its readers accept (the policy's `[signing]`).
     pub trust: Arc<Trust>,
+    /// While listing: the catalog cache, and what the listing reads.
+    reads: Option<Arc<cache::Reads>>,
 }
 
 /// Why [`Repository::read_signed`] failed: the store (e.g. not found), or the judgement.
@@ -79,6 +82,7 @@ impl Repository {
         let repo = Repository {
             store: Arc::new(store),
             trust: self.trust.clone(),
+            reads: None,
         };
         (repo, requests)
     }
@@ -89,6 +93,7 @@ impl Repository {
         let repo = Repository {
             store,
             trust: Arc::new(Trust::new(policy.signing.as_ref())),
+            reads: None,
         };
         repo.read_marker().await?.ok_or_else(|| {
             Error::new(
@@ -106,6 +111,7 @@ impl Repository {
         let repo = Repository {
             store,
             trust: Arc::new(Trust::new(policy.signing.as_ref())),
+            reads: None,
         };
         if repo.read_marker().await?.is_none() {
             let marker = Marker {
@@ -163,9 +169,25 @@ impl Repository {
         key: &str,
         stored: Option<chrono::DateTime<chrono::Utc>>,
     ) -> std::result::Result<(Bytes, Seal), ReadSignedError> {
-        let body = self.store.get(key).await.map_err(ReadSignedError::Store)?;
+        let body = self.get(key).await.map_err(ReadSignedError::Store)?;
         let seal = self.judge(key, &body, stored).await?;
         Ok((body, seal))
+    }
+
+    /// The same repository, reading through `reads` (a listing's catalog cache).
+    pub(crate) fn reading_through(&self, reads: Arc<cache::Reads>) -> Repository {
+        Repository {
+            reads: Some(reads),
+            ..self.clone()
+        }
+    }
+
+    /// `key`'s body, from the listing's catalog cache when it holds it.
+    async fn get(&self, key: &str) -> std::result::Result<Bytes, StoreError> {
+        match &self.reads {
+            Some(reads) => reads.get(self.store.as_ref(), key).await,
+            None => self.store.get(key).await,
+        }
     }
 
     /// Judges `body`, read from `key`, by its signature object.
@@ -179,7 +201,7 @@ impl Repository {
             return Ok(Seal::Unchecked);
         }
         let sig_key = signing::signature_key(key);
-        let sig = match self.store.get(&sig_key).await {
+        let sig = match self.get(&sig_key).await {
             Ok(b) => Some(b),
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(Error::from(e).context(format!("reading {sig_key}"))),
