@@ -817,6 +817,22 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
     );
     assert!(tree(&to) == tree(src.path()), "the restored tree differs");
     within("verify", &|| fx.verify(&id2));
+    // Its report says what it asked: the snapshot, the blob list and the fingerprint, then one
+    // GET for each of the n - 1 distinct blobs it re-hashed.
+    let reports = files_under(
+        &fx.dir
+            .path()
+            .join(format!("repo/verifications/files/{id2}")),
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&reports[0]).unwrap()).unwrap();
+    assert_eq!(report["result"], "pass", "{report}");
+    let gets = report["requests"]["get"].as_u64().unwrap();
+    assert!(
+        (n as u64 + 2..n as u64 + 10).contains(&gets),
+        "{}",
+        report["requests"]
+    );
     // The first backup goes; the 1,000 contents only it named are unreferenced (and younger than
     // the grace period, so kept).
     let r = within("prune", &|| fx.run(&["prune"]));

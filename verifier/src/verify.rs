@@ -77,6 +77,9 @@ pub async fn verify(
         )
         .hint("verify with the policy that wrote it, or fix the source's kind"));
     }
+    // Its requests of the repository go into the report.
+    let (repo, requests) = repo.counted();
+    let repo = &repo;
     let ctx = Context {
         repo,
         policy,
@@ -97,6 +100,7 @@ pub async fn verify(
     };
     if let Err(e) = prepared {
         steps.teardown().await;
+        report.requests = Some(requests.counts());
         return Err(fail_and_store(repo, report, e).await);
     }
     let guard = steps.guard(&ctx);
@@ -110,6 +114,7 @@ pub async fn verify(
     phases.set("tearing the scratch down and storing the report");
     steps.teardown().await;
     report.notes.extend(ctx.guard_notes.borrow_mut().drain(..));
+    report.requests = Some(requests.counts());
     match outcome {
         Ok(Verdict::Checked) => {}
         Ok(Verdict::RestoreFailed(e)) => {

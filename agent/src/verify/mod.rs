@@ -109,6 +109,7 @@ pub fn new_report(source: &SourcePolicy, entry: &Entry) -> (Report, Instant) {
         rto_objective_seconds: source.objectives.rto.map(|d| d.as_secs_f64()),
         rto_met: None,
         contained: None,
+        requests: None,
     };
     (report, Instant::now())
 }

@@ -142,6 +142,10 @@ pub struct Report {
     /// Whether `timings.total_seconds` (the measured RTO) was within it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rto_met: Option<bool>,
+    /// What the verification asked of the repository, by S3 billing class (the report's own
+    /// PUT aside).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<crate::store::counted::RequestCounts>,
 }
 
 impl Report {
