@@ -269,6 +269,17 @@ pub async fn stream_plaintext(
         .open(&key)
         .await
         .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+    checked_plaintext(stored, &key, part, identities).await
+}
+
+/// The plaintext of `part`, stored at `key`, from `stored` (its bytes as read), checked as
+/// [`stream_plaintext`] checks it.
+pub async fn checked_plaintext(
+    stored: crate::store::ObjectReader,
+    key: &str,
+    part: &Part,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
     let stored = Checked::new(
         stored,
         format!("{key}: stored"),

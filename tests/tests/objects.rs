@@ -612,6 +612,70 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
     );
 }
 
+#[test]
+fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
+    let src = tempfile::tempdir().unwrap();
+    let fx = setup(
+        "url = \"file://./repo\"",
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 20 }}\n",
+            src.path().display()
+        ),
+        Vec::new(),
+    );
+    // Eleven backups, each naming one content no other names: more lists than one merge pass
+    // takes, so a pass that lost a list would leave its blob unnamed.
+    let n = 11;
+    for i in 0..n {
+        std::fs::write(src.path().join("v.txt"), format!("version {i}\n")).unwrap();
+        fx.backup();
+    }
+    let blobs_dir = fx.dir.path().join("repo/objects");
+    assert_eq!(walk_count(&blobs_dir), n);
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+    for p in files_under(&blobs_dir) {
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let r = fx.run(&["prune"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("{n} stored, {n} named by snapshots; deleted 0")),
+        "{}",
+        r.stderr
+    );
+    // Keeping only the last: the ten others' contents are named by nothing, and old: deleted.
+    let policy = std::fs::read_to_string(&fx.policy).unwrap();
+    std::fs::write(
+        &fx.policy,
+        policy.replace("keep_last = 20", "keep_last = 1"),
+    )
+    .unwrap();
+    let r = fx.run(&["prune"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "{n} stored, 1 named by snapshots; deleted {}",
+            n - 1
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(walk_count(&blobs_dir), 1);
+    let out = fx.dir.path().join("restored");
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_to_string(out.join("v.txt")).unwrap(),
+        format!("version {}\n", n - 1)
+    );
+}
+
 fn walk_count(dir: &Path) -> usize {
     files_under(dir).len()
 }

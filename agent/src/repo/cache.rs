@@ -26,7 +26,8 @@ use crate::store::{ObjectInfo, ObjectStore, StoreError};
 /// Format of a cache object.
 const FORMAT: u32 = 1;
 
-/// A cache that would decompress to more than this is ignored (about 100,000 backups).
+/// A cache that would decompress to more than this is cut there, and so ignored (about
+/// 100,000 backups).
 const MAX_PLAIN: u64 = 256 << 20;
 
 /// What a listing says of an object: a cached body is used only while it still says the same.
@@ -48,7 +49,7 @@ impl Stamp {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct Cached {
     key: String,
     #[serde(flatten)]
@@ -56,10 +57,26 @@ struct Cached {
     body: String,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct CacheFile {
     format: u32,
     objects: Vec<Cached>,
+}
+
+/// [`Cached`] as written, borrowing what the listing read.
+#[derive(Serialize)]
+struct CachedRef<'a> {
+    key: &'a str,
+    #[serde(flatten)]
+    stamp: &'a Stamp,
+    body: &'a str,
+}
+
+/// [`CacheFile`] as written.
+#[derive(Serialize)]
+struct CacheFileRef<'a> {
+    format: u32,
+    objects: Vec<CachedRef<'a>>,
 }
 
 /// The source a cacheable key belongs to: manifests and their signatures under `backups/`,
@@ -157,7 +174,7 @@ impl Reads {
         if changed.is_empty() {
             return;
         }
-        let mut by_source: BTreeMap<&str, Vec<Cached>> = BTreeMap::new();
+        let mut by_source: BTreeMap<&str, Vec<CachedRef>> = BTreeMap::new();
         let bodies = read
             .iter()
             .chain(used.iter().filter_map(|k| Some((k, self.cached.get(k)?))));
@@ -170,29 +187,27 @@ impl Reads {
                 continue;
             };
             if changed.iter().any(|c| c == source) {
-                by_source.entry(source).or_default().push(Cached {
-                    key: key.clone(),
-                    stamp: stamp.clone(),
-                    body: body.to_string(),
-                });
+                by_source
+                    .entry(source)
+                    .or_default()
+                    .push(CachedRef { key, stamp, body });
             }
         }
         for source in &changed {
             let mut objects = by_source.remove(source.as_str()).unwrap_or_default();
-            objects.sort_by(|a, b| a.key.cmp(&b.key));
-            let file = CacheFile {
+            objects.sort_by(|a, b| a.key.cmp(b.key));
+            let file = CacheFileRef {
                 format: FORMAT,
                 objects,
             };
             let key = layout::catalog_cache(source);
-            let stored = match serde_json::to_vec(&file)
-                .ok()
-                .and_then(|json| zstd::bulk::compress(&json, 3).ok())
-            {
-                Some(z) => store.put(&key, Bytes::from(z)).await,
-                None => continue,
-            };
-            if let Err(e) = stored {
+            // Compressed as it is encoded.
+            let encoded = zstd::stream::write::Encoder::new(Vec::new(), 3).and_then(|mut z| {
+                serde_json::to_writer(&mut z, &file)?;
+                z.finish()
+            });
+            let Ok(z) = encoded else { continue };
+            if let Err(e) = store.put(&key, Bytes::from(z)).await {
                 tracing::debug!(key, error = %e, "Could not store the catalog cache (it is only a cache)");
             }
         }
@@ -210,14 +225,13 @@ async fn load_one(store: &dyn ObjectStore, source: &str) -> CacheFile {
             return CacheFile::default();
         }
     };
-    let mut json = Vec::new();
-    let decoded = zstd::stream::read::Decoder::new(&bytes[..]).and_then(|d| {
-        std::io::Read::read_to_end(&mut std::io::Read::take(d, MAX_PLAIN), &mut json)
-    });
-    let file = decoded
+    // Parsed as it is decompressed: its text is never held whole beside what it holds.
+    let file = zstd::stream::read::Decoder::new(&bytes[..])
         .ok()
-        .filter(|&n| (n as u64) < MAX_PLAIN)
-        .and_then(|_| serde_json::from_slice::<CacheFile>(&json).ok())
+        .and_then(|d| {
+            let plain = std::io::BufReader::new(std::io::Read::take(d, MAX_PLAIN));
+            serde_json::from_reader::<_, CacheFile>(plain).ok()
+        })
         .filter(|f| f.format == FORMAT);
     file.unwrap_or_else(|| {
         tracing::debug!(key, "Catalog cache damaged or of another format: ignored");

@@ -20,7 +20,7 @@ type BackupKey = (String, String);
 type Stored = (String, Option<DateTime<Utc>>);
 
 /// Manifests and verification reports read at once while listing.
-const READS_AT_ONCE: usize = 32;
+const READS_AT_ONCE: usize = 16;
 
 /// The latest verification of a backup.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -135,9 +135,15 @@ fn refuse(mut out: Collection, why: String) -> CollectionPlan {
     CollectionPlan::nothing(out)
 }
 
+/// Blob lists merged at once into the union: each open list holds a zstd window and buffers
+/// (about 2.5 MiB), and each pass reads and writes the whole union.
+const LISTS_AT_ONCE: usize = 8;
+
 /// Every blob the published objects backups name, sorted on the temp disk, each once; or why
-/// that cannot be known. The lists are added one backup at a time to a sorted union, so the
-/// temp disk holds each distinct id once (twice while a list is added), not once per backup.
+/// that cannot be known. Blob lists are stored sorted: [`LISTS_AT_ONCE`] of them are streamed
+/// at a time and merged with the union so far into a new one, so the temp disk holds each
+/// distinct id once (twice during a pass), and the union is rewritten once per that many
+/// backups, not once per backup.
 async fn referenced(
     repo: &Repository,
     index_key: Option<&Secret>,
@@ -154,29 +160,53 @@ async fn referenced(
     let mut all = sorted::SortedWriter::new()
         .and_then(sorted::SortedWriter::finish)
         .map_err(sort_failed)?;
-    for e in listing
+    let named: Vec<_> = listing
         .backups
         .iter()
-        .filter(|e| e.manifest.kind == crate::source::Kind::Objects)
-    {
-        let m = &e.manifest;
-        if ignoring.contains(&(m.source.clone(), m.id.clone())) {
-            continue;
+        .map(|e| &e.manifest)
+        .filter(|m| m.kind == crate::source::Kind::Objects)
+        .filter(|m| !ignoring.contains(&(m.source.clone(), m.id.clone())))
+        .collect();
+    if named.is_empty() {
+        return Ok(Ok(all));
+    }
+    let Some(key) = index_key else {
+        return Ok(Err(
+            "the policy sets no encryption.index_key, which blob lists are sealed with".into(),
+        ));
+    };
+    let unreadable = |why: String| {
+        format!("{why}; collection resumes once `lifeboat check` passes or that backup is pruned")
+    };
+    for batch in named.chunks(LISTS_AT_ONCE) {
+        let mut lists = Vec::with_capacity(batch.len());
+        for m in batch {
+            match objects::BlobList::open(repo, m, key).await? {
+                Ok(list) => lists.push(list),
+                Err(why) => return Ok(Err(unreadable(why))),
+            }
         }
-        let Some(key) = index_key else {
-            return Ok(Err(
-                "the policy sets no encryption.index_key, which blob lists are sealed with".into(),
-            ));
-        };
-        let mut list = sorted::Sorter::default();
-        if let Err(why) = objects::read_blob_list(repo, m, key, |id| list.push(id)).await? {
-            return Ok(Err(format!(
-                "{why}; collection resumes once `lifeboat check` passes or that backup is pruned"
-            )));
+        // A k-way merge of the lists, smallest id first, each id added once.
+        let mut heads = std::collections::BinaryHeap::new();
+        for (i, list) in lists.iter_mut().enumerate() {
+            match list.next().await? {
+                Ok(Some(id)) => heads.push(std::cmp::Reverse((id, i))),
+                Ok(None) => {}
+                Err(why) => return Ok(Err(unreadable(why))),
+            }
         }
         let mut union = sorted::Union::new(Some(&all)).map_err(sort_failed)?;
-        for id in list.merged().map_err(sort_failed)? {
-            union.add(id.map_err(sort_failed)?).map_err(sort_failed)?;
+        let mut last = None;
+        while let Some(std::cmp::Reverse((id, i))) = heads.pop() {
+            if last != Some(id) {
+                union.add(id).map_err(sort_failed)?;
+                last = Some(id);
+            }
+            match lists[i].next().await? {
+                Ok(Some(next)) => heads.push(std::cmp::Reverse((next, i))),
+                Ok(None) => {}
+                Err(why) => return Ok(Err(unreadable(why))),
+            }
         }
         all = union.finish().map_err(sort_failed)?;
     }

@@ -474,55 +474,130 @@ pub(crate) async fn read_blob_list(
     key: &Secret,
     mut each: impl FnMut(sorted::Id) -> std::io::Result<()>,
 ) -> Result<std::result::Result<u64, String>> {
-    let Some(part) = m.parts.iter().find(|p| p.role == Role::BlobList) else {
-        return Ok(Err(format!(
-            "backup {}/{} has no blob list (written by an older version)",
-            m.source, m.id
-        )));
+    let mut list = match BlobList::open(repo, m, key).await? {
+        Ok(list) => list,
+        Err(why) => return Ok(Err(why)),
     };
-    let object = layout::backup_object(&m.source, &m.id, &part.name);
-    match repo.store.size(&object).await {
-        Ok(Some(_)) => {}
-        Ok(None) => return Ok(Err(format!("{object} is missing"))),
-        Err(e) => return Err(Error::from(e).context(format!("reading {object}"))),
-    }
-    // What reading it found wrong with it (the message names it), or an error of the repository.
-    let unreadable = |e: Error| match e.kind {
-        ErrorKind::Integrity | ErrorKind::Credential => Ok(Err(e.message)),
-        _ => Err(e.context(format!("reading {object}"))),
-    };
-    if !part.format.contains("zstd") {
-        // An empty list, or one written whole by an older version: read whole.
-        let bytes = match repo.store.get(&object).await {
-            Ok(b) => b,
-            Err(e) => return unreadable(Error::from(e).context(&object)),
-        };
-        if hex::encode(Sha256::digest(&bytes)) != part.sha256_stored {
-            return Ok(Err(format!("{object} does not match its manifest")));
-        }
-        return Ok(match parse_blob_list(key, &bytes) {
-            Ok(ids) => {
-                for id in &ids {
-                    each(unhex32(id).unwrap_or_default())
-                        .map_err(|e| Error::failed(format!("sorting blob ids: {e}")))?;
-                }
-                Ok(ids.len() as u64)
+    let mut n = 0;
+    loop {
+        match list.next().await? {
+            Ok(Some(id)) => {
+                each(id).map_err(|e| Error::failed(format!("sorting blob ids: {e}")))?;
+                n += 1;
             }
-            Err(why) => Err(format!("{object}: {why}")),
-        });
+            Ok(None) => return Ok(Ok(n)),
+            Err(why) => return Ok(Err(why)),
+        }
     }
-    let dir = std::env::temp_dir();
-    let spooled =
-        match crate::restore::spool(repo, m, part, &dir, &crate::restore::NoProgress).await {
-            Ok(s) => s,
-            Err(e) => return unreadable(e),
+}
+
+/// A backup's blob list, open: its ids in increasing order, read as a stream (lists an older
+/// version wrote whole are read whole, and sorted).
+pub(crate) struct BlobList {
+    ids: BlobIds,
+    object: String,
+    last: Option<sorted::Id>,
+}
+
+enum BlobIds {
+    Whole(std::vec::IntoIter<sorted::Id>),
+    Stream(tokio::io::Split<tokio::io::BufReader<Pin<Box<dyn AsyncRead + Send>>>>),
+}
+
+impl BlobList {
+    /// The blob list of `m`; `Ok(Err(why))` when it is missing, or cannot be read with `key`.
+    pub(crate) async fn open(
+        repo: &crate::repo::Repository,
+        m: &crate::repo::manifest::Manifest,
+        key: &Secret,
+    ) -> Result<std::result::Result<BlobList, String>> {
+        let Some(part) = m.parts.iter().find(|p| p.role == Role::BlobList) else {
+            return Ok(Err(format!(
+                "backup {}/{} has no blob list (written by an older version)",
+                m.source, m.id
+            )));
         };
-    let identities: Vec<Box<dyn age::Identity + Send + Sync>> =
-        vec![Box::new(pipeline::index_identity(key))];
-    let read = async { each_id(spooled.plaintext(&identities).await?, each).await };
-    match read.await {
-        Ok(n) => Ok(Ok(n)),
-        Err(e) => unreadable(e.context(&object)),
+        let object = layout::backup_object(&m.source, &m.id, &part.name);
+        let unreadable = |e: Error| match e.kind {
+            ErrorKind::Integrity | ErrorKind::Credential => Ok(Err(e.message)),
+            _ => Err(e.context(format!("reading {object}"))),
+        };
+        let list = |ids| BlobList {
+            ids,
+            object: object.clone(),
+            last: None,
+        };
+        if !part.format.contains("zstd") {
+            // An empty list, or one written whole by an older version: read whole.
+            let bytes = match repo.store.get(&object).await {
+                Ok(b) => b,
+                Err(crate::store::StoreError::NotFound { .. }) => {
+                    return Ok(Err(format!("{object} is missing")))
+                }
+                Err(e) => return unreadable(Error::from(e).context(&object)),
+            };
+            if hex::encode(Sha256::digest(&bytes)) != part.sha256_stored {
+                return Ok(Err(format!("{object} does not match its manifest")));
+            }
+            let mut ids = match parse_blob_list(key, &bytes) {
+                Ok(ids) => ids.iter().filter_map(|id| unhex32(id)).collect::<Vec<_>>(),
+                Err(why) => return Ok(Err(format!("{object}: {why}"))),
+            };
+            ids.sort_unstable();
+            ids.dedup();
+            return Ok(Ok(list(BlobIds::Whole(ids.into_iter()))));
+        }
+        let stored = match repo.store.open(&object).await {
+            Ok(r) => r,
+            Err(crate::store::StoreError::NotFound { .. }) => {
+                return Ok(Err(format!("{object} is missing")))
+            }
+            Err(e) => return Err(Error::from(e).context(format!("reading {object}"))),
+        };
+        let identities: Vec<Box<dyn age::Identity + Send + Sync>> =
+            vec![Box::new(pipeline::index_identity(key))];
+        match crate::restore::checked_plaintext(stored, &object, part, &identities).await {
+            Ok(plain) => Ok(Ok(list(BlobIds::Stream(
+                tokio::io::AsyncBufReadExt::split(tokio::io::BufReader::new(plain), b'\n'),
+            )))),
+            Err(e) => unreadable(e),
+        }
+    }
+
+    /// The next id; `Ok(Err(why))` when the list turns out damaged (its hash is checked at its
+    /// end) or not in increasing order.
+    pub(crate) async fn next(&mut self) -> Result<std::result::Result<Option<sorted::Id>, String>> {
+        let id = match &mut self.ids {
+            BlobIds::Whole(ids) => ids.next(),
+            BlobIds::Stream(lines) => match lines.next_segment().await {
+                Ok(Some(line)) => match std::str::from_utf8(&line).ok().and_then(unhex32) {
+                    Some(id) => Some(id),
+                    None => {
+                        return Ok(Err(format!(
+                            "{}: a line that is not a blob id",
+                            self.object
+                        )))
+                    }
+                },
+                Ok(None) => None,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Ok(Err(format!("{}: {e}", self.object)))
+                }
+                Err(e) => return Err(Error::failed(format!("reading {}: {e}", self.object))),
+            },
+        };
+        if let (Some(id), Some(last)) = (id, self.last) {
+            if id <= last {
+                return Ok(Err(format!(
+                    "{}: its ids are not in increasing order",
+                    self.object
+                )));
+            }
+        }
+        if id.is_some() {
+            self.last = id;
+        }
+        Ok(Ok(id))
     }
 }
 
