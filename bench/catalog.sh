@@ -19,13 +19,8 @@ lifeboat=${LIFEBOAT_BIN:-$root/target/release/lifeboat}
 rm -rf "$work" && mkdir -p "$work"
 . scripts/lib/throwaway-redis.sh
 redis_start
-s3port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$venv/bin/moto_server" -H 127.0.0.1 -p "$s3port" >"$work/moto.log" 2>&1 &
-moto_pid=$!
+moto_start
 trap 'kill $moto_pid 2>/dev/null; redis_stop' EXIT
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-endpoint=http://127.0.0.1:$s3port
-for _ in $(seq 1 100); do aws s3 ls >/dev/null 2>&1 && break; sleep 0.2; done
 aws s3 mb s3://repo >/dev/null
 redis-cli -p "$REDIS_PORT" DEBUG POPULATE 1000 key 100 >/dev/null 2>&1 \
   || redis-cli -p "$REDIS_PORT" SET key 1 >/dev/null
@@ -84,5 +79,20 @@ count=$("$lifeboat" list --policy "$work/policy.toml" --json | python3 -c 'impor
 measure "lifeboat list" "'$lifeboat' list --policy '$work/policy.toml' >/dev/null"
 measure "lifeboat restore --dry-run (the latest)" "'$lifeboat' restore --policy '$work/policy.toml' --source cache --to '$work/out.rdb' --dry-run >/dev/null"
 measure "lifeboat prune --dry-run" "'$lifeboat' prune --policy '$work/policy.toml' --dry-run >/dev/null"
+# The requests of one warm `lifeboat list`, by S3 billing class, from moto's request log.
+before=$(wc -l < "$work/moto.log")
+"$lifeboat" list --policy "$work/policy.toml" >/dev/null
+requests=$(tail -n +"$((before + 1))" "$work/moto.log" | python3 -c '
+import re, sys
+n = {"LIST": 0, "GET": 0, "HEAD": 0, "PUT": 0}
+for line in sys.stdin:
+    m = re.search(r"\"(GET|HEAD|PUT|POST|DELETE) (\S+)", line)
+    if not m:
+        continue
+    op, path = m.groups()
+    op = "LIST" if op == "GET" and "list-type=" in path else op
+    n[op] = n.get(op, 0) + 1
+print(", ".join(f"{v} {k}" for k, v in n.items() if v))')
+echo "   requests of one lifeboat list: $requests" >&2
 summarize "aws s3 ls --recursive (one listing)" "catalog${BENCH_KIND_SUFFIX:-}" \
-  "$n backups of one source in a local S3 (moto)"
+  "$n backups of one source in a local S3 (moto); one warm \`lifeboat list\` made $requests"

@@ -14,6 +14,17 @@ work=${BENCH_WORK:-$root/bench/work}
 results=${BENCH_RESULTS:-bench/results}
 venv=${MOTO_VENV:-target/moto-venv}
 
+# A throwaway moto on a free port, its requests logged to $work/moto.log: sets moto_pid (the
+# caller stops it), endpoint and the AWS_* variables, and returns once it answers.
+moto_start() {
+  s3port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$venv/bin/moto_server" -H 127.0.0.1 -p "$s3port" >"$work/moto.log" 2>&1 &
+  moto_pid=$!
+  export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+  endpoint=http://127.0.0.1:$s3port
+  for _ in $(seq 1 100); do aws s3 ls >/dev/null 2>&1 && break; sleep 0.2; done
+}
+
 bench_setup() {
   local rows=$1 want_s3=${2:-}
   scripts/install-deps.sh
@@ -32,12 +43,7 @@ bench_setup() {
   bench_cleanup() { [ -n "$moto_pid" ] && kill "$moto_pid" 2>/dev/null; pg_stop; }
   trap bench_cleanup EXIT
   if [ "$want_s3" = s3 ]; then
-    s3port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    "$venv/bin/moto_server" -H 127.0.0.1 -p "$s3port" >"$work/moto.log" 2>&1 &
-    moto_pid=$!
-    export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-    endpoint=http://127.0.0.1:$s3port
-    for _ in $(seq 1 100); do aws s3 ls >/dev/null 2>&1 && break; sleep 0.2; done
+    moto_start
     aws s3 mb s3://bench >/dev/null
   fi
   echo "== loading $rows rows of realistic data" >&2

@@ -2,7 +2,7 @@
 # Object sync benchmark, in one run on a throwaway local S3 (moto):
 #   a directory of N small files (1–16 KiB of random bytes), then 1 % of them changed, R times:
 #     aws s3 sync DIR s3://mirror/            (size + mtime comparison, no content hashes)
-#     lifeboat backup (kind = "objects")      (snapshot, change index, keyed blobs, zstd + age)
+#     lifeboat backup (kind = "objects")      (snapshot, read back as the next change index; keyed blobs; zstd + age)
 #   and the same from an S3 prefix (aws s3 sync s3://src s3://mirror vs lifeboat from s3://src).
 #   Then the last backup of the directory comes back whole (against aws s3 sync from the mirror),
 #   is verified, checked with --read-data and pruned (blob collection over every backup): with
@@ -16,13 +16,8 @@ command -v /usr/bin/time >/dev/null 2>&1 || apt-get install -y -qq time >/dev/nu
 cargo build --release --quiet --bins
 lifeboat=$root/target/release/lifeboat
 rm -rf "$work" && mkdir -p "$work/data"
-s3port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$venv/bin/moto_server" -H 127.0.0.1 -p "$s3port" >"$work/moto.log" 2>&1 &
-moto_pid=$!
+moto_start
 trap 'kill $moto_pid 2>/dev/null' EXIT
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-endpoint=http://127.0.0.1:$s3port
-for _ in $(seq 1 100); do aws s3 ls >/dev/null 2>&1 && break; sleep 0.2; done
 for b in src mirror mirror2 repo repo2; do aws s3 mb "s3://$b" >/dev/null; done
 echo "== writing $n files" >&2
 python3 - "$work/data" "$n" <<'PY'

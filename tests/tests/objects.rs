@@ -543,15 +543,7 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
     assert_eq!(fx.ids(), vec![second.clone()]);
 
     // A day later it goes; the dry run says so first and deletes nothing.
-    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
-    for p in files_under(&blobs_dir) {
-        std::fs::File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-    }
+    two_days_old(&blobs_dir);
     let r = fx.run(&["prune", "--dry-run"]);
     assert!(r.stderr.contains("would delete 1"), "{}", r.stderr);
     assert_eq!(walk_count(&blobs_dir), 4);
@@ -632,15 +624,7 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
     }
     let blobs_dir = fx.dir.path().join("repo/objects");
     assert_eq!(walk_count(&blobs_dir), n);
-    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
-    for p in files_under(&blobs_dir) {
-        std::fs::File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-    }
+    two_days_old(&blobs_dir);
     let r = fx.run(&["prune"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
@@ -674,6 +658,19 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
         std::fs::read_to_string(out.join("v.txt")).unwrap(),
         format!("version {}\n", n - 1)
     );
+}
+
+/// Makes every file under `dir` look written two days ago (past blob collection's grace).
+fn two_days_old(dir: &Path) {
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+    for p in files_under(dir) {
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
 }
 
 fn walk_count(dir: &Path) -> usize {
