@@ -827,7 +827,14 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
         );
         r
     };
-    within("first backup", &|| fx.run(&["backup"]));
+    let r = within("first backup", &|| fx.run(&["backup", "--json"]));
+    // One PUT per content, plus the snapshot's and the blob list's; nothing deleted (no older
+    // change index to clear on a first run).
+    let result: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let requests = &result[0]["requests"]["repository"];
+    let puts = requests["put"].as_u64().unwrap();
+    assert!((n as u64 + 2..n as u64 + 20).contains(&puts), "{requests}");
+    assert_eq!(requests["delete"], 0, "{requests}");
     let id = fx.ids()[0].clone();
     let fp = fx.fingerprint(&id);
     assert_eq!(fp["files"], n, "{fp}");

@@ -73,8 +73,6 @@ pub(super) struct Previous {
     pending: Option<Entry>,
     /// The backup it describes.
     pub(super) backup: String,
-    /// Read from that backup's snapshot (not from an older run's separate index).
-    pub(super) from_snapshot: bool,
     /// Files it names, counted as it is read.
     files: u64,
     /// Where it stopped being readable, once it has.
@@ -83,36 +81,42 @@ pub(super) struct Previous {
 }
 
 impl Previous {
-    /// The snapshot of `source`'s last published backup, if there is one to read.
-    pub(super) async fn open(repo: &dyn ObjectStore, source: &str, key: &Secret) -> Option<Self> {
+    /// The snapshot of `source`'s last published backup, if there is one to read; and whether
+    /// an older version's change index may be left in the repository (that snapshot does not
+    /// open with the index key: this run's will).
+    pub(super) async fn open(
+        repo: &dyn ObjectStore,
+        source: &str,
+        key: &Secret,
+    ) -> (Option<Self>, bool) {
         let backup = match last_published(repo, source).await {
             Ok(Some(b)) => b,
-            Ok(None) => return None,
+            Ok(None) => return (None, false),
             Err(e) => {
                 tracing::info!(source, error = %e.message, "Cannot list the source's backups: every object is read");
-                return None;
+                return (None, false);
             }
         };
         let snapshot = layout::backup_object(source, &backup, super::SNAPSHOT_OBJECT);
-        let (lines, from_snapshot) = match super::open_sealed(repo, &snapshot, key).await {
-            Ok(plain) => (lines(plain), true),
+        let (lines, older) = match super::open_sealed(repo, &snapshot, key).await {
+            Ok(plain) => (lines(plain), false),
             Err(e) => match older_index(repo, source, key, &backup).await {
-                Some(lines) => (lines, false),
+                Some(lines) => (lines, true),
                 None => {
                     tracing::info!(source, backup, error = %e.message, "The last snapshot cannot be read as the change index (a changed index key, or damage), nor does an older change index describe it: every object is read");
-                    return None;
+                    return (None, true);
                 }
             },
         };
-        Some(Previous {
+        let previous = Previous {
             lines,
             pending: None,
             backup,
-            from_snapshot,
             files: 0,
             broken: false,
             source: source.to_string(),
-        })
+        };
+        (Some(previous), older)
     }
 
     /// What the index says of `path`. Calls must come in path order.
@@ -258,7 +262,10 @@ mod tests {
         let key = Secret::new("an index key of at least thirty-two characters");
         let user = age::x25519::Identity::generate().to_public();
         let derived = pipeline::index_x25519(&key).to_public();
-        assert!(Previous::open(&store, "s", &key).await.is_none());
+        assert!(matches!(
+            Previous::open(&store, "s", &key).await,
+            (None, false)
+        ));
 
         // A snapshot stored before the derived recipient, and the index its run kept.
         let id1 = "20261201T000000Z-aaaa";
@@ -274,10 +281,9 @@ mod tests {
             .put(&layout::change_index("s"), index(id1))
             .await
             .unwrap();
-        let mut p = Previous::open(&store, "s", &key)
-            .await
-            .expect("the older index");
-        assert!(!p.from_snapshot);
+        let (p, older) = Previous::open(&store, "s", &key).await;
+        let mut p = p.expect("the older index");
+        assert!(older, "the older index is to be deleted");
         assert_eq!(p.backup, id1);
         assert_eq!(p.find("a.txt").await.map(|k| k.size), Some(3));
 
@@ -286,15 +292,17 @@ mod tests {
             .put(&layout::change_index("s"), index("20261130T000000Z-bbbb"))
             .await
             .unwrap();
-        assert!(Previous::open(&store, "s", &key).await.is_none());
+        assert!(matches!(
+            Previous::open(&store, "s", &key).await,
+            (None, true)
+        ));
 
         // A snapshot sealed to the derived recipient is read itself.
         let id2 = "20261202T000000Z-cccc";
         publish(&store, id2, sealed(&[user.clone(), derived.clone()], LINE)).await;
-        let mut p = Previous::open(&store, "s", &key)
-            .await
-            .expect("the snapshot");
-        assert!(p.from_snapshot);
+        let (p, older) = Previous::open(&store, "s", &key).await;
+        let mut p = p.expect("the snapshot");
+        assert!(!older);
         assert_eq!(p.backup, id2);
         assert_eq!(p.find("a.txt").await.map(|k| k.size), Some(3));
         assert_eq!(p.finish().await, 1);
@@ -309,11 +317,12 @@ mod tests {
             .unwrap();
         let p = Previous::open(&store, "s", &key)
             .await
+            .0
             .expect("the snapshot");
         assert_eq!(p.backup, id2);
 
         // Another index key opens nothing.
         let other = Secret::new("another index key of thirty-two characters");
-        assert!(Previous::open(&store, "s", &other).await.is_none());
+        assert!(Previous::open(&store, "s", &other).await.0.is_none());
     }
 }

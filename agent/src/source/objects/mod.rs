@@ -1036,9 +1036,9 @@ impl Source for Objects {
             (_, Some(s3)) => listing::pages(s3.clone(), self.cfg.from_shown.clone()),
             (ObjectsFrom::S3(_), None) => return Err(Error::failed("no source store")),
         };
-        let previous = index::Previous::open(ctx.store.as_ref(), &ctx.source, &key).await;
+        let (previous, older_index) =
+            index::Previous::open(ctx.store.as_ref(), &ctx.source, &key).await;
         let previous_backup = previous.as_ref().map(|p| p.backup.clone());
-        let older_index = !previous.as_ref().is_some_and(|p| p.from_snapshot);
         // Only blobs the last published snapshot names count as stored: blob collection never
         // removes those, while any other blob may be on its way out. Content found nowhere
         // else is uploaded again (which also renews an old copy's age).
