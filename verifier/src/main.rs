@@ -125,9 +125,17 @@ fn print_report(source: &str, report: &lifeboat::verify::Report) {
             "VERIFICATION FAILED"
         },
         report.checks.len(),
-        report.timings.restore_seconds,
+        report.timings.restore_total(),
         report.timings.total_seconds
     );
+    let split: Vec<String> = report
+        .timings
+        .phases()
+        .iter()
+        .filter(|(_, s)| *s >= 0.05)
+        .map(|(phase, s)| format!("{} {s:.1} s", phase.replace('_', " ")))
+        .collect();
+    eprintln!("  time: {}", split.join(", "));
 }
 
 /// The scheduled verifier: one loop per source with a verify schedule, one verification at a time.

@@ -256,12 +256,13 @@ impl Agent {
                     let verified = listing.backups.iter().find(|e| e.verified());
                     let newest_verified =
                         verified.map(|e| (e.manifest.id.clone(), e.manifest.started_at));
-                    let last_restore = listing
+                    let last_timings = listing
                         .backups
                         .iter()
-                        .find_map(|e| e.verification.as_ref().and_then(|v| v.restore_seconds));
+                        .find_map(|e| e.verification.as_ref().and_then(|v| v.timings.as_ref()));
+                    let last_restore = last_timings.map(|t| t.restore_total());
                     self.telemetry
-                        .repository(&src.name, listing.backups.len(), last_restore);
+                        .repository(&src.name, listing.backups.len(), last_timings);
                     // The verifier runs elsewhere; its reports in the repository say how it went.
                     if let Some(v) = listing
                         .backups

@@ -15,6 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::verify::Timings;
+
 /// The operations the agent reports on.
 pub const OPS: [&str; 3] = ["backup", "verify", "prune"];
 
@@ -27,6 +29,12 @@ struct SourceLabel {
 struct SourceOp {
     source: String,
     op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourcePhase {
+    source: String,
+    phase: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,6 +118,7 @@ pub struct Telemetry {
     rpo: Family<SourceLabel, FGauge>,
     rto: Family<SourceLabel, FGauge>,
     restore_duration: Family<SourceLabel, FGauge>,
+    verification_phases: Family<SourcePhase, FGauge>,
     contained: Family<SourceLabel, Gauge>,
     backups: Family<SourceLabel, Gauge>,
     skipped: Family<SourceLabel, Counter>,
@@ -166,6 +175,7 @@ impl Telemetry {
             rpo: Family::default(),
             rto: Family::default(),
             restore_duration: Family::default(),
+            verification_phases: Family::default(),
             contained: Family::default(),
             backups: Family::default(),
             skipped: Family::default(),
@@ -239,6 +249,11 @@ impl Telemetry {
             "lifeboat_last_restore_duration_seconds",
             "Measured restore time of the latest verification",
             t.restore_duration.clone(),
+        );
+        registry.register(
+            "lifeboat_last_verification_phase_seconds",
+            "The latest verification's time by phase: download, restore, index_build, readback, checks, other (together its measured RTO)",
+            t.verification_phases.clone(),
         );
         registry.register(
             "lifeboat_verification_contained",
@@ -526,11 +541,20 @@ impl Telemetry {
         family.get_or_create(&so(source, "verify")).set(ts);
     }
 
-    /// What the repository holds for the source now.
-    pub fn repository(&self, source: &str, backups: usize, last_restore: Option<f64>) {
+    /// What the repository holds for the source now, and the latest verification's phases.
+    pub fn repository(&self, source: &str, backups: usize, last: Option<&Timings>) {
         self.backups.get_or_create(&sl(source)).set(backups as i64);
-        if let Some(s) = last_restore {
-            self.restore_duration.get_or_create(&sl(source)).set(s);
+        if let Some(t) = last {
+            self.restore_duration
+                .get_or_create(&sl(source))
+                .set(t.restore_total());
+            for (phase, seconds) in t.phases() {
+                let label = SourcePhase {
+                    source: source.to_string(),
+                    phase: phase.to_string(),
+                };
+                self.verification_phases.get_or_create(&label).set(seconds);
+            }
         }
     }
 

@@ -29,8 +29,10 @@ pub struct Verification {
     pub result: String,
     /// The report's id (sortable by time).
     pub id: String,
-    /// Measured restore time (the RTO), seconds.
+    /// Measured restore time, seconds: the data and the indexes.
     pub restore_seconds: Option<f64>,
+    /// Each phase of the verification, as its report gives them.
+    pub timings: Option<crate::verify::Timings>,
     /// Whether its scratch server ran without network; `Some(false)`: it ran uncontained.
     pub contained: Option<bool>,
 }
@@ -318,12 +320,15 @@ impl Repository {
             untrusted.append(&mut rejected);
             let Some(report) = trusted else { continue };
             let v: serde_json::Value = serde_json::from_slice(&report).unwrap_or_default();
+            let timings: Option<crate::verify::Timings> =
+                serde_json::from_value(v["timings"].clone()).ok();
             out.insert(
                 k,
                 Verification {
                     result: v["result"].as_str().unwrap_or("unreadable").to_string(),
                     id: v["verify_id"].as_str().unwrap_or("").to_string(),
-                    restore_seconds: v["timings"]["restore_seconds"].as_f64(),
+                    restore_seconds: timings.as_ref().map(|t| t.restore_total()),
+                    timings,
                     contained: v["contained"].as_bool(),
                 },
             );

@@ -60,7 +60,9 @@ pub fn spawn(
     Ok(Running { stdout, verdict })
 }
 
-/// Runs `program` to completion, feeding `input` (if any) to its stdin, and returns its stderr.
+/// Runs `program` to completion, feeding `input` (if any) to its stdin, and returns its stderr
+/// and when it had read all of `input` (pg_restore: when the data was in and the post-data
+/// section began).
 ///
 /// A read error on `input` (for a restore: damaged or unauthenticated plaintext) kills the child
 /// and is returned as an integrity error; a non-zero exit is an error carrying stderr's tail.
@@ -70,7 +72,7 @@ pub async fn run_with_input(
     env: &[(String, OsString)],
     what: String,
     input: Option<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
-) -> Result<String> {
+) -> Result<(String, Option<std::time::Instant>)> {
     use tokio::io::AsyncWriteExt;
     let stdin = if input.is_some() {
         Stdio::piped()
@@ -84,6 +86,7 @@ pub async fn run_with_input(
         .ok_or_else(|| Error::failed(format!("{what}: no stderr pipe")))?;
     // Keep more: psql's errors are parsed from it.
     let drain = drain_tail(stderr, STDERR_TAIL * 4);
+    let mut input_read = None;
     if let (Some(mut reader), Some(mut stdin)) = (input, child.stdin.take()) {
         let mut buf = vec![0u8; 256 << 10];
         loop {
@@ -104,7 +107,9 @@ pub async fn run_with_input(
                 break; // The child stopped reading: its exit status says why.
             }
         }
+        // Closing stdin waits for nothing: the pipe holds at most 64 KiB the child has not read.
         drop(stdin);
+        input_read = Some(std::time::Instant::now());
     }
     let status = child
         .wait()
@@ -112,7 +117,7 @@ pub async fn run_with_input(
         .map_err(|e| Error::failed(format!("{what}: waiting for it failed: {e}")))?;
     let tail = drain.await.unwrap_or_default();
     if status.success() {
-        Ok(tail)
+        Ok((tail, input_read))
     } else {
         Err(exit_error(&what, status, &tail))
     }

@@ -204,6 +204,7 @@ mod tests {
             large_objects: 1,
             large_objects_hash: Some("ll".into()),
             objects: BTreeMap::from([("views".to_string(), 1)]),
+            spread: Default::default(),
         };
         let checks = compare(&expected, &observed);
         let failed: Vec<(&str, &str, &str)> = checks

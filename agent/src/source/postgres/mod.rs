@@ -11,6 +11,7 @@ pub mod checks;
 pub mod globals;
 pub mod pgdump;
 pub mod policy;
+mod readback;
 pub mod restore;
 pub mod scratch;
 pub mod verify;
@@ -25,15 +26,12 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, NoTls};
 
-use self::pgdump::{
-    DumpFingerprinter, DumpSummary, LargeObjectHasher, RowHasher, SequenceValue, TableData,
-};
+use self::pgdump::{DumpFingerprinter, DumpSummary, LargeObjectHasher, SequenceValue, TableData};
 use super::child;
 use super::{BackupContext, Source, SourceBackup};
 use crate::error::{Error, ErrorKind, Result};
@@ -491,9 +489,11 @@ pub struct Observed {
     pub large_objects_hash: Option<String>,
     /// Schema object counts.
     pub objects: BTreeMap<String, i64>,
+    /// How the tables were read.
+    #[serde(skip)]
+    pub spread: readback::Spread,
 }
 
-/// Quotes an identifier for SQL.
 /// `CREATE DATABASE name` as the dumped database was: its encoding and locale (from template0,
 /// as a database of another encoding must be), or the server's defaults when the backup did not
 /// record them. `locale = false` keeps the encoding but takes `C` for collation and ctype, which
@@ -535,26 +535,10 @@ pub fn quote_literal(s: &str) -> String {
 
 /// Measures a restored database against `expected`: COPY of every table with the same columns
 /// and text settings as the dump, sequences, large objects and schema object counts.
-pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed> {
+pub async fn observe(pg: &Postgres, conn: &Connection, expected: &Fingerprint) -> Result<Observed> {
     let q = query_error;
-    client
-        .batch_execute(TEXT_SETTINGS_SQL)
-        .await
-        .map_err(|e| q("setting the text format", e))?;
-    // A SQL_ASCII database holds bytes in no encoding, and its dump (taken in that encoding)
-    // carries them as they are. The server refuses to send bytes that are not UTF-8 to a UTF-8
-    // client, so COPY reads them as they are too.
-    let encoding: String = client
-        .query_one("SHOW server_encoding", &[])
-        .await
-        .map_err(|e| q("reading the server encoding", e))?
-        .get(0);
-    if encoding == "SQL_ASCII" {
-        client
-            .batch_execute("SET client_encoding = 'SQL_ASCII'")
-            .await
-            .map_err(|e| q("setting the client encoding", e))?;
-    }
+    let client = &conn.client;
+    readback::text_session(client).await?;
     let full = expected.mode == FingerprintMode::Full;
     let present: Vec<(String, String)> = client
         .query(
@@ -570,7 +554,8 @@ pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let (tables, missing_tables) = observe_tables(client, expected, &present, full).await?;
+    let (tables, missing_tables, spread) =
+        readback::tables(pg, client, conn.server_major, expected, &present, full).await?;
     let unexpected_tables = present
         .iter()
         .filter(|(s, n)| {
@@ -596,6 +581,7 @@ pub async fn observe(client: &Client, expected: &Fingerprint) -> Result<Observed
         large_objects: lo_count,
         large_objects_hash: full.then_some(lo_hash),
         objects: object_counts(&counts),
+        spread,
     })
 }
 
@@ -607,44 +593,6 @@ fn query_error(what: &str, e: tokio_postgres::Error) -> Error {
             .map(|d| d.message().to_string())
             .unwrap_or_else(|| e.to_string())
     ))
-}
-
-/// Row counts and hashes of the tables `expected` names, and those missing from the restore.
-async fn observe_tables(
-    client: &Client,
-    expected: &Fingerprint,
-    present: &[(String, String)],
-    full: bool,
-) -> Result<(Vec<TableData>, Vec<String>)> {
-    let q = query_error;
-    let mut tables = Vec::new();
-    let mut missing_tables = Vec::new();
-    for t in &expected.dump.tables {
-        let name = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
-        if !present.iter().any(|(s, n)| s == &t.schema && n == &t.name) {
-            missing_tables.push(name);
-            continue;
-        }
-        let target = t.copy.clone().unwrap_or_else(|| name.clone());
-        let stream = client
-            .copy_out(&format!("COPY {target} TO STDOUT"))
-            .await
-            .map_err(|e| q(&format!("COPY {target}"), e))?;
-        let mut stream = std::pin::pin!(stream);
-        let mut rows = RowHasher::new(full);
-        while let Some(chunk) = stream.next().await {
-            rows.feed(&chunk.map_err(|e| q(&format!("COPY {target}"), e))?);
-        }
-        let (count, hash) = rows.finish();
-        tables.push(TableData {
-            schema: t.schema.clone(),
-            name: t.name.clone(),
-            copy: t.copy.clone(),
-            rows: count,
-            hash,
-        });
-    }
-    Ok((tables, missing_tables))
 }
 
 /// The last value of each sequence `expected` names (`None`: not restored).
@@ -720,13 +668,14 @@ pub struct RestoreOptions {
 
 impl Postgres {
     /// Runs pg_restore into the database `conn` is connected to. Any error pg_restore reports
-    /// fails the restore, with the tail of its stderr.
+    /// fails the restore, with the tail of its stderr. Returns when a streamed dump had been read
+    /// to its end (the data was in and the post-data section began).
     pub async fn pg_restore(
         &self,
         conn: &Connection,
         input: RestoreInput,
         opts: &RestoreOptions,
-    ) -> Result<()> {
+    ) -> Result<Option<std::time::Instant>> {
         let (tool, _) = self.find_tool("pg_restore", conn.server_major).await?;
         let (env, _passfile) = self.child_env(conn)?;
         let mut args: Vec<OsString> = vec!["--exit-on-error".into()];
@@ -755,7 +704,7 @@ impl Postgres {
                 child::run_with_input(&tool, &args, &env, "pg_restore".into(), None).await
             }
         };
-        ran.map(drop)
+        ran.map(|(_, input_read)| input_read)
             .map_err(|e| match needs_superuser(&e.message) {
                 true => e.cause(crate::error::Cause::NeedsSuperuser),
                 false => e,

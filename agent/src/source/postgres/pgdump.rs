@@ -183,12 +183,23 @@ impl RowHasher {
         }
     }
 
-    /// Row count and content hash (hex; `None` when only counting).
-    pub fn finish(mut self) -> (u64, Option<String>) {
+    /// Adds the rows `other` read (of the same table, in another piece).
+    pub fn add(&mut self, mut other: RowHasher) {
+        other.end_last_row();
+        self.rows += other.rows;
+        self.hash = self.hash.wrapping_add(other.hash);
+    }
+
+    /// A last row without its newline still counts.
+    fn end_last_row(&mut self) {
         if self.row.is_some() && !self.terminated {
-            // A last row without its newline still counts.
             self.end_row();
         }
+    }
+
+    /// Row count and content hash (hex; `None` when only counting).
+    pub fn finish(mut self) -> (u64, Option<String>) {
+        self.end_last_row();
         (self.rows, self.full.then(|| format!("{:032x}", self.hash)))
     }
 }
@@ -953,5 +964,21 @@ mod tests {
         let b = rows_hash([&b""[..], b"2\ty", b"1\tx"]);
         assert_eq!(a, b);
         assert_ne!(a, rows_hash([&b"1\tx"[..], b"2\ty"]));
+    }
+
+    #[test]
+    fn pieces_of_a_table_add_up_to_the_whole() {
+        let rows = [&b"1\tx"[..], b"2\ty", b"", b"3\tz"];
+        let mut whole = RowHasher::new(true);
+        whole.feed(b"1\tx\n2\ty\n\n3\tz\n");
+        let mut sum = RowHasher::new(true);
+        let (mut a, mut b) = (RowHasher::new(true), RowHasher::new(true));
+        a.feed(b"2\ty\n\n");
+        b.feed(b"3\tz\n1\tx"); // its last row without a newline
+        sum.add(a);
+        sum.add(b);
+        let want = (4, Some(rows_hash(rows)));
+        assert_eq!(whole.finish(), want);
+        assert_eq!(sum.finish(), want);
     }
 }

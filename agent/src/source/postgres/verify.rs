@@ -214,7 +214,7 @@ async fn restore_and_check(
     let conn = pg.connect().await?;
     let unprivileged =
         matches!(target, Target::Ephemeral(_)) && !source.verify.restore_as_superuser;
-    pg.pg_restore(
+    let data_read = pg.pg_restore(
         &conn,
         RestoreInput::Stream(dump.plaintext(identities).await?),
         &opts,
@@ -228,16 +228,21 @@ async fn restore_and_check(
         )),
         false => e,
     })?;
-    report.timings.restore_seconds = t1.elapsed().as_secs_f64();
-    let t2 = Instant::now();
-    let observed = super::observe(&conn.client, fingerprint).await?;
+    let restored = Instant::now();
+    let data_read = data_read.unwrap_or(restored);
+    report.timings.restore_seconds = (data_read - t1).as_secs_f64();
+    report.timings.index_build_seconds = (restored - data_read).as_secs_f64();
+    let observed = super::observe(&pg, &conn, fingerprint).await?;
+    report.notes.push(observed.spread.to_string());
     report
         .checks
         .extend(super::checks::compare(fingerprint, &observed));
+    let read_back = Instant::now();
+    report.timings.readback_seconds = (read_back - restored).as_secs_f64();
     report
         .checks
         .extend(super::checks::sql_checks(&conn.client, &source.verify.checks).await);
-    report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
+    report.timings.checks_seconds = read_back.elapsed().as_secs_f64();
     Ok(())
 }
 

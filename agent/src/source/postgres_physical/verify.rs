@@ -206,7 +206,8 @@ impl Steps for PhysicalSteps {
         report.checks.push(pg_amcheck(&s).await);
         let checked = observe(&s, &fingerprint, &self.config, ctx, report).await;
         self.stage = Some(Stage::Running(Box::new(s)));
-        report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
+        report.timings.readback_seconds =
+            t2.elapsed().as_secs_f64() - report.timings.checks_seconds;
         match checked {
             Ok(()) => Ok(Verdict::Checked),
             Err(e) if e.kind == ErrorKind::Interrupted => Err(e),
@@ -379,6 +380,7 @@ async fn observe(
             }
         }
     }
+    let t = std::time::Instant::now();
     for (db, checks) in runs {
         let done = if !fingerprint.databases.contains(&db) {
             Err(format!("the backup has no database {db}"))
@@ -396,6 +398,7 @@ async fn observe(
             report.checks.push(check);
         }
     }
+    report.timings.checks_seconds = t.elapsed().as_secs_f64();
     Ok(())
 }
 

@@ -82,7 +82,7 @@ impl Steps for RedisSteps {
         report.scratch = format!("ephemeral redis-server ({})", scratch.bin.display());
         let t2 = Instant::now();
         let outcome = check(scratch, &self.config, &fingerprint.rdb, "", report).await;
-        report.timings.fingerprint_seconds = t2.elapsed().as_secs_f64();
+        report.timings.readback_seconds = t2.elapsed().as_secs_f64();
         match outcome {
             Ok(()) => {}
             Err(e) if e.kind == ErrorKind::Interrupted => return Err(e),
@@ -152,7 +152,7 @@ impl RedisSteps {
             if outcome.is_ok() {
                 outcome = in_slots(scratch, shard, report).await;
             }
-            report.timings.fingerprint_seconds += t2.elapsed().as_secs_f64();
+            report.timings.readback_seconds += t2.elapsed().as_secs_f64();
             if let Some(s) = self.scratch.take() {
                 s.stop().await;
             }
