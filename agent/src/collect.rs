@@ -33,28 +33,99 @@ pub struct Collection {
     pub skipped: Option<String>,
 }
 
+/// Keys to delete, in the order they were found: held in memory up to [`Keys::IN_MEMORY`], then
+/// written one a line to an unlinked file on the temp disk, so that a collection of millions of
+/// blobs holds no more than the few it is deleting.
+#[derive(Debug, Default)]
+pub struct Keys {
+    held: Vec<String>,
+    spilled: Option<std::io::BufWriter<std::fs::File>>,
+    len: u64,
+}
+
+impl Keys {
+    /// Keys held in memory before the rest go to the temp disk.
+    const IN_MEMORY: usize = 4096;
+
+    /// Adds `key` (one line: it holds no newline).
+    pub fn push(&mut self, key: String) -> std::io::Result<()> {
+        use std::io::Write;
+        debug_assert!(!key.contains('\n'));
+        self.len += 1;
+        if let Some(w) = &mut self.spilled {
+            return writeln!(w, "{key}");
+        }
+        self.held.push(key);
+        if self.held.len() >= Self::IN_MEMORY {
+            let mut w = std::io::BufWriter::with_capacity(64 << 10, tempfile::tempfile()?);
+            for k in self.held.drain(..) {
+                writeln!(w, "{k}")?;
+            }
+            self.spilled = Some(w);
+        }
+        Ok(())
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The keys, in the order they were pushed.
+    fn into_iter(
+        self,
+    ) -> std::io::Result<Box<dyn Iterator<Item = std::io::Result<String>> + Send>> {
+        use std::io::{BufRead, Seek};
+        match self.spilled {
+            None => Ok(Box::new(self.held.into_iter().map(Ok))),
+            Some(w) => {
+                let mut file = w.into_inner().map_err(|e| e.into_error())?;
+                file.rewind()?;
+                Ok(Box::new(
+                    std::io::BufReader::with_capacity(64 << 10, file).lines(),
+                ))
+            }
+        }
+    }
+}
+
+impl From<Vec<String>> for Keys {
+    fn from(held: Vec<String>) -> Self {
+        Keys {
+            len: held.len() as u64,
+            held,
+            spilled: None,
+        }
+    }
+}
+
 /// A collection, planned: what would go, the keys to delete and the lease to hold meanwhile.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct CollectionPlan {
     /// What the collection would do.
     pub summary: Collection,
-    doomed: Vec<String>,
+    doomed: Keys,
     lease: String,
 }
 
 impl CollectionPlan {
     /// A plan to delete `doomed` under the lease `lease`.
-    pub fn new(summary: Collection, doomed: Vec<String>, lease: impl Into<String>) -> Self {
+    pub fn new(summary: Collection, doomed: impl Into<Keys>, lease: impl Into<String>) -> Self {
         Self {
             summary,
-            doomed,
+            doomed: doomed.into(),
             lease: lease.into(),
         }
     }
 
     /// A plan that deletes nothing.
     pub fn nothing(summary: Collection) -> Self {
-        Self::new(summary, Vec::new(), String::new())
+        Self::new(summary, Keys::default(), String::new())
     }
 
     /// Deletes what the plan found, under its lease checked before every deletion.
@@ -72,9 +143,15 @@ impl CollectionPlan {
             .lease(&lease, &what, std::time::Duration::from_secs(600))
             .await?;
         let result = async {
-            for key in &doomed {
+            let unread = |e: std::io::Error| {
+                Error::failed(format!(
+                    "reading the keys to delete from the temp disk: {e}"
+                ))
+            };
+            for key in doomed.into_iter().map_err(unread)? {
+                let key = key.map_err(unread)?;
                 lease.check().await?;
-                repo.store.delete(key).await.map_err(Error::from)?;
+                repo.store.delete(&key).await.map_err(Error::from)?;
             }
             Ok::<(), Error>(())
         }
@@ -89,5 +166,32 @@ impl CollectionPlan {
             "Collected unreferenced content"
         );
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Keys;
+
+    #[test]
+    fn keys_past_the_memory_limit_go_to_the_temp_disk_and_come_back_in_order() {
+        for n in [
+            0,
+            3,
+            Keys::IN_MEMORY - 1,
+            Keys::IN_MEMORY,
+            3 * Keys::IN_MEMORY + 7,
+        ] {
+            let mut keys = Keys::default();
+            for i in 0..n {
+                keys.push(format!("blobs/{i:064x}.age")).unwrap();
+            }
+            assert_eq!(keys.len(), n as u64);
+            assert_eq!(keys.spilled.is_some(), n >= Keys::IN_MEMORY, "{n}");
+            assert!(keys.held.len() < Keys::IN_MEMORY);
+            let back: Vec<String> = keys.into_iter().unwrap().map(|k| k.unwrap()).collect();
+            let want: Vec<String> = (0..n).map(|i| format!("blobs/{i:064x}.age")).collect();
+            assert_eq!(back, want, "{n}");
+        }
     }
 }

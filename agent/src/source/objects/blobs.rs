@@ -17,7 +17,7 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
-use crate::collect::{Collection, CollectionPlan};
+use crate::collect::{Collection, CollectionPlan, Keys};
 use crate::error::{Error, Result};
 use crate::policy::Secret;
 use crate::repo::{layout, Repository};
@@ -71,7 +71,7 @@ pub async fn plan(
     let mut referenced =
         sorted::Cursor::new(referenced.iter().map_err(sort_failed)?).map_err(sort_failed)?;
     let cutoff = now - chrono::Duration::from_std(GRACE).unwrap_or_default();
-    let mut doomed = Vec::new();
+    let mut doomed = Keys::default();
     let mut last = None;
     loop {
         for o in &page {
@@ -103,7 +103,9 @@ pub async fn plan(
             } else if o.modified.is_some_and(|m| m < cutoff) {
                 out.deleted += 1;
                 out.deleted_bytes += o.size;
-                doomed.push(o.key.clone());
+                doomed.push(o.key.clone()).map_err(|e| {
+                    Error::failed(format!("noting the blobs to delete on the temp disk: {e}"))
+                })?;
             } else {
                 out.young += 1;
             }
