@@ -5,9 +5,12 @@
 #   lifeboat restore --jobs 2 (decrypt to a spool file, then pg_restore -j2)
 #   lifeboat restore --jobs 1 (streamed)
 #   lifeboat-verifier verify (spool + ephemeral cluster + restore + fingerprint comparison)
+# The table has its primary key and two more indexes (a timestamp and a text column), so that a
+# restore builds indexes as real databases make it do.
 # Usage: bench/pg_restore.sh [ROWS]   (default 5500000 rows ≈ 1 GB; RUNS=3)
 . "$(dirname "$0")/lib.sh"
 bench_setup "${1:-5500000}"
+pg_psql -d bench -c "create index on events (ts)" -c "create index on events (h)"
 eval "$pg_dump_cmd" > "$work/dump.pgdump"
 "$lifeboat" backup --policy "$work/fs.toml" 2>/dev/null
 pg="'$PG_BIN/psql' -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres"
@@ -25,4 +28,4 @@ measure "lifeboat restore --jobs 2" "'$lifeboat' restore --policy '$work/fs.toml
 measure "lifeboat restore (streamed, one job)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop"
 measure "lifeboat-verifier verify" "'$verifier' verify --policy '$work/fs.toml' --source bench" "rm -rf '$work/repo/verifications'"
 summarize "pg_restore -j2 from a local file" pg_restore \
-  "restore of the benchmark backup ($(du -m "$work/dump.pgdump" | cut -f1) MiB dump)"
+  "restore of the benchmark backup ($(du -m "$work/dump.pgdump" | cut -f1) MiB dump; the table has three indexes)"
