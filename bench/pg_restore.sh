@@ -4,15 +4,18 @@
 #   pg_restore (one job) from the same file, streamed through stdin
 #   lifeboat restore --jobs 2 (decrypt to a spool file, then pg_restore -j2)
 #   lifeboat restore --jobs 1 (streamed)
+#   lifeboat restore --jobs 1 (streamed) from a local S3 (moto), the same backup copied there
 #   lifeboat-verifier verify (spool + ephemeral cluster + restore + fingerprint comparison)
 # The table has its primary key and two more indexes (a timestamp and a text column), so that a
 # restore builds indexes as real databases make it do.
 # Usage: bench/pg_restore.sh [ROWS]   (default 5500000 rows ≈ 1 GB; RUNS=3)
 . "$(dirname "$0")/lib.sh"
-bench_setup "${1:-5500000}"
+bench_setup "${1:-5500000}" s3
 pg_psql -d bench -c "create index on events (ts)" -c "create index on events (h)"
 eval "$pg_dump_cmd" > "$work/dump.pgdump"
 "$lifeboat" backup --policy "$work/fs.toml" 2>/dev/null
+sed -e "s|^url = \"file://$work/repo\"|url = \"s3://bench/lifeboat\"\nendpoint = \"$endpoint\"|" "$work/fs.toml" > "$work/s3.toml"
+aws s3 sync --quiet "$work/repo" s3://bench/lifeboat
 pg="'$PG_BIN/psql' -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres"
 fresh="$pg -c 'drop database if exists target' -c 'create database target'"
 drop="$pg -c 'drop database if exists target' >/dev/null"
@@ -26,6 +29,7 @@ measure "pg_restore from stdin (one job)" "$restore < '$work/dump.pgdump'" "$dro
 eval "$drop"
 measure "lifeboat restore --jobs 2" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target --jobs 2 --spool-dir '$work'" "$drop"
 measure "lifeboat restore (streamed, one job)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop"
+measure "lifeboat restore from S3 (moto; streamed, one job)" "'$lifeboat' restore --policy '$work/s3.toml' --source bench --to $target" "$drop"
 measure "lifeboat-verifier verify" "'$verifier' verify --policy '$work/fs.toml' --source bench" "rm -rf '$work/repo/verifications'"
 summarize "pg_restore -j2 from a local file" pg_restore \
   "restore of the benchmark backup ($(du -m "$work/dump.pgdump" | cut -f1) MiB dump; the table has three indexes)"

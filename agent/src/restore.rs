@@ -102,20 +102,27 @@ pub async fn spool(
         file.reopen()
             .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?,
     );
-    let mut r = repo
-        .store
-        .open(&key)
-        .await
-        .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
-    let (n, digest) = crate::pipeline::copy_hashed(&mut r, &mut out, |k| progress.advance(k))
-        .await
-        .map_err(|e| match e {
-            crate::pipeline::CopyError::Read(e) => Error::failed(format!("reading {key}: {e}")),
-            crate::pipeline::CopyError::Write(e) => {
-                Error::failed(format!("writing the spool file in {}: {e}", dir.display()))
-                    .hint("pass --spool-dir with room for the stored backup")
-            }
-        })?;
+    let spool_failed = |e: std::io::Error| {
+        Error::failed(format!("writing the spool file in {}: {e}", dir.display()))
+            .hint("pass --spool-dir with room for the stored backup")
+    };
+    let (n, digest) = if part.size_stored > 2 * RANGE {
+        download_ranges(repo, &key, part.size_stored, &mut out, progress)
+            .await?
+            .map_err(spool_failed)?
+    } else {
+        let mut r = repo
+            .store
+            .open(&key)
+            .await
+            .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+        crate::pipeline::copy_hashed(&mut r, &mut out, |k| progress.advance(k))
+            .await
+            .map_err(|e| match e {
+                crate::pipeline::CopyError::Read(e) => Error::failed(format!("reading {key}: {e}")),
+                crate::pipeline::CopyError::Write(e) => spool_failed(e),
+            })?
+    };
     if digest != part.sha256_stored || n != part.size_stored {
         return Err(Error::new(
             ErrorKind::Integrity,
@@ -130,6 +137,59 @@ pub async fn spool(
         part: part.clone(),
         file,
     })
+}
+
+/// A large object is downloaded in ranges of this size, [`RANGES_AT_ONCE`] at a time, each
+/// retried on its own: several connections fill a link one cannot (S3 serves each at a
+/// fraction of the instance's bandwidth), and a dropped connection costs one range.
+const RANGE: u64 = 4 << 20;
+
+/// Ranges in flight; they are held until written in order, so this bounds the memory too.
+const RANGES_AT_ONCE: usize = 4;
+
+/// Downloads `key`, expected to be `size` bytes, into `out` in ranges, hashing in order.
+/// Returns the bytes and the SHA-256 of what the store holds: the last range asks for one byte
+/// more than `size`, so an object that grew is seen as well as one that shrank.
+async fn download_ranges(
+    repo: &Repository,
+    key: &str,
+    size: u64,
+    out: &mut tokio::fs::File,
+    progress: &dyn Progress,
+) -> Result<std::io::Result<(u64, String)>> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let ranges = (0..size.div_ceil(RANGE)).map(|i| {
+        let offset = i * RANGE;
+        let len = RANGE.min(size - offset) + u64::from(offset + RANGE >= size);
+        (offset, len)
+    });
+    let mut pieces = futures::stream::iter(ranges)
+        .map(|(offset, len)| async move {
+            let got = repo.store.get_range(key, offset, len).await;
+            got.map(|b| (offset, len, b))
+                .map_err(|e| Error::from(e).context(format!("reading {key}")))
+        })
+        .buffered(RANGES_AT_ONCE);
+    let mut hasher = Sha256::new();
+    let mut n = 0;
+    while let Some(piece) = pieces.next().await {
+        let (offset, len, bytes) = piece?;
+        hasher.update(&bytes);
+        n += bytes.len() as u64;
+        if let Err(e) = out.write_all(&bytes).await {
+            return Ok(Err(e));
+        }
+        progress.advance(bytes.len() as u64);
+        // A short range ends the object: what follows is not there.
+        if (bytes.len() as u64) < len && offset + len <= size {
+            break;
+        }
+    }
+    if let Err(e) = out.flush().await {
+        return Ok(Err(e));
+    }
+    Ok(Ok((n, hex::encode(hasher.finalize()))))
 }
 
 /// Checks the SHA-256 and size of what is read through it at EOF; a mismatch is a read error

@@ -468,3 +468,70 @@ fn a_truncated_download_never_reaches_pg_restore() {
     );
     let _ = &fx.db;
 }
+
+#[test]
+fn a_large_part_downloads_in_ranges_and_a_dropped_range_is_fetched_again_alone() {
+    let mut fx = setup("ranges");
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    // The dump is stored in about 14 MiB: four ranges of 4 MiB. The second and third answers
+    // are cut off half way.
+    fx.proxy.add(
+        Rule::new("GET", "database.dump.zst.age", HttpFault::TruncateResponse)
+            .skip(1)
+            .times(2),
+    );
+    let target = format!("restored_{}", suffix());
+    let to = fx.pg.url(&target);
+    let id = fx.key.identity.to_str().unwrap().to_string();
+    fx.env.push(("PGPASSWORD".into(), fx.pg.password.clone()));
+    let r = fx.run(&[
+        "restore",
+        "--source",
+        "app-db",
+        "--to",
+        &to,
+        "--identity",
+        &id,
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let content = "select count(*), md5(string_agg(a || b, ',' order by id)) from t";
+    assert_eq!(
+        fx.pg.psql(&target, content),
+        fx.pg.psql(&fx.db, content),
+        "the restore holds the source's rows"
+    );
+    // The part in ranges: one GET each, counted once however often it was retried; the two
+    // cut off were sent again, alone.
+    let out: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    fn largest_stored(v: &serde_json::Value) -> u64 {
+        match v {
+            serde_json::Value::Object(o) => o
+                .iter()
+                .map(|(k, v)| match (k.as_str(), v.as_u64()) {
+                    ("size_stored", Some(n)) => n,
+                    _ => largest_stored(v),
+                })
+                .max()
+                .unwrap_or(0),
+            serde_json::Value::Array(a) => a.iter().map(largest_stored).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    let stored = largest_stored(&out);
+    let ranges = stored.div_ceil(4 << 20) as usize;
+    assert!(ranges >= 3, "{stored} bytes stored: {out:#}");
+    let sent = fx
+        .proxy
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET") && r.contains("database.dump.zst.age"))
+        .count();
+    assert_eq!(fx.proxy.fired().len(), 2, "{:?}", fx.proxy.fired());
+    assert_eq!(sent, ranges + 2, "{:?}", fx.proxy.requests());
+    assert_eq!(
+        out["requests"]["get"].as_u64(),
+        Some(ranges as u64),
+        "{out:#}"
+    );
+}

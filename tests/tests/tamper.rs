@@ -222,6 +222,47 @@ fn every_damage_and_identity_problem_is_caught_before_postgres_sees_a_byte() {
     fx.matrix(&first, &second, "database.dump.zst.age", &restore);
 }
 
+/// The same matrix for a part large enough to be downloaded in ranges (about 12 MiB stored,
+/// three ranges of 4 MiB).
+#[test]
+fn every_damage_to_a_part_downloaded_in_ranges_is_caught_before_postgres_sees_a_byte() {
+    let pg = postgres();
+    let db = pg.create_db("tamper_ranges");
+    pg.psql(
+        &db,
+        "create table t as select g, md5(random()::text) || md5(random()::text) as h from generate_series(1, 350000) g",
+    );
+    let fx = Fx::new(
+        "app-db",
+        &format!(
+            "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n",
+            pg.url(&db),
+            pg.password_file(&tempfile::tempdir().unwrap().keep()).display()
+        ),
+    );
+    let first = fx.backup();
+    pg.psql(&db, "delete from t where g % 10 = 0");
+    let second = fx.backup();
+    let stored = std::fs::metadata(fx.object(&second, "database.dump.zst.age"))
+        .unwrap()
+        .len();
+    assert!(stored > 8 << 20, "{stored} bytes: not downloaded in ranges");
+    let env = [("PGPASSWORD".to_string(), pg.password.clone())];
+    let restore = |extra: &[&str]| {
+        let target = format!("tamper_target_{}", suffix());
+        let to = pg.url(&target);
+        let mut args = vec!["restore", "--source", "app-db", "--to", &to];
+        args.extend_from_slice(extra);
+        let r = fx.run(&args, &env);
+        let exists = pg.psql(
+            "postgres",
+            &format!("select count(*) from pg_database where datname = '{target}'"),
+        );
+        (r.code, exists == "0" || r.code == 0)
+    };
+    fx.matrix(&first, &second, "database.dump.zst.age", &restore);
+}
+
 #[test]
 fn every_damage_and_identity_problem_is_caught_before_redis_sees_a_key() {
     let src = Redis::start(&[]);

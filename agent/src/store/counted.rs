@@ -107,6 +107,10 @@ impl ObjectStore for Counted {
         one(&self.requests.get);
         self.inner.open(key).await
     }
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        one(&self.requests.get);
+        self.inner.get_range(key, offset, len).await
+    }
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         one(&self.requests.head);
         self.inner.size(key).await

@@ -277,6 +277,22 @@ impl ObjectStore for FsStore {
         Ok(Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)))
     }
 
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut f = tokio::fs::File::open(self.path(key)?)
+            .await
+            .map_err(|e| classify("get", key, e))?;
+        f.seek(io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| classify("get", key, e))?;
+        let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
+        f.take(len)
+            .read_to_end(&mut out)
+            .await
+            .map_err(|e| classify("get", key, e))?;
+        Ok(Bytes::from(out))
+    }
+
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         match tokio::fs::metadata(self.path(key)?).await {
             Ok(m) => Ok(Some(m.len())),

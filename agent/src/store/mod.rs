@@ -165,6 +165,9 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
     /// Opens an object for streaming.
     async fn open(&self, key: &str) -> Result<ObjectReader, StoreError>;
+    /// Up to `len` bytes of an object from `offset`: fewer where the object ends, none past its
+    /// end. One request, held whole: keep `len` to a few MiB.
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError>;
     /// The size of an object, or `None` if it does not exist.
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError>;
     /// Every object whose key starts with `prefix`, sorted by key.

@@ -93,6 +93,11 @@ impl ObjectStore for Retry {
     async fn open(&self, key: &str) -> Result<ObjectReader, StoreError> {
         self.backoff.run(|| self.inner.open(key)).await
     }
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        self.backoff
+            .run(|| self.inner.get_range(key, offset, len))
+            .await
+    }
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         self.backoff.run(|| self.inner.size(key)).await
     }

@@ -340,6 +340,41 @@ impl ObjectStore for S3Store {
         Ok(Box::pin(out.body.into_async_read()))
     }
 
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        let full = self.full_key(key);
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let sent = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .range(format!("bytes={offset}-{}", offset + len - 1))
+            .send()
+            .await;
+        let out = match sent {
+            Ok(out) => out,
+            // A range that starts past the object's end: nothing there.
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
+                return Ok(Bytes::new())
+            }
+            Err(e) => return Err(classify("get", &full, e)),
+        };
+        let body = out.body.collect().await.map_err(|e| {
+            StoreError::transient("get", &full, DisplayErrorContext(&e).to_string())
+        })?;
+        let body = body.into_bytes();
+        if body.len() as u64 > len {
+            return Err(StoreError::permanent(
+                "get",
+                &full,
+                "the server answered a ranged GET with more than the range (it ignored Range); lifeboat needs an S3 server that honours it",
+            ));
+        }
+        Ok(body)
+    }
+
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let full = self.full_key(key);
         match self
