@@ -4,7 +4,8 @@
 #   pg_restore (one job) from the same file, streamed through stdin
 #   lifeboat restore --jobs 2 (decrypt to a spool file, then pg_restore -j2)
 #   lifeboat restore --jobs 1 (streamed)
-#   lifeboat restore --jobs 1 (streamed) from a local S3 (moto), the same backup copied there
+#   lifeboat restore --jobs 1 (streamed) from a local S3 (moto), the same backup copied there,
+#     in 4 MiB ranges 4 at a time (the default on S3) and in one GET (download_streams = 1)
 #   lifeboat-verifier verify (spool + ephemeral cluster + restore + fingerprint comparison)
 # The table has its primary key and two more indexes (a timestamp and a text column), so that a
 # restore builds indexes as real databases make it do.
@@ -16,6 +17,7 @@ eval "$pg_dump_cmd" > "$work/dump.pgdump"
 "$lifeboat" backup --policy "$work/fs.toml" 2>/dev/null
 sed -e "s|^url = \"file://$work/repo\"|url = \"s3://bench/lifeboat\"\nendpoint = \"$endpoint\"|" "$work/fs.toml" > "$work/s3.toml"
 aws s3 sync --quiet "$work/repo" s3://bench/lifeboat
+sed -e "s|^endpoint = .*|&\ndownload_streams = 1|" "$work/s3.toml" > "$work/s3-one.toml"
 pg="'$PG_BIN/psql' -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres"
 fresh="$pg -c 'drop database if exists target' -c 'create database target'"
 drop="$pg -c 'drop database if exists target' >/dev/null"
@@ -29,7 +31,8 @@ measure "pg_restore from stdin (one job)" "$restore < '$work/dump.pgdump'" "$dro
 eval "$drop"
 measure "lifeboat restore --jobs 2" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target --jobs 2 --spool-dir '$work'" "$drop"
 measure "lifeboat restore (streamed, one job)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop"
-measure "lifeboat restore from S3 (moto; streamed, one job)" "'$lifeboat' restore --policy '$work/s3.toml' --source bench --to $target" "$drop"
+measure "lifeboat restore from S3 (moto; streamed, one job; 4 ranged GETs at once)" "'$lifeboat' restore --policy '$work/s3.toml' --source bench --to $target" "$drop"
+measure "lifeboat restore from S3 (moto; streamed, one job; one GET)" "'$lifeboat' restore --policy '$work/s3-one.toml' --source bench --to $target" "$drop"
 measure "lifeboat-verifier verify" "'$verifier' verify --policy '$work/fs.toml' --source bench" "rm -rf '$work/repo/verifications'"
 summarize "pg_restore -j2 from a local file" pg_restore \
   "restore of the benchmark backup ($(du -m "$work/dump.pgdump" | cut -f1) MiB dump; the table has three indexes)"

@@ -106,8 +106,9 @@ pub async fn spool(
         Error::failed(format!("writing the spool file in {}: {e}", dir.display()))
             .hint("pass --spool-dir with room for the stored backup")
     };
-    let (n, digest) = if part.size_stored > 2 * RANGE {
-        download_ranges(repo, &key, part.size_stored, &mut out, progress)
+    let streams = repo.store.download_streams();
+    let (n, digest) = if streams > 1 && part.size_stored > 2 * RANGE {
+        download_ranges(repo, &key, part.size_stored, streams, &mut out, progress)
             .await?
             .map_err(spool_failed)?
     } else {
@@ -139,21 +140,21 @@ pub async fn spool(
     })
 }
 
-/// A large object is downloaded in ranges of this size, [`RANGES_AT_ONCE`] at a time, each
-/// retried on its own: several connections fill a link one cannot (S3 serves each at a
-/// fraction of the instance's bandwidth), and a dropped connection costs one range.
+/// A large object is downloaded in ranges of this size, `repository.download_streams` at a
+/// time, each retried on its own: several connections fill a link one cannot (S3 serves each at
+/// a fraction of the instance's bandwidth), and a dropped connection costs one range. Ranges in
+/// flight are held until written in order, so the streams bound the memory too.
 const RANGE: u64 = 4 << 20;
 
-/// Ranges in flight; they are held until written in order, so this bounds the memory too.
-const RANGES_AT_ONCE: usize = 4;
-
-/// Downloads `key`, expected to be `size` bytes, into `out` in ranges, hashing in order.
+/// Downloads `key`, expected to be `size` bytes, into `out` in ranges, `streams` at a time,
+/// hashing in order.
 /// Returns the bytes and the SHA-256 of what the store holds: the last range asks for one byte
 /// more than `size`, so an object that grew is seen as well as one that shrank.
 async fn download_ranges(
     repo: &Repository,
     key: &str,
     size: u64,
+    streams: usize,
     out: &mut tokio::fs::File,
     progress: &dyn Progress,
 ) -> Result<std::io::Result<(u64, String)>> {
@@ -170,7 +171,7 @@ async fn download_ranges(
             got.map(|b| (offset, len, b))
                 .map_err(|e| Error::from(e).context(format!("reading {key}")))
         })
-        .buffered(RANGES_AT_ONCE);
+        .buffered(streams);
     let mut hasher = Sha256::new();
     let mut n = 0;
     while let Some(piece) = pieces.next().await {

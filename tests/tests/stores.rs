@@ -51,6 +51,30 @@ async fn conformance(store: Arc<dyn ObjectStore>) {
     // overwrite is whole
     store.put("a/one", Bytes::from_static(b"hi")).await.unwrap();
     assert_eq!(&store.get("a/one").await.unwrap()[..], b"hi", "{what}");
+    // ranges: within, cut short by the end, past the end; not found as for a GET
+    store
+        .put("a/digits", Bytes::from_static(b"0123456789"))
+        .await
+        .unwrap();
+    for (offset, len, want) in [
+        (0, 4, &b"0123"[..]),
+        (3, 4, b"3456"),
+        (8, 4, b"89"),
+        (10, 4, b""),
+        (20, 4, b""),
+    ] {
+        let got = store.get_range("a/digits", offset, len).await.unwrap();
+        assert_eq!(&got[..], want, "{what}: {len} bytes from {offset}");
+    }
+    assert!(
+        matches!(
+            store.get_range("a/none", 0, 4).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "{what}"
+    );
+    assert_eq!(store.download_streams(), 4, "{what}");
+    store.delete("a/digits").await.unwrap();
     // not found is its own kind
     assert!(
         matches!(store.get("a/none").await, Err(StoreError::NotFound { .. })),
@@ -200,6 +224,7 @@ async fn fs_store_conforms() {
         },
         part_size: 5 << 20,
         parts_in_flight: 2,
+        download_streams: 4,
     };
     conformance(store::open(&cfg).await.unwrap()).await;
 }
@@ -222,6 +247,7 @@ async fn s3_store(checksums: ChecksumMode, prefix: &str) -> Arc<dyn ObjectStore>
         }),
         part_size: 5 << 20,
         parts_in_flight: 2,
+        download_streams: 4,
     };
     store::open(&cfg).await.unwrap()
 }

@@ -83,14 +83,13 @@ struct Fx {
 
 impl Fx {
     fn new(source: &'static str, sources: &str) -> Fx {
+        Fx::in_repository(source, sources, "url = \"file://./repo\"")
+    }
+
+    fn in_repository(source: &'static str, sources: &str, repository: &str) -> Fx {
         let dir = tempfile::tempdir().unwrap();
         let key = keygen(dir.path());
-        let policy = write_policy(
-            dir.path(),
-            "url = \"file://./repo\"",
-            &key.recipient,
-            sources,
-        );
+        let policy = write_policy(dir.path(), repository, &key.recipient, sources);
         Fx {
             dir,
             key,
@@ -222,8 +221,8 @@ fn every_damage_and_identity_problem_is_caught_before_postgres_sees_a_byte() {
     fx.matrix(&first, &second, "database.dump.zst.age", &restore);
 }
 
-/// The same matrix for a part large enough to be downloaded in ranges (about 12 MiB stored,
-/// three ranges of 4 MiB).
+/// The same matrix for a part downloaded in ranges (about 10 MiB stored, three ranges of 4 MiB,
+/// four at a time, as on S3).
 #[test]
 fn every_damage_to_a_part_downloaded_in_ranges_is_caught_before_postgres_sees_a_byte() {
     let pg = postgres();
@@ -232,13 +231,14 @@ fn every_damage_to_a_part_downloaded_in_ranges_is_caught_before_postgres_sees_a_
         &db,
         "create table t as select g, md5(random()::text) || md5(random()::text) as h from generate_series(1, 350000) g",
     );
-    let fx = Fx::new(
+    let fx = Fx::in_repository(
         "app-db",
         &format!(
             "[[sources]]\nname = \"app-db\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n",
             pg.url(&db),
             pg.password_file(&tempfile::tempdir().unwrap().keep()).display()
         ),
+        "url = \"file://./repo\"\ndownload_streams = 4",
     );
     let first = fx.backup();
     pg.psql(&db, "delete from t where g % 10 = 0");

@@ -39,6 +39,10 @@ pub struct RawRepository {
     pub part_size: Option<String>,
     /// How many parts may be uploading at once.
     pub parts_in_flight: Option<usize>,
+    /// Ranged GETs of 4 MiB in flight when restore and the verifier download a stored part over
+    /// 8 MiB; `1` reads each part in one GET. Default 4 on S3 (one connection rarely fills the
+    /// link, and a dropped one costs a range), 1 on a local directory.
+    pub download_streams: Option<usize>,
     /// S3 Object Lock retention set on every backup object written, e.g. `{ mode = "governance", days = 30 }`.
     pub object_lock: Option<RawObjectLock>,
     /// Server-side encryption asked for on every object written: `aws:kms` or `AES256` (for a

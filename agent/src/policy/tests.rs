@@ -204,6 +204,11 @@ fn bad_values_are_named() {
             "repository.url: `A_B` is not a valid S3 bucket name",
         ),
         (
+            "url = \"s3://${BUCKET}/lifeboat\"",
+            "url = \"s3://${BUCKET}/lifeboat\"\ndownload_streams = 0",
+            "repository.download_streams: must be between 1 and 16",
+        ),
+        (
             RECIPIENT,
             "age1nope",
             "encryption.recipients[0]: `age1nope` is not an age X25519 recipient",

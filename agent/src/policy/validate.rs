@@ -147,6 +147,8 @@ pub struct RepositoryConfig {
     pub part_size: usize,
     /// Parts uploading at once.
     pub parts_in_flight: usize,
+    /// Ranged GETs in flight when a large part is downloaded (1: one GET per part).
+    pub download_streams: usize,
 }
 
 /// Where a repository lives.
@@ -514,6 +516,14 @@ pub(super) fn validate_repository(
             default_parts_in_flight()
         }
     };
+    let download_streams = match raw.download_streams {
+        None => None,
+        Some(n) if (1..=16).contains(&n) => Some(n),
+        Some(_) => {
+            p.add(format!("{at}.download_streams"), "must be between 1 and 16");
+            None
+        }
+    };
     let location = if let Some(path) = raw.url.strip_prefix("file://") {
         fs_location(at, path, &raw, p)?
     } else if let Some(rest) = raw.url.strip_prefix("s3://") {
@@ -529,10 +539,15 @@ pub(super) fn validate_repository(
         );
         return None;
     };
+    let download_streams = download_streams.unwrap_or(match location {
+        Location::Fs { .. } => 1,
+        Location::S3(_) => 4,
+    });
     Some(RepositoryConfig {
         location,
         part_size,
         parts_in_flight,
+        download_streams,
     })
 }
 

@@ -107,6 +107,9 @@ impl ObjectStore for Counted {
         one(&self.requests.get);
         self.inner.open(key).await
     }
+    fn download_streams(&self) -> usize {
+        self.inner.download_streams()
+    }
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         one(&self.requests.get);
         self.inner.get_range(key, offset, len).await

@@ -285,11 +285,18 @@ impl ObjectStore for FsStore {
         f.seek(io::SeekFrom::Start(offset))
             .await
             .map_err(|e| classify("get", key, e))?;
-        let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
-        f.take(len)
-            .read_to_end(&mut out)
-            .await
-            .map_err(|e| classify("get", key, e))?;
+        // Read into exactly `len` bytes: `read_to_end` would double the buffer to look for
+        // the end.
+        let mut out = vec![0; len.min(64 << 20) as usize];
+        let mut filled = 0;
+        while filled < out.len() {
+            match f.read(&mut out[filled..]).await {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => return Err(classify("get", key, e)),
+            }
+        }
+        out.truncate(filled);
         Ok(Bytes::from(out))
     }
 

@@ -168,6 +168,11 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Up to `len` bytes of an object from `offset`: fewer where the object ends, none past its
     /// end. One request, held whole: keep `len` to a few MiB.
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError>;
+    /// Ranged GETs to keep in flight when reading a large object (`repository.download_streams`);
+    /// 1: read it in one GET.
+    fn download_streams(&self) -> usize {
+        1
+    }
     /// The size of an object, or `None` if it does not exist.
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError>;
     /// Every object whose key starts with `prefix`, sorted by key.
@@ -231,10 +236,10 @@ pub async fn open(config: &RepositoryConfig) -> Result<Arc<dyn ObjectStore>, Err
         Location::Fs { root } => Arc::new(fs::FsStore::new(root.clone())),
         Location::S3(s3) => Arc::new(s3::S3Store::new(s3).await?),
     };
-    Ok(Arc::new(retry::Retry::new(
-        inner,
-        retry::Backoff::default(),
-    )))
+    Ok(Arc::new(
+        retry::Retry::new(inner, retry::Backoff::default())
+            .with_download_streams(config.download_streams),
+    ))
 }
 
 /// Checks that the store accepts a write, a read and a delete under its root, the operations a

@@ -70,12 +70,23 @@ impl Backoff {
 pub struct Retry {
     inner: Arc<dyn ObjectStore>,
     backoff: Backoff,
+    download_streams: usize,
 }
 
 impl Retry {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn ObjectStore>, backoff: Backoff) -> Self {
-        Retry { inner, backoff }
+        Retry {
+            inner,
+            backoff,
+            download_streams: 1,
+        }
+    }
+
+    /// Reads large objects with `n` ranged GETs in flight.
+    pub fn with_download_streams(mut self, n: usize) -> Self {
+        self.download_streams = n.max(1);
+        self
     }
 }
 
@@ -92,6 +103,9 @@ impl ObjectStore for Retry {
     }
     async fn open(&self, key: &str) -> Result<ObjectReader, StoreError> {
         self.backoff.run(|| self.inner.open(key)).await
+    }
+    fn download_streams(&self) -> usize {
+        self.download_streams
     }
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         self.backoff

@@ -361,18 +361,23 @@ impl ObjectStore for S3Store {
             }
             Err(e) => return Err(classify("get", &full, e)),
         };
-        let body = out.body.collect().await.map_err(|e| {
+        // Into one buffer of the range's size, chunk by chunk: collecting first would hold the
+        // range twice.
+        let mut body = out.body;
+        let mut buf = bytes::BytesMut::with_capacity(len as usize);
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
             StoreError::transient("get", &full, DisplayErrorContext(&e).to_string())
-        })?;
-        let body = body.into_bytes();
-        if body.len() as u64 > len {
-            return Err(StoreError::permanent(
-                "get",
-                &full,
-                "the server answered a ranged GET with more than the range (it ignored Range); lifeboat needs an S3 server that honours it",
-            ));
+        })? {
+            if (buf.len() + chunk.len()) as u64 > len {
+                return Err(StoreError::permanent(
+                    "get",
+                    &full,
+                    "the server answered a ranged GET with more than the range (it ignored Range); lifeboat needs an S3 server that honours it",
+                ));
+            }
+            buf.extend_from_slice(&chunk);
         }
-        Ok(body)
+        Ok(buf.freeze())
     }
 
     async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
