@@ -86,6 +86,25 @@ impl Fx {
         r
     }
 
+    /// `lifeboat restore` of the latest backup into a new database `target`.
+    fn restore(&mut self, target: &str, extra: &[&str]) -> Run {
+        let to = self.pg.url(target);
+        let id = self.key.identity.to_str().unwrap().to_string();
+        self.env
+            .push(("PGPASSWORD".into(), self.pg.password.clone()));
+        let mut args = vec![
+            "restore",
+            "--source",
+            "app-db",
+            "--to",
+            &to,
+            "--identity",
+            &id,
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
     fn verify(&mut self) -> Run {
         let p = self.policy.to_str().unwrap().to_string();
         let id = self.key.identity.to_str().unwrap().to_string();
@@ -438,18 +457,7 @@ fn a_truncated_download_never_reaches_pg_restore() {
         HttpFault::TruncateResponse,
     ));
     let target = format!("restored_{}", suffix());
-    let to = fx.pg.url(&target);
-    let id = fx.key.identity.to_str().unwrap().to_string();
-    fx.env.push(("PGPASSWORD".into(), fx.pg.password.clone()));
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "app-db",
-        "--to",
-        &to,
-        "--identity",
-        &id,
-    ]);
+    let r = fx.restore(&target, &[]);
     assert_ne!(r.code, 0, "{}", r.stderr);
     eprintln!(
         "truncated download: restore exit {}: {}",
@@ -481,19 +489,7 @@ fn a_large_part_downloads_in_ranges_and_a_dropped_range_is_fetched_again_alone()
             .times(2),
     );
     let target = format!("restored_{}", suffix());
-    let to = fx.pg.url(&target);
-    let id = fx.key.identity.to_str().unwrap().to_string();
-    fx.env.push(("PGPASSWORD".into(), fx.pg.password.clone()));
-    let r = fx.run(&[
-        "restore",
-        "--source",
-        "app-db",
-        "--to",
-        &to,
-        "--identity",
-        &id,
-        "--json",
-    ]);
+    let r = fx.restore(&target, &["--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let content = "select count(*), md5(string_agg(a || b, ',' order by id)) from t";
     assert_eq!(

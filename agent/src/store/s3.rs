@@ -365,9 +365,11 @@ impl ObjectStore for S3Store {
         // range twice.
         let mut body = out.body;
         let mut buf = bytes::BytesMut::with_capacity(len as usize);
-        while let Some(chunk) = body.try_next().await.map_err(|e| {
-            StoreError::transient("get", &full, DisplayErrorContext(&e).to_string())
-        })? {
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| StoreError::transient("get", &full, DisplayErrorContext(&e).to_string()))?
+        {
             if (buf.len() + chunk.len()) as u64 > len {
                 return Err(StoreError::permanent(
                     "get",
