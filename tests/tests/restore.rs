@@ -101,6 +101,28 @@ fn restore_into_a_new_database_creates_it_and_matches_the_source() {
         assert!(!r.stderr.contains(&fx.pg.password), "{}", r.stderr);
         assert_eq!(fx.pg.digest(&fx.db), fx.pg.digest(&target), "jobs {jobs}");
     }
+    // --json says how long each step took, as the verifier does: the index build is what
+    // pg_restore did after reading its input, so only a streamed restore has one.
+    for jobs in ["1", "2"] {
+        let target = format!("{}_timed_j{jobs}", fx.db);
+        let r = fx.restore(&target, &["--jobs", jobs, "--json"]);
+        assert_eq!(r.code, 0, "jobs {jobs}: {}", r.stderr);
+        let out: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let result = &out["result"];
+        let t = |k: &str| {
+            result[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {k}: {out:#}"))
+        };
+        assert!(
+            t("download_seconds") > 0.0 && t("restore_seconds") > 0.0,
+            "{result}"
+        );
+        assert_eq!(t("index_build_seconds") > 0.0, jobs == "1", "{result}");
+        let steps = t("download_seconds") + t("restore_seconds") + t("index_build_seconds");
+        assert!(steps <= t("seconds"), "{result}");
+        assert_eq!(fx.pg.digest(&fx.db), fx.pg.digest(&target), "jobs {jobs}");
+    }
 }
 
 #[test]
