@@ -76,6 +76,9 @@ name = "bench"
 kind = "postgres"
 url = "postgres://postgres@127.0.0.1:$PG_PORT/bench"
 globals = false
+# The bench databases are small; the bench machine's disk also holds the build.
+[sources.verify]
+scratch_keep_free = "256MiB"
 TOML
   pg_dump_cmd="'$PG_BIN/pg_dump' -h 127.0.0.1 -p $PG_PORT -U postgres -Fc -Z0 bench"
   : > "$work/results.tsv"

@@ -265,6 +265,10 @@ pub struct RawVerify {
     /// Postgres: most disk the ephemeral scratch cluster may use (e.g. `20GiB`); unlimited when
     /// unset, though a restore always stops before the scratch filesystem is nearly full.
     pub scratch_max_size: Option<String>,
+    /// Postgres: free space a restore into the ephemeral cluster always leaves on the scratch
+    /// filesystem (e.g. `500MiB`); it stops when less is left. Default: 5 % of the filesystem,
+    /// within 256 MiB–2 GiB.
+    pub scratch_keep_free: Option<String>,
     /// Postgres: restore as the scratch cluster's superuser instead of an unprivileged role. Only
     /// for dumps that need it (untrusted extensions, C functions, event triggers) and only when
     /// nobody but the agent can write to the repository: a forged dump restored as superuser can

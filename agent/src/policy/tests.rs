@@ -341,17 +341,18 @@ fn verification_limits_are_read_and_checked() {
 
     let text = good().replace(
         "[sources.verify]\n",
-        "[sources.verify]\ntimeout = \"30m\"\nscratch_max_size = \"20GiB\"\nrestore_as_superuser = true\n",
+        "[sources.verify]\ntimeout = \"30m\"\nscratch_max_size = \"20GiB\"\nscratch_keep_free = \"500MiB\"\nrestore_as_superuser = true\n",
     );
     let p = parse(&text, "p.toml", &env, LoadOptions::default()).unwrap();
     let v = &p.sources[0].verify;
     assert_eq!(v.timeout, std::time::Duration::from_secs(1800));
     assert_eq!(v.scratch_max_size, Some(20 << 30));
+    assert_eq!(v.scratch_keep_free, Some(500 << 20));
     assert!(v.restore_as_superuser);
 
     let text = good().replace(
         "[sources.verify]\n",
-        "[sources.verify]\ntimeout = \"soon\"\nscratch_max_size = \"1MiB\"\n",
+        "[sources.verify]\ntimeout = \"soon\"\nscratch_max_size = \"1MiB\"\nscratch_keep_free = \"lots\"\n",
     );
     let got = problems(&text);
     assert!(
@@ -365,11 +366,16 @@ fn verification_limits_are_read_and_checked() {
         )),
         "{got:?}"
     );
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("sources[0].verify.scratch_keep_free: `lots` is not a size")),
+        "{got:?}"
+    );
     let got = problems(&with_redis(
         "url = \"redis://h:6379\"\n[sources.verify]\nrestore_as_superuser = true",
     ));
     assert!(
-        got.iter().any(|p| p.starts_with("sources[2].verify: scratch_max_size and restore_as_superuser apply to postgres sources")),
+        got.iter().any(|p| p.starts_with("sources[2].verify: scratch_max_size, scratch_keep_free and restore_as_superuser apply to postgres sources")),
         "{got:?}"
     );
 }

@@ -286,6 +286,8 @@ pub struct VerifyPolicy {
     pub timeout: Duration,
     /// Postgres: most disk the ephemeral scratch cluster may use.
     pub scratch_max_size: Option<u64>,
+    /// Postgres: free space always left on the scratch filesystem; a share of it when unset.
+    pub scratch_keep_free: Option<u64>,
     /// Postgres: restore as the scratch cluster's superuser.
     pub restore_as_superuser: bool,
 }
@@ -305,6 +307,7 @@ impl Default for VerifyPolicy {
             cover_days: None,
             timeout: default_verify_timeout(),
             scratch_max_size: None,
+            scratch_keep_free: None,
             restore_as_superuser: false,
         }
     }
@@ -1146,6 +1149,16 @@ fn validate_verify(path: &str, v: &RawVerify, p: &mut Problems) -> VerifyPolicy 
                 p.add(
                     format!("{path}.scratch_max_size"),
                     format!("`{s}` is not a size of at least 64MiB; write e.g. `20GiB`"),
+                );
+            }
+            n
+        }),
+        scratch_keep_free: v.scratch_keep_free.as_deref().and_then(|s| {
+            let n = parse_size(s);
+            if n.is_none() {
+                p.add(
+                    format!("{path}.scratch_keep_free"),
+                    format!("`{s}` is not a size; write e.g. `500MiB`"),
                 );
             }
             n

@@ -204,6 +204,7 @@ fn validate(
             || v.scratch_url.is_some()
             || v.postgres_bin_dir.is_some()
             || v.scratch_max_size.is_some()
+            || v.scratch_keep_free.is_some()
             || v.restore_as_superuser.is_some()
         {
             p.add(

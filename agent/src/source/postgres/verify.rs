@@ -138,7 +138,7 @@ impl Steps for PostgresSteps {
         match &self.target {
             Some(Target::Ephemeral(s)) => Box::pin(guard(
                 s.dir.clone(),
-                ctx.source.verify.scratch_max_size,
+                &ctx.source.verify,
                 ctx.guard_notes.clone(),
             )),
             _ => Box::pin(std::future::pending()),
@@ -441,12 +441,26 @@ async fn dump_extensions(
 }
 
 /// Returns (an error) when the restore must stop: the ephemeral cluster in `dir` grew past
-/// `max` (`verify.scratch_max_size`) or nearly filled its filesystem, which a forged dump could
-/// try and a database too large for the scratch disk would do. When it cannot measure, it says
-/// so once in `notes` (the report's) and keeps trying.
-pub(crate) async fn guard(
+/// `verify.scratch_max_size` or left less than `verify.scratch_keep_free` on its filesystem,
+/// which a forged dump could try and a database too large for the scratch disk would do. When it
+/// cannot measure, it says so once in `notes` (the report's) and keeps trying.
+pub(crate) fn guard(
+    dir: std::path::PathBuf,
+    verify: &crate::policy::VerifyPolicy,
+    notes: crate::verify::GuardNotes,
+) -> impl std::future::Future<Output = Error> + 'static {
+    disk_guard(
+        dir,
+        verify.scratch_max_size,
+        verify.scratch_keep_free,
+        notes,
+    )
+}
+
+async fn disk_guard(
     dir: std::path::PathBuf,
     max: Option<u64>,
+    keep_free: Option<u64>,
     notes: crate::verify::GuardNotes,
 ) -> Error {
     // Free space every 100 ms (a restore can write hundreds of MB a second), the directory's
@@ -482,11 +496,12 @@ pub(crate) async fn guard(
                 ));
             }
         }
-        if usage.available < usage.reserve {
+        let reserve = keep_free.unwrap_or(usage.reserve);
+        if usage.available < reserve {
             return Error::failed(format!(
-                "stopped: the scratch filesystem had only {} free (the verifier keeps {} free); free space under TMPDIR or set verify.scratch_max_size",
+                "stopped: the scratch filesystem had only {} free (the verifier keeps {} free); free space under TMPDIR, or lower verify.scratch_keep_free if the disk is meant to run this full",
                 crate::human_bytes(usage.available),
-                crate::human_bytes(usage.reserve)
+                crate::human_bytes(reserve)
             ));
         }
     }
@@ -564,7 +579,7 @@ mod tests {
         let gone = std::path::PathBuf::from("/nonexistent/lifeboat-scratch");
         let watching = tokio::time::timeout(
             std::time::Duration::from_millis(450),
-            super::guard(gone, Some(1 << 30), notes.clone()),
+            super::disk_guard(gone, Some(1 << 30), None, notes.clone()),
         )
         .await;
         assert!(watching.is_err(), "it does not stop the restore");

@@ -223,7 +223,7 @@ impl Steps for PhysicalSteps {
         };
         Box::pin(crate::source::postgres::verify::guard(
             dir,
-            ctx.source.verify.scratch_max_size,
+            &ctx.source.verify,
             ctx.guard_notes.clone(),
         ))
     }

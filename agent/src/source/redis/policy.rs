@@ -551,10 +551,13 @@ fn reject_foreign_verify(path: &str, v: &RawVerify, p: &mut Problems) {
             "applies to postgres sources; use redis_bin_dir on this source",
         );
     }
-    if v.scratch_max_size.is_some() || v.restore_as_superuser.is_some() {
+    if v.scratch_max_size.is_some()
+        || v.scratch_keep_free.is_some()
+        || v.restore_as_superuser.is_some()
+    {
         p.add(
             format!("{path}.verify"),
-            "scratch_max_size and restore_as_superuser apply to postgres sources; a Redis backup loads into an unprivileged redis-server",
+            "scratch_max_size, scratch_keep_free and restore_as_superuser apply to postgres sources; a Redis backup loads into an unprivileged redis-server",
         );
     }
     if v.cover_days.is_some() {
