@@ -108,9 +108,11 @@ pub async fn spool(
     };
     let streams = repo.store.download_streams();
     let (n, digest) = if streams > 1 && part.size_stored > 2 * RANGE {
-        download_ranges(repo, &key, part.size_stored, streams, &mut out, progress)
-            .await?
-            .map_err(spool_failed)?
+        let mut out = SpoolFile {
+            file: &mut out,
+            failed: &spool_failed,
+        };
+        download_ranges(repo, &key, part.size_stored, streams, &mut out, progress).await?
     } else {
         let mut r = repo
             .store
@@ -146,6 +148,24 @@ pub async fn spool(
 /// flight are held until written in order, so the streams bound the memory too.
 const RANGE: u64 = 4 << 20;
 
+/// A spool file, and what a failed write to it is reported as.
+struct SpoolFile<'a> {
+    file: &'a mut tokio::fs::File,
+    failed: &'a (dyn Fn(io::Error) -> Error + Sync),
+}
+
+impl SpoolFile<'_> {
+    async fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.file.write_all(bytes).await.map_err(self.failed)
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await.map_err(self.failed)
+    }
+}
+
 /// Downloads `key`, expected to be `size` bytes, into `out` in ranges, `streams` at a time,
 /// hashing in order.
 /// Returns the bytes and the SHA-256 of what the store holds: the last range asks for one byte
@@ -155,11 +175,10 @@ async fn download_ranges(
     key: &str,
     size: u64,
     streams: usize,
-    out: &mut tokio::fs::File,
+    out: &mut SpoolFile<'_>,
     progress: &dyn Progress,
-) -> Result<std::io::Result<(u64, String)>> {
+) -> Result<(u64, String)> {
     use futures::StreamExt;
-    use tokio::io::AsyncWriteExt;
     let ranges = (0..size.div_ceil(RANGE)).map(|i| {
         let offset = i * RANGE;
         let len = RANGE.min(size - offset) + u64::from(offset + RANGE >= size);
@@ -178,19 +197,15 @@ async fn download_ranges(
         let (offset, len, bytes) = piece?;
         hasher.update(&bytes);
         n += bytes.len() as u64;
-        if let Err(e) = out.write_all(&bytes).await {
-            return Ok(Err(e));
-        }
+        out.write_all(&bytes).await?;
         progress.advance(bytes.len() as u64);
         // A short range ends the object: what follows is not there.
         if (bytes.len() as u64) < len && offset + len <= size {
             break;
         }
     }
-    if let Err(e) = out.flush().await {
-        return Ok(Err(e));
-    }
-    Ok(Ok((n, hex::encode(hasher.finalize()))))
+    out.flush().await?;
+    Ok((n, hex::encode(hasher.finalize())))
 }
 
 /// Checks the SHA-256 and size of what is read through it at EOF; a mismatch is a read error

@@ -125,8 +125,8 @@ pub struct SourceStatus {
     pub newest_backup: Option<(String, DateTime<Utc>)>,
     /// Newest verified backup (id, start).
     pub newest_verified: Option<(String, DateTime<Utc>)>,
-    /// The latest verification's measured restore time.
-    pub last_restore_seconds: Option<f64>,
+    /// The latest verification's measured RTO ([`crate::verify::Timings::recovery`]).
+    pub last_recovery_seconds: Option<f64>,
     /// Objectives currently breached, with why.
     pub breaches: Vec<String>,
     /// The latest tick another replica took.
@@ -260,7 +260,7 @@ impl Agent {
                         .backups
                         .iter()
                         .find_map(|e| e.verification.as_ref().and_then(|v| v.timings.as_ref()));
-                    let last_restore = last_timings.map(|t| t.restore_total());
+                    let last_recovery = last_timings.map(|t| t.recovery());
                     self.telemetry
                         .repository(&src.name, listing.backups.len(), last_timings);
                     // The verifier runs elsewhere; its reports in the repository say how it went.
@@ -282,7 +282,7 @@ impl Agent {
                     self.update(&src.name, |st| {
                         st.newest_backup = newest;
                         st.newest_verified = newest_verified;
-                        st.last_restore_seconds = last_restore;
+                        st.last_recovery_seconds = last_recovery;
                     });
                 }
                 Err(e) => {
@@ -342,11 +342,11 @@ impl Agent {
         }
         if let Some(rto) = src.objectives.rto {
             let why = st
-                .last_restore_seconds
+                .last_recovery_seconds
                 .filter(|s| *s > rto.as_secs_f64())
                 .map(|s| {
                     format!(
-                        "the last measured restore took {s:.0} s, the RTO is {}",
+                        "the last measured recovery (download, restore and index build) took {s:.0} s, the RTO is {}",
                         humantime::format_duration(rto)
                     )
                 });

@@ -119,7 +119,7 @@ pub async fn conclude(repo: &Repository, mut report: Report, t0: Instant) -> Res
     report.timings.total_seconds = t0.elapsed().as_secs_f64();
     report.rto_met = report
         .rto_objective_seconds
-        .map(|rto| report.timings.total_seconds <= rto);
+        .map(|rto| report.timings.recovery() <= rto);
     report.finished_at = Utc::now();
     report.result = if report.error.is_none() && report.checks.iter().all(|c| c.passed) {
         "pass".into()

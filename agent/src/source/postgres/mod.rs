@@ -540,9 +540,12 @@ pub async fn observe(pg: &Postgres, conn: &Connection, expected: &Fingerprint) -
     let client = &conn.client;
     readback::text_session(client).await?;
     let full = expected.mode == FingerprintMode::Full;
-    let present: Vec<(String, String)> = client
+    // Each table with its size in blocks, which the read-back cuts large ones by.
+    let present: readback::Present = client
         .query(
-            "select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+            "select n.nspname, c.relname, \
+                    pg_relation_size(c.oid) / current_setting('block_size')::bigint \
+             from pg_class c join pg_namespace n on n.oid = c.relnamespace \
              where c.relkind = 'r' and n.nspname not in ('pg_catalog', 'information_schema') \
              and n.nspname not like 'pg_toast%' and n.nspname not like 'pg_temp%' \
              and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass \
@@ -552,21 +555,22 @@ pub async fn observe(pg: &Postgres, conn: &Connection, expected: &Fingerprint) -
         .await
         .map_err(|e| q("listing tables", e))?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
     let (tables, missing_tables, spread) =
         readback::tables(pg, client, conn.server_major, expected, &present, full).await?;
-    let unexpected_tables = present
+    let dumped: std::collections::HashSet<(&str, &str)> = expected
+        .dump
+        .tables
         .iter()
-        .filter(|(s, n)| {
-            !expected
-                .dump
-                .tables
-                .iter()
-                .any(|t| &t.schema == s && &t.name == n)
-        })
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .collect();
+    let mut unexpected_tables: Vec<String> = present
+        .keys()
+        .filter(|(s, n)| !dumped.contains(&(s.as_str(), n.as_str())))
         .map(|(s, n)| format!("{}.{}", quote_ident(s), quote_ident(n)))
         .collect();
+    unexpected_tables.sort();
     let sequences = observe_sequences(client, expected).await?;
     let (lo_count, lo_hash) = observe_large_objects(client).await?;
     let counts = client

@@ -7,14 +7,14 @@
 //! cut into ranges of [`PIECE_BLOCKS`] blocks by `ctid`. A table's row hash is a sum of each
 //! row's hash, so its pieces add up to exactly what one `COPY` of the table gives.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use futures::StreamExt;
 use tokio_postgres::Client;
 
 use super::pgdump::{RowHasher, TableData};
-use super::{query_error, quote_ident, quote_literal, Fingerprint, Postgres, TEXT_SETTINGS_SQL};
+use super::{query_error, quote_ident, Fingerprint, Postgres, TEXT_SETTINGS_SQL};
 use crate::error::Result;
 
 /// Connections reading at once (the scratch's own cores do most of the work).
@@ -80,6 +80,9 @@ pub async fn text_session(client: &Client) -> Result<()> {
     Ok(())
 }
 
+/// The restored database's tables, (schema, name), each with its size in blocks.
+pub type Present = HashMap<(String, String), i64>;
+
 /// Row counts and hashes of the tables `expected` names that are `present`, and the names of
 /// those missing from the restore, and how the reading was spread. `client` is a session readied
 /// by [`text_session`]; more sessions to the same database come from `pg`.
@@ -88,27 +91,22 @@ pub async fn tables(
     client: &Client,
     server_major: u32,
     expected: &Fingerprint,
-    present: &[(String, String)],
+    present: &Present,
     full: bool,
 ) -> Result<(Vec<TableData>, Vec<String>, Spread)> {
     let mut missing = Vec::new();
     let mut spread = Spread::default();
     let mut pieces = VecDeque::new();
+    let mut found = vec![false; expected.dump.tables.len()];
     for (i, t) in expected.dump.tables.iter().enumerate() {
         let name = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
-        if !present.iter().any(|(s, n)| s == &t.schema && n == &t.name) {
+        let Some(&blocks) = present.get(&(t.schema.clone(), t.name.clone())) else {
             missing.push(name);
             continue;
-        }
+        };
+        found[i] = true;
         let target = t.copy.clone().unwrap_or(name);
-        let cut = match split_copy_target(&target) {
-            Some((name, columns)) if server_major >= 14 => Some((name, columns)),
-            _ => None,
-        };
-        let blocks = match cut {
-            Some((name, _)) => blocks(client, name).await?,
-            None => 0,
-        };
+        let cut = split_copy_target(&target).filter(|_| server_major >= 14);
         spread.tables += 1;
         match cut {
             Some((name, columns)) if blocks > MIN_PIECE_BLOCKS => {
@@ -164,7 +162,8 @@ pub async fn tables(
         .tables
         .iter()
         .zip(sums)
-        .filter(|(t, _)| present.iter().any(|(s, n)| s == &t.schema && n == &t.name))
+        .zip(found)
+        .filter_map(|(t, found)| found.then_some(t))
         .map(|(t, rows)| {
             let (rows, hash) = rows.finish();
             TableData {
@@ -202,19 +201,6 @@ async fn reader(
         }
         done.push((piece.table, rows));
     }
-}
-
-/// The table's size in blocks.
-async fn blocks(client: &Client, name: &str) -> Result<i64> {
-    let sql = format!(
-        "SELECT pg_relation_size({}::regclass) / current_setting('block_size')::bigint",
-        quote_literal(name)
-    );
-    Ok(client
-        .query_one(&sql, &[])
-        .await
-        .map_err(|e| query_error(&format!("measuring {name}"), e))?
-        .get(0))
 }
 
 /// A dump's COPY target `schema.table (columns)` split into the table and its column list;
