@@ -297,6 +297,100 @@ fn fs_round_trip_restores_with_stock_tools_table_by_table() {
     assert!(shown.contains("app-db: backup "), "{shown}");
 }
 
+/// `zstd -d` of `input`, by the stock CLI.
+fn stock_unzstd(input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut c = Command::new("zstd")
+        .args(["-d", "-q", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = c.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "zstd -d failed");
+    out.stdout
+}
+
+#[test]
+fn a_dump_is_stored_in_frames_that_start_where_large_tables_begin() {
+    let Fx {
+        pg,
+        db,
+        dir,
+        key,
+        pwfile,
+    } = setup("frames");
+    pg.psql(
+        &db,
+        "create table big_a as select g, md5(g::text) || md5((g * 7)::text) as t from generate_series(1, 100000) g; \
+         create table small as select 1 as x; \
+         create table big_b as select g, md5(g::text) || md5((g * 3)::text) as t from generate_series(1, 100000) g;",
+    );
+    let policy = write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &pg_source(pg, &db, &pwfile, ""),
+    );
+    let p = policy.to_str().unwrap();
+    let r = lifeboat(dir.path(), &["backup", "--policy", p], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let id = list_json(dir.path(), &policy, &[])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bdir = backup_dir(&dir.path().join("repo"), "app-db", &id);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bdir.join("manifest.json")).unwrap()).unwrap();
+    let part = &manifest["parts"][0];
+    assert_eq!(part["name"], "database.dump.zst.age");
+    let seek = &part["seek"];
+    let object = bdir.join("database.dump.zst.age");
+    let stored = std::fs::read(&object).unwrap();
+    let header_len = seek["header_len"].as_u64().unwrap() as usize;
+    use sha2::{Digest, Sha256};
+    assert_eq!(
+        hex::encode(Sha256::digest(&stored[..header_len])),
+        seek["header_sha256"].as_str().unwrap()
+    );
+
+    let fp: serde_json::Value = serde_json::from_slice(&stock_decrypt(
+        &key.identity,
+        &bdir.join("fingerprint.json.age"),
+    ))
+    .unwrap();
+    let zst = stock_decrypt(&key.identity, &object);
+    let dump = stock_unzstd(&zst);
+    let toc_end = fp["dump"]["toc_end"].as_u64().unwrap() as usize;
+    assert_eq!(&dump[..5], b"PGDMP");
+    let mut blocks = std::collections::BTreeMap::new();
+    for t in fp["dump"]["tables"].as_array().unwrap() {
+        let [at, len] = [0, 1].map(|i| t["block"][i].as_u64().unwrap() as usize);
+        assert!(at >= toc_end);
+        assert_eq!(dump[at], 1, "{t}: a data block starts there");
+        assert_eq!(
+            &dump[at + len - 5..at + len],
+            &[0, 0, 0, 0, 0],
+            "{t}: it ends with its empty chunk"
+        );
+        blocks.insert(t["name"].as_str().unwrap().to_string(), at);
+    }
+    assert_eq!(blocks.len(), 3, "{blocks:?}");
+    // Each of the large tables is over 4 MiB: whichever comes second in the dump starts a frame.
+    let frames = seek["frames"].as_array().unwrap();
+    assert!(!frames.is_empty(), "{seek}");
+    for f in frames {
+        let [plain, at] = [0, 1].map(|i| f[i].as_u64().unwrap() as usize);
+        assert!(blocks.values().any(|b| *b == plain), "{f} starts no table");
+        let from_here = stock_unzstd(&zst[at..]);
+        assert!(from_here[..] == dump[plain..], "frame {f} decodes alone");
+    }
+}
+
 fn quote_ident(s: &str) -> String {
     if s.chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')

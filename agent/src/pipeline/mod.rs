@@ -113,6 +113,8 @@ pub struct Digests {
     pub size_stored: u64,
     /// SHA-256 of the stored bytes, hex.
     pub sha256_stored: String,
+    /// Where reading may start, when the observer offered frame starts.
+    pub seek: Option<crate::repo::manifest::SeekIndex>,
 }
 
 impl Digests {
@@ -131,6 +133,7 @@ impl Digests {
             sha256_plain: self.sha256_plain.clone(),
             size_stored: self.size_stored,
             sha256_stored: self.sha256_stored.clone(),
+            seek: self.seek.clone(),
         }
     }
 }
@@ -139,7 +142,18 @@ impl Digests {
 pub trait Observer: Send + 'static {
     /// Called with each chunk, in order.
     fn observe(&mut self, chunk: &[u8]);
+
+    /// Moves into `out` the plaintext offsets, within the chunk just observed, where a reader
+    /// would want to start (a dump's data blocks). The stream is cut into a new zstd frame at
+    /// such an offset once the frame holds [`MIN_FRAME`] bytes, and the stored part gets a
+    /// [`crate::repo::manifest::SeekIndex`]. None by default.
+    fn frame_starts(&mut self, _out: &mut Vec<u64>) {}
 }
+
+/// Plaintext a zstd frame holds at least before it is cut at an offered start: a reader starting
+/// at an offered offset decodes at most this much before it, and a frame's fresh window costs
+/// next to nothing in ratio at this size.
+pub const MIN_FRAME: u64 = 4 << 20;
 
 /// An observer that ignores everything.
 #[derive(Debug, Default)]
@@ -194,6 +208,39 @@ impl From<PipelineError> for Error {
 struct StoredDigest {
     hasher: Sha256,
     size: u64,
+    /// The stored stream's first bytes, until the age header in them is found.
+    head: Vec<u8>,
+    /// The age header's length (with the payload nonce) and SHA-256.
+    header: Option<(u64, String)>,
+}
+
+/// An age header longer than this (thousands of recipients) gets no seek index.
+const MAX_HEADER: usize = 1 << 20;
+
+impl StoredDigest {
+    fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        if self.header.is_none() && self.head.len() < MAX_HEADER {
+            self.head.extend_from_slice(data);
+            if let Some(len) = age_header_len(&self.head) {
+                self.header = Some((len as u64, hex::encode(Sha256::digest(&self.head[..len]))));
+                self.head = Vec::new();
+            }
+        }
+    }
+}
+
+/// Where an age v1 file's payload chunks begin: after the header's MAC line (`--- …`) and the
+/// payload's 16-byte nonce; `None` until all of that is in `bytes`.
+pub fn age_header_len(bytes: &[u8]) -> Option<usize> {
+    const NONCE: usize = 16;
+    if !bytes.starts_with(b"age-encryption.org/v1\n") {
+        return None;
+    }
+    let mac = bytes.windows(5).position(|w| w == b"\n--- ")?;
+    let end = mac + 1 + bytes[mac + 1..].iter().position(|&b| b == b'\n')? + 1;
+    (bytes.len() >= end + NONCE).then_some(end + NONCE)
 }
 
 /// The pipeline's last stage: hashes stored bytes and cuts them into parts for the uploader.
@@ -244,8 +291,7 @@ impl AsyncWrite for PartSink {
             .digest
             .lock()
             .map_err(|_| io::Error::other("digest state poisoned"))?;
-        d.hasher.update(&data[..n]);
-        d.size += n as u64;
+        d.update(&data[..n]);
         Meter::add(&this.meter, 0, n as u64);
         Poll::Ready(Ok(n))
     }
@@ -324,7 +370,7 @@ where
             format!("upload task failed: {e}"),
         )),
     };
-    let (plain, observer) = match (encoded, uploaded) {
+    let (plain, frames, observer) = match (encoded, uploaded) {
         (Ok(v), Ok(())) => v,
         // An upload failure is the cause when the chain only saw the upload stop.
         (Err(PipelineError::Encode(_)), Err(e)) | (Ok(_), Err(e))
@@ -338,12 +384,23 @@ where
     let d = digest
         .lock()
         .map_err(|_| PipelineError::Encode(io::Error::other("digest state poisoned")))?;
+    let seek = match (frames, &d.header) {
+        (Some(frames), Some((header_len, header_sha256))) => {
+            Some(crate::repo::manifest::SeekIndex {
+                header_len: *header_len,
+                header_sha256: header_sha256.clone(),
+                frames,
+            })
+        }
+        _ => None,
+    };
     Ok((
         Digests {
             size_plain: plain.0,
             sha256_plain: plain.1,
             size_stored: d.size,
             sha256_stored: hex::encode(d.hasher.clone().finalize()),
+            seek,
         },
         observer,
     ))
@@ -356,7 +413,7 @@ async fn encode<R, V, O>(
     sink: PartSink,
     config: PipelineConfig,
     cancel: CancellationToken,
-) -> Result<((u64, String), O), PipelineError>
+) -> Result<Encoded<O>, PipelineError>
 where
     R: AsyncRead + Unpin,
     V: Future<Output = Result<(), Error>>,
@@ -379,14 +436,19 @@ where
         params.push(CParameter::nb_workers(config.workers));
         params.push(CParameter::job_size(ZSTD_JOB_SIZE));
     }
-    let mut zstd = ZstdEncoder::with_quality_and_params(
-        age_writer.compat_write(),
-        Level::Precise(config.level),
-        &params,
-    );
+    let frame =
+        |sink| ZstdEncoder::with_quality_and_params(sink, Level::Precise(config.level), &params);
+    let mut zstd = frame(FrameSink {
+        inner: age_writer.compat_write(),
+        written: 0,
+    });
     let mut buf = vec![0u8; READ_BUFFER];
     let mut hasher = Sha256::new();
     let mut size = 0u64;
+    // Offered frame starts, and the frames cut so far (`None` while none was offered).
+    let mut starts = Vec::new();
+    let mut frames: Option<Vec<[u64; 2]>> = None;
+    let mut frame_start = 0u64;
     loop {
         let n = tokio::select! {
             biased;
@@ -399,14 +461,27 @@ where
         let chunk = &buf[..n];
         hasher.update(chunk);
         observer.observe(chunk);
+        observer.frame_starts(&mut starts);
+        let at = size;
         size += n as u64;
         Meter::add(&config.meter, n as u64, 0);
-        // A plain write loop, not io::copy: copy flushes, and every flush would cut zstd's jobs short.
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(PipelineError::Cancelled),
-            r = zstd.write_all(chunk) => r.map_err(PipelineError::Encode)?,
+        let mut from = 0;
+        for start in starts.drain(..).filter(|s| (at..size).contains(s)) {
+            let cuts = frames.get_or_insert_with(Vec::new);
+            if start - frame_start < MIN_FRAME {
+                continue;
+            }
+            let to = (start - at) as usize;
+            write_frame(&mut zstd, &chunk[from..to], &cancel).await?;
+            from = to;
+            // The frame ends (the age stream does not) and the next starts here.
+            zstd.shutdown().await.map_err(PipelineError::Encode)?;
+            let sink = zstd.into_inner();
+            cuts.push([start, sink.written]);
+            frame_start = start;
+            zstd = frame(sink);
         }
+        write_frame(&mut zstd, &chunk[from..], &cancel).await?;
     }
     // The producer's verdict first: a pg_dump killed before its first byte is reported as
     // killed, not as a source that had nothing to say.
@@ -420,7 +495,57 @@ where
     }
     // Only now: finish zstd's frame and the age stream, and hand over the last part.
     zstd.shutdown().await.map_err(PipelineError::Encode)?;
-    Ok(((size, hex::encode(hasher.finalize())), observer))
+    zstd.into_inner()
+        .inner
+        .shutdown()
+        .await
+        .map_err(PipelineError::Encode)?;
+    Ok(((size, hex::encode(hasher.finalize())), frames, observer))
+}
+
+/// What [`encode`] read (bytes, SHA-256), the frames it cut, and the observer.
+type Encoded<O> = ((u64, String), Option<Vec<[u64; 2]>>, O);
+
+/// Writes `data` into the current zstd frame, unless cancelled.
+async fn write_frame<W: AsyncWrite + Unpin>(
+    zstd: &mut ZstdEncoder<W>,
+    data: &[u8],
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    // A plain write, not io::copy: copy flushes, and every flush would cut zstd's jobs short.
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(PipelineError::Cancelled),
+        r = zstd.write_all(data) => r.map_err(PipelineError::Encode),
+    }
+}
+
+/// The age writer under zstd, counting what it is handed (offsets in the zstd stream). Its
+/// shutdown only flushes: ending a zstd frame must not end the age stream.
+struct FrameSink<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for FrameSink<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+        this.written += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
 }
 
 /// scrypt work factor of what is sealed with the index key: the key is a high-entropy secret,

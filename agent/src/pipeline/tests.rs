@@ -207,3 +207,117 @@ fn the_index_key_derives_one_x25519_identity_that_opens_what_is_sealed_to_it_bes
         .decrypt(std::iter::once(&wrong as &dyn age::Identity))
         .is_err());
 }
+
+/// Offers the given plaintext offsets as frame starts, each with the chunk that holds it.
+struct Starts {
+    offers: Vec<u64>,
+    seen: u64,
+    pending: Vec<u64>,
+}
+
+impl Observer for Starts {
+    fn observe(&mut self, chunk: &[u8]) {
+        let at = self.seen;
+        self.seen += chunk.len() as u64;
+        let seen = self.seen;
+        self.pending
+            .extend(self.offers.iter().filter(|o| (at..seen).contains(o)));
+    }
+
+    fn frame_starts(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.pending);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_into_frames_is_read_from_any_frame_without_what_precedes_it() {
+    use std::io::{Read, Seek, SeekFrom};
+    let (_dir, store, id, mut cfg) = setup();
+    cfg.workers = 2;
+    let mib = 1u64 << 20;
+    let input = data(20 << 20);
+    // 1 MiB and 6 MiB come too soon after a frame's start to cut there.
+    let offers = vec![mib, 5 * mib, 6 * mib, 19 * mib / 2 + 3, 19 * mib];
+    let observer = Starts {
+        offers,
+        seen: 0,
+        pending: Vec::new(),
+    };
+    let (d, _) = run(
+        std::io::Cursor::new(input.clone()),
+        ok(),
+        observer,
+        store.clone(),
+        "b/obj.zst.age".into(),
+        &cfg,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let seek = d.seek.expect("a seek index");
+    let starts: Vec<u64> = seek.frames.iter().map(|f| f[0]).collect();
+    assert_eq!(starts, vec![5 * mib, 19 * mib / 2 + 3, 19 * mib]);
+    assert_eq!(seek.frame_of(0), [0, 0]);
+    assert_eq!(seek.frame_of(5 * mib - 1), [0, 0]);
+    assert_eq!(seek.frame_of(6 * mib), seek.frames[0]);
+    assert_eq!(seek.frame_of(u64::MAX), seek.frames[2]);
+
+    let stored = store.get("b/obj.zst.age").await.unwrap();
+    let header_len = seek.header_len as usize;
+    assert_eq!(
+        hex::encode(Sha256::digest(&stored[..header_len])),
+        seek.header_sha256
+    );
+    // The whole, as stock tools read it: frames one after another.
+    let open = || {
+        let ids: Vec<Box<dyn age::Identity>> = vec![Box::new(id.clone())];
+        age::Decryptor::new(std::io::Cursor::new(stored.clone()))
+            .unwrap()
+            .decrypt(ids.iter().map(|i| i.as_ref()))
+            .unwrap()
+    };
+    let mut zst = Vec::new();
+    open().read_to_end(&mut zst).unwrap();
+    assert_eq!(
+        (stored.len() - header_len) as u64,
+        zst.len() as u64 + zst.len().div_ceil(64 << 10) as u64 * 16,
+        "payload chunks of 64 KiB, each with its tag, right after the header"
+    );
+    assert!(zstd::stream::decode_all(&zst[..]).unwrap() == input);
+    // From each frame, seeking in the age stream: the plaintext from that frame's start on.
+    for [plain, at] in &seek.frames {
+        let mut r = open();
+        r.seek(SeekFrom::Start(*at)).unwrap();
+        let mut back = Vec::new();
+        zstd::stream::read::Decoder::new(r)
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back[..] == input[*plain as usize..], "from {plain}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_offered_no_frame_starts_has_no_seek_index() {
+    let (_dir, store, _id, cfg) = setup();
+    let (d, _) = run(
+        std::io::Cursor::new(data(1 << 20)),
+        ok(),
+        Counter::default(),
+        store,
+        "b/obj.zst.age".into(),
+        &cfg,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(d.seek, None);
+    assert_eq!(
+        age_header_len(b"age-encryption.org/v1\n-> X25519 abc\nbody\n--- mac\n0123456789abcdef..."),
+        Some(49 + 16)
+    );
+    assert_eq!(
+        age_header_len(b"age-encryption.org/v1\n-> X25519 abc\nbody\n--- mac\n0123"),
+        None
+    );
+}

@@ -117,6 +117,36 @@ pub struct Part {
     pub size_stored: u64,
     /// SHA-256 of the stored bytes, hex.
     pub sha256_stored: String,
+    /// Where a reader may start inside the stored object without reading what precedes it;
+    /// absent when the backup's stream was not cut for that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seek: Option<SeekIndex>,
+}
+
+/// The points of a stored object where reading may start: age encrypts in chunks of 64 KiB, each
+/// authenticated on its own, and the zstd stream inside is a series of independent frames, cut
+/// where the producer's stream offered to be (for a dump, where a table's data begins). Stock
+/// tools read the object whole as before: `age -d | zstd -d` decodes frames one after another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeekIndex {
+    /// Bytes of the age header and the payload's nonce: payload chunk `i` (64 KiB of the zstd
+    /// stream) is stored at `header_len + i × 65,552`.
+    pub header_len: u64,
+    /// SHA-256 of those bytes. When they match, the file key is the backup's own, so every chunk
+    /// age authenticates is the backup's: a reader checks this before it uses anything it read.
+    pub header_sha256: String,
+    /// The frames after the first (which starts at 0 in both): each `[plaintext offset, offset
+    /// in the zstd stream]`, in order.
+    pub frames: Vec<[u64; 2]>,
+}
+
+impl SeekIndex {
+    /// The frame holding plaintext `offset`: where it starts in the plaintext and in the zstd
+    /// stream.
+    pub fn frame_of(&self, offset: u64) -> [u64; 2] {
+        let i = self.frames.partition_point(|f| f[0] <= offset);
+        i.checked_sub(1).map_or([0, 0], |i| self.frames[i])
+    }
 }
 
 /// One shard of a Redis Cluster backup, as the manifest shows it.

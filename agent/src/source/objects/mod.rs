@@ -1217,6 +1217,7 @@ async fn store_blob_list(
             sha256_plain: hex::encode(Sha256::digest(b"")),
             size_stored: list.len() as u64,
             sha256_stored: hex::encode(Sha256::digest(&list)),
+            seek: None,
         };
         ctx.store
             .put(&object, Bytes::from(list))

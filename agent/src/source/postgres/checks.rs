@@ -156,6 +156,7 @@ mod tests {
 
     fn table(name: &str, rows: u64, hash: &str) -> TableData {
         TableData {
+            block: None,
             schema: "public".into(),
             name: name.into(),
             copy: None,

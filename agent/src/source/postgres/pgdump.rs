@@ -37,6 +37,9 @@ pub struct TableData {
     pub rows: u64,
     /// Sum of XXH3-128 of each COPY text row, hex (absent in `counts` mode).
     pub hash: Option<String>,
+    /// Where its data block lies in the dump: `[offset, length]` (a restore reads it alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<[u64; 2]>,
 }
 
 /// A sequence's value as the dump will restore it.
@@ -65,6 +68,10 @@ pub struct DumpSummary {
     pub large_objects_hash: Option<String>,
     /// Why the stream could not be parsed, if it could not.
     pub error: Option<String>,
+    /// Bytes of the header and TOC: the archive without its data, which pg_restore reads for
+    /// the schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toc_end: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -248,11 +255,25 @@ pub struct DumpFingerprinter {
     next_attempt: usize,
     header: Option<Header>,
     toc: HashMap<i64, TocEntry>,
-    tables: BTreeMap<(String, String), (Option<String>, RowHasher)>,
+    tables: BTreeMap<(String, String), DumpedTable>,
     current: Option<(String, String)>,
+    /// Bytes observed so far: the stream offset just past the chunk being parsed.
+    seen: u64,
+    /// Where the block being parsed began.
+    block_at: u64,
+    /// Block starts not yet handed to the pipeline as frame starts.
+    starts: Vec<u64>,
+    toc_end: Option<u64>,
     sequences: Vec<SequenceValue>,
     blobs: LargeObjectHasher,
     error: Option<String>,
+}
+
+/// A table's data as the dump carries it.
+struct DumpedTable {
+    copy: Option<String>,
+    rows: RowHasher,
+    block: Option<[u64; 2]>,
 }
 
 /// Outcome of trying to parse from a byte slice.
@@ -480,6 +501,10 @@ impl DumpFingerprinter {
             toc: HashMap::new(),
             tables: BTreeMap::new(),
             current: None,
+            seen: 0,
+            block_at: 0,
+            starts: Vec::new(),
+            toc_end: None,
             sequences: Vec::new(),
             blobs: LargeObjectHasher::default(),
             error: None,
@@ -518,8 +543,8 @@ impl DumpFingerprinter {
 
     fn table_rows(&mut self, chunk: &[u8]) {
         if let Some(key) = &self.current {
-            if let Some((_, rows)) = self.tables.get_mut(key) {
-                rows.feed(chunk);
+            if let Some(t) = self.tables.get_mut(key) {
+                t.rows.feed(chunk);
             }
         }
     }
@@ -541,6 +566,8 @@ impl DumpFingerprinter {
                         }
                         Parse::Bad(why) => return self.fail(why),
                         Parse::Done((header, toc, sequences), used) => {
+                            // `pending` holds the stream from its first byte.
+                            self.toc_end = Some(used as u64);
                             self.header = Some(header);
                             self.toc = toc;
                             self.sequences = sequences;
@@ -553,6 +580,11 @@ impl DumpFingerprinter {
                     }
                 }
                 State::Block => {
+                    if self.pending.is_empty() {
+                        // `data` is always the stream's latest bytes.
+                        self.block_at = self.seen - data.len() as u64;
+                        self.starts.push(self.block_at);
+                    }
                     let need = 1 + self.int_len();
                     let take = (need - self.pending.len()).min(data.len());
                     self.pending.extend_from_slice(&data[..take]);
@@ -575,9 +607,16 @@ impl DumpFingerprinter {
                                 let key = (e.namespace, e.tag);
                                 let copy = copy_target(&e.copy);
                                 let full = self.mode == FingerprintMode::Full;
-                                self.tables
-                                    .entry(key.clone())
-                                    .or_insert_with(|| (copy, RowHasher::new(full)));
+                                let at = self.block_at;
+                                let t =
+                                    self.tables
+                                        .entry(key.clone())
+                                        .or_insert_with(|| DumpedTable {
+                                            copy,
+                                            rows: RowHasher::new(full),
+                                            block: None,
+                                        });
+                                t.block.get_or_insert([at, 0]);
                                 self.current = Some(key);
                             }
                             self.state = State::ChunkLen { dump_id };
@@ -594,7 +633,13 @@ impl DumpFingerprinter {
                         return self.fail(format!("negative chunk length in block {dump_id}"));
                     }
                     if len == 0 {
-                        self.current = None;
+                        let end = self.seen - data.len() as u64;
+                        let at = self.block_at;
+                        if let Some(t) = self.current.take().and_then(|k| self.tables.get_mut(&k)) {
+                            if let Some(b) = t.block.as_mut().filter(|b| b[0] == at) {
+                                b[1] = end - at;
+                            }
+                        }
                         self.state = State::Block;
                     } else {
                         self.state = State::Chunk {
@@ -687,14 +732,15 @@ impl DumpFingerprinter {
             tables: self
                 .tables
                 .into_iter()
-                .map(|((schema, name), (copy, rows))| {
-                    let (rows, hash) = rows.finish();
+                .map(|((schema, name), t)| {
+                    let (rows, hash) = t.rows.finish();
                     TableData {
                         schema,
                         name,
-                        copy,
+                        copy: t.copy,
                         rows,
                         hash,
+                        block: t.block,
                     }
                 })
                 .collect(),
@@ -702,13 +748,22 @@ impl DumpFingerprinter {
             large_objects: blobs.0,
             large_objects_hash: full.then_some(blobs.1),
             error,
+            toc_end: self.toc_end,
         }
     }
 }
 
 impl Observer for DumpFingerprinter {
     fn observe(&mut self, chunk: &[u8]) {
+        self.seen += chunk.len() as u64;
         self.step(chunk);
+    }
+
+    /// Every block's start, when found in the chunk that holds it (one found with a later chunk,
+    /// such as one right after a TOC parsed late, is passed over): a restore reads a table's data
+    /// from there.
+    fn frame_starts(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.starts);
     }
 }
 
@@ -862,9 +917,11 @@ mod tests {
     #[test]
     fn a_synthetic_archive_parses_at_any_chunk_boundaries() {
         let bytes = archive();
+        let mut offered = Vec::new();
         let whole = {
             let mut f = DumpFingerprinter::new(FingerprintMode::Full);
             f.observe(&bytes);
+            f.frame_starts(&mut offered);
             f.finish()
         };
         assert_eq!(whole.error, None);
@@ -894,16 +951,39 @@ mod tests {
             }]
         );
         assert_eq!(whole.large_objects, 1);
+        // Where each table's data lies: from its block's type byte past its last, empty chunk.
+        let toc_end = whole.toc_end.unwrap();
+        let [t_at, t_len] = whole.tables[0].block.unwrap();
+        let [u_at, u_len] = whole.tables[1].block.unwrap();
+        assert_eq!(t_at, toc_end, "the first block follows the TOC");
+        assert_eq!(bytes[t_at as usize], BLK_DATA);
+        assert_eq!(u_at, t_at + t_len);
+        assert_eq!(bytes[u_at as usize], BLK_DATA);
+        let blobs_at = u_at + u_len;
+        assert_eq!(bytes[blobs_at as usize], BLK_BLOBS);
+        assert_eq!(offered, vec![t_at, u_at, blobs_at], "every block's start");
         use rand::Rng;
         let mut rng = rand::rng();
         for _ in 0..300 {
             let mut f = DumpFingerprinter::new(FingerprintMode::Full);
             let mut rest = &bytes[..];
+            let mut starts = Vec::new();
             while !rest.is_empty() {
                 let n = rng.random_range(1..=rest.len().min(40));
+                let at = (bytes.len() - rest.len()) as u64;
                 f.observe(&rest[..n]);
+                let before = starts.len();
+                f.frame_starts(&mut starts);
+                assert!(
+                    starts[before..]
+                        .iter()
+                        .all(|s| (at..at + n as u64).contains(s)),
+                    "a start is offered with the chunk that holds it"
+                );
                 rest = &rest[n..];
             }
+            // A block found late (the TOC is parsed once enough of it is in) is not offered.
+            assert!(starts.iter().all(|s| offered.contains(s)), "{starts:?}");
             assert_eq!(f.finish(), whole);
         }
     }

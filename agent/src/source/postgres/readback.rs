@@ -172,6 +172,7 @@ pub async fn tables(
                 copy: t.copy.clone(),
                 rows,
                 hash,
+                block: None,
             }
         })
         .collect();
