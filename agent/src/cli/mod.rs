@@ -240,7 +240,9 @@ pub(crate) struct RestoreArgs {
     /// under it), at the same place under --to.
     #[arg(long, value_name = "PREFIX")]
     pub path: Option<String>,
-    /// Parallel pg_restore jobs; above 1 the plaintext is spooled to --spool-dir.
+    /// Connections restoring at once: above 1, different tables' data load at once and
+    /// pg_restore builds indexes with as many jobs. A backup from before seekable dumps, or
+    /// one with large objects, is decrypted to a plaintext spool file in --spool-dir instead.
     #[arg(long, default_value_t = 1)]
     pub jobs: u32,
     /// Where downloaded (encrypted) objects and a parallel restore's plaintext are spooled

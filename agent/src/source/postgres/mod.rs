@@ -9,6 +9,7 @@
 
 pub mod checks;
 pub mod globals;
+mod parallel;
 pub mod pgdump;
 pub mod policy;
 mod readback;
@@ -656,7 +657,7 @@ pub enum RestoreInput {
 }
 
 /// pg_restore settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     /// Parallel jobs (needs [`RestoreInput::File`] above 1).
     pub jobs: u32,
@@ -668,6 +669,21 @@ pub struct RestoreOptions {
     pub no_tablespaces: bool,
     /// All in one transaction (one job only): all or nothing, and faster on a minimal-WAL server.
     pub single_transaction: bool,
+    /// Only this section (`pre-data`, `data`, `post-data`).
+    pub section: Option<&'static str>,
+    /// Only the entries this file lists (`--use-list`).
+    pub use_list: Option<std::path::PathBuf>,
+}
+
+impl RestoreOptions {
+    /// The same settings for `section` only, and only `list`'s entries if given.
+    pub fn section(&self, section: &'static str, list: Option<std::path::PathBuf>) -> Self {
+        RestoreOptions {
+            section: Some(section),
+            use_list: list,
+            ..self.clone()
+        }
+    }
 }
 
 impl Postgres {
@@ -697,6 +713,14 @@ impl Postgres {
         }
         if opts.single_transaction && opts.jobs <= 1 {
             args.push("--single-transaction".into());
+        }
+        if let Some(section) = opts.section {
+            args.push(format!("--section={section}").into());
+        }
+        if let Some(list) = &opts.use_list {
+            let mut arg = OsString::from("--use-list=");
+            arg.push(list);
+            args.push(arg);
         }
         let ran = match input {
             RestoreInput::Stream(reader) => {

@@ -88,6 +88,10 @@ struct TocEntry {
     copy: String,
     /// `WITH SCHEMA …` of an EXTENSION entry.
     extension_schema: Option<String>,
+    /// pg_dump's section: 2 pre-data, 3 data, 4 post-data (1 none).
+    section: i64,
+    /// The client encoding an ENCODING entry sets.
+    encoding: Option<String>,
 }
 
 #[derive(Debug)]
@@ -382,7 +386,7 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
         need!(c.string()); // oid
         let tag = need!(c.string()).unwrap_or_default();
         let desc = need!(c.string()).unwrap_or_default();
-        need!(c.int()); // section
+        let section = need!(c.int());
         let defn = need!(c.string()).unwrap_or_default();
         need!(c.string()); // drop statement
         let copy = need!(c.string()).unwrap_or_default(); // COPY statement
@@ -414,6 +418,13 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
                 extension_schema: (desc == "EXTENSION")
                     .then(|| extension_schema(&defn))
                     .flatten(),
+                section,
+                encoding: (desc == "ENCODING")
+                    .then(|| {
+                        let v = defn.split_once('\'')?.1.split_once('\'')?.0;
+                        Some(v.to_string())
+                    })
+                    .flatten(),
                 desc,
                 namespace,
                 tag,
@@ -435,6 +446,121 @@ fn extension_schema(defn: &str) -> Option<String> {
         },
     )
 }
+
+/// pg_dump's data section.
+pub const SECTION_DATA: i64 = 3;
+
+/// One entry of an archive's table of contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveEntry {
+    /// Its dump id (`pg_restore --use-list` names entries by it).
+    pub id: i64,
+    /// What it is: `TABLE DATA`, `SEQUENCE SET`, `INDEX`…
+    pub desc: String,
+    /// pg_dump's section ([`SECTION_DATA`]…).
+    pub section: i64,
+    /// Schema.
+    pub namespace: String,
+    /// Name.
+    pub tag: String,
+}
+
+/// A custom-format archive's table of contents, read from `toc` (its header and TOC, all of it).
+#[derive(Debug, Clone)]
+pub struct ArchiveToc {
+    /// Bytes of an int's magnitude in its blocks.
+    pub int_size: usize,
+    /// The client encoding of its data (its ENCODING entry).
+    pub encoding: Option<String>,
+    /// Its entries, by dump id.
+    pub entries: Vec<ArchiveEntry>,
+}
+
+/// Reads the table of contents at the head of `toc`.
+pub fn archive_toc(toc: &[u8]) -> std::result::Result<ArchiveToc, String> {
+    match parse_header_and_toc(toc) {
+        Parse::NeedMore => Err("the archive's table of contents is cut short".into()),
+        Parse::Bad(e) => Err(e),
+        Parse::Done((header, entries, _), _) => {
+            let encoding = entries.values().find_map(|e| e.encoding.clone());
+            let mut entries: Vec<ArchiveEntry> = entries
+                .into_iter()
+                .map(|(id, e)| ArchiveEntry {
+                    id,
+                    desc: e.desc,
+                    section: e.section,
+                    namespace: e.namespace,
+                    tag: e.tag,
+                })
+                .collect();
+            entries.sort_by_key(|e| e.id);
+            Ok(ArchiveToc {
+                int_size: header.int_size,
+                encoding,
+                entries,
+            })
+        }
+    }
+}
+
+/// Reads one data block of a custom-format archive from `r` (buffered: the chunks are small,
+/// often a row each), which starts at its type byte: checks that it is the data of entry `id`,
+/// and hands its data to `each` in pieces of about [`DATA_BATCH`] bytes. Returns the bytes of
+/// data.
+pub fn read_data_block(
+    r: &mut impl std::io::Read,
+    int_size: usize,
+    id: i64,
+    mut each: impl FnMut(Vec<u8>) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
+    let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let int = |r: &mut dyn std::io::Read| -> std::io::Result<i64> {
+        let mut b = [0u8; 9];
+        r.read_exact(&mut b[..1 + int_size])?;
+        let mut c = Cursor {
+            buf: &b[..1 + int_size],
+            pos: 0,
+            int_size,
+        };
+        c.int().ok_or_else(|| bad("a short int".into()))
+    };
+    let mut kind = [0u8; 1];
+    r.read_exact(&mut kind)?;
+    let found = int(r)?;
+    if kind[0] != BLK_DATA || found != id {
+        return Err(bad(format!(
+            "expected the data block of entry {id}, found block type {} of entry {found}",
+            kind[0]
+        )));
+    }
+    let mut total = 0u64;
+    let mut batch = Vec::with_capacity(DATA_BATCH);
+    loop {
+        let len = int(r)?;
+        if len == 0 {
+            if !batch.is_empty() {
+                each(batch)?;
+            }
+            return Ok(total);
+        }
+        let len = u64::try_from(len)
+            .map_err(|_| bad(format!("a data chunk of {len} bytes in entry {id}")))?;
+        let read = std::io::Read::read_to_end(&mut std::io::Read::take(&mut *r, len), &mut batch)?;
+        if (read as u64) < len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        total += len;
+        if batch.len() >= DATA_BATCH {
+            each(std::mem::replace(
+                &mut batch,
+                Vec::with_capacity(DATA_BATCH),
+            ))?;
+        }
+    }
+}
+
+/// Data handed on at once by [`read_data_block`].
+pub const DATA_BATCH: usize = 256 << 10;
 
 /// An extension a dump creates.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -113,7 +113,7 @@ pub async fn connect_maintenance(target: &super::Postgres) -> Result<super::Conn
 pub struct PgRestore {
     /// Also replay roles.
     pub with_globals: bool,
-    /// Parallel pg_restore jobs (spools the plaintext when above 1).
+    /// Connections restoring at once (see [`super::parallel`]).
     pub jobs: u32,
     /// Where spool files go.
     pub spool_dir: std::path::PathBuf,
@@ -176,6 +176,12 @@ pub async fn restore_postgres(
     for p in &parts {
         drop(p.plaintext(identities).await?);
     }
+    // With jobs, a dump whose backup recorded where its tables' data lies loads them at once
+    // straight from the stored object; the fingerprint says where.
+    let fingerprint = match how.jobs > 1 && dump.part.seek.is_some() {
+        true => seek_fingerprint(repo, manifest, identities).await,
+        false => None,
+    };
     if how.with_globals && !parts.iter().any(|p| p.part.role == Role::Globals) {
         return Err(Error::failed(format!(
             "backup {} holds no globals (the source had globals = false)",
@@ -225,7 +231,29 @@ pub async fn restore_postgres(
         no_privileges: false,
         no_tablespaces: false,
         single_transaction: false,
+        ..RestoreOptions::default()
     };
+    let seekable = fingerprint
+        .as_ref()
+        .and_then(|f| super::parallel::Seekable::of(dump, f));
+    if let Some(seekable) = seekable {
+        let loaded = super::parallel::restore(
+            target,
+            &conn,
+            &seekable,
+            identities,
+            &opts,
+            &how.spool_dir,
+            progress.as_ref(),
+        )
+        .await?;
+        if let Some(data_in) = loaded {
+            let ended = std::time::Instant::now();
+            times.restore_seconds = (data_in - downloaded).as_secs_f64();
+            times.index_build_seconds = (ended - data_in).as_secs_f64();
+            return Ok((created, times));
+        }
+    }
     let input = if how.jobs > 1 {
         progress.phase(
             &format!("decrypting to a spool file in {}", how.spool_dir.display()),
@@ -254,6 +282,25 @@ pub async fn restore_postgres(
     times.restore_seconds = (data_read - downloaded).as_secs_f64();
     times.index_build_seconds = (ended - data_read).as_secs_f64();
     Ok((created, times))
+}
+
+/// The backup's fingerprint, for where its tables' data lies; `None` (and a restore the old way)
+/// when it cannot be read.
+async fn seek_fingerprint(
+    repo: &Repository,
+    manifest: &Manifest,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+) -> Option<super::Fingerprint> {
+    let read = crate::restore::fingerprint(repo, manifest, identities)
+        .await
+        .and_then(|v| serde_json::from_value(v).map_err(|e| Error::failed(e.to_string())));
+    match read {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(backup = %manifest.id, error = %e.message, "Cannot read the fingerprint; restoring through a plaintext spool file");
+            None
+        }
+    }
 }
 
 /// Plans a restore into the database named by `--to`: refuses options for other kinds, looks at

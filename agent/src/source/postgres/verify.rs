@@ -364,6 +364,7 @@ async fn ephemeral(
             no_privileges: !roles,
             no_tablespaces: true,
             single_transaction: true,
+            ..RestoreOptions::default()
         },
     ))
 }
@@ -408,6 +409,7 @@ async fn server(
             no_privileges: true,
             no_tablespaces: true,
             single_transaction: true,
+            ..RestoreOptions::default()
         },
     ))
 }
