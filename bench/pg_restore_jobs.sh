@@ -41,7 +41,8 @@ restore="'$PG_BIN/pg_restore' -h 127.0.0.1 -p $PG_PORT -U postgres -d target --e
 echo "== measuring ($runs runs each)" >&2
 eval "$fresh" >/dev/null
 measure "pg_restore -j2 from a local file (many tables)" "$restore -j2 '$work/dump.pgdump'" "$drop; $fresh >/dev/null"
-measure "pg_restore from stdin (one job; many tables)" "$restore < '$work/dump.pgdump'" "$drop"
+measure "pg_restore from stdin (one job; many tables)" "$restore < '$work/dump.pgdump'" "$drop; $fresh >/dev/null"
+eval "$drop"
 measure "lifeboat restore --jobs 2 (many tables)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target --jobs 2 --spool-dir '$work'" "$drop"
 measure "lifeboat restore (streamed, one job; many tables)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop"
 summarize "pg_restore -j2 from a local file (many tables)" pg_restore_jobs \

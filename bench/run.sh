@@ -21,6 +21,7 @@ case "$mode" in
     export BENCH_RESULTS=$out/parts RUNS=${RUNS:-1}
     bench/pg_backup.sh 300000
     bench/pg_restore.sh 300000
+    bench/pg_restore_jobs.sh 2
     bench/pg_basebackup.sh 300000
     LAG_SECONDS=30 bench/copy.sh 300000
     bench/wal_stream.sh 20 2s
@@ -35,6 +36,7 @@ case "$mode" in
     export BENCH_RESULTS=target/bench-full-$stamp
     RUNS=${RUNS:-3} bench/pg_backup.sh 5500000
     RUNS=${RUNS:-3} bench/pg_restore.sh 5500000
+    RUNS=${RUNS:-3} bench/pg_restore_jobs.sh 20
     RUNS=${RUNS:-3} bench/pg_basebackup.sh 5500000
     RUNS=${RUNS:-3} bench/copy.sh 5500000
     bench/wal_stream.sh 300 30s

@@ -669,17 +669,21 @@ pub struct RestoreOptions {
     pub no_tablespaces: bool,
     /// All in one transaction (one job only): all or nothing, and faster on a minimal-WAL server.
     pub single_transaction: bool,
-    /// Only this section (`pre-data`, `data`, `post-data`).
-    pub section: Option<&'static str>,
+    /// Only these sections (`pre-data`, `data`, `post-data`); all when empty.
+    pub sections: &'static [&'static str],
     /// Only the entries this file lists (`--use-list`).
     pub use_list: Option<std::path::PathBuf>,
 }
 
 impl RestoreOptions {
-    /// The same settings for `section` only, and only `list`'s entries if given.
-    pub fn section(&self, section: &'static str, list: Option<std::path::PathBuf>) -> Self {
+    /// The same settings for `sections` only, and only `list`'s entries if given.
+    pub fn sections(
+        &self,
+        sections: &'static [&'static str],
+        list: Option<std::path::PathBuf>,
+    ) -> Self {
         RestoreOptions {
-            section: Some(section),
+            sections,
             use_list: list,
             ..self.clone()
         }
@@ -714,7 +718,7 @@ impl Postgres {
         if opts.single_transaction && opts.jobs <= 1 {
             args.push("--single-transaction".into());
         }
-        if let Some(section) = opts.section {
+        for section in opts.sections {
             args.push(format!("--section={section}").into());
         }
         if let Some(list) = &opts.use_list {

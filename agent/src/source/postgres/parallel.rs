@@ -8,9 +8,13 @@
 //!    file, from which `pg_restore --section=pre-data` creates the schema;
 //! 2. N connections take tables largest first; for each, the stored object is opened again, age
 //!    seeks to the chunk holding the frame the block is in, zstd decodes from there, and the
-//!    block's COPY text goes into `COPY … FROM STDIN`, exactly the bytes pg_restore would send;
-//! 3. the data section's other entries (sequence values) and then the post-data section (indexes,
-//!    constraints, triggers) run from the TOC file with `pg_restore`, the latter with `-j N`.
+//!    block's COPY text goes into `COPY … FROM STDIN`, exactly the bytes pg_restore would send.
+//!    Right after, the same connection builds what depends on that table alone (its indexes,
+//!    primary key and other constraints of its own), with the TOC's statements, as pg_restore
+//!    does: so one table's indexes build while another's data loads, as with `pg_restore -j`;
+//! 3. the rest (sequence values, foreign keys, triggers, materialized views…) runs from the TOC
+//!    file with `pg_restore -j N --section=data --section=post-data`, the entries already done
+//!    left out of its list.
 //!
 //! A dump this cannot restore that way (no seek index, no fingerprint, large objects) is restored
 //! as before: decrypted to a spool file for `pg_restore -j N`.
@@ -37,7 +41,7 @@ pub struct Seekable<'a> {
     tables: &'a [TableData],
 }
 
-/// One table's data to load.
+/// One table's data to load, and what to build on it right after.
 struct Load {
     /// Its TOC entry.
     id: i64,
@@ -45,6 +49,18 @@ struct Load {
     target: String,
     /// Where its block lies in the dump.
     block: [u64; 2],
+    /// Its own indexes and constraints.
+    build: Vec<Build>,
+}
+
+/// An index or constraint of one table, built by the connection that loaded it.
+struct Build {
+    /// Its TOC entry.
+    id: i64,
+    /// `INDEX public.events_ts_idx`, for errors.
+    what: String,
+    statement: String,
+    tablespace: String,
 }
 
 impl<'a> Seekable<'a> {
@@ -116,20 +132,65 @@ impl<'a> Seekable<'a> {
         Ok((file, archive))
     }
 
-    /// Each TOC entry with data gets its table's block; `None` when one has none.
+    /// Each TOC entry with data gets its table's block, and the post-data entries that depend
+    /// on that table alone (beside what pre-data made); `None` when one has no block.
     fn loads(&self, toc: &ArchiveToc) -> Option<Vec<Load>> {
+        use std::collections::{HashMap, HashSet};
+        let by_id: HashMap<i64, &pgdump::ArchiveEntry> =
+            toc.entries.iter().map(|e| (e.id, e)).collect();
+        let data: Vec<&pgdump::ArchiveEntry> = toc
+            .entries
+            .iter()
+            .filter(|e| e.desc == "TABLE DATA")
+            .collect();
+        // The TABLE entry each TABLE DATA entry fills.
+        let table_of = |d: &pgdump::ArchiveEntry| {
+            d.deps
+                .iter()
+                .copied()
+                .find(|t| by_id.get(t).is_some_and(|t| t.desc == "TABLE"))
+        };
+        let filled: HashSet<i64> = data.iter().filter_map(|d| table_of(d)).collect();
+        let made_before = |id: &i64| {
+            by_id
+                .get(id)
+                .is_some_and(|e| e.section <= pgdump::SECTION_PRE_DATA)
+                && !filled.contains(id)
+        };
         let mut loads = Vec::new();
-        for e in toc.entries.iter().filter(|e| e.desc == "TABLE DATA") {
+        for e in data {
             let t = self
                 .tables
                 .iter()
                 .find(|t| t.schema == e.namespace && t.name == e.tag)?;
+            let table = table_of(e);
+            let build = toc
+                .entries
+                .iter()
+                .filter(|p| p.section == pgdump::SECTION_POST_DATA)
+                .filter(|p| {
+                    table.is_some_and(|table| {
+                        p.deps.contains(&table)
+                            && p.deps.iter().all(|d| *d == table || made_before(d))
+                    })
+                })
+                .filter_map(|p| {
+                    let (statement, tablespace) = p.statement.clone()?;
+                    Some(Build {
+                        id: p.id,
+                        what: format!("{} {}.{}", p.desc, p.namespace, p.tag),
+                        statement,
+                        tablespace,
+                    })
+                })
+                .collect();
             loads.push(Load {
                 id: e.id,
                 target: t.copy.clone().unwrap_or_else(|| {
                     format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
                 }),
                 block: t.block?,
+                build,
             });
         }
         // Largest first, so that the last to finish is a small one.
@@ -140,7 +201,7 @@ impl<'a> Seekable<'a> {
 
 /// Restores the dump into the database `conn` points at with `opts.jobs` connections. `Ok(None)`
 /// when the dump turns out not to be restorable this way, before anything is applied. Returns
-/// when the data was in (the post-data section then ran).
+/// when the last table's data was in (from then on, building is what is left).
 pub async fn restore(
     target: &Postgres,
     conn: &Connection,
@@ -171,14 +232,23 @@ pub async fn restore(
     };
     progress.phase("creating the schema (pg_restore --section=pre-data)", None);
     target
-        .pg_restore(conn, toc_path(), &one.section("pre-data", None))
+        .pg_restore(conn, toc_path(), &one.sections(&["pre-data"], None))
         .await?;
+    // What the loaders do; pg_restore does the rest afterwards.
+    let mut done: std::collections::HashSet<i64> = loads.iter().map(|l| l.id).collect();
+    done.extend(loads.iter().flat_map(|l| l.build.iter().map(|b| b.id)));
+    let rest: String = toc
+        .entries
+        .iter()
+        .filter(|e| !done.contains(&e.id))
+        .map(|e| format!("{};\n", e.id))
+        .collect();
 
     let bytes: u64 = loads.iter().map(|l| l.block[1]).sum();
     let jobs = (opts.jobs as usize).min(loads.len()).max(1);
     progress.phase(
         &format!(
-            "loading {} table(s) on {jobs} connection(s) at once",
+            "loading {} table(s) on {jobs} connection(s) at once, each table's own indexes built after it",
             loads.len()
         ),
         Some(bytes),
@@ -188,66 +258,69 @@ pub async fn restore(
     for _ in 0..jobs {
         conns.push(target.connect().await?);
     }
-    let encoding = toc.encoding.as_deref();
-    futures::future::try_join_all(conns.iter().map(|c| {
-        loader(
-            c,
-            &queue,
-            dump,
-            identities,
-            toc.int_size,
-            encoding,
-            progress,
-        )
-    }))
-    .await?;
+    let session = Session {
+        int_size: toc.int_size,
+        encoding: toc.encoding.as_deref(),
+        tablespaces: !opts.no_tablespaces,
+    };
+    let data_in = futures::future::try_join_all(
+        conns
+            .iter()
+            .map(|c| loader(c, &queue, dump, identities, &session, progress)),
+    )
+    .await?
+    .into_iter()
+    .flatten()
+    .max();
     drop(conns);
 
-    if !others.is_empty() {
-        let list = tempfile::Builder::new()
-            .prefix("lifeboat-list-")
-            .tempfile_in(dir)
-            .map_err(|e| {
-                Error::failed(format!("cannot create a file in {}: {e}", dir.display()))
-            })?;
-        let text: String = others.iter().map(|e| format!("{};\n", e.id)).collect();
-        std::fs::write(list.path(), text)
-            .map_err(|e| Error::failed(format!("writing the restore list: {e}")))?;
-        target
-            .pg_restore(
-                conn,
-                toc_path(),
-                &one.section("data", Some(list.path().to_path_buf())),
-            )
-            .await?;
-    }
-    let data_in = std::time::Instant::now();
+    let list = tempfile::Builder::new()
+        .prefix("lifeboat-list-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::failed(format!("cannot create a file in {}: {e}", dir.display())))?;
+    std::fs::write(list.path(), rest)
+        .map_err(|e| Error::failed(format!("writing the restore list: {e}")))?;
     progress.phase(
         &format!(
-            "building indexes and constraints (pg_restore --section=post-data, {} jobs)",
+            "sequence values, foreign keys, triggers… (pg_restore --section=data --section=post-data, {} jobs)",
             opts.jobs
         ),
         None,
     );
     target
-        .pg_restore(conn, toc_path(), &opts.section("post-data", None))
+        .pg_restore(
+            conn,
+            toc_path(),
+            &opts.sections(&["data", "post-data"], Some(list.path().to_path_buf())),
+        )
         .await?;
-    Ok(Some(data_in))
+    Ok(Some(data_in.unwrap_or_else(std::time::Instant::now)))
 }
 
-/// Loads tables off `queue` on `conn` until it is empty.
+/// What every loading session needs to know of the archive.
+struct Session<'a> {
+    int_size: usize,
+    /// The client encoding of the archive's data.
+    encoding: Option<&'a str>,
+    /// Build indexes and constraints in their tablespaces (not `--no-tablespaces`).
+    tablespaces: bool,
+}
+
+/// Loads tables off `queue` on `conn` until it is empty, each followed by what is built on it
+/// alone. Returns when its last table's data was in (`None` when it loaded none).
 async fn loader(
     conn: &Connection,
     queue: &Mutex<std::collections::VecDeque<Load>>,
     dump: &Seekable<'_>,
     identities: &Identities,
-    int_size: usize,
-    encoding: Option<&str>,
+    session: &Session<'_>,
     progress: &dyn Progress,
-) -> Result<()> {
+) -> Result<Option<std::time::Instant>> {
     let q = super::query_error;
+    let int_size = session.int_size;
+    let mut last_loaded = None;
     let mut setup = String::from("SET search_path = ''; SET row_security = off;");
-    if let Some(enc) = encoding {
+    if let Some(enc) = session.encoding {
         setup.push_str(&format!(
             " SET client_encoding = {};",
             super::quote_literal(enc)
@@ -259,7 +332,7 @@ async fn loader(
         .map_err(|e| q("preparing a loading session", e))?;
     loop {
         let Some(load) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
-            return Ok(());
+            return Ok(last_loaded);
         };
         let reader = dump.open_at(identities, load.block[0])?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
@@ -300,5 +373,20 @@ async fn loader(
             .hint("nothing of this table was committed; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
         })?;
         sink.as_mut().finish().await.map_err(|e| q(&copy, e))?;
+        last_loaded = Some(std::time::Instant::now());
+        for b in &load.build {
+            let mut sql = String::new();
+            if session.tablespaces {
+                sql.push_str(&format!(
+                    "SET default_tablespace = {};\n",
+                    super::quote_literal(&b.tablespace)
+                ));
+            }
+            sql.push_str(&b.statement);
+            conn.client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| q(&format!("building {}", b.what), e))?;
+        }
     }
 }

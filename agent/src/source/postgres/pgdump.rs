@@ -92,6 +92,10 @@ struct TocEntry {
     section: i64,
     /// The client encoding an ENCODING entry sets.
     encoding: Option<String>,
+    /// The entries it depends on.
+    deps: Vec<i64>,
+    /// An INDEX's or CONSTRAINT's statement and tablespace, which a restore may run itself.
+    statement: Option<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -391,7 +395,7 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
         need!(c.string()); // drop statement
         let copy = need!(c.string()).unwrap_or_default(); // COPY statement
         let namespace = need!(c.string()).unwrap_or_default();
-        need!(c.string()); // tablespace
+        let tablespace = need!(c.string()).unwrap_or_default();
         if vmin >= 14 {
             need!(c.string()); // table access method
         }
@@ -400,10 +404,10 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
         }
         need!(c.string()); // owner
         need!(c.string()); // "with oids"
-        loop {
-            if need!(c.string()).is_none() {
-                break; // dependency list ends with NULL
-            }
+        let mut deps = Vec::new();
+        // The dependency list ends with NULL.
+        while let Some(dep) = need!(c.string()) {
+            deps.extend(dep.parse::<i64>().ok());
         }
         need!(c.byte()); // data offset flag
         need!(c.bytes(off_size)); // data offset
@@ -419,6 +423,9 @@ fn parse_header_and_toc(buf: &[u8]) -> Parse<(Header, HashMap<i64, TocEntry>, Ve
                     .then(|| extension_schema(&defn))
                     .flatten(),
                 section,
+                deps,
+                statement: matches!(desc.as_str(), "INDEX" | "CONSTRAINT")
+                    .then(|| (defn.clone(), tablespace)),
                 encoding: (desc == "ENCODING")
                     .then(|| {
                         let v = defn.split_once('\'')?.1.split_once('\'')?.0;
@@ -447,8 +454,14 @@ fn extension_schema(defn: &str) -> Option<String> {
     )
 }
 
+/// pg_dump's pre-data section.
+pub const SECTION_PRE_DATA: i64 = 2;
+
 /// pg_dump's data section.
 pub const SECTION_DATA: i64 = 3;
+
+/// pg_dump's post-data section.
+pub const SECTION_POST_DATA: i64 = 4;
 
 /// One entry of an archive's table of contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -463,6 +476,10 @@ pub struct ArchiveEntry {
     pub namespace: String,
     /// Name.
     pub tag: String,
+    /// The entries it depends on.
+    pub deps: Vec<i64>,
+    /// An INDEX's or CONSTRAINT's statement and tablespace.
+    pub statement: Option<(String, String)>,
 }
 
 /// A custom-format archive's table of contents, read from `toc` (its header and TOC, all of it).
@@ -491,6 +508,8 @@ pub fn archive_toc(toc: &[u8]) -> std::result::Result<ArchiveToc, String> {
                     section: e.section,
                     namespace: e.namespace,
                     tag: e.tag,
+                    deps: e.deps,
+                    statement: e.statement,
                 })
                 .collect();
             entries.sort_by_key(|e| e.id);

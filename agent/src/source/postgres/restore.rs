@@ -291,6 +291,7 @@ async fn seek_fingerprint(
     manifest: &Manifest,
     identities: &[Box<dyn age::Identity + Send + Sync>],
 ) -> Option<super::Fingerprint> {
+    manifest.fingerprint.as_ref()?;
     let read = crate::restore::fingerprint(repo, manifest, identities)
         .await
         .and_then(|v| serde_json::from_value(v).map_err(|e| Error::failed(e.to_string())));
