@@ -86,6 +86,16 @@ TOML
 
 aws() { "$root/$venv/bin/aws" --endpoint-url "$endpoint" "$@"; }
 
+# Commands of the restore benchmarks, for measure: $fresh (an empty database `target`), $drop
+# (none), $target (its URL) and $restore (pg_restore into it).
+restore_commands() {
+  pg="'$PG_BIN/psql' -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres"
+  fresh="$pg -c 'drop database if exists target' -c 'create database target'"
+  drop="$pg -c 'drop database if exists target' >/dev/null"
+  target="postgresql://postgres@127.0.0.1:$PG_PORT/target"
+  restore="'$PG_BIN/pg_restore' -h 127.0.0.1 -p $PG_PORT -U postgres -d target --exit-on-error"
+}
+
 # MEASURE_RUNS=1 takes one run, for benchmarks that interleave their commands' runs.
 measure() {
   local name=$1 cmd=$2 after=${3:-true}

@@ -2,7 +2,7 @@
 # PostgreSQL restore and verification benchmark, in one run on a throwaway local server:
 #   pg_restore -j2 from a local plain dump file          the baseline
 #   pg_restore (one job) from the same file, streamed through stdin
-#   lifeboat restore --jobs 2 (decrypt to a spool file, then pg_restore -j2)
+#   lifeboat restore --jobs 2 (the table loaded from the stored object, its indexes built 2 at a time)
 #   lifeboat restore --jobs 1 (streamed)
 #   lifeboat restore --jobs 1 (streamed) from a local S3 (moto), the same backup copied there,
 #     in 4 MiB ranges 4 at a time (the default on S3) and in one GET (download_streams = 1)
@@ -18,11 +18,7 @@ eval "$pg_dump_cmd" > "$work/dump.pgdump"
 sed -e "s|^url = \"file://$work/repo\"|url = \"s3://bench/lifeboat\"\nendpoint = \"$endpoint\"|" "$work/fs.toml" > "$work/s3.toml"
 aws s3 sync --quiet "$work/repo" s3://bench/lifeboat
 sed -e "s|^endpoint = .*|&\ndownload_streams = 1|" "$work/s3.toml" > "$work/s3-one.toml"
-pg="'$PG_BIN/psql' -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres"
-fresh="$pg -c 'drop database if exists target' -c 'create database target'"
-drop="$pg -c 'drop database if exists target' >/dev/null"
-target="postgresql://postgres@127.0.0.1:$PG_PORT/target"
-restore="'$PG_BIN/pg_restore' -h 127.0.0.1 -p $PG_PORT -U postgres -d target --exit-on-error"
+restore_commands
 
 echo "== measuring ($runs runs each)" >&2
 eval "$fresh" >/dev/null

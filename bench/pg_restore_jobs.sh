@@ -32,11 +32,7 @@ pg_psql -d bench -c "vacuum analyze"
 db_size=$(pg_psql -d bench -tA -c "select pg_database_size('bench')")
 eval "$pg_dump_cmd" > "$work/dump.pgdump"
 "$lifeboat" backup --policy "$work/fs.toml" 2>/dev/null
-pg="'$PG_BIN/psql' -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres"
-fresh="$pg -c 'drop database if exists target' -c 'create database target'"
-drop="$pg -c 'drop database if exists target' >/dev/null"
-target="postgresql://postgres@127.0.0.1:$PG_PORT/target"
-restore="'$PG_BIN/pg_restore' -h 127.0.0.1 -p $PG_PORT -U postgres -d target --exit-on-error"
+restore_commands
 
 echo "== measuring ($runs runs each)" >&2
 eval "$fresh" >/dev/null

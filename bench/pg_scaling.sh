@@ -8,10 +8,7 @@
 rows=${1:?rows}
 bench_setup "$rows"
 eval "$pg_dump_cmd" > "$work/dump.pgdump"
-pg="'$PG_BIN/psql' -X -q -h 127.0.0.1 -p $PG_PORT -U postgres -d postgres"
-fresh="$pg -c 'drop database if exists target' -c 'create database target'"
-drop="$pg -c 'drop database if exists target' >/dev/null"
-target="postgresql://postgres@127.0.0.1:$PG_PORT/target"
+restore_commands
 
 echo "== measuring ($runs runs each)" >&2
 measure "pg_dump -Fc -Z0 > /dev/null" "$pg_dump_cmd"

@@ -101,6 +101,22 @@ fn pg_source(pg: &Postgres, db: &str, password_file: &Path, extra: &str) -> Stri
     )
 }
 
+/// A policy backing up `db` as `app-db` into `./repo` under `dir`.
+fn fs_policy(
+    pg: &Postgres,
+    db: &str,
+    dir: &tempfile::TempDir,
+    key: &Key,
+    pwfile: &Path,
+) -> PathBuf {
+    write_policy(
+        dir.path(),
+        "url = \"file://./repo\"",
+        &key.recipient,
+        &pg_source(pg, db, pwfile, ""),
+    )
+}
+
 fn list_json(dir: &Path, policy: &Path, env: &[(String, String)]) -> Vec<serde_json::Value> {
     let r = lifeboat(
         dir,
@@ -126,12 +142,7 @@ fn fs_round_trip_restores_with_stock_tools_table_by_table() {
         pwfile,
     } = setup("rt");
     load_schema(pg, &db);
-    let policy = write_policy(
-        dir.path(),
-        "url = \"file://./repo\"",
-        &key.recipient,
-        &pg_source(pg, &db, &pwfile, ""),
-    );
+    let policy = fs_policy(pg, &db, &dir, &key, &pwfile);
     let p = policy.to_str().unwrap();
 
     let r = lifeboat(dir.path(), &["policy", "check", p], &[]);
@@ -330,12 +341,7 @@ fn a_dump_is_stored_in_frames_that_start_where_large_tables_begin() {
          create table small as select 1 as x; \
          create table big_b as select g, md5(g::text) || md5((g * 3)::text) as t from generate_series(1, 100000) g;",
     );
-    let policy = write_policy(
-        dir.path(),
-        "url = \"file://./repo\"",
-        &key.recipient,
-        &pg_source(pg, &db, &pwfile, ""),
-    );
+    let policy = fs_policy(pg, &db, &dir, &key, &pwfile);
     let p = policy.to_str().unwrap();
     let r = lifeboat(dir.path(), &["backup", "--policy", p], &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -756,12 +762,7 @@ fn check_read_data_catches_a_flipped_byte_and_a_truncation() {
         &db,
         "create table t as select g, md5(g::text) from generate_series(1, 20000) g",
     );
-    let policy = write_policy(
-        dir.path(),
-        "url = \"file://./repo\"",
-        &key.recipient,
-        &pg_source(pg, &db, &pwfile, ""),
-    );
+    let policy = fs_policy(pg, &db, &dir, &key, &pwfile);
     let p = policy.to_str().unwrap();
     assert_eq!(
         lifeboat(dir.path(), &["backup", "--policy", p], &[]).code,

@@ -39,6 +39,26 @@ async fn ok() -> Result<(), Error> {
     Ok(())
 }
 
+/// Runs `input` through the pipeline into `b/obj.zst.age` with a producer that succeeded.
+async fn run_ok<O: Observer>(
+    input: Vec<u8>,
+    observer: O,
+    store: &Arc<dyn ObjectStore>,
+    cfg: &PipelineConfig,
+) -> (Digests, O) {
+    run(
+        std::io::Cursor::new(input),
+        ok(),
+        observer,
+        store.clone(),
+        "b/obj.zst.age".into(),
+        cfg,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
 #[derive(Default)]
 struct Counter(u64);
 impl Observer for Counter {
@@ -52,17 +72,7 @@ async fn round_trip_through_zstd_and_age() {
     let (_dir, store, id, mut cfg) = setup();
     cfg.workers = 2;
     let input = data(3 << 20);
-    let (d, counter) = run(
-        std::io::Cursor::new(input.clone()),
-        ok(),
-        Counter::default(),
-        store.clone(),
-        "b/obj.zst.age".into(),
-        &cfg,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let (d, counter) = run_ok(input.clone(), Counter::default(), &store, &cfg).await;
     assert_eq!(counter.0, input.len() as u64);
     assert_eq!(d.size_plain, input.len() as u64);
     assert_eq!(d.sha256_plain, hex::encode(Sha256::digest(&input)));
@@ -243,17 +253,7 @@ async fn a_stream_cut_into_frames_is_read_from_any_frame_without_what_precedes_i
         seen: 0,
         pending: Vec::new(),
     };
-    let (d, _) = run(
-        std::io::Cursor::new(input.clone()),
-        ok(),
-        observer,
-        store.clone(),
-        "b/obj.zst.age".into(),
-        &cfg,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let (d, _) = run_ok(input.clone(), observer, &store, &cfg).await;
     let seek = d.seek.expect("a seek index");
     let starts: Vec<u64> = seek.frames.iter().map(|f| f[0]).collect();
     assert_eq!(starts, vec![5 * mib, 19 * mib / 2 + 3, 19 * mib]);
@@ -300,17 +300,7 @@ async fn a_stream_cut_into_frames_is_read_from_any_frame_without_what_precedes_i
 #[tokio::test]
 async fn a_stream_offered_no_frame_starts_has_no_seek_index() {
     let (_dir, store, _id, cfg) = setup();
-    let (d, _) = run(
-        std::io::Cursor::new(data(1 << 20)),
-        ok(),
-        Counter::default(),
-        store,
-        "b/obj.zst.age".into(),
-        &cfg,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let (d, _) = run_ok(data(1 << 20), Counter::default(), &store, &cfg).await;
     assert_eq!(d.seek, None);
     assert_eq!(
         age_header_len(b"age-encryption.org/v1\n-> X25519 abc\nbody\n--- mac\n0123456789abcdef..."),

@@ -9,9 +9,11 @@
 //! 2. N connections take tables largest first; for each, the stored object is opened again, age
 //!    seeks to the chunk holding the frame the block is in, zstd decodes from there, and the
 //!    block's COPY text goes into `COPY … FROM STDIN`, exactly the bytes pg_restore would send.
-//!    Right after, the same connection builds what depends on that table alone (its indexes,
-//!    primary key and other constraints of its own), with the TOC's statements, as pg_restore
-//!    does: so one table's indexes build while another's data loads, as with `pg_restore -j`;
+//!    Once a table is in, what depends on it alone (its indexes, primary key and other
+//!    constraints of its own) becomes work for any of the N connections, with the TOC's
+//!    statements, and a connection takes such a build before the next table: so one table's
+//!    indexes build while another's data loads, and one large table's indexes build N at a
+//!    time, as with `pg_restore -j`;
 //! 3. the rest (sequence values, foreign keys, triggers, materialized views…) runs from the TOC
 //!    file with `pg_restore -j N --section=data --section=post-data`, the entries already done
 //!    left out of its list.
@@ -248,12 +250,16 @@ pub async fn restore(
     let jobs = (opts.jobs as usize).min(loads.len()).max(1);
     progress.phase(
         &format!(
-            "loading {} table(s) on {jobs} connection(s) at once, each table's own indexes built after it",
+            "loading {} table(s) on {jobs} connection(s) at once, and building each one's own indexes once it is in",
             loads.len()
         ),
         Some(bytes),
     );
-    let queue = Mutex::new(std::collections::VecDeque::from(loads));
+    let work = Mutex::new(Work {
+        loads: loads.into(),
+        builds: Default::default(),
+        loading: 0,
+    });
     let mut conns = Vec::new();
     for _ in 0..jobs {
         conns.push(target.connect().await?);
@@ -266,7 +272,7 @@ pub async fn restore(
     let data_in = futures::future::try_join_all(
         conns
             .iter()
-            .map(|c| loader(c, &queue, dump, identities, &session, progress)),
+            .map(|c| worker(c, &work, dump, identities, &session, progress)),
     )
     .await?
     .into_iter()
@@ -306,18 +312,60 @@ struct Session<'a> {
     tablespaces: bool,
 }
 
-/// Loads tables off `queue` on `conn` until it is empty, each followed by what is built on it
-/// alone. Returns when its last table's data was in (`None` when it loaded none).
-async fn loader(
+/// What is left to do: tables to load, largest first, and indexes and constraints of tables
+/// already loaded.
+struct Work {
+    loads: std::collections::VecDeque<Load>,
+    builds: std::collections::VecDeque<Build>,
+    /// Tables being loaded now, whose builds are still to come.
+    loading: usize,
+}
+
+enum Job {
+    Load(Load),
+    Build(Build),
+    /// Nothing to take yet, but a table being loaded will bring builds.
+    Wait,
+    Done,
+}
+
+impl Work {
+    /// A build before a load, as pg_restore prefers what is ready to what is next.
+    fn next(work: &Mutex<Work>) -> Job {
+        let mut w = work.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = w.builds.pop_front() {
+            return Job::Build(b);
+        }
+        if let Some(l) = w.loads.pop_front() {
+            w.loading += 1;
+            return Job::Load(l);
+        }
+        match w.loading {
+            0 => Job::Done,
+            _ => Job::Wait,
+        }
+    }
+
+    /// `load`'s data is in: its builds may start.
+    fn loaded(work: &Mutex<Work>, load: Load) {
+        let mut w = work.lock().unwrap_or_else(|e| e.into_inner());
+        w.loading -= 1;
+        w.builds.extend(load.build);
+    }
+}
+
+/// Takes work on `conn` until none is left: loads a table's data, or builds an index or a
+/// constraint of a table already loaded. Returns when its last table's data was in (`None`
+/// when it loaded none).
+async fn worker(
     conn: &Connection,
-    queue: &Mutex<std::collections::VecDeque<Load>>,
+    work: &Mutex<Work>,
     dump: &Seekable<'_>,
     identities: &Identities,
     session: &Session<'_>,
     progress: &dyn Progress,
 ) -> Result<Option<std::time::Instant>> {
     let q = super::query_error;
-    let int_size = session.int_size;
     let mut last_loaded = None;
     let mut setup = String::from("SET search_path = ''; SET row_security = off;");
     if let Some(enc) = session.encoding {
@@ -331,62 +379,80 @@ async fn loader(
         .await
         .map_err(|e| q("preparing a loading session", e))?;
     loop {
-        let Some(load) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
-            return Ok(last_loaded);
-        };
-        let reader = dump.open_at(identities, load.block[0])?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-        let (id, name) = (load.id, dump.spooled.part.name.clone());
-        let reading = tokio::task::spawn_blocking(move || {
-            let mut reader = reader;
-            pgdump::read_data_block(&mut reader, int_size, id, |b| {
-                tx.blocking_send(b)
-                    .map_err(|_| std::io::Error::other("the COPY stopped"))
-            })
-        });
-        let copy = format!("COPY {} FROM STDIN", load.target);
-        let sink = conn
-            .client
-            .copy_in::<_, bytes::Bytes>(&copy)
-            .await
-            .map_err(|e| q(&copy, e))?;
-        let mut sink = std::pin::pin!(sink);
-        let mut sent = Ok(());
-        while let Some(b) = rx.recv().await {
-            progress.advance(b.len() as u64);
-            if let Err(e) = sink.send(bytes::Bytes::from(b)).await {
-                sent = Err(q(&copy, e));
-                break;
+        match Work::next(work) {
+            Job::Done => return Ok(last_loaded),
+            Job::Wait => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            Job::Build(b) => {
+                let mut sql = String::new();
+                if session.tablespaces {
+                    sql.push_str(&format!(
+                        "SET default_tablespace = {};\n",
+                        super::quote_literal(&b.tablespace)
+                    ));
+                }
+                sql.push_str(&b.statement);
+                conn.client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| q(&format!("building {}", b.what), e))?;
             }
-        }
-        drop(rx);
-        let read = reading
-            .await
-            .map_err(|e| Error::failed(format!("the reader of {name} failed: {e}")))?;
-        sent?;
-        // A damaged or cut block stops here, the COPY not finished (so not committed).
-        read.map_err(|e| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("{name}: reading the data of {}: {e}", load.target),
-            )
-            .hint("nothing of this table was committed; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
-        })?;
-        sink.as_mut().finish().await.map_err(|e| q(&copy, e))?;
-        last_loaded = Some(std::time::Instant::now());
-        for b in &load.build {
-            let mut sql = String::new();
-            if session.tablespaces {
-                sql.push_str(&format!(
-                    "SET default_tablespace = {};\n",
-                    super::quote_literal(&b.tablespace)
-                ));
+            Job::Load(load) => {
+                load_table(conn, &load, dump, identities, session, progress).await?;
+                last_loaded = Some(std::time::Instant::now());
+                Work::loaded(work, load);
             }
-            sql.push_str(&b.statement);
-            conn.client
-                .batch_execute(&sql)
-                .await
-                .map_err(|e| q(&format!("building {}", b.what), e))?;
         }
     }
+}
+
+/// Loads one table's data block into it with `COPY … FROM STDIN`, committed whole or not at all.
+async fn load_table(
+    conn: &Connection,
+    load: &Load,
+    dump: &Seekable<'_>,
+    identities: &Identities,
+    session: &Session<'_>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let q = super::query_error;
+    let reader = dump.open_at(identities, load.block[0])?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let (id, int_size, name) = (load.id, session.int_size, dump.spooled.part.name.clone());
+    let reading = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        pgdump::read_data_block(&mut reader, int_size, id, |b| {
+            tx.blocking_send(b)
+                .map_err(|_| std::io::Error::other("the COPY stopped"))
+        })
+    });
+    let copy = format!("COPY {} FROM STDIN", load.target);
+    let sink = conn
+        .client
+        .copy_in::<_, bytes::Bytes>(&copy)
+        .await
+        .map_err(|e| q(&copy, e))?;
+    let mut sink = std::pin::pin!(sink);
+    let mut sent = Ok(());
+    while let Some(b) = rx.recv().await {
+        progress.advance(b.len() as u64);
+        if let Err(e) = sink.send(bytes::Bytes::from(b)).await {
+            sent = Err(q(&copy, e));
+            break;
+        }
+    }
+    drop(rx);
+    let read = reading
+        .await
+        .map_err(|e| Error::failed(format!("the reader of {name} failed: {e}")))?;
+    sent?;
+    // A damaged or cut block stops here, the COPY not finished (so not committed).
+    read.map_err(|e| {
+        Error::new(
+            ErrorKind::Integrity,
+            format!("{name}: reading the data of {}: {e}", load.target),
+        )
+        .hint("nothing of this table was committed; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
+    })?;
+    sink.as_mut().finish().await.map_err(|e| q(&copy, e))?;
+    Ok(())
 }
