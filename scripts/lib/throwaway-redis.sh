@@ -24,7 +24,16 @@ redis_pause() {
 
 redis_stop() {
   if [ -n "${REDIS_WORK:-}" ]; then
-    [ -s "$REDIS_WORK/pid" ] && kill "$(cat "$REDIS_WORK/pid")" 2>/dev/null || true
+    local pid=
+    [ -s "$REDIS_WORK/pid" ] && pid=$(cat "$REDIS_WORK/pid")
+    if [ -n "$pid" ]; then
+      kill "$pid" 2>/dev/null || true
+      # It writes its log until it has exited: its directory is removed after that.
+      for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+      done
+    fi
     rm -rf "$REDIS_WORK"
   fi
 }
