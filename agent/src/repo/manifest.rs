@@ -133,7 +133,8 @@ pub struct SeekIndex {
     /// stream) is stored at `header_len + i × 65,552`.
     pub header_len: u64,
     /// SHA-256 of those bytes. When they match, the file key is the backup's own, so every chunk
-    /// age authenticates is the backup's: a reader checks this before it uses anything it read.
+    /// age authenticates is the backup's. A reader that ranges into the store must check this
+    /// before it uses anything it read; `restore --jobs` reads a copy it checked whole.
     pub header_sha256: String,
     /// The frames after the first (which starts at 0 in both): each `[plaintext offset, offset
     /// in the zstd stream]`, in order.

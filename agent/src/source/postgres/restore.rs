@@ -126,11 +126,12 @@ pub struct PgRestore {
 pub struct RestoreTimes {
     /// Downloading and checking every part.
     pub download_seconds: f64,
-    /// Roles, the database, and pg_restore until it had read the dump's last byte (with
-    /// `--jobs`: the spool's decryption and the whole pg_restore).
+    /// Roles, the database, and pg_restore until it had read the dump's last byte; with
+    /// `--jobs`, until the last table's data was in (through a plaintext spool: the spool's
+    /// decryption and the whole pg_restore).
     pub restore_seconds: f64,
-    /// pg_restore after that: the post-data section (indexes, constraints, triggers). 0 with
-    /// `--jobs`, which reads from a file.
+    /// What follows: indexes, constraints, triggers. 0 with `--jobs` through a plaintext spool,
+    /// where pg_restore reads a file.
     pub index_build_seconds: f64,
 }
 
