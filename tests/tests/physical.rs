@@ -649,18 +649,18 @@ fn wal_streams_into_the_repository_within_the_flush_interval_under_writes() {
     assert!(restart > 0, "the slot moved");
 
     // Stock tools read a stored partial segment: its name carries its length and SHA-256.
-    let partial = files_under(&repo.join("wal/cluster"))
-        .into_iter()
-        .filter(|f| f.to_string_lossy().contains(".partial."))
-        .max()
-        .expect("a partial segment");
+    let (name, plaintext) = a_stored_partial(&fx, &repo);
     let sha = {
         use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(plaintext_of(&fx, &partial)))
+        hex::encode(sha2::Sha256::digest(&plaintext))
     };
-    let name = partial.file_name().unwrap().to_string_lossy().to_string();
     let parts: Vec<&str> = name.split('.').collect();
     assert_eq!(sha, parts[3], "{name}");
+    assert_eq!(
+        plaintext.len() as u64,
+        u64::from_str_radix(parts[2], 16).unwrap(),
+        "{name}"
+    );
 
     // SIGTERM stops it at a safe point.
     std::process::Command::new("kill")
@@ -2022,6 +2022,36 @@ fn point_in_time_restore_picks_the_base_backup_and_stops_exactly_at_each_target(
 }
 
 /// A stored object's plaintext, read with the stock tools (age, zstd).
+/// The name and plaintext of a partial segment the streamer stored. The cluster is shared with
+/// tests that switch WAL, which stores the growing segment whole and drops its partials, and a
+/// partial is superseded every flush: so this writes a little, waits for a partial, and reads a
+/// copy taken before its next flush can delete it.
+fn a_stored_partial(fx: &Fx, repo: &Path) -> (String, Vec<u8>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let found = files_under(&repo.join("wal/cluster"))
+            .into_iter()
+            .filter(|f| {
+                let n = f.file_name().unwrap().to_string_lossy().to_string();
+                n.contains(".partial.") && !n.starts_with('.')
+            })
+            .max();
+        if let Some(partial) = found {
+            let copy = fx.dir.path().join("partial.copy");
+            if std::fs::copy(&partial, &copy).is_ok() {
+                let name = partial.file_name().unwrap().to_string_lossy().to_string();
+                return (name, plaintext_of(fx, &copy));
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no partial segment was stored in 30 s"
+        );
+        fx.pg.psql(&fx.db, "insert into t (v) values ('after')");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
 fn plaintext_of(fx: &Fx, object: &Path) -> Vec<u8> {
     let out = std::process::Command::new("bash")
         .arg("-c")
