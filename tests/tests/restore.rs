@@ -186,6 +186,27 @@ fn restore_with_jobs_loads_tables_at_once_from_the_stored_object() {
     };
     assert_eq!(constraints(&fx.db), constraints(&target));
     assert!(constraints(&target).contains("big_b_a_fkey:f"));
+    // Each table went in frozen (TRUNCATE and COPY … FREEZE in one transaction), odd names too:
+    // every row on a page is marked frozen (HEAP_XMIN_FROZEN), where a plain COPY leaves none.
+    fx.pg.psql(&target, "create extension pageinspect");
+    for table in [
+        "big_a",
+        r#""Ünï"."Tâble ✓""#,
+        "measurements_2026",
+        "no_columns",
+    ] {
+        let counts = fx.pg.psql(
+            &target,
+            &format!(
+                "select count(*) filter (where t_infomask & 768 = 768) || '/' || count(*) \
+                 from heap_page_items(get_raw_page('{}', 0))",
+                table.replace('\'', "''")
+            ),
+        );
+        let (frozen, rows) = counts.trim().split_once('/').unwrap();
+        assert!(rows != "0" && frozen == rows, "{table}: {counts}");
+    }
+    fx.pg.psql(&target, "drop extension pageinspect");
     // The schema, the data and the indexes are timed apart, as a streamed restore's are.
     let timed = format!("{}_par_json", fx.db);
     let r = fx.restore(&timed, &["--jobs", "2", "--json"]);

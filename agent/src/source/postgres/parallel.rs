@@ -21,7 +21,7 @@
 //! A dump this cannot restore that way (no seek index, no fingerprint, large objects) is restored
 //! as before: decrypted to a spool file for `pg_restore -j N`.
 
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -49,6 +49,10 @@ struct Load {
     id: i64,
     /// `COPY` target: `schema.table (columns)`.
     target: String,
+    /// Load it as pg_restore -j does, after a `TRUNCATE` in the same transaction, and frozen:
+    /// the table was created by this restore, is plain, and may be truncated (see
+    /// [`freeze_where_possible`]).
+    freeze: bool,
     /// Where its block lies in the dump.
     block: [u64; 2],
     /// Its own indexes and constraints.
@@ -84,10 +88,9 @@ impl<'a> Seekable<'a> {
     }
 
     /// The decoded plaintext from `offset` on.
-    fn open_at(&self, identities: &Identities, offset: u64) -> Result<impl Read + Send> {
-        let file = std::fs::File::open(self.spooled.file.path())
-            .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?;
+    fn open_at(&self, identities: &Identities, offset: u64) -> Result<impl BufRead + Send> {
         let name = &self.spooled.part.name;
+        let file = self.spooled.reader();
         let mut stream = age::Decryptor::new(BufReader::with_capacity(256 << 10, file))
             .and_then(|d| d.decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity)))
             .map_err(|e| {
@@ -194,6 +197,7 @@ impl<'a> Seekable<'a> {
                 target: t.copy.clone().unwrap_or_else(|| {
                     format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
                 }),
+                freeze: false,
                 block: t.block?,
                 build,
             });
@@ -239,6 +243,8 @@ pub async fn restore(
     target
         .pg_restore(conn, toc_path(), &one.sections(&["pre-data"], None))
         .await?;
+    let mut loads = loads;
+    freeze_where_possible(conn, &mut loads).await?;
     // What the loaders do; pg_restore does the rest afterwards.
     let mut done: std::collections::HashSet<i64> = loads.iter().map(|l| l.id).collect();
     done.extend(loads.iter().flat_map(|l| l.build.iter().map(|b| b.id)));
@@ -304,6 +310,45 @@ pub async fn restore(
         )
         .await?;
     Ok(Some(data_in.unwrap_or_else(std::time::Instant::now)))
+}
+
+/// `schema.table (a, b)` → `schema.table`: the relation of a COPY target as pg_dump wrote it
+/// (identifiers quoted where they need it, so the first space outside quotes ends it).
+fn copy_relation(target: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in target.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => return &target[..i],
+            _ => {}
+        }
+    }
+    target
+}
+
+/// Marks the loads that can go in as pg_restore -j loads a table it created, `TRUNCATE` then
+/// `COPY` in one transaction, which spares the free-space map, plus `FREEZE`, which writes the
+/// rows already frozen and their pages all-visible. The data are the same; what differs is that
+/// no later scan has to set hint bits on every row, and no anti-wraparound vacuum has to rewrite
+/// every restored table (a plain restore leaves all of them to one such storm). Only plain tables
+/// (not a partitioned root that a `--load-via-partition-root` dump loads through) the restoring
+/// role may truncate; the others load with a plain `COPY`.
+async fn freeze_where_possible(conn: &Connection, loads: &mut [Load]) -> Result<()> {
+    let names: Vec<&str> = loads.iter().map(|l| copy_relation(&l.target)).collect();
+    let rows = conn
+        .client
+        .query(
+            "SELECT coalesce((SELECT c.relkind = 'r' AND has_table_privilege(c.oid, 'TRUNCATE') \
+               FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(t)), false) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS u(t, i) ORDER BY i",
+            &[&names],
+        )
+        .await
+        .map_err(|e| super::query_error("looking up the restored tables", e))?;
+    for (load, row) in loads.iter_mut().zip(rows) {
+        load.freeze = row.get(0);
+    }
+    Ok(())
 }
 
 /// What every loading session needs to know of the archive.
@@ -439,7 +484,17 @@ async fn load_table(
                 .map_err(|_| std::io::Error::other("the COPY stopped"))
         })
     });
-    let copy = format!("COPY {} FROM STDIN", load.target);
+    let copy = match load.freeze {
+        true => format!("COPY {} FROM STDIN WITH (FREEZE)", load.target),
+        false => format!("COPY {} FROM STDIN", load.target),
+    };
+    if load.freeze {
+        let truncate = format!("BEGIN; TRUNCATE ONLY {}", copy_relation(&load.target));
+        conn.client
+            .batch_execute(&truncate)
+            .await
+            .map_err(|e| q(&truncate, e))?;
+    }
     let sink = conn
         .client
         .copy_in::<_, bytes::Bytes>(&copy)
@@ -468,5 +523,29 @@ async fn load_table(
         .hint("nothing of this table was committed; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)")
     })?;
     sink.as_mut().finish().await.map_err(|e| q(&copy, e))?;
+    if load.freeze {
+        conn.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| q(&format!("committing {}", load.target), e))?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relation_of_a_copy_target_is_what_precedes_its_column_list() {
+        assert_eq!(copy_relation("public.t (a, b)"), "public.t");
+        assert_eq!(
+            copy_relation(r#""Ünï"."Tâble ✓" ("wéird col")"#),
+            r#""Ünï"."Tâble ✓""#
+        );
+        assert_eq!(copy_relation(r#"s."a "" b" (x)"#), r#"s."a "" b""#);
+        // A table of no columns: pg_dump writes no list.
+        assert_eq!(copy_relation("public.no_columns"), "public.no_columns");
+        assert_eq!(copy_relation("public.no_columns "), "public.no_columns");
+    }
 }
