@@ -24,11 +24,11 @@ echo "== measuring ($runs runs each)" >&2
 eval "$fresh" >/dev/null
 measure "pg_restore -j2 from a local file" "$restore -j2 '$work/dump.pgdump'" "$drop; $fresh >/dev/null"
 measure "pg_restore from stdin (one job)" "$restore < '$work/dump.pgdump'" "$drop; $fresh >/dev/null"
-eval "$drop"
-measure "lifeboat restore --jobs 2" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target --jobs 2 --spool-dir '$work'" "$drop"
-measure "lifeboat restore (streamed, one job)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop"
-measure "lifeboat restore from S3 (moto; streamed, one job; 4 ranged GETs at once)" "'$lifeboat' restore --policy '$work/s3.toml' --source bench --to $target" "$drop"
-measure "lifeboat restore from S3 (moto; streamed, one job; one GET)" "'$lifeboat' restore --policy '$work/s3-one.toml' --source bench --to $target" "$drop"
+# lifeboat restores into the same empty database pg_restore -d was given.
+measure "lifeboat restore --jobs 2" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target --jobs 2 --spool-dir '$work'" "$drop; $fresh >/dev/null"
+measure "lifeboat restore (streamed, one job)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop; $fresh >/dev/null"
+measure "lifeboat restore from S3 (moto; streamed, one job; 4 ranged GETs at once)" "'$lifeboat' restore --policy '$work/s3.toml' --source bench --to $target" "$drop; $fresh >/dev/null"
+measure "lifeboat restore from S3 (moto; streamed, one job; one GET)" "'$lifeboat' restore --policy '$work/s3-one.toml' --source bench --to $target" "$drop; $fresh >/dev/null"
 measure "lifeboat-verifier verify" "'$verifier' verify --policy '$work/fs.toml' --source bench" "rm -rf '$work/repo/verifications'"
 summarize "pg_restore -j2 from a local file" pg_restore \
   "restore of the benchmark backup ($(du -m "$work/dump.pgdump" | cut -f1) MiB dump; the table has three indexes)"

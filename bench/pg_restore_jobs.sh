@@ -38,8 +38,8 @@ echo "== measuring ($runs runs each)" >&2
 eval "$fresh" >/dev/null
 measure "pg_restore -j2 from a local file (many tables)" "$restore -j2 '$work/dump.pgdump'" "$drop; $fresh >/dev/null"
 measure "pg_restore from stdin (one job; many tables)" "$restore < '$work/dump.pgdump'" "$drop; $fresh >/dev/null"
-eval "$drop"
-measure "lifeboat restore --jobs 2 (many tables)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target --jobs 2 --spool-dir '$work'" "$drop"
-measure "lifeboat restore (streamed, one job; many tables)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop"
+# lifeboat restores into the same empty database pg_restore -d was given.
+measure "lifeboat restore --jobs 2 (many tables)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target --jobs 2 --spool-dir '$work'" "$drop; $fresh >/dev/null"
+measure "lifeboat restore (streamed, one job; many tables)" "'$lifeboat' restore --policy '$work/fs.toml' --source bench --to $target" "$drop; $fresh >/dev/null"
 summarize "pg_restore -j2 from a local file (many tables)" pg_restore_jobs \
   "restore with jobs of a database of 17 tables (pgbench at scale $scale, the events table, 12 tables of mixed sizes; $(du -m "$work/dump.pgdump" | cut -f1) MiB dump; 2–3 indexes each)"

@@ -71,15 +71,52 @@ impl AsyncRead for Counting {
     }
 }
 
-/// A stored object downloaded to a spool file, its stored SHA-256 and size already checked.
+/// A stored object whose stored SHA-256 and size were checked, held open: a spool file it was
+/// downloaded into, or in a local directory repository the object's own file, hashed in place.
+/// What is read afterwards is what was checked, through this open file, whatever happens to the
+/// path (a prune, a rename over it); a change written into the file itself afterwards fails the
+/// decryption of the chunk it is in, as age authenticates each one under the checked header.
 pub struct Spooled {
     /// The part it holds.
     pub part: Part,
-    /// The ciphertext file (deleted on drop).
-    pub file: tempfile::NamedTempFile,
+    file: std::sync::Arc<std::fs::File>,
+    /// The spool file, deleted on drop; `None` for the repository's own file.
+    _spool: Option<tempfile::NamedTempFile>,
 }
 
-/// Downloads `part` into a file in `dir`, checking the stored SHA-256 and size (exit 13 on mismatch).
+/// Reads a [`Spooled`] object from an offset of its own: each reader keeps its position, so any
+/// number of them read the one open file at once.
+pub struct SpooledReader {
+    file: std::sync::Arc<std::fs::File>,
+    pos: u64,
+}
+
+impl io::Read for SpooledReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl io::Seek for SpooledReader {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let (base, delta) = match to {
+            io::SeekFrom::Start(n) => (n, 0),
+            io::SeekFrom::Current(d) => (self.pos, d),
+            io::SeekFrom::End(d) => (self.file.metadata()?.len(), d),
+        };
+        self.pos = base.checked_add_signed(delta).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "a seek before the start")
+        })?;
+        Ok(self.pos)
+    }
+}
+
+/// Downloads `part` into a file in `dir`, checking the stored SHA-256 and size (exit 13 on
+/// mismatch). From a local directory repository nothing is copied: the object's own file is
+/// hashed and held open.
 pub async fn spool(
     repo: &Repository,
     manifest: &Manifest,
@@ -88,6 +125,31 @@ pub async fn spool(
     progress: &dyn Progress,
 ) -> Result<Spooled> {
     let key = layout::backup_object(&manifest.source, &manifest.id, &part.name);
+    let own = repo
+        .store
+        .open_file(&key)
+        .await
+        .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+    if let Some(own) = own {
+        let read = own
+            .try_clone()
+            .map_err(|e| Error::failed(format!("reading {key}: {e}")))?;
+        let mut r = tokio::io::BufReader::with_capacity(256 << 10, tokio::fs::File::from_std(read));
+        let (n, digest) =
+            crate::pipeline::copy_hashed(&mut r, &mut tokio::io::sink(), |k| progress.advance(k))
+                .await
+                .map_err(|e| match e {
+                    crate::pipeline::CopyError::Read(e) | crate::pipeline::CopyError::Write(e) => {
+                        Error::failed(format!("reading {key}: {e}"))
+                    }
+                })?;
+        check_stored(&key, part, n, &digest)?;
+        return Ok(Spooled {
+            part: part.clone(),
+            file: std::sync::Arc::new(own),
+            _spool: None,
+        });
+    }
     let file = tempfile::Builder::new()
         .prefix("lifeboat-spool-")
         .tempfile_in(dir)
@@ -126,6 +188,19 @@ pub async fn spool(
                 crate::pipeline::CopyError::Write(e) => spool_failed(e),
             })?
     };
+    check_stored(&key, part, n, &digest)?;
+    let read = file
+        .reopen()
+        .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?;
+    Ok(Spooled {
+        part: part.clone(),
+        file: std::sync::Arc::new(read),
+        _spool: Some(file),
+    })
+}
+
+/// Exit 13 unless `n` bytes of SHA-256 `digest` are what the manifest says `part` holds.
+fn check_stored(key: &str, part: &Part, n: u64, digest: &str) -> Result<()> {
     if digest != part.sha256_stored || n != part.size_stored {
         return Err(Error::new(
             ErrorKind::Integrity,
@@ -136,10 +211,7 @@ pub async fn spool(
         )
         .hint("nothing was applied; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)"));
     }
-    Ok(Spooled {
-        part: part.clone(),
-        file,
-    })
+    Ok(())
 }
 
 /// A large object is downloaded in ranges of this size, `repository.download_streams` at a
@@ -268,14 +340,39 @@ impl<R: AsyncRead + Unpin> AsyncRead for Checked<R> {
 }
 
 impl Spooled {
-    /// The plaintext, decrypted and decompressed from the spool file, checked at EOF.
+    /// The checked file opened again, with an offset of its own at its start: through
+    /// `/proc/self/fd` (the same file, whatever its path now names), else a duplicate moved to
+    /// the start (sharing its offset with other duplicates: one stream at a time).
+    fn reopen(&self) -> Result<std::fs::File> {
+        use std::io::Seek;
+        use std::os::fd::AsRawFd;
+        let proc = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        if let Ok(f) = std::fs::File::open(proc) {
+            return Ok(f);
+        }
+        let mut f = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::failed(format!("{}: reopening: {e}", self.part.name)))?;
+        f.rewind()
+            .map_err(|e| Error::failed(format!("{}: reopening: {e}", self.part.name)))?;
+        Ok(f)
+    }
+
+    /// The checked ciphertext from its start.
+    pub fn reader(&self) -> SpooledReader {
+        SpooledReader {
+            file: self.file.clone(),
+            pos: 0,
+        }
+    }
+
+    /// The plaintext, decrypted and decompressed from the checked ciphertext, checked at EOF.
     pub async fn plaintext(
         &self,
         identities: &[Box<dyn age::Identity + Send + Sync>],
     ) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
-        let f = tokio::fs::File::open(self.file.path())
-            .await
-            .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?;
+        let f = tokio::fs::File::from_std(self.reopen()?);
         let reader = pipeline::decrypt_stream(
             Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)),
             identities,

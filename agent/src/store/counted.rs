@@ -107,6 +107,10 @@ impl ObjectStore for Counted {
         one(&self.requests.get);
         self.inner.open(key).await
     }
+    async fn open_file(&self, key: &str) -> Result<Option<std::fs::File>, StoreError> {
+        one(&self.requests.get);
+        self.inner.open_file(key).await
+    }
     fn download_streams(&self) -> usize {
         self.inner.download_streams()
     }

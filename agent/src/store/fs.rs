@@ -277,6 +277,11 @@ impl ObjectStore for FsStore {
         Ok(Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)))
     }
 
+    async fn open_file(&self, key: &str) -> Result<Option<std::fs::File>, StoreError> {
+        let path = self.path(key)?;
+        blocking("open", key, move || std::fs::File::open(&path).map(Some)).await
+    }
+
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let mut f = tokio::fs::File::open(self.path(key)?)

@@ -165,6 +165,11 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
     /// Opens an object for streaming.
     async fn open(&self, key: &str) -> Result<ObjectReader, StoreError>;
+    /// The object's own file, open for reading, where the store is a local directory: a restore
+    /// hashes and reads it in place rather than copying it. `None` from other stores.
+    async fn open_file(&self, _key: &str) -> Result<Option<std::fs::File>, StoreError> {
+        Ok(None)
+    }
     /// Up to `len` bytes of an object from `offset`: fewer where the object ends, none past its
     /// end. One request, held whole: keep `len` to a few MiB.
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError>;

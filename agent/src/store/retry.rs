@@ -104,6 +104,9 @@ impl ObjectStore for Retry {
     async fn open(&self, key: &str) -> Result<ObjectReader, StoreError> {
         self.backoff.run(|| self.inner.open(key)).await
     }
+    async fn open_file(&self, key: &str) -> Result<Option<std::fs::File>, StoreError> {
+        self.backoff.run(|| self.inner.open_file(key)).await
+    }
     fn download_streams(&self) -> usize {
         self.download_streams
     }
