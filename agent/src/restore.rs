@@ -71,30 +71,80 @@ impl AsyncRead for Counting {
     }
 }
 
-/// A stored object whose stored SHA-256 and size were checked, held open: a spool file it was
-/// downloaded into, or in a local directory repository the object's own file, hashed in place.
-/// What is read afterwards is what was checked, through this open file, whatever happens to the
-/// path (a prune, a rename over it); a change written into the file itself afterwards fails the
-/// decryption of the chunk it is in, as age authenticates each one under the checked header.
+/// A stored object whose stored SHA-256 and size were checked, and where it is read from since:
+/// a spool file it was downloaded into; in a local directory repository, the object's own file,
+/// hashed in place and held open; or, for a reader of parts of it ([`check_where_stored`]), the
+/// store itself by ranged GETs. What is read afterwards is what was checked: an open file is the
+/// one that was hashed whatever happens to its path (a prune, a rename over it), and a change
+/// made in the store or in the file since fails the decryption of the chunk it is in, as age
+/// authenticates each one under the header, whose hash a reader checks against the manifest's.
 pub struct Spooled {
     /// The part it holds.
     pub part: Part,
-    file: std::sync::Arc<std::fs::File>,
-    /// The spool file, deleted on drop; `None` for the repository's own file.
+    held: Held,
+    /// The spool file, deleted on drop; `None` for the repository's own object.
     _spool: Option<tempfile::NamedTempFile>,
 }
 
+/// Where a [`Spooled`] object is read from.
+#[derive(Clone)]
+enum Held {
+    File(std::sync::Arc<std::fs::File>),
+    Store {
+        store: std::sync::Arc<dyn crate::store::ObjectStore>,
+        key: String,
+        runtime: tokio::runtime::Handle,
+    },
+}
+
 /// Reads a [`Spooled`] object from an offset of its own: each reader keeps its position, so any
-/// number of them read the one open file at once.
+/// number of them read it at once. From the store, it reads ahead in ranged GETs that double
+/// from 256 KiB to [`RANGE`] while it reads on, and holds one range.
 pub struct SpooledReader {
-    file: std::sync::Arc<std::fs::File>,
+    held: Held,
+    size: u64,
     pos: u64,
+    ahead: bytes::Bytes,
+    ahead_at: u64,
+    next_len: u64,
 }
 
 impl io::Read for SpooledReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let n = self.file.read_at(buf, self.pos)?;
+        let n = match &self.held {
+            Held::File(file) => {
+                use std::os::unix::fs::FileExt;
+                file.read_at(buf, self.pos)?
+            }
+            Held::Store {
+                store,
+                key,
+                runtime,
+            } => {
+                let in_ahead =
+                    self.pos >= self.ahead_at && self.pos < self.ahead_at + self.ahead.len() as u64;
+                if !in_ahead {
+                    if self.pos >= self.size {
+                        return Ok(0);
+                    }
+                    let len = self.next_len.min(self.size - self.pos);
+                    let got = tokio::task::block_in_place(|| {
+                        runtime.block_on(store.get_range(key, self.pos, len))
+                    })
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                    if got.is_empty() {
+                        return Ok(0);
+                    }
+                    self.ahead = got;
+                    self.ahead_at = self.pos;
+                    self.next_len = (self.next_len * 2).min(RANGE);
+                }
+                let from = (self.pos - self.ahead_at) as usize;
+                let n = buf.len().min(self.ahead.len() - from);
+                buf[..n].copy_from_slice(&self.ahead[from..from + n]);
+                n
+            }
+        };
         self.pos += n as u64;
         Ok(n)
     }
@@ -105,7 +155,7 @@ impl io::Seek for SpooledReader {
         let (base, delta) = match to {
             io::SeekFrom::Start(n) => (n, 0),
             io::SeekFrom::Current(d) => (self.pos, d),
-            io::SeekFrom::End(d) => (self.file.metadata()?.len(), d),
+            io::SeekFrom::End(d) => (self.size, d),
         };
         self.pos = base.checked_add_signed(delta).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "a seek before the start")
@@ -124,32 +174,69 @@ pub async fn spool(
     dir: &std::path::Path,
     progress: &dyn Progress,
 ) -> Result<Spooled> {
+    checked(repo, manifest, part, Some(dir), progress).await
+}
+
+/// Checks the stored SHA-256 and size of `part` (exit 13 on mismatch) copying nothing, for a
+/// reader of parts of it: it is read again afterwards, by ranged GETs (or, in a local directory
+/// repository, through its own file). Costs a second download of what is read, and no disk.
+/// Needs a multi-threaded runtime (its reads block); on another it spools into `dir`.
+pub async fn check_where_stored(
+    repo: &Repository,
+    manifest: &Manifest,
+    part: &Part,
+    dir: &std::path::Path,
+    progress: &dyn Progress,
+) -> Result<Spooled> {
+    let runtime = tokio::runtime::Handle::current();
+    let dir = match runtime.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => None,
+        _ => Some(dir),
+    };
+    checked(repo, manifest, part, dir, progress).await
+}
+
+/// `part`, checked: in a local directory repository its own file; elsewhere copied into a spool
+/// file in `dir`, or with no `dir` read where it is stored.
+async fn checked(
+    repo: &Repository,
+    manifest: &Manifest,
+    part: &Part,
+    dir: Option<&std::path::Path>,
+    progress: &dyn Progress,
+) -> Result<Spooled> {
     let key = layout::backup_object(&manifest.source, &manifest.id, &part.name);
+    let reading = |e: io::Error| Error::failed(format!("reading {key}: {e}"));
     let own = repo
         .store
         .open_file(&key)
         .await
         .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
     if let Some(own) = own {
-        let read = own
-            .try_clone()
-            .map_err(|e| Error::failed(format!("reading {key}: {e}")))?;
+        let read = own.try_clone().map_err(reading)?;
         let mut r = tokio::io::BufReader::with_capacity(256 << 10, tokio::fs::File::from_std(read));
         let (n, digest) =
-            crate::pipeline::copy_hashed(&mut r, &mut tokio::io::sink(), |k| progress.advance(k))
-                .await
-                .map_err(|e| match e {
-                    crate::pipeline::CopyError::Read(e) | crate::pipeline::CopyError::Write(e) => {
-                        Error::failed(format!("reading {key}: {e}"))
-                    }
-                })?;
+            hashed(&mut r, &mut tokio::io::sink(), &reading, &reading, progress).await?;
         check_stored(&key, part, n, &digest)?;
         return Ok(Spooled {
             part: part.clone(),
-            file: std::sync::Arc::new(own),
+            held: Held::File(std::sync::Arc::new(own)),
             _spool: None,
         });
     }
+    let Some(dir) = dir else {
+        let (n, digest) = download(repo, &key, part, None, progress).await?;
+        check_stored(&key, part, n, &digest)?;
+        return Ok(Spooled {
+            part: part.clone(),
+            held: Held::Store {
+                store: repo.store.clone(),
+                key,
+                runtime: tokio::runtime::Handle::current(),
+            },
+            _spool: None,
+        });
+    };
     let file = tempfile::Builder::new()
         .prefix("lifeboat-spool-")
         .tempfile_in(dir)
@@ -168,35 +255,65 @@ pub async fn spool(
         Error::failed(format!("writing the spool file in {}: {e}", dir.display()))
             .hint("pass --spool-dir with room for the stored backup")
     };
-    let streams = repo.store.download_streams();
-    let (n, digest) = if streams > 1 && part.size_stored > 2 * RANGE {
-        let mut out = SpoolFile {
-            file: &mut out,
-            failed: &spool_failed,
-        };
-        download_ranges(repo, &key, part.size_stored, streams, &mut out, progress).await?
-    } else {
-        let mut r = repo
-            .store
-            .open(&key)
-            .await
-            .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
-        crate::pipeline::copy_hashed(&mut r, &mut out, |k| progress.advance(k))
-            .await
-            .map_err(|e| match e {
-                crate::pipeline::CopyError::Read(e) => Error::failed(format!("reading {key}: {e}")),
-                crate::pipeline::CopyError::Write(e) => spool_failed(e),
-            })?
+    let mut out = SpoolFile {
+        file: &mut out,
+        failed: &spool_failed,
     };
+    let (n, digest) = download(repo, &key, part, Some(&mut out), progress).await?;
     check_stored(&key, part, n, &digest)?;
     let read = file
         .reopen()
         .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?;
     Ok(Spooled {
         part: part.clone(),
-        file: std::sync::Arc::new(read),
+        held: Held::File(std::sync::Arc::new(read)),
         _spool: Some(file),
     })
+}
+
+/// Reads `key` whole (in ranges where the store reads faster so), into `out` if any; returns its
+/// size and SHA-256.
+async fn download(
+    repo: &Repository,
+    key: &str,
+    part: &Part,
+    out: Option<&mut SpoolFile<'_>>,
+    progress: &dyn Progress,
+) -> Result<(u64, String)> {
+    let streams = repo.store.download_streams();
+    if streams > 1 && part.size_stored > 2 * RANGE {
+        return download_ranges(repo, key, part.size_stored, streams, out, progress).await;
+    }
+    let mut r = repo
+        .store
+        .open(key)
+        .await
+        .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+    let reading = |e: io::Error| Error::failed(format!("reading {key}: {e}"));
+    match out {
+        Some(out) => hashed(&mut r, out.file, &reading, out.failed, progress).await,
+        None => hashed(&mut r, &mut tokio::io::sink(), &reading, &reading, progress).await,
+    }
+}
+
+/// Copies `from` to `to`, returning the bytes and their SHA-256.
+async fn hashed<R, W>(
+    from: &mut R,
+    to: &mut W,
+    read_failed: &(dyn Fn(io::Error) -> Error + Sync),
+    write_failed: &(dyn Fn(io::Error) -> Error + Sync),
+    progress: &dyn Progress,
+) -> Result<(u64, String)>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    pipeline::copy_hashed(from, to, |k| progress.advance(k))
+        .await
+        .map_err(|e| match e {
+            pipeline::CopyError::Read(e) => read_failed(e),
+            pipeline::CopyError::Write(e) => write_failed(e),
+        })
 }
 
 /// Exit 13 unless `n` bytes of SHA-256 `digest` are what the manifest says `part` holds.
@@ -238,8 +355,8 @@ impl SpoolFile<'_> {
     }
 }
 
-/// Downloads `key`, expected to be `size` bytes, into `out` in ranges, `streams` at a time,
-/// hashing in order.
+/// Downloads `key`, expected to be `size` bytes, in ranges, `streams` at a time, hashing in
+/// order, into `out` if any.
 /// Returns the bytes and the SHA-256 of what the store holds: the last range asks for one byte
 /// more than `size`, so an object that grew is seen as well as one that shrank.
 async fn download_ranges(
@@ -247,7 +364,7 @@ async fn download_ranges(
     key: &str,
     size: u64,
     streams: usize,
-    out: &mut SpoolFile<'_>,
+    mut out: Option<&mut SpoolFile<'_>>,
     progress: &dyn Progress,
 ) -> Result<(u64, String)> {
     use futures::StreamExt;
@@ -269,14 +386,18 @@ async fn download_ranges(
         let (offset, len, bytes) = piece?;
         hasher.update(&bytes);
         n += bytes.len() as u64;
-        out.write_all(&bytes).await?;
+        if let Some(out) = out.as_mut() {
+            out.write_all(&bytes).await?;
+        }
         progress.advance(bytes.len() as u64);
         // A short range ends the object: what follows is not there.
         if (bytes.len() as u64) < len && offset + len <= size {
             break;
         }
     }
-    out.flush().await?;
+    if let Some(out) = out.as_mut() {
+        out.flush().await?;
+    }
     Ok((n, hex::encode(hasher.finalize())))
 }
 
@@ -340,45 +461,61 @@ impl<R: AsyncRead + Unpin> AsyncRead for Checked<R> {
 }
 
 impl Spooled {
-    /// The checked file opened again, with an offset of its own at its start: through
-    /// `/proc/self/fd` (the same file, whatever its path now names), else a duplicate moved to
-    /// the start (sharing its offset with other duplicates: one stream at a time).
-    fn reopen(&self) -> Result<std::fs::File> {
+    /// `file` opened again, with an offset of its own at its start: through `/proc/self/fd`
+    /// (the same file, whatever its path now names), else a duplicate moved to the start
+    /// (sharing its offset with other duplicates: one stream at a time).
+    fn reopen(&self, file: &std::fs::File) -> Result<std::fs::File> {
         use std::io::Seek;
         use std::os::fd::AsRawFd;
-        let proc = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
         if let Ok(f) = std::fs::File::open(proc) {
             return Ok(f);
         }
-        let mut f = self
-            .file
-            .try_clone()
-            .map_err(|e| Error::failed(format!("{}: reopening: {e}", self.part.name)))?;
-        f.rewind()
-            .map_err(|e| Error::failed(format!("{}: reopening: {e}", self.part.name)))?;
+        let reopening = |e: io::Error| Error::failed(format!("{}: reopening: {e}", self.part.name));
+        let mut f = file.try_clone().map_err(reopening)?;
+        f.rewind().map_err(reopening)?;
         Ok(f)
     }
 
     /// The checked ciphertext from its start.
     pub fn reader(&self) -> SpooledReader {
         SpooledReader {
-            file: self.file.clone(),
+            held: self.held.clone(),
+            size: self.part.size_stored,
             pos: 0,
+            ahead: bytes::Bytes::new(),
+            ahead_at: 0,
+            next_len: 256 << 10,
         }
     }
 
-    /// The plaintext, decrypted and decompressed from the checked ciphertext, checked at EOF.
+    /// The plaintext, decrypted and decompressed from the checked ciphertext, checked at EOF
+    /// (and, read again from the store, the ciphertext too).
     pub async fn plaintext(
         &self,
         identities: &[Box<dyn age::Identity + Send + Sync>],
     ) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
-        let f = tokio::fs::File::from_std(self.reopen()?);
-        let reader = pipeline::decrypt_stream(
-            Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)),
-            identities,
-        )
-        .await
-        .map_err(|e| e.context(&self.part.name))?;
+        let stored: Pin<Box<dyn AsyncRead + Send>> = match &self.held {
+            Held::File(file) => Box::pin(tokio::io::BufReader::with_capacity(
+                256 << 10,
+                tokio::fs::File::from_std(self.reopen(file)?),
+            )),
+            Held::Store { store, key, .. } => {
+                let r = store
+                    .open(key)
+                    .await
+                    .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+                Box::pin(Checked::new(
+                    r,
+                    format!("{key}: stored"),
+                    &self.part.sha256_stored,
+                    self.part.size_stored,
+                ))
+            }
+        };
+        let reader = pipeline::decrypt_stream(stored, identities)
+            .await
+            .map_err(|e| e.context(&self.part.name))?;
         Ok(Box::pin(plain_checked(reader, &self.part)))
     }
 

@@ -4,6 +4,7 @@
 //! pg_restore. A canary password and a canary S3 secret ride along, and no output ever shows them.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use lifeboat_tests::s3proxy::{HttpFault, Rule, S3Proxy};
 use lifeboat_tests::*;
@@ -529,5 +530,134 @@ fn a_large_part_downloads_in_ranges_and_a_dropped_range_is_fetched_again_alone()
         out["requests"]["get"].as_u64(),
         Some(ranges as u64),
         "{out:#}"
+    );
+}
+
+#[test]
+fn restore_with_jobs_reads_the_dump_where_it_is_stored_and_refuses_one_replaced_meanwhile() {
+    let mut fx = setup("jobsrange");
+    // Two backups (before a restore sets PGPASSWORD for its target).
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    let dump_gets = |proxy: &S3Proxy, key: &str| {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET ") && r.contains(key))
+            .count()
+    };
+    let stored_size = |fx: &Fx, key: &str| rt().block_on(s3().get(&fx.bucket, key)).len() as u64;
+    let dumps = |fx: &Fx| -> Vec<String> {
+        let mut v: Vec<String> = fx
+            .keys()
+            .into_iter()
+            .filter(|k| k.ends_with("/database.dump.zst.age"))
+            .collect();
+        v.sort();
+        v
+    };
+    // Restored by id: ids taken in the same second do not sort by time.
+    let (first, newest) = match &dumps(&fx)[..] {
+        [first, newest] => (first.clone(), newest.clone()),
+        other => panic!("{other:?}"),
+    };
+    let id_of = |key: &str| key.rsplit('/').nth(1).unwrap().to_string();
+    let newest_id = id_of(&newest);
+    let size = stored_size(&fx, &newest);
+    // The check reads it whole in 4 MiB ranges (the part is over 8 MiB).
+    assert!(size > 8 << 20, "{size}");
+    let check_gets = size.div_ceil(4 << 20) as usize;
+    let spool = fx.dir.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let spool_arg = spool.to_str().unwrap().to_string();
+    let before = dump_gets(&fx.proxy, &newest);
+    let target = format!("restored_{}", suffix());
+    let r = fx.restore(
+        &target,
+        &[
+            "--jobs",
+            "2",
+            "--spool-dir",
+            &spool_arg,
+            "--backup",
+            &newest_id,
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("loading 1 table(s)"), "{}", r.stderr);
+    let content = "select count(*), md5(string_agg(a || b, ',' order by id)) from t";
+    assert_eq!(fx.pg.psql(&target, content), fx.pg.psql(&fx.db, content));
+    // Read twice from the store, once to check it and once by range to load it, and never
+    // copied into the spool directory.
+    let gets = dump_gets(&fx.proxy, &newest) - before;
+    assert!(gets > check_gets + 2, "{gets} GETs of the dump");
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // Replaced in the store after the check, before the load: the newest backup's dump holds
+    // the older backup's object by the time the restore opens it to load. Its header is not
+    // the manifest's: exit 13, naming it.
+    let older = rt().block_on(s3().get(&fx.bucket, &first));
+    // Held: the first GET after the check's ranges and the identity's look at the header.
+    fx.proxy.add(
+        Rule::new("GET", &newest, HttpFault::Delay(Duration::from_secs(4)))
+            .skip(check_gets + 1)
+            .times(1),
+    );
+    let before = dump_gets(&fx.proxy, &newest);
+    let target = format!("replaced_{}", suffix());
+    let to = fx.pg.url(&target);
+    let id = fx.key.identity.to_str().unwrap().to_string();
+    let policy = fx.policy.to_str().unwrap().to_string();
+    let mut env = fx.env.clone();
+    env.push(("PGPASSWORD".into(), fx.pg.password.clone()));
+    let args = [
+        "restore",
+        "--source",
+        "app-db",
+        "--to",
+        &to,
+        "--identity",
+        &id,
+        "--jobs",
+        "2",
+        "--backup",
+        &newest_id,
+        "--policy",
+        &policy,
+    ];
+    let r = std::thread::scope(|s| {
+        let restore = s.spawn(|| lifeboat(fx.dir.path(), &args, &env));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while dump_gets(&fx.proxy, &newest) < before + check_gets + 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                fx.proxy.requests()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        rt().block_on(async {
+            s3().client()
+                .await
+                .put_object()
+                .bucket(&fx.bucket)
+                .key(&newest)
+                .body(older.clone().into())
+                .send()
+                .await
+                .expect("put the older object")
+        });
+        restore.join().unwrap()
+    });
+    fx.proxy.clear();
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("age header's SHA-256") && r.stderr.contains("database.dump.zst.age"),
+        "{}",
+        r.stderr
     );
 }

@@ -246,7 +246,9 @@ pub(crate) struct RestoreArgs {
     #[arg(long, default_value_t = 1)]
     pub jobs: u32,
     /// Where downloaded (encrypted) objects and a parallel restore's plaintext are spooled
-    /// (default: the temp directory). A physical base backup is not spooled: it unpacks as it
+    /// (default: the temp directory). Nothing is spooled from a local directory repository (its
+    /// files are checked in place), nor with --jobs on a seekable dump (read by range where it
+    /// is stored, once checked). A physical base backup is not spooled: it unpacks as it
     /// downloads, and the directory is emptied again if its end proves it damaged.
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,

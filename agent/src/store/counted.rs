@@ -108,8 +108,12 @@ impl ObjectStore for Counted {
         self.inner.open(key).await
     }
     async fn open_file(&self, key: &str) -> Result<Option<std::fs::File>, StoreError> {
-        one(&self.requests.get);
-        self.inner.open_file(key).await
+        // A read where the store has files; no request where it has none.
+        let file = self.inner.open_file(key).await;
+        if !matches!(file, Ok(None)) {
+            one(&self.requests.get);
+        }
+        file
     }
     fn download_streams(&self) -> usize {
         self.inner.download_streams()

@@ -90,7 +90,24 @@ impl<'a> Seekable<'a> {
     /// The decoded plaintext from `offset` on.
     fn open_at(&self, identities: &Identities, offset: u64) -> Result<impl BufRead + Send> {
         let name = &self.spooled.part.name;
-        let file = self.spooled.reader();
+        let mut file = self.spooled.reader();
+        // The header is the backup's (so is the file key, and every chunk age accepts under it),
+        // also where it is read again from the store.
+        let mut header = vec![0; self.seek.header_len as usize];
+        file.read_exact(&mut header)
+            .and_then(|_| file.rewind())
+            .map_err(|e| Error::failed(format!("{name}: reading its header: {e}")))?;
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&header));
+        if sha != self.seek.header_sha256 {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{name}: the age header's SHA-256 is {sha}, the manifest says {}",
+                    self.seek.header_sha256
+                ),
+            )
+            .hint("the object changed since it was checked; run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)"));
+        }
         let mut stream = age::Decryptor::new(BufReader::with_capacity(256 << 10, file))
             .and_then(|d| d.decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity)))
             .map_err(|e| {

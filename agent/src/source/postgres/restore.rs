@@ -155,7 +155,22 @@ pub async fn restore_postgres(
                 &format!("downloading and checking {}", part.name),
                 Some(part.size_stored),
             );
-            parts.push(spool(repo, manifest, part, &how.spool_dir, progress.as_ref()).await?);
+            // Tables read at once from a seekable dump are read by range where it is stored:
+            // it is checked whole first, and nothing is copied to this machine's disk.
+            let spooled = match part.role == Role::Database && how.jobs > 1 && part.seek.is_some() {
+                true => {
+                    crate::restore::check_where_stored(
+                        repo,
+                        manifest,
+                        part,
+                        &how.spool_dir,
+                        progress.as_ref(),
+                    )
+                    .await?
+                }
+                false => spool(repo, manifest, part, &how.spool_dir, progress.as_ref()).await?,
+            };
+            parts.push(spooled);
         }
     }
     let dump = parts
