@@ -102,6 +102,8 @@ enum Held {
 /// from 256 KiB to [`RANGE`] while it reads on, and holds one range.
 pub struct SpooledReader {
     held: Held,
+    /// Bytes read from memory instead: the object's start, already read and checked.
+    start: Option<std::sync::Arc<[u8]>>,
     size: u64,
     pos: u64,
     ahead: bytes::Bytes,
@@ -111,6 +113,16 @@ pub struct SpooledReader {
 
 impl io::Read for SpooledReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(start) = self.start.as_deref() {
+            if let Some(rest) = usize::try_from(self.pos).ok().and_then(|p| start.get(p..)) {
+                if !rest.is_empty() {
+                    let n = buf.len().min(rest.len());
+                    buf[..n].copy_from_slice(&rest[..n]);
+                    self.pos += n as u64;
+                    return Ok(n);
+                }
+            }
+        }
         let n = match &self.held {
             Held::File(file) => {
                 use std::os::unix::fs::FileExt;
@@ -481,11 +493,21 @@ impl Spooled {
     pub fn reader(&self) -> SpooledReader {
         SpooledReader {
             held: self.held.clone(),
+            start: None,
             size: self.part.size_stored,
             pos: 0,
             ahead: bytes::Bytes::new(),
             ahead_at: 0,
             next_len: 256 << 10,
+        }
+    }
+
+    /// The checked ciphertext from its start, its first bytes taken from `start` (its age
+    /// header, read and checked once) rather than read again.
+    pub fn reader_after(&self, start: std::sync::Arc<[u8]>) -> SpooledReader {
+        SpooledReader {
+            start: Some(start),
+            ..self.reader()
         }
     }
 

@@ -89,11 +89,23 @@ impl Fx {
 
     /// `lifeboat restore` of the latest backup into a new database `target`.
     fn restore(&mut self, target: &str, extra: &[&str]) -> Run {
+        let (args, env) = self.restore_command(target, extra);
+        self.env = env;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&args)
+    }
+
+    /// The arguments (without the policy) and environment of [`Fx::restore`].
+    fn restore_command(
+        &self,
+        target: &str,
+        extra: &[&str],
+    ) -> (Vec<String>, Vec<(String, String)>) {
         let to = self.pg.url(target);
         let id = self.key.identity.to_str().unwrap().to_string();
-        self.env
-            .push(("PGPASSWORD".into(), self.pg.password.clone()));
-        let mut args = vec![
+        let mut env = self.env.clone();
+        env.push(("PGPASSWORD".into(), self.pg.password.clone()));
+        let mut args: Vec<String> = [
             "restore",
             "--source",
             "app-db",
@@ -101,9 +113,11 @@ impl Fx {
             &to,
             "--identity",
             &id,
-        ];
-        args.extend_from_slice(extra);
-        self.run(&args)
+        ]
+        .map(String::from)
+        .into();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        (args, env)
     }
 
     fn verify(&mut self) -> Run {
@@ -608,27 +622,12 @@ fn restore_with_jobs_reads_the_dump_where_it_is_stored_and_refuses_one_replaced_
             .times(1),
     );
     let before = dump_gets(&fx.proxy, &newest);
-    let target = format!("replaced_{}", suffix());
-    let to = fx.pg.url(&target);
-    let id = fx.key.identity.to_str().unwrap().to_string();
     let policy = fx.policy.to_str().unwrap().to_string();
-    let mut env = fx.env.clone();
-    env.push(("PGPASSWORD".into(), fx.pg.password.clone()));
-    let args = [
-        "restore",
-        "--source",
-        "app-db",
-        "--to",
-        &to,
-        "--identity",
-        &id,
-        "--jobs",
-        "2",
-        "--backup",
-        &newest_id,
-        "--policy",
-        &policy,
-    ];
+    let (args, env) = fx.restore_command(
+        &format!("replaced_{}", suffix()),
+        &["--jobs", "2", "--backup", &newest_id, "--policy", &policy],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = std::thread::scope(|s| {
         let restore = s.spawn(|| lifeboat(fx.dir.path(), &args, &env));
         let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -38,6 +38,9 @@ type Identities = [Box<dyn age::Identity + Send + Sync>];
 /// A dump that can be restored table by table.
 pub struct Seekable<'a> {
     spooled: &'a Spooled,
+    /// Its age header, read and checked against the manifest's hash once: every reader starts
+    /// from these bytes, so the file key is the backup's whatever the store holds since.
+    header: std::sync::OnceLock<std::sync::Arc<[u8]>>,
     seek: &'a SeekIndex,
     toc_end: u64,
     tables: &'a [TableData],
@@ -81,21 +84,24 @@ impl<'a> Seekable<'a> {
             && dump.tables.iter().all(|t| t.block.is_some());
         Some(Seekable {
             spooled,
+            header: std::sync::OnceLock::new(),
             seek: spooled.part.seek.as_ref()?,
             toc_end: dump.toc_end.filter(|_| whole)?,
             tables: &dump.tables,
         })
     }
 
-    /// The decoded plaintext from `offset` on.
-    fn open_at(&self, identities: &Identities, offset: u64) -> Result<impl BufRead + Send> {
+    /// The age header, read and checked on the first call: the manifest's hash of it means the
+    /// file key is the backup's, and so is every chunk age accepts under it.
+    fn header(&self) -> Result<std::sync::Arc<[u8]>> {
+        if let Some(h) = self.header.get() {
+            return Ok(h.clone());
+        }
         let name = &self.spooled.part.name;
-        let mut file = self.spooled.reader();
-        // The header is the backup's (so is the file key, and every chunk age accepts under it),
-        // also where it is read again from the store.
         let mut header = vec![0; self.seek.header_len as usize];
-        file.read_exact(&mut header)
-            .and_then(|_| file.rewind())
+        self.spooled
+            .reader()
+            .read_exact(&mut header)
             .map_err(|e| Error::failed(format!("{name}: reading its header: {e}")))?;
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&header));
         if sha != self.seek.header_sha256 {
@@ -108,6 +114,13 @@ impl<'a> Seekable<'a> {
             )
             .hint("the object changed since it was checked; run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)"));
         }
+        Ok(self.header.get_or_init(|| header.into()).clone())
+    }
+
+    /// The decoded plaintext from `offset` on.
+    fn open_at(&self, identities: &Identities, offset: u64) -> Result<impl BufRead + Send> {
+        let name = &self.spooled.part.name;
+        let file = self.spooled.reader_after(self.header()?);
         let mut stream = age::Decryptor::new(BufReader::with_capacity(256 << 10, file))
             .and_then(|d| d.decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity)))
             .map_err(|e| {
