@@ -134,7 +134,8 @@ pub struct SeekIndex {
     pub header_len: u64,
     /// SHA-256 of those bytes. When they match, the file key is the backup's own, so every chunk
     /// age authenticates is the backup's. A reader that ranges into the store must check this
-    /// before it uses anything it read, as `restore --jobs` does each time it opens the object.
+    /// before it uses anything it read, as `restore --jobs` does (and then starts every reader
+    /// from the header bytes it checked).
     pub header_sha256: String,
     /// The frames after the first (which starts at 0 in both): each `[plaintext offset, offset
     /// in the zstd stream]`, in order.
