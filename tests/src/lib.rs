@@ -1753,3 +1753,23 @@ pub fn webhook() -> (
     });
     (port, got)
 }
+
+/// Runs lifeboat under a file size limit of `kib` KiB (SIGXFSZ ignored, so writes fail with EFBIG).
+pub fn limited(bin: &Path, dir: &Path, kib: u64, args: &[&str], env: &[(String, String)]) -> Run {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+        .arg(bin)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        peak_rss_kib: 0, // not watched
+    }
+}

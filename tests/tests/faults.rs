@@ -660,3 +660,32 @@ fn restore_with_jobs_reads_the_dump_where_it_is_stored_and_refuses_one_replaced_
         r.stderr
     );
 }
+
+#[test]
+fn a_full_spool_disk_fails_the_restore_before_the_target_is_created() {
+    let mut fx = setup("fullspool");
+    assert_eq!(fx.run(&["backup"]).code, 0);
+    // From S3 the stored dump (several MiB) is spooled before anything is applied; a file size
+    // limit of 256 KiB stands for a full disk there.
+    let target = format!("full_{}", suffix());
+    let policy = fx.policy.to_str().unwrap().to_string();
+    let (args, env) = fx.restore_command(&target, &["--policy", &policy]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = limited(&lifeboat_bin(), fx.dir.path(), 256, &args, &env);
+    fx.outputs.push(format!("{}{}", r.stdout, r.stderr));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("spool"), "names the spool: {}", r.stderr);
+    assert!(
+        r.stderr.contains("--spool-dir"),
+        "says what to do: {}",
+        r.stderr
+    );
+    assert_eq!(
+        fx.pg.psql(
+            "postgres",
+            &format!("select count(*) from pg_database where datname = '{target}'")
+        ),
+        "0",
+        "nothing was created on the target"
+    );
+}

@@ -5,7 +5,7 @@
 //! Each time: a clear error, nothing published, nothing applied, earlier backups intact, and the
 //! next run succeeds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -116,26 +116,6 @@ impl Fx {
     }
 }
 
-/// Runs lifeboat under a file size limit of `kib` KiB (SIGXFSZ ignored, so writes fail with EFBIG).
-fn limited(bin: &Path, dir: &Path, kib: u64, args: &[&str], env: &[(String, String)]) -> Run {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
-        .arg(bin)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        peak_rss_kib: 0, // not watched
-    }
-}
-
 #[test]
 fn pg_dump_killed_mid_stream_publishes_nothing() {
     let fx = setup("killed", 1_500_000);
@@ -203,7 +183,8 @@ fn full_disks_fail_cleanly_everywhere() {
         "temp files left in the repository: {left:?}"
     );
 
-    // The restore spool: nothing is created on the target.
+    // A restore from a local directory spools nothing (the stored object is read in place), so
+    // the same limit does not stop it. (A full spool disk, from S3: tests/faults.rs.)
     let target = format!("full_{}", suffix());
     let to = fx.pg.url(&target);
     let id = fx.key.identity.to_str().unwrap().to_string();
@@ -225,15 +206,9 @@ fn full_disks_fail_cleanly_everywhere() {
         ],
         &env,
     );
-    assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(r.stderr.contains("spool"), "names the spool: {}", r.stderr);
-    assert_eq!(
-        fx.pg.psql(
-            "postgres",
-            &format!("select count(*) from pg_database where datname = '{target}'")
-        ),
-        "0"
-    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let count = |db: &str| fx.pg.psql(db, "select count(*) from t");
+    assert_eq!(count(&target), count(&fx.db));
 
     // The verifier's scratch: it fails, says so, and leaves no scratch behind.
     let tmp = tempfile::tempdir().unwrap();
