@@ -5,7 +5,7 @@
 #     lifeboat backup (kind = "objects")      (snapshot, read back as the next change index; keyed blobs; zstd + age)
 #   and the same from an S3 prefix (aws s3 sync s3://src s3://mirror vs lifeboat from s3://src).
 #   Then the last backup of the directory comes back whole (against aws s3 sync from the mirror),
-#   is verified, checked with --read-data and pruned (blob collection over every backup): with
+#   one file of it comes back (against aws s3 cp of that object), it is verified, checked with --read-data and pruned (blob collection over every backup): with
 #   their peak RSS, which bench/budgets.json gates.
 # Usage: bench/objects.sh [N]   (default 10000; RUNS=3; OBJECTS_S3=0 leaves out the S3 source)
 . "$(dirname "$0")/lib.sh"
@@ -91,6 +91,15 @@ echo "== the last backup restored, verified, checked and pruned" >&2
 timed "aws s3 sync s3://mirror DIR (the whole copy back)" "'$root/$venv/bin/aws' --endpoint-url $endpoint s3 sync --quiet s3://mirror/data/ '$work/back-aws'"
 timed "lifeboat restore, the whole snapshot into a directory" "'$lifeboat' restore --policy '$work/dir.toml' --source files --identity '$work/key.txt' --to '$work/back'"
 diff -r "$work/data" "$work/back" >/dev/null || { echo "the restored tree differs from the source" >&2; exit 1; }
+one="d07/f$(printf %06d 7).bin"
+timed "aws s3 cp s3://mirror one file back" "'$root/$venv/bin/aws' --endpoint-url $endpoint s3 cp --quiet s3://mirror/data/$one '$work/one-aws.bin'"
+timed "lifeboat restore --path, one file" "'$lifeboat' restore --policy '$work/dir.toml' --source files --identity '$work/key.txt' --to '$work/one' --path $one --json > '$work/one.json'"
+cmp -s "$work/data/$one" "$work/one/$one" || { echo "the restored file differs from the source" >&2; exit 1; }
+python3 - "$work/one.json" >&2 <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"   one file: {r['result']['restored']['snapshot_read']} stored bytes of the snapshot read, requests {r['requests']}")
+PY
 timed "lifeboat-verifier verify, every blob re-hashed" "'$root/target/release/lifeboat-verifier' verify --policy '$work/dir.toml' --source files --identity '$work/key.txt'"
 timed "lifeboat check --read-data" "'$lifeboat' check --policy '$work/dir.toml' --identity '$work/key.txt' --read-data"
 timed "lifeboat prune, blob collection over every backup" "'$lifeboat' prune --policy '$work/dir.toml'"

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
 use crate::repo::layout;
-use crate::repo::manifest::{Manifest, Part, Role};
+use crate::repo::manifest::{Manifest, Part, Role, SeekIndex};
 use crate::repo::Repository;
 
 /// Reports a long operation's phases and bytes (a progress bar on a terminal, lines otherwise).
@@ -82,6 +82,19 @@ pub struct Spooled {
     /// The part it holds.
     pub part: Part,
     held: Held,
+    /// Whether it was read whole and its stored SHA-256 checked ([`checked`]); if not
+    /// ([`Spooled::where_stored`]), a whole read checks it at its end, and a reader of frames
+    /// relies on the header check of [`Spooled::open_at`].
+    whole_checked: bool,
+    /// Its age header, read and checked against the seek index's hash at the first
+    /// [`Spooled::open_at`]: every reader starts from these bytes, so the file key is the
+    /// backup's whatever the store holds since.
+    header: std::sync::OnceLock<std::sync::Arc<[u8]>>,
+    /// Stored bytes read by its readers (ranges fetched, or read from the file).
+    fetched: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// A stretch of the stored object fetched once and read from memory since
+    /// ([`Spooled::keep`]), at its offset.
+    kept: std::sync::OnceLock<(u64, bytes::Bytes)>,
     /// The spool file, deleted on drop; `None` for the repository's own object.
     _spool: Option<tempfile::NamedTempFile>,
 }
@@ -102,9 +115,15 @@ enum Held {
 /// from 256 KiB to [`RANGE`] while it reads on, and holds one range.
 pub struct SpooledReader {
     held: Held,
+    fetched: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Bytes read from memory instead: the object's start, already read and checked.
     start: Option<std::sync::Arc<[u8]>>,
+    /// Bytes read from memory instead, at their offset ([`Spooled::keep`]).
+    kept: Option<(u64, bytes::Bytes)>,
     size: u64,
+    /// Reads ahead no further than this while before it (what its reader is known to need);
+    /// past it, as far as ever.
+    ahead_until: u64,
     pos: u64,
     ahead: bytes::Bytes,
     ahead_at: u64,
@@ -123,6 +142,18 @@ impl io::Read for SpooledReader {
                 }
             }
         }
+        if let Some((at, kept)) = &self.kept {
+            let from = self
+                .pos
+                .checked_sub(*at)
+                .and_then(|f| usize::try_from(f).ok());
+            if let Some(rest) = from.and_then(|f| kept.get(f..)).filter(|r| !r.is_empty()) {
+                let n = buf.len().min(rest.len());
+                buf[..n].copy_from_slice(&rest[..n]);
+                self.pos += n as u64;
+                return Ok(n);
+            }
+        }
         let n = match &self.held {
             Held::File(file) => {
                 use std::os::unix::fs::FileExt;
@@ -139,7 +170,11 @@ impl io::Read for SpooledReader {
                     if self.pos >= self.size {
                         return Ok(0);
                     }
-                    let len = self.next_len.min(self.size - self.pos);
+                    let end = match self.pos < self.ahead_until {
+                        true => self.ahead_until.min(self.size),
+                        false => self.size,
+                    };
+                    let len = self.next_len.min(end - self.pos);
                     let got = tokio::task::block_in_place(|| {
                         runtime.block_on(store.get_range(key, self.pos, len))
                     })
@@ -147,6 +182,8 @@ impl io::Read for SpooledReader {
                     if got.is_empty() {
                         return Ok(0);
                     }
+                    self.fetched
+                        .fetch_add(got.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     self.ahead = got;
                     self.ahead_at = self.pos;
                     self.next_len = (self.next_len * 2).min(RANGE);
@@ -158,6 +195,10 @@ impl io::Read for SpooledReader {
             }
         };
         self.pos += n as u64;
+        if matches!(self.held, Held::File(_)) {
+            self.fetched
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(n)
     }
 }
@@ -230,24 +271,21 @@ async fn checked(
         let (n, digest) =
             hashed(&mut r, &mut tokio::io::sink(), &reading, &reading, progress).await?;
         check_stored(&key, part, n, &digest)?;
-        return Ok(Spooled {
-            part: part.clone(),
-            held: Held::File(std::sync::Arc::new(own)),
-            _spool: None,
-        });
+        return Ok(Spooled::new(
+            part,
+            Held::File(std::sync::Arc::new(own)),
+            None,
+        ));
     }
     let Some(dir) = dir else {
         let (n, digest) = download(repo, &key, part, None, progress).await?;
         check_stored(&key, part, n, &digest)?;
-        return Ok(Spooled {
-            part: part.clone(),
-            held: Held::Store {
-                store: repo.store.clone(),
-                key,
-                runtime: tokio::runtime::Handle::current(),
-            },
-            _spool: None,
-        });
+        let held = Held::Store {
+            store: repo.store.clone(),
+            key,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        return Ok(Spooled::new(part, held, None));
     };
     let file = tempfile::Builder::new()
         .prefix("lifeboat-spool-")
@@ -276,11 +314,11 @@ async fn checked(
     let read = file
         .reopen()
         .map_err(|e| Error::failed(format!("cannot open the spool file: {e}")))?;
-    Ok(Spooled {
-        part: part.clone(),
-        held: Held::File(std::sync::Arc::new(read)),
-        _spool: Some(file),
-    })
+    Ok(Spooled::new(
+        part,
+        Held::File(std::sync::Arc::new(read)),
+        Some(file),
+    ))
 }
 
 /// Reads `key` whole (in ranges where the store reads faster so), into `out` if any; returns its
@@ -348,6 +386,14 @@ fn check_stored(key: &str, part: &Part, n: u64, digest: &str) -> Result<()> {
 /// a fraction of the instance's bandwidth), and a dropped connection costs one range. Ranges in
 /// flight are held until written in order, so the streams bound the memory too.
 const RANGE: u64 = 4 << 20;
+
+/// Bytes of an age payload chunk, and of one stored (with its tag): payload chunk `i` is stored
+/// at `header_len + i × AGE_CHUNK_STORED` (see [`SeekIndex`]).
+const AGE_CHUNK: u64 = 64 << 10;
+const AGE_CHUNK_STORED: u64 = AGE_CHUNK + 16;
+
+/// Most stored bytes [`Spooled::keep`] holds in memory.
+const KEEP: u64 = 16 << 20;
 
 /// A spool file, and what a failed write to it is reported as.
 struct SpoolFile<'a> {
@@ -473,6 +519,171 @@ impl<R: AsyncRead + Unpin> AsyncRead for Checked<R> {
 }
 
 impl Spooled {
+    /// `part`, read whole and checked, held by `held`.
+    fn new(part: &Part, held: Held, spool: Option<tempfile::NamedTempFile>) -> Spooled {
+        Spooled {
+            part: part.clone(),
+            held,
+            whole_checked: true,
+            header: std::sync::OnceLock::new(),
+            fetched: std::sync::Arc::default(),
+            kept: std::sync::OnceLock::new(),
+            _spool: spool,
+        }
+    }
+
+    /// `part` of `manifest` where it is stored (its own file in a local directory repository),
+    /// neither read nor checked yet: for a reader of some of its frames through
+    /// [`Spooled::open_at`], which checks the age header against the manifest's hash, under
+    /// which age authenticates every chunk read. A whole read checks the stored SHA-256 at its
+    /// end. Its reads block: use it on a multi-threaded runtime, or from a blocking thread.
+    pub async fn where_stored(
+        repo: &Repository,
+        manifest: &Manifest,
+        part: &Part,
+    ) -> Result<Spooled> {
+        let key = layout::backup_object(&manifest.source, &manifest.id, &part.name);
+        let own = repo
+            .store
+            .open_file(&key)
+            .await
+            .map_err(|e| Error::from(e).context(format!("reading {key}")))?;
+        let held = match own {
+            Some(file) => Held::File(std::sync::Arc::new(file)),
+            None => Held::Store {
+                store: repo.store.clone(),
+                key,
+                runtime: tokio::runtime::Handle::current(),
+            },
+        };
+        Ok(Spooled {
+            whole_checked: false,
+            ..Spooled::new(part, held, None)
+        })
+    }
+
+    /// Stored bytes its readers have read so far.
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The age header, read and checked on the first call: the manifest's hash of it means the
+    /// file key is the backup's, and so is every chunk age accepts under it.
+    fn header(&self, seek: &SeekIndex) -> Result<std::sync::Arc<[u8]>> {
+        if let Some(h) = self.header.get() {
+            return Ok(h.clone());
+        }
+        let name = &self.part.name;
+        let mut header = vec![0; seek.header_len as usize];
+        let mut reader = SpooledReader {
+            ahead_until: seek.header_len,
+            ..self.reader()
+        };
+        io::Read::read_exact(&mut reader, &mut header)
+            .map_err(|e| Error::failed(format!("{name}: reading its header: {e}")))?;
+        let sha = hex::encode(Sha256::digest(&header));
+        if sha != seek.header_sha256 {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!(
+                    "{name}: the age header's SHA-256 is {sha}, the manifest says {}",
+                    seek.header_sha256
+                ),
+            )
+            .hint("the object changed since it was checked; run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)"));
+        }
+        Ok(self.header.get_or_init(|| header.into()).clone())
+    }
+
+    /// The decoded plaintext from `offset` on, decoded from the start of the zstd frame that
+    /// holds it: age seeks to the chunk that frame starts in. With `until` (a frame start),
+    /// the reader means to stop there, and the store is not read ahead past the chunk that
+    /// frame starts in. The part must have a seek index. Its reads block.
+    pub fn open_at(
+        &self,
+        identities: &[Box<dyn age::Identity + Send + Sync>],
+        offset: u64,
+        until: Option<u64>,
+    ) -> Result<impl io::BufRead + Send> {
+        use io::{BufReader, Read, Seek};
+        let name = &self.part.name;
+        let seek = self.part.seek.as_ref().ok_or_else(|| {
+            Error::failed(format!(
+                "{name}: no seek index, so it is read from its start"
+            ))
+        })?;
+        let mut file = self.reader_after(self.header(seek)?);
+        if let Some(until) = until {
+            let [_, at] = seek.frame_of(until);
+            file.ahead_until = seek.header_len + at.div_ceil(AGE_CHUNK) * AGE_CHUNK_STORED;
+        }
+        let mut stream = age::Decryptor::new(BufReader::with_capacity(256 << 10, file))
+            .and_then(|d| d.decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity)))
+            .map_err(|e| {
+                Error::new(ErrorKind::Integrity, format!("{name}: cannot decrypt: {e}"))
+            })?;
+        let [plain, at] = seek.frame_of(offset);
+        let damaged = |e: io::Error| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("{name}: reading at plaintext offset {offset}: {e}"),
+            )
+        };
+        stream.seek(io::SeekFrom::Start(at)).map_err(damaged)?;
+        let zstd = zstd::stream::read::Decoder::new(stream).map_err(damaged)?;
+        let mut r = BufReader::with_capacity(256 << 10, zstd);
+        io::copy(&mut r.by_ref().take(offset - plain), &mut io::sink()).map_err(damaged)?;
+        Ok(r)
+    }
+
+    /// Fetches the stored chunks that hold the plaintext from `from` to `until` (frame starts,
+    /// `None`: the end) once, and keeps them for every reader made after, when they come to at
+    /// most [`KEEP`] bytes: a restore that passes over a few frames several times reads them
+    /// from the repository once. Returns whether it kept them.
+    pub async fn keep(&self, from: u64, until: Option<u64>) -> Result<bool> {
+        let Some(seek) = &self.part.seek else {
+            return Ok(false);
+        };
+        let chunk = |plain: u64| seek.frame_of(plain)[1] / AGE_CHUNK;
+        let start = seek.header_len + chunk(from) * AGE_CHUNK_STORED;
+        let end = until.map_or(self.part.size_stored, |until| {
+            let [_, at] = seek.frame_of(until);
+            (seek.header_len + at.div_ceil(AGE_CHUNK) * AGE_CHUNK_STORED).min(self.part.size_stored)
+        });
+        if end <= start || end - start > KEEP {
+            return Ok(false);
+        }
+        let got = match &self.held {
+            Held::Store { store, key, .. } => store
+                .get_range(key, start, end - start)
+                .await
+                .map_err(|e| Error::from(e).context(format!("reading {key}")))?,
+            Held::File(file) => {
+                let file = file.clone();
+                let name = self.part.name.clone();
+                tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut got = vec![0; (end - start) as usize];
+                    file.read_exact_at(&mut got, start)
+                        .map(|_| bytes::Bytes::from(got))
+                        .map_err(|e| match e.kind() {
+                            io::ErrorKind::UnexpectedEof => Error::new(
+                                ErrorKind::Integrity,
+                                format!("{name}: shorter than its manifest says"),
+                            ),
+                            _ => Error::failed(format!("reading {name}: {e}")),
+                        })
+                })
+                .await
+                .map_err(|e| Error::failed(format!("reading {}: {e}", self.part.name)))??
+            }
+        };
+        self.fetched
+            .fetch_add(got.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.kept.set((start, got));
+        Ok(true)
+    }
+
     /// `file` opened again, with an offset of its own at its start: through `/proc/self/fd`
     /// (the same file, whatever its path now names), else a duplicate moved to the start
     /// (sharing its offset with other duplicates: one stream at a time).
@@ -493,8 +704,11 @@ impl Spooled {
     pub fn reader(&self) -> SpooledReader {
         SpooledReader {
             held: self.held.clone(),
+            fetched: self.fetched.clone(),
             start: None,
+            kept: self.kept.get().cloned(),
             size: self.part.size_stored,
+            ahead_until: 0,
             pos: 0,
             ahead: bytes::Bytes::new(),
             ahead_at: 0,
@@ -518,9 +732,20 @@ impl Spooled {
         identities: &[Box<dyn age::Identity + Send + Sync>],
     ) -> Result<Pin<Box<dyn AsyncRead + Send>>> {
         let stored: Pin<Box<dyn AsyncRead + Send>> = match &self.held {
-            Held::File(file) => Box::pin(tokio::io::BufReader::with_capacity(
-                256 << 10,
-                tokio::fs::File::from_std(self.reopen(file)?),
+            Held::File(file) if self.whole_checked => {
+                Box::pin(tokio::io::BufReader::with_capacity(
+                    256 << 10,
+                    tokio::fs::File::from_std(self.reopen(file)?),
+                ))
+            }
+            Held::File(file) => Box::pin(Checked::new(
+                tokio::io::BufReader::with_capacity(
+                    256 << 10,
+                    tokio::fs::File::from_std(self.reopen(file)?),
+                ),
+                format!("{}: stored", self.part.name),
+                &self.part.sha256_stored,
+                self.part.size_stored,
             )),
             Held::Store { store, key, .. } => {
                 let r = store

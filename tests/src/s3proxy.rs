@@ -139,7 +139,7 @@ impl S3Proxy {
         self.state.lock().expect("proxy state").rules.clear();
     }
 
-    /// Every request seen, as `METHOD target`.
+    /// Every request seen, as `METHOD target`, and ` range=bytes=A-B` when it asked for a range.
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().expect("proxy state").log.clone()
     }
@@ -239,7 +239,10 @@ fn serve(client: TcpStream, upstream_port: u16, state: Arc<Mutex<State>>) {
         let target = parts.next().unwrap_or("").to_string();
         let fault = {
             let mut st = state.lock().expect("proxy state");
-            st.log.push(format!("{method} {target}"));
+            match header(&head, "range") {
+                Some(range) => st.log.push(format!("{method} {target} range={range}")),
+                None => st.log.push(format!("{method} {target}")),
+            }
             let mut chosen = None;
             for (rule, seen) in st.rules.iter_mut() {
                 let matches = (rule.method == method || rule.method == "*")

@@ -884,6 +884,29 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
         done["requests"]
     );
     assert!(tree(&to) == tree(src.path()), "the restored tree differs");
+    // One directory: read from the snapshot's frames that hold it, where it is stored.
+    let one = fx.dir.path().join("d57");
+    let r = within("restore --path", &|| {
+        fx.restore(&["--to", one.to_str().unwrap(), "--path", "d57", "--json"])
+    });
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let read = done["result"]["restored"]["snapshot_read"]
+        .as_u64()
+        .unwrap();
+    let stored = std::fs::metadata(
+        fx.dir
+            .path()
+            .join(format!("repo/backups/files/{id2}/snapshot.jsonl.zst.age")),
+    )
+    .unwrap()
+    .len();
+    assert!(read > 0 && read < stored / 2, "read {read} of {stored}");
+    let want: BTreeMap<_, _> = tree(src.path())
+        .into_iter()
+        .filter(|(p, _)| p == "d57" || p.starts_with("d57/"))
+        .collect();
+    assert_eq!(want.len(), 1001);
+    assert!(tree(&one) == want, "the restored directory differs");
     within("verify", &|| fx.verify(&id2));
     // Its report says what it asked: the snapshot, the blob list and the fingerprint, then one
     // GET for each of the n - 1 distinct blobs it re-hashed.
@@ -916,6 +939,173 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
         r.stderr
     );
     assert_eq!(fx.ids(), vec![id2]);
+}
+
+/// Of `requests` (as the proxy logs them), the GETs of `key`: the bytes their ranges asked
+/// for, how many, and whether every one asked for a range.
+fn ranged_bytes(requests: &[String], key: &str) -> (u64, usize, bool) {
+    let gets: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.contains(key))
+        .collect();
+    let bytes = gets
+        .iter()
+        .filter_map(|r| r.split_once(" range=bytes="))
+        .map(|(_, range)| {
+            let (a, b) = range.split_once('-').unwrap();
+            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+        })
+        .sum();
+    let all_ranged = gets.iter().all(|r| r.contains(" range="));
+    (bytes, gets.len(), all_ranged)
+}
+
+#[test]
+fn a_path_is_restored_from_the_snapshot_frames_that_hold_it_and_no_others() {
+    let s3 = s3();
+    let proxy = s3proxy::S3Proxy::start(&s3.endpoint);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bucket = format!("frames-{}", suffix());
+    rt.block_on(async {
+        s3.client()
+            .await
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+    });
+    // 48,000 empty files with long names of little redundancy: a snapshot of several 4 MiB
+    // frames, stored in several age chunks each, and no blob to store but for the few files
+    // with content.
+    let src = tempfile::tempdir().unwrap();
+    for d in 0..48 {
+        let dir = src.path().join(format!("d{d:02}"));
+        std::fs::create_dir(&dir).unwrap();
+        for i in 0..1000 {
+            use sha2::Digest;
+            let name = hex::encode(sha2::Sha512::digest(format!("{d}/{i}")));
+            std::fs::write(dir.join(format!("{i:04}-{name}")), "").unwrap();
+        }
+    }
+    std::fs::create_dir(src.path().join("d23/sub")).unwrap();
+    std::fs::write(src.path().join("d23/hello.txt"), "hello\n").unwrap();
+    std::fs::write(src.path().join("d23/sub/deep.txt"), "deep\n").unwrap();
+    std::fs::write(src.path().join("d23-x.txt"), "beside d23, not under it\n").unwrap();
+    let fx = setup(
+        &format!(
+            "url = \"s3://{bucket}/lb\"\nendpoint = \"{}\"",
+            proxy.endpoint
+        ),
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
+            src.path().display()
+        ),
+        s3.env(),
+    );
+    let id = fx.backup();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &rt.block_on(s3.get(&bucket, &format!("lb/backups/files/{id}/manifest.json"))),
+    )
+    .unwrap();
+    let part = manifest["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "snapshot")
+        .unwrap()
+        .clone();
+    let stored = part["size_stored"].as_u64().unwrap();
+    let frames = part["seek"]["frames"].as_array().map_or(0, Vec::len);
+    assert!(frames >= 3, "the snapshot's frames: {part}");
+    let snapshot = format!("{id}/snapshot.jsonl.zst.age");
+
+    // One file: the fingerprint (its frames' first paths), one frame of the snapshot, one blob.
+    let before = proxy.requests().len();
+    let one = fx.dir.path().join("one");
+    let r = fx.restore(&[
+        "--to",
+        one.to_str().unwrap(),
+        "--path",
+        "d23/hello.txt",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_to_string(one.join("d23/hello.txt")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(walk_count(&one), 1, "only the path is restored");
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let read = done["result"]["restored"]["snapshot_read"]
+        .as_u64()
+        .unwrap();
+    let requests = proxy.requests().split_off(before);
+    let (bytes, gets, all_ranged) = ranged_bytes(&requests, &snapshot);
+    assert!(all_ranged, "the snapshot is never read whole: {requests:?}");
+    assert_eq!(gets, 2, "its header, then its frame: {requests:?}");
+    assert!(
+        bytes < stored / 2 && read <= bytes,
+        "read {read} ({bytes} in ranges) of the snapshot's {stored} stored bytes: {requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.contains("/lb/objects/"))
+            .count()
+            == 1,
+        "one blob read: {requests:?}"
+    );
+
+    // A directory: exactly what is under it, across a frame's end, and not `d23-x.txt`.
+    for d in ["d00", "d23", "d47"] {
+        let to = fx.dir.path().join(format!("dir-{d}"));
+        let r = fx.restore(&["--to", to.to_str().unwrap(), "--path", d, "--json"]);
+        assert_eq!(r.code, 0, "{d}: {}", r.stderr);
+        let want: BTreeMap<_, _> = tree(src.path())
+            .into_iter()
+            .filter(|(p, _)| p == d || p.starts_with(&format!("{d}/")))
+            .map(|(p, (sha, _))| (p, sha))
+            .collect();
+        let got: BTreeMap<_, _> = tree(&to)
+            .into_iter()
+            .map(|(p, (sha, _))| (p, sha))
+            .collect();
+        assert_eq!(got.len(), want.len(), "{d}");
+        assert!(got == want, "{d}: the restored tree differs");
+        let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert!(
+            done["result"]["restored"]["snapshot_read"]
+                .as_u64()
+                .unwrap()
+                < stored,
+            "{d}: {done}"
+        );
+    }
+
+    // A path the snapshot does not hold is refused, whichever frames are read for it.
+    let none = fx.dir.path().join("none");
+    let r = fx.restore(&["--to", none.to_str().unwrap(), "--path", "d23/nope"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("holds nothing at \"d23/nope\""),
+        "{}",
+        r.stderr
+    );
+
+    // The whole snapshot still restores whole.
+    let all = fx.dir.path().join("all");
+    let r = fx.restore(&["--to", all.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        done["result"]["restored"]["snapshot_read"], stored,
+        "{done}"
+    );
+    assert!(tree(&all) == tree(src.path()), "the restored tree differs");
 }
 
 /// The tree hash a snapshot of the files under `root` must carry: `path NUL sha256 LF` of each

@@ -13,6 +13,9 @@
 //! - A run holds no list of the objects: the listing ([`listing`]) and the previous snapshot
 //!   are merged as two streams in path order, entries are written as they come, and the sets
 //!   that grow with the object count (blob ids) are sorted on the temp disk ([`crate::sorted`]).
+//! - The snapshot is a series of zstd frames of about 4 MiB of whole entries, and the
+//!   fingerprint records each frame's first path (`frame_paths`), so that a restore of one path
+//!   reads only the frames that can hold it (ARCHITECTURE.md, "Seekable snapshots").
 //! - Every blob is uploaded before the snapshot that names it; the content uploaded must hash to
 //!   what the first pass read, or the object changed while being read and is retried, then reported.
 //! - Guards: an empty listing, or one that shrank by more than `max_shrink_percent` since the
@@ -129,6 +132,11 @@ pub struct Fingerprint {
     /// Not stored either, beyond the first 1,000 named in `skipped`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped_more: u64,
+    /// The first path of each zstd frame of the snapshot after the first, in the order of the
+    /// snapshot part's seek index (one frame per 4 MiB of snapshot or more): a restore of one
+    /// path reads only the frames that can hold it. Empty for a snapshot of one frame.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frame_paths: Vec<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -795,14 +803,18 @@ async fn known_blobs(
     }
 }
 
-/// Writes each entry as it comes, as one JSON line, into the snapshot's stream.
+/// Writes each entry as it comes, as one JSON line, into the snapshot's stream. Where the
+/// current zstd frame holds [`pipeline::MIN_FRAME`] bytes, the next line's start is offered to
+/// the pipeline through `marks` as a frame start, and its path noted in the tally.
 async fn write_snapshot(
     entries: &mut (impl futures::Stream<Item = Result<Option<Entry>>> + Unpin),
     plain_w: &mut tokio::io::DuplexStream,
+    marks: &Mutex<std::collections::VecDeque<u64>>,
 ) -> Result<Tally> {
     use tokio::io::AsyncWriteExt;
     let io = |e: std::io::Error| Error::failed(format!("writing the snapshot: {e}"));
     let mut t = Tally::default();
+    let (mut offset, mut frame) = (0u64, 0u64);
     while let Some(e) = entries.try_next().await? {
         let Some(e) = e else {
             continue; // gone since it was listed
@@ -810,6 +822,16 @@ async fn write_snapshot(
         let mut line = serde_json::to_vec(&e)
             .map_err(|e| Error::failed(format!("cannot encode the snapshot: {e}")))?;
         line.push(b'\n');
+        if offset - frame >= pipeline::MIN_FRAME {
+            // Offered before a byte of the line is written: the pipeline reads none before.
+            marks
+                .lock()
+                .map_err(|_| Error::failed("frame marks poisoned"))?
+                .push_back(offset);
+            t.marked.push((offset, e.path.clone()));
+            frame = offset;
+        }
+        offset += line.len() as u64;
         plain_w.write_all(&line).await.map_err(io)?;
         t.add(&e)
             .map_err(|e| Error::failed(format!("sorting blob ids on the temp disk: {e}")))?;
@@ -1080,16 +1102,22 @@ impl Source for Objects {
         small
             .recipients
             .push(pipeline::index_x25519(&key).to_public());
+        let marks = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let observer = Marks {
+            queue: marks.clone(),
+            seen: 0,
+        };
         let (plain_w, verdict_tx, snapshot) = piped(
             ctx,
             layout::backup_object(&ctx.source, &ctx.id, SNAPSHOT_OBJECT),
             &small,
             "the snapshot",
+            observer,
         );
         let produce = async {
             let mut plain_w = plain_w;
             let (merged, written) =
-                tokio::join!(merged, write_snapshot(&mut entries, &mut plain_w));
+                tokio::join!(merged, write_snapshot(&mut entries, &mut plain_w, &marks));
             let done = merged.and_then(|m| {
                 let tally = written?;
                 self.shrink_guard(tally.files, m.previous_files)?;
@@ -1139,6 +1167,11 @@ impl Source for Objects {
             symlinks: tally.symlinks,
             skipped: skipped.named,
             skipped_more: skipped.more,
+            frame_paths: digests
+                .seek
+                .as_ref()
+                .map(|seek| frame_paths(&seek.frames, tally.marked))
+                .unwrap_or_default(),
         };
         tracing::debug!(source = %ctx.source, files = fingerprint.files, uploaded = fingerprint.blobs_uploaded, "Snapshot taken");
         Ok(SourceBackup {
@@ -1159,16 +1192,17 @@ impl Source for Objects {
 }
 /// A pipeline into object `key`, fed through the returned writer. The object is completed only
 /// once `true` is sent on the returned sender; `false`, or dropping it, abandons the upload.
-fn piped<'a>(
+fn piped<'a, O: pipeline::Observer + 'a>(
     ctx: &'a BackupContext,
     key: String,
     config: &'a pipeline::PipelineConfig,
     what: &'static str,
+    observer: O,
 ) -> (
     tokio::io::DuplexStream,
     tokio::sync::oneshot::Sender<bool>,
     impl std::future::Future<
-            Output = std::result::Result<(pipeline::Digests, NoObserver), pipeline::PipelineError>,
+            Output = std::result::Result<(pipeline::Digests, O), pipeline::PipelineError>,
         > + 'a,
 ) {
     let (w, r) = tokio::io::duplex(256 << 10);
@@ -1182,7 +1216,7 @@ fn piped<'a>(
     let stored = pipeline::run(
         r,
         verdict,
-        NoObserver,
+        observer,
         ctx.store.clone(),
         key,
         config,
@@ -1226,7 +1260,7 @@ async fn store_blob_list(
         return Ok((part, 0));
     }
     let sealed = ctx.pipeline.small().sealed_with(key);
-    let (mut w, verdict_tx, stored) = piped(ctx, object, &sealed, "the blob list");
+    let (mut w, verdict_tx, stored) = piped(ctx, object, &sealed, "the blob list", NoObserver);
     let write = async {
         use tokio::io::AsyncWriteExt;
         let mut n = 0u64;
@@ -1268,6 +1302,46 @@ struct Tally {
     blobs: sorted::Sorter,
     /// [`tree_sha256`], incrementally.
     tree: Sha256,
+    /// The frame starts offered, and the path of the entry at each.
+    marked: Vec<(u64, String)>,
+}
+
+/// Offers the pipeline the frame starts [`write_snapshot`] marked, each as the chunk holding it
+/// passes.
+struct Marks {
+    queue: Arc<Mutex<std::collections::VecDeque<u64>>>,
+    seen: u64,
+}
+
+impl pipeline::Observer for Marks {
+    fn observe(&mut self, chunk: &[u8]) {
+        self.seen += chunk.len() as u64;
+    }
+
+    fn frame_starts(&mut self, out: &mut Vec<u64>) {
+        let Ok(mut queue) = self.queue.lock() else {
+            return;
+        };
+        while let Some(start) = queue.front().copied().filter(|s| *s < self.seen) {
+            out.push(start);
+            queue.pop_front();
+        }
+    }
+}
+
+/// The first path of each frame the pipeline cut (`frames`, from the seek index), from the
+/// starts `marked`; empty unless every cut is one of them.
+fn frame_paths(frames: &[[u64; 2]], marked: Vec<(u64, String)>) -> Vec<String> {
+    let mut marked = marked.into_iter();
+    let paths: Vec<String> = frames
+        .iter()
+        .map_while(|[at, _]| marked.find(|(m, _)| m == at).map(|(_, p)| p))
+        .collect();
+    if paths.len() == frames.len() {
+        paths
+    } else {
+        Vec::new()
+    }
 }
 
 impl Tally {
@@ -1332,6 +1406,20 @@ mod tests {
         let ok = decode_snapshot(b"{\"path\":\"a b/\xc3\xa9.txt\",\"type\":\"file\",\"size\":0}\n")
             .unwrap();
         assert_eq!(ok[0].path, "a b/é.txt");
+    }
+
+    #[test]
+    fn frame_paths_are_those_of_the_starts_the_pipeline_cut_at_or_none() {
+        let marked = || {
+            [(10, "b"), (20, "c"), (30, "d")]
+                .map(|(at, p)| (at, p.to_string()))
+                .to_vec()
+        };
+        assert_eq!(frame_paths(&[[10, 1], [30, 3]], marked()), ["b", "d"]);
+        assert_eq!(frame_paths(&[], marked()), Vec::<String>::new());
+        // A cut at a start not offered: no paths, and a `--path` restore reads the snapshot whole.
+        assert!(frame_paths(&[[10, 1], [25, 2]], marked()).is_empty());
+        assert!(frame_paths(&[[40, 1]], marked()).is_empty());
     }
 
     #[test]

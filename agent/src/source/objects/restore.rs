@@ -43,12 +43,44 @@ struct Counts {
     all: u64,
 }
 
-/// A spooled, checked snapshot, read from its start as often as a restore needs (each pass
-/// decrypts it again: nothing of it is held), filtered to the restored path.
+/// A snapshot read as often as a restore needs (each pass decrypts it again: nothing of it is
+/// held), filtered to the restored path: spooled and checked whole, or only the frames that
+/// can hold the path ([`Frames`]).
 pub struct Snapshot<'a> {
     spooled: crate::restore::Spooled,
     identities: &'a [Box<dyn age::Identity + Send + Sync>],
     only: Option<&'a str>,
+    frames: Option<Frames>,
+}
+
+/// The stretch of a snapshot's plaintext that holds every path at the restored one: whole
+/// frames, found by their first paths (recorded in the fingerprint), in path order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Frames {
+    /// Where the first frame read starts.
+    from: u64,
+    /// Where the last one ends; `None` at the snapshot's end.
+    to: Option<u64>,
+    /// The path of the entry at `from`, read back as a check (`None` at the snapshot's start).
+    first: Option<String>,
+}
+
+impl Frames {
+    /// The frames of a snapshot (cut at `cuts`, each `[plaintext offset, _]`, whose first paths
+    /// are `paths`) that hold the paths at `only`: `only` itself, and everything from `only/`
+    /// to before `only0` (`0` follows `/`), which path order keeps together; the names between
+    /// (`only-x`, `only.y`) are read and filtered out.
+    fn at(cuts: &[[u64; 2]], paths: &[String], only: &str) -> Frames {
+        let end = format!("{only}0");
+        // Frame k (k ≥ 1) starts at cuts[k - 1] with paths[k - 1].
+        let first = paths.partition_point(|p| p.as_str() <= only);
+        let last = paths.partition_point(|p| p.as_str() < end.as_str());
+        Frames {
+            from: first.checked_sub(1).map_or(0, |k| cuts[k][0]),
+            to: cuts.get(last).map(|c| c[0]),
+            first: first.checked_sub(1).map(|k| paths[k].clone()),
+        }
+    }
 }
 
 impl<'a> Snapshot<'a> {
@@ -62,21 +94,80 @@ impl<'a> Snapshot<'a> {
             spooled,
             identities,
             only,
+            frames: None,
         }
     }
 
     /// Its entries, in the order they were written.
     pub fn entries(&self) -> impl futures::Stream<Item = Result<Entry>> + Send + '_ {
         futures::stream::once(async move {
-            let plain = self.spooled.plaintext(self.identities).await?;
+            let plain = match &self.frames {
+                None => self.spooled.plaintext(self.identities).await?,
+                Some(frames) => self.framed(frames)?,
+            };
             let r =
                 super::SnapshotReader::new(tokio::io::BufReader::with_capacity(64 << 10, plain));
-            Ok::<_, Error>(futures::stream::try_unfold(r, |mut r| async move {
-                Ok(r.next().await?.map(|e| (e, r)))
-            }))
+            let first = self.frames.as_ref().and_then(|f| f.first.clone());
+            let name = &self.spooled.part.name;
+            Ok::<_, Error>(futures::stream::try_unfold(
+                (r, first),
+                move |(mut r, first)| async move {
+                    let Some(e) = r.next().await? else {
+                        return Ok(None);
+                    };
+                    if let Some(want) = first.filter(|w| *w != e.path) {
+                        return Err(Error::new(
+                            ErrorKind::Integrity,
+                            format!(
+                                "{name}: the frame that should start at {want:?} starts at {:?}",
+                                e.path
+                            ),
+                        )
+                        .hint("restore without --path, which reads the snapshot whole, and run `lifeboat check --read-data`"));
+                    }
+                    Ok(Some((e, (r, None))))
+                },
+            ))
         })
         .try_flatten()
         .try_filter(move |e| futures::future::ready(self.only.is_none_or(|p| under(&e.path, p))))
+    }
+
+    /// The plaintext of `frames`: age and zstd read from the frame's chunk on, in a blocking
+    /// thread, through a channel of a few chunks.
+    fn framed(
+        &self,
+        frames: &Frames,
+    ) -> Result<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>> {
+        use std::io::Read;
+        let reader = tokio::task::block_in_place(|| {
+            self.spooled
+                .open_at(self.identities, frames.from, frames.to)
+        })?;
+        let len = frames.to.map_or(u64::MAX, |to| to - frames.from);
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+        tokio::task::spawn_blocking(move || {
+            let mut r = reader.take(len);
+            loop {
+                let mut buf = vec![0u8; 64 << 10];
+                let read = match r.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Ok(bytes::Bytes::from(buf))
+                    }
+                    Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+                };
+                let failed = read.is_err();
+                if tx.blocking_send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut rx = rx;
+        Ok(Box::pin(tokio_util::io::StreamReader::new(
+            futures::stream::poll_fn(move |cx| rx.poll_recv(cx)),
+        )))
     }
 
     /// Its entries of `kind`.
@@ -132,12 +223,31 @@ pub async fn restore_objects(
     progress: std::sync::Arc<dyn Progress>,
 ) -> Result<Restored> {
     let part = part(manifest, Role::Snapshot)?;
-    progress.phase(
-        "downloading and checking the snapshot",
-        Some(part.size_stored),
-    );
-    let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
-    let snapshot = Snapshot::new(spooled, identities, only);
+    let frames = match only {
+        Some(only) => frames_at(repo, manifest, part, identities, only).await?,
+        None => None,
+    };
+    let snapshot = match frames {
+        Some(frames) => {
+            // Only the frames that can hold the path are read, where they are stored; once,
+            // for every pass, unless they are many.
+            progress.phase("reading the snapshot's frames that hold the path", None);
+            let spooled = crate::restore::Spooled::where_stored(repo, manifest, part).await?;
+            spooled.keep(frames.from, frames.to).await?;
+            Snapshot {
+                frames: Some(frames),
+                ..Snapshot::new(spooled, identities, only)
+            }
+        }
+        None => {
+            progress.phase(
+                "downloading and checking the snapshot",
+                Some(part.size_stored),
+            );
+            let spooled = spool(repo, manifest, part, spool_dir, progress.as_ref()).await?;
+            Snapshot::new(spooled, identities, only)
+        }
+    };
     let counts = snapshot.counts().await?;
     if let (Some(path), 0) = (only, counts.all) {
         return Err(Error::new(
@@ -183,7 +293,40 @@ pub async fn restore_objects(
     if matches!(target, ObjectsTarget::Store(..)) {
         done.symlinks_skipped = counts.symlinks;
     }
+    done.snapshot_read = match snapshot.frames {
+        Some(_) => snapshot.spooled.fetched(),
+        None => part.size_stored,
+    };
     Ok(done)
+}
+
+/// The frames of the snapshot `part` that hold the paths at `only`, when its backup recorded
+/// where its frames start (a snapshot of more than one frame) and this runtime may block in
+/// its reads; `None`: read it whole.
+async fn frames_at(
+    repo: &Repository,
+    manifest: &Manifest,
+    part: &crate::repo::manifest::Part,
+    identities: &[Box<dyn age::Identity + Send + Sync>],
+    only: &str,
+) -> Result<Option<Frames>> {
+    let Some(seek) = &part.seek else {
+        return Ok(None);
+    };
+    if tokio::runtime::Handle::current().runtime_flavor()
+        != tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        return Ok(None);
+    }
+    let fingerprint = crate::restore::fingerprint(repo, manifest, identities).await?;
+    let paths: Vec<String> = fingerprint
+        .get("frame_paths")
+        .and_then(|p| serde_json::from_value(p.clone()).ok())
+        .unwrap_or_default();
+    if paths.is_empty() || paths.len() != seek.frames.len() {
+        return Ok(None);
+    }
+    Ok(Some(Frames::at(&seek.frames, &paths, only)))
 }
 
 /// Whether snapshot path `path` is `prefix` or under it.
@@ -260,6 +403,9 @@ pub struct Restored {
     pub symlinks: u64,
     /// Symbolic links not restored: a bucket has none.
     pub symlinks_skipped: u64,
+    /// Stored bytes of the snapshot read from the repository: all of it, or with `--path` on a
+    /// snapshot of several frames, those that can hold the path.
+    pub snapshot_read: u64,
 }
 
 /// Writes the snapshot's entries under `target`: directories, then every file through a temp
@@ -835,4 +981,54 @@ fn restore_s3_config(
     cfg.object_lock = None;
     cfg.server_side_encryption = None;
     cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames starting at 0, 100, 200, 300 and 400, after the first with these paths.
+    fn cuts() -> (Vec<[u64; 2]>, Vec<String>) {
+        let paths = ["b/5", "c", "c/m", "d"].map(String::from).to_vec();
+        let cuts = (1..=4).map(|k| [k * 100, k * 10]).collect();
+        (cuts, paths)
+    }
+
+    fn frames(from: u64, to: Option<u64>, first: Option<&str>) -> Frames {
+        Frames {
+            from,
+            to,
+            first: first.map(String::from),
+        }
+    }
+
+    #[test]
+    fn a_path_is_read_from_the_frames_that_can_hold_it_and_no_others() {
+        let (cuts, paths) = cuts();
+        let at = |p| Frames::at(&cuts, &paths, p);
+        // Before the first cut: the first frame only.
+        assert_eq!(at("a"), frames(0, Some(100), None));
+        // Across a cut: b/1 is in the first frame, b/5 on in the second; `c` starts the third.
+        assert_eq!(at("b"), frames(0, Some(200), None));
+        // A path that starts a frame: from that frame, and `c/…` runs into the next.
+        assert_eq!(at("c"), frames(200, Some(400), Some("c")));
+        assert_eq!(at("c/m"), frames(300, Some(400), Some("c/m")));
+        // `c/a` sorts before the frame starting at `c/m`.
+        assert_eq!(at("c/a"), frames(200, Some(300), Some("c")));
+        // After the last cut: to the end.
+        assert_eq!(at("d"), frames(400, None, Some("d")));
+        assert_eq!(at("z"), frames(400, None, Some("d")));
+        // `c-x` sorts between `c` and `c/`: read with them, and filtered out.
+        assert_eq!(at("c-x"), frames(200, Some(300), Some("c")));
+    }
+
+    #[test]
+    fn names_that_sort_between_a_directory_and_its_entries_stay_in_the_range() {
+        // `a`, `a-b` and `a.c` sort before `a/`; `a0` after everything under `a/`.
+        let paths = ["a-b", "a.c", "a/x", "a0"].map(String::from).to_vec();
+        let cuts: Vec<[u64; 2]> = (1..=4).map(|k| [k * 100, k]).collect();
+        let f = Frames::at(&cuts, &paths, "a");
+        assert_eq!(f, frames(0, Some(400), None));
+        assert!(under("a/x", "a") && under("a", "a") && !under("a-b", "a") && !under("a0", "a"));
+    }
 }

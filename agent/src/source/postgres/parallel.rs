@@ -21,7 +21,7 @@
 //! A dump this cannot restore that way (no seek index, no fingerprint, large objects) is restored
 //! as before: decrypted to a spool file for `pg_restore -j N`.
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, Read};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -30,7 +30,6 @@ use futures::SinkExt;
 use super::pgdump::{self, ArchiveToc, TableData};
 use super::{quote_ident, Connection, Fingerprint, Postgres, RestoreInput, RestoreOptions};
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::manifest::SeekIndex;
 use crate::restore::{Progress, Spooled};
 
 type Identities = [Box<dyn age::Identity + Send + Sync>];
@@ -38,10 +37,6 @@ type Identities = [Box<dyn age::Identity + Send + Sync>];
 /// A dump that can be restored table by table.
 pub struct Seekable<'a> {
     spooled: &'a Spooled,
-    /// Its age header, read and checked against the manifest's hash once: every reader starts
-    /// from these bytes, so the file key is the backup's whatever the store holds since.
-    header: std::sync::OnceLock<std::sync::Arc<[u8]>>,
-    seek: &'a SeekIndex,
     toc_end: u64,
     tables: &'a [TableData],
 }
@@ -83,62 +78,15 @@ impl<'a> Seekable<'a> {
             && dump.large_objects == 0
             && dump.tables.iter().all(|t| t.block.is_some());
         Some(Seekable {
-            spooled,
-            header: std::sync::OnceLock::new(),
-            seek: spooled.part.seek.as_ref()?,
+            spooled: spooled.part.seek.as_ref().map(|_| spooled)?,
             toc_end: dump.toc_end.filter(|_| whole)?,
             tables: &dump.tables,
         })
     }
 
-    /// The age header, read and checked on the first call: the manifest's hash of it means the
-    /// file key is the backup's, and so is every chunk age accepts under it.
-    fn header(&self) -> Result<std::sync::Arc<[u8]>> {
-        if let Some(h) = self.header.get() {
-            return Ok(h.clone());
-        }
-        let name = &self.spooled.part.name;
-        let mut header = vec![0; self.seek.header_len as usize];
-        self.spooled
-            .reader()
-            .read_exact(&mut header)
-            .map_err(|e| Error::failed(format!("{name}: reading its header: {e}")))?;
-        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&header));
-        if sha != self.seek.header_sha256 {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "{name}: the age header's SHA-256 is {sha}, the manifest says {}",
-                    self.seek.header_sha256
-                ),
-            )
-            .hint("the object changed since it was checked; run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)"));
-        }
-        Ok(self.header.get_or_init(|| header.into()).clone())
-    }
-
     /// The decoded plaintext from `offset` on.
     fn open_at(&self, identities: &Identities, offset: u64) -> Result<impl BufRead + Send> {
-        let name = &self.spooled.part.name;
-        let file = self.spooled.reader_after(self.header()?);
-        let mut stream = age::Decryptor::new(BufReader::with_capacity(256 << 10, file))
-            .and_then(|d| d.decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity)))
-            .map_err(|e| {
-                Error::new(ErrorKind::Integrity, format!("{name}: cannot decrypt: {e}"))
-            })?;
-        let [plain, at] = self.seek.frame_of(offset);
-        let damaged = |e: std::io::Error| {
-            Error::new(
-                ErrorKind::Integrity,
-                format!("{name}: reading at plaintext offset {offset}: {e}"),
-            )
-        };
-        stream.seek(SeekFrom::Start(at)).map_err(damaged)?;
-        let zstd = zstd::stream::read::Decoder::new(stream).map_err(damaged)?;
-        let mut r = BufReader::with_capacity(256 << 10, zstd);
-        std::io::copy(&mut r.by_ref().take(offset - plain), &mut std::io::sink())
-            .map_err(damaged)?;
-        Ok(r)
+        self.spooled.open_at(identities, offset, None)
     }
 
     /// Writes the archive's header and TOC into a file in `dir`, and reads it.
