@@ -766,6 +766,26 @@ impl Spooled {
         Ok(Box::pin(plain_checked(reader, &self.part)))
     }
 
+    /// Whether `identities` open it, found before anything is applied. Where it is read by
+    /// range from the store, only its age header is read (the one its seek index checks),
+    /// not a whole download dropped after its header.
+    pub async fn opens_with(
+        &self,
+        identities: &[Box<dyn age::Identity + Send + Sync>],
+    ) -> Result<()> {
+        match (&self.held, &self.part.seek) {
+            (Held::Store { .. }, Some(seek)) => {
+                let header = tokio::task::block_in_place(|| self.header(seek))?;
+                let header = io::Cursor::new(header.to_vec());
+                pipeline::decrypt_stream(Box::pin(header), identities)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.context(&self.part.name))
+            }
+            _ => self.plaintext(identities).await.map(drop),
+        }
+    }
+
     /// Writes the checked plaintext to a file in `dir` (for parallel pg_restore).
     pub async fn plaintext_file(
         &self,

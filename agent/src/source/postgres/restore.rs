@@ -190,7 +190,7 @@ pub async fn restore_postgres(
     // The identity must open every part before anything is created on the target: a wrong key
     // is exit 12 with the target untouched, not an empty database left behind.
     for p in &parts {
-        drop(p.plaintext(identities).await?);
+        p.opens_with(identities).await?;
     }
     // With jobs, a dump whose backup recorded where its tables' data lies loads them at once
     // straight from the stored object; the fingerprint says where.
