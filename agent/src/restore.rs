@@ -590,7 +590,7 @@ impl Spooled {
                     seek.header_sha256
                 ),
             )
-            .hint("the object changed since it was checked; run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)"));
+            .hint("the stored object is not the one its manifest describes; use another backup and run `lifeboat check --read-data` (RUNBOOK.md#integrity-failure)"));
         }
         Ok(self.header.get_or_init(|| header.into()).clone())
     }
