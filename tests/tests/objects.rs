@@ -1096,6 +1096,49 @@ fn a_path_is_restored_from_the_snapshot_frames_that_hold_it_and_no_others() {
         r.stderr
     );
 
+    // A fingerprint that cannot be read leaves the snapshot to be read whole, and checked
+    // whole: the path still restores.
+    let fingerprint = format!("lb/backups/files/{id}/fingerprint.json.age");
+    let kept = rt.block_on(s3.get(&bucket, &fingerprint));
+    let put = |body: Vec<u8>| {
+        rt.block_on(async {
+            s3.client()
+                .await
+                .put_object()
+                .bucket(&bucket)
+                .key(&fingerprint)
+                .body(body.into())
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    put(b"damaged".to_vec());
+    let whole = fx.dir.path().join("whole");
+    let r = fx.restore(&[
+        "--to",
+        whole.to_str().unwrap(),
+        "--path",
+        "d23/hello.txt",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("fingerprint cannot be read"),
+        "{}",
+        r.stderr
+    );
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        done["result"]["restored"]["snapshot_read"], stored,
+        "{done}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(whole.join("d23/hello.txt")).unwrap(),
+        "hello\n"
+    );
+    put(kept);
+
     // The whole snapshot still restores whole.
     let all = fx.dir.path().join("all");
     let r = fx.restore(&["--to", all.to_str().unwrap(), "--json"]);

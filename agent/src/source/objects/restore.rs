@@ -301,8 +301,8 @@ pub async fn restore_objects(
 }
 
 /// The frames of the snapshot `part` that hold the paths at `only`, when its backup recorded
-/// where its frames start (a snapshot of more than one frame) and this runtime may block in
-/// its reads; `None`: read it whole.
+/// where its frames start (a snapshot of more than one frame), its fingerprint can be read, and
+/// this runtime may block in its reads; `None`: read it whole.
 async fn frames_at(
     repo: &Repository,
     manifest: &Manifest,
@@ -318,7 +318,14 @@ async fn frames_at(
     {
         return Ok(None);
     }
-    let fingerprint = crate::restore::fingerprint(repo, manifest, identities).await?;
+    // Without the fingerprint, the snapshot is still read whole (and checked whole).
+    let fingerprint = match crate::restore::fingerprint(repo, manifest, identities).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(backup = %manifest.id, error = %e.message, "The fingerprint cannot be read: the whole snapshot is read to find the path");
+            return Ok(None);
+        }
+    };
     let paths: Vec<String> = fingerprint
         .get("frame_paths")
         .and_then(|p| serde_json::from_value(p.clone()).ok())
