@@ -249,22 +249,22 @@ impl Union {
     }
 }
 
-/// Sorted ids in a temp file, for lookups.
-pub struct SortedFile {
+/// Sorted ids (or records of `N` bytes, sorted by their bytes) in a temp file, for lookups.
+pub struct SortedFile<const N: usize = 32> {
     file: File,
     len: u64,
 }
 
 /// Writes a [`SortedFile`], one id at a time.
-pub struct SortedWriter {
+pub struct SortedWriter<const N: usize = 32> {
     w: BufWriter<File>,
     len: u64,
-    last: Option<Id>,
+    last: Option<[u8; N]>,
 }
 
-impl SortedWriter {
+impl<const N: usize> SortedWriter<N> {
     /// An empty one, in a new temp file.
-    pub fn new() -> io::Result<SortedWriter> {
+    pub fn new() -> io::Result<SortedWriter<N>> {
         Ok(SortedWriter {
             w: BufWriter::with_capacity(64 << 10, tempfile::tempfile()?),
             len: 0,
@@ -273,7 +273,7 @@ impl SortedWriter {
     }
 
     /// Adds `id`, which must sort after the last one.
-    pub fn push(&mut self, id: Id) -> io::Result<()> {
+    pub fn push(&mut self, id: [u8; N]) -> io::Result<()> {
         if self.last.is_some_and(|l| l >= id) {
             return Err(io::Error::other("ids are not sorted"));
         }
@@ -284,7 +284,7 @@ impl SortedWriter {
     }
 
     /// The file, ready for lookups.
-    pub fn finish(self) -> io::Result<SortedFile> {
+    pub fn finish(self) -> io::Result<SortedFile<N>> {
         let file = self.w.into_inner().map_err(|e| e.into_error())?;
         Ok(SortedFile {
             file,
@@ -293,9 +293,9 @@ impl SortedWriter {
     }
 }
 
-impl SortedFile {
+impl<const N: usize> SortedFile<N> {
     /// Its ids, in order.
-    pub fn iter(&self) -> io::Result<impl Iterator<Item = io::Result<Id>>> {
+    pub fn iter(&self) -> io::Result<impl Iterator<Item = io::Result<[u8; N]>>> {
         use std::io::Seek;
         let mut f = self.file.try_clone()?;
         f.rewind()?;
@@ -303,20 +303,29 @@ impl SortedFile {
         Ok(std::iter::from_fn(move || read_id(&mut r).transpose()))
     }
 
-    /// Whether `id` is among them.
-    pub fn contains(&self, id: &Id) -> io::Result<bool> {
+    /// The first record that starts with `key`, by binary search.
+    pub fn find(&self, key: &[u8]) -> io::Result<Option<[u8; N]>> {
         let (mut lo, mut hi) = (0u64, self.len);
-        let mut at = [0u8; 32];
+        let mut at = [0u8; N];
+        let n = key.len().min(N);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            self.file.read_exact_at(&mut at, mid * 32)?;
-            match at.cmp(id) {
-                std::cmp::Ordering::Equal => return Ok(true),
+            self.file.read_exact_at(&mut at, mid * N as u64)?;
+            match at[..n].cmp(&key[..n]) {
                 std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
+                _ => hi = mid,
             }
         }
-        Ok(false)
+        if lo == self.len {
+            return Ok(None);
+        }
+        self.file.read_exact_at(&mut at, lo * N as u64)?;
+        Ok((at[..n] == key[..n]).then_some(at))
+    }
+
+    /// Whether `id` is among them.
+    pub fn contains(&self, id: &[u8; N]) -> io::Result<bool> {
+        Ok(self.find(id)?.is_some())
     }
 }
 
@@ -411,5 +420,24 @@ mod tests {
         assert!(w.push(id(1)).is_err(), "out of order");
         let empty = SortedWriter::new().unwrap().finish().unwrap();
         assert!(!empty.contains(&id(0)).unwrap());
+    }
+
+    #[test]
+    fn a_sorted_file_of_records_finds_each_by_its_key() {
+        let record = |n: u32| {
+            let mut r = [0u8; 40];
+            r[..32].copy_from_slice(&id(n));
+            r[32..36].copy_from_slice(&(n * 3).to_be_bytes());
+            r
+        };
+        let mut w = SortedWriter::<40>::new().unwrap();
+        for i in 0..3000 {
+            w.push(record(i * 2)).unwrap();
+        }
+        let f = w.finish().unwrap();
+        for i in 0..6000 {
+            let found = f.find(&id(i)).unwrap();
+            assert_eq!(found, (i % 2 == 0).then(|| record(i)), "{i}");
+        }
     }
 }

@@ -1773,3 +1773,20 @@ pub fn limited(bin: &Path, dir: &Path, kib: u64, args: &[&str], env: &[(String, 
         peak_rss_kib: 0, // not watched
     }
 }
+
+/// A stored object's plaintext, read with the stock tools (`age -d | zstd -d`).
+pub fn stock_plaintext(identity: &Path, object: &Path) -> Vec<u8> {
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("set -o pipefail; age -d -i \"$0\" \"$1\" | zstd -dc")
+        .arg(identity)
+        .arg(object)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}

@@ -1,9 +1,11 @@
 //! Objects sources against real directories and a real S3 server: snapshots restore exactly
 //! (nested paths, unicode and spaces, empty files and directories, modes, a 50 MB file, thousands
-//! of small files); a second run after one change uploads one blob; an older snapshot restores the
-//! older content; the shrink guard fires; a damaged blob is caught by restore, the verifier and
-//! check; 100,000 objects are backed up within a memory budget, and a content copied from another
-//! file is found in the last snapshot's blob list instead of being stored again.
+//! of small files, packed and read back by stock tools from their offsets); a second run after one
+//! change uploads one blob; an older snapshot restores the older content; the shrink guard fires
+//! and aborts the pack it started; a damaged pack is caught by restore, the verifier and check;
+//! packs and blobs are collected only when no snapshot names them; 100,000 objects are backed up
+//! within a memory budget in a few packs, and a content copied from another file is found, with
+//! its place in a pack, in the last snapshot's blob list instead of being stored again.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -187,11 +189,51 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     );
     let fp = fx.fingerprint(&first);
     assert_eq!(fp["files"], 10_000 + 6, "{fp}");
-    // The duplicate is stored once, the empty file needs no blob.
+    // The duplicate is stored once, the empty file needs no blob. The 10,003 small contents
+    // go into one pack; the 50 MB file is an object of its own.
     assert_eq!(fp["blobs"], 10_000 + 4, "{fp}");
     assert_eq!(fp["blobs_uploaded"], 10_000 + 4, "{fp}");
-    let blobs = walk_count(&fx.dir.path().join("repo/objects"));
-    assert_eq!(blobs, 10_004);
+    assert_eq!(fp["packs"], 1, "{fp}");
+    assert_eq!(fp["packs_uploaded"], 1, "{fp}");
+    let objects = files_under(&fx.dir.path().join("repo/objects"));
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    let pack = objects
+        .iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() < 20 << 20)
+        .unwrap()
+        .clone();
+
+    // Stock tools read a packed content from the offsets its snapshot entry gives.
+    let snapshot = stock_plaintext(
+        &fx.key.identity,
+        &fx.dir
+            .path()
+            .join(format!("repo/backups/files/{first}/snapshot.jsonl.zst.age")),
+    );
+    let entry: serde_json::Value = String::from_utf8(snapshot)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["path"] == "docs/run.sh")
+        .unwrap();
+    let slice = &entry["pack"];
+    assert_eq!(
+        pack.file_stem().unwrap().to_str().unwrap(),
+        slice["id"].as_str().unwrap(),
+        "{entry}"
+    );
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; dd if=\"$0\" iflag=skip_bytes,count_bytes skip={} count={} bs=1M status=none | age -d -i \"$1\" | zstd -dq",
+            slice["offset"], slice["len"]
+        ))
+        .arg(&pack)
+        .arg(&fx.key.identity)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"#!/bin/sh\necho hi\n");
 
     // Restore into a new directory: the same tree, byte for byte, modes and empty dirs included.
     let out = fx.dir.path().join("restored");
@@ -251,7 +293,12 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     let second = fx.backup();
     let fp2 = fx.fingerprint(&second);
     assert_eq!(fp2["blobs_uploaded"], 1, "{fp2}");
-    assert_eq!(walk_count(&fx.dir.path().join("repo/objects")), 10_005);
+    assert_eq!(fp2["packs_uploaded"], 1, "{fp2}");
+    assert_eq!(
+        fp2["packs"], 2,
+        "the first pack still holds the rest: {fp2}"
+    );
+    assert_eq!(walk_count(&fx.dir.path().join("repo/objects")), 3);
 
     // The older snapshot still gives the older content.
     let older = fx.dir.path().join("older");
@@ -274,7 +321,15 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     assert_eq!(tree(&older), want);
     assert_eq!(fx.verify(&second).code, 0);
 
-    // The shrink guard: an emptied source records nothing.
+    // The shrink guard: an emptied source records nothing. The new contents that run packed
+    // (more than a 5 MiB part) are aborted with it: no object, no temp file.
+    for i in 0..8 {
+        std::fs::write(
+            src.path().join(format!("docs/new-{i}.bin")),
+            pseudo_random(1000 << 10, 100 + i),
+        )
+        .unwrap();
+    }
     for e in std::fs::read_dir(src.path().join("many"))
         .unwrap()
         .flatten()
@@ -285,9 +340,11 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("down from"), "{}", r.stderr);
     assert_eq!(fx.ids().len(), 2);
+    let objects = files_under(&fx.dir.path().join("repo/objects"));
+    assert_eq!(objects.len(), 3, "{objects:?}");
 
-    // A damaged blob: restore stops with 13 before that file appears; the verifier says 13.
-    let victim = find_blob(&fx.dir.path().join("repo/objects"), 1000);
+    // A damaged pack: restore stops with 13 before that file appears; the verifier says 13.
+    let victim = pack;
     let mut b = std::fs::read(&victim).unwrap();
     let i = b.len() - 20;
     b[i] ^= 1;
@@ -306,8 +363,9 @@ fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_chang
     let v = fx.verify(&second);
     assert_eq!(v.code, 13, "{}{}", v.stdout, v.stderr);
 
-    // check --read-data finds it too: with the identity every blob a snapshot names is re-hashed;
-    // with only the index key, blobs are checked for presence and the output says so.
+    // check --read-data finds it too: with the identity every content a snapshot names is
+    // re-hashed; with only the index key, blobs and packs are checked for presence and the
+    // output says so.
     let blob = victim.strip_prefix(fx.dir.path().join("repo")).unwrap();
     let blob = blob.to_str().unwrap();
     let identity = fx.key.identity.to_str().unwrap().to_string();
@@ -411,15 +469,16 @@ fn an_s3_prefix_is_snapshotted_into_an_s3_repository_and_changes_go_by_etag() {
     );
     let repository = &requests["repository"];
     assert_eq!(repository["delete"], 0, "{result}");
-    // The blob, the snapshot and the blob list (then the fingerprint and the manifest, not
-    // counted). The snapshot is the next run's change index: nothing else is written.
+    // The pack holding the changed content, the snapshot and the blob list (then the
+    // fingerprint and the manifest, not counted). The snapshot is the next run's change index: nothing else is written.
     assert_eq!(repository["put"], 3, "{result}");
     assert!(repository["get"].as_u64().unwrap() >= 2, "{result}");
     let blobs = rt.block_on(s3.keys(&repo_bucket, "lb/objects/"));
     assert_eq!(
         blobs.len(),
-        4,
-        "3 contents (the empty object needs none) + 1 changed: {blobs:?}"
+        3,
+        "the 2 small contents in a pack, the large one alone (the empty object needs none), \
+         and the changed one in a pack of its run: {blobs:?}"
     );
     let v = fx.verify(&first);
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
@@ -509,10 +568,11 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
     std::fs::write(src.path().join("b.txt"), "two\n").unwrap();
     // Larger than what a run keeps in memory: read twice, checked on the second read.
     std::fs::write(src.path().join("c.bin"), pseudo_random(3 << 20, 5)).unwrap();
+    // Every content an object of its own (packs are collected in the next test).
     let fx = setup(
         "url = \"file://./repo\"",
         &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 1 }}\n",
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 1 }}\npack_size = \"0\"\n",
             src.path().display()
         ),
         Vec::new(),
@@ -607,6 +667,8 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
 #[test]
 fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
     let src = tempfile::tempdir().unwrap();
+    // In the first backup's pack, and named by every backup: that pack stays.
+    std::fs::write(src.path().join("same.txt"), "never changes\n").unwrap();
     let fx = setup(
         "url = \"file://./repo\"",
         &format!(
@@ -615,8 +677,9 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
         ),
         Vec::new(),
     );
-    // Eleven backups, each naming one content no other names: more lists than one merge pass
-    // takes, so a pass that lost a list would leave its blob unnamed.
+    // Eleven backups, each naming one content no other names, stored in a pack of its run:
+    // more lists than one merge pass takes, so a pass that lost a list would leave its pack
+    // unnamed.
     let n = 11;
     for i in 0..n {
         std::fs::write(src.path().join("v.txt"), format!("version {i}\n")).unwrap();
@@ -633,7 +696,8 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
         "{}",
         r.stderr
     );
-    // Keeping only the last: the ten others' contents are named by nothing, and old: deleted.
+    // Keeping only the last: the packs of the nine runs between the first and the last are
+    // named by nothing, and old: deleted. The first run's pack holds a content named still.
     let policy = std::fs::read_to_string(&fx.policy).unwrap();
     std::fs::write(
         &fx.policy,
@@ -644,13 +708,13 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stderr.contains(&format!(
-            "{n} stored, 1 named by snapshots; deleted {}",
-            n - 1
+            "{n} stored, 2 named by snapshots; deleted {}",
+            n - 2
         )),
         "{}",
         r.stderr
     );
-    assert_eq!(walk_count(&blobs_dir), 1);
+    assert_eq!(walk_count(&blobs_dir), 2);
     let out = fx.dir.path().join("restored");
     let r = fx.restore(&["--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -658,6 +722,17 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
         std::fs::read_to_string(out.join("v.txt")).unwrap(),
         format!("version {}\n", n - 1)
     );
+    assert_eq!(
+        std::fs::read_to_string(out.join("same.txt")).unwrap(),
+        "never changes\n"
+    );
+    let r = fx.run(&[
+        "check",
+        "--read-data",
+        "--identity",
+        fx.key.identity.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
 /// Makes every file under `dir` look written two days ago (past blob collection's grace).
@@ -675,14 +750,6 @@ fn two_days_old(dir: &Path) {
 
 fn walk_count(dir: &Path) -> usize {
     files_under(dir).len()
-}
-
-/// A stored blob bigger than `min` bytes.
-fn find_blob(dir: &Path, min: u64) -> PathBuf {
-    files_under(dir)
-        .into_iter()
-        .find(|p| std::fs::metadata(p).unwrap().len() > min)
-        .expect("a blob")
 }
 
 #[test]
@@ -828,21 +895,28 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
         r
     };
     let r = within("first backup", &|| fx.run(&["backup", "--json"]));
-    // One PUT per content, plus the snapshot's and the blob list's; nothing deleted (no older
-    // change index to clear on a first run).
+    // The contents go into packs of 16 MiB, each stored in parts of 5 MiB: a few dozen PUTs
+    // in all with the snapshot's and the blob list's, not one per content; nothing deleted (no
+    // older change index to clear on a first run).
     let result: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     let requests = &result[0]["requests"]["repository"];
     let puts = requests["put"].as_u64().unwrap();
-    assert!((n as u64 + 2..n as u64 + 20).contains(&puts), "{requests}");
+    assert!((3..40).contains(&puts), "{requests}");
     assert_eq!(requests["delete"], 0, "{requests}");
     let id = fx.ids()[0].clone();
     let fp = fx.fingerprint(&id);
     assert_eq!(fp["files"], n, "{fp}");
     assert_eq!(fp["dirs"], 100, "{fp}");
     assert_eq!(fp["blobs"], n, "{fp}");
+    let packs = fp["packs"].as_u64().unwrap();
+    assert!((1..5).contains(&packs), "{fp}");
+    assert_eq!(
+        walk_count(&fx.dir.path().join("repo/objects")) as u64,
+        packs
+    );
 
     // 1 % changed: 999 new contents, and one file given the content of another (named by the
-    // last snapshot's blob list, so not stored again).
+    // last snapshot's blob list, with its place in a pack, so not stored again).
     for i in 0..n / 100 - 1 {
         std::fs::write(
             src.path().join(format!("d07/f{i:04}")),
@@ -856,6 +930,8 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
     let fp2 = fx.fingerprint(&id2);
     assert_eq!(fp2["files"], n, "{fp2}");
     assert_eq!(fp2["blobs_uploaded"], n / 100 - 1, "{fp2}");
+    assert_eq!(fp2["packs_uploaded"], 1, "{fp2}");
+    assert_eq!(fp2["packs"], packs + 1, "{fp2}");
     assert_eq!(fp2["blobs"], n - 1, "two files share a content: {fp2}");
     assert_ne!(fp["tree_sha256"], fp2["tree_sha256"]);
 
@@ -863,12 +939,10 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
     assert_eq!(fp2["tree_sha256"], tree_sha256(src.path()), "{fp2}");
     let r = within("check", &|| fx.run(&["check", "--json"]));
     let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    // A HEAD for each distinct blob the two backups name, each once.
+    // A HEAD for each distinct pack the two backups name, each once (and the backups' own
+    // objects): not one per content.
     let heads = report["requests"]["head"].as_u64().unwrap();
-    assert!(
-        (n as u64 + 999..n as u64 + 1100).contains(&heads),
-        "{report}"
-    );
+    assert!((packs + 1..100).contains(&heads), "{report}");
 
     // Restoring, verifying and collecting blobs stream the snapshot and the blob lists too.
     let to = fx.dir.path().join("restored");
@@ -924,17 +998,15 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
         "{}",
         report["requests"]
     );
-    // The first backup goes; the 1,000 contents only it named are unreferenced (and younger than
-    // the grace period, so kept).
+    // The first backup goes; the 1,000 contents only it named are in packs that hold contents
+    // the second names too, so every pack stays.
     let r = within("prune", &|| fx.run(&["prune"]));
     assert!(
         r.stderr.contains(&format!(
             "{} stored, {} named by snapshots; deleted 0",
-            n + 999,
-            n - 1
-        )) && r
-            .stderr
-            .contains("1000 unreferenced but younger than a day kept"),
+            packs + 1,
+            packs + 1
+        )) && !r.stderr.contains("unreferenced"),
         "{}",
         r.stderr
     );

@@ -2053,21 +2053,7 @@ fn a_stored_partial(fx: &Fx, repo: &Path) -> (String, Vec<u8>) {
 }
 
 fn plaintext_of(fx: &Fx, object: &Path) -> Vec<u8> {
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "set -o pipefail; age -d -i '{}' '{}' | zstd -dc",
-            fx.key.identity.display(),
-            object.display()
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    stock_plaintext(&fx.key.identity, object)
 }
 
 /// Replaces the whole segment object `object` with one of "another cluster": its plaintext with

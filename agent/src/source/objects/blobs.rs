@@ -191,7 +191,7 @@ async fn referenced(
         // A k-way merge of the lists, smallest id first, each id added once.
         let mut heads = std::collections::BinaryHeap::new();
         for (i, list) in lists.iter_mut().enumerate() {
-            match list.next().await? {
+            match list.next_object().await? {
                 Ok(Some(id)) => heads.push(std::cmp::Reverse((id, i))),
                 Ok(None) => {}
                 Err(why) => return Ok(Err(unreadable(why))),
@@ -204,7 +204,7 @@ async fn referenced(
                 union.add(id).map_err(sort_failed)?;
                 last = Some(id);
             }
-            match lists[i].next().await? {
+            match lists[i].next_object().await? {
                 Ok(Some(next)) => heads.push(std::cmp::Reverse((next, i))),
                 Ok(None) => {}
                 Err(why) => return Ok(Err(unreadable(why))),

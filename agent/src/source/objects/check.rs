@@ -1,7 +1,10 @@
 //! What `lifeboat check` reads of an objects backup beyond its manifest's objects: the blobs its
 //! snapshot names. With an identity, the snapshot is decrypted and every blob it names must be
 //! stored (and, with `--read-data`, decrypt to its recorded SHA-256); with only the index key, the
-//! blob list says which blobs must be stored. A blob named by several snapshots is read once.
+//! blob list says which blobs and packs must be stored. A blob or pack named by several
+//! snapshots is checked once: backups are checked oldest first, and a later snapshot names no
+//! content of a pack that the snapshot before it did not (a run finds contents only through the
+//! last published snapshot), so the oldest backup naming a pack names all that any names.
 
 use futures::{StreamExt, TryStreamExt};
 
@@ -11,6 +14,8 @@ use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Role};
 use crate::restore::{self, NoProgress};
 use crate::sorted;
+
+use super::ContentRecord;
 
 /// Checks the blobs `manifest`'s snapshot names, recording each damaged or missing one. The
 /// names come sorted from the temp disk and are merged with those checked for earlier backups
@@ -31,22 +36,27 @@ pub async fn check_blobs(ctx: &mut Context<'_>, manifest: &Manifest) -> Result<(
     let mut union = sorted::Union::new(earlier.as_ref()).map_err(sort_failed)?;
     let mut batch = Vec::with_capacity(BATCH);
     let mut rehash = true;
-    let mut last = None;
+    let (mut last, mut object, mut fresh) = (None, None, false);
     for named in named {
-        let named: Named = named.map_err(sort_failed)?;
+        let named: ContentRecord = named.map_err(sort_failed)?;
+        if last == Some(named) {
+            continue;
+        }
+        last = Some(named);
         let id: sorted::Id = named[..32].try_into().unwrap_or_default();
-        if last == Some(id) {
+        let first = object != Some(id);
+        if first {
+            object = Some(id);
+            // Not fresh: checked for an earlier backup.
+            fresh = union.add(id).map_err(sort_failed)?;
+        }
+        let (stored, sha) = super::record_parts(&named);
+        // A pack's presence is asked once; with `--read-data`, each content of it is read.
+        let read_each = ctx.read_data && matches!(stored, super::Stored::Packed(_));
+        if !fresh || !(first || read_each) {
             continue;
         }
-        last = Some(id);
-        if !union.add(id).map_err(sort_failed)? {
-            continue;
-        }
-        let sha = named[32..]
-            .iter()
-            .any(|b| *b != 0)
-            .then(|| hex::encode(&named[32..]));
-        batch.push((hex::encode(id), sha));
+        batch.push((stored, sha));
         if batch.len() == BATCH {
             check_batch(ctx, manifest, &mut batch, &mut rehash).await?;
         }
@@ -69,13 +79,15 @@ enum Found {
     Stored(u64, Option<Result<u64>>),
 }
 
-/// Checks the blobs of `batch` (id, content SHA-256 when known), emptying it: each must be
-/// stored and, with `--read-data` and an identity, decrypt to its SHA-256. `rehash` turns false
-/// when the identity does not open a blob (the rest are checked for presence only).
+/// Checks the contents of `batch` (where stored, content SHA-256 when known), emptying it:
+/// each must be stored and, with `--read-data` and an identity, decrypt to its SHA-256. A
+/// content in a pack that is read is not asked for first: reading it finds it missing.
+/// `rehash` turns false when the identity does not open a blob (the rest are checked for
+/// presence only).
 async fn check_batch(
     ctx: &mut Context<'_>,
     manifest: &Manifest,
-    batch: &mut Vec<(String, Option<String>)>,
+    batch: &mut Vec<(super::Stored, Option<String>)>,
     rehash: &mut bool,
 ) -> Result<()> {
     let store = ctx.repo.store.as_ref();
@@ -85,16 +97,26 @@ async fn check_batch(
         .as_deref()
         .filter(|_| ctx.read_data && *rehash);
     let found: Vec<Result<(String, Found)>> = futures::stream::iter(batch.drain(..))
-        .map(|(id, sha)| async move {
-            let key = layout::blob(&id);
+        .map(|(stored, sha)| async move {
+            let key = stored.key();
+            let read = |identities, sha: String| {
+                let stored = &stored;
+                async move {
+                    let mut sink = tokio::io::sink();
+                    super::restore::fetch_blob(store, stored, &sha, identities, &mut sink).await
+                }
+            };
+            if let (super::Stored::Packed(p), Some(identities), Some(sha)) =
+                (&stored, identities, sha.clone())
+            {
+                let got = read(identities, sha).await;
+                return Ok((stored.describe(), Found::Stored(p.len, Some(got))));
+            }
             let Some(size) = store.size(&key).await.map_err(crate::Error::from)? else {
                 return Ok((key, Found::Missing));
             };
             let read = match (identities, sha) {
-                (Some(identities), Some(sha)) => {
-                    let mut sink = tokio::io::sink();
-                    Some(super::restore::fetch_blob(store, &id, &sha, identities, &mut sink).await)
-                }
+                (Some(identities), Some(sha)) => Some(read(identities, sha).await),
                 _ => None,
             };
             Ok((key, Found::Stored(size, read)))
@@ -124,17 +146,13 @@ async fn check_batch(
     Ok(())
 }
 
-/// A blob id and the content SHA-256 the snapshot expects of it (zeros when only the blob list
-/// was read), raw.
-type Named = [u8; 64];
-
 /// The blobs the backup names, with their content SHA-256 when the snapshot could be read;
 /// `None` (with a note or a problem recorded) when neither key is there or what names them is
 /// damaged.
-async fn named_blobs(ctx: &mut Context<'_>, m: &Manifest) -> Result<Option<sorted::Merged<64>>> {
+async fn named_blobs(ctx: &mut Context<'_>, m: &Manifest) -> Result<Option<sorted::Merged<80>>> {
     let sort_failed =
         |e: std::io::Error| crate::Error::failed(format!("sorting blob ids on the temp disk: {e}"));
-    let mut named = sorted::Sorter::<64>::default();
+    let mut named = sorted::Sorter::<80>::default();
     if let Some(identities) = &ctx.keys.identities {
         let Ok(part) = restore::part(m, Role::Snapshot) else {
             ctx.problem(
@@ -150,26 +168,11 @@ async fn named_blobs(ctx: &mut Context<'_>, m: &Manifest) -> Result<Option<sorte
             let snapshot = super::restore::Snapshot::new(spooled, identities, None);
             let mut entries = std::pin::pin!(snapshot.entries());
             while let Some(e) = entries.try_next().await? {
-                let Some(blob) = &e.blob else {
-                    continue;
-                };
-                let mut pair = [0u8; 64];
-                let hex_ok = hex::decode_to_slice(blob, &mut pair[..32]).is_ok()
-                    && e.sha256
-                        .as_ref()
-                        .is_none_or(|sha| hex::decode_to_slice(sha, &mut pair[32..]).is_ok());
-                if !hex_ok {
-                    return Err(crate::Error::new(
-                        ErrorKind::Integrity,
-                        format!(
-                            "snapshot entry {}: a blob id or SHA-256 that is not hex",
-                            e.path
-                        ),
-                    ));
+                if let Some(r) = super::content_record(&e)? {
+                    named.push(r).map_err(sort_failed)?;
                 }
-                named.push(pair).map_err(sort_failed)?;
             }
-            Ok(())
+            Ok::<(), crate::Error>(())
         };
         return match read.await {
             Ok(()) => Ok(Some(named.merged().map_err(sort_failed)?)),
@@ -194,9 +197,7 @@ async fn named_blobs(ctx: &mut Context<'_>, m: &Manifest) -> Result<Option<sorte
         return Ok(None);
     };
     let listed = super::read_blob_list(ctx.repo, m, index_key, |id| {
-        let mut pair = [0u8; 64];
-        pair[..32].copy_from_slice(&id);
-        named.push(pair)
+        named.push(super::object_record(id))
     })
     .await?;
     match listed {

@@ -35,6 +35,8 @@ pub(super) struct Known {
     etag: Option<String>,
     pub(super) sha256: [u8; 32],
     pub(super) blob: Option<[u8; 32]>,
+    /// Where in a pack the content is, when it is in one.
+    pub(super) pack: Option<super::Packed>,
 }
 
 impl Known {
@@ -47,7 +49,12 @@ impl Known {
             None if e.size == 0 => None,
             None => return None,
         };
+        let pack = match &e.pack {
+            Some(slice) => Some(super::Packed::of(slice)?),
+            None => None,
+        };
         Some(Known {
+            pack,
             size: e.size,
             mtime_ms: e.mtime_ms,
             etag: e.etag,

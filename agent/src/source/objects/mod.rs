@@ -26,6 +26,7 @@ pub mod blobs;
 pub mod check;
 mod index;
 mod listing;
+mod pack;
 pub mod policy;
 pub mod restore;
 pub mod verify;
@@ -86,6 +87,151 @@ pub struct Entry {
     /// What the link points to, as the link holds it (symlinks; never followed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// Where the content is, when it is stored in a pack rather than as a blob of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<PackSlice>,
+}
+
+/// A content stored in a pack: the pack's id, and where its age file lies in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackSlice {
+    /// The pack, stored as `objects/<2 hex>/<id>.age`.
+    pub id: String,
+    /// Offset of the content's age file in the pack.
+    pub offset: u64,
+    /// Length of that age file.
+    pub len: u64,
+}
+
+/// A [`PackSlice`], raw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Packed {
+    pub(crate) pack: sorted::Id,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl Packed {
+    fn slice(&self) -> PackSlice {
+        PackSlice {
+            id: hex::encode(self.pack),
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+
+    fn of(slice: &PackSlice) -> Option<Packed> {
+        Some(Packed {
+            pack: unhex32(&slice.id)?,
+            offset: slice.offset,
+            len: slice.len,
+        })
+    }
+}
+
+/// A file's content as a record sorted on the temp disk: the object it is stored in (its blob,
+/// or the pack that holds it), its SHA-256 (zeros when not known), and its offset and length
+/// in the pack (zeros for a blob of its own). Sorted, a pack's contents come together.
+pub(crate) type ContentRecord = [u8; 80];
+
+/// The record of a file entry's content; `None` for one that names none (an empty file).
+pub(crate) fn content_record(e: &Entry) -> Result<Option<ContentRecord>> {
+    let Some(stored) = e.stored() else {
+        return Ok(None);
+    };
+    let mut r = [0u8; 80];
+    let object = match &stored {
+        Stored::Blob(id) => id,
+        Stored::Packed(p) => {
+            r[64..72].copy_from_slice(&p.offset.to_be_bytes());
+            r[72..80].copy_from_slice(&p.len.to_be_bytes());
+            &p.id
+        }
+    };
+    let hex_ok = hex::decode_to_slice(object, &mut r[..32]).is_ok()
+        && e.sha256
+            .as_ref()
+            .is_none_or(|sha| hex::decode_to_slice(sha, &mut r[32..64]).is_ok());
+    if !hex_ok {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "snapshot entry {}: a blob or pack id, or a SHA-256, that is not hex",
+                e.path
+            ),
+        ));
+    }
+    Ok(Some(r))
+}
+
+/// The record of a stored object alone, its content unknown (from a blob list).
+pub(crate) fn object_record(id: sorted::Id) -> ContentRecord {
+    let mut r = [0u8; 80];
+    r[..32].copy_from_slice(&id);
+    r
+}
+
+/// Where a [`ContentRecord`]'s content is stored, and its SHA-256 when known.
+pub(crate) fn record_parts(r: &ContentRecord) -> (Stored, Option<String>) {
+    let object = hex::encode(&r[..32]);
+    let len = u64::from_be_bytes(r[72..80].try_into().unwrap_or_default());
+    let stored = if len == 0 {
+        Stored::Blob(object)
+    } else {
+        Stored::Packed(PackSlice {
+            id: object,
+            offset: u64::from_be_bytes(r[64..72].try_into().unwrap_or_default()),
+            len,
+        })
+    };
+    let sha = r[32..64]
+        .iter()
+        .any(|b| *b != 0)
+        .then(|| hex::encode(&r[32..64]));
+    (stored, sha)
+}
+
+/// Where a file's content is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// A blob of its own, by id.
+    Blob(String),
+    /// A slice of a pack.
+    Packed(PackSlice),
+}
+
+impl Stored {
+    /// The object holding the content.
+    pub fn key(&self) -> String {
+        match self {
+            Stored::Blob(id) => layout::blob(id),
+            Stored::Packed(p) => layout::blob(&p.id),
+        }
+    }
+
+    /// The object, and for a pack the bytes of it, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Stored::Blob(_) => self.key(),
+            Stored::Packed(p) => format!(
+                "{} bytes {}–{}",
+                self.key(),
+                p.offset,
+                p.offset + p.len.max(1) - 1
+            ),
+        }
+    }
+}
+
+impl Entry {
+    /// Where the content is stored; `None` for an empty file (or an entry that names nothing).
+    pub fn stored(&self) -> Option<Stored> {
+        match (&self.pack, &self.blob) {
+            (Some(p), _) => Some(Stored::Packed(p.clone())),
+            (None, Some(b)) => Some(Stored::Blob(b.clone())),
+            (None, None) => None,
+        }
+    }
 }
 
 /// The kind of a snapshot entry.
@@ -115,10 +261,16 @@ pub struct Fingerprint {
     pub dirs: u64,
     /// Bytes over all files.
     pub bytes: u64,
-    /// Distinct blobs the snapshot names.
+    /// Distinct contents the snapshot names (blob ids), in packs or of their own.
     pub blobs: u64,
-    /// Blobs this run uploaded (the rest were already stored).
+    /// Blobs this run uploaded (the rest were already stored), in packs or of their own.
     pub blobs_uploaded: u64,
+    /// Packs holding contents the snapshot names.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub packs: u64,
+    /// Packs this run stored.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub packs_uploaded: u64,
     /// SHA-256 over every `path NUL sha256 LF` (a symlink's: `path NUL -> target LF`) in path
     /// order: the whole tree's content.
     pub tree_sha256: String,
@@ -454,28 +606,131 @@ pub(crate) async fn open_sealed(
     ))
 }
 
-/// Calls `each` with every id of a blob list's plaintext, in its order; returns how many.
-async fn each_id(
+/// A line of a blob list. Lines are sorted by their id, each id once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListLine {
+    /// A blob of its own: `<id>`.
+    Blob(sorted::Id),
+    /// A pack that holds contents the snapshot names: `<id> pack`.
+    Pack(sorted::Id),
+    /// A content stored in a pack: `<content id> <pack id> <offset> <len>`.
+    Packed(sorted::Id, Packed),
+}
+
+/// A [`ListLine`] as a record sorted on the temp disk: id, kind, pack, offset, length.
+pub(crate) type ListRecord = [u8; 81];
+
+impl ListLine {
+    /// The id the line is sorted by.
+    pub(crate) fn id(&self) -> sorted::Id {
+        match self {
+            ListLine::Blob(id) | ListLine::Pack(id) | ListLine::Packed(id, _) => *id,
+        }
+    }
+
+    /// The stored object the line names (a blob or a pack): what must stay stored. A content
+    /// in a pack names none; its pack has a line of its own.
+    pub(crate) fn object(&self) -> Option<sorted::Id> {
+        match self {
+            ListLine::Blob(id) | ListLine::Pack(id) => Some(*id),
+            ListLine::Packed(..) => None,
+        }
+    }
+
+    /// Parses a line (without its newline).
+    fn parse(line: &[u8]) -> Option<ListLine> {
+        let line = std::str::from_utf8(line).ok()?;
+        let mut words = line.split(' ');
+        let id = unhex32(words.next()?)?;
+        let got = match (words.next(), words.next(), words.next()) {
+            (None, ..) => ListLine::Blob(id),
+            (Some("pack"), None, _) => ListLine::Pack(id),
+            (Some(pack), Some(offset), Some(len)) => ListLine::Packed(
+                id,
+                Packed {
+                    pack: unhex32(pack)?,
+                    offset: offset.parse().ok()?,
+                    len: len.parse().ok().filter(|n| *n > 0)?,
+                },
+            ),
+            _ => return None,
+        };
+        words.next().is_none().then_some(got)
+    }
+
+    /// The line, with its newline.
+    fn text(&self) -> String {
+        match self {
+            ListLine::Blob(id) => format!("{}\n", hex::encode(id)),
+            ListLine::Pack(id) => format!("{} pack\n", hex::encode(id)),
+            ListLine::Packed(id, p) => format!(
+                "{} {} {} {}\n",
+                hex::encode(id),
+                hex::encode(p.pack),
+                p.offset,
+                p.len
+            ),
+        }
+    }
+
+    fn record(&self) -> ListRecord {
+        let mut r = [0u8; 81];
+        r[..32].copy_from_slice(&self.id());
+        match self {
+            ListLine::Blob(_) => {}
+            ListLine::Pack(_) => r[32] = 1,
+            ListLine::Packed(_, p) => {
+                r[32] = 2;
+                r[33..65].copy_from_slice(&p.pack);
+                r[65..73].copy_from_slice(&p.offset.to_be_bytes());
+                r[73..81].copy_from_slice(&p.len.to_be_bytes());
+            }
+        }
+        r
+    }
+
+    fn of_record(r: &ListRecord) -> ListLine {
+        let id = r[..32].try_into().unwrap_or_default();
+        match r[32] {
+            0 => ListLine::Blob(id),
+            1 => ListLine::Pack(id),
+            _ => ListLine::Packed(
+                id,
+                Packed {
+                    pack: r[33..65].try_into().unwrap_or_default(),
+                    offset: u64::from_be_bytes(r[65..73].try_into().unwrap_or_default()),
+                    len: u64::from_be_bytes(r[73..81].try_into().unwrap_or_default()),
+                },
+            ),
+        }
+    }
+}
+
+/// Where a content the last snapshot names is stored, for lookups by its id: the id, then the
+/// pack, offset and length (zeros for a blob of its own).
+type KnownRecord = [u8; 80];
+
+/// Calls `each` with every line of a blob list's plaintext, in its order; returns how many.
+async fn each_line(
     plain: impl AsyncRead + Unpin,
-    mut each: impl FnMut(sorted::Id) -> std::io::Result<()>,
+    mut each: impl FnMut(ListLine) -> std::io::Result<()>,
 ) -> Result<u64> {
     let io = |e: std::io::Error| Error::failed(format!("reading the blob list: {e}"));
     let mut lines = tokio::io::AsyncBufReadExt::split(tokio::io::BufReader::new(plain), b'\n');
     let mut n = 0;
     while let Some(line) = lines.next_segment().await.map_err(io)? {
-        let id = std::str::from_utf8(&line)
-            .ok()
-            .and_then(unhex32)
-            .ok_or_else(|| Error::new(ErrorKind::Integrity, "a line that is not a blob id"))?;
-        each(id).map_err(|e| Error::failed(format!("sorting blob ids on the temp disk: {e}")))?;
+        let line = ListLine::parse(&line)
+            .ok_or_else(|| Error::new(ErrorKind::Integrity, "a line that is not a blob list's"))?;
+        each(line).map_err(|e| Error::failed(format!("sorting blob ids on the temp disk: {e}")))?;
         n += 1;
     }
     Ok(n)
 }
 
 /// Reads the blob list of backup `m` as a stream (checked against the manifest, decrypted with
-/// the index key), calling `each` with every id; returns how many. `Ok(Err(why))` when the list
-/// is missing, damaged or sealed with another key; `Err` when the repository cannot be read.
+/// the index key), calling `each` with every stored object it names (blobs and packs); returns
+/// how many. `Ok(Err(why))` when the list is missing, damaged or sealed with another key; `Err`
+/// when the repository cannot be read.
 pub(crate) async fn read_blob_list(
     repo: &crate::repo::Repository,
     m: &crate::repo::manifest::Manifest,
@@ -489,9 +744,11 @@ pub(crate) async fn read_blob_list(
     let mut n = 0;
     loop {
         match list.next().await? {
-            Ok(Some(id)) => {
-                each(id).map_err(|e| Error::failed(format!("sorting blob ids: {e}")))?;
-                n += 1;
+            Ok(Some(line)) => {
+                if let Some(id) = line.object() {
+                    each(id).map_err(|e| Error::failed(format!("sorting blob ids: {e}")))?;
+                    n += 1;
+                }
             }
             Ok(None) => return Ok(Ok(n)),
             Err(why) => return Ok(Err(why)),
@@ -499,8 +756,8 @@ pub(crate) async fn read_blob_list(
     }
 }
 
-/// A backup's blob list, open: its ids in increasing order, read as a stream (lists an older
-/// version wrote whole are read whole, and sorted).
+/// A backup's blob list, open: its lines in increasing order of id, read as a stream (lists an
+/// older version wrote whole are read whole, and sorted).
 pub(crate) struct BlobList {
     ids: BlobIds,
     object: String,
@@ -572,17 +829,17 @@ impl BlobList {
         }
     }
 
-    /// The next id; `Ok(Err(why))` when the list turns out damaged (its hash is checked at its
-    /// end) or not in increasing order.
-    pub(crate) async fn next(&mut self) -> Result<std::result::Result<Option<sorted::Id>, String>> {
-        let id = match &mut self.ids {
-            BlobIds::Whole(ids) => ids.next(),
+    /// The next line; `Ok(Err(why))` when the list turns out damaged (its hash is checked at
+    /// its end) or not in increasing order.
+    pub(crate) async fn next(&mut self) -> Result<std::result::Result<Option<ListLine>, String>> {
+        let line = match &mut self.ids {
+            BlobIds::Whole(ids) => ids.next().map(ListLine::Blob),
             BlobIds::Stream(lines) => match lines.next_segment().await {
-                Ok(Some(line)) => match std::str::from_utf8(&line).ok().and_then(unhex32) {
-                    Some(id) => Some(id),
+                Ok(Some(line)) => match ListLine::parse(&line) {
+                    Some(line) => Some(line),
                     None => {
                         return Ok(Err(format!(
-                            "{}: a line that is not a blob id",
+                            "{}: a line that is not a blob list's",
                             self.object
                         )))
                     }
@@ -594,6 +851,7 @@ impl BlobList {
                 Err(e) => return Err(Error::failed(format!("reading {}: {e}", self.object))),
             },
         };
+        let id = line.as_ref().map(ListLine::id);
         if let (Some(id), Some(last)) = (id, self.last) {
             if id <= last {
                 return Ok(Err(format!(
@@ -605,7 +863,25 @@ impl BlobList {
         if id.is_some() {
             self.last = id;
         }
-        Ok(Ok(id))
+        Ok(Ok(line))
+    }
+
+    /// The next stored object the list names (a blob or a pack), skipping the lines of
+    /// contents in packs; as [`BlobList::next`] otherwise.
+    pub(crate) async fn next_object(
+        &mut self,
+    ) -> Result<std::result::Result<Option<sorted::Id>, String>> {
+        loop {
+            match self.next().await? {
+                Ok(Some(line)) => {
+                    if let Some(id) = line.object() {
+                        return Ok(Ok(Some(id)));
+                    }
+                }
+                Ok(None) => return Ok(Ok(None)),
+                Err(why) => return Ok(Err(why)),
+            }
+        }
     }
 }
 
@@ -778,20 +1054,35 @@ async fn merge(
     })
 }
 
-/// The blob list of `backup` (the last published snapshot), sorted in a temp file; `None` when
-/// there is none or it cannot be read, and then every content read is stored again.
+/// The contents the blob list of `backup` (the last published snapshot) names, and where each
+/// is stored, sorted in a temp file; `None` when there is none or it cannot be read, and then
+/// every content read is stored again.
 async fn known_blobs(
     ctx: &BackupContext,
     key: &Secret,
     backup: Option<&str>,
-) -> Option<sorted::SortedFile> {
+) -> Option<sorted::SortedFile<80>> {
     let backup = backup?;
     let object = layout::backup_object(&ctx.source, backup, BLOB_LIST_OBJECT);
     let io = |e: std::io::Error| Error::failed(e.to_string());
     let read = async {
         let plain = open_sealed(ctx.store.as_ref(), &object, key).await?;
-        let mut file = sorted::SortedWriter::new().map_err(io)?;
-        each_id(plain, |id| file.push(id)).await?;
+        let mut file = sorted::SortedWriter::<80>::new().map_err(io)?;
+        each_line(plain, |line| {
+            let mut r: KnownRecord = [0u8; 80];
+            match line {
+                ListLine::Pack(_) => return Ok(()),
+                ListLine::Blob(id) => r[..32].copy_from_slice(&id),
+                ListLine::Packed(id, p) => {
+                    r[..32].copy_from_slice(&id);
+                    r[32..64].copy_from_slice(&p.pack);
+                    r[64..72].copy_from_slice(&p.offset.to_be_bytes());
+                    r[72..80].copy_from_slice(&p.len.to_be_bytes());
+                }
+            }
+            file.push(r)
+        })
+        .await?;
         file.finish().map_err(io)
     };
     match read.await {
@@ -848,10 +1139,12 @@ struct Run<'a> {
     s3: Option<&'a Arc<dyn ObjectStore>>,
     /// The backup the previous run's index describes: its snapshot is the last published.
     previous_backup: Option<&'a str>,
-    /// Blobs the last published snapshot names: stored, and safe from collection.
-    known: tokio::sync::OnceCell<Option<sorted::SortedFile>>,
-    /// One upload per blob id.
-    claims: Mutex<HashMap<sorted::Id, Arc<tokio::sync::OnceCell<()>>>>,
+    /// Contents the last published snapshot names, and where: stored, and safe from collection.
+    known: tokio::sync::OnceCell<Option<sorted::SortedFile<80>>>,
+    /// One upload per blob id, and where it went: a blob of its own, or a slice of a pack.
+    claims: Mutex<HashMap<sorted::Id, Arc<tokio::sync::OnceCell<Option<Packed>>>>>,
+    /// Where small contents go, unless the policy stores each as a blob of its own.
+    packer: Option<pack::Packer>,
     uploaded: std::sync::atomic::AtomicU64,
     semaphore: tokio::sync::Semaphore,
     /// Objects listed, then gone before they could be read.
@@ -864,13 +1157,14 @@ impl Run<'_> {
     async fn entry(&self, l: Listed, known: Option<Known>) -> Result<Option<Entry>> {
         let l = &l;
         if l.kind != EntryKind::File {
-            return Ok(Some(entry(l, None, None)));
+            return Ok(Some(entry(l, None, None, None)));
         }
         if let Some(k) = known.filter(|k| k.unchanged(l)) {
             return Ok(Some(entry(
                 l,
                 Some(hex::encode(k.sha256)),
                 k.blob.map(hex::encode),
+                k.pack,
             )));
         }
         let _permit = self
@@ -900,18 +1194,18 @@ impl Run<'_> {
             let (sha, size, kept) = first_read(self.objects.open(self.s3, &l.path).await?)
                 .await
                 .map_err(|e| Error::failed(format!("reading {}: {e}", l.path)))?;
-            let sized = |blob| {
-                let mut e = entry(l, Some(sha.clone()), blob);
+            let sized = |blob, pack| {
+                let mut e = entry(l, Some(sha.clone()), blob, pack);
                 e.size = size;
                 e
             };
             if size == 0 {
-                return Ok(sized(None));
+                return Ok(sized(None, None));
             }
             let id = blob_id(self.key, &sha);
             let raw = unhex32(&id).ok_or_else(|| Error::failed("blob id is not hex"))?;
-            if self.known(&raw).await {
-                return Ok(sized(Some(id)));
+            if let Some(at) = self.known(&raw).await {
+                return Ok(sized(Some(id), at));
             }
             let cell = self.claim(raw)?;
             let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -919,7 +1213,7 @@ impl Run<'_> {
                 .get_or_try_init(|| self.upload(l, &id, &sha, size, kept, changed.clone()))
                 .await;
             match stored_now {
-                Ok(()) => return Ok(sized(Some(id))),
+                Ok(at) => return Ok(sized(Some(id), *at)),
                 // It changed between the two reads: nothing was stored; read it again.
                 Err(_) if changed.load(std::sync::atomic::Ordering::SeqCst) => {
                     if attempt < 3 {
@@ -936,20 +1230,29 @@ impl Run<'_> {
         }
     }
 
-    /// Whether the last published snapshot names blob `id` (its blob list, fetched into a temp
-    /// file at the first question: a run where nothing new is read never fetches it).
-    async fn known(&self, id: &sorted::Id) -> bool {
+    /// Where the last published snapshot has the content of blob id `id` stored, if it names
+    /// it: `Some(None)` for a blob of its own, `Some(Some(slice))` in a pack. Its blob list is
+    /// fetched into a temp file at the first question: a run where nothing new is read never
+    /// fetches it.
+    async fn known(&self, id: &sorted::Id) -> Option<Option<Packed>> {
         let list = self
             .known
             .get_or_init(|| known_blobs(self.ctx, self.key, self.previous_backup))
             .await;
-        match list.as_ref().map(|l| l.contains(id)) {
-            Some(Ok(found)) => found,
+        match list.as_ref().map(|l| l.find(id)) {
+            Some(Ok(Some(r))) => {
+                let len = u64::from_be_bytes(r[72..80].try_into().unwrap_or_default());
+                Some((len > 0).then(|| Packed {
+                    pack: r[32..64].try_into().unwrap_or_default(),
+                    offset: u64::from_be_bytes(r[64..72].try_into().unwrap_or_default()),
+                    len,
+                }))
+            }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "Blob list lookup failed: the content is stored again");
-                false
+                None
             }
-            None => false,
+            Some(Ok(None)) | None => None,
         }
     }
 
@@ -957,7 +1260,7 @@ impl Run<'_> {
     /// the first one's upload, and makes its own if that one failed. Finished uploads are
     /// forgotten past [`CLAIMS_KEPT`] (a later copy of one is stored again, harmlessly), so
     /// that a first run over millions of objects keeps no map of them all.
-    fn claim(&self, id: sorted::Id) -> Result<Arc<tokio::sync::OnceCell<()>>> {
+    fn claim(&self, id: sorted::Id) -> Result<Arc<tokio::sync::OnceCell<Option<Packed>>>> {
         let mut claims = self
             .claims
             .lock()
@@ -968,8 +1271,9 @@ impl Run<'_> {
         Ok(claims.entry(id).or_default().clone())
     }
 
-    /// Stores blob `id`: the bytes kept from the first read, or a second read that must hash to
-    /// `sha` (else `changed` is set and nothing is stored).
+    /// Stores blob `id`: the bytes kept from the first read (into the open pack, when the
+    /// policy packs), or a second read that must hash to `sha` (else `changed` is set and
+    /// nothing is stored). Where it went: `None` for a blob of its own.
     async fn upload(
         &self,
         l: &Listed,
@@ -978,7 +1282,7 @@ impl Run<'_> {
         size: u64,
         kept: Option<bytes::Bytes>,
         changed: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<()> {
+    ) -> Result<Option<Packed>> {
         let input: Pin<Box<dyn AsyncRead + Send>> = match kept {
             // Small content, already in memory: sealed whole and stored with one PUT. zstd
             // sized to the content keeps its tables small, which a stream cannot know to do.
@@ -988,6 +1292,15 @@ impl Run<'_> {
                     tokio::task::spawn_blocking(move || pipeline::seal_whole(&bytes, &cfg))
                         .await
                         .map_err(|e| Error::failed(format!("sealing {}: {e}", l.path)))??;
+                if let Some(packer) = &self.packer {
+                    let at = tokio::select! {
+                        _ = self.ctx.cancel.cancelled() => return Err(Error::new(ErrorKind::Interrupted, "cancelled")),
+                        r = packer.add(&sealed) => r.map_err(|e| e.context(format!("storing {}", l.path)))?,
+                    };
+                    self.uploaded
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return Ok(Some(at));
+                }
                 let object = layout::blob(id);
                 let put = self.ctx.store.put(&object, sealed);
                 tokio::select! {
@@ -996,7 +1309,7 @@ impl Run<'_> {
                 }
                 self.uploaded
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                return Ok(());
+                return Ok(None);
             }
             None => Box::pin(ExpectSha256 {
                 inner: self.objects.open(self.s3, &l.path).await?,
@@ -1023,7 +1336,7 @@ impl Run<'_> {
         .map_err(|e| Error::from(e).context(format!("storing {}", l.path)))?;
         self.uploaded
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -1072,6 +1385,13 @@ impl Source for Objects {
             previous_backup: previous_backup.as_deref(),
             known: tokio::sync::OnceCell::new(),
             claims: Mutex::default(),
+            packer: (self.cfg.pack_size > 0).then(|| {
+                pack::Packer::new(
+                    ctx.store.clone(),
+                    self.cfg.pack_size,
+                    ctx.pipeline.small().part_size,
+                )
+            }),
             uploaded: std::sync::atomic::AtomicU64::new(0),
             semaphore: tokio::sync::Semaphore::new(self.cfg.concurrency),
             vanished: Mutex::default(),
@@ -1118,11 +1438,23 @@ impl Source for Objects {
             let mut plain_w = plain_w;
             let (merged, written) =
                 tokio::join!(merged, write_snapshot(&mut entries, &mut plain_w, &marks));
-            let done = merged.and_then(|m| {
+            let mut done = merged.and_then(|m| {
                 let tally = written?;
                 self.shrink_guard(tally.files, m.previous_files)?;
                 Ok((m, tally))
             });
+            // The last pack is complete before the snapshot that names its contents; a failed
+            // run's is aborted.
+            if let Some(packer) = &run_ref.packer {
+                match &done {
+                    Ok(_) => {
+                        if let Err(e) = packer.finish().await {
+                            done = Err(e);
+                        }
+                    }
+                    Err(_) => packer.abandon().await,
+                }
+            }
             let _ = verdict_tx.send(done.is_ok());
             done
         };
@@ -1137,6 +1469,7 @@ impl Source for Objects {
         }
         drop(entries);
         let uploaded = run.uploaded.load(std::sync::atomic::Ordering::SeqCst);
+        let packs_uploaded = run.packer.as_ref().map_or(0, pack::Packer::completed);
         let vanished = std::mem::take(
             &mut *run
                 .vanished
@@ -1153,7 +1486,7 @@ impl Source for Objects {
         }
         skipped.merge(vanished);
 
-        let (list_part, blobs) = store_blob_list(ctx, &key, tally.blobs).await?;
+        let (list_part, named) = store_blob_list(ctx, &key, tally.blobs).await?;
         let fingerprint = Fingerprint {
             format: 1,
             kind: super::Kind::Objects,
@@ -1161,8 +1494,10 @@ impl Source for Objects {
             files: tally.files,
             dirs: tally.dirs,
             bytes: tally.bytes,
-            blobs,
+            blobs: named.contents,
             blobs_uploaded: uploaded,
+            packs: named.packs,
+            packs_uploaded,
             tree_sha256: hex::encode(tally.tree.finalize()),
             symlinks: tally.symlinks,
             skipped: skipped.named,
@@ -1225,22 +1560,36 @@ fn piped<'a, O: pipeline::Observer + 'a>(
     (w, finish, stored)
 }
 
-/// Format of a blob list written as a stream: hex ids, one a line, sorted, zstd inside age
-/// sealed with the index key. An empty list is sealed plain text ([`seal`]), as lists were
-/// before; [`parse_blob_list`] reads both.
+/// Format of a blob list written as a stream: a line per id, sorted ([`ListLine`]: a blob,
+/// a pack, or a content in a pack and where), zstd inside age sealed with the index key. An
+/// empty list is sealed plain text ([`seal`]), as lists were before; [`parse_blob_list`] reads
+/// both.
 const BLOB_LIST_FORMAT: &str = "lifeboat-blob-ids+zstd+index-key";
 
-/// Stores the backup's blob list (every blob id it names, sealed with the index key, for blob
-/// collection), streamed from the sorted runs; returns its manifest part and how many ids.
+/// What a blob list names.
+struct Named {
+    /// Distinct contents.
+    contents: u64,
+    /// Packs.
+    packs: u64,
+}
+
+/// Stores the backup's blob list (every content it names and where, and every pack, sealed
+/// with the index key, for blob collection and the next run), streamed from the sorted runs;
+/// returns its manifest part and what it names.
 async fn store_blob_list(
     ctx: &BackupContext,
     key: &Secret,
-    blobs: sorted::Sorter,
-) -> Result<(crate::repo::manifest::Part, u64)> {
+    blobs: sorted::Sorter<81>,
+) -> Result<(crate::repo::manifest::Part, Named)> {
     let sort_failed =
         |e: std::io::Error| Error::failed(format!("sorting blob ids on the temp disk: {e}"));
     let object = layout::backup_object(&ctx.source, &ctx.id, BLOB_LIST_OBJECT);
     let mut merged = blobs.merged().map_err(sort_failed)?.peekable();
+    let mut named = Named {
+        contents: 0,
+        packs: 0,
+    };
     if merged.peek().is_none() {
         let list = seal(key, b"")?;
         let part = crate::repo::manifest::Part {
@@ -1257,37 +1606,43 @@ async fn store_blob_list(
             .put(&object, Bytes::from(list))
             .await
             .map_err(|e| Error::from(e).context("storing the blob list"))?;
-        return Ok((part, 0));
+        return Ok((part, named));
     }
     let sealed = ctx.pipeline.small().sealed_with(key);
     let (mut w, verdict_tx, stored) = piped(ctx, object, &sealed, "the blob list", NoObserver);
     let write = async {
         use tokio::io::AsyncWriteExt;
-        let mut n = 0u64;
-        let mut line = [0u8; 65];
-        line[64] = b'\n';
+        let mut last = None;
         let written = async {
-            for id in merged {
-                hex::encode_to_slice(id.map_err(sort_failed)?, &mut line[..64])
-                    .map_err(|e| Error::failed(e.to_string()))?;
-                w.write_all(&line)
+            for r in merged {
+                let line = ListLine::of_record(&r.map_err(sort_failed)?);
+                // One line per id: a content stored twice (in two packs, or in a pack and as
+                // a blob of its own) is listed where it was met first; both places are kept.
+                if last == Some(line.id()) {
+                    continue;
+                }
+                last = Some(line.id());
+                match line {
+                    ListLine::Pack(_) => named.packs += 1,
+                    _ => named.contents += 1,
+                }
+                w.write_all(line.text().as_bytes())
                     .await
                     .map_err(|e| Error::failed(format!("writing the blob list: {e}")))?;
-                n += 1;
             }
             let _ = w.shutdown().await;
-            Ok::<_, Error>(n)
+            Ok::<_, Error>(())
         }
         .await;
         let _ = verdict_tx.send(written.is_ok());
         written
     };
     let (n, stored) = tokio::join!(write, stored);
-    let n = n?;
+    n?;
     let (digests, _) = stored.map_err(|e| Error::from(e).context("storing the blob list"))?;
     Ok((
         digests.part(BLOB_LIST_OBJECT, Role::BlobList, BLOB_LIST_FORMAT),
-        n,
+        named,
     ))
 }
 
@@ -1298,8 +1653,9 @@ struct Tally {
     dirs: u64,
     symlinks: u64,
     bytes: u64,
-    /// Every blob id named, sorted on the temp disk.
-    blobs: sorted::Sorter,
+    /// Every content named and where, and every pack, as blob list records sorted on the temp
+    /// disk.
+    blobs: sorted::Sorter<81>,
     /// [`tree_sha256`], incrementally.
     tree: Sha256,
     /// The frame starts offered, and the path of the entry at each.
@@ -1353,8 +1709,15 @@ impl Tally {
             EntryKind::File => {
                 self.files += 1;
                 self.bytes += e.size;
-                if let Some(b) = e.blob.as_deref().and_then(unhex32) {
-                    self.blobs.push(b)?;
+                let Some(b) = e.blob.as_deref().and_then(unhex32) else {
+                    return Ok(());
+                };
+                match e.pack.as_ref().and_then(Packed::of) {
+                    Some(p) => {
+                        self.blobs.push(ListLine::Packed(b, p).record())?;
+                        self.blobs.push(ListLine::Pack(p.pack).record())?;
+                    }
+                    None => self.blobs.push(ListLine::Blob(b).record())?,
                 }
             }
         }
@@ -1368,7 +1731,7 @@ pub(crate) fn unhex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn entry(l: &Listed, sha256: Option<String>, blob: Option<String>) -> Entry {
+fn entry(l: &Listed, sha256: Option<String>, blob: Option<String>, pack: Option<Packed>) -> Entry {
     Entry {
         path: l.path.clone(),
         kind: l.kind,
@@ -1379,6 +1742,7 @@ fn entry(l: &Listed, sha256: Option<String>, blob: Option<String>) -> Entry {
         sha256,
         blob,
         target: l.target.clone(),
+        pack: pack.as_ref().map(Packed::slice),
     }
 }
 
@@ -1420,6 +1784,76 @@ mod tests {
         // A cut at a start not offered: no paths, and a `--path` restore reads the snapshot whole.
         assert!(frame_paths(&[[10, 1], [25, 2]], marked()).is_empty());
         assert!(frame_paths(&[[40, 1]], marked()).is_empty());
+    }
+
+    #[test]
+    fn blob_list_lines_read_back_as_written_and_nothing_else_reads() {
+        let (a, b) = ([0xabu8; 32], [0x01u8; 32]);
+        let lines = [
+            ListLine::Blob(a),
+            ListLine::Pack(b),
+            ListLine::Packed(
+                a,
+                Packed {
+                    pack: b,
+                    offset: 123_456,
+                    len: 789,
+                },
+            ),
+        ];
+        for line in lines {
+            let text = line.text();
+            assert_eq!(
+                ListLine::parse(text.trim_end().as_bytes()),
+                Some(line),
+                "{text}"
+            );
+            assert_eq!(ListLine::of_record(&line.record()), line);
+        }
+        assert_eq!(lines[0].object(), Some(a));
+        assert_eq!(lines[1].object(), Some(b));
+        assert_eq!(lines[2].object(), None, "its pack has a line of its own");
+        let id = hex::encode(a);
+        for bad in [
+            format!("{id} packs"),
+            format!("{id} pack extra"),
+            format!("{id} {id} 1"),
+            format!("{id} {id} 1 0"),
+            format!("{id} {id} -1 5"),
+            format!("{id} {id} 1 5 6"),
+            id[..63].to_string(),
+        ] {
+            assert_eq!(ListLine::parse(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_content_record_says_where_the_entry_has_its_content() {
+        let mut e =
+            decode_snapshot(b"{\"path\":\"a\",\"type\":\"file\",\"size\":3}\n").unwrap()[0].clone();
+        e.sha256 = Some("cd".repeat(32));
+        e.blob = Some("ab".repeat(32));
+        let r = content_record(&e).unwrap().unwrap();
+        assert_eq!(
+            record_parts(&r),
+            (Stored::Blob("ab".repeat(32)), Some("cd".repeat(32)))
+        );
+        let slice = PackSlice {
+            id: "ef".repeat(32),
+            offset: 10,
+            len: 200,
+        };
+        e.pack = Some(slice.clone());
+        let r = content_record(&e).unwrap().unwrap();
+        assert_eq!(
+            record_parts(&r),
+            (Stored::Packed(slice), Some("cd".repeat(32)))
+        );
+        e.blob = None;
+        e.pack = None;
+        assert_eq!(content_record(&e).unwrap(), None);
+        e.blob = Some("not hex".into());
+        assert!(content_record(&e).is_err());
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct RawObjectsSource {
     pub allow_shrink: Option<bool>,
     /// Objects read and stored at once; default 8.
     pub concurrency: Option<usize>,
+    /// Contents of up to 1 MiB are stored together in packs of about this size, e.g. `16MiB`
+    /// (the default): a million small files make dozens of repository objects, not a million.
+    /// `0` stores every content as an object of its own.
+    pub pack_size: Option<String>,
     /// Cron expression; overrides `[defaults]`.
     pub schedule: Option<String>,
     /// Longest a run may take; overrides `[defaults]`.
@@ -88,6 +92,8 @@ pub struct ObjectsConfig {
     pub max_shrink_percent: Option<u32>,
     /// Objects handled at once.
     pub concurrency: usize,
+    /// Bytes at which a pack is completed; 0 when every content is an object of its own.
+    pub pack_size: u64,
 }
 
 #[async_trait::async_trait]
@@ -193,6 +199,20 @@ fn validate(
     if !(1..=64).contains(&concurrency) {
         p.add(format!("{path}.concurrency"), "must be 1–64");
     }
+    let pack_size = match raw.pack_size.as_deref() {
+        None => DEFAULT_PACK_SIZE,
+        Some("0") => 0,
+        Some(s) => match crate::policy::validate::parse_size(s) {
+            Some(n) if (MIN_PACK_SIZE..=MAX_PACK_SIZE).contains(&n) => n,
+            _ => {
+                p.add(
+                    format!("{path}.pack_size"),
+                    format!("`{s}`: write a size from 1MiB to 1GiB, e.g. \"16MiB\", or \"0\" to store every content as an object of its own"),
+                );
+                DEFAULT_PACK_SIZE
+            }
+        },
+    };
     if let Some(v) = &raw.verify {
         if v.cover_days == Some(0) {
             p.add(
@@ -223,9 +243,17 @@ fn validate(
             exclude: raw.exclude,
             max_shrink_percent: (!raw.allow_shrink.unwrap_or(false)).then_some(shrink.min(100)),
             concurrency: concurrency.clamp(1, 64),
+            pack_size,
         }),
     )
 }
+
+/// Packs are completed at this size unless the policy says otherwise.
+const DEFAULT_PACK_SIZE: u64 = 16 << 20;
+
+/// The least and the greatest `pack_size`.
+const MIN_PACK_SIZE: u64 = 1 << 20;
+const MAX_PACK_SIZE: u64 = 1 << 30;
 
 /// Where the objects are read from: a directory or an S3 bucket and prefix.
 fn from(path: &str, raw: &RawObjectsSource, p: &mut Problems) -> ObjectsFrom {

@@ -10,9 +10,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
-use super::{Entry, EntryKind};
+use super::{Entry, EntryKind, Stored};
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::layout;
 use crate::repo::manifest::{Manifest, Role};
 use crate::repo::Repository;
 use crate::restore::{part, spool, Progress};
@@ -342,25 +341,46 @@ fn under(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// Streams blob `id` decrypted into `out`, checking its SHA-256 against `sha256` at the end.
-/// Returns the bytes written. A missing blob or a different hash is an integrity error.
+/// Streams the content stored at `stored` (a blob, or a slice of a pack) decrypted into `out`,
+/// checking its SHA-256 against `sha256` at the end. Returns the bytes written. A missing object
+/// or a different hash is an integrity error.
 pub async fn fetch_blob(
     store: &dyn ObjectStore,
-    id: &str,
+    stored: &Stored,
     sha256: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
     out: &mut (dyn tokio::io::AsyncWrite + Send + Unpin),
 ) -> Result<u64> {
     use tokio::io::AsyncWriteExt;
-    let key = layout::blob(id);
-    let reader = store.open(&key).await.map_err(|e| match e {
+    let key = stored.describe();
+    let object = stored.key();
+    let missing = |e: store::StoreError| {
+        match e {
         store::StoreError::NotFound { .. } => Error::new(
             ErrorKind::Integrity,
-            format!("blob {key} is missing"),
+            format!("{object} is missing"),
         )
         .hint("the snapshot names content the repository no longer holds; use another backup (RUNBOOK.md#integrity-failure)"),
         other => Error::from(other).context(format!("reading {key}")),
-    })?;
+    }
+    };
+    let reader: store::ObjectReader = match stored {
+        Stored::Blob(_) => store.open(&object).await.map_err(missing)?,
+        Stored::Packed(p) => {
+            let bytes = store
+                .get_range(&object, p.offset, p.len)
+                .await
+                .map_err(missing)?;
+            if bytes.len() as u64 != p.len {
+                return Err(Error::new(
+                    ErrorKind::Integrity,
+                    format!("{key}: the pack ends {} bytes short", p.len - bytes.len() as u64),
+                )
+                .hint("the pack is damaged; use another backup and run the verifier (RUNBOOK.md#integrity-failure)"));
+            }
+            Box::pin(std::io::Cursor::new(bytes))
+        }
+    };
     let mut plain = crate::pipeline::decrypt_stream(reader, identities)
         .await
         .map_err(|e| e.context(&key))?;
@@ -390,7 +410,7 @@ pub async fn fetch_blob(
             ErrorKind::Integrity,
             format!("{key}: content SHA-256 {got}, the snapshot says {sha256}"),
         )
-        .hint("the blob is damaged; use another backup and run the verifier (RUNBOOK.md#integrity-failure)"));
+        .hint("the stored content is damaged; use another backup and run the verifier (RUNBOOK.md#integrity-failure)"));
     }
     Ok(n)
 }
@@ -444,6 +464,7 @@ pub async fn restore_to_dir(
         let store = store.clone();
         async move {
             let (sha, blob) = checked_entry(&e)?;
+            let blob = blob.as_ref();
             let path = inside(target, &e.path)?;
             let dir = path.parent().unwrap_or(target).to_path_buf();
             tokio::fs::create_dir_all(&dir)
@@ -517,7 +538,7 @@ pub async fn restore_to_store(
         let (store, target) = (store.clone(), target.clone());
         async move {
             let (sha, blob) = checked_entry(&e)?;
-            let n = match blob {
+            let n = match &blob {
                 None => {
                     target
                         .put(&e.path, bytes::Bytes::new())
@@ -595,10 +616,11 @@ async fn run_writes(
 /// Part size of a restore's multipart uploads (S3 wants at least 5 MiB).
 const UPLOAD_PART: usize = 8 << 20;
 
-/// Streams blob `blob` into a multipart upload of `key`, completed only if the hash matched.
+/// Streams the content at `blob` into a multipart upload of `key`, completed only if the hash
+/// matched.
 async fn put_large(
     store: &dyn ObjectStore,
-    blob: &str,
+    blob: &Stored,
     sha: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
     target: &dyn ObjectStore,
@@ -653,8 +675,9 @@ async fn put_large(
     completed
 }
 
-/// The content hash and blob of a file entry, or why the snapshot entry is unusable.
-fn checked_entry(e: &Entry) -> Result<(&str, Option<&str>)> {
+/// The content hash of a file entry and where the content is stored, or why the snapshot entry
+/// is unusable.
+fn checked_entry(e: &Entry) -> Result<(&str, Option<Stored>)> {
     let Some(sha) = &e.sha256 else {
         return Err(Error::new(
             ErrorKind::Integrity,
@@ -667,7 +690,7 @@ fn checked_entry(e: &Entry) -> Result<(&str, Option<&str>)> {
             format!("snapshot entry {} names no blob", e.path),
         ));
     }
-    Ok((sha, e.blob.as_deref()))
+    Ok((sha, e.stored()))
 }
 
 /// Removes what is under `dir` but not in `keep` (paths relative to `root`); never follows a

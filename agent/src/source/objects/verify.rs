@@ -58,15 +58,12 @@ impl Steps for ObjectsSteps {
     }
 }
 
-/// A blob id and the content SHA-256 the snapshot expects of it, raw: sorted on the temp disk.
-type Named = [u8; 64];
-
 /// What one read of the snapshot finds: its counts, its tree hash, and each blob it names.
 struct Read {
     files: u64,
     symlinks: u64,
     tree: Sha256,
-    blobs: sorted::Sorter<64>,
+    blobs: sorted::Sorter<80>,
 }
 
 /// Reads the snapshot once, as a stream.
@@ -85,20 +82,12 @@ async fn read(snapshot: &Snapshot<'_>) -> Result<Read> {
             EntryKind::Symlink => r.symlinks += 1,
             EntryKind::Dir => {}
         }
-        let (Some(blob), Some(sha)) = (&e.blob, &e.sha256) else {
+        if e.sha256.is_none() {
+            continue;
+        }
+        let Some(named) = super::content_record(&e)? else {
             continue;
         };
-        let mut named = [0u8; 64];
-        let (id, content) = named.split_at_mut(32);
-        if hex::decode_to_slice(blob, id).is_err() || hex::decode_to_slice(sha, content).is_err() {
-            return Err(Error::new(
-                ErrorKind::Integrity,
-                format!(
-                    "snapshot entry {}: a blob id or SHA-256 that is not hex",
-                    e.path
-                ),
-            ));
-        }
         r.blobs
             .push(named)
             .map_err(|e| Error::failed(format!("sorting blob ids on the temp disk: {e}")))?;
@@ -146,24 +135,26 @@ async fn rehash(
             None
         }
     };
-    // A rolling sample: blob ids are uniform, so their first 32 bits split them into
-    // `cover_days` even groups, and today's group is re-hashed; every blob once per cycle.
+    // A rolling sample: blob and pack ids are uniform, so their first 32 bits split them into
+    // `cover_days` even groups, and today's group is re-hashed; every blob once per cycle (a
+    // pack's contents on the same day).
     let sample = cover_days.filter(|n| *n > 1).map(|n| {
         let today = (chrono::Utc::now().timestamp() / 86_400) as u64 % u64::from(n);
         (u64::from(n), today)
     });
     let t1 = Instant::now();
-    let (mut all, mut picked, mut missing) = (0u64, 0u64, 0u64);
+    let (mut all, mut objects, mut picked, mut missing) = (0u64, 0u64, 0u64, 0u64);
     let mut failed = Failed::default();
     let mut batch = Vec::with_capacity(BATCH);
     let mut last: Option<[u8; 32]> = None;
     for named in read.blobs.merged().map_err(sort_failed)? {
-        let named: Named = named.map_err(sort_failed)?;
+        let named: super::ContentRecord = named.map_err(sort_failed)?;
         let id: [u8; 32] = named[..32].try_into().unwrap_or_default();
         // A blob named with two content hashes comes twice: both are re-hashed (one fails).
+        all += 1;
         if last != Some(id) {
             last = Some(id);
-            all += 1;
+            objects += 1;
             if let Some(Ok(list)) = &mut listed {
                 if !list.holds(&id).map_err(sort_failed)? {
                     missing += 1;
@@ -175,7 +166,8 @@ async fn rehash(
             continue;
         }
         picked += 1;
-        batch.push((hex::encode(id), hex::encode(&named[32..])));
+        let (stored, sha) = super::record_parts(&named);
+        batch.push((stored, sha.unwrap_or_default()));
         if batch.len() == BATCH {
             rehash_batch(ctx, &mut batch, &mut failed).await?;
         }
@@ -184,8 +176,8 @@ async fn rehash(
     report.timings.restore_seconds = t1.elapsed().as_secs_f64();
     if let Some(listed) = listed {
         let (name, want) = (
-            "blob list names every blob of the snapshot",
-            format!("{all} blobs"),
+            "blob list names every blob and pack of the snapshot",
+            format!("{objects} blobs and packs"),
         );
         report.checks.push(match listed {
             Ok(_) if missing == 0 => Check::eq(name, want.clone(), want),
@@ -244,18 +236,18 @@ struct Failed {
 /// Failures named in the report; the rest are counted.
 const FAILED_NAMED: usize = 100;
 
-/// Re-hashes the blobs of `batch` (id, content SHA-256), emptying it; a credential error (the
-/// identity does not open them) ends the verification.
+/// Re-hashes the contents of `batch` (where stored, content SHA-256), emptying it; a credential
+/// error (the identity does not open them) ends the verification.
 async fn rehash_batch(
     ctx: &Context<'_>,
-    batch: &mut Vec<(String, String)>,
+    batch: &mut Vec<(super::Stored, String)>,
     failed: &mut Failed,
 ) -> Result<()> {
     let (store, identities) = (ctx.repo.store.as_ref(), ctx.identities);
     let results: Vec<Result<u64>> = futures::stream::iter(batch.drain(..))
-        .map(|(id, sha)| async move {
+        .map(|(stored, sha)| async move {
             let mut sink = tokio::io::sink();
-            super::restore::fetch_blob(store, &id, &sha, identities, &mut sink).await
+            super::restore::fetch_blob(store, &stored, &sha, identities, &mut sink).await
         })
         .buffered(CONCURRENCY)
         .collect()
