@@ -31,6 +31,14 @@ pub struct Collection {
     pub missing: u64,
     /// Why nothing was collected, when nothing was.
     pub skipped: Option<String>,
+    /// Packs less than half named by the newest snapshots, to be stored again by the next
+    /// backups.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub sparse: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Keys to delete, in the order they were found: held in memory up to [`Keys::IN_MEMORY`], then
@@ -111,6 +119,8 @@ pub struct CollectionPlan {
     pub summary: Collection,
     doomed: Keys,
     lease: String,
+    /// An object to write when the plan is applied (not on a dry run): a note for later runs.
+    note: Option<(String, bytes::Bytes)>,
 }
 
 impl CollectionPlan {
@@ -120,7 +130,14 @@ impl CollectionPlan {
             summary,
             doomed: doomed.into(),
             lease: lease.into(),
+            note: None,
         }
+    }
+
+    /// The same plan, writing `data` at `key` when applied.
+    pub fn with_note(mut self, key: String, data: bytes::Bytes) -> Self {
+        self.note = Some((key, data));
+        self
     }
 
     /// A plan that deletes nothing.
@@ -134,7 +151,14 @@ impl CollectionPlan {
             summary,
             doomed,
             lease,
+            note,
         } = self;
+        if let Some((key, data)) = note {
+            repo.store
+                .put(&key, data)
+                .await
+                .map_err(|e| Error::from(e).context(format!("writing {key}")))?;
+        }
         if doomed.is_empty() {
             return Ok(summary);
         }

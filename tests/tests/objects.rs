@@ -735,6 +735,99 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
+#[test]
+fn a_pack_mostly_unused_is_noted_by_prune_and_its_contents_packed_again_by_the_next_backup() {
+    let src = tempfile::tempdir().unwrap();
+    let write = |i: u64, seed: u64| {
+        std::fs::write(
+            src.path().join(format!("f{i:03}.bin")),
+            // Odd seeds: the generator makes a seed odd, so 2k and 2k + 1 would repeat.
+            pseudo_random(2000, 2 * seed + 1),
+        )
+        .unwrap()
+    };
+    for i in 0..100 {
+        write(i, i + 1);
+    }
+    let fx = setup(
+        "url = \"file://./repo\"",
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 1 }}\n",
+            src.path().display()
+        ),
+        Vec::new(),
+    );
+    let objects = fx.dir.path().join("repo/objects");
+    let first = fx.backup();
+    assert_eq!(fx.fingerprint(&first)["packs"], 1);
+    // 80 contents change: they go into a new pack, and the first one keeps 20 named.
+    for i in 0..80 {
+        write(i, 1000 + i);
+    }
+    let second = fx.backup();
+    let fp = fx.fingerprint(&second);
+    assert_eq!(
+        (fp["packs"].as_u64(), fp["packs_uploaded"].as_u64()),
+        (Some(2), Some(1)),
+        "{fp}"
+    );
+    assert!(fp.get("repacked").is_none(), "{fp}");
+
+    // Prune deletes the first backup; the first pack stays (named by the second), noted as
+    // mostly unused.
+    let r = fx.run(&["prune"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("2 stored, 2 named by snapshots; deleted 0")
+            && r.stderr.contains("1 pack(s) less than half named"),
+        "{}",
+        r.stderr
+    );
+    assert!(fx.dir.path().join("repo/state/repack.age").exists());
+
+    // The next backup reads the 20 unchanged files again and packs them anew.
+    let third = fx.backup();
+    let fp = fx.fingerprint(&third);
+    assert_eq!(fp["repacked"], 20, "{fp}");
+    assert_eq!(fp["blobs_uploaded"], 20, "{fp}");
+    assert_eq!(
+        (fp["packs"].as_u64(), fp["packs_uploaded"].as_u64()),
+        (Some(2), Some(1)),
+        "{fp}"
+    );
+    assert_eq!(walk_count(&objects), 3);
+
+    // Once no snapshot names it (and a day has passed), the first pack is collected; nothing
+    // is noted any more, and the next backup repacks nothing.
+    two_days_old(&objects);
+    let r = fx.run(&["prune"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("3 stored, 2 named by snapshots; deleted 1")
+            && !r.stderr.contains("less than half"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(walk_count(&objects), 2);
+    let out = fx.dir.path().join("restored");
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(tree(&out), tree(src.path()));
+    let r = fx.run(&[
+        "check",
+        "--read-data",
+        "--identity",
+        fx.key.identity.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let fourth = fx.backup();
+    let fp = fx.fingerprint(&fourth);
+    assert!(fp.get("repacked").is_none(), "{fp}");
+    assert_eq!(fp["blobs_uploaded"], 0, "{fp}");
+}
+
 /// Makes every file under `dir` look written two days ago (past blob collection's grace).
 fn two_days_old(dir: &Path) {
     let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);

@@ -77,6 +77,12 @@ pub fn blob(id: &str) -> String {
     format!("objects/{}/{id}.age", &id[..2.min(id.len())])
 }
 
+/// `state/repack.age`: the packs the last prune found mostly unused, which the next objects
+/// backups store again (sealed with the index key).
+pub fn repack_note() -> String {
+    "state/repack.age".to_string()
+}
+
 /// `state/<source>/index.age`: an objects source's change index.
 pub fn change_index(source: &str) -> String {
     format!("state/{source}/index.age")

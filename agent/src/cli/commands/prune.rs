@@ -115,6 +115,12 @@ fn print_collection(b: &lifeboat::collect::Collection, dry_run: bool) {
             String::new()
         }
     );
+    if b.sparse > 0 {
+        eprintln!(
+            "  {}: {} pack(s) less than half named by the newest snapshots: the next backups store those contents again, and the packs go once no snapshot names them",
+            b.what, b.sparse
+        );
+    }
     if b.missing > 0 {
         eprintln!(
             "  warning: {} of the {} {} are not stored; run `lifeboat check --read-data`",

@@ -12,8 +12,13 @@
 //!   never deletes) and upload anything else again, which renews an old blob's age. So a blob
 //!   old enough to collect is one no running backup relies on.
 //! - Deletions run under the `blobs` lease, checked before each one.
+//! - Packs are kept like blobs, while any blob list names them. A pack that less than half of
+//!   its bytes are named by its source's newest snapshot is noted (`state/repack.age`, sealed
+//!   with the index key) when the collection is applied: the next backups store those contents
+//!   again, from the source, into new packs, and the old pack goes once the snapshots naming it
+//!   have. The note is rewritten by every applied collection that read every list.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
@@ -58,7 +63,7 @@ pub async fn plan(
     if page.is_empty() {
         return Ok(nothing(out));
     }
-    let referenced = match referenced(repo, index_key, ignoring).await? {
+    let (referenced, used) = match referenced(repo, index_key, ignoring).await? {
         Ok(r) => r,
         Err(why) => {
             tracing::warn!(reason = %why, "Blob collection skipped");
@@ -72,6 +77,7 @@ pub async fn plan(
         sorted::Cursor::new(referenced.iter().map_err(sort_failed)?).map_err(sort_failed)?;
     let cutoff = now - chrono::Duration::from_std(GRACE).unwrap_or_default();
     let mut doomed = Keys::default();
+    let mut sparse = Vec::new();
     let mut last = None;
     loop {
         for o in &page {
@@ -100,6 +106,9 @@ pub async fn plan(
             last = Some(id);
             if referenced.holds(&id).map_err(sort_failed)? {
                 out.referenced += 1;
+                if used.get(&id).is_some_and(|u| u.saturating_mul(2) < o.size) {
+                    sparse.push(id);
+                }
             } else if o.modified.is_some_and(|m| m < cutoff) {
                 out.deleted += 1;
                 out.deleted_bytes += o.size;
@@ -126,7 +135,44 @@ pub async fn plan(
         );
         return Ok(refuse(out, why));
     }
-    Ok(CollectionPlan::new(out, doomed, "blobs"))
+    out.sparse = sparse.len() as u64;
+    let note = sparse
+        .iter()
+        .map(|id| format!("{}\n", hex::encode(id)))
+        .collect::<String>();
+    let plan = match index_key {
+        Some(key) => CollectionPlan::new(out, doomed, "blobs").with_note(
+            layout::repack_note(),
+            objects::seal(key, note.as_bytes())?.into(),
+        ),
+        None => CollectionPlan::new(out, doomed, "blobs"),
+    };
+    Ok(plan)
+}
+
+/// The packs the last applied collection found mostly unused (`state/repack.age`), which this
+/// backup stores the contents of again; none when there is no note or it cannot be read.
+pub(crate) async fn repack_note(
+    store: &dyn crate::store::ObjectStore,
+    key: &Secret,
+) -> HashSet<sorted::Id> {
+    let note = layout::repack_note();
+    let sealed = match store.get(&note).await {
+        Ok(b) => b,
+        Err(crate::store::StoreError::NotFound { .. }) => return HashSet::new(),
+        Err(e) => {
+            tracing::debug!(error = %Error::from(e).message, "The repack note cannot be read: no pack is repacked");
+            return HashSet::new();
+        }
+    };
+    let Some(plain) = objects::unseal(key, &sealed) else {
+        tracing::debug!("The repack note does not open with the index key: no pack is repacked");
+        return HashSet::new();
+    };
+    String::from_utf8_lossy(&plain)
+        .lines()
+        .filter_map(objects::unhex32)
+        .collect()
 }
 
 /// A plan that deletes nothing, saying why.
@@ -141,16 +187,17 @@ fn refuse(mut out: Collection, why: String) -> CollectionPlan {
 /// (about 2.5 MiB), and each pass reads and writes the whole union.
 const LISTS_AT_ONCE: usize = 8;
 
-/// Every blob the published objects backups name, sorted on the temp disk, each once; or why
-/// that cannot be known. Blob lists are stored sorted: [`LISTS_AT_ONCE`] of them are streamed
-/// at a time and merged with the union so far into a new one, so the temp disk holds each
-/// distinct id once (twice during a pass), and the union is rewritten once per that many
-/// backups, not once per backup.
+/// Every blob and pack the published objects backups name, sorted on the temp disk, each once,
+/// and the bytes of each pack that the newest backup of each source names; or why that cannot
+/// be known. Blob lists are stored sorted: [`LISTS_AT_ONCE`] of them are streamed at a time
+/// and merged with the union so far into a new one, so the temp disk holds each distinct id
+/// once (twice during a pass), and the union is rewritten once per that many backups, not once
+/// per backup.
 async fn referenced(
     repo: &Repository,
     index_key: Option<&Secret>,
     ignoring: &HashSet<(String, String)>,
-) -> Result<std::result::Result<sorted::SortedFile, String>> {
+) -> Result<std::result::Result<(sorted::SortedFile, HashMap<sorted::Id, u64>), String>> {
     let sort_failed =
         |e: std::io::Error| Error::failed(format!("sorting blob ids on the temp disk: {e}"));
     let listing = repo.list(None).await?;
@@ -169,8 +216,17 @@ async fn referenced(
         .filter(|m| m.kind == crate::source::Kind::Objects)
         .filter(|m| !ignoring.contains(&(m.source.clone(), m.id.clone())))
         .collect();
+    let mut used = HashMap::new();
     if named.is_empty() {
-        return Ok(Ok(all));
+        return Ok(Ok((all, used)));
+    }
+    // The newest backup of each source: the next backup's index, whose packs are judged.
+    let mut newest: HashMap<&str, &str> = HashMap::new();
+    for m in &named {
+        let id = newest.entry(m.source.as_str()).or_insert(m.id.as_str());
+        if m.id.as_str() > *id {
+            *id = m.id.as_str();
+        }
     }
     let Some(key) = index_key else {
         return Ok(Err(
@@ -184,6 +240,9 @@ async fn referenced(
         let mut lists = Vec::with_capacity(batch.len());
         for m in batch {
             match objects::BlobList::open(repo, m, key).await? {
+                Ok(list) if newest.get(m.source.as_str()) == Some(&m.id.as_str()) => {
+                    lists.push(list.counting_packs())
+                }
                 Ok(list) => lists.push(list),
                 Err(why) => return Ok(Err(unreadable(why))),
             }
@@ -211,6 +270,11 @@ async fn referenced(
             }
         }
         all = union.finish().map_err(sort_failed)?;
+        for list in &mut lists {
+            for (pack, bytes) in list.packed_bytes() {
+                *used.entry(pack).or_default() += bytes;
+            }
+        }
     }
-    Ok(Ok(all))
+    Ok(Ok((all, used)))
 }

@@ -271,6 +271,9 @@ pub struct Fingerprint {
     /// Packs this run stored.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub packs_uploaded: u64,
+    /// Unchanged contents stored again, out of packs the last prune found mostly unused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repacked: u64,
     /// SHA-256 over every `path NUL sha256 LF` (a symlink's: `path NUL -> target LF`) in path
     /// order: the whole tree's content.
     pub tree_sha256: String,
@@ -762,6 +765,8 @@ pub(crate) struct BlobList {
     ids: BlobIds,
     object: String,
     last: Option<sorted::Id>,
+    /// When counted: the bytes of each pack its contents take ([`BlobList::counting_packs`]).
+    packed: Option<HashMap<sorted::Id, u64>>,
 }
 
 enum BlobIds {
@@ -791,6 +796,7 @@ impl BlobList {
             ids,
             object: object.clone(),
             last: None,
+            packed: None,
         };
         if !part.format.contains("zstd") {
             // An empty list, or one written whole by an older version: read whole.
@@ -863,7 +869,21 @@ impl BlobList {
         if id.is_some() {
             self.last = id;
         }
+        if let (Some(packed), Some(ListLine::Packed(_, p))) = (&mut self.packed, &line) {
+            *packed.entry(p.pack).or_default() += p.len;
+        }
         Ok(Ok(line))
+    }
+
+    /// From now on, counts the bytes of each pack the list's contents take.
+    pub(crate) fn counting_packs(mut self) -> Self {
+        self.packed = Some(HashMap::new());
+        self
+    }
+
+    /// The bytes of each pack the contents read so far take (when counted).
+    pub(crate) fn packed_bytes(&mut self) -> HashMap<sorted::Id, u64> {
+        self.packed.take().unwrap_or_default()
     }
 
     /// The next stored object the list names (a blob or a pack), skipping the lines of
@@ -1145,6 +1165,10 @@ struct Run<'a> {
     claims: Mutex<HashMap<sorted::Id, Arc<tokio::sync::OnceCell<Option<Packed>>>>>,
     /// Where small contents go, unless the policy stores each as a blob of its own.
     packer: Option<pack::Packer>,
+    /// Packs the last prune found mostly unused: their contents are stored again.
+    repack: std::collections::HashSet<sorted::Id>,
+    /// Contents stored again out of those packs.
+    repacked: std::sync::atomic::AtomicU64,
     uploaded: std::sync::atomic::AtomicU64,
     semaphore: tokio::sync::Semaphore,
     /// Objects listed, then gone before they could be read.
@@ -1159,13 +1183,18 @@ impl Run<'_> {
         if l.kind != EntryKind::File {
             return Ok(Some(entry(l, None, None, None)));
         }
-        if let Some(k) = known.filter(|k| k.unchanged(l)) {
+        let known = known.filter(|k| k.unchanged(l));
+        if let Some(k) = known.as_ref().filter(|k| !self.repacking(k.pack)) {
             return Ok(Some(entry(
                 l,
                 Some(hex::encode(k.sha256)),
                 k.blob.map(hex::encode),
                 k.pack,
             )));
+        }
+        if known.is_some() {
+            self.repacked
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         let _permit = self
             .semaphore
@@ -1204,7 +1233,7 @@ impl Run<'_> {
             }
             let id = blob_id(self.key, &sha);
             let raw = unhex32(&id).ok_or_else(|| Error::failed("blob id is not hex"))?;
-            if let Some(at) = self.known(&raw).await {
+            if let Some(at) = self.known(&raw).await.filter(|at| !self.repacking(*at)) {
                 return Ok(sized(Some(id), at));
             }
             let cell = self.claim(raw)?;
@@ -1228,6 +1257,12 @@ impl Run<'_> {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether a content stored at `at` is to be stored again: it is in a pack the last prune
+    /// found mostly unused.
+    fn repacking(&self, at: Option<Packed>) -> bool {
+        at.is_some_and(|p| self.repack.contains(&p.pack))
     }
 
     /// Where the last published snapshot has the content of blob id `id` stored, if it names
@@ -1393,6 +1428,11 @@ impl Source for Objects {
                 )
             }),
             uploaded: std::sync::atomic::AtomicU64::new(0),
+            repack: match self.cfg.pack_size {
+                0 => Default::default(),
+                _ => blobs::repack_note(ctx.store.as_ref(), &key).await,
+            },
+            repacked: std::sync::atomic::AtomicU64::new(0),
             semaphore: tokio::sync::Semaphore::new(self.cfg.concurrency),
             vanished: Mutex::default(),
         };
@@ -1470,6 +1510,7 @@ impl Source for Objects {
         drop(entries);
         let uploaded = run.uploaded.load(std::sync::atomic::Ordering::SeqCst);
         let packs_uploaded = run.packer.as_ref().map_or(0, pack::Packer::completed);
+        let repacked = run.repacked.load(std::sync::atomic::Ordering::SeqCst);
         let vanished = std::mem::take(
             &mut *run
                 .vanished
@@ -1498,6 +1539,7 @@ impl Source for Objects {
             blobs_uploaded: uploaded,
             packs: named.packs,
             packs_uploaded,
+            repacked,
             tree_sha256: hex::encode(tally.tree.finalize()),
             symlinks: tally.symlinks,
             skipped: skipped.named,
@@ -1660,6 +1702,8 @@ struct Tally {
     tree: Sha256,
     /// The frame starts offered, and the path of the entry at each.
     marked: Vec<(u64, String)>,
+    /// The pack of the last packed content: entries in a row mostly share one, noted once.
+    last_pack: Option<sorted::Id>,
 }
 
 /// Offers the pipeline the frame starts [`write_snapshot`] marked, each as the chunk holding it
@@ -1715,7 +1759,10 @@ impl Tally {
                 match e.pack.as_ref().and_then(Packed::of) {
                     Some(p) => {
                         self.blobs.push(ListLine::Packed(b, p).record())?;
-                        self.blobs.push(ListLine::Pack(p.pack).record())?;
+                        if self.last_pack != Some(p.pack) {
+                            self.blobs.push(ListLine::Pack(p.pack).record())?;
+                            self.last_pack = Some(p.pack);
+                        }
                     }
                     None => self.blobs.push(ListLine::Blob(b).record())?,
                 }
