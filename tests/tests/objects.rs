@@ -828,6 +828,81 @@ fn a_pack_mostly_unused_is_noted_by_prune_and_its_contents_packed_again_by_the_n
     assert_eq!(fp["blobs_uploaded"], 0, "{fp}");
 }
 
+#[test]
+fn a_pack_whose_upload_fails_is_aborted_and_the_run_publishes_nothing() {
+    let s3 = s3();
+    let proxy = s3proxy::S3Proxy::start(&s3.endpoint);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bucket = format!("packfail-{}", suffix());
+    rt.block_on(async {
+        s3.client()
+            .await
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+    });
+    // Eight contents of 1,000 KiB: one pack, sent in two parts of a multipart upload.
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..8 {
+        std::fs::write(
+            src.path().join(format!("f{i}.bin")),
+            pseudo_random(1000 << 10, 2 * i + 1),
+        )
+        .unwrap();
+    }
+    std::fs::write(src.path().join("small.txt"), "small\n").unwrap();
+    let fx = setup(
+        &format!(
+            "url = \"s3://{bucket}/lb\"\nendpoint = \"{}\"",
+            proxy.endpoint
+        ),
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
+            src.path().display()
+        ),
+        s3.env(),
+    );
+    proxy.add(s3proxy::Rule::new(
+        "PUT",
+        "partNumber=2",
+        s3proxy::HttpFault::Status(400, "InvalidRequest"),
+    ));
+    let r = fx.run(&["backup"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("pack"), "{}", r.stderr);
+    assert!(!proxy.fired().is_empty());
+    rt.block_on(async {
+        let stored = s3.keys(&bucket, "lb/objects/").await;
+        assert!(
+            stored.is_empty(),
+            "nothing of the pack is visible: {stored:?}"
+        );
+        let backups = s3.keys(&bucket, "lb/backups/").await;
+        assert!(
+            backups.iter().all(|k| !k.ends_with("manifest.json")),
+            "{backups:?}"
+        );
+        let pending = s3.pending_uploads(&bucket).await;
+        assert!(
+            pending.is_empty(),
+            "the pack's upload was aborted: {pending:?}"
+        );
+    });
+
+    // Once the store takes parts again, the next run stores it all.
+    proxy.clear();
+    fx.backup();
+    let out = fx.dir.path().join("restored");
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(tree(&out), tree(src.path()));
+}
+
 /// Makes every file under `dir` look written two days ago (past blob collection's grace).
 fn two_days_old(dir: &Path) {
     let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
