@@ -36,6 +36,7 @@ pub async fn check_blobs(ctx: &mut Context<'_>, manifest: &Manifest) -> Result<(
     let mut union = sorted::Union::new(earlier.as_ref()).map_err(sort_failed)?;
     let mut batch = Vec::with_capacity(BATCH);
     let mut rehash = true;
+    let contents = super::restore::Contents::new(ctx.repo.store.clone());
     let (mut last, mut object, mut fresh) = (None, None, false);
     for named in named {
         let named: ContentRecord = named.map_err(sort_failed)?;
@@ -58,10 +59,10 @@ pub async fn check_blobs(ctx: &mut Context<'_>, manifest: &Manifest) -> Result<(
         }
         batch.push((stored, sha));
         if batch.len() == BATCH {
-            check_batch(ctx, manifest, &mut batch, &mut rehash).await?;
+            check_batch(ctx, manifest, &contents, &mut batch, &mut rehash).await?;
         }
     }
-    check_batch(ctx, manifest, &mut batch, &mut rehash).await?;
+    check_batch(ctx, manifest, &contents, &mut batch, &mut rehash).await?;
     ctx.blobs_checked = Some(union.finish().map_err(sort_failed)?);
     Ok(())
 }
@@ -87,10 +88,11 @@ enum Found {
 async fn check_batch(
     ctx: &mut Context<'_>,
     manifest: &Manifest,
+    contents: &super::restore::Contents,
     batch: &mut Vec<(super::Stored, Option<String>)>,
     rehash: &mut bool,
 ) -> Result<()> {
-    let store = ctx.repo.store.as_ref();
+    let store = contents.store();
     let identities = ctx
         .keys
         .identities
@@ -103,7 +105,7 @@ async fn check_batch(
                 let stored = &stored;
                 async move {
                     let mut sink = tokio::io::sink();
-                    super::restore::fetch_blob(store, stored, &sha, identities, &mut sink).await
+                    super::restore::fetch_blob(contents, stored, &sha, identities, &mut sink).await
                 }
             };
             if let (super::Stored::Packed(p), Some(identities), Some(sha)) =

@@ -130,8 +130,9 @@ impl Packed {
 }
 
 /// A file's content as a record sorted on the temp disk: the object it is stored in (its blob,
-/// or the pack that holds it), its SHA-256 (zeros when not known), and its offset and length
-/// in the pack (zeros for a blob of its own). Sorted, a pack's contents come together.
+/// or the pack that holds it), its offset and length in the pack (zeros for a blob of its own),
+/// and its SHA-256 (zeros when not known). Sorted, a pack's contents come together, in the
+/// order they lie in it.
 pub(crate) type ContentRecord = [u8; 80];
 
 /// The record of a file entry's content; `None` for one that names none (an empty file).
@@ -143,15 +144,15 @@ pub(crate) fn content_record(e: &Entry) -> Result<Option<ContentRecord>> {
     let object = match &stored {
         Stored::Blob(id) => id,
         Stored::Packed(p) => {
-            r[64..72].copy_from_slice(&p.offset.to_be_bytes());
-            r[72..80].copy_from_slice(&p.len.to_be_bytes());
+            r[32..40].copy_from_slice(&p.offset.to_be_bytes());
+            r[40..48].copy_from_slice(&p.len.to_be_bytes());
             &p.id
         }
     };
     let hex_ok = hex::decode_to_slice(object, &mut r[..32]).is_ok()
         && e.sha256
             .as_ref()
-            .is_none_or(|sha| hex::decode_to_slice(sha, &mut r[32..64]).is_ok());
+            .is_none_or(|sha| hex::decode_to_slice(sha, &mut r[48..80]).is_ok());
     if !hex_ok {
         return Err(Error::new(
             ErrorKind::Integrity,
@@ -174,20 +175,20 @@ pub(crate) fn object_record(id: sorted::Id) -> ContentRecord {
 /// Where a [`ContentRecord`]'s content is stored, and its SHA-256 when known.
 pub(crate) fn record_parts(r: &ContentRecord) -> (Stored, Option<String>) {
     let object = hex::encode(&r[..32]);
-    let len = u64::from_be_bytes(r[72..80].try_into().unwrap_or_default());
+    let len = u64::from_be_bytes(r[40..48].try_into().unwrap_or_default());
     let stored = if len == 0 {
         Stored::Blob(object)
     } else {
         Stored::Packed(PackSlice {
             id: object,
-            offset: u64::from_be_bytes(r[64..72].try_into().unwrap_or_default()),
+            offset: u64::from_be_bytes(r[32..40].try_into().unwrap_or_default()),
             len,
         })
     };
-    let sha = r[32..64]
+    let sha = r[48..80]
         .iter()
         .any(|b| *b != 0)
-        .then(|| hex::encode(&r[32..64]));
+        .then(|| hex::encode(&r[48..80]));
     (stored, sha)
 }
 

@@ -341,11 +341,80 @@ fn under(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// Bytes of a pack read at once by [`Contents`], aligned: contents read in pack order cost a
+/// GET per window instead of one each.
+const WINDOW: u64 = 2 << 20;
+
+/// Windows [`Contents`] keeps, the most recent: enough for a restore's few files at once.
+const WINDOWS_KEPT: usize = 4;
+
+/// The repository's stored contents, for a reader that takes many in a row (a restore, the
+/// verifier, `check --read-data`): a blob is read whole, and a content in a pack is cut from a
+/// window of the pack read in one ranged GET, the last [`WINDOWS_KEPT`] windows kept (8 MiB at
+/// most). A content that crosses a window's end is read on its own.
+pub struct Contents {
+    store: Arc<dyn ObjectStore>,
+    windows: std::sync::Mutex<std::collections::VecDeque<Window>>,
+}
+
+/// A window of a pack: its pack id and number, and its bytes once read.
+type Window = (String, u64, Arc<tokio::sync::OnceCell<bytes::Bytes>>);
+
+impl Contents {
+    /// The contents stored in `store`.
+    pub fn new(store: Arc<dyn ObjectStore>) -> Contents {
+        Contents {
+            store,
+            windows: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn ObjectStore {
+        self.store.as_ref()
+    }
+
+    /// The stored bytes of the content at `p`: its age file. Short if the pack is.
+    async fn slice(
+        &self,
+        p: &super::PackSlice,
+        key: &str,
+    ) -> std::result::Result<bytes::Bytes, store::StoreError> {
+        let w = p.offset / WINDOW;
+        if p.len == 0 || (p.offset + p.len - 1) / WINDOW != w {
+            return self.store.get_range(key, p.offset, p.len).await;
+        }
+        let cell = {
+            let mut windows = self
+                .windows
+                .lock()
+                .map_err(|_| store::StoreError::permanent("get", key, "pack windows poisoned"))?;
+            match windows.iter().find(|(id, n, _)| *id == p.id && *n == w) {
+                Some((_, _, cell)) => cell.clone(),
+                None => {
+                    let cell = Arc::new(tokio::sync::OnceCell::new());
+                    windows.push_back((p.id.clone(), w, cell.clone()));
+                    if windows.len() > WINDOWS_KEPT {
+                        windows.pop_front();
+                    }
+                    cell
+                }
+            }
+        };
+        let window = cell
+            .get_or_try_init(|| self.store.get_range(key, w * WINDOW, WINDOW))
+            .await?;
+        let start = ((p.offset - w * WINDOW) as usize).min(window.len());
+        let end = (start + p.len as usize).min(window.len());
+        Ok(window.slice(start..end))
+    }
+}
+
 /// Streams the content stored at `stored` (a blob, or a slice of a pack) decrypted into `out`,
 /// checking its SHA-256 against `sha256` at the end. Returns the bytes written. A missing object
 /// or a different hash is an integrity error.
 pub async fn fetch_blob(
-    store: &dyn ObjectStore,
+    contents: &Contents,
     stored: &Stored,
     sha256: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
@@ -365,12 +434,9 @@ pub async fn fetch_blob(
     }
     };
     let reader: store::ObjectReader = match stored {
-        Stored::Blob(_) => store.open(&object).await.map_err(missing)?,
+        Stored::Blob(_) => contents.store.open(&object).await.map_err(missing)?,
         Stored::Packed(p) => {
-            let bytes = store
-                .get_range(&object, p.offset, p.len)
-                .await
-                .map_err(missing)?;
+            let bytes = contents.slice(p, &object).await.map_err(missing)?;
             if bytes.len() as u64 != p.len {
                 return Err(Error::new(
                     ErrorKind::Integrity,
@@ -460,8 +526,9 @@ pub async fn restore_to_dir(
             .map_err(|err| Error::failed(format!("creating {}: {err}", p.display())))?;
         done.dirs += 1;
     }
+    let contents = Arc::new(Contents::new(store));
     let files = snapshot.of(EntryKind::File).map_ok(|e| {
-        let store = store.clone();
+        let contents = contents.clone();
         async move {
             let (sha, blob) = checked_entry(&e)?;
             let blob = blob.as_ref();
@@ -479,7 +546,7 @@ pub async fn restore_to_dir(
                     Error::failed(format!("writing in {}: {err}", dir.display()))
                 })?);
             let n = match blob {
-                Some(blob) => fetch_blob(store.as_ref(), blob, sha, identities, &mut out).await?,
+                Some(blob) => fetch_blob(&contents, blob, sha, identities, &mut out).await?,
                 None => 0,
             };
             drop(out);
@@ -534,8 +601,9 @@ pub async fn restore_to_store(
 ) -> Result<Restored> {
     let mut done = Restored::default();
     let identities = snapshot.identities;
+    let contents = Arc::new(Contents::new(store));
     let files = snapshot.of(EntryKind::File).map_ok(|e| {
-        let (store, target) = (store.clone(), target.clone());
+        let (contents, target) = (contents.clone(), target.clone());
         async move {
             let (sha, blob) = checked_entry(&e)?;
             let n = match &blob {
@@ -548,7 +616,7 @@ pub async fn restore_to_store(
                 }
                 Some(blob) if e.size <= UPLOAD_PART as u64 => {
                     let mut buf = Vec::with_capacity(e.size as usize);
-                    let n = fetch_blob(store.as_ref(), blob, sha, identities, &mut buf).await?;
+                    let n = fetch_blob(&contents, blob, sha, identities, &mut buf).await?;
                     target
                         .put(&e.path, bytes::Bytes::from(buf))
                         .await
@@ -556,15 +624,7 @@ pub async fn restore_to_store(
                     n
                 }
                 Some(blob) => {
-                    put_large(
-                        store.as_ref(),
-                        blob,
-                        sha,
-                        identities,
-                        target.as_ref(),
-                        &e.path,
-                    )
-                    .await?
+                    put_large(&contents, blob, sha, identities, target.as_ref(), &e.path).await?
                 }
             };
             progress(1);
@@ -619,7 +679,7 @@ const UPLOAD_PART: usize = 8 << 20;
 /// Streams the content at `blob` into a multipart upload of `key`, completed only if the hash
 /// matched.
 async fn put_large(
-    store: &dyn ObjectStore,
+    contents: &Contents,
     blob: &Stored,
     sha: &str,
     identities: &[Box<dyn age::Identity + Send + Sync>],
@@ -633,7 +693,7 @@ async fn put_large(
     let (w, mut r) = tokio::io::duplex(1 << 20);
     let fetch = async move {
         let mut w = w;
-        fetch_blob(store, blob, sha, identities, &mut w).await
+        fetch_blob(contents, blob, sha, identities, &mut w).await
     };
     let send = async {
         let (mut number, mut offset) = (0u32, 0u64);

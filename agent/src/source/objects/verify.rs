@@ -146,6 +146,7 @@ async fn rehash(
     let (mut all, mut objects, mut picked, mut missing) = (0u64, 0u64, 0u64, 0u64);
     let mut failed = Failed::default();
     let mut batch = Vec::with_capacity(BATCH);
+    let contents = super::restore::Contents::new(repo.store.clone());
     let mut last: Option<[u8; 32]> = None;
     for named in read.blobs.merged().map_err(sort_failed)? {
         let named: super::ContentRecord = named.map_err(sort_failed)?;
@@ -169,10 +170,10 @@ async fn rehash(
         let (stored, sha) = super::record_parts(&named);
         batch.push((stored, sha.unwrap_or_default()));
         if batch.len() == BATCH {
-            rehash_batch(ctx, &mut batch, &mut failed).await?;
+            rehash_batch(ctx, &contents, &mut batch, &mut failed).await?;
         }
     }
-    rehash_batch(ctx, &mut batch, &mut failed).await?;
+    rehash_batch(ctx, &contents, &mut batch, &mut failed).await?;
     report.timings.restore_seconds = t1.elapsed().as_secs_f64();
     if let Some(listed) = listed {
         let (name, want) = (
@@ -240,14 +241,15 @@ const FAILED_NAMED: usize = 100;
 /// error (the identity does not open them) ends the verification.
 async fn rehash_batch(
     ctx: &Context<'_>,
+    contents: &super::restore::Contents,
     batch: &mut Vec<(super::Stored, String)>,
     failed: &mut Failed,
 ) -> Result<()> {
-    let (store, identities) = (ctx.repo.store.as_ref(), ctx.identities);
+    let identities = ctx.identities;
     let results: Vec<Result<u64>> = futures::stream::iter(batch.drain(..))
         .map(|(stored, sha)| async move {
             let mut sink = tokio::io::sink();
-            super::restore::fetch_blob(store, &stored, &sha, identities, &mut sink).await
+            super::restore::fetch_blob(contents, &stored, &sha, identities, &mut sink).await
         })
         .buffered(CONCURRENCY)
         .collect()
