@@ -97,6 +97,12 @@ impl Fx {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `lifeboat check --read-data` with the identity: every content re-hashed.
+    fn check_read_data(&self) -> Run {
+        let id = self.key.identity.to_str().unwrap().to_string();
+        self.run(&["check", "--read-data", "--identity", &id])
+    }
+
     fn verify(&self, id: &str) -> Run {
         let p = self.policy.to_str().unwrap().to_string();
         let key = self.key.identity.to_str().unwrap().to_string();
@@ -173,14 +179,7 @@ fn make_tree(root: &Path, small_files: usize) {
 fn a_directory_snapshot_restores_exactly_and_the_next_run_stores_only_what_changed() {
     let src = tempfile::tempdir().unwrap();
     make_tree(src.path(), 10_000);
-    let fx = setup(
-        "url = \"file://./repo\"",
-        &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nexclude = [\"**/*.tmp\"]\n",
-            src.path().display()
-        ),
-        Vec::new(),
-    );
+    let fx = setup_dir(src.path(), "exclude = [\"**/*.tmp\"]\n");
     std::fs::write(src.path().join("scratch.tmp"), "left out").unwrap();
     let first = fx.backup();
     assert_eq!(
@@ -569,13 +568,9 @@ fn blobs_no_snapshot_names_are_collected_after_a_day_and_content_seen_again_is_s
     // Larger than what a run keeps in memory: read twice, checked on the second read.
     std::fs::write(src.path().join("c.bin"), pseudo_random(3 << 20, 5)).unwrap();
     // Every content an object of its own (packs are collected in the next test).
-    let fx = setup(
-        "url = \"file://./repo\"",
-        &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 1 }}\npack_size = \"0\"\n",
-            src.path().display()
-        ),
-        Vec::new(),
+    let fx = setup_dir(
+        src.path(),
+        "retention = { keep_last = 1 }\npack_size = \"0\"\n",
     );
     let blobs_dir = fx.dir.path().join("repo/objects");
     let first = fx.backup();
@@ -669,14 +664,7 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
     let src = tempfile::tempdir().unwrap();
     // In the first backup's pack, and named by every backup: that pack stays.
     std::fs::write(src.path().join("same.txt"), "never changes\n").unwrap();
-    let fx = setup(
-        "url = \"file://./repo\"",
-        &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 20 }}\n",
-            src.path().display()
-        ),
-        Vec::new(),
-    );
+    let fx = setup_dir(src.path(), "retention = { keep_last = 20 }\n");
     // Eleven backups, each naming one content no other names, stored in a pack of its run:
     // more lists than one merge pass takes, so a pass that lost a list would leave its pack
     // unnamed.
@@ -726,12 +714,7 @@ fn blob_collection_merges_the_blob_lists_of_many_backups_and_misses_none() {
         std::fs::read_to_string(out.join("same.txt")).unwrap(),
         "never changes\n"
     );
-    let r = fx.run(&[
-        "check",
-        "--read-data",
-        "--identity",
-        fx.key.identity.to_str().unwrap(),
-    ]);
+    let r = fx.check_read_data();
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
@@ -749,14 +732,7 @@ fn a_pack_mostly_unused_is_noted_by_prune_and_its_contents_packed_again_by_the_n
     for i in 0..100 {
         write(i, i + 1);
     }
-    let fx = setup(
-        "url = \"file://./repo\"",
-        &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 1 }}\n",
-            src.path().display()
-        ),
-        Vec::new(),
-    );
+    let fx = setup_dir(src.path(), "retention = { keep_last = 1 }\n");
     let objects = fx.dir.path().join("repo/objects");
     let first = fx.backup();
     assert_eq!(fx.fingerprint(&first)["packs"], 1);
@@ -815,12 +791,7 @@ fn a_pack_mostly_unused_is_noted_by_prune_and_its_contents_packed_again_by_the_n
     let r = fx.restore(&["--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(tree(&out), tree(src.path()));
-    let r = fx.run(&[
-        "check",
-        "--read-data",
-        "--identity",
-        fx.key.identity.to_str().unwrap(),
-    ]);
+    let r = fx.check_read_data();
     assert_eq!(r.code, 0, "{}", r.stderr);
     let fourth = fx.backup();
     let fp = fx.fingerprint(&fourth);
@@ -828,15 +799,36 @@ fn a_pack_mostly_unused_is_noted_by_prune_and_its_contents_packed_again_by_the_n
     assert_eq!(fp["blobs_uploaded"], 0, "{fp}");
 }
 
-#[test]
-fn a_pack_whose_upload_fails_is_aborted_and_the_run_publishes_nothing() {
+/// A policy backing `src` up as `files` into a local directory repository, with `extra` lines
+/// in the source's table.
+fn setup_dir(src: &Path, extra: &str) -> Fx {
+    setup(
+        "url = \"file://./repo\"",
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n{}",
+            src.display(),
+            extra
+        ),
+        Vec::new(),
+    )
+}
+
+/// A new bucket of the S3 test server, behind a fault proxy of its own.
+fn proxied_bucket(
+    name: &str,
+) -> (
+    &'static S3,
+    s3proxy::S3Proxy,
+    tokio::runtime::Runtime,
+    String,
+) {
     let s3 = s3();
     let proxy = s3proxy::S3Proxy::start(&s3.endpoint);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let bucket = format!("packfail-{}", suffix());
+    let bucket = format!("{name}-{}", suffix());
     rt.block_on(async {
         s3.client()
             .await
@@ -846,6 +838,27 @@ fn a_pack_whose_upload_fails_is_aborted_and_the_run_publishes_nothing() {
             .await
             .unwrap();
     });
+    (s3, proxy, rt, bucket)
+}
+
+/// A policy backing `src` up as `files` into `bucket` through `proxy`.
+fn setup_behind(proxy: &s3proxy::S3Proxy, bucket: &str, src: &Path) -> Fx {
+    setup(
+        &format!(
+            "url = \"s3://{bucket}/lb\"\nendpoint = \"{}\"",
+            proxy.endpoint
+        ),
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
+            src.display()
+        ),
+        s3().env(),
+    )
+}
+
+#[test]
+fn a_pack_whose_upload_fails_is_aborted_and_the_run_publishes_nothing() {
+    let (s3, proxy, rt, bucket) = proxied_bucket("packfail");
     // Eight contents of 1,000 KiB: one pack, sent in two parts of a multipart upload.
     let src = tempfile::tempdir().unwrap();
     for i in 0..8 {
@@ -856,17 +869,7 @@ fn a_pack_whose_upload_fails_is_aborted_and_the_run_publishes_nothing() {
         .unwrap();
     }
     std::fs::write(src.path().join("small.txt"), "small\n").unwrap();
-    let fx = setup(
-        &format!(
-            "url = \"s3://{bucket}/lb\"\nendpoint = \"{}\"",
-            proxy.endpoint
-        ),
-        &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
-            src.path().display()
-        ),
-        s3.env(),
-    );
+    let fx = setup_behind(&proxy, &bucket, src.path());
     proxy.add(s3proxy::Rule::new(
         "PUT",
         "partNumber=2",
@@ -1037,14 +1040,7 @@ fn a_hundred_thousand_objects_are_backed_up_in_bounded_memory_and_a_copied_conte
             std::fs::write(dir.join(format!("f{i:04}")), format!("{d}/{i}\n")).unwrap();
         }
     }
-    let fx = setup(
-        "url = \"file://./repo\"",
-        &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\nretention = {{ keep_last = 1 }}\n",
-            src.path().display()
-        ),
-        Vec::new(),
-    );
+    let fx = setup_dir(src.path(), "retention = { keep_last = 1 }\n");
     // Each command within the budget; how long it took is shown, not asserted.
     let within = |what: &str, run: &dyn Fn() -> Run| {
         let t = std::time::Instant::now();
@@ -1209,22 +1205,7 @@ fn ranged_bytes(requests: &[String], key: &str) -> (u64, usize, bool) {
 
 #[test]
 fn a_path_is_restored_from_the_snapshot_frames_that_hold_it_and_no_others() {
-    let s3 = s3();
-    let proxy = s3proxy::S3Proxy::start(&s3.endpoint);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let bucket = format!("frames-{}", suffix());
-    rt.block_on(async {
-        s3.client()
-            .await
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
-    });
+    let (s3, proxy, rt, bucket) = proxied_bucket("frames");
     // 48,000 empty files with long names of little redundancy: a snapshot of several 4 MiB
     // frames, stored in several age chunks each, and no blob to store but for the few files
     // with content.
@@ -1242,17 +1223,7 @@ fn a_path_is_restored_from_the_snapshot_frames_that_hold_it_and_no_others() {
     std::fs::write(src.path().join("d23/hello.txt"), "hello\n").unwrap();
     std::fs::write(src.path().join("d23/sub/deep.txt"), "deep\n").unwrap();
     std::fs::write(src.path().join("d23-x.txt"), "beside d23, not under it\n").unwrap();
-    let fx = setup(
-        &format!(
-            "url = \"s3://{bucket}/lb\"\nendpoint = \"{}\"",
-            proxy.endpoint
-        ),
-        &format!(
-            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"dir://{}\"\n",
-            src.path().display()
-        ),
-        s3.env(),
-    );
+    let fx = setup_behind(&proxy, &bucket, src.path());
     let id = fx.backup();
     let manifest: serde_json::Value = serde_json::from_slice(
         &rt.block_on(s3.get(&bucket, &format!("lb/backups/files/{id}/manifest.json"))),
