@@ -111,17 +111,20 @@ impl Open {
         done.map_err(|e| e.context(format!("storing the pack {}", self.key)))
     }
 
-    /// Aborts the upload, if one was started.
+    /// Aborts the upload, if one was started, in the background (from `Drop` too).
     fn abort(&mut self) {
         if let Some(upload) = self.upload.take() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    if let Err(e) = upload.abort().await {
-                        tracing::warn!(key = upload.key(), error = %e, "Could not abort a pack's upload; the next prune sweeps it");
-                    }
-                });
+                rt.spawn(abort_upload(upload));
             }
         }
+    }
+}
+
+/// Aborts a pack's multipart upload; one left open is swept by the next prune.
+async fn abort_upload(upload: Arc<dyn Upload>) {
+    if let Err(e) = upload.abort().await {
+        tracing::warn!(key = upload.key(), error = %e, "Could not abort a pack's upload; the next prune sweeps it");
     }
 }
 
@@ -183,9 +186,7 @@ impl Packer {
     pub(super) async fn abandon(&self) {
         let open = self.open.lock().await.take();
         if let Some(upload) = open.and_then(|mut p| p.upload.take()) {
-            if let Err(e) = upload.abort().await {
-                tracing::warn!(key = upload.key(), error = %e, "Could not abort a pack's upload; the next prune sweeps it");
-            }
+            abort_upload(upload).await;
         }
     }
 
