@@ -512,7 +512,8 @@ impl Objects {
                 let f = tokio::fs::File::open(root.join(path)).await.map_err(|e| {
                     Error::failed(format!("{}: reading {path}: {e}", self.cfg.from_shown))
                 })?;
-                Ok(Box::pin(tokio::io::BufReader::with_capacity(256 << 10, f)))
+                // Read in large pieces by both readers: no buffer of its own.
+                Ok(Box::pin(f))
             }
             (_, Some(s3)) => s3
                 .open(path)
@@ -929,30 +930,92 @@ pub fn parse_blob_list(key: &Secret, sealed: &[u8]) -> std::result::Result<Vec<S
 /// read a second time to upload them.
 const KEEP_IN_MEMORY: usize = 1 << 20;
 
-/// The first read of an object: its SHA-256, its size and, when small, its bytes.
+/// The first read of an object listed at `listed` bytes: its SHA-256, its size and, when
+/// small, its bytes. The buffers are sized by the listing: a million files of a few bytes
+/// each must not cost a million 256 KiB buffers zeroed and freed.
 async fn first_read(
     mut r: Pin<Box<dyn AsyncRead + Send>>,
+    listed: u64,
 ) -> std::io::Result<(String, u64, Option<Bytes>)> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut kept = Some(Vec::new());
-    let mut n = 0u64;
+    let mut read = FirstRead::new(listed);
+    let mut buf = read.buffer();
     loop {
-        let got = r.read(&mut buf).await?;
-        if got == 0 {
-            break;
+        match r.read(&mut buf).await? {
+            0 => return Ok(read.finish()),
+            got => read.add(&buf[..got]),
         }
-        h.update(&buf[..got]);
-        n += got as u64;
-        if let Some(k) = &mut kept {
-            if k.len() + got <= KEEP_IN_MEMORY {
-                k.extend_from_slice(&buf[..got]);
+    }
+}
+
+/// [`first_read`] of a file of a directory source, in one blocking call: open, read and
+/// close, where reading through the runtime's file would be a blocking call for each.
+async fn first_read_file(
+    path: std::path::PathBuf,
+    listed: u64,
+) -> std::io::Result<(String, u64, Option<Bytes>)> {
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(path)?;
+        let mut read = FirstRead::new(listed);
+        let mut buf = read.buffer();
+        loop {
+            match std::io::Read::read(&mut f, &mut buf)? {
+                0 => return Ok(read.finish()),
+                got => read.add(&buf[..got]),
+            }
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// What a first read has seen so far.
+struct FirstRead {
+    hash: Sha256,
+    len: u64,
+    kept: Option<Vec<u8>>,
+    listed: u64,
+}
+
+impl FirstRead {
+    fn new(listed: u64) -> FirstRead {
+        FirstRead {
+            hash: Sha256::new(),
+            len: 0,
+            kept: Some(Vec::with_capacity((listed as usize).min(KEEP_IN_MEMORY))),
+            listed,
+        }
+    }
+
+    /// A read buffer for it: one byte more than listed, so that a file read whole sees its end
+    /// in the next read.
+    fn buffer(&self) -> Vec<u8> {
+        vec![
+            0u8;
+            (self.listed as usize)
+                .saturating_add(1)
+                .clamp(4 << 10, 256 << 10)
+        ]
+    }
+
+    fn add(&mut self, chunk: &[u8]) {
+        self.hash.update(chunk);
+        self.len += chunk.len() as u64;
+        if let Some(k) = &mut self.kept {
+            if k.len() + chunk.len() <= KEEP_IN_MEMORY {
+                k.extend_from_slice(chunk);
             } else {
-                kept = None;
+                self.kept = None;
             }
         }
     }
-    Ok((hex::encode(h.finalize()), n, kept.map(Bytes::from)))
+
+    fn finish(self) -> (String, u64, Option<Bytes>) {
+        (
+            hex::encode(self.hash.finalize()),
+            self.len,
+            self.kept.map(Bytes::from),
+        )
+    }
 }
 
 /// The second read of a large object: ends in an error instead of its end if the content is
@@ -1221,9 +1284,18 @@ impl Run<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (sha, size, kept) = first_read(self.objects.open(self.s3, &l.path).await?)
-                .await
-                .map_err(|e| Error::failed(format!("reading {}: {e}", l.path)))?;
+            let read = match &self.objects.cfg.from {
+                ObjectsFrom::Dir(root) if l.size <= KEEP_IN_MEMORY as u64 => {
+                    first_read_file(root.join(&l.path), l.size).await
+                }
+                _ => first_read(self.objects.open(self.s3, &l.path).await?, l.size).await,
+            };
+            let (sha, size, kept) = read.map_err(|e| {
+                Error::failed(format!(
+                    "{}: reading {}: {e}",
+                    self.objects.cfg.from_shown, l.path
+                ))
+            })?;
             let sized = |blob, pack| {
                 let mut e = entry(l, Some(sha.clone()), blob, pack);
                 e.size = size;
