@@ -283,6 +283,13 @@ impl AsyncWrite for PartSink {
         let this = self.get_mut();
         if this.buf.len() >= this.part_size {
             ready!(this.poll_send(cx))?;
+        }
+        if this.buf.is_empty() {
+            // The next part is started once the last one is taken for upload: a part waiting
+            // in the channel while the next fills would be one buffer more than the uploads in
+            // flight and the one filling.
+            let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped");
+            ready!(this.tx.poll_reserve(cx)).map_err(|_| closed())?;
             this.buf.reserve(this.part_size);
         }
         let n = data.len().min(this.part_size - this.buf.len());

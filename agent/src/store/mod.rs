@@ -317,6 +317,11 @@ pub async fn upload_parts(
         let mut next = Some(first);
         let mut pending_second = Some(second);
         loop {
+            // A part is taken only when it can go at once: one taken early and held would be
+            // a buffer more than `in_flight`.
+            while tasks.len() >= in_flight {
+                join_one(&mut tasks).await?;
+            }
             let part = match next.take() {
                 Some(p) => p,
                 None => match pending_second.take() {
@@ -327,9 +332,6 @@ pub async fn upload_parts(
                     },
                 },
             };
-            while tasks.len() >= in_flight {
-                join_one(&mut tasks).await?;
-            }
             number += 1;
             let len = part.len() as u64;
             let up = upload.clone();
