@@ -40,6 +40,11 @@ impl<const N: usize> Default for Sorter<N> {
 impl<const N: usize> Sorter<N> {
     /// Adds `id`.
     pub fn push(&mut self, id: [u8; N]) -> io::Result<()> {
+        if self.run.len() == self.run.capacity() {
+            // Doubling, but to a run's size at most: not a power of two past it.
+            let want = (self.run.capacity() * 2).clamp(64, RUN_BYTES.div_ceil(N));
+            self.run.reserve_exact(want - self.run.len());
+        }
         self.run.push(id);
         if self.run.len() * N >= RUN_BYTES {
             self.spill()?;

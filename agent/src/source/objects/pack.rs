@@ -151,8 +151,10 @@ impl Packer {
             len: sealed.len() as u64,
         };
         if p.buf.capacity() == 0 {
-            // A part and the content that crosses its end, in one allocation.
-            p.buf.reserve(self.part + (2 << 20));
+            // A part and the content that crosses its end (at most a sealed content kept in
+            // memory: its bytes, zstd's frame and age's header and tags), in one allocation.
+            p.buf
+                .reserve(self.part + super::KEEP_IN_MEMORY + (64 << 10));
         }
         p.buf.extend_from_slice(sealed);
         p.written += at.len;
