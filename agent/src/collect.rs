@@ -119,8 +119,9 @@ pub struct CollectionPlan {
     pub summary: Collection,
     doomed: Keys,
     lease: String,
-    /// An object to write when the plan is applied (not on a dry run): a note for later runs.
-    note: Option<(String, bytes::Bytes)>,
+    /// A note for later runs, written when the plan is applied (not on a dry run); one
+    /// with nothing to say is deleted instead.
+    note: Option<(String, Option<bytes::Bytes>)>,
 }
 
 impl CollectionPlan {
@@ -134,8 +135,9 @@ impl CollectionPlan {
         }
     }
 
-    /// The same plan, writing `data` at `key` when applied.
-    pub fn with_note(mut self, key: String, data: bytes::Bytes) -> Self {
+    /// The same plan, writing `data` at `key` when applied, or deleting `key` when `data` is
+    /// `None`.
+    pub fn with_note(mut self, key: String, data: Option<bytes::Bytes>) -> Self {
         self.note = Some((key, data));
         self
     }
@@ -153,11 +155,18 @@ impl CollectionPlan {
             lease,
             note,
         } = self;
-        if let Some((key, data)) = note {
-            repo.store
+        match note {
+            Some((key, Some(data))) => repo
+                .store
                 .put(&key, data)
                 .await
-                .map_err(|e| Error::from(e).context(format!("writing {key}")))?;
+                .map_err(|e| Error::from(e).context(format!("writing {key}")))?,
+            Some((key, None)) => repo
+                .store
+                .delete(&key)
+                .await
+                .map_err(|e| Error::from(e).context(format!("deleting {key}")))?,
+            None => {}
         }
         if doomed.is_empty() {
             return Ok(summary);

@@ -787,6 +787,7 @@ fn a_pack_mostly_unused_is_noted_by_prune_and_its_contents_packed_again_by_the_n
         r.stderr
     );
     assert_eq!(walk_count(&objects), 2);
+    assert!(!fx.dir.path().join("repo/state/repack.age").exists());
     let out = fx.dir.path().join("restored");
     let r = fx.restore(&["--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);

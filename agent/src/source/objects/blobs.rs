@@ -141,9 +141,12 @@ pub async fn plan(
         .map(|id| format!("{}\n", hex::encode(id)))
         .collect::<String>();
     let plan = match index_key {
+        // No note when there is nothing to repack: the next backup's GET finds none.
         Some(key) => CollectionPlan::new(out, doomed, "blobs").with_note(
             layout::repack_note(),
-            objects::seal(key, note.as_bytes())?.into(),
+            (!sparse.is_empty())
+                .then(|| objects::seal(key, note.as_bytes()).map(Into::into))
+                .transpose()?,
         ),
         None => CollectionPlan::new(out, doomed, "blobs"),
     };

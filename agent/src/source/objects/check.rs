@@ -35,7 +35,7 @@ pub async fn check_blobs(ctx: &mut Context<'_>, manifest: &Manifest) -> Result<(
     let earlier = ctx.blobs_checked.take();
     let mut union = sorted::Union::new(earlier.as_ref()).map_err(sort_failed)?;
     let mut batch = Vec::with_capacity(BATCH);
-    let mut rehash = true;
+    let mut rehash = ctx.keys.identities.is_some();
     let contents = super::restore::Contents::new(ctx.repo.store.clone());
     let (mut last, mut object, mut fresh) = (None, None, false);
     for named in named {
@@ -52,8 +52,9 @@ pub async fn check_blobs(ctx: &mut Context<'_>, manifest: &Manifest) -> Result<(
             fresh = union.add(id).map_err(sort_failed)?;
         }
         let (stored, sha) = super::record_parts(&named);
-        // A pack's presence is asked once; with `--read-data`, each content of it is read.
-        let read_each = ctx.read_data && matches!(stored, super::Stored::Packed(_));
+        // A pack's presence is asked once; with `--read-data`, each content of it is read,
+        // until the identity turns out not to open them.
+        let read_each = ctx.read_data && rehash && matches!(stored, super::Stored::Packed(_));
         if !fresh || !(first || read_each) {
             continue;
         }
