@@ -149,6 +149,12 @@ for line in open(path):
 res = {name: {"wall_median_s": statistics.median([x[0] for x in xs]), "wall_min_s": min(x[0] for x in xs),
               "wall_max_s": max(x[0] for x in xs), "cpu_median_s": statistics.median([x[1] for x in xs]),
               "peak_rss_mib": max(x[2] for x in xs) / 1024, "runs": len(xs)} for name, xs in data.items()}
+# Repository requests by command, where the benchmark counted them (NAME TAB JSON).
+asked = os.path.join(os.path.dirname(path), "requests.tsv")
+if os.path.exists(asked):
+    for line in open(asked):
+        name, counts = line.rstrip("\n").split("\t")
+        res[name]["requests"] = json.loads(counts)
 base = res[baseline]["wall_median_s"]
 now = datetime.datetime.now(datetime.timezone.utc)
 fname = f"{out}/{now.strftime('%Y%m%dT%H%M%SZ')}-{kind}.json"
@@ -156,9 +162,11 @@ json.dump({"date": now.isoformat(timespec="seconds"), "database_bytes": db_size,
            "scale": os.environ.get("BENCH_SCALE"),
            "cores": os.cpu_count(), "baseline": baseline, "results": res}, open(fname, "w"), indent=2)
 print(f"{note}; database {db_size / 2**20:.0f} MiB; {os.cpu_count()} cores; median of {next(iter(res.values()))['runs']} runs. Results: {fname}\n")
-print(f"| command | wall (median, min–max) | CPU (user+sys) | peak RSS | wall ÷ {baseline} |")
-print("|---|---|---|---|---|")
+asked = any("requests" in r for r in res.values())
+print(f"| command | wall (median, min–max) | CPU (user+sys) | peak RSS | wall ÷ {baseline} |" + (" repository requests |" if asked else ""))
+print("|---|---|---|---|---|" + ("---|" if asked else ""))
 for name, r in res.items():
-    print(f"| {name} | {r['wall_median_s']:.2f} s ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) | {r['cpu_median_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB | {r['wall_median_s'] / base:.2f} |")
+    counts = ", ".join(f"{c} {op.upper()}" for op, c in r.get("requests", {}).items() if c)
+    print(f"| {name} | {r['wall_median_s']:.2f} s ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) | {r['cpu_median_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB | {r['wall_median_s'] / base:.2f} |" + (f" {counts or 'none'} |" if asked else ""))
 PY
 }

@@ -27,15 +27,19 @@ def load(parts):
 
 def table(doc):
     base = doc["results"][doc["baseline"]]["wall_median_s"]
+    asked = any("requests" in r for r in doc["results"].values())
     lines = [
-        f"| command | wall (median, min–max) | CPU (user+sys) | peak RSS | wall ÷ {doc['baseline']} |",
-        "|---|---|---|---|---|",
+        f"| command | wall (median, min–max) | CPU (user+sys) | peak RSS | wall ÷ {doc['baseline']} |"
+        + (" repository requests |" if asked else ""),
+        "|---|---|---|---|---|" + ("---|" if asked else ""),
     ]
     for name, r in doc["results"].items():
         shown = name.replace("|", "\\|")  # a pipe in a command would end the cell
+        counts = ", ".join(f"{c} {op.upper()}" for op, c in r.get("requests", {}).items() if c)
         lines.append(
             f"| {shown} | {r['wall_median_s']:.2f} s ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) "
             f"| {r['cpu_median_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB | {r['wall_median_s'] / base:.2f} |"
+            + (f" {counts or 'none'} |" if asked else "")
         )
     runs = next(iter(doc["results"].values()))["runs"]
     return f"{doc['note']}; median of {runs} run(s), {doc['date'][:10]}.\n\n" + "\n".join(lines)

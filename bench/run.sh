@@ -5,7 +5,7 @@
 #                        lifeboat command's peak RSS exceeds its budget (bench/budgets.json).
 #                        Results in target/bench-quick/; BENCHMARKS.md is left alone.
 #   bench/run.sh full    the published numbers: PostgreSQL ~1 GB backup, restore and base
-#                        backup (3 runs), the copy of that backup to a second S3 server, point-in-time restore with 1 GiB of WAL, Redis 1 M keys, objects 10k files, listing 3,000 backups, the idle agent for
+#                        backup (3 runs), the copy of that backup to a second S3 server, point-in-time restore with 1 GiB of WAL, Redis 1 M keys, objects 10k files and 1 M files of a few bytes, listing 3,000 backups, the idle agent for
 #                        10 minutes, and the scaling runs (PostgreSQL ~100 MB/1 GB/4 GB; objects 1k/10k/100k).
 #                        Writes bench/results/<date>.json, bench/plots/*.png and the tables in
 #                        BENCHMARKS.md between their `<!-- bench:… -->` markers.
@@ -27,6 +27,7 @@ case "$mode" in
     bench/wal_stream.sh 20 2s
     bench/redis.sh 100000
     OBJECTS_S3=0 bench/objects.sh 1000
+    FILES=tiny bench/objects.sh 10000
     bench/catalog.sh 300
     bench/agent_idle.sh 20
     ;;
@@ -43,6 +44,7 @@ case "$mode" in
     RUNS=${RUNS:-3} bench/pitr.sh 5500000 1024
     RUNS=${RUNS:-3} bench/redis.sh 1000000
     RUNS=${RUNS:-3} bench/objects.sh 10000
+    FILES=tiny bench/objects.sh 1000000
     RUNS=${RUNS:-3} bench/catalog.sh 3000
     bench/agent_idle.sh 600
     if [ "${SCALING:-1}" = 1 ]; then
