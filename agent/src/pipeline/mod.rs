@@ -385,6 +385,12 @@ where
         {
             return Err(PipelineError::Upload { key, source: e })
         }
+        // The chain saw only the upload stop, and the upload was cancelled: so was the run.
+        (Err(PipelineError::Encode(e)), Err(StoreError::Cancelled))
+            if e.kind() == io::ErrorKind::BrokenPipe =>
+        {
+            return Err(PipelineError::Cancelled)
+        }
         (Err(e), _) => return Err(e),
         (Ok(_), Err(_)) => return Err(PipelineError::Cancelled),
     };
