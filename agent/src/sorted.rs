@@ -8,6 +8,11 @@
 //!   membership by binary search: ~24 reads of 32 bytes at 10 M ids, from the page cache.
 //! - [`Cursor`] answers membership for ids asked in order by merging with a sorted stream: one
 //!   pass, no lookups.
+//! - [`Table`] remembers records by a uniformly random key (a blob id) in any order, for
+//!   lookups while they still come: a hash table of 4 KiB buckets in a temp file, read and
+//!   written one bucket at a time, doubling as it fills, up to [`TABLE_BYTES`] (3.3 M records
+//!   of 80 bytes). Past that, a record added to a full bucket replaces one of its oldest: the
+//!   table forgets, and never answers wrongly.
 //! - Temp files are unlinked from the start (the kernel frees them when the run ends, however
 //!   it ends): 32 bytes per id, in `TMPDIR`.
 
@@ -334,6 +339,151 @@ impl<const N: usize> SortedFile<N> {
     }
 }
 
+/// Bytes of one bucket of a [`Table`]: its records, then a count of the records it forgot.
+const PAGE: usize = 4096;
+
+/// The most a [`Table`] grows to on the temp disk.
+pub const TABLE_BYTES: u64 = 256 << 20;
+
+/// Records of `N` bytes, looked up by their first 32 (a uniformly random key, never all
+/// zeros), in a hash table on the temp disk. It holds no record in memory.
+pub struct Table<const N: usize> {
+    /// Created with the first record.
+    file: Option<File>,
+    buckets: u64,
+    len: u64,
+    forgotten: u64,
+}
+
+impl<const N: usize> Default for Table<N> {
+    fn default() -> Self {
+        Table {
+            file: None,
+            buckets: 16,
+            len: 0,
+            forgotten: 0,
+        }
+    }
+}
+
+impl<const N: usize> Table<N> {
+    const SLOTS: usize = (PAGE - 8) / N;
+
+    /// The bucket of `key` among `buckets` (a power of two): its leading bits, so that
+    /// doubling splits bucket `b` into `2b` and `2b + 1`.
+    fn bucket(key: &[u8], buckets: u64) -> u64 {
+        let lead = u64::from_be_bytes(key[..8].try_into().unwrap_or_default());
+        lead >> (64 - buckets.trailing_zeros())
+    }
+
+    fn read_bucket(file: &File, b: u64) -> io::Result<[u8; PAGE]> {
+        let mut page = [0u8; PAGE];
+        file.read_exact_at(&mut page, b * PAGE as u64)?;
+        Ok(page)
+    }
+
+    fn slot(page: &[u8; PAGE], i: usize) -> &[u8] {
+        &page[i * N..(i + 1) * N]
+    }
+
+    /// The record whose key is `key`, if the table holds it.
+    pub fn get(&self, key: &[u8; 32]) -> io::Result<Option<[u8; N]>> {
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        let page = Self::read_bucket(file, Self::bucket(key, self.buckets))?;
+        Ok((0..Self::SLOTS)
+            .map(|i| Self::slot(&page, i))
+            .take_while(|r| r[..32] != [0u8; 32])
+            .find(|r| r[..32] == key[..])
+            .and_then(|r| r.try_into().ok()))
+    }
+
+    /// Adds `record`, or replaces the one with its key.
+    pub fn insert(&mut self, record: [u8; N]) -> io::Result<()> {
+        loop {
+            let file = match &self.file {
+                Some(f) => f,
+                None => {
+                    let f = tempfile::tempfile()?;
+                    f.set_len(self.buckets * PAGE as u64)?;
+                    self.file.insert(f)
+                }
+            };
+            let b = Self::bucket(&record, self.buckets);
+            let page = Self::read_bucket(file, b)?;
+            let used = (0..Self::SLOTS)
+                .take_while(|&i| Self::slot(&page, i)[..32] != [0u8; 32])
+                .count();
+            let at = |i: usize| b * PAGE as u64 + (i * N) as u64;
+            if let Some(i) = (0..used).find(|&i| Self::slot(&page, i)[..32] == record[..32]) {
+                return file.write_all_at(&record, at(i));
+            }
+            let filling =
+                used == Self::SLOTS || self.len >= self.buckets * Self::SLOTS as u64 * 3 / 4;
+            if filling && self.buckets * (PAGE as u64) < TABLE_BYTES {
+                self.grow()?;
+                continue;
+            }
+            if used < Self::SLOTS {
+                self.len += 1;
+                return file.write_all_at(&record, at(used));
+            }
+            // Full for good: the oldest record goes, in turn.
+            let forgot = u64::from_be_bytes(page[PAGE - 8..].try_into().unwrap_or_default());
+            file.write_all_at(&(forgot + 1).to_be_bytes(), at(0) + (PAGE - 8) as u64)?;
+            self.forgotten += 1;
+            return file.write_all_at(&record, at(forgot as usize % Self::SLOTS));
+        }
+    }
+
+    /// Twice the buckets: each bucket's records split between its two successors, in a new file.
+    fn grow(&mut self) -> io::Result<()> {
+        let Some(old) = &self.file else {
+            return Ok(());
+        };
+        let buckets = self.buckets * 2;
+        let new = tempfile::tempfile()?;
+        new.set_len(buckets * PAGE as u64)?;
+        for b in 0..self.buckets {
+            let page = Self::read_bucket(old, b)?;
+            let mut halves = [[0u8; PAGE]; 2];
+            let mut used = [0usize; 2];
+            for r in (0..Self::SLOTS)
+                .map(|i| Self::slot(&page, i))
+                .take_while(|r| r[..32] != [0u8; 32])
+            {
+                let h = (Self::bucket(r, buckets) - 2 * b) as usize;
+                halves[h][used[h] * N..(used[h] + 1) * N].copy_from_slice(r);
+                used[h] += 1;
+            }
+            for h in 0..2 {
+                if used[h] > 0 {
+                    new.write_all_at(&halves[h], (2 * b + h as u64) * PAGE as u64)?;
+                }
+            }
+        }
+        self.file = Some(new);
+        self.buckets = buckets;
+        Ok(())
+    }
+
+    /// Records held.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Records it replaced once full.
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +575,66 @@ mod tests {
         assert!(w.push(id(1)).is_err(), "out of order");
         let empty = SortedWriter::new().unwrap().finish().unwrap();
         assert!(!empty.contains(&id(0)).unwrap());
+    }
+
+    /// A uniformly random key, as blob ids are.
+    fn hashed(n: u32) -> Id {
+        use sha2::Digest;
+        sha2::Sha256::digest(n.to_be_bytes()).into()
+    }
+
+    fn tagged(n: u32, tag: u8) -> [u8; 80] {
+        let mut r = [tag; 80];
+        r[..32].copy_from_slice(&hashed(n));
+        r
+    }
+
+    #[test]
+    fn a_table_finds_what_it_was_given_through_its_growth() {
+        let mut t = Table::<80>::default();
+        assert_eq!(t.get(&hashed(0)).unwrap(), None, "an empty table");
+        for n in 0..20_000 {
+            t.insert(tagged(n, 1)).unwrap();
+        }
+        assert!(t.buckets > 16, "it grew: {} buckets", t.buckets);
+        for n in (0..20_000).step_by(2) {
+            t.insert(tagged(n, 2)).unwrap();
+        }
+        assert_eq!((t.len(), t.forgotten()), (20_000, 0));
+        for n in 0..20_000 {
+            let want = if n % 2 == 0 { 2 } else { 1 };
+            assert_eq!(t.get(&hashed(n)).unwrap(), Some(tagged(n, want)), "{n}");
+        }
+        for n in 20_000..40_000 {
+            assert_eq!(t.get(&hashed(n)).unwrap(), None, "{n}");
+        }
+    }
+
+    #[test]
+    fn a_full_table_forgets_its_oldest_and_never_answers_wrongly() {
+        let slots = Table::<80>::SLOTS as u64;
+        let mut t = Table::<80> {
+            // As many buckets as the cap allows, so that it cannot grow.
+            buckets: TABLE_BYTES / PAGE as u64,
+            ..Table::default()
+        };
+        // Keys of one bucket: more than it holds.
+        let keys: Vec<u32> = (0u32..)
+            .filter(|&n| Table::<80>::bucket(&hashed(n), t.buckets) == 7)
+            .take(slots as usize + 3)
+            .collect();
+        for &n in &keys {
+            t.insert(tagged(n, 3)).unwrap();
+        }
+        assert_eq!((t.len(), t.forgotten()), (slots, 3));
+        for (i, &n) in keys.iter().enumerate() {
+            let found = t.get(&hashed(n)).unwrap();
+            if i < 3 {
+                assert_eq!(found, None, "the oldest are forgotten: {i}");
+            } else {
+                assert_eq!(found, Some(tagged(n, 3)), "{i}");
+            }
+        }
     }
 
     #[test]

@@ -265,11 +265,23 @@ impl Drop for PartSink {
 }
 
 impl PartSink {
+    /// The sink's error once the uploader has gone (it failed, or the run was cancelled).
+    fn upload_stopped() -> io::Error {
+        io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped")
+    }
+
+    /// Ready once the uploader can take a part.
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| Self::upload_stopped())?;
+        Poll::Ready(Ok(()))
+    }
+
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped");
-        ready!(self.tx.poll_reserve(cx)).map_err(|_| closed())?;
+        ready!(self.poll_room(cx))?;
         let part = self.buf.split().freeze();
-        self.tx.send_item(part).map_err(|_| closed())?;
+        self.tx
+            .send_item(part)
+            .map_err(|_| Self::upload_stopped())?;
         Poll::Ready(Ok(()))
     }
 }
@@ -288,8 +300,7 @@ impl AsyncWrite for PartSink {
             // The next part is started once the last one is taken for upload: a part waiting
             // in the channel while the next fills would be one buffer more than the uploads in
             // flight and the one filling.
-            let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped");
-            ready!(this.tx.poll_reserve(cx)).map_err(|_| closed())?;
+            ready!(this.poll_room(cx))?;
             this.buf.reserve(this.part_size);
         }
         let n = data.len().min(this.part_size - this.buf.len());

@@ -711,9 +711,30 @@ impl ListLine {
     }
 }
 
-/// Where a content the last snapshot names is stored, for lookups by its id: the id, then the
-/// pack, offset and length (zeros for a blob of its own).
+/// Where a stored content is, for lookups by its id: the id, then the pack, offset and length
+/// (zeros for a blob of its own).
 type KnownRecord = [u8; 80];
+
+fn known_record(id: &sorted::Id, at: Option<Packed>) -> KnownRecord {
+    let mut r: KnownRecord = [0u8; 80];
+    r[..32].copy_from_slice(id);
+    if let Some(p) = at {
+        r[32..64].copy_from_slice(&p.pack);
+        r[64..72].copy_from_slice(&p.offset.to_be_bytes());
+        r[72..80].copy_from_slice(&p.len.to_be_bytes());
+    }
+    r
+}
+
+/// Where the content of record `r` is: `None` for a blob of its own.
+fn known_place(r: &KnownRecord) -> Option<Packed> {
+    let len = u64::from_be_bytes(r[72..80].try_into().unwrap_or_default());
+    (len > 0).then(|| Packed {
+        pack: r[32..64].try_into().unwrap_or_default(),
+        offset: u64::from_be_bytes(r[64..72].try_into().unwrap_or_default()),
+        len,
+    })
+}
 
 /// Calls `each` with every line of a blob list's plaintext, in its order; returns how many.
 async fn each_line(
@@ -1049,8 +1070,9 @@ impl AsyncRead for ExpectSha256 {
     }
 }
 
-/// Finished uploads a run remembers, to store a content that several objects share once.
-const CLAIMS_KEPT: usize = 16 * 1024;
+/// Claims a run keeps before it drops the finished ones: those are in its table of stored
+/// contents, and the claims left are the uploads in flight.
+const CLAIMS_KEPT: usize = 1024;
 
 /// Names of what a run did not store, kept for the fingerprint: the first [`SKIPPED_NAMED`] in
 /// path order, and a count of the rest.
@@ -1152,19 +1174,10 @@ async fn known_blobs(
     let read = async {
         let plain = open_sealed(ctx.store.as_ref(), &object, key).await?;
         let mut file = sorted::SortedWriter::<80>::new().map_err(io)?;
-        each_line(plain, |line| {
-            let mut r: KnownRecord = [0u8; 80];
-            match line {
-                ListLine::Pack(_) => return Ok(()),
-                ListLine::Blob(id) => r[..32].copy_from_slice(&id),
-                ListLine::Packed(id, p) => {
-                    r[..32].copy_from_slice(&id);
-                    r[32..64].copy_from_slice(&p.pack);
-                    r[64..72].copy_from_slice(&p.offset.to_be_bytes());
-                    r[72..80].copy_from_slice(&p.len.to_be_bytes());
-                }
-            }
-            file.push(r)
+        each_line(plain, |line| match line {
+            ListLine::Pack(_) => Ok(()),
+            ListLine::Blob(id) => file.push(known_record(&id, None)),
+            ListLine::Packed(id, p) => file.push(known_record(&id, Some(p))),
         })
         .await?;
         file.finish().map_err(io)
@@ -1227,6 +1240,9 @@ struct Run<'a> {
     known: tokio::sync::OnceCell<Option<sorted::SortedFile<80>>>,
     /// One upload per blob id, and where it went: a blob of its own, or a slice of a pack.
     claims: Mutex<HashMap<sorted::Id, Arc<tokio::sync::OnceCell<Option<Packed>>>>>,
+    /// Every content this run stored, and where, on the temp disk: a content that several
+    /// objects share is stored once however far apart they are listed.
+    stored: Mutex<sorted::Table<80>>,
     /// Where small contents go, unless the policy stores each as a blob of its own.
     packer: Option<pack::Packer>,
     /// Packs the last prune found mostly unused: their contents are stored again.
@@ -1312,7 +1328,16 @@ impl Run<'_> {
             let cell = self.claim(raw)?;
             let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let stored_now = cell
-                .get_or_try_init(|| self.upload(l, &id, &sha, size, kept, changed.clone()))
+                .get_or_try_init(|| async {
+                    if let Some(at) = self.stored_earlier(&raw) {
+                        return Ok(at);
+                    }
+                    let at = self
+                        .upload(l, &id, &sha, size, kept, changed.clone())
+                        .await?;
+                    self.remember(&raw, at);
+                    Ok(at)
+                })
                 .await;
             match stored_now {
                 Ok(at) => return Ok(sized(Some(id), *at)),
@@ -1348,14 +1373,7 @@ impl Run<'_> {
             .get_or_init(|| known_blobs(self.ctx, self.key, self.previous_backup))
             .await;
         match list.as_ref().map(|l| l.find(id)) {
-            Some(Ok(Some(r))) => {
-                let len = u64::from_be_bytes(r[72..80].try_into().unwrap_or_default());
-                Some((len > 0).then(|| Packed {
-                    pack: r[32..64].try_into().unwrap_or_default(),
-                    offset: u64::from_be_bytes(r[64..72].try_into().unwrap_or_default()),
-                    len,
-                }))
-            }
+            Some(Ok(Some(r))) => Some(known_place(&r)),
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "Blob list lookup failed: the content is stored again");
                 None
@@ -1364,10 +1382,32 @@ impl Run<'_> {
         }
     }
 
+    /// Where this run stored the content of blob `id`, if it did and its table still holds it
+    /// (a content it forgot, or cannot read back, is stored again: harmless).
+    fn stored_earlier(&self, id: &sorted::Id) -> Option<Option<Packed>> {
+        let table = self.stored.lock().ok()?;
+        match table.get(id) {
+            Ok(found) => found.map(|r| known_place(&r)),
+            Err(e) => {
+                tracing::debug!(error = %e, "Stored-contents lookup failed: the content is stored again");
+                None
+            }
+        }
+    }
+
+    /// Notes that this run stored the content of blob `id` at `at`.
+    fn remember(&self, id: &sorted::Id, at: Option<Packed>) {
+        let Ok(mut table) = self.stored.lock() else {
+            return;
+        };
+        if let Err(e) = table.insert(known_record(id, at)) {
+            tracing::debug!(error = %e, "Cannot note a stored content on the temp disk: a later copy is stored again");
+        }
+    }
+
     /// The one upload of blob `id` in this run: a second object with the same content waits for
-    /// the first one's upload, and makes its own if that one failed. Finished uploads are
-    /// forgotten past [`CLAIMS_KEPT`] (a later copy of one is stored again, harmlessly), so
-    /// that a first run over millions of objects keeps no map of them all.
+    /// the first one's upload, and makes its own if that one failed. Finished claims are
+    /// dropped past [`CLAIMS_KEPT`]: the table of stored contents has them.
     fn claim(&self, id: sorted::Id) -> Result<Arc<tokio::sync::OnceCell<Option<Packed>>>> {
         let mut claims = self
             .claims
@@ -1493,6 +1533,7 @@ impl Source for Objects {
             previous_backup: previous_backup.as_deref(),
             known: tokio::sync::OnceCell::new(),
             claims: Mutex::default(),
+            stored: Mutex::default(),
             packer: (self.cfg.pack_size > 0).then(|| {
                 pack::Packer::new(
                     ctx.store.clone(),
@@ -1584,6 +1625,9 @@ impl Source for Objects {
         let uploaded = run.uploaded.load(std::sync::atomic::Ordering::SeqCst);
         let packs_uploaded = run.packer.as_ref().map_or(0, pack::Packer::completed);
         let repacked = run.repacked.load(std::sync::atomic::Ordering::SeqCst);
+        if let Ok(t) = run.stored.lock() {
+            tracing::debug!(source = %ctx.source, remembered = t.len(), forgotten = t.forgotten(), "Contents this run stored, as its table of them holds them");
+        }
         let vanished = std::mem::take(
             &mut *run
                 .vanished
