@@ -9,10 +9,11 @@
 //! - [`Cursor`] answers membership for ids asked in order by merging with a sorted stream: one
 //!   pass, no lookups.
 //! - [`Table`] remembers records by a uniformly random key (a blob id) in any order, for
-//!   lookups while they still come: a hash table of 4 KiB buckets in a temp file, read and
-//!   written one bucket at a time, doubling as it fills, up to [`TABLE_BYTES`] (3.3 M records
-//!   of 80 bytes). Past that, a record added to a full bucket replaces one of its oldest: the
-//!   table forgets, and never answers wrongly.
+//!   lookups while they still come: a hash table of 4 KiB buckets in a temp file, read one
+//!   bucket at a time, doubling as it fills, up to [`TABLE_BYTES`] (3.3 M records of 80
+//!   bytes), with a filter in memory that spares most reads for a key it does not hold. Past
+//!   that size, a record added to a full bucket replaces one of its oldest: the table forgets,
+//!   and never answers wrongly.
 //! - Temp files are unlinked from the start (the kernel frees them when the run ends, however
 //!   it ends): 32 bytes per id, in `TMPDIR`.
 
@@ -345,29 +346,43 @@ const PAGE: usize = 4096;
 /// The most a [`Table`] grows to on the temp disk.
 pub const TABLE_BYTES: u64 = 256 << 20;
 
+/// Bits of a [`Table`]'s filter per bucket: 13 or more per record held, so that 1 key in 100
+/// it does not hold is read for.
+const FILTER_WORDS: usize = 8;
+
 /// Records of `N` bytes, looked up by their first 32 (a uniformly random key, never all
-/// zeros), in a hash table on the temp disk. It holds no record in memory.
+/// zeros), in a hash table on the temp disk. In memory: a byte per bucket (its records) and a
+/// filter of 64 bytes per bucket that answers most lookups of a key it does not hold without a
+/// read (2 MiB at a million records).
 pub struct Table<const N: usize> {
     /// Created with the first record.
     file: Option<File>,
     buckets: u64,
+    used: Vec<u8>,
+    filter: Vec<u64>,
     len: u64,
     forgotten: u64,
 }
 
 impl<const N: usize> Default for Table<N> {
     fn default() -> Self {
-        Table {
-            file: None,
-            buckets: 16,
-            len: 0,
-            forgotten: 0,
-        }
+        Self::with_buckets(16)
     }
 }
 
 impl<const N: usize> Table<N> {
     const SLOTS: usize = (PAGE - 8) / N;
+
+    fn with_buckets(buckets: u64) -> Self {
+        Table {
+            file: None,
+            buckets,
+            used: vec![0; buckets as usize],
+            filter: vec![0; buckets as usize * FILTER_WORDS],
+            len: 0,
+            forgotten: 0,
+        }
+    }
 
     /// The bucket of `key` among `buckets` (a power of two): its leading bits, so that
     /// doubling splits bucket `b` into `2b` and `2b + 1`.
@@ -376,9 +391,31 @@ impl<const N: usize> Table<N> {
         lead >> (64 - buckets.trailing_zeros())
     }
 
-    fn read_bucket(file: &File, b: u64) -> io::Result<[u8; PAGE]> {
+    /// The filter's bits for `key`: from its bytes past those that choose the bucket.
+    fn bits(key: &[u8], filter: &[u64]) -> [usize; 3] {
+        let mask = filter.len() * 64 - 1;
+        let at = |i: usize| {
+            u64::from_be_bytes(key[i..i + 8].try_into().unwrap_or_default()) as usize & mask
+        };
+        [at(8), at(16), at(24)]
+    }
+
+    fn mark(key: &[u8], filter: &mut [u64]) {
+        for b in Self::bits(key, filter) {
+            filter[b / 64] |= 1 << (b % 64);
+        }
+    }
+
+    fn maybe(&self, key: &[u8]) -> bool {
+        Self::bits(key, &self.filter)
+            .iter()
+            .all(|&b| self.filter[b / 64] & (1 << (b % 64)) != 0)
+    }
+
+    /// The first `n` records of bucket `b`.
+    fn read_bucket(file: &File, b: u64, n: usize) -> io::Result<[u8; PAGE]> {
         let mut page = [0u8; PAGE];
-        file.read_exact_at(&mut page, b * PAGE as u64)?;
+        file.read_exact_at(&mut page[..n * N], b * PAGE as u64)?;
         Ok(page)
     }
 
@@ -386,39 +423,44 @@ impl<const N: usize> Table<N> {
         &page[i * N..(i + 1) * N]
     }
 
+    /// Where in bucket `b` (of `used` records) the record with `key` is, if there.
+    fn find(&self, file: &File, b: u64, key: &[u8]) -> io::Result<Option<(usize, [u8; PAGE])>> {
+        if !self.maybe(key) {
+            return Ok(None);
+        }
+        let used = self.used[b as usize] as usize;
+        let page = Self::read_bucket(file, b, used)?;
+        Ok((0..used)
+            .find(|&i| Self::slot(&page, i)[..32] == key[..32])
+            .map(|i| (i, page)))
+    }
+
     /// The record whose key is `key`, if the table holds it.
     pub fn get(&self, key: &[u8; 32]) -> io::Result<Option<[u8; N]>> {
         let Some(file) = &self.file else {
             return Ok(None);
         };
-        let page = Self::read_bucket(file, Self::bucket(key, self.buckets))?;
-        Ok((0..Self::SLOTS)
-            .map(|i| Self::slot(&page, i))
-            .take_while(|r| r[..32] != [0u8; 32])
-            .find(|r| r[..32] == key[..])
-            .and_then(|r| r.try_into().ok()))
+        let found = self.find(file, Self::bucket(key, self.buckets), key)?;
+        Ok(found.and_then(|(i, page)| Self::slot(&page, i).try_into().ok()))
     }
 
     /// Adds `record`, or replaces the one with its key.
     pub fn insert(&mut self, record: [u8; N]) -> io::Result<()> {
         loop {
-            let file = match &self.file {
-                Some(f) => f,
-                None => {
-                    let f = tempfile::tempfile()?;
-                    f.set_len(self.buckets * PAGE as u64)?;
-                    self.file.insert(f)
-                }
+            if self.file.is_none() {
+                let f = tempfile::tempfile()?;
+                f.set_len(self.buckets * PAGE as u64)?;
+                self.file = Some(f);
+            }
+            let Some(file) = &self.file else {
+                continue;
             };
             let b = Self::bucket(&record, self.buckets);
-            let page = Self::read_bucket(file, b)?;
-            let used = (0..Self::SLOTS)
-                .take_while(|&i| Self::slot(&page, i)[..32] != [0u8; 32])
-                .count();
             let at = |i: usize| b * PAGE as u64 + (i * N) as u64;
-            if let Some(i) = (0..used).find(|&i| Self::slot(&page, i)[..32] == record[..32]) {
+            if let Some((i, _)) = self.find(file, b, &record)? {
                 return file.write_all_at(&record, at(i));
             }
+            let used = self.used[b as usize] as usize;
             let filling =
                 used == Self::SLOTS || self.len >= self.buckets * Self::SLOTS as u64 * 3 / 4;
             if filling && self.buckets * (PAGE as u64) < TABLE_BYTES {
@@ -426,45 +468,58 @@ impl<const N: usize> Table<N> {
                 continue;
             }
             if used < Self::SLOTS {
+                file.write_all_at(&record, at(used))?;
+                self.used[b as usize] += 1;
                 self.len += 1;
-                return file.write_all_at(&record, at(used));
+            } else {
+                // Full for good: its oldest record goes, in turn.
+                let mut count = [0u8; 8];
+                file.read_exact_at(&mut count, at(0) + (PAGE - 8) as u64)?;
+                let forgot = u64::from_be_bytes(count);
+                file.write_all_at(&(forgot + 1).to_be_bytes(), at(0) + (PAGE - 8) as u64)?;
+                file.write_all_at(&record, at(forgot as usize % Self::SLOTS))?;
+                self.forgotten += 1;
             }
-            // Full for good: the oldest record goes, in turn.
-            let forgot = u64::from_be_bytes(page[PAGE - 8..].try_into().unwrap_or_default());
-            file.write_all_at(&(forgot + 1).to_be_bytes(), at(0) + (PAGE - 8) as u64)?;
-            self.forgotten += 1;
-            return file.write_all_at(&record, at(forgot as usize % Self::SLOTS));
+            Self::mark(&record, &mut self.filter);
+            return Ok(());
         }
     }
 
-    /// Twice the buckets: each bucket's records split between its two successors, in a new file.
+    /// Twice the buckets: each bucket's records split between its two successors, in a new
+    /// file, and the filter made again for them.
     fn grow(&mut self) -> io::Result<()> {
         let Some(old) = &self.file else {
             return Ok(());
         };
-        let buckets = self.buckets * 2;
+        let mut next = Self::with_buckets(self.buckets * 2);
         let new = tempfile::tempfile()?;
-        new.set_len(buckets * PAGE as u64)?;
+        new.set_len(next.buckets * PAGE as u64)?;
         for b in 0..self.buckets {
-            let page = Self::read_bucket(old, b)?;
-            let mut halves = [[0u8; PAGE]; 2];
-            let mut used = [0usize; 2];
-            for r in (0..Self::SLOTS)
-                .map(|i| Self::slot(&page, i))
-                .take_while(|r| r[..32] != [0u8; 32])
-            {
-                let h = (Self::bucket(r, buckets) - 2 * b) as usize;
-                halves[h][used[h] * N..(used[h] + 1) * N].copy_from_slice(r);
-                used[h] += 1;
+            let used = self.used[b as usize] as usize;
+            if used == 0 {
+                continue;
             }
-            for h in 0..2 {
-                if used[h] > 0 {
-                    new.write_all_at(&halves[h], (2 * b + h as u64) * PAGE as u64)?;
+            let page = Self::read_bucket(old, b, used)?;
+            let mut halves = [[0u8; PAGE]; 2];
+            for r in (0..used).map(|i| Self::slot(&page, i)) {
+                let nb = Self::bucket(r, next.buckets);
+                let h = (nb - 2 * b) as usize;
+                let n = next.used[nb as usize] as usize;
+                halves[h][n * N..(n + 1) * N].copy_from_slice(r);
+                next.used[nb as usize] += 1;
+                Self::mark(r, &mut next.filter);
+            }
+            for (h, half) in halves.iter().enumerate() {
+                let nb = 2 * b + h as u64;
+                let n = next.used[nb as usize] as usize;
+                if n > 0 {
+                    new.write_all_at(&half[..n * N], nb * PAGE as u64)?;
                 }
             }
         }
-        self.file = Some(new);
-        self.buckets = buckets;
+        next.file = Some(new);
+        next.len = self.len;
+        *self = next;
         Ok(())
     }
 
@@ -608,16 +663,19 @@ mod tests {
         for n in 20_000..40_000 {
             assert_eq!(t.get(&hashed(n)).unwrap(), None, "{n}");
         }
+        // Most keys it does not hold are answered without a read.
+        let read_for = (20_000..40_000).filter(|&n| t.maybe(&hashed(n))).count();
+        assert!(
+            read_for < 400,
+            "{read_for} of 20,000 absent keys passed the filter"
+        );
     }
 
     #[test]
     fn a_full_table_forgets_its_oldest_and_never_answers_wrongly() {
         let slots = Table::<80>::SLOTS as u64;
-        let mut t = Table::<80> {
-            // As many buckets as the cap allows, so that it cannot grow.
-            buckets: TABLE_BYTES / PAGE as u64,
-            ..Table::default()
-        };
+        // As many buckets as the cap allows, so that it cannot grow.
+        let mut t = Table::<80>::with_buckets(TABLE_BYTES / PAGE as u64);
         // Keys of one bucket: more than it holds.
         let keys: Vec<u32> = (0u32..)
             .filter(|&n| Table::<80>::bucket(&hashed(n), t.buckets) == 7)
