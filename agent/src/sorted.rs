@@ -446,15 +446,17 @@ impl<const N: usize> Table<N> {
 
     /// Adds `record`, or replaces the one with its key.
     pub fn insert(&mut self, record: [u8; N]) -> io::Result<()> {
+        if self.file.is_none() {
+            let f = tempfile::tempfile()?;
+            f.set_len(self.buckets * PAGE as u64)?;
+            self.file = Some(f);
+        }
         loop {
-            if self.file.is_none() {
-                let f = tempfile::tempfile()?;
-                f.set_len(self.buckets * PAGE as u64)?;
-                self.file = Some(f);
-            }
-            let Some(file) = &self.file else {
-                continue;
-            };
+            // Growing replaces the file, so it is taken again each time round.
+            let file = self
+                .file
+                .as_ref()
+                .ok_or_else(|| io::Error::other("the table has no file"))?;
             let b = Self::bucket(&record, self.buckets);
             let at = |i: usize| b * PAGE as u64 + (i * N) as u64;
             if let Some((i, _)) = self.find(file, b, &record)? {
