@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Object sync benchmark, in one run on a throwaway local S3 (moto):
-#   a directory of N small files (1–16 KiB of random bytes), then 1 % of them changed, R times:
+#   a directory of N small files (1–16 KiB of random bytes) copied whole by each tool into an empty
+#   bucket, then 1 % of them changed, R times:
 #     aws s3 sync DIR s3://mirror/            (size + mtime comparison, no content hashes)
 #     lifeboat backup (kind = "objects")      (snapshot, read back as the next change index; keyed blobs; zstd + age)
 #   and the same from an S3 prefix (aws s3 sync s3://src s3://mirror vs lifeboat from s3://src).
@@ -169,9 +170,11 @@ for i in random.sample(range(n), max(1, n // 100)):
         f.write(os.urandom(random.randint(1024, 16384)))
 PY
 }
-echo "== first full copy (not timed against each other: setup)" >&2
-aws s3 sync --quiet "$work/data" s3://mirror/data/
-"$lifeboat" backup --policy "$work/dir.toml" >/dev/null 2>&1
+echo "== first full copy, each tool into an empty bucket" >&2
+timed "aws s3 sync DIR s3://mirror (first run, empty bucket)" "'$root/$venv/bin/aws' --endpoint-url $endpoint s3 sync --quiet '$work/data' s3://mirror/data/"
+timed "lifeboat backup, dir source (first run)" "'$lifeboat' backup --policy '$work/dir.toml'"
+awk -F'\t' '$1 ~ /^aws.*first run/ { a = $3 } $1 ~ /^lifeboat.*first run/ { l = $3 }
+  END { printf "   first run: lifeboat %.2f × aws s3 sync into an empty bucket\n", l / a }' "$work/results.tsv" >&2
 if [ "${OBJECTS_S3:-1}" = 1 ]; then
   aws s3 sync --quiet s3://src/data/ s3://mirror2/data/
   "$lifeboat" backup --policy "$work/s3.toml" >/dev/null 2>&1
