@@ -5,7 +5,10 @@
 //! and aborts the pack it started; a damaged pack is caught by restore, the verifier and check;
 //! packs and blobs are collected only when no snapshot names them; 100,000 objects are backed up
 //! within a memory budget in a few packs, and a content copied from another file is found, with
-//! its place in a pack, in the last snapshot's blob list instead of being stored again.
+//! its place in a pack, in the last snapshot's blob list instead of being stored again; a file
+//! appended to while it is read is stored as first read, and objects deleted or rewritten while
+//! read (held at a fault proxy meanwhile) are named in the snapshot while the run publishes the
+//! rest, a 1,024-byte key among them.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -1392,4 +1395,198 @@ fn tree_sha256(root: &Path) -> String {
         }
     }
     hex::encode(h.finalize())
+}
+
+/// A source that changes under the run: what it read whole is stored exactly, what it could
+/// not read consistently is named in the snapshot, and the run still publishes.
+#[test]
+fn a_file_appended_to_during_the_run_is_stored_as_its_first_read_saw_it() {
+    use std::io::Write;
+    let src = tempfile::tempdir().unwrap();
+    let root = src.path().to_path_buf();
+    std::fs::write(root.join("steady.txt"), "steady\n").unwrap();
+    // Over 1 MiB: hashed by one read, stored by a second one.
+    let first = pseudo_random(3 << 20, 11);
+    std::fs::write(root.join("growing.log"), &first).unwrap();
+    let fx = setup_dir(&root, "");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let appender = {
+        let (stop, path) = (stop.clone(), root.join("growing.log"));
+        std::thread::spawn(move || {
+            let mut log = std::fs::File::options().append(true).open(path).unwrap();
+            let mut lines = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                lines += 1;
+                writeln!(log, "line {lines}").unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            lines
+        })
+    };
+    let r = fx.run(&["backup"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lines = appender.join().unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(lines > 0);
+    let id = fx.ids()[0].clone();
+    let fp = fx.fingerprint(&id);
+    assert_eq!(fp["files"], 2, "{fp}");
+    assert!(fp.get("skipped").is_none(), "nothing left out: {fp}");
+
+    let out = fx.dir.path().join("restored");
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let stored = std::fs::read(out.join("growing.log")).unwrap();
+    let now = std::fs::read(root.join("growing.log")).unwrap();
+    assert!(
+        stored.len() >= first.len() && now.starts_with(&stored),
+        "stored {} bytes of a log now {} bytes long: a prefix of it, at least what it held first",
+        stored.len(),
+        now.len()
+    );
+    let r = fx.verify(&id);
+    assert_eq!(r.code, 0, "verify: {}{}", r.stdout, r.stderr);
+
+    // The next run stores what was appended since.
+    fx.backup();
+    let r = fx.restore(&["--to", out.to_str().unwrap(), "--yes"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(out.join("growing.log")).unwrap(), now);
+}
+
+/// An S3 source read through a proxy that holds each GET of two objects for a moment, while the
+/// test deletes one and rewrites the other on the real server: the deleted one is named as
+/// gone, the rewritten one as changing at every read, and the run publishes the rest, a
+/// 1,024-byte key among them, exactly.
+#[test]
+fn objects_deleted_or_rewritten_while_read_are_named_and_a_1024_byte_key_is_stored_exactly() {
+    let (s3, proxy, rt, bucket) = proxied_bucket("changing");
+    // S3's longest key, in path components a directory can hold (255 bytes at most each).
+    let dir = "d".repeat(200);
+    let long = format!(
+        "up/{dir}/{dir}/{dir}/{dir}/{}",
+        "t".repeat(1024 - 3 - 4 * 201)
+    );
+    assert_eq!(long.len(), 1024);
+    let objects: Vec<(String, Vec<u8>)> = vec![
+        ("up/steady.txt".into(), b"steady\n".to_vec()),
+        (long.clone(), b"the longest key\n".to_vec()),
+        // Over 1 MiB: each is read twice, hashed then stored.
+        ("up/gone.bin".into(), pseudo_random(2 << 20, 21)),
+        ("up/churn.bin".into(), pseudo_random(2 << 20, 22)),
+    ];
+    let put = |key: &str, body: Vec<u8>| {
+        let (bucket, key) = (bucket.clone(), key.to_string());
+        async move {
+            s3.client()
+                .await
+                .put_object()
+                .bucket(&bucket)
+                .key(&key)
+                .body(body.into())
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    rt.block_on(async {
+        for (k, v) in &objects {
+            put(k, v.clone()).await;
+        }
+    });
+    let fx = setup(
+        "url = \"file://./repo\"",
+        &format!(
+            "[[sources]]\nname = \"files\"\nkind = \"objects\"\nfrom = \"s3://{bucket}/up/\"\nendpoint = \"{}\"\n",
+            proxy.endpoint
+        ),
+        s3.env(),
+    );
+    for key in ["gone.bin", "churn.bin"] {
+        proxy.add(s3proxy::Rule::new(
+            "GET",
+            &format!("/up/{key}"),
+            s3proxy::HttpFault::Delay(std::time::Duration::from_millis(700)),
+        ));
+    }
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let changer = {
+        let (done, proxy_fired) = (done.clone(), proxy.clone());
+        let bucket = bucket.clone();
+        std::thread::spawn(move || {
+            let rt = lifeboat_tests::rt();
+            let (mut deleted, mut rewrites) = (false, 0usize);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let fired = proxy_fired.fired();
+                if !deleted && fired.iter().any(|f| f.contains("/up/gone.bin")) {
+                    rt.block_on(async {
+                        s3.client()
+                            .await
+                            .delete_object()
+                            .bucket(&bucket)
+                            .key("up/gone.bin")
+                            .send()
+                            .await
+                            .unwrap();
+                    });
+                    deleted = true;
+                }
+                // A new content for every read of it, while that read is held.
+                let reads = fired.iter().filter(|f| f.contains("/up/churn.bin")).count();
+                while rewrites < reads {
+                    rewrites += 1;
+                    rt.block_on(async {
+                        s3.client()
+                            .await
+                            .put_object()
+                            .bucket(&bucket)
+                            .key("up/churn.bin")
+                            .body(pseudo_random(2 << 20, 100 + rewrites as u64).into())
+                            .send()
+                            .await
+                            .unwrap();
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            rewrites
+        })
+    };
+    let r = fx.run(&["backup"]);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rewrites = changer.join().unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(rewrites, 6, "two reads in each of three attempts");
+    assert!(r.stderr.contains("gone.bin"), "{}", r.stderr);
+    let id = fx.ids()[0].clone();
+    let fp = fx.fingerprint(&id);
+    assert_eq!(fp["files"], 2, "{fp}");
+    assert_eq!(
+        fp["skipped"],
+        serde_json::json!([
+            "churn.bin (changed while it was read, 3 times)",
+            "gone.bin (deleted before it could be read)"
+        ]),
+        "{fp}"
+    );
+    let out = fx.dir.path().join("restored");
+    let r = fx.restore(&["--to", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(out.join("steady.txt")).unwrap(), b"steady\n");
+    let long_path = out.join(long.strip_prefix("up/").unwrap());
+    assert_eq!(std::fs::read(&long_path).unwrap(), b"the longest key\n");
+    assert!(!out.join("gone.bin").exists() && !out.join("churn.bin").exists());
+
+    // Once it holds still, the next run stores it.
+    proxy.clear();
+    let second = fx.backup();
+    let fp = fx.fingerprint(&second);
+    assert_eq!(fp["files"], 3, "{fp}");
+    assert!(fp.get("skipped").is_none(), "{fp}");
+    let r = fx.restore(&["--to", out.to_str().unwrap(), "--yes"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(out.join("churn.bin")).unwrap(),
+        pseudo_random(2 << 20, 100 + rewrites as u64)
+    );
 }

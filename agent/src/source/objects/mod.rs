@@ -17,7 +17,9 @@
 //!   fingerprint records each frame's first path (`frame_paths`), so that a restore of one path
 //!   reads only the frames that can hold it (ARCHITECTURE.md, "Seekable snapshots").
 //! - Every blob is uploaded before the snapshot that names it; the content uploaded must hash to
-//!   what the first pass read, or the object changed while being read and is retried, then reported.
+//!   what the first pass read. The second read takes only as many bytes as the first: a file
+//!   being appended to is stored as the first read saw it. One rewritten between the reads is
+//!   read again; one that changes at every read is left out of the snapshot and named in it.
 //! - Guards: an empty listing, or one that shrank by more than `max_shrink_percent` since the
 //!   previous snapshot, fails the run instead of recording a snapshot of nothing. It is judged
 //!   when the listing ends, before the snapshot is finished.
@@ -282,7 +284,8 @@ pub struct Fingerprint {
     #[serde(default)]
     pub symlinks: u64,
     /// What the walk found and did not store, by name and why (sockets, devices, FIFOs, a link
-    /// whose target is not UTF-8).
+    /// whose target is not UTF-8, an object deleted before it could be read or changing at every
+    /// read).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
     /// Not stored either, beyond the first 1,000 named in `skipped`.
@@ -537,10 +540,6 @@ impl Objects {
         }
     }
 
-    /// Reads a new or changed object, and stores its content as a blob unless the last published
-    /// snapshot already names that blob or this run stored it. An object whose content changes
-    /// between the hashing read and the upload is read again (3 attempts).
-    #[allow(clippy::too_many_arguments)]
     /// The shrink guard: an empty listing, or one that lost more than `max_shrink_percent` of
     /// the last snapshot's objects, is refused rather than recorded.
     fn shrink_guard(&self, files: u64, previous: u64) -> Result<()> {
@@ -1070,6 +1069,9 @@ impl AsyncRead for ExpectSha256 {
     }
 }
 
+/// Reads of an object that changes between the two reads of each, before it is left out.
+const READ_ATTEMPTS: u32 = 3;
+
 /// Claims a run keeps before it drops the finished ones: those are in its table of stored
 /// contents, and the claims left are the uploads in flight.
 const CLAIMS_KEPT: usize = 1024;
@@ -1251,13 +1253,13 @@ struct Run<'a> {
     repacked: std::sync::atomic::AtomicU64,
     uploaded: std::sync::atomic::AtomicU64,
     semaphore: tokio::sync::Semaphore,
-    /// Objects listed, then gone before they could be read.
-    vanished: Mutex<Skipped>,
+    /// Objects listed and not stored: gone before they could be read, or changing at every read.
+    unread: Mutex<Skipped>,
 }
 
 impl Run<'_> {
     /// The snapshot entry for `l`: from the index when unchanged, else read and stored; `None`
-    /// when it was deleted since the listing (recorded in `vanished`).
+    /// when it was deleted since the listing or kept changing (recorded in `unread`).
     async fn entry(&self, l: Listed, known: Option<Known>) -> Result<Option<Entry>> {
         let l = &l;
         if l.kind != EntryKind::File {
@@ -1282,21 +1284,28 @@ impl Run<'_> {
             .await
             .map_err(|_| Error::new(ErrorKind::Interrupted, "cancelled"))?;
         match self.store_object(l).await {
-            Ok(e) => Ok(Some(e)),
+            Ok(e) => Ok(e),
             Err(e) if self.objects.gone(self.s3, &l.path).await => {
                 tracing::debug!(path = %l.path, error = %e, "Deleted since it was listed");
-                self.vanished
-                    .lock()
-                    .map_err(|_| Error::failed("vanished list poisoned"))?
-                    .add(format!("{} (deleted before it could be read)", l.path));
+                self.unread(format!("{} (deleted before it could be read)", l.path))?;
                 Ok(None)
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Reads `l`, and stores its content as a blob unless a stored blob has it already.
-    async fn store_object(&self, l: &Listed) -> Result<Entry> {
+    /// Notes an object listed and not stored, by name and why.
+    fn unread(&self, what: String) -> Result<()> {
+        self.unread
+            .lock()
+            .map_err(|_| Error::failed("list of unread objects poisoned"))?
+            .add(what);
+        Ok(())
+    }
+
+    /// Reads `l`, and stores its content as a blob unless a stored blob has it already; `None`
+    /// when it changed between the two reads of every attempt (recorded in `unread`).
+    async fn store_object(&self, l: &Listed) -> Result<Option<Entry>> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -1318,12 +1327,12 @@ impl Run<'_> {
                 e
             };
             if size == 0 {
-                return Ok(sized(None, None));
+                return Ok(Some(sized(None, None)));
             }
             let id = blob_id(self.key, &sha);
             let raw = unhex32(&id).ok_or_else(|| Error::failed("blob id is not hex"))?;
             if let Some(at) = self.known(&raw).await.filter(|at| !self.repacking(*at)) {
-                return Ok(sized(Some(id), at));
+                return Ok(Some(sized(Some(id), at)));
             }
             let cell = self.claim(raw)?;
             let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1340,17 +1349,17 @@ impl Run<'_> {
                 })
                 .await;
             match stored_now {
-                Ok(at) => return Ok(sized(Some(id), *at)),
+                Ok(at) => return Ok(Some(sized(Some(id), *at))),
                 // It changed between the two reads: nothing was stored; read it again.
                 Err(_) if changed.load(std::sync::atomic::Ordering::SeqCst) => {
-                    if attempt < 3 {
+                    if attempt < READ_ATTEMPTS {
                         continue;
                     }
-                    return Err(Error::failed(format!(
-                        "{} kept changing while it was read ({attempt} attempts)",
+                    self.unread(format!(
+                        "{} (changed while it was read, {attempt} times)",
                         l.path
-                    ))
-                    .hint("back it up when it is not being written, or exclude it"));
+                    ))?;
+                    return Ok(None);
                 }
                 Err(e) => return Err(e),
             }
@@ -1459,8 +1468,13 @@ impl Run<'_> {
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 return Ok(None);
             }
+            // As many bytes as the first read hashed: a file appended to since is stored as
+            // that read saw it.
             None => Box::pin(ExpectSha256 {
-                inner: self.objects.open(self.s3, &l.path).await?,
+                inner: Box::pin(tokio::io::AsyncReadExt::take(
+                    self.objects.open(self.s3, &l.path).await?,
+                    size,
+                )),
                 hasher: Sha256::new(),
                 expected: sha.to_string(),
                 changed,
@@ -1548,7 +1562,7 @@ impl Source for Objects {
             },
             repacked: std::sync::atomic::AtomicU64::new(0),
             semaphore: tokio::sync::Semaphore::new(self.cfg.concurrency),
-            vanished: Mutex::default(),
+            unread: Mutex::default(),
         };
         // The listing and the previous index are merged as two streams in path order; entries
         // come out in that order: unchanged objects from the index at once, changed ones read
@@ -1628,21 +1642,21 @@ impl Source for Objects {
         if let Ok(t) = run.stored.lock() {
             tracing::debug!(source = %ctx.source, remembered = t.len(), forgotten = t.forgotten(), "Contents this run stored, as its table of them holds them");
         }
-        let vanished = std::mem::take(
+        let unread = std::mem::take(
             &mut *run
-                .vanished
+                .unread
                 .lock()
-                .map_err(|_| Error::failed("vanished list poisoned"))?,
+                .map_err(|_| Error::failed("list of unread objects poisoned"))?,
         );
         drop(run);
         let mut skipped = merged.skipped;
         if !skipped.named.is_empty() {
             tracing::warn!(source = %ctx.source, skipped = skipped.named.len() as u64 + skipped.more, first = %skipped.named.iter().take(10).cloned().collect::<Vec<_>>().join(", "), "Not stored: neither files, directories nor symlinks (the snapshot's fingerprint names them)");
         }
-        if !vanished.named.is_empty() {
-            tracing::warn!(source = %ctx.source, vanished = vanished.named.len() as u64 + vanished.more, first = %vanished.named[0], "Deleted between the listing and its read: not in the snapshot");
+        if !unread.named.is_empty() {
+            tracing::warn!(source = %ctx.source, unread = unread.named.len() as u64 + unread.more, first = %unread.named[0], "Listed, then deleted or changing at every read: not in the snapshot (its fingerprint names them)");
         }
-        skipped.merge(vanished);
+        skipped.merge(unread);
 
         let (list_part, named) = store_blob_list(ctx, &key, tally.blobs).await?;
         let fingerprint = Fingerprint {
