@@ -5,6 +5,7 @@ peak RSS against bench/budgets.json (exit 1 naming every result over budget)."""
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -25,21 +26,35 @@ def load(parts):
     return docs
 
 
+# S3 Standard request prices, us-east-1, dollars per request: PUT, COPY, POST and LIST $0.005 per
+# 1,000; GET and HEAD $0.0004 per 1,000; DELETE free.
+PRICES = {"put": 0.005e-3, "list": 0.005e-3, "get": 0.0004e-3, "head": 0.0004e-3, "delete": 0.0}
+
+
+def dollars(requests):
+    """What `requests` (op → count) cost at S3 list prices, to two significant digits."""
+    cost = sum(PRICES.get(op, 0.0) * c for op, c in requests.items())
+    if cost == 0:
+        return "$0"
+    return f"${cost:.{max(2, 1 - math.floor(math.log10(cost)))}f}"
+
+
 def table(doc):
     base = doc["results"][doc["baseline"]]["wall_median_s"]
     asked = any("requests" in r for r in doc["results"].values())
     lines = [
         f"| command | wall (median, min–max) | CPU (user+sys) | peak RSS | wall ÷ {doc['baseline']} |"
-        + (" repository requests |" if asked else ""),
-        "|---|---|---|---|---|" + ("---|" if asked else ""),
+        + (" repository requests | cost on S3 (list prices) |" if asked else ""),
+        "|---|---|---|---|---|" + ("---|---|" if asked else ""),
     ]
     for name, r in doc["results"].items():
         shown = name.replace("|", "\\|")  # a pipe in a command would end the cell
-        counts = ", ".join(f"{c} {op.upper()}" for op, c in r.get("requests", {}).items() if c)
+        asks = r.get("requests", {})
+        counts = ", ".join(f"{c} {op.upper()}" for op, c in asks.items() if c)
         lines.append(
             f"| {shown} | {r['wall_median_s']:.2f} s ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) "
             f"| {r['cpu_median_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB | {r['wall_median_s'] / base:.2f} |"
-            + (f" {counts or 'none'} |" if asked else "")
+            + (f" {counts or 'none'} | {dollars(asks)} |" if asked else "")
         )
     runs = next(iter(doc["results"].values()))["runs"]
     return f"{doc['note']}; median of {runs} run(s), {doc['date'][:10]}.\n\n" + "\n".join(lines)
