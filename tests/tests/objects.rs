@@ -1397,6 +1397,22 @@ fn tree_sha256(root: &Path) -> String {
     hex::encode(h.finalize())
 }
 
+/// `backup` while `meanwhile` runs on a thread of its own, its flag set once the run ends: the
+/// run, and what `meanwhile` returned.
+fn backup_while<T: Send + 'static>(
+    fx: &Fx,
+    meanwhile: impl FnOnce(std::sync::Arc<std::sync::atomic::AtomicBool>) -> T + Send + 'static,
+) -> (Run, T) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || meanwhile(stop))
+    };
+    let r = fx.run(&["backup"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    (r, worker.join().unwrap())
+}
+
 /// A source that changes under the run: what it read whole is stored exactly, what it could
 /// not read consistently is named in the snapshot, and the run still publishes.
 #[test]
@@ -1409,23 +1425,17 @@ fn a_file_appended_to_during_the_run_is_stored_as_its_first_read_saw_it() {
     let first = pseudo_random(3 << 20, 11);
     std::fs::write(root.join("growing.log"), &first).unwrap();
     let fx = setup_dir(&root, "");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let appender = {
-        let (stop, path) = (stop.clone(), root.join("growing.log"));
-        std::thread::spawn(move || {
-            let mut log = std::fs::File::options().append(true).open(path).unwrap();
-            let mut lines = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                lines += 1;
-                writeln!(log, "line {lines}").unwrap();
-                std::thread::sleep(std::time::Duration::from_micros(200));
-            }
-            lines
-        })
-    };
-    let r = fx.run(&["backup"]);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let lines = appender.join().unwrap();
+    let path = root.join("growing.log");
+    let (r, lines) = backup_while(&fx, move |stop| {
+        let mut log = std::fs::File::options().append(true).open(path).unwrap();
+        let mut lines = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            lines += 1;
+            writeln!(log, "line {lines}").unwrap();
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        lines
+    });
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(lines > 0);
     let id = fx.ids()[0].clone();
@@ -1509,52 +1519,45 @@ fn objects_deleted_or_rewritten_while_read_are_named_and_a_1024_byte_key_is_stor
             s3proxy::HttpFault::Delay(std::time::Duration::from_millis(700)),
         ));
     }
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let changer = {
-        let (done, proxy_fired) = (done.clone(), proxy.clone());
-        let bucket = bucket.clone();
-        std::thread::spawn(move || {
-            let rt = lifeboat_tests::rt();
-            let (mut deleted, mut rewrites) = (false, 0usize);
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let fired = proxy_fired.fired();
-                if !deleted && fired.iter().any(|f| f.contains("/up/gone.bin")) {
-                    rt.block_on(async {
-                        s3.client()
-                            .await
-                            .delete_object()
-                            .bucket(&bucket)
-                            .key("up/gone.bin")
-                            .send()
-                            .await
-                            .unwrap();
-                    });
-                    deleted = true;
-                }
-                // A new content for every read of it, while that read is held.
-                let reads = fired.iter().filter(|f| f.contains("/up/churn.bin")).count();
-                while rewrites < reads {
-                    rewrites += 1;
-                    rt.block_on(async {
-                        s3.client()
-                            .await
-                            .put_object()
-                            .bucket(&bucket)
-                            .key("up/churn.bin")
-                            .body(pseudo_random(2 << 20, 100 + rewrites as u64).into())
-                            .send()
-                            .await
-                            .unwrap();
-                    });
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
+    let (proxy_fired, bucket_changed) = (proxy.clone(), bucket.clone());
+    let (r, rewrites) = backup_while(&fx, move |done| {
+        let rt = lifeboat_tests::rt();
+        let (mut deleted, mut rewrites) = (false, 0usize);
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let fired = proxy_fired.fired();
+            if !deleted && fired.iter().any(|f| f.contains("/up/gone.bin")) {
+                rt.block_on(async {
+                    s3.client()
+                        .await
+                        .delete_object()
+                        .bucket(&bucket_changed)
+                        .key("up/gone.bin")
+                        .send()
+                        .await
+                        .unwrap();
+                });
+                deleted = true;
             }
-            rewrites
-        })
-    };
-    let r = fx.run(&["backup"]);
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let rewrites = changer.join().unwrap();
+            // A new content for every read of it, while that read is held.
+            let reads = fired.iter().filter(|f| f.contains("/up/churn.bin")).count();
+            while rewrites < reads {
+                rewrites += 1;
+                rt.block_on(async {
+                    s3.client()
+                        .await
+                        .put_object()
+                        .bucket(&bucket_changed)
+                        .key("up/churn.bin")
+                        .body(pseudo_random(2 << 20, 100 + rewrites as u64).into())
+                        .send()
+                        .await
+                        .unwrap();
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        rewrites
+    });
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(rewrites, 6, "two reads in each of three attempts");
     assert!(r.stderr.contains("gone.bin"), "{}", r.stderr);
