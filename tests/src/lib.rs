@@ -769,6 +769,31 @@ impl S3 {
             .to_vec()
     }
 
+    /// Writes `body` as `bucket`/`key`.
+    pub async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) {
+        self.client()
+            .await
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .expect("put object");
+    }
+
+    /// Removes `bucket`/`key`.
+    pub async fn delete(&self, bucket: &str, key: &str) {
+        self.client()
+            .await
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .expect("delete object");
+    }
+
     /// Unfinished multipart uploads in `bucket`.
     pub async fn pending_uploads(&self, bucket: &str) -> Vec<String> {
         let out = self

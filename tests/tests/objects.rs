@@ -1333,19 +1333,7 @@ fn a_path_is_restored_from_the_snapshot_frames_that_hold_it_and_no_others() {
     // whole: the path still restores.
     let fingerprint = format!("lb/backups/files/{id}/fingerprint.json.age");
     let kept = rt.block_on(s3.get(&bucket, &fingerprint));
-    let put = |body: Vec<u8>| {
-        rt.block_on(async {
-            s3.client()
-                .await
-                .put_object()
-                .bucket(&bucket)
-                .key(&fingerprint)
-                .body(body.into())
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let put = |body: Vec<u8>| rt.block_on(s3.put(&bucket, &fingerprint, body));
     put(b"damaged".to_vec());
     let whole = fx.dir.path().join("whole");
     let r = fx.restore(&[
@@ -1485,23 +1473,9 @@ fn objects_deleted_or_rewritten_while_read_are_named_and_a_1024_byte_key_is_stor
         ("up/gone.bin".into(), pseudo_random(2 << 20, 21)),
         ("up/churn.bin".into(), pseudo_random(2 << 20, 22)),
     ];
-    let put = |key: &str, body: Vec<u8>| {
-        let (bucket, key) = (bucket.clone(), key.to_string());
-        async move {
-            s3.client()
-                .await
-                .put_object()
-                .bucket(&bucket)
-                .key(&key)
-                .body(body.into())
-                .send()
-                .await
-                .unwrap();
-        }
-    };
     rt.block_on(async {
         for (k, v) in &objects {
-            put(k, v.clone()).await;
+            s3.put(&bucket, k, v.clone()).await;
         }
     });
     let fx = setup(
@@ -1526,33 +1500,15 @@ fn objects_deleted_or_rewritten_while_read_are_named_and_a_1024_byte_key_is_stor
         while !done.load(std::sync::atomic::Ordering::SeqCst) {
             let fired = proxy_fired.fired();
             if !deleted && fired.iter().any(|f| f.contains("/up/gone.bin")) {
-                rt.block_on(async {
-                    s3.client()
-                        .await
-                        .delete_object()
-                        .bucket(&bucket_changed)
-                        .key("up/gone.bin")
-                        .send()
-                        .await
-                        .unwrap();
-                });
+                rt.block_on(s3.delete(&bucket_changed, "up/gone.bin"));
                 deleted = true;
             }
             // A new content for every read of it, while that read is held.
             let reads = fired.iter().filter(|f| f.contains("/up/churn.bin")).count();
             while rewrites < reads {
                 rewrites += 1;
-                rt.block_on(async {
-                    s3.client()
-                        .await
-                        .put_object()
-                        .bucket(&bucket_changed)
-                        .key("up/churn.bin")
-                        .body(pseudo_random(2 << 20, 100 + rewrites as u64).into())
-                        .send()
-                        .await
-                        .unwrap();
-                });
+                let new = pseudo_random(2 << 20, 100 + rewrites as u64);
+                rt.block_on(s3.put(&bucket_changed, "up/churn.bin", new));
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
